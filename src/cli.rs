@@ -1,0 +1,440 @@
+//! The `herald` command line: `node`, `publish`, `subscribe`, `status`, `bench`.
+//!
+//! Every node flag has a `HERALD_*` environment variable and a TOML key; flags beat the
+//! environment, which beats the file, which beats the defaults. This module also installs the
+//! process-wide pieces a binary owns: the tracing subscriber and the Prometheus recorder.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{Config, FsyncPolicy, LogFormat};
+use crate::error::Result;
+use crate::node::NodeBuilder;
+
+/// Herald: an actor-based distributed event processing runtime.
+#[derive(Parser)]
+#[command(name = "herald", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a node (serves the HTTP API; runs the handlers registered in this binary).
+    Node(NodeArgs),
+    /// Publish one JSON event.
+    Publish(PublishArgs),
+    /// Create or update a subscription.
+    Subscribe(SubscribeArgs),
+    /// Show members, leader, subscriptions and placements as tables.
+    Status(ClientArgs),
+    /// Run a benchmark scenario and print figures.
+    Bench(crate::bench::BenchArgs),
+}
+
+/// Flags of `herald node`. Each overrides the matching key of the `--config` file.
+#[derive(Parser, Debug, Default)]
+#[command(name = "herald-node")]
+pub struct NodeArgs {
+    /// TOML configuration file (keys as in the README's configuration reference).
+    #[arg(long, env = "HERALD_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// This node's id, unique in the cluster [key: node_id, default 1].
+    #[arg(long, env = "HERALD_NODE_ID")]
+    pub node_id: Option<u64>,
+    /// HTTP listen address, IP:port [key: http.addr, default 127.0.0.1:7070]. Without auth tokens
+    /// only loopback is served.
+    #[arg(long, env = "HERALD_HTTP")]
+    pub http: Option<String>,
+    /// Directory for the WAL, dead letters and subscriptions [key: data_dir, default ./herald-data].
+    #[arg(long, env = "HERALD_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Log format [key: log_format, default text]. Filter with RUST_LOG (e.g. RUST_LOG=herald=debug).
+    #[arg(long, env = "HERALD_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+    /// Worker threads for handler instances, 0 = one per core [key: handlers.workers].
+    #[arg(long, env = "HERALD_WORKERS")]
+    pub workers: Option<usize>,
+    /// Events queued per handler instance before publishing answers 429 [key: handlers.mailbox_capacity, default 4096].
+    #[arg(long, env = "HERALD_MAILBOX_CAPACITY")]
+    pub mailbox_capacity: Option<usize>,
+    /// Default attempts before an event is dead-lettered [key: handlers.max_attempts, default 5].
+    #[arg(long, env = "HERALD_MAX_ATTEMPTS")]
+    pub max_attempts: Option<u32>,
+    /// fsync the WAL on every group commit (always) or leave it to the OS (never) [key: wal.fsync, default always].
+    #[arg(long, env = "HERALD_WAL_FSYNC", value_enum)]
+    pub wal_fsync: Option<FsyncPolicy>,
+    /// Largest request body in bytes; larger gets 413 [key: http.max_body_bytes, default 1048576].
+    #[arg(long, env = "HERALD_MAX_BODY_BYTES")]
+    pub max_body_bytes: Option<usize>,
+    /// Name of the cluster [key: cluster_id, default herald].
+    #[arg(long, env = "HERALD_CLUSTER_ID")]
+    pub cluster_id: Option<String>,
+}
+
+impl NodeArgs {
+    /// The configuration: defaults, then the file, then these flags/variables; validated.
+    pub fn load(self) -> Result<Config> {
+        let mut c = match &self.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        if let Some(v) = self.node_id {
+            c.node_id = v;
+        }
+        if let Some(v) = self.http {
+            c.http.addr = v;
+        }
+        if let Some(v) = self.data_dir {
+            c.data_dir = v;
+        }
+        if let Some(v) = self.log_format {
+            c.log_format = v;
+        }
+        if let Some(v) = self.workers {
+            c.handlers.workers = v;
+        }
+        if let Some(v) = self.mailbox_capacity {
+            c.handlers.mailbox_capacity = v;
+        }
+        if let Some(v) = self.max_attempts {
+            c.handlers.max_attempts = v;
+        }
+        if let Some(v) = self.wal_fsync {
+            c.wal.fsync = v;
+        }
+        if let Some(v) = self.max_body_bytes {
+            c.http.max_body_bytes = v;
+        }
+        if let Some(v) = self.cluster_id {
+            c.cluster_id = v;
+        }
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+/// Where a client command sends its request.
+#[derive(Args, Debug)]
+pub struct ClientArgs {
+    /// Base URL of any node.
+    #[arg(long, env = "HERALD_URL", default_value = "http://127.0.0.1:7070")]
+    pub url: String,
+    /// Bearer token (needed when the node has tokens configured).
+    #[arg(long, env = "HERALD_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+/// `herald publish`.
+#[derive(Args, Debug)]
+struct PublishArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// Topic to publish to.
+    topic: String,
+    /// The event's data, as JSON (e.g. '{"user_id":1}').
+    json: String,
+    /// Partition key: events with the same key are handled in order by one instance.
+    #[arg(long)]
+    key: Option<String>,
+    /// Event id (idempotency key); generated when absent.
+    #[arg(long)]
+    id: Option<String>,
+    /// none | accepted | processed.
+    #[arg(long, default_value = "accepted")]
+    ack: String,
+    /// With --ack processed: how long to wait, in milliseconds.
+    #[arg(long)]
+    timeout_ms: Option<u64>,
+}
+
+/// `herald subscribe`.
+#[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("target").required(true).args(["handler", "webhook"])))]
+struct SubscribeArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// Topic to subscribe to.
+    topic: String,
+    /// Group name (each group gets every event once).
+    group: String,
+    /// A Rust handler registered in the node binary, or `log` for the built-in log handler.
+    #[arg(long)]
+    handler: Option<String>,
+    /// Deliver to this http URL as CloudEvents (the built-in webhook handler).
+    #[arg(long)]
+    webhook: Option<String>,
+    /// Handler instances.
+    #[arg(long, default_value_t = 1)]
+    instances: u32,
+    /// Attempts before dead-lettering (node default when absent).
+    #[arg(long)]
+    max_attempts: Option<u32>,
+}
+
+/// Installs the tracing subscriber: readable text or JSON lines, filtered by `RUST_LOG`
+/// (default `info`). Safe to call twice (the second call does nothing).
+pub fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+}
+
+/// Runs the CLI with `builder`'s handlers (see [`NodeBuilder::main`]).
+pub fn main_with(builder: NodeBuilder) -> ExitCode {
+    let cli = Cli::parse();
+    let outcome = match cli.command {
+        Command::Node(args) => args.load().and_then(|config| {
+            init_logging(config.log_format);
+            let handle = crate::metrics::install_prometheus();
+            builder.config(config).metrics(handle).run()
+        }),
+        Command::Publish(a) => return client_main(publish(a)),
+        Command::Subscribe(a) => return client_main(subscribe(a)),
+        Command::Status(a) => return client_main(status(a)),
+        Command::Bench(a) => {
+            init_logging(LogFormat::Text);
+            return match crate::bench::run(a) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("herald bench: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("herald: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// A client command's error: already a message for the user.
+type ClientResult = std::result::Result<(), String>;
+
+fn client_main(fut: impl std::future::Future<Output = ClientResult>) -> ExitCode {
+    match actix_rt::System::new().block_on(fut) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("herald: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Sends a request and returns the JSON body of a 2xx answer, or the API's error message.
+async fn request(
+    client: &ClientArgs,
+    method: awc::http::Method,
+    path: &str,
+    body: Option<(String, &str)>,
+) -> std::result::Result<serde_json::Value, String> {
+    let url = format!("{}{}", client.url.trim_end_matches('/'), path);
+    let http = awc::Client::builder()
+        .timeout(std::time::Duration::from_secs(310))
+        .finish();
+    let mut req = http.request(method, &url);
+    if let Some(t) = &client.token {
+        req = req.bearer_auth(t);
+    }
+    let sent = match body {
+        Some((b, content_type)) => req.insert_header(("content-type", content_type)).send_body(b).await,
+        None => req.send().await,
+    };
+    let mut resp = sent.map_err(|e| format!("cannot reach {url}: {e}"))?;
+    let bytes = resp
+        .body()
+        .limit(64 * 1024 * 1024)
+        .await
+        .map_err(|e| format!("reading the answer of {url}: {e}"))?;
+    let value: serde_json::Value = if bytes.is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_slice(&bytes).unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&bytes).into_owned()))
+    };
+    if resp.status().is_success() {
+        Ok(value)
+    } else {
+        let message = value["error"]["message"].as_str().map(str::to_string).unwrap_or_else(|| value.to_string());
+        let code = value["error"]["code"].as_str().unwrap_or("error");
+        Err(format!("{} {code}: {message}", resp.status().as_u16()))
+    }
+}
+
+async fn publish(a: PublishArgs) -> ClientResult {
+    serde_json::from_str::<serde_json::Value>(&a.json).map_err(|e| format!("the event data is not valid JSON: {e}"))?;
+    let mut path = format!("/v1/topics/{}/events?ack={}", a.topic, a.ack);
+    if let Some(t) = a.timeout_ms {
+        path.push_str(&format!("&timeout_ms={t}"));
+    }
+    let url = format!("{}{}", a.client.url.trim_end_matches('/'), path);
+    let http = awc::Client::builder().timeout(std::time::Duration::from_secs(310)).finish();
+    let mut req = http.post(&url).insert_header(("content-type", "application/json"));
+    if let Some(t) = &a.client.token {
+        req = req.bearer_auth(t);
+    }
+    if let Some(k) = &a.key {
+        req = req.insert_header(("x-herald-key", k.as_str()));
+    }
+    if let Some(id) = &a.id {
+        req = req.insert_header(("idempotency-key", id.as_str()));
+    }
+    let mut resp = req.send_body(a.json).await.map_err(|e| format!("cannot reach {url}: {e}"))?;
+    let body = resp.body().await.map_err(|e| format!("reading the answer: {e}"))?;
+    let value: serde_json::Value = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+    if resp.status().is_success() {
+        println!("{}", serde_json::to_string_pretty(&value).unwrap_or_default());
+        Ok(())
+    } else {
+        Err(format!(
+            "{} {}: {}",
+            resp.status().as_u16(),
+            value["error"]["code"].as_str().unwrap_or("error"),
+            value["error"]["message"].as_str().unwrap_or("")
+        ))
+    }
+}
+
+async fn subscribe(a: SubscribeArgs) -> ClientResult {
+    let handler = match (&a.handler, &a.webhook) {
+        (Some(name), _) if name == "log" => serde_json::json!({ "kind": "log" }),
+        (Some(name), _) => serde_json::json!({ "kind": "rust", "name": name }),
+        (None, Some(url)) => serde_json::json!({ "kind": "webhook", "url": url }),
+        (None, None) => return Err("give --handler NAME or --webhook URL".into()),
+    };
+    let mut spec = serde_json::json!({
+        "topic": a.topic, "group": a.group, "handler": handler, "instances": a.instances,
+    });
+    if let Some(m) = a.max_attempts {
+        spec["max_attempts"] = m.into();
+    }
+    let answer = request(&a.client, awc::http::Method::POST, "/v1/subscriptions", Some((spec.to_string(), "application/json"))).await?;
+    println!("{}", serde_json::to_string_pretty(&answer).unwrap_or_default());
+    Ok(())
+}
+
+/// Formats rows as a left-aligned table with a header.
+pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_string()
+    };
+    let mut out = line(header.to_vec());
+    for row in rows {
+        out.push('\n');
+        out.push_str(&line(row.iter().map(String::as_str).collect()));
+    }
+    out
+}
+
+async fn status(c: ClientArgs) -> ClientResult {
+    use awc::http::Method;
+    let cluster = request(&c, Method::GET, "/v1/cluster", None).await?;
+    let subs = request(&c, Method::GET, "/v1/subscriptions", None).await?;
+    let placements = request(&c, Method::GET, "/v1/cluster/placements", None).await?;
+    let s = |v: &serde_json::Value| match v {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => "-".to_string(),
+        other => other.to_string(),
+    };
+    println!(
+        "cluster {}  node {}  leader {}  term {}  epoch {}  ready {}\n",
+        s(&cluster["cluster_id"]),
+        s(&cluster["node_id"]),
+        s(&cluster["leader"]),
+        s(&cluster["term"]),
+        s(&cluster["epoch"]),
+        s(&cluster["ready"])
+    );
+    let members: Vec<Vec<String>> = cluster["members"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|m| {
+            let handlers = m["handlers"].as_array().into_iter().flatten().map(s).collect::<Vec<_>>().join(",");
+            vec![s(&m["id"]), s(&m["status"]), s(&m["http"]), s(&m["peer"]), s(&m["phi"]), handlers]
+        })
+        .collect();
+    println!("{}\n", table(&["ID", "STATUS", "HTTP", "PEER", "PHI", "HANDLERS"], &members));
+    let subs: Vec<Vec<String>> = subs
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|x| {
+            let h = &x["handler"];
+            let handler = match h["kind"].as_str() {
+                Some("rust") => format!("rust:{}", s(&h["name"])),
+                Some("webhook") => format!("webhook {}", s(&h["url"])),
+                _ => s(&h["kind"]),
+            };
+            vec![s(&x["topic"]), s(&x["group"]), handler, s(&x["instances"]), s(&x["max_attempts"])]
+        })
+        .collect();
+    println!("{}\n", table(&["TOPIC", "GROUP", "HANDLER", "INSTANCES", "MAX_ATTEMPTS"], &subs));
+    let places: Vec<Vec<String>> = placements
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            let nodes = p["nodes"].as_array().into_iter().flatten().map(s).collect::<Vec<_>>().join(",");
+            vec![s(&p["topic"]), s(&p["group"]), s(&p["epoch"]), nodes]
+        })
+        .collect();
+    println!("{}", table(&["TOPIC", "GROUP", "EPOCH", "NODES"], &places));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("h.toml");
+        std::fs::write(&p, "node_id = 4\n[http]\naddr = \"127.0.0.1:9000\"\n[handlers]\nmailbox_capacity = 2000\n").unwrap();
+        let args = NodeArgs {
+            config: Some(p),
+            http: Some("127.0.0.1:9100".into()),
+            ..Default::default()
+        };
+        let c = args.load().unwrap();
+        assert_eq!(c.node_id, 4, "file beats default");
+        assert_eq!(c.http.addr, "127.0.0.1:9100", "flag beats file");
+        assert_eq!(c.handlers.mailbox_capacity, 2000);
+    }
+
+    #[test]
+    fn cli_help_is_well_formed() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn tables_align() {
+        let t = table(&["A", "BB"], &[vec!["xxx".into(), "y".into()]]);
+        assert_eq!(t, "A    BB\nxxx  y");
+    }
+}

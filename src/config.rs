@@ -1,0 +1,322 @@
+//! Node configuration: one struct with defaults, loaded from a TOML file, overridden by `HERALD_*`
+//! environment variables and flags (the CLI applies those), and checked by [`Config::validate`].
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::subscription::SubscriptionSpec;
+
+/// Everything a node needs to run. Every field has a default, so an empty file is valid.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// This node's id, unique in the cluster (`--node-id`, `HERALD_NODE_ID`).
+    pub node_id: u64,
+    /// Name of the cluster; nodes of different clusters refuse each other.
+    pub cluster_id: String,
+    /// Where the WAL, dead letters and subscriptions are stored (`--data-dir`, `HERALD_DATA_DIR`).
+    pub data_dir: PathBuf,
+    /// `text` (readable) or `json` log lines (`--log-format`, `HERALD_LOG_FORMAT`).
+    pub log_format: LogFormat,
+    /// How long SIGTERM waits for in-flight events before exiting (they stay in the WAL).
+    pub shutdown_timeout_ms: u64,
+    /// The HTTP API.
+    pub http: HttpConfig,
+    /// The write-ahead log.
+    pub wal: WalConfig,
+    /// Handler instances, mailboxes and supervision.
+    pub handlers: HandlerConfig,
+    /// Bearer tokens.
+    pub auth: AuthConfig,
+    /// Subscriptions declared at start-up (created if missing, updated if changed).
+    pub subscriptions: Vec<SubscriptionSpec>,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// HTTP API settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Listen address (`--http`, `HERALD_HTTP`). Port 0 picks a free port.
+    pub addr: String,
+    /// Largest accepted request body; larger ones get 413.
+    pub max_body_bytes: usize,
+    /// Most events accepted in one batch publish.
+    pub max_batch_events: usize,
+    /// Serve non-loopback clients even though no tokens are configured. Without it, a node with no
+    /// tokens binds loopback only.
+    pub allow_unauthenticated_remote: bool,
+}
+
+/// Write-ahead log settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WalConfig {
+    /// `always`: fsync every group commit before acknowledging (`ack=accepted` survives power loss);
+    /// `never`: leave flushing to the OS (survives a process crash, not a power loss).
+    pub fsync: FsyncPolicy,
+    /// Most operations written in one group commit.
+    pub max_batch: usize,
+}
+
+/// When the WAL is fsynced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum FsyncPolicy {
+    /// Every group commit.
+    #[default]
+    Always,
+    /// Never explicitly.
+    Never,
+}
+
+/// Handler instances, mailboxes and supervision.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HandlerConfig {
+    /// Worker threads that run handler instances; 0 means one per CPU core.
+    pub workers: usize,
+    /// Events queued per handler instance; when full, publishing answers 429.
+    pub mailbox_capacity: usize,
+    /// Bytes of event data held in memory across all mailboxes; beyond it publishing answers 429.
+    pub max_inflight_bytes: usize,
+    /// Largest `instances` a subscription may ask for.
+    pub max_instances: u32,
+    /// Default `max_attempts` for subscriptions that do not set it.
+    pub max_attempts: u32,
+    /// First restart/retry delay after a failure; doubles per consecutive failure.
+    pub backoff_initial_ms: u64,
+    /// Cap of the restart/retry delay.
+    pub backoff_max_ms: u64,
+    /// A handler call that takes longer fails and its instance is restarted.
+    pub call_timeout_ms: u64,
+    /// Timeout of one webhook POST.
+    pub webhook_timeout_ms: u64,
+}
+
+/// Authentication.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Accepted bearer tokens. None configured: no auth, loopback only.
+    pub tokens: Vec<TokenConfig>,
+}
+
+/// One bearer token.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    /// The secret presented as `Authorization: Bearer <token>`.
+    pub token: String,
+    /// `publish` (publish events) or `admin` (everything).
+    pub role: Role,
+}
+
+/// What a token may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Publish events.
+    Publish,
+    /// Publish, and manage subscriptions, dead letters and the cluster.
+    Admin,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            node_id: 1,
+            cluster_id: "herald".to_string(),
+            data_dir: PathBuf::from("herald-data"),
+            log_format: LogFormat::Text,
+            shutdown_timeout_ms: 10_000,
+            http: HttpConfig::default(),
+            wal: WalConfig::default(),
+            handlers: HandlerConfig::default(),
+            auth: AuthConfig::default(),
+            subscriptions: Vec::new(),
+        }
+    }
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            addr: "127.0.0.1:7070".to_string(),
+            max_body_bytes: 1024 * 1024,
+            max_batch_events: 1000,
+            allow_unauthenticated_remote: false,
+        }
+    }
+}
+
+impl Default for WalConfig {
+    fn default() -> Self {
+        WalConfig {
+            fsync: FsyncPolicy::Always,
+            max_batch: 4096,
+        }
+    }
+}
+
+impl Default for HandlerConfig {
+    fn default() -> Self {
+        HandlerConfig {
+            workers: 0,
+            mailbox_capacity: 4096,
+            max_inflight_bytes: 256 * 1024 * 1024,
+            max_instances: 256,
+            max_attempts: 5,
+            backoff_initial_ms: 50,
+            backoff_max_ms: 5_000,
+            call_timeout_ms: 30_000,
+            webhook_timeout_ms: 10_000,
+        }
+    }
+}
+
+impl HandlerConfig {
+    /// The number of worker threads to start.
+    pub fn worker_threads(&self) -> usize {
+        if self.workers == 0 {
+            std::thread::available_parallelism().map_or(2, |n| n.get())
+        } else {
+            self.workers
+        }
+    }
+}
+
+impl Config {
+    /// Reads a TOML file. Unknown keys are errors, so a typo does not silently fall back to a default.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::ConfigFile {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        toml::from_str(&text).map_err(|e| Error::ConfigFile {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
+    }
+
+    /// The HTTP listen address, parsed.
+    pub fn http_addr(&self) -> Result<SocketAddr> {
+        self.http.addr.parse().map_err(|_| {
+            Error::config(
+                "http.addr",
+                format!("{:?} is not an IP:port address (e.g. 127.0.0.1:7070)", self.http.addr),
+            )
+        })
+    }
+
+    /// Checks every setting; the error names the key to fix.
+    pub fn validate(&self) -> Result<()> {
+        if self.node_id == 0 {
+            return Err(Error::config("node_id", "must be at least 1"));
+        }
+        crate::event::validate_name("cluster id", &self.cluster_id)
+            .map_err(|e| Error::config("cluster_id", e.to_string()))?;
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(Error::config("data_dir", "must not be empty"));
+        }
+        self.http_addr()?;
+        let h = &self.handlers;
+        let positive: [(&str, u64); 8] = [
+            ("http.max_body_bytes", self.http.max_body_bytes as u64),
+            ("http.max_batch_events", self.http.max_batch_events as u64),
+            ("wal.max_batch", self.wal.max_batch as u64),
+            ("handlers.mailbox_capacity", h.mailbox_capacity as u64),
+            ("handlers.max_inflight_bytes", h.max_inflight_bytes as u64),
+            ("handlers.max_instances", u64::from(h.max_instances)),
+            ("handlers.call_timeout_ms", h.call_timeout_ms),
+            ("handlers.webhook_timeout_ms", h.webhook_timeout_ms),
+        ];
+        for (key, value) in positive {
+            if value == 0 {
+                return Err(Error::config(key, "must be greater than 0"));
+            }
+        }
+        if h.max_inflight_bytes < self.http.max_body_bytes {
+            return Err(Error::config(
+                "handlers.max_inflight_bytes",
+                "must be at least http.max_body_bytes, or no large event could ever be accepted",
+            ));
+        }
+        if h.max_attempts == 0 || h.max_attempts > crate::subscription::MAX_ATTEMPTS {
+            return Err(Error::config(
+                "handlers.max_attempts",
+                format!("must be between 1 and {}", crate::subscription::MAX_ATTEMPTS),
+            ));
+        }
+        if h.backoff_initial_ms > h.backoff_max_ms {
+            return Err(Error::config(
+                "handlers.backoff_initial_ms",
+                "must not exceed handlers.backoff_max_ms",
+            ));
+        }
+        if self.http.max_batch_events > h.mailbox_capacity {
+            return Err(Error::config(
+                "http.max_batch_events",
+                "must not exceed handlers.mailbox_capacity, or a full batch could never be accepted",
+            ));
+        }
+        for (i, t) in self.auth.tokens.iter().enumerate() {
+            if t.token.len() < 8 {
+                return Err(Error::config(
+                    format!("auth.tokens[{i}].token"),
+                    "must be at least 8 characters",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn validate_names_the_key() {
+        let mut c = Config::default();
+        c.http.addr = "nope".into();
+        assert!(c.validate().unwrap_err().to_string().contains("http.addr"));
+        let mut c = Config::default();
+        c.handlers.mailbox_capacity = 0;
+        assert!(c.validate().unwrap_err().to_string().contains("handlers.mailbox_capacity"));
+        let mut c = Config::default();
+        c.auth.tokens.push(TokenConfig { token: "short".into(), role: Role::Admin });
+        assert!(c.validate().unwrap_err().to_string().contains("auth.tokens[0].token"));
+    }
+
+    #[test]
+    fn toml_unknown_keys_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("h.toml");
+        std::fs::write(&p, "node_id = 3\n[http]\naddr = \"127.0.0.1:0\"\n").unwrap();
+        let c = Config::from_file(&p).unwrap();
+        assert_eq!(c.node_id, 3);
+        assert_eq!(c.http.addr, "127.0.0.1:0");
+        std::fs::write(&p, "[http]\nadress = \"x\"\n").unwrap();
+        let err = Config::from_file(&p).unwrap_err().to_string();
+        assert!(err.contains("adress"), "{err}");
+    }
+}

@@ -1,0 +1,304 @@
+//! The event: Herald's unit of work, its validation, and its CloudEvents mapping.
+//!
+//! This module owns the [`Event`] type and the rules for names (topics, groups) and ids. It does no
+//! I/O: HTTP parsing lives in `http`, persistence in `ingress::store`.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use cloudevents::{AttributesReader, Data, EventBuilder, EventBuilderV10};
+use serde::de::DeserializeOwned;
+
+/// The content type given to plain JSON bodies.
+pub const JSON: &str = "application/json";
+/// The `source` given to events whose publisher did not name one.
+pub const DEFAULT_SOURCE: &str = "herald";
+/// Longest accepted event id, partition key or header value (bytes).
+pub const MAX_ID_LEN: usize = 256;
+
+/// One event, as handlers see it.
+///
+/// Cloning is cheap for `data` (reference counted); handlers receive an `Arc<Event>` anyway.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    /// Idempotency key chosen by the publisher (CloudEvents `id`, `Idempotency-Key` header), or a
+    /// generated ULID. Handler-side duplicate detection keys on it.
+    pub id: String,
+    /// The topic it was published to; every subscription of the topic receives it.
+    pub topic: String,
+    /// Partition key: events with the same key go to the same handler instance, in order.
+    pub key: Option<String>,
+    /// The payload, exactly as published.
+    pub data: Bytes,
+    /// MIME type of `data` (`application/json` for plain JSON publishes).
+    pub content_type: String,
+    /// When the event happened (CloudEvents `time`), or when Herald accepted it.
+    pub time: DateTime<Utc>,
+    /// Who produced it (CloudEvents `source`).
+    pub source: String,
+    /// CloudEvents `type`; defaults to the topic.
+    pub event_type: String,
+    /// CloudEvents extensions and `subject`, as strings.
+    pub headers: BTreeMap<String, String>,
+}
+
+/// Why an event or name was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EventError {
+    /// A topic or group name breaks `[a-zA-Z0-9._-]{1,200}`.
+    #[error("invalid {what} {name:?}: use 1 to 200 characters from [a-zA-Z0-9._-]")]
+    InvalidName {
+        /// `topic` or `group`.
+        what: &'static str,
+        /// The refused name (truncated).
+        name: String,
+    },
+    /// An id, key or header is empty or too long.
+    #[error("invalid {what}: must be 1 to {MAX_ID_LEN} bytes")]
+    InvalidField {
+        /// Which field.
+        what: &'static str,
+    },
+    /// The body claimed to be a CloudEvent but is not a valid one.
+    #[error("invalid CloudEvent: {0}")]
+    CloudEvent(String),
+}
+
+/// Checks a topic or group name against `[a-zA-Z0-9._-]{1,200}`.
+pub fn validate_name(what: &'static str, name: &str) -> Result<(), EventError> {
+    let ok = (1..=200).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(EventError::InvalidName {
+            what,
+            name: name.chars().take(64).collect(),
+        })
+    }
+}
+
+fn validate_field(what: &'static str, value: &str) -> Result<(), EventError> {
+    if value.is_empty() || value.len() > MAX_ID_LEN {
+        Err(EventError::InvalidField { what })
+    } else {
+        Ok(())
+    }
+}
+
+/// A new event id: a ULID, sortable by creation time.
+pub fn new_id() -> String {
+    ulid::Ulid::new().to_string()
+}
+
+impl Event {
+    /// A JSON event on `topic` with a generated id, the current time and the default source.
+    pub fn json(topic: impl Into<String>, value: &impl serde::Serialize) -> serde_json::Result<Self> {
+        Ok(Self::new(topic, serde_json::to_vec(value)?, JSON))
+    }
+
+    /// An event on `topic` carrying `data` of `content_type`, with a generated id.
+    pub fn new(topic: impl Into<String>, data: impl Into<Bytes>, content_type: &str) -> Self {
+        let topic = topic.into();
+        Event {
+            id: new_id(),
+            event_type: topic.clone(),
+            topic,
+            key: None,
+            data: data.into(),
+            content_type: content_type.to_string(),
+            time: Utc::now(),
+            source: DEFAULT_SOURCE.to_string(),
+            headers: BTreeMap::new(),
+        }
+    }
+
+    /// Sets the partition key.
+    pub fn with_key(mut self, key: impl Into<String>) -> Self {
+        self.key = Some(key.into());
+        self
+    }
+
+    /// Sets the id (the publisher's idempotency key).
+    pub fn with_id(mut self, id: impl Into<String>) -> Self {
+        self.id = id.into();
+        self
+    }
+
+    /// Decodes `data` as JSON into `T`. In a handler, `?` turns a decode error into a handler
+    /// failure (retried, then dead-lettered).
+    pub fn json_data<T: DeserializeOwned>(&self) -> serde_json::Result<T> {
+        serde_json::from_slice(&self.data)
+    }
+
+    /// Checks every field a publisher controls.
+    pub fn validate(&self) -> Result<(), EventError> {
+        validate_name("topic", &self.topic)?;
+        validate_field("event id", &self.id)?;
+        validate_field("source", &self.source)?;
+        validate_field("type", &self.event_type)?;
+        if let Some(key) = &self.key {
+            validate_field("partition key", key)?;
+        }
+        for v in self.headers.values() {
+            validate_field("header value", v)?;
+        }
+        Ok(())
+    }
+
+    /// Maps a parsed CloudEvent (any spec version) onto a Herald event on `topic`.
+    ///
+    /// The CloudEvents `partitionkey` extension becomes the partition key; other extensions and
+    /// `subject` become headers.
+    pub fn from_cloudevent(topic: &str, ce: cloudevents::Event) -> Result<Self, EventError> {
+        let mut headers = BTreeMap::new();
+        let mut key = None;
+        for (name, value) in ce.iter_extensions() {
+            if name == "partitionkey" {
+                key = Some(value.to_string());
+            } else {
+                headers.insert(name.to_string(), value.to_string());
+            }
+        }
+        if let Some(subject) = ce.subject() {
+            headers.insert("subject".to_string(), subject.to_string());
+        }
+        let declared = ce.datacontenttype().map(str::to_string);
+        let (content_type, data) = match ce.data() {
+            None => (declared.unwrap_or_else(|| JSON.to_string()), Bytes::new()),
+            Some(Data::Json(v)) => (
+                declared.unwrap_or_else(|| JSON.to_string()),
+                Bytes::from(serde_json::to_vec(v).map_err(|e| EventError::CloudEvent(e.to_string()))?),
+            ),
+            Some(Data::String(s)) => (
+                declared.unwrap_or_else(|| "text/plain".to_string()),
+                Bytes::from(s.clone().into_bytes()),
+            ),
+            Some(Data::Binary(b)) => (
+                declared.unwrap_or_else(|| "application/octet-stream".to_string()),
+                Bytes::from(b.clone()),
+            ),
+        };
+        let event = Event {
+            id: ce.id().to_string(),
+            topic: topic.to_string(),
+            key,
+            data,
+            content_type,
+            time: ce.time().copied().unwrap_or_else(Utc::now),
+            source: ce.source().to_string(),
+            event_type: ce.ty().to_string(),
+            headers,
+        };
+        event.validate()?;
+        Ok(event)
+    }
+
+    /// This event as a CloudEvent (spec 1.0), as the webhook handler sends it.
+    ///
+    /// The topic travels in the `heraldtopic` extension and the key in `partitionkey`; headers
+    /// whose names are valid CloudEvents extension names are carried as extensions.
+    pub fn to_cloudevent(&self) -> Result<cloudevents::Event, EventError> {
+        let data = if is_json(&self.content_type) {
+            match serde_json::from_slice::<serde_json::Value>(&self.data) {
+                Ok(v) => Data::Json(v),
+                Err(_) => Data::Binary(self.data.to_vec()),
+            }
+        } else if self.content_type.starts_with("text/") {
+            match std::str::from_utf8(&self.data) {
+                Ok(s) => Data::String(s.to_string()),
+                Err(_) => Data::Binary(self.data.to_vec()),
+            }
+        } else {
+            Data::Binary(self.data.to_vec())
+        };
+        let mut builder = EventBuilderV10::new()
+            .id(self.id.clone())
+            .source(self.source.clone())
+            .ty(self.event_type.clone())
+            .time(self.time)
+            .extension("heraldtopic", self.topic.clone());
+        if !self.data.is_empty() {
+            builder = builder.data(self.content_type.clone(), data);
+        }
+        if let Some(key) = &self.key {
+            builder = builder.extension("partitionkey", key.clone());
+        }
+        for (name, value) in &self.headers {
+            if name == "subject" {
+                builder = builder.subject(value.clone());
+            } else if is_extension_name(name) {
+                builder = builder.extension(name, value.clone());
+            }
+        }
+        builder
+            .build()
+            .map_err(|e| EventError::CloudEvent(e.to_string()))
+    }
+}
+
+/// Whether a MIME type is JSON (`application/json`, `application/x+json`, with parameters).
+pub fn is_json(content_type: &str) -> bool {
+    let essence = content_type.split(';').next().unwrap_or("").trim();
+    essence.eq_ignore_ascii_case(JSON) || essence.to_ascii_lowercase().ends_with("+json")
+}
+
+/// CloudEvents extension names are lower-case ASCII letters and digits.
+fn is_extension_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 20
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_topic_rule() {
+        assert!(validate_name("topic", "user.login").is_ok());
+        assert!(validate_name("topic", "a-b_c.D9").is_ok());
+        assert!(validate_name("topic", "").is_err());
+        assert!(validate_name("topic", "has space").is_err());
+        assert!(validate_name("topic", "slash/no").is_err());
+        assert!(validate_name("topic", &"x".repeat(200)).is_ok());
+        assert!(validate_name("topic", &"x".repeat(201)).is_err());
+    }
+
+    #[test]
+    fn cloudevent_round_trip_keeps_attributes() {
+        let mut e = Event::json("user.login", &serde_json::json!({"user_id": 7}))
+            .unwrap()
+            .with_key("u7")
+            .with_id("abc");
+        e.headers.insert("traceparent".into(), "00-x".into());
+        let ce = e.to_cloudevent().unwrap();
+        assert_eq!(ce.id(), "abc");
+        assert_eq!(ce.ty(), "user.login");
+        let back = Event::from_cloudevent("user.login", ce).unwrap();
+        assert_eq!(back.key.as_deref(), Some("u7"));
+        assert_eq!(back.headers.get("traceparent").map(String::as_str), Some("00-x"));
+        assert_eq!(back.headers.get("heraldtopic").map(String::as_str), Some("user.login"));
+        let v: serde_json::Value = back.json_data().unwrap();
+        assert_eq!(v["user_id"], 7);
+    }
+
+    #[test]
+    fn cloudevent_without_required_attributes_is_refused() {
+        let r = serde_json::from_str::<cloudevents::Event>(r#"{"specversion":"1.0","id":"1"}"#);
+        assert!(r.is_err());
+    }
+
+    #[test]
+    fn json_content_types() {
+        assert!(is_json("application/json"));
+        assert!(is_json("application/json; charset=utf-8"));
+        assert!(is_json("application/cloudevents+json"));
+        assert!(!is_json("text/plain"));
+    }
+}

@@ -1,0 +1,183 @@
+//! The user-facing handler API and the supervision of handler instances.
+//!
+//! A handler is a plain actix actor that handles [`Delivery`] and answers a [`HandlerResult`]:
+//! `Ok(())` acknowledges the event, `Err(_)` fails it. Sync handlers return the result directly;
+//! async handlers return `ResponseFuture<HandlerResult>` (or `ResponseActFuture`/`AtomicResponse`).
+//!
+//! Each running instance is one actor owned by a supervisor task on a worker thread
+//! ([`supervisor`]). The supervisor feeds the actor one event at a time (so a keyed event stream
+//! is handled strictly in order, retries included), restarts the actor from its factory with
+//! exponential backoff after an error, a panic or a timeout, retries the event up to
+//! `max_attempts`, and then hands it to the dead-letter sink.
+//!
+//! This module knows nothing of HTTP, the WAL or Raft: completion and dead-lettering go through
+//! the [`supervisor::Completion`] and [`supervisor::DeadLetterSink`] traits.
+
+pub mod builtin;
+pub(crate) mod supervisor;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+
+use actix::prelude::*;
+use futures_util::future::LocalBoxFuture;
+
+use crate::event::Event;
+use crate::subscription::HandlerSpec;
+
+/// Identifies a subscription: its topic and group.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SubscriptionKey {
+    /// The topic.
+    pub topic: String,
+    /// The group.
+    pub group: String,
+}
+
+impl fmt::Display for SubscriptionKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.topic, self.group)
+    }
+}
+
+/// One event delivered to one handler instance.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    /// The event.
+    pub event: Arc<Event>,
+    /// The subscription it is delivered for.
+    pub subscription: Arc<SubscriptionKey>,
+    /// 1 on the first try, then 2, 3 … up to the subscription's `max_attempts`.
+    pub attempt: u32,
+}
+
+impl Message for Delivery {
+    type Result = HandlerResult;
+}
+
+/// What a handler answers: `Ok(())` acknowledges, `Err` fails the attempt.
+pub type HandlerResult = Result<(), HandlerError>;
+
+/// A handler failure. Any `std::error::Error` converts into it with `?`.
+///
+/// Like `anyhow::Error` it does not implement `std::error::Error` itself, which is what lets every
+/// error type convert into it.
+pub struct HandlerError(Box<dyn std::error::Error + Send + Sync + 'static>);
+
+impl HandlerError {
+    /// A failure with a message.
+    pub fn msg(message: impl fmt::Display) -> Self {
+        HandlerError(message.to_string().into())
+    }
+}
+
+impl<E: std::error::Error + Send + Sync + 'static> From<E> for HandlerError {
+    fn from(e: E) -> Self {
+        HandlerError(Box::new(e))
+    }
+}
+
+impl fmt::Debug for HandlerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+impl fmt::Display for HandlerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0, f)
+    }
+}
+
+/// An actor that can serve as a handler instance.
+pub trait HandlerActor: Actor<Context = Context<Self>> + Handler<Delivery> {}
+impl<A: Actor<Context = Context<A>> + Handler<Delivery>> HandlerActor for A {}
+
+/// Starts handler actors. Called on the worker thread that will run the instance.
+pub(crate) trait Spawner: Send + Sync + 'static {
+    /// Starts a fresh actor and returns a way to call it.
+    fn start(&self) -> Box<dyn Invoke>;
+}
+
+/// Calls a running handler actor.
+pub(crate) trait Invoke {
+    /// Sends one delivery; `Err` means the actor is gone (it panicked or stopped).
+    fn call(&self, d: Delivery) -> LocalBoxFuture<'static, Result<HandlerResult, MailboxError>>;
+}
+
+impl<A: HandlerActor> Invoke for Addr<A> {
+    fn call(&self, d: Delivery) -> LocalBoxFuture<'static, Result<HandlerResult, MailboxError>> {
+        Box::pin(self.send(d))
+    }
+}
+
+/// A factory closure registered with `NodeBuilder::handler`.
+struct FnSpawner<F>(F);
+
+impl<A, F> Spawner for FnSpawner<F>
+where
+    A: HandlerActor,
+    F: Fn() -> A + Send + Sync + 'static,
+{
+    fn start(&self) -> Box<dyn Invoke> {
+        Box::new((self.0)().start())
+    }
+}
+
+/// The Rust handlers compiled into this node binary, by name.
+#[derive(Clone, Default)]
+pub struct HandlerRegistry {
+    factories: BTreeMap<String, Arc<dyn Spawner>>,
+}
+
+impl fmt::Debug for HandlerRegistry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.factories.keys()).finish()
+    }
+}
+
+impl HandlerRegistry {
+    /// Registers `factory` under `name`; a later registration of the same name replaces it.
+    pub fn register<A, F>(&mut self, name: impl Into<String>, factory: F)
+    where
+        A: HandlerActor,
+        F: Fn() -> A + Send + Sync + 'static,
+    {
+        self.factories.insert(name.into(), Arc::new(FnSpawner(factory)));
+    }
+
+    /// Whether `name` is registered.
+    pub fn contains(&self, name: &str) -> bool {
+        self.factories.contains_key(name)
+    }
+
+    /// The registered names, comma separated (for error messages).
+    pub fn names(&self) -> String {
+        if self.factories.is_empty() {
+            "(none)".to_string()
+        } else {
+            self.factories.keys().cloned().collect::<Vec<_>>().join(", ")
+        }
+    }
+
+    /// The handler kinds this node can run, as shown in `/v1/cluster`.
+    pub fn kinds(&self) -> Vec<String> {
+        let mut kinds: Vec<String> = self.factories.keys().map(|n| format!("rust:{n}")).collect();
+        kinds.push("webhook".to_string());
+        kinds.push("log".to_string());
+        kinds
+    }
+
+    /// The spawner for a validated handler spec.
+    pub(crate) fn spawner(&self, spec: &HandlerSpec, webhook_timeout: std::time::Duration) -> Option<Arc<dyn Spawner>> {
+        match spec {
+            HandlerSpec::Rust { name } => self.factories.get(name).cloned(),
+            HandlerSpec::Webhook { url } => Some(Arc::new(builtin::WebhookSpawner {
+                url: url.clone(),
+                timeout: webhook_timeout,
+            })),
+            HandlerSpec::Log => Some(Arc::new(builtin::LogSpawner)),
+        }
+    }
+}

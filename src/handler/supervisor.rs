@@ -1,0 +1,154 @@
+//! One supervisor task per handler instance: it owns the instance's bounded mailbox and its actor,
+//! feeds the actor one event at a time, restarts it after failures and dead-letters poison events.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::MailboxError;
+use futures_util::future::BoxFuture;
+use tokio::sync::mpsc;
+
+use super::{Delivery, Invoke, Spawner, SubscriptionKey};
+use crate::event::Event;
+use crate::metrics::SubMetrics;
+
+/// How a subscription finished with one event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// The handler acknowledged it on attempt `attempts`.
+    Ok { attempts: u32 },
+    /// Every attempt failed; it is stored as a dead letter.
+    DeadLettered { attempts: u32, error: String },
+    /// Every attempt failed and the dead letter could not be stored: the event stays in the WAL.
+    Failed { attempts: u32, error: String },
+}
+
+/// Told when a subscription is done with an event (the ingress's per-event tracker).
+pub(crate) trait Completion: Send + Sync {
+    fn complete(&self, sub: &SubscriptionKey, outcome: Outcome);
+}
+
+/// Stores events that exhausted their attempts.
+pub(crate) trait DeadLetterSink: Send + Sync {
+    fn store(&self, sub: &SubscriptionKey, event: &Event, attempts: u32, error: &str) -> BoxFuture<'static, Result<(), String>>;
+}
+
+/// An event waiting in an instance's mailbox.
+pub(crate) struct Job {
+    pub(crate) event: Arc<Event>,
+    pub(crate) completion: Arc<dyn Completion>,
+}
+
+/// What every instance of one subscription shares.
+pub(crate) struct SubShared {
+    pub(crate) key: Arc<SubscriptionKey>,
+    pub(crate) max_attempts: u32,
+    pub(crate) metrics: SubMetrics,
+}
+
+/// Restart and call policy, from `HandlerConfig`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Policy {
+    pub(crate) backoff_initial: Duration,
+    pub(crate) backoff_max: Duration,
+    pub(crate) call_timeout: Duration,
+}
+
+impl Policy {
+    /// Delay before restart number `failures` (1-based): initial × 2^(failures-1), capped.
+    pub(crate) fn backoff(&self, failures: u32) -> Duration {
+        let factor = 1u32.checked_shl(failures.saturating_sub(1).min(20)).unwrap_or(u32::MAX);
+        self.backoff_initial.saturating_mul(factor).min(self.backoff_max)
+    }
+}
+
+/// Runs one instance until its mailbox is closed and drained. Must run on a worker arbiter.
+pub(crate) async fn run_instance(
+    shared: Arc<SubShared>,
+    spawner: Arc<dyn Spawner>,
+    policy: Policy,
+    dead_letters: Arc<dyn DeadLetterSink>,
+    mut mailbox: mpsc::Receiver<Job>,
+    load: Arc<AtomicUsize>,
+) {
+    let mut actor: Option<Box<dyn Invoke>> = None;
+    // Consecutive failures of this instance; drives the restart backoff, reset by a success.
+    let mut failures: u32 = 0;
+    while let Some(job) = mailbox.recv().await {
+        shared.metrics.mailbox_depth.decrement(1.0);
+        let mut attempt = 1;
+        let outcome = loop {
+            if actor.is_none() {
+                if failures > 0 {
+                    tokio::time::sleep(policy.backoff(failures)).await;
+                    shared.metrics.restarts.increment(1);
+                }
+                actor = Some(spawner.start());
+            }
+            let Some(current) = actor.as_ref() else { continue };
+            let delivery = Delivery {
+                event: job.event.clone(),
+                subscription: shared.key.clone(),
+                attempt,
+            };
+            let started = Instant::now();
+            let result = tokio::time::timeout(policy.call_timeout, current.call(delivery)).await;
+            shared.metrics.duration.record(started.elapsed().as_secs_f64());
+            let error = match result {
+                Ok(Ok(Ok(()))) => None,
+                Ok(Ok(Err(e))) => Some(e.to_string()),
+                Ok(Err(MailboxError::Closed)) => Some("handler panicked or stopped".to_string()),
+                Ok(Err(MailboxError::Timeout)) | Err(_) => {
+                    Some(format!("handler did not answer within {:?}", policy.call_timeout))
+                }
+            };
+            let Some(error) = error else {
+                failures = 0;
+                shared.metrics.delivered_ok.increment(1);
+                break Outcome::Ok { attempts: attempt };
+            };
+            shared.metrics.delivered_error.increment(1);
+            failures = failures.saturating_add(1);
+            // A failed instance is replaced by a fresh one from the factory (after backoff).
+            actor = None;
+            tracing::warn!(subscription = %shared.key, id = %job.event.id, attempt, max_attempts = shared.max_attempts, %error, "handler failed");
+            if attempt >= shared.max_attempts {
+                break match dead_letters.store(&shared.key, &job.event, attempt, &error).await {
+                    Ok(()) => {
+                        shared.metrics.dead_lettered.increment(1);
+                        shared.metrics.dead_letters.increment(1);
+                        Outcome::DeadLettered { attempts: attempt, error }
+                    }
+                    Err(store_error) => {
+                        tracing::error!(subscription = %shared.key, id = %job.event.id, %store_error, "cannot store dead letter; the event stays in the WAL");
+                        Outcome::Failed { attempts: attempt, error }
+                    }
+                };
+            }
+            attempt += 1;
+            shared.metrics.redelivered.increment(1);
+        };
+        job.completion.complete(&shared.key, outcome);
+        load.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        let p = Policy {
+            backoff_initial: Duration::from_millis(50),
+            backoff_max: Duration::from_millis(1000),
+            call_timeout: Duration::from_secs(1),
+        };
+        assert_eq!(p.backoff(1), Duration::from_millis(50));
+        assert_eq!(p.backoff(2), Duration::from_millis(100));
+        assert_eq!(p.backoff(5), Duration::from_millis(800));
+        assert_eq!(p.backoff(6), Duration::from_millis(1000));
+        assert_eq!(p.backoff(400), Duration::from_millis(1000));
+    }
+}

@@ -1,0 +1,323 @@
+//! The HTTP API (DESIGN §9): routes, authentication, error mapping and the OpenAPI document.
+//!
+//! Handlers here parse and check requests, call the node (`NodeCore`, `Ingress`) and map results
+//! to responses; they hold no business logic. Every error is a JSON body from [`error::ApiError`];
+//! bodies are read with an explicit size limit so an oversized request gets a 413 before it is
+//! buffered.
+
+pub mod error;
+pub mod publish;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use actix_web::dev::Service;
+use actix_web::http::header;
+use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
+use futures_util::{FutureExt, StreamExt};
+use serde::de::DeserializeOwned;
+use utoipa::OpenApi;
+
+use crate::config::Role;
+use crate::error::{Error, Result};
+use crate::node::NodeCore;
+use crate::subscription::SubscriptionSpec;
+pub use error::ApiError;
+
+/// What every route handler gets.
+pub(crate) struct AppState {
+    pub(crate) core: Arc<NodeCore>,
+    pub(crate) http_addr: SocketAddr,
+}
+
+type State = web::Data<AppState>;
+
+/// Builds and starts the HTTP server for `core` on `addr`; returns it with the bound address.
+pub(crate) fn server(core: Arc<NodeCore>, addr: SocketAddr) -> Result<(actix_web::dev::Server, SocketAddr)> {
+    let listener = std::net::TcpListener::bind(addr).map_err(|e| Error::io(format!("cannot bind HTTP address {addr}"), e))?;
+    let http_addr = listener.local_addr().map_err(|e| Error::io("cannot read the HTTP address", e))?;
+    let state = web::Data::new(AppState { core, http_addr });
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(state.clone())
+            .app_data(web::QueryConfig::default().error_handler(|e, _| ApiError::bad_request("invalid_query", e.to_string()).into()))
+            .app_data(web::PathConfig::default().error_handler(|e, _| ApiError::bad_request("invalid_path", e.to_string()).into()))
+            .wrap_fn(|req, srv| {
+                let route = req.match_pattern().unwrap_or_else(|| "unmatched".to_string());
+                srv.call(req).map(move |res| {
+                    let status = match &res {
+                        Ok(r) => r.status().as_u16(),
+                        Err(e) => e.as_response_error().status_code().as_u16(),
+                    };
+                    metrics::counter!(crate::metrics::HTTP_REQUESTS, "route" => route, "status" => status.to_string()).increment(1);
+                    res
+                })
+            })
+            .configure(routes)
+    })
+    .disable_signals()
+    .shutdown_timeout(5)
+    .listen(listener)
+    .map_err(|e| Error::io(format!("cannot listen on {http_addr}"), e))?
+    .run();
+    Ok((server, http_addr))
+}
+
+/// Every route of the API.
+fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/v1/topics/{topic}/events", web::post().to(publish::publish_one))
+        .route("/v1/topics/{topic}/events/batch", web::post().to(publish::publish_batch))
+        .route("/v1/subscriptions", web::get().to(list_subscriptions))
+        .route("/v1/subscriptions", web::post().to(create_subscription))
+        .route("/v1/subscriptions/{topic}/{group}", web::delete().to(delete_subscription))
+        .route("/v1/cluster", web::get().to(cluster))
+        .route("/v1/cluster/placements", web::get().to(placements))
+        .route("/v1/cluster/nodes/{id}/drain", web::post().to(not_clustered))
+        .route("/v1/cluster/nodes/{id}", web::delete().to(not_clustered))
+        .route("/v1/dead-letters", web::get().to(list_dead_letters))
+        .route("/v1/dead-letters/{id}/replay", web::post().to(replay_dead_letter))
+        .route("/metrics", web::get().to(metrics_text))
+        .route("/healthz", web::get().to(healthz))
+        .route("/readyz", web::get().to(readyz))
+        .route("/openapi.json", web::get().to(openapi))
+        .default_service(web::to(|req: HttpRequest| async move {
+            Err::<HttpResponse, _>(ApiError::not_found(format!("no route {} {}", req.method(), req.path())))
+        }));
+}
+
+/// Checks the bearer token. With no tokens configured everything is allowed (the node is then
+/// bound to loopback). Missing or unknown token → 401; a token without the role → 403.
+pub(crate) fn authorize(req: &HttpRequest, state: &AppState, need: Role) -> Result<(), ApiError> {
+    let tokens = &state.core.config().auth.tokens;
+    if tokens.is_empty() {
+        return Ok(());
+    }
+    let unauthorized = |m: &str| ApiError::new(actix_web::http::StatusCode::UNAUTHORIZED, "unauthorized", m);
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .ok_or_else(|| unauthorized("missing Authorization: Bearer <token> header"))?
+        .to_str()
+        .ok()
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(|| unauthorized("the Authorization header must be `Bearer <token>`"))?;
+    let role = tokens
+        .iter()
+        .find(|t| constant_time_eq(t.token.as_bytes(), presented.trim().as_bytes()))
+        .map(|t| t.role)
+        .ok_or_else(|| unauthorized("unknown token"))?;
+    if role >= need {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            actix_web::http::StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("this token has role {role:?}; the request needs {need:?}"),
+        ))
+    }
+}
+
+/// Compares secrets without leaking the position of the first difference through timing.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Reads the body, refusing it with 413 as soon as it exceeds the limit.
+pub(crate) async fn read_body(req: &HttpRequest, mut payload: web::Payload, limit: usize) -> Result<web::Bytes, ApiError> {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(ApiError::too_large(limit));
+    }
+    let mut body = web::BytesMut::with_capacity(declared.unwrap_or(1024).min(limit));
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|e| ApiError::bad_request("invalid_body", e.to_string()))?;
+        if body.len() + chunk.len() > limit {
+            return Err(ApiError::too_large(limit));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
+}
+
+/// The request's media type, lower-cased, without parameters; `None` when absent.
+pub(crate) fn media_type(req: &HttpRequest) -> Option<String> {
+    req.headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
+}
+
+/// Reads a JSON body into `T` (415 for another content type, 400 for bad JSON, 413 if too big).
+async fn json_body<T: DeserializeOwned>(req: &HttpRequest, payload: web::Payload, state: &AppState) -> Result<T, ApiError> {
+    match media_type(req) {
+        None => {}
+        Some(m) if crate::event::is_json(&m) => {}
+        Some(m) => return Err(ApiError::unsupported_media_type(format!("expected application/json, got {m}"))),
+    }
+    let body = read_body(req, payload, state.core.config().http.max_body_bytes).await?;
+    serde_json::from_slice(&body).map_err(|e| ApiError::bad_request("invalid_json", e.to_string()))
+}
+
+#[utoipa::path(get, path = "/v1/subscriptions", tag = "subscriptions",
+    responses((status = 200, description = "The subscriptions", body = [SubscriptionSpec])))]
+async fn list_subscriptions(req: HttpRequest, state: State) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &state, Role::Admin)?;
+    Ok(HttpResponse::Ok().json(state.core.subscriptions()))
+}
+
+#[utoipa::path(post, path = "/v1/subscriptions", tag = "subscriptions", request_body = SubscriptionSpec,
+    responses((status = 201, description = "Created or changed", body = SubscriptionSpec),
+              (status = 200, description = "Already existed unchanged", body = SubscriptionSpec),
+              (status = 400, description = "Invalid", body = error::ErrorBody)))]
+async fn create_subscription(req: HttpRequest, payload: web::Payload, state: State) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &state, Role::Admin)?;
+    let spec: SubscriptionSpec = json_body(&req, payload, &state).await?;
+    let changed = state.core.create_subscription(spec.clone()).await?;
+    let mut r = if changed { HttpResponse::Created() } else { HttpResponse::Ok() };
+    Ok(r.json(spec))
+}
+
+#[utoipa::path(delete, path = "/v1/subscriptions/{topic}/{group}", tag = "subscriptions",
+    params(("topic" = String, Path), ("group" = String, Path)),
+    responses((status = 204, description = "Deleted"), (status = 404, description = "No such subscription", body = error::ErrorBody)))]
+async fn delete_subscription(req: HttpRequest, path: web::Path<(String, String)>, state: State) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &state, Role::Admin)?;
+    let (topic, group) = path.into_inner();
+    if state.core.delete_subscription(&topic, &group).await? {
+        Ok(HttpResponse::NoContent().finish())
+    } else {
+        Err(ApiError::not_found(format!("no subscription {topic}/{group}")))
+    }
+}
+
+#[utoipa::path(get, path = "/v1/cluster", tag = "cluster",
+    responses((status = 200, description = "Members and leader", body = crate::node::ClusterView)))]
+async fn cluster(req: HttpRequest, state: State) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &state, Role::Admin)?;
+    Ok(HttpResponse::Ok().json(state.core.cluster(state.http_addr)))
+}
+
+#[utoipa::path(get, path = "/v1/cluster/placements", tag = "cluster",
+    responses((status = 200, description = "Where each subscription runs", body = [crate::node::PlacementView])))]
+async fn placements(req: HttpRequest, state: State) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &state, Role::Admin)?;
+    Ok(HttpResponse::Ok().json(state.core.placements()))
+}
+
+async fn not_clustered(req: HttpRequest, state: State) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &state, Role::Admin)?;
+    Err(ApiError::new(
+        actix_web::http::StatusCode::NOT_IMPLEMENTED,
+        "not_clustered",
+        "this node runs alone: draining and removing nodes need cluster membership, which this version does not have yet",
+    ))
+}
+
+/// Query of `GET /v1/dead-letters`.
+#[derive(serde::Deserialize, utoipa::IntoParams)]
+struct DeadLetterQuery {
+    /// Only this topic.
+    topic: Option<String>,
+    /// Only this group.
+    group: Option<String>,
+    /// Page after this dead-letter id.
+    after: Option<String>,
+    /// Page size (default 100, at most 1000).
+    limit: Option<usize>,
+}
+
+#[utoipa::path(get, path = "/v1/dead-letters", tag = "dead letters", params(DeadLetterQuery),
+    responses((status = 200, description = "Dead letters, oldest first", body = [crate::ingress::DeadLetter])))]
+async fn list_dead_letters(req: HttpRequest, q: web::Query<DeadLetterQuery>, state: State) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &state, Role::Admin)?;
+    let limit = q.limit.unwrap_or(100);
+    if limit == 0 || limit > 1000 {
+        return Err(ApiError::bad_request("invalid_query", "limit must be between 1 and 1000"));
+    }
+    let list = state
+        .core
+        .ingress()
+        .dead_letters(q.after.as_deref(), limit, q.topic.as_deref(), q.group.as_deref())
+        .map_err(|m| ApiError::new(actix_web::http::StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", m))?;
+    Ok(HttpResponse::Ok().json(list))
+}
+
+#[utoipa::path(post, path = "/v1/dead-letters/{id}/replay", tag = "dead letters", params(("id" = String, Path)),
+    responses((status = 202, description = "Sent back to its subscription"), (status = 404, description = "No such dead letter", body = error::ErrorBody)))]
+async fn replay_dead_letter(req: HttpRequest, path: web::Path<String>, state: State) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &state, Role::Admin)?;
+    let id = path.into_inner();
+    let event_id = state.core.ingress().replay_dead_letter(&id).await?;
+    Ok(HttpResponse::Accepted().json(serde_json::json!({ "id": id, "event_id": event_id })))
+}
+
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "Prometheus text exposition", content_type = "text/plain")))]
+async fn metrics_text(state: State) -> Result<HttpResponse, ApiError> {
+    let text = state.core.render_metrics().ok_or_else(|| {
+        ApiError::not_found("no metrics recorder is installed in this process (call herald::metrics::install_prometheus)")
+    })?;
+    Ok(HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4; charset=utf-8")
+        .body(text))
+}
+
+#[utoipa::path(get, path = "/healthz", tag = "operations", responses((status = 200, description = "The process serves HTTP")))]
+async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(serde_json::json!({ "status": "ok" }))
+}
+
+#[utoipa::path(get, path = "/readyz", tag = "operations",
+    responses((status = 200, description = "WAL replayed, ready"), (status = 503, description = "Not ready yet", body = error::ErrorBody)))]
+async fn readyz(state: State) -> Result<HttpResponse, ApiError> {
+    if state.core.ingress().is_ready() {
+        Ok(HttpResponse::Ok().json(serde_json::json!({ "status": "ready" })))
+    } else {
+        Err(ApiError::new(
+            actix_web::http::StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            "the write-ahead log is being replayed",
+        ))
+    }
+}
+
+async fn openapi() -> HttpResponse {
+    HttpResponse::Ok().json(ApiDoc::openapi())
+}
+
+/// The OpenAPI document, generated from the route handlers.
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Herald", description = "Actor-based distributed event processing runtime"),
+    paths(
+        publish::publish_one, publish::publish_batch,
+        list_subscriptions, create_subscription, delete_subscription,
+        cluster, placements, list_dead_letters, replay_dead_letter,
+        metrics_text, healthz, readyz
+    ),
+    components(schemas(
+        SubscriptionSpec, crate::subscription::HandlerSpec, crate::ingress::Published,
+        crate::ingress::SubscriptionOutcome, crate::ingress::DeadLetter, crate::ingress::AckMode,
+        crate::node::ClusterView, crate::node::MemberView, crate::node::PlacementView,
+        error::ErrorBody, error::ErrorDetail, publish::BatchAnswer
+    )),
+    modifiers(&BearerAuth)
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}

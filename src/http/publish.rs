@@ -1,0 +1,262 @@
+//! The publish routes: plain JSON, CloudEvents structured, binary and batch modes.
+
+use std::time::Duration;
+
+use actix_web::http::header::HeaderMap;
+use actix_web::{web, HttpRequest, HttpResponse};
+use cloudevents::{EventBuilder, EventBuilderV10};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use super::{authorize, media_type, read_body, ApiError, State};
+use crate::config::Role;
+use crate::event::{self, Event};
+use crate::ingress::{AckMode, Published};
+
+const CE_JSON: &str = "application/cloudevents+json";
+const CE_BATCH: &str = "application/cloudevents-batch+json";
+/// Longest `ack=processed` wait a request may ask for.
+const MAX_TIMEOUT_MS: u64 = 300_000;
+
+/// Query of the publish routes.
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PublishQuery {
+    /// `none`, `accepted` (default) or `processed`.
+    ack: Option<AckMode>,
+    /// With `ack=processed`: how long to wait before answering 504 (default 30000, max 300000).
+    timeout_ms: Option<u64>,
+}
+
+impl PublishQuery {
+    fn timeout(&self) -> Result<Duration, ApiError> {
+        match self.timeout_ms {
+            Some(0) => Err(ApiError::bad_request("invalid_query", "timeout_ms must be at least 1")),
+            Some(t) if t > MAX_TIMEOUT_MS => Err(ApiError::bad_request(
+                "invalid_query",
+                format!("timeout_ms must be at most {MAX_TIMEOUT_MS}"),
+            )),
+            t => Ok(Duration::from_millis(t.unwrap_or(30_000))),
+        }
+    }
+}
+
+/// The answer to a batch publish.
+#[derive(Serialize, ToSchema)]
+pub struct BatchAnswer {
+    /// The topic.
+    pub topic: String,
+    /// The ids of the accepted events, in order.
+    pub ids: Vec<String>,
+    /// How many subscriptions receive each event.
+    pub subscriptions: usize,
+    /// Per event outcomes (`ack=processed` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub events: Option<Vec<Published>>,
+}
+
+fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+fn invalid_ce(message: impl std::fmt::Display) -> ApiError {
+    ApiError::bad_request("invalid_cloudevent", message.to_string())
+}
+
+/// Applies `Idempotency-Key` and `X-Herald-Key` (they win over body attributes).
+fn apply_headers(mut e: Event, headers: &HeaderMap) -> Event {
+    if let Some(id) = header(headers, "idempotency-key") {
+        e.id = id.to_string();
+    }
+    if let Some(key) = header(headers, "x-herald-key") {
+        e.key = Some(key.to_string());
+    }
+    e
+}
+
+/// Parses a single-event body in any of the accepted modes.
+fn parse_one(topic: &str, req: &HttpRequest, body: web::Bytes) -> Result<Event, ApiError> {
+    let headers = req.headers();
+    let media = media_type(req);
+    if headers.contains_key("ce-specversion") {
+        return binary_cloudevent(topic, headers, media, body);
+    }
+    let event = match media.as_deref() {
+        Some(CE_JSON) => {
+            let ce: cloudevents::Event = serde_json::from_slice(&body).map_err(invalid_ce)?;
+            Event::from_cloudevent(topic, ce).map_err(invalid_ce)?
+        }
+        Some(CE_BATCH) => {
+            return Err(ApiError::unsupported_media_type(format!(
+                "{CE_BATCH} is for POST /v1/topics/{{topic}}/events/batch"
+            )))
+        }
+        None => json_event(topic, body)?,
+        Some(m) if event::is_json(m) => json_event(topic, body)?,
+        Some(m) => {
+            return Err(ApiError::unsupported_media_type(format!(
+                "content type {m} is not accepted: send JSON (application/json), a structured CloudEvent ({CE_JSON}), or a binary-mode CloudEvent with ce-* headers"
+            )))
+        }
+    };
+    Ok(apply_headers(event, headers))
+}
+
+fn json_event(topic: &str, body: web::Bytes) -> Result<Event, ApiError> {
+    serde_json::from_slice::<serde::de::IgnoredAny>(&body)
+        .map_err(|e| ApiError::bad_request("invalid_json", format!("the body is not valid JSON: {e}")))?;
+    Ok(Event::new(topic, body, event::JSON))
+}
+
+/// Binary mode: attributes in `ce-*` headers, the body is the data.
+fn binary_cloudevent(topic: &str, headers: &HeaderMap, media: Option<String>, body: web::Bytes) -> Result<Event, ApiError> {
+    let required = |name: &str| {
+        header(headers, name).ok_or_else(|| invalid_ce(format!("binary-mode CloudEvent is missing the {name} header")))
+    };
+    let spec = required("ce-specversion")?;
+    if spec != "1.0" {
+        return Err(invalid_ce(format!("unsupported ce-specversion {spec:?}; use 1.0")));
+    }
+    let mut builder = EventBuilderV10::new()
+        .id(required("ce-id")?)
+        .source(required("ce-source")?)
+        .ty(required("ce-type")?);
+    if let Some(t) = header(headers, "ce-time") {
+        builder = builder.time(t.to_string());
+    }
+    if let Some(s) = header(headers, "ce-subject") {
+        builder = builder.subject(s);
+    }
+    for (name, value) in headers {
+        let name = name.as_str();
+        let Some(ext) = name.strip_prefix("ce-") else { continue };
+        if matches!(ext, "specversion" | "id" | "source" | "type" | "time" | "subject" | "dataschema" | "datacontenttype") {
+            continue;
+        }
+        let value = value.to_str().map_err(|_| invalid_ce(format!("header {name} is not ASCII")))?;
+        builder = builder.extension(ext, value.to_string());
+    }
+    let content_type = media.unwrap_or_else(|| event::JSON.to_string());
+    if !body.is_empty() {
+        builder = builder.data(content_type.clone(), body.to_vec());
+    }
+    let ce = builder.build().map_err(invalid_ce)?;
+    let mut e = Event::from_cloudevent(topic, ce).map_err(invalid_ce)?;
+    e.content_type = content_type;
+    Ok(apply_headers(e, headers))
+}
+
+#[utoipa::path(post, path = "/v1/topics/{topic}/events", tag = "events",
+    params(("topic" = String, Path, description = "Topic, [a-zA-Z0-9._-]{1,200}"), PublishQuery,
+           ("Idempotency-Key" = Option<String>, Header, description = "Event id"),
+           ("X-Herald-Key" = Option<String>, Header, description = "Partition key")),
+    request_body(content = serde_json::Value, description = "Any JSON, a structured CloudEvent, or binary-mode CloudEvent data"),
+    responses((status = 202, description = "Accepted", body = Published),
+              (status = 200, description = "Processed (ack=processed)", body = Published),
+              (status = 400, description = "Invalid", body = super::error::ErrorBody),
+              (status = 413, description = "Too large", body = super::error::ErrorBody),
+              (status = 415, description = "Unsupported content type", body = super::error::ErrorBody),
+              (status = 429, description = "Overloaded; see Retry-After", body = super::error::ErrorBody),
+              (status = 504, description = "ack=processed timed out; the event is accepted", body = super::error::ErrorBody)))]
+pub(crate) async fn publish_one(
+    req: HttpRequest,
+    topic: web::Path<String>,
+    query: web::Query<PublishQuery>,
+    payload: web::Payload,
+    state: State,
+) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &state, Role::Publish)?;
+    let topic = topic.into_inner();
+    event::validate_name("topic", &topic).map_err(|e| ApiError::bad_request("invalid_topic", e.to_string()))?;
+    let timeout = query.timeout()?;
+    let body = read_body(&req, payload, state.core.config().http.max_body_bytes).await?;
+    let e = parse_one(&topic, &req, body)?;
+    let ack = query.ack.unwrap_or_default();
+    let mut answer = state.core.ingress().publish(vec![e], ack, timeout).await?;
+    let answer = answer.pop().ok_or_else(|| ApiError::bad_request("invalid_event", "nothing to publish"))?;
+    Ok(if ack == AckMode::Processed {
+        HttpResponse::Ok().json(answer)
+    } else {
+        HttpResponse::Accepted().json(answer)
+    })
+}
+
+#[utoipa::path(post, path = "/v1/topics/{topic}/events/batch", tag = "events",
+    params(("topic" = String, Path), PublishQuery),
+    request_body(content = Vec<serde_json::Value>, description = "A JSON array (each element is one event's data) or application/cloudevents-batch+json"),
+    responses((status = 202, description = "All accepted", body = BatchAnswer),
+              (status = 400, description = "Invalid; nothing accepted", body = super::error::ErrorBody),
+              (status = 429, description = "Overloaded; nothing accepted", body = super::error::ErrorBody)))]
+pub(crate) async fn publish_batch(
+    req: HttpRequest,
+    topic: web::Path<String>,
+    query: web::Query<PublishQuery>,
+    payload: web::Payload,
+    state: State,
+) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &state, Role::Publish)?;
+    let topic = topic.into_inner();
+    event::validate_name("topic", &topic).map_err(|e| ApiError::bad_request("invalid_topic", e.to_string()))?;
+    let timeout = query.timeout()?;
+    let config = &state.core.config().http;
+    let body = read_body(&req, payload, config.max_body_bytes).await?;
+    let events: Vec<Event> = match media_type(&req).as_deref() {
+        Some(CE_BATCH) => {
+            let batch: Vec<cloudevents::Event> = serde_json::from_slice(&body).map_err(invalid_ce)?;
+            batch
+                .into_iter()
+                .map(|ce| Event::from_cloudevent(&topic, ce).map_err(invalid_ce))
+                .collect::<Result<_, _>>()?
+        }
+        None => json_batch(&topic, &body, &req)?,
+        Some(m) if m != CE_JSON && event::is_json(m) => json_batch(&topic, &body, &req)?,
+        Some(m) => {
+            return Err(ApiError::unsupported_media_type(format!(
+                "content type {m} is not accepted for a batch: send a JSON array (application/json) or {CE_BATCH}"
+            )))
+        }
+    };
+    if events.is_empty() {
+        return Err(ApiError::bad_request("empty_batch", "the batch holds no events"));
+    }
+    if events.len() > config.max_batch_events {
+        return Err(ApiError::bad_request(
+            "batch_too_large",
+            format!("{} events in one batch; the limit is {} (http.max_batch_events)", events.len(), config.max_batch_events),
+        ));
+    }
+    let ack = query.ack.unwrap_or_default();
+    let published = state.core.ingress().publish(events, ack, timeout).await?;
+    let answer = BatchAnswer {
+        topic,
+        ids: published.iter().map(|p| p.id.clone()).collect(),
+        subscriptions: published.first().map_or(0, |p| p.subscriptions),
+        events: (ack == AckMode::Processed).then_some(published),
+    };
+    Ok(if ack == AckMode::Processed {
+        HttpResponse::Ok().json(answer)
+    } else {
+        HttpResponse::Accepted().json(answer)
+    })
+}
+
+/// A JSON array: each element becomes one event's data. `Idempotency-Key: K` gives ids `K-0`, `K-1` …
+fn json_batch(topic: &str, body: &[u8], req: &HttpRequest) -> Result<Vec<Event>, ApiError> {
+    let items: Vec<Box<serde_json::value::RawValue>> = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request("invalid_json", format!("a batch must be a JSON array: {e}")))?;
+    let headers = req.headers();
+    let idem = header(headers, "idempotency-key");
+    let key = header(headers, "x-herald-key");
+    Ok(items
+        .into_iter()
+        .enumerate()
+        .map(|(i, raw)| {
+            let mut e = Event::new(topic, web::Bytes::copy_from_slice(raw.get().as_bytes()), event::JSON);
+            if let Some(k) = idem {
+                e.id = format!("{k}-{i}");
+            }
+            e.key = key.map(str::to_string);
+            e
+        })
+        .collect())
+}

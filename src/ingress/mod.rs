@@ -1,0 +1,532 @@
+//! Accepting events: ack modes, the write-ahead log, completion tracking, replay, dead letters.
+//!
+//! A publish goes through four steps, in this order so that nothing is acknowledged that cannot be
+//! delivered and nothing is queued that is not durable:
+//!
+//! 1. **Reserve**: take the event's bytes from the in-flight byte budget and reserve one mailbox
+//!    slot per subscription of its topic (the router picks the instance). Any refusal → 429.
+//! 2. **Log** (`ack=accepted` and `ack=processed`): append to the WAL; the store group-commits.
+//! 3. **Send** the jobs through the reserved slots; each carries a shared [`Tracker`].
+//! 4. **Answer**: at once (`none`, `accepted`), or when every subscription finished (`processed`).
+//!
+//! When the last subscription finishes an event, its tracker removes it from the WAL. On start-up
+//! every record still in the WAL is delivered again (at-least-once; handlers may see duplicates).
+//! This module does not parse HTTP and does not choose instances.
+
+pub(crate) mod store;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use futures_util::future::{join_all, BoxFuture};
+use metrics::{Counter, Gauge};
+use serde::Serialize;
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
+use utoipa::ToSchema;
+
+use crate::event::{Event, EventError};
+use crate::handler::supervisor::{Completion, DeadLetterSink, Job, Outcome};
+use crate::handler::SubscriptionKey;
+use crate::proto::{DeadLetterRecord, EventRecord, WalRecord};
+use crate::router::Router;
+use store::Store;
+
+/// What the publisher's response waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum AckMode {
+    /// Queued in memory: at-most-once, fastest.
+    None,
+    /// Written to the WAL: at-least-once while the node's disk survives.
+    #[default]
+    Accepted,
+    /// Every subscription's handler finished (acknowledged or dead-lettered).
+    Processed,
+}
+
+/// Why a publish was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// The event is invalid (400).
+    #[error(transparent)]
+    Invalid(#[from] EventError),
+    /// Mailboxes or the in-flight byte budget are full (429); retry after the given seconds.
+    #[error("{0}; retry later")]
+    Overloaded(String),
+    /// The WAL could not be written (503); the event was not accepted.
+    #[error("the write-ahead log is unavailable: {0}")]
+    Unavailable(String),
+    /// `ack=processed` did not finish in time (504). The events were accepted and will still be
+    /// delivered.
+    #[error("not every subscription finished within {0:?}; the events are accepted and still being delivered")]
+    Timeout(Duration),
+}
+
+/// How one subscription finished with an event (`ack=processed`).
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct SubscriptionOutcome {
+    /// Subscription topic.
+    pub topic: String,
+    /// Subscription group.
+    pub group: String,
+    /// `ok`, `dead_lettered`, or `failed` (dead letter could not be stored; kept in the WAL).
+    pub outcome: String,
+    /// Attempts made.
+    pub attempts: u32,
+    /// The last error, if it failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The answer for one accepted event.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Published {
+    /// Event id.
+    pub id: String,
+    /// Topic.
+    pub topic: String,
+    /// How many subscriptions will receive it.
+    pub subscriptions: usize,
+    /// Each subscription's outcome (`ack=processed` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outcomes: Option<Vec<SubscriptionOutcome>>,
+}
+
+/// A dead letter as the API shows it.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct DeadLetter {
+    /// Dead-letter id (use it to replay).
+    pub id: String,
+    /// The event's topic.
+    pub topic: String,
+    /// The subscription's group.
+    pub group: String,
+    /// The event id.
+    pub event_id: String,
+    /// Partition key.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// Attempts made.
+    pub attempts: u32,
+    /// The last error.
+    pub error: String,
+    /// When it was dead-lettered (RFC 3339).
+    pub failed_at: String,
+    /// The payload's content type.
+    pub content_type: String,
+    /// The payload: JSON as is, other content as a UTF-8 string (lossy).
+    #[schema(value_type = Object)]
+    pub data: serde_json::Value,
+}
+
+/// Why a dead letter could not be replayed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    /// No dead letter with that id.
+    #[error("no dead letter {0}")]
+    NotFound(String),
+    /// The subscription it belonged to no longer exists.
+    #[error("subscription {0} no longer exists; create it again to replay")]
+    SubscriptionGone(String),
+    /// The store failed.
+    #[error("{0}")]
+    Store(String),
+}
+
+/// Tracks one accepted event until every subscription finished it.
+struct Tracker {
+    remaining: AtomicUsize,
+    /// The WAL record to drop when done (none for `ack=none`).
+    seq: Option<u64>,
+    store: Store,
+    /// Set when a subscription could not finish (dead letter not stored): keep the WAL record.
+    keep: AtomicBool,
+    /// `ack=processed`: the outcomes so far and who waits for them.
+    waiter: Option<Mutex<(Vec<SubscriptionOutcome>, Option<oneshot::Sender<Vec<SubscriptionOutcome>>>)>>,
+    inflight: Gauge,
+    /// Returns the event's bytes to the in-flight budget when the tracker is dropped.
+    _bytes: OwnedSemaphorePermit,
+}
+
+impl Completion for Tracker {
+    fn complete(&self, sub: &SubscriptionKey, outcome: Outcome) {
+        if matches!(outcome, Outcome::Failed { .. }) {
+            self.keep.store(true, Ordering::Relaxed);
+        }
+        if let Some(waiter) = &self.waiter {
+            let (label, attempts, error) = match outcome {
+                Outcome::Ok { attempts } => ("ok", attempts, None),
+                Outcome::DeadLettered { attempts, error } => ("dead_lettered", attempts, Some(error)),
+                Outcome::Failed { attempts, error } => ("failed", attempts, Some(error)),
+            };
+            let mut w = waiter.lock().unwrap_or_else(|p| p.into_inner());
+            w.0.push(SubscriptionOutcome {
+                topic: sub.topic.clone(),
+                group: sub.group.clone(),
+                outcome: label.to_string(),
+                attempts,
+                error,
+            });
+        }
+        if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.finish();
+        }
+    }
+}
+
+impl Tracker {
+    fn finish(&self) {
+        if let (Some(seq), false) = (self.seq, self.keep.load(Ordering::Relaxed)) {
+            self.store.ack(seq);
+        }
+        self.inflight.decrement(1.0);
+        if let Some(waiter) = &self.waiter {
+            let mut w = waiter.lock().unwrap_or_else(|p| p.into_inner());
+            let outcomes = std::mem::take(&mut w.0);
+            if let Some(tx) = w.1.take() {
+                let _ = tx.send(outcomes);
+            }
+        }
+    }
+}
+
+/// The dead-letter sink handed to handler supervisors.
+pub(crate) struct StoreDeadLetters(pub(crate) Store);
+
+impl DeadLetterSink for StoreDeadLetters {
+    fn store(&self, sub: &SubscriptionKey, event: &Event, attempts: u32, error: &str) -> BoxFuture<'static, Result<(), String>> {
+        let record = DeadLetterRecord {
+            event: Some(EventRecord::from(event)),
+            group: sub.group.clone(),
+            attempts,
+            error: error.to_string(),
+            failed_at_unix_ms: chrono::Utc::now().timestamp_millis(),
+        };
+        let store = self.0.clone();
+        Box::pin(async move {
+            store
+                .put_dead_letter(crate::event::new_id(), record)
+                .await
+                .map_err(|e| e.to_string())
+        })
+    }
+}
+
+/// Accepts events and sees them through to every subscription.
+pub struct Ingress {
+    router: Arc<Router>,
+    store: Store,
+    /// In-flight byte budget (`handlers.max_inflight_bytes`).
+    bytes: Arc<Semaphore>,
+    max_event_bytes: usize,
+    inflight: Gauge,
+    rejected: Counter,
+    published: RwLock<HashMap<String, Counter>>,
+    /// Set once the WAL has been replayed.
+    ready: AtomicBool,
+}
+
+/// Bytes charged against the budget for one event: its payload plus a fixed overhead, so that
+/// many empty events are bounded too.
+fn charge(e: &Event) -> usize {
+    e.data.len() + 256
+}
+
+impl Ingress {
+    pub(crate) fn new(router: Arc<Router>, store: Store, max_inflight_bytes: usize) -> Self {
+        Ingress {
+            router,
+            store,
+            bytes: Arc::new(Semaphore::new(max_inflight_bytes.min(Semaphore::MAX_PERMITS))),
+            max_event_bytes: max_inflight_bytes,
+            inflight: metrics::gauge!(crate::metrics::INFLIGHT_EVENTS),
+            rejected: metrics::counter!(crate::metrics::EVENTS_REJECTED),
+            published: RwLock::new(HashMap::new()),
+            ready: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether the WAL has been replayed.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    fn count_published(&self, topic: &str) {
+        if let Some(c) = self.published.read().unwrap_or_else(|p| p.into_inner()).get(topic) {
+            c.increment(1);
+            return;
+        }
+        let c = metrics::counter!(crate::metrics::EVENTS_PUBLISHED, "topic" => topic.to_string());
+        c.increment(1);
+        self.published
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(topic.to_string(), c);
+    }
+
+    fn overloaded(&self, why: &str) -> PublishError {
+        self.rejected.increment(1);
+        PublishError::Overloaded(why.to_string())
+    }
+
+    fn tracker(&self, n: usize, seq: Option<u64>, bytes: OwnedSemaphorePermit, wait: bool) -> (Arc<Tracker>, Option<oneshot::Receiver<Vec<SubscriptionOutcome>>>) {
+        let (waiter, rx) = if wait {
+            let (tx, rx) = oneshot::channel();
+            (Some(Mutex::new((Vec::with_capacity(n), Some(tx)))), Some(rx))
+        } else {
+            (None, None)
+        };
+        self.inflight.increment(1.0);
+        let t = Tracker {
+            remaining: AtomicUsize::new(n),
+            seq,
+            store: self.store.clone(),
+            keep: AtomicBool::new(false),
+            waiter,
+            inflight: self.inflight.clone(),
+            _bytes: bytes,
+        };
+        (Arc::new(t), rx)
+    }
+
+    /// Publishes events (all or none are accepted). `timeout` bounds `ack=processed`.
+    pub async fn publish(&self, events: Vec<Event>, ack: AckMode, timeout: Duration) -> Result<Vec<Published>, PublishError> {
+        for e in &events {
+            e.validate()?;
+        }
+        let table = self.router.table();
+        // 1. Reserve bytes and one mailbox slot per subscription.
+        let mut reserved = Vec::with_capacity(events.len());
+        for e in &events {
+            let cost = charge(e);
+            if cost > self.max_event_bytes {
+                return Err(self.overloaded("the event is larger than handlers.max_inflight_bytes"));
+            }
+            let permit = self
+                .bytes
+                .clone()
+                .try_acquire_many_owned(cost as u32)
+                .map_err(|_| self.overloaded("the node holds its maximum of in-flight event bytes"))?;
+            let subs = table.topic(&e.topic);
+            let mut slots = Vec::with_capacity(subs.len());
+            for sub in subs {
+                let slot = sub.reserve(e.key.as_deref()).ok_or_else(|| {
+                    self.overloaded(&format!("the mailboxes of subscription {} are full", sub.shared.key))
+                })?;
+                slots.push(slot);
+            }
+            reserved.push((permit, slots));
+        }
+        // 2. Log the events that have somewhere to go.
+        let mut seqs = if ack == AckMode::None {
+            Vec::new()
+        } else {
+            let records: Vec<WalRecord> = events
+                .iter()
+                .zip(&reserved)
+                .filter(|(_, (_, slots))| !slots.is_empty())
+                .map(|(e, (_, slots))| WalRecord {
+                    event: Some(EventRecord::from(e)),
+                    groups: slots.iter().map(|s| s.key().group.clone()).collect(),
+                })
+                .collect();
+            if records.is_empty() {
+                Vec::new()
+            } else {
+                self.store
+                    .append(records)
+                    .await
+                    .map_err(|e| PublishError::Unavailable(e.0))?
+            }
+        }
+        .into_iter();
+        // 3. Send.
+        let mut answers = Vec::with_capacity(events.len());
+        let mut waits = Vec::new();
+        for (event, (permit, slots)) in events.into_iter().zip(reserved) {
+            self.count_published(&event.topic);
+            let n = slots.len();
+            answers.push(Published {
+                id: event.id.clone(),
+                topic: event.topic.clone(),
+                subscriptions: n,
+                outcomes: (ack == AckMode::Processed).then(Vec::new),
+            });
+            if n == 0 {
+                continue;
+            }
+            let seq = if ack == AckMode::None { None } else { seqs.next() };
+            let (tracker, rx) = self.tracker(n, seq, permit, ack == AckMode::Processed);
+            if let Some(rx) = rx {
+                waits.push((answers.len() - 1, rx));
+            }
+            let event = Arc::new(event);
+            for slot in slots {
+                slot.send(Job {
+                    event: event.clone(),
+                    completion: tracker.clone(),
+                });
+            }
+        }
+        // 4. Wait for the handlers if asked to.
+        if !waits.is_empty() {
+            let (indexes, receivers): (Vec<usize>, Vec<_>) = waits.into_iter().unzip();
+            let results = tokio::time::timeout(timeout, join_all(receivers))
+                .await
+                .map_err(|_| PublishError::Timeout(timeout))?;
+            for (i, r) in indexes.into_iter().zip(results) {
+                answers[i].outcomes = Some(r.unwrap_or_default());
+            }
+        }
+        Ok(answers)
+    }
+
+    /// Delivers every event left in the WAL (start-up), then marks the node ready.
+    pub(crate) async fn replay_wal(&self) -> Result<usize, store::StoreError> {
+        let records = self.store.wal_records()?;
+        let total = records.len();
+        if total > 0 {
+            tracing::info!(events = total, "replaying the write-ahead log");
+        }
+        let redelivered = metrics::counter!(crate::metrics::EVENTS_REDELIVERED);
+        for (seq, record) in records {
+            let Some(event) = record.event.map(Event::from) else {
+                self.store.ack(seq);
+                continue;
+            };
+            let table = self.router.table();
+            let subs: Vec<_> = table
+                .topic(&event.topic)
+                .iter()
+                .filter(|s| record.groups.contains(&s.spec.group))
+                .cloned()
+                .collect();
+            if subs.is_empty() {
+                tracing::warn!(id = %event.id, topic = %event.topic, "dropping WAL event: none of its subscriptions exists any more");
+                self.store.ack(seq);
+                continue;
+            }
+            let permit = self
+                .bytes
+                .clone()
+                .acquire_many_owned(charge(&event).min(self.max_event_bytes) as u32)
+                .await
+                .map_err(|_| store::StoreError("in-flight budget closed".into()))?;
+            let (tracker, _) = self.tracker(subs.len(), Some(seq), permit, false);
+            let event = Arc::new(event);
+            for sub in subs {
+                redelivered.increment(1);
+                let job = Job {
+                    event: event.clone(),
+                    completion: tracker.clone(),
+                };
+                if sub.send_waiting(event.key.as_deref(), job).await.is_err() {
+                    tracing::warn!(subscription = %sub.shared.key, "subscription stopped during replay; the event stays in the WAL");
+                    tracker.keep.store(true, Ordering::Relaxed);
+                }
+            }
+        }
+        self.ready.store(true, Ordering::Release);
+        Ok(total)
+    }
+
+    /// Dead letters in id order, after `after`, at most `limit`, optionally of one topic/group.
+    pub fn dead_letters(&self, after: Option<&str>, limit: usize, topic: Option<&str>, group: Option<&str>) -> Result<Vec<DeadLetter>, String> {
+        let mut out = Vec::new();
+        let mut cursor = after.map(str::to_string);
+        // Filtering happens after reading, so read pages until `limit` matches or the end.
+        loop {
+            let page = self
+                .store
+                .dead_letters(cursor.as_deref(), 512)
+                .map_err(|e| e.0)?;
+            let done = page.len() < 512;
+            for (id, r) in page {
+                cursor = Some(id.clone());
+                let Some(e) = r.event else { continue };
+                if topic.is_some_and(|t| t != e.topic) || group.is_some_and(|g| g != r.group) {
+                    continue;
+                }
+                let data = if crate::event::is_json(&e.content_type) {
+                    serde_json::from_slice(&e.data).unwrap_or(serde_json::Value::Null)
+                } else {
+                    serde_json::Value::String(String::from_utf8_lossy(&e.data).into_owned())
+                };
+                out.push(DeadLetter {
+                    id,
+                    topic: e.topic,
+                    group: r.group,
+                    event_id: e.id,
+                    key: e.key,
+                    attempts: r.attempts,
+                    error: r.error,
+                    failed_at: chrono::DateTime::<chrono::Utc>::from_timestamp_millis(r.failed_at_unix_ms)
+                        .unwrap_or_default()
+                        .to_rfc3339(),
+                    content_type: e.content_type,
+                    data,
+                });
+                if out.len() >= limit {
+                    return Ok(out);
+                }
+            }
+            if done {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// Sends a dead letter back to its subscription (it is moved to the WAL first, so a crash
+    /// during the replay loses nothing). Returns the event id.
+    pub async fn replay_dead_letter(&self, id: &str) -> Result<String, ReplayError> {
+        let record = self
+            .store
+            .dead_letter(id)
+            .map_err(|e| ReplayError::Store(e.0))?
+            .ok_or_else(|| ReplayError::NotFound(id.to_string()))?;
+        let topic = record.event.as_ref().map(|e| e.topic.clone()).unwrap_or_default();
+        let key = SubscriptionKey {
+            topic,
+            group: record.group.clone(),
+        };
+        let table = self.router.table();
+        let sub = table
+            .get(&key)
+            .cloned()
+            .ok_or_else(|| ReplayError::SubscriptionGone(key.to_string()))?;
+        let (seq, record) = self
+            .store
+            .replay_dead_letter(id.to_string())
+            .await
+            .map_err(|e| ReplayError::Store(e.0))?
+            .ok_or_else(|| ReplayError::NotFound(id.to_string()))?;
+        let event = Arc::new(Event::from(record.event.unwrap_or_default()));
+        let permit = self
+            .bytes
+            .clone()
+            .acquire_many_owned(charge(&event).min(self.max_event_bytes) as u32)
+            .await
+            .map_err(|_| ReplayError::Store("in-flight budget closed".into()))?;
+        let (tracker, _) = self.tracker(1, Some(seq), permit, false);
+        metrics::counter!(crate::metrics::EVENTS_REDELIVERED).increment(1);
+        let job = Job {
+            event: event.clone(),
+            completion: tracker,
+        };
+        if sub.send_waiting(event.key.as_deref(), job).await.is_err() {
+            tracing::warn!(subscription = %key, "subscription stopped during replay; the event stays in the WAL");
+        }
+        Ok(event.id.clone())
+    }
+
+    /// Events accepted and not yet finished, across all subscriptions' instances.
+    pub(crate) fn queued(&self) -> usize {
+        self.router.table().iter().map(|s| s.load()).sum()
+    }
+
+    pub(crate) fn store(&self) -> &Store {
+        &self.store
+    }
+}

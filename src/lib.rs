@@ -1,0 +1,84 @@
+//! Herald: an actor-based, distributed event processing runtime.
+//!
+//! Handlers are plain actix actors that handle [`handler::Delivery`]; a node binary registers them
+//! by name and the runtime routes every event of a topic to every subscription of it, one instance
+//! per subscription, with supervision, retries, dead letters and a write-ahead log.
+//!
+//! ```no_run
+//! use herald::prelude::*;
+//!
+//! #[derive(Default)]
+//! struct Audit { seen: u64 }
+//! impl Actor for Audit { type Context = Context<Self>; }
+//! impl Handler<Delivery> for Audit {
+//!     type Result = HandlerResult;
+//!     fn handle(&mut self, d: Delivery, _: &mut Context<Self>) -> HandlerResult {
+//!         let login: serde_json::Value = d.event.json_data()?;
+//!         self.seen += 1;
+//!         Ok(())
+//!     }
+//! }
+//!
+//! fn main() -> std::process::ExitCode {
+//!     Node::builder()
+//!         .handler("audit-logins", Audit::default)
+//!         .subscribe("user.login", "audit", "audit-logins")
+//!         .main() // the whole `herald` CLI: `node`, `publish`, `subscribe`, `status`, `bench`
+//! }
+//! ```
+//!
+//! # Layout
+//!
+//! * [`event`] — the [`Event`](event::Event) type, topic/group name rules, CloudEvents mapping.
+//!   Pure; no I/O.
+//! * [`subscription`] — subscription specs (`topic`, `group`, handler, `instances`,
+//!   `max_attempts`) and their validation.
+//! * [`handler`] — the user-facing handler API (`Delivery`, `HandlerResult`), the handler registry,
+//!   the built-in `webhook` and `log` kinds, and the per-instance supervisor (restart with backoff,
+//!   retries, dead-lettering). Knows nothing of HTTP, the WAL or Raft.
+//! * `router` — the routing table (topic → subscriptions → instance by key affinity or least
+//!   load) and the worker threads that run instances; reserves mailbox slots so a full mailbox
+//!   refuses a publish instead of growing memory. Does not decide placement.
+//! * [`ingress`] — accepting events: ack modes, the redb write-ahead log with group commit,
+//!   per-event completion tracking, WAL replay on start, dead-letter storage and replay.
+//! * [`proto`] — prost records for the WAL and dead letters (and later the wire).
+//! * [`http`] — the actix-web API: routes, bearer-token auth, JSON errors, OpenAPI. No business
+//!   logic.
+//! * [`node`] — the builder, start-up and graceful shutdown wiring, and the control operations
+//!   the API calls.
+//! * [`config`] — the configuration struct, its defaults, TOML loading and `validate()`.
+//! * [`metrics`] — metric names, descriptions and the Prometheus recorder installer.
+//! * [`cli`] — the `herald` command line (node, publish, subscribe, status, bench), logging set-up;
+//!   `src/bin/herald.rs` only calls it.
+//! * [`bench`] — `herald bench` scenarios.
+//!
+//! Not here yet: Raft membership, the peer transport, placement and failure detection (one node
+//! runs alone and reports itself as the whole cluster).
+
+#![warn(missing_docs, unreachable_pub)]
+
+pub mod bench;
+pub mod cli;
+pub mod config;
+mod error;
+pub mod event;
+pub mod handler;
+pub mod http;
+pub mod ingress;
+pub mod metrics;
+pub mod node;
+pub mod proto;
+mod router;
+pub mod subscription;
+
+pub use error::{Error, Result};
+
+/// What handler code needs: the actix prelude and Herald's handler API.
+pub mod prelude {
+    pub use actix::prelude::*;
+
+    pub use crate::event::Event;
+    pub use crate::handler::{Delivery, HandlerError, HandlerResult, SubscriptionKey};
+    pub use crate::node::{Node, NodeBuilder};
+    pub use crate::subscription::{HandlerSpec, SubscriptionSpec};
+}

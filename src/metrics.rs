@@ -1,0 +1,115 @@
+//! Metric names (the DESIGN §11 contract), their descriptions, and per-subscription handles.
+//!
+//! The library only emits through the `metrics` facade; the binary installs the Prometheus
+//! recorder with [`install_prometheus`]. Hot paths hold pre-registered handles ([`SubMetrics`])
+//! instead of looking a metric up by name and labels for every event.
+
+use std::sync::OnceLock;
+
+use metrics::{describe_counter, describe_gauge, describe_histogram, Counter, Gauge, Histogram, Unit};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::handler::SubscriptionKey;
+
+/// Events accepted by this node, by topic.
+pub const EVENTS_PUBLISHED: &str = "herald_events_published_total";
+/// Handler attempts by topic, group and outcome (`ok`, `error`, `dead_lettered`).
+pub const EVENTS_DELIVERED: &str = "herald_events_delivered_total";
+/// Deliveries repeated: retries after a failure and WAL replays after a restart.
+pub const EVENTS_REDELIVERED: &str = "herald_events_redelivered_total";
+/// Events stored as dead letters, by topic and group.
+pub const DEAD_LETTERS: &str = "herald_dead_letters_total";
+/// Handler call duration, by topic and group.
+pub const HANDLER_DURATION: &str = "herald_handler_duration_seconds";
+/// Handler instance restarts after an error, panic or timeout.
+pub const HANDLER_RESTARTS: &str = "herald_handler_restarts_total";
+/// Events waiting in the mailboxes of a subscription's instances.
+pub const MAILBOX_DEPTH: &str = "herald_mailbox_depth";
+/// Events accepted and not yet finished by every subscription.
+pub const INFLIGHT_EVENTS: &str = "herald_inflight_events";
+/// Events in the write-ahead log.
+pub const WAL_EVENTS: &str = "herald_wal_events";
+/// Cluster members by status.
+pub const CLUSTER_MEMBERS: &str = "herald_cluster_members";
+/// The placement epoch this node holds.
+pub const PLACEMENT_EPOCH: &str = "herald_placement_epoch";
+/// HTTP requests by route pattern and status code.
+pub const HTTP_REQUESTS: &str = "herald_http_requests_total";
+/// WAL group commits.
+pub const WAL_COMMITS: &str = "herald_wal_commits_total";
+/// Publishes refused because mailboxes or the in-flight byte budget were full.
+pub const EVENTS_REJECTED: &str = "herald_events_rejected_total";
+
+/// Registers the description of every metric (shown as `# HELP`).
+pub fn describe() {
+    describe_counter!(EVENTS_PUBLISHED, "Events accepted by this node, by topic.");
+    describe_counter!(EVENTS_DELIVERED, "Handler attempts by topic, group and outcome (ok, error, dead_lettered).");
+    describe_counter!(EVENTS_REDELIVERED, "Deliveries repeated after a handler failure or a WAL replay.");
+    describe_counter!(DEAD_LETTERS, "Events stored as dead letters after max_attempts failures.");
+    describe_histogram!(HANDLER_DURATION, Unit::Seconds, "Duration of handler calls.");
+    describe_counter!(HANDLER_RESTARTS, "Handler instance restarts after an error, panic or timeout.");
+    describe_gauge!(MAILBOX_DEPTH, "Events waiting in the mailboxes of a subscription's instances.");
+    describe_gauge!(INFLIGHT_EVENTS, "Events accepted and not yet finished by every subscription.");
+    describe_gauge!(WAL_EVENTS, "Events in the write-ahead log, waiting for their subscriptions.");
+    describe_gauge!(CLUSTER_MEMBERS, "Cluster members by status.");
+    describe_gauge!(PLACEMENT_EPOCH, "The placement epoch this node holds.");
+    describe_counter!(HTTP_REQUESTS, "HTTP requests by route pattern and status code.");
+    describe_counter!(WAL_COMMITS, "Write-ahead log group commits.");
+    describe_counter!(EVENTS_REJECTED, "Publishes refused with 429 because mailboxes or the in-flight byte budget were full.");
+}
+
+/// Installs the Prometheus recorder as the global `metrics` recorder (once per process) and returns
+/// the handle that renders `/metrics`. For binaries and tests; the library never calls it itself.
+pub fn install_prometheus() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Full(HANDLER_DURATION.to_string()),
+                    &[0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0],
+                )
+                .expect("bucket list is not empty")
+                .build_recorder();
+            let handle = recorder.handle();
+            // Another recorder may already be installed (e.g. by an embedding application); then
+            // this handle renders nothing, which /metrics makes visible rather than crashing.
+            if metrics::set_global_recorder(recorder).is_err() {
+                tracing::warn!("a metrics recorder was already installed; /metrics shows only Herald's own handle");
+            }
+            describe();
+            handle
+        })
+        .clone()
+}
+
+/// Pre-registered handles for one subscription.
+pub(crate) struct SubMetrics {
+    pub(crate) delivered_ok: Counter,
+    pub(crate) delivered_error: Counter,
+    pub(crate) dead_lettered: Counter,
+    pub(crate) dead_letters: Counter,
+    pub(crate) restarts: Counter,
+    pub(crate) redelivered: Counter,
+    pub(crate) duration: Histogram,
+    pub(crate) mailbox_depth: Gauge,
+}
+
+impl SubMetrics {
+    pub(crate) fn new(key: &SubscriptionKey) -> Self {
+        let delivered = |outcome: &'static str| {
+            metrics::counter!(EVENTS_DELIVERED, "topic" => key.topic.clone(), "group" => key.group.clone(), "outcome" => outcome)
+        };
+        let labels = [("topic", key.topic.clone()), ("group", key.group.clone())];
+        SubMetrics {
+            delivered_ok: delivered("ok"),
+            delivered_error: delivered("error"),
+            dead_lettered: delivered("dead_lettered"),
+            dead_letters: metrics::counter!(DEAD_LETTERS, &labels),
+            restarts: metrics::counter!(HANDLER_RESTARTS, &labels),
+            redelivered: metrics::counter!(EVENTS_REDELIVERED),
+            duration: metrics::histogram!(HANDLER_DURATION, &labels),
+            mailbox_depth: metrics::gauge!(MAILBOX_DEPTH, &labels),
+        }
+    }
+}
