@@ -104,6 +104,8 @@ impl NodeBuilder {
     pub fn run(self) -> Result<()> {
         actix_rt::System::new().block_on(async move {
             let node = self.start().await?;
+            // One machine-readable line on stdout, for scripts and tests that start nodes on port 0.
+            println!("herald node {} listening on http://{}", node.core.config.node_id, node.http_addr);
             shutdown_signal().await;
             tracing::info!("shutdown signal received; draining");
             node.shutdown().await;

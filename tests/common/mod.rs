@@ -1,0 +1,263 @@
+//! Shared helpers for the integration tests: in-process nodes, real `herald` processes, a webhook
+//! receiver, HTTP calls, metric parsing and polling with deadlines (never sleep-and-hope).
+
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
+use herald::node::{NodeBuilder, RunningNode};
+use serde_json::Value;
+
+/// How long any condition may take to become true before a test fails.
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+/// A node started in this process on a free port with its own data directory.
+pub struct TestNode {
+    pub node: RunningNode,
+    pub url: String,
+    pub dir: tempfile::TempDir,
+}
+
+/// Starts `builder` on 127.0.0.1:0 with a fresh data dir and the Prometheus recorder installed.
+pub async fn start_node(builder: NodeBuilder) -> TestNode {
+    let dir = tempfile::tempdir().expect("tempdir");
+    start_node_in(builder, dir).await
+}
+
+/// Starts `builder` with `dir` as its data dir (to restart a node on the same WAL).
+pub async fn start_node_in(mut builder: NodeBuilder, dir: tempfile::TempDir) -> TestNode {
+    let c = builder.config_mut();
+    c.http.addr = "127.0.0.1:0".into();
+    c.data_dir = dir.path().to_path_buf();
+    let node = builder
+        .metrics(herald::metrics::install_prometheus())
+        .start()
+        .await
+        .expect("node starts");
+    let url = format!("http://{}", node.http_addr());
+    let t = TestNode { node, url, dir };
+    let url = t.url.clone();
+    eventually("node ready", || {
+        let url = url.clone();
+        async move { (get(&format!("{url}/readyz")).await.0 == 200).then_some(()) }
+    })
+    .await;
+    t
+}
+
+/// Polls `f` every 20 ms until it returns `Some`, failing the test after [`DEADLINE`].
+pub async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(start.elapsed() < DEADLINE, "timed out after {DEADLINE:?} waiting for: {what}");
+        actix_rt::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn client() -> awc::Client {
+    awc::Client::builder().timeout(Duration::from_secs(30)).finish()
+}
+
+/// An HTTP answer: status, JSON body (or `Value::String` of a non-JSON body), headers.
+pub struct Answer {
+    pub status: u16,
+    pub body: Value,
+    pub headers: awc::http::header::HeaderMap,
+}
+
+async fn finish(r: Result<awc::ClientResponse<impl futures_util::Stream<Item = Result<web::Bytes, awc::error::PayloadError>> + Unpin>, awc::error::SendRequestError>) -> Answer {
+    let mut r = r.expect("request sent");
+    let bytes = r.body().limit(64 << 20).await.expect("body read");
+    let body = serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+    Answer {
+        status: r.status().as_u16(),
+        body,
+        headers: r.headers().clone(),
+    }
+}
+
+/// GET; returns status and body.
+pub async fn get(url: &str) -> (u16, Value) {
+    let a = finish(client().get(url).send().await).await;
+    (a.status, a.body)
+}
+
+/// GET the raw text of a URL (e.g. `/metrics`).
+pub async fn get_text(url: &str) -> String {
+    let mut r = client().get(url).send().await.expect("request sent");
+    let bytes = r.body().limit(64 << 20).await.expect("body read");
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// A request with any method, headers and body.
+pub async fn request(method: &str, url: &str, headers: &[(&str, &str)], body: impl Into<web::Bytes>) -> Answer {
+    let method = awc::http::Method::from_bytes(method.as_bytes()).expect("method");
+    let mut req = client().request(method, url);
+    for (k, v) in headers {
+        req = req.insert_header((*k, *v));
+    }
+    finish(req.send_body(body.into()).await).await
+}
+
+/// POST a JSON body.
+pub async fn post_json(url: &str, body: &Value) -> Answer {
+    request("POST", url, &[("content-type", "application/json")], body.to_string()).await
+}
+
+/// The value of the sample `name{labels}` in a Prometheus text exposition; labels given as
+/// `k="v"` pairs must all be present on the line.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(name) && matches!(l.as_bytes().get(name.len()), Some(b'{') | Some(b' ')))
+        .filter(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
+        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .next()
+}
+
+/// One request the webhook receiver got.
+#[derive(Clone, Debug)]
+pub struct Received {
+    pub headers: Vec<(String, String)>,
+    pub body: Value,
+}
+
+impl Received {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+}
+
+/// A webhook receiver on 127.0.0.1:0 that records every POST; `fail_first` answers 500 to that
+/// many requests first.
+pub struct Receiver {
+    pub url: String,
+    pub received: Arc<Mutex<Vec<Received>>>,
+    handle: actix_web::dev::ServerHandle,
+}
+
+impl Receiver {
+    pub async fn start(fail_first: usize) -> Receiver {
+        let received: Arc<Mutex<Vec<Received>>> = Arc::default();
+        let failures = Arc::new(Mutex::new(fail_first));
+        let r = received.clone();
+        let server = HttpServer::new(move || {
+            let r = r.clone();
+            let failures = failures.clone();
+            App::new().default_service(web::to(move |req: HttpRequest, body: web::Bytes| {
+                let r = r.clone();
+                let failures = failures.clone();
+                async move {
+                    {
+                        let mut f = failures.lock().unwrap();
+                        if *f > 0 {
+                            *f -= 1;
+                            return HttpResponse::InternalServerError().finish();
+                        }
+                    }
+                    let headers = req
+                        .headers()
+                        .iter()
+                        .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string()))
+                        .collect();
+                    let body = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                    r.lock().unwrap().push(Received { headers, body });
+                    HttpResponse::Ok().finish()
+                }
+            }))
+        })
+        .workers(1)
+        .disable_signals()
+        .bind("127.0.0.1:0")
+        .expect("bind receiver");
+        let addr = server.addrs()[0];
+        let server = server.run();
+        let handle = server.handle();
+        actix_rt::spawn(server);
+        Receiver {
+            url: format!("http://{addr}/hook"),
+            received,
+            handle,
+        }
+    }
+
+    pub fn events(&self) -> Vec<Received> {
+        self.received.lock().unwrap().clone()
+    }
+
+    pub async fn stop(self) {
+        self.handle.stop(false).await;
+    }
+}
+
+/// A real `herald` process (the binary under test), stopped by pid when dropped.
+pub struct Proc {
+    pub child: Child,
+    pub url: String,
+}
+
+/// Starts `herald node` with `args` (plus `--http 127.0.0.1:0` unless given) and waits for its
+/// "listening on" line.
+pub fn spawn_herald(args: &[&str], env: &[(&str, &str)]) -> Proc {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_herald"));
+    cmd.arg("node");
+    if !args.contains(&"--http") {
+        cmd.args(["--http", "127.0.0.1:0"]);
+    }
+    cmd.args(args)
+        .env_remove("RUST_LOG")
+        .envs(env.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    let mut child = cmd.spawn().expect("spawn herald");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(url) = line.split("listening on ").nth(1) {
+                let _ = tx.send(url.trim().to_string());
+            }
+        }
+    });
+    let url = rx.recv_timeout(DEADLINE).unwrap_or_else(|_| {
+        let _ = child.kill();
+        panic!("herald did not report its address within {DEADLINE:?}")
+    });
+    Proc { child, url }
+}
+
+impl Proc {
+    /// SIGKILL: no chance to flush or drain.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().expect("kill -TERM");
+        self.child.wait().expect("wait")
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
