@@ -78,6 +78,18 @@ pub fn install_prometheus() -> PrometheusHandle {
                 tracing::warn!("a metrics recorder was already installed; /metrics shows only Herald's own handle");
             }
             describe();
+            // Histograms buffer raw samples until they are drained into buckets; without a
+            // scrape they would grow without bound, so drain them on a timer.
+            let upkeep = handle.clone();
+            let spawned = std::thread::Builder::new()
+                .name("herald-metrics-upkeep".into())
+                .spawn(move || loop {
+                    std::thread::sleep(std::time::Duration::from_secs(5));
+                    upkeep.run_upkeep();
+                });
+            if let Err(e) = spawned {
+                tracing::warn!(error = %e, "cannot start the metrics upkeep thread; histograms drain only when scraped");
+            }
             handle
         })
         .clone()

@@ -261,3 +261,97 @@ impl Drop for Proc {
         }
     }
 }
+
+impl Receiver {
+    /// A receiver on exactly `addr` (e.g. `127.0.0.1:PORT` that a subscription already points at).
+    pub async fn start_on(addr: &str) -> Receiver {
+        Receiver::start_with(addr, 0, Duration::ZERO).await
+    }
+
+    /// A receiver on `addr` (`127.0.0.1:0` for any free port) that answers 500 to the first
+    /// `fail_first` requests and takes `delay` before answering each request (a slow endpoint).
+    pub async fn start_with(addr: &str, fail_first: usize, delay: Duration) -> Receiver {
+        let received: Arc<Mutex<Vec<Received>>> = Arc::default();
+        let failures = Arc::new(Mutex::new(fail_first));
+        let r = received.clone();
+        let server = HttpServer::new(move || {
+            let r = r.clone();
+            let failures = failures.clone();
+            App::new().default_service(web::to(move |req: HttpRequest, body: web::Bytes| {
+                let r = r.clone();
+                let failures = failures.clone();
+                async move {
+                    if !delay.is_zero() {
+                        actix_rt::time::sleep(delay).await;
+                    }
+                    {
+                        let mut f = failures.lock().unwrap();
+                        if *f > 0 {
+                            *f -= 1;
+                            return HttpResponse::InternalServerError().finish();
+                        }
+                    }
+                    let headers = req
+                        .headers()
+                        .iter()
+                        .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string()))
+                        .collect();
+                    let body = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                    r.lock().unwrap().push(Received { headers, body });
+                    HttpResponse::Ok().finish()
+                }
+            }))
+        })
+        .workers(1)
+        .disable_signals()
+        .bind(addr)
+        .unwrap_or_else(|e| panic!("bind receiver on {addr}: {e}"));
+        let addr = server.addrs()[0];
+        let server = server.run();
+        let handle = server.handle();
+        actix_rt::spawn(server);
+        Receiver {
+            url: format!("http://{addr}/hook"),
+            received,
+            handle,
+        }
+    }
+}
+
+/// Like [`spawn_herald`], but with stderr piped: every stderr line of the node is sent to the
+/// returned channel (and echoed to the test's stderr), until the process exits.
+pub fn spawn_herald_stderr(args: &[&str], env: &[(&str, &str)]) -> (Proc, std::sync::mpsc::Receiver<String>) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_herald"));
+    cmd.arg("node");
+    if !args.contains(&"--http") {
+        cmd.args(["--http", "127.0.0.1:0"]);
+    }
+    cmd.args(args)
+        .env_remove("RUST_LOG")
+        .envs(env.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn herald");
+    let stdout = child.stdout.take().expect("stdout");
+    let stderr = child.stderr.take().expect("stderr");
+    let (err_tx, err_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("[herald stderr] {line}");
+            let _ = err_tx.send(line);
+        }
+    });
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(url) = line.split("listening on ").nth(1) {
+                let _ = tx.send(url.trim().to_string());
+            }
+        }
+    });
+    let url = rx.recv_timeout(DEADLINE).unwrap_or_else(|_| {
+        let _ = child.kill();
+        panic!("herald did not report its address within {DEADLINE:?}")
+    });
+    (Proc { child, url }, err_rx)
+}
