@@ -42,6 +42,9 @@ struct LocalArgs {
     /// Concurrent publishers for ack=accepted (each waits for its group commit).
     #[arg(long, default_value_t = 256)]
     publishers: usize,
+    /// Events per publish call in the batched ack=accepted run (like one HTTP batch request).
+    #[arg(long, default_value_t = 100)]
+    batch: usize,
     /// Handler instances of the benchmark subscription.
     #[arg(long, default_value_t = 2)]
     instances: u32,
@@ -122,15 +125,47 @@ fn median(mut v: Vec<f64>) -> (f64, f64, f64) {
     (v[v.len() / 2], v[0], v[v.len() - 1])
 }
 
-async fn publish_until_accepted(ingress: &Ingress, e: Event, ack: AckMode) -> Result<(), String> {
+async fn publish_until_accepted(ingress: &Ingress, events: Vec<Event>, ack: AckMode) -> Result<(), String> {
     loop {
-        match ingress.publish(vec![e.clone()], ack, Duration::from_secs(30)).await {
+        match ingress.publish(events.clone(), ack, Duration::from_secs(30)).await {
             Ok(_) => return Ok(()),
             // Full mailboxes: the handlers are behind; let them run and retry (closed loop).
             Err(PublishError::Overloaded(_)) => tokio::task::yield_now().await,
             Err(other) => return Err(other.to_string()),
         }
     }
+}
+
+/// `publishers` concurrent tasks publish `events` in calls of `batch` with `ack=accepted`; events/s
+/// until the handler has seen them all.
+async fn publish_concurrently(
+    ingress: &Arc<Ingress>,
+    tally: &Tally,
+    payload: &Event,
+    events: u64,
+    publishers: usize,
+    batch: usize,
+    max: Duration,
+) -> Result<f64, String> {
+    let calls = (events / (publishers * batch) as u64).max(1);
+    let total = calls * (publishers * batch) as u64;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..publishers {
+        let ing = ingress.clone();
+        let events = vec![payload.clone(); batch];
+        tasks.push(actix_rt::spawn(async move {
+            for _ in 0..calls {
+                publish_until_accepted(&ing, events.clone(), AckMode::Accepted).await?;
+            }
+            Ok::<(), String>(())
+        }));
+    }
+    tally.reset_and_wait(total, max, || {}).await?;
+    for t in tasks {
+        t.await.map_err(|e| e.to_string())??;
+    }
+    Ok(total as f64 / started.elapsed().as_secs_f64())
 }
 
 async fn local(a: LocalArgs) -> Result<(), String> {
@@ -183,7 +218,7 @@ async fn local(a: LocalArgs) -> Result<(), String> {
         let events = a.events;
         let publisher = actix_rt::spawn(async move {
             for _ in 0..events {
-                publish_until_accepted(&ing, ev.clone(), AckMode::None).await?;
+                publish_until_accepted(&ing, vec![ev.clone()], AckMode::None).await?;
             }
             Ok::<(), String>(())
         });
@@ -194,34 +229,25 @@ async fn local(a: LocalArgs) -> Result<(), String> {
 
     let mut accepted = Vec::new();
     for _ in 0..a.runs {
-        let started = Instant::now();
-        let per = a.events / a.publishers as u64;
-        let total = per * a.publishers as u64;
-        let mut tasks = Vec::new();
-        for _ in 0..a.publishers {
-            let ing = ingress.clone();
-            let ev = payload.clone();
-            tasks.push(actix_rt::spawn(async move {
-                for _ in 0..per {
-                    publish_until_accepted(&ing, ev.clone(), AckMode::Accepted).await?;
-                }
-                Ok::<(), String>(())
-            }));
-        }
-        tally.reset_and_wait(total, max, || {}).await?;
-        for t in tasks {
-            t.await.map_err(|e| e.to_string())??;
-        }
-        accepted.push(total as f64 / started.elapsed().as_secs_f64());
+        accepted.push(publish_concurrently(&ingress, &tally, &payload, a.events, a.publishers, 1, max).await?);
+    }
+    let mut batched = Vec::new();
+    for _ in 0..a.runs {
+        batched.push(publish_concurrently(&ingress, &tally, &payload, a.events, a.publishers.min(16), a.batch, max).await?);
     }
     node.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
 
-    let (raw_m, raw_lo, raw_hi) = median(raw);
-    let rows = [("raw actix do_send", median(vec![raw_m, raw_lo, raw_hi])), ("herald ack=none", median(none)), ("herald ack=accepted", median(accepted))];
-    println!("\n{:<22} {:>14} {:>14} {:>14} {:>10}", "scenario", "median ev/s", "min ev/s", "max ev/s", "vs raw");
+    let raw = median(raw);
+    let rows = [
+        ("raw actix do_send".to_string(), raw),
+        ("herald ack=none".to_string(), median(none)),
+        (format!("herald ack=accepted x{}", a.publishers), median(accepted)),
+        (format!("herald ack=accepted batch {}", a.batch), median(batched)),
+    ];
+    println!("\n{:<30} {:>12} {:>12} {:>12} {:>8}", "scenario", "median ev/s", "min ev/s", "max ev/s", "vs raw");
     for (name, (m, lo, hi)) in rows {
-        println!("{name:<22} {m:>14.0} {lo:>14.0} {hi:>14.0} {:>9.2}x", m / raw_m);
+        println!("{name:<30} {m:>12.0} {lo:>12.0} {hi:>12.0} {:>7.2}x", m / raw.0);
     }
     Ok(())
 }

@@ -63,6 +63,10 @@ impl Policy {
     }
 }
 
+/// How many watchdog ticks fit in one call timeout: a hung call fails within 1/8 of the timeout
+/// after it expires.
+const WATCHDOG_TICKS_PER_TIMEOUT: u32 = 8;
+
 /// Runs one instance until its mailbox is closed and drained. Must run on a worker arbiter.
 pub(crate) async fn run_instance(
     shared: Arc<SubShared>,
@@ -73,6 +77,11 @@ pub(crate) async fn run_instance(
     load: Arc<AtomicUsize>,
 ) {
     let mut actor: Option<Box<dyn Invoke>> = None;
+    // One timer for the life of the instance instead of one per call: a per-call
+    // `tokio::time::timeout` would register and cancel a timer-wheel entry for every event.
+    // The watchdog ticks at a fraction of the timeout; a call is failed at the first tick past it.
+    let mut watchdog = tokio::time::interval(policy.call_timeout / WATCHDOG_TICKS_PER_TIMEOUT);
+    watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Consecutive failures of this instance; drives the restart backoff, reset by a success.
     let mut failures: u32 = 0;
     while let Some(job) = mailbox.recv().await {
@@ -93,13 +102,25 @@ pub(crate) async fn run_instance(
                 attempt,
             };
             let started = Instant::now();
-            let result = tokio::time::timeout(policy.call_timeout, current.call(delivery)).await;
+            let call = current.call(delivery);
+            tokio::pin!(call);
+            let result = loop {
+                tokio::select! {
+                    biased;
+                    r = &mut call => break Some(r),
+                    _ = watchdog.tick() => {
+                        if started.elapsed() >= policy.call_timeout {
+                            break None;
+                        }
+                    }
+                }
+            };
             shared.metrics.duration.record(started.elapsed().as_secs_f64());
             let error = match result {
-                Ok(Ok(Ok(()))) => None,
-                Ok(Ok(Err(e))) => Some(e.to_string()),
-                Ok(Err(MailboxError::Closed)) => Some("handler panicked or stopped".to_string()),
-                Ok(Err(MailboxError::Timeout)) | Err(_) => {
+                Some(Ok(Ok(()))) => None,
+                Some(Ok(Err(e))) => Some(e.to_string()),
+                Some(Err(MailboxError::Closed)) => Some("handler panicked or stopped".to_string()),
+                Some(Err(MailboxError::Timeout)) | None => {
                     Some(format!("handler did not answer within {:?}", policy.call_timeout))
                 }
             };

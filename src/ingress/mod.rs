@@ -23,7 +23,7 @@ use std::time::Duration;
 use futures_util::future::{join_all, BoxFuture};
 use metrics::{Counter, Gauge};
 use serde::Serialize;
-use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{oneshot, Notify};
 use utoipa::ToSchema;
 
 use crate::event::{Event, EventError};
@@ -147,7 +147,66 @@ struct Tracker {
     waiter: Option<Mutex<(Vec<SubscriptionOutcome>, Option<oneshot::Sender<Vec<SubscriptionOutcome>>>)>>,
     inflight: Gauge,
     /// Returns the event's bytes to the in-flight budget when the tracker is dropped.
-    _bytes: OwnedSemaphorePermit,
+    _bytes: BudgetShare,
+}
+
+/// The in-flight byte budget: a lock-free counter (a semaphore would take a lock on every release,
+/// which is every event).
+struct Budget {
+    used: AtomicUsize,
+    max: usize,
+    /// Waiters of `take` (replays); releases notify only when someone waits.
+    waiting: AtomicUsize,
+    freed: Notify,
+}
+
+/// Bytes taken from the budget; given back on drop.
+struct BudgetShare {
+    budget: Arc<Budget>,
+    bytes: usize,
+}
+
+impl Drop for BudgetShare {
+    fn drop(&mut self) {
+        self.budget.used.fetch_sub(self.bytes, Ordering::AcqRel);
+        if self.budget.waiting.load(Ordering::Acquire) > 0 {
+            self.budget.freed.notify_waiters();
+        }
+    }
+}
+
+impl Budget {
+    fn try_take(self: &Arc<Self>, bytes: usize) -> Option<BudgetShare> {
+        // An event larger than the whole budget is still admitted when nothing else is in flight.
+        let bytes = bytes.min(self.max);
+        let before = self.used.fetch_add(bytes, Ordering::AcqRel);
+        if before + bytes > self.max {
+            self.used.fetch_sub(bytes, Ordering::AcqRel);
+            return None;
+        }
+        Some(BudgetShare {
+            budget: self.clone(),
+            bytes,
+        })
+    }
+
+    /// Waits until `bytes` fit (replays, which must not be refused).
+    async fn take(self: &Arc<Self>, bytes: usize) -> BudgetShare {
+        loop {
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            self.waiting.fetch_add(1, Ordering::AcqRel);
+            freed.as_mut().enable();
+            let share = self.try_take(bytes);
+            if share.is_none() {
+                freed.await;
+            }
+            self.waiting.fetch_sub(1, Ordering::AcqRel);
+            if let Some(share) = share {
+                return share;
+            }
+        }
+    }
 }
 
 impl Completion for Tracker {
@@ -219,8 +278,7 @@ pub struct Ingress {
     router: Arc<Router>,
     store: Store,
     /// In-flight byte budget (`handlers.max_inflight_bytes`).
-    bytes: Arc<Semaphore>,
-    max_event_bytes: usize,
+    bytes: Arc<Budget>,
     inflight: Gauge,
     rejected: Counter,
     published: RwLock<HashMap<String, Counter>>,
@@ -239,8 +297,12 @@ impl Ingress {
         Ingress {
             router,
             store,
-            bytes: Arc::new(Semaphore::new(max_inflight_bytes.min(Semaphore::MAX_PERMITS))),
-            max_event_bytes: max_inflight_bytes,
+            bytes: Arc::new(Budget {
+                used: AtomicUsize::new(0),
+                max: max_inflight_bytes,
+                waiting: AtomicUsize::new(0),
+                freed: Notify::new(),
+            }),
             inflight: metrics::gauge!(crate::metrics::INFLIGHT_EVENTS),
             rejected: metrics::counter!(crate::metrics::EVENTS_REJECTED),
             published: RwLock::new(HashMap::new()),
@@ -271,7 +333,7 @@ impl Ingress {
         PublishError::Overloaded(why.to_string())
     }
 
-    fn tracker(&self, n: usize, seq: Option<u64>, bytes: OwnedSemaphorePermit, wait: bool) -> (Arc<Tracker>, Option<oneshot::Receiver<Vec<SubscriptionOutcome>>>) {
+    fn tracker(&self, n: usize, seq: Option<u64>, bytes: BudgetShare, wait: bool) -> (Arc<Tracker>, Option<oneshot::Receiver<Vec<SubscriptionOutcome>>>) {
         let (waiter, rx) = if wait {
             let (tx, rx) = oneshot::channel();
             (Some(Mutex::new((Vec::with_capacity(n), Some(tx)))), Some(rx))
@@ -301,14 +363,10 @@ impl Ingress {
         let mut reserved = Vec::with_capacity(events.len());
         for e in &events {
             let cost = charge(e);
-            if cost > self.max_event_bytes {
-                return Err(self.overloaded("the event is larger than handlers.max_inflight_bytes"));
-            }
             let permit = self
                 .bytes
-                .clone()
-                .try_acquire_many_owned(cost as u32)
-                .map_err(|_| self.overloaded("the node holds its maximum of in-flight event bytes"))?;
+                .try_take(cost)
+                .ok_or_else(|| self.overloaded("the node holds its maximum of in-flight event bytes"))?;
             let subs = table.topic(&e.topic);
             let mut slots = Vec::with_capacity(subs.len());
             for sub in subs {
@@ -408,12 +466,7 @@ impl Ingress {
                 self.store.ack(seq);
                 continue;
             }
-            let permit = self
-                .bytes
-                .clone()
-                .acquire_many_owned(charge(&event).min(self.max_event_bytes) as u32)
-                .await
-                .map_err(|_| store::StoreError("in-flight budget closed".into()))?;
+            let permit = self.bytes.take(charge(&event)).await;
             let (tracker, _) = self.tracker(subs.len(), Some(seq), permit, false);
             let event = Arc::new(event);
             for sub in subs {
@@ -503,12 +556,7 @@ impl Ingress {
             .map_err(|e| ReplayError::Store(e.0))?
             .ok_or_else(|| ReplayError::NotFound(id.to_string()))?;
         let event = Arc::new(Event::from(record.event.unwrap_or_default()));
-        let permit = self
-            .bytes
-            .clone()
-            .acquire_many_owned(charge(&event).min(self.max_event_bytes) as u32)
-            .await
-            .map_err(|_| ReplayError::Store("in-flight budget closed".into()))?;
+        let permit = self.bytes.take(charge(&event)).await;
         let (tracker, _) = self.tracker(1, Some(seq), permit, false);
         metrics::counter!(crate::metrics::EVENTS_REDELIVERED).increment(1);
         let job = Job {
