@@ -180,7 +180,11 @@ struct SubscribeArgs {
 pub fn init_logging(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
@@ -191,11 +195,7 @@ pub fn init_logging(format: LogFormat) {
 pub fn main_with(builder: NodeBuilder) -> ExitCode {
     let cli = Cli::parse();
     let outcome = match cli.command {
-        Command::Node(args) => args.load().and_then(|config| {
-            init_logging(config.log_format);
-            let handle = crate::metrics::install_prometheus();
-            builder.config(config).metrics(handle).run()
-        }),
+        Command::Node(args) => args.load().and_then(|config| builder.config(config).run()),
         Command::Publish(a) => return client_main(publish(a)),
         Command::Subscribe(a) => return client_main(subscribe(a)),
         Command::Status(a) => return client_main(status(a)),

@@ -135,6 +135,9 @@ pub enum ReplayError {
     Store(String),
 }
 
+/// The outcomes gathered so far and the publisher waiting for all of them (`ack=processed`).
+type Waiter = (Vec<SubscriptionOutcome>, Option<oneshot::Sender<Vec<SubscriptionOutcome>>>);
+
 /// Tracks one accepted event until every subscription finished it.
 struct Tracker {
     remaining: AtomicUsize,
@@ -144,7 +147,7 @@ struct Tracker {
     /// Set when a subscription could not finish (dead letter not stored): keep the WAL record.
     keep: AtomicBool,
     /// `ack=processed`: the outcomes so far and who waits for them.
-    waiter: Option<Mutex<(Vec<SubscriptionOutcome>, Option<oneshot::Sender<Vec<SubscriptionOutcome>>>)>>,
+    waiter: Option<Mutex<Waiter>>,
     inflight: Gauge,
     /// Returns the event's bytes to the in-flight budget when the tracker is dropped.
     _bytes: BudgetShare,

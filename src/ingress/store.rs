@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use prost::Message;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::FsyncPolicy;
 use crate::error::{Error, Result};
@@ -49,9 +49,33 @@ enum Op {
 /// Handle to the store; cheap to clone.
 #[derive(Clone)]
 pub(crate) struct Store {
-    db: Arc<Database>,
+    db: Arc<Db>,
     ops: mpsc::UnboundedSender<Op>,
     path: Arc<PathBuf>,
+    /// Closed once the database is (see [`Store::closed`]).
+    closed: watch::Receiver<()>,
+}
+
+/// The database; when the last handle goes, it is closed (releasing the file lock) and only then
+/// are the [`Store::closed`] watchers told.
+struct Db {
+    db: Option<Database>,
+    _closed: watch::Sender<()>,
+}
+
+impl std::ops::Deref for Db {
+    type Target = Database;
+
+    fn deref(&self) -> &Database {
+        self.db.as_ref().expect("the database is open until Db is dropped")
+    }
+}
+
+impl Drop for Db {
+    fn drop(&mut self) {
+        // Close the file before `_closed` is dropped (fields drop after this body).
+        self.db.take();
+    }
 }
 
 fn sub_key(topic: &str, group: &str) -> String {
@@ -79,7 +103,11 @@ impl Store {
             last.map_or(1, |s| s + 1)
         };
         txn.commit().map_err(|e| fail(&e))?;
-        let db = Arc::new(db);
+        let (closed_tx, closed) = watch::channel(());
+        let db = Arc::new(Db {
+            db: Some(db),
+            _closed: closed_tx,
+        });
         let (tx, rx) = mpsc::unbounded_channel();
         let writer = Writer {
             db: db.clone(),
@@ -98,6 +126,7 @@ impl Store {
             db,
             ops: tx,
             path: Arc::new(path),
+            closed,
         })
     }
 
@@ -204,36 +233,32 @@ impl Store {
     pub(crate) fn path(&self) -> &Path {
         &self.path
     }
+
+    /// Resolves once the database file is closed and can be opened again: after every `Store`
+    /// handle (this one included) is dropped and the writer thread has stopped.
+    pub(crate) fn closed(&self) -> impl std::future::Future<Output = ()> + 'static {
+        let mut closed = self.closed.clone();
+        async move { while closed.changed().await.is_ok() {} }
+    }
 }
 
 struct Writer {
-    db: Arc<Database>,
+    db: Arc<Db>,
     durability: Durability,
     max_batch: usize,
     next_seq: u64,
 }
 
-/// A reply to send once the transaction's fate is known.
-enum Pending {
-    Seqs(Reply<Vec<u64>>, Vec<u64>),
-    Unit(Reply<()>),
-    Bool(Reply<bool>, bool),
-    Replay(Reply<Option<(u64, DeadLetterRecord)>>, Option<(u64, DeadLetterRecord)>),
-}
+/// A reply to send once the transaction's fate is known (`None`: committed).
+type Answer = Box<dyn FnOnce(Option<&StoreError>) + Send>;
 
-impl Pending {
-    fn answer(self, failure: Option<&StoreError>) {
-        match (self, failure) {
-            (Pending::Seqs(r, v), None) => drop(r.send(Ok(v))),
-            (Pending::Unit(r), None) => drop(r.send(Ok(()))),
-            (Pending::Bool(r, v), None) => drop(r.send(Ok(v))),
-            (Pending::Replay(r, v), None) => drop(r.send(Ok(v))),
-            (Pending::Seqs(r, _), Some(e)) => drop(r.send(Err(e.clone()))),
-            (Pending::Unit(r), Some(e)) => drop(r.send(Err(e.clone()))),
-            (Pending::Bool(r, _), Some(e)) => drop(r.send(Err(e.clone()))),
-            (Pending::Replay(r, _), Some(e)) => drop(r.send(Err(e.clone()))),
-        }
-    }
+fn answer<T: Send + 'static>(reply: Reply<T>, value: T) -> Answer {
+    Box::new(move |failure| {
+        let _ = reply.send(match failure {
+            None => Ok(value),
+            Some(e) => Err(e.clone()),
+        });
+    })
 }
 
 impl Writer {
@@ -253,12 +278,12 @@ impl Writer {
                 Ok(delta) => {
                     metrics::counter!(crate::metrics::WAL_COMMITS).increment(1);
                     metrics::gauge!(crate::metrics::WAL_EVENTS).increment(delta as f64);
-                    pending.into_iter().for_each(|p| p.answer(None));
+                    pending.into_iter().for_each(|answer| answer(None));
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "WAL commit failed");
                     self.next_seq = seq_before;
-                    pending.into_iter().for_each(|p| p.answer(Some(&e)));
+                    pending.into_iter().for_each(|answer| answer(Some(&e)));
                 }
             }
             batch.clear();
@@ -266,7 +291,7 @@ impl Writer {
     }
 
     /// Applies `ops` in one transaction. Returns the change in the number of WAL records.
-    fn commit(&mut self, ops: &mut Vec<Op>, pending: &mut Vec<Pending>) -> Result<i64, StoreError> {
+    fn commit(&mut self, ops: &mut Vec<Op>, pending: &mut Vec<Answer>) -> Result<i64, StoreError> {
         let mut txn = self.db.begin_write().map_err(store_err)?;
         txn.set_durability(self.durability).map_err(store_err)?;
         let mut delta = 0i64;
@@ -285,7 +310,7 @@ impl Writer {
                             seqs.push(seq);
                         }
                         delta += seqs.len() as i64;
-                        pending.push(Pending::Seqs(reply, seqs));
+                        pending.push(answer(reply, seqs));
                     }
                     Op::Ack(seq) => {
                         if wal.remove(seq).map_err(store_err)?.is_some() {
@@ -294,14 +319,14 @@ impl Writer {
                     }
                     Op::DeadLetter(id, record, reply) => {
                         dead.insert(id.as_str(), record.encode_to_vec().as_slice()).map_err(store_err)?;
-                        pending.push(Pending::Unit(reply));
+                        pending.push(answer(reply, ()));
                     }
                     Op::Replay(id, reply) => {
                         let found = dead
                             .remove(id.as_str())
                             .map_err(store_err)?
                             .map(|v| DeadLetterRecord::decode(v.value()));
-                        let answer = match found {
+                        let found_record = match found {
                             Some(Ok(record)) => {
                                 let seq = self.next_seq;
                                 self.next_seq += 1;
@@ -316,17 +341,17 @@ impl Writer {
                             Some(Err(e)) => return Err(StoreError(format!("corrupt dead letter {id}: {e}"))),
                             None => None,
                         };
-                        pending.push(Pending::Replay(reply, answer));
+                        pending.push(answer(reply, found_record));
                     }
                     Op::PutSubscription(spec, reply) => {
                         let json = serde_json::to_string(&spec).map_err(store_err)?;
                         subs.insert(sub_key(&spec.topic, &spec.group).as_str(), json.as_str())
                             .map_err(store_err)?;
-                        pending.push(Pending::Unit(reply));
+                        pending.push(answer(reply, ()));
                     }
                     Op::DeleteSubscription(key, reply) => {
                         let existed = subs.remove(key.as_str()).map_err(store_err)?.is_some();
-                        pending.push(Pending::Bool(reply, existed));
+                        pending.push(answer(reply, existed));
                     }
                 }
             }

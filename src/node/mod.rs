@@ -98,15 +98,23 @@ impl NodeBuilder {
         crate::cli::main_with(self)
     }
 
-    /// Runs the node until SIGINT or SIGTERM, then shuts down gracefully. Installs nothing global:
-    /// call [`crate::cli::init_logging`] and [`crate::metrics::install_prometheus`] first (or use
-    /// [`NodeBuilder::main`], which does).
-    pub fn run(self) -> Result<()> {
+    /// Runs the node until SIGINT or SIGTERM, then shuts down gracefully. It owns the process: it
+    /// installs the tracing subscriber (`log_format`, `RUST_LOG`) and, unless a handle was given
+    /// with [`NodeBuilder::metrics`], the Prometheus recorder. To embed a node in a process that
+    /// already has its own, use [`NodeBuilder::start`].
+    pub fn run(mut self) -> Result<()> {
+        crate::cli::init_logging(self.config.log_format);
+        if self.metrics.is_none() {
+            self.metrics = Some(crate::metrics::install_prometheus());
+        }
         actix_rt::System::new().block_on(async move {
             let node = self.start().await?;
+            // Catch SIGTERM/SIGINT before announcing the address: a signal sent as soon as the
+            // line appears must drain the node, not kill it with the default action.
+            let signal = shutdown_signal();
             // One machine-readable line on stdout, for scripts and tests that start nodes on port 0.
             println!("herald node {} listening on http://{}", node.core.config.node_id, node.http_addr);
-            shutdown_signal().await;
+            signal.await;
             tracing::info!("shutdown signal received; draining");
             node.shutdown().await;
             Ok(())
@@ -210,26 +218,43 @@ fn http_bind_addr(config: &Config) -> Result<SocketAddr> {
     Ok(addr)
 }
 
-/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
-pub async fn shutdown_signal() {
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM. The handlers are installed when this is called, not
+/// when the future is first polled, so a signal arriving in between is caught rather than killing
+/// the process. Call it inside a Tokio runtime.
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot listen for SIGTERM; only Ctrl-C stops the node");
-                let _ = tokio::signal::ctrl_c().await;
-                return;
+        use tokio::signal::unix::{signal, SignalKind};
+        let term = signal(SignalKind::terminate());
+        let int = signal(SignalKind::interrupt());
+        async move {
+            let mut term = match term {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot listen for SIGTERM; only Ctrl-C stops the node");
+                    let _ = tokio::signal::ctrl_c().await;
+                    return;
+                }
+            };
+            match int {
+                Ok(mut int) => {
+                    tokio::select! {
+                        _ = int.recv() => {}
+                        _ = term.recv() => {}
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot listen for SIGINT; only SIGTERM stops the node");
+                    term.recv().await;
+                }
             }
-        };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
         }
     }
     #[cfg(not(unix))]
     {
-        let _ = tokio::signal::ctrl_c().await;
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
 
@@ -281,9 +306,21 @@ impl RunningNode {
         for w in &self.workers {
             w.stop();
         }
+        // The worker threads drop their instances (and the store handles those hold) only as they
+        // wind down. Wait until the database is closed, so the data dir can be opened again as soon
+        // as this returns (a restart in the same process); give up after a bound, since a handler
+        // blocking its thread never lets go.
+        let closed = self.core.ingress.store().closed();
+        drop(self);
+        if tokio::time::timeout(STORE_CLOSE_TIMEOUT, closed).await.is_err() {
+            tracing::warn!("the store is still open: a handler may be blocking its worker thread");
+        }
         tracing::info!("herald node stopped");
     }
 }
+
+/// How long `RunningNode::shutdown` waits for the store to close after the handlers were stopped.
+const STORE_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why a control operation failed.
 #[derive(Debug, thiserror::Error)]

@@ -1,0 +1,1838 @@
+//! The HTTP API against a real node started in this process, with Rust handler actors defined
+//! here: delivery, fan-out, key ordering, supervision, dead letters, ack modes, backpressure, WAL
+//! replay, input validation, auth and CloudEvents.
+//!
+//! Every wait is a poll with a deadline (`common::eventually`) or an `ack=processed` round trip;
+//! nothing sleeps and hopes. Every test uses its own topic names because the metrics recorder is
+//! shared by the whole test process.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use actix::prelude::{Actor, Context, Handler, ResponseFuture};
+use actix_web::web::Bytes;
+use herald::config::{Role, TokenConfig};
+use herald::handler::{Delivery, HandlerError, HandlerResult};
+use herald::node::Node;
+use herald::subscription::SubscriptionSpec;
+use serde_json::{json, Value};
+use tokio::sync::Semaphore;
+
+use common::{
+    eventually, get, get_text, metric, post_json, request, start_node, start_node_in, Answer,
+    TestNode,
+};
+
+// ---------------------------------------------------------------------------------------------
+// What handlers saw
+// ---------------------------------------------------------------------------------------------
+
+/// One delivery as a test handler recorded it.
+#[derive(Clone, Debug)]
+struct Got {
+    id: String,
+    group: String,
+    key: Option<String>,
+    data: Value,
+    /// Which actor (in creation order of its factory) handled it.
+    instance: usize,
+    attempt: u32,
+    source: String,
+    event_type: String,
+    content_type: String,
+    headers: BTreeMap<String, String>,
+}
+
+impl Got {
+    fn new(d: &Delivery, instance: usize) -> Got {
+        let e = &d.event;
+        Got {
+            id: e.id.clone(),
+            group: d.subscription.group.clone(),
+            key: e.key.clone(),
+            data: e.json_data().unwrap_or(Value::Null),
+            instance,
+            attempt: d.attempt,
+            source: e.source.clone(),
+            event_type: e.event_type.clone(),
+            content_type: e.content_type.clone(),
+            headers: e.headers.clone(),
+        }
+    }
+}
+
+/// Deliveries shared between the handler actors (on worker threads) and the test.
+#[derive(Clone, Default)]
+struct Seen(Arc<Mutex<Vec<Got>>>);
+
+impl Seen {
+    fn push(&self, g: Got) {
+        self.0.lock().unwrap().push(g);
+    }
+
+    fn all(&self) -> Vec<Got> {
+        self.0.lock().unwrap().clone()
+    }
+
+    fn ids(&self) -> Vec<String> {
+        self.all().into_iter().map(|g| g.id).collect()
+    }
+
+    /// Waits until at least `n` deliveries were recorded; returns them all.
+    async fn wait_len(&self, what: &str, n: usize) -> Vec<Got> {
+        let seen = self.clone();
+        eventually(what, || {
+            let seen = seen.clone();
+            async move {
+                let all = seen.all();
+                (all.len() >= n).then_some(all)
+            }
+        })
+        .await
+    }
+
+    /// Waits until every id of `ids` was delivered; returns all deliveries.
+    async fn wait_ids(&self, what: &str, ids: &BTreeSet<String>) -> Vec<Got> {
+        let seen = self.clone();
+        let ids = ids.clone();
+        eventually(what, || {
+            let seen = seen.clone();
+            let ids = ids.clone();
+            async move {
+                let all = seen.all();
+                let have: BTreeSet<&str> = all.iter().map(|g| g.id.as_str()).collect();
+                ids.iter()
+                    .all(|id| have.contains(id.as_str()))
+                    .then_some(all)
+            }
+        })
+        .await
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Handler actors
+// ---------------------------------------------------------------------------------------------
+
+/// Records every delivery and acknowledges it.
+struct Recorder {
+    seen: Seen,
+    instance: usize,
+}
+
+impl Actor for Recorder {
+    type Context = Context<Self>;
+}
+
+impl Handler<Delivery> for Recorder {
+    type Result = HandlerResult;
+
+    fn handle(&mut self, d: Delivery, _: &mut Context<Self>) -> HandlerResult {
+        self.seen.push(Got::new(&d, self.instance));
+        Ok(())
+    }
+}
+
+/// A factory of recorders; each actor it builds gets the next instance number.
+fn recorder(seen: &Seen) -> impl Fn() -> Recorder + Send + Sync + 'static {
+    let seen = seen.clone();
+    let next = AtomicUsize::new(0);
+    move || Recorder {
+        seen: seen.clone(),
+        instance: next.fetch_add(1, Ordering::SeqCst),
+    }
+}
+
+/// An async handler: awaits a timer, then records.
+struct AsyncRecorder {
+    seen: Seen,
+}
+
+impl Actor for AsyncRecorder {
+    type Context = Context<Self>;
+}
+
+impl Handler<Delivery> for AsyncRecorder {
+    type Result = ResponseFuture<HandlerResult>;
+
+    fn handle(&mut self, d: Delivery, _: &mut Context<Self>) -> Self::Result {
+        let seen = self.seen.clone();
+        Box::pin(async move {
+            actix_rt::time::sleep(Duration::from_millis(1)).await;
+            seen.push(Got::new(&d, 0));
+            Ok(())
+        })
+    }
+}
+
+/// Waits until the test opens the gate (adds permits), then records.
+struct Gated {
+    seen: Seen,
+    gate: Arc<Semaphore>,
+}
+
+impl Actor for Gated {
+    type Context = Context<Self>;
+}
+
+impl Handler<Delivery> for Gated {
+    type Result = ResponseFuture<HandlerResult>;
+
+    fn handle(&mut self, d: Delivery, _: &mut Context<Self>) -> Self::Result {
+        let seen = self.seen.clone();
+        let gate = self.gate.clone();
+        Box::pin(async move {
+            // The permit goes back when dropped, so one opening lets every later event through.
+            let _pass = gate.acquire().await?;
+            seen.push(Got::new(&d, 0));
+            Ok(())
+        })
+    }
+}
+
+fn gated(seen: &Seen, gate: &Arc<Semaphore>) -> impl Fn() -> Gated + Send + Sync + 'static {
+    let (seen, gate) = (seen.clone(), gate.clone());
+    move || Gated {
+        seen: seen.clone(),
+        gate: gate.clone(),
+    }
+}
+
+fn open(gate: &Semaphore) {
+    gate.add_permits(1000);
+}
+
+/// Never finishes an event; counts the events it started.
+struct Stuck {
+    started: Arc<AtomicUsize>,
+}
+
+impl Actor for Stuck {
+    type Context = Context<Self>;
+}
+
+impl Handler<Delivery> for Stuck {
+    type Result = ResponseFuture<HandlerResult>;
+
+    fn handle(&mut self, _: Delivery, _: &mut Context<Self>) -> Self::Result {
+        self.started.fetch_add(1, Ordering::SeqCst);
+        Box::pin(async {
+            std::future::pending::<()>().await;
+            Ok(())
+        })
+    }
+}
+
+/// Panics while `panics_left` is above zero, then records.
+struct Panicky {
+    seen: Seen,
+    panics_left: Arc<AtomicUsize>,
+}
+
+impl Actor for Panicky {
+    type Context = Context<Self>;
+}
+
+impl Handler<Delivery> for Panicky {
+    type Result = HandlerResult;
+
+    fn handle(&mut self, d: Delivery, _: &mut Context<Self>) -> HandlerResult {
+        if self
+            .panics_left
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            panic!("deliberate panic of a test handler (attempt {})", d.attempt);
+        }
+        self.seen.push(Got::new(&d, 0));
+        Ok(())
+    }
+}
+
+/// Fails every attempt until `succeed` is set; counts its failures.
+struct Flaky {
+    seen: Seen,
+    succeed: Arc<AtomicBool>,
+    failures: Arc<AtomicUsize>,
+}
+
+impl Actor for Flaky {
+    type Context = Context<Self>;
+}
+
+impl Handler<Delivery> for Flaky {
+    type Result = HandlerResult;
+
+    fn handle(&mut self, d: Delivery, _: &mut Context<Self>) -> HandlerResult {
+        if !self.succeed.load(Ordering::SeqCst) {
+            self.failures.fetch_add(1, Ordering::SeqCst);
+            return Err(HandlerError::msg(
+                "boom: the test handler refuses this event",
+            ));
+        }
+        self.seen.push(Got::new(&d, 0));
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// HTTP helpers
+// ---------------------------------------------------------------------------------------------
+
+const JSON_CT: (&str, &str) = ("content-type", "application/json");
+
+/// POST to `/v1/topics/{topic}/events{query}`.
+async fn publish(
+    url: &str,
+    topic: &str,
+    query: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> Answer {
+    request(
+        "POST",
+        &format!("{url}/v1/topics/{topic}/events{query}"),
+        headers,
+        body,
+    )
+    .await
+}
+
+/// Publishes JSON `data` (ack=accepted), expects 202 and returns the event id.
+async fn publish_ok(url: &str, topic: &str, headers: &[(&str, &str)], data: &Value) -> String {
+    let mut h = vec![JSON_CT];
+    h.extend_from_slice(headers);
+    let a = publish(url, topic, "", &h, data.to_string()).await;
+    assert_eq!(a.status, 202, "publish to {topic}: {}", a.body);
+    a.body["id"].as_str().expect("id in the answer").to_string()
+}
+
+/// Asserts an error answer: the status, exactly `{"error":{"code":..,"message":..}}`, the code.
+fn assert_api_error(a: &Answer, status: u16, code: &str) {
+    assert_eq!(
+        a.status, status,
+        "expected {status} {code}, got body {}",
+        a.body
+    );
+    let top = a
+        .body
+        .as_object()
+        .unwrap_or_else(|| panic!("error body is not a JSON object: {}", a.body));
+    assert_eq!(top.len(), 1, "error body has extra keys: {}", a.body);
+    let e = top["error"]
+        .as_object()
+        .unwrap_or_else(|| panic!("no error object: {}", a.body));
+    assert_eq!(e.len(), 2, "error object has extra keys: {}", a.body);
+    assert_eq!(e["code"], code, "wrong code: {}", a.body);
+    assert!(
+        e["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "no message: {}",
+        a.body
+    );
+}
+
+/// Waits until the sample `name{labels}` is at least `at_least`; returns its value.
+async fn wait_metric(url: &str, name: &str, labels: &[(&str, &str)], at_least: f64) -> f64 {
+    let url = format!("{url}/metrics");
+    let labels: Vec<(String, String)> = labels
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let what = format!("{name}{labels:?} >= {at_least}");
+    eventually(&what, || {
+        let (url, labels, name) = (url.clone(), labels.clone(), name.to_string());
+        async move {
+            let text = get_text(&url).await;
+            let l: Vec<(&str, &str)> = labels
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            metric(&text, &name, &l).filter(|v| *v >= at_least)
+        }
+    })
+    .await
+}
+
+async fn metric_now(url: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    metric(&get_text(&format!("{url}/metrics")).await, name, labels)
+}
+
+fn delivered_ok(topic: &'static str, group: &'static str) -> [(&'static str, &'static str); 3] {
+    [("topic", topic), ("group", group), ("outcome", "ok")]
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1–3: delivery, async handlers, fan-out and load sharing
+// ---------------------------------------------------------------------------------------------
+
+#[actix_rt::test]
+async fn publish_runs_the_handler_and_counts_deliveries() {
+    let seen = Seen::default();
+    let n = start_node(Node::builder().handler("rec", recorder(&seen)).subscribe(
+        "api.basic",
+        "g1",
+        "rec",
+    ))
+    .await;
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let a = post_json(
+            &format!("{}/v1/topics/api.basic/events", n.url),
+            &json!({ "n": i }),
+        )
+        .await;
+        assert_eq!(a.status, 202, "{}", a.body);
+        assert_eq!(a.body["topic"], "api.basic");
+        assert_eq!(a.body["subscriptions"], 1);
+        assert!(
+            a.body.get("outcomes").is_none(),
+            "ack=accepted has no outcomes: {}",
+            a.body
+        );
+        ids.push(a.body["id"].as_str().unwrap().to_string());
+    }
+    let got = seen.wait_len("3 deliveries", 3).await;
+    // One instance: in publish order, each exactly once, with its data.
+    assert_eq!(got.iter().map(|g| g.id.clone()).collect::<Vec<_>>(), ids);
+    assert_eq!(
+        got.iter()
+            .map(|g| g.data["n"].as_i64().unwrap())
+            .collect::<Vec<_>>(),
+        [0, 1, 2]
+    );
+    assert!(got
+        .iter()
+        .all(|g| g.group == "g1" && g.attempt == 1 && g.content_type == "application/json"));
+    let ok = wait_metric(
+        &n.url,
+        "herald_events_delivered_total",
+        &delivered_ok("api.basic", "g1"),
+        3.0,
+    )
+    .await;
+    assert_eq!(ok, 3.0);
+    let published = metric_now(
+        &n.url,
+        "herald_events_published_total",
+        &[("topic", "api.basic")],
+    )
+    .await;
+    assert_eq!(published, Some(3.0));
+    assert_eq!(seen.all().len(), 3, "no duplicate deliveries");
+    n.node.shutdown().await;
+}
+
+#[actix_rt::test]
+async fn async_handlers_work() {
+    let seen = Seen::default();
+    let s = seen.clone();
+    let n = start_node(
+        Node::builder()
+            .handler("async-rec", move || AsyncRecorder { seen: s.clone() })
+            .subscribe("api.async", "g", "async-rec"),
+    )
+    .await;
+    // ack=processed answers only after the async handler's future completed.
+    let a = publish(
+        &n.url,
+        "api.async",
+        "?ack=processed",
+        &[JSON_CT, ("idempotency-key", "async-0")],
+        r#"{"a":0}"#,
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(a.body["outcomes"][0]["outcome"], "ok");
+    assert_eq!(
+        seen.ids(),
+        ["async-0"],
+        "recorded after the await, before the answer"
+    );
+    let mut ids = BTreeSet::from(["async-0".to_string()]);
+    for i in 1..=5 {
+        ids.insert(publish_ok(&n.url, "api.async", &[], &json!({ "a": i })).await);
+    }
+    let got = seen.wait_ids("async deliveries", &ids).await;
+    assert_eq!(got.len(), 6);
+    assert_eq!(
+        got.iter()
+            .map(|g| g.data["a"].as_i64().unwrap())
+            .collect::<Vec<_>>(),
+        [0, 1, 2, 3, 4, 5]
+    );
+    let ok = wait_metric(
+        &n.url,
+        "herald_events_delivered_total",
+        &delivered_ok("api.async", "g"),
+        6.0,
+    )
+    .await;
+    assert_eq!(ok, 6.0);
+    n.node.shutdown().await;
+}
+
+#[actix_rt::test]
+async fn every_group_gets_every_event() {
+    let seen = Seen::default();
+    let n = start_node(
+        Node::builder()
+            .handler("rec", recorder(&seen))
+            .subscribe("api.fanout", "audit", "rec")
+            .subscribe("api.fanout", "billing", "rec"),
+    )
+    .await;
+    let mut ids = BTreeSet::new();
+    for i in 0..10 {
+        let a = post_json(
+            &format!("{}/v1/topics/api.fanout/events", n.url),
+            &json!({ "i": i }),
+        )
+        .await;
+        assert_eq!(a.status, 202, "{}", a.body);
+        assert_eq!(a.body["subscriptions"], 2);
+        ids.insert(a.body["id"].as_str().unwrap().to_string());
+    }
+    seen.wait_len("10 events × 2 groups", 20).await;
+    for group in ["audit", "billing"] {
+        ok_exactly(&n.url, "api.fanout", group, 10.0).await;
+        let got: Vec<String> = seen
+            .all()
+            .into_iter()
+            .filter(|g| g.group == group)
+            .map(|g| g.id)
+            .collect();
+        assert_eq!(got.len(), 10, "group {group} got {got:?}");
+        assert_eq!(
+            got.into_iter().collect::<BTreeSet<_>>(),
+            ids,
+            "group {group}"
+        );
+    }
+    assert_eq!(seen.all().len(), 20);
+    n.node.shutdown().await;
+}
+
+/// Waits for the ok-delivery counter of a subscription to reach `want` and checks it is exact.
+async fn ok_exactly(url: &str, topic: &str, group: &str, want: f64) {
+    let labels = [("topic", topic), ("group", group), ("outcome", "ok")];
+    let v = wait_metric(url, "herald_events_delivered_total", &labels, want).await;
+    assert_eq!(v, want, "{topic}/{group} ok deliveries");
+}
+
+#[actix_rt::test]
+async fn instances_of_one_subscription_share_the_events() {
+    let seen = Seen::default();
+    let n = start_node(
+        Node::builder()
+            .handler("rec", recorder(&seen))
+            .subscription(SubscriptionSpec::rust("api.pool", "pool", "rec").instances(3)),
+    )
+    .await;
+    let mut ids = BTreeSet::new();
+    for i in 0..30 {
+        ids.insert(publish_ok(&n.url, "api.pool", &[], &json!({ "i": i })).await);
+    }
+    seen.wait_ids("30 pooled events", &ids).await;
+    ok_exactly(&n.url, "api.pool", "pool", 30.0).await;
+    let got = seen.all();
+    assert_eq!(
+        got.len(),
+        30,
+        "each event exactly once: {:?}",
+        got.iter().map(|g| &g.id).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        got.iter().map(|g| g.id.clone()).collect::<BTreeSet<_>>(),
+        ids
+    );
+    let instances: BTreeSet<usize> = got.iter().map(|g| g.instance).collect();
+    assert!(
+        instances.len() >= 2,
+        "30 unkeyed events all went to one of 3 instances: {instances:?}"
+    );
+    assert!(
+        instances.iter().all(|&i| i < 3),
+        "no instance was restarted: {instances:?}"
+    );
+    n.node.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4: key ordering
+// ---------------------------------------------------------------------------------------------
+
+#[actix_rt::test]
+async fn events_of_one_key_are_handled_in_order_by_one_instance() {
+    const KEYS: usize = 5;
+    const EVENTS: usize = 300;
+    let seen = Seen::default();
+    let n = start_node(
+        Node::builder()
+            .handler("rec", recorder(&seen))
+            .subscription(SubscriptionSpec::rust("api.keyed", "g", "rec").instances(3)),
+    )
+    .await;
+    for i in 0..EVENTS {
+        let key = format!("customer-{}", i % KEYS);
+        let seq = i / KEYS;
+        publish_ok(
+            &n.url,
+            "api.keyed",
+            &[("x-herald-key", &key)],
+            &json!({ "key": key, "seq": seq }),
+        )
+        .await;
+    }
+    let got = seen.wait_len("300 keyed events", EVENTS).await;
+    let mut by_key: HashMap<String, Vec<(u64, usize)>> = HashMap::new();
+    for g in &got {
+        let key = g
+            .key
+            .clone()
+            .expect("the partition key reaches the handler");
+        assert_eq!(
+            g.data["key"],
+            key.as_str(),
+            "X-Herald-Key is the event's key"
+        );
+        by_key
+            .entry(key)
+            .or_default()
+            .push((g.data["seq"].as_u64().unwrap(), g.instance));
+    }
+    assert_eq!(by_key.len(), KEYS);
+    let mut owners = BTreeSet::new();
+    for (key, list) in &by_key {
+        let seqs: Vec<u64> = list.iter().map(|(s, _)| *s).collect();
+        assert!(
+            seqs.windows(2).all(|w| w[0] < w[1]),
+            "key {key} out of order: {seqs:?}"
+        );
+        assert_eq!(
+            seqs,
+            (0..(EVENTS / KEYS) as u64).collect::<Vec<_>>(),
+            "key {key} lost or repeated events"
+        );
+        let instances: BTreeSet<usize> = list.iter().map(|(_, i)| *i).collect();
+        assert_eq!(
+            instances.len(),
+            1,
+            "key {key} handled by several instances: {instances:?}"
+        );
+        owners.extend(instances);
+    }
+    // Otherwise the test would not show that ordering survives several instances.
+    assert!(
+        owners.len() >= 2,
+        "all keys landed on one instance: {owners:?}"
+    );
+    n.node.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5: supervision
+// ---------------------------------------------------------------------------------------------
+
+#[actix_rt::test]
+async fn a_panicking_handler_is_restarted_and_the_node_keeps_serving() {
+    let poisoned = Seen::default();
+    let steady = Seen::default();
+    let panics_left = Arc::new(AtomicUsize::new(2));
+    let (p, left) = (poisoned.clone(), panics_left.clone());
+    let mut b = Node::builder()
+        .handler("panicky", move || Panicky {
+            seen: p.clone(),
+            panics_left: left.clone(),
+        })
+        .handler("rec", recorder(&steady))
+        .subscribe("api.panic", "p", "panicky")
+        // Two instances on two workers: whichever thread the panics hit keeps running handlers.
+        .subscription(SubscriptionSpec::rust("api.steady", "s", "rec").instances(2));
+    b.config_mut().handlers.workers = 2;
+    b.config_mut().handlers.backoff_initial_ms = 50;
+    let n = start_node(b).await;
+
+    let id = publish_ok(
+        &n.url,
+        "api.panic",
+        &[("idempotency-key", "poison-1")],
+        &json!({ "x": 1 }),
+    )
+    .await;
+    assert_eq!(id, "poison-1");
+    // Meanwhile the node serves HTTP and other subscriptions.
+    let (status, body) = get(&format!("{}/healthz", n.url)).await;
+    assert_eq!(status, 200, "{body}");
+    let mut ids = BTreeSet::new();
+    for i in 0..10 {
+        ids.insert(publish_ok(&n.url, "api.steady", &[], &json!({ "i": i })).await);
+    }
+    let got = steady
+        .wait_ids("the steady subscription's events", &ids)
+        .await;
+    assert_eq!(got.len(), 10);
+
+    let got = poisoned
+        .wait_len("the poison event after two restarts", 1)
+        .await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].id, "poison-1");
+    assert_eq!(
+        got[0].attempt, 3,
+        "delivered on the attempt after the two panics"
+    );
+    assert_eq!(panics_left.load(Ordering::SeqCst), 0);
+    let labels = [("topic", "api.panic"), ("group", "p")];
+    let restarts = wait_metric(&n.url, "herald_handler_restarts_total", &labels, 2.0).await;
+    assert_eq!(restarts, 2.0);
+    ok_exactly(&n.url, "api.panic", "p", 1.0).await;
+    let errors = metric_now(
+        &n.url,
+        "herald_events_delivered_total",
+        &[("topic", "api.panic"), ("group", "p"), ("outcome", "error")],
+    )
+    .await;
+    assert_eq!(errors, Some(2.0));
+    let (status, _) = get(&format!("{}/healthz", n.url)).await;
+    assert_eq!(status, 200);
+    n.node.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6: dead letters
+// ---------------------------------------------------------------------------------------------
+
+#[actix_rt::test]
+async fn failing_events_become_dead_letters_and_can_be_replayed() {
+    let seen = Seen::default();
+    let succeed = Arc::new(AtomicBool::new(false));
+    let failures = Arc::new(AtomicUsize::new(0));
+    let (s, ok, f) = (seen.clone(), succeed.clone(), failures.clone());
+    let mut b = Node::builder()
+        .handler("flaky", move || Flaky {
+            seen: s.clone(),
+            succeed: ok.clone(),
+            failures: f.clone(),
+        })
+        .subscription(SubscriptionSpec::rust("api.dlq", "g", "flaky").max_attempts(3));
+    b.config_mut().handlers.backoff_initial_ms = 5;
+    let n = start_node(b).await;
+
+    let id = publish_ok(
+        &n.url,
+        "api.dlq",
+        &[("x-herald-key", "k1")],
+        &json!({ "order": 42 }),
+    )
+    .await;
+    let list_url = format!("{}/v1/dead-letters?topic=api.dlq", n.url);
+    let list = eventually("the dead letter", || {
+        let u = list_url.clone();
+        async move {
+            let (status, body) = get(&u).await;
+            assert_eq!(status, 200, "{body}");
+            body.as_array().filter(|l| !l.is_empty()).cloned()
+        }
+    })
+    .await;
+    assert_eq!(list.len(), 1, "{list:?}");
+    let dl = &list[0];
+    assert_eq!(dl["topic"], "api.dlq");
+    assert_eq!(dl["group"], "g");
+    assert_eq!(dl["event_id"], id.as_str());
+    assert_eq!(dl["key"], "k1");
+    assert_eq!(dl["attempts"], 3);
+    assert!(dl["error"].as_str().unwrap().contains("boom"), "{dl}");
+    assert_eq!(dl["data"], json!({ "order": 42 }));
+    assert_eq!(
+        failures.load(Ordering::SeqCst),
+        3,
+        "exactly max_attempts attempts"
+    );
+    assert!(seen.all().is_empty());
+    let labels = [("topic", "api.dlq"), ("group", "g")];
+    assert_eq!(
+        wait_metric(&n.url, "herald_dead_letters_total", &labels, 1.0).await,
+        1.0
+    );
+
+    succeed.store(true, Ordering::SeqCst);
+    let dl_id = dl["id"].as_str().unwrap();
+    let a = request(
+        "POST",
+        &format!("{}/v1/dead-letters/{dl_id}/replay", n.url),
+        &[],
+        "",
+    )
+    .await;
+    assert_eq!(a.status, 202, "{}", a.body);
+    assert_eq!(a.body["event_id"], id.as_str());
+    let got = seen.wait_len("the replayed event", 1).await;
+    assert_eq!(got[0].id, id);
+    assert_eq!(got[0].key.as_deref(), Some("k1"));
+    assert_eq!(got[0].data, json!({ "order": 42 }));
+    let (status, body) = get(&list_url).await;
+    assert_eq!(status, 200);
+    assert_eq!(body, json!([]), "the replayed dead letter is gone");
+    assert_eq!(
+        failures.load(Ordering::SeqCst),
+        3,
+        "the replay succeeded at once"
+    );
+
+    // A dead letter replays once; unknown ids are 404.
+    let again = request(
+        "POST",
+        &format!("{}/v1/dead-letters/{dl_id}/replay", n.url),
+        &[],
+        "",
+    )
+    .await;
+    assert_api_error(&again, 404, "not_found");
+    let unknown = request(
+        "POST",
+        &format!("{}/v1/dead-letters/01NOSUCHDEADLETTER/replay", n.url),
+        &[],
+        "",
+    )
+    .await;
+    assert_api_error(&unknown, 404, "not_found");
+    n.node.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7: ack modes
+// ---------------------------------------------------------------------------------------------
+
+#[actix_rt::test]
+async fn ack_processed_answers_with_the_outcomes() {
+    let seen = Seen::default();
+    let n = start_node(Node::builder().handler("rec", recorder(&seen)).subscribe(
+        "api.processed",
+        "g",
+        "rec",
+    ))
+    .await;
+    let a = publish(
+        &n.url,
+        "api.processed",
+        "?ack=processed",
+        &[JSON_CT, ("idempotency-key", "p-1")],
+        r#"{"v":1}"#,
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(a.body["id"], "p-1");
+    assert_eq!(
+        a.body["outcomes"],
+        json!([{ "topic": "api.processed", "group": "g", "outcome": "ok", "attempts": 1 }])
+    );
+    // Processed means the handler already ran: no waiting needed.
+    assert_eq!(seen.ids(), ["p-1"]);
+    // ack=none is accepted too (and still delivered).
+    let a = publish(
+        &n.url,
+        "api.processed",
+        "?ack=none",
+        &[JSON_CT, ("idempotency-key", "p-2")],
+        r#"{"v":2}"#,
+    )
+    .await;
+    assert_eq!(a.status, 202, "{}", a.body);
+    seen.wait_ids("the ack=none event", &BTreeSet::from(["p-2".to_string()]))
+        .await;
+    n.node.shutdown().await;
+}
+
+#[actix_rt::test]
+async fn ack_processed_times_out_with_504_and_the_event_is_still_delivered() {
+    let seen = Seen::default();
+    let gate = Arc::new(Semaphore::new(0));
+    let n = start_node(
+        Node::builder()
+            .handler("gated", gated(&seen, &gate))
+            .subscribe("api.slow", "g", "gated"),
+    )
+    .await;
+    let a = publish(
+        &n.url,
+        "api.slow",
+        "?ack=processed&timeout_ms=50",
+        &[JSON_CT, ("idempotency-key", "slow-1")],
+        r#"{"slow":true}"#,
+    )
+    .await;
+    assert_api_error(&a, 504, "timeout");
+    assert!(seen.all().is_empty(), "the handler is still blocked");
+    open(&gate);
+    let got = seen.wait_len("the slow event", 1).await;
+    assert_eq!(got[0].id, "slow-1");
+    assert_eq!(got[0].data, json!({ "slow": true }));
+    ok_exactly(&n.url, "api.slow", "g", 1.0).await;
+    n.node.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 8: backpressure
+// ---------------------------------------------------------------------------------------------
+
+#[actix_rt::test]
+async fn full_mailboxes_refuse_with_429_and_lose_nothing_accepted() {
+    let seen = Seen::default();
+    let gate = Arc::new(Semaphore::new(0));
+    let mut b = Node::builder()
+        .handler("gated", gated(&seen, &gate))
+        .subscribe("api.bp", "g", "gated");
+    b.config_mut().handlers.mailbox_capacity = 4;
+    b.config_mut().http.max_batch_events = 4;
+    let n = start_node(b).await;
+
+    let mut accepted = Vec::new();
+    let mut refused = Vec::new();
+    for i in 0..20 {
+        let id = format!("bp-{i}");
+        let a = publish(
+            &n.url,
+            "api.bp",
+            "",
+            &[JSON_CT, ("idempotency-key", &id)],
+            json!({ "i": i }).to_string(),
+        )
+        .await;
+        match a.status {
+            202 => {
+                assert!(
+                    refused.is_empty(),
+                    "{id} accepted after a refusal although nothing drained"
+                );
+                accepted.push(id);
+            }
+            429 => {
+                assert_api_error(&a, 429, "overloaded");
+                let retry = a.headers.get("retry-after").expect("Retry-After on 429");
+                let secs: u64 = retry
+                    .to_str()
+                    .unwrap()
+                    .parse()
+                    .expect("Retry-After is seconds");
+                assert!(secs >= 1);
+                refused.push(id);
+            }
+            s => panic!("unexpected status {s}: {}", a.body),
+        }
+    }
+    // 4 in the mailbox, plus the one the blocked handler holds once the instance took it.
+    assert!((4..=5).contains(&accepted.len()), "accepted {accepted:?}");
+    assert_eq!(accepted.len() + refused.len(), 20);
+
+    open(&gate);
+    let want: BTreeSet<String> = accepted.iter().cloned().collect();
+    seen.wait_ids("every accepted event", &want).await;
+    // A last event through the same (FIFO) instance: anything queued before it has been handled.
+    let marker = publish_ok(
+        &n.url,
+        "api.bp",
+        &[("idempotency-key", "bp-marker")],
+        &json!({ "marker": true }),
+    )
+    .await;
+    let got = seen
+        .wait_ids("the marker", &BTreeSet::from([marker.clone()]))
+        .await;
+    let mut expected = accepted.clone();
+    expected.push(marker);
+    assert_eq!(
+        got.into_iter().map(|g| g.id).collect::<Vec<_>>(),
+        expected,
+        "refused events must never arrive"
+    );
+    n.node.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 9: WAL replay
+// ---------------------------------------------------------------------------------------------
+
+#[actix_rt::test]
+async fn unfinished_events_are_replayed_from_the_wal_after_a_restart() {
+    let started = Arc::new(AtomicUsize::new(0));
+    let st = started.clone();
+    let mut b = Node::builder()
+        .handler("h", move || Stuck {
+            started: st.clone(),
+        })
+        .subscribe("api.wal", "g", "h");
+    b.config_mut().handlers.call_timeout_ms = 600_000;
+    b.config_mut().shutdown_timeout_ms = 200;
+    let n = start_node(b).await;
+    let mut ids = BTreeSet::new();
+    for i in 0..20 {
+        ids.insert(
+            publish_ok(
+                &n.url,
+                "api.wal",
+                &[("x-herald-key", "k")],
+                &json!({ "i": i }),
+            )
+            .await,
+        );
+    }
+    assert_eq!(ids.len(), 20);
+    eventually("the handler is stuck on the first event", || {
+        let s = started.clone();
+        async move { (s.load(Ordering::SeqCst) >= 1).then_some(()) }
+    })
+    .await;
+    let TestNode { node, dir, .. } = n;
+    node.shutdown().await;
+    assert_eq!(
+        started.load(Ordering::SeqCst),
+        1,
+        "nothing finished, so nothing else started"
+    );
+
+    let seen = Seen::default();
+    let b = Node::builder()
+        .handler("h", recorder(&seen))
+        .subscribe("api.wal", "g", "h");
+    let n = start_node_in(b, dir).await;
+    let got = seen.wait_ids("all 20 events replayed", &ids).await;
+    let delivered: BTreeSet<String> = got.iter().map(|g| g.id.clone()).collect();
+    assert_eq!(delivered, ids);
+    // The key and data survive the WAL, and one key's order too.
+    assert!(got.iter().all(|g| g.key.as_deref() == Some("k")));
+    let order: Vec<i64> = got.iter().map(|g| g.data["i"].as_i64().unwrap()).collect();
+    assert_eq!(order, (0..20).collect::<Vec<_>>());
+    n.node.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 10: bad input and auth
+// ---------------------------------------------------------------------------------------------
+
+const PUBLISH_TOKEN: &str = "publish-token-123";
+const ADMIN_TOKEN: &str = "admin-token-1234";
+
+/// A request and what it must get.
+struct Req {
+    method: &'static str,
+    path: String,
+    headers: Vec<(&'static str, String)>,
+    body: Vec<u8>,
+    status: u16,
+    code: &'static str,
+}
+
+impl Req {
+    /// A request carrying the admin token, so that only the deliberate fault is wrong with it.
+    fn new(
+        method: &'static str,
+        path: impl Into<String>,
+        content_type: &str,
+        body: impl Into<Vec<u8>>,
+    ) -> Req {
+        Req {
+            method,
+            path: path.into(),
+            headers: vec![
+                ("authorization", format!("Bearer {ADMIN_TOKEN}")),
+                ("content-type", content_type.to_string()),
+            ],
+            body: body.into(),
+            status: 400,
+            code: "",
+        }
+    }
+
+    fn expect(mut self, status: u16, code: &'static str) -> Req {
+        self.status = status;
+        self.code = code;
+        self
+    }
+
+    fn header(mut self, name: &'static str, value: impl Into<String>) -> Req {
+        self.headers.retain(|(k, _)| *k != name);
+        self.headers.push((name, value.into()));
+        self
+    }
+
+    fn without(mut self, name: &str) -> Req {
+        self.headers.retain(|(k, _)| *k != name);
+        self
+    }
+
+    async fn send(&self, url: &str) -> Answer {
+        let h: Vec<(&str, &str)> = self.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        request(
+            self.method,
+            &format!("{url}{}", self.path),
+            &h,
+            self.body.clone(),
+        )
+        .await
+    }
+}
+
+const BAD_TOPIC: &str = "api.bad";
+
+fn events_path(topic: &str) -> String {
+    format!("/v1/topics/{topic}/events")
+}
+
+fn subscription_body(handler: Value, instances: u32) -> String {
+    json!({ "topic": BAD_TOPIC, "group": "other", "handler": handler, "instances": instances })
+        .to_string()
+}
+
+fn malformed_json() -> Req {
+    Req::new(
+        "POST",
+        events_path(BAD_TOPIC),
+        "application/json",
+        "{\"not\": json",
+    )
+    .expect(400, "invalid_json")
+}
+
+fn bad_topic_chars() -> Req {
+    Req::new(
+        "POST",
+        events_path("bad%20topic%21"),
+        "application/json",
+        "{}",
+    )
+    .expect(400, "invalid_topic")
+}
+
+fn bad_topic_too_long() -> Req {
+    Req::new(
+        "POST",
+        events_path(&"x".repeat(201)),
+        "application/json",
+        "{}",
+    )
+    .expect(400, "invalid_topic")
+}
+
+fn unknown_handler_kind() -> Req {
+    Req::new(
+        "POST",
+        "/v1/subscriptions",
+        "application/json",
+        subscription_body(json!({ "kind": "nope" }), 1),
+    )
+    .expect(400, "invalid_json")
+}
+
+fn unknown_rust_handler() -> Req {
+    let body = subscription_body(json!({ "kind": "rust", "name": "no-such-handler" }), 1);
+    Req::new("POST", "/v1/subscriptions", "application/json", body).expect(400, "unknown_handler")
+}
+
+fn webhook_not_http() -> Req {
+    let body = subscription_body(
+        json!({ "kind": "webhook", "url": "ftp://example.com/hook" }),
+        1,
+    );
+    Req::new("POST", "/v1/subscriptions", "application/json", body)
+        .expect(400, "invalid_webhook_url")
+}
+
+fn instances(n: u32) -> Req {
+    let body = subscription_body(json!({ "kind": "rust", "name": "rec" }), n);
+    Req::new("POST", "/v1/subscriptions", "application/json", body).expect(400, "invalid_instances")
+}
+
+/// 2000 bytes of valid JSON against a 1024-byte limit.
+fn body_too_large() -> Req {
+    let body = format!("\"{}\"", "x".repeat(1998));
+    assert_eq!(body.len(), 2000);
+    Req::new("POST", events_path(BAD_TOPIC), "application/json", body)
+        .expect(413, "payload_too_large")
+}
+
+fn wrong_content_type() -> Req {
+    Req::new("POST", events_path(BAD_TOPIC), "text/plain", "hello")
+        .expect(415, "unsupported_media_type")
+}
+
+fn cloudevent_missing_attributes() -> Req {
+    let body =
+        json!({ "specversion": "1.0", "id": "ce-no-source", "data": { "x": 1 } }).to_string();
+    Req::new(
+        "POST",
+        events_path(BAD_TOPIC),
+        "application/cloudevents+json",
+        body,
+    )
+    .expect(400, "invalid_cloudevent")
+}
+
+fn binary_cloudevent_missing_id() -> Req {
+    Req::new(
+        "POST",
+        events_path(BAD_TOPIC),
+        "application/json",
+        r#"{"x":1}"#,
+    )
+    .header("ce-specversion", "1.0")
+    .header("ce-source", "/tests")
+    .header("ce-type", "com.example.test")
+    .expect(400, "invalid_cloudevent")
+}
+
+fn bogus_ack() -> Req {
+    Req::new(
+        "POST",
+        format!("{}?ack=bogus", events_path(BAD_TOPIC)),
+        "application/json",
+        "{}",
+    )
+    .expect(400, "invalid_query")
+}
+
+fn empty_batch() -> Req {
+    Req::new(
+        "POST",
+        format!("{}/batch", events_path(BAD_TOPIC)),
+        "application/json",
+        "[]",
+    )
+    .expect(400, "empty_batch")
+}
+
+/// Five events against `http.max_batch_events = 4`.
+fn batch_too_large() -> Req {
+    Req::new(
+        "POST",
+        format!("{}/batch", events_path(BAD_TOPIC)),
+        "application/json",
+        "[1,2,3,4,5]",
+    )
+    .expect(400, "batch_too_large")
+}
+
+fn missing_token() -> Req {
+    Req::new("POST", events_path(BAD_TOPIC), "application/json", "{}")
+        .without("authorization")
+        .expect(401, "unauthorized")
+}
+
+fn wrong_token() -> Req {
+    Req::new("POST", events_path(BAD_TOPIC), "application/json", "{}")
+        .header("authorization", "Bearer not-a-real-token")
+        .expect(401, "unauthorized")
+}
+
+fn publish_token_on_admin_route() -> Req {
+    Req::new("GET", "/v1/subscriptions", "application/json", "")
+        .header("authorization", format!("Bearer {PUBLISH_TOKEN}"))
+        .expect(403, "forbidden")
+}
+
+fn every_bad_request() -> Vec<Req> {
+    vec![
+        malformed_json(),
+        bad_topic_chars(),
+        bad_topic_too_long(),
+        unknown_handler_kind(),
+        unknown_rust_handler(),
+        webhook_not_http(),
+        instances(0),
+        instances(1_000_000),
+        body_too_large(),
+        wrong_content_type(),
+        cloudevent_missing_attributes(),
+        binary_cloudevent_missing_id(),
+        bogus_ack(),
+        empty_batch(),
+        batch_too_large(),
+        missing_token(),
+        wrong_token(),
+        publish_token_on_admin_route(),
+    ]
+}
+
+/// A node with both tokens, small body and batch limits, and a recorder subscribed to `topics`.
+async fn guarded_node(seen: &Seen, topics: &[&str]) -> TestNode {
+    let mut b = Node::builder().handler("rec", recorder(seen));
+    for topic in topics {
+        b = b.subscribe(topic, "g", "rec");
+    }
+    let c = b.config_mut();
+    c.auth.tokens = vec![
+        TokenConfig {
+            token: PUBLISH_TOKEN.into(),
+            role: Role::Publish,
+        },
+        TokenConfig {
+            token: ADMIN_TOKEN.into(),
+            role: Role::Admin,
+        },
+    ];
+    c.http.max_body_bytes = 1024;
+    c.http.max_batch_events = 4;
+    start_node(b).await
+}
+
+/// Sends each bad request and checks its answer, then checks that none of them created a
+/// subscription or queued an event: an `ack=processed` marker through the one FIFO instance must
+/// be the only thing the handler ever saw.
+async fn refused(cases: Vec<Req>) {
+    let seen = Seen::default();
+    let n = guarded_node(&seen, &[BAD_TOPIC]).await;
+    for case in &cases {
+        let a = case.send(&n.url).await;
+        assert_api_error(&a, case.status, case.code);
+    }
+    let admin = format!("Bearer {ADMIN_TOKEN}");
+    let a = request(
+        "GET",
+        &format!("{}/v1/subscriptions", n.url),
+        &[("authorization", &admin)],
+        "",
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(
+        a.body.as_array().map(Vec::len),
+        Some(1),
+        "only the declared subscription: {}",
+        a.body
+    );
+    let a = publish(
+        &n.url,
+        BAD_TOPIC,
+        "?ack=processed",
+        &[
+            JSON_CT,
+            ("authorization", &admin),
+            ("idempotency-key", "marker"),
+        ],
+        "{}",
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(
+        seen.ids(),
+        ["marker"],
+        "a refused request reached the handler"
+    );
+    n.node.shutdown().await;
+}
+
+#[actix_rt::test]
+async fn malformed_json_is_400_invalid_json() {
+    refused(vec![malformed_json()]).await;
+}
+
+#[actix_rt::test]
+async fn bad_topic_names_are_400_invalid_topic() {
+    refused(vec![bad_topic_chars(), bad_topic_too_long()]).await;
+}
+
+#[actix_rt::test]
+async fn unknown_handler_kind_is_400() {
+    refused(vec![unknown_handler_kind()]).await;
+}
+
+#[actix_rt::test]
+async fn unknown_rust_handler_is_400_unknown_handler() {
+    refused(vec![unknown_rust_handler()]).await;
+}
+
+#[actix_rt::test]
+async fn non_http_webhook_is_400_invalid_webhook_url() {
+    refused(vec![webhook_not_http()]).await;
+}
+
+#[actix_rt::test]
+async fn instances_out_of_range_are_400_invalid_instances() {
+    refused(vec![instances(0), instances(1_000_000)]).await;
+}
+
+#[actix_rt::test]
+async fn body_over_the_limit_is_413() {
+    refused(vec![body_too_large()]).await;
+}
+
+#[actix_rt::test]
+async fn wrong_content_type_is_415() {
+    refused(vec![wrong_content_type()]).await;
+}
+
+#[actix_rt::test]
+async fn structured_cloudevent_without_source_and_type_is_400() {
+    refused(vec![cloudevent_missing_attributes()]).await;
+}
+
+#[actix_rt::test]
+async fn binary_cloudevent_without_id_is_400() {
+    refused(vec![binary_cloudevent_missing_id()]).await;
+}
+
+#[actix_rt::test]
+async fn unknown_ack_mode_is_400_invalid_query() {
+    refused(vec![bogus_ack()]).await;
+}
+
+#[actix_rt::test]
+async fn empty_batch_is_400() {
+    refused(vec![empty_batch()]).await;
+}
+
+#[actix_rt::test]
+async fn batch_over_the_limit_is_400() {
+    refused(vec![batch_too_large()]).await;
+}
+
+#[actix_rt::test]
+async fn missing_token_is_401() {
+    refused(vec![missing_token()]).await;
+}
+
+#[actix_rt::test]
+async fn wrong_token_is_401() {
+    refused(vec![wrong_token()]).await;
+}
+
+#[actix_rt::test]
+async fn publish_token_on_an_admin_route_is_403() {
+    refused(vec![publish_token_on_admin_route()]).await;
+}
+
+#[actix_rt::test]
+async fn the_right_tokens_are_accepted() {
+    let seen = Seen::default();
+    let n = guarded_node(&seen, &["api.tokens"]).await;
+    let publish_auth = format!("Bearer {PUBLISH_TOKEN}");
+    let admin_auth = format!("Bearer {ADMIN_TOKEN}");
+    let a = publish(
+        &n.url,
+        "api.tokens",
+        "",
+        &[
+            JSON_CT,
+            ("authorization", &publish_auth),
+            ("idempotency-key", "t-1"),
+        ],
+        "{}",
+    )
+    .await;
+    assert_eq!(a.status, 202, "publish token publishes: {}", a.body);
+    // Admin includes publish.
+    let a = publish(
+        &n.url,
+        "api.tokens",
+        "",
+        &[
+            JSON_CT,
+            ("authorization", &admin_auth),
+            ("idempotency-key", "t-2"),
+        ],
+        "{}",
+    )
+    .await;
+    assert_eq!(a.status, 202, "admin token publishes: {}", a.body);
+    let a = request(
+        "GET",
+        &format!("{}/v1/subscriptions", n.url),
+        &[("authorization", &admin_auth)],
+        "",
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(a.body[0]["topic"], "api.tokens");
+    let a = request(
+        "GET",
+        &format!("{}/v1/dead-letters", n.url),
+        &[("authorization", &admin_auth)],
+        "",
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    let got = seen.wait_len("both events", 2).await;
+    assert_eq!(
+        got.iter().map(|g| g.id.as_str()).collect::<Vec<_>>(),
+        ["t-1", "t-2"]
+    );
+    n.node.shutdown().await;
+}
+
+#[actix_rt::test]
+async fn bad_requests_never_lose_accepted_events() {
+    let seen = Seen::default();
+    let n = guarded_node(&seen, &["api.mixed", BAD_TOPIC]).await;
+    let auth = format!("Bearer {PUBLISH_TOKEN}");
+    let mut good = BTreeSet::new();
+    for round in 0..6 {
+        let mut reqs = Vec::new();
+        for (i, bad) in every_bad_request().into_iter().enumerate() {
+            if i % 6 == 0 {
+                let id = format!("mixed-{round}-{i}");
+                good.insert(id.clone());
+                reqs.push(
+                    Req::new(
+                        "POST",
+                        events_path("api.mixed"),
+                        "application/json",
+                        json!({ "round": round, "i": i }).to_string(),
+                    )
+                    .header("authorization", auth.clone())
+                    .header("idempotency-key", id)
+                    .expect(202, ""),
+                );
+            }
+            reqs.push(bad);
+        }
+        let answers = futures_util::future::join_all(reqs.iter().map(|r| r.send(&n.url))).await;
+        for (r, a) in reqs.iter().zip(&answers) {
+            assert!(
+                a.status < 500,
+                "{} {} answered {}: {}",
+                r.method,
+                r.path,
+                a.status,
+                a.body
+            );
+            if r.status == 202 {
+                assert_eq!(a.status, 202, "{}", a.body);
+            } else {
+                assert_api_error(a, r.status, r.code);
+            }
+        }
+    }
+    assert_eq!(good.len(), 18);
+    seen.wait_ids("every accepted event", &good).await;
+    // The bad publishes aimed at api.bad, which the recorder subscribes too: a marker through its
+    // one FIFO instance shows that none of them was queued.
+    let a = publish(
+        &n.url,
+        BAD_TOPIC,
+        "?ack=processed",
+        &[
+            JSON_CT,
+            ("authorization", &auth),
+            ("idempotency-key", "marker"),
+        ],
+        "{}",
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    let delivered: Vec<String> = seen.ids().into_iter().filter(|id| id != "marker").collect();
+    assert_eq!(delivered.len(), good.len(), "{delivered:?}");
+    assert_eq!(delivered.into_iter().collect::<BTreeSet<_>>(), good);
+    n.node.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 11: CloudEvents, batches, idempotency keys
+// ---------------------------------------------------------------------------------------------
+
+async fn recording_node(seen: &Seen, topic: &str) -> TestNode {
+    start_node(
+        Node::builder()
+            .handler("rec", recorder(seen))
+            .subscribe(topic, "g", "rec"),
+    )
+    .await
+}
+
+#[actix_rt::test]
+async fn structured_cloudevents_keep_their_attributes() {
+    let seen = Seen::default();
+    let n = recording_node(&seen, "api.ce.structured").await;
+    let ce = json!({
+        "specversion": "1.0",
+        "id": "ce-structured-1",
+        "source": "/orders/service",
+        "type": "com.example.order.created",
+        "subject": "order-7",
+        "partitionkey": "customer-7",
+        "datacontenttype": "application/json",
+        "data": { "order": 7 }
+    });
+    let a = publish(
+        &n.url,
+        "api.ce.structured",
+        "",
+        &[("content-type", "application/cloudevents+json")],
+        ce.to_string(),
+    )
+    .await;
+    assert_eq!(a.status, 202, "{}", a.body);
+    assert_eq!(a.body["id"], "ce-structured-1");
+    let got = seen.wait_len("the structured CloudEvent", 1).await;
+    let g = &got[0];
+    assert_eq!(g.id, "ce-structured-1");
+    assert_eq!(g.source, "/orders/service");
+    assert_eq!(g.event_type, "com.example.order.created");
+    assert_eq!(g.key.as_deref(), Some("customer-7"));
+    assert_eq!(
+        g.headers.get("subject").map(String::as_str),
+        Some("order-7")
+    );
+    assert_eq!(g.data, json!({ "order": 7 }));
+    n.node.shutdown().await;
+}
+
+#[actix_rt::test]
+async fn binary_cloudevents_take_attributes_from_headers() {
+    let seen = Seen::default();
+    let n = recording_node(&seen, "api.ce.binary").await;
+    let headers = [
+        JSON_CT,
+        ("ce-specversion", "1.0"),
+        ("ce-id", "ce-binary-1"),
+        ("ce-source", "/billing"),
+        ("ce-type", "com.example.invoice.paid"),
+        ("ce-traceparent", "00-abc-def-01"),
+    ];
+    let a = publish(&n.url, "api.ce.binary", "", &headers, r#"{"invoice":9}"#).await;
+    assert_eq!(a.status, 202, "{}", a.body);
+    assert_eq!(a.body["id"], "ce-binary-1");
+    let got = seen.wait_len("the binary CloudEvent", 1).await;
+    let g = &got[0];
+    assert_eq!(g.id, "ce-binary-1");
+    assert_eq!(g.source, "/billing");
+    assert_eq!(g.event_type, "com.example.invoice.paid");
+    assert_eq!(g.content_type, "application/json");
+    assert_eq!(g.data, json!({ "invoice": 9 }));
+    assert_eq!(
+        g.headers.get("traceparent").map(String::as_str),
+        Some("00-abc-def-01")
+    );
+    n.node.shutdown().await;
+}
+
+#[actix_rt::test]
+async fn plain_json_events_get_default_attributes() {
+    let seen = Seen::default();
+    let n = recording_node(&seen, "api.plain").await;
+    let id = publish_ok(&n.url, "api.plain", &[], &json!({ "p": 1 })).await;
+    assert_eq!(id.len(), 26, "a generated ULID: {id}");
+    let got = seen.wait_len("the plain event", 1).await;
+    assert_eq!(got[0].id, id);
+    assert_eq!(got[0].source, "herald");
+    assert_eq!(
+        got[0].event_type, "api.plain",
+        "the type defaults to the topic"
+    );
+    assert_eq!(got[0].key, None);
+    n.node.shutdown().await;
+}
+
+#[actix_rt::test]
+async fn batch_publish_of_a_json_array() {
+    let seen = Seen::default();
+    let n = recording_node(&seen, "api.batch").await;
+    let a = request(
+        "POST",
+        &format!("{}/v1/topics/api.batch/events/batch", n.url),
+        &[JSON_CT],
+        r#"[{"n":0},{"n":1},{"n":2}]"#,
+    )
+    .await;
+    assert_eq!(a.status, 202, "{}", a.body);
+    assert_eq!(a.body["topic"], "api.batch");
+    assert_eq!(a.body["subscriptions"], 1);
+    let ids: Vec<String> = a.body["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids.len(), 3);
+    let got = seen.wait_len("the batch", 3).await;
+    assert_eq!(got.iter().map(|g| g.id.clone()).collect::<Vec<_>>(), ids);
+    assert_eq!(
+        got.iter()
+            .map(|g| g.data["n"].as_i64().unwrap())
+            .collect::<Vec<_>>(),
+        [0, 1, 2]
+    );
+
+    // With an Idempotency-Key the ids are K-0, K-1 …
+    let a = request(
+        "POST",
+        &format!("{}/v1/topics/api.batch/events/batch", n.url),
+        &[JSON_CT, ("idempotency-key", "load-9")],
+        r#"["a","b"]"#,
+    )
+    .await;
+    assert_eq!(a.status, 202, "{}", a.body);
+    assert_eq!(a.body["ids"], json!(["load-9-0", "load-9-1"]));
+    seen.wait_ids(
+        "the keyed batch",
+        &BTreeSet::from(["load-9-0".to_string(), "load-9-1".to_string()]),
+    )
+    .await;
+    n.node.shutdown().await;
+}
+
+#[actix_rt::test]
+async fn batch_publish_of_cloudevents() {
+    let seen = Seen::default();
+    let n = recording_node(&seen, "api.ce.batch").await;
+    let batch = json!([
+        { "specversion": "1.0", "id": "cb-1", "source": "/batcher", "type": "com.example.one", "data": { "k": 1 } },
+        { "specversion": "1.0", "id": "cb-2", "source": "/batcher", "type": "com.example.two", "data": { "k": 2 } }
+    ]);
+    let a = request(
+        "POST",
+        &format!("{}/v1/topics/api.ce.batch/events/batch", n.url),
+        &[("content-type", "application/cloudevents-batch+json")],
+        batch.to_string(),
+    )
+    .await;
+    assert_eq!(a.status, 202, "{}", a.body);
+    assert_eq!(a.body["ids"], json!(["cb-1", "cb-2"]));
+    let got = seen.wait_len("the CloudEvents batch", 2).await;
+    assert_eq!(
+        got.iter().map(|g| g.id.as_str()).collect::<Vec<_>>(),
+        ["cb-1", "cb-2"]
+    );
+    assert_eq!(
+        got.iter()
+            .map(|g| g.event_type.as_str())
+            .collect::<Vec<_>>(),
+        ["com.example.one", "com.example.two"]
+    );
+    assert!(got.iter().all(|g| g.source == "/batcher"));
+    assert_eq!(got[1].data, json!({ "k": 2 }));
+    n.node.shutdown().await;
+}
+
+#[actix_rt::test]
+async fn idempotency_key_sets_the_event_id() {
+    let seen = Seen::default();
+    let n = recording_node(&seen, "api.idem").await;
+    let id = publish_ok(
+        &n.url,
+        "api.idem",
+        &[("idempotency-key", "order-42-created")],
+        &json!({ "o": 42 }),
+    )
+    .await;
+    assert_eq!(id, "order-42-created");
+    // The header wins over a structured CloudEvent's own id.
+    let ce =
+        json!({ "specversion": "1.0", "id": "body-id", "source": "/s", "type": "t", "data": {} });
+    let a = publish(
+        &n.url,
+        "api.idem",
+        "",
+        &[
+            ("content-type", "application/cloudevents+json"),
+            ("idempotency-key", "header-id"),
+        ],
+        ce.to_string(),
+    )
+    .await;
+    assert_eq!(a.status, 202, "{}", a.body);
+    assert_eq!(a.body["id"], "header-id");
+    let got = seen.wait_len("both events", 2).await;
+    assert_eq!(
+        got.iter().map(|g| g.id.as_str()).collect::<Vec<_>>(),
+        ["order-42-created", "header-id"]
+    );
+    n.node.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 12: subscriptions over HTTP, OpenAPI, cluster
+// ---------------------------------------------------------------------------------------------
+
+#[actix_rt::test]
+async fn subscriptions_crud_over_http() {
+    let seen = Seen::default();
+    let n = start_node(Node::builder().handler("rec", recorder(&seen))).await;
+    let subs = format!("{}/v1/subscriptions", n.url);
+    let spec = json!({ "topic": "api.crud", "group": "g", "handler": { "kind": "rust", "name": "rec" }, "instances": 2 });
+
+    let a = post_json(&subs, &spec).await;
+    assert_eq!(a.status, 201, "{}", a.body);
+    assert_eq!(a.body["topic"], "api.crud");
+    let a = post_json(&subs, &spec).await;
+    assert_eq!(
+        a.status, 200,
+        "the same spec again changes nothing: {}",
+        a.body
+    );
+    let (status, list) = get(&subs).await;
+    assert_eq!(status, 200);
+    let list = list.as_array().unwrap().clone();
+    assert_eq!(list.len(), 1, "{list:?}");
+    assert_eq!(list[0]["topic"], "api.crud");
+    assert_eq!(list[0]["group"], "g");
+    assert_eq!(list[0]["instances"], 2);
+    assert_eq!(list[0]["handler"], json!({ "kind": "rust", "name": "rec" }));
+    assert_eq!(
+        list[0]["max_attempts"], 5,
+        "the node's default is filled in"
+    );
+
+    // It runs.
+    let id = publish_ok(&n.url, "api.crud", &[], &json!({ "c": 1 })).await;
+    let got = seen
+        .wait_len("the event via the HTTP-created subscription", 1)
+        .await;
+    assert_eq!(got[0].id, id);
+
+    let del = format!("{subs}/api.crud/g");
+    let a = request("DELETE", &del, &[], "").await;
+    assert_eq!(a.status, 204, "{}", a.body);
+    let a = request("DELETE", &del, &[], "").await;
+    assert_api_error(&a, 404, "not_found");
+    let (status, list) = get(&subs).await;
+    assert_eq!(status, 200);
+    assert_eq!(list, json!([]));
+    let a = post_json(
+        &format!("{}/v1/topics/api.crud/events", n.url),
+        &json!({ "c": 2 }),
+    )
+    .await;
+    assert_eq!(a.status, 202, "{}", a.body);
+    assert_eq!(a.body["subscriptions"], 0, "nobody subscribes any more");
+    n.node.shutdown().await;
+}
+
+#[actix_rt::test]
+async fn openapi_and_cluster_views() {
+    let seen = Seen::default();
+    let n = recording_node(&seen, "api.views").await;
+    let (status, doc) = get(&format!("{}/openapi.json", n.url)).await;
+    assert_eq!(status, 200);
+    let paths = doc["paths"].as_object().expect("paths");
+    for p in [
+        "/v1/topics/{topic}/events",
+        "/v1/topics/{topic}/events/batch",
+        "/v1/subscriptions",
+        "/v1/dead-letters",
+    ] {
+        assert!(
+            paths.contains_key(p),
+            "OpenAPI lacks {p}: {:?}",
+            paths.keys().collect::<Vec<_>>()
+        );
+    }
+    let (status, cluster) = get(&format!("{}/v1/cluster", n.url)).await;
+    assert_eq!(status, 200);
+    let members = cluster["members"].as_array().expect("members");
+    assert_eq!(members.len(), 1, "{cluster}");
+    assert_eq!(members[0]["status"], "up");
+    assert_eq!(members[0]["http"], n.node.http_addr().to_string());
+    assert!(
+        members[0]["handlers"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("rust:rec")),
+        "{cluster}"
+    );
+    assert_eq!(cluster["ready"], true);
+    n.node.shutdown().await;
+}
