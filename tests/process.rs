@@ -8,7 +8,6 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::future::Future;
 use std::io::{Read, Write};
 use std::path::Path;
 use std::process::{Command, ExitStatus, Output, Stdio};
@@ -101,25 +100,6 @@ async fn terminate(mut proc: Proc) -> ExitStatus {
     actix_rt::task::spawn_blocking(move || proc.terminate())
         .await
         .expect("terminate thread")
-}
-
-/// Like [`eventually`] with a deadline of the caller's choosing (for long end-to-end waits).
-async fn within<T, F, Fut>(what: &str, deadline: Duration, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(
-            start.elapsed() < deadline,
-            "timed out after {deadline:?} waiting for: {what}"
-        );
-        actix_rt::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 async fn metrics_of(url: &str) -> String {

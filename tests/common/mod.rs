@@ -51,7 +51,16 @@ pub async fn start_node_in(mut builder: NodeBuilder, dir: tempfile::TempDir) -> 
 }
 
 /// Polls `f` every 20 ms until it returns `Some`, failing the test after [`DEADLINE`].
-pub async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
+pub async fn eventually<T, F, Fut>(what: &str, f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    within(what, DEADLINE, f).await
+}
+
+/// Like [`eventually`] with a deadline of the caller's choosing (for long end-to-end waits).
+pub async fn within<T, F, Fut>(what: &str, deadline: Duration, mut f: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
@@ -61,7 +70,7 @@ where
         if let Some(v) = f().await {
             return v;
         }
-        assert!(start.elapsed() < DEADLINE, "timed out after {DEADLINE:?} waiting for: {what}");
+        assert!(start.elapsed() < deadline, "timed out after {deadline:?} waiting for: {what}");
         actix_rt::time::sleep(Duration::from_millis(20)).await;
     }
 }
