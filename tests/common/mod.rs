@@ -159,47 +159,7 @@ pub struct Receiver {
 
 impl Receiver {
     pub async fn start(fail_first: usize) -> Receiver {
-        let received: Arc<Mutex<Vec<Received>>> = Arc::default();
-        let failures = Arc::new(Mutex::new(fail_first));
-        let r = received.clone();
-        let server = HttpServer::new(move || {
-            let r = r.clone();
-            let failures = failures.clone();
-            App::new().default_service(web::to(move |req: HttpRequest, body: web::Bytes| {
-                let r = r.clone();
-                let failures = failures.clone();
-                async move {
-                    {
-                        let mut f = failures.lock().unwrap();
-                        if *f > 0 {
-                            *f -= 1;
-                            return HttpResponse::InternalServerError().finish();
-                        }
-                    }
-                    let headers = req
-                        .headers()
-                        .iter()
-                        .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string()))
-                        .collect();
-                    let body = serde_json::from_slice(&body).unwrap_or(Value::Null);
-                    r.lock().unwrap().push(Received { headers, body });
-                    HttpResponse::Ok().finish()
-                }
-            }))
-        })
-        .workers(1)
-        .disable_signals()
-        .bind("127.0.0.1:0")
-        .expect("bind receiver");
-        let addr = server.addrs()[0];
-        let server = server.run();
-        let handle = server.handle();
-        actix_rt::spawn(server);
-        Receiver {
-            url: format!("http://{addr}/hook"),
-            received,
-            handle,
-        }
+        Receiver::start_with("127.0.0.1:0", fail_first, Duration::ZERO).await
     }
 
     pub fn events(&self) -> Vec<Received> {
