@@ -146,6 +146,22 @@ fn binary_cloudevent(topic: &str, headers: &HeaderMap, media: Option<String>, bo
     Ok(apply_headers(e, headers))
 }
 
+/// What both publish routes check first: the token, the topic, the query; then the body is read.
+async fn admit(
+    req: &HttpRequest,
+    topic: web::Path<String>,
+    query: &PublishQuery,
+    payload: web::Payload,
+    state: &State,
+) -> Result<(String, Duration, web::Bytes), ApiError> {
+    authorize(req, state, Role::Publish)?;
+    let topic = topic.into_inner();
+    event::validate_name("topic", &topic).map_err(|e| ApiError::bad_request("invalid_topic", e.to_string()))?;
+    let timeout = query.timeout()?;
+    let body = read_body(req, payload, state.core.config().http.max_body_bytes).await?;
+    Ok((topic, timeout, body))
+}
+
 #[utoipa::path(post, path = "/v1/topics/{topic}/events", tag = "events",
     params(("topic" = String, Path, description = "Topic, [a-zA-Z0-9._-]{1,200}"), PublishQuery,
            ("Idempotency-Key" = Option<String>, Header, description = "Event id"),
@@ -165,11 +181,7 @@ pub(crate) async fn publish_one(
     payload: web::Payload,
     state: State,
 ) -> Result<HttpResponse, ApiError> {
-    authorize(&req, &state, Role::Publish)?;
-    let topic = topic.into_inner();
-    event::validate_name("topic", &topic).map_err(|e| ApiError::bad_request("invalid_topic", e.to_string()))?;
-    let timeout = query.timeout()?;
-    let body = read_body(&req, payload, state.core.config().http.max_body_bytes).await?;
+    let (topic, timeout, body) = admit(&req, topic, &query, payload, &state).await?;
     let e = parse_one(&topic, &req, body)?;
     let ack = query.ack.unwrap_or_default();
     let mut answer = state.core.ingress().publish(vec![e], ack, timeout).await?;
@@ -194,12 +206,8 @@ pub(crate) async fn publish_batch(
     payload: web::Payload,
     state: State,
 ) -> Result<HttpResponse, ApiError> {
-    authorize(&req, &state, Role::Publish)?;
-    let topic = topic.into_inner();
-    event::validate_name("topic", &topic).map_err(|e| ApiError::bad_request("invalid_topic", e.to_string()))?;
-    let timeout = query.timeout()?;
+    let (topic, timeout, body) = admit(&req, topic, &query, payload, &state).await?;
     let config = &state.core.config().http;
-    let body = read_body(&req, payload, config.max_body_bytes).await?;
     let events: Vec<Event> = match media_type(&req).as_deref() {
         Some(CE_BATCH) => {
             let batch: Vec<cloudevents::Event> = serde_json::from_slice(&body).map_err(invalid_ce)?;
