@@ -28,7 +28,10 @@ async fn main() -> std::io::Result<()> {
         .unwrap_or(0);
     let addr = std::env::var("RECEIVER_ADDR").unwrap_or_else(|_| "127.0.0.1:7080".to_string());
     let count = Arc::new(AtomicU64::new(0));
-    println!("webhook receiver on http://{addr}/events (fail every {fail_every}th request: {})", fail_every > 0);
+    println!(
+        "webhook receiver on http://{addr}/events (fail every {fail_every}th request: {})",
+        fail_every > 0
+    );
     HttpServer::new(move || {
         let count = count.clone();
         App::new().route(

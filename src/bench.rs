@@ -83,9 +83,12 @@ impl Tally {
         self.target.store(target, Ordering::SeqCst);
         let notified = self.done.notified();
         start();
-        tokio::time::timeout(max, notified)
-            .await
-            .map_err(|_| format!("only {} of {target} events were handled within {max:?}", self.seen.load(Ordering::Relaxed)))
+        tokio::time::timeout(max, notified).await.map_err(|_| {
+            format!(
+                "only {} of {target} events were handled within {max:?}",
+                self.seen.load(Ordering::Relaxed)
+            )
+        })
     }
 }
 
@@ -189,8 +192,12 @@ async fn local(a: LocalArgs) -> Result<(), String> {
         .await
         .map_err(|e| e.to_string())?;
     let ingress = node.ingress().clone();
-    let payload = Event::json("bench", &serde_json::json!({"user_id": 1, "username": "bench"})).map_err(|e| e.to_string())?;
-    println!("herald bench local: {} events per run, {} runs, {} instances, wal.fsync={:?}", a.events, a.runs, a.instances, a.wal_fsync);
+    let payload =
+        Event::json("bench", &serde_json::json!({"user_id": 1, "username": "bench"})).map_err(|e| e.to_string())?;
+    println!(
+        "herald bench local: {} events per run, {} runs, {} instances, wal.fsync={:?}",
+        a.events, a.runs, a.instances, a.wal_fsync
+    );
 
     // Raw actix: do_send from one task to one no-op actor on another thread.
     let mut raw = Vec::new();
@@ -233,7 +240,9 @@ async fn local(a: LocalArgs) -> Result<(), String> {
     }
     let mut batched = Vec::new();
     for _ in 0..a.runs {
-        batched.push(publish_concurrently(&ingress, &tally, &payload, a.events, a.publishers.min(16), a.batch, max).await?);
+        batched.push(
+            publish_concurrently(&ingress, &tally, &payload, a.events, a.publishers.min(16), a.batch, max).await?,
+        );
     }
     node.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
@@ -245,7 +254,10 @@ async fn local(a: LocalArgs) -> Result<(), String> {
         (format!("herald ack=accepted x{}", a.publishers), median(accepted)),
         (format!("herald ack=accepted batch {}", a.batch), median(batched)),
     ];
-    println!("\n{:<30} {:>12} {:>12} {:>12} {:>8}", "scenario", "median ev/s", "min ev/s", "max ev/s", "vs raw");
+    println!(
+        "\n{:<30} {:>12} {:>12} {:>12} {:>8}",
+        "scenario", "median ev/s", "min ev/s", "max ev/s", "vs raw"
+    );
     for (name, (m, lo, hi)) in rows {
         println!("{name:<30} {m:>12.0} {lo:>12.0} {hi:>12.0} {:>7.2}x", m / raw.0);
     }

@@ -260,12 +260,16 @@ async fn request(
     let value: serde_json::Value = if bytes.is_empty() {
         serde_json::Value::Null
     } else {
-        serde_json::from_slice(&bytes).unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&bytes).into_owned()))
+        serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&bytes).into_owned()))
     };
     if resp.status().is_success() {
         Ok(value)
     } else {
-        let message = value["error"]["message"].as_str().map(str::to_string).unwrap_or_else(|| value.to_string());
+        let message = value["error"]["message"]
+            .as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| value.to_string());
         let code = value["error"]["code"].as_str().unwrap_or("error");
         Err(format!("{} {code}: {message}", resp.status().as_u16()))
     }
@@ -278,7 +282,9 @@ async fn publish(a: PublishArgs) -> ClientResult {
         path.push_str(&format!("&timeout_ms={t}"));
     }
     let url = format!("{}{}", a.client.url.trim_end_matches('/'), path);
-    let http = awc::Client::builder().timeout(std::time::Duration::from_secs(310)).finish();
+    let http = awc::Client::builder()
+        .timeout(std::time::Duration::from_secs(310))
+        .finish();
     let mut req = http.post(&url).insert_header(("content-type", "application/json"));
     if let Some(t) = &a.client.token {
         req = req.bearer_auth(t);
@@ -289,7 +295,10 @@ async fn publish(a: PublishArgs) -> ClientResult {
     if let Some(id) = &a.id {
         req = req.insert_header(("idempotency-key", id.as_str()));
     }
-    let mut resp = req.send_body(a.json).await.map_err(|e| format!("cannot reach {url}: {e}"))?;
+    let mut resp = req
+        .send_body(a.json)
+        .await
+        .map_err(|e| format!("cannot reach {url}: {e}"))?;
     let body = resp.body().await.map_err(|e| format!("reading the answer: {e}"))?;
     let value: serde_json::Value = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
     if resp.status().is_success() {
@@ -318,7 +327,13 @@ async fn subscribe(a: SubscribeArgs) -> ClientResult {
     if let Some(m) = a.max_attempts {
         spec["max_attempts"] = m.into();
     }
-    let answer = request(&a.client, awc::http::Method::POST, "/v1/subscriptions", Some((spec.to_string(), "application/json"))).await?;
+    let answer = request(
+        &a.client,
+        awc::http::Method::POST,
+        "/v1/subscriptions",
+        Some((spec.to_string(), "application/json")),
+    )
+    .await?;
     println!("{}", serde_json::to_string_pretty(&answer).unwrap_or_default());
     Ok(())
 }
@@ -373,11 +388,27 @@ async fn status(c: ClientArgs) -> ClientResult {
         .into_iter()
         .flatten()
         .map(|m| {
-            let handlers = m["handlers"].as_array().into_iter().flatten().map(s).collect::<Vec<_>>().join(",");
-            vec![s(&m["id"]), s(&m["status"]), s(&m["http"]), s(&m["peer"]), s(&m["phi"]), handlers]
+            let handlers = m["handlers"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(s)
+                .collect::<Vec<_>>()
+                .join(",");
+            vec![
+                s(&m["id"]),
+                s(&m["status"]),
+                s(&m["http"]),
+                s(&m["peer"]),
+                s(&m["phi"]),
+                handlers,
+            ]
         })
         .collect();
-    println!("{}\n", table(&["ID", "STATUS", "HTTP", "PEER", "PHI", "HANDLERS"], &members));
+    println!(
+        "{}\n",
+        table(&["ID", "STATUS", "HTTP", "PEER", "PHI", "HANDLERS"], &members)
+    );
     let subs: Vec<Vec<String>> = subs
         .as_array()
         .into_iter()
@@ -389,16 +420,31 @@ async fn status(c: ClientArgs) -> ClientResult {
                 Some("webhook") => format!("webhook {}", s(&h["url"])),
                 _ => s(&h["kind"]),
             };
-            vec![s(&x["topic"]), s(&x["group"]), handler, s(&x["instances"]), s(&x["max_attempts"])]
+            vec![
+                s(&x["topic"]),
+                s(&x["group"]),
+                handler,
+                s(&x["instances"]),
+                s(&x["max_attempts"]),
+            ]
         })
         .collect();
-    println!("{}\n", table(&["TOPIC", "GROUP", "HANDLER", "INSTANCES", "MAX_ATTEMPTS"], &subs));
+    println!(
+        "{}\n",
+        table(&["TOPIC", "GROUP", "HANDLER", "INSTANCES", "MAX_ATTEMPTS"], &subs)
+    );
     let places: Vec<Vec<String>> = placements
         .as_array()
         .into_iter()
         .flatten()
         .map(|p| {
-            let nodes = p["nodes"].as_array().into_iter().flatten().map(s).collect::<Vec<_>>().join(",");
+            let nodes = p["nodes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(s)
+                .collect::<Vec<_>>()
+                .join(",");
             vec![s(&p["topic"]), s(&p["group"]), s(&p["epoch"]), nodes]
         })
         .collect();
@@ -414,7 +460,11 @@ mod tests {
     fn flags_override_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("h.toml");
-        std::fs::write(&p, "node_id = 4\n[http]\naddr = \"127.0.0.1:9000\"\n[handlers]\nmailbox_capacity = 2000\n").unwrap();
+        std::fs::write(
+            &p,
+            "node_id = 4\n[http]\naddr = \"127.0.0.1:9000\"\n[handlers]\nmailbox_capacity = 2000\n",
+        )
+        .unwrap();
         let args = NodeArgs {
             config: Some(p),
             http: Some("127.0.0.1:9100".into()),

@@ -301,9 +301,16 @@ mod tests {
         assert!(c.validate().unwrap_err().to_string().contains("http.addr"));
         let mut c = Config::default();
         c.handlers.mailbox_capacity = 0;
-        assert!(c.validate().unwrap_err().to_string().contains("handlers.mailbox_capacity"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("handlers.mailbox_capacity"));
         let mut c = Config::default();
-        c.auth.tokens.push(TokenConfig { token: "short".into(), role: Role::Admin });
+        c.auth.tokens.push(TokenConfig {
+            token: "short".into(),
+            role: Role::Admin,
+        });
         assert!(c.validate().unwrap_err().to_string().contains("auth.tokens[0].token"));
     }
 

@@ -234,9 +234,7 @@ impl Event {
                 builder = builder.extension(name, value.clone());
             }
         }
-        builder
-            .build()
-            .map_err(|e| EventError::CloudEvent(e.to_string()))
+        builder.build().map_err(|e| EventError::CloudEvent(e.to_string()))
     }
 }
 
@@ -248,11 +246,7 @@ pub fn is_json(content_type: &str) -> bool {
 
 /// CloudEvents extension names are lower-case ASCII letters and digits.
 fn is_extension_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 20
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    !name.is_empty() && name.len() <= 20 && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
 }
 
 #[cfg(test)]

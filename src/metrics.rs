@@ -43,19 +43,43 @@ pub const EVENTS_REJECTED: &str = "herald_events_rejected_total";
 /// Registers the description of every metric (shown as `# HELP`).
 pub fn describe() {
     describe_counter!(EVENTS_PUBLISHED, "Events accepted by this node, by topic.");
-    describe_counter!(EVENTS_DELIVERED, "Handler attempts by topic, group and outcome (ok, error, dead_lettered).");
-    describe_counter!(EVENTS_REDELIVERED, "Deliveries repeated after a handler failure or a WAL replay.");
-    describe_counter!(DEAD_LETTERS, "Events stored as dead letters after max_attempts failures.");
+    describe_counter!(
+        EVENTS_DELIVERED,
+        "Handler attempts by topic, group and outcome (ok, error, dead_lettered)."
+    );
+    describe_counter!(
+        EVENTS_REDELIVERED,
+        "Deliveries repeated after a handler failure or a WAL replay."
+    );
+    describe_counter!(
+        DEAD_LETTERS,
+        "Events stored as dead letters after max_attempts failures."
+    );
     describe_histogram!(HANDLER_DURATION, Unit::Seconds, "Duration of handler calls.");
-    describe_counter!(HANDLER_RESTARTS, "Handler instance restarts after an error, panic or timeout.");
-    describe_gauge!(MAILBOX_DEPTH, "Events waiting in the mailboxes of a subscription's instances.");
-    describe_gauge!(INFLIGHT_EVENTS, "Events accepted and not yet finished by every subscription.");
-    describe_gauge!(WAL_EVENTS, "Events in the write-ahead log, waiting for their subscriptions.");
+    describe_counter!(
+        HANDLER_RESTARTS,
+        "Handler instance restarts after an error, panic or timeout."
+    );
+    describe_gauge!(
+        MAILBOX_DEPTH,
+        "Events waiting in the mailboxes of a subscription's instances."
+    );
+    describe_gauge!(
+        INFLIGHT_EVENTS,
+        "Events accepted and not yet finished by every subscription."
+    );
+    describe_gauge!(
+        WAL_EVENTS,
+        "Events in the write-ahead log, waiting for their subscriptions."
+    );
     describe_gauge!(CLUSTER_MEMBERS, "Cluster members by status.");
     describe_gauge!(PLACEMENT_EPOCH, "The placement epoch this node holds.");
     describe_counter!(HTTP_REQUESTS, "HTTP requests by route pattern and status code.");
     describe_counter!(WAL_COMMITS, "Write-ahead log group commits.");
-    describe_counter!(EVENTS_REJECTED, "Publishes refused with 429 because mailboxes or the in-flight byte budget were full.");
+    describe_counter!(
+        EVENTS_REJECTED,
+        "Publishes refused with 429 because mailboxes or the in-flight byte budget were full."
+    );
 }
 
 /// Installs the Prometheus recorder as the global `metrics` recorder (once per process) and returns
@@ -109,9 +133,7 @@ pub(crate) struct SubMetrics {
 
 impl SubMetrics {
     pub(crate) fn new(key: &SubscriptionKey) -> Self {
-        let delivered = |outcome: &'static str| {
-            metrics::counter!(EVENTS_DELIVERED, "topic" => key.topic.clone(), "group" => key.group.clone(), "outcome" => outcome)
-        };
+        let delivered = |outcome: &'static str| metrics::counter!(EVENTS_DELIVERED, "topic" => key.topic.clone(), "group" => key.group.clone(), "outcome" => outcome);
         let labels = [("topic", key.topic.clone()), ("group", key.group.clone())];
         SubMetrics {
             delivered_ok: delivered("ok"),

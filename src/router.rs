@@ -81,16 +81,13 @@ impl SubRuntime {
         }
         let a = rand::random_range(0..n);
         let b = (a + 1 + rand::random_range(0..n - 1)) % n;
-        let (first, second) = if self.instances[a].load.load(Ordering::Relaxed)
-            <= self.instances[b].load.load(Ordering::Relaxed)
-        {
-            (a, b)
-        } else {
-            (b, a)
-        };
-        slot(first)
-            .or_else(|| slot(second))
-            .or_else(|| (0..n).find_map(slot))
+        let (first, second) =
+            if self.instances[a].load.load(Ordering::Relaxed) <= self.instances[b].load.load(Ordering::Relaxed) {
+                (a, b)
+            } else {
+                (b, a)
+            };
+        slot(first).or_else(|| slot(second)).or_else(|| (0..n).find_map(slot))
     }
 
     /// Waits for room (used by WAL replay and dead-letter replay, which must not be refused).
@@ -105,7 +102,12 @@ impl SubRuntime {
         let inst = &self.instances[i];
         match inst.tx.reserve().await {
             Ok(permit) => {
-                Reservation { permit, sub: self, load: &inst.load }.send(job);
+                Reservation {
+                    permit,
+                    sub: self,
+                    load: &inst.load,
+                }
+                .send(job);
                 Ok(())
             }
             Err(_) => Err(job),
@@ -272,7 +274,14 @@ impl Router {
                 let worker = &workers[(offset + i) % workers.len()];
                 worker.spawn_fn(move || {
                     let (shared, spawner, policy, dead_letters, rx, load) = task;
-                    actix_rt::spawn(supervisor::run_instance(shared, spawner, policy, dead_letters, rx, load));
+                    actix_rt::spawn(supervisor::run_instance(
+                        shared,
+                        spawner,
+                        policy,
+                        dead_letters,
+                        rx,
+                        load,
+                    ));
                 });
                 Instance { tx, load }
             })

@@ -101,9 +101,7 @@ impl SubscriptionSpec {
         SubscriptionSpec {
             topic: topic.into(),
             group: group.into(),
-            handler: HandlerSpec::Rust {
-                name: handler.into(),
-            },
+            handler: HandlerSpec::Rust { name: handler.into() },
             instances: 1,
             max_attempts: None,
         }
@@ -182,15 +180,28 @@ mod tests {
     fn accepts_a_good_spec_and_refuses_bad_ones() {
         let ok = SubscriptionSpec::rust("user.login", "audit", "audit").instances(4);
         assert_eq!(check(&ok), Ok(()));
-        assert!(matches!(check(&ok.clone().instances(0)), Err(SpecError::Instances { .. })));
-        assert!(matches!(check(&ok.clone().instances(65)), Err(SpecError::Instances { .. })));
-        assert!(matches!(check(&ok.clone().max_attempts(0)), Err(SpecError::MaxAttempts(0))));
+        assert!(matches!(
+            check(&ok.clone().instances(0)),
+            Err(SpecError::Instances { .. })
+        ));
+        assert!(matches!(
+            check(&ok.clone().instances(65)),
+            Err(SpecError::Instances { .. })
+        ));
+        assert!(matches!(
+            check(&ok.clone().max_attempts(0)),
+            Err(SpecError::MaxAttempts(0))
+        ));
         let unknown = SubscriptionSpec::rust("t", "g", "nope");
         assert!(matches!(check(&unknown), Err(SpecError::UnknownHandler { .. })));
         let mut hook = ok.clone();
-        hook.handler = HandlerSpec::Webhook { url: "ftp://x/y".into() };
+        hook.handler = HandlerSpec::Webhook {
+            url: "ftp://x/y".into(),
+        };
         assert!(matches!(check(&hook), Err(SpecError::WebhookUrl { .. })));
-        hook.handler = HandlerSpec::Webhook { url: "http://127.0.0.1:9/hook".into() };
+        hook.handler = HandlerSpec::Webhook {
+            url: "http://127.0.0.1:9/hook".into(),
+        };
         assert_eq!(check(&hook), Ok(()));
     }
 
@@ -201,7 +212,12 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.instances, 2);
-        assert_eq!(s.handler, HandlerSpec::Webhook { url: "http://h/x".into() });
+        assert_eq!(
+            s.handler,
+            HandlerSpec::Webhook {
+                url: "http://h/x".into()
+            }
+        );
         let log: SubscriptionSpec =
             serde_json::from_str(r#"{"topic":"t","group":"g","handler":{"kind":"log"}}"#).unwrap();
         assert_eq!(log.instances, 1);

@@ -22,10 +22,7 @@ use herald::subscription::SubscriptionSpec;
 use serde_json::{json, Value};
 use tokio::sync::Semaphore;
 
-use common::{
-    eventually, get, get_text, metric, post_json, request, start_node, start_node_in, Answer,
-    TestNode,
-};
+use common::{eventually, get, get_text, metric, post_json, request, start_node, start_node_in, Answer, TestNode};
 
 // ---------------------------------------------------------------------------------------------
 // What handlers saw
@@ -105,9 +102,7 @@ impl Seen {
             async move {
                 let all = seen.all();
                 let have: BTreeSet<&str> = all.iter().map(|g| g.id.as_str()).collect();
-                ids.iter()
-                    .all(|id| have.contains(id.as_str()))
-                    .then_some(all)
+                ids.iter().all(|id| have.contains(id.as_str())).then_some(all)
             }
         })
         .await
@@ -270,9 +265,7 @@ impl Handler<Delivery> for Flaky {
     fn handle(&mut self, d: Delivery, _: &mut Context<Self>) -> HandlerResult {
         if !self.succeed.load(Ordering::SeqCst) {
             self.failures.fetch_add(1, Ordering::SeqCst);
-            return Err(HandlerError::msg(
-                "boom: the test handler refuses this event",
-            ));
+            return Err(HandlerError::msg("boom: the test handler refuses this event"));
         }
         self.seen.push(Got::new(&d, 0));
         Ok(())
@@ -286,20 +279,8 @@ impl Handler<Delivery> for Flaky {
 const JSON_CT: (&str, &str) = ("content-type", "application/json");
 
 /// POST to `/v1/topics/{topic}/events{query}`.
-async fn publish(
-    url: &str,
-    topic: &str,
-    query: &str,
-    headers: &[(&str, &str)],
-    body: impl Into<Bytes>,
-) -> Answer {
-    request(
-        "POST",
-        &format!("{url}/v1/topics/{topic}/events{query}"),
-        headers,
-        body,
-    )
-    .await
+async fn publish(url: &str, topic: &str, query: &str, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Answer {
+    request("POST", &format!("{url}/v1/topics/{topic}/events{query}"), headers, body).await
 }
 
 /// Publishes JSON `data` (ack=accepted), expects 202 and returns the event id.
@@ -313,11 +294,7 @@ async fn publish_ok(url: &str, topic: &str, headers: &[(&str, &str)], data: &Val
 
 /// Asserts an error answer: the status, exactly `{"error":{"code":..,"message":..}}`, the code.
 fn assert_api_error(a: &Answer, status: u16, code: &str) {
-    assert_eq!(
-        a.status, status,
-        "expected {status} {code}, got body {}",
-        a.body
-    );
+    assert_eq!(a.status, status, "expected {status} {code}, got body {}", a.body);
     let top = a
         .body
         .as_object()
@@ -338,19 +315,13 @@ fn assert_api_error(a: &Answer, status: u16, code: &str) {
 /// Waits until the sample `name{labels}` is at least `at_least`; returns its value.
 async fn wait_metric(url: &str, name: &str, labels: &[(&str, &str)], at_least: f64) -> f64 {
     let url = format!("{url}/metrics");
-    let labels: Vec<(String, String)> = labels
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
+    let labels: Vec<(String, String)> = labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
     let what = format!("{name}{labels:?} >= {at_least}");
     eventually(&what, || {
         let (url, labels, name) = (url.clone(), labels.clone(), name.to_string());
         async move {
             let text = get_text(&url).await;
-            let l: Vec<(&str, &str)> = labels
-                .iter()
-                .map(|(k, v)| (k.as_str(), v.as_str()))
-                .collect();
+            let l: Vec<(&str, &str)> = labels.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
             metric(&text, &name, &l).filter(|v| *v >= at_least)
         }
     })
@@ -372,19 +343,15 @@ fn delivered_ok(topic: &'static str, group: &'static str) -> [(&'static str, &'s
 #[actix_rt::test]
 async fn publish_runs_the_handler_and_counts_deliveries() {
     let seen = Seen::default();
-    let n = start_node(Node::builder().handler("rec", recorder(&seen)).subscribe(
-        "api.basic",
-        "g1",
-        "rec",
-    ))
+    let n = start_node(
+        Node::builder()
+            .handler("rec", recorder(&seen))
+            .subscribe("api.basic", "g1", "rec"),
+    )
     .await;
     let mut ids = Vec::new();
     for i in 0..3 {
-        let a = post_json(
-            &format!("{}/v1/topics/api.basic/events", n.url),
-            &json!({ "n": i }),
-        )
-        .await;
+        let a = post_json(&format!("{}/v1/topics/api.basic/events", n.url), &json!({ "n": i })).await;
         assert_eq!(a.status, 202, "{}", a.body);
         assert_eq!(a.body["topic"], "api.basic");
         assert_eq!(a.body["subscriptions"], 1);
@@ -399,9 +366,7 @@ async fn publish_runs_the_handler_and_counts_deliveries() {
     // One instance: in publish order, each exactly once, with its data.
     assert_eq!(got.iter().map(|g| g.id.clone()).collect::<Vec<_>>(), ids);
     assert_eq!(
-        got.iter()
-            .map(|g| g.data["n"].as_i64().unwrap())
-            .collect::<Vec<_>>(),
+        got.iter().map(|g| g.data["n"].as_i64().unwrap()).collect::<Vec<_>>(),
         [0, 1, 2]
     );
     assert!(got
@@ -415,12 +380,7 @@ async fn publish_runs_the_handler_and_counts_deliveries() {
     )
     .await;
     assert_eq!(ok, 3.0);
-    let published = metric_now(
-        &n.url,
-        "herald_events_published_total",
-        &[("topic", "api.basic")],
-    )
-    .await;
+    let published = metric_now(&n.url, "herald_events_published_total", &[("topic", "api.basic")]).await;
     assert_eq!(published, Some(3.0));
     assert_eq!(seen.all().len(), 3, "no duplicate deliveries");
     n.node.shutdown().await;
@@ -447,11 +407,7 @@ async fn async_handlers_work() {
     .await;
     assert_eq!(a.status, 200, "{}", a.body);
     assert_eq!(a.body["outcomes"][0]["outcome"], "ok");
-    assert_eq!(
-        seen.ids(),
-        ["async-0"],
-        "recorded after the await, before the answer"
-    );
+    assert_eq!(seen.ids(), ["async-0"], "recorded after the await, before the answer");
     let mut ids = BTreeSet::from(["async-0".to_string()]);
     for i in 1..=5 {
         ids.insert(publish_ok(&n.url, "api.async", &[], &json!({ "a": i })).await);
@@ -459,9 +415,7 @@ async fn async_handlers_work() {
     let got = seen.wait_ids("async deliveries", &ids).await;
     assert_eq!(got.len(), 6);
     assert_eq!(
-        got.iter()
-            .map(|g| g.data["a"].as_i64().unwrap())
-            .collect::<Vec<_>>(),
+        got.iter().map(|g| g.data["a"].as_i64().unwrap()).collect::<Vec<_>>(),
         [0, 1, 2, 3, 4, 5]
     );
     let ok = wait_metric(
@@ -487,11 +441,7 @@ async fn every_group_gets_every_event() {
     .await;
     let mut ids = BTreeSet::new();
     for i in 0..10 {
-        let a = post_json(
-            &format!("{}/v1/topics/api.fanout/events", n.url),
-            &json!({ "i": i }),
-        )
-        .await;
+        let a = post_json(&format!("{}/v1/topics/api.fanout/events", n.url), &json!({ "i": i })).await;
         assert_eq!(a.status, 202, "{}", a.body);
         assert_eq!(a.body["subscriptions"], 2);
         ids.insert(a.body["id"].as_str().unwrap().to_string());
@@ -506,11 +456,7 @@ async fn every_group_gets_every_event() {
             .map(|g| g.id)
             .collect();
         assert_eq!(got.len(), 10, "group {group} got {got:?}");
-        assert_eq!(
-            got.into_iter().collect::<BTreeSet<_>>(),
-            ids,
-            "group {group}"
-        );
+        assert_eq!(got.into_iter().collect::<BTreeSet<_>>(), ids, "group {group}");
     }
     assert_eq!(seen.all().len(), 20);
     n.node.shutdown().await;
@@ -545,10 +491,7 @@ async fn instances_of_one_subscription_share_the_events() {
         "each event exactly once: {:?}",
         got.iter().map(|g| &g.id).collect::<Vec<_>>()
     );
-    assert_eq!(
-        got.iter().map(|g| g.id.clone()).collect::<BTreeSet<_>>(),
-        ids
-    );
+    assert_eq!(got.iter().map(|g| g.id.clone()).collect::<BTreeSet<_>>(), ids);
     let instances: BTreeSet<usize> = got.iter().map(|g| g.instance).collect();
     assert!(
         instances.len() >= 2,
@@ -590,15 +533,8 @@ async fn events_of_one_key_are_handled_in_order_by_one_instance() {
     let got = seen.wait_len("300 keyed events", EVENTS).await;
     let mut by_key: HashMap<String, Vec<(u64, usize)>> = HashMap::new();
     for g in &got {
-        let key = g
-            .key
-            .clone()
-            .expect("the partition key reaches the handler");
-        assert_eq!(
-            g.data["key"],
-            key.as_str(),
-            "X-Herald-Key is the event's key"
-        );
+        let key = g.key.clone().expect("the partition key reaches the handler");
+        assert_eq!(g.data["key"], key.as_str(), "X-Herald-Key is the event's key");
         by_key
             .entry(key)
             .or_default()
@@ -608,10 +544,7 @@ async fn events_of_one_key_are_handled_in_order_by_one_instance() {
     let mut owners = BTreeSet::new();
     for (key, list) in &by_key {
         let seqs: Vec<u64> = list.iter().map(|(s, _)| *s).collect();
-        assert!(
-            seqs.windows(2).all(|w| w[0] < w[1]),
-            "key {key} out of order: {seqs:?}"
-        );
+        assert!(seqs.windows(2).all(|w| w[0] < w[1]), "key {key} out of order: {seqs:?}");
         assert_eq!(
             seqs,
             (0..(EVENTS / KEYS) as u64).collect::<Vec<_>>(),
@@ -626,10 +559,7 @@ async fn events_of_one_key_are_handled_in_order_by_one_instance() {
         owners.extend(instances);
     }
     // Otherwise the test would not show that ordering survives several instances.
-    assert!(
-        owners.len() >= 2,
-        "all keys landed on one instance: {owners:?}"
-    );
+    assert!(owners.len() >= 2, "all keys landed on one instance: {owners:?}");
     n.node.shutdown().await;
 }
 
@@ -671,20 +601,13 @@ async fn a_panicking_handler_is_restarted_and_the_node_keeps_serving() {
     for i in 0..10 {
         ids.insert(publish_ok(&n.url, "api.steady", &[], &json!({ "i": i })).await);
     }
-    let got = steady
-        .wait_ids("the steady subscription's events", &ids)
-        .await;
+    let got = steady.wait_ids("the steady subscription's events", &ids).await;
     assert_eq!(got.len(), 10);
 
-    let got = poisoned
-        .wait_len("the poison event after two restarts", 1)
-        .await;
+    let got = poisoned.wait_len("the poison event after two restarts", 1).await;
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].id, "poison-1");
-    assert_eq!(
-        got[0].attempt, 3,
-        "delivered on the attempt after the two panics"
-    );
+    assert_eq!(got[0].attempt, 3, "delivered on the attempt after the two panics");
     assert_eq!(panics_left.load(Ordering::SeqCst), 0);
     let labels = [("topic", "api.panic"), ("group", "p")];
     let restarts = wait_metric(&n.url, "herald_handler_restarts_total", &labels, 2.0).await;
@@ -722,13 +645,7 @@ async fn failing_events_become_dead_letters_and_can_be_replayed() {
     b.config_mut().handlers.backoff_initial_ms = 5;
     let n = start_node(b).await;
 
-    let id = publish_ok(
-        &n.url,
-        "api.dlq",
-        &[("x-herald-key", "k1")],
-        &json!({ "order": 42 }),
-    )
-    .await;
+    let id = publish_ok(&n.url, "api.dlq", &[("x-herald-key", "k1")], &json!({ "order": 42 })).await;
     let list_url = format!("{}/v1/dead-letters?topic=api.dlq", n.url);
     let list = eventually("the dead letter", || {
         let u = list_url.clone();
@@ -748,11 +665,7 @@ async fn failing_events_become_dead_letters_and_can_be_replayed() {
     assert_eq!(dl["attempts"], 3);
     assert!(dl["error"].as_str().unwrap().contains("boom"), "{dl}");
     assert_eq!(dl["data"], json!({ "order": 42 }));
-    assert_eq!(
-        failures.load(Ordering::SeqCst),
-        3,
-        "exactly max_attempts attempts"
-    );
+    assert_eq!(failures.load(Ordering::SeqCst), 3, "exactly max_attempts attempts");
     assert!(seen.all().is_empty());
     let labels = [("topic", "api.dlq"), ("group", "g")];
     assert_eq!(
@@ -762,13 +675,7 @@ async fn failing_events_become_dead_letters_and_can_be_replayed() {
 
     succeed.store(true, Ordering::SeqCst);
     let dl_id = dl["id"].as_str().unwrap();
-    let a = request(
-        "POST",
-        &format!("{}/v1/dead-letters/{dl_id}/replay", n.url),
-        &[],
-        "",
-    )
-    .await;
+    let a = request("POST", &format!("{}/v1/dead-letters/{dl_id}/replay", n.url), &[], "").await;
     assert_eq!(a.status, 202, "{}", a.body);
     assert_eq!(a.body["event_id"], id.as_str());
     let got = seen.wait_len("the replayed event", 1).await;
@@ -778,20 +685,10 @@ async fn failing_events_become_dead_letters_and_can_be_replayed() {
     let (status, body) = get(&list_url).await;
     assert_eq!(status, 200);
     assert_eq!(body, json!([]), "the replayed dead letter is gone");
-    assert_eq!(
-        failures.load(Ordering::SeqCst),
-        3,
-        "the replay succeeded at once"
-    );
+    assert_eq!(failures.load(Ordering::SeqCst), 3, "the replay succeeded at once");
 
     // A dead letter replays once; unknown ids are 404.
-    let again = request(
-        "POST",
-        &format!("{}/v1/dead-letters/{dl_id}/replay", n.url),
-        &[],
-        "",
-    )
-    .await;
+    let again = request("POST", &format!("{}/v1/dead-letters/{dl_id}/replay", n.url), &[], "").await;
     assert_api_error(&again, 404, "not_found");
     let unknown = request(
         "POST",
@@ -811,11 +708,11 @@ async fn failing_events_become_dead_letters_and_can_be_replayed() {
 #[actix_rt::test]
 async fn ack_processed_answers_with_the_outcomes() {
     let seen = Seen::default();
-    let n = start_node(Node::builder().handler("rec", recorder(&seen)).subscribe(
-        "api.processed",
-        "g",
-        "rec",
-    ))
+    let n = start_node(
+        Node::builder()
+            .handler("rec", recorder(&seen))
+            .subscribe("api.processed", "g", "rec"),
+    )
     .await;
     let a = publish(
         &n.url,
@@ -914,11 +811,7 @@ async fn full_mailboxes_refuse_with_429_and_lose_nothing_accepted() {
             429 => {
                 assert_api_error(&a, 429, "overloaded");
                 let retry = a.headers.get("retry-after").expect("Retry-After on 429");
-                let secs: u64 = retry
-                    .to_str()
-                    .unwrap()
-                    .parse()
-                    .expect("Retry-After is seconds");
+                let secs: u64 = retry.to_str().unwrap().parse().expect("Retry-After is seconds");
                 assert!(secs >= 1);
                 refused.push(id);
             }
@@ -940,9 +833,7 @@ async fn full_mailboxes_refuse_with_429_and_lose_nothing_accepted() {
         &json!({ "marker": true }),
     )
     .await;
-    let got = seen
-        .wait_ids("the marker", &BTreeSet::from([marker.clone()]))
-        .await;
+    let got = seen.wait_ids("the marker", &BTreeSet::from([marker.clone()])).await;
     let mut expected = accepted.clone();
     expected.push(marker);
     assert_eq!(
@@ -962,24 +853,14 @@ async fn unfinished_events_are_replayed_from_the_wal_after_a_restart() {
     let started = Arc::new(AtomicUsize::new(0));
     let st = started.clone();
     let mut b = Node::builder()
-        .handler("h", move || Stuck {
-            started: st.clone(),
-        })
+        .handler("h", move || Stuck { started: st.clone() })
         .subscribe("api.wal", "g", "h");
     b.config_mut().handlers.call_timeout_ms = 600_000;
     b.config_mut().shutdown_timeout_ms = 200;
     let n = start_node(b).await;
     let mut ids = BTreeSet::new();
     for i in 0..20 {
-        ids.insert(
-            publish_ok(
-                &n.url,
-                "api.wal",
-                &[("x-herald-key", "k")],
-                &json!({ "i": i }),
-            )
-            .await,
-        );
+        ids.insert(publish_ok(&n.url, "api.wal", &[("x-herald-key", "k")], &json!({ "i": i })).await);
     }
     assert_eq!(ids.len(), 20);
     eventually("the handler is stuck on the first event", || {
@@ -1029,12 +910,7 @@ struct Req {
 
 impl Req {
     /// A request carrying the admin token, so that only the deliberate fault is wrong with it.
-    fn new(
-        method: &'static str,
-        path: impl Into<String>,
-        content_type: &str,
-        body: impl Into<Vec<u8>>,
-    ) -> Req {
+    fn new(method: &'static str, path: impl Into<String>, content_type: &str, body: impl Into<Vec<u8>>) -> Req {
         Req {
             method,
             path: path.into(),
@@ -1067,13 +943,7 @@ impl Req {
 
     async fn send(&self, url: &str) -> Answer {
         let h: Vec<(&str, &str)> = self.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        request(
-            self.method,
-            &format!("{url}{}", self.path),
-            &h,
-            self.body.clone(),
-        )
-        .await
+        request(self.method, &format!("{url}{}", self.path), &h, self.body.clone()).await
     }
 }
 
@@ -1084,38 +954,19 @@ fn events_path(topic: &str) -> String {
 }
 
 fn subscription_body(handler: Value, instances: u32) -> String {
-    json!({ "topic": BAD_TOPIC, "group": "other", "handler": handler, "instances": instances })
-        .to_string()
+    json!({ "topic": BAD_TOPIC, "group": "other", "handler": handler, "instances": instances }).to_string()
 }
 
 fn malformed_json() -> Req {
-    Req::new(
-        "POST",
-        events_path(BAD_TOPIC),
-        "application/json",
-        "{\"not\": json",
-    )
-    .expect(400, "invalid_json")
+    Req::new("POST", events_path(BAD_TOPIC), "application/json", "{\"not\": json").expect(400, "invalid_json")
 }
 
 fn bad_topic_chars() -> Req {
-    Req::new(
-        "POST",
-        events_path("bad%20topic%21"),
-        "application/json",
-        "{}",
-    )
-    .expect(400, "invalid_topic")
+    Req::new("POST", events_path("bad%20topic%21"), "application/json", "{}").expect(400, "invalid_topic")
 }
 
 fn bad_topic_too_long() -> Req {
-    Req::new(
-        "POST",
-        events_path(&"x".repeat(201)),
-        "application/json",
-        "{}",
-    )
-    .expect(400, "invalid_topic")
+    Req::new("POST", events_path(&"x".repeat(201)), "application/json", "{}").expect(400, "invalid_topic")
 }
 
 fn unknown_handler_kind() -> Req {
@@ -1134,12 +985,8 @@ fn unknown_rust_handler() -> Req {
 }
 
 fn webhook_not_http() -> Req {
-    let body = subscription_body(
-        json!({ "kind": "webhook", "url": "ftp://example.com/hook" }),
-        1,
-    );
-    Req::new("POST", "/v1/subscriptions", "application/json", body)
-        .expect(400, "invalid_webhook_url")
+    let body = subscription_body(json!({ "kind": "webhook", "url": "ftp://example.com/hook" }), 1);
+    Req::new("POST", "/v1/subscriptions", "application/json", body).expect(400, "invalid_webhook_url")
 }
 
 fn instances(n: u32) -> Req {
@@ -1151,38 +998,24 @@ fn instances(n: u32) -> Req {
 fn body_too_large() -> Req {
     let body = format!("\"{}\"", "x".repeat(1998));
     assert_eq!(body.len(), 2000);
-    Req::new("POST", events_path(BAD_TOPIC), "application/json", body)
-        .expect(413, "payload_too_large")
+    Req::new("POST", events_path(BAD_TOPIC), "application/json", body).expect(413, "payload_too_large")
 }
 
 fn wrong_content_type() -> Req {
-    Req::new("POST", events_path(BAD_TOPIC), "text/plain", "hello")
-        .expect(415, "unsupported_media_type")
+    Req::new("POST", events_path(BAD_TOPIC), "text/plain", "hello").expect(415, "unsupported_media_type")
 }
 
 fn cloudevent_missing_attributes() -> Req {
-    let body =
-        json!({ "specversion": "1.0", "id": "ce-no-source", "data": { "x": 1 } }).to_string();
-    Req::new(
-        "POST",
-        events_path(BAD_TOPIC),
-        "application/cloudevents+json",
-        body,
-    )
-    .expect(400, "invalid_cloudevent")
+    let body = json!({ "specversion": "1.0", "id": "ce-no-source", "data": { "x": 1 } }).to_string();
+    Req::new("POST", events_path(BAD_TOPIC), "application/cloudevents+json", body).expect(400, "invalid_cloudevent")
 }
 
 fn binary_cloudevent_missing_id() -> Req {
-    Req::new(
-        "POST",
-        events_path(BAD_TOPIC),
-        "application/json",
-        r#"{"x":1}"#,
-    )
-    .header("ce-specversion", "1.0")
-    .header("ce-source", "/tests")
-    .header("ce-type", "com.example.test")
-    .expect(400, "invalid_cloudevent")
+    Req::new("POST", events_path(BAD_TOPIC), "application/json", r#"{"x":1}"#)
+        .header("ce-specversion", "1.0")
+        .header("ce-source", "/tests")
+        .header("ce-type", "com.example.test")
+        .expect(400, "invalid_cloudevent")
 }
 
 fn bogus_ack() -> Req {
@@ -1308,20 +1141,12 @@ async fn refused(cases: Vec<Req>) {
         &n.url,
         BAD_TOPIC,
         "?ack=processed",
-        &[
-            JSON_CT,
-            ("authorization", &admin),
-            ("idempotency-key", "marker"),
-        ],
+        &[JSON_CT, ("authorization", &admin), ("idempotency-key", "marker")],
         "{}",
     )
     .await;
     assert_eq!(a.status, 200, "{}", a.body);
-    assert_eq!(
-        seen.ids(),
-        ["marker"],
-        "a refused request reached the handler"
-    );
+    assert_eq!(seen.ids(), ["marker"], "a refused request reached the handler");
     n.node.shutdown().await;
 }
 
@@ -1415,11 +1240,7 @@ async fn the_right_tokens_are_accepted() {
         &n.url,
         "api.tokens",
         "",
-        &[
-            JSON_CT,
-            ("authorization", &publish_auth),
-            ("idempotency-key", "t-1"),
-        ],
+        &[JSON_CT, ("authorization", &publish_auth), ("idempotency-key", "t-1")],
         "{}",
     )
     .await;
@@ -1429,11 +1250,7 @@ async fn the_right_tokens_are_accepted() {
         &n.url,
         "api.tokens",
         "",
-        &[
-            JSON_CT,
-            ("authorization", &admin_auth),
-            ("idempotency-key", "t-2"),
-        ],
+        &[JSON_CT, ("authorization", &admin_auth), ("idempotency-key", "t-2")],
         "{}",
     )
     .await;
@@ -1456,10 +1273,7 @@ async fn the_right_tokens_are_accepted() {
     .await;
     assert_eq!(a.status, 200, "{}", a.body);
     let got = seen.wait_len("both events", 2).await;
-    assert_eq!(
-        got.iter().map(|g| g.id.as_str()).collect::<Vec<_>>(),
-        ["t-1", "t-2"]
-    );
+    assert_eq!(got.iter().map(|g| g.id.as_str()).collect::<Vec<_>>(), ["t-1", "t-2"]);
     n.node.shutdown().await;
 }
 
@@ -1514,11 +1328,7 @@ async fn bad_requests_never_lose_accepted_events() {
         &n.url,
         BAD_TOPIC,
         "?ack=processed",
-        &[
-            JSON_CT,
-            ("authorization", &auth),
-            ("idempotency-key", "marker"),
-        ],
+        &[JSON_CT, ("authorization", &auth), ("idempotency-key", "marker")],
         "{}",
     )
     .await;
@@ -1572,10 +1382,7 @@ async fn structured_cloudevents_keep_their_attributes() {
     assert_eq!(g.source, "/orders/service");
     assert_eq!(g.event_type, "com.example.order.created");
     assert_eq!(g.key.as_deref(), Some("customer-7"));
-    assert_eq!(
-        g.headers.get("subject").map(String::as_str),
-        Some("order-7")
-    );
+    assert_eq!(g.headers.get("subject").map(String::as_str), Some("order-7"));
     assert_eq!(g.data, json!({ "order": 7 }));
     n.node.shutdown().await;
 }
@@ -1602,10 +1409,7 @@ async fn binary_cloudevents_take_attributes_from_headers() {
     assert_eq!(g.event_type, "com.example.invoice.paid");
     assert_eq!(g.content_type, "application/json");
     assert_eq!(g.data, json!({ "invoice": 9 }));
-    assert_eq!(
-        g.headers.get("traceparent").map(String::as_str),
-        Some("00-abc-def-01")
-    );
+    assert_eq!(g.headers.get("traceparent").map(String::as_str), Some("00-abc-def-01"));
     n.node.shutdown().await;
 }
 
@@ -1618,10 +1422,7 @@ async fn plain_json_events_get_default_attributes() {
     let got = seen.wait_len("the plain event", 1).await;
     assert_eq!(got[0].id, id);
     assert_eq!(got[0].source, "herald");
-    assert_eq!(
-        got[0].event_type, "api.plain",
-        "the type defaults to the topic"
-    );
+    assert_eq!(got[0].event_type, "api.plain", "the type defaults to the topic");
     assert_eq!(got[0].key, None);
     n.node.shutdown().await;
 }
@@ -1650,9 +1451,7 @@ async fn batch_publish_of_a_json_array() {
     let got = seen.wait_len("the batch", 3).await;
     assert_eq!(got.iter().map(|g| g.id.clone()).collect::<Vec<_>>(), ids);
     assert_eq!(
-        got.iter()
-            .map(|g| g.data["n"].as_i64().unwrap())
-            .collect::<Vec<_>>(),
+        got.iter().map(|g| g.data["n"].as_i64().unwrap()).collect::<Vec<_>>(),
         [0, 1, 2]
     );
 
@@ -1692,14 +1491,9 @@ async fn batch_publish_of_cloudevents() {
     assert_eq!(a.status, 202, "{}", a.body);
     assert_eq!(a.body["ids"], json!(["cb-1", "cb-2"]));
     let got = seen.wait_len("the CloudEvents batch", 2).await;
+    assert_eq!(got.iter().map(|g| g.id.as_str()).collect::<Vec<_>>(), ["cb-1", "cb-2"]);
     assert_eq!(
-        got.iter().map(|g| g.id.as_str()).collect::<Vec<_>>(),
-        ["cb-1", "cb-2"]
-    );
-    assert_eq!(
-        got.iter()
-            .map(|g| g.event_type.as_str())
-            .collect::<Vec<_>>(),
+        got.iter().map(|g| g.event_type.as_str()).collect::<Vec<_>>(),
         ["com.example.one", "com.example.two"]
     );
     assert!(got.iter().all(|g| g.source == "/batcher"));
@@ -1720,8 +1514,7 @@ async fn idempotency_key_sets_the_event_id() {
     .await;
     assert_eq!(id, "order-42-created");
     // The header wins over a structured CloudEvent's own id.
-    let ce =
-        json!({ "specversion": "1.0", "id": "body-id", "source": "/s", "type": "t", "data": {} });
+    let ce = json!({ "specversion": "1.0", "id": "body-id", "source": "/s", "type": "t", "data": {} });
     let a = publish(
         &n.url,
         "api.idem",
@@ -1752,17 +1545,14 @@ async fn subscriptions_crud_over_http() {
     let seen = Seen::default();
     let n = start_node(Node::builder().handler("rec", recorder(&seen))).await;
     let subs = format!("{}/v1/subscriptions", n.url);
-    let spec = json!({ "topic": "api.crud", "group": "g", "handler": { "kind": "rust", "name": "rec" }, "instances": 2 });
+    let spec =
+        json!({ "topic": "api.crud", "group": "g", "handler": { "kind": "rust", "name": "rec" }, "instances": 2 });
 
     let a = post_json(&subs, &spec).await;
     assert_eq!(a.status, 201, "{}", a.body);
     assert_eq!(a.body["topic"], "api.crud");
     let a = post_json(&subs, &spec).await;
-    assert_eq!(
-        a.status, 200,
-        "the same spec again changes nothing: {}",
-        a.body
-    );
+    assert_eq!(a.status, 200, "the same spec again changes nothing: {}", a.body);
     let (status, list) = get(&subs).await;
     assert_eq!(status, 200);
     let list = list.as_array().unwrap().clone();
@@ -1771,16 +1561,11 @@ async fn subscriptions_crud_over_http() {
     assert_eq!(list[0]["group"], "g");
     assert_eq!(list[0]["instances"], 2);
     assert_eq!(list[0]["handler"], json!({ "kind": "rust", "name": "rec" }));
-    assert_eq!(
-        list[0]["max_attempts"], 5,
-        "the node's default is filled in"
-    );
+    assert_eq!(list[0]["max_attempts"], 5, "the node's default is filled in");
 
     // It runs.
     let id = publish_ok(&n.url, "api.crud", &[], &json!({ "c": 1 })).await;
-    let got = seen
-        .wait_len("the event via the HTTP-created subscription", 1)
-        .await;
+    let got = seen.wait_len("the event via the HTTP-created subscription", 1).await;
     assert_eq!(got[0].id, id);
 
     let del = format!("{subs}/api.crud/g");
@@ -1791,11 +1576,7 @@ async fn subscriptions_crud_over_http() {
     let (status, list) = get(&subs).await;
     assert_eq!(status, 200);
     assert_eq!(list, json!([]));
-    let a = post_json(
-        &format!("{}/v1/topics/api.crud/events", n.url),
-        &json!({ "c": 2 }),
-    )
-    .await;
+    let a = post_json(&format!("{}/v1/topics/api.crud/events", n.url), &json!({ "c": 2 })).await;
     assert_eq!(a.status, 202, "{}", a.body);
     assert_eq!(a.body["subscriptions"], 0, "nobody subscribes any more");
     n.node.shutdown().await;
@@ -1827,10 +1608,7 @@ async fn openapi_and_cluster_views() {
     assert_eq!(members[0]["status"], "up");
     assert_eq!(members[0]["http"], n.node.http_addr().to_string());
     assert!(
-        members[0]["handlers"]
-            .as_array()
-            .unwrap()
-            .contains(&json!("rust:rec")),
+        members[0]["handlers"].as_array().unwrap().contains(&json!("rust:rec")),
         "{cluster}"
     );
     assert_eq!(cluster["ready"], true);

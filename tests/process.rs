@@ -130,21 +130,8 @@ async fn cli_subscribe_and_publish_deliver_a_cloudevent_to_webhooks() {
     let topic = "user.login";
 
     for (group, r) in [("hooks", &ok), ("flaky", &flaky)] {
-        let o = cli(&[
-            "subscribe",
-            "--url",
-            &node.url,
-            topic,
-            group,
-            "--webhook",
-            &r.url,
-        ])
-        .await;
-        assert!(
-            o.status.success(),
-            "herald subscribe failed: {}",
-            stderr(&o)
-        );
+        let o = cli(&["subscribe", "--url", &node.url, topic, group, "--webhook", &r.url]).await;
+        assert!(o.status.success(), "herald subscribe failed: {}", stderr(&o));
         let answer: Value = serde_json::from_slice(&o.stdout)
             .unwrap_or_else(|e| panic!("subscribe printed no JSON ({e}): {}", stdout(&o)));
         assert_eq!(answer["handler"]["kind"], "webhook");
@@ -164,8 +151,8 @@ async fn cli_subscribe_and_publish_deliver_a_cloudevent_to_webhooks() {
     ])
     .await;
     assert!(o.status.success(), "herald publish failed: {}", stderr(&o));
-    let published: Value = serde_json::from_slice(&o.stdout)
-        .unwrap_or_else(|e| panic!("publish printed no JSON ({e}): {}", stdout(&o)));
+    let published: Value =
+        serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("publish printed no JSON ({e}): {}", stdout(&o)));
     assert_eq!(published["id"], "my-id-1", "{published}");
     assert_eq!(published["topic"], topic);
     assert_eq!(
@@ -190,12 +177,7 @@ async fn cli_subscribe_and_publish_deliver_a_cloudevent_to_webhooks() {
         "{:?}",
         got.headers
     );
-    assert_eq!(
-        got.header("x-herald-attempt"),
-        Some("1"),
-        "{:?}",
-        got.headers
-    );
+    assert_eq!(got.header("x-herald-attempt"), Some("1"), "{:?}", got.headers);
     let ce = &got.body;
     assert_eq!(ce["specversion"], "1.0", "{ce}");
     assert_eq!(ce["id"], "my-id-1", "{ce}");
@@ -215,16 +197,8 @@ async fn cli_subscribe_and_publish_deliver_a_cloudevent_to_webhooks() {
         async move { first }
     })
     .await;
-    assert_eq!(
-        retried.header("x-herald-attempt"),
-        Some("2"),
-        "{:?}",
-        retried.headers
-    );
-    assert_eq!(
-        retried.header("x-herald-subscription"),
-        Some("user.login/flaky")
-    );
+    assert_eq!(retried.header("x-herald-attempt"), Some("2"), "{:?}", retried.headers);
+    assert_eq!(retried.header("x-herald-subscription"), Some("user.login/flaky"));
     assert_eq!(retried.body["id"], "my-id-1");
     assert_eq!(retried.body["data"], json!({ "user_id": 1 }));
 
@@ -238,11 +212,7 @@ async fn cli_subscribe_and_publish_deliver_a_cloudevent_to_webhooks() {
         Some(1.0),
         "one failed attempt for the flaky subscription:\n{text}"
     );
-    assert_eq!(
-        ok.events().len(),
-        1,
-        "the healthy webhook got the event exactly once"
-    );
+    assert_eq!(ok.events().len(), 1, "the healthy webhook got the event exactly once");
     assert!(terminate(node).await.success());
 }
 
@@ -257,11 +227,7 @@ async fn sigkill_loses_no_accepted_event() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let config = dir.path().join("herald.toml");
-    std::fs::write(
-        &config,
-        "[handlers]\nbackoff_initial_ms = 10\nbackoff_max_ms = 200\n",
-    )
-    .unwrap();
+    std::fs::write(&config, "[handlers]\nbackoff_initial_ms = 10\nbackoff_max_ms = 200\n").unwrap();
     // A port that nothing listens on yet: every delivery attempt is refused until the restart.
     let port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -286,10 +252,7 @@ async fn sigkill_loses_no_accepted_event() {
         let a = request(
             "POST",
             &format!("{}/v1/topics/orders/events/batch?ack=accepted", first.url),
-            &[
-                ("content-type", "application/json"),
-                ("idempotency-key", &idem),
-            ],
+            &[("content-type", "application/json"), ("idempotency-key", &idem)],
             Value::from(body).to_string(),
         )
         .await;
@@ -308,11 +271,7 @@ async fn sigkill_loses_no_accepted_event() {
 
     // Everything is in the WAL and the node is trying (and failing) to deliver.
     let text = metrics_of(&first.url).await;
-    assert_eq!(
-        metric(&text, "herald_wal_events", &[]),
-        Some(N as f64),
-        "{text}"
-    );
+    assert_eq!(metric(&text, "herald_wal_events", &[]), Some(N as f64), "{text}");
     let url = first.url.clone();
     eventually("failed delivery attempts", || {
         let url = url.clone();
@@ -375,11 +334,7 @@ async fn sigkill_loses_no_accepted_event() {
     assert_eq!(counts.len(), N);
     assert!(expected.keys().all(|id| counts.contains_key(id)));
     let duplicates: usize = counts.values().map(|c| c - 1).sum();
-    let duplicated: Vec<&String> = counts
-        .iter()
-        .filter(|(_, c)| **c > 1)
-        .map(|(id, _)| id)
-        .collect();
+    let duplicated: Vec<&String> = counts.iter().filter(|(_, c)| **c > 1).map(|(id, _)| id).collect();
     println!(
         "crash recovery: published {N} in {publish_time:?}; restart to all delivered {redelivery_time:?}; \
          {} requests, {duplicates} duplicates {duplicated:?}",
@@ -389,9 +344,7 @@ async fn sigkill_loses_no_accepted_event() {
     let url = second.url.clone();
     eventually("the WAL drains to 0 after redelivery", || {
         let url = url.clone();
-        async move {
-            (metric(&metrics_of(&url).await, "herald_wal_events", &[]) == Some(0.0)).then_some(())
-        }
+        async move { (metric(&metrics_of(&url).await, "herald_wal_events", &[]) == Some(0.0)).then_some(()) }
     })
     .await;
     let text = metrics_of(&second.url).await;
@@ -465,11 +418,7 @@ async fn metrics_pass_promtool_check() {
         );
     }
     assert_eq!(
-        metric(
-            &text,
-            "herald_events_published_total",
-            &[("topic", "orders")]
-        ),
+        metric(&text, "herald_events_published_total", &[("topic", "orders")]),
         Some(5.0)
     );
     assert_eq!(
@@ -532,10 +481,7 @@ async fn sigterm_drains_queued_events_and_exits_zero() {
     let a = request(
         "POST",
         &format!("{}/v1/topics/jobs/events/batch?ack=accepted", node.url),
-        &[
-            ("content-type", "application/json"),
-            ("idempotency-key", "drain"),
-        ],
+        &[("content-type", "application/json"), ("idempotency-key", "drain")],
         Value::from(body).to_string(),
     )
     .await;
@@ -553,10 +499,7 @@ async fn sigterm_drains_queued_events_and_exits_zero() {
         before,
         started.elapsed()
     );
-    assert!(
-        status.success(),
-        "herald exits 0 after SIGTERM, got {status}"
-    );
+    assert!(status.success(), "herald exits 0 after SIGTERM, got {status}");
     let ids: BTreeSet<String> = slow
         .events()
         .iter()
@@ -678,11 +621,7 @@ async fn invalid_config_exits_nonzero_naming_the_key() {
     );
 
     let o = node_fails("[handlers]\nbackoff_initial_ms = 500\nbackoff_max_ms = 100\n").await;
-    assert!(
-        stderr(&o).contains("handlers.backoff_initial_ms"),
-        "{}",
-        stderr(&o)
-    );
+    assert!(stderr(&o).contains("handlers.backoff_initial_ms"), "{}", stderr(&o));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -699,23 +638,11 @@ async fn cli_uses_bearer_tokens() {
          [[auth.tokens]]\ntoken = \"admin-token-0001\"\nrole = \"admin\"\n",
     )
     .unwrap();
-    let node = spawn_herald(
-        &[
-            "--config",
-            p(&file),
-            "--data-dir",
-            p(&dir.path().join("data")),
-        ],
-        &[],
-    );
+    let node = spawn_herald(&["--config", p(&file), "--data-dir", p(&dir.path().join("data"))], &[]);
     let addr = node.url.trim_start_matches("http://").to_string();
 
     let o = cli(&["status", "--url", &node.url, "--token", "admin-token-0001"]).await;
-    assert!(
-        o.status.success(),
-        "status with the admin token: {}",
-        stderr(&o)
-    );
+    assert!(o.status.success(), "status with the admin token: {}", stderr(&o));
     let out = stdout(&o);
     assert!(
         out.lines()
@@ -730,11 +657,7 @@ async fn cli_uses_bearer_tokens() {
     assert_eq!(member[2], addr, "{out}");
 
     let o = cli(&["status", "--url", &node.url]).await;
-    assert!(
-        !o.status.success(),
-        "status without a token must fail: {}",
-        stdout(&o)
-    );
+    assert!(!o.status.success(), "status without a token must fail: {}", stdout(&o));
     let err = stderr(&o);
     assert!(
         err.contains("401") && err.to_lowercase().contains("unauthorized"),
@@ -746,10 +669,7 @@ async fn cli_uses_bearer_tokens() {
     assert!(stderr(&o).contains("401"), "{}", stderr(&o));
 
     let o = cli(&["status", "--url", &node.url, "--token", "publisher-token-1"]).await;
-    assert!(
-        !o.status.success(),
-        "a publish token cannot read the cluster"
-    );
+    assert!(!o.status.success(), "a publish token cannot read the cluster");
     assert!(stderr(&o).contains("403"), "{}", stderr(&o));
 
     let o = cli(&[
@@ -764,11 +684,7 @@ async fn cli_uses_bearer_tokens() {
         "auth-1",
     ])
     .await;
-    assert!(
-        o.status.success(),
-        "publish with the publish token: {}",
-        stderr(&o)
-    );
+    assert!(o.status.success(), "publish with the publish token: {}", stderr(&o));
     let v: Value = serde_json::from_slice(&o.stdout).expect("publish prints JSON");
     assert_eq!(v["id"], "auth-1");
 
@@ -777,10 +693,7 @@ async fn cli_uses_bearer_tokens() {
     assert!(stderr(&o).contains("401"), "{}", stderr(&o));
 
     // The token can come from HERALD_TOKEN too.
-    let args: Vec<String> = ["status", "--url", &node.url]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let args: Vec<String> = ["status", "--url", &node.url].iter().map(|s| s.to_string()).collect();
     let o = actix_rt::task::spawn_blocking(move || {
         let mut cmd = herald_cmd(&args);
         cmd.env("HERALD_TOKEN", "admin-token-0001");
@@ -810,10 +723,7 @@ fn lines_until(rx: &std::sync::mpsc::Receiver<String>, needle: &str) -> Vec<Stri
                     return lines;
                 }
             }
-            Err(e) => panic!(
-                "no stderr line containing {needle:?} ({e}); got:\n{}",
-                lines.join("\n")
-            ),
+            Err(e) => panic!("no stderr line containing {needle:?} ({e}); got:\n{}", lines.join("\n")),
         }
     }
 }
@@ -822,12 +732,7 @@ fn lines_until(rx: &std::sync::mpsc::Receiver<String>, needle: &str) -> Vec<Stri
 async fn log_format_json_writes_json_lines() {
     let dir = tempfile::tempdir().unwrap();
     let (node, rx) = spawn_herald_stderr(
-        &[
-            "--data-dir",
-            p(&dir.path().join("json")),
-            "--log-format",
-            "json",
-        ],
+        &["--data-dir", p(&dir.path().join("json")), "--log-format", "json"],
         &[],
     );
     let mut lines = lines_until(&rx, "herald node started");
@@ -840,10 +745,7 @@ async fn log_format_json_writes_json_lines() {
     let a = request(
         "POST",
         &format!("{}/v1/topics/audit/events?ack=processed", node.url),
-        &[
-            ("content-type", "application/json"),
-            ("idempotency-key", "json-log-1"),
-        ],
+        &[("content-type", "application/json"), ("idempotency-key", "json-log-1")],
         r#"{"who":"ann"}"#,
     )
     .await;
@@ -879,9 +781,7 @@ async fn log_format_json_writes_json_lines() {
         .expect("the log handler's line");
     assert_eq!(event["subscription"], "audit/log", "{event}");
     assert!(
-        objects
-            .iter()
-            .any(|o| o["message"] == "herald node stopped"),
+        objects.iter().any(|o| o["message"] == "herald node stopped"),
         "a stop line"
     );
 
@@ -904,14 +804,7 @@ async fn log_format_json_writes_json_lines() {
 async fn status_lists_subscriptions_and_placements() {
     let dir = tempfile::tempdir().unwrap();
     let node = spawn_herald(
-        &[
-            "--data-dir",
-            p(dir.path()),
-            "--node-id",
-            "4",
-            "--cluster-id",
-            "blue",
-        ],
+        &["--data-dir", p(dir.path()), "--node-id", "4", "--cluster-id", "blue"],
         &[],
     );
     let o = cli(&[
@@ -945,10 +838,7 @@ async fn status_lists_subscriptions_and_placements() {
     assert!(o.status.success(), "status: {}", stderr(&o));
     let out = stdout(&o);
     println!("{out}");
-    let rows: Vec<Vec<&str>> = out
-        .lines()
-        .map(|l| l.split_whitespace().collect())
-        .collect();
+    let rows: Vec<Vec<&str>> = out.lines().map(|l| l.split_whitespace().collect()).collect();
     assert!(out.starts_with("cluster blue  node 4  leader 4"), "{out}");
     for header in [
         &["ID", "STATUS", "HTTP", "PEER", "PHI", "HANDLERS"][..],
@@ -961,23 +851,19 @@ async fn status_lists_subscriptions_and_placements() {
         );
     }
     assert!(
-        rows.iter()
-            .any(|r| r[..] == ["orders", "audit", "log", "2", "5"]),
+        rows.iter().any(|r| r[..] == ["orders", "audit", "log", "2", "5"]),
         "subscription row:\n{out}"
     );
     assert!(
-        rows.iter()
-            .any(|r| r[..] == ["orders", "archive", "log", "1", "9"]),
+        rows.iter().any(|r| r[..] == ["orders", "archive", "log", "1", "9"]),
         "subscription row:\n{out}"
     );
     assert!(
-        rows.iter()
-            .any(|r| r[..] == ["orders", "audit", "0", "4,4"]),
+        rows.iter().any(|r| r[..] == ["orders", "audit", "0", "4,4"]),
         "placement row (2 instances on node 4):\n{out}"
     );
     assert!(
-        rows.iter()
-            .any(|r| r.first() == Some(&"4") && r.get(1) == Some(&"up")),
+        rows.iter().any(|r| r.first() == Some(&"4") && r.get(1) == Some(&"up")),
         "member row:\n{out}"
     );
     assert!(terminate(node).await.success());

@@ -31,7 +31,13 @@ pub(crate) trait Completion: Send + Sync {
 
 /// Stores events that exhausted their attempts.
 pub(crate) trait DeadLetterSink: Send + Sync {
-    fn store(&self, sub: &SubscriptionKey, event: &Event, attempts: u32, error: &str) -> BoxFuture<'static, Result<(), String>>;
+    fn store(
+        &self,
+        sub: &SubscriptionKey,
+        event: &Event,
+        attempts: u32,
+        error: &str,
+    ) -> BoxFuture<'static, Result<(), String>>;
 }
 
 /// An event waiting in an instance's mailbox.
@@ -139,11 +145,17 @@ pub(crate) async fn run_instance(
                     Ok(()) => {
                         shared.metrics.dead_lettered.increment(1);
                         shared.metrics.dead_letters.increment(1);
-                        Outcome::DeadLettered { attempts: attempt, error }
+                        Outcome::DeadLettered {
+                            attempts: attempt,
+                            error,
+                        }
                     }
                     Err(store_error) => {
                         tracing::error!(subscription = %shared.key, id = %job.event.id, %store_error, "cannot store dead letter; the event stays in the WAL");
-                        Outcome::Failed { attempts: attempt, error }
+                        Outcome::Failed {
+                            attempts: attempt,
+                            error,
+                        }
                     }
                 };
             }

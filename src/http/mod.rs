@@ -34,14 +34,23 @@ type State = web::Data<AppState>;
 
 /// Builds and starts the HTTP server for `core` on `addr`; returns it with the bound address.
 pub(crate) fn server(core: Arc<NodeCore>, addr: SocketAddr) -> Result<(actix_web::dev::Server, SocketAddr)> {
-    let listener = std::net::TcpListener::bind(addr).map_err(|e| Error::io(format!("cannot bind HTTP address {addr}"), e))?;
-    let http_addr = listener.local_addr().map_err(|e| Error::io("cannot read the HTTP address", e))?;
+    let listener =
+        std::net::TcpListener::bind(addr).map_err(|e| Error::io(format!("cannot bind HTTP address {addr}"), e))?;
+    let http_addr = listener
+        .local_addr()
+        .map_err(|e| Error::io("cannot read the HTTP address", e))?;
     let state = web::Data::new(AppState { core, http_addr });
     let server = HttpServer::new(move || {
         App::new()
             .app_data(state.clone())
-            .app_data(web::QueryConfig::default().error_handler(|e, _| ApiError::bad_request("invalid_query", e.to_string()).into()))
-            .app_data(web::PathConfig::default().error_handler(|e, _| ApiError::bad_request("invalid_path", e.to_string()).into()))
+            .app_data(
+                web::QueryConfig::default()
+                    .error_handler(|e, _| ApiError::bad_request("invalid_query", e.to_string()).into()),
+            )
+            .app_data(
+                web::PathConfig::default()
+                    .error_handler(|e, _| ApiError::bad_request("invalid_path", e.to_string()).into()),
+            )
             .wrap_fn(|req, srv| {
                 let route = req.match_pattern().unwrap_or_else(|| "unmatched".to_string());
                 srv.call(req).map(move |res| {
@@ -49,7 +58,8 @@ pub(crate) fn server(core: Arc<NodeCore>, addr: SocketAddr) -> Result<(actix_web
                         Ok(r) => r.status().as_u16(),
                         Err(e) => e.as_response_error().status_code().as_u16(),
                     };
-                    metrics::counter!(crate::metrics::HTTP_REQUESTS, "route" => route, "status" => status.to_string()).increment(1);
+                    metrics::counter!(crate::metrics::HTTP_REQUESTS, "route" => route, "status" => status.to_string())
+                        .increment(1);
                     res
                 })
             })
@@ -66,10 +76,16 @@ pub(crate) fn server(core: Arc<NodeCore>, addr: SocketAddr) -> Result<(actix_web
 /// Every route of the API.
 fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/v1/topics/{topic}/events", web::post().to(publish::publish_one))
-        .route("/v1/topics/{topic}/events/batch", web::post().to(publish::publish_batch))
+        .route(
+            "/v1/topics/{topic}/events/batch",
+            web::post().to(publish::publish_batch),
+        )
         .route("/v1/subscriptions", web::get().to(list_subscriptions))
         .route("/v1/subscriptions", web::post().to(create_subscription))
-        .route("/v1/subscriptions/{topic}/{group}", web::delete().to(delete_subscription))
+        .route(
+            "/v1/subscriptions/{topic}/{group}",
+            web::delete().to(delete_subscription),
+        )
         .route("/v1/cluster", web::get().to(cluster))
         .route("/v1/cluster/placements", web::get().to(placements))
         .route("/v1/cluster/nodes/{id}/drain", web::post().to(not_clustered))
@@ -123,7 +139,11 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// Reads the body, refusing it with 413 as soon as it exceeds the limit.
-pub(crate) async fn read_body(req: &HttpRequest, mut payload: web::Payload, limit: usize) -> Result<web::Bytes, ApiError> {
+pub(crate) async fn read_body(
+    req: &HttpRequest,
+    mut payload: web::Payload,
+    limit: usize,
+) -> Result<web::Bytes, ApiError> {
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -152,11 +172,19 @@ pub(crate) fn media_type(req: &HttpRequest) -> Option<String> {
 }
 
 /// Reads a JSON body into `T` (415 for another content type, 400 for bad JSON, 413 if too big).
-async fn json_body<T: DeserializeOwned>(req: &HttpRequest, payload: web::Payload, state: &AppState) -> Result<T, ApiError> {
+async fn json_body<T: DeserializeOwned>(
+    req: &HttpRequest,
+    payload: web::Payload,
+    state: &AppState,
+) -> Result<T, ApiError> {
     match media_type(req) {
         None => {}
         Some(m) if crate::event::is_json(&m) => {}
-        Some(m) => return Err(ApiError::unsupported_media_type(format!("expected application/json, got {m}"))),
+        Some(m) => {
+            return Err(ApiError::unsupported_media_type(format!(
+                "expected application/json, got {m}"
+            )))
+        }
     }
     let body = read_body(req, payload, state.core.config().http.max_body_bytes).await?;
     serde_json::from_slice(&body).map_err(|e| ApiError::bad_request("invalid_json", e.to_string()))
@@ -177,14 +205,22 @@ async fn create_subscription(req: HttpRequest, payload: web::Payload, state: Sta
     authorize(&req, &state, Role::Admin)?;
     let spec: SubscriptionSpec = json_body(&req, payload, &state).await?;
     let changed = state.core.create_subscription(spec.clone()).await?;
-    let mut r = if changed { HttpResponse::Created() } else { HttpResponse::Ok() };
+    let mut r = if changed {
+        HttpResponse::Created()
+    } else {
+        HttpResponse::Ok()
+    };
     Ok(r.json(spec))
 }
 
 #[utoipa::path(delete, path = "/v1/subscriptions/{topic}/{group}", tag = "subscriptions",
     params(("topic" = String, Path), ("group" = String, Path)),
     responses((status = 204, description = "Deleted"), (status = 404, description = "No such subscription", body = error::ErrorBody)))]
-async fn delete_subscription(req: HttpRequest, path: web::Path<(String, String)>, state: State) -> Result<HttpResponse, ApiError> {
+async fn delete_subscription(
+    req: HttpRequest,
+    path: web::Path<(String, String)>,
+    state: State,
+) -> Result<HttpResponse, ApiError> {
     authorize(&req, &state, Role::Admin)?;
     let (topic, group) = path.into_inner();
     if state.core.delete_subscription(&topic, &group).await? {
@@ -232,11 +268,18 @@ struct DeadLetterQuery {
 
 #[utoipa::path(get, path = "/v1/dead-letters", tag = "dead letters", params(DeadLetterQuery),
     responses((status = 200, description = "Dead letters, oldest first", body = [crate::ingress::DeadLetter])))]
-async fn list_dead_letters(req: HttpRequest, q: web::Query<DeadLetterQuery>, state: State) -> Result<HttpResponse, ApiError> {
+async fn list_dead_letters(
+    req: HttpRequest,
+    q: web::Query<DeadLetterQuery>,
+    state: State,
+) -> Result<HttpResponse, ApiError> {
     authorize(&req, &state, Role::Admin)?;
     let limit = q.limit.unwrap_or(100);
     if limit == 0 || limit > 1000 {
-        return Err(ApiError::bad_request("invalid_query", "limit must be between 1 and 1000"));
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            "limit must be between 1 and 1000",
+        ));
     }
     let list = state
         .core
@@ -259,7 +302,9 @@ async fn replay_dead_letter(req: HttpRequest, path: web::Path<String>, state: St
     responses((status = 200, description = "Prometheus text exposition", content_type = "text/plain")))]
 async fn metrics_text(state: State) -> Result<HttpResponse, ApiError> {
     let text = state.core.render_metrics().ok_or_else(|| {
-        ApiError::not_found("no metrics recorder is installed in this process (call herald::metrics::install_prometheus)")
+        ApiError::not_found(
+            "no metrics recorder is installed in this process (call herald::metrics::install_prometheus)",
+        )
     })?;
     Ok(HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")

@@ -109,7 +109,12 @@ fn json_event(topic: &str, body: web::Bytes) -> Result<Event, ApiError> {
 }
 
 /// Binary mode: attributes in `ce-*` headers, the body is the data.
-fn binary_cloudevent(topic: &str, headers: &HeaderMap, media: Option<String>, body: web::Bytes) -> Result<Event, ApiError> {
+fn binary_cloudevent(
+    topic: &str,
+    headers: &HeaderMap,
+    media: Option<String>,
+    body: web::Bytes,
+) -> Result<Event, ApiError> {
     let required = |name: &str| {
         header(headers, name).ok_or_else(|| invalid_ce(format!("binary-mode CloudEvent is missing the {name} header")))
     };
@@ -130,10 +135,15 @@ fn binary_cloudevent(topic: &str, headers: &HeaderMap, media: Option<String>, bo
     for (name, value) in headers {
         let name = name.as_str();
         let Some(ext) = name.strip_prefix("ce-") else { continue };
-        if matches!(ext, "specversion" | "id" | "source" | "type" | "time" | "subject" | "dataschema" | "datacontenttype") {
+        if matches!(
+            ext,
+            "specversion" | "id" | "source" | "type" | "time" | "subject" | "dataschema" | "datacontenttype"
+        ) {
             continue;
         }
-        let value = value.to_str().map_err(|_| invalid_ce(format!("header {name} is not ASCII")))?;
+        let value = value
+            .to_str()
+            .map_err(|_| invalid_ce(format!("header {name} is not ASCII")))?;
         builder = builder.extension(ext, value.to_string());
     }
     let content_type = media.unwrap_or_else(|| event::JSON.to_string());
@@ -185,7 +195,9 @@ pub(crate) async fn publish_one(
     let e = parse_one(&topic, &req, body)?;
     let ack = query.ack.unwrap_or_default();
     let mut answer = state.core.ingress().publish(vec![e], ack, timeout).await?;
-    let answer = answer.pop().ok_or_else(|| ApiError::bad_request("invalid_event", "nothing to publish"))?;
+    let answer = answer
+        .pop()
+        .ok_or_else(|| ApiError::bad_request("invalid_event", "nothing to publish"))?;
     Ok(if ack == AckMode::Processed {
         HttpResponse::Ok().json(answer)
     } else {
@@ -230,7 +242,11 @@ pub(crate) async fn publish_batch(
     if events.len() > config.max_batch_events {
         return Err(ApiError::bad_request(
             "batch_too_large",
-            format!("{} events in one batch; the limit is {} (http.max_batch_events)", events.len(), config.max_batch_events),
+            format!(
+                "{} events in one batch; the limit is {} (http.max_batch_events)",
+                events.len(),
+                config.max_batch_events
+            ),
         ));
     }
     let ack = query.ack.unwrap_or_default();

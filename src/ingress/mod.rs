@@ -136,7 +136,10 @@ pub enum ReplayError {
 }
 
 /// The outcomes gathered so far and the publisher waiting for all of them (`ack=processed`).
-type Waiter = (Vec<SubscriptionOutcome>, Option<oneshot::Sender<Vec<SubscriptionOutcome>>>);
+type Waiter = (
+    Vec<SubscriptionOutcome>,
+    Option<oneshot::Sender<Vec<SubscriptionOutcome>>>,
+);
 
 /// Tracks one accepted event until every subscription finished it.
 struct Tracker {
@@ -258,7 +261,13 @@ impl Tracker {
 pub(crate) struct StoreDeadLetters(pub(crate) Store);
 
 impl DeadLetterSink for StoreDeadLetters {
-    fn store(&self, sub: &SubscriptionKey, event: &Event, attempts: u32, error: &str) -> BoxFuture<'static, Result<(), String>> {
+    fn store(
+        &self,
+        sub: &SubscriptionKey,
+        event: &Event,
+        attempts: u32,
+        error: &str,
+    ) -> BoxFuture<'static, Result<(), String>> {
         let record = DeadLetterRecord {
             event: Some(EventRecord::from(event)),
             group: sub.group.clone(),
@@ -336,7 +345,13 @@ impl Ingress {
         PublishError::Overloaded(why.to_string())
     }
 
-    fn tracker(&self, n: usize, seq: Option<u64>, bytes: BudgetShare, wait: bool) -> (Arc<Tracker>, Option<oneshot::Receiver<Vec<SubscriptionOutcome>>>) {
+    fn tracker(
+        &self,
+        n: usize,
+        seq: Option<u64>,
+        bytes: BudgetShare,
+        wait: bool,
+    ) -> (Arc<Tracker>, Option<oneshot::Receiver<Vec<SubscriptionOutcome>>>) {
         let (waiter, rx) = if wait {
             let (tx, rx) = oneshot::channel();
             (Some(Mutex::new((Vec::with_capacity(n), Some(tx)))), Some(rx))
@@ -357,7 +372,12 @@ impl Ingress {
     }
 
     /// Publishes events (all or none are accepted). `timeout` bounds `ack=processed`.
-    pub async fn publish(&self, events: Vec<Event>, ack: AckMode, timeout: Duration) -> Result<Vec<Published>, PublishError> {
+    pub async fn publish(
+        &self,
+        events: Vec<Event>,
+        ack: AckMode,
+        timeout: Duration,
+    ) -> Result<Vec<Published>, PublishError> {
         for e in &events {
             e.validate()?;
         }
@@ -489,15 +509,18 @@ impl Ingress {
     }
 
     /// Dead letters in id order, after `after`, at most `limit`, optionally of one topic/group.
-    pub fn dead_letters(&self, after: Option<&str>, limit: usize, topic: Option<&str>, group: Option<&str>) -> Result<Vec<DeadLetter>, String> {
+    pub fn dead_letters(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+        topic: Option<&str>,
+        group: Option<&str>,
+    ) -> Result<Vec<DeadLetter>, String> {
         let mut out = Vec::new();
         let mut cursor = after.map(str::to_string);
         // Filtering happens after reading, so read pages until `limit` matches or the end.
         loop {
-            let page = self
-                .store
-                .dead_letters(cursor.as_deref(), 512)
-                .map_err(|e| e.0)?;
+            let page = self.store.dead_letters(cursor.as_deref(), 512).map_err(|e| e.0)?;
             let done = page.len() < 512;
             for (id, r) in page {
                 cursor = Some(id.clone());

@@ -132,7 +132,9 @@ impl Store {
 
     async fn call<T>(&self, op: impl FnOnce(Reply<T>) -> Op) -> Result<T, StoreError> {
         let (tx, rx) = oneshot::channel();
-        self.ops.send(op(tx)).map_err(|_| StoreError("the WAL writer has stopped".into()))?;
+        self.ops
+            .send(op(tx))
+            .map_err(|_| StoreError("the WAL writer has stopped".into()))?;
         rx.await.map_err(|_| StoreError("the WAL writer has stopped".into()))?
     }
 
@@ -170,7 +172,8 @@ impl Store {
         let mut out = Vec::new();
         for row in table.iter().map_err(store_err)? {
             let (k, v) = row.map_err(store_err)?;
-            let record = WalRecord::decode(v.value()).map_err(|e| StoreError(format!("corrupt WAL record {}: {e}", k.value())))?;
+            let record = WalRecord::decode(v.value())
+                .map_err(|e| StoreError(format!("corrupt WAL record {}: {e}", k.value())))?;
             out.push((k.value(), record));
         }
         Ok(out)
@@ -192,7 +195,11 @@ impl Store {
     }
 
     /// Dead letters in id (time) order, after `after` if given, at most `limit`.
-    pub(crate) fn dead_letters(&self, after: Option<&str>, limit: usize) -> Result<Vec<(String, DeadLetterRecord)>, StoreError> {
+    pub(crate) fn dead_letters(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, DeadLetterRecord)>, StoreError> {
         let txn = self.db.begin_read().map_err(store_err)?;
         let table = txn.open_table(DEAD_LETTERS).map_err(store_err)?;
         let mut out = Vec::new();
@@ -206,7 +213,8 @@ impl Store {
                 break;
             }
             let (k, v) = row.map_err(store_err)?;
-            let record = DeadLetterRecord::decode(v.value()).map_err(|e| StoreError(format!("corrupt dead letter {}: {e}", k.value())))?;
+            let record = DeadLetterRecord::decode(v.value())
+                .map_err(|e| StoreError(format!("corrupt dead letter {}: {e}", k.value())))?;
             out.push((k.value().to_string(), record));
         }
         Ok(out)
@@ -318,7 +326,8 @@ impl Writer {
                         }
                     }
                     Op::DeadLetter(id, record, reply) => {
-                        dead.insert(id.as_str(), record.encode_to_vec().as_slice()).map_err(store_err)?;
+                        dead.insert(id.as_str(), record.encode_to_vec().as_slice())
+                            .map_err(store_err)?;
                         pending.push(answer(reply, ()));
                     }
                     Op::Replay(id, reply) => {
@@ -334,7 +343,8 @@ impl Writer {
                                     event: record.event.clone(),
                                     groups: vec![record.group.clone()],
                                 };
-                                wal.insert(seq, wal_record.encode_to_vec().as_slice()).map_err(store_err)?;
+                                wal.insert(seq, wal_record.encode_to_vec().as_slice())
+                                    .map_err(store_err)?;
                                 delta += 1;
                                 Some((seq, record))
                             }

@@ -113,7 +113,10 @@ impl NodeBuilder {
             // line appears must drain the node, not kill it with the default action.
             let signal = shutdown_signal();
             // One machine-readable line on stdout, for scripts and tests that start nodes on port 0.
-            println!("herald node {} listening on http://{}", node.core.config.node_id, node.http_addr);
+            println!(
+                "herald node {} listening on http://{}",
+                node.core.config.node_id, node.http_addr
+            );
             signal.await;
             tracing::info!("shutdown signal received; draining");
             node.shutdown().await;
@@ -169,11 +172,13 @@ impl NodeBuilder {
             core.router.apply(spec);
         }
         for spec in &config.subscriptions {
-            core.create_subscription(spec.clone()).await.map_err(|e| Error::Subscription {
-                topic: spec.topic.clone(),
-                group: spec.group.clone(),
-                message: e.to_string(),
-            })?;
+            core.create_subscription(spec.clone())
+                .await
+                .map_err(|e| Error::Subscription {
+                    topic: spec.topic.clone(),
+                    group: spec.group.clone(),
+                    message: e.to_string(),
+                })?;
         }
         let addr = http_bind_addr(&config)?;
         let (server, http_addr) = crate::http::server(core.clone(), addr)?;
@@ -294,7 +299,10 @@ impl RunningNode {
                 break;
             }
             if Instant::now() >= deadline {
-                tracing::warn!(queued, "shutdown timeout: unfinished events stay in the WAL for the next start");
+                tracing::warn!(
+                    queued,
+                    "shutdown timeout: unfinished events stay in the WAL for the next start"
+                );
                 break;
             }
             tick.tick().await;

@@ -70,7 +70,10 @@ where
         if let Some(v) = f().await {
             return v;
         }
-        assert!(start.elapsed() < deadline, "timed out after {deadline:?} waiting for: {what}");
+        assert!(
+            start.elapsed() < deadline,
+            "timed out after {deadline:?} waiting for: {what}"
+        );
         actix_rt::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -86,10 +89,16 @@ pub struct Answer {
     pub headers: awc::http::header::HeaderMap,
 }
 
-async fn finish(r: Result<awc::ClientResponse<impl futures_util::Stream<Item = Result<web::Bytes, awc::error::PayloadError>> + Unpin>, awc::error::SendRequestError>) -> Answer {
+async fn finish(
+    r: Result<
+        awc::ClientResponse<impl futures_util::Stream<Item = Result<web::Bytes, awc::error::PayloadError>> + Unpin>,
+        awc::error::SendRequestError,
+    >,
+) -> Answer {
     let mut r = r.expect("request sent");
     let bytes = r.body().limit(64 << 20).await.expect("body read");
-    let body = serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+    let body =
+        serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
     Answer {
         status: r.status().as_u16(),
         body,
