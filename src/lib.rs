@@ -51,9 +51,15 @@
 //! * [`cli`] — the `herald` command line (node, publish, subscribe, status, bench), logging set-up;
 //!   `src/bin/herald.rs` only calls it.
 //! * [`bench`] — `herald bench` scenarios.
+//! * [`transport`] — peer connections: length-delimited prost frames, the HMAC handshake, write
+//!   coalescing and reconnect with backoff; generic over the stream. Not wired into the node yet.
+//! * [`membership`] — the Raft group: the pure membership state machine (`state`), `raft::Storage`
+//!   on redb and in memory (`storage`), and the driver loop that owns the `RawNode`
+//!   (`raft_node`). Not wired into the node yet.
+//! * [`placement`] — the pure placement function: rendezvous hashing with a bounded load.
 //!
-//! Not here yet: Raft membership, the peer transport, placement and failure detection (one node
-//! runs alone and reports itself as the whole cluster).
+//! The cluster pieces above exist and are tested on their own; until they are wired into the node,
+//! one node runs alone and reports itself as the whole cluster.
 
 #![warn(missing_docs, unreachable_pub)]
 
@@ -65,11 +71,14 @@ pub mod event;
 pub mod handler;
 pub mod http;
 pub mod ingress;
+pub mod membership;
 pub mod metrics;
 pub mod node;
+pub mod placement;
 pub mod proto;
 mod router;
 pub mod subscription;
+pub mod transport;
 
 pub use error::{Error, Result};
 

@@ -1,0 +1,13 @@
+//! Cluster membership over Raft (DESIGN §4).
+//!
+//! * [`state`] — the replicated membership table (members, subscriptions, placement with its
+//!   epoch) and the commands that change it. Pure: `apply(index, command) -> effects`.
+//! * [`storage`] — `raft::Storage` on redb (durable) and in memory (tests), one conformance suite.
+//! * [`raft_node`] — the one task that owns the `RawNode`: tick, step, propose, persist, send,
+//!   apply, advance; proposals on followers are forwarded to the leader.
+//!
+//! Not wired into the node yet: the node still runs alone (see the membership issue's notes).
+
+pub mod raft_node;
+pub mod state;
+pub mod storage;

@@ -1,0 +1,249 @@
+//! The peer wire schema: the prost messages exchanged between nodes.
+//!
+//! Declared with `prost`'s derive (no `.proto` file, no `protoc`). **Field tags are the schema:**
+//! never reuse, renumber or change the type of a tag; add new fields and new `oneof` variants with
+//! fresh tags instead. A node that receives a variant it does not know decodes it as "no body" and
+//! drops it, so new variants can be rolled out one node at a time.
+//!
+//! A connection first carries [`Handshake`] frames (see [`super::handshake`](mod@super::handshake)),
+//! then [`Envelope`] frames until it closes. How a frame is delimited is defined in
+//! [`super::frame`].
+//!
+//! ```text
+//! message Envelope {                       // absent body = keepalive, never handed to users
+//!   oneof body {
+//!     bytes          raft           = 1;   // one serialized raft-rs `eraftpb::Message`, opaque here
+//!     Ping           ping           = 2;
+//!     Pong           pong           = 3;
+//!     Proposal       propose        = 4;   // a follower forwarding a proposal to the leader
+//!     ProposalResult propose_result = 5;
+//!     bytes          app            = 6;   // opaque payload for later users (event batches, acks)
+//!   }                                      // 7.. free; never reuse a retired tag
+//! }
+//! message Ping           { uint64 seq = 1; int64 sent_unix_nanos = 2; }
+//! message Pong           { uint64 seq = 1; int64 sent_unix_nanos = 2; }  // echoes the Ping
+//! message Proposal       { uint64 id = 1; bytes command = 2; }
+//! message ProposalResult { uint64 id = 1; string error = 2; }           // "" = accepted
+//!
+//! message Handshake {
+//!   oneof step { Hello hello = 1; Proof proof = 2; Refusal refusal = 3; Accepted accepted = 4; }
+//! }
+//! message Hello    { string cluster_id = 1; uint64 node_id = 2; bytes nonce = 3;
+//!                    string peer_addr = 4; uint32 protocol_version = 5; }
+//! message Proof    { bytes mac = 1; }
+//! message Refusal  { RefusalCode code = 1; string message = 2; }
+//! message Accepted { }
+//! enum RefusalCode { UNSPECIFIED = 0; VERSION_MISMATCH = 1; CLUSTER_MISMATCH = 2;
+//!                    SELF_CONNECTION = 3; UNEXPECTED_NODE_ID = 4; INSECURE_NON_LOOPBACK = 5;
+//!                    BAD_PROOF = 6; DUPLICATE_NODE_ID = 7; PROTOCOL = 8; }
+//! ```
+
+use bytes::Bytes;
+
+/// The version of the handshake and envelope protocol this build speaks. Bumped only for an
+/// incompatible change (adding fields or variants is compatible and does not bump it).
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// One frame after the handshake. An envelope without a body is a keepalive: it proves the
+/// connection is alive and is consumed by the transport.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Envelope {
+    /// What the frame carries; `None` for keepalives and for variants this node does not know.
+    #[prost(oneof = "envelope::Body", tags = "1, 2, 3, 4, 5, 6")]
+    pub body: Option<envelope::Body>,
+}
+
+impl Envelope {
+    /// An envelope carrying `body`.
+    pub fn new(body: envelope::Body) -> Self {
+        Envelope { body: Some(body) }
+    }
+
+    /// An envelope carrying one serialized raft message.
+    pub fn raft(message: impl Into<Bytes>) -> Self {
+        Envelope::new(envelope::Body::Raft(message.into()))
+    }
+
+    /// An envelope carrying an opaque application payload.
+    pub fn app(payload: impl Into<Bytes>) -> Self {
+        Envelope::new(envelope::Body::App(payload.into()))
+    }
+
+    /// An envelope carrying a ping.
+    pub fn ping(seq: u64, sent_unix_nanos: i64) -> Self {
+        Envelope::new(envelope::Body::Ping(Ping { seq, sent_unix_nanos }))
+    }
+
+    /// Whether this is a keepalive (or a variant this build does not know).
+    pub fn is_keepalive(&self) -> bool {
+        self.body.is_none()
+    }
+}
+
+/// The `oneof body` of [`Envelope`].
+pub mod envelope {
+    use bytes::Bytes;
+
+    /// What an [`Envelope`](super::Envelope) carries. Tags are listed in the module docs.
+    #[derive(Clone, PartialEq, prost::Oneof)]
+    pub enum Body {
+        /// One serialized raft-rs message; the transport never looks inside.
+        #[prost(bytes = "bytes", tag = "1")]
+        Raft(Bytes),
+        /// A liveness probe; the receiver answers with a [`Pong`](super::Pong).
+        #[prost(message, tag = "2")]
+        Ping(super::Ping),
+        /// The answer to a [`Ping`](super::Ping).
+        #[prost(message, tag = "3")]
+        Pong(super::Pong),
+        /// A proposal forwarded to the Raft leader.
+        #[prost(message, tag = "4")]
+        Propose(super::Proposal),
+        /// The leader's answer to a forwarded proposal.
+        #[prost(message, tag = "5")]
+        ProposeResult(super::ProposalResult),
+        /// An opaque payload for users above the transport (event batches, acks).
+        #[prost(bytes = "bytes", tag = "6")]
+        App(Bytes),
+    }
+}
+
+/// A liveness probe, used by the failure detector to measure round trips.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Ping {
+    /// Sequence number, so the answer can be matched to its probe.
+    #[prost(uint64, tag = "1")]
+    pub seq: u64,
+    /// Sender's clock when the ping left, nanoseconds since the Unix epoch (for the RTT).
+    #[prost(int64, tag = "2")]
+    pub sent_unix_nanos: i64,
+}
+
+/// The answer to a [`Ping`]: echoes its fields so the prober computes the RTT on its own clock.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Pong {
+    /// The ping's sequence number.
+    #[prost(uint64, tag = "1")]
+    pub seq: u64,
+    /// The ping's `sent_unix_nanos`, echoed unchanged.
+    #[prost(int64, tag = "2")]
+    pub sent_unix_nanos: i64,
+}
+
+/// A replicated command forwarded by a non-leader to the leader.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Proposal {
+    /// Chosen by the forwarder to match the [`ProposalResult`].
+    #[prost(uint64, tag = "1")]
+    pub id: u64,
+    /// The serialized command, opaque to the transport.
+    #[prost(bytes = "bytes", tag = "2")]
+    pub command: Bytes,
+}
+
+/// The leader's answer to a [`Proposal`].
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ProposalResult {
+    /// The proposal's id.
+    #[prost(uint64, tag = "1")]
+    pub id: u64,
+    /// Empty when the proposal was accepted; otherwise why it was not (e.g. "not the leader").
+    #[prost(string, tag = "2")]
+    pub error: String,
+}
+
+/// One handshake frame. Exactly these are exchanged before the first [`Envelope`].
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Handshake {
+    /// The step; `None` (an unknown or empty step) is a protocol error.
+    #[prost(oneof = "handshake::Step", tags = "1, 2, 3, 4")]
+    pub step: Option<handshake::Step>,
+}
+
+/// The `oneof step` of [`Handshake`].
+pub mod handshake {
+    /// One handshake step. Tags are listed in the module docs.
+    #[derive(Clone, PartialEq, prost::Oneof)]
+    pub enum Step {
+        /// First frame of each side.
+        #[prost(message, tag = "1")]
+        Hello(super::Hello),
+        /// Second frame: proof of the cluster secret (or a refusal instead).
+        #[prost(message, tag = "2")]
+        Proof(super::Proof),
+        /// Sent instead of the next step when a side refuses the connection; the stream then closes.
+        #[prost(message, tag = "3")]
+        Refusal(super::Refusal),
+        /// Third frame: this side verified the other's proof and admits the connection.
+        #[prost(message, tag = "4")]
+        Accepted(super::Accepted),
+    }
+}
+
+/// Who a node is, sent first by both sides.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Hello {
+    /// The sender's cluster id; both sides must agree.
+    #[prost(string, tag = "1")]
+    pub cluster_id: String,
+    /// The sender's node id; unique in the cluster.
+    #[prost(uint64, tag = "2")]
+    pub node_id: u64,
+    /// 32 fresh random bytes the other side must MAC, so a recorded proof cannot be replayed.
+    #[prost(bytes = "bytes", tag = "3")]
+    pub nonce: Bytes,
+    /// The address other nodes should dial to reach the sender (its advertised peer address).
+    #[prost(string, tag = "4")]
+    pub peer_addr: String,
+    /// The sender's [`PROTOCOL_VERSION`].
+    #[prost(uint32, tag = "5")]
+    pub protocol_version: u32,
+}
+
+/// Proof of the cluster secret: `HMAC-SHA256(secret, other side's nonce || own node id (u64
+/// big-endian) || cluster id)`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Proof {
+    /// The 32-byte MAC.
+    #[prost(bytes = "bytes", tag = "1")]
+    pub mac: Bytes,
+}
+
+/// Why a side refuses the connection; sent so the other side reports the same reason.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Refusal {
+    /// Machine-readable reason ([`RefusalCode`]).
+    #[prost(enumeration = "RefusalCode", tag = "1")]
+    pub code: i32,
+    /// The refusing side's explanation, including what to change.
+    #[prost(string, tag = "2")]
+    pub message: String,
+}
+
+/// The admitting side's final "yes".
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Accepted {}
+
+/// Reasons for a [`Refusal`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum RefusalCode {
+    /// A code this build does not know.
+    Unspecified = 0,
+    /// Different [`PROTOCOL_VERSION`]s.
+    VersionMismatch = 1,
+    /// Different cluster ids.
+    ClusterMismatch = 2,
+    /// The other side has this node's own id.
+    SelfConnection = 3,
+    /// The dialed address answered with another node id than the one it was added under.
+    UnexpectedNodeId = 4,
+    /// No secret configured and the other side is not on loopback.
+    InsecureNonLoopback = 5,
+    /// The proof of the cluster secret did not verify.
+    BadProof = 6,
+    /// A connection from that node id is already established.
+    DuplicateNodeId = 7,
+    /// Malformed handshake (bad nonce, unexpected step).
+    Protocol = 8,
+}
