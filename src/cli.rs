@@ -73,6 +73,20 @@ pub struct NodeArgs {
     /// Name of the cluster [key: cluster_id, default herald].
     #[arg(long, env = "HERALD_CLUSTER_ID")]
     pub cluster_id: Option<String>,
+    /// Peer listen address, IP:port [key: cluster.peer, default: the HTTP IP with the HTTP port + 100].
+    #[arg(long, env = "HERALD_PEER")]
+    pub peer: Option<String>,
+    /// Peer address other nodes dial, host:port [key: cluster.advertise, default: the bound peer address].
+    #[arg(long, env = "HERALD_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// Peer address of a member to join; repeat or comma-separate for several [key: cluster.join].
+    /// Without it a new node starts its own cluster.
+    #[arg(long, env = "HERALD_JOIN", value_delimiter = ',')]
+    pub join: Vec<String>,
+    /// File with the cluster secret; peers must share it [key: cluster.secret_file]. Without one,
+    /// only loopback peers are accepted.
+    #[arg(long, env = "HERALD_CLUSTER_SECRET_FILE")]
+    pub cluster_secret_file: Option<PathBuf>,
 }
 
 impl NodeArgs {
@@ -111,6 +125,18 @@ impl NodeArgs {
         }
         if let Some(v) = self.cluster_id {
             c.cluster_id = v;
+        }
+        if let Some(v) = self.peer {
+            c.cluster.peer = v;
+        }
+        if let Some(v) = self.advertise {
+            c.cluster.advertise = v;
+        }
+        if !self.join.is_empty() {
+            c.cluster.join = self.join;
+        }
+        if let Some(v) = self.cluster_secret_file {
+            c.cluster.secret_file = Some(v);
         }
         c.validate()?;
         Ok(c)

@@ -31,8 +31,59 @@ pub struct Config {
     pub handlers: HandlerConfig,
     /// Bearer tokens.
     pub auth: AuthConfig,
+    /// The peer transport and joining a cluster.
+    pub cluster: ClusterConfig,
+    /// The Raft group that replicates membership.
+    pub raft: RaftConfig,
     /// Subscriptions declared at start-up (created if missing, updated if changed).
     pub subscriptions: Vec<SubscriptionSpec>,
+}
+
+/// Cluster membership: where peers connect and whom to join.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Peer listen address (`--peer`, `HERALD_PEER`). Empty: the HTTP address's IP with the HTTP
+    /// port + 100 (port 0 when the HTTP port is 0).
+    pub peer: String,
+    /// The peer address other nodes dial (`--advertise`, `HERALD_ADVERTISE`); a host name is
+    /// fine. Empty: the bound peer address.
+    pub advertise: String,
+    /// Peer addresses of existing members to join (`--join`, `HERALD_JOIN=a,b`); host names
+    /// resolve. Empty: a new node starts its own cluster (or resumes the one on disk).
+    pub join: Vec<String>,
+    /// File holding the cluster secret (`--cluster-secret-file`). Without a secret only loopback
+    /// peers are accepted.
+    pub secret_file: Option<PathBuf>,
+}
+
+/// The membership Raft group.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RaftConfig {
+    /// How many members vote (the first to join); the rest are learners, promoted when a voter
+    /// leaves.
+    pub voters: usize,
+    /// One Raft tick.
+    pub tick_ms: u64,
+    /// Ticks of leader silence before an election.
+    pub election_ticks: usize,
+    /// Ticks between leader heartbeats.
+    pub heartbeat_ticks: usize,
+    /// Placement's bounded-load factor: no node gets more than this times the average instances.
+    pub load_factor: f64,
+}
+
+impl Default for RaftConfig {
+    fn default() -> Self {
+        RaftConfig {
+            voters: 3,
+            tick_ms: 100,
+            election_ticks: 10,
+            heartbeat_ticks: 2,
+            load_factor: crate::placement::DEFAULT_LOAD_FACTOR,
+        }
+    }
 }
 
 /// Log line format.
@@ -147,6 +198,8 @@ impl Default for Config {
             wal: WalConfig::default(),
             handlers: HandlerConfig::default(),
             auth: AuthConfig::default(),
+            cluster: ClusterConfig::default(),
+            raft: RaftConfig::default(),
             subscriptions: Vec::new(),
         }
     }
@@ -222,6 +275,25 @@ impl Config {
         })
     }
 
+    /// The peer listen address: `cluster.peer`, or the HTTP IP with the HTTP port + 100.
+    pub fn peer_addr(&self) -> Result<SocketAddr> {
+        if self.cluster.peer.is_empty() {
+            let http = self.http_addr()?;
+            let port = if http.port() == 0 {
+                0
+            } else {
+                http.port().checked_add(100).unwrap_or(0)
+            };
+            return Ok(SocketAddr::new(http.ip(), port));
+        }
+        self.cluster.peer.parse().map_err(|_| {
+            Error::config(
+                "cluster.peer",
+                format!("{:?} is not an IP:port address (e.g. 0.0.0.0:7170)", self.cluster.peer),
+            )
+        })
+    }
+
     /// Checks every setting; the error names the key to fix.
     pub fn validate(&self) -> Result<()> {
         if self.node_id == 0 {
@@ -272,6 +344,30 @@ impl Config {
                 "http.max_batch_events",
                 "must not exceed handlers.mailbox_capacity, or a full batch could never be accepted",
             ));
+        }
+        self.peer_addr()?;
+        for (i, j) in self.cluster.join.iter().enumerate() {
+            if j.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).is_none() {
+                return Err(Error::config(
+                    format!("cluster.join[{i}]"),
+                    format!("{j:?} is not host:port"),
+                ));
+            }
+        }
+        if self.raft.voters == 0 || self.raft.voters > 9 {
+            return Err(Error::config("raft.voters", "must be between 1 and 9"));
+        }
+        if self.raft.tick_ms == 0
+            || self.raft.heartbeat_ticks == 0
+            || self.raft.election_ticks <= self.raft.heartbeat_ticks
+        {
+            return Err(Error::config(
+                "raft.election_ticks",
+                "raft.tick_ms and raft.heartbeat_ticks must be positive and election_ticks larger than heartbeat_ticks",
+            ));
+        }
+        if !(1.0..=10.0).contains(&self.raft.load_factor) {
+            return Err(Error::config("raft.load_factor", "must be between 1.0 and 10.0"));
         }
         for (i, t) in self.auth.tokens.iter().enumerate() {
             if t.token.len() < 8 {

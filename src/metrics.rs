@@ -29,6 +29,12 @@ pub const MAILBOX_DEPTH: &str = "herald_mailbox_depth";
 pub const INFLIGHT_EVENTS: &str = "herald_inflight_events";
 /// Events in the write-ahead log.
 pub const WAL_EVENTS: &str = "herald_wal_events";
+/// The Raft term this node is in.
+pub const RAFT_TERM: &str = "herald_raft_term";
+/// 1 on the Raft leader, 0 elsewhere.
+pub const RAFT_IS_LEADER: &str = "herald_raft_is_leader";
+/// The highest committed Raft index this node knows.
+pub const RAFT_COMMIT_INDEX: &str = "herald_raft_commit_index";
 /// Cluster members by status.
 pub const CLUSTER_MEMBERS: &str = "herald_cluster_members";
 /// The placement epoch this node holds.
@@ -72,6 +78,9 @@ pub fn describe() {
         WAL_EVENTS,
         "Events in the write-ahead log, waiting for their subscriptions."
     );
+    describe_gauge!(RAFT_TERM, "The Raft term this node is in.");
+    describe_gauge!(RAFT_IS_LEADER, "1 on the Raft leader, 0 elsewhere.");
+    describe_gauge!(RAFT_COMMIT_INDEX, "The highest committed Raft index this node knows.");
     describe_gauge!(CLUSTER_MEMBERS, "Cluster members by status.");
     describe_gauge!(PLACEMENT_EPOCH, "The placement epoch this node holds.");
     describe_counter!(HTTP_REQUESTS, "HTTP requests by route pattern and status code.");

@@ -126,7 +126,10 @@ impl From<ControlError> for ApiError {
     fn from(e: ControlError) -> Self {
         match e {
             ControlError::Invalid(s) => s.into(),
-            ControlError::Store(m) => Self::new(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", m),
+            ControlError::Unavailable(m) => ApiError {
+                retry_after: Some(1),
+                ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", m)
+            },
         }
     }
 }

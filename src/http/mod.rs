@@ -32,13 +32,22 @@ pub(crate) struct AppState {
 
 type State = web::Data<AppState>;
 
-/// Builds and starts the HTTP server for `core` on `addr`; returns it with the bound address.
-pub(crate) fn server(core: Arc<NodeCore>, addr: SocketAddr) -> Result<(actix_web::dev::Server, SocketAddr)> {
+/// Binds the HTTP listener (port 0 picks a free port); returns it with the bound address.
+pub(crate) fn bind(addr: SocketAddr) -> Result<(std::net::TcpListener, SocketAddr)> {
     let listener =
         std::net::TcpListener::bind(addr).map_err(|e| Error::io(format!("cannot bind HTTP address {addr}"), e))?;
     let http_addr = listener
         .local_addr()
         .map_err(|e| Error::io("cannot read the HTTP address", e))?;
+    Ok((listener, http_addr))
+}
+
+/// Builds and starts the HTTP server for `core` on a bound listener.
+pub(crate) fn server(
+    core: Arc<NodeCore>,
+    listener: std::net::TcpListener,
+    http_addr: SocketAddr,
+) -> Result<actix_web::dev::Server> {
     let state = web::Data::new(AppState { core, http_addr });
     let server = HttpServer::new(move || {
         App::new()
@@ -70,7 +79,7 @@ pub(crate) fn server(core: Arc<NodeCore>, addr: SocketAddr) -> Result<(actix_web
     .listen(listener)
     .map_err(|e| Error::io(format!("cannot listen on {http_addr}"), e))?
     .run();
-    Ok((server, http_addr))
+    Ok(server)
 }
 
 /// Every route of the API.
@@ -88,8 +97,8 @@ fn routes(cfg: &mut web::ServiceConfig) {
         )
         .route("/v1/cluster", web::get().to(cluster))
         .route("/v1/cluster/placements", web::get().to(placements))
-        .route("/v1/cluster/nodes/{id}/drain", web::post().to(not_clustered))
-        .route("/v1/cluster/nodes/{id}", web::delete().to(not_clustered))
+        .route("/v1/cluster/nodes/{id}/drain", web::post().to(drain_node))
+        .route("/v1/cluster/nodes/{id}", web::delete().to(remove_node))
         .route("/v1/dead-letters", web::get().to(list_dead_letters))
         .route("/v1/dead-letters/{id}/replay", web::post().to(replay_dead_letter))
         .route("/metrics", web::get().to(metrics_text))
@@ -244,13 +253,30 @@ async fn placements(req: HttpRequest, state: State) -> Result<HttpResponse, ApiE
     Ok(HttpResponse::Ok().json(state.core.placements()))
 }
 
-async fn not_clustered(req: HttpRequest, state: State) -> Result<HttpResponse, ApiError> {
+#[utoipa::path(post, path = "/v1/cluster/nodes/{id}/drain", tag = "cluster", params(("id" = u64, Path)),
+    responses((status = 202, description = "Draining: its instances move to other nodes"),
+              (status = 404, description = "No such member", body = error::ErrorBody)))]
+async fn drain_node(req: HttpRequest, path: web::Path<u64>, state: State) -> Result<HttpResponse, ApiError> {
     authorize(&req, &state, Role::Admin)?;
-    Err(ApiError::new(
-        actix_web::http::StatusCode::NOT_IMPLEMENTED,
-        "not_clustered",
-        "this node runs alone: draining and removing nodes need cluster membership, which this version does not have yet",
-    ))
+    let id = path.into_inner();
+    if state.core.drain_node(id).await? {
+        Ok(HttpResponse::Accepted().json(serde_json::json!({ "id": id, "status": "draining" })))
+    } else {
+        Err(ApiError::not_found(format!("no member {id}")))
+    }
+}
+
+#[utoipa::path(delete, path = "/v1/cluster/nodes/{id}", tag = "cluster", params(("id" = u64, Path)),
+    responses((status = 204, description = "Removed from the cluster"),
+              (status = 404, description = "No such member", body = error::ErrorBody)))]
+async fn remove_node(req: HttpRequest, path: web::Path<u64>, state: State) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &state, Role::Admin)?;
+    let id = path.into_inner();
+    if state.core.remove_node(id).await? {
+        Ok(HttpResponse::NoContent().finish())
+    } else {
+        Err(ApiError::not_found(format!("no member {id}")))
+    }
 }
 
 /// Query of `GET /v1/dead-letters`.
@@ -341,7 +367,7 @@ async fn openapi() -> HttpResponse {
     paths(
         publish::publish_one, publish::publish_batch,
         list_subscriptions, create_subscription, delete_subscription,
-        cluster, placements, list_dead_letters, replay_dead_letter,
+        cluster, placements, drain_node, remove_node, list_dead_letters, replay_dead_letter,
         metrics_text, healthz, readyz
     ),
     components(schemas(

@@ -464,8 +464,11 @@ impl Ingress {
         Ok(answers)
     }
 
-    /// Delivers every event left in the WAL (start-up), then marks the node ready.
-    pub(crate) async fn replay_wal(&self) -> Result<usize, store::StoreError> {
+    /// Delivers every event left in the WAL (start-up), then marks the node ready. `exists` says
+    /// whether a subscription exists in the cluster: an event owed to subscriptions that exist
+    /// but run on other nodes stays in the WAL (cross-node delivery is not built yet); one owed
+    /// only to deleted subscriptions is dropped.
+    pub(crate) async fn replay_wal(&self, exists: impl Fn(&str, &str) -> bool) -> Result<usize, store::StoreError> {
         let records = self.store.wal_records()?;
         let total = records.len();
         if total > 0 {
@@ -484,13 +487,24 @@ impl Ingress {
                 .filter(|s| record.groups.contains(&s.spec.group))
                 .cloned()
                 .collect();
+            let elsewhere = record
+                .groups
+                .iter()
+                .any(|g| exists(&event.topic, g) && !subs.iter().any(|s| &s.spec.group == g));
             if subs.is_empty() {
-                tracing::warn!(id = %event.id, topic = %event.topic, "dropping WAL event: none of its subscriptions exists any more");
-                self.store.ack(seq);
+                if elsewhere {
+                    tracing::warn!(id = %event.id, topic = %event.topic, "WAL event kept: its subscriptions run on other nodes");
+                } else {
+                    tracing::warn!(id = %event.id, topic = %event.topic, "dropping WAL event: none of its subscriptions exists any more");
+                    self.store.ack(seq);
+                }
                 continue;
             }
             let permit = self.bytes.take(charge(&event)).await;
             let (tracker, _) = self.tracker(subs.len(), Some(seq), permit, false);
+            if elsewhere {
+                tracker.keep.store(true, Ordering::Relaxed);
+            }
             let event = Arc::new(event);
             for sub in subs {
                 redelivered.increment(1);

@@ -1,12 +1,11 @@
-//! The node's durable store on redb: the write-ahead log of accepted events, the dead letters and
-//! the subscriptions.
+//! The node's durable store on redb: the write-ahead log of accepted events and the dead letters.
 //!
 //! One writer thread owns every write. Callers send operations over a channel; the writer takes
 //! everything queued (up to `wal.max_batch`), applies it in one transaction and commits once —
 //! group commit — then answers each caller. Under load one fsync covers thousands of events, which
 //! is what keeps `ack=accepted` fast. Reads use redb's concurrent read transactions directly.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use prost::Message;
@@ -16,11 +15,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::config::FsyncPolicy;
 use crate::error::{Error, Result};
 use crate::proto::{DeadLetterRecord, WalRecord};
-use crate::subscription::SubscriptionSpec;
 
 const WAL: TableDefinition<u64, &[u8]> = TableDefinition::new("wal");
 const DEAD_LETTERS: TableDefinition<&str, &[u8]> = TableDefinition::new("dead_letters");
-const SUBSCRIPTIONS: TableDefinition<&str, &str> = TableDefinition::new("subscriptions");
 
 /// A store failure as reported to callers (the writer thread keeps running).
 #[derive(Debug, Clone, thiserror::Error)]
@@ -39,11 +36,9 @@ enum Op {
     /// An event is finished by every subscription; no answer needed.
     Ack(u64),
     /// Store a dead letter under its id.
-    DeadLetter(String, DeadLetterRecord, Reply<()>),
+    DeadLetter(String, Box<DeadLetterRecord>, Reply<()>),
     /// Move a dead letter back into the WAL, owed to its group only.
     Replay(String, Reply<Option<(u64, DeadLetterRecord)>>),
-    PutSubscription(SubscriptionSpec, Reply<()>),
-    DeleteSubscription(String, Reply<bool>),
 }
 
 /// Handle to the store; cheap to clone.
@@ -51,7 +46,6 @@ enum Op {
 pub(crate) struct Store {
     db: Arc<Db>,
     ops: mpsc::UnboundedSender<Op>,
-    path: Arc<PathBuf>,
     /// Closed once the database is (see [`Store::closed`]).
     closed: watch::Receiver<()>,
 }
@@ -78,10 +72,6 @@ impl Drop for Db {
     }
 }
 
-fn sub_key(topic: &str, group: &str) -> String {
-    format!("{topic}/{group}")
-}
-
 impl Store {
     /// Opens (or creates) `herald.redb` in `dir` and starts the writer thread.
     pub(crate) fn open(dir: &Path, fsync: FsyncPolicy, max_batch: usize) -> Result<Store> {
@@ -97,7 +87,6 @@ impl Store {
         let next_seq = {
             let wal = txn.open_table(WAL).map_err(|e| fail(&e))?;
             txn.open_table(DEAD_LETTERS).map_err(|e| fail(&e))?;
-            txn.open_table(SUBSCRIPTIONS).map_err(|e| fail(&e))?;
             let last = wal.last().map_err(|e| fail(&e))?.map(|(k, _)| k.value());
             metrics::gauge!(crate::metrics::WAL_EVENTS).set(wal.len().map_err(|e| fail(&e))? as f64);
             last.map_or(1, |s| s + 1)
@@ -122,12 +111,7 @@ impl Store {
             .name("herald-wal".into())
             .spawn(move || writer.run(rx))
             .map_err(|e| Error::io("cannot start the WAL writer thread", e))?;
-        Ok(Store {
-            db,
-            ops: tx,
-            path: Arc::new(path),
-            closed,
-        })
+        Ok(Store { db, ops: tx, closed })
     }
 
     async fn call<T>(&self, op: impl FnOnce(Reply<T>) -> Op) -> Result<T, StoreError> {
@@ -149,20 +133,11 @@ impl Store {
     }
 
     pub(crate) async fn put_dead_letter(&self, id: String, record: DeadLetterRecord) -> Result<(), StoreError> {
-        self.call(|r| Op::DeadLetter(id, record, r)).await
+        self.call(|r| Op::DeadLetter(id, Box::new(record), r)).await
     }
 
     pub(crate) async fn replay_dead_letter(&self, id: String) -> Result<Option<(u64, DeadLetterRecord)>, StoreError> {
         self.call(|r| Op::Replay(id, r)).await
-    }
-
-    pub(crate) async fn put_subscription(&self, spec: SubscriptionSpec) -> Result<(), StoreError> {
-        self.call(|r| Op::PutSubscription(spec, r)).await
-    }
-
-    pub(crate) async fn delete_subscription(&self, topic: &str, group: &str) -> Result<bool, StoreError> {
-        let key = sub_key(topic, group);
-        self.call(|r| Op::DeleteSubscription(key, r)).await
     }
 
     /// Every record in the WAL, oldest first (start-up replay).
@@ -175,21 +150,6 @@ impl Store {
             let record = WalRecord::decode(v.value())
                 .map_err(|e| StoreError(format!("corrupt WAL record {}: {e}", k.value())))?;
             out.push((k.value(), record));
-        }
-        Ok(out)
-    }
-
-    /// The stored subscriptions.
-    pub(crate) fn subscriptions(&self) -> Result<Vec<SubscriptionSpec>, StoreError> {
-        let txn = self.db.begin_read().map_err(store_err)?;
-        let table = txn.open_table(SUBSCRIPTIONS).map_err(store_err)?;
-        let mut out = Vec::new();
-        for row in table.iter().map_err(store_err)? {
-            let (k, v) = row.map_err(store_err)?;
-            match serde_json::from_str(v.value()) {
-                Ok(spec) => out.push(spec),
-                Err(e) => tracing::error!(key = k.value(), error = %e, "skipping unreadable stored subscription"),
-            }
         }
         Ok(out)
     }
@@ -235,11 +195,6 @@ impl Store {
     /// Waits until everything sent before has been committed.
     pub(crate) async fn flush(&self) -> Result<(), StoreError> {
         self.append(Vec::new()).await.map(drop)
-    }
-
-    /// The database file.
-    pub(crate) fn path(&self) -> &Path {
-        &self.path
     }
 
     /// Resolves once the database file is closed and can be opened again: after every `Store`
@@ -306,7 +261,6 @@ impl Writer {
         {
             let mut wal = txn.open_table(WAL).map_err(store_err)?;
             let mut dead = txn.open_table(DEAD_LETTERS).map_err(store_err)?;
-            let mut subs = txn.open_table(SUBSCRIPTIONS).map_err(store_err)?;
             for op in ops.drain(..) {
                 match op {
                     Op::Append(records, reply) => {
@@ -352,16 +306,6 @@ impl Writer {
                             None => None,
                         };
                         pending.push(answer(reply, found_record));
-                    }
-                    Op::PutSubscription(spec, reply) => {
-                        let json = serde_json::to_string(&spec).map_err(store_err)?;
-                        subs.insert(sub_key(&spec.topic, &spec.group).as_str(), json.as_str())
-                            .map_err(store_err)?;
-                        pending.push(answer(reply, ()));
-                    }
-                    Op::DeleteSubscription(key, reply) => {
-                        let existed = subs.remove(key.as_str()).map_err(store_err)?.is_some();
-                        pending.push(answer(reply, existed));
                     }
                 }
             }

@@ -9,5 +9,6 @@
 //! Not wired into the node yet: the node still runs alone (see the membership issue's notes).
 
 pub mod raft_node;
+pub mod service;
 pub mod state;
 pub mod storage;

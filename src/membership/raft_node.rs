@@ -265,6 +265,11 @@ where
         snapshot_index: applied,
         snapshot_due: false,
     };
+    // A node that is the only voter need not wait an election timeout to lead.
+    let conf = driver.node.raft.prs().conf().to_conf_state();
+    if conf.voters == [driver.config.id] {
+        let _ = driver.node.campaign();
+    }
     let handle = tokio::spawn(async move { driver.run(inbound).await });
     Ok((status_rx, handle))
 }

@@ -15,12 +15,17 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Serialize;
 use utoipa::ToSchema;
 
+use tokio::sync::watch;
+
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::handler::supervisor::Policy;
 use crate::handler::{HandlerActor, HandlerRegistry, SubscriptionKey};
 use crate::ingress::store::Store;
 use crate::ingress::{Ingress, StoreDeadLetters};
+use crate::membership::raft_node::RaftStatus;
+use crate::membership::service::{Membership, MembershipConfig};
+use crate::membership::state::{Command, MembershipState};
 use crate::router::{Router, RouterParts};
 use crate::subscription::{SpecError, SubscriptionSpec};
 
@@ -136,6 +141,7 @@ impl NodeBuilder {
         config.subscriptions.extend(subscriptions);
         config.validate()?;
         let h = &config.handlers;
+        claim_data_dir(&config)?;
         let store = Store::open(&config.data_dir, config.wal.fsync, config.wal.max_batch)?;
         let workers: Vec<Arbiter> = (0..h.worker_threads()).map(|_| Arbiter::new()).collect();
         let router = Arc::new(Router::new(RouterParts {
@@ -152,54 +158,178 @@ impl NodeBuilder {
             webhook_timeout: Duration::from_millis(h.webhook_timeout_ms),
         }));
         let ingress = Arc::new(Ingress::new(router.clone(), store.clone(), h.max_inflight_bytes));
+        // Declared subscriptions must be valid for this binary before anything starts.
+        for spec in &config.subscriptions {
+            spec.validate(
+                config.handlers.max_instances,
+                |n| router.registry().contains(n),
+                || router.registry().names(),
+            )
+            .map_err(|e| Error::Subscription {
+                topic: spec.topic.clone(),
+                group: spec.group.clone(),
+                message: e.to_string(),
+            })?;
+        }
+        let addr = http_bind_addr(&config)?;
+        let peer_addr = config.peer_addr()?;
+        let peer_listener = std::net::TcpListener::bind(peer_addr)
+            .map_err(|e| Error::io(format!("cannot bind the peer address {peer_addr} (cluster.peer)"), e))?;
+        let secret = match &config.cluster.secret_file {
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .map_err(|e| Error::io(format!("cannot read cluster.secret_file {}", path.display()), e))?
+                    .trim()
+                    .as_bytes()
+                    .to_vec(),
+            ),
+            None => None,
+        };
+        let (reconciled_tx, reconciled) = watch::channel(0u64);
+        let (http_listener, http_addr) = crate::http::bind(addr)?;
+        let membership = Arc::new(Membership::start(MembershipConfig {
+            node_id: config.node_id,
+            cluster_id: config.cluster_id.clone(),
+            data_dir: config.data_dir.clone(),
+            http: http_addr.to_string(),
+            peer_listener,
+            advertise: config.cluster.advertise.clone(),
+            join: config.cluster.join.clone(),
+            secret,
+            handlers: router.registry().kinds(),
+            raft: config.raft.clone(),
+        })?);
         let core = Arc::new(NodeCore {
             config: config.clone(),
             router,
             ingress,
             metrics,
+            membership,
+            reconciled,
             started: Instant::now(),
         });
-        // Stored subscriptions first, then the declared ones (which win and are stored).
-        let stored = store.subscriptions().map_err(|e| Error::Store {
-            path: store.path().to_path_buf(),
-            message: e.0,
-        })?;
-        for spec in stored {
-            if let Err(e) = core.validate(&spec) {
-                tracing::error!(topic = %spec.topic, group = %spec.group, error = %e, "stored subscription cannot run on this node; skipping it");
-                continue;
-            }
-            core.router.apply(spec);
-        }
-        for spec in &config.subscriptions {
-            core.create_subscription(spec.clone())
-                .await
-                .map_err(|e| Error::Subscription {
-                    topic: spec.topic.clone(),
-                    group: spec.group.clone(),
-                    message: e.to_string(),
-                })?;
-        }
-        let addr = http_bind_addr(&config)?;
-        let (server, http_addr) = crate::http::server(core.clone(), addr)?;
+        let server = crate::http::server(core.clone(), http_listener, http_addr)?;
         let server_handle = server.handle();
         actix_rt::spawn(server);
-        tracing::info!(node_id = config.node_id, http = %http_addr, data_dir = %config.data_dir.display(), workers = workers.len(), "herald node started");
-        let replayer = core.ingress.clone();
-        actix_rt::spawn(async move {
-            match replayer.replay_wal().await {
-                Ok(n) => tracing::info!(events = n, "write-ahead log replayed; node ready"),
-                Err(e) => tracing::error!(error = %e, "cannot replay the write-ahead log; the node stays unready"),
-            }
-        });
-        metrics::gauge!(crate::metrics::CLUSTER_MEMBERS, "status" => "up").set(1.0);
-        metrics::gauge!(crate::metrics::PLACEMENT_EPOCH).set(0.0);
+        tracing::info!(
+            node_id = config.node_id,
+            http = %http_addr,
+            peer = %core.membership.peer_addr(),
+            data_dir = %config.data_dir.display(),
+            workers = workers.len(),
+            "herald node started"
+        );
+        actix_rt::spawn(cluster_sync(core.clone(), reconciled_tx));
         Ok(RunningNode {
             core,
             http_addr,
             server: server_handle,
             workers,
         })
+    }
+}
+
+/// A data dir holds one node's Raft log and WAL: refuse to start another node id on it.
+fn claim_data_dir(config: &Config) -> Result<()> {
+    let dir = &config.data_dir;
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("cannot create data dir {}", dir.display()), e))?;
+    let file = dir.join("node_id");
+    match std::fs::read_to_string(&file) {
+        Ok(text) => match text.trim().parse::<u64>() {
+            Ok(id) if id == config.node_id => Ok(()),
+            Ok(id) => Err(Error::config(
+                "node_id",
+                format!(
+                    "data dir {} belongs to node {id}; start node {} with its own --data-dir",
+                    dir.display(),
+                    config.node_id
+                ),
+            )),
+            Err(_) => Err(Error::config(
+                "data_dir",
+                format!("{} is not a node id file", file.display()),
+            )),
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::write(&file, format!("{}\n", config.node_id))
+            .map_err(|e| Error::io(format!("cannot write {}", file.display()), e)),
+        Err(e) => Err(Error::io(format!("cannot read {}", file.display()), e)),
+    }
+}
+
+/// Follows the membership table: joins, proposes the declared subscriptions, runs the local
+/// instances the placement gives this node, replays the WAL once the first placement is in force,
+/// and keeps the cluster metrics current.
+async fn cluster_sync(core: Arc<NodeCore>, reconciled: watch::Sender<u64>) {
+    let membership = core.membership.clone();
+    let mut waited = tokio::time::interval(Duration::from_secs(5));
+    waited.tick().await;
+    tokio::select! {
+        _ = membership.wait_joined() => {}
+        _ = async { loop { waited.tick().await; tracing::info!("waiting to join the cluster (is a seed in --join reachable?)"); } } => {}
+    }
+    for spec in core.config.subscriptions.clone() {
+        loop {
+            match core.propose_subscription(&spec).await {
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!(topic = %spec.topic, group = %spec.group, error = %e, "declared subscription not committed yet; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+    }
+    let mut state = membership.state();
+    let mut status = membership.status();
+    let mut replayed = false;
+    loop {
+        let current = state.borrow_and_update().clone();
+        core.reconcile(&current);
+        reconciled.send_replace(current.applied_index());
+        let raft = status.borrow_and_update().clone();
+        update_cluster_metrics(&current, &raft);
+        // Replay once every subscription has a placement, so WAL events find their instances.
+        if !replayed
+            && current
+                .subscriptions()
+                .keys()
+                .all(|k| current.placement().contains_key(k))
+        {
+            replayed = true;
+            let ingress = core.ingress.clone();
+            let state_for_replay = current.clone();
+            actix_rt::spawn(async move {
+                let exists = |topic: &str, group: &str| {
+                    state_for_replay.subscriptions().contains_key(&SubscriptionKey {
+                        topic: topic.to_string(),
+                        group: group.to_string(),
+                    })
+                };
+                match ingress.replay_wal(exists).await {
+                    Ok(n) => tracing::info!(events = n, "write-ahead log replayed; node ready"),
+                    Err(e) => tracing::error!(error = %e, "cannot replay the write-ahead log; the node stays unready"),
+                }
+            });
+        }
+        tokio::select! {
+            r = state.changed() => if r.is_err() { return },
+            r = status.changed() => if r.is_err() { return },
+        }
+    }
+}
+
+fn update_cluster_metrics(state: &MembershipState, raft: &RaftStatus) {
+    use crate::metrics as m;
+    metrics::gauge!(m::RAFT_TERM).set(raft.term as f64);
+    metrics::gauge!(m::RAFT_IS_LEADER).set(if raft.is_leader { 1.0 } else { 0.0 });
+    metrics::gauge!(m::RAFT_COMMIT_INDEX).set(raft.commit as f64);
+    metrics::gauge!(m::PLACEMENT_EPOCH).set(state.epoch() as f64);
+    for status in ["up", "suspect", "degraded", "down", "leaving", "draining"] {
+        let n = state
+            .members()
+            .values()
+            .filter(|mb| mb.status.as_str() == status)
+            .count();
+        metrics::gauge!(m::CLUSTER_MEMBERS, "status" => status).set(n as f64);
     }
 }
 
@@ -319,6 +449,10 @@ impl RunningNode {
         // as this returns (a restart in the same process); give up after a bound, since a handler
         // blocking its thread never lets go.
         let closed = self.core.ingress.store().closed();
+        // The node stays a member (a restart resumes it); `DELETE /v1/cluster/nodes/{id}` removes
+        // a node for good.
+        let membership = self.core.membership.clone();
+        let _ = actix_rt::task::spawn_blocking(move || membership.stop()).await;
         drop(self);
         if tokio::time::timeout(STORE_CLOSE_TIMEOUT, closed).await.is_err() {
             tracing::warn!("the store is still open: a handler may be blocking its worker thread");
@@ -336,9 +470,9 @@ pub enum ControlError {
     /// The request is invalid (4xx).
     #[error(transparent)]
     Invalid(#[from] SpecError),
-    /// The store failed (503).
+    /// The change could not be committed (no leader, timeout) (503).
     #[error("{0}")]
-    Store(String),
+    Unavailable(String),
 }
 
 /// One member as `/v1/cluster` shows it.
@@ -354,6 +488,8 @@ pub struct MemberView {
     pub status: String,
     /// Phi of the failure detector (0 for this node).
     pub phi: f64,
+    /// Whether it votes in the Raft group (otherwise it is a learner).
+    pub voter: bool,
     /// Handler kinds this node can run.
     pub handlers: Vec<String>,
 }
@@ -398,8 +534,16 @@ pub struct NodeCore {
     pub(crate) router: Arc<Router>,
     pub(crate) ingress: Arc<Ingress>,
     pub(crate) metrics: Option<PrometheusHandle>,
+    /// The Raft-replicated membership table: members, subscriptions, placement.
+    pub(crate) membership: Arc<Membership>,
+    /// The applied index the local router reflects; control calls wait on it so that a
+    /// subscription's instances run before the call returns.
+    reconciled: watch::Receiver<u64>,
     started: Instant,
 }
+
+/// How long a control call waits for its change to be committed and running locally.
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl NodeCore {
     /// The effective configuration.
@@ -412,90 +556,208 @@ impl NodeCore {
         &self.ingress
     }
 
+    /// The membership service.
+    pub fn membership(&self) -> &Arc<Membership> {
+        &self.membership
+    }
+
     /// The Prometheus text exposition, if a recorder handle was given.
     pub fn render_metrics(&self) -> Option<String> {
         self.metrics.as_ref().map(PrometheusHandle::render)
     }
 
+    /// Checks a subscription: names, counts, and that this binary or some member runs its handler.
     fn validate(&self, spec: &SubscriptionSpec) -> Result<(), SpecError> {
         let registry = self.router.registry();
+        let state = self.membership.state().borrow().clone();
+        let label = spec.handler.label();
         spec.validate(
             self.config.handlers.max_instances,
-            |n| registry.contains(n),
+            |n| registry.contains(n) || state.members().values().any(|m| m.handlers.contains(&label)),
             || registry.names(),
         )
     }
 
-    /// Creates or updates a subscription; returns whether it was new or changed.
+    /// Runs locally exactly the instances the placement gives this node.
+    pub(crate) fn reconcile(&self, state: &MembershipState) {
+        let me = self.config.node_id;
+        for (key, spec) in state.subscriptions() {
+            let local = state.placement_of(key).iter().filter(|n| **n == me).count() as u32;
+            if local == 0 {
+                self.router.remove(key);
+            } else {
+                let mut spec = spec.clone();
+                spec.instances = local;
+                self.router.apply(spec);
+            }
+        }
+        for running in self.router.table().iter() {
+            if !state.subscriptions().contains_key(&running.shared.key) {
+                self.router.remove(&running.shared.key);
+            }
+        }
+    }
+
+    /// Waits until the local router reflects applied index `index` and `done` holds.
+    async fn settle(&self, index: u64, done: impl Fn(&MembershipState) -> bool) {
+        let mut reconciled = self.reconciled.clone();
+        let state = self.membership.state();
+        let wait = async {
+            loop {
+                if *reconciled.borrow_and_update() >= index && done(&state.borrow()) {
+                    return;
+                }
+                if reconciled.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        if tokio::time::timeout(CONTROL_TIMEOUT, wait).await.is_err() {
+            tracing::warn!(
+                index,
+                "change committed but not yet running here after {CONTROL_TIMEOUT:?}"
+            );
+        }
+    }
+
+    /// Proposes `spec` through Raft and waits until it is committed.
+    async fn propose_subscription(&self, spec: &SubscriptionSpec) -> Result<u64, ControlError> {
+        self.membership
+            .propose(&Command::subscribe(spec))
+            .await
+            .map_err(|e| ControlError::Unavailable(e.to_string()))
+    }
+
+    /// Creates or updates a subscription (committed through Raft on any node); returns whether it
+    /// was new or changed. Returns once its placement is in force here.
     pub async fn create_subscription(&self, spec: SubscriptionSpec) -> Result<bool, ControlError> {
         self.validate(&spec)?;
-        self.ingress
-            .store()
-            .put_subscription(spec.clone())
-            .await
-            .map_err(|e| ControlError::Store(e.0))?;
-        Ok(self.router.apply(spec))
+        let key = SubscriptionKey {
+            topic: spec.topic.clone(),
+            group: spec.group.clone(),
+        };
+        let before = self.membership.state().borrow().subscriptions().get(&key).cloned();
+        if before.as_ref() == Some(&spec) {
+            return Ok(false);
+        }
+        let index = self.propose_subscription(&spec).await?;
+        self.settle(index, |s| {
+            s.subscriptions().get(&key) != Some(&spec) || s.placement().contains_key(&key)
+        })
+        .await;
+        let now = self.membership.state().borrow().subscriptions().get(&key).cloned();
+        if now.as_ref() != Some(&spec) {
+            return Err(ControlError::Unavailable(format!(
+                "subscription {key} was refused or changed concurrently"
+            )));
+        }
+        Ok(true)
     }
 
     /// Deletes a subscription; returns whether it existed. Queued events finish first.
     pub async fn delete_subscription(&self, topic: &str, group: &str) -> Result<bool, ControlError> {
-        let stored = self
-            .ingress
-            .store()
-            .delete_subscription(topic, group)
-            .await
-            .map_err(|e| ControlError::Store(e.0))?;
-        let running = self.router.remove(&SubscriptionKey {
+        let key = SubscriptionKey {
             topic: topic.to_string(),
             group: group.to_string(),
-        });
-        Ok(stored || running)
+        };
+        if !self.membership.state().borrow().subscriptions().contains_key(&key) {
+            return Ok(false);
+        }
+        let index = self
+            .membership
+            .propose(&Command::unsubscribe(topic, group))
+            .await
+            .map_err(|e| ControlError::Unavailable(e.to_string()))?;
+        self.settle(index, |s| !s.subscriptions().contains_key(&key)).await;
+        Ok(true)
     }
 
-    /// The running subscriptions, with defaults filled in.
+    /// Removes node `id` from the cluster (`Leave`); returns whether it was a member.
+    pub async fn remove_node(&self, id: u64) -> Result<bool, ControlError> {
+        self.node_command(id, Command::leave(id), |s| s.member(id).is_none())
+            .await
+    }
+
+    /// Moves every instance off node `id` (`Drain`); returns whether it was a member.
+    pub async fn drain_node(&self, id: u64) -> Result<bool, ControlError> {
+        self.node_command(id, Command::drain(id), |s| {
+            s.placement().values().all(|nodes| !nodes.contains(&id))
+        })
+        .await
+    }
+
+    async fn node_command(
+        &self,
+        id: u64,
+        command: Command,
+        done: impl Fn(&MembershipState) -> bool,
+    ) -> Result<bool, ControlError> {
+        if self.membership.state().borrow().member(id).is_none() {
+            return Ok(false);
+        }
+        let index = self
+            .membership
+            .propose(&command)
+            .await
+            .map_err(|e| ControlError::Unavailable(e.to_string()))?;
+        self.settle(index, done).await;
+        Ok(true)
+    }
+
+    /// The subscriptions, with defaults filled in.
     pub fn subscriptions(&self) -> Vec<SubscriptionSpec> {
-        self.router
-            .table()
-            .iter()
+        self.membership
+            .state()
+            .borrow()
+            .subscriptions()
+            .values()
             .map(|s| {
-                let mut spec = s.spec.clone();
-                spec.max_attempts = Some(s.shared.max_attempts);
+                let mut spec = s.clone();
+                spec.max_attempts = Some(spec.max_attempts.unwrap_or(self.config.handlers.max_attempts));
                 spec
             })
             .collect()
     }
 
-    /// The cluster as this node sees it (one member until Raft membership lands).
-    pub fn cluster(&self, http_addr: SocketAddr) -> ClusterView {
+    /// The cluster as this node sees it: the committed table and Raft's status.
+    pub fn cluster(&self, _http_addr: SocketAddr) -> ClusterView {
+        let state = self.membership.state().borrow().clone();
+        let raft = self.membership.status().borrow().clone();
         ClusterView {
             cluster_id: self.config.cluster_id.clone(),
             node_id: self.config.node_id,
-            leader: Some(self.config.node_id),
-            term: 0,
-            epoch: 0,
+            leader: (raft.leader != 0).then_some(raft.leader),
+            term: raft.term,
+            epoch: state.epoch(),
             ready: self.ingress.is_ready(),
             uptime_seconds: self.started.elapsed().as_secs(),
-            members: vec![MemberView {
-                id: self.config.node_id,
-                http: http_addr.to_string(),
-                peer: String::new(),
-                status: "up".to_string(),
-                phi: 0.0,
-                handlers: self.router.registry().kinds(),
-            }],
+            members: state
+                .members()
+                .values()
+                .map(|m| MemberView {
+                    id: m.id,
+                    http: m.http.clone(),
+                    peer: m.peer.clone(),
+                    status: m.status.as_str().to_string(),
+                    phi: 0.0,
+                    voter: raft.voters.contains(&m.id),
+                    handlers: m.handlers.iter().cloned().collect(),
+                })
+                .collect(),
         }
     }
 
-    /// Every subscription's instances are on this node.
+    /// Where every subscription's instances run (committed placement).
     pub fn placements(&self) -> Vec<PlacementView> {
-        self.router
-            .table()
-            .iter()
-            .map(|s| PlacementView {
-                topic: s.spec.topic.clone(),
-                group: s.spec.group.clone(),
-                epoch: 0,
-                nodes: vec![self.config.node_id; s.spec.instances as usize],
+        let state = self.membership.state().borrow().clone();
+        state
+            .subscriptions()
+            .keys()
+            .map(|k| PlacementView {
+                topic: k.topic.clone(),
+                group: k.group.clone(),
+                epoch: state.epoch(),
+                nodes: state.placement_of(k).to_vec(),
             })
             .collect()
     }

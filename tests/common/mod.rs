@@ -213,6 +213,7 @@ pub fn spawn_herald(args: &[&str], env: &[(&str, &str)]) -> Proc {
         let _ = child.kill();
         panic!("herald did not report its address within {DEADLINE:?}")
     });
+    wait_ready(&url);
     Proc { child, url }
 }
 
@@ -332,4 +333,28 @@ pub fn spawn_herald_stderr(args: &[&str], env: &[(&str, &str)]) -> (Proc, std::s
         panic!("herald did not report its address within {DEADLINE:?}")
     });
     (Proc { child, url }, err_rx)
+}
+
+/// Blocks until `GET {url}/readyz` answers 200 (the node joined its cluster and replayed its WAL),
+/// failing the test after [`DEADLINE`]. Plain HTTP/1.0 over a socket, so it works from sync code.
+pub fn wait_ready(url: &str) {
+    use std::io::{Read, Write};
+    let addr = url.trim_start_matches("http://").to_string();
+    let start = Instant::now();
+    loop {
+        let ready = std::net::TcpStream::connect(&addr)
+            .and_then(|mut s| {
+                s.set_read_timeout(Some(Duration::from_secs(2)))?;
+                s.write_all(b"GET /readyz HTTP/1.0\r\n\r\n")?;
+                let mut answer = String::new();
+                s.read_to_string(&mut answer)?;
+                Ok(answer.starts_with("HTTP/1.0 200") || answer.starts_with("HTTP/1.1 200"))
+            })
+            .unwrap_or(false);
+        if ready {
+            return;
+        }
+        assert!(start.elapsed() < DEADLINE, "{url} was not ready within {DEADLINE:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

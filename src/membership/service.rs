@@ -1,0 +1,509 @@
+//! The membership service: the Raft driver, the peer transport and the state machine wired
+//! together on one dedicated thread, plus the leader's duties.
+//!
+//! It runs on its own thread with its own Tokio runtime, so that heartbeats and elections are not
+//! delayed by handler load or by the HTTP workers. The node talks to it only through channels:
+//! [`Membership::propose`] (a command, answered once committed and applied on this node) and
+//! the [`Membership::state`] / [`Membership::status`] watches.
+//!
+//! * **Joining**: a node with an empty Raft log and no `--join` starts a new cluster as its only
+//!   voter. A node with `--join` learns the seed's node id with a probe handshake, then sends its
+//!   `Join` proposal to the seed, which forwards it to the leader; it retries until it sees
+//!   itself in the applied membership table (which reaches it as a Raft snapshot once the leader
+//!   has added it to the group).
+//! * **Leader duties**: after every change the leader compares the Raft configuration with the
+//!   voter rule (the first `raft.voters` members vote, the rest learn) and proposes one
+//!   configuration change at a time; then, if the placement inputs changed, it proposes a new
+//!   `SetPlacement`.
+//! * **Peers**: every applied change of the member list adds or removes transport peers, so each
+//!   node dials every other member.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use raft::prelude::{ConfChangeType, ConfState};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
+
+use super::raft_node::{self, Apply, DriverConfig, Inbound, Outbound, ProposeError, RaftStatus};
+use super::state::{Command, ConfStep, MembershipState};
+use super::storage::RedbStorage;
+use crate::error::{Error, Result};
+use crate::transport::{self, Body, ClusterSecret, Envelope, Transport, TransportConfig};
+
+/// What the service needs to start.
+#[derive(Debug)]
+pub struct MembershipConfig {
+    /// This node's id.
+    pub node_id: u64,
+    /// The cluster's name.
+    pub cluster_id: String,
+    /// Where the Raft log lives (`raft.redb` inside).
+    pub data_dir: std::path::PathBuf,
+    /// This node's HTTP address, recorded in the membership table.
+    pub http: String,
+    /// The peer listener, already bound.
+    pub peer_listener: std::net::TcpListener,
+    /// The peer address others dial; empty = the listener's address.
+    pub advertise: String,
+    /// Seeds to join.
+    pub join: Vec<String>,
+    /// The cluster secret.
+    pub secret: Option<Vec<u8>>,
+    /// The handler kinds this node can run.
+    pub handlers: Vec<String>,
+    /// Raft settings.
+    pub raft: crate::config::RaftConfig,
+}
+
+/// A handle to the running service.
+pub struct Membership {
+    node_id: u64,
+    driver: mpsc::UnboundedSender<Inbound>,
+    state: watch::Receiver<Arc<MembershipState>>,
+    status: watch::Receiver<RaftStatus>,
+    peer_addr: SocketAddr,
+    advertise: String,
+    /// Stops the service's runtime (dropping it stops every task).
+    stop: Mutex<Option<oneshot::Sender<()>>>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+/// The state machine as the driver sees it: applies commands, publishes the new state and keeps
+/// the transport's peers in line with the member list.
+struct Applier {
+    node_id: u64,
+    state: MembershipState,
+    publish: watch::Sender<Arc<MembershipState>>,
+    transport: Transport,
+    changed: Arc<Notify>,
+}
+
+impl Applier {
+    fn sync_peers(&self) {
+        for m in self.state.members().values() {
+            if m.id != self.node_id {
+                self.transport.add_peer(m.id, m.peer.clone());
+            }
+        }
+    }
+
+    fn publish(&self) {
+        self.publish.send_replace(Arc::new(self.state.clone()));
+        self.changed.notify_one();
+    }
+}
+
+impl Apply for Applier {
+    fn apply(&mut self, index: u64, data: &[u8]) {
+        match self.state.apply_bytes(index, data) {
+            Ok(effects) => {
+                for e in &effects {
+                    if let super::state::Effect::MemberLeft { id } = e {
+                        self.transport.remove_peer(*id);
+                    }
+                    tracing::debug!(index, effect = ?e, "membership change applied");
+                }
+                self.sync_peers();
+            }
+            Err(e) => tracing::info!(index, error = %e, "membership command refused"),
+        }
+        self.publish();
+    }
+
+    fn snapshot(&self) -> Vec<u8> {
+        self.state.to_snapshot()
+    }
+
+    fn restore(&mut self, data: &[u8]) -> std::result::Result<(), String> {
+        self.state = MembershipState::from_snapshot(data).map_err(|e| e.to_string())?;
+        self.sync_peers();
+        self.publish();
+        Ok(())
+    }
+
+    fn conf_changed(&mut self, conf: &ConfState) {
+        tracing::info!(voters = ?conf.voters, learners = ?conf.learners, "raft configuration changed");
+        self.changed.notify_one();
+    }
+}
+
+impl Membership {
+    /// Starts the service on its own thread and returns once the Raft group runs (not yet
+    /// joined: see [`Membership::wait_joined`]).
+    pub fn start(config: MembershipConfig) -> Result<Membership> {
+        let peer_addr = config
+            .peer_listener
+            .local_addr()
+            .map_err(|e| Error::io("cannot read the peer address", e))?;
+        config
+            .peer_listener
+            .set_nonblocking(true)
+            .map_err(|e| Error::io("cannot configure the peer listener", e))?;
+        let advertise = if config.advertise.is_empty() {
+            peer_addr.to_string()
+        } else {
+            config.advertise.clone()
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| Error::io("cannot start the membership runtime", e))?;
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let adv = advertise.clone();
+        let thread = std::thread::Builder::new()
+            .name("herald-cluster".into())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    match run(config, adv).await {
+                        Ok(handles) => {
+                            let _ = ready_tx.send(Ok(handles));
+                            let _ = stop_rx.await;
+                        }
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                        }
+                    }
+                });
+            })
+            .map_err(|e| Error::io("cannot start the membership thread", e))?;
+        let (node_id, driver, state, status) = ready_rx
+            .recv()
+            .map_err(|_| Error::io("membership thread", std::io::Error::other("it stopped during start-up")))??;
+        Ok(Membership {
+            node_id,
+            driver,
+            state,
+            status,
+            peer_addr,
+            advertise,
+            stop: Mutex::new(Some(stop_tx)),
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    /// The applied membership table (updated after every applied command).
+    pub fn state(&self) -> watch::Receiver<Arc<MembershipState>> {
+        self.state.clone()
+    }
+
+    /// Raft's view: leader, term, commit index, configuration.
+    pub fn status(&self) -> watch::Receiver<RaftStatus> {
+        self.status.clone()
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> u64 {
+        self.node_id
+    }
+
+    /// The bound peer address.
+    pub fn peer_addr(&self) -> SocketAddr {
+        self.peer_addr
+    }
+
+    /// The peer address recorded for this node.
+    pub fn advertise(&self) -> &str {
+        &self.advertise
+    }
+
+    /// Proposes `command`; resolves once it is committed and applied on this node.
+    pub async fn propose(&self, command: &Command) -> std::result::Result<u64, ProposeError> {
+        let (reply, answer) = oneshot::channel();
+        self.driver
+            .send(Inbound::Propose {
+                data: command.to_bytes(),
+                reply,
+            })
+            .map_err(|_| ProposeError::Stopped)?;
+        answer.await.map_err(|_| ProposeError::Stopped)?
+    }
+
+    /// Waits until this node is a member and a leader is known.
+    pub async fn wait_joined(&self) {
+        let mut state = self.state.clone();
+        let mut status = self.status.clone();
+        loop {
+            if state.borrow().member(self.node_id).is_some() && status.borrow().leader != 0 {
+                return;
+            }
+            tokio::select! {
+                r = state.changed() => if r.is_err() { return },
+                r = status.changed() => if r.is_err() { return },
+            }
+        }
+    }
+
+    /// Stops the service (the Raft log stays on disk).
+    pub fn stop(&self) {
+        if let Some(tx) = self.stop.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Membership {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+type Handles = (
+    u64,
+    mpsc::UnboundedSender<Inbound>,
+    watch::Receiver<Arc<MembershipState>>,
+    watch::Receiver<RaftStatus>,
+);
+
+/// Starts everything inside the service's runtime.
+async fn run(config: MembershipConfig, advertise: String) -> Result<Handles> {
+    let id = config.node_id;
+    let secret = config.secret.clone().and_then(ClusterSecret::new);
+    let tc = TransportConfig::new(config.cluster_id.clone(), id, advertise.clone()).with_secret(secret);
+    tc.validate()?;
+    let (inbound_tx, mut inbound_rx) = mpsc::channel::<(u64, Envelope)>(4096);
+    let transport = Transport::new(tc.clone(), inbound_tx)?;
+    let listener = tokio::net::TcpListener::from_std(config.peer_listener)
+        .map_err(|e| Error::io("cannot use the peer listener", e))?;
+    transport.serve(listener);
+
+    let path = config.data_dir.join("raft.redb");
+    let storage = RedbStorage::open(&path).map_err(|e| Error::Store {
+        path: path.clone(),
+        message: e.to_string(),
+    })?;
+    let fresh = raft::Storage::last_index(&storage).unwrap_or(0) == 0;
+    let bootstrap = fresh && config.join.is_empty();
+
+    let (state_tx, state_rx) = watch::channel(Arc::new(MembershipState::new(config.cluster_id.clone())));
+    let changed = Arc::new(Notify::new());
+    let applier = Applier {
+        node_id: id,
+        state: MembershipState::new(config.cluster_id.clone()),
+        publish: state_tx,
+        transport: transport.clone(),
+        changed: changed.clone(),
+    };
+    let mut dc = DriverConfig::new(id);
+    dc.tick = Duration::from_millis(config.raft.tick_ms);
+    dc.election_ticks = config.raft.election_ticks;
+    dc.heartbeat_ticks = config.raft.heartbeat_ticks;
+    let (driver_tx, driver_rx) = mpsc::unbounded_channel();
+    let (out_tx, mut out_rx) = mpsc::unbounded_channel();
+    let (status_rx, _driver) =
+        raft_node::spawn(dc, storage, applier, bootstrap, driver_rx, out_tx).map_err(|e| Error::Store {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+
+    // Outbound: driver → transport.
+    let t = transport.clone();
+    let to_driver = driver_tx.clone();
+    tokio::spawn(async move {
+        while let Some(m) = out_rx.recv().await {
+            let (to, env) = match m {
+                Outbound::Raft { to, bytes } => (to, Envelope::raft(bytes)),
+                Outbound::Forward { to, seq, data } => (
+                    to,
+                    Envelope::new(Body::Propose(transport::wire::Proposal {
+                        id: seq,
+                        command: data.into(),
+                    })),
+                ),
+            };
+            if let Err(e) = t.send(to, env) {
+                tracing::debug!(peer = to, error = %e, "cannot send to peer");
+                let _ = to_driver.send(Inbound::Unreachable(to));
+            }
+        }
+    });
+    // Inbound: transport → driver.
+    let to_driver = driver_tx.clone();
+    tokio::spawn(async move {
+        while let Some((from, env)) = inbound_rx.recv().await {
+            let m = match env.body {
+                Some(Body::Raft(bytes)) => Inbound::Raft(bytes.to_vec()),
+                Some(Body::Propose(p)) => Inbound::Forwarded {
+                    origin: from,
+                    seq: p.id,
+                    data: p.command.to_vec(),
+                },
+                _ => continue,
+            };
+            if to_driver.send(m).is_err() {
+                break;
+            }
+        }
+    });
+
+    let ctx = Arc::new(Ctx {
+        id,
+        driver: driver_tx.clone(),
+        state: state_rx.clone(),
+        status: status_rx.clone(),
+        transport: transport.clone(),
+        voters: config.raft.voters,
+        load_factor: config.raft.load_factor,
+        changed,
+    });
+    tokio::spawn(ctx.clone().leader_duties());
+    let join = Command::join(id, config.http.clone(), advertise.clone(), config.handlers.clone());
+    tokio::spawn(ctx.clone().join_cluster(join, config.join.clone(), tc));
+    Ok((id, driver_tx, state_rx, status_rx))
+}
+
+/// What the background duties share.
+struct Ctx {
+    id: u64,
+    driver: mpsc::UnboundedSender<Inbound>,
+    state: watch::Receiver<Arc<MembershipState>>,
+    status: watch::Receiver<RaftStatus>,
+    transport: Transport,
+    voters: usize,
+    load_factor: f64,
+    changed: Arc<Notify>,
+}
+
+impl Ctx {
+    async fn propose(&self, data: Vec<u8>) -> std::result::Result<u64, ProposeError> {
+        let (reply, answer) = oneshot::channel();
+        self.driver
+            .send(Inbound::Propose { data, reply })
+            .map_err(|_| ProposeError::Stopped)?;
+        answer.await.map_err(|_| ProposeError::Stopped)?
+    }
+
+    async fn conf_change(&self, id: u64, kind: ConfChangeType) -> std::result::Result<u64, ProposeError> {
+        let (reply, answer) = oneshot::channel();
+        self.driver
+            .send(Inbound::ConfChange {
+                change: raft_node::conf_change(id, kind),
+                reply,
+            })
+            .map_err(|_| ProposeError::Stopped)?;
+        answer.await.map_err(|_| ProposeError::Stopped)?
+    }
+
+    /// Makes this node a member: proposes `Join` (through a seed when joining) until the applied
+    /// table lists this node with its current addresses.
+    async fn join_cluster(self: Arc<Self>, join: Command, seeds: Vec<String>, tc: TransportConfig) {
+        let mut attempt: u32 = 0;
+        let mut state = self.state.clone();
+        let mut refused = false;
+        loop {
+            let me = state.borrow_and_update().member(self.id).cloned();
+            if let (Some(me), Some(super::state::command::Kind::Join(want))) = (me, join.kind.as_ref()) {
+                if me.http == want.http && me.peer == want.peer {
+                    tracing::info!(node_id = self.id, "member of the cluster");
+                    return;
+                }
+            }
+            let leader = self.status.borrow().leader;
+            if leader != 0 {
+                match self.propose(join.to_bytes()).await {
+                    Ok(_) if refused => {
+                        tracing::error!(node_id = self.id, "the cluster refused this node's Join (is node id {} already used by a node with other addresses?); remove the old member with DELETE /v1/cluster/nodes/{}", self.id, self.id);
+                        return;
+                    }
+                    Ok(_) => {
+                        // Committed: the next turn sees the result (or learns it was refused).
+                        refused = true;
+                        continue;
+                    }
+                    Err(e) => tracing::debug!(error = %e, "join proposal did not commit yet"),
+                }
+            } else if !seeds.is_empty() {
+                // Not in the group yet: ask a seed to forward the Join to its leader.
+                for seed in &seeds {
+                    match probe(seed, &tc).await {
+                        Ok(seed_id) => {
+                            self.transport.add_peer(seed_id, seed.clone());
+                            let env = Envelope::new(Body::Propose(transport::wire::Proposal {
+                                id: 0,
+                                command: join.to_bytes().into(),
+                            }));
+                            if let Err(e) = self.transport.send(seed_id, env) {
+                                tracing::warn!(seed = %seed, error = %e, "cannot send the join request");
+                            }
+                            break;
+                        }
+                        Err(e) => {
+                            if attempt % 10 == 0 {
+                                tracing::warn!(seed = %seed, error = %e, "cannot reach seed; retrying");
+                            }
+                        }
+                    }
+                }
+            }
+            attempt += 1;
+            let wait = Duration::from_millis(200u64.saturating_mul(u64::from(attempt.min(10))));
+            let _ = tokio::time::timeout(wait, state.changed()).await;
+        }
+    }
+
+    /// On the leader: keep the Raft configuration and the placement in line with the table.
+    async fn leader_duties(self: Arc<Self>) {
+        loop {
+            let _ = tokio::time::timeout(Duration::from_millis(500), self.changed.notified()).await;
+            let status = self.status.borrow().clone();
+            if !status.is_leader {
+                continue;
+            }
+            let state = self.state.borrow().clone();
+            if state.member(self.id).is_none() && state.members().is_empty() {
+                // A brand-new cluster: the leader's own Join has not been applied yet.
+                continue;
+            }
+            // One configuration change at a time; raft-rs refuses overlapping ones.
+            let steps = state
+                .voter_set(self.voters)
+                .changes_from(&status.voters, &status.learners);
+            let step = steps.into_iter().find(|s| match s {
+                // Demoting a voter needs joint consensus; the voter rule only demotes when a member
+                // leaves, which removes it instead.
+                ConfStep::AddLearner(id) => !status.voters.contains(id),
+                _ => true,
+            });
+            if let Some(step) = step {
+                let (id, kind) = match step {
+                    ConfStep::AddVoter(id) => (id, ConfChangeType::AddNode),
+                    ConfStep::AddLearner(id) => (id, ConfChangeType::AddLearnerNode),
+                    ConfStep::Remove(id) => (id, ConfChangeType::RemoveNode),
+                };
+                match self.conf_change(id, kind).await {
+                    Ok(_) => tracing::info!(node = id, change = ?kind, "raft configuration change committed"),
+                    Err(e) => tracing::warn!(node = id, change = ?kind, error = %e, "raft configuration change failed"),
+                }
+                self.changed.notify_one();
+                continue;
+            }
+            if let Some(p) = state.proposed_placement(self.load_factor) {
+                if !p.unplaced.is_empty() {
+                    tracing::warn!(unplaced = ?p.unplaced, "subscriptions no up member can run: start a node with their handler");
+                }
+                match self.propose(p.command().to_bytes()).await {
+                    Ok(_) => tracing::info!(epoch = p.epoch, moved = p.moved, "placement committed"),
+                    Err(e) => tracing::warn!(epoch = p.epoch, error = %e, "placement proposal failed"),
+                }
+                self.changed.notify_one();
+            }
+        }
+    }
+}
+
+/// Learns the node id behind a peer address with a handshake (then closes the connection).
+async fn probe(addr: &str, tc: &TransportConfig) -> std::result::Result<u64, String> {
+    let stream = tokio::time::timeout(tc.connect_timeout, tokio::net::TcpStream::connect(addr))
+        .await
+        .map_err(|_| format!("connecting to {addr} timed out"))?
+        .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+    let remote = stream.peer_addr().map_err(|e| e.to_string())?;
+    let established = transport::handshake(stream, &tc.identity, remote, None, tc.handshake_timeout, |_| false)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(established.peer.node_id)
+}
