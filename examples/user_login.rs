@@ -54,6 +54,8 @@ impl Handler<Delivery> for AuditLogins {
 fn main() -> std::process::ExitCode {
     Node::builder()
         .handler("audit-logins", AuditLogins::default)
-        .subscription(SubscriptionSpec::rust("user.login", "audit", "audit-logins").instances(2))
+        // Three instances: on a three-node `up` cluster every node runs one, so an event published
+        // to any node is handled (forwarding between nodes is not built yet).
+        .subscription(SubscriptionSpec::rust("user.login", "audit", "audit-logins").instances(3))
         .main()
 }

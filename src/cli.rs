@@ -25,6 +25,8 @@ struct Cli {
 enum Command {
     /// Run a node (serves the HTTP API; runs the handlers registered in this binary).
     Node(NodeArgs),
+    /// Run a local cluster of N node processes of this binary; Ctrl-C stops them all.
+    Up(UpArgs),
     /// Publish one JSON event.
     Publish(PublishArgs),
     /// Create or update a subscription.
@@ -154,6 +156,24 @@ pub struct ClientArgs {
     pub token: Option<String>,
 }
 
+/// `herald up`.
+#[derive(Args, Debug)]
+pub struct UpArgs {
+    /// How many nodes (1 to 9).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=9))]
+    pub nodes: u16,
+    /// HTTP port of node 1; node i listens on base-port + i - 1, and its peer port is 100 higher.
+    #[arg(long, default_value_t = 7070)]
+    pub base_port: u16,
+    /// Where the nodes keep their data and logs (node-1/, node-1.log, …). Running `up` again
+    /// resumes the same cluster.
+    #[arg(long, default_value = "herald-up")]
+    pub dir: PathBuf,
+    /// How long to wait for every node to be ready, in seconds.
+    #[arg(long, default_value_t = 60)]
+    pub ready_timeout: u64,
+}
+
 /// `herald publish`.
 #[derive(Args, Debug)]
 struct PublishArgs {
@@ -222,6 +242,15 @@ pub fn main_with(builder: NodeBuilder) -> ExitCode {
     let cli = Cli::parse();
     let outcome = match cli.command {
         Command::Node(args) => args.load().and_then(|config| builder.config(config).run()),
+        Command::Up(a) => {
+            return match crate::up::run(a) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("herald up: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         Command::Publish(a) => return client_main(publish(a)),
         Command::Subscribe(a) => return client_main(subscribe(a)),
         Command::Status(a) => return client_main(status(a)),

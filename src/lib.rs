@@ -79,6 +79,7 @@ pub mod proto;
 mod router;
 pub mod subscription;
 pub mod transport;
+mod up;
 
 pub use error::{Error, Result};
 

@@ -144,12 +144,28 @@ fn mix(mut z: u64) -> u64 {
 pub(crate) struct RoutingTable {
     by_topic: HashMap<String, Vec<Arc<SubRuntime>>>,
     all: BTreeMap<SubscriptionKey, Arc<SubRuntime>>,
+    /// Subscriptions of the cluster that run no instance on this node, by topic, with the HTTP
+    /// addresses of the nodes that do run them.
+    elsewhere: Arc<HashMap<String, Vec<Elsewhere>>>,
+}
+
+/// A subscription placed only on other nodes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Elsewhere {
+    pub(crate) group: String,
+    /// HTTP addresses of the nodes running it (empty: no node can run it).
+    pub(crate) http: Vec<String>,
 }
 
 impl RoutingTable {
     /// The subscriptions of `topic` (empty if none).
     pub(crate) fn topic(&self, topic: &str) -> &[Arc<SubRuntime>] {
         self.by_topic.get(topic).map_or(&[], Vec::as_slice)
+    }
+
+    /// The subscriptions of `topic` that run only on other nodes.
+    pub(crate) fn elsewhere(&self, topic: &str) -> &[Elsewhere] {
+        self.elsewhere.get(topic).map_or(&[], Vec::as_slice)
     }
 
     pub(crate) fn get(&self, key: &SubscriptionKey) -> Option<&Arc<SubRuntime>> {
@@ -160,12 +176,19 @@ impl RoutingTable {
         self.all.values()
     }
 
-    fn rebuilt(all: BTreeMap<SubscriptionKey, Arc<SubRuntime>>) -> Self {
+    fn rebuilt(
+        all: BTreeMap<SubscriptionKey, Arc<SubRuntime>>,
+        elsewhere: Arc<HashMap<String, Vec<Elsewhere>>>,
+    ) -> Self {
         let mut by_topic: HashMap<String, Vec<Arc<SubRuntime>>> = HashMap::new();
         for sub in all.values() {
             by_topic.entry(sub.spec.topic.clone()).or_default().push(sub.clone());
         }
-        RoutingTable { by_topic, all }
+        RoutingTable {
+            by_topic,
+            all,
+            elsewhere,
+        }
     }
 }
 
@@ -226,7 +249,8 @@ impl Router {
         let runtime = Arc::new(self.start(key.clone(), spec, spawner));
         let mut all = current.all.clone();
         all.insert(key, runtime);
-        self.table.store(Arc::new(RoutingTable::rebuilt(all)));
+        self.table
+            .store(Arc::new(RoutingTable::rebuilt(all, current.elsewhere.clone())));
         true
     }
 
@@ -239,8 +263,22 @@ impl Router {
         }
         let mut all = current.all.clone();
         all.remove(key);
-        self.table.store(Arc::new(RoutingTable::rebuilt(all)));
+        self.table
+            .store(Arc::new(RoutingTable::rebuilt(all, current.elsewhere.clone())));
         true
+    }
+
+    /// Records which subscriptions of the cluster run only on other nodes.
+    pub(crate) fn set_elsewhere(&self, elsewhere: HashMap<String, Vec<Elsewhere>>) {
+        let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        let current = self.table.load_full();
+        if *current.elsewhere == elsewhere {
+            return;
+        }
+        self.table.store(Arc::new(RoutingTable::rebuilt(
+            current.all.clone(),
+            Arc::new(elsewhere),
+        )));
     }
 
     /// Drops every subscription so the instances drain and stop (shutdown).

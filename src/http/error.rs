@@ -105,6 +105,7 @@ impl From<PublishError> for ApiError {
                 ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "wal_unavailable", message)
             },
             PublishError::Timeout(_) => Self::new(StatusCode::GATEWAY_TIMEOUT, "timeout", message),
+            PublishError::NotHere(_) => Self::new(StatusCode::SERVICE_UNAVAILABLE, "not_placed_here", message),
         }
     }
 }

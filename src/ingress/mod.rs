@@ -52,6 +52,10 @@ pub enum PublishError {
     /// The event is invalid (400).
     #[error(transparent)]
     Invalid(#[from] EventError),
+    /// A subscription of the topic runs only on other nodes, and this version cannot forward
+    /// events between nodes yet (503): nothing was accepted, publish to one of those nodes.
+    #[error("{0}")]
+    NotHere(String),
     /// Mailboxes or the in-flight byte budget are full (429); retry after the given seconds.
     #[error("{0}; retry later")]
     Overloaded(String),
@@ -385,6 +389,18 @@ impl Ingress {
         // 1. Reserve bytes and one mailbox slot per subscription.
         let mut reserved = Vec::with_capacity(events.len());
         for e in &events {
+            if let Some(away) = table.elsewhere(&e.topic).first() {
+                return Err(PublishError::NotHere(if away.http.is_empty() {
+                    format!("no node can run subscription {}/{} (is its handler registered on any node?); nothing was accepted", e.topic, away.group)
+                } else {
+                    format!(
+                        "subscription {}/{} runs on other nodes ({}); forwarding events between nodes is not built yet, so nothing was accepted: publish to one of those nodes",
+                        e.topic,
+                        away.group,
+                        away.http.join(", ")
+                    )
+                }));
+            }
             let cost = charge(e);
             let permit = self
                 .bytes

@@ -6,6 +6,7 @@
 //! it in reverse order. The control operations the HTTP API calls (subscriptions, cluster view)
 //! live in [`NodeCore`]; they hold no logic that belongs to the router or the ingress.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -26,7 +27,7 @@ use crate::ingress::{Ingress, StoreDeadLetters};
 use crate::membership::raft_node::RaftStatus;
 use crate::membership::service::{Membership, MembershipConfig};
 use crate::membership::state::{Command, MembershipState};
-use crate::router::{Router, RouterParts};
+use crate::router::{Elsewhere, Router, RouterParts};
 use crate::subscription::{SpecError, SubscriptionSpec};
 
 /// Entry point of the Rust API: `Node::builder()`.
@@ -596,6 +597,22 @@ impl NodeCore {
                 self.router.remove(&running.shared.key);
             }
         }
+        let mut elsewhere: HashMap<String, Vec<Elsewhere>> = HashMap::new();
+        for key in state.subscriptions().keys() {
+            let nodes = state.placement_of(key);
+            if !nodes.contains(&me) {
+                let mut http: Vec<String> = nodes
+                    .iter()
+                    .filter_map(|n| state.member(*n).map(|m| m.http.clone()))
+                    .collect();
+                http.dedup();
+                elsewhere.entry(key.topic.clone()).or_default().push(Elsewhere {
+                    group: key.group.clone(),
+                    http,
+                });
+            }
+        }
+        self.router.set_elsewhere(elsewhere);
     }
 
     /// Waits until the local router reflects applied index `index` and `done` holds.
