@@ -29,6 +29,24 @@ pub struct BenchArgs {
 enum Scenario {
     /// Publish → no-op Rust handler in one node, vs raw actix do_send.
     Local(LocalArgs),
+    /// A 3-node loopback cluster: subscribe → placed, join → placed, leader failover.
+    Membership(MembershipArgs),
+}
+
+#[derive(Args, Debug)]
+struct MembershipArgs {
+    /// Subscriptions created (each timed from the POST to its placement being in force).
+    #[arg(long, default_value_t = 50)]
+    subscriptions: usize,
+    /// Nodes joined one after another (each timed from its start to its first placed instance).
+    #[arg(long, default_value_t = 5)]
+    joins: usize,
+    /// Leaders killed with SIGKILL (each timed until the survivors agree on a new leader).
+    #[arg(long, default_value_t = 5)]
+    failovers: usize,
+    /// HTTP port of node 1; node i uses base+i-1 and peer port base+100+i-1.
+    #[arg(long, default_value_t = 7800)]
+    base_port: u16,
 }
 
 #[derive(Args, Debug)]
@@ -60,6 +78,7 @@ struct LocalArgs {
 pub fn run(args: BenchArgs) -> Result<(), String> {
     match args.scenario {
         Scenario::Local(a) => actix_rt::System::new().block_on(local(a)),
+        Scenario::Membership(a) => membership(a),
     }
 }
 
@@ -262,4 +281,155 @@ async fn local(a: LocalArgs) -> Result<(), String> {
         println!("{name:<30} {m:>12.0} {lo:>12.0} {hi:>12.0} {:>7.2}x", m / raw.0);
     }
     Ok(())
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn latency_row(name: &str, mut ms: Vec<f64>) -> String {
+    ms.sort_by(|a, b| a.total_cmp(b));
+    format!(
+        "{name:<28} {:>6} {:>10.1} {:>10.1} {:>10.1}",
+        ms.len(),
+        percentile(&ms, 0.5),
+        percentile(&ms, 0.99),
+        ms.last().copied().unwrap_or(f64::NAN)
+    )
+}
+
+fn membership(a: MembershipArgs) -> Result<(), String> {
+    use crate::up::{start, stop_all, wait_ready, NodeProc};
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let dir = std::env::temp_dir().join(format!("herald-bench-membership-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let http = |id: u16| format!("127.0.0.1:{}", a.base_port + id - 1);
+    let peer = |id: u16| format!("127.0.0.1:{}", a.base_port + 100 + id - 1);
+    let spawn = |id: u16, join: bool| -> Result<NodeProc, String> {
+        let child = start(
+            &exe,
+            id,
+            &http(id),
+            &peer(id),
+            &dir.join(format!("node-{id}")),
+            &dir.join(format!("node-{id}.log")),
+            join.then(|| peer(1)).as_deref(),
+        )?;
+        Ok(NodeProc {
+            id,
+            http: http(id),
+            peer: peer(id),
+            log: dir.join(format!("node-{id}.log")),
+            child,
+        })
+    };
+    let mut nodes = Vec::new();
+    for id in 1..=3u16 {
+        nodes.push(spawn(id, id > 1)?);
+    }
+    let outcome = actix_rt::System::new().block_on(async {
+        wait_ready(&mut nodes, Duration::from_secs(60)).await?;
+        let client = awc::Client::builder().timeout(Duration::from_secs(30)).finish();
+        let get = |url: String| {
+            let client = client.clone();
+            async move {
+                let mut r = client.get(&url).send().await.map_err(|e| format!("GET {url}: {e}"))?;
+                r.json::<serde_json::Value>()
+                    .limit(16 << 20)
+                    .await
+                    .map_err(|e| format!("GET {url}: {e}"))
+            }
+        };
+        println!("herald bench membership: 3-node cluster on loopback ({})", dir.display());
+        // Subscribe → placed, through a follower half of the time.
+        let mut subscribe = Vec::new();
+        for i in 0..a.subscriptions {
+            let target = &nodes[i % nodes.len()].http;
+            let spec = serde_json::json!({"topic": format!("bench.t{i}"), "group": "g", "handler": {"kind": "log"}, "instances": 1});
+            let t0 = Instant::now();
+            let r = client
+                .post(format!("http://{target}/v1/subscriptions"))
+                .send_json(&spec)
+                .await
+                .map_err(|e| e.to_string())?;
+            if !r.status().is_success() {
+                return Err(format!("subscribe answered {}", r.status()));
+            }
+            subscribe.push(t0.elapsed().as_secs_f64() * 1000.0);
+        }
+        // Join → first placed instance on the new node.
+        let mut joins = Vec::new();
+        for j in 0..a.joins {
+            let id = 4 + j as u16;
+            let t0 = Instant::now();
+            let mut node = spawn(id, true)?;
+            let placed = loop {
+                let p = get(format!("http://{}/v1/cluster/placements", http(1))).await?;
+                let on_new = p
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|s| s["nodes"].as_array().into_iter().flatten().any(|n| n == id));
+                if on_new {
+                    break t0.elapsed();
+                }
+                if t0.elapsed() > Duration::from_secs(30) {
+                    stop_all(std::slice::from_mut(&mut node));
+                    return Err(format!("node {id} got no instance within 30 s"));
+                }
+                actix_rt::time::sleep(Duration::from_millis(5)).await;
+            };
+            joins.push(placed.as_secs_f64() * 1000.0);
+            let _ = client
+                .delete(format!("http://{}/v1/cluster/nodes/{id}", http(1)))
+                .send()
+                .await;
+            stop_all(std::slice::from_mut(&mut node));
+        }
+        // Leader failover.
+        let mut failovers = Vec::new();
+        for _ in 0..a.failovers {
+            let view = get(format!("http://{}/v1/cluster", http(1))).await?;
+            let leader = view["leader"].as_u64().ok_or("no leader")?;
+            let old_term = view["term"].as_u64().unwrap_or(0);
+            let idx = nodes.iter().position(|n| u64::from(n.id) == leader).ok_or("leader is not a started node")?;
+            let _ = nodes[idx].child.kill();
+            let _ = nodes[idx].child.wait();
+            let t0 = Instant::now();
+            loop {
+                let mut leaders = Vec::new();
+                for n in nodes.iter().filter(|n| u64::from(n.id) != leader) {
+                    if let Ok(v) = get(format!("http://{}/v1/cluster", n.http)).await {
+                        if v["term"].as_u64().unwrap_or(0) > old_term {
+                            leaders.push(v["leader"].as_u64());
+                        }
+                    }
+                }
+                if leaders.len() == 2 && leaders[0].is_some() && leaders[0] == leaders[1] && leaders[0] != Some(leader) {
+                    break;
+                }
+                if t0.elapsed() > Duration::from_secs(30) {
+                    return Err("no new leader within 30 s".into());
+                }
+                actix_rt::time::sleep(Duration::from_millis(5)).await;
+            }
+            failovers.push(t0.elapsed().as_secs_f64() * 1000.0);
+            let id = nodes[idx].id;
+            nodes[idx] = spawn(id, id > 1)?;
+            wait_ready(&mut nodes, Duration::from_secs(60)).await?;
+        }
+        println!("\n{:<28} {:>6} {:>10} {:>10} {:>10}", "scenario", "n", "p50 ms", "p99 ms", "max ms");
+        println!("{}", latency_row("subscribe -> placed (HTTP)", subscribe));
+        println!("{}", latency_row("join -> placed", joins));
+        println!("{}", latency_row("leader kill -> new leader", failovers));
+        Ok(())
+    });
+    stop_all(&mut nodes);
+    let _ = std::fs::remove_dir_all(&dir);
+    outcome
 }

@@ -79,7 +79,7 @@ pub mod proto;
 mod router;
 pub mod subscription;
 pub mod transport;
-mod up;
+pub(crate) mod up;
 
 pub use error::{Error, Result};
 

@@ -14,12 +14,12 @@ use std::time::{Duration, Instant};
 use crate::cli::UpArgs;
 
 /// One started node.
-struct NodeProc {
-    id: u16,
-    http: String,
-    peer: String,
-    log: std::path::PathBuf,
-    child: Child,
+pub(crate) struct NodeProc {
+    pub(crate) id: u16,
+    pub(crate) http: String,
+    pub(crate) peer: String,
+    pub(crate) log: std::path::PathBuf,
+    pub(crate) child: Child,
 }
 
 /// Runs `herald up` until Ctrl-C.
@@ -80,7 +80,7 @@ fn log_name(p: &Path) -> String {
     p.display().to_string()
 }
 
-fn start(
+pub(crate) fn start(
     exe: &Path,
     id: u16,
     http: &str,
@@ -106,7 +106,7 @@ fn start(
 }
 
 /// Polls every node's `/readyz` until all answer 200, printing progress; fails if a node exits.
-async fn wait_ready(nodes: &mut [NodeProc], timeout: Duration) -> Result<(), String> {
+pub(crate) async fn wait_ready(nodes: &mut [NodeProc], timeout: Duration) -> Result<(), String> {
     let client = awc::Client::builder().timeout(Duration::from_secs(2)).finish();
     let started = Instant::now();
     let mut ready = vec![false; nodes.len()];
@@ -194,7 +194,7 @@ fn print_summary(nodes: &[NodeProc]) {
 }
 
 /// SIGTERM every running node, wait for them, SIGKILL whoever is left after the grace period.
-fn stop_all(nodes: &mut [NodeProc]) {
+pub(crate) fn stop_all(nodes: &mut [NodeProc]) {
     for n in nodes.iter_mut() {
         if let Ok(None) = n.child.try_wait() {
             let _ = Command::new("kill").args(["-TERM", &n.child.id().to_string()]).status();
