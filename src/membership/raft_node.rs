@@ -16,12 +16,15 @@
 //! context, without a reply message. A proposal that does not commit within the timeout fails.
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use protobuf::Message as _;
-use raft::prelude::{ConfChange, ConfChangeType, ConfState, Entry, EntryType, Message, Snapshot};
-use raft::{RawNode, StateRole};
+use raft::prelude::{ConfChange, ConfChangeType, ConfState, Entry, EntryType, Message, MessageType, Snapshot};
+use raft::{RawNode, SnapshotStatus, StateRole};
 use tokio::sync::{mpsc, oneshot, watch};
+// Tokio's clock, like the tick timer: proposal deadlines must follow the same (possibly paused)
+// time as the ticks, or a simulation with virtual time never times a proposal out.
+use tokio::time::Instant;
 
 use super::storage::RaftLogStore;
 
@@ -46,6 +49,11 @@ pub struct DriverConfig {
     pub tick: Duration,
     /// Ticks without a leader heartbeat before a follower campaigns.
     pub election_ticks: usize,
+    /// The exclusive upper bound of the election timeout raft-rs draws (at random, in
+    /// `election_ticks..max_election_ticks`) after every election; 0 = `2 * election_ticks`.
+    /// raft-rs draws it from its own unseeded RNG, so a deterministic simulation sets
+    /// `election_ticks + 1` and varies `election_ticks` per node from its seed instead.
+    pub max_election_ticks: usize,
     /// Ticks between leader heartbeats.
     pub heartbeat_ticks: usize,
     /// How long a proposal may take to commit before it fails.
@@ -62,6 +70,7 @@ impl DriverConfig {
             id,
             tick: Duration::from_millis(100),
             election_ticks: 10,
+            max_election_ticks: 0,
             heartbeat_ticks: 2,
             propose_timeout: Duration::from_secs(5),
             snapshot_every: 1000,
@@ -94,7 +103,8 @@ pub enum Inbound {
     Forwarded {
         /// The follower that made the proposal.
         origin: u64,
-        /// The follower's proposal sequence number.
+        /// The follower's proposal sequence number (0: it expects no answer, as for a joining
+        /// node's `Join`).
         seq: u64,
         /// The command.
         data: Vec<u8>,
@@ -173,6 +183,14 @@ fn context(origin: u64, seq: u64) -> Vec<u8> {
     c
 }
 
+/// Where this run of the driver starts numbering its proposals: at random, because a restarted
+/// node's earlier proposals may still be committed, or applied here, after the restart; counting
+/// from 1 again, their `(origin, seq)` contexts would answer the new run's proposals with the old
+/// proposals' indexes. Never 0 (see [`Inbound::Forwarded`]).
+fn first_seq() -> u64 {
+    (rand::random::<u64>() >> 1) | 1
+}
+
 fn parse_context(c: &[u8]) -> Option<(u64, u64)> {
     let origin = u64::from_be_bytes(c.get(..8)?.try_into().ok()?);
     let seq = u64::from_be_bytes(c.get(8..16)?.try_into().ok()?);
@@ -239,6 +257,7 @@ where
     let raft_config = raft::Config {
         id: config.id,
         election_tick: config.election_ticks,
+        max_election_tick: config.max_election_ticks,
         heartbeat_tick: config.heartbeat_ticks,
         applied,
         check_quorum: true,
@@ -261,7 +280,7 @@ where
         out,
         status: status_tx,
         pending: HashMap::new(),
-        next_seq: 1,
+        next_seq: first_seq(),
         snapshot_index: applied,
         snapshot_due: false,
     };
@@ -280,6 +299,8 @@ impl<S: RaftLogStore + Clone, A: Apply> Driver<S, A> {
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                // A fixed order, not tokio's random one: with the same inputs, the same run.
+                biased;
                 _ = ticker.tick() => {
                     self.node.tick();
                     self.expire_pending();
@@ -382,24 +403,33 @@ impl<S: RaftLogStore + Clone, A: Apply> Driver<S, A> {
 
     fn expire_pending(&mut self) {
         let now = Instant::now();
-        let expired: Vec<u64> = self
+        let mut expired: Vec<u64> = self
             .pending
             .iter()
             .filter(|(_, p)| p.deadline <= now)
             .map(|(s, _)| *s)
             .collect();
+        // In proposal order (not the map's random order), so that runs replay.
+        expired.sort_unstable();
         for seq in expired {
             self.fail(seq, ProposeError::Timeout(self.config.propose_timeout));
         }
     }
 
-    fn send(&self, msgs: Vec<Message>) {
+    fn send(&mut self, msgs: Vec<Message>) {
         for m in msgs {
             match m.write_to_bytes() {
                 Ok(bytes) => {
                     let _ = self.out.send(Outbound::Raft { to: m.to, bytes });
                 }
                 Err(e) => tracing::error!(error = %e, "cannot encode a raft message"),
+            }
+            if m.get_msg_type() == MessageType::MsgSnapshot {
+                // raft-rs sends a follower nothing more until the snapshot is reported, and the
+                // transport gives no delivery report: were this message lost, the follower would
+                // never catch up. Report it handed over; the leader then probes the follower and
+                // sends a new snapshot if it still needs one.
+                self.node.report_snapshot(m.to, SnapshotStatus::Finish);
             }
         }
     }
