@@ -315,6 +315,15 @@ async fn run(config: MembershipConfig, advertise: String) -> Result<Handles> {
                     })),
                 ),
             };
+            if t.link(to).is_none() {
+                // A joining node knows no members until the leader's snapshot is applied, but it
+                // must answer the leader to get that snapshot: dial back a node that dialed us, at
+                // the address it advertised in the handshake. (The member table, once applied,
+                // sets the address again.)
+                if let Some(p) = t.inbound_peers().into_iter().find(|p| p.node_id == to) {
+                    t.add_peer(to, p.advertise_addr);
+                }
+            }
             if let Err(e) = t.send(to, env) {
                 tracing::debug!(peer = to, error = %e, "cannot send to peer");
                 let _ = to_driver.send(Inbound::Unreachable(to));
@@ -394,6 +403,9 @@ impl Ctx {
         let mut attempt: u32 = 0;
         let mut state = self.state.clone();
         let mut refused = false;
+        // Each seed is probed once: a second probe would be refused as a duplicate of this node's
+        // open connection to it, so a lost Join could never be sent again.
+        let mut seed_ids: std::collections::HashMap<&str, u64> = std::collections::HashMap::new();
         loop {
             let me = state.borrow_and_update().member(self.id).cloned();
             if let (Some(me), Some(super::state::command::Kind::Join(want))) = (me, join.kind.as_ref()) {
@@ -419,8 +431,13 @@ impl Ctx {
             } else if !seeds.is_empty() {
                 // Not in the group yet: ask a seed to forward the Join to its leader.
                 for seed in &seeds {
-                    match probe(seed, &tc).await {
+                    let seed_id = match seed_ids.get(seed.as_str()) {
+                        Some(&id) => Ok(id),
+                        None => probe(seed, &tc).await,
+                    };
+                    match seed_id {
                         Ok(seed_id) => {
+                            seed_ids.insert(seed, seed_id);
                             self.transport.add_peer(seed_id, seed.clone());
                             let env = Envelope::new(Body::Propose(transport::wire::Proposal {
                                 id: 0,

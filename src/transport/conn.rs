@@ -25,7 +25,7 @@ use bytes::BytesMut;
 use futures_util::StreamExt;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::mpsc;
-use tokio_util::codec::FramedRead;
+use tokio_util::codec::{Decoder, FramedRead};
 
 use super::frame::{encode_frame, FrameCodec, FrameError};
 use super::wire::Envelope;
@@ -89,10 +89,8 @@ where
     S: AsyncRead + AsyncWrite + Send + Unpin,
 {
     let (rd, wr) = tokio::io::split(stream);
-    let mut reader = FramedRead::with_capacity(rd, FrameCodec::<Envelope>::new(opts.max_frame_len), BUF_CAPACITY);
-    reader.read_buffer_mut().extend_from_slice(&read_buf);
     let result = tokio::select! {
-        r = read_loop(reader, peer, inbound, opts) => r,
+        r = read_loop(rd, read_buf, peer, inbound, opts) => r,
         w = write_loop(wr, peer, outbound, opts) => w,
     };
     match &result {
@@ -103,13 +101,27 @@ where
 }
 
 async fn read_loop<S: AsyncRead>(
-    mut reader: FramedRead<ReadHalf<S>, FrameCodec<Envelope>>,
+    rd: ReadHalf<S>,
+    mut read_buf: BytesMut,
     peer: u64,
     inbound: &mpsc::Sender<(u64, Envelope)>,
     opts: &ConnOptions,
 ) -> Result<ConnectionEnd, ConnectionError> {
     let frames = metrics::counter!(FRAMES_TOTAL, "direction" => "in");
     let bytes = metrics::counter!(BYTES_TOTAL, "direction" => "in");
+    // Whole frames read along with the handshake go first: `FramedRead` decodes what is in its
+    // buffer only after its next read from the stream, which may be the peer's next keepalive.
+    let mut codec = FrameCodec::<Envelope>::new(opts.max_frame_len);
+    while let Some((env, wire_len)) = codec.decode(&mut read_buf)? {
+        frames.increment(1);
+        bytes.increment(wire_len as u64);
+        if !env.is_keepalive() && inbound.send((peer, env)).await.is_err() {
+            return Ok(ConnectionEnd::InboundClosed);
+        }
+    }
+    // The rest of a frame, if any (the codec remembers a header it has consumed).
+    let mut reader = FramedRead::with_capacity(rd, codec, BUF_CAPACITY);
+    reader.read_buffer_mut().extend_from_slice(&read_buf);
     loop {
         let next = tokio::time::timeout(opts.idle_timeout, reader.next())
             .await
@@ -359,6 +371,33 @@ mod tests {
         })
         .await
         .expect("both frames before the deadline");
+    }
+
+    #[tokio::test]
+    async fn whole_frames_in_the_read_buffer_are_delivered_without_waiting_for_more_bytes() {
+        // The peer's first envelopes came in with its handshake acceptance and it sends nothing
+        // more (its next keepalive is a second away): they must be delivered at once anyway.
+        let (a, _b) = duplex(64 * 1024);
+        let (_out_tx, mut out_rx) = mpsc::channel(16);
+        let (in_tx, mut in_rx) = mpsc::channel(16);
+        let mut leftover = BytesMut::new();
+        encode_frame(&Envelope::ping(1, 0), 1024, &mut leftover).expect("fits");
+        encode_frame(&Envelope::default(), 1024, &mut leftover).expect("fits");
+        encode_frame(&Envelope::ping(2, 0), 1024, &mut leftover).expect("fits");
+        let opts = opts();
+        let driver = drive(a, leftover, 3, &mut out_rx, &in_tx, &opts);
+        let check = async {
+            assert_eq!(in_rx.recv().await, Some((3, Envelope::ping(1, 0))));
+            assert_eq!(in_rx.recv().await, Some((3, Envelope::ping(2, 0))));
+        };
+        tokio::time::timeout(DEADLINE, async {
+            tokio::select! {
+                r = driver => panic!("driver ended early: {r:?}"),
+                () = check => {}
+            }
+        })
+        .await
+        .expect("both frames before the deadline, with nothing more arriving on the stream");
     }
 
     #[tokio::test]

@@ -213,8 +213,10 @@ pub fn spawn_herald(args: &[&str], env: &[(&str, &str)]) -> Proc {
         let _ = child.kill();
         panic!("herald did not report its address within {DEADLINE:?}")
     });
-    wait_ready(&url);
-    Proc { child, url }
+    // Built first, so that the node is killed (Proc's Drop) if it never gets ready.
+    let proc = Proc { child, url };
+    wait_ready(&proc.url);
+    proc
 }
 
 impl Proc {

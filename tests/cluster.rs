@@ -1,0 +1,810 @@
+//! Clusters of real `herald node` processes on 127.0.0.1: forming a cluster, voters and learners,
+//! subscriptions and placements replicated through Raft, losing the leader, joining, removing and
+//! draining nodes, and restarting the whole cluster.
+//!
+//! Every node gets its own temporary data dir and free ports, so these tests run in parallel with
+//! each other and with the other test files; every wait is a poll with a deadline.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, Read};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+
+const BIN: &str = env!("CARGO_BIN_EXE_herald");
+
+/// How long a cluster may take to converge after a change.
+const CONVERGE: Duration = Duration::from_secs(30);
+
+/// A port that was free a moment ago (the listener is dropped at once, so start the node right
+/// after asking).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind 127.0.0.1:0")
+        .port()
+}
+
+/// One `herald node` of a test cluster. Its log goes to a file, printed if the test fails.
+struct Node {
+    id: u64,
+    proc: Proc,
+    /// Holds the data dir (`data`) and the log (`node.log`); removed when the node is dropped.
+    _dir: tempfile::TempDir,
+    /// `127.0.0.1:PORT` of the peer listener (what others `--join`).
+    peer: String,
+    /// The `herald node` arguments, to start it again on the same data dir and ports.
+    args: Vec<String>,
+}
+
+impl Node {
+    fn url(&self) -> &str {
+        &self.proc.url
+    }
+
+    /// `host:port` of the HTTP API, as the membership table records it.
+    fn http(&self) -> &str {
+        self.proc.url.trim_start_matches("http://")
+    }
+
+    /// Starts node `id`, joining the node whose peer address is `join` (none: a new cluster). With
+    /// `fixed_http` the HTTP port is chosen here rather than by the node, so that a restart can
+    /// reuse it.
+    fn start(id: u64, join: Option<&str>, fixed_http: bool) -> Node {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut args: Vec<String> = vec!["--node-id".into(), id.to_string()];
+        let data = dir.path().join("data");
+        args.extend(["--data-dir".into(), data.to_str().expect("utf-8 path").into()]);
+        let http_port = if fixed_http { free_port() } else { 0 };
+        args.extend(["--http".into(), format!("127.0.0.1:{http_port}")]);
+        if let Some(seed) = join {
+            args.extend(["--join".into(), seed.to_string()]);
+        }
+        let peer = format!("127.0.0.1:{}", free_port());
+        args.extend(["--peer".into(), peer.clone()]);
+        let proc = spawn(&args);
+        Node {
+            id,
+            proc,
+            _dir: dir,
+            peer,
+            args,
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            print_log(&self.args);
+        }
+    }
+}
+
+/// Prints the end of the log of `herald node <args>` to stderr.
+fn print_log(args: &[String]) {
+    let path = log_path(args);
+    let log = std::fs::read_to_string(&path).unwrap_or_default();
+    let lines: Vec<&str> = log.lines().collect();
+    eprintln!("--- last lines of {} ---", path.display());
+    for line in &lines[lines.len().saturating_sub(40)..] {
+        eprintln!("{line}");
+    }
+}
+
+/// Where `herald node <args>` logs: `node.log` next to its data dir.
+fn log_path(args: &[String]) -> PathBuf {
+    let data = args
+        .iter()
+        .skip_while(|a| *a != "--data-dir")
+        .nth(1)
+        .expect("--data-dir");
+    Path::new(data).with_file_name("node.log")
+}
+
+/// Starts `herald node <args>` (logging to [`log_path`]) and waits until it is ready: a member
+/// that knows its leader. Unlike `spawn_herald`, a node that never gets ready is killed.
+fn spawn(args: &[String]) -> Proc {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_path(args))
+        .expect("node log file");
+    let mut cmd = Command::new(BIN);
+    // Only the flags count: no settings inherited from the environment.
+    for var in [
+        "HERALD_CONFIG",
+        "HERALD_CLUSTER_ID",
+        "HERALD_JOIN",
+        "HERALD_ADVERTISE",
+        "HERALD_CLUSTER_SECRET_FILE",
+    ] {
+        cmd.env_remove(var);
+    }
+    let mut child = cmd
+        .arg("node")
+        .args(args)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .expect("spawn herald");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(url) = line.split("listening on ").nth(1) {
+                let _ = tx.send(url.trim().to_string());
+            }
+        }
+    });
+    let url = rx.recv_timeout(DEADLINE);
+    let proc = Proc {
+        child,
+        url: url.clone().unwrap_or_default(),
+    };
+    // On a panic the node is killed when `proc` is dropped.
+    if url.is_err() {
+        print_log(args);
+        panic!("herald node {args:?} did not report its address within {DEADLINE:?}");
+    }
+    if let Err(panic) = std::panic::catch_unwind(|| wait_ready(&proc.url)) {
+        print_log(args);
+        std::panic::resume_unwind(panic);
+    }
+    proc
+}
+
+/// Starts node 1 as a new cluster and nodes 2..=n joining it, one after the other (so they join in
+/// id order).
+fn start_cluster(n: u64, fixed_http: bool) -> Vec<Node> {
+    let first = Node::start(1, None, fixed_http);
+    let seed = first.peer.clone();
+    let mut nodes = vec![first];
+    for id in 2..=n {
+        nodes.push(Node::start(id, Some(&seed), fixed_http));
+    }
+    nodes
+}
+
+fn urls<'a>(nodes: impl IntoIterator<Item = &'a Node>) -> Vec<String> {
+    nodes.into_iter().map(|n| n.url().to_string()).collect()
+}
+
+fn node(nodes: &[Node], id: u64) -> &Node {
+    nodes.iter().find(|n| n.id == id).expect("a node with that id")
+}
+
+/// GET `path` on `url`, which must answer 200.
+async fn get_ok(url: &str, path: &str) -> Value {
+    let (status, body) = get(&format!("{url}{path}")).await;
+    assert_eq!(status, 200, "GET {url}{path}: {body}");
+    body
+}
+
+/// Polls `path` on every node in `urls` until `check` accepts their answers (in `urls` order),
+/// failing after [`CONVERGE`] with the last answers.
+async fn converge<T>(what: &str, urls: &[String], path: &str, check: impl Fn(&[Value]) -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        let mut answers = Vec::with_capacity(urls.len());
+        for url in urls {
+            answers.push(get_ok(url, path).await);
+        }
+        if let Some(v) = check(&answers) {
+            return v;
+        }
+        assert!(
+            start.elapsed() < CONVERGE,
+            "timed out after {CONVERGE:?} waiting for: {what}\nlast answers of {urls:?} to {path}:\n{}",
+            serde_json::to_string_pretty(&answers).unwrap_or_default()
+        );
+        actix_rt::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn leader(view: &Value) -> Option<u64> {
+    view["leader"].as_u64()
+}
+
+fn term(view: &Value) -> u64 {
+    view["term"].as_u64().expect("term")
+}
+
+/// `(id, status, voter)` of every member of a `/v1/cluster` view, by id.
+fn members(view: &Value) -> Vec<(u64, String, bool)> {
+    let mut m: Vec<(u64, String, bool)> = view["members"]
+        .as_array()
+        .expect("members")
+        .iter()
+        .map(|m| {
+            (
+                m["id"].as_u64().expect("id"),
+                m["status"].as_str().expect("status").to_string(),
+                m["voter"].as_bool().expect("voter"),
+            )
+        })
+        .collect();
+    m.sort();
+    m
+}
+
+fn member_ids(view: &Value) -> Vec<u64> {
+    members(view).into_iter().map(|(id, _, _)| id).collect()
+}
+
+fn voters(view: &Value) -> Vec<u64> {
+    members(view).into_iter().filter(|m| m.2).map(|m| m.0).collect()
+}
+
+/// The same leader on every view, if they all know one.
+fn common_leader(views: &[Value]) -> Option<u64> {
+    let l = leader(&views[0])?;
+    views.iter().all(|v| leader(v) == Some(l)).then_some(l)
+}
+
+/// `(id, status, voter)` triples for ids that are all `up`, with the given voters.
+fn all_up(ids: &[u64], voters: &[u64]) -> Vec<(u64, String, bool)> {
+    ids.iter()
+        .map(|&id| (id, "up".to_string(), voters.contains(&id)))
+        .collect()
+}
+
+/// `(topic, group, nodes)` of every placement, sorted.
+fn placement_rows(placements: &Value) -> Vec<(String, String, Vec<u64>)> {
+    let mut rows: Vec<(String, String, Vec<u64>)> = placements
+        .as_array()
+        .expect("placements")
+        .iter()
+        .map(|p| {
+            (
+                p["topic"].as_str().expect("topic").to_string(),
+                p["group"].as_str().expect("group").to_string(),
+                p["nodes"]
+                    .as_array()
+                    .expect("nodes")
+                    .iter()
+                    .map(|n| n.as_u64().expect("node id"))
+                    .collect(),
+            )
+        })
+        .collect();
+    rows.sort();
+    rows
+}
+
+/// Whether every answer equals the first.
+fn all_same(answers: &[Value]) -> bool {
+    answers.iter().all(|a| a == &answers[0])
+}
+
+/// Waits until every node in `urls` shows the same members, all up, the given voters and one
+/// leader; returns the first view.
+async fn wait_formed(urls: &[String], ids: &[u64], voter_ids: &[u64]) -> Value {
+    let want = all_up(ids, voter_ids);
+    converge(
+        "every node shows the same members, voters and leader",
+        urls,
+        "/v1/cluster",
+        |views| {
+            common_leader(views)?;
+            views.iter().all(|v| members(v) == want).then(|| views[0].clone())
+        },
+    )
+    .await
+}
+
+fn log_sub(topic: &str, group: &str, instances: u32) -> Value {
+    json!({ "topic": topic, "group": group, "handler": { "kind": "log" }, "instances": instances })
+}
+
+async fn subscribe(url: &str, spec: &Value) {
+    let a = post_json(&format!("{url}/v1/subscriptions"), spec).await;
+    assert_eq!(a.status, 201, "POST {url}/v1/subscriptions {spec}: {}", a.body);
+}
+
+/// SIGTERM, then the exit status within [`DEADLINE`].
+fn terminate(proc: &mut Proc) -> ExitStatus {
+    let pid = proc.child.id().to_string();
+    let sent = Command::new("kill").args(["-TERM", &pid]).status().expect("kill -TERM");
+    assert!(sent.success(), "kill -TERM {pid} failed");
+    let start = Instant::now();
+    loop {
+        if let Some(status) = proc.child.try_wait().expect("try_wait") {
+            return status;
+        }
+        if start.elapsed() > DEADLINE {
+            proc.kill9();
+            panic!("herald (pid {pid}) did not stop within {DEADLINE:?} of SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Runs `herald <args>` to completion with output captured, failing after [`DEADLINE`].
+fn run_cli(args: &[&str]) -> Output {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args).stdin(Stdio::null()).env_remove("RUST_LOG");
+    for var in ["HERALD_URL", "HERALD_TOKEN", "HERALD_CONFIG"] {
+        cmd.env_remove(var);
+    }
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn herald");
+    let readers = [
+        child.stdout.take().map(|s| Box::new(s) as Box<dyn Read + Send>),
+        child.stderr.take().map(|s| Box::new(s) as Box<dyn Read + Send>),
+    ]
+    .map(|r| {
+        let mut r = r.expect("piped");
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = r.read_to_end(&mut v);
+            v
+        })
+    });
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("try_wait") {
+            break s;
+        }
+        if start.elapsed() > DEADLINE {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("`herald {args:?}` did not exit within {DEADLINE:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let [out, err] = readers.map(|r| r.join().expect("reader"));
+    Output {
+        status,
+        stdout: out,
+        stderr: err,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+#[actix_rt::test]
+async fn three_nodes_form_one_cluster() {
+    let nodes = start_cluster(3, false);
+    let urls = urls(&nodes);
+    let view = wait_formed(&urls, &[1, 2, 3], &[1, 2, 3]).await;
+    assert!(
+        (1..=3).contains(&leader(&view).unwrap()),
+        "the leader is one of the members: {view}"
+    );
+    // Each node answers for itself, they are one cluster, and the table holds the addresses the
+    // nodes were started with.
+    for n in &nodes {
+        let v = get_ok(n.url(), "/v1/cluster").await;
+        assert_eq!(v["node_id"], n.id, "{v}");
+        assert_eq!(v["cluster_id"], view["cluster_id"], "{v}");
+        assert!(term(&v) >= 1, "a node in a cluster has a Raft term: {v}");
+        let me = v["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["id"] == n.id)
+            .unwrap_or_else(|| panic!("node {} lists itself: {v}", n.id));
+        assert_eq!(me["peer"], n.peer.as_str(), "{v}");
+        assert_eq!(me["http"], n.http(), "{v}");
+        let handlers: BTreeSet<&str> = me["handlers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(Value::as_str)
+            .collect();
+        assert!(
+            handlers.contains("log") && handlers.contains("webhook"),
+            "every node runs the built-in handlers: {me}"
+        );
+    }
+    // The peers agree on the addresses of every member, not only their own.
+    let tables: Vec<Value> = {
+        let mut t = Vec::new();
+        for u in &urls {
+            let v = get_ok(u, "/v1/cluster").await;
+            let mut ms: Vec<Value> = v["members"].as_array().unwrap().clone();
+            ms.sort_by_key(|m| m["id"].as_u64());
+            t.push(json!(ms
+                .iter()
+                .map(|m| json!([m["id"], m["http"], m["peer"]]))
+                .collect::<Vec<_>>()));
+        }
+        t
+    };
+    assert!(
+        all_same(&tables),
+        "the member addresses differ between nodes: {tables:?}"
+    );
+}
+
+#[actix_rt::test]
+async fn five_nodes_have_three_voters_and_two_learners() {
+    let nodes = start_cluster(5, false);
+    let urls = urls(&nodes);
+    let view = wait_formed(&urls, &[1, 2, 3, 4, 5], &[1, 2, 3]).await;
+    assert_eq!(voters(&view), vec![1, 2, 3], "the first three to join vote: {view}");
+    // The leader is a voter, on every node.
+    let l = leader(&view).unwrap();
+    assert!([1, 2, 3].contains(&l), "a learner cannot lead: {view}");
+    // Learners know the leader too.
+    for u in &urls[3..] {
+        let v = get_ok(u, "/v1/cluster").await;
+        assert_eq!(leader(&v), Some(l), "{v}");
+    }
+}
+
+#[actix_rt::test]
+async fn a_subscription_made_on_a_follower_is_placed_identically_everywhere() {
+    let nodes = start_cluster(3, false);
+    let urls = urls(&nodes);
+    let view = wait_formed(&urls, &[1, 2, 3], &[1, 2, 3]).await;
+    let l = leader(&view).unwrap();
+    let follower = nodes.iter().find(|n| n.id != l).unwrap();
+    subscribe(follower.url(), &log_sub("orders", "audit", 3)).await;
+
+    let placements = converge(
+        "every node shows the same placement of orders/audit",
+        &urls,
+        "/v1/cluster/placements",
+        |ps| (all_same(ps) && ps[0].as_array().is_some_and(|a| a.len() == 1)).then(|| ps[0].clone()),
+    )
+    .await;
+    let p = &placements[0];
+    assert_eq!(
+        (p["topic"].as_str(), p["group"].as_str()),
+        (Some("orders"), Some("audit")),
+        "{p}"
+    );
+    let epoch = p["epoch"].as_u64().unwrap();
+    assert!(epoch >= 1, "a committed placement has an epoch: {p}");
+    let placed: Vec<u64> = p["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_u64().unwrap())
+        .collect();
+    assert_eq!(placed.len(), 3, "one node per instance: {p}");
+    assert!(
+        placed.iter().all(|n| (1..=3).contains(n)),
+        "instances run on members: {p}"
+    );
+    // Every node lists the subscription as it was made.
+    for u in &urls {
+        let subs = get_ok(u, "/v1/subscriptions").await;
+        let subs = subs.as_array().unwrap();
+        assert_eq!(subs.len(), 1, "{subs:?}");
+        assert_eq!(subs[0]["handler"], json!({ "kind": "log" }), "{subs:?}");
+        assert_eq!(subs[0]["instances"], 3, "{subs:?}");
+    }
+
+    // `herald status` against another node shows the subscription and where it runs.
+    let other = nodes.iter().find(|n| n.id != follower.id).unwrap().url().to_string();
+    let o = actix_rt::task::spawn_blocking(move || run_cli(&["status", "--url", &other]))
+        .await
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "herald status failed: {}{out}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let rows: Vec<Vec<&str>> = out.lines().map(|l| l.split_whitespace().collect()).collect();
+    assert!(
+        rows.iter()
+            .any(|r| r.len() >= 4 && r[..4] == ["orders", "audit", "log", "3"]),
+        "no subscription row in:\n{out}"
+    );
+    let nodes_col = placed.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
+    assert!(
+        rows.iter()
+            .any(|r| *r == ["orders", "audit", epoch.to_string().as_str(), nodes_col.as_str()]),
+        "no placement row `orders audit {epoch} {nodes_col}` in:\n{out}"
+    );
+    for id in 1..=3 {
+        assert!(
+            rows.iter()
+                .any(|r| r.first() == Some(&id.to_string().as_str()) && r.get(1) == Some(&"up")),
+            "no member row for node {id} in:\n{out}"
+        );
+    }
+}
+
+#[actix_rt::test]
+async fn the_leader_is_killed_and_a_new_one_is_elected() {
+    let mut nodes = start_cluster(3, false);
+    let urls = urls(&nodes);
+    let view = wait_formed(&urls, &[1, 2, 3], &[1, 2, 3]).await;
+    let old = leader(&view).unwrap();
+    let old_term = term(&view);
+
+    let killed = nodes.iter_mut().find(|n| n.id == old).unwrap();
+    killed.proc.kill9();
+    let killed_at = Instant::now();
+    let survivors: Vec<&Node> = nodes.iter().filter(|n| n.id != old).collect();
+    let urls = self::urls(survivors.iter().copied());
+    let (new, new_term) = converge("the survivors agree on a new leader", &urls, "/v1/cluster", |views| {
+        let l = common_leader(views)?;
+        let t = term(&views[0]);
+        (l != old && t > old_term && views.iter().all(|v| term(v) == t)).then_some((l, t))
+    })
+    .await;
+    let election = killed_at.elapsed();
+    println!(
+        "leader {old} (term {old_term}) killed; node {new} leads term {new_term} on both survivors after {election:?}"
+    );
+    assert!(survivors.iter().any(|n| n.id == new), "the new leader is a survivor");
+
+    // The survivors still form a majority: a subscription made on one of them commits.
+    let t = Instant::now();
+    subscribe(survivors[1].url(), &log_sub("after", "failover", 2)).await;
+    println!("first subscription after the failover committed in {:?}", t.elapsed());
+    let rows = converge(
+        "both survivors show the new subscription's placement",
+        &urls,
+        "/v1/cluster/placements",
+        |ps| {
+            let rows: Vec<_> = ps.iter().map(placement_rows).collect();
+            (rows.iter().all(|r| *r == rows[0]) && rows[0].len() == 1).then(|| rows[0].clone())
+        },
+    )
+    .await;
+    assert_eq!((rows[0].0.as_str(), rows[0].1.as_str()), ("after", "failover"));
+    assert_eq!(rows[0].2.len(), 2, "{rows:?}");
+    for u in &urls {
+        let v = get_ok(u, "/v1/cluster").await;
+        assert_eq!(leader(&v), Some(new), "{v}");
+        assert_eq!(member_ids(&v), vec![1, 2, 3], "the killed node is still a member: {v}");
+    }
+}
+
+#[actix_rt::test]
+async fn a_node_joins_and_is_removed() {
+    let mut nodes = start_cluster(3, false);
+    let urls3 = urls(&nodes);
+    let view = wait_formed(&urls3, &[1, 2, 3], &[1, 2, 3]).await;
+
+    // Node 4 joins through a follower, which forwards the Join to the leader; node 4 must answer
+    // the leader before it knows the member table.
+    let l = leader(&view).unwrap();
+    let seed = nodes.iter().find(|n| n.id != l).unwrap().peer.clone();
+    let started = Instant::now();
+    nodes.push(Node::start(4, Some(&seed), false));
+    let ready = started.elapsed();
+    let urls4 = urls(&nodes);
+    let view = wait_formed(&urls4, &[1, 2, 3, 4], &[1, 2, 3]).await;
+    println!(
+        "node 4 ready after {ready:?}; visible as a learner on all four nodes after {:?}",
+        started.elapsed()
+    );
+    assert_eq!(voters(&view), vec![1, 2, 3], "node 4 learns: {view}");
+
+    let a = request("DELETE", &format!("{}/v1/cluster/nodes/4", nodes[1].url()), &[], "").await;
+    assert_eq!(a.status, 204, "{}", a.body);
+    converge(
+        "node 4 is gone from every remaining node",
+        &urls3,
+        "/v1/cluster",
+        |views| {
+            common_leader(views)?;
+            views
+                .iter()
+                .all(|v| members(v) == all_up(&[1, 2, 3], &[1, 2, 3]))
+                .then_some(())
+        },
+    )
+    .await;
+    for u in &urls3 {
+        let a = request("DELETE", &format!("{u}/v1/cluster/nodes/4"), &[], "").await;
+        assert_eq!(a.status, 404, "node 4 was already removed: {}", a.body);
+    }
+    let a = request("DELETE", &format!("{}/v1/cluster/nodes/99", nodes[0].url()), &[], "").await;
+    assert_eq!(a.status, 404, "{}", a.body);
+    // The remaining three still commit changes.
+    subscribe(nodes[0].url(), &log_sub("still", "working", 1)).await;
+}
+
+#[actix_rt::test]
+async fn a_learner_is_promoted_when_a_voter_is_removed() {
+    let mut nodes = start_cluster(4, false);
+    let urls = urls(&nodes);
+    let view = wait_formed(&urls, &[1, 2, 3, 4], &[1, 2, 3]).await;
+    let l = leader(&view).unwrap();
+    let gone = [1, 2, 3].into_iter().find(|&id| id != l).unwrap();
+
+    let status = terminate(&mut nodes.iter_mut().find(|n| n.id == gone).unwrap().proc);
+    assert!(status.success(), "SIGTERM ends node {gone} cleanly: {status:?}");
+    let rest: Vec<&Node> = nodes.iter().filter(|n| n.id != gone).collect();
+    let a = request("DELETE", &format!("{}/v1/cluster/nodes/{gone}", rest[0].url()), &[], "").await;
+    assert_eq!(a.status, 204, "{}", a.body);
+
+    let ids: Vec<u64> = rest.iter().map(|n| n.id).collect();
+    let urls = self::urls(rest.iter().copied());
+    converge(
+        "node 4 is promoted to voter on every remaining node",
+        &urls,
+        "/v1/cluster",
+        |views| {
+            common_leader(views)?;
+            views.iter().all(|v| members(v) == all_up(&ids, &ids)).then_some(())
+        },
+    )
+    .await;
+    for u in &urls {
+        let v = get_ok(u, "/v1/cluster").await;
+        assert_eq!(voters(&v).len(), 3, "{v}");
+        assert!(voters(&v).contains(&4), "{v}");
+    }
+    // The new configuration has a working majority.
+    subscribe(node(&nodes, 4).url(), &log_sub("promoted", "learner", 1)).await;
+}
+
+#[actix_rt::test]
+async fn a_full_cluster_restart_keeps_members_subscriptions_and_placements() {
+    let mut nodes = start_cluster(3, true);
+    let urls = urls(&nodes);
+    wait_formed(&urls, &[1, 2, 3], &[1, 2, 3]).await;
+    subscribe(nodes[0].url(), &log_sub("restart", "one", 2)).await;
+    subscribe(nodes[1].url(), &log_sub("restart", "two", 3)).await;
+    let placements = converge(
+        "both subscriptions are placed identically everywhere",
+        &urls,
+        "/v1/cluster/placements",
+        |ps| {
+            let rows: Vec<_> = ps.iter().map(placement_rows).collect();
+            (rows.iter().all(|r| *r == rows[0]) && rows[0].len() == 2).then(|| rows[0].clone())
+        },
+    )
+    .await;
+    let table = |v: &Value| {
+        let mut ms: Vec<Value> = v["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| json!([m["id"], m["http"], m["peer"], m["status"], m["voter"], m["handlers"]]))
+            .collect();
+        ms.sort_by_key(|m| m[0].as_u64());
+        ms
+    };
+    let before = table(&get_ok(nodes[0].url(), "/v1/cluster").await);
+    let subs_before = get_ok(nodes[0].url(), "/v1/subscriptions").await;
+    assert_eq!(subs_before.as_array().unwrap().len(), 2, "{subs_before}");
+
+    for n in nodes.iter_mut().rev() {
+        let status = terminate(&mut n.proc);
+        assert!(status.success(), "SIGTERM ends node {} cleanly: {status:?}", n.id);
+    }
+    // No node is ready before a majority is back, so start all three at once.
+    let restarted: Vec<std::thread::JoinHandle<Proc>> = nodes
+        .iter()
+        .map(|n| {
+            let args = n.args.clone();
+            std::thread::spawn(move || spawn(&args))
+        })
+        .collect();
+    for (n, t) in nodes.iter_mut().zip(restarted) {
+        n.proc = t.join().expect("node restarted");
+    }
+    assert_eq!(urls, self::urls(&nodes), "the nodes kept their HTTP addresses");
+
+    converge(
+        "the same members and a leader after the restart",
+        &urls,
+        "/v1/cluster",
+        |views| {
+            common_leader(views)?;
+            views.iter().all(|v| table(v) == before).then_some(())
+        },
+    )
+    .await;
+    converge(
+        "the same placements after the restart",
+        &urls,
+        "/v1/cluster/placements",
+        |ps| ps.iter().all(|p| placement_rows(p) == placements).then_some(()),
+    )
+    .await;
+    for u in &urls {
+        let subs = get_ok(u, "/v1/subscriptions").await;
+        assert_eq!(subs, subs_before, "subscriptions on {u} after the restart");
+    }
+    // The restarted cluster commits changes.
+    subscribe(nodes[2].url(), &log_sub("restart", "three", 1)).await;
+}
+
+#[actix_rt::test]
+async fn drain_moves_instances_away() {
+    let nodes = start_cluster(3, false);
+    let urls = urls(&nodes);
+    wait_formed(&urls, &[1, 2, 3], &[1, 2, 3]).await;
+    subscribe(nodes[0].url(), &log_sub("drain", "me", 3)).await;
+    let rows = converge(
+        "the subscription is placed identically everywhere",
+        &urls,
+        "/v1/cluster/placements",
+        |ps| {
+            let rows: Vec<_> = ps.iter().map(placement_rows).collect();
+            (rows.iter().all(|r| *r == rows[0]) && rows[0].len() == 1).then(|| rows[0].clone())
+        },
+    )
+    .await;
+    let drained = rows[0].2[0];
+    let asked = nodes.iter().find(|n| n.id != drained).unwrap();
+    let a = post_json(&format!("{}/v1/cluster/nodes/{drained}/drain", asked.url()), &json!({})).await;
+    assert_eq!(a.status, 202, "{}", a.body);
+    assert_eq!(a.body, json!({ "id": drained, "status": "draining" }));
+
+    converge(
+        "no placement lists the drained node and it is draining",
+        &urls,
+        "/v1/cluster/placements",
+        |ps| {
+            ps.iter()
+                .all(|p| {
+                    let rows = placement_rows(p);
+                    rows.len() == 1 && rows[0].2.len() == 3 && !rows[0].2.contains(&drained)
+                })
+                .then_some(())
+        },
+    )
+    .await;
+    converge(
+        "every node shows the drained node as draining",
+        &urls,
+        "/v1/cluster",
+        |views| {
+            views
+                .iter()
+                .all(|v| {
+                    members(v)
+                        == [1, 2, 3]
+                            .map(|id| (id, if id == drained { "draining" } else { "up" }.to_string(), true))
+                            .to_vec()
+                })
+                .then_some(())
+        },
+    )
+    .await;
+    let a = post_json(&format!("{}/v1/cluster/nodes/99/drain", asked.url()), &json!({})).await;
+    assert_eq!(a.status, 404, "{}", a.body);
+}
+
+#[actix_rt::test]
+async fn a_node_joins_while_a_new_leader_is_elected() {
+    let mut nodes = start_cluster(3, false);
+    let view = wait_formed(&urls(&nodes), &[1, 2, 3], &[1, 2, 3]).await;
+    let old = leader(&view).unwrap();
+    nodes.iter_mut().find(|n| n.id == old).unwrap().proc.kill9();
+    // The survivors still take the dead node for their leader, so the first Join that node 4's seed
+    // forwards is lost; node 4 must send it again until the new leader commits it.
+    let seed = nodes.iter().find(|n| n.id != old).unwrap().peer.clone();
+    let started = Instant::now();
+    nodes.push(Node::start(4, Some(&seed), false));
+    let live: Vec<&Node> = nodes.iter().filter(|n| n.id != old).collect();
+    converge(
+        "node 4 is a learner on the survivors and on itself, under a new leader",
+        &urls(live.iter().copied()),
+        "/v1/cluster",
+        |views| {
+            let l = common_leader(views)?;
+            (l != old && views.iter().all(|v| members(v) == all_up(&[1, 2, 3, 4], &[1, 2, 3]))).then_some(())
+        },
+    )
+    .await;
+    println!(
+        "node 4 joined during the election of a new leader after {:?}",
+        started.elapsed()
+    );
+}
