@@ -85,6 +85,7 @@ pub fn describe() {
     describe_gauge!(PLACEMENT_EPOCH, "The placement epoch this node holds.");
     describe_counter!(HTTP_REQUESTS, "HTTP requests by route pattern and status code.");
     describe_counter!(WAL_COMMITS, "Write-ahead log group commits.");
+    crate::transport::describe();
     describe_counter!(
         EVENTS_REJECTED,
         "Publishes refused with 429 because mailboxes or the in-flight byte budget were full."

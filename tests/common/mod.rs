@@ -340,23 +340,30 @@ pub fn spawn_herald_stderr(args: &[&str], env: &[(&str, &str)]) -> (Proc, std::s
 /// Blocks until `GET {url}/readyz` answers 200 (the node joined its cluster and replayed its WAL),
 /// failing the test after [`DEADLINE`]. Plain HTTP/1.0 over a socket, so it works from sync code.
 pub fn wait_ready(url: &str) {
-    use std::io::{Read, Write};
-    let addr = url.trim_start_matches("http://").to_string();
     let start = Instant::now();
     loop {
-        let ready = std::net::TcpStream::connect(&addr)
-            .and_then(|mut s| {
-                s.set_read_timeout(Some(Duration::from_secs(2)))?;
-                s.write_all(b"GET /readyz HTTP/1.0\r\n\r\n")?;
-                let mut answer = String::new();
-                s.read_to_string(&mut answer)?;
-                Ok(answer.starts_with("HTTP/1.0 200") || answer.starts_with("HTTP/1.1 200"))
-            })
-            .unwrap_or(false);
-        if ready {
+        if get_blocking(url, "/readyz").is_some_and(|(status, _)| status == 200) {
             return;
         }
         assert!(start.elapsed() < DEADLINE, "{url} was not ready within {DEADLINE:?}");
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// `GET {url}{path}` with HTTP/1.0 from sync code: the status and body, or `None` if the node
+/// cannot be reached.
+pub fn get_blocking(url: &str, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let addr = url.trim_start_matches("http://");
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes()).ok()?;
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).ok()?;
+    let status = answer.split_whitespace().nth(1)?.parse().ok()?;
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Some((status, body))
 }
