@@ -17,7 +17,7 @@ pub enum HandlerSpec {
     },
     /// The built-in webhook: POSTs each event as a structured CloudEvent; 2xx is success.
     Webhook {
-        /// `http://` or `https://` URL.
+        /// `http://` or `https://` URL (server certificates are checked against the Mozilla roots).
         url: String,
     },
     /// The built-in log handler: writes each event to the node's log.
@@ -158,9 +158,8 @@ fn validate_webhook_url(raw: &str) -> Result<(), SpecError> {
     };
     let url = url::Url::parse(raw).map_err(|e| bad(&e.to_string()))?;
     match url.scheme() {
-        "http" => {}
-        "https" => return Err(bad("https webhooks are not supported by this build yet; use http")),
-        other => return Err(bad(&format!("scheme {other:?} is not http"))),
+        "http" | "https" => {}
+        other => return Err(bad(&format!("scheme {other:?} is not http or https"))),
     }
     if url.host().is_none() {
         return Err(bad("no host"));
@@ -201,6 +200,10 @@ mod tests {
         assert!(matches!(check(&hook), Err(SpecError::WebhookUrl { .. })));
         hook.handler = HandlerSpec::Webhook {
             url: "http://127.0.0.1:9/hook".into(),
+        };
+        assert_eq!(check(&hook), Ok(()));
+        hook.handler = HandlerSpec::Webhook {
+            url: "https://hooks.example.com/in".into(),
         };
         assert_eq!(check(&hook), Ok(()));
     }

@@ -1614,3 +1614,37 @@ async fn openapi_and_cluster_views() {
     assert_eq!(cluster["ready"], true);
     n.node.shutdown().await;
 }
+
+/// An https webhook really speaks TLS: against a plain-HTTP receiver the handshake fails, the
+/// attempt is an error and the event is dead-lettered with that error (nothing reaches the receiver).
+#[actix_rt::test]
+async fn https_webhooks_speak_tls() {
+    let receiver = common::Receiver::start(0).await;
+    let https = receiver.url.replacen("http://", "https://", 1);
+    let mut builder = herald::node::Node::builder();
+    builder.config_mut().handlers.webhook_timeout_ms = 2_000;
+    let n = common::start_node(builder).await;
+    let spec =
+        serde_json::json!({"topic":"tls.hooks","group":"g","handler":{"kind":"webhook","url":https},"max_attempts":1});
+    let a = common::post_json(&format!("{}/v1/subscriptions", n.url), &spec).await;
+    assert_eq!(a.status, 201, "{}", a.body);
+    let a = common::post_json(
+        &format!("{}/v1/topics/tls.hooks/events?ack=processed", n.url),
+        &serde_json::json!({"x":1}),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    let outcome = &a.body["outcomes"][0];
+    assert_eq!(outcome["outcome"], "dead_lettered", "{}", a.body);
+    let error = outcome["error"].as_str().unwrap_or_default().to_ascii_lowercase();
+    // rustls answering a plain-HTTP reply: "received corrupt message of type InvalidContentType".
+    assert!(
+        error.contains("corrupt message") || error.contains("tls") || error.contains("handshake"),
+        "not a TLS error: {error}"
+    );
+    assert!(
+        receiver.events().is_empty(),
+        "a plain-HTTP receiver must not get a TLS request as an event"
+    );
+    n.node.shutdown().await;
+}
