@@ -210,6 +210,7 @@ async fn local(a: LocalArgs) -> Result<(), String> {
         .start()
         .await
         .map_err(|e| e.to_string())?;
+    node.ready().await;
     let ingress = node.ingress().clone();
     let payload =
         Event::json("bench", &serde_json::json!({"user_id": 1, "username": "bench"})).map_err(|e| e.to_string())?;

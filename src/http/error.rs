@@ -105,6 +105,10 @@ impl From<PublishError> for ApiError {
                 ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "wal_unavailable", message)
             },
             PublishError::Timeout(_) => Self::new(StatusCode::GATEWAY_TIMEOUT, "timeout", message),
+            PublishError::NotReady => ApiError {
+                retry_after: Some(1),
+                ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", message)
+            },
             PublishError::NotHere(_) => Self::new(StatusCode::SERVICE_UNAVAILABLE, "not_placed_here", message),
         }
     }

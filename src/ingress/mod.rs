@@ -52,6 +52,10 @@ pub enum PublishError {
     /// The event is invalid (400).
     #[error(transparent)]
     Invalid(#[from] EventError),
+    /// The node has not joined its cluster, placed its subscriptions or replayed its WAL yet
+    /// (503): it does not yet know where events go, so it accepts none.
+    #[error("the node is starting (joining its cluster, replaying its WAL); retry shortly")]
+    NotReady,
     /// A subscription of the topic runs only on other nodes, and this version cannot forward
     /// events between nodes yet (503): nothing was accepted, publish to one of those nodes.
     #[error("{0}")]
@@ -299,7 +303,7 @@ pub struct Ingress {
     rejected: Counter,
     published: RwLock<HashMap<String, Counter>>,
     /// Set once the WAL has been replayed.
-    ready: AtomicBool,
+    ready: tokio::sync::watch::Sender<bool>,
 }
 
 /// Bytes charged against the budget for one event: its payload plus a fixed overhead, so that
@@ -322,13 +326,19 @@ impl Ingress {
             inflight: metrics::gauge!(crate::metrics::INFLIGHT_EVENTS),
             rejected: metrics::counter!(crate::metrics::EVENTS_REJECTED),
             published: RwLock::new(HashMap::new()),
-            ready: AtomicBool::new(false),
+            ready: tokio::sync::watch::Sender::new(false),
         }
     }
 
     /// Whether the WAL has been replayed.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire)
+        *self.ready.borrow()
+    }
+
+    /// Waits until the WAL has been replayed (the node is ready).
+    pub async fn wait_ready(&self) {
+        let mut ready = self.ready.subscribe();
+        let _ = ready.wait_for(|r| *r).await;
     }
 
     fn count_published(&self, topic: &str) {
@@ -384,6 +394,9 @@ impl Ingress {
     ) -> Result<Vec<Published>, PublishError> {
         for e in &events {
             e.validate()?;
+        }
+        if !self.is_ready() {
+            return Err(PublishError::NotReady);
         }
         let table = self.router.table();
         // 1. Reserve bytes and one mailbox slot per subscription.
@@ -534,7 +547,7 @@ impl Ingress {
                 }
             }
         }
-        self.ready.store(true, Ordering::Release);
+        self.ready.send_replace(true);
         Ok(total)
     }
 

@@ -408,6 +408,11 @@ impl RunningNode {
         self.http_addr
     }
 
+    /// Waits until the node is ready: joined, its subscriptions placed, its WAL replayed.
+    pub async fn ready(&self) {
+        self.core.ingress.wait_ready().await;
+    }
+
     /// The ingress, to publish from Rust without HTTP.
     pub fn ingress(&self) -> &Arc<Ingress> {
         &self.core.ingress
