@@ -50,16 +50,18 @@
 //! * [`metrics`] — metric names, descriptions and the Prometheus recorder installer.
 //! * [`cli`] — the `herald` command line (node, publish, subscribe, status, bench), logging set-up;
 //!   `src/bin/herald.rs` only calls it.
-//! * [`bench`] — `herald bench` scenarios.
+//! * [`bench`](mod@bench) — `herald bench` scenarios.
 //! * [`transport`] — peer connections: length-delimited prost frames, the HMAC handshake, write
-//!   coalescing and reconnect with backoff; generic over the stream. Not wired into the node yet.
+//!   coalescing and reconnect with backoff; generic over the stream.
 //! * [`membership`] — the Raft group: the pure membership state machine (`state`), `raft::Storage`
-//!   on redb and in memory (`storage`), and the driver loop that owns the `RawNode`
-//!   (`raft_node`). Not wired into the node yet.
+//!   on redb and in memory (`storage`), the driver loop that owns the `RawNode` (`raft_node`), and
+//!   the service that runs it with the transport on its own thread and does the leader's duties
+//!   (`service`).
 //! * [`placement`] — the pure placement function: rendezvous hashing with a bounded load.
+//! * `up` — `herald up`, a local cluster of node processes.
 //!
-//! The cluster pieces above exist and are tested on their own; until they are wired into the node,
-//! one node runs alone and reports itself as the whole cluster.
+//! Not here yet: forwarding events between nodes and failure detection. A node runs the instances
+//! placed on it and refuses (503 `not_placed_here`) events for subscriptions placed only elsewhere.
 
 #![warn(missing_docs, unreachable_pub)]
 

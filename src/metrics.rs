@@ -1,7 +1,7 @@
 //! Metric names (the DESIGN §11 contract), their descriptions, and per-subscription handles.
 //!
 //! The library only emits through the `metrics` facade; the binary installs the Prometheus
-//! recorder with [`install_prometheus`]. Hot paths hold pre-registered handles ([`SubMetrics`])
+//! recorder with [`install_prometheus`]. Hot paths hold pre-registered handles (`SubMetrics`)
 //! instead of looking a metric up by name and labels for every event.
 
 use std::sync::OnceLock;

@@ -5,13 +5,13 @@
 //! async handlers return `ResponseFuture<HandlerResult>` (or `ResponseActFuture`/`AtomicResponse`).
 //!
 //! Each running instance is one actor owned by a supervisor task on a worker thread
-//! ([`supervisor`]). The supervisor feeds the actor one event at a time (so a keyed event stream
+//! (`supervisor`). The supervisor feeds the actor one event at a time (so a keyed event stream
 //! is handled strictly in order, retries included), restarts the actor from its factory with
 //! exponential backoff after an error, a panic or a timeout, retries the event up to
 //! `max_attempts`, and then hands it to the dead-letter sink.
 //!
 //! This module knows nothing of HTTP, the WAL or Raft: completion and dead-lettering go through
-//! the [`supervisor::Completion`] and [`supervisor::DeadLetterSink`] traits.
+//! the `supervisor::Completion` and `supervisor::DeadLetterSink` traits.
 
 pub mod builtin;
 pub(crate) mod supervisor;

@@ -6,7 +6,7 @@
 //! 1. **Reserve**: take the event's bytes from the in-flight byte budget and reserve one mailbox
 //!    slot per subscription of its topic (the router picks the instance). Any refusal → 429.
 //! 2. **Log** (`ack=accepted` and `ack=processed`): append to the WAL; the store group-commits.
-//! 3. **Send** the jobs through the reserved slots; each carries a shared [`Tracker`].
+//! 3. **Send** the jobs through the reserved slots; each carries a shared `Tracker`.
 //! 4. **Answer**: at once (`none`, `accepted`), or when every subscription finished (`processed`).
 //!
 //! When the last subscription finishes an event, its tracker removes it from the WAL. On start-up

@@ -6,7 +6,8 @@
 //! * [`raft_node`] — the one task that owns the `RawNode`: tick, step, propose, persist, send,
 //!   apply, advance; proposals on followers are forwarded to the leader.
 //!
-//! Not wired into the node yet: the node still runs alone (see the membership issue's notes).
+//! * [`service`] — the driver, the transport and the state machine wired together on their own
+//!   thread; joining; the leader's duties (Raft configuration changes, placement proposals).
 
 pub mod raft_node;
 pub mod service;

@@ -507,9 +507,9 @@ pub struct ClusterView {
     pub cluster_id: String,
     /// The answering node.
     pub node_id: u64,
-    /// The leader's node id (this node while it runs alone).
+    /// The Raft leader's node id (absent during an election).
     pub leader: Option<u64>,
-    /// Raft term (0 while the node runs alone).
+    /// Raft term.
     pub term: u64,
     /// Placement epoch.
     pub epoch: u64,
