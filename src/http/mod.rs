@@ -345,14 +345,15 @@ async fn healthz() -> HttpResponse {
 #[utoipa::path(get, path = "/readyz", tag = "operations",
     responses((status = 200, description = "WAL replayed, ready"), (status = 503, description = "Not ready yet", body = error::ErrorBody)))]
 async fn readyz(state: State) -> Result<HttpResponse, ApiError> {
-    if state.core.ingress().is_ready() {
-        Ok(HttpResponse::Ok().json(serde_json::json!({ "status": "ready" })))
-    } else {
-        Err(ApiError::new(
-            actix_web::http::StatusCode::SERVICE_UNAVAILABLE,
-            "not_ready",
-            "the write-ahead log is being replayed",
+    let unready = |m: &str| ApiError::new(actix_web::http::StatusCode::SERVICE_UNAVAILABLE, "not_ready", m);
+    if !state.core.membership().is_running() {
+        Err(unready(
+            "the membership service has stopped (see the log); restart the node",
         ))
+    } else if !state.core.ingress().is_ready() {
+        Err(unready("joining the cluster and replaying the write-ahead log"))
+    } else {
+        Ok(HttpResponse::Ok().json(serde_json::json!({ "status": "ready" })))
     }
 }
 

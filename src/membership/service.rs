@@ -235,6 +235,11 @@ impl Membership {
         }
     }
 
+    /// Whether the Raft driver still runs (it stops on a storage failure or a raft-rs panic).
+    pub fn is_running(&self) -> bool {
+        !self.driver.is_closed()
+    }
+
     /// Stops the service (the Raft log stays on disk).
     pub fn stop(&self) {
         if let Some(tx) = self.stop.lock().unwrap_or_else(|p| p.into_inner()).take() {

@@ -313,7 +313,10 @@ async fn cluster_sync(core: Arc<NodeCore>, reconciled: watch::Sender<u64>) {
         }
         tokio::select! {
             r = state.changed() => if r.is_err() { return },
-            r = status.changed() => if r.is_err() { return },
+            r = status.changed() => if r.is_err() {
+                tracing::error!("the membership driver stopped: this node no longer follows the cluster and reports unready; restart it");
+                return;
+            },
         }
     }
 }
