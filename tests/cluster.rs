@@ -8,7 +8,7 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Output, Stdio};
@@ -331,46 +331,8 @@ fn terminate(proc: &mut Proc) -> ExitStatus {
 
 /// Runs `herald <args>` to completion with output captured, failing after [`DEADLINE`].
 fn run_cli(args: &[&str]) -> Output {
-    let mut cmd = Command::new(BIN);
-    cmd.args(args).stdin(Stdio::null()).env_remove("RUST_LOG");
-    for var in ["HERALD_URL", "HERALD_TOKEN", "HERALD_CONFIG"] {
-        cmd.env_remove(var);
-    }
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn herald");
-    let readers = [
-        child.stdout.take().map(|s| Box::new(s) as Box<dyn Read + Send>),
-        child.stderr.take().map(|s| Box::new(s) as Box<dyn Read + Send>),
-    ]
-    .map(|r| {
-        let mut r = r.expect("piped");
-        std::thread::spawn(move || {
-            let mut v = Vec::new();
-            let _ = r.read_to_end(&mut v);
-            v
-        })
-    });
-    let start = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("try_wait") {
-            break s;
-        }
-        if start.elapsed() > DEADLINE {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("`herald {args:?}` did not exit within {DEADLINE:?}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    let [out, err] = readers.map(|r| r.join().expect("reader"));
-    Output {
-        status,
-        stdout: out,
-        stderr: err,
-    }
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    run_to_exit(herald_cmd(&args))
 }
 
 // ---------------------------------------------------------------------------------------------

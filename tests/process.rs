@@ -8,7 +8,7 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::Path;
 use std::process::{Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -16,28 +16,8 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::{json, Value};
 
-const BIN: &str = env!("CARGO_BIN_EXE_herald");
-
 fn p(path: &Path) -> &str {
     path.to_str().expect("utf-8 path")
-}
-
-/// A `herald` command with no inherited `HERALD_*` settings that could change its meaning.
-fn herald_cmd(args: &[String]) -> Command {
-    let mut cmd = Command::new(BIN);
-    cmd.args(args).stdin(Stdio::null()).env_remove("RUST_LOG");
-    for var in [
-        "HERALD_URL",
-        "HERALD_TOKEN",
-        "HERALD_CONFIG",
-        "HERALD_NODE_ID",
-        "HERALD_HTTP",
-        "HERALD_DATA_DIR",
-        "HERALD_LOG_FORMAT",
-    ] {
-        cmd.env_remove(var);
-    }
-    cmd
 }
 
 /// Runs `herald <args>` to completion off the test's runtime thread (so receivers and clients on
@@ -47,44 +27,6 @@ async fn cli(args: &[&str]) -> Output {
     actix_rt::task::spawn_blocking(move || run_to_exit(herald_cmd(&args)))
         .await
         .expect("cli thread")
-}
-
-/// Spawns `cmd` with stdout/stderr captured and waits (polling, with a deadline) for it to exit.
-fn run_to_exit(mut cmd: Command) -> Output {
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn herald");
-    let mut out = child.stdout.take().expect("stdout");
-    let mut err = child.stderr.take().expect("stderr");
-    let out_reader = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = out.read_to_end(&mut v);
-        v
-    });
-    let err_reader = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = err.read_to_end(&mut v);
-        v
-    });
-    let start = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("try_wait") {
-            break s;
-        }
-        if start.elapsed() > DEADLINE {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("`herald {cmd:?}` did not exit within {DEADLINE:?}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    Output {
-        status,
-        stdout: out_reader.join().expect("stdout reader"),
-        stderr: err_reader.join().expect("stderr reader"),
-    }
 }
 
 fn stdout(o: &Output) -> String {

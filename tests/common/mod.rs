@@ -4,8 +4,8 @@
 #![allow(dead_code)]
 
 use std::future::Future;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -186,9 +186,8 @@ pub struct Proc {
     pub url: String,
 }
 
-/// Starts `herald node` with `args` (plus `--http 127.0.0.1:0` unless given) and waits for its
-/// "listening on" line.
-pub fn spawn_herald(args: &[&str], env: &[(&str, &str)]) -> Proc {
+/// `herald node <args>` (plus `--http 127.0.0.1:0` unless given) with `env`, stdout piped.
+fn node_cmd(args: &[&str], env: &[(&str, &str)]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_herald"));
     cmd.arg("node");
     if !args.contains(&"--http") {
@@ -197,8 +196,15 @@ pub fn spawn_herald(args: &[&str], env: &[(&str, &str)]) -> Proc {
     cmd.args(args)
         .env_remove("RUST_LOG")
         .envs(env.iter().copied())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
+        .stdout(Stdio::piped());
+    cmd
+}
+
+/// Starts `herald node` with `args` (plus `--http 127.0.0.1:0` unless given) and waits for its
+/// "listening on" line.
+pub fn spawn_herald(args: &[&str], env: &[(&str, &str)]) -> Proc {
+    let mut cmd = node_cmd(args, env);
+    cmd.stderr(Stdio::inherit());
     let mut child = cmd.spawn().expect("spawn herald");
     let stdout = child.stdout.take().expect("stdout");
     let (tx, rx) = std::sync::mpsc::channel();
@@ -302,16 +308,8 @@ impl Receiver {
 /// Like [`spawn_herald`], but with stderr piped: every stderr line of the node is sent to the
 /// returned channel (and echoed to the test's stderr), until the process exits.
 pub fn spawn_herald_stderr(args: &[&str], env: &[(&str, &str)]) -> (Proc, std::sync::mpsc::Receiver<String>) {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_herald"));
-    cmd.arg("node");
-    if !args.contains(&"--http") {
-        cmd.args(["--http", "127.0.0.1:0"]);
-    }
-    cmd.args(args)
-        .env_remove("RUST_LOG")
-        .envs(env.iter().copied())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    let mut cmd = node_cmd(args, env);
+    cmd.stderr(Stdio::piped());
     let mut child = cmd.spawn().expect("spawn herald");
     let stdout = child.stdout.take().expect("stdout");
     let stderr = child.stderr.take().expect("stderr");
@@ -366,4 +364,60 @@ pub fn get_blocking(url: &str, path: &str) -> Option<(u16, String)> {
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
     Some((status, body))
+}
+
+/// A `herald` command with no inherited `HERALD_*` settings that could change its meaning.
+pub fn herald_cmd(args: &[String]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_herald"));
+    cmd.args(args).stdin(Stdio::null()).env_remove("RUST_LOG");
+    for var in [
+        "HERALD_URL",
+        "HERALD_TOKEN",
+        "HERALD_CONFIG",
+        "HERALD_NODE_ID",
+        "HERALD_HTTP",
+        "HERALD_DATA_DIR",
+        "HERALD_LOG_FORMAT",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd
+}
+
+/// Spawns `cmd` with stdout/stderr captured and waits (polling, with a deadline) for it to exit.
+pub fn run_to_exit(mut cmd: Command) -> Output {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn herald");
+    let mut out = child.stdout.take().expect("stdout");
+    let mut err = child.stderr.take().expect("stderr");
+    let out_reader = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = out.read_to_end(&mut v);
+        v
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = err.read_to_end(&mut v);
+        v
+    });
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("try_wait") {
+            break s;
+        }
+        if start.elapsed() > DEADLINE {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("`herald {cmd:?}` did not exit within {DEADLINE:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Output {
+        status,
+        stdout: out_reader.join().expect("stdout reader"),
+        stderr: err_reader.join().expect("stderr reader"),
+    }
 }
