@@ -249,17 +249,10 @@ fn route(net: Arc<Net>, from: u64, mut out: mpsc::UnboundedReceiver<Outbound>) -
                     let n = bytes.len() as u64;
                     (to, Inbound::Raft(bytes), n)
                 }
-                Outbound::Forward { to, seq, data } => {
+                Outbound::Forward { to, origin, seq, data } => {
                     let n = data.len() as u64;
-                    (
-                        to,
-                        Inbound::Forwarded {
-                            origin: from,
-                            seq,
-                            data,
-                        },
-                        n,
-                    )
+                    let _ = from;
+                    (to, Inbound::Forwarded { origin, seq, data }, n)
                 }
             };
             let (lost, delay) = {

@@ -141,7 +141,10 @@ pub enum Outbound {
     Forward {
         /// The leader.
         to: u64,
-        /// This node's proposal sequence number.
+        /// The node that made the proposal (this node, or a follower whose forward is relayed
+        /// after leadership moved): its context is what answers the proposer.
+        origin: u64,
+        /// The proposer's sequence number.
         seq: u64,
         /// The command.
         data: Vec<u8>,
@@ -346,6 +349,7 @@ impl<S: RaftLogStore + Clone, A: Apply> Driver<S, A> {
                     // Leadership moved: pass it on rather than let the origin time out.
                     let _ = self.out.send(Outbound::Forward {
                         to: self.node.raft.leader_id,
+                        origin,
                         seq,
                         data,
                     });
@@ -397,7 +401,12 @@ impl<S: RaftLogStore + Clone, A: Apply> Driver<S, A> {
                 self.fail(seq, ProposeError::Refused(e.to_string()));
             }
         } else {
-            let _ = self.out.send(Outbound::Forward { to: leader, seq, data });
+            let _ = self.out.send(Outbound::Forward {
+                to: leader,
+                origin: self.config.id,
+                seq,
+                data,
+            });
         }
     }
 
@@ -604,14 +613,10 @@ mod tests {
                     let d = down.lock().unwrap().clone();
                     let (to, msg) = match m {
                         Outbound::Raft { to, bytes } => (to, Inbound::Raft(bytes)),
-                        Outbound::Forward { to, seq, data } => (
-                            to,
-                            Inbound::Forwarded {
-                                origin: from,
-                                seq,
-                                data,
-                            },
-                        ),
+                        Outbound::Forward { to, origin, seq, data } => {
+                            assert_eq!(origin, from, "a direct forward carries its sender as origin");
+                            (to, Inbound::Forwarded { origin, seq, data })
+                        }
                     };
                     if d.contains(&from) || d.contains(&to) {
                         continue;

@@ -312,11 +312,12 @@ async fn run(config: MembershipConfig, advertise: String) -> Result<Handles> {
         while let Some(m) = out_rx.recv().await {
             let (to, env) = match m {
                 Outbound::Raft { to, bytes } => (to, Envelope::raft(bytes)),
-                Outbound::Forward { to, seq, data } => (
+                Outbound::Forward { to, origin, seq, data } => (
                     to,
                     Envelope::new(Body::Propose(transport::wire::Proposal {
                         id: seq,
                         command: data.into(),
+                        origin,
                     })),
                 ),
             };
@@ -342,7 +343,7 @@ async fn run(config: MembershipConfig, advertise: String) -> Result<Handles> {
             let m = match env.body {
                 Some(Body::Raft(bytes)) => Inbound::Raft(bytes.to_vec()),
                 Some(Body::Propose(p)) => Inbound::Forwarded {
-                    origin: from,
+                    origin: if p.origin == 0 { from } else { p.origin },
                     seq: p.id,
                     data: p.command.to_vec(),
                 },
@@ -447,6 +448,7 @@ impl Ctx {
                             let env = Envelope::new(Body::Propose(transport::wire::Proposal {
                                 id: 0,
                                 command: join.to_bytes().into(),
+                                origin: 0,
                             }));
                             if let Err(e) = self.transport.send(seed_id, env) {
                                 tracing::warn!(seed = %seed, error = %e, "cannot send the join request");

@@ -22,7 +22,7 @@
 //! }
 //! message Ping           { uint64 seq = 1; int64 sent_unix_nanos = 2; }
 //! message Pong           { uint64 seq = 1; int64 sent_unix_nanos = 2; }  // echoes the Ping
-//! message Proposal       { uint64 id = 1; bytes command = 2; }
+//! message Proposal       { uint64 id = 1; bytes command = 2; uint64 origin = 3; }  // origin 0 = sender
 //! message ProposalResult { uint64 id = 1; string error = 2; }           // "" = accepted
 //!
 //! message Handshake {
@@ -139,6 +139,10 @@ pub struct Proposal {
     /// The serialized command, opaque to the transport.
     #[prost(bytes = "bytes", tag = "2")]
     pub command: Bytes,
+    /// The node that made the proposal, when it is not the sender (a forward relayed after
+    /// leadership moved); 0 = the sender.
+    #[prost(uint64, tag = "3")]
+    pub origin: u64,
 }
 
 /// The leader's answer to a [`Proposal`].
