@@ -357,20 +357,15 @@ mod tests {
         leftover.extend_from_slice(&later[..split]);
         let mut b = b;
         b.write_all(&later[split..]).await.expect("write");
-        let opts = opts();
-        let driver = drive(a, leftover, 3, &mut out_rx, &in_tx, &opts);
-        let check = async {
-            assert_eq!(in_rx.recv().await, Some((3, Envelope::ping(1, 0))));
-            assert_eq!(in_rx.recv().await, Some((3, Envelope::ping(2, 0))));
-        };
-        tokio::time::timeout(DEADLINE, async {
-            tokio::select! {
-                r = driver => panic!("driver ended early: {r:?}"),
-                () = check => {}
-            }
-        })
-        .await
-        .expect("both frames before the deadline");
+        expect_pings_1_and_2(
+            a,
+            leftover,
+            &mut out_rx,
+            &in_tx,
+            &mut in_rx,
+            "both frames before the deadline",
+        )
+        .await;
     }
 
     #[tokio::test]
@@ -384,8 +379,29 @@ mod tests {
         encode_frame(&Envelope::ping(1, 0), 1024, &mut leftover).expect("fits");
         encode_frame(&Envelope::default(), 1024, &mut leftover).expect("fits");
         encode_frame(&Envelope::ping(2, 0), 1024, &mut leftover).expect("fits");
+        expect_pings_1_and_2(
+            a,
+            leftover,
+            &mut out_rx,
+            &in_tx,
+            &mut in_rx,
+            "both frames before the deadline, with nothing more arriving on the stream",
+        )
+        .await;
+    }
+
+    /// Drives a connection from peer 3 on `stream` with `leftover` already read, and expects
+    /// `ping(1)` then `ping(2)` to be delivered before the deadline.
+    async fn expect_pings_1_and_2(
+        stream: tokio::io::DuplexStream,
+        leftover: BytesMut,
+        out_rx: &mut mpsc::Receiver<Envelope>,
+        in_tx: &mpsc::Sender<(u64, Envelope)>,
+        in_rx: &mut mpsc::Receiver<(u64, Envelope)>,
+        what: &str,
+    ) {
         let opts = opts();
-        let driver = drive(a, leftover, 3, &mut out_rx, &in_tx, &opts);
+        let driver = drive(stream, leftover, 3, out_rx, in_tx, &opts);
         let check = async {
             assert_eq!(in_rx.recv().await, Some((3, Envelope::ping(1, 0))));
             assert_eq!(in_rx.recv().await, Some((3, Envelope::ping(2, 0))));
@@ -397,7 +413,7 @@ mod tests {
             }
         })
         .await
-        .expect("both frames before the deadline, with nothing more arriving on the stream");
+        .expect(what);
     }
 
     #[tokio::test]
