@@ -429,6 +429,8 @@ async fn status(c: ClientArgs) -> ClientResult {
         serde_json::Value::Null => "-".to_string(),
         other => other.to_string(),
     };
+    // A JSON array as `a,b,c`.
+    let join = |v: &serde_json::Value| v.as_array().into_iter().flatten().map(s).collect::<Vec<_>>().join(",");
     println!(
         "cluster {}  node {}  leader {}  term {}  epoch {}  ready {}\n",
         s(&cluster["cluster_id"]),
@@ -443,13 +445,7 @@ async fn status(c: ClientArgs) -> ClientResult {
         .into_iter()
         .flatten()
         .map(|m| {
-            let handlers = m["handlers"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(s)
-                .collect::<Vec<_>>()
-                .join(",");
+            let handlers = join(&m["handlers"]);
             vec![
                 s(&m["id"]),
                 s(&m["status"]),
@@ -493,13 +489,7 @@ async fn status(c: ClientArgs) -> ClientResult {
         .into_iter()
         .flatten()
         .map(|p| {
-            let nodes = p["nodes"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(s)
-                .collect::<Vec<_>>()
-                .join(",");
+            let nodes = join(&p["nodes"]);
             vec![s(&p["topic"]), s(&p["group"]), s(&p["epoch"]), nodes]
         })
         .collect();

@@ -33,7 +33,7 @@ use std::time::Duration;
 use futures_util::FutureExt as _;
 use herald::handler::SubscriptionKey;
 use herald::membership::raft_node::{self, Apply, DriverConfig, Inbound, Outbound, ProposeError, RaftStatus};
-use herald::membership::state::{command, Command, CommandError, ConfStep, MembershipState};
+use herald::membership::state::{command, Command, CommandError, MembershipState};
 use herald::membership::storage::MemStorage;
 use herald::placement::{NodeStatus, DEFAULT_LOAD_FACTOR};
 use herald::subscription::{HandlerSpec, SubscriptionSpec};
@@ -390,17 +390,7 @@ async fn duties(
         if state.members().is_empty() {
             continue;
         }
-        let steps = state.voter_set(voters).changes_from(&st.voters, &st.learners);
-        let step = steps.into_iter().find(|s| match s {
-            ConfStep::AddLearner(id) => !st.voters.contains(id),
-            _ => true,
-        });
-        if let Some(step) = step {
-            let (id, kind) = match step {
-                ConfStep::AddVoter(id) => (id, ConfChangeType::AddNode),
-                ConfStep::AddLearner(id) => (id, ConfChangeType::AddLearnerNode),
-                ConfStep::Remove(id) => (id, ConfChangeType::RemoveNode),
-            };
+        if let Some((id, kind)) = herald::membership::service::next_conf_change(&state, &st, voters) {
             let r = conf_change(&tx, id, kind).await;
             world.event(format!("node {} duties: {kind:?} {id} -> {r:?}", st.id));
             changed.notify_one();

@@ -482,22 +482,7 @@ impl Ctx {
                 // A brand-new cluster: the leader's own Join has not been applied yet.
                 continue;
             }
-            // One configuration change at a time; raft-rs refuses overlapping ones.
-            let steps = state
-                .voter_set(self.voters)
-                .changes_from(&status.voters, &status.learners);
-            let step = steps.into_iter().find(|s| match s {
-                // Demoting a voter needs joint consensus; the voter rule only demotes when a member
-                // leaves, which removes it instead.
-                ConfStep::AddLearner(id) => !status.voters.contains(id),
-                _ => true,
-            });
-            if let Some(step) = step {
-                let (id, kind) = match step {
-                    ConfStep::AddVoter(id) => (id, ConfChangeType::AddNode),
-                    ConfStep::AddLearner(id) => (id, ConfChangeType::AddLearnerNode),
-                    ConfStep::Remove(id) => (id, ConfChangeType::RemoveNode),
-                };
+            if let Some((id, kind)) = next_conf_change(&state, &status, self.voters) {
                 match self.conf_change(id, kind).await {
                     Ok(_) => tracing::info!(node = id, change = ?kind, "raft configuration change committed"),
                     Err(e) => tracing::warn!(node = id, change = ?kind, error = %e, "raft configuration change failed"),
@@ -517,6 +502,24 @@ impl Ctx {
             }
         }
     }
+}
+
+/// The one Raft configuration change the leader should propose next (raft-rs refuses overlapping
+/// ones), or `None` when the configuration follows the voter rule: the first `voters` members
+/// vote, the rest learn.
+pub fn next_conf_change(state: &MembershipState, raft: &RaftStatus, voters: usize) -> Option<(u64, ConfChangeType)> {
+    let steps = state.voter_set(voters).changes_from(&raft.voters, &raft.learners);
+    let step = steps.into_iter().find(|s| match s {
+        // Demoting a voter needs joint consensus; the voter rule only demotes when a member
+        // leaves, which removes it instead.
+        ConfStep::AddLearner(id) => !raft.voters.contains(id),
+        _ => true,
+    })?;
+    Some(match step {
+        ConfStep::AddVoter(id) => (id, ConfChangeType::AddNode),
+        ConfStep::AddLearner(id) => (id, ConfChangeType::AddLearnerNode),
+        ConfStep::Remove(id) => (id, ConfChangeType::RemoveNode),
+    })
 }
 
 /// Learns the node id behind a peer address with a handshake (then closes the connection).

@@ -186,6 +186,25 @@ pub struct Proc {
     pub url: String,
 }
 
+/// Waits for a started node's "listening on" line (killing it if none comes) and returns it as a
+/// [`Proc`], which kills the node when dropped.
+fn announced(mut child: Child) -> Proc {
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(url) = line.split("listening on ").nth(1) {
+                let _ = tx.send(url.trim().to_string());
+            }
+        }
+    });
+    let url = rx.recv_timeout(DEADLINE).unwrap_or_else(|_| {
+        let _ = child.kill();
+        panic!("herald did not report its address within {DEADLINE:?}")
+    });
+    Proc { child, url }
+}
+
 /// `herald node <args>` (plus `--http 127.0.0.1:0` unless given) with `env`, stdout piped.
 fn node_cmd(args: &[&str], env: &[(&str, &str)]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_herald"));
@@ -205,22 +224,8 @@ fn node_cmd(args: &[&str], env: &[(&str, &str)]) -> Command {
 pub fn spawn_herald(args: &[&str], env: &[(&str, &str)]) -> Proc {
     let mut cmd = node_cmd(args, env);
     cmd.stderr(Stdio::inherit());
-    let mut child = cmd.spawn().expect("spawn herald");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(url) = line.split("listening on ").nth(1) {
-                let _ = tx.send(url.trim().to_string());
-            }
-        }
-    });
-    let url = rx.recv_timeout(DEADLINE).unwrap_or_else(|_| {
-        let _ = child.kill();
-        panic!("herald did not report its address within {DEADLINE:?}")
-    });
-    // Built first, so that the node is killed (Proc's Drop) if it never gets ready.
-    let proc = Proc { child, url };
+    let child = cmd.spawn().expect("spawn herald");
+    let proc = announced(child);
     wait_ready(&proc.url);
     proc
 }
@@ -311,7 +316,6 @@ pub fn spawn_herald_stderr(args: &[&str], env: &[(&str, &str)]) -> (Proc, std::s
     let mut cmd = node_cmd(args, env);
     cmd.stderr(Stdio::piped());
     let mut child = cmd.spawn().expect("spawn herald");
-    let stdout = child.stdout.take().expect("stdout");
     let stderr = child.stderr.take().expect("stderr");
     let (err_tx, err_rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -320,19 +324,7 @@ pub fn spawn_herald_stderr(args: &[&str], env: &[(&str, &str)]) -> (Proc, std::s
             let _ = err_tx.send(line);
         }
     });
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(url) = line.split("listening on ").nth(1) {
-                let _ = tx.send(url.trim().to_string());
-            }
-        }
-    });
-    let url = rx.recv_timeout(DEADLINE).unwrap_or_else(|_| {
-        let _ = child.kill();
-        panic!("herald did not report its address within {DEADLINE:?}")
-    });
-    (Proc { child, url }, err_rx)
+    (announced(child), err_rx)
 }
 
 /// Blocks until `GET {url}/readyz` answers 200 (the node joined its cluster and replayed its WAL),
