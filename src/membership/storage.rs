@@ -928,6 +928,19 @@ impl RedbLog {
         }
     }
 
+    /// Decodes a stored record, or gives its default when it is absent (a fresh log); `what`
+    /// names it in the corruption error.
+    fn decode_or_default<R: prost::Message + Default>(
+        &self,
+        bytes: Option<Vec<u8>>,
+        what: &str,
+    ) -> Result<R, LogStoreError> {
+        match bytes {
+            Some(b) => R::decode(b.as_slice()).map_err(|e| self.corrupt(format!("{what}: {e}"))),
+            None => Ok(R::default()),
+        }
+    }
+
     /// Creates the tables if missing and loads and checks the state.
     fn recover(&self) -> Result<LogState, LogStoreError> {
         let mut txn = self.db.begin_write().map_err(self.db_err("begin write"))?;
@@ -942,30 +955,16 @@ impl RedbLog {
                     .map_err(self.db_err("read state"))?
                     .map(|v| v.value().to_vec()))
             };
-            let hard_state = match get(KEY_HARD_STATE)? {
-                Some(b) => HardStateRecord::decode(b.as_slice())
-                    .map_err(|e| self.corrupt(format!("hard state: {e}")))?
-                    .into_hard_state(),
-                None => HardState::default(),
-            };
-            let conf_state = match get(KEY_CONF_STATE)? {
-                Some(b) => ConfStateRecord::decode(b.as_slice())
-                    .map_err(|e| self.corrupt(format!("conf state: {e}")))?
-                    .into_conf_state(),
-                None => ConfState::default(),
-            };
-            let truncated = match get(KEY_TRUNCATED)? {
-                Some(b) => {
-                    TruncatedRecord::decode(b.as_slice()).map_err(|e| self.corrupt(format!("compaction point: {e}")))?
-                }
-                None => TruncatedRecord::default(),
-            };
-            let snapshot = match get(KEY_SNAPSHOT_META)? {
-                Some(b) => SnapshotMetadataRecord::decode(b.as_slice())
-                    .map_err(|e| self.corrupt(format!("snapshot metadata: {e}")))?
-                    .into_metadata(),
-                None => SnapshotMetadata::default(),
-            };
+            let hard_state = self
+                .decode_or_default::<HardStateRecord>(get(KEY_HARD_STATE)?, "hard state")?
+                .into_hard_state();
+            let conf_state = self
+                .decode_or_default::<ConfStateRecord>(get(KEY_CONF_STATE)?, "conf state")?
+                .into_conf_state();
+            let truncated = self.decode_or_default::<TruncatedRecord>(get(KEY_TRUNCATED)?, "compaction point")?;
+            let snapshot = self
+                .decode_or_default::<SnapshotMetadataRecord>(get(KEY_SNAPSHOT_META)?, "snapshot metadata")?
+                .into_metadata();
             let has_data = table
                 .get(KEY_SNAPSHOT_DATA)
                 .map_err(self.db_err("read state"))?
