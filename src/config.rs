@@ -39,8 +39,8 @@ pub struct Config {
     pub subscriptions: Vec<SubscriptionSpec>,
 }
 
-/// Cluster membership: where peers connect and whom to join.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+/// Cluster membership: where peers connect and whom to join; node monitoring and the event plane.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ClusterConfig {
     /// Peer listen address (`--peer`, `HERALD_PEER`). Empty: the HTTP address's IP with the HTTP
@@ -55,6 +55,41 @@ pub struct ClusterConfig {
     /// File holding the cluster secret (`--cluster-secret-file`). Without a secret only loopback
     /// peers are accepted.
     pub secret_file: Option<PathBuf>,
+    /// How often every peer is pinged.
+    pub ping_interval_ms: u64,
+    /// Phi above which a peer is suspect: routers skip it and re-send what it has not acked.
+    pub phi_threshold: f64,
+    /// The failure detector's floor for the standard deviation of ping intervals (a higher floor
+    /// tolerates more jitter before suspecting).
+    pub min_std_deviation_ms: u64,
+    /// The leader marks a member down after it was suspect or degraded this long (its
+    /// subscriptions move), and up again after it was healthy this long.
+    pub down_after_ms: u64,
+    /// A peer that reports a backlog but finishes no event for this long is degraded.
+    pub degraded_after_ms: u64,
+    /// A forwarded event not acked within this long is sent again.
+    pub redeliver_after_ms: u64,
+    /// How many finished `(subscription, event id)` pairs a handler node remembers to drop
+    /// duplicate deliveries.
+    pub dedup_window: usize,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            peer: String::new(),
+            advertise: String::new(),
+            join: Vec::new(),
+            secret_file: None,
+            ping_interval_ms: 200,
+            phi_threshold: 8.0,
+            min_std_deviation_ms: 50,
+            down_after_ms: 1000,
+            degraded_after_ms: 3000,
+            redeliver_after_ms: 5000,
+            dedup_window: 100_000,
+        }
+    }
 }
 
 /// The membership Raft group.
@@ -353,6 +388,25 @@ impl Config {
                     format!("{j:?} is not host:port"),
                 ));
             }
+        }
+        let c = &self.cluster;
+        for (key, v) in [
+            ("cluster.ping_interval_ms", c.ping_interval_ms),
+            ("cluster.min_std_deviation_ms", c.min_std_deviation_ms),
+            ("cluster.down_after_ms", c.down_after_ms),
+            ("cluster.degraded_after_ms", c.degraded_after_ms),
+            ("cluster.redeliver_after_ms", c.redeliver_after_ms),
+            ("cluster.dedup_window", c.dedup_window as u64),
+        ] {
+            if v == 0 {
+                return Err(Error::config(key, "must be positive"));
+            }
+        }
+        if !(c.phi_threshold > 0.0 && c.phi_threshold <= crate::monitor::MAX_PHI) {
+            return Err(Error::config(
+                "cluster.phi_threshold",
+                "must be above 0 (8 is a good start)",
+            ));
         }
         if self.raft.voters == 0 || self.raft.voters > 9 {
             return Err(Error::config("raft.voters", "must be between 1 and 9"));

@@ -60,8 +60,11 @@
 //! * [`placement`] — the pure placement function: rendezvous hashing with a bounded load.
 //! * `up` — `herald up`, a local cluster of node processes.
 //!
-//! Not here yet: forwarding events between nodes and failure detection. A node runs the instances
-//! placed on it and refuses (503 `not_placed_here`) events for subscriptions placed only elsewhere.
+//! * [`monitor`] — node monitoring: pings, the phi-accrual detector per peer, and the health that
+//!   routers read (up, suspect, degraded).
+//! * `relay` — the event plane between nodes: batches of forwarded events and acks over the peer
+//!   transport, the pending table that redelivers unacked events, the handler side's dedup window
+//!   and placement fencing.
 
 #![warn(missing_docs, unreachable_pub)]
 
@@ -75,9 +78,11 @@ pub mod http;
 pub mod ingress;
 pub mod membership;
 pub mod metrics;
+pub mod monitor;
 pub mod node;
 pub mod placement;
 pub mod proto;
+mod relay;
 mod router;
 pub mod subscription;
 pub mod transport;

@@ -45,6 +45,16 @@ pub const HTTP_REQUESTS: &str = "herald_http_requests_total";
 pub const WAL_COMMITS: &str = "herald_wal_commits_total";
 /// Publishes refused because mailboxes or the in-flight byte budget were full.
 pub const EVENTS_REJECTED: &str = "herald_events_rejected_total";
+/// The phi of this node's failure detector for each peer.
+pub const PEER_PHI: &str = "herald_peer_phi";
+/// The last ping round-trip time to each peer.
+pub const PEER_RTT: &str = "herald_peer_rtt_seconds";
+/// Events handed to other nodes, by peer (first sends and re-sends).
+pub const EVENTS_FORWARDED: &str = "herald_events_forwarded_total";
+/// Forwarded deliveries waiting for their handler node's ack.
+pub const FORWARD_PENDING: &str = "herald_forward_pending";
+/// Forwarded deliveries this node dropped as duplicates of ones it already handled.
+pub const EVENTS_DEDUPLICATED: &str = "herald_events_deduplicated_total";
 
 /// Registers the description of every metric (shown as `# HELP`).
 pub fn describe() {
@@ -89,6 +99,23 @@ pub fn describe() {
     describe_counter!(
         EVENTS_REJECTED,
         "Publishes refused with 429 because mailboxes or the in-flight byte budget were full."
+    );
+    describe_gauge!(
+        PEER_PHI,
+        "Phi of the failure detector for each peer (suspect above cluster.phi_threshold)."
+    );
+    describe_gauge!(PEER_RTT, Unit::Seconds, "The last ping round-trip time to each peer.");
+    describe_counter!(
+        EVENTS_FORWARDED,
+        "Event deliveries sent to other nodes, by peer, re-sends included."
+    );
+    describe_gauge!(
+        FORWARD_PENDING,
+        "Forwarded deliveries waiting for their handler node's ack."
+    );
+    describe_counter!(
+        EVENTS_DEDUPLICATED,
+        "Forwarded deliveries answered from the dedup window instead of running the handler again."
     );
 }
 

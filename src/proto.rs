@@ -74,6 +74,101 @@ pub struct DeadLetterRecord {
     pub failed_at_unix_ms: i64,
 }
 
+/// An event-plane message between nodes, carried as the transport's opaque `app` payload (the
+/// transport knows nothing of events).
+///
+/// ```text
+/// message PeerMessage { oneof body { EventBatch events = 1; AckBatch acks = 2; } }
+/// message EventBatch  { repeated Forwarded deliveries = 1; }
+/// message Forwarded   { uint64 id = 1; string group = 2; uint64 epoch = 3; EventRecord event = 4; }
+/// message AckBatch    { repeated AckRecord acks = 1; }
+/// message AckRecord   { uint64 id = 1; AckCode code = 2; uint32 attempts = 3; string error = 4; }
+/// ```
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PeerMessage {
+    /// The message.
+    #[prost(oneof = "peer_message::Body", tags = "1, 2")]
+    pub body: Option<peer_message::Body>,
+}
+
+/// The variants of [`PeerMessage`].
+pub mod peer_message {
+    /// One event-plane message.
+    #[derive(Clone, PartialEq, prost::Oneof)]
+    pub enum Body {
+        /// Events for subscriptions placed on the receiver.
+        #[prost(message, tag = "1")]
+        Events(super::EventBatch),
+        /// Outcomes of events the receiver forwarded.
+        #[prost(message, tag = "2")]
+        Acks(super::AckBatch),
+    }
+}
+
+/// Events an ingress node hands to the node running their subscription's instance.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct EventBatch {
+    /// The deliveries, in the order they were routed.
+    #[prost(message, repeated, tag = "1")]
+    pub deliveries: Vec<Forwarded>,
+}
+
+/// One event for one subscription (the topic is the event's).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Forwarded {
+    /// The ingress node's delivery id, echoed in the ack.
+    #[prost(uint64, tag = "1")]
+    pub id: u64,
+    /// The subscription's group.
+    #[prost(string, tag = "2")]
+    pub group: String,
+    /// The placement epoch the ingress routed with (fencing).
+    #[prost(uint64, tag = "3")]
+    pub epoch: u64,
+    /// The event.
+    #[prost(message, optional, tag = "4")]
+    pub event: Option<EventRecord>,
+}
+
+/// Outcomes of forwarded deliveries.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct AckBatch {
+    /// The acks.
+    #[prost(message, repeated, tag = "1")]
+    pub acks: Vec<AckRecord>,
+}
+
+/// How one forwarded delivery ended on the handler node.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct AckRecord {
+    /// The delivery id of [`Forwarded::id`].
+    #[prost(uint64, tag = "1")]
+    pub id: u64,
+    /// What happened.
+    #[prost(enumeration = "AckCode", tag = "2")]
+    pub code: i32,
+    /// Attempts made.
+    #[prost(uint32, tag = "3")]
+    pub attempts: u32,
+    /// The last error (dead-lettered, failed) or why it was refused.
+    #[prost(string, tag = "4")]
+    pub error: String,
+}
+
+/// The outcome codes of [`AckRecord`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum AckCode {
+    /// The handler acknowledged it.
+    Ok = 0,
+    /// Every attempt failed; stored as a dead letter on the handler node.
+    DeadLettered = 1,
+    /// Every attempt failed and the dead letter could not be stored.
+    Failed = 2,
+    /// Refused: the receiver holds no instance of the subscription (fencing); route it again.
+    NotPlaced = 3,
+}
+
 impl From<&Event> for EventRecord {
     fn from(e: &Event) -> Self {
         EventRecord {

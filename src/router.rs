@@ -1,18 +1,25 @@
-//! The local event bus: topic → subscriptions → one instance each.
+//! The event bus: topic → subscriptions → one instance each, wherever it is placed.
 //!
 //! The router owns the routing table (an immutable snapshot swapped atomically on every
-//! subscription change, so publishing never takes a lock) and the worker threads that run handler
-//! instances. For each subscription of an event's topic it picks one instance:
+//! subscription, placement or local change, so publishing never takes a lock) and the worker
+//! threads that run this node's handler instances. A subscription's [`Route`] lists one [`Slot`]
+//! per placed instance, in placement order: local slots lead to this node's instances, remote ones
+//! to the node that runs them (the relay forwards there). For each subscription of an event's
+//! topic the router picks one slot among the *healthy* ones (local, or on a peer the monitor says
+//! is `up`; suspect and degraded nodes are skipped at once, before Raft downs them):
 //!
-//! * with a partition key, by rendezvous hashing over the instances, so a key always lands on the
-//!   same instance and keeps its order;
-//! * without a key, the less loaded of two random instances ("power of two choices"), falling back
-//!   to any instance with room.
+//! * with a partition key, by rendezvous hashing over the healthy slots, so a key lands on the
+//!   same instance cluster-wide while membership is stable and keeps its order (on the chosen node
+//!   the same hash picks the local instance);
+//! * without a key, the less loaded of two random healthy slots ("power of two choices"; a remote
+//!   slot's load is what this node has in flight to it), falling back to any slot with room.
 //!
-//! Picking reserves a slot in the instance's bounded mailbox first ([`Reservation`]); the ingress
-//! sends only when every subscription has room, so a full mailbox refuses the publish (429) rather
-//! than accepting an event it cannot queue. The router does not decide placement: which instances
-//! exist is given to it (by subscriptions today, by the Raft placement table later).
+//! Picking reserves room first: a slot in a local instance's bounded mailbox ([`Reservation`]), or
+//! one of `window` in-flight events towards a remote instance. The ingress sends only when every
+//! subscription has room, so a full mailbox or window refuses the publish (429) rather than
+//! accepting an event it cannot queue. When every slot is on an unhealthy node the event is
+//! *parked* (accepted, held by the relay until a node can take it). The router does not decide
+//! placement: the Raft placement table gives it the slots.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -25,6 +32,7 @@ use tokio::sync::mpsc;
 use crate::handler::supervisor::{self, DeadLetterSink, Job, Policy, SubShared};
 use crate::handler::{HandlerRegistry, Spawner, SubscriptionKey};
 use crate::metrics::SubMetrics;
+use crate::monitor::{Health, PeerHealth, Progress};
 use crate::subscription::SubscriptionSpec;
 
 /// One running handler instance, as the router sees it.
@@ -51,12 +59,9 @@ pub(crate) struct Reservation<'a> {
 impl Reservation<'_> {
     pub(crate) fn send(self, job: Job) {
         self.load.fetch_add(1, Ordering::Relaxed);
+        self.sub.shared.progress.backlog.fetch_add(1, Ordering::Relaxed);
         self.sub.shared.metrics.mailbox_depth.increment(1.0);
         self.permit.send(job);
-    }
-
-    pub(crate) fn key(&self) -> &SubscriptionKey {
-        &self.sub.shared.key
     }
 }
 
@@ -123,7 +128,13 @@ impl SubRuntime {
 /// Rendezvous (highest random weight) hashing: the instance with the highest hash of (key, index).
 /// Stable across processes and versions, which cross-node routing will rely on.
 pub(crate) fn rendezvous(key: &[u8], n: usize) -> usize {
-    (0..n).max_by_key(|&i| mix(fnv1a(key) ^ mix(i as u64 + 1))).unwrap_or(0)
+    rendezvous_among(key, 0..n).unwrap_or(0)
+}
+
+/// Rendezvous over a subset of indices: removing an index moves only the keys it had.
+fn rendezvous_among(key: &[u8], indices: impl Iterator<Item = usize>) -> Option<usize> {
+    let h = fnv1a(key);
+    indices.max_by_key(|&i| mix(h ^ mix(i as u64 + 1)))
 }
 
 fn fnv1a(bytes: &[u8]) -> u64 {
@@ -139,57 +150,184 @@ fn mix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// Where one placed instance of a subscription runs.
+pub(crate) enum Slot {
+    /// On this node (the route's `local` runtime).
+    Local,
+    /// On another node.
+    Remote {
+        node: u64,
+        health: Arc<PeerHealth>,
+        /// Events this node has in flight to that node for this subscription.
+        load: Arc<AtomicUsize>,
+    },
+}
+
+/// A subscription as routing sees it, cluster-wide.
+pub(crate) struct Route {
+    pub(crate) key: Arc<SubscriptionKey>,
+    /// The placement epoch the slots come from (sent with forwarded events, for fencing).
+    pub(crate) epoch: u64,
+    /// This node's instances, if the placement gives it any.
+    pub(crate) local: Option<Arc<SubRuntime>>,
+    /// One per placed instance, in placement order.
+    pub(crate) slots: Vec<Slot>,
+    /// At most this many events in flight to one remote slot.
+    window: usize,
+}
+
+/// The slot picked for one event, with its room reserved.
+pub(crate) enum Target<'a> {
+    /// A local mailbox slot.
+    Local(Reservation<'a>),
+    /// One unit of the window towards a remote instance.
+    Remote(RemoteSlot),
+    /// Every instance is on an unhealthy node: the relay holds the event until one can take it.
+    Parked,
+}
+
+/// One unit of the window towards a remote instance; given back when dropped unless taken (the
+/// relay then gives it back when the node acks).
+pub(crate) struct RemoteSlot {
+    node: u64,
+    load: Option<Arc<AtomicUsize>>,
+}
+
+impl RemoteSlot {
+    /// The node and the window counter, now owned by the caller.
+    pub(crate) fn take(mut self) -> (u64, Arc<AtomicUsize>) {
+        let load = self.load.take().unwrap_or_default();
+        (self.node, load)
+    }
+}
+
+impl Drop for RemoteSlot {
+    fn drop(&mut self) {
+        if let Some(load) = self.load.take() {
+            load.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+/// Why no slot could be reserved.
+pub(crate) enum NoRoom {
+    /// The chosen instance's mailbox or window is full.
+    Full,
+    /// The subscription is placed nowhere (no member can run its handler).
+    Unplaced,
+}
+
+impl Route {
+    fn healthy(&self, i: usize) -> bool {
+        match &self.slots[i] {
+            Slot::Local => true,
+            Slot::Remote { health, .. } => health.routable(),
+        }
+    }
+
+    fn load(&self, i: usize) -> usize {
+        match &self.slots[i] {
+            Slot::Local => self
+                .local
+                .as_ref()
+                .map_or(usize::MAX, |l| l.load() / l.instances.len().max(1)),
+            Slot::Remote { load, .. } => load.load(Ordering::Relaxed),
+        }
+    }
+
+    fn try_slot(&self, i: usize, key: Option<&str>) -> Option<Target<'_>> {
+        match &self.slots[i] {
+            Slot::Local => self.local.as_ref()?.reserve(key).map(Target::Local),
+            Slot::Remote { node, load, .. } => {
+                let mut current = load.load(Ordering::Relaxed);
+                loop {
+                    if current >= self.window {
+                        return None;
+                    }
+                    match load.compare_exchange_weak(current, current + 1, Ordering::AcqRel, Ordering::Relaxed) {
+                        Ok(_) => {
+                            return Some(Target::Remote(RemoteSlot {
+                                node: *node,
+                                load: Some(load.clone()),
+                            }))
+                        }
+                        Err(now) => current = now,
+                    }
+                }
+            }
+        }
+    }
+
+    /// Picks and reserves a healthy slot for an event with `key` (see the module docs).
+    pub(crate) fn reserve(&self, key: Option<&str>) -> Result<Target<'_>, NoRoom> {
+        if self.slots.is_empty() {
+            return Err(NoRoom::Unplaced);
+        }
+        let healthy: Vec<usize> = (0..self.slots.len()).filter(|&i| self.healthy(i)).collect();
+        if healthy.is_empty() {
+            return Ok(Target::Parked);
+        }
+        if let Some(k) = key {
+            // Order per key matters more than balance: never fall back to another instance.
+            let i = rendezvous_among(k.as_bytes(), healthy.iter().copied()).unwrap_or(healthy[0]);
+            return self.try_slot(i, key).ok_or(NoRoom::Full);
+        }
+        let n = healthy.len();
+        if n == 1 {
+            return self.try_slot(healthy[0], None).ok_or(NoRoom::Full);
+        }
+        let a = rand::random_range(0..n);
+        let b = (a + 1 + rand::random_range(0..n - 1)) % n;
+        let (first, second) = if self.load(healthy[a]) <= self.load(healthy[b]) {
+            (healthy[a], healthy[b])
+        } else {
+            (healthy[b], healthy[a])
+        };
+        self.try_slot(first, None)
+            .or_else(|| self.try_slot(second, None))
+            .or_else(|| healthy.iter().find_map(|&i| self.try_slot(i, None)))
+            .ok_or(NoRoom::Full)
+    }
+}
+
 /// An immutable snapshot of every subscription.
 #[derive(Default)]
 pub(crate) struct RoutingTable {
-    by_topic: HashMap<String, Vec<Arc<SubRuntime>>>,
+    /// The routes of each topic.
+    by_topic: HashMap<String, Vec<Arc<Route>>>,
+    routes: HashMap<SubscriptionKey, Arc<Route>>,
+    /// This node's running subscriptions.
     all: BTreeMap<SubscriptionKey, Arc<SubRuntime>>,
-    /// Subscriptions of the cluster that run no instance on this node, by topic, with the HTTP
-    /// addresses of the nodes that do run them.
-    elsewhere: Arc<HashMap<String, Vec<Elsewhere>>>,
-}
-
-/// A subscription placed only on other nodes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Elsewhere {
-    pub(crate) group: String,
-    /// HTTP addresses of the nodes running it (empty: no node can run it).
-    pub(crate) http: Vec<String>,
 }
 
 impl RoutingTable {
-    /// The subscriptions of `topic` (empty if none).
-    pub(crate) fn topic(&self, topic: &str) -> &[Arc<SubRuntime>] {
+    /// The routes of `topic`'s subscriptions (empty if none).
+    pub(crate) fn topic(&self, topic: &str) -> &[Arc<Route>] {
         self.by_topic.get(topic).map_or(&[], Vec::as_slice)
     }
 
-    /// The subscriptions of `topic` that run only on other nodes.
-    pub(crate) fn elsewhere(&self, topic: &str) -> &[Elsewhere] {
-        self.elsewhere.get(topic).map_or(&[], Vec::as_slice)
+    /// The route of one subscription.
+    pub(crate) fn route(&self, key: &SubscriptionKey) -> Option<&Arc<Route>> {
+        self.routes.get(key)
     }
 
+    /// This node's instances of a subscription.
     pub(crate) fn get(&self, key: &SubscriptionKey) -> Option<&Arc<SubRuntime>> {
         self.all.get(key)
     }
 
+    /// This node's running subscriptions.
     pub(crate) fn iter(&self) -> impl Iterator<Item = &Arc<SubRuntime>> {
         self.all.values()
     }
+}
 
-    fn rebuilt(
-        all: BTreeMap<SubscriptionKey, Arc<SubRuntime>>,
-        elsewhere: Arc<HashMap<String, Vec<Elsewhere>>>,
-    ) -> Self {
-        let mut by_topic: HashMap<String, Vec<Arc<SubRuntime>>> = HashMap::new();
-        for sub in all.values() {
-            by_topic.entry(sub.spec.topic.clone()).or_default().push(sub.clone());
-        }
-        RoutingTable {
-            by_topic,
-            all,
-            elsewhere,
-        }
-    }
+/// The committed placement as the router needs it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Placement {
+    pub(crate) epoch: u64,
+    /// Every subscription with the node of each of its instances.
+    pub(crate) subscriptions: BTreeMap<SubscriptionKey, Vec<u64>>,
 }
 
 /// What the router needs to start instances.
@@ -201,21 +339,38 @@ pub(crate) struct RouterParts {
     pub(crate) mailbox_capacity: usize,
     pub(crate) default_max_attempts: u32,
     pub(crate) webhook_timeout: std::time::Duration,
+    /// This node's id (placement entries naming it are local).
+    pub(crate) me: u64,
+    /// Peer health, to skip unhealthy nodes.
+    pub(crate) health: Arc<Health>,
+    /// This node's handler progress (reported in pongs).
+    pub(crate) progress: Arc<Progress>,
+    /// At most this many events in flight from this node to one remote instance.
+    pub(crate) window: usize,
 }
 
 /// Owns the routing table and starts/stops instances as subscriptions change.
 pub(crate) struct Router {
     table: ArcSwap<RoutingTable>,
     /// Serialises changes; readers use `table` without locking.
-    write: Mutex<()>,
+    write: Mutex<Inputs>,
     parts: RouterParts,
+}
+
+/// What the table is built from.
+#[derive(Default)]
+struct Inputs {
+    placement: Placement,
+    all: BTreeMap<SubscriptionKey, Arc<SubRuntime>>,
+    /// The in-flight counter of each remote instance node (kept across rebuilds).
+    remote_load: HashMap<(u64, SubscriptionKey), Arc<AtomicUsize>>,
 }
 
 impl Router {
     pub(crate) fn new(parts: RouterParts) -> Self {
         Router {
             table: ArcSwap::from_pointee(RoutingTable::default()),
-            write: Mutex::new(()),
+            write: Mutex::new(Inputs::default()),
             parts,
         }
     }
@@ -232,13 +387,12 @@ impl Router {
     /// Creates or replaces a subscription (already validated). Returns false if it was unchanged.
     /// A replaced subscription's old instances finish what is queued, then stop.
     pub(crate) fn apply(&self, spec: SubscriptionSpec) -> bool {
-        let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
-        let current = self.table.load_full();
+        let mut inputs = self.write.lock().unwrap_or_else(|p| p.into_inner());
         let key = SubscriptionKey {
             topic: spec.topic.clone(),
             group: spec.group.clone(),
         };
-        if current.all.get(&key).is_some_and(|s| s.spec == spec) {
+        if inputs.all.get(&key).is_some_and(|s| s.spec == spec) {
             return false;
         }
         let Some(spawner) = self.parts.registry.spawner(&spec.handler, self.parts.webhook_timeout) else {
@@ -247,44 +401,81 @@ impl Router {
             return false;
         };
         let runtime = Arc::new(self.start(key.clone(), spec, spawner));
-        let mut all = current.all.clone();
-        all.insert(key, runtime);
-        self.table
-            .store(Arc::new(RoutingTable::rebuilt(all, current.elsewhere.clone())));
+        inputs.all.insert(key, runtime);
+        self.rebuild(&mut inputs);
         true
     }
 
     /// Removes a subscription; its instances drain their mailboxes and stop.
     pub(crate) fn remove(&self, key: &SubscriptionKey) -> bool {
-        let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
-        let current = self.table.load_full();
-        if !current.all.contains_key(key) {
+        let mut inputs = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        if inputs.all.remove(key).is_none() {
             return false;
         }
-        let mut all = current.all.clone();
-        all.remove(key);
-        self.table
-            .store(Arc::new(RoutingTable::rebuilt(all, current.elsewhere.clone())));
+        self.rebuild(&mut inputs);
         true
     }
 
-    /// Records which subscriptions of the cluster run only on other nodes.
-    pub(crate) fn set_elsewhere(&self, elsewhere: HashMap<String, Vec<Elsewhere>>) {
-        let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
-        let current = self.table.load_full();
-        if *current.elsewhere == elsewhere {
+    /// Follows a new committed placement (which instances run where, and the epoch).
+    pub(crate) fn set_placement(&self, placement: Placement) {
+        let mut inputs = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        if inputs.placement == placement {
             return;
         }
-        self.table.store(Arc::new(RoutingTable::rebuilt(
-            current.all.clone(),
-            Arc::new(elsewhere),
-        )));
+        inputs.placement = placement;
+        self.rebuild(&mut inputs);
     }
 
     /// Drops every subscription so the instances drain and stop (shutdown).
     pub(crate) fn clear(&self) {
-        let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        let mut inputs = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        *inputs = Inputs::default();
         self.table.store(Arc::new(RoutingTable::default()));
+    }
+
+    fn rebuild(&self, inputs: &mut Inputs) {
+        let me = self.parts.me;
+        let mut routes = HashMap::new();
+        let mut by_topic: HashMap<String, Vec<Arc<Route>>> = HashMap::new();
+        let mut used = std::collections::HashSet::new();
+        for (key, nodes) in &inputs.placement.subscriptions {
+            let local = inputs.all.get(key).cloned();
+            let slots = nodes
+                .iter()
+                .filter_map(|&node| {
+                    if node == me {
+                        // Until the local instances run, the local slots are not routable.
+                        return local.is_some().then_some(Slot::Local);
+                    }
+                    let id = (node, key.clone());
+                    used.insert(id.clone());
+                    let load = inputs.remote_load.entry(id).or_default().clone();
+                    Some(Slot::Remote {
+                        node,
+                        health: self.parts.health.peer(node),
+                        load,
+                    })
+                })
+                .collect();
+            let route = Arc::new(Route {
+                key: Arc::new(key.clone()),
+                epoch: inputs.placement.epoch,
+                local,
+                slots,
+                window: self.parts.window,
+            });
+            by_topic.entry(key.topic.clone()).or_default().push(route.clone());
+            routes.insert(key.clone(), route);
+        }
+        // Counters of instances no longer placed are dropped once nothing is in flight to them.
+        inputs
+            .remote_load
+            .retain(|id, load| used.contains(id) || load.load(Ordering::Relaxed) > 0);
+        self.table.store(Arc::new(RoutingTable {
+            by_topic,
+            routes,
+            all: inputs.all.clone(),
+        }));
     }
 
     fn start(&self, key: SubscriptionKey, spec: SubscriptionSpec, spawner: Arc<dyn Spawner>) -> SubRuntime {
@@ -292,6 +483,7 @@ impl Router {
             metrics: SubMetrics::new(&key),
             key: Arc::new(key),
             max_attempts: spec.max_attempts.unwrap_or(self.parts.default_max_attempts),
+            progress: self.parts.progress.clone(),
         });
         let workers = &self.parts.workers;
         // Spread instances over the worker threads, starting at a per-subscription offset so that

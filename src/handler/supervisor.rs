@@ -51,6 +51,8 @@ pub(crate) struct SubShared {
     pub(crate) key: Arc<SubscriptionKey>,
     pub(crate) max_attempts: u32,
     pub(crate) metrics: SubMetrics,
+    /// The node's handler progress (events finished, backlog), for gray-failure detection.
+    pub(crate) progress: Arc<crate::monitor::Progress>,
 }
 
 /// Restart and call policy, from `HandlerConfig`.
@@ -164,6 +166,8 @@ pub(crate) async fn run_instance(
         };
         job.completion.complete(&shared.key, outcome);
         load.fetch_sub(1, Ordering::Relaxed);
+        shared.progress.backlog.fetch_sub(1, Ordering::Relaxed);
+        shared.progress.handled.fetch_add(1, Ordering::Relaxed);
     }
 }
 

@@ -3,10 +3,12 @@
 //! A publish goes through four steps, in this order so that nothing is acknowledged that cannot be
 //! delivered and nothing is queued that is not durable:
 //!
-//! 1. **Reserve**: take the event's bytes from the in-flight byte budget and reserve one mailbox
-//!    slot per subscription of its topic (the router picks the instance). Any refusal → 429.
+//! 1. **Reserve**: take the event's bytes from the in-flight byte budget and reserve room for one
+//!    instance per subscription of its topic, wherever the router picks it: a local mailbox slot,
+//!    or a unit of the window towards a remote instance. Any refusal → 429.
 //! 2. **Log** (`ack=accepted` and `ack=processed`): append to the WAL; the store group-commits.
-//! 3. **Send** the jobs through the reserved slots; each carries a shared `Tracker`.
+//! 3. **Send**: local jobs through the reserved slots, remote ones through the relay (which keeps
+//!    them pending until the handler node acks); each carries a shared `Tracker`.
 //! 4. **Answer**: at once (`none`, `accepted`), or when every subscription finished (`processed`).
 //!
 //! When the last subscription finishes an event, its tracker removes it from the WAL. On start-up
@@ -30,7 +32,8 @@ use crate::event::{Event, EventError};
 use crate::handler::supervisor::{Completion, DeadLetterSink, Job, Outcome};
 use crate::handler::SubscriptionKey;
 use crate::proto::{DeadLetterRecord, EventRecord, WalRecord};
-use crate::router::Router;
+use crate::relay::Relay;
+use crate::router::{NoRoom, Router, Target};
 use store::Store;
 
 /// What the publisher's response waits for.
@@ -56,8 +59,8 @@ pub enum PublishError {
     /// (503): it does not yet know where events go, so it accepts none.
     #[error("the node is starting (joining its cluster, replaying its WAL); retry shortly")]
     NotReady,
-    /// A subscription of the topic runs only on other nodes, and this version cannot forward
-    /// events between nodes yet (503): nothing was accepted, publish to one of those nodes.
+    /// A subscription of the topic is placed on no node (no member runs its handler) (503):
+    /// nothing was accepted.
     #[error("{0}")]
     NotHere(String),
     /// Mailboxes or the in-flight byte budget are full (429); retry after the given seconds.
@@ -296,6 +299,7 @@ impl DeadLetterSink for StoreDeadLetters {
 /// Accepts events and sees them through to every subscription.
 pub struct Ingress {
     router: Arc<Router>,
+    relay: Arc<Relay>,
     store: Store,
     /// In-flight byte budget (`handlers.max_inflight_bytes`).
     bytes: Arc<Budget>,
@@ -313,9 +317,10 @@ fn charge(e: &Event) -> usize {
 }
 
 impl Ingress {
-    pub(crate) fn new(router: Arc<Router>, store: Store, max_inflight_bytes: usize) -> Self {
+    pub(crate) fn new(router: Arc<Router>, relay: Arc<Relay>, store: Store, max_inflight_bytes: usize) -> Self {
         Ingress {
             router,
+            relay,
             store,
             bytes: Arc::new(Budget {
                 used: AtomicUsize::new(0),
@@ -399,33 +404,25 @@ impl Ingress {
             return Err(PublishError::NotReady);
         }
         let table = self.router.table();
-        // 1. Reserve bytes and one mailbox slot per subscription.
+        // 1. Reserve bytes and room for one instance per subscription.
         let mut reserved = Vec::with_capacity(events.len());
         for e in &events {
-            if let Some(away) = table.elsewhere(&e.topic).first() {
-                return Err(PublishError::NotHere(if away.http.is_empty() {
-                    format!("no node can run subscription {}/{} (is its handler registered on any node?); nothing was accepted", e.topic, away.group)
-                } else {
-                    format!(
-                        "subscription {}/{} runs on other nodes ({}); forwarding events between nodes is not built yet, so nothing was accepted: publish to one of those nodes",
-                        e.topic,
-                        away.group,
-                        away.http.join(", ")
-                    )
-                }));
-            }
             let cost = charge(e);
             let permit = self
                 .bytes
                 .try_take(cost)
                 .ok_or_else(|| self.overloaded("the node holds its maximum of in-flight event bytes"))?;
-            let subs = table.topic(&e.topic);
-            let mut slots = Vec::with_capacity(subs.len());
-            for sub in subs {
-                let slot = sub.reserve(e.key.as_deref()).ok_or_else(|| {
-                    self.overloaded(&format!("the mailboxes of subscription {} are full", sub.shared.key))
+            let routes = table.topic(&e.topic);
+            let mut slots = Vec::with_capacity(routes.len());
+            for route in routes {
+                let target = route.reserve(e.key.as_deref()).map_err(|why| match why {
+                    NoRoom::Full => self.overloaded(&format!("the instances of subscription {} are full", route.key)),
+                    NoRoom::Unplaced => PublishError::NotHere(format!(
+                        "no node can run subscription {} (is its handler registered on any up node?); nothing was accepted",
+                        route.key
+                    )),
                 })?;
-                slots.push(slot);
+                slots.push((route, target));
             }
             reserved.push((permit, slots));
         }
@@ -439,7 +436,7 @@ impl Ingress {
                 .filter(|(_, (_, slots))| !slots.is_empty())
                 .map(|(e, (_, slots))| WalRecord {
                     event: Some(EventRecord::from(e)),
-                    groups: slots.iter().map(|s| s.key().group.clone()).collect(),
+                    groups: slots.iter().map(|(route, _)| route.key.group.clone()).collect(),
                 })
                 .collect();
             if records.is_empty() {
@@ -473,11 +470,18 @@ impl Ingress {
                 waits.push((answers.len() - 1, rx));
             }
             let event = Arc::new(event);
-            for slot in slots {
-                slot.send(Job {
-                    event: event.clone(),
-                    completion: tracker.clone(),
-                });
+            for (route, target) in slots {
+                match target {
+                    Target::Local(slot) => slot.send(Job {
+                        event: event.clone(),
+                        completion: tracker.clone(),
+                    }),
+                    Target::Remote(slot) => {
+                        let (node, load) = slot.take();
+                        self.relay.forward(route, node, load, event.clone(), tracker.clone());
+                    }
+                    Target::Parked => self.relay.park(route.key.clone(), event.clone(), tracker.clone()),
+                }
             }
         }
         // 4. Wait for the handlers if asked to.
@@ -494,57 +498,38 @@ impl Ingress {
     }
 
     /// Delivers every event left in the WAL (start-up), then marks the node ready. `exists` says
-    /// whether a subscription exists in the cluster: an event owed to subscriptions that exist
-    /// but run on other nodes stays in the WAL (cross-node delivery is not built yet); one owed
-    /// only to deleted subscriptions is dropped.
+    /// whether a subscription exists in the cluster: an event owed only to deleted subscriptions is
+    /// dropped. The relay routes the rest (locally or to the nodes that run them).
     pub(crate) async fn replay_wal(&self, exists: impl Fn(&str, &str) -> bool) -> Result<usize, store::StoreError> {
         let records = self.store.wal_records()?;
         let total = records.len();
         if total > 0 {
             tracing::info!(events = total, "replaying the write-ahead log");
         }
-        let redelivered = metrics::counter!(crate::metrics::EVENTS_REDELIVERED);
         for (seq, record) in records {
             let Some(event) = record.event.map(Event::from) else {
                 self.store.ack(seq);
                 continue;
             };
-            let table = self.router.table();
-            let subs: Vec<_> = table
-                .topic(&event.topic)
-                .iter()
-                .filter(|s| record.groups.contains(&s.spec.group))
-                .cloned()
-                .collect();
-            let elsewhere = record
+            let owed: Vec<SubscriptionKey> = record
                 .groups
                 .iter()
-                .any(|g| exists(&event.topic, g) && !subs.iter().any(|s| &s.spec.group == g));
-            if subs.is_empty() {
-                if elsewhere {
-                    tracing::warn!(id = %event.id, topic = %event.topic, "WAL event kept: its subscriptions run on other nodes");
-                } else {
-                    tracing::warn!(id = %event.id, topic = %event.topic, "dropping WAL event: none of its subscriptions exists any more");
-                    self.store.ack(seq);
-                }
+                .filter(|g| exists(&event.topic, g))
+                .map(|g| SubscriptionKey {
+                    topic: event.topic.clone(),
+                    group: g.clone(),
+                })
+                .collect();
+            if owed.is_empty() {
+                tracing::warn!(id = %event.id, topic = %event.topic, "dropping WAL event: none of its subscriptions exists any more");
+                self.store.ack(seq);
                 continue;
             }
             let permit = self.bytes.take(charge(&event)).await;
-            let (tracker, _) = self.tracker(subs.len(), Some(seq), permit, false);
-            if elsewhere {
-                tracker.keep.store(true, Ordering::Relaxed);
-            }
+            let (tracker, _) = self.tracker(owed.len(), Some(seq), permit, false);
             let event = Arc::new(event);
-            for sub in subs {
-                redelivered.increment(1);
-                let job = Job {
-                    event: event.clone(),
-                    completion: tracker.clone(),
-                };
-                if sub.send_waiting(event.key.as_deref(), job).await.is_err() {
-                    tracing::warn!(subscription = %sub.shared.key, "subscription stopped during replay; the event stays in the WAL");
-                    tracker.keep.store(true, Ordering::Relaxed);
-                }
+            for key in owed {
+                self.relay.park(Arc::new(key), event.clone(), tracker.clone());
             }
         }
         self.ready.send_replace(true);
@@ -613,11 +598,9 @@ impl Ingress {
             topic,
             group: record.group.clone(),
         };
-        let table = self.router.table();
-        let sub = table
-            .get(&key)
-            .cloned()
-            .ok_or_else(|| ReplayError::SubscriptionGone(key.to_string()))?;
+        if self.router.table().route(&key).is_none() {
+            return Err(ReplayError::SubscriptionGone(key.to_string()));
+        }
         let (seq, record) = self
             .store
             .replay_dead_letter(id.to_string())
@@ -627,20 +610,13 @@ impl Ingress {
         let event = Arc::new(Event::from(record.event.unwrap_or_default()));
         let permit = self.bytes.take(charge(&event)).await;
         let (tracker, _) = self.tracker(1, Some(seq), permit, false);
-        metrics::counter!(crate::metrics::EVENTS_REDELIVERED).increment(1);
-        let job = Job {
-            event: event.clone(),
-            completion: tracker,
-        };
-        if sub.send_waiting(event.key.as_deref(), job).await.is_err() {
-            tracing::warn!(subscription = %key, "subscription stopped during replay; the event stays in the WAL");
-        }
+        self.relay.park(Arc::new(key), event.clone(), tracker);
         Ok(event.id.clone())
     }
 
-    /// Events accepted and not yet finished, across all subscriptions' instances.
-    pub(crate) fn queued(&self) -> usize {
-        self.router.table().iter().map(|s| s.load()).sum()
+    /// Events queued or in progress at this node's instances.
+    pub(crate) fn local_queued(&self) -> usize {
+        self.router.table().iter().map(|s| s.load()).sum::<usize>()
     }
 
     pub(crate) fn store(&self) -> &Store {

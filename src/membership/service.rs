@@ -29,6 +29,8 @@ use super::raft_node::{self, Apply, DriverConfig, Inbound, Outbound, ProposeErro
 use super::state::{Command, ConfStep, MembershipState};
 use super::storage::RedbStorage;
 use crate::error::{Error, Result};
+use crate::monitor::{Health, PeerState, Progress};
+use crate::placement::NodeStatus;
 use crate::transport::{self, Body, ClusterSecret, Envelope, Transport, TransportConfig};
 
 /// What the service needs to start.
@@ -54,6 +56,17 @@ pub struct MembershipConfig {
     pub handlers: Vec<String>,
     /// Raft settings.
     pub raft: crate::config::RaftConfig,
+    /// Node monitoring settings.
+    pub monitor: crate::monitor::MonitorConfig,
+    /// The leader marks a member down after it was suspect or degraded this long (and up again
+    /// after it was healthy this long).
+    pub down_after: Duration,
+    /// Peer health, written by the monitor.
+    pub health: Arc<Health>,
+    /// This node's handler progress, reported in pongs.
+    pub progress: Arc<Progress>,
+    /// Where the event plane's `app` payloads from peers go.
+    pub app: mpsc::UnboundedSender<(u64, bytes::Bytes)>,
 }
 
 /// A handle to the running service.
@@ -64,6 +77,7 @@ pub struct Membership {
     status: watch::Receiver<RaftStatus>,
     peer_addr: SocketAddr,
     advertise: String,
+    transport: Transport,
     /// Stops the service's runtime (dropping it stops every task).
     stop: Mutex<Option<oneshot::Sender<()>>>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -168,7 +182,7 @@ impl Membership {
                 });
             })
             .map_err(|e| Error::io("cannot start the membership thread", e))?;
-        let (node_id, driver, state, status) = ready_rx
+        let (node_id, driver, state, status, transport) = ready_rx
             .recv()
             .map_err(|_| Error::io("membership thread", std::io::Error::other("it stopped during start-up")))??;
         Ok(Membership {
@@ -178,6 +192,7 @@ impl Membership {
             status,
             peer_addr,
             advertise,
+            transport,
             stop: Mutex::new(Some(stop_tx)),
             thread: Mutex::new(Some(thread)),
         })
@@ -206,6 +221,11 @@ impl Membership {
     /// The peer address recorded for this node.
     pub fn advertise(&self) -> &str {
         &self.advertise
+    }
+
+    /// The peer transport (the event plane sends its batches over it).
+    pub fn transport(&self) -> &Transport {
+        &self.transport
     }
 
     /// Proposes `command`; resolves once it is committed and applied on this node.
@@ -262,6 +282,7 @@ type Handles = (
     mpsc::UnboundedSender<Inbound>,
     watch::Receiver<Arc<MembershipState>>,
     watch::Receiver<RaftStatus>,
+    Transport,
 );
 
 /// Starts everything inside the service's runtime.
@@ -336,8 +357,12 @@ async fn run(config: MembershipConfig, advertise: String) -> Result<Handles> {
             }
         }
     });
-    // Inbound: transport → driver.
+    // Inbound: transport → driver, monitor and event plane.
     let to_driver = driver_tx.clone();
+    let (pong_tx, pong_rx) = mpsc::unbounded_channel();
+    let t = transport.clone();
+    let progress = config.progress.clone();
+    let app = config.app.clone();
     tokio::spawn(async move {
         while let Some((from, env)) = inbound_rx.recv().await {
             let m = match env.body {
@@ -347,6 +372,18 @@ async fn run(config: MembershipConfig, advertise: String) -> Result<Handles> {
                     seq: p.id,
                     data: p.command.to_vec(),
                 },
+                Some(Body::Ping(p)) => {
+                    let _ = t.send(from, crate::monitor::pong(p.seq, p.sent_unix_nanos, &progress));
+                    continue;
+                }
+                Some(Body::Pong(p)) => {
+                    let _ = pong_tx.send((from, p));
+                    continue;
+                }
+                Some(Body::App(bytes)) => {
+                    let _ = app.send((from, bytes));
+                    continue;
+                }
                 _ => continue,
             };
             if to_driver.send(m).is_err() {
@@ -354,6 +391,15 @@ async fn run(config: MembershipConfig, advertise: String) -> Result<Handles> {
             }
         }
     });
+    tokio::spawn(crate::monitor::run(
+        id,
+        config.monitor,
+        config.health.clone(),
+        transport.clone(),
+        state_rx.clone(),
+        pong_rx,
+        changed.clone(),
+    ));
 
     let ctx = Arc::new(Ctx {
         id,
@@ -364,11 +410,13 @@ async fn run(config: MembershipConfig, advertise: String) -> Result<Handles> {
         voters: config.raft.voters,
         load_factor: config.raft.load_factor,
         changed,
+        health: config.health.clone(),
+        down_after: config.down_after,
     });
     tokio::spawn(ctx.clone().leader_duties());
     let join = Command::join(id, config.http.clone(), advertise.clone(), config.handlers.clone());
     tokio::spawn(ctx.clone().join_cluster(join, config.join.clone(), tc));
-    Ok((id, driver_tx, state_rx, status_rx))
+    Ok((id, driver_tx, state_rx, status_rx, transport))
 }
 
 /// What the background duties share.
@@ -381,6 +429,8 @@ struct Ctx {
     voters: usize,
     load_factor: f64,
     changed: Arc<Notify>,
+    health: Arc<Health>,
+    down_after: Duration,
 }
 
 impl Ctx {
@@ -403,19 +453,22 @@ impl Ctx {
         answer.await.map_err(|_| ProposeError::Stopped)?
     }
 
-    /// Makes this node a member: proposes `Join` (through a seed when joining) until the applied
-    /// table lists this node with its current addresses.
+    /// Makes this node a member: proposes `Join` (through a seed when joining) until one of its
+    /// proposals committed and the applied table lists this node with its current addresses. A
+    /// restarted member proposes it too (a rejoin): it brings the node back `up` if it was marked
+    /// down or drained while it was away, and records its current handler kinds.
     async fn join_cluster(self: Arc<Self>, join: Command, seeds: Vec<String>, tc: TransportConfig) {
         let mut attempt: u32 = 0;
         let mut state = self.state.clone();
         let mut refused = false;
+        let mut committed = false;
         // Each seed is probed once: a second probe would be refused as a duplicate of this node's
         // open connection to it, so a lost Join could never be sent again.
         let mut seed_ids: std::collections::HashMap<&str, u64> = std::collections::HashMap::new();
         loop {
             let me = state.borrow_and_update().member(self.id).cloned();
             if let (Some(me), Some(super::state::command::Kind::Join(want))) = (me, join.kind.as_ref()) {
-                if me.http == want.http && me.peer == want.peer {
+                if me.http == want.http && me.peer == want.peer && committed {
                     tracing::info!(node_id = self.id, "member of the cluster");
                     return;
                 }
@@ -430,6 +483,7 @@ impl Ctx {
                     Ok(_) => {
                         // Committed: the next turn sees the result (or learns it was refused).
                         refused = true;
+                        committed = true;
                         continue;
                     }
                     Err(e) => tracing::debug!(error = %e, "join proposal did not commit yet"),
@@ -472,7 +526,8 @@ impl Ctx {
     /// On the leader: keep the Raft configuration and the placement in line with the table.
     async fn leader_duties(self: Arc<Self>) {
         loop {
-            let _ = tokio::time::timeout(Duration::from_millis(500), self.changed.notified()).await;
+            // Short enough to mark a member down soon after `down_after` elapsed.
+            let _ = tokio::time::timeout(Duration::from_millis(100), self.changed.notified()).await;
             let status = self.status.borrow().clone();
             if !status.is_leader {
                 continue;
@@ -490,6 +545,14 @@ impl Ctx {
                 self.changed.notify_one();
                 continue;
             }
+            if let Some(command) = self.next_status_change(&state) {
+                match self.propose(command.to_bytes()).await {
+                    Ok(_) => tracing::warn!(change = command.name(), "member status change committed"),
+                    Err(e) => tracing::warn!(change = command.name(), error = %e, "member status change failed"),
+                }
+                self.changed.notify_one();
+                continue;
+            }
             if let Some(p) = state.proposed_placement(self.load_factor) {
                 if !p.unplaced.is_empty() {
                     tracing::warn!(unplaced = ?p.unplaced, "subscriptions no up member can run: start a node with their handler");
@@ -501,6 +564,29 @@ impl Ctx {
                 self.changed.notify_one();
             }
         }
+    }
+}
+
+impl Ctx {
+    /// `MarkDown` for a member this node's detector has seen suspect or degraded for
+    /// `down_after`; `MarkUp` for a down member it has seen healthy for as long.
+    fn next_status_change(&self, state: &MembershipState) -> Option<Command> {
+        // The leader is alive by definition: if others marked it down while it was frozen, it
+        // marks itself up again.
+        if state.member(self.id).is_some_and(|m| m.status == NodeStatus::Down) {
+            return Some(Command::mark_up(self.id));
+        }
+        state.members().values().filter(|m| m.id != self.id).find_map(|m| {
+            let (health, since) = self.health.state_for(m.id);
+            if since < self.down_after {
+                return None;
+            }
+            match (m.status, health) {
+                (NodeStatus::Up, PeerState::Suspect | PeerState::Degraded) => Some(Command::mark_down(m.id)),
+                (NodeStatus::Down, PeerState::Up) => Some(Command::mark_up(m.id)),
+                _ => None,
+            }
+        })
     }
 }
 

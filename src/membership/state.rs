@@ -20,14 +20,14 @@
 //! # Rules
 //!
 //! * `Join` adds a member with status `up`. Joining again with the same addresses is a rejoin: it
-//!   updates the handler kinds and brings a `down` member back `up` (a `draining` member stays
-//!   draining). The same id with different addresses, or a new id at a peer address another member
+//!   updates the handler kinds and brings a `down` or `draining` member back `up` (a node proposes
+//!   it when its process starts, so a node drained by its SIGTERM takes work again once restarted). The same id with different addresses, or a new id at a peer address another member
 //!   uses, is refused: two processes must never share an id.
 //! * `Leave` removes the member (graceful leave or `DELETE /v1/cluster/nodes/{id}`). Joining later
 //!   with the same id is a new membership and queues behind the current members for a vote.
 //! * `MarkDown` / `MarkUp` move a member between `up` and `down` (the leader's failure detector
-//!   proposes them); both are no-ops on a `draining` member, since a drain is an operator's decision
-//!   that only `Leave` ends.
+//!   proposes them); both are no-ops on a `draining` member, since a drain is a decision that only
+//!   the node's restart (its rejoin) or `Leave` ends.
 //! * `Drain` marks a member `draining`: it stays a member (and a voter) but gets no instances.
 //! * `Subscribe` creates or replaces a subscription; `Unsubscribe` removes one. Only what every
 //!   node can check the same way is validated here (names, `instances`, `max_attempts`); whether
@@ -876,13 +876,13 @@ impl MembershipState {
                 m.handlers = handlers;
                 effects.push(Effect::MemberUpdated { id: node.id });
             }
-            if m.status == NodeStatus::Down {
-                m.status = NodeStatus::Up;
+            if matches!(m.status, NodeStatus::Down | NodeStatus::Draining) {
                 effects.push(Effect::MemberStatusChanged {
                     id: node.id,
-                    from: NodeStatus::Down,
+                    from: m.status,
                     to: NodeStatus::Up,
                 });
+                m.status = NodeStatus::Up;
             }
             return Ok(effects);
         }
@@ -1236,10 +1236,18 @@ mod tests {
             ])
         );
         assert!(s.member(2).unwrap().handlers.contains("rust:new"));
-        // A draining member that restarts stays draining.
+        // A draining member that restarts (its SIGTERM drained it) takes work again.
         next(&mut s, Command::drain(2)).unwrap();
+        assert_eq!(
+            next(&mut s, rejoin.clone()),
+            Ok(vec![Effect::MemberStatusChanged {
+                id: 2,
+                from: NodeStatus::Draining,
+                to: NodeStatus::Up
+            }])
+        );
+        assert_eq!(s.member(2).unwrap().status, NodeStatus::Up);
         assert_eq!(next(&mut s, rejoin), Ok(vec![]));
-        assert_eq!(s.member(2).unwrap().status, NodeStatus::Draining);
     }
 
     #[test]

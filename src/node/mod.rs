@@ -6,7 +6,6 @@
 //! it in reverse order. The control operations the HTTP API calls (subscriptions, cluster view)
 //! live in [`NodeCore`]; they hold no logic that belongs to the router or the ingress.
 
-use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,7 +26,10 @@ use crate::ingress::{Ingress, StoreDeadLetters};
 use crate::membership::raft_node::RaftStatus;
 use crate::membership::service::{Membership, MembershipConfig};
 use crate::membership::state::{Command, MembershipState};
-use crate::router::{Elsewhere, Router, RouterParts};
+use crate::monitor::{Health, MonitorConfig, PeerState, Progress};
+use crate::placement::NodeStatus;
+use crate::relay::{Relay, RelayConfig, RelayRuntime};
+use crate::router::{Placement, Router, RouterParts};
 use crate::subscription::{SpecError, SubscriptionSpec};
 
 /// Entry point of the Rust API: `Node::builder()`.
@@ -145,6 +147,8 @@ impl NodeBuilder {
         claim_data_dir(&config)?;
         let store = Store::open(&config.data_dir, config.wal.fsync, config.wal.max_batch)?;
         let workers: Vec<Arbiter> = (0..h.worker_threads()).map(|_| Arbiter::new()).collect();
+        let health = Arc::new(Health::default());
+        let progress = Arc::new(Progress::default());
         let router = Arc::new(Router::new(RouterParts {
             registry,
             workers: workers.iter().map(Arbiter::handle).collect(),
@@ -157,8 +161,11 @@ impl NodeBuilder {
             mailbox_capacity: h.mailbox_capacity,
             default_max_attempts: h.max_attempts,
             webhook_timeout: Duration::from_millis(h.webhook_timeout_ms),
+            me: config.node_id,
+            health: health.clone(),
+            progress: progress.clone(),
+            window: h.mailbox_capacity,
         }));
-        let ingress = Arc::new(Ingress::new(router.clone(), store.clone(), h.max_inflight_bytes));
         // Declared subscriptions must be valid for this binary before anything starts.
         for spec in &config.subscriptions {
             spec.validate(
@@ -188,6 +195,8 @@ impl NodeBuilder {
         };
         let (reconciled_tx, reconciled) = watch::channel(0u64);
         let (http_listener, http_addr) = crate::http::bind(addr)?;
+        let (app_tx, app_rx) = tokio::sync::mpsc::unbounded_channel();
+        let c = &config.cluster;
         let membership = Arc::new(Membership::start(MembershipConfig {
             node_id: config.node_id,
             cluster_id: config.cluster_id.clone(),
@@ -199,13 +208,43 @@ impl NodeBuilder {
             secret,
             handlers: router.registry().kinds(),
             raft: config.raft.clone(),
+            monitor: MonitorConfig {
+                ping_interval: Duration::from_millis(c.ping_interval_ms),
+                phi_threshold: c.phi_threshold,
+                min_std_deviation: Duration::from_millis(c.min_std_deviation_ms),
+                degraded_after: Duration::from_millis(c.degraded_after_ms),
+            },
+            down_after: Duration::from_millis(c.down_after_ms),
+            health: health.clone(),
+            progress,
+            app: app_tx,
         })?);
+        let relay_runtime = RelayRuntime::start().map_err(|e| Error::io("cannot start the event relay thread", e))?;
+        let relay = Relay::start(
+            membership.transport().clone(),
+            router.clone(),
+            health.clone(),
+            RelayConfig {
+                redeliver_after: Duration::from_millis(c.redeliver_after_ms),
+                dedup_window: c.dedup_window,
+            },
+            relay_runtime.handle(),
+            app_rx,
+        );
+        let ingress = Arc::new(Ingress::new(
+            router.clone(),
+            relay.clone(),
+            store.clone(),
+            h.max_inflight_bytes,
+        ));
         let core = Arc::new(NodeCore {
             config: config.clone(),
             router,
             ingress,
             metrics,
             membership,
+            health,
+            relay,
             reconciled,
             started: Instant::now(),
         });
@@ -226,6 +265,7 @@ impl NodeBuilder {
             http_addr,
             server: server_handle,
             workers,
+            relay_runtime,
         })
     }
 }
@@ -403,6 +443,7 @@ pub struct RunningNode {
     http_addr: SocketAddr,
     server: actix_web::dev::ServerHandle,
     workers: Vec<Arbiter>,
+    relay_runtime: RelayRuntime,
 }
 
 impl RunningNode {
@@ -426,14 +467,18 @@ impl RunningNode {
         &self.core
     }
 
-    /// Stops accepting requests, lets queued events finish (up to `shutdown_timeout_ms`; the rest
-    /// stays in the WAL for the next start), stops the handlers and flushes the store.
+    /// Stops accepting requests, hands this node's subscriptions to other nodes (a `Drain` of
+    /// itself, when another member is up to take them), lets queued and forwarded events finish
+    /// (up to `shutdown_timeout_ms`; the rest stays in the WAL for the next start), stops the
+    /// handlers and flushes the store. The node stays a member: when it starts again it rejoins
+    /// and takes work again (`DELETE /v1/cluster/nodes/{id}` removes a node for good).
     pub async fn shutdown(self) {
         self.server.stop(true).await;
         let deadline = Instant::now() + Duration::from_millis(self.core.config.shutdown_timeout_ms);
+        self.core.drain_self(deadline).await;
         let mut tick = tokio::time::interval(Duration::from_millis(20));
         loop {
-            let queued = self.core.ingress.queued();
+            let queued = self.core.ingress.local_queued() + self.core.relay.in_flight();
             if queued == 0 {
                 break;
             }
@@ -462,7 +507,17 @@ impl RunningNode {
         // a node for good.
         let membership = self.core.membership.clone();
         let _ = actix_rt::task::spawn_blocking(move || membership.stop()).await;
-        drop(self);
+        let RunningNode {
+            core,
+            relay_runtime,
+            workers,
+            ..
+        } = self;
+        // The relay's pending deliveries hold WAL trackers (and so the store): stop its runtime
+        // before waiting for the store to close.
+        drop(core);
+        drop(workers);
+        let _ = actix_rt::task::spawn_blocking(move || drop(relay_runtime)).await;
         if tokio::time::timeout(STORE_CLOSE_TIMEOUT, closed).await.is_err() {
             tracing::warn!("the store is still open: a handler may be blocking its worker thread");
         }
@@ -545,6 +600,10 @@ pub struct NodeCore {
     pub(crate) metrics: Option<PrometheusHandle>,
     /// The Raft-replicated membership table: members, subscriptions, placement.
     pub(crate) membership: Arc<Membership>,
+    /// Peer health from the failure detector.
+    pub(crate) health: Arc<Health>,
+    /// The event plane to other nodes.
+    pub(crate) relay: Arc<Relay>,
     /// The applied index the local router reflects; control calls wait on it so that a
     /// subscription's instances run before the call returns.
     reconciled: watch::Receiver<u64>,
@@ -605,22 +664,49 @@ impl NodeCore {
                 self.router.remove(&running.shared.key);
             }
         }
-        let mut elsewhere: HashMap<String, Vec<Elsewhere>> = HashMap::new();
-        for key in state.subscriptions().keys() {
-            let nodes = state.placement_of(key);
-            if !nodes.contains(&me) {
-                let mut http: Vec<String> = nodes
-                    .iter()
-                    .filter_map(|n| state.member(*n).map(|m| m.http.clone()))
-                    .collect();
-                http.dedup();
-                elsewhere.entry(key.topic.clone()).or_default().push(Elsewhere {
-                    group: key.group.clone(),
-                    http,
-                });
-            }
+        self.router.set_placement(Placement {
+            epoch: state.epoch(),
+            subscriptions: state
+                .subscriptions()
+                .keys()
+                .map(|k| {
+                    let nodes = state
+                        .placement_of(k)
+                        .iter()
+                        .copied()
+                        .filter(|n| state.member(*n).is_some())
+                        .collect();
+                    (k.clone(), nodes)
+                })
+                .collect(),
+        });
+    }
+
+    /// On shutdown: when another member is up to take over, drains this node (its subscriptions
+    /// move) and waits until the placement no longer names it, or until `deadline`.
+    async fn drain_self(&self, deadline: Instant) {
+        let me = self.config.node_id;
+        let state = self.membership.state().borrow().clone();
+        let holds_work = state.placement().values().any(|nodes| nodes.contains(&me));
+        let others = state
+            .members()
+            .values()
+            .any(|m| m.id != me && m.status == NodeStatus::Up && self.health.peer(m.id).routable());
+        if !holds_work || !others || !self.membership.is_running() {
+            return;
         }
-        self.router.set_elsewhere(elsewhere);
+        tracing::info!("handing this node's subscriptions to other nodes before stopping");
+        let left = deadline.saturating_duration_since(Instant::now());
+        let drain = async {
+            let index = self.membership.propose(&Command::drain(me)).await.ok()?;
+            self.settle(index, |s| s.placement().values().all(|nodes| !nodes.contains(&me)))
+                .await;
+            Some(())
+        };
+        match tokio::time::timeout(left, drain).await {
+            Ok(Some(())) => tracing::info!("subscriptions handed over"),
+            _ => tracing::warn!("could not hand the subscriptions over in time; stopping anyway"),
+        }
     }
 
     /// Waits until the local router reflects applied index `index` and `done` holds.
@@ -763,13 +849,29 @@ impl NodeCore {
                     id: m.id,
                     http: m.http.clone(),
                     peer: m.peer.clone(),
-                    status: m.status.as_str().to_string(),
-                    phi: 0.0,
+                    status: self.member_status(m.id, m.status).to_string(),
+                    phi: if m.id == self.config.node_id {
+                        0.0
+                    } else {
+                        self.health.peer(m.id).phi()
+                    },
                     voter: raft.voters.contains(&m.id),
                     handlers: m.handlers.iter().cloned().collect(),
                 })
                 .collect(),
         }
+    }
+
+    /// A member's status as this node reports it: the committed one, except that an `up` member
+    /// this node's detector suspects (or sees degraded) shows that, before the leader acts on it.
+    fn member_status(&self, id: u64, committed: NodeStatus) -> &'static str {
+        if committed == NodeStatus::Up && id != self.config.node_id {
+            match self.health.peer(id).state() {
+                PeerState::Up => {}
+                other => return other.as_str(),
+            }
+        }
+        committed.as_str()
     }
 
     /// Where every subscription's instances run (committed placement).

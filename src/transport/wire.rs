@@ -21,7 +21,8 @@
 //!   }                                      // 7.. free; never reuse a retired tag
 //! }
 //! message Ping           { uint64 seq = 1; int64 sent_unix_nanos = 2; }
-//! message Pong           { uint64 seq = 1; int64 sent_unix_nanos = 2; }  // echoes the Ping
+//! message Pong           { uint64 seq = 1; int64 sent_unix_nanos = 2;   // echoes the Ping
+//!                          uint64 handled = 3; uint64 backlog = 4; }  // the answerer's progress
 //! message Proposal       { uint64 id = 1; bytes command = 2; uint64 origin = 3; }  // origin 0 = sender
 //! message ProposalResult { uint64 id = 1; string error = 2; }           // "" = accepted
 //!
@@ -128,6 +129,12 @@ pub struct Pong {
     /// The ping's `sent_unix_nanos`, echoed unchanged.
     #[prost(int64, tag = "2")]
     pub sent_unix_nanos: i64,
+    /// Events the answerer's handlers have finished so far (a counter; gray-failure detection).
+    #[prost(uint64, tag = "3")]
+    pub handled: u64,
+    /// Events queued or in progress at the answerer's handlers.
+    #[prost(uint64, tag = "4")]
+    pub backlog: u64,
 }
 
 /// A replicated command forwarded by a non-leader to the leader.

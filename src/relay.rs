@@ -1,0 +1,701 @@
+//! The event plane between nodes (DESIGN §5, §7): forwarding events to the node that runs the
+//! chosen instance, acks back, redelivery, deduplication and placement fencing.
+//!
+//! **Ingress side.** When the router picks a remote slot, the ingress hands the event to
+//! [`Relay::forward`]: it gets a delivery id, goes into the *pending* table with its completion
+//! (the ingress's per-event tracker), and into the peer's outbox. One task per peer drains the
+//! outbox into [`EventBatch`]es (many events per transport frame; the transport writes many frames
+//! per syscall). The handler node answers with [`AckBatch`]es; an ack removes the pending entry and
+//! completes the tracker, which drops the event from the WAL once every subscription is done.
+//!
+//! A pending entry is routed again (by the same rules as a new event) when its node turns suspect
+//! or degraded, when the placement moves its subscription elsewhere, when the handler node refuses
+//! it (fencing), or when no ack came within `cluster.redeliver_after_ms`. Events whose every
+//! instance is on an unhealthy node are *parked* here and routed as soon as one can take them; WAL
+//! and dead-letter replays park events too and let this loop place them. The delivery id stays the
+//! same across re-sends, and the completion fires once ([`Once`]), however many acks arrive.
+//!
+//! **Handler side.** Batches from one origin are handled in order by one task per origin (so a
+//! key's order survives the hop). A delivery for a subscription this node runs no instance of is
+//! refused with [`AckCode::NotPlaced`] (the node no longer holds that placement: fencing); the
+//! origin routes it again at once. Otherwise the *dedup window* is checked: a `(subscription,
+//! event id)` seen recently is not handled again — a finished one is answered with its outcome, a
+//! running one gets the ack when it finishes. The window holds `cluster.dedup_window` finished
+//! entries.
+//!
+//! Memory: the pending table holds at most what the in-flight byte budget admits; each origin has
+//! at most `handlers.mailbox_capacity` events in flight per remote instance (the router's
+//! window), which bounds what a handler node's inboxes hold.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use prost::Message;
+use tokio::sync::{mpsc, Notify};
+
+use crate::event::Event;
+use crate::handler::supervisor::{Completion, Job, Outcome};
+use crate::handler::SubscriptionKey;
+use crate::monitor::Health;
+use crate::proto::{peer_message, AckBatch, AckCode, AckRecord, EventBatch, EventRecord, Forwarded, PeerMessage};
+use crate::router::{NoRoom, Route, Router, Slot, Target};
+use crate::transport::{Envelope, Transport};
+
+/// An envelope of forwarded events stops growing past this many bytes.
+const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
+/// At most this many deliveries (or acks) are taken from a queue per envelope.
+const MAX_BATCH: usize = 1024;
+/// How often pending deliveries are checked for re-routing when nothing else wakes the loop.
+const SWEEP: Duration = Duration::from_millis(50);
+
+/// The relay's own thread and runtime, so event-plane work neither waits behind HTTP workers nor
+/// delays the membership thread's heartbeats. Dropping it stops the runtime and joins the thread.
+pub(crate) struct RelayRuntime {
+    handle: tokio::runtime::Handle,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl RelayRuntime {
+    pub(crate) fn start() -> std::io::Result<RelayRuntime> {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let handle = runtime.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new().name("herald-relay".into()).spawn(move || {
+            runtime.block_on(async move {
+                let _ = stopped.await;
+            });
+        })?;
+        Ok(RelayRuntime {
+            handle,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+
+    pub(crate) fn handle(&self) -> tokio::runtime::Handle {
+        self.handle.clone()
+    }
+}
+
+impl Drop for RelayRuntime {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The relay's settings.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RelayConfig {
+    /// Re-send a delivery not acked within this long.
+    pub(crate) redeliver_after: Duration,
+    /// Finished `(subscription, event id)` pairs remembered for deduplication.
+    pub(crate) dedup_window: usize,
+}
+
+/// Fires the wrapped completion once, however many copies of a delivery finish.
+struct Once {
+    fired: AtomicBool,
+    inner: Arc<dyn Completion>,
+}
+
+impl Completion for Once {
+    fn complete(&self, sub: &SubscriptionKey, outcome: Outcome) {
+        if !self.fired.swap(true, Ordering::AcqRel) {
+            self.inner.complete(sub, outcome);
+        }
+    }
+}
+
+/// A delivery waiting for its ack (or for a node to take it).
+struct Pending {
+    key: Arc<SubscriptionKey>,
+    event: Arc<Event>,
+    done: Arc<Once>,
+    /// The node it was sent to; 0 while parked.
+    node: u64,
+    /// The window unit held towards `node`.
+    load: Option<Arc<AtomicUsize>>,
+    sent: Instant,
+    /// The node refused it (fencing): route again now.
+    refused: bool,
+}
+
+impl Pending {
+    fn release(&mut self) {
+        if let Some(load) = self.load.take() {
+            load.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+/// A finished delivery as the dedup window remembers it.
+#[derive(Clone)]
+struct Finished {
+    code: AckCode,
+    attempts: u32,
+    error: String,
+}
+
+enum Seen {
+    /// Being handled; these `(origin, delivery id)` wait for the outcome.
+    Running(Vec<(u64, u64)>),
+    Done(Finished),
+}
+
+/// The handler side's window of recent `(subscription, event id)`.
+struct Dedup {
+    map: HashMap<(Arc<SubscriptionKey>, String), Seen>,
+    done: VecDeque<(Arc<SubscriptionKey>, String)>,
+    capacity: usize,
+}
+
+/// One-way queues to one peer, each drained by its own task.
+struct Queues<T> {
+    senders: Mutex<HashMap<u64, mpsc::UnboundedSender<T>>>,
+}
+
+impl<T: Send + 'static> Queues<T> {
+    fn new() -> Self {
+        Queues {
+            senders: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Queues `item` for `peer`, starting the peer's task with `start` on first use.
+    fn push(&self, peer: u64, item: T, start: impl FnOnce(mpsc::UnboundedReceiver<T>)) {
+        let mut senders = self.senders.lock().unwrap_or_else(|p| p.into_inner());
+        let item = match senders.get(&peer) {
+            Some(tx) => match tx.send(item) {
+                Ok(()) => return,
+                Err(mpsc::error::SendError(item)) => item,
+            },
+            None => item,
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        let _ = tx.send(item);
+        senders.insert(peer, tx);
+        start(rx);
+    }
+}
+
+/// The event plane of one node.
+pub(crate) struct Relay {
+    me: Weak<Relay>,
+    transport: Transport,
+    router: Arc<Router>,
+    health: Arc<Health>,
+    config: RelayConfig,
+    runtime: tokio::runtime::Handle,
+    next_id: AtomicU64,
+    pending: Mutex<BTreeMap<u64, Pending>>,
+    outboxes: Queues<Forwarded>,
+    ackboxes: Queues<AckRecord>,
+    inboxes: Queues<EventBatch>,
+    dedup: Mutex<Dedup>,
+    /// Wakes the re-routing loop early.
+    kick: Notify,
+    pending_gauge: metrics::Gauge,
+    redelivered: metrics::Counter,
+    deduplicated: metrics::Counter,
+}
+
+impl Relay {
+    /// Starts the relay's tasks on `runtime`; `inbound` carries the `app` payloads peers send.
+    pub(crate) fn start(
+        transport: Transport,
+        router: Arc<Router>,
+        health: Arc<Health>,
+        config: RelayConfig,
+        runtime: tokio::runtime::Handle,
+        mut inbound: mpsc::UnboundedReceiver<(u64, Bytes)>,
+    ) -> Arc<Relay> {
+        let relay = Arc::new_cyclic(|me| Relay {
+            me: me.clone(),
+            transport,
+            router,
+            health,
+            config,
+            runtime: runtime.clone(),
+            next_id: AtomicU64::new(1),
+            pending: Mutex::new(BTreeMap::new()),
+            outboxes: Queues::new(),
+            ackboxes: Queues::new(),
+            inboxes: Queues::new(),
+            dedup: Mutex::new(Dedup {
+                map: HashMap::new(),
+                done: VecDeque::new(),
+                capacity: config.dedup_window,
+            }),
+            kick: Notify::new(),
+            pending_gauge: metrics::gauge!(crate::metrics::FORWARD_PENDING),
+            redelivered: metrics::counter!(crate::metrics::EVENTS_REDELIVERED),
+            deduplicated: metrics::counter!(crate::metrics::EVENTS_DEDUPLICATED),
+        });
+        let weak = Arc::downgrade(&relay);
+        runtime.spawn(async move {
+            while let Some((from, bytes)) = inbound.recv().await {
+                let Some(relay) = weak.upgrade() else { return };
+                relay.on_message(from, bytes);
+            }
+        });
+        runtime.spawn(reroute_loop(Arc::downgrade(&relay), relay.health.subscribe()));
+        relay
+    }
+
+    /// Deliveries sent to a node and not acked yet (parked ones excluded).
+    pub(crate) fn in_flight(&self) -> usize {
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|p| p.node != 0)
+            .count()
+    }
+
+    /// Sends `event` for `route`'s subscription to `node` (whose window unit `load` was reserved);
+    /// `completion` is told once the handler node acks it.
+    pub(crate) fn forward(
+        &self,
+        route: &Route,
+        node: u64,
+        load: Arc<AtomicUsize>,
+        event: Arc<Event>,
+        completion: Arc<dyn Completion>,
+    ) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let record = Forwarded {
+            id,
+            group: route.key.group.clone(),
+            epoch: route.epoch,
+            event: Some(EventRecord::from(&*event)),
+        };
+        self.insert(
+            id,
+            Pending {
+                key: route.key.clone(),
+                event,
+                done: Arc::new(Once {
+                    fired: AtomicBool::new(false),
+                    inner: completion,
+                }),
+                node,
+                load: Some(load),
+                sent: Instant::now(),
+                refused: false,
+            },
+        );
+        self.send_to(node, record);
+    }
+
+    /// Holds `event` for `key`'s subscription until a node can take it (every instance is on an
+    /// unhealthy node, or a replay hands it over to be routed).
+    pub(crate) fn park(&self, key: Arc<SubscriptionKey>, event: Arc<Event>, completion: Arc<dyn Completion>) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.insert(
+            id,
+            Pending {
+                key,
+                event,
+                done: Arc::new(Once {
+                    fired: AtomicBool::new(false),
+                    inner: completion,
+                }),
+                node: 0,
+                load: None,
+                sent: Instant::now(),
+                refused: false,
+            },
+        );
+        self.kick.notify_one();
+    }
+
+    fn insert(&self, id: u64, p: Pending) {
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        pending.insert(id, p);
+        self.pending_gauge.set(pending.len() as f64);
+    }
+
+    fn send_to(&self, node: u64, record: Forwarded) {
+        let transport = self.transport.clone();
+        let runtime = &self.runtime;
+        self.outboxes.push(node, record, |rx| {
+            runtime.spawn(send_events(transport, node, rx));
+        });
+    }
+
+    fn ack(&self, origin: u64, record: AckRecord) {
+        let transport = self.transport.clone();
+        let runtime = &self.runtime;
+        self.ackboxes.push(origin, record, |rx| {
+            runtime.spawn(send_acks(transport, origin, rx));
+        });
+    }
+
+    fn on_message(&self, from: u64, bytes: Bytes) {
+        match PeerMessage::decode(bytes) {
+            Ok(PeerMessage {
+                body: Some(peer_message::Body::Events(batch)),
+            }) => {
+                let me = self.me.clone();
+                let runtime = &self.runtime;
+                self.inboxes.push(from, batch, |rx| {
+                    runtime.spawn(receive_events(me, from, rx));
+                });
+            }
+            Ok(PeerMessage {
+                body: Some(peer_message::Body::Acks(acks)),
+            }) => self.on_acks(from, acks),
+            Ok(PeerMessage { body: None }) => {}
+            Err(e) => tracing::warn!(peer = from, error = %e, "undecodable event-plane message dropped"),
+        }
+    }
+
+    // ---- ingress side -------------------------------------------------------------------------
+
+    fn on_acks(&self, from: u64, batch: AckBatch) {
+        let mut finished = Vec::new();
+        let mut refused = false;
+        {
+            let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            for ack in batch.acks {
+                let code = AckCode::try_from(ack.code).unwrap_or(AckCode::Failed);
+                if code == AckCode::NotPlaced {
+                    if let Some(p) = pending.get_mut(&ack.id) {
+                        if p.node == from {
+                            tracing::debug!(peer = from, subscription = %p.key, reason = %ack.error, "delivery refused; routing it again");
+                            p.refused = true;
+                            refused = true;
+                        }
+                    }
+                    continue;
+                }
+                if let Some(mut p) = pending.remove(&ack.id) {
+                    p.release();
+                    let outcome = match code {
+                        AckCode::Ok => Outcome::Ok { attempts: ack.attempts },
+                        AckCode::DeadLettered => Outcome::DeadLettered {
+                            attempts: ack.attempts,
+                            error: ack.error,
+                        },
+                        _ => Outcome::Failed {
+                            attempts: ack.attempts,
+                            error: ack.error,
+                        },
+                    };
+                    finished.push((p, outcome));
+                }
+            }
+            self.pending_gauge.set(pending.len() as f64);
+        }
+        // Completions run outside the lock (they may drop WAL records and answer publishers).
+        for (p, outcome) in finished {
+            p.done.complete(&p.key, outcome);
+        }
+        if refused {
+            self.kick.notify_one();
+        }
+    }
+
+    /// Routes again every pending delivery that needs it.
+    fn reroute(&self) {
+        let table = self.router.table();
+        let now = Instant::now();
+        let mut local = Vec::new();
+        let mut resend = Vec::new();
+        let mut gone = Vec::new();
+        {
+            let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            for (&id, p) in pending.iter_mut() {
+                let Some(route) = table.route(&p.key) else {
+                    gone.push(id);
+                    continue;
+                };
+                let due = p.node == 0
+                    || p.refused
+                    || !self.health.peer(p.node).routable()
+                    || !route
+                        .slots
+                        .iter()
+                        .any(|s| matches!(s, Slot::Remote { node, .. } if *node == p.node))
+                    || now.saturating_duration_since(p.sent) >= self.config.redeliver_after;
+                if !due {
+                    continue;
+                }
+                match route.reserve(p.event.key.as_deref()) {
+                    Ok(Target::Local(slot)) => {
+                        slot.send(Job {
+                            event: p.event.clone(),
+                            completion: p.done.clone(),
+                        });
+                        local.push(id);
+                    }
+                    Ok(Target::Remote(slot)) => {
+                        let (node, load) = slot.take();
+                        p.release();
+                        p.node = node;
+                        p.load = Some(load);
+                        p.sent = now;
+                        p.refused = false;
+                        resend.push((
+                            node,
+                            Forwarded {
+                                id,
+                                group: p.key.group.clone(),
+                                epoch: route.epoch,
+                                event: Some(EventRecord::from(&*p.event)),
+                            },
+                        ));
+                    }
+                    Ok(Target::Parked) | Err(NoRoom::Unplaced) => {
+                        p.release();
+                        p.node = 0;
+                    }
+                    // No room now: the next sweep tries again.
+                    Err(NoRoom::Full) => {}
+                }
+            }
+            for id in local.iter().chain(&gone) {
+                if let Some(mut p) = pending.remove(id) {
+                    p.release();
+                    if gone.contains(id) {
+                        // The subscription was deleted: nothing is owed to it any more.
+                        tracing::debug!(subscription = %p.key, id = %p.event.id, "subscription deleted; delivery dropped");
+                        p.done.complete(&p.key, Outcome::Ok { attempts: 0 });
+                    }
+                }
+            }
+            self.pending_gauge.set(pending.len() as f64);
+        }
+        self.redelivered.increment((local.len() + resend.len()) as u64);
+        for (node, record) in resend {
+            self.send_to(node, record);
+        }
+    }
+
+    // ---- handler side -------------------------------------------------------------------------
+
+    async fn accept(&self, from: u64, d: Forwarded) {
+        let refuse = |why: String| AckRecord {
+            id: d.id,
+            code: AckCode::NotPlaced as i32,
+            attempts: 0,
+            error: why,
+        };
+        let Some(record) = d.event else {
+            return self.ack(from, refuse("a delivery without an event".into()));
+        };
+        let key = SubscriptionKey {
+            topic: record.topic.clone(),
+            group: d.group.clone(),
+        };
+        let table = self.router.table();
+        let Some(sub) = table.get(&key).cloned() else {
+            return self.ack(
+                from,
+                refuse(format!(
+                    "node holds no instance of {key} (placement epoch {}, delivery epoch {})",
+                    table.route(&key).map_or(0, |r| r.epoch),
+                    d.epoch
+                )),
+            );
+        };
+        let key = sub.shared.key.clone();
+        let event_id = record.id.clone();
+        {
+            let mut dedup = self.dedup.lock().unwrap_or_else(|p| p.into_inner());
+            match dedup.map.get_mut(&(key.clone(), event_id.clone())) {
+                Some(Seen::Running(waiting)) => {
+                    waiting.push((from, d.id));
+                    self.deduplicated.increment(1);
+                    return;
+                }
+                Some(Seen::Done(f)) => {
+                    let f = f.clone();
+                    drop(dedup);
+                    self.deduplicated.increment(1);
+                    return self.ack(
+                        from,
+                        AckRecord {
+                            id: d.id,
+                            code: f.code as i32,
+                            attempts: f.attempts,
+                            error: f.error,
+                        },
+                    );
+                }
+                None => {
+                    dedup
+                        .map
+                        .insert((key.clone(), event_id.clone()), Seen::Running(vec![(from, d.id)]));
+                }
+            }
+        }
+        let event = Arc::new(Event::from(record));
+        let job = Job {
+            event: event.clone(),
+            completion: Arc::new(Handled {
+                relay: self.me.clone(),
+                event_id: event_id.clone(),
+            }),
+        };
+        if sub.send_waiting(event.key.as_deref(), job).await.is_err() {
+            self.dedup
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .map
+                .remove(&(key.clone(), event_id));
+            self.ack(from, refuse(format!("subscription {key} stopped on this node")));
+        }
+    }
+
+    fn handled(&self, key: &SubscriptionKey, event_id: String, outcome: Outcome) {
+        let finished = match outcome {
+            Outcome::Ok { attempts } => Finished {
+                code: AckCode::Ok,
+                attempts,
+                error: String::new(),
+            },
+            Outcome::DeadLettered { attempts, error } => Finished {
+                code: AckCode::DeadLettered,
+                attempts,
+                error,
+            },
+            Outcome::Failed { attempts, error } => Finished {
+                code: AckCode::Failed,
+                attempts,
+                error,
+            },
+        };
+        let waiting = {
+            let mut dedup = self.dedup.lock().unwrap_or_else(|p| p.into_inner());
+            let Some((entry, _)) = dedup.map.get_key_value(&(Arc::new(key.clone()), event_id)) else {
+                return;
+            };
+            let entry = entry.clone();
+            let waiting = match dedup.map.insert(entry.clone(), Seen::Done(finished.clone())) {
+                Some(Seen::Running(w)) => w,
+                _ => Vec::new(),
+            };
+            dedup.done.push_back(entry);
+            while dedup.done.len() > dedup.capacity {
+                if let Some(old) = dedup.done.pop_front() {
+                    if matches!(dedup.map.get(&old), Some(Seen::Done(_))) {
+                        dedup.map.remove(&old);
+                    }
+                }
+            }
+            waiting
+        };
+        for (origin, id) in waiting {
+            self.ack(
+                origin,
+                AckRecord {
+                    id,
+                    code: finished.code as i32,
+                    attempts: finished.attempts,
+                    error: finished.error.clone(),
+                },
+            );
+        }
+    }
+}
+
+/// The completion of a forwarded delivery on the handler node: record it, ack the origin(s).
+struct Handled {
+    relay: Weak<Relay>,
+    event_id: String,
+}
+
+impl Completion for Handled {
+    fn complete(&self, sub: &SubscriptionKey, outcome: Outcome) {
+        if let Some(relay) = self.relay.upgrade() {
+            relay.handled(sub, self.event_id.clone(), outcome);
+        }
+    }
+}
+
+/// Drains one peer's outbox into event batches.
+async fn send_events(transport: Transport, node: u64, mut rx: mpsc::UnboundedReceiver<Forwarded>) {
+    let counter = metrics::counter!(crate::metrics::EVENTS_FORWARDED, "peer" => node.to_string());
+    let mut buf = Vec::with_capacity(MAX_BATCH);
+    while rx.recv_many(&mut buf, MAX_BATCH).await > 0 {
+        let mut rest = std::mem::take(&mut buf).into_iter().peekable();
+        while rest.peek().is_some() {
+            let mut batch = EventBatch::default();
+            let mut bytes = 0;
+            while let Some(d) =
+                rest.next_if(|d| batch.deliveries.is_empty() || bytes + d.encoded_len() <= MAX_BATCH_BYTES)
+            {
+                bytes += d.encoded_len();
+                batch.deliveries.push(d);
+            }
+            let n = batch.deliveries.len() as u64;
+            let env = Envelope::app(
+                PeerMessage {
+                    body: Some(peer_message::Body::Events(batch)),
+                }
+                .encode_to_vec(),
+            );
+            match transport.send_async(node, env).await {
+                Ok(()) => counter.increment(n),
+                // Still pending at the origin: redelivered after the timeout or when re-routed.
+                Err(e) => tracing::debug!(peer = node, error = %e, "cannot forward events"),
+            }
+        }
+    }
+}
+
+/// Drains the acks owed to one origin into ack batches.
+async fn send_acks(transport: Transport, origin: u64, mut rx: mpsc::UnboundedReceiver<AckRecord>) {
+    let mut buf = Vec::with_capacity(MAX_BATCH);
+    while rx.recv_many(&mut buf, MAX_BATCH * 8).await > 0 {
+        let env = Envelope::app(
+            PeerMessage {
+                body: Some(peer_message::Body::Acks(AckBatch {
+                    acks: std::mem::take(&mut buf),
+                })),
+            }
+            .encode_to_vec(),
+        );
+        if let Err(e) = transport.send_async(origin, env).await {
+            // The origin re-sends after its timeout; the dedup window answers then.
+            tracing::debug!(peer = origin, error = %e, "cannot send acks");
+        }
+    }
+}
+
+/// Handles one origin's batches in order.
+async fn receive_events(relay: Weak<Relay>, from: u64, mut rx: mpsc::UnboundedReceiver<EventBatch>) {
+    while let Some(batch) = rx.recv().await {
+        let Some(relay) = relay.upgrade() else { return };
+        for d in batch.deliveries {
+            relay.accept(from, d).await;
+        }
+    }
+}
+
+/// Re-routes pending deliveries every sweep, and at once when a peer's health changes or a
+/// delivery was refused or parked.
+async fn reroute_loop(relay: Weak<Relay>, mut health: tokio::sync::watch::Receiver<u64>) {
+    loop {
+        let Some(r) = relay.upgrade() else { return };
+        let kicked = r.kick.notified();
+        tokio::pin!(kicked);
+        kicked.as_mut().enable();
+        r.reroute();
+        tokio::select! {
+            _ = tokio::time::sleep(SWEEP) => {}
+            _ = kicked => {}
+            c = health.changed() => if c.is_err() { return },
+        }
+    }
+}
