@@ -65,7 +65,8 @@ pub struct ClusterConfig {
     /// The leader marks a member down after it was suspect or degraded this long (its
     /// subscriptions move), and up again after it was healthy this long.
     pub down_after_ms: u64,
-    /// A peer that reports a backlog but finishes no event for this long is degraded.
+    /// A peer that reports a backlog while one of its handler worker threads has been wedged
+    /// (blocked by a handler) this long is degraded: routers avoid it, the leader marks it down.
     pub degraded_after_ms: u64,
     /// A forwarded event not acked within this long is sent again.
     pub redeliver_after_ms: u64,

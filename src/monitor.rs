@@ -16,8 +16,9 @@
 //! A peer is **suspect** when its phi exceeds `cluster.phi_threshold`, or when the connection to it
 //! broke and cannot be re-established (a killed process on a live host refuses connections at
 //! once, which is a stronger signal than silence). It is **degraded** when it answers pings but
-//! reports a backlog without finishing any event for `cluster.degraded_after_ms`: the frozen
-//! handler on a connected node that heartbeats alone never catch.
+//! reports a backlog while one of its handler worker threads has been wedged for
+//! `cluster.degraded_after_ms` (see [`Progress`]): the frozen-but-connected node that heartbeats
+//! alone never catch.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
@@ -261,12 +262,53 @@ impl Health {
 }
 
 /// This node's handler progress, reported in every pong for gray-failure detection.
+///
+/// Progress is measured on the worker threads that run handler instances: each ticks a counter
+/// every [`WORKER_TICK`] from a task of its own, and the node's progress is the smallest of those
+/// counters. A worker wedged by a handler that blocks its thread stops ticking, so the node stops
+/// progressing while events wait: that node is *degraded*. A handler that is merely slow or hung
+/// in an `await` does not block its thread (its call times out and is retried), so a slow
+/// downstream does not make its node degraded and does not get healthy nodes marked down one
+/// after the other as its subscription moves.
 #[derive(Debug, Default)]
 pub struct Progress {
-    /// Events finished by this node's handlers (acknowledged or dead-lettered).
-    pub handled: AtomicU64,
     /// Events queued or in progress at this node's handlers.
     pub backlog: AtomicU64,
+    workers: Vec<Arc<AtomicU64>>,
+}
+
+/// How often each worker thread ticks its progress counter.
+pub const WORKER_TICK: Duration = Duration::from_millis(100);
+
+impl Progress {
+    /// Progress for `workers` worker threads; each must run [`Progress::tick_worker`].
+    pub fn new(workers: usize) -> Self {
+        Progress {
+            backlog: AtomicU64::new(0),
+            workers: (0..workers).map(|_| Arc::default()).collect(),
+        }
+    }
+
+    /// The ticking task of worker `i` (runs until its runtime stops).
+    pub fn tick_worker(&self, i: usize) -> impl std::future::Future<Output = ()> + 'static {
+        let counter = self.workers.get(i).cloned().unwrap_or_default();
+        async move {
+            let mut tick = tokio::time::interval(WORKER_TICK);
+            loop {
+                tick.tick().await;
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// The progress counter: the ticks of the slowest worker.
+    pub fn handled(&self) -> u64 {
+        self.workers
+            .iter()
+            .map(|w| w.load(Ordering::Relaxed))
+            .min()
+            .unwrap_or(0)
+    }
 }
 
 /// The monitor's settings (`cluster.*`).
@@ -278,7 +320,7 @@ pub struct MonitorConfig {
     pub phi_threshold: f64,
     /// The detector's floor for the standard deviation of heartbeat intervals.
     pub min_std_deviation: Duration,
-    /// A peer with a backlog and no finished event for this long is degraded.
+    /// A peer with a backlog whose worker threads made no progress for this long is degraded.
     pub degraded_after: Duration,
 }
 
@@ -287,7 +329,7 @@ pub fn pong(seq: u64, sent_unix_nanos: i64, progress: &Progress) -> Envelope {
     Envelope::new(crate::transport::Body::Pong(Pong {
         seq,
         sent_unix_nanos,
-        handled: progress.handled.load(Ordering::Relaxed),
+        handled: progress.handled(),
         backlog: progress.backlog.load(Ordering::Relaxed),
     }))
 }

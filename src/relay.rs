@@ -37,7 +37,7 @@ use prost::Message;
 use tokio::sync::{mpsc, Notify};
 
 use crate::event::Event;
-use crate::handler::supervisor::{Completion, Job, Outcome};
+use crate::handler::supervisor::{Completion, Job, Outcome, Retired};
 use crate::handler::SubscriptionKey;
 use crate::monitor::Health;
 use crate::proto::{peer_message, AckBatch, AckCode, AckRecord, EventBatch, EventRecord, Forwarded, PeerMessage};
@@ -225,7 +225,9 @@ impl Relay {
             health,
             config,
             runtime: runtime.clone(),
-            next_id: AtomicU64::new(1),
+            // Random, so that acks a peer still owes to this node's previous process (same node
+            // id, before a restart) cannot complete this process's deliveries.
+            next_id: AtomicU64::new(rand::random::<u64>() >> 1),
             pending: Mutex::new(BTreeMap::new()),
             outboxes: Queues::new(),
             ackboxes: Queues::new(),
@@ -408,6 +410,11 @@ impl Relay {
     /// Routes again every pending delivery that needs it.
     fn reroute(&self) {
         let table = self.router.table();
+        if !table.is_live() {
+            // Starting (no placement yet) or stopping (the table was cleared): nothing can be
+            // routed, and a missing route does not mean a deleted subscription.
+            return;
+        }
         let now = Instant::now();
         let mut local = Vec::new();
         let mut resend = Vec::new();
@@ -435,6 +442,7 @@ impl Relay {
                         slot.send(Job {
                             event: p.event.clone(),
                             completion: p.done.clone(),
+                            origin: None,
                         });
                         local.push(id);
                     }
@@ -546,6 +554,7 @@ impl Relay {
                 relay: self.me.clone(),
                 event_id: event_id.clone(),
             }),
+            origin: Some((from, d.id)),
         };
         if sub.send_waiting(event.key.as_deref(), job).await.is_err() {
             self.dedup
@@ -554,6 +563,34 @@ impl Relay {
                 .map
                 .remove(&(key.clone(), event_id));
             self.ack(from, refuse(format!("subscription {key} stopped on this node")));
+        }
+    }
+
+    fn retired(&self, key: &Arc<SubscriptionKey>, job: Job) {
+        if job.origin.is_none() {
+            tracing::debug!(subscription = %key, id = %job.event.id, "placement moved: routing a queued event anew");
+            return self.park(key.clone(), job.event, job.completion);
+        }
+        let waiting = match self
+            .dedup
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .map
+            .remove(&(key.clone(), job.event.id.clone()))
+        {
+            Some(Seen::Running(w)) => w,
+            _ => job.origin.into_iter().collect(),
+        };
+        for (origin, id) in waiting {
+            self.ack(
+                origin,
+                AckRecord {
+                    id,
+                    code: AckCode::NotPlaced as i32,
+                    attempts: 0,
+                    error: format!("placement of {key} moved away from this node before it ran the event"),
+                },
+            );
         }
     }
 
@@ -605,6 +642,34 @@ impl Relay {
                     error: finished.error.clone(),
                 },
             );
+        }
+    }
+}
+
+/// Routes anew the jobs of subscriptions that left this node (see [`Retired`]): a forwarded one is
+/// refused back to its origin (which routes it with the new placement), one accepted here is
+/// parked and routed like a new event. Set once the relay exists (the router is built first).
+#[derive(Default)]
+pub(crate) struct Returns(std::sync::OnceLock<Weak<Relay>>);
+
+impl Returns {
+    pub(crate) fn set(&self, relay: &Arc<Relay>) {
+        let _ = self.0.set(Arc::downgrade(relay));
+    }
+}
+
+impl Retired for Returns {
+    fn retired(&self, sub: &Arc<SubscriptionKey>, job: Job) {
+        match self.0.get().and_then(Weak::upgrade) {
+            Some(relay) => relay.retired(sub, job),
+            // Only while the node shuts down: the event stays in its origin's WAL.
+            None => job.completion.complete(
+                sub,
+                Outcome::Failed {
+                    attempts: 0,
+                    error: "the node is stopping".into(),
+                },
+            ),
         }
     }
 }

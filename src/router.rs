@@ -298,9 +298,17 @@ pub(crate) struct RoutingTable {
     routes: HashMap<SubscriptionKey, Arc<Route>>,
     /// This node's running subscriptions.
     all: BTreeMap<SubscriptionKey, Arc<SubRuntime>>,
+    /// Built from a committed placement (false before the first one and after shutdown's
+    /// `clear`): only then does a missing route mean the subscription was deleted.
+    live: bool,
 }
 
 impl RoutingTable {
+    /// Whether the table follows a committed placement (see `live`).
+    pub(crate) fn is_live(&self) -> bool {
+        self.live
+    }
+
     /// The routes of `topic`'s subscriptions (empty if none).
     pub(crate) fn topic(&self, topic: &str) -> &[Arc<Route>] {
         self.by_topic.get(topic).map_or(&[], Vec::as_slice)
@@ -347,6 +355,8 @@ pub(crate) struct RouterParts {
     pub(crate) progress: Arc<Progress>,
     /// At most this many events in flight from this node to one remote instance.
     pub(crate) window: usize,
+    /// Takes the queued jobs of subscriptions that left this node.
+    pub(crate) returns: Arc<dyn supervisor::Retired>,
 }
 
 /// Owns the routing table and starts/stops instances as subscriptions change.
@@ -364,6 +374,8 @@ struct Inputs {
     all: BTreeMap<SubscriptionKey, Arc<SubRuntime>>,
     /// The in-flight counter of each remote instance node (kept across rebuilds).
     remote_load: HashMap<(u64, SubscriptionKey), Arc<AtomicUsize>>,
+    /// A placement was set.
+    live: bool,
 }
 
 impl Router {
@@ -406,12 +418,14 @@ impl Router {
         true
     }
 
-    /// Removes a subscription; its instances drain their mailboxes and stop.
+    /// Removes a subscription (it was deleted, or its placement left this node): its instances
+    /// hand what is queued to `returns` (to be routed anew) and stop.
     pub(crate) fn remove(&self, key: &SubscriptionKey) -> bool {
         let mut inputs = self.write.lock().unwrap_or_else(|p| p.into_inner());
-        if inputs.all.remove(key).is_none() {
+        let Some(gone) = inputs.all.remove(key) else {
             return false;
-        }
+        };
+        gone.shared.retired.store(true, Ordering::Release);
         self.rebuild(&mut inputs);
         true
     }
@@ -419,10 +433,11 @@ impl Router {
     /// Follows a new committed placement (which instances run where, and the epoch).
     pub(crate) fn set_placement(&self, placement: Placement) {
         let mut inputs = self.write.lock().unwrap_or_else(|p| p.into_inner());
-        if inputs.placement == placement {
+        if inputs.live && inputs.placement == placement {
             return;
         }
         inputs.placement = placement;
+        inputs.live = true;
         self.rebuild(&mut inputs);
     }
 
@@ -475,6 +490,7 @@ impl Router {
             by_topic,
             routes,
             all: inputs.all.clone(),
+            live: inputs.live,
         }));
     }
 
@@ -484,6 +500,8 @@ impl Router {
             key: Arc::new(key),
             max_attempts: spec.max_attempts.unwrap_or(self.parts.default_max_attempts),
             progress: self.parts.progress.clone(),
+            retired: std::sync::atomic::AtomicBool::new(false),
+            returns: self.parts.returns.clone(),
         });
         let workers = &self.parts.workers;
         // Spread instances over the worker threads, starting at a per-subscription offset so that

@@ -44,6 +44,14 @@ pub(crate) trait DeadLetterSink: Send + Sync {
 pub(crate) struct Job {
     pub(crate) event: Arc<Event>,
     pub(crate) completion: Arc<dyn Completion>,
+    /// `(origin node, delivery id)` when another node forwarded it here.
+    pub(crate) origin: Option<(u64, u64)>,
+}
+
+/// Takes the jobs an instance will not run because its subscription's placement left this node
+/// (they were queued before it moved; the new placement's nodes handle them).
+pub(crate) trait Retired: Send + Sync {
+    fn retired(&self, sub: &Arc<SubscriptionKey>, job: Job);
 }
 
 /// What every instance of one subscription shares.
@@ -51,8 +59,13 @@ pub(crate) struct SubShared {
     pub(crate) key: Arc<SubscriptionKey>,
     pub(crate) max_attempts: u32,
     pub(crate) metrics: SubMetrics,
-    /// The node's handler progress (events finished, backlog), for gray-failure detection.
+    /// The node's handler backlog, for gray-failure detection.
     pub(crate) progress: Arc<crate::monitor::Progress>,
+    /// Set when the placement no longer gives this node the subscription: queued jobs are handed
+    /// to `returns` instead of being run (fencing at dequeue), so a node that was frozen while its
+    /// work moved does not run a mailbox of events that were already sent elsewhere.
+    pub(crate) retired: std::sync::atomic::AtomicBool,
+    pub(crate) returns: Arc<dyn Retired>,
 }
 
 /// Restart and call policy, from `HandlerConfig`.
@@ -94,6 +107,12 @@ pub(crate) async fn run_instance(
     let mut failures: u32 = 0;
     while let Some(job) = mailbox.recv().await {
         shared.metrics.mailbox_depth.decrement(1.0);
+        if shared.retired.load(Ordering::Acquire) {
+            load.fetch_sub(1, Ordering::Relaxed);
+            shared.progress.backlog.fetch_sub(1, Ordering::Relaxed);
+            shared.returns.retired(&shared.key, job);
+            continue;
+        }
         let mut attempt = 1;
         let outcome = loop {
             if actor.is_none() {
@@ -167,7 +186,6 @@ pub(crate) async fn run_instance(
         job.completion.complete(&shared.key, outcome);
         load.fetch_sub(1, Ordering::Relaxed);
         shared.progress.backlog.fetch_sub(1, Ordering::Relaxed);
-        shared.progress.handled.fetch_add(1, Ordering::Relaxed);
     }
 }
 

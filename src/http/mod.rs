@@ -5,6 +5,7 @@
 //! bodies are read with an explicit size limit so an oversized request gets a 413 before it is
 //! buffered.
 
+mod dead_letters;
 pub mod error;
 pub mod publish;
 
@@ -99,8 +100,8 @@ fn routes(cfg: &mut web::ServiceConfig) {
         .route("/v1/cluster/placements", web::get().to(placements))
         .route("/v1/cluster/nodes/{id}/drain", web::post().to(drain_node))
         .route("/v1/cluster/nodes/{id}", web::delete().to(remove_node))
-        .route("/v1/dead-letters", web::get().to(list_dead_letters))
-        .route("/v1/dead-letters/{id}/replay", web::post().to(replay_dead_letter))
+        .route("/v1/dead-letters", web::get().to(dead_letters::list))
+        .route("/v1/dead-letters/{id}/replay", web::post().to(dead_letters::replay))
         .route("/metrics", web::get().to(metrics_text))
         .route("/healthz", web::get().to(healthz))
         .route("/readyz", web::get().to(readyz))
@@ -279,51 +280,6 @@ async fn remove_node(req: HttpRequest, path: web::Path<u64>, state: State) -> Re
     }
 }
 
-/// Query of `GET /v1/dead-letters`.
-#[derive(serde::Deserialize, utoipa::IntoParams)]
-struct DeadLetterQuery {
-    /// Only this topic.
-    topic: Option<String>,
-    /// Only this group.
-    group: Option<String>,
-    /// Page after this dead-letter id.
-    after: Option<String>,
-    /// Page size (default 100, at most 1000).
-    limit: Option<usize>,
-}
-
-#[utoipa::path(get, path = "/v1/dead-letters", tag = "dead letters", params(DeadLetterQuery),
-    responses((status = 200, description = "Dead letters, oldest first", body = [crate::ingress::DeadLetter])))]
-async fn list_dead_letters(
-    req: HttpRequest,
-    q: web::Query<DeadLetterQuery>,
-    state: State,
-) -> Result<HttpResponse, ApiError> {
-    authorize(&req, &state, Role::Admin)?;
-    let limit = q.limit.unwrap_or(100);
-    if limit == 0 || limit > 1000 {
-        return Err(ApiError::bad_request(
-            "invalid_query",
-            "limit must be between 1 and 1000",
-        ));
-    }
-    let list = state
-        .core
-        .ingress()
-        .dead_letters(q.after.as_deref(), limit, q.topic.as_deref(), q.group.as_deref())
-        .map_err(|m| ApiError::new(actix_web::http::StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", m))?;
-    Ok(HttpResponse::Ok().json(list))
-}
-
-#[utoipa::path(post, path = "/v1/dead-letters/{id}/replay", tag = "dead letters", params(("id" = String, Path)),
-    responses((status = 202, description = "Sent back to its subscription"), (status = 404, description = "No such dead letter", body = error::ErrorBody)))]
-async fn replay_dead_letter(req: HttpRequest, path: web::Path<String>, state: State) -> Result<HttpResponse, ApiError> {
-    authorize(&req, &state, Role::Admin)?;
-    let id = path.into_inner();
-    let event_id = state.core.ingress().replay_dead_letter(&id).await?;
-    Ok(HttpResponse::Accepted().json(serde_json::json!({ "id": id, "event_id": event_id })))
-}
-
 #[utoipa::path(get, path = "/metrics", tag = "operations",
     responses((status = 200, description = "Prometheus text exposition", content_type = "text/plain")))]
 async fn metrics_text(state: State) -> Result<HttpResponse, ApiError> {
@@ -368,7 +324,7 @@ async fn openapi() -> HttpResponse {
     paths(
         publish::publish_one, publish::publish_batch,
         list_subscriptions, create_subscription, delete_subscription,
-        cluster, placements, drain_node, remove_node, list_dead_letters, replay_dead_letter,
+        cluster, placements, drain_node, remove_node, dead_letters::list, dead_letters::replay,
         metrics_text, healthz, readyz
     ),
     components(schemas(

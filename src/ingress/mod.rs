@@ -475,6 +475,7 @@ impl Ingress {
                     Target::Local(slot) => slot.send(Job {
                         event: event.clone(),
                         completion: tracker.clone(),
+                        origin: None,
                     }),
                     Target::Remote(slot) => {
                         let (node, load) = slot.take();

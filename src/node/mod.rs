@@ -28,7 +28,7 @@ use crate::membership::service::{Membership, MembershipConfig};
 use crate::membership::state::{Command, MembershipState};
 use crate::monitor::{Health, MonitorConfig, PeerState, Progress};
 use crate::placement::NodeStatus;
-use crate::relay::{Relay, RelayConfig, RelayRuntime};
+use crate::relay::{Relay, RelayConfig, RelayRuntime, Returns};
 use crate::router::{Placement, Router, RouterParts};
 use crate::subscription::{SpecError, SubscriptionSpec};
 
@@ -148,7 +148,12 @@ impl NodeBuilder {
         let store = Store::open(&config.data_dir, config.wal.fsync, config.wal.max_batch)?;
         let workers: Vec<Arbiter> = (0..h.worker_threads()).map(|_| Arbiter::new()).collect();
         let health = Arc::new(Health::default());
-        let progress = Arc::new(Progress::default());
+        let progress = Arc::new(Progress::new(workers.len()));
+        for (i, w) in workers.iter().enumerate() {
+            let tick = progress.tick_worker(i);
+            w.spawn(tick);
+        }
+        let returns = Arc::new(Returns::default());
         let router = Arc::new(Router::new(RouterParts {
             registry,
             workers: workers.iter().map(Arbiter::handle).collect(),
@@ -165,6 +170,7 @@ impl NodeBuilder {
             health: health.clone(),
             progress: progress.clone(),
             window: h.mailbox_capacity,
+            returns: returns.clone(),
         }));
         // Declared subscriptions must be valid for this binary before anything starts.
         for spec in &config.subscriptions {
@@ -231,6 +237,7 @@ impl NodeBuilder {
             relay_runtime.handle(),
             app_rx,
         );
+        returns.set(&relay);
         let ingress = Arc::new(Ingress::new(
             router.clone(),
             relay.clone(),
@@ -872,6 +879,18 @@ impl NodeCore {
             }
         }
         committed.as_str()
+    }
+
+    /// `(id, HTTP address)` of every other member (for requests that span the cluster).
+    pub fn other_members_http(&self) -> Vec<(u64, String)> {
+        self.membership
+            .state()
+            .borrow()
+            .members()
+            .values()
+            .filter(|m| m.id != self.config.node_id)
+            .map(|m| (m.id, m.http.clone()))
+            .collect()
     }
 
     /// Where every subscription's instances run (committed placement).

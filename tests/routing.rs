@@ -1,0 +1,393 @@
+//! Cross-node routing with in-process clusters: events published on one node reach subscriptions
+//! placed on others; remote outcomes and dead letters; backpressure across nodes; a node whose
+//! handler threads are wedged is reported degraded and routed around; a drain under load loses
+//! nothing.
+//!
+//! Every node runs in this test process with its own ports, data dir, membership thread and
+//! worker threads; they talk over the real peer transport on 127.0.0.1.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use actix::prelude::{Actor, Context, Handler};
+use herald::handler::{Delivery, HandlerResult};
+use herald::node::{Node, NodeBuilder};
+use herald::subscription::SubscriptionSpec;
+use serde_json::{json, Value};
+
+use common::{eventually, get, post_json, request, start_node, within, Receiver, TestNode};
+
+/// Starts `builders` as one cluster (node ids 1..=n, the first one the seed) and waits until every
+/// node sees every member up and a leader.
+async fn cluster(builders: Vec<NodeBuilder>) -> Vec<TestNode> {
+    let mut nodes: Vec<TestNode> = Vec::new();
+    let n = builders.len();
+    for (i, mut b) in builders.into_iter().enumerate() {
+        let c = b.config_mut();
+        c.node_id = i as u64 + 1;
+        if let Some(first) = nodes.first() {
+            c.cluster.join = vec![first.node.core().membership().peer_addr().to_string()];
+        }
+        nodes.push(start_node(b).await);
+    }
+    let urls: Vec<String> = nodes.iter().map(|n| n.url.clone()).collect();
+    eventually("every node sees every member up and a leader", || {
+        let urls = urls.clone();
+        async move {
+            for u in &urls {
+                let (_, v) = get(&format!("{u}/v1/cluster")).await;
+                let up = v["members"].as_array()?.iter().filter(|m| m["status"] == "up").count();
+                if up != n || v["leader"].is_null() {
+                    return None;
+                }
+            }
+            Some(())
+        }
+    })
+    .await;
+    nodes
+}
+
+/// Creates `spec` through `url` and returns the node ids of its instances once every node agrees.
+async fn subscribe(nodes: &[TestNode], spec: Value) -> Vec<u64> {
+    let a = post_json(&format!("{}/v1/subscriptions", nodes[0].url), &spec).await;
+    assert!(a.status == 201 || a.status == 200, "subscribe: {}", a.body);
+    let (topic, group) = (spec["topic"].clone(), spec["group"].clone());
+    let urls: Vec<String> = nodes.iter().map(|n| n.url.clone()).collect();
+    eventually("the placement is the same on every node", || {
+        let (urls, topic, group) = (urls.clone(), topic.clone(), group.clone());
+        async move {
+            let mut seen = None;
+            for u in &urls {
+                let (_, ps) = get(&format!("{u}/v1/cluster/placements")).await;
+                let p = ps
+                    .as_array()?
+                    .iter()
+                    .find(|p| p["topic"] == topic && p["group"] == group)?
+                    .clone();
+                let nodes: Vec<u64> = p["nodes"].as_array()?.iter().filter_map(Value::as_u64).collect();
+                if nodes.is_empty() || seen.as_ref().is_some_and(|s| *s != nodes) {
+                    return None;
+                }
+                seen = Some(nodes);
+            }
+            seen
+        }
+    })
+    .await
+}
+
+async fn publish(url: &str, topic: &str, ack: &str, data: &Value) -> common::Answer {
+    request(
+        "POST",
+        &format!("{url}/v1/topics/{topic}/events?ack={ack}"),
+        &[("content-type", "application/json")],
+        data.to_string(),
+    )
+    .await
+}
+
+fn node_of<'a>(nodes: &'a [TestNode], id: u64) -> &'a TestNode {
+    &nodes[id as usize - 1]
+}
+
+/// Ids of events a receiver got (the webhook posts structured CloudEvents).
+fn received_ids(r: &Receiver) -> Vec<String> {
+    r.events()
+        .iter()
+        .filter_map(|e| e.body["id"].as_str().map(str::to_string))
+        .collect()
+}
+
+async fn wait_received(r: &Receiver, want: &BTreeSet<String>, deadline: Duration) {
+    within("every accepted event reaches the receiver", deadline, || {
+        let got: BTreeSet<String> = received_ids(r).into_iter().collect();
+        let missing = want.difference(&got).count();
+        async move { (missing == 0).then_some(()) }
+    })
+    .await;
+}
+
+async fn shutdown(nodes: Vec<TestNode>) {
+    for n in nodes.into_iter().rev() {
+        n.node.shutdown().await;
+    }
+}
+
+#[actix_rt::test]
+async fn a_remote_handlers_outcome_and_its_dead_letter_are_seen_from_any_node() {
+    let receiver = Receiver::start(1).await;
+    let nodes = cluster((0..3).map(|_| Node::builder()).collect()).await;
+    let host = subscribe(
+        &nodes,
+        json!({"topic": "rt.dl", "group": "g", "handler": {"kind": "webhook", "url": receiver.url},
+               "instances": 1, "max_attempts": 1}),
+    )
+    .await[0];
+    let others: Vec<&TestNode> = nodes
+        .iter()
+        .filter(|n| n.node.core().config().node_id != host)
+        .collect();
+
+    // ack=processed waits for the handler on the other node: its outcome comes back in the ack.
+    let a = publish(&others[0].url, "rt.dl", "processed", &json!({"n": 1})).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(a.body["outcomes"][0]["outcome"], "dead_lettered", "{}", a.body);
+    let event_id = a.body["id"].as_str().unwrap().to_string();
+
+    // Listed from a node that neither received nor ran it.
+    let (status, list) = get(&format!("{}/v1/dead-letters", others[1].url)).await;
+    assert_eq!(status, 200, "{list}");
+    let list = list.as_array().unwrap();
+    assert_eq!(list.len(), 1, "{list:?}");
+    assert_eq!(list[0]["event_id"], event_id.as_str());
+    let (_, local) = get(&format!("{}/v1/dead-letters?scope=local", others[1].url)).await;
+    assert_eq!(local, json!([]), "the dead letter is stored where the handler ran");
+
+    // Replayed from there too; the handler now succeeds.
+    let dl = list[0]["id"].as_str().unwrap();
+    let r = request(
+        "POST",
+        &format!("{}/v1/dead-letters/{dl}/replay", others[1].url),
+        &[],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    assert_eq!(r.body["event_id"], event_id.as_str());
+    wait_received(&receiver, &BTreeSet::from([event_id]), Duration::from_secs(20)).await;
+    eventually("the replayed dead letter is gone everywhere", || {
+        let url = others[0].url.clone();
+        async move { (get(&format!("{url}/v1/dead-letters")).await.1 == json!([])).then_some(()) }
+    })
+    .await;
+    let r = request(
+        "POST",
+        &format!("{}/v1/dead-letters/nope/replay", others[0].url),
+        &[],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 404, "{}", r.body);
+    shutdown(nodes).await;
+}
+
+#[actix_rt::test]
+async fn a_slow_subscription_on_another_node_pushes_back_with_429_and_loses_nothing() {
+    let receiver = Receiver::start_with("127.0.0.1:0", 0, Duration::from_millis(200)).await;
+    let small = || {
+        let mut b = Node::builder();
+        b.config_mut().handlers.mailbox_capacity = 4;
+        b.config_mut().http.max_batch_events = 4;
+        b
+    };
+    let nodes = cluster((0..3).map(|_| small()).collect()).await;
+    let host = subscribe(
+        &nodes,
+        json!({"topic": "rt.bp", "group": "g", "handler": {"kind": "webhook", "url": receiver.url}, "instances": 1}),
+    )
+    .await[0];
+    let ingress = nodes.iter().find(|n| n.node.core().config().node_id != host).unwrap();
+    let mut accepted = BTreeSet::new();
+    let mut refused = 0;
+    for i in 0..30 {
+        let a = publish(&ingress.url, "rt.bp", "accepted", &json!({"i": i})).await;
+        match a.status {
+            202 => {
+                accepted.insert(a.body["id"].as_str().unwrap().to_string());
+            }
+            429 => {
+                assert_eq!(a.body["error"]["code"], "overloaded", "{}", a.body);
+                let retry = a.headers.get("retry-after").expect("Retry-After on 429");
+                assert!(retry.to_str().unwrap().parse::<u64>().unwrap() >= 1);
+                refused += 1;
+            }
+            s => panic!("unexpected {s}: {}", a.body),
+        }
+    }
+    println!(
+        "slow remote subscription: {} accepted, {refused} refused with 429",
+        accepted.len()
+    );
+    assert!(refused > 0, "a full window towards the slow node must refuse publishes");
+    assert!(!accepted.is_empty());
+    wait_received(&receiver, &accepted, Duration::from_secs(30)).await;
+    shutdown(nodes).await;
+}
+
+/// Records `(node, event id)` of every event it handles.
+struct Recorder {
+    node: u64,
+    seen: Arc<Mutex<Vec<(u64, String)>>>,
+}
+
+impl Actor for Recorder {
+    type Context = Context<Self>;
+}
+
+impl Handler<Delivery> for Recorder {
+    type Result = HandlerResult;
+    fn handle(&mut self, d: Delivery, _: &mut Context<Self>) -> HandlerResult {
+        self.seen.lock().unwrap().push((self.node, d.event.id.clone()));
+        Ok(())
+    }
+}
+
+/// Blocks its worker thread (the gray failure a node's pings do not show) until released.
+struct Blocker {
+    release: Arc<AtomicBool>,
+}
+
+impl Actor for Blocker {
+    type Context = Context<Self>;
+}
+
+impl Handler<Delivery> for Blocker {
+    type Result = HandlerResult;
+    fn handle(&mut self, _: Delivery, _: &mut Context<Self>) -> HandlerResult {
+        let start = Instant::now();
+        while !self.release.load(Ordering::SeqCst) && start.elapsed() < Duration::from_secs(60) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(())
+    }
+}
+
+#[actix_rt::test]
+async fn a_node_with_a_wedged_worker_is_degraded_and_its_events_are_handled_elsewhere() {
+    let seen: Arc<Mutex<Vec<(u64, String)>>> = Arc::default();
+    let release = Arc::new(AtomicBool::new(false));
+    let builders = (1..=3u64)
+        .map(|id| {
+            let s = seen.clone();
+            let mut b = Node::builder().handler("record", move || Recorder {
+                node: id,
+                seen: s.clone(),
+            });
+            b.config_mut().cluster.degraded_after_ms = 1000;
+            if id == 3 {
+                let r = release.clone();
+                b = b.handler("block", move || Blocker { release: r.clone() });
+                b.config_mut().handlers.workers = 1;
+            }
+            b
+        })
+        .collect();
+    let nodes = cluster(builders).await;
+    let placed = subscribe(
+        &nodes,
+        serde_json::to_value(SubscriptionSpec::rust("rt.fine", "g", "record").instances(3)).unwrap(),
+    )
+    .await;
+    assert_eq!(
+        placed.iter().collect::<BTreeSet<_>>().len(),
+        3,
+        "one instance per node: {placed:?}"
+    );
+    assert_eq!(
+        subscribe(
+            &nodes,
+            serde_json::to_value(SubscriptionSpec::rust("rt.stuck", "g", "block")).unwrap()
+        )
+        .await,
+        vec![3]
+    );
+
+    // Wedge node 3's only worker thread.
+    let a = publish(&nodes[0].url, "rt.stuck", "accepted", &json!({})).await;
+    assert_eq!(a.status, 202, "{}", a.body);
+    let started = Instant::now();
+    let mut accepted = BTreeSet::new();
+    let mut reported = None;
+    // Keep publishing (unkeyed, so node 3's instance gets its share) until node 1 reports node 3
+    // degraded (or already down), then a while longer.
+    while accepted.len() < 400 && started.elapsed() < Duration::from_secs(30) {
+        let a = publish(&nodes[0].url, "rt.fine", "accepted", &json!({"i": accepted.len()})).await;
+        if a.status == 202 {
+            accepted.insert(a.body["id"].as_str().unwrap().to_string());
+        }
+        if reported.is_none() {
+            let (_, v) = get(&format!("{}/v1/cluster", nodes[0].url)).await;
+            let status = v["members"].as_array().unwrap().iter().find(|m| m["id"] == 3).unwrap()["status"].clone();
+            if status == "degraded" || status == "down" {
+                reported = Some((status, started.elapsed()));
+            }
+        }
+        if let Some((_, at)) = &reported {
+            if started.elapsed() > *at + Duration::from_secs(1) {
+                break;
+            }
+        }
+        actix_rt::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (status, after) = reported.expect("node 1 reports node 3 degraded or down while its worker is wedged");
+    println!("node 3 reported {status} {after:?} after its worker was wedged");
+    // Everything accepted is handled while node 3 stays wedged: what it held was sent elsewhere.
+    within(
+        "every accepted event handled on a healthy node",
+        Duration::from_secs(20),
+        || {
+            let handled: BTreeSet<String> = seen
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|(node, _)| *node != 3)
+                .map(|(_, id)| id.clone())
+                .collect();
+            let missing = accepted.difference(&handled).count();
+            async move { (missing == 0).then_some(()) }
+        },
+    )
+    .await;
+    release.store(true, Ordering::SeqCst);
+    shutdown(nodes).await;
+}
+
+#[actix_rt::test]
+async fn draining_the_hosting_node_under_load_loses_nothing() {
+    let receiver = Receiver::start(0).await;
+    let nodes = cluster((0..3).map(|_| Node::builder()).collect()).await;
+    let host = subscribe(
+        &nodes,
+        json!({"topic": "rt.drain", "group": "g", "handler": {"kind": "webhook", "url": receiver.url}, "instances": 1}),
+    )
+    .await[0];
+    let ingress = nodes.iter().find(|n| n.node.core().config().node_id != host).unwrap();
+    let mut accepted = BTreeSet::new();
+    let mut drained = false;
+    for i in 0..300 {
+        if i == 100 {
+            let a = request(
+                "POST",
+                &format!("{}/v1/cluster/nodes/{host}/drain", ingress.url),
+                &[],
+                "",
+            )
+            .await;
+            assert!(a.status < 300, "drain: {}", a.body);
+            drained = true;
+        }
+        let a = publish(&ingress.url, "rt.drain", "accepted", &json!({"i": i})).await;
+        assert_eq!(a.status, 202, "{}", a.body);
+        accepted.insert(a.body["id"].as_str().unwrap().to_string());
+    }
+    assert!(drained);
+    let (_, ps) = get(&format!("{}/v1/cluster/placements", node_of(&nodes, host).url)).await;
+    assert!(
+        !ps[0]["nodes"].as_array().unwrap().contains(&json!(host)),
+        "the drained node holds no instance: {ps}"
+    );
+    wait_received(&receiver, &accepted, Duration::from_secs(30)).await;
+    let got = received_ids(&receiver);
+    println!(
+        "drain under load: {} accepted, {} received ({} duplicates)",
+        accepted.len(),
+        got.len(),
+        got.len() - got.iter().collect::<BTreeSet<_>>().len()
+    );
+    shutdown(nodes).await;
+}
