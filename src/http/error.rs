@@ -109,7 +109,7 @@ impl From<PublishError> for ApiError {
                 retry_after: Some(1),
                 ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", message)
             },
-            PublishError::NotHere(_) => Self::new(StatusCode::SERVICE_UNAVAILABLE, "not_placed_here", message),
+            PublishError::NotHere(_) => Self::new(StatusCode::SERVICE_UNAVAILABLE, "subscription_unplaced", message),
         }
     }
 }

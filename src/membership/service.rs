@@ -365,6 +365,9 @@ async fn run(config: MembershipConfig, advertise: String) -> Result<Handles> {
     let app = config.app.clone();
     tokio::spawn(async move {
         while let Some((from, env)) = inbound_rx.recv().await {
+            if t.is_cut_off(from) {
+                continue;
+            }
             let m = match env.body {
                 Some(Body::Raft(bytes)) => Inbound::Raft(bytes.to_vec()),
                 Some(Body::Propose(p)) => Inbound::Forwarded {

@@ -164,6 +164,8 @@ struct Shared {
     next_conn: AtomicU64,
     /// Cancelled on shutdown; every task runs under it (or a child of it).
     shutdown: CancellationToken,
+    /// Peers cut off by fault injection ([`Transport::cut_off`]).
+    cut: RwLock<std::collections::HashSet<u64>>,
 }
 
 /// One established inbound connection.
@@ -229,6 +231,7 @@ impl<C: Connector> Transport<C> {
             inbound: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
             shutdown: CancellationToken::new(),
+            cut: RwLock::new(std::collections::HashSet::new()),
         });
         Ok(Transport {
             inner: Arc::new(Inner {
@@ -315,6 +318,9 @@ impl<C: Connector> Transport<C> {
     /// once (or while) the peer is connected.
     pub fn send(&self, id: u64, envelope: Envelope) -> Result<(), SendError> {
         self.check_len(&envelope)?;
+        if self.is_cut_off(id) {
+            return Ok(());
+        }
         let peers = self.inner.peers.read().unwrap_or_else(PoisonError::into_inner);
         let peer = peers.get(&id).ok_or(SendError::UnknownPeer(id))?;
         peer.tx.try_send(envelope).map_err(|e| match e {
@@ -329,11 +335,43 @@ impl<C: Connector> Transport<C> {
     /// Queues `envelope` for peer `id`, waiting for room in its queue.
     pub async fn send_async(&self, id: u64, envelope: Envelope) -> Result<(), SendError> {
         self.check_len(&envelope)?;
+        if self.is_cut_off(id) {
+            return Ok(());
+        }
         let tx = {
             let peers = self.inner.peers.read().unwrap_or_else(PoisonError::into_inner);
             peers.get(&id).ok_or(SendError::UnknownPeer(id))?.tx.clone()
         };
         tx.send(envelope).await.map_err(|_| SendError::Closed(id))
+    }
+
+    /// Fault injection, for tests and drills: from now on every envelope to `peers` is dropped as
+    /// if lost on the network (sends still succeed, connections stay up, nothing is reset: a
+    /// silent partition). The receiving side must drop what arrives from them too; the node's
+    /// dispatcher does, through [`Transport::is_cut_off`]. [`Transport::heal`] undoes it.
+    pub fn cut_off(&self, peers: impl IntoIterator<Item = u64>) {
+        self.inner
+            .shared
+            .cut
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .extend(peers);
+    }
+
+    /// Ends every [`Transport::cut_off`].
+    pub fn heal(&self) {
+        self.inner
+            .shared
+            .cut
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+    }
+
+    /// Whether `peer` is cut off by fault injection.
+    pub fn is_cut_off(&self, peer: u64) -> bool {
+        let cut = self.inner.shared.cut.read().unwrap_or_else(PoisonError::into_inner);
+        !cut.is_empty() && cut.contains(&peer)
     }
 
     fn check_len(&self, envelope: &Envelope) -> Result<(), SendError> {
