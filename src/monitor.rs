@@ -10,6 +10,8 @@
 //!   Routers skip peers that are not `up` at once; the leader commits `MarkDown` once a peer
 //!   stayed suspect or degraded for `cluster.down_after_ms`, and `MarkUp` once it is back `up` for
 //!   as long.
+//!   A peer whose connection broke and whose process refuses new ones is marked down without
+//!   waiting: that is a failure, not a suspicion.
 //! * [`run`] is the monitor task (on the membership thread, away from handler load): every
 //!   `cluster.ping_interval_ms` it pings each member and re-evaluates each peer.
 //!
@@ -167,6 +169,8 @@ impl PeerState {
 #[derive(Debug)]
 pub struct PeerHealth {
     state: AtomicU8,
+    /// Its connection broke and could not be re-established: the process is gone, not slow.
+    unreachable: std::sync::atomic::AtomicBool,
     phi: AtomicU64,
     /// Milliseconds since [`Health`] was created when `state` last changed.
     since_ms: AtomicU64,
@@ -176,6 +180,7 @@ impl PeerHealth {
     fn new(since_ms: u64) -> Self {
         PeerHealth {
             state: AtomicU8::new(PeerState::Up as u8),
+            unreachable: std::sync::atomic::AtomicBool::new(false),
             phi: AtomicU64::new(0f64.to_bits()),
             since_ms: AtomicU64::new(since_ms),
         }
@@ -189,6 +194,12 @@ impl PeerHealth {
     /// Whether routers may choose this peer.
     pub fn routable(&self) -> bool {
         self.state() == PeerState::Up
+    }
+
+    /// Whether its connection broke and reconnecting failed since (a killed process refuses
+    /// connections): a failure, not a suspicion, so the leader need not wait `down_after`.
+    pub fn unreachable(&self) -> bool {
+        self.unreachable.load(Ordering::Acquire)
     }
 
     /// The last phi computed.
@@ -413,8 +424,13 @@ pub(crate) async fn run(
                 rtt_gauge: metrics::gauge!(crate::metrics::PEER_RTT, "peer" => m.id.to_string()),
             });
             let _ = transport.send(m.id, Envelope::ping(seq, unix_nanos()));
-            let connected = transport.is_connected(m.id);
+            let link = transport.link(m.id).map(|l| l.borrow().clone()).unwrap_or_default();
+            let connected = link.connected;
             w.ever_connected |= connected;
+            health.peer(m.id).unreachable.store(
+                w.ever_connected && !connected && link.failed_dials > 0,
+                Ordering::Release,
+            );
             let phi = w.detector.phi(now);
             w.phi_gauge.set(phi);
             let next = if phi > config.phi_threshold || (w.ever_connected && !connected) {

@@ -572,7 +572,8 @@ impl Ctx {
 
 impl Ctx {
     /// `MarkDown` for a member this node's detector has seen suspect or degraded for
-    /// `down_after`; `MarkUp` for a down member it has seen healthy for as long.
+    /// `down_after` (or at once when its process is gone); `MarkUp` for a down member it has seen
+    /// healthy for `down_after`.
     fn next_status_change(&self, state: &MembershipState) -> Option<Command> {
         // The leader is alive by definition: if others marked it down while it was frozen, it
         // marks itself up again.
@@ -581,7 +582,10 @@ impl Ctx {
         }
         state.members().values().filter(|m| m.id != self.id).find_map(|m| {
             let (health, since) = self.health.state_for(m.id);
-            if since < self.down_after {
+            // A process that is gone (its connection broke and it refuses new ones) is not a
+            // suspicion to confirm: mark it down at once.
+            let gone = health == PeerState::Suspect && self.health.peer(m.id).unreachable();
+            if since < self.down_after && !gone {
                 return None;
             }
             match (m.status, health) {

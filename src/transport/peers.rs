@@ -78,6 +78,8 @@ pub struct PeerLink {
     pub connects: u64,
     /// Why the last connection attempt failed or the last connection ended; cleared on connect.
     pub last_error: Option<String>,
+    /// Connection attempts that failed since the last established connection.
+    pub failed_dials: u64,
 }
 
 /// Why an envelope could not be queued.
@@ -586,6 +588,7 @@ impl<C: Connector> Dialer<C> {
                         l.connected = true;
                         l.connects += 1;
                         l.last_error = None;
+                        l.failed_dials = 0;
                     });
                     let started = Instant::now();
                     let result = conn::drive(
@@ -620,7 +623,10 @@ impl<C: Connector> Dialer<C> {
                     } else {
                         tracing::debug!(peer, %addr, %error, failures, "cannot connect to peer; retrying with backoff");
                     }
-                    self.link.send_modify(|l| l.last_error = Some(error.to_string()));
+                    self.link.send_modify(|l| {
+                        l.last_error = Some(error.to_string());
+                        l.failed_dials += 1;
+                    });
                 }
             }
             let delay = backoff.next_delay();
