@@ -8,176 +8,12 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Output;
+use std::time::Instant;
 
+use common::cluster::*;
 use common::*;
 use serde_json::{json, Value};
-
-const BIN: &str = env!("CARGO_BIN_EXE_herald");
-
-/// How long a cluster may take to converge after a change.
-const CONVERGE: Duration = Duration::from_secs(30);
-
-/// A port that was free a moment ago (the listener is dropped at once, so start the node right
-/// after asking).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind 127.0.0.1:0")
-        .port()
-}
-
-/// One `herald node` of a test cluster. Its log goes to a file, printed if the test fails.
-struct Node {
-    id: u64,
-    proc: Proc,
-    /// Holds the data dir (`data`) and the log (`node.log`); removed when the node is dropped.
-    _dir: tempfile::TempDir,
-    /// `127.0.0.1:PORT` of the peer listener (what others `--join`).
-    peer: String,
-    /// The `herald node` arguments, to start it again on the same data dir and ports.
-    args: Vec<String>,
-}
-
-impl Node {
-    fn url(&self) -> &str {
-        &self.proc.url
-    }
-
-    /// `host:port` of the HTTP API, as the membership table records it.
-    fn http(&self) -> &str {
-        self.proc.url.trim_start_matches("http://")
-    }
-
-    /// Starts node `id`, joining the node whose peer address is `join` (none: a new cluster). With
-    /// `fixed_http` the HTTP port is chosen here rather than by the node, so that a restart can
-    /// reuse it.
-    fn start(id: u64, join: Option<&str>, fixed_http: bool) -> Node {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut args: Vec<String> = vec!["--node-id".into(), id.to_string()];
-        let data = dir.path().join("data");
-        args.extend(["--data-dir".into(), data.to_str().expect("utf-8 path").into()]);
-        let http_port = if fixed_http { free_port() } else { 0 };
-        args.extend(["--http".into(), format!("127.0.0.1:{http_port}")]);
-        if let Some(seed) = join {
-            args.extend(["--join".into(), seed.to_string()]);
-        }
-        let peer = format!("127.0.0.1:{}", free_port());
-        args.extend(["--peer".into(), peer.clone()]);
-        let proc = spawn(&args);
-        Node {
-            id,
-            proc,
-            _dir: dir,
-            peer,
-            args,
-        }
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            print_log(&self.args);
-        }
-    }
-}
-
-/// Prints the end of the log of `herald node <args>` to stderr.
-fn print_log(args: &[String]) {
-    let path = log_path(args);
-    let log = std::fs::read_to_string(&path).unwrap_or_default();
-    let lines: Vec<&str> = log.lines().collect();
-    eprintln!("--- last lines of {} ---", path.display());
-    for line in &lines[lines.len().saturating_sub(40)..] {
-        eprintln!("{line}");
-    }
-}
-
-/// Where `herald node <args>` logs: `node.log` next to its data dir.
-fn log_path(args: &[String]) -> PathBuf {
-    let data = args
-        .iter()
-        .skip_while(|a| *a != "--data-dir")
-        .nth(1)
-        .expect("--data-dir");
-    Path::new(data).with_file_name("node.log")
-}
-
-/// Starts `herald node <args>` (logging to [`log_path`]) and waits until it is ready: a member
-/// that knows its leader. Unlike `spawn_herald`, a node that never gets ready is killed.
-fn spawn(args: &[String]) -> Proc {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log_path(args))
-        .expect("node log file");
-    let mut cmd = Command::new(BIN);
-    // Only the flags count: no settings inherited from the environment.
-    for var in [
-        "HERALD_CONFIG",
-        "HERALD_CLUSTER_ID",
-        "HERALD_JOIN",
-        "HERALD_ADVERTISE",
-        "HERALD_CLUSTER_SECRET_FILE",
-    ] {
-        cmd.env_remove(var);
-    }
-    let mut child = cmd
-        .arg("node")
-        .args(args)
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(log)
-        .spawn()
-        .expect("spawn herald");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(url) = line.split("listening on ").nth(1) {
-                let _ = tx.send(url.trim().to_string());
-            }
-        }
-    });
-    let url = rx.recv_timeout(DEADLINE);
-    let proc = Proc {
-        child,
-        url: url.clone().unwrap_or_default(),
-    };
-    // On a panic the node is killed when `proc` is dropped.
-    if url.is_err() {
-        print_log(args);
-        panic!("herald node {args:?} did not report its address within {DEADLINE:?}");
-    }
-    if let Err(panic) = std::panic::catch_unwind(|| wait_ready(&proc.url)) {
-        print_log(args);
-        std::panic::resume_unwind(panic);
-    }
-    proc
-}
-
-/// Starts node 1 as a new cluster and nodes 2..=n joining it, one after the other (so they join in
-/// id order).
-fn start_cluster(n: u64, fixed_http: bool) -> Vec<Node> {
-    let first = Node::start(1, None, fixed_http);
-    let seed = first.peer.clone();
-    let mut nodes = vec![first];
-    for id in 2..=n {
-        nodes.push(Node::start(id, Some(&seed), fixed_http));
-    }
-    nodes
-}
-
-fn urls<'a>(nodes: impl IntoIterator<Item = &'a Node>) -> Vec<String> {
-    nodes.into_iter().map(|n| n.url().to_string()).collect()
-}
 
 fn node(nodes: &[Node], id: u64) -> &Node {
     nodes.iter().find(|n| n.id == id).expect("a node with that id")
@@ -188,27 +24,6 @@ async fn get_ok(url: &str, path: &str) -> Value {
     let (status, body) = get(&format!("{url}{path}")).await;
     assert_eq!(status, 200, "GET {url}{path}: {body}");
     body
-}
-
-/// Polls `path` on every node in `urls` until `check` accepts their answers (in `urls` order),
-/// failing after [`CONVERGE`] with the last answers.
-async fn converge<T>(what: &str, urls: &[String], path: &str, check: impl Fn(&[Value]) -> Option<T>) -> T {
-    let start = Instant::now();
-    loop {
-        let mut answers = Vec::with_capacity(urls.len());
-        for url in urls {
-            answers.push(get_ok(url, path).await);
-        }
-        if let Some(v) = check(&answers) {
-            return v;
-        }
-        assert!(
-            start.elapsed() < CONVERGE,
-            "timed out after {CONVERGE:?} waiting for: {what}\nlast answers of {urls:?} to {path}:\n{}",
-            serde_json::to_string_pretty(&answers).unwrap_or_default()
-        );
-        actix_rt::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 fn leader(view: &Value) -> Option<u64> {
@@ -309,24 +124,6 @@ fn log_sub(topic: &str, group: &str, instances: u32) -> Value {
 async fn subscribe(url: &str, spec: &Value) {
     let a = post_json(&format!("{url}/v1/subscriptions"), spec).await;
     assert_eq!(a.status, 201, "POST {url}/v1/subscriptions {spec}: {}", a.body);
-}
-
-/// SIGTERM, then the exit status within [`DEADLINE`].
-fn terminate(proc: &mut Proc) -> ExitStatus {
-    let pid = proc.child.id().to_string();
-    let sent = Command::new("kill").args(["-TERM", &pid]).status().expect("kill -TERM");
-    assert!(sent.success(), "kill -TERM {pid} failed");
-    let start = Instant::now();
-    loop {
-        if let Some(status) = proc.child.try_wait().expect("try_wait") {
-            return status;
-        }
-        if start.elapsed() > DEADLINE {
-            proc.kill9();
-            panic!("herald (pid {pid}) did not stop within {DEADLINE:?} of SIGTERM");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// Runs `herald <args>` to completion with output captured, failing after [`DEADLINE`].
@@ -586,7 +383,7 @@ async fn a_learner_is_promoted_when_a_voter_is_removed() {
     let l = leader(&view).unwrap();
     let gone = [1, 2, 3].into_iter().find(|&id| id != l).unwrap();
 
-    let status = terminate(&mut nodes.iter_mut().find(|n| n.id == gone).unwrap().proc);
+    let status = terminate(&mut nodes.iter_mut().find(|n| n.id == gone).unwrap().proc).await;
     assert!(status.success(), "SIGTERM ends node {gone} cleanly: {status:?}");
     let rest: Vec<&Node> = nodes.iter().filter(|n| n.id != gone).collect();
     let a = request("DELETE", &format!("{}/v1/cluster/nodes/{gone}", rest[0].url()), &[], "").await;
@@ -645,7 +442,7 @@ async fn a_full_cluster_restart_keeps_members_and_subscriptions_and_places_them_
     assert_eq!(subs_before.as_array().unwrap().len(), 2, "{subs_before}");
 
     for n in nodes.iter_mut().rev() {
-        let status = terminate(&mut n.proc);
+        let status = terminate(&mut n.proc).await;
         assert!(status.success(), "SIGTERM ends node {} cleanly: {status:?}", n.id);
     }
     // No node is ready before a majority is back, so start all three at once.

@@ -18,22 +18,16 @@ mod common;
 
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashSet};
-use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::Command;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::cluster::*;
 use common::*;
 use serde_json::{json, Value};
 
-const BIN: &str = env!("CARGO_BIN_EXE_herald");
-
-/// How long a cluster may take to converge after a change.
-const CONVERGE: Duration = Duration::from_secs(30);
 /// How long every acknowledged event may take to arrive once publishing ended.
 const DELIVERY: Duration = Duration::from_secs(60);
 /// Events published in the kill and freeze scenarios.
@@ -57,189 +51,6 @@ fn serially<F: std::future::Future<Output = ()>>(test: impl FnOnce() -> F) {
 
 // ---------------------------------------------------------------------------------------------
 // Nodes
-
-/// A port that was free a moment ago (the listener is dropped at once, so start the node right
-/// after asking).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind 127.0.0.1:0")
-        .port()
-}
-
-/// One `herald node` of a test cluster. Its log goes to a file, printed if the test fails.
-struct Node {
-    id: u64,
-    proc: Proc,
-    /// Holds the data dir (`data`) and the log (`node.log`); removed when the node is dropped.
-    _dir: tempfile::TempDir,
-    /// The `herald node` arguments, to start it again on the same data dir and ports.
-    args: Vec<String>,
-}
-
-impl Node {
-    /// Starts node `id`, joining the node whose peer address is `join` (none: a new cluster). With
-    /// `fixed_http` the HTTP port is chosen here rather than by the node, so that a restart reuses
-    /// it (the peer port always is).
-    fn start(id: u64, join: Option<&str>, fixed_http: bool) -> (Node, String) {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut args: Vec<String> = vec!["--node-id".into(), id.to_string()];
-        let data = dir.path().join("data");
-        args.extend(["--data-dir".into(), data.to_str().expect("utf-8 path").into()]);
-        let http_port = if fixed_http { free_port() } else { 0 };
-        args.extend(["--http".into(), format!("127.0.0.1:{http_port}")]);
-        if let Some(seed) = join {
-            args.extend(["--join".into(), seed.to_string()]);
-        }
-        let peer = format!("127.0.0.1:{}", free_port());
-        args.extend(["--peer".into(), peer.clone()]);
-        let proc = spawn(&args);
-        (
-            Node {
-                id,
-                proc,
-                _dir: dir,
-                args,
-            },
-            peer,
-        )
-    }
-
-    fn url(&self) -> &str {
-        &self.proc.url
-    }
-
-    fn pid(&self) -> u32 {
-        self.proc.child.id()
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            print_log(&self.args);
-        }
-    }
-}
-
-/// Where `herald node <args>` logs: `node.log` next to its data dir.
-fn log_path(args: &[String]) -> PathBuf {
-    let data = args
-        .iter()
-        .skip_while(|a| *a != "--data-dir")
-        .nth(1)
-        .expect("--data-dir");
-    Path::new(data).with_file_name("node.log")
-}
-
-/// Prints the end of the log of `herald node <args>` to stderr.
-fn print_log(args: &[String]) {
-    let path = log_path(args);
-    let log = std::fs::read_to_string(&path).unwrap_or_default();
-    let lines: Vec<&str> = log.lines().collect();
-    eprintln!("--- last lines of {} ({args:?}) ---", path.display());
-    for line in &lines[lines.len().saturating_sub(60)..] {
-        eprintln!("{line}");
-    }
-}
-
-/// Starts `herald node <args>` logging at `warn` to [`log_path`] and waits until it is ready (a
-/// member that knows its leader and replayed its WAL). A node that never gets ready is killed.
-fn spawn(args: &[String]) -> Proc {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log_path(args))
-        .expect("node log file");
-    let mut cmd = Command::new(BIN);
-    // Only the flags count: no settings inherited from the environment.
-    for var in [
-        "HERALD_CONFIG",
-        "HERALD_CLUSTER_ID",
-        "HERALD_JOIN",
-        "HERALD_ADVERTISE",
-        "HERALD_CLUSTER_SECRET_FILE",
-        "HERALD_TOKEN",
-        "HERALD_LOG_FORMAT",
-    ] {
-        cmd.env_remove(var);
-    }
-    let mut child = cmd
-        .arg("node")
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(log)
-        .spawn()
-        .expect("spawn herald");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(url) = line.split("listening on ").nth(1) {
-                let _ = tx.send(url.trim().to_string());
-            }
-        }
-    });
-    let url = rx.recv_timeout(DEADLINE);
-    let proc = Proc {
-        child,
-        url: url.clone().unwrap_or_default(),
-    };
-    // On a panic the node is killed when `proc` is dropped.
-    if url.is_err() {
-        print_log(args);
-        panic!("herald node {args:?} did not report its address within {DEADLINE:?}");
-    }
-    if let Err(panic) = std::panic::catch_unwind(|| wait_ready(&proc.url)) {
-        print_log(args);
-        std::panic::resume_unwind(panic);
-    }
-    proc
-}
-
-/// Starts node 1 as a new cluster and nodes 2..=n joining it, one after the other.
-fn start_cluster(n: u64, fixed_http: bool) -> Vec<Node> {
-    let (first, seed) = Node::start(1, None, fixed_http);
-    let mut nodes = vec![first];
-    for id in 2..=n {
-        nodes.push(Node::start(id, Some(&seed), fixed_http).0);
-    }
-    nodes
-}
-
-fn urls(nodes: &[Node]) -> Vec<String> {
-    nodes.iter().map(|n| n.url().to_string()).collect()
-}
-
-/// Sends `kill -<sig> <pid>` to a process this test started.
-fn signal(pid: u32, sig: &str) {
-    let status = Command::new("kill")
-        .args([format!("-{sig}"), pid.to_string()])
-        .status()
-        .expect("run kill");
-    assert!(status.success(), "kill -{sig} {pid} failed: {status:?}");
-}
-
-/// SIGTERM, then the exit status within [`DEADLINE`], polled without blocking the test's runtime
-/// (the publishers keep running meanwhile).
-async fn terminate(proc: &mut Proc) -> ExitStatus {
-    let pid = proc.child.id();
-    signal(pid, "TERM");
-    let start = Instant::now();
-    loop {
-        if let Some(status) = proc.child.try_wait().expect("try_wait") {
-            return status;
-        }
-        if start.elapsed() > DEADLINE {
-            proc.kill9();
-            panic!("herald (pid {pid}) did not stop within {DEADLINE:?} of SIGTERM");
-        }
-        actix_rt::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 /// A node stopped with SIGSTOP; SIGCONTed when resumed or dropped (also when the test fails).
 struct Frozen {
@@ -302,70 +113,6 @@ impl Drop for CpuHog {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// HTTP that tolerates dead nodes
-
-fn http(timeout: Duration) -> awc::Client {
-    awc::Client::builder().timeout(timeout).finish()
-}
-
-/// One request: status and JSON body (or the body as a string), or why it got no answer
-/// (connection refused, reset, timeout).
-async fn call(
-    client: &awc::Client,
-    method: &str,
-    url: &str,
-    headers: &[(&str, &str)],
-    body: String,
-) -> Result<(u16, Value), String> {
-    let method = awc::http::Method::from_bytes(method.as_bytes()).expect("method");
-    let mut req = client.request(method, url);
-    for (k, v) in headers {
-        req = req.insert_header((*k, *v));
-    }
-    let mut r = req.send_body(body).await.map_err(|e| format!("{url}: {e}"))?;
-    let bytes = r
-        .body()
-        .limit(64 << 20)
-        .await
-        .map_err(|e| format!("{url}: reading the body: {e}"))?;
-    let body =
-        serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
-    Ok((r.status().as_u16(), body))
-}
-
-/// GET `url{path}`: the body if it answered 200.
-async fn view(client: &awc::Client, url: &str, path: &str) -> Option<Value> {
-    match call(client, "GET", &format!("{url}{path}"), &[], String::new()).await {
-        Ok((200, body)) => Some(body),
-        _ => None,
-    }
-}
-
-/// Polls `path` on every node in `urls` until `check` accepts their answers (in `urls` order; a
-/// node that does not answer 200 fails the round), failing after [`CONVERGE`] with the last answers.
-async fn converge<T>(what: &str, urls: &[String], path: &str, check: impl Fn(&[Value]) -> Option<T>) -> T {
-    let client = http(Duration::from_secs(2));
-    let start = Instant::now();
-    loop {
-        let mut answers = Vec::with_capacity(urls.len());
-        for url in urls {
-            answers.push(view(&client, url, path).await.unwrap_or(Value::Null));
-        }
-        if !answers.iter().any(Value::is_null) {
-            if let Some(v) = check(&answers) {
-                return v;
-            }
-        }
-        assert!(
-            start.elapsed() < CONVERGE,
-            "timed out after {CONVERGE:?} waiting for: {what}\nlast answers of {urls:?} to {path} (null: no answer):\n{}",
-            serde_json::to_string_pretty(&answers).unwrap_or_default()
-        );
-        actix_rt::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

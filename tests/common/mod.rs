@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod cluster;
+
 use std::future::Future;
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Child, Command, Output, Stdio};
@@ -186,9 +188,8 @@ pub struct Proc {
     pub url: String,
 }
 
-/// Waits for a started node's "listening on" line (killing it if none comes) and returns it as a
-/// [`Proc`], which kills the node when dropped.
-fn announced(mut child: Child) -> Proc {
+/// The URL of a started node's "listening on" line on its (piped) stdout, read by a thread.
+pub fn listening_on(child: &mut Child) -> std::sync::mpsc::Receiver<String> {
     let stdout = child.stdout.take().expect("stdout");
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -198,7 +199,13 @@ fn announced(mut child: Child) -> Proc {
             }
         }
     });
-    let url = rx.recv_timeout(DEADLINE).unwrap_or_else(|_| {
+    rx
+}
+
+/// Waits for a started node's "listening on" line (killing it if none comes) and returns it as a
+/// [`Proc`], which kills the node when dropped.
+fn announced(mut child: Child) -> Proc {
+    let url = listening_on(&mut child).recv_timeout(DEADLINE).unwrap_or_else(|_| {
         let _ = child.kill();
         panic!("herald did not report its address within {DEADLINE:?}")
     });
