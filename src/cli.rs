@@ -255,8 +255,11 @@ pub fn main_with(builder: NodeBuilder) -> ExitCode {
         Command::Subscribe(a) => return client_main(subscribe(a)),
         Command::Status(a) => return client_main(status(a)),
         Command::Bench(a) => {
-            init_logging(LogFormat::Text);
-            return match crate::bench::run(a) {
+            // `bench node` is a node: it installs logging from its own configuration.
+            if !a.is_node() {
+                init_logging(LogFormat::Text);
+            }
+            return match crate::bench::run(a, builder) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("herald bench: {e}");

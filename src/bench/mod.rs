@@ -2,6 +2,21 @@
 //!
 //! `local`: events/s from publish to a no-op Rust handler in one node (in-process publish, no
 //! HTTP), with `ack=none` and `ack=accepted`, next to raw actix `do_send` to a no-op actor.
+//!
+//! `membership`: a 3-node loopback cluster; subscribe → placed, join → placed, leader failover.
+//!
+//! `cluster`: a 3-node loopback cluster of `herald bench node` processes (this binary, see below).
+//! Cross-node events/s over HTTP batches with `ack=none` and `ack=accepted` (the publisher talks to
+//! a node that runs no instance of the subscription, so every event crosses the peer transport),
+//! publish → handler latency, and failover time: SIGKILL the node running the subscription's only
+//! instance while events flow, and time kill → first event handled on a surviving node.
+//!
+//! `node` (hidden): runs a node exactly like `herald node` (same flags) with one more Rust handler,
+//! `bench-sink`: a no-op actor that reads `{"t": unix_nanos, "r": round?}` from the event and
+//! exports, on the node's `/metrics`, a counter of handled events, a fine-bucket histogram of
+//! publish → handle latency, the wall-clock time of the last handled event, and per failover round
+//! the wall-clock time of the first handled event of that round. The `cluster` scenario reads those
+//! from every node, so it needs no side channel and measures where the events are handled.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -11,11 +26,12 @@ use actix::prelude::*;
 use clap::{Args, Subcommand};
 use tokio::sync::Notify;
 
+use crate::cli::NodeArgs;
 use crate::config::{Config, FsyncPolicy};
 use crate::event::Event;
 use crate::handler::{Delivery, HandlerResult};
 use crate::ingress::{AckMode, Ingress, PublishError};
-use crate::node::Node;
+use crate::node::{Node, NodeBuilder};
 use crate::subscription::SubscriptionSpec;
 
 /// `herald bench` arguments.
@@ -31,6 +47,67 @@ enum Scenario {
     Local(LocalArgs),
     /// A 3-node loopback cluster: subscribe → placed, join → placed, leader failover.
     Membership(MembershipArgs),
+    /// A 3-node loopback cluster: cross-node events/s, publish → handler latency, node failover.
+    Cluster(ClusterArgs),
+    /// Runs a node like `herald node`, with the `bench-sink` handler registered (used by `cluster`).
+    #[command(hide = true)]
+    Node(BenchNodeArgs),
+}
+
+impl BenchArgs {
+    /// Whether this is the hidden `herald bench node` (a node process, which sets up its own logging).
+    pub fn is_node(&self) -> bool {
+        matches!(self.scenario, Scenario::Node(_))
+    }
+}
+
+#[derive(Args, Debug)]
+struct BenchNodeArgs {
+    #[command(flatten)]
+    node: NodeArgs,
+}
+
+#[derive(Args, Debug)]
+struct ClusterArgs {
+    /// HTTP port of node 1; node i uses base+i-1 and peer port base+100+i-1 (127.0.0.1 only).
+    #[arg(long, default_value_t = 7300)]
+    base_port: u16,
+    /// Events per throughput run (one run with ack=none, one with ack=accepted).
+    #[arg(long, default_value_t = 1_000_000)]
+    events: u64,
+    /// Stop publishing a throughput run after this many seconds, even if not all events were sent.
+    #[arg(long, default_value_t = 30)]
+    seconds: u64,
+    /// Events per HTTP batch request (at most the nodes' http.max_batch_events, 1000).
+    #[arg(long, default_value_t = 1000)]
+    batch: usize,
+    /// Concurrent HTTP connections of the publisher.
+    #[arg(long, default_value_t = 8)]
+    connections: usize,
+    /// Handler instances of the throughput subscription (placed on nodes other than the ingress).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=2))]
+    instances: u32,
+    /// Events/s of the paced latency runs (one per ack mode).
+    #[arg(long, default_value_t = 20_000)]
+    latency_rate: u64,
+    /// Seconds of each paced latency run.
+    #[arg(long, default_value_t = 3)]
+    latency_seconds: u64,
+    /// Failover rounds: each SIGKILLs the node running the subscription, then restarts it.
+    #[arg(long, default_value_t = 10)]
+    failovers: usize,
+    /// Events/s published (ack=accepted) to a surviving node during a failover round.
+    #[arg(long, default_value_t = 2000)]
+    failover_rate: u64,
+    /// WAL fsync policy of the nodes (default: the node default, always).
+    #[arg(long, value_enum)]
+    wal_fsync: Option<FsyncPolicy>,
+    /// A few seconds in all: 20,000 events per run, 1 s latency runs, 2 failover rounds.
+    #[arg(long)]
+    smoke: bool,
+    /// Keep the nodes' data directories and logs (the path is printed) instead of removing them.
+    #[arg(long)]
+    keep: bool,
 }
 
 #[derive(Args, Debug)]
@@ -74,11 +151,13 @@ struct LocalArgs {
     max_seconds: u64,
 }
 
-/// Runs a scenario.
-pub fn run(args: BenchArgs) -> Result<(), String> {
+/// Runs a scenario; `builder` carries the binary's handlers (for `bench node`).
+pub fn run(args: BenchArgs, builder: NodeBuilder) -> Result<(), String> {
     match args.scenario {
         Scenario::Local(a) => actix_rt::System::new().block_on(local(a)),
         Scenario::Membership(a) => membership(a),
+        Scenario::Cluster(a) => cluster::run(a),
+        Scenario::Node(a) => cluster::node(a, builder),
     }
 }
 
@@ -434,3 +513,5 @@ fn membership(a: MembershipArgs) -> Result<(), String> {
     let _ = std::fs::remove_dir_all(&dir);
     outcome
 }
+
+mod cluster;

@@ -1,0 +1,1095 @@
+//! `herald bench cluster` (the benchmark process) and `herald bench node` (its node processes).
+
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, HashSet};
+use std::fs::File;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::rc::Rc;
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use actix::prelude::*;
+use metrics::{Counter, Gauge, Histogram, Unit};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use serde_json::Value;
+
+use super::{percentile, BenchNodeArgs, ClusterArgs};
+use crate::config::FsyncPolicy;
+use crate::handler::{Delivery, HandlerResult};
+use crate::node::NodeBuilder;
+use crate::up::{wait_ready, NodeProc};
+
+/// Events handled by `bench-sink`.
+const SINK_EVENTS: &str = "herald_bench_sink_events_total";
+/// Publish → handle latency seen by `bench-sink` (from the `t` field of the event).
+const SINK_LATENCY: &str = "herald_bench_sink_latency_seconds";
+/// Wall-clock time of the last event `bench-sink` handled on this node.
+const SINK_LAST: &str = "herald_bench_sink_last_handled_unix_seconds";
+/// Wall-clock time of the first event of each failover round (`r` field) handled on this node.
+const SINK_FIRST: &str = "herald_bench_sink_first_handled_unix_seconds";
+/// The handler name.
+const SINK: &str = "bench-sink";
+const TOPIC: &str = "bench.cluster";
+const FAILOVER_TOPIC: &str = "bench.failover";
+const GROUP: &str = "sink";
+/// Requests a paced publisher has in flight at most.
+const MAX_INFLIGHT: usize = 32;
+
+/// 10 µs … 100 s, 20 buckets per decade (each 12 % wide).
+fn latency_buckets() -> Vec<f64> {
+    (0..=140).map(|i| 1e-5 * 10f64.powf(f64::from(i) / 20.0)).collect()
+}
+
+fn unix_nanos() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+fn unix_seconds() -> f64 {
+    unix_nanos() as f64 / 1e9
+}
+
+// ---------------------------------------------------------------- the node side
+
+struct SinkMetrics {
+    events: Counter,
+    latency: Histogram,
+    last: Gauge,
+    rounds: Mutex<HashSet<u64>>,
+}
+
+fn sink_metrics() -> &'static SinkMetrics {
+    static M: OnceLock<SinkMetrics> = OnceLock::new();
+    M.get_or_init(|| SinkMetrics {
+        events: metrics::counter!(SINK_EVENTS),
+        latency: metrics::histogram!(SINK_LATENCY),
+        last: metrics::gauge!(SINK_LAST),
+        rounds: Mutex::new(HashSet::new()),
+    })
+}
+
+/// The payload the benchmark publishes: publish time, and the failover round if any.
+#[derive(serde::Deserialize)]
+struct Stamp {
+    t: u64,
+    #[serde(default)]
+    r: Option<u64>,
+}
+
+/// The no-op handler: records the count, the latency and (per round) the first handling time.
+struct BenchSink;
+
+impl Actor for BenchSink {
+    type Context = Context<Self>;
+}
+
+impl Handler<Delivery> for BenchSink {
+    type Result = HandlerResult;
+    fn handle(&mut self, d: Delivery, _: &mut Context<Self>) -> HandlerResult {
+        let now = unix_nanos();
+        let m = sink_metrics();
+        m.events.increment(1);
+        m.last.set(now as f64 / 1e9);
+        if let Ok(stamp) = serde_json::from_slice::<Stamp>(&d.event.data) {
+            m.latency.record(now.saturating_sub(stamp.t) as f64 / 1e9);
+            if let Some(r) = stamp.r {
+                if m.rounds.lock().unwrap_or_else(|p| p.into_inner()).insert(r) {
+                    metrics::gauge!(SINK_FIRST, "round" => r.to_string()).set(now as f64 / 1e9);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Herald's Prometheus recorder plus fine buckets for the sink's latency histogram (the
+/// exporter renders histograms without configured buckets as summaries, which cannot be
+/// subtracted between runs).
+fn install_recorder() -> Result<PrometheusHandle, String> {
+    let recorder = PrometheusBuilder::new()
+        // The same buckets as crate::metrics::install_prometheus.
+        .set_buckets_for_metric(
+            Matcher::Full(crate::metrics::HANDLER_DURATION.to_string()),
+            &[0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0],
+        )
+        .and_then(|b| b.set_buckets_for_metric(Matcher::Full(SINK_LATENCY.to_string()), &latency_buckets()))
+        .map_err(|e| e.to_string())?
+        .build_recorder();
+    let handle = recorder.handle();
+    metrics::set_global_recorder(recorder).map_err(|_| "a metrics recorder is already installed".to_string())?;
+    crate::metrics::describe();
+    metrics::describe_counter!(SINK_EVENTS, "Events handled by the bench-sink handler.");
+    metrics::describe_histogram!(
+        SINK_LATENCY,
+        Unit::Seconds,
+        "Publish to bench-sink handling latency, from the event's publish timestamp."
+    );
+    metrics::describe_gauge!(
+        SINK_LAST,
+        Unit::Seconds,
+        "Wall-clock time of the last event bench-sink handled."
+    );
+    metrics::describe_gauge!(
+        SINK_FIRST,
+        Unit::Seconds,
+        "Wall-clock time of the first event of a failover round bench-sink handled here."
+    );
+    let upkeep = handle.clone();
+    std::thread::Builder::new()
+        .name("herald-metrics-upkeep".into())
+        .spawn(move || loop {
+            std::thread::sleep(Duration::from_secs(5));
+            upkeep.run_upkeep();
+        })
+        .map_err(|e| e.to_string())?;
+    Ok(handle)
+}
+
+/// `herald bench node`: `herald node` with the `bench-sink` handler.
+pub(super) fn node(a: BenchNodeArgs, builder: NodeBuilder) -> Result<(), String> {
+    let config = a.node.load().map_err(|e| e.to_string())?;
+    let metrics = install_recorder()?;
+    builder
+        .config(config)
+        .metrics(metrics)
+        .handler(SINK, || BenchSink)
+        .run()
+        .map_err(|e| e.to_string())
+}
+
+// ---------------------------------------------------------------- the benchmark side
+
+/// The node processes and their directory. Dropping it SIGKILLs every node still running (by
+/// its pid) and removes the directory, also on error, Ctrl-C and panic.
+struct Cluster {
+    exe: PathBuf,
+    dir: PathBuf,
+    base_port: u16,
+    wal_fsync: Option<FsyncPolicy>,
+    keep: bool,
+    nodes: Vec<NodeProc>,
+}
+
+impl Cluster {
+    fn http(&self, id: u64) -> String {
+        format!("127.0.0.1:{}", u64::from(self.base_port) + id - 1)
+    }
+
+    fn peer(&self, id: u64) -> String {
+        format!("127.0.0.1:{}", u64::from(self.base_port) + 100 + id - 1)
+    }
+
+    fn ids(&self) -> Vec<u64> {
+        self.nodes.iter().map(|n| u64::from(n.id)).collect()
+    }
+
+    /// Starts node `id` (again: same ports, data dir, and log file, appended).
+    fn spawn(&self, id: u64) -> Result<NodeProc, String> {
+        let log = self.dir.join(format!("node-{id}.log"));
+        let out = File::options()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .map_err(|e| format!("cannot open {}: {e}", log.display()))?;
+        let err = out.try_clone().map_err(|e| e.to_string())?;
+        let mut cmd = Command::new(&self.exe);
+        cmd.args(["bench", "node", "--node-id", &id.to_string()])
+            .args(["--http", &self.http(id), "--peer", &self.peer(id)])
+            .arg("--data-dir")
+            .arg(self.dir.join(format!("node-{id}")))
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err);
+        if id > 1 {
+            cmd.args(["--join", &self.peer(1)]);
+        }
+        if let Some(f) = self.wal_fsync {
+            cmd.args([
+                "--wal-fsync",
+                match f {
+                    FsyncPolicy::Always => "always",
+                    FsyncPolicy::Never => "never",
+                },
+            ]);
+        }
+        let child = cmd.spawn().map_err(|e| format!("cannot start node {id}: {e}"))?;
+        Ok(NodeProc {
+            id: id as u16,
+            http: self.http(id),
+            peer: self.peer(id),
+            log,
+            child,
+        })
+    }
+
+    fn index(&self, id: u64) -> Result<usize, String> {
+        self.nodes
+            .iter()
+            .position(|n| u64::from(n.id) == id)
+            .ok_or_else(|| format!("node {id} is not one of the started nodes"))
+    }
+
+    /// SIGKILL and reap.
+    fn kill(&mut self, id: u64) -> Result<(), String> {
+        let i = self.index(id)?;
+        let child = &mut self.nodes[i].child;
+        child.kill().map_err(|e| format!("cannot kill node {id}: {e}"))?;
+        let _ = child.wait();
+        Ok(())
+    }
+
+    fn restart(&mut self, id: u64) -> Result<(), String> {
+        let i = self.index(id)?;
+        self.nodes[i] = self.spawn(id)?;
+        Ok(())
+    }
+
+    /// The last lines of every node's log, for a failed run.
+    fn log_tails(&self) -> String {
+        let mut out = String::new();
+        for n in &self.nodes {
+            let text = std::fs::read_to_string(&n.log).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            out.push_str(&format!("--- node {} ({}), last lines:\n", n.id, n.log.display()));
+            for l in &lines[lines.len().saturating_sub(15)..] {
+                out.push_str(l);
+                out.push('\n');
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for n in &mut self.nodes {
+            if let Ok(None) = n.child.try_wait() {
+                let _ = n.child.kill();
+            }
+            let _ = n.child.wait();
+        }
+        if self.keep {
+            eprintln!("kept the nodes' data and logs in {}", self.dir.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+async fn get(client: &awc::Client, url: &str) -> Result<Vec<u8>, String> {
+    let mut r = client.get(url).send().await.map_err(|e| format!("GET {url}: {e}"))?;
+    let body = r.body().limit(64 << 20).await.map_err(|e| format!("GET {url}: {e}"))?;
+    if !r.status().is_success() {
+        return Err(format!("GET {url}: {} {}", r.status(), String::from_utf8_lossy(&body)));
+    }
+    Ok(body.to_vec())
+}
+
+async fn get_json(client: &awc::Client, url: &str) -> Result<Value, String> {
+    serde_json::from_slice(&get(client, url).await?).map_err(|e| format!("GET {url}: {e}"))
+}
+
+/// The sink's figures on one node, from its `/metrics`.
+#[derive(Default, Clone, Debug)]
+struct Sink {
+    events: f64,
+    last: f64,
+    /// Cumulative bucket counts by upper bound (`f64::to_bits` orders non-negative floats).
+    buckets: BTreeMap<u64, f64>,
+    /// First handling time per failover round.
+    first: BTreeMap<u64, f64>,
+}
+
+fn parse_metrics(text: &str) -> Sink {
+    let mut s = Sink::default();
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some((name, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let Ok(v) = value.parse::<f64>() else { continue };
+        if name == SINK_EVENTS {
+            s.events = v;
+        } else if name == SINK_LAST {
+            s.last = v;
+        } else if let Some(le) = name
+            .strip_prefix(SINK_LATENCY)
+            .and_then(|r| r.strip_prefix("_bucket{le=\""))
+            .and_then(|r| r.strip_suffix("\"}"))
+        {
+            let le = if le.contains("Inf") {
+                f64::INFINITY
+            } else {
+                le.parse().unwrap_or(f64::NAN)
+            };
+            if le >= 0.0 {
+                s.buckets.insert(le.to_bits(), v);
+            }
+        } else if let Some(r) = name
+            .strip_prefix(SINK_FIRST)
+            .and_then(|r| r.strip_prefix("{round=\""))
+            .and_then(|r| r.strip_suffix("\"}"))
+        {
+            if let Ok(r) = r.parse() {
+                s.first.insert(r, v);
+            }
+        }
+    }
+    s
+}
+
+async fn scrape(client: &awc::Client, http: &str) -> Result<Sink, String> {
+    let body = get(client, &format!("http://{http}/metrics")).await?;
+    Ok(parse_metrics(&String::from_utf8_lossy(&body)))
+}
+
+async fn scrape_all(c: &Cluster, client: &awc::Client) -> Result<Vec<Sink>, String> {
+    let mut out = Vec::new();
+    for n in &c.nodes {
+        out.push(scrape(client, &n.http).await?);
+    }
+    Ok(out)
+}
+
+/// The `q` quantile (seconds) of a cumulative histogram, interpolated inside its bucket.
+fn quantile(buckets: &BTreeMap<u64, f64>, q: f64) -> f64 {
+    let total = buckets.values().copied().fold(0.0, f64::max);
+    if total <= 0.0 {
+        return f64::NAN;
+    }
+    let rank = q * total;
+    let (mut lo, mut below) = (0.0, 0.0);
+    for (&bits, &count) in buckets {
+        let le = f64::from_bits(bits);
+        if count >= rank {
+            if le.is_infinite() {
+                return lo;
+            }
+            let frac = if count > below {
+                (rank - below) / (count - below)
+            } else {
+                1.0
+            };
+            return lo + (le - lo) * frac;
+        }
+        (lo, below) = (le, count);
+    }
+    lo
+}
+
+/// Per-bucket sum over nodes of `after - before`.
+fn histogram_delta(before: &[Sink], after: &[Sink]) -> BTreeMap<u64, f64> {
+    let mut out = BTreeMap::new();
+    for (i, a) in after.iter().enumerate() {
+        for (le, count) in &a.buckets {
+            let was = before.get(i).and_then(|b| b.buckets.get(le)).copied().unwrap_or(0.0);
+            *out.entry(*le).or_insert(0.0) += count - was;
+        }
+    }
+    out
+}
+
+/// What a publisher did.
+#[derive(Default, Clone, Debug)]
+struct Sent {
+    accepted: u64,
+    requests: u64,
+    /// 429/503 answers (the batch was retried, or dropped by a paced publisher).
+    overloaded: u64,
+    failed: u64,
+    error: Option<String>,
+}
+
+enum Answer {
+    Accepted,
+    Overloaded,
+    Failed(String),
+}
+
+/// `[{"t":now},…]` (with `"r":round` for failover rounds).
+fn batch_body(n: usize, round: Option<u64>) -> String {
+    let t = unix_nanos();
+    let one = match round {
+        Some(r) => format!("{{\"t\":{t},\"r\":{r}}}"),
+        None => format!("{{\"t\":{t}}}"),
+    };
+    let mut s = String::with_capacity(n * (one.len() + 1) + 2);
+    s.push('[');
+    for i in 0..n {
+        if i > 0 {
+            s.push(',');
+        }
+        s.push_str(&one);
+    }
+    s.push(']');
+    s
+}
+
+async fn post_batch(client: &awc::Client, url: &str, n: usize, round: Option<u64>) -> Answer {
+    let sent = client
+        .post(url)
+        .insert_header(("content-type", "application/json"))
+        .send_body(batch_body(n, round))
+        .await;
+    match sent {
+        Ok(mut r) => {
+            let body = r.body().limit(64 << 20).await.unwrap_or_default();
+            let status = r.status().as_u16();
+            match status {
+                200..=299 => Answer::Accepted,
+                429 | 503 => Answer::Overloaded,
+                _ => Answer::Failed(format!("{status} {}", String::from_utf8_lossy(&body))),
+            }
+        }
+        Err(e) => Answer::Failed(e.to_string()),
+    }
+}
+
+/// `connections` concurrent publishers send `total` events in batches as fast as the node
+/// takes them (a 429 is retried after 2 ms), until `deadline`.
+async fn saturate(
+    client: &awc::Client,
+    url: &str,
+    total: u64,
+    batch: usize,
+    connections: usize,
+    deadline: Instant,
+) -> Sent {
+    let next = Rc::new(Cell::new(0u64));
+    let sent = Rc::new(RefCell::new(Sent::default()));
+    let mut tasks = Vec::new();
+    for _ in 0..connections {
+        let (client, url, next, sent) = (client.clone(), url.to_string(), next.clone(), sent.clone());
+        tasks.push(actix_rt::spawn(async move {
+            loop {
+                let start = next.get();
+                if start >= total || Instant::now() >= deadline {
+                    return;
+                }
+                let n = (total - start).min(batch as u64);
+                next.set(start + n);
+                let mut failures = 0;
+                loop {
+                    if Instant::now() >= deadline {
+                        return;
+                    }
+                    let answer = post_batch(&client, &url, n as usize, None).await;
+                    let pause = {
+                        let mut s = sent.borrow_mut();
+                        s.requests += 1;
+                        match answer {
+                            Answer::Accepted => {
+                                s.accepted += n;
+                                None
+                            }
+                            Answer::Overloaded => {
+                                s.overloaded += 1;
+                                Some(Duration::from_millis(2))
+                            }
+                            Answer::Failed(e) => {
+                                s.failed += 1;
+                                s.error = Some(e);
+                                failures += 1;
+                                Some(Duration::from_millis(50))
+                            }
+                        }
+                    };
+                    match pause {
+                        None => break,
+                        Some(_) if failures >= 5 => return,
+                        Some(d) => actix_rt::time::sleep(d).await,
+                    }
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    let s = sent.borrow().clone();
+    s
+}
+
+/// Publishes `rate` events/s (a batch every 10 ms) until `stop` is set or `deadline`, with at
+/// most [`MAX_INFLIGHT`] requests outstanding; a refused batch is counted, not retried.
+async fn paced(
+    client: awc::Client,
+    url: String,
+    rate: u64,
+    batch: usize,
+    round: Option<u64>,
+    stop: Rc<Cell<bool>>,
+    deadline: Instant,
+) -> Sent {
+    let started = Instant::now();
+    let inflight = Rc::new(Cell::new(0usize));
+    let sent = Rc::new(RefCell::new(Sent::default()));
+    let mut issued = 0u64;
+    let mut interval = actix_rt::time::interval(Duration::from_millis(10));
+    while !stop.get() && Instant::now() < deadline {
+        interval.tick().await;
+        let due = (started.elapsed().as_secs_f64() * rate as f64) as u64;
+        let mut requests = 0;
+        while issued < due && inflight.get() < MAX_INFLIGHT && requests < 16 {
+            let n = (due - issued).min(batch as u64);
+            issued += n;
+            requests += 1;
+            inflight.set(inflight.get() + 1);
+            let (client, url, inflight, sent) = (client.clone(), url.clone(), inflight.clone(), sent.clone());
+            actix_rt::spawn(async move {
+                let answer = post_batch(&client, &url, n as usize, round).await;
+                let mut s = sent.borrow_mut();
+                s.requests += 1;
+                match answer {
+                    Answer::Accepted => s.accepted += n,
+                    Answer::Overloaded => s.overloaded += 1,
+                    Answer::Failed(e) => {
+                        s.failed += 1;
+                        s.error = Some(e);
+                    }
+                }
+                inflight.set(inflight.get() - 1);
+            });
+        }
+    }
+    let wait = Instant::now() + Duration::from_secs(35);
+    while inflight.get() > 0 && Instant::now() < wait {
+        actix_rt::time::sleep(Duration::from_millis(5)).await;
+    }
+    let s = sent.borrow().clone();
+    s
+}
+
+/// One measured run.
+struct Run {
+    name: String,
+    sent: Sent,
+    handled: u64,
+    /// Handled events / (last handled − publish start).
+    rate: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    /// Events handled on the ingress node (must be 0: it runs no instance).
+    on_ingress: u64,
+}
+
+/// Runs `publish`, waits until the sink has handled what was accepted, and reads the figures.
+async fn measure(
+    c: &Cluster,
+    client: &awc::Client,
+    ingress: u64,
+    name: String,
+    publish: impl std::future::Future<Output = Sent>,
+) -> Result<Run, String> {
+    let before = scrape_all(c, client).await?;
+    let start = unix_seconds();
+    let sent = publish.await;
+    if sent.accepted == 0 {
+        return Err(format!(
+            "{name}: no event was accepted ({} requests, {} refused, {} failed; last error: {})",
+            sent.requests,
+            sent.overloaded,
+            sent.failed,
+            sent.error.as_deref().unwrap_or("-")
+        ));
+    }
+    let count = |s: &[Sink]| s.iter().map(|x| x.events).sum::<f64>();
+    let base = count(&before);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut progress = (0u64, Instant::now());
+    let after = loop {
+        let now = scrape_all(c, client).await?;
+        let handled = (count(&now) - base) as u64;
+        if handled >= sent.accepted || Instant::now() > deadline {
+            break now;
+        }
+        if handled > progress.0 {
+            progress = (handled, Instant::now());
+        } else if progress.1.elapsed() > Duration::from_secs(10) {
+            eprintln!(
+                "{name}: {handled} of {} accepted events handled; no progress for 10 s",
+                sent.accepted
+            );
+            break now;
+        }
+        actix_rt::time::sleep(Duration::from_millis(20)).await;
+    };
+    let handled = (count(&after) - base) as u64;
+    let last = after.iter().map(|s| s.last).fold(0.0, f64::max);
+    let hist = histogram_delta(&before, &after);
+    let i = c.index(ingress)?;
+    Ok(Run {
+        name,
+        sent,
+        handled,
+        rate: handled as f64 / (last - start).max(1e-9),
+        p50_ms: quantile(&hist, 0.5) * 1000.0,
+        p99_ms: quantile(&hist, 0.99) * 1000.0,
+        on_ingress: (after[i].events - before[i].events) as u64,
+    })
+}
+
+async fn subscribe(c: &Cluster, client: &awc::Client, topic: &str, instances: u32) -> Result<(), String> {
+    let url = format!("http://{}/v1/subscriptions", c.http(1));
+    let spec = serde_json::json!({
+        "topic": topic, "group": GROUP, "handler": {"kind": "rust", "name": SINK}, "instances": instances,
+    });
+    let mut r = client
+        .post(&url)
+        .send_json(&spec)
+        .await
+        .map_err(|e| format!("POST {url}: {e}"))?;
+    if !r.status().is_success() {
+        let body = r.body().await.unwrap_or_default();
+        return Err(format!("POST {url}: {} {}", r.status(), String::from_utf8_lossy(&body)));
+    }
+    Ok(())
+}
+
+/// The membership and `topic`'s placement as every running node sees them: `Some((epoch,
+/// nodes))` when all agree that the given nodes are all up and there is a leader.
+async fn agreed(c: &Cluster, client: &awc::Client, topic: &str) -> Option<(u64, Vec<u64>)> {
+    let mut seen: Option<(u64, Vec<u64>)> = None;
+    for n in &c.nodes {
+        let view = get_json(client, &format!("http://{}/v1/cluster", n.http)).await.ok()?;
+        view["leader"].as_u64()?;
+        let members = view["members"].as_array()?;
+        let up = members.iter().filter(|m| m["status"] == "up").count();
+        if members.len() != c.nodes.len() || up != c.nodes.len() {
+            return None;
+        }
+        let places = get_json(client, &format!("http://{}/v1/cluster/placements", n.http))
+            .await
+            .ok()?;
+        let p = places
+            .as_array()?
+            .iter()
+            .find(|p| p["topic"] == topic && p["group"] == GROUP)?;
+        let nodes: Vec<u64> = p["nodes"].as_array()?.iter().filter_map(Value::as_u64).collect();
+        let this = (p["epoch"].as_u64()?, nodes);
+        if this.1.is_empty() || seen.as_ref().is_some_and(|s| *s != this) {
+            return None;
+        }
+        seen = Some(this);
+    }
+    seen
+}
+
+/// Waits until every node agrees on `topic`'s placement, every member is up, and nothing
+/// changed for `quiet`; returns the placed nodes.
+async fn settled(
+    c: &Cluster,
+    client: &awc::Client,
+    topic: &str,
+    quiet: Duration,
+    timeout: Duration,
+) -> Result<Vec<u64>, String> {
+    let started = Instant::now();
+    let mut last: Option<((u64, Vec<u64>), Instant)> = None;
+    loop {
+        match agreed(c, client, topic).await {
+            Some(now) => match &last {
+                Some((was, since)) if *was == now => {
+                    if since.elapsed() >= quiet {
+                        return Ok(now.1);
+                    }
+                }
+                _ => last = Some((now, Instant::now())),
+            },
+            None => last = None,
+        }
+        if started.elapsed() > timeout {
+            return Err(format!(
+                "the nodes did not agree on the placement of {topic} with every member up within {timeout:?}"
+            ));
+        }
+        actix_rt::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn fmt_ms(v: f64) -> String {
+    if v.is_nan() {
+        "-".into()
+    } else if v < 10.0 {
+        format!("{v:.2}")
+    } else {
+        format!("{v:.0}")
+    }
+}
+
+/// `herald bench cluster`.
+pub(super) fn run(mut a: ClusterArgs) -> Result<(), String> {
+    if a.smoke {
+        a.events = a.events.min(20_000);
+        a.seconds = a.seconds.min(10);
+        a.latency_rate = a.latency_rate.min(5_000);
+        a.latency_seconds = 1;
+        a.failovers = a.failovers.min(2);
+    }
+    if !(1..=1000).contains(&a.batch) {
+        return Err("--batch must be 1 to 1000 (the nodes' http.max_batch_events)".into());
+    }
+    if a.connections == 0 || a.events == 0 || a.latency_rate == 0 || a.failover_rate == 0 {
+        return Err("--connections, --events, --latency-rate and --failover-rate must be positive".into());
+    }
+    if u32::from(a.base_port) + 102 > u32::from(u16::MAX) || a.base_port < 1024 {
+        return Err(format!(
+            "--base-port {} leaves no room for 3 HTTP and 3 peer ports",
+            a.base_port
+        ));
+    }
+    // A node of another cluster on these ports would be joined (and confuse every figure).
+    for port in (0..3).flat_map(|i| [a.base_port + i, a.base_port + 100 + i]) {
+        std::net::TcpListener::bind(("127.0.0.1", port))
+            .map_err(|e| format!("port {port} is not free ({e}); choose other ports with --base-port"))?;
+    }
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find this program's path: {e}"))?;
+    let dir = std::env::temp_dir().join(format!("herald-bench-cluster-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let mut c = Cluster {
+        exe,
+        dir,
+        base_port: a.base_port,
+        wal_fsync: a.wal_fsync,
+        keep: a.keep,
+        nodes: Vec::new(),
+    };
+    for id in 1..=3 {
+        let n = c.spawn(id)?;
+        c.nodes.push(n);
+    }
+    let outcome = actix_rt::System::new().block_on(async {
+        let signal = crate::node::shutdown_signal();
+        tokio::select! {
+            r = scenario(&mut c, &a) => r,
+            _ = signal => Err("interrupted".to_string()),
+        }
+    });
+    if outcome.is_err() {
+        eprint!("{}", c.log_tails());
+    }
+    drop(c);
+    outcome
+}
+
+async fn scenario(c: &mut Cluster, a: &ClusterArgs) -> Result<(), String> {
+    let client = awc::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .connector(awc::Connector::new().limit(a.connections + MAX_INFLIGHT + 8))
+        .finish();
+    let poll = awc::Client::builder().timeout(Duration::from_secs(2)).finish();
+    wait_ready(&mut c.nodes, Duration::from_secs(60)).await?;
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    println!(
+        "herald bench cluster: 3 herald processes on 127.0.0.1 (http {}-{}, peer {}-{}), {cores} cores, wal.fsync={}",
+        a.base_port,
+        a.base_port + 2,
+        u32::from(a.base_port) + 100,
+        u32::from(a.base_port) + 102,
+        match a.wal_fsync {
+            Some(FsyncPolicy::Never) => "never",
+            _ => "always",
+        }
+    );
+
+    subscribe(c, &client, TOPIC, a.instances).await?;
+    let hosts = settled(c, &poll, TOPIC, Duration::from_millis(500), Duration::from_secs(60)).await?;
+    let ingress = c
+        .ids()
+        .into_iter()
+        .find(|id| !hosts.contains(id))
+        .ok_or("every node runs an instance; no ingress node is left")?;
+    let url = |ack: &str| format!("http://{}/v1/topics/{TOPIC}/events/batch?ack={ack}", c.http(ingress));
+    println!(
+        "subscription {TOPIC}/{GROUP} -> {SINK} x{} on nodes {hosts:?}; publishing to node {ingress} (batches of {}, {} connections)\n",
+        a.instances, a.batch, a.connections
+    );
+
+    // Warm-up: connections, the peer links' windows, the WAL file.
+    let warm = (a.events / 10).clamp(1_000, 50_000);
+    let deadline = Instant::now() + Duration::from_secs(a.seconds);
+    measure(
+        c,
+        &poll,
+        ingress,
+        "warm-up".into(),
+        saturate(&client, &url("none"), warm, a.batch, a.connections, deadline),
+    )
+    .await?;
+
+    let mut runs = Vec::new();
+    for ack in ["none", "accepted"] {
+        let deadline = Instant::now() + Duration::from_secs(a.seconds);
+        let target = url(ack);
+        let publish = saturate(&client, &target, a.events, a.batch, a.connections, deadline);
+        runs.push(measure(c, &poll, ingress, format!("ack={ack}, max rate"), publish).await?);
+    }
+    for ack in ["none", "accepted"] {
+        let stop = Rc::new(Cell::new(false));
+        let deadline = Instant::now() + Duration::from_secs(a.latency_seconds);
+        let publish = paced(client.clone(), url(ack), a.latency_rate, a.batch, None, stop, deadline);
+        runs.push(
+            measure(
+                c,
+                &poll,
+                ingress,
+                format!("ack={ack}, paced {}/s", a.latency_rate),
+                publish,
+            )
+            .await?,
+        );
+    }
+    let goal = |name: &str, rate: f64| match name {
+        "ack=none, max rate" => (">= 500000", if rate >= 500_000.0 { "yes" } else { "no" }),
+        "ack=accepted, max rate" => (">= 100000", if rate >= 100_000.0 { "yes" } else { "no" }),
+        _ => ("-", "-"),
+    };
+    let rows: Vec<Vec<String>> = runs
+        .iter()
+        .map(|r| {
+            let (g, met) = goal(&r.name, r.rate);
+            let lost = r.sent.accepted.saturating_sub(r.handled);
+            vec![
+                r.name.clone(),
+                r.sent.accepted.to_string(),
+                r.handled.to_string(),
+                format!("{:.0}", r.rate),
+                g.to_string(),
+                met.to_string(),
+                fmt_ms(r.p50_ms),
+                fmt_ms(r.p99_ms),
+                r.sent.overloaded.to_string(),
+                if lost > 0 { lost.to_string() } else { "0".into() },
+            ]
+        })
+        .collect();
+    println!("cross-node: publisher -> node {ingress} (HTTP batch) -> peer transport -> {SINK} on nodes {hosts:?}");
+    println!(
+        "{}",
+        crate::cli::table(
+            &[
+                "RUN",
+                "ACCEPTED",
+                "HANDLED",
+                "EVENTS/S",
+                "GOAL EV/S",
+                "MET",
+                "P50 MS",
+                "P99 MS",
+                "429/503",
+                "MISSING",
+            ],
+            &rows
+        )
+    );
+    println!(
+        "(events/s = handled / (last handled - publish start); latency = handling time - publish time of \
+         the batch, from {} fine buckets, ±6 %)",
+        latency_buckets().len()
+    );
+    for r in &runs {
+        if r.on_ingress > 0 {
+            println!(
+                "warning: {} events of '{}' were handled on the ingress node",
+                r.on_ingress, r.name
+            );
+        }
+        if r.sent.failed > 0 {
+            println!(
+                "warning: '{}' had {} failed requests; last error: {}",
+                r.name,
+                r.sent.failed,
+                r.sent.error.as_deref().unwrap_or("-")
+            );
+        }
+    }
+    println!();
+
+    let rounds = failover(c, &client, &poll, a).await?;
+    let row = |name: &str, mut ms: Vec<f64>| {
+        ms.sort_by(|x, y| x.total_cmp(y));
+        let p99 = percentile(&ms, 0.99);
+        let met = match ms.is_empty() {
+            true => "-",
+            false if p99 <= 1000.0 => "yes",
+            false => "no",
+        };
+        vec![
+            name.to_string(),
+            ms.len().to_string(),
+            fmt_ms(percentile(&ms, 0.5)),
+            fmt_ms(p99),
+            format!(
+                "{}-{}",
+                fmt_ms(ms.first().copied().unwrap_or(f64::NAN)),
+                fmt_ms(ms.last().copied().unwrap_or(f64::NAN))
+            ),
+            "p99 <= 1000".to_string(),
+            met.to_string(),
+        ]
+    };
+    let pick = |leader: bool| rounds.iter().filter(|r| r.1 == leader).map(|r| r.0).collect::<Vec<_>>();
+    let mut rows = vec![row("all rounds", rounds.iter().map(|r| r.0).collect())];
+    if !pick(true).is_empty() && !pick(false).is_empty() {
+        rows.push(row("killed node was a follower", pick(false)));
+        rows.push(row("killed node was the leader", pick(true)));
+    }
+    println!(
+        "\nfailover: SIGKILL the node running {FAILOVER_TOPIC}/{GROUP} (1 instance) while {} events/s \
+         (ack=accepted) go to a surviving node; kill -> first event handled on another node",
+        a.failover_rate
+    );
+    println!(
+        "{}",
+        crate::cli::table(
+            &["ROUNDS", "N", "P50 MS", "P99 MS", "MIN-MAX MS", "GOAL MS", "MET"],
+            &rows
+        )
+    );
+    println!(
+        "for context, documented defaults of peers (not run here): Akka Cluster ~5 s to unreachable, \
+         ~25 s to downed; Orleans ~15 s to declare a silo dead; Dapr actors ~3 s"
+    );
+    Ok(())
+}
+
+/// The failover rounds; returns kill → first handled on a survivor, in ms, and whether the
+/// killed node was the Raft leader (then an election comes first), per round.
+async fn failover(
+    c: &mut Cluster,
+    client: &awc::Client,
+    poll: &awc::Client,
+    a: &ClusterArgs,
+) -> Result<Vec<(f64, bool)>, String> {
+    subscribe(c, client, FAILOVER_TOPIC, 1).await?;
+    let mut times = Vec::new();
+    for round in 1..=a.failovers {
+        let r = round as u64;
+        let placed = settled(
+            c,
+            poll,
+            FAILOVER_TOPIC,
+            Duration::from_millis(1500),
+            Duration::from_secs(90),
+        )
+        .await?;
+        let host = placed[0];
+        let leader = get_json(poll, &format!("http://{}/v1/cluster", c.http(host)))
+            .await
+            .ok()
+            .and_then(|v| v["leader"].as_u64());
+        let survivors: Vec<u64> = c.ids().into_iter().filter(|id| *id != host).collect();
+        let ingress = survivors[round % survivors.len()];
+        let url = format!(
+            "http://{}/v1/topics/{FAILOVER_TOPIC}/events/batch?ack=accepted",
+            c.http(ingress)
+        );
+        let stop = Rc::new(Cell::new(false));
+        let publisher = actix_rt::spawn(paced(
+            client.clone(),
+            url,
+            a.failover_rate,
+            a.batch,
+            Some(r),
+            stop.clone(),
+            Instant::now() + Duration::from_secs(120),
+        ));
+        let outcome = async {
+            // The flow reaches the host before it is killed.
+            let started = Instant::now();
+            loop {
+                if scrape(poll, &c.http(host)).await?.first.contains_key(&r) {
+                    break;
+                }
+                if started.elapsed() > Duration::from_secs(15) {
+                    return Err(format!("round {round}: no event reached node {host} within 15 s"));
+                }
+                actix_rt::time::sleep(Duration::from_millis(10)).await;
+            }
+            actix_rt::time::sleep(Duration::from_millis(300)).await;
+            let killed_at = unix_seconds();
+            let clock = chrono::Utc::now().format("%H:%M:%S%.3f").to_string();
+            c.kill(host)?;
+            let started = Instant::now();
+            loop {
+                let mut first: Option<(f64, u64)> = None;
+                for &id in &survivors {
+                    if let Ok(s) = scrape(poll, &c.http(id)).await {
+                        if let Some(&t) = s.first.get(&r) {
+                            if first.is_none_or(|(f, _)| t < f) {
+                                first = Some((t, id));
+                            }
+                        }
+                    }
+                }
+                if let Some((t, id)) = first {
+                    return Ok(((t - killed_at) * 1000.0, id, clock));
+                }
+                if started.elapsed() > Duration::from_secs(60) {
+                    return Err(format!(
+                        "round {round}: no surviving node handled an event within 60 s of killing node {host}"
+                    ));
+                }
+                actix_rt::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        .await;
+        stop.set(true);
+        let sent = publisher.await.unwrap_or_default();
+        let (ms, on, clock) = outcome?;
+        println!(
+            "failover round {round}/{}: killed node {host}{} at {clock} UTC, publishing to node {ingress}: first event handled on node {on} {} ms after the kill ({} events accepted, {} refused, {} failed)",
+            a.failovers,
+            if leader == Some(host) { " (the Raft leader)" } else { "" },
+            fmt_ms(ms),
+            sent.accepted,
+            sent.overloaded,
+            sent.failed
+        );
+        times.push((ms, leader == Some(host)));
+        if round < a.failovers {
+            c.restart(host)?;
+            wait_ready(&mut c.nodes, Duration::from_secs(60)).await?;
+        }
+    }
+    Ok(times)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_parse_and_quantiles_interpolate() {
+        let text = "# TYPE x counter\n\
+            herald_bench_sink_events_total 30\n\
+            herald_bench_sink_last_handled_unix_seconds 1700000000.25\n\
+            herald_bench_sink_latency_seconds_bucket{le=\"0.001\"} 10\n\
+            herald_bench_sink_latency_seconds_bucket{le=\"0.002\"} 20\n\
+            herald_bench_sink_latency_seconds_bucket{le=\"+Inf\"} 30\n\
+            herald_bench_sink_first_handled_unix_seconds{round=\"3\"} 1700000000.5\n";
+        let s = parse_metrics(text);
+        assert_eq!(s.events, 30.0);
+        assert_eq!(s.last, 1_700_000_000.25);
+        assert_eq!(s.first.get(&3), Some(&1_700_000_000.5));
+        assert_eq!(s.buckets.len(), 3);
+        assert!((quantile(&s.buckets, 0.5) - 0.0015).abs() < 1e-9);
+        assert_eq!(
+            quantile(&s.buckets, 0.99),
+            0.002,
+            "the +Inf bucket reports its lower bound"
+        );
+        let d = histogram_delta(std::slice::from_ref(&s), std::slice::from_ref(&s));
+        assert!(d.values().all(|v| *v == 0.0));
+    }
+
+    #[test]
+    fn batch_bodies_are_json_arrays_of_stamps() {
+        let v: Vec<Value> = serde_json::from_str(&batch_body(3, Some(7))).unwrap();
+        assert_eq!(v.len(), 3);
+        assert_eq!(v[0]["r"], 7);
+        assert!(v[2]["t"].as_u64().unwrap() > 0);
+    }
+}
