@@ -267,6 +267,16 @@ impl Health {
         true
     }
 
+    /// Records whether peer `id`'s process is gone; returns whether that changed (and then
+    /// notifies [`Health::subscribe`]rs).
+    fn set_unreachable(&self, id: u64, unreachable: bool) -> bool {
+        let changed = self.peer(id).unreachable.swap(unreachable, Ordering::AcqRel) != unreachable;
+        if changed {
+            self.changed.send_modify(|v| *v += 1);
+        }
+        changed
+    }
+
     fn forget(&self, id: u64) {
         self.peers.write().unwrap_or_else(|p| p.into_inner()).remove(&id);
     }
@@ -380,9 +390,13 @@ pub(crate) async fn run(
     let mut seq = 0u64;
     // A heartbeat after a silence this long restarts the detector's history.
     let gap = config.ping_interval * 10;
+    // Poked when a peer's connection comes up or breaks (or a redial fails), so that a killed
+    // peer is judged at once rather than at the next tick.
+    let links_changed = Arc::new(Notify::new());
     loop {
-        tokio::select! {
-            _ = tick.tick() => {}
+        let ping = tokio::select! {
+            _ = tick.tick() => true,
+            _ = links_changed.notified() => false,
             pong = pongs.recv() => {
                 let Some((from, pong)) = pong else { return };
                 if let Some(w) = watched.get_mut(&from) {
@@ -402,7 +416,7 @@ pub(crate) async fn run(
                 }
                 continue;
             }
-        }
+        };
         let now = Instant::now();
         let members = state.borrow().clone();
         watched.retain(|id, _| {
@@ -414,23 +428,36 @@ pub(crate) async fn run(
         });
         seq += 1;
         for m in members.members().values().filter(|m| m.id != me) {
-            let w = watched.entry(m.id).or_insert_with(|| Watched {
-                detector: PhiDetector::new(now, config.ping_interval, config.min_std_deviation),
-                handled: 0,
-                backlog: 0,
-                progressed: now,
-                ever_connected: false,
-                phi_gauge: metrics::gauge!(crate::metrics::PEER_PHI, "peer" => m.id.to_string()),
-                rtt_gauge: metrics::gauge!(crate::metrics::PEER_RTT, "peer" => m.id.to_string()),
+            let w = watched.entry(m.id).or_insert_with(|| {
+                if let Some(mut link) = transport.link(m.id) {
+                    let poke = links_changed.clone();
+                    // Ends when the peer is removed from the transport (its link sender drops).
+                    tokio::spawn(async move {
+                        while link.changed().await.is_ok() {
+                            poke.notify_one();
+                        }
+                    });
+                }
+                Watched {
+                    detector: PhiDetector::new(now, config.ping_interval, config.min_std_deviation),
+                    handled: 0,
+                    backlog: 0,
+                    progressed: now,
+                    ever_connected: false,
+                    phi_gauge: metrics::gauge!(crate::metrics::PEER_PHI, "peer" => m.id.to_string()),
+                    rtt_gauge: metrics::gauge!(crate::metrics::PEER_RTT, "peer" => m.id.to_string()),
+                }
             });
-            let _ = transport.send(m.id, Envelope::ping(seq, unix_nanos()));
+            if ping {
+                let _ = transport.send(m.id, Envelope::ping(seq, unix_nanos()));
+            }
             let link = transport.link(m.id).map(|l| l.borrow().clone()).unwrap_or_default();
             let connected = link.connected;
             w.ever_connected |= connected;
-            health.peer(m.id).unreachable.store(
-                w.ever_connected && !connected && link.failed_dials > 0,
-                Ordering::Release,
-            );
+            let unreachable = w.ever_connected && !connected && link.failed_dials > 0;
+            if health.set_unreachable(m.id, unreachable) {
+                changed.notify_one();
+            }
             let phi = w.detector.phi(now);
             w.phi_gauge.set(phi);
             let next = if phi > config.phi_threshold || (w.ever_connected && !connected) {

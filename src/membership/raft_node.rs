@@ -125,6 +125,13 @@ pub enum Inbound {
     },
     /// The transport could not reach a peer (raft-rs then backs off probing it).
     Unreachable(u64),
+    /// Start an election now, as a leadership transfer would (voters grant it even while their
+    /// leader lease has not expired): the leader `gone` is known dead, so waiting out the
+    /// election timeout would only delay the failover.
+    Campaign {
+        /// The leader that is gone (only acted on while it is still this node's leader).
+        gone: u64,
+    },
 }
 
 /// Messages out of the driver, for the transport.
@@ -367,6 +374,22 @@ impl<S: RaftLogStore + Clone, A: Apply> Driver<S, A> {
                 }
             }
             Inbound::Unreachable(peer) => self.node.report_unreachable(peer),
+            Inbound::Campaign { gone } => {
+                if self.node.raft.leader_id != gone || self.node.raft.state == StateRole::Leader {
+                    return;
+                }
+                // A local MsgTimeoutNow (term 0) makes a follower campaign with the transfer
+                // context, which voters honour without waiting for their lease to expire.
+                let mut m = Message::default();
+                m.set_msg_type(MessageType::MsgTimeoutNow);
+                m.to = self.config.id;
+                m.from = gone;
+                if let Err(e) = self.node.step(m) {
+                    tracing::debug!(error = %e, "could not start an early election");
+                } else {
+                    tracing::info!(leader = gone, "the leader's process is gone; starting an election now");
+                }
+            }
         }
     }
 

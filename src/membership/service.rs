@@ -78,6 +78,8 @@ pub struct Membership {
     peer_addr: SocketAddr,
     advertise: String,
     transport: Transport,
+    /// Set once this process's `Join` committed and the table shows it (see `join_cluster`).
+    joined: watch::Receiver<bool>,
     /// Stops the service's runtime (dropping it stops every task).
     stop: Mutex<Option<oneshot::Sender<()>>>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -182,7 +184,7 @@ impl Membership {
                 });
             })
             .map_err(|e| Error::io("cannot start the membership thread", e))?;
-        let (node_id, driver, state, status, transport) = ready_rx
+        let (node_id, driver, state, status, transport, joined) = ready_rx
             .recv()
             .map_err(|_| Error::io("membership thread", std::io::Error::other("it stopped during start-up")))??;
         Ok(Membership {
@@ -193,6 +195,7 @@ impl Membership {
             peer_addr,
             advertise,
             transport,
+            joined,
             stop: Mutex::new(Some(stop_tx)),
             thread: Mutex::new(Some(thread)),
         })
@@ -240,16 +243,17 @@ impl Membership {
         answer.await.map_err(|_| ProposeError::Stopped)?
     }
 
-    /// Waits until this node is a member and a leader is known.
+    /// Waits until this node's `Join` (a rejoin after a restart) committed — so its table has
+    /// caught up with the cluster's, not just the one on its disk — and a leader is known.
     pub async fn wait_joined(&self) {
-        let mut state = self.state.clone();
+        let mut joined = self.joined.clone();
         let mut status = self.status.clone();
         loop {
-            if state.borrow().member(self.node_id).is_some() && status.borrow().leader != 0 {
+            if *joined.borrow_and_update() && status.borrow().leader != 0 {
                 return;
             }
             tokio::select! {
-                r = state.changed() => if r.is_err() { return },
+                r = joined.changed() => if r.is_err() { return },
                 r = status.changed() => if r.is_err() { return },
             }
         }
@@ -283,6 +287,7 @@ type Handles = (
     watch::Receiver<Arc<MembershipState>>,
     watch::Receiver<RaftStatus>,
     Transport,
+    watch::Receiver<bool>,
 );
 
 /// Starts everything inside the service's runtime.
@@ -417,9 +422,11 @@ async fn run(config: MembershipConfig, advertise: String) -> Result<Handles> {
         down_after: config.down_after,
     });
     tokio::spawn(ctx.clone().leader_duties());
+    tokio::spawn(ctx.clone().expedite_elections());
     let join = Command::join(id, config.http.clone(), advertise.clone(), config.handlers.clone());
-    tokio::spawn(ctx.clone().join_cluster(join, config.join.clone(), tc));
-    Ok((id, driver_tx, state_rx, status_rx, transport))
+    let (joined_tx, joined_rx) = watch::channel(false);
+    tokio::spawn(ctx.clone().join_cluster(join, config.join.clone(), tc, joined_tx));
+    Ok((id, driver_tx, state_rx, status_rx, transport, joined_rx))
 }
 
 /// What the background duties share.
@@ -460,7 +467,13 @@ impl Ctx {
     /// proposals committed and the applied table lists this node with its current addresses. A
     /// restarted member proposes it too (a rejoin): it brings the node back `up` if it was marked
     /// down or drained while it was away, and records its current handler kinds.
-    async fn join_cluster(self: Arc<Self>, join: Command, seeds: Vec<String>, tc: TransportConfig) {
+    async fn join_cluster(
+        self: Arc<Self>,
+        join: Command,
+        seeds: Vec<String>,
+        tc: TransportConfig,
+        joined: watch::Sender<bool>,
+    ) {
         let mut attempt: u32 = 0;
         let mut state = self.state.clone();
         let mut refused = false;
@@ -473,6 +486,7 @@ impl Ctx {
             if let (Some(me), Some(super::state::command::Kind::Join(want))) = (me, join.kind.as_ref()) {
                 if me.http == want.http && me.peer == want.peer && committed {
                     tracing::info!(node_id = self.id, "member of the cluster");
+                    joined.send_replace(true);
                     return;
                 }
             }
@@ -523,6 +537,40 @@ impl Ctx {
             attempt += 1;
             let wait = Duration::from_millis(200u64.saturating_mul(u64::from(attempt.min(10))));
             let _ = tokio::time::timeout(wait, state.changed()).await;
+        }
+    }
+
+    /// When the leader's process is gone (its connection broke and it refuses new ones), the
+    /// lowest-id voter that is still up starts an election at once instead of waiting out the
+    /// election timeout (1–2 s): the rest of a failover (MarkDown, placement) needs a leader.
+    async fn expedite_elections(self: Arc<Self>) {
+        let mut health = self.health.subscribe();
+        let mut status = self.status.clone();
+        let mut tried = (0, 0);
+        loop {
+            tokio::select! {
+                r = health.changed() => if r.is_err() { return },
+                r = status.changed() => if r.is_err() { return },
+            }
+            let raft = status.borrow_and_update().clone();
+            let leader = raft.leader;
+            if raft.is_leader || leader == 0 || !raft.voters.contains(&self.id) || tried == (raft.term, leader) {
+                continue;
+            }
+            let peer = self.health.peer(leader);
+            if peer.state() != PeerState::Suspect || !peer.unreachable() {
+                continue;
+            }
+            let first = raft
+                .voters
+                .iter()
+                .copied()
+                .filter(|&v| v != leader && (v == self.id || self.health.peer(v).routable()))
+                .min();
+            if first == Some(self.id) {
+                tried = (raft.term, leader);
+                let _ = self.driver.send(Inbound::Campaign { gone: leader });
+            }
         }
     }
 
