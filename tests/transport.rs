@@ -650,3 +650,87 @@ async fn messages_flow_again_after_the_peer_listener_comes_back_on_the_same_port
     a.send(2, app("two")).expect("queued");
     assert_eq!(recv_n(&mut b2_rx, 1).await, vec![(1, app("two"))]);
 }
+
+/// A restarted peer connects to this node at once; this node's dialer towards it, backing off
+/// meanwhile, is woken by that inbound connection instead of sleeping out its backoff.
+#[tokio::test]
+async fn a_restarted_peer_is_redialed_as_soon_as_it_connects_not_after_the_backoff() {
+    const BACKOFF: Duration = Duration::from_secs(60);
+    /// Far less than what is left of the backoff (at least 48 s with the ±20% jitter).
+    const FAST: Duration = Duration::from_secs(5);
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let a_addr = listener.local_addr().expect("addr");
+    let mut a_config = config(1, &a_addr.to_string(), None);
+    a_config.backoff_min = BACKOFF;
+    a_config.backoff_max = BACKOFF;
+    let (a, _a_rx, _, _) = tcp_node_on(listener, a_config).await;
+    let (b, _b_rx, b_addr, b_serving) = tcp_node(2, None).await;
+    a.add_peer(2, b_addr.to_string());
+    b.add_peer(1, a_addr.to_string());
+    let mut link = a.link(2).expect("peer");
+    within("connect", link.wait_for(|l| l.connected))
+        .await
+        .expect("dialer alive");
+
+    // Node 2 goes away: a's dialer loses its connection and starts a long backoff.
+    b.shutdown();
+    drop(b);
+    within("b's listener closes", b_serving).await.expect("accept loop");
+    within("a notices", link.wait_for(|l| !l.connected))
+        .await
+        .expect("dialer alive");
+
+    // Node 2 restarts on the same port and dials node 1 (with the short test backoff).
+    let listener = TcpListener::bind(b_addr).await.expect("rebind the same port");
+    let (b2, mut b2_rx, _, _) = tcp_node_on(listener, config(2, &b_addr.to_string(), None)).await;
+    b2.add_peer(1, a_addr.to_string());
+    let redialed = tokio::time::timeout(FAST, link.wait_for(|l| l.connected && l.connects >= 2))
+        .await
+        .map(|l| l.map(|_| ()));
+    match redialed {
+        Ok(alive) => alive.expect("dialer alive"),
+        Err(_) => panic!(
+            "a did not redial the restarted node 2 within {FAST:?} (its backoff is {BACKOFF:?}): {:?}",
+            *link.borrow()
+        ),
+    }
+    a.send(2, app("welcome back")).expect("queued");
+    assert_eq!(recv_n(&mut b2_rx, 1).await, vec![(1, app("welcome back"))]);
+}
+
+/// A peer connecting while this node's dialer towards it is connected leaves no wake-up behind:
+/// when that connection later breaks, the dialer backs off as usual.
+#[tokio::test(start_paused = true)]
+async fn a_connected_dialer_is_not_woken_when_its_peer_connects() {
+    const BACKOFF: Duration = Duration::from_secs(60);
+    let net = MemNet::default();
+    let mut a_config = config(1, "mem:1", None);
+    a_config.backoff_min = BACKOFF;
+    a_config.backoff_max = BACKOFF;
+    a_config.backoff_jitter = 0.0;
+    let (a, _a_rx, mut a_accepts) = net.node(a_config);
+    let (b, _b_rx, _) = net.node(config(2, "mem:2", None));
+    a.add_peer(2, "mem:2");
+    let mut link = a.link(2).expect("peer");
+    within("connect", link.wait_for(|l| l.connected))
+        .await
+        .expect("dialer alive");
+
+    // Node 2 connects to node 1 while node 1's dialer is connected.
+    b.add_peer(1, "mem:1");
+    assert_eq!(next_accept(&mut a_accepts).await.expect("a admits b").node_id, 2);
+
+    // Node 2 forgets node 1: both connections close and node 2 stops dialing. (The clock is
+    // paused, so noticing the close takes no time on it.)
+    let down = tokio::time::Instant::now();
+    assert!(b.remove_peer(1));
+    tokio::time::timeout(BACKOFF * 2, link.wait_for(|l| l.connected && l.connects >= 2))
+        .await
+        .expect("a reconnects after its backoff")
+        .expect("dialer alive");
+    assert!(
+        down.elapsed() >= BACKOFF,
+        "a redialed after {:?}, before its {BACKOFF:?} backoff: a stale wake-up",
+        down.elapsed()
+    );
+}

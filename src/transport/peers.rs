@@ -14,6 +14,11 @@
 //! instead. Queued envelopes are written once a connection is up, in order. Envelopes in a batch
 //! that was being written when a connection broke are lost (at-most-once per attempt; Raft
 //! retransmits and events are acknowledged end to end).
+//!
+//! Reconnects: a dialer whose peer is unreachable backs off (jittered, exponential, up to
+//! `backoff_max`). When a node accepts an inbound connection from a peer whose dialer is waiting
+//! in that backoff, the peer is evidently up again (typically it just restarted), so the dialer is
+//! woken to redial at once, from the shortest delay. A connected dialer is never disturbed.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -27,7 +32,7 @@ use prost::Message;
 use rand::Rng;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -168,6 +173,41 @@ struct Shared {
     shutdown: CancellationToken,
     /// Peers cut off by fault injection ([`Transport::cut_off`]).
     cut: RwLock<std::collections::HashSet<u64>>,
+    /// The wake-ups of the outbound peers' dialers by node id (kept with `Inner::peers`), poked by
+    /// the accept path.
+    wakes: Mutex<HashMap<u64, Arc<Wake>>>,
+}
+
+/// Cuts a dialer's reconnect backoff short when its peer connects to this node.
+#[derive(Default)]
+struct Wake {
+    /// Whether the dialer is connected. Held while poking and while the dialer connects, so a
+    /// wake-up can neither reach a connected dialer nor outlive its connecting.
+    connected: Mutex<bool>,
+    /// Holds at most one wake-up (a permit) until the dialer waits on it.
+    notify: Notify,
+}
+
+impl Wake {
+    /// Wakes the dialer unless it is connected; a dialer that is dialing keeps the wake-up for its
+    /// next backoff. Returns whether it was woken.
+    fn poke(&self) -> bool {
+        let connected = lock(&self.connected);
+        if !*connected {
+            self.notify.notify_one();
+        }
+        !*connected
+    }
+
+    /// Records whether the dialer is connected; connecting discards a pending wake-up, stale now.
+    fn set_connected(&self, yes: bool) {
+        let mut connected = lock(&self.connected);
+        *connected = yes;
+        if yes {
+            // Consumes the permit, if any (a fresh `Notified` takes it on its first poll).
+            std::pin::pin!(self.notify.notified()).enable();
+        }
+    }
 }
 
 /// One established inbound connection.
@@ -234,6 +274,7 @@ impl<C: Connector> Transport<C> {
             next_conn: AtomicU64::new(1),
             shutdown: CancellationToken::new(),
             cut: RwLock::new(std::collections::HashSet::new()),
+            wakes: Mutex::new(HashMap::new()),
         });
         Ok(Transport {
             inner: Arc::new(Inner {
@@ -277,12 +318,15 @@ impl<C: Connector> Transport<C> {
         let (addr_tx, addr_rx) = watch::channel(addr);
         let (link_tx, link_rx) = watch::channel(PeerLink::default());
         let cancel = shared.shutdown.child_token();
+        let wake = Arc::new(Wake::default());
+        lock(&shared.wakes).insert(id, wake.clone());
         let dialer = Dialer {
             shared: shared.clone(),
             connector: self.inner.connector.clone(),
             peer: id,
             addr: addr_rx,
             link: link_tx,
+            wake,
             outbound,
         };
         tokio::spawn(cancel.clone().run_until_cancelled_owned(dialer.run()));
@@ -302,12 +346,11 @@ impl<C: Connector> Transport<C> {
     /// its queue. Returns whether anything was known about it. The peer may connect again (it is
     /// still authenticated by the cluster secret); the layers above decide who is a member.
     pub fn remove_peer(&self, id: u64) -> bool {
-        let outbound = self
-            .inner
-            .peers
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&id);
+        let outbound = {
+            let mut peers = self.inner.peers.write().unwrap_or_else(PoisonError::into_inner);
+            lock(&self.inner.shared.wakes).remove(&id);
+            peers.remove(&id)
+        };
         let inbound = lock(&self.inner.shared.inbound).remove(&id);
         if let Some(entry) = &inbound {
             entry.cancel.cancel();
@@ -431,7 +474,11 @@ impl<C: Connector> Transport<C> {
     /// [`SendError::UnknownPeer`] afterwards.
     pub fn shutdown(&self) {
         self.inner.shared.shutdown.cancel();
-        self.inner.peers.write().unwrap_or_else(PoisonError::into_inner).clear();
+        {
+            let mut peers = self.inner.peers.write().unwrap_or_else(PoisonError::into_inner);
+            lock(&self.inner.shared.wakes).clear();
+            peers.clear();
+        }
         lock(&self.inner.shared.inbound).clear();
     }
 }
@@ -483,6 +530,11 @@ impl Shared {
             );
         }
         tracing::info!(peer = id, %remote, advertise = %peer.advertise_addr, "peer connected");
+        // The peer is up: if our dialer towards it is backing off, it need not wait any longer.
+        let wake = lock(&self.wakes).get(&id).cloned();
+        if wake.is_some_and(|w| w.poke()) {
+            tracing::debug!(peer = id, "woke the dialer of a peer that connected to this node");
+        }
         let shared = self.clone();
         let task = tokio::spawn(async move {
             let _registered = Registered {
@@ -568,6 +620,8 @@ struct Dialer<C> {
     addr: watch::Receiver<String>,
     /// Where the connection state is published.
     link: watch::Sender<PeerLink>,
+    /// Poked when the peer connects to this node, to end a backoff early.
+    wake: Arc<Wake>,
     /// The peer's queue, kept across reconnects.
     outbound: mpsc::Receiver<Envelope>,
 }
@@ -583,6 +637,7 @@ impl<C: Connector> Dialer<C> {
             match self.dial(&addr).await {
                 Ok(est) => {
                     failures = 0;
+                    self.wake.set_connected(true);
                     tracing::info!(peer, %addr, "connected to peer");
                     self.link.send_modify(|l| {
                         l.connected = true;
@@ -600,6 +655,7 @@ impl<C: Connector> Dialer<C> {
                         &self.shared.conn,
                     )
                     .await;
+                    self.wake.set_connected(false);
                     let reason = match result {
                         Ok(ConnectionEnd::ClosedLocally | ConnectionEnd::InboundClosed) => {
                             self.link.send_modify(|l| l.connected = false);
@@ -630,8 +686,16 @@ impl<C: Connector> Dialer<C> {
                 }
             }
             let delay = backoff.next_delay();
-            // A new address is worth trying at once.
-            let _ = tokio::time::timeout(delay, self.addr.changed()).await;
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                // A new address is worth trying at once.
+                Ok(()) = self.addr.changed() => {}
+                // The peer connected to this node, so it is up: retry now, from the shortest delay.
+                () = self.wake.notify.notified() => {
+                    tracing::debug!(peer, "the peer connected to this node; redialing it now");
+                    backoff.reset();
+                }
+            }
         }
     }
 
