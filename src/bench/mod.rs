@@ -414,7 +414,13 @@ fn membership(a: MembershipArgs) -> Result<(), String> {
     }
     let outcome = actix_rt::System::new().block_on(async {
         wait_ready(&mut nodes, Duration::from_secs(60)).await?;
-        let client = awc::Client::builder().timeout(Duration::from_secs(30)).finish();
+        // Pooled connections are dropped after 1 s idle, well before the nodes' 5 s keep-alive:
+        // `stop_all` blocks this thread while a node stops, and a connection the node closed
+        // meanwhile must not be reused.
+        let client = awc::Client::builder()
+            .connector(awc::Connector::new().conn_keep_alive(Duration::from_secs(1)))
+            .timeout(Duration::from_secs(30))
+            .finish();
         let get = |url: String| {
             let client = client.clone();
             async move {

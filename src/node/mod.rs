@@ -694,6 +694,14 @@ impl NodeCore {
     async fn drain_self(&self, deadline: Instant) {
         let me = self.config.node_id;
         let state = self.membership.state().borrow().clone();
+        let raft = self.membership.status().borrow().clone();
+        // A node that was removed (DELETE) may not have applied its removal, but it is no longer
+        // in its own Raft configuration, or no longer a member: nothing to hand over, and no
+        // proposal of its would commit.
+        let in_group = raft.voters.contains(&me) || raft.learners.contains(&me);
+        if state.member(me).is_none() || !in_group {
+            return;
+        }
         let holds_work = state.placement().values().any(|nodes| nodes.contains(&me));
         let others = state
             .members()
