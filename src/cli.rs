@@ -33,6 +33,9 @@ enum Command {
     Subscribe(SubscribeArgs),
     /// Show members, leader, subscriptions and placements as tables.
     Status(ClientArgs),
+    /// Exit 0 when the node answers ready (`/readyz`, or `/healthz` with --live): a container
+    /// health check for images without a shell.
+    Health(HealthArgs),
     /// Run a benchmark scenario and print figures.
     Bench(crate::bench::BenchArgs),
 }
@@ -47,6 +50,10 @@ pub struct NodeArgs {
     /// This node's id, unique in the cluster [key: node_id, default 1].
     #[arg(long, env = "HERALD_NODE_ID")]
     pub node_id: Option<u64>,
+    /// Take the node id from the host name's trailing ordinal + 1 (pod `herald-0` is node 1)
+    /// [key: node_id_from_hostname].
+    #[arg(long, env = "HERALD_NODE_ID_FROM_HOSTNAME", conflicts_with = "node_id")]
+    pub node_id_from_hostname: bool,
     /// HTTP listen address, IP:port [key: http.addr, default 127.0.0.1:7070]. Without auth tokens
     /// only loopback is served.
     #[arg(long, env = "HERALD_HTTP")]
@@ -89,6 +96,14 @@ pub struct NodeArgs {
     /// only loopback peers are accepted.
     #[arg(long, env = "HERALD_CLUSTER_SECRET_FILE")]
     pub cluster_secret_file: Option<PathBuf>,
+    /// File of API bearer tokens, one `<role> <token>` per line (role admin or publish)
+    /// [key: auth.tokens_file]. With tokens the API may be served to other hosts.
+    #[arg(long, env = "HERALD_TOKENS_FILE")]
+    pub tokens_file: Option<PathBuf>,
+    /// Serve the API to other hosts although no tokens are configured (e.g. inside a private
+    /// container network whose ports are published on loopback only) [key: http.allow_unauthenticated_remote].
+    #[arg(long, env = "HERALD_ALLOW_UNAUTHENTICATED_REMOTE")]
+    pub allow_unauthenticated_remote: bool,
 }
 
 impl NodeArgs {
@@ -100,6 +115,7 @@ impl NodeArgs {
         };
         if let Some(v) = self.node_id {
             c.node_id = v;
+            c.node_id_from_hostname = false;
         }
         if let Some(v) = self.http {
             c.http.addr = v;
@@ -140,6 +156,16 @@ impl NodeArgs {
         if let Some(v) = self.cluster_secret_file {
             c.cluster.secret_file = Some(v);
         }
+        if self.node_id_from_hostname {
+            c.node_id_from_hostname = true;
+        }
+        if let Some(v) = self.tokens_file {
+            c.auth.tokens_file = Some(v);
+        }
+        if self.allow_unauthenticated_remote {
+            c.http.allow_unauthenticated_remote = true;
+        }
+        c.resolve()?;
         c.validate()?;
         Ok(c)
     }
@@ -172,6 +198,20 @@ pub struct UpArgs {
     /// How long to wait for every node to be ready, in seconds.
     #[arg(long, default_value_t = 60)]
     pub ready_timeout: u64,
+}
+
+/// `herald health`.
+#[derive(Args, Debug)]
+struct HealthArgs {
+    /// Base URL of the node.
+    #[arg(long, env = "HERALD_URL", default_value = "http://127.0.0.1:7070")]
+    url: String,
+    /// Check liveness (`/healthz`) rather than readiness (`/readyz`).
+    #[arg(long)]
+    live: bool,
+    /// Give up after this many milliseconds.
+    #[arg(long, default_value_t = 3000)]
+    timeout_ms: u64,
 }
 
 /// `herald publish`.
@@ -254,6 +294,7 @@ pub fn main_with(builder: NodeBuilder) -> ExitCode {
         Command::Publish(a) => return client_main(publish(a)),
         Command::Subscribe(a) => return client_main(subscribe(a)),
         Command::Status(a) => return client_main(status(a)),
+        Command::Health(a) => return client_main(health(a)),
         Command::Bench(a) => {
             // `bench node` is a node: it installs logging from its own configuration.
             if !a.is_node() {
@@ -330,6 +371,27 @@ async fn request(
             .unwrap_or_else(|| value.to_string());
         let code = value["error"]["code"].as_str().unwrap_or("error");
         Err(format!("{} {code}: {message}", resp.status().as_u16()))
+    }
+}
+
+async fn health(a: HealthArgs) -> ClientResult {
+    let path = if a.live { "/healthz" } else { "/readyz" };
+    let url = format!("{}{path}", a.url.trim_end_matches('/'));
+    let http = awc::Client::builder()
+        .timeout(std::time::Duration::from_millis(a.timeout_ms))
+        .finish();
+    let mut resp = http
+        .get(&url)
+        .send()
+        .await
+        .map_err(|e| format!("cannot reach {url}: {e}"))?;
+    let body = resp.body().await.unwrap_or_default();
+    let body = String::from_utf8_lossy(&body);
+    if resp.status().is_success() {
+        println!("{} {}", resp.status().as_u16(), body.trim());
+        Ok(())
+    } else {
+        Err(format!("{url} answered {}: {}", resp.status().as_u16(), body.trim()))
     }
 }
 

@@ -15,6 +15,9 @@ use crate::subscription::SubscriptionSpec;
 pub struct Config {
     /// This node's id, unique in the cluster (`--node-id`, `HERALD_NODE_ID`).
     pub node_id: u64,
+    /// Take the node id from the host name's trailing ordinal plus one: `herald-0` is node 1
+    /// (`--node-id-from-hostname`, `HERALD_NODE_ID_FROM_HOSTNAME`), for StatefulSet pods.
+    pub node_id_from_hostname: bool,
     /// Name of the cluster; nodes of different clusters refuse each other.
     pub cluster_id: String,
     /// Where the WAL, dead letters and subscriptions are stored (`--data-dir`, `HERALD_DATA_DIR`).
@@ -200,6 +203,9 @@ pub struct HandlerConfig {
 pub struct AuthConfig {
     /// Accepted bearer tokens. None configured: no auth, loopback only.
     pub tokens: Vec<TokenConfig>,
+    /// A file of more tokens, one `<role> <token>` per line, `#` comments (`--tokens-file`,
+    /// `HERALD_TOKENS_FILE`): keeps secrets out of the config file (a Kubernetes Secret, say).
+    pub tokens_file: Option<PathBuf>,
 }
 
 /// One bearer token.
@@ -226,6 +232,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             node_id: 1,
+            node_id_from_hostname: false,
             cluster_id: "herald".to_string(),
             data_dir: PathBuf::from("herald-data"),
             log_format: LogFormat::Text,
@@ -239,6 +246,54 @@ impl Default for Config {
             subscriptions: Vec::new(),
         }
     }
+}
+
+/// This machine's host name: `$HOSTNAME` (set in containers and pods), else the kernel's.
+fn hostname() -> Result<String> {
+    if let Ok(h) = std::env::var("HOSTNAME") {
+        if !h.trim().is_empty() {
+            return Ok(h.trim().to_string());
+        }
+    }
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .map_err(|e| Error::config("node_id_from_hostname", format!("cannot read the host name: {e}")))
+}
+
+/// `name-N` → node id N + 1 (StatefulSet ordinals start at 0, node ids at 1).
+pub fn node_id_from_hostname(host: &str) -> Option<u64> {
+    // A pod's host name is its name; a FQDN's first label is.
+    let name = host.split('.').next()?;
+    let (_, ordinal) = name.rsplit_once('-')?;
+    if ordinal.is_empty() || !ordinal.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    ordinal.parse::<u64>().ok()?.checked_add(1)
+}
+
+/// Parses a tokens file: one `<role> <token>` per line; blank lines and `#` comments are skipped.
+pub fn parse_tokens(text: &str) -> std::result::Result<Vec<TokenConfig>, String> {
+    let mut tokens = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let mut words = line.split_whitespace();
+        let (Some(role), Some(token), None) = (words.next(), words.next(), words.next()) else {
+            return Err(format!("line {}: expected `<role> <token>`", n + 1));
+        };
+        let role = match role {
+            "admin" => Role::Admin,
+            "publish" => Role::Publish,
+            other => return Err(format!("line {}: unknown role {other:?} (admin or publish)", n + 1)),
+        };
+        tokens.push(TokenConfig {
+            token: token.to_string(),
+            role,
+        });
+    }
+    Ok(tokens)
 }
 
 impl Default for HttpConfig {
@@ -299,6 +354,29 @@ impl Config {
             path: path.to_path_buf(),
             message: e.to_string(),
         })
+    }
+
+    /// Fills what comes from outside the file: the node id from the host name (when
+    /// `node_id_from_hostname`), and the tokens of `auth.tokens_file` (read once: the field is
+    /// cleared). `herald node` calls it before [`Config::validate`].
+    pub fn resolve(&mut self) -> Result<()> {
+        if self.node_id_from_hostname {
+            let host = hostname()?;
+            self.node_id = node_id_from_hostname(&host).ok_or_else(|| {
+                Error::config(
+                    "node_id_from_hostname",
+                    format!("host name {host:?} does not end in -<ordinal> (like herald-0)"),
+                )
+            })?;
+        }
+        if let Some(path) = self.auth.tokens_file.take() {
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| Error::config("auth.tokens_file", format!("cannot read {}: {e}", path.display())))?;
+            let tokens = parse_tokens(&text)
+                .map_err(|e| Error::config("auth.tokens_file", format!("{}: {e}", path.display())))?;
+            self.auth.tokens.extend(tokens);
+        }
+        Ok(())
     }
 
     /// The HTTP listen address, parsed.
@@ -439,6 +517,37 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn node_ids_come_from_statefulset_host_names() {
+        assert_eq!(node_id_from_hostname("herald-0"), Some(1));
+        assert_eq!(node_id_from_hostname("my-herald-12.herald-peers.default.svc"), Some(13));
+        assert_eq!(node_id_from_hostname("herald"), None);
+        assert_eq!(node_id_from_hostname("herald-"), None);
+        assert_eq!(node_id_from_hostname("herald-x1"), None);
+    }
+
+    #[test]
+    fn tokens_files_are_role_token_lines() {
+        let t = parse_tokens("# ops\nadmin  s3cret-admin\n\npublish s3cret-pub\n").unwrap();
+        assert_eq!(t.len(), 2);
+        assert_eq!((t[0].role, t[0].token.as_str()), (Role::Admin, "s3cret-admin"));
+        assert_eq!((t[1].role, t[1].token.as_str()), (Role::Publish, "s3cret-pub"));
+        assert!(parse_tokens("root x").unwrap_err().contains("line 1: unknown role"));
+        assert!(parse_tokens("admin\n")
+            .unwrap_err()
+            .contains("expected `<role> <token>`"));
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens");
+        std::fs::write(&path, "publish publisher-token\n").unwrap();
+        let mut c = Config::default();
+        c.auth.tokens_file = Some(path);
+        c.resolve().unwrap();
+        assert_eq!(c.auth.tokens.len(), 1);
+        assert_eq!(c.auth.tokens_file, None, "read once");
+        c.validate().unwrap();
+    }
 
     #[test]
     fn defaults_are_valid() {

@@ -8,9 +8,8 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write;
 use std::path::Path;
-use std::process::{Command, ExitStatus, Output, Stdio};
+use std::process::{ExitStatus, Output};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -303,12 +302,6 @@ async fn sigkill_loses_no_accepted_event() {
 // 3. The /metrics exposition passes `promtool check metrics`.
 // ---------------------------------------------------------------------------------------------
 
-fn find_on_path(program: &str) -> Option<std::path::PathBuf> {
-    std::env::split_paths(&std::env::var_os("PATH")?)
-        .map(|d| d.join(program))
-        .find(|f| f.is_file())
-}
-
 #[actix_rt::test]
 async fn metrics_pass_promtool_check() {
     let Some(promtool) = find_on_path("promtool") else {
@@ -372,31 +365,15 @@ async fn metrics_pass_promtool_check() {
         Some(5.0)
     );
 
-    let checked = actix_rt::task::spawn_blocking(move || {
-        let mut child = Command::new(promtool)
-            .args(["check", "metrics"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn promtool");
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(text.as_bytes())
-            .expect("write to promtool");
-        (child.wait_with_output().expect("promtool output"), text)
+    let (status, said, text) = actix_rt::task::spawn_blocking(move || {
+        let (status, said) = promtool_check(&promtool, &text);
+        (status, said, text)
     })
     .await
     .expect("promtool thread");
-    let (out, text) = checked;
     assert!(
-        out.status.success(),
-        "promtool check metrics failed ({}):\n{}{}\n--- /metrics ---\n{text}",
-        out.status,
-        stdout(&out),
-        stderr(&out)
+        status.success(),
+        "promtool check metrics failed ({status}):\n{said}\n--- /metrics ---\n{text}"
     );
     assert!(terminate(node).await.success());
 }
@@ -815,4 +792,64 @@ async fn status_lists_subscriptions_and_placements() {
         "member row:\n{out}"
     );
     assert!(terminate(node).await.success());
+}
+
+#[actix_rt::test]
+async fn herald_health_exits_zero_only_when_the_node_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = spawn_herald(&["--data-dir", p(dir.path())], &[]);
+    let ready = cli(&["health", "--url", &node.url]).await;
+    assert!(ready.status.success(), "health of a ready node: {}", stderr(&ready));
+    assert!(stdout(&ready).starts_with("200"), "{}", stdout(&ready));
+    let live = cli(&["health", "--live", "--url", &node.url]).await;
+    assert!(live.status.success(), "liveness: {}", stderr(&live));
+
+    let closed = format!("http://127.0.0.1:{}", cluster::free_port());
+    let down = cli(&["health", "--url", &closed, "--timeout-ms", "2000"]).await;
+    assert_eq!(down.status.code(), Some(1), "no node there: {}", stdout(&down));
+    assert!(stderr(&down).contains("cannot reach"), "{}", stderr(&down));
+}
+
+/// The container settings: the node id from a StatefulSet host name, API tokens from a file.
+#[actix_rt::test]
+async fn node_id_from_the_host_name_and_tokens_from_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("api-tokens");
+    std::fs::write(&tokens, "# role token\nadmin admin-token-1\npublish publish-token-1\n").unwrap();
+    let data = dir.path().join("data");
+    let node = spawn_herald(
+        &["--data-dir", p(&data), "--tokens-file", p(&tokens)],
+        &[("HERALD_NODE_ID_FROM_HOSTNAME", "true"), ("HOSTNAME", "herald-4")],
+    );
+    let cluster = format!("{}/v1/cluster", node.url);
+    let anonymous = request("GET", &cluster, &[], "").await;
+    assert_eq!(anonymous.status, 401, "{}", anonymous.body);
+    let publisher = request("GET", &cluster, &[("authorization", "Bearer publish-token-1")], "").await;
+    assert_eq!(publisher.status, 403, "{}", publisher.body);
+    let admin = request("GET", &cluster, &[("authorization", "Bearer admin-token-1")], "").await;
+    assert_eq!(admin.status, 200, "{}", admin.body);
+    assert_eq!(admin.body["node_id"], 5, "herald-4 is node 5: {}", admin.body);
+
+    // A host name without an ordinal is refused, naming the setting.
+    let args: Vec<String> = [
+        "node",
+        "--data-dir",
+        p(&dir.path().join("other")),
+        "--node-id-from-hostname",
+    ]
+    .map(String::from)
+    .to_vec();
+    let o = actix_rt::task::spawn_blocking(move || {
+        let mut cmd = herald_cmd(&args);
+        cmd.env("HOSTNAME", "builder");
+        run_to_exit(cmd)
+    })
+    .await
+    .expect("node thread");
+    assert_eq!(o.status.code(), Some(2), "{}", stdout(&o));
+    assert!(
+        stderr(&o).contains("node_id_from_hostname") && stderr(&o).contains("\"builder\""),
+        "{}",
+        stderr(&o)
+    );
 }

@@ -308,7 +308,13 @@ async fn run(config: MembershipConfig, advertise: String) -> Result<Handles> {
         message: e.to_string(),
     })?;
     let fresh = raft::Storage::last_index(&storage).unwrap_or(0) == 0;
-    let bootstrap = fresh && config.join.is_empty();
+    let (first_seed, seeds) = seeds(&config.join, &advertise);
+    // A fresh node starts a new cluster when it has no seeds, or when it is the first seed of the
+    // list: then every node of a StatefulSet or compose file can share one `--join` list.
+    let bootstrap = fresh && (config.join.is_empty() || first_seed);
+    if bootstrap && first_seed {
+        tracing::info!(%advertise, "this node is the first seed in --join and its data dir is empty: starting a new cluster");
+    }
 
     let (state_tx, state_rx) = watch::channel(Arc::new(MembershipState::new(config.cluster_id.clone())));
     let changed = Arc::new(Notify::new());
@@ -425,8 +431,15 @@ async fn run(config: MembershipConfig, advertise: String) -> Result<Handles> {
     tokio::spawn(ctx.clone().expedite_elections());
     let join = Command::join(id, config.http.clone(), advertise.clone(), config.handlers.clone());
     let (joined_tx, joined_rx) = watch::channel(false);
-    tokio::spawn(ctx.clone().join_cluster(join, config.join.clone(), tc, joined_tx));
+    tokio::spawn(ctx.clone().join_cluster(join, seeds, tc, joined_tx));
     Ok((id, driver_tx, state_rx, status_rx, transport, joined_rx))
+}
+
+/// Splits `--join` into whether this node (advertising `advertise`) is its first entry, and the
+/// other seeds (this node's own address is never dialled).
+fn seeds(join: &[String], advertise: &str) -> (bool, Vec<String>) {
+    let first = join.first().is_some_and(|s| s == advertise);
+    (first, join.iter().filter(|s| *s != advertise).cloned().collect())
 }
 
 /// What the background duties share.
@@ -674,4 +687,24 @@ async fn probe(addr: &str, tc: &TransportConfig) -> std::result::Result<u64, Str
         .await
         .map_err(|e| e.to_string())?;
     Ok(established.peer.node_id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::seeds;
+
+    #[test]
+    fn the_first_seed_bootstraps_and_no_node_dials_itself() {
+        let join: Vec<String> = ["h-0:7170", "h-1:7170", "h-2:7170"].map(String::from).to_vec();
+        assert_eq!(
+            seeds(&join, "h-0:7170"),
+            (true, vec!["h-1:7170".into(), "h-2:7170".into()])
+        );
+        assert_eq!(
+            seeds(&join, "h-2:7170"),
+            (false, vec!["h-0:7170".into(), "h-1:7170".into()])
+        );
+        assert_eq!(seeds(&join, "other:7170"), (false, join.clone()));
+        assert_eq!(seeds(&[], "h-0:7170"), (false, vec![]));
+    }
 }
