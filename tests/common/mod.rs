@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod load;
 
 use std::future::Future;
 use std::io::{BufRead, BufReader, Read};
@@ -377,6 +378,13 @@ pub fn herald_cmd(args: &[String]) -> Command {
         "HERALD_HTTP",
         "HERALD_DATA_DIR",
         "HERALD_LOG_FORMAT",
+        "HERALD_JOIN",
+        "HERALD_PEER",
+        "HERALD_ADVERTISE",
+        "HERALD_NODE_ID_FROM_HOSTNAME",
+        "HERALD_TOKENS_FILE",
+        "HERALD_ALLOW_UNAUTHENTICATED_REMOTE",
+        "HERALD_CLUSTER_SECRET_FILE",
     ] {
         cmd.env_remove(var);
     }
@@ -443,6 +451,11 @@ pub struct EventRecorder {
 
 impl EventRecorder {
     pub async fn start() -> EventRecorder {
+        EventRecorder::start_on("127.0.0.1:0").await
+    }
+
+    /// A recorder listening on `addr` (e.g. a container network's gateway, for nodes in containers).
+    pub async fn start_on(addr: &str) -> EventRecorder {
         let arrivals: Arc<Mutex<Vec<Arrival>>> = Arc::default();
         let a = arrivals.clone();
         let server = HttpServer::new(move || {
@@ -474,8 +487,8 @@ impl EventRecorder {
         })
         .workers(2)
         .disable_signals()
-        .bind("127.0.0.1:0")
-        .expect("bind recorder on 127.0.0.1:0");
+        .bind(addr)
+        .unwrap_or_else(|e| panic!("bind the recorder on {addr}: {e}"));
         let addr = server.addrs()[0];
         let server = server.run();
         let handle = server.handle();
@@ -506,4 +519,37 @@ impl EventRecorder {
     pub async fn stop(self) {
         self.handle.stop(false).await;
     }
+}
+
+/// The file `program` on `PATH`, if any.
+pub fn find_on_path(program: &str) -> Option<std::path::PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|d| d.join(program))
+        .find(|f| f.is_file())
+}
+
+/// `promtool check metrics` on `text` (fed on stdin): its exit status, and its stdout and stderr
+/// together (empty when the exposition has no problem).
+pub fn promtool_check(promtool: &std::path::Path, text: &str) -> (std::process::ExitStatus, String) {
+    use std::io::Write;
+    let mut child = Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn promtool");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())
+        .expect("write to promtool");
+    let out = child.wait_with_output().expect("promtool output");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status, said)
 }
