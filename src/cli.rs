@@ -85,6 +85,10 @@ pub struct NodeArgs {
     /// Peer listen address, IP:port [key: cluster.peer, default: the HTTP IP with the HTTP port + 100].
     #[arg(long, env = "HERALD_PEER")]
     pub peer: Option<String>,
+    /// HTTP address other nodes use, host:port [key: http.advertise, default: the bound HTTP
+    /// address, with 0.0.0.0 replaced by the host of --advertise].
+    #[arg(long, env = "HERALD_ADVERTISE_HTTP")]
+    pub advertise_http: Option<String>,
     /// Peer address other nodes dial, host:port [key: cluster.advertise, default: the bound peer address].
     #[arg(long, env = "HERALD_ADVERTISE")]
     pub advertise: Option<String>,
@@ -149,6 +153,9 @@ impl NodeArgs {
         }
         if let Some(v) = self.advertise {
             c.cluster.advertise = v;
+        }
+        if let Some(v) = self.advertise_http {
+            c.http.advertise = v;
         }
         if !self.join.is_empty() {
             c.cluster.join = self.join;
@@ -516,7 +523,10 @@ async fn status(c: ClientArgs) -> ClientResult {
                 s(&m["status"]),
                 s(&m["http"]),
                 s(&m["peer"]),
-                s(&m["phi"]),
+                m["phi"]
+                    .as_f64()
+                    .map(|phi| format!("{phi:.2}"))
+                    .unwrap_or_else(|| s(&m["phi"])),
                 handlers,
             ]
         })

@@ -149,6 +149,10 @@ pub struct HttpConfig {
     /// Serve non-loopback clients even though no tokens are configured. Without it, a node with no
     /// tokens binds loopback only.
     pub allow_unauthenticated_remote: bool,
+    /// The HTTP address other nodes use to reach this one, host:port (`--advertise-http`,
+    /// `HERALD_ADVERTISE_HTTP`). Empty: the bound address, where an unspecified IP (`0.0.0.0`,
+    /// `::`) is replaced by the host of `cluster.advertise`.
+    pub advertise: String,
 }
 
 /// Write-ahead log settings.
@@ -303,6 +307,7 @@ impl Default for HttpConfig {
             max_body_bytes: 1024 * 1024,
             max_batch_events: 1000,
             allow_unauthenticated_remote: false,
+            advertise: String::new(),
         }
     }
 }
@@ -387,6 +392,22 @@ impl Config {
                 format!("{:?} is not an IP:port address (e.g. 127.0.0.1:7070)", self.http.addr),
             )
         })
+    }
+
+    /// The HTTP address other nodes reach this one at (see [`HttpConfig::advertise`]), given the
+    /// address the API is bound to.
+    pub fn http_advertise(&self, bound: SocketAddr) -> String {
+        if !self.http.advertise.is_empty() {
+            return self.http.advertise.clone();
+        }
+        if bound.ip().is_unspecified() {
+            if let Some((host, _)) = self.cluster.advertise.rsplit_once(':') {
+                if !host.is_empty() {
+                    return format!("{host}:{}", bound.port());
+                }
+            }
+        }
+        bound.to_string()
     }
 
     /// The peer listen address: `cluster.peer`, or the HTTP IP with the HTTP port + 100.
@@ -547,6 +568,18 @@ mod tests {
         assert_eq!(c.auth.tokens.len(), 1);
         assert_eq!(c.auth.tokens_file, None, "read once");
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn the_advertised_http_address_names_a_reachable_host() {
+        let mut c = Config::default();
+        let any: SocketAddr = "0.0.0.0:7070".parse().unwrap();
+        assert_eq!(c.http_advertise(any), "0.0.0.0:7070", "nothing better known");
+        c.cluster.advertise = "herald-2:7170".into();
+        assert_eq!(c.http_advertise(any), "herald-2:7070");
+        assert_eq!(c.http_advertise("10.0.0.5:7070".parse().unwrap()), "10.0.0.5:7070");
+        c.http.advertise = "api.example:80".into();
+        assert_eq!(c.http_advertise(any), "api.example:80");
     }
 
     #[test]

@@ -155,6 +155,7 @@ async fn failover(name: &str, fault: Fault) {
         pace: None,
         rotate: false,
         time_limit: Duration::from_secs(60),
+        answer_within: Duration::from_secs(5),
     });
     load.wait_accepted(FAILOVER_EVENTS / 3, Duration::from_secs(30)).await;
 
@@ -295,6 +296,7 @@ fn a_cpu_saturated_machine_marks_no_node_down() {
             pace: Some(Duration::from_millis(100)),
             rotate: false,
             time_limit: HOG,
+            answer_within: Duration::from_secs(5),
         });
         let mut polls = 0;
         let mut unanswered = 0;
@@ -525,6 +527,7 @@ fn a_rolling_restart_under_load_loses_no_acknowledged_event() {
             pace: Some(Duration::from_millis(50)),
             rotate: true,
             time_limit: Duration::from_secs(75),
+            answer_within: Duration::from_secs(5),
         });
         load.wait_accepted(500, Duration::from_secs(30)).await;
         let started = Instant::now();

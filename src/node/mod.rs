@@ -207,7 +207,7 @@ impl NodeBuilder {
             node_id: config.node_id,
             cluster_id: config.cluster_id.clone(),
             data_dir: config.data_dir.clone(),
-            http: http_addr.to_string(),
+            http: config.http_advertise(http_addr),
             peer_listener,
             advertise: config.cluster.advertise.clone(),
             join: config.cluster.join.clone(),

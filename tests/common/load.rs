@@ -202,6 +202,8 @@ pub struct LoadSpec {
     pub rotate: bool,
     /// Publishing stops after this long, accepted or not.
     pub time_limit: Duration,
+    /// A publish not answered within this long is retried (on the next URL if `rotate`).
+    pub answer_within: Duration,
 }
 
 /// Publishers running on the test's runtime.
@@ -260,7 +262,7 @@ impl Load {
 }
 
 pub async fn publisher(spec: Rc<LoadSpec>, p: Rc<Progress>, until: Instant) {
-    let client = http(Duration::from_secs(5));
+    let client = http(spec.answer_within);
     let batches = spec.total.div_ceil(spec.batch);
     let path = format!("/v1/topics/{}/events/batch?ack=accepted", spec.topic);
     loop {

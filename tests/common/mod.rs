@@ -381,6 +381,7 @@ pub fn herald_cmd(args: &[String]) -> Command {
         "HERALD_JOIN",
         "HERALD_PEER",
         "HERALD_ADVERTISE",
+        "HERALD_ADVERTISE_HTTP",
         "HERALD_NODE_ID_FROM_HOSTNAME",
         "HERALD_TOKENS_FILE",
         "HERALD_ALLOW_UNAUTHENTICATED_REMOTE",
