@@ -74,6 +74,15 @@ fn all_up(ids: &[u64], voters: &[u64]) -> Vec<(u64, String, bool)> {
 }
 
 /// `(topic, group, nodes)` of every placement, sorted.
+/// Waits until every node in `urls` shows the same placements, `subscriptions` of them; returns them.
+async fn same_placements(what: &str, urls: &[String], subscriptions: usize) -> Vec<(String, String, Vec<u64>)> {
+    converge(what, urls, "/v1/cluster/placements", |ps| {
+        let rows: Vec<_> = ps.iter().map(placement_rows).collect();
+        (rows.iter().all(|r| *r == rows[0]) && rows[0].len() == subscriptions).then(|| rows[0].clone())
+    })
+    .await
+}
+
 fn placement_rows(placements: &Value) -> Vec<(String, String, Vec<u64>)> {
     let mut rows: Vec<(String, String, Vec<u64>)> = placements
         .as_array()
@@ -310,16 +319,7 @@ async fn the_leader_is_killed_and_a_new_one_is_elected() {
     let t = Instant::now();
     subscribe(survivors[1].url(), &log_sub("after", "failover", 2)).await;
     println!("first subscription after the failover committed in {:?}", t.elapsed());
-    let rows = converge(
-        "both survivors show the new subscription's placement",
-        &urls,
-        "/v1/cluster/placements",
-        |ps| {
-            let rows: Vec<_> = ps.iter().map(placement_rows).collect();
-            (rows.iter().all(|r| *r == rows[0]) && rows[0].len() == 1).then(|| rows[0].clone())
-        },
-    )
-    .await;
+    let rows = same_placements("both survivors show the new subscription's placement", &urls, 1).await;
     assert_eq!((rows[0].0.as_str(), rows[0].1.as_str()), ("after", "failover"));
     assert_eq!(rows[0].2.len(), 2, "{rows:?}");
     for u in &urls {
@@ -417,16 +417,7 @@ async fn a_full_cluster_restart_keeps_members_and_subscriptions_and_places_them_
     wait_formed(&urls, &[1, 2, 3], &[1, 2, 3]).await;
     subscribe(nodes[0].url(), &log_sub("restart", "one", 2)).await;
     subscribe(nodes[1].url(), &log_sub("restart", "two", 3)).await;
-    let placements = converge(
-        "both subscriptions are placed identically everywhere",
-        &urls,
-        "/v1/cluster/placements",
-        |ps| {
-            let rows: Vec<_> = ps.iter().map(placement_rows).collect();
-            (rows.iter().all(|r| *r == rows[0]) && rows[0].len() == 2).then(|| rows[0].clone())
-        },
-    )
-    .await;
+    let placements = same_placements("both subscriptions are placed identically everywhere", &urls, 2).await;
     let table = |v: &Value| {
         let mut ms: Vec<Value> = v["members"]
             .as_array()
@@ -505,16 +496,7 @@ async fn drain_moves_instances_away() {
     let urls = urls(&nodes);
     wait_formed(&urls, &[1, 2, 3], &[1, 2, 3]).await;
     subscribe(nodes[0].url(), &log_sub("drain", "me", 3)).await;
-    let rows = converge(
-        "the subscription is placed identically everywhere",
-        &urls,
-        "/v1/cluster/placements",
-        |ps| {
-            let rows: Vec<_> = ps.iter().map(placement_rows).collect();
-            (rows.iter().all(|r| *r == rows[0]) && rows[0].len() == 1).then(|| rows[0].clone())
-        },
-    )
-    .await;
+    let rows = same_placements("the subscription is placed identically everywhere", &urls, 1).await;
     let drained = rows[0].2[0];
     let asked = nodes.iter().find(|n| n.id != drained).unwrap();
     let a = post_json(&format!("{}/v1/cluster/nodes/{drained}/drain", asked.url()), &json!({})).await;

@@ -365,16 +365,7 @@ async fn metrics_pass_promtool_check() {
         Some(5.0)
     );
 
-    let (status, said, text) = actix_rt::task::spawn_blocking(move || {
-        let (status, said) = promtool_check(&promtool, &text);
-        (status, said, text)
-    })
-    .await
-    .expect("promtool thread");
-    assert!(
-        status.success(),
-        "promtool check metrics failed ({status}):\n{said}\n--- /metrics ---\n{text}"
-    );
+    assert_promtool_passes(&promtool, text, "a node with a flaky webhook and a log subscription").await;
     assert!(terminate(node).await.success());
 }
 

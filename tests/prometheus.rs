@@ -20,7 +20,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::cluster::*;
-use common::load::statuses;
+use common::load::wait_formed;
 use common::*;
 use serde_json::{json, Value};
 
@@ -296,20 +296,8 @@ async fn prometheus_scrapes_every_node() {
     // A cluster of three, with a webhook subscription that has an instance on each node.
     let nodes = start_cluster(3, false);
     let urls = urls(&nodes);
-    let want: Vec<(u64, String)> = nodes.iter().map(|n| (n.id, "up".to_string())).collect();
-    converge(
-        "every node shows the same three members, all up, and one leader",
-        &urls,
-        "/v1/cluster",
-        |views| {
-            let leader = views[0]["leader"].as_u64()?;
-            views
-                .iter()
-                .all(|v| v["leader"].as_u64() == Some(leader) && statuses(v) == want)
-                .then_some(())
-        },
-    )
-    .await;
+    let ids: Vec<u64> = nodes.iter().map(|n| n.id).collect();
+    wait_formed(&urls, &ids).await;
     let recorder = EventRecorder::start().await;
     let spec = json!({
         "topic": TOPIC,
@@ -459,19 +447,7 @@ async fn prometheus_scrapes_every_node() {
     // 3. `promtool check metrics` passes on each node's exposition.
     for n in &nodes {
         let text = get_text(&format!("{}/metrics", n.url())).await;
-        let promtool = promtool.clone();
-        let (status, said, text) = actix_rt::task::spawn_blocking(move || {
-            let (status, said) = promtool_check(&promtool, &text);
-            (status, said, text)
-        })
-        .await
-        .expect("promtool thread");
-        assert!(
-            status.success() && said.trim().is_empty(),
-            "promtool check metrics on node {} ({}) failed ({status}):\n{said}\n--- /metrics ---\n{text}",
-            n.id,
-            n.http()
-        );
+        assert_promtool_passes(&promtool, text, &format!("node {} ({})", n.id, n.url())).await;
     }
     eprintln!(
         "promtool check metrics passed on all {} nodes; the test took {:?}",

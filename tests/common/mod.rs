@@ -529,6 +529,22 @@ pub fn find_on_path(program: &str) -> Option<std::path::PathBuf> {
         .find(|f| f.is_file())
 }
 
+/// Fails the test unless `promtool check metrics` accepts `text` without a word of complaint
+/// (a lint problem prints a line and exits 3); `what` names the exposition. Runs off the runtime.
+pub async fn assert_promtool_passes(promtool: &std::path::Path, text: String, what: &str) {
+    let promtool = promtool.to_path_buf();
+    let (status, said, text) = actix_rt::task::spawn_blocking(move || {
+        let (status, said) = promtool_check(&promtool, &text);
+        (status, said, text)
+    })
+    .await
+    .expect("promtool thread");
+    assert!(
+        status.success() && said.trim().is_empty(),
+        "promtool check metrics on {what} failed ({status}):\n{said}\n--- /metrics ---\n{text}"
+    );
+}
+
 /// `promtool check metrics` on `text` (fed on stdin): its exit status, and its stdout and stderr
 /// together (empty when the exposition has no problem).
 pub fn promtool_check(promtool: &std::path::Path, text: &str) -> (std::process::ExitStatus, String) {
