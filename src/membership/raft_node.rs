@@ -222,6 +222,8 @@ struct Driver<S: RaftLogStore + Clone, A: Apply> {
     /// configuration does not include the receiving node, so a node added after the last
     /// snapshot could otherwise never catch up.
     snapshot_due: bool,
+    /// Set when this node must stop: why (logged once, then the driver ends).
+    fatal: Option<String>,
 }
 
 /// Starts the driver on the current tokio runtime. `bootstrap` makes this node the sole voter of a
@@ -293,6 +295,7 @@ where
         next_seq: first_seq(),
         snapshot_index: applied,
         snapshot_due: false,
+        fatal: None,
     };
     // A node that is the only voter need not wait an election timeout to lead.
     let conf = driver.node.raft.prs().conf().to_conf_state();
@@ -326,6 +329,10 @@ impl<S: RaftLogStore + Clone, A: Apply> Driver<S, A> {
                     None => break,
                 },
             }
+            if let Some(why) = &self.fatal {
+                tracing::error!("{why}; stopping the membership driver");
+                break;
+            }
             if let Err(e) = self.on_ready() {
                 tracing::error!(error = %e, "raft storage failed; stopping the membership driver");
                 break;
@@ -340,6 +347,22 @@ impl<S: RaftLogStore + Clone, A: Apply> Driver<S, A> {
     fn handle(&mut self, m: Inbound) {
         match m {
             Inbound::Raft(bytes) => match Message::parse_from_bytes(&bytes) {
+                Ok(msg) if lost_log(&msg, self.node.raft.raft_log.last_index()) => {
+                    // raft-rs would panic on this ("to_commit out of range"): a leader believes
+                    // this node holds entries its log does not have.
+                    self.fatal.get_or_insert_with(|| {
+                        format!(
+                            "node {id}'s Raft log is empty or behind what the leader (node {leader}) knows it \
+                             acknowledged (commit index {commit}, last index here {last}): its data dir was lost \
+                             or replaced. A voter must not forget its log: remove the old member \
+                             (DELETE /v1/cluster/nodes/{id}) and start this node again, or restore its data dir",
+                            id = self.config.id,
+                            leader = msg.from,
+                            commit = msg.commit,
+                            last = self.node.raft.raft_log.last_index()
+                        )
+                    });
+                }
                 Ok(msg) => {
                     if let Err(e) = self.node.step(msg) {
                         tracing::debug!(error = %e, "raft step refused a message");
@@ -579,6 +602,13 @@ pub fn conf_change(id: u64, kind: ConfChangeType) -> ConfChange {
     cc
 }
 
+/// Whether `msg` shows that this node lost its log: a leader's heartbeat carries
+/// `min(what this node acknowledged, committed)`, which can exceed our last index only if entries
+/// we acknowledged are gone.
+fn lost_log(msg: &Message, last_index: u64) -> bool {
+    msg.get_msg_type() == MessageType::MsgHeartbeat && msg.commit > last_index
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -735,6 +765,34 @@ mod tests {
         for n in nodes.values() {
             n.task.abort();
         }
+    }
+
+    #[tokio::test]
+    async fn a_node_that_lost_its_log_stops_with_a_reason_rather_than_panicking() {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (out_tx, _out_rx) = mpsc::unbounded_channel();
+        let (_status, task) = spawn(
+            DriverConfig::new(3),
+            MemStorage::new(),
+            Log::default(),
+            false,
+            rx,
+            out_tx,
+        )
+        .unwrap();
+        // What a leader sends a voter it believes acknowledged entries up to 7.
+        let mut hb = Message::default();
+        hb.set_msg_type(MessageType::MsgHeartbeat);
+        hb.from = 1;
+        hb.to = 3;
+        hb.term = 2;
+        hb.commit = 7;
+        assert!(lost_log(&hb, 0) && !lost_log(&hb, 7));
+        tx.send(Inbound::Raft(hb.write_to_bytes().unwrap())).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("the driver stops")
+            .expect("without a panic");
     }
 
     #[tokio::test]
