@@ -37,17 +37,17 @@ const GROUP: &str = "sink";
 const MAX_INFLIGHT: usize = 32;
 
 /// 10 µs … 100 s, 20 buckets per decade (each 12 % wide).
-fn latency_buckets() -> Vec<f64> {
+pub(super) fn latency_buckets() -> Vec<f64> {
     (0..=140).map(|i| 1e-5 * 10f64.powf(f64::from(i) / 20.0)).collect()
 }
 
-fn unix_nanos() -> u64 {
+pub(super) fn unix_nanos() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64)
 }
 
-fn unix_seconds() -> f64 {
+pub(super) fn unix_seconds() -> f64 {
     unix_nanos() as f64 / 1e9
 }
 
@@ -70,12 +70,48 @@ fn sink_metrics() -> &'static SinkMetrics {
     })
 }
 
-/// The payload the benchmark publishes: publish time, and the failover round if any.
-#[derive(serde::Deserialize)]
-struct Stamp {
-    t: u64,
+/// The payload the benchmark publishes: publish time (unix ns), and the failover round if any.
+/// Padding fields (`p`) are ignored.
+#[derive(serde::Deserialize, Debug, PartialEq)]
+pub(super) struct Stamp {
+    pub(super) t: u64,
     #[serde(default)]
-    r: Option<u64>,
+    pub(super) r: Option<u64>,
+}
+
+/// The stamp of an event's data: `{"t": unix_ns, …}`, or a bare integer of unix microseconds
+/// (the 16-byte payload, which has no room for an object).
+pub(super) fn stamp_of(data: &[u8]) -> Option<Stamp> {
+    match serde_json::from_slice::<Stamp>(data) {
+        Ok(s) => Some(s),
+        Err(_) => serde_json::from_slice::<u64>(data).ok().map(|us| Stamp {
+            t: us.saturating_mul(1000),
+            r: None,
+        }),
+    }
+}
+
+/// Smallest payload that holds an object stamp `{"t":<19 digits>,"p":""}`.
+const MIN_OBJECT_PAYLOAD: usize = 32;
+
+/// Whether [`payload`] can make exactly `size` bytes.
+pub(super) fn payload_size_ok(size: usize) -> bool {
+    size == 16 || size >= MIN_OBJECT_PAYLOAD
+}
+
+/// Exactly `size` bytes of JSON stamped with `t_nanos`: a bare 16-digit integer of unix µs for
+/// 16 B, else `{"t":ns,"p":"xxx…"}` padded to `size` (see [`payload_size_ok`]).
+pub(super) fn payload(size: usize, t_nanos: u64) -> String {
+    if size < MIN_OBJECT_PAYLOAD {
+        return (t_nanos / 1000).to_string();
+    }
+    let head = format!("{{\"t\":{t_nanos},\"p\":\"");
+    let pad = size.saturating_sub(head.len() + 2);
+    let mut s = String::with_capacity(size);
+    s.push_str(&head);
+    s.extend(std::iter::repeat_n('x', pad));
+    s.push_str("\"}");
+    s
 }
 
 /// The no-op handler: records the count, the latency and (per round) the first handling time.
@@ -92,7 +128,7 @@ impl Handler<Delivery> for BenchSink {
         let m = sink_metrics();
         m.events.increment(1);
         m.last.set(now as f64 / 1e9);
-        if let Ok(stamp) = serde_json::from_slice::<Stamp>(&d.event.data) {
+        if let Some(stamp) = stamp_of(&d.event.data) {
             m.latency.record(now.saturating_sub(stamp.t) as f64 / 1e9);
             if let Some(r) = stamp.r {
                 if m.rounds.lock().unwrap_or_else(|p| p.into_inner()).insert(r) {
@@ -161,24 +197,81 @@ pub(super) fn node(a: BenchNodeArgs, builder: NodeBuilder) -> Result<(), String>
 
 // ---------------------------------------------------------------- the benchmark side
 
+/// `n` distinct free TCP ports on 127.0.0.1 (bound to port 0 together, then released).
+#[cfg_attr(not(feature = "bench-peers"), allow(dead_code))] // used by the peer scenarios
+pub(super) fn free_ports(n: usize) -> Result<Vec<u16>, String> {
+    let listeners = (0..n)
+        .map(|_| std::net::TcpListener::bind(("127.0.0.1", 0)))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("cannot find a free port on 127.0.0.1: {e}"))?;
+    listeners
+        .iter()
+        .map(|l| l.local_addr().map(|a| a.port()).map_err(|e| e.to_string()))
+        .collect()
+}
+
 /// The node processes and their directory. Dropping it SIGKILLs every node still running (by
 /// its pid) and removes the directory, also on error, Ctrl-C and panic.
-struct Cluster {
+pub(super) struct Cluster {
     exe: PathBuf,
     dir: PathBuf,
-    base_port: u16,
+    /// (HTTP port, peer port) of node id, at index id - 1.
+    ports: Vec<(u16, u16)>,
     wal_fsync: Option<FsyncPolicy>,
     keep: bool,
     nodes: Vec<NodeProc>,
 }
 
 impl Cluster {
-    fn http(&self, id: u64) -> String {
-        format!("127.0.0.1:{}", u64::from(self.base_port) + id - 1)
+    /// Starts one `herald bench node` process per entry of `ports` ((HTTP, peer) of node 1, 2,
+    /// …) in a new directory `<tmp>/<name>-<pid>`; node 1 founds the cluster, the others join it.
+    pub(super) fn start(
+        name: &str,
+        ports: Vec<(u16, u16)>,
+        wal_fsync: Option<FsyncPolicy>,
+        keep: bool,
+    ) -> Result<Cluster, String> {
+        let exe = std::env::current_exe().map_err(|e| format!("cannot find this program's path: {e}"))?;
+        let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let mut c = Cluster {
+            exe,
+            dir,
+            ports,
+            wal_fsync,
+            keep,
+            nodes: Vec::new(),
+        };
+        for id in 1..=c.ports.len() as u64 {
+            let n = c.spawn(id)?;
+            c.nodes.push(n);
+        }
+        Ok(c)
+    }
+
+    /// The same cluster on free ports.
+    #[cfg_attr(not(feature = "bench-peers"), allow(dead_code))] // used by the peer scenarios
+    pub(super) fn start_on_free_ports(
+        name: &str,
+        nodes: usize,
+        wal_fsync: Option<FsyncPolicy>,
+        keep: bool,
+    ) -> Result<Cluster, String> {
+        let p = free_ports(2 * nodes)?;
+        Cluster::start(name, p.chunks(2).map(|c| (c[0], c[1])).collect(), wal_fsync, keep)
+    }
+
+    fn port(&self, id: u64) -> (u16, u16) {
+        self.ports[(id - 1) as usize]
+    }
+
+    pub(super) fn http(&self, id: u64) -> String {
+        format!("127.0.0.1:{}", self.port(id).0)
     }
 
     fn peer(&self, id: u64) -> String {
-        format!("127.0.0.1:{}", u64::from(self.base_port) + 100 + id - 1)
+        format!("127.0.0.1:{}", self.port(id).1)
     }
 
     fn ids(&self) -> Vec<u64> {
@@ -247,7 +340,7 @@ impl Cluster {
     }
 
     /// The last lines of every node's log, for a failed run.
-    fn log_tails(&self) -> String {
+    pub(super) fn log_tails(&self) -> String {
         let mut out = String::new();
         for n in &self.nodes {
             let text = std::fs::read_to_string(&n.log).unwrap_or_default();
@@ -293,13 +386,43 @@ async fn get_json(client: &awc::Client, url: &str) -> Result<Value, String> {
 
 /// The sink's figures on one node, from its `/metrics`.
 #[derive(Default, Clone, Debug)]
-struct Sink {
-    events: f64,
-    last: f64,
+pub(super) struct Sink {
+    pub(super) events: f64,
+    /// Wall-clock time (unix s) of the last handled event.
+    pub(super) last: f64,
     /// Cumulative bucket counts by upper bound (`f64::to_bits` orders non-negative floats).
-    buckets: BTreeMap<u64, f64>,
+    pub(super) buckets: BTreeMap<u64, f64>,
     /// First handling time per failover round.
     first: BTreeMap<u64, f64>,
+}
+
+impl Sink {
+    #[cfg_attr(not(feature = "bench-peers"), allow(dead_code))] // used by the peer scenarios
+    pub(super) fn new(events: f64, last: f64, buckets: BTreeMap<u64, f64>) -> Sink {
+        Sink {
+            events,
+            last,
+            buckets,
+            first: BTreeMap::new(),
+        }
+    }
+}
+
+/// Where a run's events are received: a snapshot of every receiver's counters.
+pub(super) trait Sinks {
+    async fn scrape(&self) -> Result<Vec<Sink>, String>;
+}
+
+/// The `bench-sink` handlers of a cluster, read from the nodes' `/metrics`.
+struct NodeSinks<'a> {
+    c: &'a Cluster,
+    client: &'a awc::Client,
+}
+
+impl Sinks for NodeSinks<'_> {
+    async fn scrape(&self) -> Result<Vec<Sink>, String> {
+        scrape_all(self.c, self.client).await
+    }
 }
 
 fn parse_metrics(text: &str) -> Sink {
@@ -353,7 +476,7 @@ async fn scrape_all(c: &Cluster, client: &awc::Client) -> Result<Vec<Sink>, Stri
 }
 
 /// The `q` quantile (seconds) of a cumulative histogram, interpolated inside its bucket.
-fn quantile(buckets: &BTreeMap<u64, f64>, q: f64) -> f64 {
+pub(super) fn quantile(buckets: &BTreeMap<u64, f64>, q: f64) -> f64 {
     let total = buckets.values().copied().fold(0.0, f64::max);
     if total <= 0.0 {
         return f64::NAN;
@@ -379,7 +502,7 @@ fn quantile(buckets: &BTreeMap<u64, f64>, q: f64) -> f64 {
 }
 
 /// Per-bucket sum over nodes of `after - before`.
-fn histogram_delta(before: &[Sink], after: &[Sink]) -> BTreeMap<u64, f64> {
+pub(super) fn histogram_delta(before: &[Sink], after: &[Sink]) -> BTreeMap<u64, f64> {
     let mut out = BTreeMap::new();
     for (i, a) in after.iter().enumerate() {
         for (le, count) in &a.buckets {
@@ -392,13 +515,14 @@ fn histogram_delta(before: &[Sink], after: &[Sink]) -> BTreeMap<u64, f64> {
 
 /// What a publisher did.
 #[derive(Default, Clone, Debug)]
-struct Sent {
-    accepted: u64,
-    requests: u64,
+pub(super) struct Sent {
+    /// Events the system took (HTTP 2xx, a flushed NATS publish, a JetStream ack).
+    pub(super) accepted: u64,
+    pub(super) requests: u64,
     /// 429/503 answers (the batch was retried, or dropped by a paced publisher).
-    overloaded: u64,
-    failed: u64,
-    error: Option<String>,
+    pub(super) overloaded: u64,
+    pub(super) failed: u64,
+    pub(super) error: Option<String>,
 }
 
 enum Answer {
@@ -407,12 +531,32 @@ enum Answer {
     Failed(String),
 }
 
-/// `[{"t":now},…]` (with `"r":round` for failover rounds).
-fn batch_body(n: usize, round: Option<u64>) -> String {
+/// What each event of a batch holds.
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct Body {
+    /// The failover round (`"r"`).
+    round: Option<u64>,
+    /// Exactly this many bytes per event (see [`payload`]); else the bare stamp.
+    size: Option<usize>,
+}
+
+impl Body {
+    #[cfg_attr(not(feature = "bench-peers"), allow(dead_code))] // used by the peer scenarios
+    pub(super) fn sized(size: usize) -> Body {
+        Body {
+            round: None,
+            size: Some(size),
+        }
+    }
+}
+
+/// `[{"t":now},…]` (with `"r":round` for failover rounds), or `n` [`payload`]s of `body.size`.
+fn batch_body(n: usize, body: Body) -> String {
     let t = unix_nanos();
-    let one = match round {
-        Some(r) => format!("{{\"t\":{t},\"r\":{r}}}"),
-        None => format!("{{\"t\":{t}}}"),
+    let one = match (body.round, body.size) {
+        (Some(r), _) => format!("{{\"t\":{t},\"r\":{r}}}"),
+        (None, Some(size)) => payload(size, t),
+        (None, None) => format!("{{\"t\":{t}}}"),
     };
     let mut s = String::with_capacity(n * (one.len() + 1) + 2);
     s.push('[');
@@ -426,11 +570,11 @@ fn batch_body(n: usize, round: Option<u64>) -> String {
     s
 }
 
-async fn post_batch(client: &awc::Client, url: &str, n: usize, round: Option<u64>) -> Answer {
+async fn post_batch(client: &awc::Client, url: &str, n: usize, body: Body) -> Answer {
     let sent = client
         .post(url)
         .insert_header(("content-type", "application/json"))
-        .send_body(batch_body(n, round))
+        .send_body(batch_body(n, body))
         .await;
     match sent {
         Ok(mut r) => {
@@ -453,6 +597,7 @@ async fn saturate(
     url: &str,
     total: u64,
     batch: usize,
+    body: Body,
     connections: usize,
     deadline: Instant,
 ) -> Sent {
@@ -474,7 +619,7 @@ async fn saturate(
                     if Instant::now() >= deadline {
                         return;
                     }
-                    let answer = post_batch(&client, &url, n as usize, None).await;
+                    let answer = post_batch(&client, &url, n as usize, body).await;
                     let pause = {
                         let mut s = sent.borrow_mut();
                         s.requests += 1;
@@ -518,7 +663,7 @@ async fn paced(
     url: String,
     rate: u64,
     batch: usize,
-    round: Option<u64>,
+    body: Body,
     stop: Rc<Cell<bool>>,
     deadline: Instant,
 ) -> Sent {
@@ -538,7 +683,7 @@ async fn paced(
             inflight.set(inflight.get() + 1);
             let (client, url, inflight, sent) = (client.clone(), url.clone(), inflight.clone(), sent.clone());
             actix_rt::spawn(async move {
-                let answer = post_batch(&client, &url, n as usize, round).await;
+                let answer = post_batch(&client, &url, n as usize, body).await;
                 let mut s = sent.borrow_mut();
                 s.requests += 1;
                 match answer {
@@ -562,14 +707,16 @@ async fn paced(
 }
 
 /// One measured run.
-struct Run {
+pub(super) struct Run {
     name: String,
-    sent: Sent,
-    handled: u64,
+    pub(super) sent: Sent,
+    pub(super) handled: u64,
     /// Handled events / (last handled − publish start).
-    rate: f64,
-    p50_ms: f64,
-    p99_ms: f64,
+    pub(super) rate: f64,
+    pub(super) p50_ms: f64,
+    pub(super) p99_ms: f64,
+    #[cfg_attr(not(feature = "bench-peers"), allow(dead_code))] // used by the peer scenarios
+    pub(super) p999_ms: f64,
     /// Events handled on the ingress node (must be 0: it runs no instance).
     on_ingress: u64,
 }
@@ -582,7 +729,18 @@ async fn measure(
     name: String,
     publish: impl std::future::Future<Output = Sent>,
 ) -> Result<Run, String> {
-    let before = scrape_all(c, client).await?;
+    measure_with(&NodeSinks { c, client }, Some(c.index(ingress)?), name, publish).await
+}
+
+/// Runs `publish`, waits until `sinks` have received what was accepted (or made no progress for
+/// 10 s), and reads the figures; `ingress` is the index of a sink that must receive nothing.
+pub(super) async fn measure_with(
+    sinks: &impl Sinks,
+    ingress: Option<usize>,
+    name: String,
+    publish: impl std::future::Future<Output = Sent>,
+) -> Result<Run, String> {
+    let before = sinks.scrape().await?;
     let start = unix_seconds();
     let sent = publish.await;
     if sent.accepted == 0 {
@@ -599,7 +757,7 @@ async fn measure(
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut progress = (0u64, Instant::now());
     let after = loop {
-        let now = scrape_all(c, client).await?;
+        let now = sinks.scrape().await?;
         let handled = (count(&now) - base) as u64;
         if handled >= sent.accepted || Instant::now() > deadline {
             break now;
@@ -618,7 +776,7 @@ async fn measure(
     let handled = (count(&after) - base) as u64;
     let last = after.iter().map(|s| s.last).fold(0.0, f64::max);
     let hist = histogram_delta(&before, &after);
-    let i = c.index(ingress)?;
+    let on_ingress = ingress.map_or(0.0, |i| after[i].events - before[i].events) as u64;
     Ok(Run {
         name,
         sent,
@@ -626,7 +784,8 @@ async fn measure(
         rate: handled as f64 / (last - start).max(1e-9),
         p50_ms: quantile(&hist, 0.5) * 1000.0,
         p99_ms: quantile(&hist, 0.99) * 1000.0,
-        on_ingress: (after[i].events - before[i].events) as u64,
+        p999_ms: quantile(&hist, 0.999) * 1000.0,
+        on_ingress,
     })
 }
 
@@ -744,22 +903,8 @@ pub(super) fn run(mut a: ClusterArgs) -> Result<(), String> {
         std::net::TcpListener::bind(("127.0.0.1", port))
             .map_err(|e| format!("port {port} is not free ({e}); choose other ports with --base-port"))?;
     }
-    let exe = std::env::current_exe().map_err(|e| format!("cannot find this program's path: {e}"))?;
-    let dir = std::env::temp_dir().join(format!("herald-bench-cluster-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    let mut c = Cluster {
-        exe,
-        dir,
-        base_port: a.base_port,
-        wal_fsync: a.wal_fsync,
-        keep: a.keep,
-        nodes: Vec::new(),
-    };
-    for id in 1..=3 {
-        let n = c.spawn(id)?;
-        c.nodes.push(n);
-    }
+    let ports = (0..3).map(|i| (a.base_port + i, a.base_port + 100 + i)).collect();
+    let mut c = Cluster::start("herald-bench-cluster", ports, a.wal_fsync, a.keep)?;
     let outcome = actix_rt::System::new().block_on(async {
         let signal = crate::node::shutdown_signal();
         tokio::select! {
@@ -774,13 +919,90 @@ pub(super) fn run(mut a: ClusterArgs) -> Result<(), String> {
     outcome
 }
 
-async fn scenario(c: &mut Cluster, a: &ClusterArgs) -> Result<(), String> {
+/// A ready cluster with the throughput subscription placed, and the clients that drive it.
+pub(super) struct Target {
+    client: awc::Client,
+    poll: awc::Client,
+    /// The node the publisher talks to (it runs no instance of the subscription).
+    pub(super) ingress: u64,
+    /// The nodes running the subscription's instances.
+    pub(super) hosts: Vec<u64>,
+}
+
+/// Waits for the nodes, subscribes `bench-sink` x`instances` to the throughput topic, waits for
+/// the placement to settle and picks an ingress node that runs no instance.
+pub(super) async fn prepare(c: &mut Cluster, connections: usize, instances: u32) -> Result<Target, String> {
     let client = awc::Client::builder()
         .timeout(Duration::from_secs(30))
-        .connector(awc::Connector::new().limit(a.connections + MAX_INFLIGHT + 8))
+        .connector(awc::Connector::new().limit(connections + MAX_INFLIGHT + 8))
         .finish();
     let poll = awc::Client::builder().timeout(Duration::from_secs(2)).finish();
     wait_ready(&mut c.nodes, Duration::from_secs(60)).await?;
+    subscribe(c, &client, TOPIC, instances).await?;
+    let hosts = settled(c, &poll, TOPIC, Duration::from_millis(500), Duration::from_secs(60)).await?;
+    let ingress = c
+        .ids()
+        .into_iter()
+        .find(|id| !hosts.contains(id))
+        .ok_or("every node runs an instance; no ingress node is left")?;
+    Ok(Target {
+        client,
+        poll,
+        ingress,
+        hosts,
+    })
+}
+
+impl Target {
+    fn url(&self, c: &Cluster, ack: &str) -> String {
+        format!(
+            "http://{}/v1/topics/{TOPIC}/events/batch?ack={ack}",
+            c.http(self.ingress)
+        )
+    }
+
+    /// `events` events in HTTP batches over `connections` connections as fast as the ingress
+    /// takes them (for at most `seconds`), until the handlers have seen them.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn max_rate(
+        &self,
+        c: &Cluster,
+        name: String,
+        ack: &str,
+        body: Body,
+        events: u64,
+        batch: usize,
+        connections: usize,
+        seconds: u64,
+    ) -> Result<Run, String> {
+        let deadline = Instant::now() + Duration::from_secs(seconds);
+        let url = self.url(c, ack);
+        let publish = saturate(&self.client, &url, events, batch, body, connections, deadline);
+        measure(c, &self.poll, self.ingress, name, publish).await
+    }
+
+    /// `rate` events/s for `seconds` (a batch every 10 ms), until the handlers have seen them.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn paced(
+        &self,
+        c: &Cluster,
+        name: String,
+        ack: &str,
+        body: Body,
+        rate: u64,
+        batch: usize,
+        seconds: u64,
+    ) -> Result<Run, String> {
+        let deadline = Instant::now() + Duration::from_secs(seconds);
+        let stop = Rc::new(Cell::new(false));
+        let publish = paced(self.client.clone(), self.url(c, ack), rate, batch, body, stop, deadline);
+        measure(c, &self.poll, self.ingress, name, publish).await
+    }
+}
+
+async fn scenario(c: &mut Cluster, a: &ClusterArgs) -> Result<(), String> {
+    let t = prepare(c, a.connections, a.instances).await?;
+    let (ingress, hosts) = (t.ingress, &t.hosts);
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     println!(
         "herald bench cluster: 3 herald processes on 127.0.0.1 (http {}-{}, peer {}-{}), {cores} cores, wal.fsync={}",
@@ -794,14 +1016,6 @@ async fn scenario(c: &mut Cluster, a: &ClusterArgs) -> Result<(), String> {
         }
     );
 
-    subscribe(c, &client, TOPIC, a.instances).await?;
-    let hosts = settled(c, &poll, TOPIC, Duration::from_millis(500), Duration::from_secs(60)).await?;
-    let ingress = c
-        .ids()
-        .into_iter()
-        .find(|id| !hosts.contains(id))
-        .ok_or("every node runs an instance; no ingress node is left")?;
-    let url = |ack: &str| format!("http://{}/v1/topics/{TOPIC}/events/batch?ack={ack}", c.http(ingress));
     println!(
         "subscription {TOPIC}/{GROUP} -> {SINK} x{} on nodes {hosts:?}; publishing to node {ingress} (batches of {}, {} connections)\n",
         a.instances, a.batch, a.connections
@@ -809,36 +1023,32 @@ async fn scenario(c: &mut Cluster, a: &ClusterArgs) -> Result<(), String> {
 
     // Warm-up: connections, the peer links' windows, the WAL file.
     let warm = (a.events / 10).clamp(1_000, 50_000);
-    let deadline = Instant::now() + Duration::from_secs(a.seconds);
-    measure(
+    let plain = Body::default();
+    t.max_rate(
         c,
-        &poll,
-        ingress,
         "warm-up".into(),
-        saturate(&client, &url("none"), warm, a.batch, a.connections, deadline),
+        "none",
+        plain,
+        warm,
+        a.batch,
+        a.connections,
+        a.seconds,
     )
     .await?;
 
     let mut runs = Vec::new();
     for ack in ["none", "accepted"] {
-        let deadline = Instant::now() + Duration::from_secs(a.seconds);
-        let target = url(ack);
-        let publish = saturate(&client, &target, a.events, a.batch, a.connections, deadline);
-        runs.push(measure(c, &poll, ingress, format!("ack={ack}, max rate"), publish).await?);
+        let name = format!("ack={ack}, max rate");
+        runs.push(
+            t.max_rate(c, name, ack, plain, a.events, a.batch, a.connections, a.seconds)
+                .await?,
+        );
     }
     for ack in ["none", "accepted"] {
-        let stop = Rc::new(Cell::new(false));
-        let deadline = Instant::now() + Duration::from_secs(a.latency_seconds);
-        let publish = paced(client.clone(), url(ack), a.latency_rate, a.batch, None, stop, deadline);
+        let name = format!("ack={ack}, paced {}/s", a.latency_rate);
         runs.push(
-            measure(
-                c,
-                &poll,
-                ingress,
-                format!("ack={ack}, paced {}/s", a.latency_rate),
-                publish,
-            )
-            .await?,
+            t.paced(c, name, ack, plain, a.latency_rate, a.batch, a.latency_seconds)
+                .await?,
         );
     }
     let goal = |name: &str, rate: f64| match name {
@@ -907,7 +1117,7 @@ async fn scenario(c: &mut Cluster, a: &ClusterArgs) -> Result<(), String> {
     }
     println!();
 
-    let rounds = failover(c, &client, &poll, a).await?;
+    let rounds = failover(c, &t.client, &t.poll, a).await?;
     let row = |name: &str, mut ms: Vec<f64>| {
         ms.sort_by(|x, y| x.total_cmp(y));
         let p99 = percentile(&ms, 0.99);
@@ -992,7 +1202,10 @@ async fn failover(
             url,
             a.failover_rate,
             a.batch,
-            Some(r),
+            Body {
+                round: Some(r),
+                size: None,
+            },
             stop.clone(),
             Instant::now() + Duration::from_secs(120),
         ));
@@ -1086,8 +1299,31 @@ mod tests {
     }
 
     #[test]
+    fn payloads_have_the_exact_size_and_carry_the_stamp() {
+        let t = 1_765_000_000_123_456_789u64;
+        for size in [16, 32, 128, 1024] {
+            assert!(payload_size_ok(size));
+            let p = payload(size, t);
+            assert_eq!(p.len(), size, "{p}");
+            let s = stamp_of(p.as_bytes()).unwrap();
+            let want = if size == 16 { t / 1000 * 1000 } else { t };
+            assert_eq!(s, Stamp { t: want, r: None });
+        }
+        assert!(!payload_size_ok(20));
+        assert_eq!(stamp_of(br#"{"t":5,"r":2}"#), Some(Stamp { t: 5, r: Some(2) }));
+        assert_eq!(stamp_of(b"nope"), None);
+    }
+
+    #[test]
     fn batch_bodies_are_json_arrays_of_stamps() {
-        let v: Vec<Value> = serde_json::from_str(&batch_body(3, Some(7))).unwrap();
+        let v: Vec<Value> = serde_json::from_str(&batch_body(
+            3,
+            Body {
+                round: Some(7),
+                size: None,
+            },
+        ))
+        .unwrap();
         assert_eq!(v.len(), 3);
         assert_eq!(v[0]["r"], 7);
         assert!(v[2]["t"].as_u64().unwrap() > 0);

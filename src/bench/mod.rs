@@ -11,6 +11,10 @@
 //! publish → handler latency, and failover time: SIGKILL the node running the subscription's only
 //! instance while events flow, and time kill → first event handled on a surviving node.
 //!
+//! `nats` and `jetstream`: Herald next to NATS (core pub/sub, and JetStream) with the same process
+//! layout, payload sizes and publishing pattern, alternating run by run; see `nats.rs`. They need
+//! the `bench-peers` cargo feature (the NATS client); without it they say so and exit.
+//!
 //! `node` (hidden): runs a node exactly like `herald node` (same flags) with one more Rust handler,
 //! `bench-sink`: a no-op actor that reads `{"t": unix_nanos, "r": round?}` from the event and
 //! exports, on the node's `/metrics`, a counter of handled events, a fine-bucket histogram of
@@ -51,6 +55,12 @@ enum Scenario {
     Membership(MembershipArgs),
     /// A 3-node loopback cluster: cross-node events/s, publish → handler latency, node failover.
     Cluster(ClusterArgs),
+    /// Cross-node at-most-once: Herald ack=none vs NATS core pub/sub, 3-node clusters on loopback
+    /// (needs the `bench-peers` feature and nats-server).
+    Nats(PeerArgs),
+    /// Cross-node at-least-once: Herald ack=accepted vs NATS JetStream (acked publish, acked
+    /// consume), 3-node clusters on loopback (needs the `bench-peers` feature and nats-server).
+    Jetstream(PeerArgs),
     /// Runs a node like `herald node`, with the `bench-sink` handler registered (used by `cluster`).
     #[command(hide = true)]
     Node(BenchNodeArgs),
@@ -112,6 +122,71 @@ struct ClusterArgs {
     keep: bool,
 }
 
+/// Arguments of the peer scenarios (`nats`, `jetstream`).
+#[cfg_attr(not(feature = "bench-peers"), allow(dead_code))]
+#[derive(Args, Debug, Clone)]
+struct PeerArgs {
+    /// Runs per system and figure, alternating Herald and the peer (the median is reported).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=100))]
+    runs: u64,
+    /// Payload sizes in bytes (16, or 32 and more: the payload carries its publish time).
+    #[arg(long, value_delimiter = ',', default_values_t = [16usize, 128, 1024])]
+    sizes: Vec<usize>,
+    /// Events per throughput run.
+    #[arg(long, default_value_t = 200_000)]
+    events: u64,
+    /// Stop publishing a throughput run after this many seconds, even if not all events were sent.
+    #[arg(long, default_value_t = 20)]
+    seconds: u64,
+    /// Events per batch: per HTTP request to Herald, per flush (core) or per wait for the acks
+    /// (JetStream) of a NATS publisher.
+    #[arg(long, default_value_t = 1000)]
+    batch: usize,
+    /// Concurrent publishers (HTTP connections to Herald; tasks on one NATS connection).
+    #[arg(long, default_value_t = 8)]
+    connections: usize,
+    /// Receivers: Herald handler instances, NATS queue subscribers / JetStream consumer clients;
+    /// each on a node other than the publisher's.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=2))]
+    instances: u32,
+    /// Events/s of the paced latency runs.
+    #[arg(long, default_value_t = 10_000)]
+    latency_rate: u64,
+    /// Seconds of each paced latency run.
+    #[arg(long, default_value_t = 2)]
+    latency_seconds: u64,
+    /// NATS core: most events published and not yet received (core NATS has no backpressure;
+    /// without a bound the server cuts a slow subscriber off).
+    #[arg(long, default_value_t = 64_000)]
+    window: u64,
+    /// JetStream stream storage.
+    #[arg(long, value_enum, default_value = "memory")]
+    js_storage: JsStorage,
+    /// WAL fsync policy of the Herald nodes (default: the node default, always).
+    #[arg(long, value_enum)]
+    wal_fsync: Option<FsyncPolicy>,
+    /// The nats-server program (default: nats-server on PATH, or /usr/sbin/nats-server).
+    #[arg(long)]
+    nats_server: Option<std::path::PathBuf>,
+    /// Also write the table's rows as JSON to this file.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+    /// A few seconds in all: 1 run, 16 B and 1 KiB, 5,000 events per run, 1 s latency runs.
+    #[arg(long)]
+    smoke: bool,
+    /// Keep the data directories and logs (the paths are printed) instead of removing them.
+    #[arg(long)]
+    keep: bool,
+}
+
+/// JetStream storage of the benchmark stream.
+#[cfg_attr(not(feature = "bench-peers"), allow(dead_code))]
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum JsStorage {
+    Memory,
+    File,
+}
+
 #[derive(Args, Debug)]
 struct MembershipArgs {
     /// Subscriptions created (each timed from the POST to its placement being in force).
@@ -159,6 +234,8 @@ pub fn run(args: BenchArgs, builder: NodeBuilder) -> Result<(), String> {
         Scenario::Local(a) => actix_rt::System::new().block_on(local(a)),
         Scenario::Membership(a) => membership(a),
         Scenario::Cluster(a) => cluster::run(a),
+        Scenario::Nats(a) => nats::run(a, nats::Mode::Core),
+        Scenario::Jetstream(a) => nats::run(a, nats::Mode::JetStream),
         Scenario::Node(a) => cluster::node(a, builder),
     }
 }
@@ -523,3 +600,7 @@ fn membership(a: MembershipArgs) -> Result<(), String> {
 }
 
 mod cluster;
+// Used by the peer scenarios, which need the `bench-peers` feature (its tests run without it).
+#[cfg_attr(not(feature = "bench-peers"), allow(dead_code))]
+mod compare;
+mod nats;

@@ -1,0 +1,280 @@
+//! Herald next to a peer system, measured in the same run: per payload size and metric, the
+//! figures of every run of both systems, their medians and ranges, and the ratio Herald/peer.
+//!
+//! Pure (no I/O): the scenarios collect [`Row`]s, this module prints the table and the JSON
+//! that `--json PATH` writes (one object per row, for a later report to gather).
+
+use serde::Serialize;
+use serde_json::{json, Value};
+
+/// What a row measures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub(super) enum Metric {
+    /// Events/s received by the subscriber side at the maximum rate.
+    EventsPerSecond,
+    /// Publish → receive latency percentiles at a paced rate, in ms.
+    P50Ms,
+    P99Ms,
+    P999Ms,
+}
+
+impl Metric {
+    pub(super) fn label(self) -> &'static str {
+        match self {
+            Metric::EventsPerSecond => "events/s",
+            Metric::P50Ms => "p50 ms",
+            Metric::P99Ms => "p99 ms",
+            Metric::P999Ms => "p99.9 ms",
+        }
+    }
+
+    /// Whether a larger figure is better (throughput) or worse (latency).
+    pub(super) fn higher_is_better(self) -> bool {
+        matches!(self, Metric::EventsPerSecond)
+    }
+}
+
+/// Median, minimum and maximum of the finite values (`None` when there is none).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub(super) struct Summary {
+    pub(super) median: f64,
+    pub(super) min: f64,
+    pub(super) max: f64,
+    pub(super) n: usize,
+}
+
+pub(super) fn summarize(values: &[f64]) -> Option<Summary> {
+    let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    let median = if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    };
+    Some(Summary {
+        median,
+        min: v[0],
+        max: v[n - 1],
+        n,
+    })
+}
+
+/// One payload size and metric: the per-run figures of Herald and of the peer, in run order
+/// (run i of both systems ran back to back).
+#[derive(Clone, Debug)]
+pub(super) struct Row {
+    pub(super) payload_bytes: usize,
+    pub(super) metric: Metric,
+    pub(super) herald: Vec<f64>,
+    pub(super) peer: Vec<f64>,
+}
+
+impl Row {
+    /// Herald's median / the peer's median.
+    pub(super) fn ratio(&self) -> Option<f64> {
+        let (h, p) = (summarize(&self.herald)?, summarize(&self.peer)?);
+        (p.median != 0.0).then(|| h.median / p.median)
+    }
+
+    /// Min and max of the per-run ratios herald[i] / peer[i] (the runs of a pair ran back to
+    /// back, so a slow moment of the machine hits both).
+    pub(super) fn paired_ratios(&self) -> Option<(f64, f64)> {
+        let r: Vec<f64> = self
+            .herald
+            .iter()
+            .zip(&self.peer)
+            .filter(|(_, p)| **p != 0.0)
+            .map(|(h, p)| h / p)
+            .collect();
+        let s = summarize(&r)?;
+        Some((s.min, s.max))
+    }
+}
+
+/// `1234567` → `1.23M`, `224160` → `224.2k`, `2.5` → `2.50`.
+pub(super) fn fmt_value(metric: Metric, v: f64) -> String {
+    if !v.is_finite() {
+        return "-".into();
+    }
+    match metric {
+        Metric::EventsPerSecond if v >= 1e6 => format!("{:.2}M", v / 1e6),
+        Metric::EventsPerSecond if v >= 1e3 => format!("{:.1}k", v / 1e3),
+        Metric::EventsPerSecond => format!("{v:.0}"),
+        _ if v >= 100.0 => format!("{v:.0}"),
+        _ if v >= 10.0 => format!("{v:.1}"),
+        _ => format!("{v:.2}"),
+    }
+}
+
+fn fmt_summary(metric: Metric, values: &[f64]) -> String {
+    match summarize(values) {
+        None => "-".into(),
+        Some(s) if s.n == 1 => fmt_value(metric, s.median),
+        Some(s) => format!(
+            "{} ({}-{})",
+            fmt_value(metric, s.median),
+            fmt_value(metric, s.min),
+            fmt_value(metric, s.max)
+        ),
+    }
+}
+
+fn fmt_ratio(r: Option<f64>) -> String {
+    r.map_or("-".into(), |r| format!("{r:.2}x"))
+}
+
+/// `16 B`, `128 B`, `1 KiB`.
+pub(super) fn fmt_size(bytes: usize) -> String {
+    if bytes >= 1024 && bytes % 1024 == 0 {
+        format!("{} KiB", bytes / 1024)
+    } else {
+        format!("{bytes} B")
+    }
+}
+
+/// The table: payload, metric, Herald's and the peer's median (min-max), the ratio of the
+/// medians and the range of the per-run ratios.
+pub(super) fn table(peer: &str, rows: &[Row]) -> String {
+    let body: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            vec![
+                fmt_size(r.payload_bytes),
+                r.metric.label().to_string(),
+                fmt_summary(r.metric, &r.herald),
+                fmt_summary(r.metric, &r.peer),
+                fmt_ratio(r.ratio()),
+                r.paired_ratios()
+                    .map_or("-".into(), |(lo, hi)| format!("{lo:.2}-{hi:.2}")),
+                if r.metric.higher_is_better() { "higher" } else { "lower" }.to_string(),
+            ]
+        })
+        .collect();
+    let herald = "HERALD median (min-max)".to_string();
+    let peer_h = format!("{} median (min-max)", peer.to_uppercase());
+    let ratio = format!("HERALD/{}", peer.to_uppercase());
+    crate::cli::table(
+        &[
+            "PAYLOAD",
+            "METRIC",
+            &herald,
+            &peer_h,
+            &ratio,
+            "PER-RUN RATIOS",
+            "BETTER",
+        ],
+        &body,
+    )
+}
+
+/// One JSON object per row: `{scenario, herald, peer, payload_bytes, metric, better, herald:
+/// {runs, median, min, max}, peer: {…}, ratio, paired_ratio_min, paired_ratio_max}` plus `meta`.
+pub(super) fn json_rows(scenario: &str, herald_mode: &str, peer: &str, meta: &Value, rows: &[Row]) -> Value {
+    let side = |v: &[f64]| {
+        let s = summarize(v);
+        json!({
+            "runs": v.iter().map(|x| if x.is_finite() { json!(x) } else { Value::Null }).collect::<Vec<_>>(),
+            "median": s.map(|s| s.median),
+            "min": s.map(|s| s.min),
+            "max": s.map(|s| s.max),
+        })
+    };
+    let rows: Vec<Value> = rows
+        .iter()
+        .map(|r| {
+            let pr = r.paired_ratios();
+            json!({
+                "scenario": scenario,
+                "herald_mode": herald_mode,
+                "peer": peer,
+                "payload_bytes": r.payload_bytes,
+                "metric": r.metric,
+                "better": if r.metric.higher_is_better() { "higher" } else { "lower" },
+                "herald": side(&r.herald),
+                "peer_figures": side(&r.peer),
+                "ratio": r.ratio(),
+                "paired_ratio_min": pr.map(|p| p.0),
+                "paired_ratio_max": pr.map(|p| p.1),
+            })
+        })
+        .collect();
+    json!({ "meta": meta, "rows": rows })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summaries_skip_nan_and_take_the_middle() {
+        let s = summarize(&[3.0, f64::NAN, 1.0, 2.0]).unwrap();
+        assert_eq!((s.median, s.min, s.max, s.n), (2.0, 1.0, 3.0, 3));
+        assert_eq!(summarize(&[4.0, 1.0, 3.0, 2.0]).unwrap().median, 2.5);
+        assert!(summarize(&[f64::NAN]).is_none());
+    }
+
+    #[test]
+    fn ratios_are_of_medians_and_per_run() {
+        let r = Row {
+            payload_bytes: 128,
+            metric: Metric::EventsPerSecond,
+            herald: vec![100.0, 300.0, 200.0],
+            peer: vec![400.0, 400.0, 100.0],
+        };
+        assert_eq!(r.ratio(), Some(0.5));
+        assert_eq!(r.paired_ratios(), Some((0.25, 2.0)));
+        let none = Row {
+            peer: vec![],
+            ..r.clone()
+        };
+        assert_eq!(none.ratio(), None);
+    }
+
+    #[test]
+    fn values_and_sizes_format_compactly() {
+        assert_eq!(fmt_value(Metric::EventsPerSecond, 1_234_567.0), "1.23M");
+        assert_eq!(fmt_value(Metric::EventsPerSecond, 224_160.0), "224.2k");
+        assert_eq!(fmt_value(Metric::EventsPerSecond, 950.0), "950");
+        assert_eq!(fmt_value(Metric::P99Ms, 2.345), "2.35");
+        assert_eq!(fmt_value(Metric::P999Ms, 12.34), "12.3");
+        assert_eq!(fmt_value(Metric::P50Ms, f64::NAN), "-");
+        assert_eq!(fmt_size(16), "16 B");
+        assert_eq!(fmt_size(1024), "1 KiB");
+    }
+
+    #[test]
+    fn the_table_and_json_carry_every_row() {
+        let rows = vec![
+            Row {
+                payload_bytes: 16,
+                metric: Metric::EventsPerSecond,
+                herald: vec![200_000.0, 220_000.0],
+                peer: vec![1_000_000.0, 1_100_000.0],
+            },
+            Row {
+                payload_bytes: 16,
+                metric: Metric::P99Ms,
+                herald: vec![3.0],
+                peer: vec![1.5],
+            },
+        ];
+        let t = table("nats", &rows);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 3);
+        assert!(lines[0].contains("HERALD/NATS"));
+        assert!(lines[1].contains("210.0k (200.0k-220.0k)"), "{t}");
+        assert!(lines[1].contains("0.20x"), "{t}");
+        assert!(lines[2].contains("2.00x") && lines[2].contains("lower"), "{t}");
+        let j = json_rows("nats", "ack=none", "nats", &json!({"runs": 2}), &rows);
+        assert_eq!(j["rows"].as_array().unwrap().len(), 2);
+        assert_eq!(j["rows"][0]["metric"], "events_per_second");
+        assert_eq!(j["rows"][0]["herald"]["runs"][1], 220_000.0);
+        assert_eq!(j["rows"][1]["ratio"], 2.0);
+        assert_eq!(j["meta"]["runs"], 2);
+    }
+}
