@@ -30,7 +30,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -225,21 +225,30 @@ impl Dedup {
     }
 }
 
-/// One-way queues to one peer, each drained by its own task.
+/// One-way queues to one peer, each drained by its own task. Pushing to a peer whose queue
+/// exists takes only a read lock (handler threads ack concurrently).
 struct Queues<T> {
-    senders: Mutex<HashMap<u64, mpsc::UnboundedSender<T>>>,
+    senders: RwLock<IdMap<u64, mpsc::UnboundedSender<T>>>,
 }
 
 impl<T: Send + 'static> Queues<T> {
     fn new() -> Self {
         Queues {
-            senders: Mutex::new(HashMap::new()),
+            senders: RwLock::new(IdMap::default()),
         }
     }
 
     /// Queues `item` for `peer`, starting the peer's task with `start` on first use.
     fn push(&self, peer: u64, item: T, start: impl FnOnce(mpsc::UnboundedReceiver<T>)) {
-        let mut senders = self.senders.lock().unwrap_or_else(|p| p.into_inner());
+        let item = match self.senders.read().unwrap_or_else(|p| p.into_inner()).get(&peer) {
+            Some(tx) => match tx.send(item) {
+                Ok(()) => return,
+                Err(mpsc::error::SendError(item)) => item,
+            },
+            None => item,
+        };
+        let mut senders = self.senders.write().unwrap_or_else(|p| p.into_inner());
+        // Another thread may have started the queue meanwhile.
         let item = match senders.get(&peer) {
             Some(tx) => match tx.send(item) {
                 Ok(()) => return,
@@ -511,13 +520,17 @@ impl Relay {
         let mut placed: HashMap<(*const SubscriptionKey, u64), bool> = HashMap::new();
         {
             let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-            for (&id, p) in pending.iter_mut() {
+            // First find what is due (the table iterates in no order), then route it in delivery
+            // id order, which is publish order: one key's events keep their order across re-sends
+            // and WAL replays.
+            let mut due = Vec::new();
+            for (&id, p) in pending.iter() {
                 let ptr = Arc::as_ptr(&p.key);
                 let Some(route) = *routes.entry(ptr).or_insert_with(|| table.route(&p.key)) else {
                     gone.push(id);
                     continue;
                 };
-                let due = p.node == 0
+                if p.node == 0
                     || p.refused
                     || !*placed.entry((ptr, p.node)).or_insert_with(|| {
                         self.health.peer(p.node).routable()
@@ -526,10 +539,15 @@ impl Relay {
                                 .iter()
                                 .any(|s| matches!(s, Slot::Remote { node, .. } if *node == p.node))
                     })
-                    || now.saturating_duration_since(p.sent) >= self.config.redeliver_after;
-                if !due {
-                    continue;
+                    || now.saturating_duration_since(p.sent) >= self.config.redeliver_after
+                {
+                    due.push((id, route));
                 }
+            }
+            due.sort_unstable_by_key(|&(id, _)| id);
+            gone.sort_unstable();
+            for (id, route) in due {
+                let Some(p) = pending.get_mut(&id) else { continue };
                 match route.reserve(p.event.key.as_deref()) {
                     Ok(Target::Local(slot)) => {
                         slot.send(Job {
