@@ -10,6 +10,7 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 
 use crate::event::Event;
+use prost::Message;
 
 /// An event (the `event::Event` fields).
 #[derive(Clone, PartialEq, prost::Message)]
@@ -201,10 +202,225 @@ impl From<EventRecord> for Event {
     }
 }
 
+// ---- direct encoding (hot path) -------------------------------------------------------------
+//
+// The event plane and the WAL encode each event once, straight from `&Event` into the output
+// buffer, instead of cloning it into an `EventRecord` (every string and the header map) and then
+// encoding that. The bytes are exactly what prost's derived `encode` writes for the same record
+// (fields in tag order, proto3 defaults skipped, map entries as prost writes them); the tests
+// below compare the two on random events.
+
+use prost::encoding::{encode_varint, encoded_len_varint};
+
+/// Length of a length-delimited field (key + length + payload) with a payload of `len` bytes.
+#[inline]
+fn delimited_len(tag: u32, len: usize) -> usize {
+    prost::encoding::key_len(tag) + encoded_len_varint(len as u64) + len
+}
+
+#[inline]
+fn str_len(tag: u32, s: &str) -> usize {
+    if s.is_empty() {
+        0
+    } else {
+        delimited_len(tag, s.len())
+    }
+}
+
+#[inline]
+fn put_key(tag: u32, wire: u32, buf: &mut Vec<u8>) {
+    encode_varint(u64::from(tag << 3 | wire), buf);
+}
+
+#[inline]
+fn put_bytes_always(tag: u32, b: &[u8], buf: &mut Vec<u8>) {
+    put_key(tag, 2, buf);
+    encode_varint(b.len() as u64, buf);
+    buf.extend_from_slice(b);
+}
+
+#[inline]
+fn put_str(tag: u32, s: &str, buf: &mut Vec<u8>) {
+    if !s.is_empty() {
+        put_bytes_always(tag, s.as_bytes(), buf);
+    }
+}
+
+#[inline]
+fn put_u64(tag: u32, v: u64, buf: &mut Vec<u8>) {
+    if v != 0 {
+        put_key(tag, 0, buf);
+        encode_varint(v, buf);
+    }
+}
+
+fn header_entry_len(k: &str, v: &str) -> usize {
+    str_len(1, k) + str_len(2, v)
+}
+
+fn time_nanos(e: &Event) -> i64 {
+    e.time.timestamp_nanos_opt().unwrap_or(0)
+}
+
+/// The encoded length of `EventRecord::from(e)`.
+pub(crate) fn event_record_len(e: &Event) -> usize {
+    let t = time_nanos(e);
+    str_len(1, &e.id)
+        + str_len(2, &e.topic)
+        + e.key.as_ref().map_or(0, |k| delimited_len(3, k.len()))
+        + if e.data.is_empty() {
+            0
+        } else {
+            delimited_len(4, e.data.len())
+        }
+        + str_len(5, &e.content_type)
+        + if t == 0 { 0 } else { 1 + encoded_len_varint(t as u64) }
+        + str_len(7, &e.source)
+        + str_len(8, &e.event_type)
+        + e.headers
+            .iter()
+            .map(|(k, v)| delimited_len(9, header_entry_len(k, v)))
+            .sum::<usize>()
+}
+
+/// Appends the encoding of `EventRecord::from(e)` (without a length prefix) to `buf`.
+pub(crate) fn encode_event_record(e: &Event, buf: &mut Vec<u8>) {
+    put_str(1, &e.id, buf);
+    put_str(2, &e.topic, buf);
+    if let Some(k) = &e.key {
+        put_bytes_always(3, k.as_bytes(), buf);
+    }
+    if !e.data.is_empty() {
+        put_bytes_always(4, &e.data, buf);
+    }
+    put_str(5, &e.content_type, buf);
+    let t = time_nanos(e);
+    if t != 0 {
+        put_key(6, 0, buf);
+        encode_varint(t as u64, buf);
+    }
+    put_str(7, &e.source, buf);
+    put_str(8, &e.event_type, buf);
+    for (k, v) in &e.headers {
+        put_key(9, 2, buf);
+        encode_varint(header_entry_len(k, v) as u64, buf);
+        put_str(1, k, buf);
+        put_str(2, v, buf);
+    }
+}
+
+/// Appends the encoding of `WalRecord { event: Some(e.into()), groups }` to `buf`.
+pub(crate) fn encode_wal_record<'a>(e: &Event, groups: impl Iterator<Item = &'a str> + Clone, buf: &mut Vec<u8>) {
+    let len = event_record_len(e);
+    buf.reserve(delimited_len(1, len) + groups.clone().map(|g| delimited_len(2, g.len())).sum::<usize>());
+    put_key(1, 2, buf);
+    encode_varint(len as u64, buf);
+    encode_event_record(e, buf);
+    for g in groups {
+        // Repeated strings are written even when empty.
+        put_bytes_always(2, g.as_bytes(), buf);
+    }
+}
+
+/// Appends one `EventBatch.deliveries` entry (field 1 of [`EventBatch`], length-prefixed) holding
+/// `Forwarded { id, group, epoch, event: Some(e.into()) }` to `buf`: a run of these is the body
+/// of an [`EventBatch`].
+pub(crate) fn encode_delivery(id: u64, group: &str, epoch: u64, e: &Event, buf: &mut Vec<u8>) {
+    let event_len = event_record_len(e);
+    let len = if id == 0 { 0 } else { 1 + encoded_len_varint(id) }
+        + str_len(2, group)
+        + if epoch == 0 { 0 } else { 1 + encoded_len_varint(epoch) }
+        + delimited_len(4, event_len);
+    buf.reserve(delimited_len(1, len));
+    put_key(1, 2, buf);
+    encode_varint(len as u64, buf);
+    put_u64(1, id, buf);
+    put_str(2, group, buf);
+    put_u64(3, epoch, buf);
+    put_key(4, 2, buf);
+    encode_varint(event_len as u64, buf);
+    encode_event_record(e, buf);
+}
+
+/// A `PeerMessage { events: EventBatch }` whose batch body (a run of [`encode_delivery`]
+/// entries) is the concatenation of `chunks`.
+pub(crate) fn peer_message_events<'a>(chunks: impl Iterator<Item = &'a [u8]> + Clone) -> Vec<u8> {
+    let body: usize = chunks.clone().map(<[u8]>::len).sum();
+    let mut buf = Vec::with_capacity(delimited_len(1, body));
+    put_key(1, 2, &mut buf);
+    encode_varint(body as u64, &mut buf);
+    for c in chunks {
+        buf.extend_from_slice(c);
+    }
+    buf
+}
+
+/// A decoded `PeerMessage`, with an event batch left encoded (its deliveries are decoded one at
+/// a time by [`Deliveries`]).
+pub(crate) enum PeerBody {
+    /// The body of an [`EventBatch`].
+    Events(Bytes),
+    Acks(AckBatch),
+}
+
+/// Splits a `PeerMessage` without decoding its event batch. The last body field wins, as with
+/// prost's `oneof`; unknown fields are skipped.
+pub(crate) fn decode_peer_message(mut buf: Bytes) -> Result<Option<PeerBody>, prost::DecodeError> {
+    use prost::encoding::{decode_key, skip_field, DecodeContext, WireType};
+    let mut body = None;
+    while !buf.is_empty() {
+        let (tag, wire) = decode_key(&mut buf)?;
+        match (tag, wire) {
+            (1 | 2, WireType::LengthDelimited) => {
+                let mut field = Bytes::new();
+                prost::encoding::bytes::merge(wire, &mut field, &mut buf, DecodeContext::default())?;
+                body = Some(if tag == 1 {
+                    PeerBody::Events(field)
+                } else {
+                    PeerBody::Acks(AckBatch::decode(field)?)
+                });
+            }
+            _ => skip_field(wire, tag, &mut buf, DecodeContext::default())?,
+        }
+    }
+    Ok(body)
+}
+
+/// The deliveries of an encoded [`EventBatch`] body, decoded one at a time.
+pub(crate) struct Deliveries(pub(crate) Bytes);
+
+impl Iterator for Deliveries {
+    type Item = Result<Forwarded, prost::DecodeError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        use prost::encoding::{decode_key, skip_field, DecodeContext, WireType};
+        let mut step = || -> Result<Option<Forwarded>, prost::DecodeError> {
+            while !self.0.is_empty() {
+                let (tag, wire) = decode_key(&mut self.0)?;
+                if tag == 1 && wire == WireType::LengthDelimited {
+                    let mut field = Bytes::new();
+                    prost::encoding::bytes::merge(wire, &mut field, &mut self.0, DecodeContext::default())?;
+                    return Forwarded::decode(field).map(Some);
+                }
+                skip_field(wire, tag, &mut self.0, DecodeContext::default())?;
+            }
+            Ok(None)
+        };
+        match step() {
+            Ok(Some(f)) => Some(Ok(f)),
+            Ok(None) => None,
+            Err(e) => {
+                // Stop at the first malformed entry.
+                self.0 = Bytes::new();
+                Some(Err(e))
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use prost::Message;
 
     #[test]
     fn event_round_trips_through_the_record() {
@@ -213,5 +429,131 @@ mod tests {
         let bytes = EventRecord::from(&e).encode_to_vec();
         let back: Event = EventRecord::decode(bytes.as_slice()).unwrap().into();
         assert_eq!(back, e);
+    }
+    fn random_event(rng: &mut impl rand::Rng) -> Event {
+        let s = |rng: &mut dyn rand::RngCore, max: usize| -> String {
+            let n = rand::Rng::random_range(rng, 0..=max);
+            (0..n)
+                .map(|_| char::from_u32(rand::Rng::random_range(rng, 0x20..0x3000)).unwrap_or('x'))
+                .collect()
+        };
+        let mut e = Event::new(
+            s(rng, 30),
+            Bytes::from(
+                (0..rng.random_range(0..300))
+                    .map(|_| rng.random::<u8>())
+                    .collect::<Vec<u8>>(),
+            ),
+            &s(rng, 20),
+        );
+        e.id = s(rng, 40);
+        e.key = rng.random_bool(0.5).then(|| s(rng, 10));
+        e.source = s(rng, 10);
+        e.event_type = s(rng, 10);
+        e.time = match rng.random_range(0..4) {
+            0 => DateTime::<Utc>::from_timestamp_nanos(0),
+            1 => DateTime::<Utc>::from_timestamp_nanos(-rng.random_range(1..i64::MAX / 2)),
+            _ => DateTime::<Utc>::from_timestamp_nanos(rng.random_range(1..i64::MAX / 2)),
+        };
+        for _ in 0..rng.random_range(0..4) {
+            e.headers.insert(s(rng, 8), s(rng, 8));
+        }
+        e
+    }
+
+    #[test]
+    fn direct_encoding_is_byte_identical_to_prost() {
+        use rand::{Rng, SeedableRng};
+        let seed = rand::random::<u64>();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        for _ in 0..2000 {
+            let e = random_event(&mut rng);
+            let record = EventRecord::from(&e);
+            let mut direct = Vec::new();
+            encode_event_record(&e, &mut direct);
+            assert_eq!(direct, record.encode_to_vec(), "seed {seed}: {e:?}");
+            assert_eq!(event_record_len(&e), record.encoded_len(), "seed {seed}");
+
+            let groups: Vec<String> = (0..rng.random_range(0..3))
+                .map(|i| if i == 1 { String::new() } else { format!("g{i}") })
+                .collect();
+            let mut wal = Vec::new();
+            encode_wal_record(&e, groups.iter().map(String::as_str), &mut wal);
+            let expect = WalRecord {
+                event: Some(record.clone()),
+                groups: groups.clone(),
+            };
+            assert_eq!(wal, expect.encode_to_vec(), "seed {seed}");
+
+            let id = if rng.random_bool(0.1) { 0 } else { rng.random() };
+            let epoch = if rng.random_bool(0.1) { 0 } else { rng.random() };
+            let group = if rng.random_bool(0.1) {
+                String::new()
+            } else {
+                format!("grp{}", rng.random::<u16>())
+            };
+            let forwarded = Forwarded {
+                id,
+                group: group.clone(),
+                epoch,
+                event: Some(record),
+            };
+            let mut a = Vec::new();
+            encode_delivery(id, &group, epoch, &e, &mut a);
+            let mut b = Vec::new();
+            encode_delivery(1, "x", 2, &e, &mut b);
+            let batch = EventBatch {
+                deliveries: vec![
+                    forwarded.clone(),
+                    Forwarded {
+                        id: 1,
+                        group: "x".into(),
+                        epoch: 2,
+                        event: Some(EventRecord::from(&e)),
+                    },
+                ],
+            };
+            let message = PeerMessage {
+                body: Some(peer_message::Body::Events(batch)),
+            };
+            let direct = peer_message_events([a.as_slice(), b.as_slice()].into_iter());
+            assert_eq!(direct, message.encode_to_vec(), "seed {seed}");
+
+            // And back, lazily.
+            let Ok(Some(PeerBody::Events(body))) = decode_peer_message(Bytes::from(direct)) else {
+                panic!("seed {seed}: not an event batch");
+            };
+            let back: Vec<Forwarded> = Deliveries(body).collect::<Result<_, _>>().unwrap();
+            assert_eq!(back.len(), 2);
+            assert_eq!(back[0], forwarded, "seed {seed}");
+            assert_eq!(Event::from(back[1].event.clone().unwrap()), e);
+        }
+    }
+
+    #[test]
+    fn peer_messages_split_like_prost() {
+        let acks = PeerMessage {
+            body: Some(peer_message::Body::Acks(AckBatch {
+                acks: vec![AckRecord {
+                    id: 7,
+                    code: AckCode::NotPlaced as i32,
+                    attempts: 0,
+                    error: "x".into(),
+                }],
+            })),
+        };
+        match decode_peer_message(Bytes::from(acks.encode_to_vec())).unwrap() {
+            Some(PeerBody::Acks(a)) => assert_eq!(Some(peer_message::Body::Acks(a)), acks.body),
+            _ => panic!("not acks"),
+        }
+        assert!(decode_peer_message(Bytes::new()).unwrap().is_none());
+        assert!(decode_peer_message(Bytes::from_static(&[0x0a, 0x05, 0x00])).is_err());
+        let empty = PeerMessage {
+            body: Some(peer_message::Body::Events(EventBatch::default())),
+        };
+        match decode_peer_message(Bytes::from(empty.encode_to_vec())).unwrap() {
+            Some(PeerBody::Events(b)) => assert_eq!(Deliveries(b).count(), 0),
+            _ => panic!("not events"),
+        }
     }
 }

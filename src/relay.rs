@@ -27,9 +27,10 @@
 //! at most `handlers.mailbox_capacity` events in flight per remote instance (the router's
 //! window), which bounds what a handler node's inboxes hold.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -40,8 +41,11 @@ use crate::event::Event;
 use crate::handler::supervisor::{Completion, Job, Outcome, Retired};
 use crate::handler::SubscriptionKey;
 use crate::monitor::Health;
-use crate::proto::{peer_message, AckBatch, AckCode, AckRecord, EventBatch, EventRecord, Forwarded, PeerMessage};
-use crate::router::{NoRoom, Route, Router, Slot, Target};
+use crate::proto::{
+    decode_peer_message, encode_delivery, peer_message, peer_message_events, AckBatch, AckCode, AckRecord, Deliveries,
+    Forwarded, PeerBody, PeerMessage,
+};
+use crate::router::{NoRoom, Route, Router, RoutingTable, Slot, SubRuntime, Target};
 use crate::transport::{Envelope, Transport};
 
 /// An envelope of forwarded events stops growing past this many bytes.
@@ -50,6 +54,52 @@ const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
 const MAX_BATCH: usize = 1024;
 /// How often pending deliveries are checked for re-routing when nothing else wakes the loop.
 const SWEEP: Duration = Duration::from_millis(50);
+
+/// A hasher for keys that are already well spread or sequential (delivery ids, dedup hashes):
+/// one multiplication instead of SipHash.
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (self.0 ^ v).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+    fn write_u128(&mut self, v: u128) {
+        self.write_u64(v as u64 ^ (v >> 64) as u64);
+    }
+}
+
+type IdMap<K, V> = HashMap<K, V, BuildHasherDefault<IdHasher>>;
+
+/// A dedup window key: a 128-bit keyed hash of `(topic, group, event id)`, so the window holds
+/// no strings (the keys are random per process, so collisions cannot be provoked).
+type DedupKey = u128;
+
+/// Encoded deliveries for one peer (a run of `EventBatch.deliveries` entries), forwarded as one
+/// queue item: one per publish call and peer, not one per event.
+struct Chunk {
+    bytes: Vec<u8>,
+    /// Deliveries in `bytes`.
+    n: usize,
+}
+
+/// One event to forward to a peer (see [`Relay::forward`]).
+pub(crate) struct Outgoing {
+    pub(crate) key: Arc<SubscriptionKey>,
+    pub(crate) epoch: u64,
+    /// The window unit reserved towards the peer.
+    pub(crate) load: Arc<AtomicUsize>,
+    pub(crate) event: Arc<Event>,
+    pub(crate) completion: Arc<dyn Completion>,
+}
 
 /// The relay's own thread and runtime, so event-plane work neither waits behind HTTP workers nor
 /// delays the membership thread's heartbeats. Dropping it stops the runtime and joins the thread.
@@ -153,26 +203,52 @@ enum Seen {
 
 /// The handler side's window of recent `(subscription, event id)`.
 struct Dedup {
-    map: HashMap<(Arc<SubscriptionKey>, String), Seen>,
-    done: VecDeque<(Arc<SubscriptionKey>, String)>,
+    map: IdMap<DedupKey, Seen>,
+    done: VecDeque<DedupKey>,
     capacity: usize,
+    /// Two independently keyed SipHashes make the 128-bit key.
+    hash: (std::hash::RandomState, std::hash::RandomState),
 }
 
-/// One-way queues to one peer, each drained by its own task.
+impl Dedup {
+    fn key(&self, sub: &SubscriptionKey, event_id: &str) -> DedupKey {
+        let one = |state: &std::hash::RandomState| {
+            let mut h = state.build_hasher();
+            h.write(sub.topic.as_bytes());
+            h.write_u8(0xff);
+            h.write(sub.group.as_bytes());
+            h.write_u8(0xff);
+            h.write(event_id.as_bytes());
+            h.finish()
+        };
+        u128::from(one(&self.hash.0)) << 64 | u128::from(one(&self.hash.1))
+    }
+}
+
+/// One-way queues to one peer, each drained by its own task. Pushing to a peer whose queue
+/// exists takes only a read lock (handler threads ack concurrently).
 struct Queues<T> {
-    senders: Mutex<HashMap<u64, mpsc::UnboundedSender<T>>>,
+    senders: RwLock<IdMap<u64, mpsc::UnboundedSender<T>>>,
 }
 
 impl<T: Send + 'static> Queues<T> {
     fn new() -> Self {
         Queues {
-            senders: Mutex::new(HashMap::new()),
+            senders: RwLock::new(IdMap::default()),
         }
     }
 
     /// Queues `item` for `peer`, starting the peer's task with `start` on first use.
     fn push(&self, peer: u64, item: T, start: impl FnOnce(mpsc::UnboundedReceiver<T>)) {
-        let mut senders = self.senders.lock().unwrap_or_else(|p| p.into_inner());
+        let item = match self.senders.read().unwrap_or_else(|p| p.into_inner()).get(&peer) {
+            Some(tx) => match tx.send(item) {
+                Ok(()) => return,
+                Err(mpsc::error::SendError(item)) => item,
+            },
+            None => item,
+        };
+        let mut senders = self.senders.write().unwrap_or_else(|p| p.into_inner());
+        // Another thread may have started the queue meanwhile.
         let item = match senders.get(&peer) {
             Some(tx) => match tx.send(item) {
                 Ok(()) => return,
@@ -196,10 +272,10 @@ pub(crate) struct Relay {
     config: RelayConfig,
     runtime: tokio::runtime::Handle,
     next_id: AtomicU64,
-    pending: Mutex<BTreeMap<u64, Pending>>,
-    outboxes: Queues<Forwarded>,
+    pending: Mutex<IdMap<u64, Pending>>,
+    outboxes: Queues<Chunk>,
     ackboxes: Queues<AckRecord>,
-    inboxes: Queues<EventBatch>,
+    inboxes: Queues<Bytes>,
     dedup: Mutex<Dedup>,
     /// Wakes the re-routing loop early.
     kick: Notify,
@@ -228,14 +304,15 @@ impl Relay {
             // Random, so that acks a peer still owes to this node's previous process (same node
             // id, before a restart) cannot complete this process's deliveries.
             next_id: AtomicU64::new(rand::random::<u64>() >> 1),
-            pending: Mutex::new(BTreeMap::new()),
+            pending: Mutex::new(IdMap::default()),
             outboxes: Queues::new(),
             ackboxes: Queues::new(),
             inboxes: Queues::new(),
             dedup: Mutex::new(Dedup {
-                map: HashMap::new(),
+                map: IdMap::default(),
                 done: VecDeque::new(),
                 capacity: config.dedup_window,
+                hash: (std::hash::RandomState::new(), std::hash::RandomState::new()),
             }),
             kick: Notify::new(),
             pending_gauge: metrics::gauge!(crate::metrics::FORWARD_PENDING),
@@ -263,39 +340,60 @@ impl Relay {
             .count()
     }
 
-    /// Sends `event` for `route`'s subscription to `node` (whose window unit `load` was reserved);
-    /// `completion` is told once the handler node acks it.
-    pub(crate) fn forward(
-        &self,
-        route: &Route,
-        node: u64,
-        load: Arc<AtomicUsize>,
-        event: Arc<Event>,
-        completion: Arc<dyn Completion>,
-    ) {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let record = Forwarded {
-            id,
-            group: route.key.group.clone(),
-            epoch: route.epoch,
-            event: Some(EventRecord::from(&*event)),
+    /// Sends `items` (events for subscriptions with an instance on `node`, each with its window
+    /// unit towards it reserved) to `node`, in order; each completion is told once the handler
+    /// node acks its event. One call per publish and peer: the events are encoded once, straight
+    /// into the peer's outgoing buffer, and enter the pending table under one lock.
+    pub(crate) fn forward(&self, node: u64, items: Vec<Outgoing>) {
+        if items.is_empty() {
+            return;
+        }
+        let first = self.next_id.fetch_add(items.len() as u64, Ordering::Relaxed);
+        let mut chunks = Vec::new();
+        let mut chunk = Chunk {
+            bytes: Vec::new(),
+            n: 0,
         };
-        self.insert(
-            id,
-            Pending {
-                key: route.key.clone(),
-                event,
-                done: Arc::new(Once {
-                    fired: AtomicBool::new(false),
-                    inner: completion,
-                }),
-                node,
-                load: Some(load),
-                sent: Instant::now(),
-                refused: false,
-            },
-        );
-        self.send_to(node, record);
+        for (i, o) in items.iter().enumerate() {
+            if chunk.n > 0 && chunk.bytes.len() >= MAX_BATCH_BYTES {
+                chunks.push(std::mem::replace(
+                    &mut chunk,
+                    Chunk {
+                        bytes: Vec::new(),
+                        n: 0,
+                    },
+                ));
+            }
+            encode_delivery(first + i as u64, &o.key.group, o.epoch, &o.event, &mut chunk.bytes);
+            chunk.n += 1;
+        }
+        chunks.push(chunk);
+        let now = Instant::now();
+        {
+            let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            pending.reserve(items.len());
+            for (i, o) in items.into_iter().enumerate() {
+                pending.insert(
+                    first + i as u64,
+                    Pending {
+                        key: o.key,
+                        event: o.event,
+                        done: Arc::new(Once {
+                            fired: AtomicBool::new(false),
+                            inner: o.completion,
+                        }),
+                        node,
+                        load: Some(o.load),
+                        sent: now,
+                        refused: false,
+                    },
+                );
+            }
+            self.pending_gauge.set(pending.len() as f64);
+        }
+        for chunk in chunks {
+            self.send_to(node, chunk);
+        }
     }
 
     /// Holds `event` for `key`'s subscription until a node can take it (every instance is on an
@@ -326,10 +424,10 @@ impl Relay {
         self.pending_gauge.set(pending.len() as f64);
     }
 
-    fn send_to(&self, node: u64, record: Forwarded) {
+    fn send_to(&self, node: u64, chunk: Chunk) {
         let transport = self.transport.clone();
         let runtime = &self.runtime;
-        self.outboxes.push(node, record, |rx| {
+        self.outboxes.push(node, chunk, |rx| {
             runtime.spawn(send_events(transport, node, rx));
         });
     }
@@ -343,20 +441,16 @@ impl Relay {
     }
 
     fn on_message(&self, from: u64, bytes: Bytes) {
-        match PeerMessage::decode(bytes) {
-            Ok(PeerMessage {
-                body: Some(peer_message::Body::Events(batch)),
-            }) => {
+        match decode_peer_message(bytes) {
+            Ok(Some(PeerBody::Events(batch))) => {
                 let me = self.me.clone();
                 let runtime = &self.runtime;
                 self.inboxes.push(from, batch, |rx| {
                     runtime.spawn(receive_events(me, from, rx));
                 });
             }
-            Ok(PeerMessage {
-                body: Some(peer_message::Body::Acks(acks)),
-            }) => self.on_acks(from, acks),
-            Ok(PeerMessage { body: None }) => {}
+            Ok(Some(PeerBody::Acks(acks))) => self.on_acks(from, acks),
+            Ok(None) => {}
             Err(e) => tracing::warn!(peer = from, error = %e, "undecodable event-plane message dropped"),
         }
     }
@@ -417,26 +511,43 @@ impl Relay {
         }
         let now = Instant::now();
         let mut local = Vec::new();
-        let mut resend = Vec::new();
+        let mut resend: Vec<(u64, Chunk)> = Vec::new();
+        let mut resent = 0;
         let mut gone = Vec::new();
+        // One route lookup (and one health check per node) per subscription per sweep, not one
+        // per pending delivery: pending entries of one subscription share its key's `Arc`.
+        let mut routes: HashMap<*const SubscriptionKey, Option<&Arc<Route>>> = HashMap::new();
+        let mut placed: HashMap<(*const SubscriptionKey, u64), bool> = HashMap::new();
         {
             let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-            for (&id, p) in pending.iter_mut() {
-                let Some(route) = table.route(&p.key) else {
+            // First find what is due (the table iterates in no order), then route it in delivery
+            // id order, which is publish order: one key's events keep their order across re-sends
+            // and WAL replays.
+            let mut due = Vec::new();
+            for (&id, p) in pending.iter() {
+                let ptr = Arc::as_ptr(&p.key);
+                let Some(route) = *routes.entry(ptr).or_insert_with(|| table.route(&p.key)) else {
                     gone.push(id);
                     continue;
                 };
-                let due = p.node == 0
+                if p.node == 0
                     || p.refused
-                    || !self.health.peer(p.node).routable()
-                    || !route
-                        .slots
-                        .iter()
-                        .any(|s| matches!(s, Slot::Remote { node, .. } if *node == p.node))
-                    || now.saturating_duration_since(p.sent) >= self.config.redeliver_after;
-                if !due {
-                    continue;
+                    || !*placed.entry((ptr, p.node)).or_insert_with(|| {
+                        self.health.peer(p.node).routable()
+                            && route
+                                .slots
+                                .iter()
+                                .any(|s| matches!(s, Slot::Remote { node, .. } if *node == p.node))
+                    })
+                    || now.saturating_duration_since(p.sent) >= self.config.redeliver_after
+                {
+                    due.push((id, route));
                 }
+            }
+            due.sort_unstable_by_key(|&(id, _)| id);
+            gone.sort_unstable();
+            for (id, route) in due {
+                let Some(p) = pending.get_mut(&id) else { continue };
                 match route.reserve(p.event.key.as_deref()) {
                     Ok(Target::Local(slot)) => {
                         slot.send(Job {
@@ -453,15 +564,26 @@ impl Relay {
                         p.load = Some(load);
                         p.sent = now;
                         p.refused = false;
-                        resend.push((
-                            node,
-                            Forwarded {
-                                id,
-                                group: p.key.group.clone(),
-                                epoch: route.epoch,
-                                event: Some(EventRecord::from(&*p.event)),
-                            },
-                        ));
+                        let i = match resend
+                            .iter()
+                            .position(|(n, c)| *n == node && c.bytes.len() < MAX_BATCH_BYTES)
+                        {
+                            Some(i) => i,
+                            None => {
+                                resend.push((
+                                    node,
+                                    Chunk {
+                                        bytes: Vec::new(),
+                                        n: 0,
+                                    },
+                                ));
+                                resend.len() - 1
+                            }
+                        };
+                        let chunk = &mut resend[i].1;
+                        encode_delivery(id, &p.key.group, route.epoch, &p.event, &mut chunk.bytes);
+                        chunk.n += 1;
+                        resent += 1;
                     }
                     Ok(Target::Parked) | Err(NoRoom::Unplaced) => {
                         p.release();
@@ -471,27 +593,48 @@ impl Relay {
                     Err(NoRoom::Full) => {}
                 }
             }
-            for id in local.iter().chain(&gone) {
+            for id in &local {
                 if let Some(mut p) = pending.remove(id) {
                     p.release();
-                    if gone.contains(id) {
-                        // The subscription was deleted: nothing is owed to it any more.
-                        tracing::debug!(subscription = %p.key, id = %p.event.id, "subscription deleted; delivery dropped");
-                        p.done.complete(&p.key, Outcome::Ok { attempts: 0 });
-                    }
+                }
+            }
+            for id in &gone {
+                if let Some(mut p) = pending.remove(id) {
+                    p.release();
+                    // The subscription was deleted: nothing is owed to it any more.
+                    tracing::debug!(subscription = %p.key, id = %p.event.id, "subscription deleted; delivery dropped");
+                    p.done.complete(&p.key, Outcome::Ok { attempts: 0 });
                 }
             }
             self.pending_gauge.set(pending.len() as f64);
         }
-        self.redelivered.increment((local.len() + resend.len()) as u64);
-        for (node, record) in resend {
-            self.send_to(node, record);
+        self.redelivered.increment((local.len() + resent) as u64);
+        for (node, chunk) in resend {
+            self.send_to(node, chunk);
         }
     }
 
     // ---- handler side -------------------------------------------------------------------------
 
-    async fn accept(&self, from: u64, d: Forwarded) {
+    /// The subscription a delivery is for, as this node runs it (or none: refuse it). Batches
+    /// carry runs of one subscription, so the last answer is kept while the table is unchanged.
+    fn lookup(&self, cache: &mut Lookup, topic: &str, group: &str) -> Option<Arc<SubRuntime>> {
+        let table = self.router.table();
+        let fresh = cache
+            .as_ref()
+            .is_some_and(|(t, key, _)| Arc::ptr_eq(t, &table) && key.topic == topic && key.group == group);
+        if !fresh {
+            let key = SubscriptionKey {
+                topic: topic.to_string(),
+                group: group.to_string(),
+            };
+            let sub = table.get(&key).cloned();
+            *cache = Some((table, key, sub));
+        }
+        cache.as_ref().and_then(|(_, _, sub)| sub.clone())
+    }
+
+    async fn accept(&self, from: u64, d: Forwarded, cache: &mut Lookup) {
         let refuse = |why: String| AckRecord {
             id: d.id,
             code: AckCode::NotPlaced as i32,
@@ -501,26 +644,26 @@ impl Relay {
         let Some(record) = d.event else {
             return self.ack(from, refuse("a delivery without an event".into()));
         };
-        let key = SubscriptionKey {
-            topic: record.topic.clone(),
-            group: d.group.clone(),
-        };
-        let table = self.router.table();
-        let Some(sub) = table.get(&key).cloned() else {
+        let Some(sub) = self.lookup(cache, &record.topic, &d.group) else {
+            let key = SubscriptionKey {
+                topic: record.topic.clone(),
+                group: d.group.clone(),
+            };
             return self.ack(
                 from,
                 refuse(format!(
                     "node holds no instance of {key} (placement epoch {}, delivery epoch {})",
-                    table.route(&key).map_or(0, |r| r.epoch),
+                    self.router.table().route(&key).map_or(0, |r| r.epoch),
                     d.epoch
                 )),
             );
         };
-        let key = sub.shared.key.clone();
-        let event_id = record.id.clone();
+        let key = &sub.shared.key;
+        let dedup_key;
         {
             let mut dedup = self.dedup.lock().unwrap_or_else(|p| p.into_inner());
-            match dedup.map.get_mut(&(key.clone(), event_id.clone())) {
+            dedup_key = dedup.key(key, &record.id);
+            match dedup.map.get_mut(&dedup_key) {
                 Some(Seen::Running(waiting)) => {
                     waiting.push((from, d.id));
                     self.deduplicated.increment(1);
@@ -541,27 +684,30 @@ impl Relay {
                     );
                 }
                 None => {
-                    dedup
-                        .map
-                        .insert((key.clone(), event_id.clone()), Seen::Running(vec![(from, d.id)]));
+                    dedup.map.insert(dedup_key, Seen::Running(vec![(from, d.id)]));
                 }
             }
         }
         let event = Arc::new(Event::from(record));
         let job = Job {
-            event: event.clone(),
+            event,
             completion: Arc::new(Handled {
                 relay: self.me.clone(),
-                event_id: event_id.clone(),
+                dedup: dedup_key,
             }),
             origin: Some((from, d.id)),
         };
-        if sub.send_waiting(event.key.as_deref(), job).await.is_err() {
+        // Straight into the mailbox when it has room; wait (in order) only when it is full.
+        let job = match sub.try_send(job) {
+            Ok(()) => return,
+            Err(job) => job,
+        };
+        if sub.send_waiting(job.event.key.clone().as_deref(), job).await.is_err() {
             self.dedup
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .map
-                .remove(&(key.clone(), event_id));
+                .remove(&dedup_key);
             self.ack(from, refuse(format!("subscription {key} stopped on this node")));
         }
     }
@@ -571,13 +717,12 @@ impl Relay {
             tracing::debug!(subscription = %key, id = %job.event.id, "placement moved: routing a queued event anew");
             return self.park(key.clone(), job.event, job.completion);
         }
-        let waiting = match self
-            .dedup
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .map
-            .remove(&(key.clone(), job.event.id.clone()))
-        {
+        let waiting = {
+            let mut dedup = self.dedup.lock().unwrap_or_else(|p| p.into_inner());
+            let k = dedup.key(key, &job.event.id);
+            dedup.map.remove(&k)
+        };
+        let waiting = match waiting {
             Some(Seen::Running(w)) => w,
             _ => job.origin.into_iter().collect(),
         };
@@ -594,7 +739,7 @@ impl Relay {
         }
     }
 
-    fn handled(&self, key: &SubscriptionKey, event_id: String, outcome: Outcome) {
+    fn handled(&self, entry: DedupKey, outcome: Outcome) {
         let finished = match outcome {
             Outcome::Ok { attempts } => Finished {
                 code: AckCode::Ok,
@@ -614,12 +759,11 @@ impl Relay {
         };
         let waiting = {
             let mut dedup = self.dedup.lock().unwrap_or_else(|p| p.into_inner());
-            let Some((entry, _)) = dedup.map.get_key_value(&(Arc::new(key.clone()), event_id)) else {
+            let Some(seen) = dedup.map.get_mut(&entry) else {
                 return;
             };
-            let entry = entry.clone();
-            let waiting = match dedup.map.insert(entry.clone(), Seen::Done(finished.clone())) {
-                Some(Seen::Running(w)) => w,
+            let waiting = match std::mem::replace(seen, Seen::Done(finished.clone())) {
+                Seen::Running(w) => w,
                 _ => Vec::new(),
             };
             dedup.done.push_back(entry);
@@ -677,45 +821,48 @@ impl Retired for Returns {
 /// The completion of a forwarded delivery on the handler node: record it, ack the origin(s).
 struct Handled {
     relay: Weak<Relay>,
-    event_id: String,
+    dedup: DedupKey,
 }
 
 impl Completion for Handled {
-    fn complete(&self, sub: &SubscriptionKey, outcome: Outcome) {
+    fn complete(&self, _: &SubscriptionKey, outcome: Outcome) {
         if let Some(relay) = self.relay.upgrade() {
-            relay.handled(sub, self.event_id.clone(), outcome);
+            relay.handled(self.dedup, outcome);
         }
     }
 }
 
-/// Drains one peer's outbox into event batches.
-async fn send_events(transport: Transport, node: u64, mut rx: mpsc::UnboundedReceiver<Forwarded>) {
+/// The handler side's last subscription lookup: (table snapshot, key, this node's instances).
+type Lookup = Option<(Arc<RoutingTable>, SubscriptionKey, Option<Arc<SubRuntime>>)>;
+
+/// Drains one peer's outbox into event batches (many publish calls' chunks per envelope, up to
+/// [`MAX_BATCH_BYTES`]).
+async fn send_events(transport: Transport, node: u64, mut rx: mpsc::UnboundedReceiver<Chunk>) {
     let counter = metrics::counter!(crate::metrics::EVENTS_FORWARDED, "peer" => node.to_string());
-    let mut buf = Vec::with_capacity(MAX_BATCH);
+    let mut buf = Vec::with_capacity(64);
     while rx.recv_many(&mut buf, MAX_BATCH).await > 0 {
-        let mut rest = std::mem::take(&mut buf).into_iter().peekable();
-        while rest.peek().is_some() {
-            let mut batch = EventBatch::default();
+        let mut rest = buf.as_slice();
+        while !rest.is_empty() {
             let mut bytes = 0;
-            while let Some(d) =
-                rest.next_if(|d| batch.deliveries.is_empty() || bytes + d.encoded_len() <= MAX_BATCH_BYTES)
-            {
-                bytes += d.encoded_len();
-                batch.deliveries.push(d);
-            }
-            let n = batch.deliveries.len() as u64;
-            let env = Envelope::app(
-                PeerMessage {
-                    body: Some(peer_message::Body::Events(batch)),
-                }
-                .encode_to_vec(),
-            );
+            let take = rest
+                .iter()
+                .position(|c| {
+                    bytes += c.bytes.len();
+                    bytes > MAX_BATCH_BYTES
+                })
+                .unwrap_or(rest.len())
+                .max(1);
+            let (frame, tail) = rest.split_at(take);
+            rest = tail;
+            let n: usize = frame.iter().map(|c| c.n).sum();
+            let env = Envelope::app(peer_message_events(frame.iter().map(|c| c.bytes.as_slice())));
             match transport.send_async(node, env).await {
-                Ok(()) => counter.increment(n),
+                Ok(()) => counter.increment(n as u64),
                 // Still pending at the origin: redelivered after the timeout or when re-routed.
                 Err(e) => tracing::debug!(peer = node, error = %e, "cannot forward events"),
             }
         }
+        buf.clear();
     }
 }
 
@@ -739,12 +886,22 @@ async fn send_acks(transport: Transport, origin: u64, mut rx: mpsc::UnboundedRec
 }
 
 /// Handles one origin's batches in order.
-async fn receive_events(relay: Weak<Relay>, from: u64, mut rx: mpsc::UnboundedReceiver<EventBatch>) {
+/// Each batch is decoded one delivery at a time, as it is handed over.
+async fn receive_events(relay: Weak<Relay>, from: u64, mut rx: mpsc::UnboundedReceiver<Bytes>) {
+    let mut cache = None;
     while let Some(batch) = rx.recv().await {
         let Some(relay) = relay.upgrade() else { return };
-        for d in batch.deliveries {
-            relay.accept(from, d).await;
+        for d in Deliveries(batch) {
+            match d {
+                Ok(d) => relay.accept(from, d, &mut cache).await,
+                Err(e) => {
+                    // The origin re-sends what it does not get acked.
+                    tracing::warn!(peer = from, error = %e, "undecodable delivery; rest of the batch dropped");
+                    break;
+                }
+            }
         }
+        cache = None;
     }
 }
 

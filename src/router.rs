@@ -95,16 +95,40 @@ impl SubRuntime {
         slot(first).or_else(|| slot(second)).or_else(|| (0..n).find_map(slot))
     }
 
-    /// Waits for room (used by WAL replay and dead-letter replay, which must not be refused).
-    pub(crate) async fn send_waiting(&self, key: Option<&str>, job: Job) -> Result<(), Job> {
+    /// The instance [`SubRuntime::send_waiting`] and [`SubRuntime::try_send`] choose.
+    fn waiting_choice(&self, key: Option<&str>) -> usize {
         let n = self.instances.len();
-        let i = match key {
+        match key {
             Some(k) => rendezvous(k.as_bytes(), n),
             None => (0..n)
                 .min_by_key(|&i| self.instances[i].load.load(Ordering::Relaxed))
                 .unwrap_or(0),
+        }
+    }
+
+    /// Sends `job` to the instance [`SubRuntime::send_waiting`] would choose if its mailbox has
+    /// room now; gives the job back otherwise (full or stopped), without waiting.
+    pub(crate) fn try_send(&self, job: Job) -> Result<(), Job> {
+        let Some(inst) = self.instances.get(self.waiting_choice(job.event.key.as_deref())) else {
+            return Err(job);
         };
-        let inst = &self.instances[i];
+        match inst.tx.try_reserve() {
+            Ok(permit) => {
+                Reservation {
+                    permit,
+                    sub: self,
+                    load: &inst.load,
+                }
+                .send(job);
+                Ok(())
+            }
+            Err(_) => Err(job),
+        }
+    }
+
+    /// Waits for room (used by WAL replay and dead-letter replay, which must not be refused).
+    pub(crate) async fn send_waiting(&self, key: Option<&str>, job: Job) -> Result<(), Job> {
+        let inst = &self.instances[self.waiting_choice(key)];
         match inst.tx.reserve().await {
             Ok(permit) => {
                 Reservation {
@@ -263,29 +287,36 @@ impl Route {
         if self.slots.is_empty() {
             return Err(NoRoom::Unplaced);
         }
-        let healthy: Vec<usize> = (0..self.slots.len()).filter(|&i| self.healthy(i)).collect();
-        if healthy.is_empty() {
+        // Usually every slot is healthy: then no list of healthy slots is built.
+        let all = (0..self.slots.len()).all(|i| self.healthy(i));
+        let healthy: Vec<usize> = if all {
+            Vec::new()
+        } else {
+            (0..self.slots.len()).filter(|&i| self.healthy(i)).collect()
+        };
+        if !all && healthy.is_empty() {
             return Ok(Target::Parked);
         }
+        let n = if all { self.slots.len() } else { healthy.len() };
+        let at = |j: usize| if all { j } else { healthy[j] };
         if let Some(k) = key {
             // Order per key matters more than balance: never fall back to another instance.
-            let i = rendezvous_among(k.as_bytes(), healthy.iter().copied()).unwrap_or(healthy[0]);
+            let i = rendezvous_among(k.as_bytes(), (0..n).map(at)).unwrap_or(at(0));
             return self.try_slot(i, key).ok_or(NoRoom::Full);
         }
-        let n = healthy.len();
         if n == 1 {
-            return self.try_slot(healthy[0], None).ok_or(NoRoom::Full);
+            return self.try_slot(at(0), None).ok_or(NoRoom::Full);
         }
         let a = rand::random_range(0..n);
         let b = (a + 1 + rand::random_range(0..n - 1)) % n;
-        let (first, second) = if self.load(healthy[a]) <= self.load(healthy[b]) {
-            (healthy[a], healthy[b])
+        let (first, second) = if self.load(at(a)) <= self.load(at(b)) {
+            (at(a), at(b))
         } else {
-            (healthy[b], healthy[a])
+            (at(b), at(a))
         };
         self.try_slot(first, None)
             .or_else(|| self.try_slot(second, None))
-            .or_else(|| healthy.iter().find_map(|&i| self.try_slot(i, None)))
+            .or_else(|| (0..n).find_map(|j| self.try_slot(at(j), None)))
             .ok_or(NoRoom::Full)
     }
 }

@@ -31,8 +31,8 @@ use utoipa::ToSchema;
 use crate::event::{Event, EventError};
 use crate::handler::supervisor::{Completion, DeadLetterSink, Job, Outcome};
 use crate::handler::SubscriptionKey;
-use crate::proto::{DeadLetterRecord, EventRecord, WalRecord};
-use crate::relay::Relay;
+use crate::proto::{DeadLetterRecord, EventRecord};
+use crate::relay::{Outgoing, Relay};
 use crate::router::{NoRoom, Router, Target};
 use store::Store;
 
@@ -346,13 +346,13 @@ impl Ingress {
         let _ = ready.wait_for(|r| *r).await;
     }
 
-    fn count_published(&self, topic: &str) {
+    fn count_published(&self, topic: &str, n: u64) {
         if let Some(c) = self.published.read().unwrap_or_else(|p| p.into_inner()).get(topic) {
-            c.increment(1);
+            c.increment(n);
             return;
         }
         let c = metrics::counter!(crate::metrics::EVENTS_PUBLISHED, "topic" => topic.to_string());
-        c.increment(1);
+        c.increment(n);
         self.published
             .write()
             .unwrap_or_else(|p| p.into_inner())
@@ -430,13 +430,19 @@ impl Ingress {
         let mut seqs = if ack == AckMode::None {
             Vec::new()
         } else {
-            let records: Vec<WalRecord> = events
+            // Encoded here, once, straight from the events (no `EventRecord` copies).
+            let records: Vec<Vec<u8>> = events
                 .iter()
                 .zip(&reserved)
                 .filter(|(_, (_, slots))| !slots.is_empty())
-                .map(|(e, (_, slots))| WalRecord {
-                    event: Some(EventRecord::from(e)),
-                    groups: slots.iter().map(|(route, _)| route.key.group.clone()).collect(),
+                .map(|(e, (_, slots))| {
+                    let mut buf = Vec::new();
+                    crate::proto::encode_wal_record(
+                        e,
+                        slots.iter().map(|(route, _)| route.key.group.as_str()),
+                        &mut buf,
+                    );
+                    buf
                 })
                 .collect();
             if records.is_empty() {
@@ -452,8 +458,20 @@ impl Ingress {
         // 3. Send.
         let mut answers = Vec::with_capacity(events.len());
         let mut waits = Vec::new();
+        // Remote events are handed to the relay per peer, once for the whole call.
+        let mut remote: Vec<(u64, Vec<Outgoing>)> = Vec::new();
+        // `events_published_total{topic}` is counted per run of one topic (a batch is one run).
+        let mut run: Option<(String, u64)> = None;
         for (event, (permit, slots)) in events.into_iter().zip(reserved) {
-            self.count_published(&event.topic);
+            match &mut run {
+                Some((topic, n)) if *topic == event.topic => *n += 1,
+                _ => {
+                    if let Some((topic, n)) = run.take() {
+                        self.count_published(&topic, n);
+                    }
+                    run = Some((event.topic.clone(), 1));
+                }
+            }
             let n = slots.len();
             answers.push(Published {
                 id: event.id.clone(),
@@ -479,11 +497,27 @@ impl Ingress {
                     }),
                     Target::Remote(slot) => {
                         let (node, load) = slot.take();
-                        self.relay.forward(route, node, load, event.clone(), tracker.clone());
+                        let outgoing = Outgoing {
+                            key: route.key.clone(),
+                            epoch: route.epoch,
+                            load,
+                            event: event.clone(),
+                            completion: tracker.clone(),
+                        };
+                        match remote.iter_mut().find(|(n, _)| *n == node) {
+                            Some((_, items)) => items.push(outgoing),
+                            None => remote.push((node, vec![outgoing])),
+                        }
                     }
                     Target::Parked => self.relay.park(route.key.clone(), event.clone(), tracker.clone()),
                 }
             }
+        }
+        if let Some((topic, n)) = run {
+            self.count_published(&topic, n);
+        }
+        for (node, items) in remote {
+            self.relay.forward(node, items);
         }
         // 4. Wait for the handlers if asked to.
         if !waits.is_empty() {

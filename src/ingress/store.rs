@@ -32,7 +32,8 @@ type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
 enum Op {
     /// Append records; answers their sequence numbers.
-    Append(Vec<WalRecord>, Reply<Vec<u64>>),
+    /// Each record is an encoded `WalRecord`.
+    Append(Vec<Vec<u8>>, Reply<Vec<u64>>),
     /// An event is finished by every subscription; no answer needed.
     Ack(u64),
     /// Store a dead letter under its id.
@@ -122,8 +123,9 @@ impl Store {
         rx.await.map_err(|_| StoreError("the WAL writer has stopped".into()))?
     }
 
-    /// Durably appends records (one group commit with whatever else is queued).
-    pub(crate) async fn append(&self, records: Vec<WalRecord>) -> Result<Vec<u64>, StoreError> {
+    /// Durably appends records, each an encoded [`WalRecord`] (one group commit with whatever else
+    /// is queued).
+    pub(crate) async fn append(&self, records: Vec<Vec<u8>>) -> Result<Vec<u64>, StoreError> {
         self.call(|r| Op::Append(records, r)).await
     }
 
@@ -268,7 +270,7 @@ impl Writer {
                         for r in records {
                             let seq = self.next_seq;
                             self.next_seq += 1;
-                            wal.insert(seq, r.encode_to_vec().as_slice()).map_err(store_err)?;
+                            wal.insert(seq, r.as_slice()).map_err(store_err)?;
                             seqs.push(seq);
                         }
                         delta += seqs.len() as i64;
