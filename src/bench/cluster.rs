@@ -197,15 +197,29 @@ pub(super) fn node(a: BenchNodeArgs, builder: NodeBuilder) -> Result<(), String>
 
 // ---------------------------------------------------------------- the benchmark side
 
-/// `n` distinct free TCP ports on 127.0.0.1 (bound to port 0 together, then released).
+/// `n` distinct free TCP ports on 127.0.0.1, below the ephemeral range (probed together, then released).
 #[cfg_attr(not(feature = "bench-peers"), allow(dead_code))] // used by the peer scenarios
 pub(super) fn free_ports(n: usize) -> Result<Vec<u16>, String> {
-    let listeners = (0..n)
-        .map(|_| std::net::TcpListener::bind(("127.0.0.1", 0)))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("cannot find a free port on 127.0.0.1: {e}"))?;
-    listeners
-        .iter()
+    // Below the kernel's ephemeral range (32768 and up by default): the ports that outgoing
+    // connections take are drawn from there, so one of them could take a port between this probe
+    // and the server's bind. Probing binds each port and keeps it until all are found.
+    let mut held = Vec::with_capacity(n);
+    let start = 20_000 + rand::random_range(0..10_000u16);
+    for offset in 0..12_000u16 {
+        if held.len() == n {
+            break;
+        }
+        let port = 20_000 + (start - 20_000 + offset) % 12_000;
+        if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            held.push(l);
+        }
+    }
+    if held.len() < n {
+        return Err(format!(
+            "cannot find {n} free ports on 127.0.0.1 between 20000 and 32000"
+        ));
+    }
+    held.iter()
         .map(|l| l.local_addr().map(|a| a.port()).map_err(|e| e.to_string()))
         .collect()
 }

@@ -187,7 +187,9 @@ mod imp {
     impl NatsCluster {
         fn start(program: &Path, jetstream: bool, keep: bool) -> Result<NatsCluster, String> {
             let ports = free_ports(6)?;
-            let dir = std::env::temp_dir().join(format!("herald-bench-nats-{}", std::process::id()));
+            // Not `herald-bench-nats-<pid>`: that is the Herald cluster's directory of `bench nats`,
+            // and each start empties its own directory.
+            let dir = std::env::temp_dir().join(format!("herald-bench-nats-servers-{}", std::process::id()));
             let _ = std::fs::remove_dir_all(&dir);
             std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
             let mut c = NatsCluster {
