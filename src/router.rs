@@ -112,35 +112,34 @@ impl SubRuntime {
         let Some(inst) = self.instances.get(self.waiting_choice(job.event.key.as_deref())) else {
             return Err(job);
         };
-        match inst.tx.try_reserve() {
-            Ok(permit) => {
-                Reservation {
-                    permit,
-                    sub: self,
-                    load: &inst.load,
-                }
-                .send(job);
-                Ok(())
-            }
-            Err(_) => Err(job),
-        }
+        let permit = inst.tx.try_reserve().ok();
+        self.send_on(inst, permit, job)
     }
 
     /// Waits for room (used by WAL replay and dead-letter replay, which must not be refused).
     pub(crate) async fn send_waiting(&self, key: Option<&str>, job: Job) -> Result<(), Job> {
         let inst = &self.instances[self.waiting_choice(key)];
-        match inst.tx.reserve().await {
-            Ok(permit) => {
-                Reservation {
-                    permit,
-                    sub: self,
-                    load: &inst.load,
-                }
-                .send(job);
-                Ok(())
-            }
-            Err(_) => Err(job),
+        let permit = inst.tx.reserve().await.ok();
+        self.send_on(inst, permit, job)
+    }
+
+    /// Sends `job` to `inst` with the mailbox `permit` got for it; no permit gives the job back.
+    fn send_on<'a>(
+        &'a self,
+        inst: &'a Instance,
+        permit: Option<tokio::sync::mpsc::Permit<'a, Job>>,
+        job: Job,
+    ) -> Result<(), Job> {
+        let Some(permit) = permit else {
+            return Err(job);
+        };
+        Reservation {
+            permit,
+            sub: self,
+            load: &inst.load,
         }
+        .send(job);
+        Ok(())
     }
 
     /// Events queued or in progress across all instances.

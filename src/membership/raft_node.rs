@@ -767,12 +767,19 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_node_that_lost_its_log_stops_with_a_reason_rather_than_panicking() {
+    /// A driver for node `id` that is in no group yet: its inbox, its task, and its outbox
+    /// (kept so that sends to it succeed).
+    fn lone_driver(
+        id: u64,
+    ) -> (
+        mpsc::UnboundedSender<Inbound>,
+        tokio::task::JoinHandle<()>,
+        mpsc::UnboundedReceiver<Outbound>,
+    ) {
         let (tx, rx) = mpsc::unbounded_channel();
-        let (out_tx, _out_rx) = mpsc::unbounded_channel();
+        let (out_tx, out_rx) = mpsc::unbounded_channel();
         let (_status, task) = spawn(
-            DriverConfig::new(3),
+            DriverConfig::new(id),
             MemStorage::new(),
             Log::default(),
             false,
@@ -780,6 +787,12 @@ mod tests {
             out_tx,
         )
         .unwrap();
+        (tx, task, out_rx)
+    }
+
+    #[tokio::test]
+    async fn a_node_that_lost_its_log_stops_with_a_reason_rather_than_panicking() {
+        let (tx, task, _out) = lone_driver(3);
         // What a leader sends a voter it believes acknowledged entries up to 7.
         let mut hb = Message::default();
         hb.set_msg_type(MessageType::MsgHeartbeat);
@@ -797,17 +810,7 @@ mod tests {
 
     #[tokio::test]
     async fn proposals_without_a_leader_fail_fast() {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let (out_tx, _out_rx) = mpsc::unbounded_channel();
-        let (_status, task) = spawn(
-            DriverConfig::new(7),
-            MemStorage::new(),
-            Log::default(),
-            false,
-            rx,
-            out_tx,
-        )
-        .unwrap();
+        let (tx, task, _out) = lone_driver(7);
         let (reply, answer) = oneshot::channel();
         tx.send(Inbound::Propose {
             data: b"x".to_vec(),
