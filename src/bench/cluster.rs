@@ -14,7 +14,7 @@ use metrics::{Counter, Gauge, Histogram, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use serde_json::Value;
 
-use super::{percentile, BenchNodeArgs, ClusterArgs};
+use super::{percentile, record, BenchNodeArgs, ClusterArgs};
 use crate::config::FsyncPolicy;
 use crate::handler::{Delivery, HandlerResult};
 use crate::node::NodeBuilder;
@@ -1176,6 +1176,60 @@ async fn scenario(c: &mut Cluster, a: &ClusterArgs) -> Result<(), String> {
         "for context, documented defaults of peers (not run here): Akka Cluster ~5 s to unreachable, \
          ~25 s to downed; Orleans ~15 s to declare a silo dead; Dapr actors ~3 s"
     );
+    if let Some(path) = &a.json {
+        let mut rows = Vec::new();
+        for r in &runs {
+            let (ack, what) = r.name.split_once(", ").unwrap_or((&r.name, ""));
+            if what == "max rate" {
+                rows.push(record::row(
+                    "cluster",
+                    ack,
+                    what,
+                    "events_per_second",
+                    true,
+                    &[r.rate],
+                    None,
+                ));
+            } else {
+                for (metric, v) in [("p50_ms", r.p50_ms), ("p99_ms", r.p99_ms)] {
+                    rows.push(record::row("cluster", ack, what, metric, false, &[v], None));
+                }
+            }
+        }
+        let mut failover_row = |case: &str, ms: Vec<f64>| {
+            rows.push(record::row(
+                "cluster",
+                "ack=accepted",
+                case,
+                "samples_ms",
+                false,
+                &ms,
+                None,
+            ))
+        };
+        failover_row(
+            "kill -> first event handled elsewhere",
+            rounds.iter().map(|r| r.0).collect(),
+        );
+        if !pick(true).is_empty() && !pick(false).is_empty() {
+            failover_row("... when the killed node was a follower", pick(false));
+            failover_row("... when the killed node was the leader", pick(true));
+        }
+        let meta = serde_json::json!({
+            "command": "herald bench cluster",
+            "time": chrono::Utc::now().to_rfc3339(),
+            "cores": cores,
+            "events": a.events,
+            "batch": a.batch,
+            "connections": a.connections,
+            "instances": a.instances,
+            "latency_rate": a.latency_rate,
+            "failovers": a.failovers,
+            "failover_rate": a.failover_rate,
+            "smoke": a.smoke,
+        });
+        record::write(path, meta, rows)?;
+    }
     Ok(())
 }
 

@@ -172,18 +172,10 @@ pub(super) fn table(peer: &str, rows: &[Row]) -> String {
     )
 }
 
-/// One JSON object per row: `{scenario, herald, peer, payload_bytes, metric, better, herald:
-/// {runs, median, min, max}, peer: {…}, ratio, paired_ratio_min, paired_ratio_max}` plus `meta`.
+/// One JSON object per row, in the shape of [`super::record`] (`case` is the payload size) plus
+/// `payload_bytes`, `paired_ratio_min` and `paired_ratio_max`, and `meta`.
 pub(super) fn json_rows(scenario: &str, herald_mode: &str, peer: &str, meta: &Value, rows: &[Row]) -> Value {
-    let side = |v: &[f64]| {
-        let s = summarize(v);
-        json!({
-            "runs": v.iter().map(|x| if x.is_finite() { json!(x) } else { Value::Null }).collect::<Vec<_>>(),
-            "median": s.map(|s| s.median),
-            "min": s.map(|s| s.min),
-            "max": s.map(|s| s.max),
-        })
-    };
+    let side = super::record::side;
     let rows: Vec<Value> = rows
         .iter()
         .map(|r| {
@@ -193,6 +185,7 @@ pub(super) fn json_rows(scenario: &str, herald_mode: &str, peer: &str, meta: &Va
                 "herald_mode": herald_mode,
                 "peer": peer,
                 "payload_bytes": r.payload_bytes,
+                "case": fmt_size(r.payload_bytes),
                 "metric": r.metric,
                 "better": if r.metric.higher_is_better() { "higher" } else { "lower" },
                 "herald": side(&r.herald),

@@ -61,6 +61,9 @@ enum Scenario {
     /// Cross-node at-least-once: Herald ack=accepted vs NATS JetStream (acked publish, acked
     /// consume), 3-node clusters on loopback (needs the `bench-peers` feature and nats-server).
     Jetstream(PeerArgs),
+    /// Runs every scenario and writes BENCHMARKS.md with the figures, the machine, the commands and
+    /// SVG plots (needs the `bench-peers` feature and nats-server).
+    Report(report::ReportArgs),
     /// Runs a node like `herald node`, with the `bench-sink` handler registered (used by `cluster`).
     #[command(hide = true)]
     Node(BenchNodeArgs),
@@ -120,6 +123,10 @@ struct ClusterArgs {
     /// Keep the nodes' data directories and logs (the path is printed) instead of removing them.
     #[arg(long)]
     keep: bool,
+    /// Also write the figures and every failover round's time as JSON to this file (for
+    /// `herald bench report`).
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
 }
 
 /// Arguments of the peer scenarios (`nats`, `jetstream`).
@@ -201,6 +208,9 @@ struct MembershipArgs {
     /// HTTP port of node 1; node i uses base+i-1 and peer port base+100+i-1.
     #[arg(long, default_value_t = 7800)]
     base_port: u16,
+    /// Also write every timing as JSON to this file (for `herald bench report`).
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -226,6 +236,12 @@ struct LocalArgs {
     /// Give up on a run after this many seconds.
     #[arg(long, default_value_t = 120)]
     max_seconds: u64,
+    /// Also write every run's figures as JSON to this file (for `herald bench report`).
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+    /// A second or two: 20,000 events per run, 1 run, 32 publishers.
+    #[arg(long)]
+    smoke: bool,
 }
 
 /// Runs a scenario; `builder` carries the binary's handlers (for `bench node`).
@@ -236,6 +252,7 @@ pub fn run(args: BenchArgs, builder: NodeBuilder) -> Result<(), String> {
         Scenario::Cluster(a) => cluster::run(a),
         Scenario::Nats(a) => nats::run(a, nats::Mode::Core),
         Scenario::Jetstream(a) => nats::run(a, nats::Mode::JetStream),
+        Scenario::Report(a) => report::run(a),
         Scenario::Node(a) => cluster::node(a, builder),
     }
 }
@@ -348,7 +365,15 @@ async fn publish_concurrently(
     Ok(total as f64 / started.elapsed().as_secs_f64())
 }
 
-async fn local(a: LocalArgs) -> Result<(), String> {
+async fn local(mut a: LocalArgs) -> Result<(), String> {
+    if a.smoke {
+        a.events = a.events.min(20_000);
+        a.runs = 1;
+        a.publishers = a.publishers.min(32);
+    }
+    if a.events == 0 || a.runs == 0 || a.publishers == 0 || a.batch == 0 {
+        return Err("--events, --runs, --publishers and --batch must be positive".into());
+    }
     let max = Duration::from_secs(a.max_seconds);
     let dir = std::env::temp_dir().join(format!("herald-bench-{}", std::process::id()));
     let tally = Arc::new(Tally {
@@ -425,6 +450,28 @@ async fn local(a: LocalArgs) -> Result<(), String> {
     node.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
 
+    let json_rows = a.json.as_ref().map(|_| {
+        let row = |mode: &str, case: &str, runs: &[f64]| {
+            record::row(
+                "local",
+                mode,
+                case,
+                "events_per_second",
+                true,
+                runs,
+                Some(("raw actix", &raw)),
+            )
+        };
+        vec![
+            row("ack=none", "1 event per publish", &none),
+            row(
+                "ack=accepted",
+                &format!("1 event per publish, {} publishers", a.publishers),
+                &accepted,
+            ),
+            row("ack=accepted", &format!("{} events per publish", a.batch), &batched),
+        ]
+    });
     let raw = median(raw);
     let rows = [
         ("raw actix do_send".to_string(), raw),
@@ -438,6 +485,19 @@ async fn local(a: LocalArgs) -> Result<(), String> {
     );
     for (name, (m, lo, hi)) in rows {
         println!("{name:<30} {m:>12.0} {lo:>12.0} {hi:>12.0} {:>7.2}x", m / raw.0);
+    }
+    if let (Some(path), Some(rows)) = (&a.json, json_rows) {
+        let meta = serde_json::json!({
+            "command": "herald bench local",
+            "time": chrono::Utc::now().to_rfc3339(),
+            "cores": std::thread::available_parallelism().map_or(0, |n| n.get()),
+            "runs": a.runs,
+            "events": a.events,
+            "instances": a.instances,
+            "wal_fsync": format!("{:?}", a.wal_fsync).to_lowercase(),
+            "smoke": a.smoke,
+        });
+        record::write(path, meta, rows)?;
     }
     Ok(())
 }
@@ -589,9 +649,27 @@ fn membership(a: MembershipArgs) -> Result<(), String> {
             wait_ready(&mut nodes, Duration::from_secs(60)).await?;
         }
         println!("\n{:<28} {:>6} {:>10} {:>10} {:>10}", "scenario", "n", "p50 ms", "p99 ms", "max ms");
+        let (subscribe_ms, joins_ms) = (subscribe.clone(), joins.clone());
         println!("{}", latency_row("subscribe -> placed (HTTP)", subscribe));
         println!("{}", latency_row("join -> placed", joins));
-        println!("{}", latency_row("leader kill -> new leader", failovers));
+        println!("{}", latency_row("leader kill -> new leader", failovers.clone()));
+        if let Some(path) = &a.json {
+            let row = |case: &str, ms: &[f64]| record::row("membership", "", case, "samples_ms", false, ms, None);
+            let meta = serde_json::json!({
+                "command": "herald bench membership",
+                "time": chrono::Utc::now().to_rfc3339(),
+                "cores": std::thread::available_parallelism().map_or(0, |n| n.get()),
+                "subscriptions": a.subscriptions,
+                "joins": a.joins,
+                "failovers": a.failovers,
+            });
+            let rows = vec![
+                row("subscribe -> placed (HTTP)", &subscribe_ms),
+                row("join -> placed", &joins_ms),
+                row("leader kill -> new leader", &failovers),
+            ];
+            record::write(path, meta, rows)?;
+        }
         Ok(())
     });
     stop_all(&mut nodes);
@@ -604,3 +682,9 @@ mod cluster;
 #[cfg_attr(not(feature = "bench-peers"), allow(dead_code))]
 mod compare;
 mod nats;
+#[cfg(feature = "bench-peers")]
+mod plot;
+mod record;
+// The report needs the peer scenarios; without `bench-peers` it only says so.
+#[cfg_attr(not(feature = "bench-peers"), allow(dead_code))]
+mod report;

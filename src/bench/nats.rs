@@ -93,6 +93,9 @@ pub(super) fn run(mut a: PeerArgs, mode: Mode) -> Result<(), String> {
 }
 
 #[cfg(feature = "bench-peers")]
+pub(super) use imp::find_server;
+
+#[cfg(feature = "bench-peers")]
 mod imp {
     use std::cell::{Cell, RefCell};
     use std::fs::File;
@@ -155,7 +158,7 @@ mod imp {
     }
 
     /// The nats-server program: `--nats-server`, else on PATH, else Debian's /usr/sbin.
-    fn find_server(given: Option<&Path>) -> Result<PathBuf, String> {
+    pub(in crate::bench) fn find_server(given: Option<&Path>) -> Result<PathBuf, String> {
         if let Some(p) = given {
             return Ok(p.to_path_buf());
         }

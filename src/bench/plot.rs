@@ -1,0 +1,286 @@
+//! The plots of `herald bench report`: grouped bar charts in SVG, drawn with `plotters`.
+//!
+//! One chart per scenario and kind of figure: throughput (medians, with the min–max of the runs as
+//! a whisker), latency percentiles, and timings (p50/p99 of the samples; the failover chart puts
+//! the peers' documented detection defaults next to Herald's, on a log scale).
+
+use std::path::Path;
+
+use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
+
+use super::compare::summarize;
+use super::percentile;
+use super::report::{by_label, Fig, PEER_FAILOVER_DEFAULTS};
+
+const PALETTE: [RGBColor; 6] = [
+    RGBColor(0x1f, 0x77, 0xb4),
+    RGBColor(0xff, 0x7f, 0x0e),
+    RGBColor(0x2c, 0xa0, 0x2c),
+    RGBColor(0xd6, 0x27, 0x28),
+    RGBColor(0x94, 0x67, 0xbd),
+    RGBColor(0x8c, 0x56, 0x4b),
+];
+
+/// One bar per group: the median and the min–max whisker (equal when there is one figure).
+struct Series {
+    name: String,
+    bars: Vec<Option<(f64, f64, f64)>>,
+}
+
+fn bar(values: &[f64]) -> Option<(f64, f64, f64)> {
+    summarize(values).map(|s| (s.median, s.min, s.max))
+}
+
+fn pct_bar(values: &[f64], p: f64) -> Option<(f64, f64, f64)> {
+    let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+    v.sort_by(f64::total_cmp);
+    let x = percentile(&v, p);
+    x.is_finite().then_some((x, x, x))
+}
+
+fn short(v: f64) -> String {
+    match v {
+        v if v >= 1e6 => format!("{:.2}M", v / 1e6),
+        v if v >= 1e4 => format!("{:.0}k", v / 1e3),
+        v if v >= 1e3 => format!("{:.1}k", v / 1e3),
+        v if v >= 10.0 => format!("{v:.0}"),
+        v => format!("{v:.2}"),
+    }
+}
+
+/// Draws the charts of one scenario into `dir`; returns `(scenario, file name)` per chart.
+pub(super) fn draw(scenario: &str, figs: &[Fig], dir: &Path) -> Result<Vec<(String, String)>, String> {
+    let mut out = Vec::new();
+    let mut chart = |kind: &str, title: String, y: &str, groups: Vec<String>, series: Vec<Series>, log: bool| {
+        if groups.is_empty() || series.iter().all(|s| s.bars.iter().all(Option::is_none)) {
+            return Ok::<(), String>(());
+        }
+        let file = format!("{scenario}-{kind}.svg");
+        bars(&dir.join(&file), &title, y, &groups, &series, log)?;
+        out.push((scenario.to_string(), file));
+        Ok(())
+    };
+    let peer_name = figs.iter().find_map(|f| f.peer.as_ref().map(|p| p.0.clone()));
+
+    // Throughput: Herald (and the peer) per case.
+    let rate = by_label(figs, "events_per_second");
+    if !rate.is_empty() {
+        let mut series = vec![Series {
+            name: "herald".into(),
+            bars: rate.iter().map(|(_, f)| bar(&f.herald)).collect(),
+        }];
+        if let Some(p) = &peer_name {
+            series.push(Series {
+                name: p.clone(),
+                bars: rate
+                    .iter()
+                    .map(|(_, f)| f.peer.as_ref().and_then(|p| bar(&p.1)))
+                    .collect(),
+            });
+        }
+        let groups = rate.iter().map(|(l, _)| l.clone()).collect();
+        chart(
+            "throughput",
+            format!("{scenario}: events/s (median of runs, whisker min-max)"),
+            "events/s",
+            groups,
+            series,
+            false,
+        )?;
+    }
+
+    // Latency percentiles: one group per case and percentile.
+    let mut groups = Vec::new();
+    let (mut h, mut p) = (Vec::new(), Vec::new());
+    for (metric, name) in [("p50_ms", "p50"), ("p99_ms", "p99"), ("p999_ms", "p99.9")] {
+        for (label, f) in by_label(figs, metric) {
+            groups.push(format!("{label} {name}"));
+            h.push(bar(&f.herald));
+            p.push(f.peer.as_ref().and_then(|p| bar(&p.1)));
+        }
+    }
+    let mut series = vec![Series {
+        name: "herald".into(),
+        bars: h,
+    }];
+    if let Some(name) = &peer_name {
+        series.push(Series {
+            name: name.clone(),
+            bars: p,
+        });
+    }
+    chart(
+        "latency",
+        format!("{scenario}: latency percentiles, ms (lower is better)"),
+        "ms",
+        groups,
+        series,
+        false,
+    )?;
+
+    // Timings: p50 and p99 of the samples; failover next to the peers' documented defaults.
+    let samples: Vec<&Fig> = figs.iter().filter(|f| f.metric == "samples_ms").collect();
+    if let Some(first) = samples.first().filter(|_| scenario == "cluster") {
+        let mut groups = vec!["herald p50".to_string(), "herald p99".to_string()];
+        let mut values = vec![pct_bar(&first.herald, 0.5), pct_bar(&first.herald, 0.99)];
+        for (name, ms) in PEER_FAILOVER_DEFAULTS {
+            groups.push(name.to_string());
+            values.push(Some((*ms, *ms, *ms)));
+        }
+        chart(
+            "failover",
+            "kill -> first event handled elsewhere, ms (log scale; peers: documented defaults)".into(),
+            "ms",
+            groups,
+            vec![Series {
+                name: "failover".into(),
+                bars: values,
+            }],
+            true,
+        )?;
+    } else if !samples.is_empty() {
+        chart(
+            "timings",
+            format!("{scenario}: ms (lower is better)"),
+            "ms",
+            samples.iter().map(|f| f.label()).collect(),
+            vec![
+                Series {
+                    name: "p50".into(),
+                    bars: samples.iter().map(|f| pct_bar(&f.herald, 0.5)).collect(),
+                },
+                Series {
+                    name: "p99".into(),
+                    bars: samples.iter().map(|f| pct_bar(&f.herald, 0.99)).collect(),
+                },
+            ],
+            false,
+        )?;
+    }
+    Ok(out)
+}
+
+/// A grouped bar chart. With `log`, bars are drawn in log10 of their values (labels show values).
+fn bars(path: &Path, title: &str, y_desc: &str, groups: &[String], series: &[Series], log: bool) -> Result<(), String> {
+    let e = |e: plotters::drawing::DrawingAreaErrorKind<std::io::Error>| format!("{}: {e}", path.display());
+    let scale = |v: f64| if log { v.max(1.0).log10() } else { v };
+    let top = series
+        .iter()
+        .flat_map(|s| s.bars.iter().flatten().map(|b| b.2))
+        .fold(0.0f64, f64::max);
+    let y_max = if log { scale(top).ceil() + 0.3 } else { top * 1.15 }.max(1e-9);
+    let width = (160 + groups.len() * 110 * series.len().max(1)).clamp(640, 1400) as u32;
+    let root = SVGBackend::new(path, (width, 460)).into_drawing_area();
+    root.fill(&WHITE).map_err(e)?;
+    let n = groups.len() as f64;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(70)
+        .y_label_area_size(80)
+        .build_cartesian_2d(0f64..n, 0f64..y_max)
+        .map_err(e)?;
+    let y_fmt = |v: &f64| {
+        if log {
+            short(10f64.powf(*v))
+        } else {
+            short(*v)
+        }
+    };
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(0)
+        .x_label_formatter(&|_| String::new())
+        .y_labels(if log { y_max.floor() as usize + 1 } else { 8 })
+        .y_label_formatter(&y_fmt)
+        .y_desc(y_desc)
+        .draw()
+        .map_err(e)?;
+    let k = series.len().max(1) as f64;
+    let w = 0.8 / k;
+    let label_style = TextStyle::from(("sans-serif", 11).into_font()).pos(Pos::new(HPos::Center, VPos::Bottom));
+    for (j, s) in series.iter().enumerate() {
+        let color = PALETTE[j % PALETTE.len()];
+        let mut rects = Vec::new();
+        let mut whiskers = Vec::new();
+        let mut texts = Vec::new();
+        for (i, b) in s.bars.iter().enumerate() {
+            let Some((mid, lo, hi)) = *b else { continue };
+            let x0 = i as f64 + 0.1 + j as f64 * w;
+            let xc = x0 + w * 0.45;
+            rects.push(Rectangle::new([(x0, 0.0), (x0 + w * 0.9, scale(mid))], color.filled()));
+            if hi > lo {
+                whiskers.push(PathElement::new(
+                    vec![(xc, scale(lo)), (xc, scale(hi))],
+                    BLACK.stroke_width(1),
+                ));
+            }
+            texts.push(Text::new(short(mid), (xc, scale(hi.max(mid))), label_style.clone()));
+        }
+        let name = s.name.clone();
+        chart
+            .draw_series(rects)
+            .map_err(e)?
+            .label(name)
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], color.filled()));
+        chart.draw_series(whiskers).map_err(e)?;
+        chart.draw_series(texts).map_err(e)?;
+    }
+    if series.len() > 1 {
+        chart
+            .configure_series_labels()
+            .border_style(BLACK)
+            .background_style(WHITE.mix(0.9))
+            .position(SeriesLabelPosition::UpperRight)
+            .draw()
+            .map_err(e)?;
+    }
+    let group_style = TextStyle::from(("sans-serif", 12).into_font()).pos(Pos::new(HPos::Center, VPos::Top));
+    for (i, g) in groups.iter().enumerate() {
+        let (px, py) = chart.backend_coord(&(i as f64 + 0.5, 0.0));
+        root.draw(&Text::new(g.clone(), (px, py + 8), group_style.clone()))
+            .map_err(e)?;
+    }
+    root.present().map_err(e)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn charts_are_written_for_each_kind_of_figure() {
+        let dir = tempfile::tempdir().unwrap();
+        let fig = |metric: &str, case: &str, herald: Vec<f64>, peer: Option<Vec<f64>>| Fig {
+            scenario: "nats".into(),
+            mode: "ack=none".into(),
+            case: case.into(),
+            metric: metric.into(),
+            higher_is_better: metric == "events_per_second",
+            herald,
+            peer: peer.map(|p| ("nats".to_string(), p)),
+        };
+        let figs = vec![
+            fig("events_per_second", "16 B", vec![2e5, 2.2e5], Some(vec![5e5, 5.1e5])),
+            fig("events_per_second", "1 KiB", vec![1.6e5], Some(vec![2.2e5])),
+            fig("p99_ms", "16 B", vec![1.5], Some(vec![1.1])),
+        ];
+        let drawn = draw("nats", &figs, dir.path()).unwrap();
+        let files: Vec<&str> = drawn.iter().map(|d| d.1.as_str()).collect();
+        assert_eq!(files, ["nats-throughput.svg", "nats-latency.svg"]);
+        let svg = std::fs::read_to_string(dir.path().join("nats-throughput.svg")).unwrap();
+        assert!(
+            svg.starts_with("<svg") && svg.contains("1 KiB") && svg.contains("505k"),
+            "{svg}"
+        );
+
+        let rounds = vec![fig("samples_ms", "kill", vec![50.0, 80.0, 900.0], None)];
+        let drawn = draw("cluster", &rounds, dir.path()).unwrap();
+        assert_eq!(drawn[0].1, "cluster-failover.svg");
+        let svg = std::fs::read_to_string(dir.path().join("cluster-failover.svg")).unwrap();
+        assert!(svg.contains("Orleans") && svg.contains("900"), "{svg}");
+    }
+}
