@@ -426,10 +426,10 @@ fn judge(goal: &Goal, figs: &[Fig]) -> Option<(String, bool)> {
 
 /// Documented failure-detection defaults of the peers (not run here), in ms.
 pub(super) const PEER_FAILOVER_DEFAULTS: &[(&str, f64)] = &[
-    ("Dapr actors (~3 s)", 3_000.0),
-    ("Akka unreachable (~5 s)", 5_000.0),
-    ("Orleans silo dead (~15 s)", 15_000.0),
-    ("Akka downed (~25 s)", 25_000.0),
+    ("Dapr ~3 s", 3_000.0),
+    ("Akka unreachable ~5 s", 5_000.0),
+    ("Orleans dead ~15 s", 15_000.0),
+    ("Akka downed ~25 s", 25_000.0),
 ];
 
 fn fmt_ms(v: f64) -> String {
