@@ -173,14 +173,7 @@ pub(super) fn table(peer: &str, rows: &[Row]) -> String {
     if cases {
         header.push("CASE");
     }
-    header.extend([
-        "METRIC",
-        &herald,
-        &peer_h,
-        &ratio,
-        "PER-RUN RATIOS",
-        "BETTER",
-    ]);
+    header.extend(["METRIC", &herald, &peer_h, &ratio, "PER-RUN RATIOS", "BETTER"]);
     crate::cli::table(&header, &body)
 }
 
@@ -307,7 +300,10 @@ mod tests {
         }];
         let t = table("bare-http", &rows);
         let lines: Vec<&str> = t.lines().collect();
-        assert!(lines[0].starts_with("PAYLOAD  CASE") && lines[0].contains("HERALD/BARE-HTTP"), "{t}");
+        assert!(
+            lines[0].starts_with("PAYLOAD  CASE") && lines[0].contains("HERALD/BARE-HTTP"),
+            "{t}"
+        );
         assert!(lines[1].contains("ack=none, c=16") && lines[1].contains("0.75x"), "{t}");
         let j = json_rows("http", "ack=none", "bare-http", &json!({}), &rows);
         assert_eq!(j["rows"][0]["label"], "ack=none, c=16");

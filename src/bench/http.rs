@@ -30,8 +30,8 @@
 //! every figure and pull the ratio towards 1. The closed loop runs on this process's one
 //! runtime thread (async sockets, at most one core); the open loop runs one blocking thread per
 //! connection with a 1 ns timer slack, because async timers have a 1 ms granularity that would
-//! add up to 1 ms to every latency. The generator's own send lag (actual − due send time) is
-//! printed per run: it is part of every measured latency.
+//! add up to 1 ms to every latency. The generator's own timing error (how late a sender thread
+//! woke for a due request) is printed per run: it is part of the measured latencies.
 //!
 //! After every Herald run the benchmark waits until `bench-sink` has handled every accepted
 //! event, so a backlog of one run does not slow the next (of either system).
@@ -219,7 +219,10 @@ impl BareProc {
                 return Ok(());
             }
             if started.elapsed() > within {
-                return Err(format!("the bare-http server did not listen on {} within {within:?}", self.addr));
+                return Err(format!(
+                    "the bare-http server did not listen on {} within {within:?}",
+                    self.addr
+                ));
             }
             actix_rt::time::sleep(Duration::from_millis(20)).await;
         }
@@ -289,7 +292,9 @@ pub(super) fn parse_response(buf: &[u8]) -> Result<Option<Parsed>, String> {
     let mut close = r.version == Some(0);
     for h in r.headers.iter() {
         if h.name.eq_ignore_ascii_case("content-length") {
-            let v = std::str::from_utf8(h.value).ok().and_then(|v| v.trim().parse::<usize>().ok());
+            let v = std::str::from_utf8(h.value)
+                .ok()
+                .and_then(|v| v.trim().parse::<usize>().ok());
             length = Some(v.ok_or("bad Content-Length in a response")?);
         } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
             return Err("a chunked response (the load generator reads Content-Length bodies only)".into());
@@ -406,8 +411,12 @@ impl SyncConn {
         let stream = std::net::TcpStream::connect_timeout(&addr, REQUEST_TIMEOUT)
             .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
         stream.set_nodelay(true).map_err(|e| e.to_string())?;
-        stream.set_read_timeout(Some(REQUEST_TIMEOUT)).map_err(|e| e.to_string())?;
-        stream.set_write_timeout(Some(REQUEST_TIMEOUT)).map_err(|e| e.to_string())?;
+        stream
+            .set_read_timeout(Some(REQUEST_TIMEOUT))
+            .map_err(|e| e.to_string())?;
+        stream
+            .set_write_timeout(Some(REQUEST_TIMEOUT))
+            .map_err(|e| e.to_string())?;
         Ok(SyncConn {
             stream,
             buf: Vec::with_capacity(4096),
@@ -572,8 +581,9 @@ fn ms(ns: Option<u64>) -> f64 {
 struct Paced {
     /// Latency of each 2xx answer from its due time, ns, sorted.
     latencies: Vec<u64>,
-    /// Actual − due send time of every sent request, ns, sorted.
-    lags: Vec<u64>,
+    /// How late the sender woke for the requests it slept for (not those it sent late because
+    /// the previous answer came late): the generator's own timing error, ns, sorted.
+    overshoot: Vec<u64>,
     ok: u64,
     refused: u64,
     failed: u64,
@@ -617,6 +627,8 @@ fn sender(
         }
         if due > now {
             std::thread::sleep(due - now);
+            out.overshoot
+                .push(Instant::now().saturating_duration_since(due).as_nanos() as u64);
         }
         let c = match conn.as_mut() {
             Some(c) => c,
@@ -630,7 +642,6 @@ fn sender(
                 }
             },
         };
-        out.lags.push(Instant::now().saturating_duration_since(due).as_nanos() as u64);
         match c.exchange(request) {
             Ok(a) => {
                 let done = Instant::now();
@@ -700,7 +711,7 @@ fn open_loop(addr: SocketAddr, request: Arc<Vec<u8>>, rate: u64, seconds: f64, c
     let mut all = Paced::default();
     for p in parts {
         all.latencies.extend(p.latencies);
-        all.lags.extend(p.lags);
+        all.overshoot.extend(p.overshoot);
         all.ok += p.ok;
         all.refused += p.refused;
         all.failed += p.failed;
@@ -710,7 +721,7 @@ fn open_loop(addr: SocketAddr, request: Arc<Vec<u8>>, rate: u64, seconds: f64, c
         }
     }
     all.latencies.sort_unstable();
-    all.lags.sort_unstable();
+    all.overshoot.sort_unstable();
     Ok(all)
 }
 
@@ -811,7 +822,8 @@ impl Bench<'_> {
             ));
         }
         if l.refused > 0 {
-            self.warnings.push(format!("{name}: {} requests refused (429/503)", l.refused));
+            self.warnings
+                .push(format!("{name}: {} requests refused (429/503)", l.refused));
         }
         if let Server::Herald(_) = s {
             self.drain(name, base, l.ok).await?;
@@ -947,14 +959,14 @@ async fn scenario(c: &mut Cluster, bare: &mut BareProc, a: &HttpArgs) -> Result<
             for (v, x) in lat[si].iter_mut().zip(q) {
                 v.push(x);
             }
-            lags[si].extend(percentile(&p.lags, 0.99));
+            lags[si].extend(percentile(&p.overshoot, 0.99));
             line.push_str(&format!(
-                "  {} p50/p99/p99.9 {:.2}/{:.2}/{:.2} ms (send lag p99 {:.3} ms)",
+                "  {} p50/p99/p99.9 {:.2}/{:.2}/{:.2} ms (sender wake-up lag p99 {:.3} ms)",
                 s.name(),
                 q[0],
                 q[1],
                 q[2],
-                ms(percentile(&p.lags, 0.99))
+                ms(percentile(&p.overshoot, 0.99))
             ));
         }
         eprintln!("{line}");
@@ -1002,7 +1014,7 @@ async fn scenario(c: &mut Cluster, bare: &mut BareProc, a: &HttpArgs) -> Result<
         })
         .collect();
     println!(
-        "load generator send lag (actual - intended send time), worst per-run p99: {}",
+        "load generator timing: sender wake-up lag (woke - intended send time), worst per-run p99: {}",
         lag_line.join(", ")
     );
     let goal: Vec<String> = rows
@@ -1067,7 +1079,8 @@ pub(super) fn run(mut a: HttpArgs) -> Result<(), String> {
     if a.ack.is_empty() {
         return Err("--ack needs at least one mode".into());
     }
-    if !(a.seconds > 0.0 && a.seconds <= 600.0) || !(a.latency_seconds > 0.0 && a.latency_seconds <= 600.0) {
+    let in_range = |s: f64| s > 0.0 && s <= 600.0;
+    if !in_range(a.seconds) || !in_range(a.latency_seconds) {
         return Err("--seconds and --latency-seconds must be above 0 and at most 600".into());
     }
     if a.rate == 0 || a.requests == 0 || a.rate as f64 * a.latency_seconds > 20_000_000.0 {
@@ -1194,7 +1207,10 @@ mod tests {
         assert!(parse_response(close).unwrap().unwrap().close);
         assert!(parse_response(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n").is_err());
         assert!(parse_response(b"HTTP/1.1 200 OK\r\n\r\n").is_err());
-        assert_eq!(parse_response(b"HTTP/1.1 204 No Content\r\n\r\n").unwrap().unwrap().len, 27);
+        assert_eq!(
+            parse_response(b"HTTP/1.1 204 No Content\r\n\r\n").unwrap().unwrap().len,
+            27
+        );
         assert!(parse_response(b"garbage\r\n\r\n").is_err());
     }
 
