@@ -198,7 +198,6 @@ pub(super) fn node(a: BenchNodeArgs, builder: NodeBuilder) -> Result<(), String>
 // ---------------------------------------------------------------- the benchmark side
 
 /// `n` distinct free TCP ports on 127.0.0.1, below the ephemeral range (probed together, then released).
-#[cfg_attr(not(feature = "bench-peers"), allow(dead_code))] // used by the peer scenarios
 pub(super) fn free_ports(n: usize) -> Result<Vec<u16>, String> {
     // Below the kernel's ephemeral range (32768 and up by default): the ports that outgoing
     // connections take are drawn from there, so one of them could take a port between this probe
@@ -353,6 +352,11 @@ impl Cluster {
         Ok(())
     }
 
+    /// Waits until every node answers `/readyz` (fails when one exits).
+    pub(super) async fn wait_ready(&mut self, within: Duration) -> Result<(), String> {
+        wait_ready(&mut self.nodes, within).await
+    }
+
     /// The last lines of every node's log, for a failed run.
     pub(super) fn log_tails(&self) -> String {
         let mut out = String::new();
@@ -476,7 +480,7 @@ fn parse_metrics(text: &str) -> Sink {
     s
 }
 
-async fn scrape(client: &awc::Client, http: &str) -> Result<Sink, String> {
+pub(super) async fn scrape(client: &awc::Client, http: &str) -> Result<Sink, String> {
     let body = get(client, &format!("http://{http}/metrics")).await?;
     Ok(parse_metrics(&String::from_utf8_lossy(&body)))
 }
@@ -803,7 +807,7 @@ pub(super) async fn measure_with(
     })
 }
 
-async fn subscribe(c: &Cluster, client: &awc::Client, topic: &str, instances: u32) -> Result<(), String> {
+pub(super) async fn subscribe(c: &Cluster, client: &awc::Client, topic: &str, instances: u32) -> Result<(), String> {
     let url = format!("http://{}/v1/subscriptions", c.http(1));
     let spec = serde_json::json!({
         "topic": topic, "group": GROUP, "handler": {"kind": "rust", "name": SINK}, "instances": instances,
@@ -851,7 +855,7 @@ async fn agreed(c: &Cluster, client: &awc::Client, topic: &str) -> Option<(u64, 
 
 /// Waits until every node agrees on `topic`'s placement, every member is up, and nothing
 /// changed for `quiet`; returns the placed nodes.
-async fn settled(
+pub(super) async fn settled(
     c: &Cluster,
     client: &awc::Client,
     topic: &str,

@@ -1,5 +1,6 @@
-//! Herald next to a peer system, measured in the same run: per payload size and metric, the
-//! figures of every run of both systems, their medians and ranges, and the ratio Herald/peer.
+//! Herald next to a peer system, measured in the same run: per payload size (and case, e.g. an
+//! ack mode and a concurrency) and metric, the figures of every run of both systems, their
+//! medians and ranges, and the ratio Herald/peer.
 //!
 //! Pure (no I/O): the scenarios collect [`Row`]s, this module prints the table and the JSON
 //! that `--json PATH` writes (one object per row, for a later report to gather).
@@ -11,9 +12,11 @@ use serde_json::{json, Value};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub(super) enum Metric {
-    /// Events/s received by the subscriber side at the maximum rate.
+    /// Events/s at the maximum rate: received by the subscriber side (`nats`, `jetstream`), or
+    /// accepted by the server (`http`: one event per request).
     EventsPerSecond,
-    /// Publish → receive latency percentiles at a paced rate, in ms.
+    /// Latency percentiles at a paced rate, in ms: publish → receive (`nats`, `jetstream`), or
+    /// intended send → response of a request (`http`).
     P50Ms,
     P99Ms,
     P999Ms,
@@ -64,11 +67,14 @@ pub(super) fn summarize(values: &[f64]) -> Option<Summary> {
     })
 }
 
-/// One payload size and metric: the per-run figures of Herald and of the peer, in run order
-/// (run i of both systems ran back to back).
+/// One payload size, case and metric: the per-run figures of Herald and of the peer, in run
+/// order (run i of both systems ran back to back).
 #[derive(Clone, Debug)]
 pub(super) struct Row {
     pub(super) payload_bytes: usize,
+    /// What else tells this row from the others of the same payload and metric (`ack=none,
+    /// c=16`); printed in a CASE column when any row has one.
+    pub(super) label: Option<String>,
     pub(super) metric: Metric,
     pub(super) herald: Vec<f64>,
     pub(super) peer: Vec<f64>,
@@ -137,14 +143,18 @@ pub(super) fn fmt_size(bytes: usize) -> String {
     }
 }
 
-/// The table: payload, metric, Herald's and the peer's median (min-max), the ratio of the
-/// medians and the range of the per-run ratios.
+/// The table: payload, case (when any row has a label), metric, Herald's and the peer's
+/// median (min-max), the ratio of the medians and the range of the per-run ratios.
 pub(super) fn table(peer: &str, rows: &[Row]) -> String {
+    let cases = rows.iter().any(|r| r.label.is_some());
     let body: Vec<Vec<String>> = rows
         .iter()
         .map(|r| {
-            vec![
-                fmt_size(r.payload_bytes),
+            let mut cells = vec![fmt_size(r.payload_bytes)];
+            if cases {
+                cells.push(r.label.clone().unwrap_or_default());
+            }
+            cells.extend([
                 r.metric.label().to_string(),
                 fmt_summary(r.metric, &r.herald),
                 fmt_summary(r.metric, &r.peer),
@@ -152,28 +162,23 @@ pub(super) fn table(peer: &str, rows: &[Row]) -> String {
                 r.paired_ratios()
                     .map_or("-".into(), |(lo, hi)| format!("{lo:.2}-{hi:.2}")),
                 if r.metric.higher_is_better() { "higher" } else { "lower" }.to_string(),
-            ]
+            ]);
+            cells
         })
         .collect();
     let herald = "HERALD median (min-max)".to_string();
     let peer_h = format!("{} median (min-max)", peer.to_uppercase());
     let ratio = format!("HERALD/{}", peer.to_uppercase());
-    crate::cli::table(
-        &[
-            "PAYLOAD",
-            "METRIC",
-            &herald,
-            &peer_h,
-            &ratio,
-            "PER-RUN RATIOS",
-            "BETTER",
-        ],
-        &body,
-    )
+    let mut header = vec!["PAYLOAD"];
+    if cases {
+        header.push("CASE");
+    }
+    header.extend(["METRIC", &herald, &peer_h, &ratio, "PER-RUN RATIOS", "BETTER"]);
+    crate::cli::table(&header, &body)
 }
 
-/// One JSON object per row, in the shape of [`super::record`] (`case` is the payload size) plus
-/// `payload_bytes`, `paired_ratio_min` and `paired_ratio_max`, and `meta`.
+/// One JSON object per row, in the shape of [`super::record`] (`case` is the label and the payload
+/// size) plus `payload_bytes`, `label`, `paired_ratio_min` and `paired_ratio_max`, and `meta`.
 pub(super) fn json_rows(scenario: &str, herald_mode: &str, peer: &str, meta: &Value, rows: &[Row]) -> Value {
     let side = super::record::side;
     let rows: Vec<Value> = rows
@@ -185,7 +190,11 @@ pub(super) fn json_rows(scenario: &str, herald_mode: &str, peer: &str, meta: &Va
                 "herald_mode": herald_mode,
                 "peer": peer,
                 "payload_bytes": r.payload_bytes,
-                "case": fmt_size(r.payload_bytes),
+                "label": r.label,
+                "case": match &r.label {
+                    Some(l) => format!("{l}, {}", fmt_size(r.payload_bytes)),
+                    None => fmt_size(r.payload_bytes),
+                },
                 "metric": r.metric,
                 "better": if r.metric.higher_is_better() { "higher" } else { "lower" },
                 "herald": side(&r.herald),
@@ -215,6 +224,7 @@ mod tests {
     fn ratios_are_of_medians_and_per_run() {
         let r = Row {
             payload_bytes: 128,
+            label: None,
             metric: Metric::EventsPerSecond,
             herald: vec![100.0, 300.0, 200.0],
             peer: vec![400.0, 400.0, 100.0],
@@ -245,12 +255,14 @@ mod tests {
         let rows = vec![
             Row {
                 payload_bytes: 16,
+                label: None,
                 metric: Metric::EventsPerSecond,
                 herald: vec![200_000.0, 220_000.0],
                 peer: vec![1_000_000.0, 1_100_000.0],
             },
             Row {
                 payload_bytes: 16,
+                label: None,
                 metric: Metric::P99Ms,
                 herald: vec![3.0],
                 peer: vec![1.5],
@@ -269,5 +281,27 @@ mod tests {
         assert_eq!(j["rows"][0]["herald"]["runs"][1], 220_000.0);
         assert_eq!(j["rows"][1]["ratio"], 2.0);
         assert_eq!(j["meta"]["runs"], 2);
+        assert!(j["rows"][0]["label"].is_null());
+        assert!(!lines[0].contains("CASE"));
+    }
+
+    #[test]
+    fn labelled_rows_get_a_case_column() {
+        let rows = vec![Row {
+            payload_bytes: 128,
+            label: Some("ack=none, c=16".into()),
+            metric: Metric::EventsPerSecond,
+            herald: vec![30_000.0],
+            peer: vec![40_000.0],
+        }];
+        let t = table("bare-http", &rows);
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(
+            lines[0].starts_with("PAYLOAD  CASE") && lines[0].contains("HERALD/BARE-HTTP"),
+            "{t}"
+        );
+        assert!(lines[1].contains("ack=none, c=16") && lines[1].contains("0.75x"), "{t}");
+        let j = json_rows("http", "ack=none", "bare-http", &json!({}), &rows);
+        assert_eq!(j["rows"][0]["label"], "ack=none, c=16");
     }
 }

@@ -61,6 +61,12 @@ enum Scenario {
     /// Cross-node at-least-once: Herald ack=accepted vs NATS JetStream (acked publish, acked
     /// consume), 3-node clusters on loopback (needs the `bench-peers` feature and nats-server).
     Jetstream(PeerArgs),
+    /// HTTP publish (one event per request) to one node vs a bare actix-web handler answering 202:
+    /// events/s at several concurrencies (closed loop), latency percentiles at a fixed rate (open loop).
+    Http(http::HttpArgs),
+    /// A bare actix-web server answering 202 on the publish path (the peer of `http`).
+    #[command(hide = true)]
+    BareHttp(http::BareHttpArgs),
     /// Runs every scenario and writes BENCHMARKS.md with the figures, the machine, the commands and
     /// SVG plots (needs the `bench-peers` feature and nats-server).
     Report(report::ReportArgs),
@@ -252,6 +258,8 @@ pub fn run(args: BenchArgs, builder: NodeBuilder) -> Result<(), String> {
         Scenario::Cluster(a) => cluster::run(a),
         Scenario::Nats(a) => nats::run(a, nats::Mode::Core),
         Scenario::Jetstream(a) => nats::run(a, nats::Mode::JetStream),
+        Scenario::Http(a) => http::run(a),
+        Scenario::BareHttp(a) => http::bare_http(a),
         Scenario::Report(a) => report::run(a),
         Scenario::Node(a) => cluster::node(a, builder),
     }
@@ -681,6 +689,7 @@ mod cluster;
 // Used by the peer scenarios, which need the `bench-peers` feature (its tests run without it).
 #[cfg_attr(not(feature = "bench-peers"), allow(dead_code))]
 mod compare;
+mod http;
 mod nats;
 #[cfg(feature = "bench-peers")]
 mod plot;

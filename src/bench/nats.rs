@@ -866,12 +866,14 @@ mod imp {
         for &size in &a.sizes {
             let mut rate = Row {
                 payload_bytes: size,
+                label: None,
                 metric: Metric::EventsPerSecond,
                 herald: vec![],
                 peer: vec![],
             };
             let mut lat = [Metric::P50Ms, Metric::P99Ms, Metric::P999Ms].map(|metric| Row {
                 payload_bytes: size,
+                label: None,
                 metric,
                 herald: vec![],
                 peer: vec![],
