@@ -356,6 +356,23 @@ async fn metrics_pass_promtool_check() {
         metric(&text, "herald_events_published_total", &[("topic", "orders")]),
         Some(5.0)
     );
+    // The publish route counts through its cached handles, the others by matching the path.
+    assert_eq!(
+        metric(
+            &text,
+            "herald_http_requests_total",
+            &[("route", "/v1/topics/{topic}/events"), ("status", "200")]
+        ),
+        Some(5.0)
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "herald_http_requests_total",
+            &[("route", "unmatched"), ("status", "404")]
+        ),
+        Some(1.0)
+    );
     assert_eq!(
         metric(
             &text,

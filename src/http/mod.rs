@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use actix_web::dev::Service;
 use actix_web::http::header;
-use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
+use actix_web::{web, App, HttpMessage, HttpRequest, HttpResponse, HttpServer};
 use futures_util::{FutureExt, StreamExt};
 use serde::de::DeserializeOwned;
 use utoipa::OpenApi;
@@ -62,14 +62,14 @@ pub(crate) fn server(
                     .error_handler(|e, _| ApiError::bad_request("invalid_path", e.to_string()).into()),
             )
             .wrap_fn(|req, srv| {
-                let route = req.match_pattern().unwrap_or_else(|| "unmatched".to_string());
-                srv.call(req).map(move |res| {
-                    let status = match &res {
-                        Ok(r) => r.status().as_u16(),
-                        Err(e) => e.as_response_error().status_code().as_u16(),
-                    };
-                    metrics::counter!(crate::metrics::HTTP_REQUESTS, "route" => route, "status" => status.to_string())
-                        .increment(1);
+                // The request is read after the call: routing needs it unshared.
+                srv.call(req).map(|res| {
+                    match &res {
+                        Ok(r) => count_request(Some(r.request()), r.status().as_u16()),
+                        // Handlers' and extractors' errors arrive as responses; an error here
+                        // left no request behind.
+                        Err(e) => count_request(None, e.as_response_error().status_code().as_u16()),
+                    }
                     res
                 })
             })
@@ -83,13 +83,66 @@ pub(crate) fn server(
     Ok(server)
 }
 
+/// The pattern of a hot route, put in the request's extensions by the route itself, so counting
+/// the request needs neither a second match of the path nor a metrics-registry lookup.
+#[derive(Clone, Copy)]
+struct HotRoute(&'static str);
+
+const PUBLISH_ONE: &str = "/v1/topics/{topic}/events";
+const PUBLISH_BATCH: &str = "/v1/topics/{topic}/events/batch";
+
+/// A resource that tags its requests with its pattern (see [`HotRoute`]).
+fn hot(
+    pattern: &'static str,
+) -> actix_web::Resource<
+    impl actix_web::dev::ServiceFactory<
+        actix_web::dev::ServiceRequest,
+        Config = (),
+        Response = actix_web::dev::ServiceResponse,
+        Error = actix_web::Error,
+        InitError = (),
+    >,
+> {
+    web::resource(pattern).wrap_fn(move |req, srv| {
+        req.extensions_mut().insert(HotRoute(pattern));
+        srv.call(req)
+    })
+}
+
+/// `herald_http_requests_total{route, status}` += 1. Hot routes use this thread's cached counter
+/// handles; the others match the path again to find their pattern (`unmatched` when none does,
+/// `unknown` for a response-less error).
+fn count_request(req: Option<&HttpRequest>, status: u16) {
+    thread_local! {
+        static HOT: std::cell::RefCell<std::collections::HashMap<(&'static str, u16), metrics::Counter>> =
+            Default::default();
+    }
+    let hot = req.and_then(|r| r.extensions().get::<HotRoute>().copied());
+    match hot {
+        Some(HotRoute(route)) => HOT.with(|cache| {
+            cache
+                .borrow_mut()
+                .entry((route, status))
+                .or_insert_with(|| {
+                    metrics::counter!(crate::metrics::HTTP_REQUESTS, "route" => route, "status" => status.to_string())
+                })
+                .increment(1)
+        }),
+        None => {
+            let route = match req {
+                Some(r) => r.match_pattern().unwrap_or_else(|| "unmatched".to_string()),
+                None => "unknown".to_string(),
+            };
+            metrics::counter!(crate::metrics::HTTP_REQUESTS, "route" => route, "status" => status.to_string())
+                .increment(1);
+        }
+    }
+}
+
 /// Every route of the API.
 fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/v1/topics/{topic}/events", web::post().to(publish::publish_one))
-        .route(
-            "/v1/topics/{topic}/events/batch",
-            web::post().to(publish::publish_batch),
-        )
+    cfg.service(hot(PUBLISH_ONE).route(web::post().to(publish::publish_one)))
+        .service(hot(PUBLISH_BATCH).route(web::post().to(publish::publish_batch)))
         .route("/v1/subscriptions", web::get().to(list_subscriptions))
         .route("/v1/subscriptions", web::post().to(create_subscription))
         .route(

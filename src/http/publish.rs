@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use actix_web::http::header::HeaderMap;
+use actix_web::http::header::{AsHeaderName, HeaderMap, HeaderName};
 use actix_web::{web, HttpRequest, HttpResponse};
 use cloudevents::{EventBuilder, EventBuilderV10};
 use serde::{Deserialize, Serialize};
@@ -55,7 +55,12 @@ pub struct BatchAnswer {
     pub events: Option<Vec<Published>>,
 }
 
-fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+/// Header names looked up on every publish, built once (a `&str` lookup allocates a name).
+const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+const HERALD_KEY: HeaderName = HeaderName::from_static("x-herald-key");
+const CE_SPECVERSION: HeaderName = HeaderName::from_static("ce-specversion");
+
+fn header(headers: &HeaderMap, name: impl AsHeaderName) -> Option<&str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 
@@ -65,10 +70,10 @@ fn invalid_ce(message: impl std::fmt::Display) -> ApiError {
 
 /// Applies `Idempotency-Key` and `X-Herald-Key` (they win over body attributes).
 fn apply_headers(mut e: Event, headers: &HeaderMap) -> Event {
-    if let Some(id) = header(headers, "idempotency-key") {
+    if let Some(id) = header(headers, IDEMPOTENCY_KEY) {
         e.id = id.to_string();
     }
-    if let Some(key) = header(headers, "x-herald-key") {
+    if let Some(key) = header(headers, HERALD_KEY) {
         e.key = Some(key.to_string());
     }
     e
@@ -78,7 +83,7 @@ fn apply_headers(mut e: Event, headers: &HeaderMap) -> Event {
 fn parse_one(topic: &str, req: &HttpRequest, body: web::Bytes) -> Result<Event, ApiError> {
     let headers = req.headers();
     let media = media_type(req);
-    if headers.contains_key("ce-specversion") {
+    if headers.contains_key(CE_SPECVERSION) {
         return binary_cloudevent(topic, headers, media, body);
     }
     let event = match media.as_deref() {
@@ -270,8 +275,8 @@ fn json_batch(topic: &str, body: &web::Bytes, req: &HttpRequest) -> Result<Vec<E
     let items: Vec<&serde_json::value::RawValue> = serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request("invalid_json", format!("a batch must be a JSON array: {e}")))?;
     let headers = req.headers();
-    let idem = header(headers, "idempotency-key");
-    let key = header(headers, "x-herald-key");
+    let idem = header(headers, IDEMPOTENCY_KEY);
+    let key = header(headers, HERALD_KEY);
     Ok(items
         .into_iter()
         .enumerate()
