@@ -627,6 +627,21 @@ mod tests {
     }
 
     #[test]
+    fn events_buffers_finish_in_place_for_every_head_length() {
+        // Bodies whose length varint takes 1, 2 and 3 bytes.
+        for body_len in [0usize, 100, 300, 20_000, 3_000_000] {
+            let body = vec![0x5au8; body_len];
+            let mut buf = EventsBuffer::with_capacity(body_len);
+            buf.deliveries_mut().extend_from_slice(&body);
+            let finished = buf.finish();
+            assert_eq!(
+                &finished[..],
+                &peer_message_events(std::iter::once(body.as_slice()))[..]
+            );
+        }
+    }
+
+    #[test]
     fn peer_messages_split_like_prost() {
         let acks = PeerMessage {
             body: Some(peer_message::Body::Acks(AckBatch {

@@ -532,7 +532,9 @@ impl Relay {
             let now = Instant::now();
             let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
             pending.reserve(acked);
-            let acked_items = items.into_iter().filter_map(|o| o.completion.map(|c| (o.key, o.event, o.load, c)));
+            let acked_items = items
+                .into_iter()
+                .filter_map(|o| o.completion.map(|c| (o.key, o.event, o.load, c)));
             for (id, (key, event, load, completion)) in ids.into_iter().zip(acked_items) {
                 pending.insert(
                     id,
@@ -684,10 +686,13 @@ impl Relay {
         let mut forget = Vec::new();
         for (&id, lane) in table.lanes.iter_mut() {
             let idle = now.saturating_duration_since(lane.progress);
-            if lane.outstanding > 0
-                && (idle >= self.config.redeliver_after || !self.health.peer(lane.node).routable())
+            if lane.outstanding > 0 && (idle >= self.config.redeliver_after || !self.health.peer(lane.node).routable())
             {
-                tracing::debug!(peer = lane.node, lost = lane.outstanding, "at-most-once deliveries not credited; their window units are given back");
+                tracing::debug!(
+                    peer = lane.node,
+                    lost = lane.outstanding,
+                    "at-most-once deliveries not credited; their window units are given back"
+                );
                 lane.release(lane.outstanding);
                 lane.progress = now;
             } else if lane.outstanding == 0 && idle >= IDLE_LANE {
@@ -765,10 +770,7 @@ impl Relay {
                         p.load = Some(load);
                         p.sent = now;
                         p.refused = false;
-                        let i = match resend
-                            .iter()
-                            .position(|(n, c)| *n == node && c.len() < MAX_BATCH_BYTES)
-                        {
+                        let i = match resend.iter().position(|(n, c)| *n == node && c.len() < MAX_BATCH_BYTES) {
                             Some(i) => i,
                             None => {
                                 resend.push((node, Chunk::with_capacity(0)));

@@ -289,8 +289,11 @@ fn json_batch(topic: &str, body: &web::Bytes, req: &HttpRequest) -> Result<Vec<E
             let id = match idem {
                 Some(k) => format!("{k}-{i}"),
                 None => {
-                    // The random part has 80 bits: it does not run out within one batch.
-                    ulid = ulid.increment().unwrap_or_else(ulid::Ulid::new);
+                    // The random part has 80 bits: it practically never overflows within a
+                    // batch, and a fresh ULID (not a nil one) takes over if it does.
+                    ulid = ulid
+                        .increment()
+                        .unwrap_or_else(|| ulid::Ulid::from_datetime(std::time::SystemTime::now()));
                     ulid.to_string()
                 }
             };

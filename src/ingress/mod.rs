@@ -519,7 +519,11 @@ impl Ingress {
                             epoch: route.epoch,
                             load,
                             event: event.clone(),
-                            completion: if once { None } else { Some(tracker() as Arc<dyn Completion>) },
+                            completion: if once {
+                                None
+                            } else {
+                                Some(tracker() as Arc<dyn Completion>)
+                            },
                         };
                         match remote.iter_mut().find(|(n, _)| *n == node) {
                             Some((_, items)) => items.push(outgoing),
