@@ -81,9 +81,11 @@ pub struct DeadLetterRecord {
 /// ```text
 /// message PeerMessage { oneof body { EventBatch events = 1; AckBatch acks = 2; } }
 /// message EventBatch  { repeated Forwarded deliveries = 1; }
-/// message Forwarded   { uint64 id = 1; string group = 2; uint64 epoch = 3; EventRecord event = 4; }
-/// message AckBatch    { repeated AckRecord acks = 1; }
+/// message Forwarded   { uint64 id = 1; string group = 2; uint64 epoch = 3; EventRecord event = 4;
+///                         uint64 lane = 5; }   // lane != 0: at-most-once, no ack (id is 0)
+/// message AckBatch    { repeated AckRecord acks = 1; repeated LaneCredit credits = 2; }
 /// message AckRecord   { uint64 id = 1; AckCode code = 2; uint32 attempts = 3; string error = 4; }
+/// message LaneCredit  { uint64 lane = 1; uint64 n = 2; }  // n deliveries of the lane are done
 /// ```
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct PeerMessage {
@@ -129,6 +131,11 @@ pub struct Forwarded {
     /// The event.
     #[prost(message, optional, tag = "4")]
     pub event: Option<EventRecord>,
+    /// Non-zero for an at-most-once (`ack=none`) delivery: the receiver acks nothing for it, it
+    /// only returns a [`LaneCredit`] for the lane once done with it, and the sender never
+    /// re-sends it (its `id` is 0).
+    #[prost(uint64, tag = "5")]
+    pub lane: u64,
 }
 
 /// Outcomes of forwarded deliveries.
@@ -137,6 +144,21 @@ pub struct AckBatch {
     /// The acks.
     #[prost(message, repeated, tag = "1")]
     pub acks: Vec<AckRecord>,
+    /// Counts of at-most-once deliveries finished (or dropped), by lane.
+    #[prost(message, repeated, tag = "2")]
+    pub credits: Vec<LaneCredit>,
+}
+
+/// At-most-once deliveries of one lane that the receiver is done with: the sender gives their
+/// window units back.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct LaneCredit {
+    /// The lane of [`Forwarded::lane`].
+    #[prost(uint64, tag = "1")]
+    pub lane: u64,
+    /// How many.
+    #[prost(uint64, tag = "2")]
+    pub n: u64,
 }
 
 /// How one forwarded delivery ended on the handler node.
@@ -326,11 +348,17 @@ pub(crate) fn encode_wal_record<'a>(e: &Event, groups: impl Iterator<Item = &'a 
 /// `Forwarded { id, group, epoch, event: Some(e.into()) }` to `buf`: a run of these is the body
 /// of an [`EventBatch`].
 pub(crate) fn encode_delivery(id: u64, group: &str, epoch: u64, e: &Event, buf: &mut Vec<u8>) {
+    encode_delivery_on(id, group, epoch, 0, e, buf);
+}
+
+/// [`encode_delivery`] with [`Forwarded::lane`] set (an at-most-once delivery when non-zero).
+pub(crate) fn encode_delivery_on(id: u64, group: &str, epoch: u64, lane: u64, e: &Event, buf: &mut Vec<u8>) {
     let event_len = event_record_len(e);
     let len = if id == 0 { 0 } else { 1 + encoded_len_varint(id) }
         + str_len(2, group)
         + if epoch == 0 { 0 } else { 1 + encoded_len_varint(epoch) }
-        + delimited_len(4, event_len);
+        + delimited_len(4, event_len)
+        + if lane == 0 { 0 } else { 1 + encoded_len_varint(lane) };
     buf.reserve(delimited_len(1, len));
     put_key(1, 2, buf);
     encode_varint(len as u64, buf);
@@ -340,6 +368,7 @@ pub(crate) fn encode_delivery(id: u64, group: &str, epoch: u64, e: &Event, buf: 
     put_key(4, 2, buf);
     encode_varint(event_len as u64, buf);
     encode_event_record(e, buf);
+    put_u64(5, lane, buf);
 }
 
 /// A `PeerMessage { events: EventBatch }` whose batch body (a run of [`encode_delivery`]
@@ -353,6 +382,53 @@ pub(crate) fn peer_message_events<'a>(chunks: impl Iterator<Item = &'a [u8]> + C
         buf.extend_from_slice(c);
     }
     buf
+}
+
+/// Bytes kept free at the front of an [`EventsBuffer`] for the `PeerMessage` head (a key byte
+/// and a length varint of up to 5 bytes, enough for 32 GiB).
+const EVENTS_HEAD_ROOM: usize = 6;
+
+/// A `PeerMessage { events: EventBatch }` being built in place: deliveries are appended with
+/// [`encode_delivery`] after room for the message head, which [`EventsBuffer::finish`] fills in,
+/// so the finished message is the buffer itself (no copy of the deliveries).
+pub(crate) struct EventsBuffer(Vec<u8>);
+
+impl EventsBuffer {
+    /// An empty batch with room for about `capacity` bytes of deliveries.
+    pub(crate) fn with_capacity(capacity: usize) -> Self {
+        let mut buf = Vec::with_capacity(EVENTS_HEAD_ROOM + capacity);
+        buf.resize(EVENTS_HEAD_ROOM, 0);
+        EventsBuffer(buf)
+    }
+
+    /// Where deliveries are appended.
+    pub(crate) fn deliveries_mut(&mut self) -> &mut Vec<u8> {
+        &mut self.0
+    }
+
+    /// The encoded deliveries (the batch body).
+    pub(crate) fn body(&self) -> &[u8] {
+        &self.0[EVENTS_HEAD_ROOM..]
+    }
+
+    /// The finished `PeerMessage`.
+    pub(crate) fn finish(self) -> Bytes {
+        let body = self.0.len() - EVENTS_HEAD_ROOM;
+        let head = 1 + encoded_len_varint(body as u64);
+        if head > EVENTS_HEAD_ROOM {
+            return Bytes::from(peer_message_events(std::iter::once(self.body())));
+        }
+        let start = EVENTS_HEAD_ROOM - head;
+        let mut buf = self.0;
+        let mut at = &mut buf[start..EVENTS_HEAD_ROOM];
+        put_key_into(1, 2, &mut at);
+        encode_varint(body as u64, &mut at);
+        Bytes::from(buf).slice(start..)
+    }
+}
+
+fn put_key_into(tag: u32, wire: u32, buf: &mut impl bytes::BufMut) {
+    encode_varint(u64::from(tag << 3 | wire), buf);
 }
 
 /// A decoded `PeerMessage`, with an event batch left encoded (its deliveries are decoded one at
@@ -496,8 +572,22 @@ mod tests {
                 id,
                 group: group.clone(),
                 epoch,
-                event: Some(record),
+                event: Some(record.clone()),
+                lane: 0,
             };
+            let lane = if rng.random_bool(0.5) { 0 } else { rng.random() };
+            let mut on_lane = Vec::new();
+            encode_delivery_on(0, &group, epoch, lane, &e, &mut on_lane);
+            let expect = EventBatch {
+                deliveries: vec![Forwarded {
+                    id: 0,
+                    group: group.clone(),
+                    epoch,
+                    event: Some(record),
+                    lane,
+                }],
+            };
+            assert_eq!(on_lane, expect.encode_to_vec(), "seed {seed}");
             let mut a = Vec::new();
             encode_delivery(id, &group, epoch, &e, &mut a);
             let mut b = Vec::new();
@@ -510,6 +600,7 @@ mod tests {
                         group: "x".into(),
                         epoch: 2,
                         event: Some(EventRecord::from(&e)),
+                        lane: 0,
                     },
                 ],
             };
@@ -518,6 +609,11 @@ mod tests {
             };
             let direct = peer_message_events([a.as_slice(), b.as_slice()].into_iter());
             assert_eq!(direct, message.encode_to_vec(), "seed {seed}");
+            let mut in_place = EventsBuffer::with_capacity(0);
+            in_place.deliveries_mut().extend_from_slice(&a);
+            in_place.deliveries_mut().extend_from_slice(&b);
+            assert_eq!(in_place.body(), &direct[direct.len() - a.len() - b.len()..]);
+            assert_eq!(&in_place.finish()[..], &direct[..], "seed {seed}");
 
             // And back, lazily.
             let Ok(Some(PeerBody::Events(body))) = decode_peer_message(Bytes::from(direct)) else {
@@ -531,6 +627,21 @@ mod tests {
     }
 
     #[test]
+    fn events_buffers_finish_in_place_for_every_head_length() {
+        // Bodies whose length varint takes 1, 2 and 3 bytes.
+        for body_len in [0usize, 100, 300, 20_000, 3_000_000] {
+            let body = vec![0x5au8; body_len];
+            let mut buf = EventsBuffer::with_capacity(body_len);
+            buf.deliveries_mut().extend_from_slice(&body);
+            let finished = buf.finish();
+            assert_eq!(
+                &finished[..],
+                &peer_message_events(std::iter::once(body.as_slice()))[..]
+            );
+        }
+    }
+
+    #[test]
     fn peer_messages_split_like_prost() {
         let acks = PeerMessage {
             body: Some(peer_message::Body::Acks(AckBatch {
@@ -540,6 +651,7 @@ mod tests {
                     attempts: 0,
                     error: "x".into(),
                 }],
+                credits: vec![LaneCredit { lane: 3, n: 9 }],
             })),
         };
         match decode_peer_message(Bytes::from(acks.encode_to_vec())).unwrap() {

@@ -15,6 +15,19 @@
 //! and dead-letter replays park events too and let this loop place them. The delivery id stays the
 //! same across re-sends, and the completion fires once ([`Once`]), however many acks arrive.
 //!
+//! **At-most-once lanes (`ack=none`).** An `ack=none` event for a remote instance is not kept:
+//! it is encoded with a *lane* instead of a delivery id (one lane per window counter, i.e. per
+//! remote instance of a subscription) and forgotten; it never enters the pending table, is never
+//! re-sent, and needs no completion tracker. The handler node skips the dedup window for it (it
+//! cannot arrive twice), acks nothing, and only counts it as done on its lane's shared
+//! completion; the ack task sends `(lane, n)` credits, so the origin gives the window units back
+//! in bulk. A lane whose node turns unhealthy, or that sees no credit for
+//! `cluster.redeliver_after_ms` (credits lost with a connection), gives its units back at once:
+//! its deliveries are presumed lost. A handler node that does not run the subscription (any
+//! more) drops the event and credits it. This is what `ack=none` promises (DESIGN §7:
+//! at-most-once), and it takes the per-event ack, pending entry, dedup entry and the two
+//! per-event allocations off the fastest mode's path.
+//!
 //! **Handler side.** Batches from one origin are handled in order by one task per origin (so a
 //! key's order survives the hop). A delivery for a subscription this node runs no instance of is
 //! refused with [`AckCode::NotPlaced`] (the node no longer holds that placement: fencing); the
@@ -42,8 +55,8 @@ use crate::handler::supervisor::{Completion, Job, Outcome, Retired};
 use crate::handler::SubscriptionKey;
 use crate::monitor::Health;
 use crate::proto::{
-    decode_peer_message, encode_delivery, peer_message, peer_message_events, AckBatch, AckCode, AckRecord, Deliveries,
-    Forwarded, PeerBody, PeerMessage,
+    decode_peer_message, encode_delivery, encode_delivery_on, peer_message, peer_message_events, AckBatch, AckCode,
+    AckRecord, Deliveries, EventsBuffer, Forwarded, LaneCredit, PeerBody, PeerMessage,
 };
 use crate::router::{NoRoom, Route, Router, RoutingTable, Slot, SubRuntime, Target};
 use crate::transport::{Envelope, Transport};
@@ -83,12 +96,30 @@ type IdMap<K, V> = HashMap<K, V, BuildHasherDefault<IdHasher>>;
 /// no strings (the keys are random per process, so collisions cannot be provoked).
 type DedupKey = u128;
 
-/// Encoded deliveries for one peer (a run of `EventBatch.deliveries` entries), forwarded as one
-/// queue item: one per publish call and peer, not one per event.
+/// A chunk of at least this many bytes of deliveries goes out as its own envelope, written to
+/// the socket from the buffer it was encoded into; smaller ones are copied together into one.
+const OWN_ENVELOPE_BYTES: usize = 16 * 1024;
+
+/// Encoded deliveries for one peer (a run of `EventBatch.deliveries` entries, with room for the
+/// message head in front), forwarded as one queue item: one per publish call and peer, not one
+/// per event.
 struct Chunk {
-    bytes: Vec<u8>,
+    bytes: EventsBuffer,
     /// Deliveries in `bytes`.
     n: usize,
+}
+
+impl Chunk {
+    fn with_capacity(capacity: usize) -> Chunk {
+        Chunk {
+            bytes: EventsBuffer::with_capacity(capacity),
+            n: 0,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.bytes.body().len()
+    }
 }
 
 /// One event to forward to a peer (see [`Relay::forward`]).
@@ -98,7 +129,9 @@ pub(crate) struct Outgoing {
     /// The window unit reserved towards the peer.
     pub(crate) load: Arc<AtomicUsize>,
     pub(crate) event: Arc<Event>,
-    pub(crate) completion: Arc<dyn Completion>,
+    /// Told when the handler node acks the event; `None` for an at-most-once (`ack=none`)
+    /// delivery, which is sent on a lane and neither kept nor acked.
+    pub(crate) completion: Option<Arc<dyn Completion>>,
 }
 
 /// The relay's own thread and runtime, so event-plane work neither waits behind HTTP workers nor
@@ -187,6 +220,77 @@ impl Pending {
     }
 }
 
+/// The ingress side's at-most-once lanes: one per window counter (remote instance of a
+/// subscription) that `ack=none` events were sent on. A lane holds the window units of its
+/// deliveries until the handler node credits them back.
+#[derive(Default)]
+struct Lanes {
+    /// Lane of each window counter, by the counter's address (the lane holds the `Arc`, so the
+    /// address is not reused while it is here).
+    by_load: IdMap<usize, u64>,
+    lanes: IdMap<u64, Lane>,
+}
+
+struct Lane {
+    node: u64,
+    /// The window counter towards `node`.
+    load: Arc<AtomicUsize>,
+    /// Window units held by deliveries not credited back yet.
+    outstanding: usize,
+    /// The last credit, or the send that made `outstanding` non-zero: a lane with no progress
+    /// for `redeliver_after` (credits lost with a connection, a peer of an older version) gives
+    /// its units back.
+    progress: Instant,
+}
+
+impl Lane {
+    /// Gives back up to `n` units (never more than are held: a credit that arrives after the
+    /// units were given back on suspicion is ignored).
+    fn release(&mut self, n: usize) {
+        let n = n.min(self.outstanding);
+        self.outstanding -= n;
+        self.load.fetch_sub(n, Ordering::AcqRel);
+    }
+}
+
+/// A lane as lanes are kept idle before they are forgotten.
+const IDLE_LANE: Duration = Duration::from_secs(60);
+
+/// The handler side of one origin's lane: at-most-once deliveries finished (or dropped) and not
+/// yet credited back. Shared by all of the lane's jobs as their completion, so an at-most-once
+/// delivery costs no allocation and no ack of its own: the first completion after a credit
+/// queues the lane once, and the ack task sends however many finished by then.
+struct LaneDone {
+    me: Weak<LaneDone>,
+    relay: Weak<Relay>,
+    origin: u64,
+    lane: u64,
+    done: AtomicU64,
+}
+
+impl LaneDone {
+    /// One more delivery of the lane is done (handled, failed, or dropped).
+    fn credit_one(&self) {
+        if self.done.fetch_add(1, Ordering::AcqRel) == 0 {
+            if let (Some(relay), Some(me)) = (self.relay.upgrade(), self.me.upgrade()) {
+                relay.queue_ack(self.origin, AckItem::Credit(me));
+            }
+        }
+    }
+}
+
+impl Completion for LaneDone {
+    fn complete(&self, _: &SubscriptionKey, _: Outcome) {
+        self.credit_one();
+    }
+}
+
+/// What the handler side owes an origin: an ack, or the credits of a lane.
+enum AckItem {
+    Ack(AckRecord),
+    Credit(Arc<LaneDone>),
+}
+
 /// A finished delivery as the dedup window remembers it.
 #[derive(Clone)]
 struct Finished {
@@ -196,8 +300,9 @@ struct Finished {
 }
 
 enum Seen {
-    /// Being handled; these `(origin, delivery id)` wait for the outcome.
-    Running(Vec<(u64, u64)>),
+    /// Being handled; the `(origin, delivery id)` it came with and those of copies that arrived
+    /// meanwhile (rare: no allocation for the usual single one) wait for the outcome.
+    Running((u64, u64), Vec<(u64, u64)>),
     Done(Finished),
 }
 
@@ -273,8 +378,12 @@ pub(crate) struct Relay {
     runtime: tokio::runtime::Handle,
     next_id: AtomicU64,
     pending: Mutex<IdMap<u64, Pending>>,
+    /// Ingress side: the at-most-once lanes.
+    lanes: Mutex<Lanes>,
+    /// Handler side: the lanes of the origins, by (origin, lane).
+    lanes_in: Mutex<IdMap<(u64, u64), Arc<LaneDone>>>,
     outboxes: Queues<Chunk>,
-    ackboxes: Queues<AckRecord>,
+    ackboxes: Queues<AckItem>,
     inboxes: Queues<Bytes>,
     dedup: Mutex<Dedup>,
     /// Wakes the re-routing loop early.
@@ -305,6 +414,8 @@ impl Relay {
             // id, before a restart) cannot complete this process's deliveries.
             next_id: AtomicU64::new(rand::random::<u64>() >> 1),
             pending: Mutex::new(IdMap::default()),
+            lanes: Mutex::new(Lanes::default()),
+            lanes_in: Mutex::new(IdMap::default()),
             outboxes: Queues::new(),
             ackboxes: Queues::new(),
             inboxes: Queues::new(),
@@ -348,42 +459,94 @@ impl Relay {
         if items.is_empty() {
             return;
         }
-        let first = self.next_id.fetch_add(items.len() as u64, Ordering::Relaxed);
-        let mut chunks = Vec::new();
-        let mut chunk = Chunk {
-            bytes: Vec::new(),
-            n: 0,
-        };
-        for (i, o) in items.iter().enumerate() {
-            if chunk.n > 0 && chunk.bytes.len() >= MAX_BATCH_BYTES {
-                chunks.push(std::mem::replace(
-                    &mut chunk,
-                    Chunk {
-                        bytes: Vec::new(),
-                        n: 0,
-                    },
-                ));
+        let acked = items.iter().filter(|o| o.completion.is_some()).count();
+        let mut next_id = self.next_id.fetch_add(acked as u64, Ordering::Relaxed);
+        // At-most-once items: their lanes, one lookup per run of one window counter.
+        let mut lanes = Vec::new();
+        if acked < items.len() {
+            let now = Instant::now();
+            let mut table = self.lanes.lock().unwrap_or_else(|p| p.into_inner());
+            let mut last: Option<(usize, u64)> = None;
+            for o in items.iter().filter(|o| o.completion.is_none()) {
+                let at = Arc::as_ptr(&o.load) as usize;
+                let lane = match last {
+                    Some((a, lane)) if a == at => lane,
+                    _ => {
+                        let t = &mut *table;
+                        let lane = *t.by_load.entry(at).or_insert_with(|| {
+                            // Random, like delivery ids: credits meant for this node's previous
+                            // process cannot match.
+                            let lane = rand::random::<u64>() | 1;
+                            t.lanes.insert(
+                                lane,
+                                Lane {
+                                    node,
+                                    load: o.load.clone(),
+                                    outstanding: 0,
+                                    progress: now,
+                                },
+                            );
+                            lane
+                        });
+                        last = Some((at, lane));
+                        lane
+                    }
+                };
+                if let Some(l) = table.lanes.get_mut(&lane) {
+                    if l.outstanding == 0 {
+                        l.progress = now;
+                    }
+                    l.outstanding += 1;
+                }
+                lanes.push(lane);
             }
-            encode_delivery(first + i as u64, &o.key.group, o.epoch, &o.event, &mut chunk.bytes);
+        }
+        let mut lanes = lanes.into_iter();
+        let mut chunks = Vec::new();
+        let mut chunk = Chunk::with_capacity(0);
+        let mut ids = Vec::with_capacity(acked);
+        for (i, o) in items.iter().enumerate() {
+            if chunk.n > 0 && chunk.len() >= MAX_BATCH_BYTES {
+                chunks.push(std::mem::replace(&mut chunk, Chunk::with_capacity(0)));
+            }
+            let out = chunk.bytes.deliveries_mut();
+            if o.completion.is_some() {
+                encode_delivery(next_id, &o.key.group, o.epoch, &o.event, out);
+                ids.push(next_id);
+                next_id += 1;
+            } else {
+                let lane = lanes.next().unwrap_or_default();
+                encode_delivery_on(0, &o.key.group, o.epoch, lane, &o.event, out);
+            }
             chunk.n += 1;
+            if chunk.n == 1 {
+                // Events of one call are alike: size the buffer from the first, so it is not
+                // regrown (and copied) a dozen times.
+                let one = chunk.len();
+                let rest = (items.len() - i - 1).min(MAX_BATCH_BYTES / one.max(1));
+                chunk.bytes.deliveries_mut().reserve(rest * (one + one / 8));
+            }
         }
         chunks.push(chunk);
-        let now = Instant::now();
-        {
+        if acked > 0 {
+            let now = Instant::now();
             let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-            pending.reserve(items.len());
-            for (i, o) in items.into_iter().enumerate() {
+            pending.reserve(acked);
+            let acked_items = items
+                .into_iter()
+                .filter_map(|o| o.completion.map(|c| (o.key, o.event, o.load, c)));
+            for (id, (key, event, load, completion)) in ids.into_iter().zip(acked_items) {
                 pending.insert(
-                    first + i as u64,
+                    id,
                     Pending {
-                        key: o.key,
-                        event: o.event,
+                        key,
+                        event,
                         done: Arc::new(Once {
                             fired: AtomicBool::new(false),
-                            inner: o.completion,
+                            inner: completion,
                         }),
                         node,
-                        load: Some(o.load),
+                        load: Some(load),
                         sent: now,
                         refused: false,
                     },
@@ -433,9 +596,13 @@ impl Relay {
     }
 
     fn ack(&self, origin: u64, record: AckRecord) {
+        self.queue_ack(origin, AckItem::Ack(record));
+    }
+
+    fn queue_ack(&self, origin: u64, item: AckItem) {
         let transport = self.transport.clone();
         let runtime = &self.runtime;
-        self.ackboxes.push(origin, record, |rx| {
+        self.ackboxes.push(origin, item, |rx| {
             runtime.spawn(send_acks(transport, origin, rx));
         });
     }
@@ -458,6 +625,16 @@ impl Relay {
     // ---- ingress side -------------------------------------------------------------------------
 
     fn on_acks(&self, from: u64, batch: AckBatch) {
+        if !batch.credits.is_empty() {
+            let now = Instant::now();
+            let mut lanes = self.lanes.lock().unwrap_or_else(|p| p.into_inner());
+            for c in &batch.credits {
+                if let Some(lane) = lanes.lanes.get_mut(&c.lane).filter(|l| l.node == from) {
+                    lane.release(usize::try_from(c.n).unwrap_or(usize::MAX));
+                    lane.progress = now;
+                }
+            }
+        }
         let mut finished = Vec::new();
         let mut refused = false;
         {
@@ -501,8 +678,37 @@ impl Relay {
         }
     }
 
+    /// Gives back the window units of lanes whose node turned unhealthy or that made no progress
+    /// for `redeliver_after` (their deliveries are lost: at-most-once), and forgets idle lanes.
+    fn sweep_lanes(&self) {
+        let now = Instant::now();
+        let mut table = self.lanes.lock().unwrap_or_else(|p| p.into_inner());
+        let mut forget = Vec::new();
+        for (&id, lane) in table.lanes.iter_mut() {
+            let idle = now.saturating_duration_since(lane.progress);
+            if lane.outstanding > 0 && (idle >= self.config.redeliver_after || !self.health.peer(lane.node).routable())
+            {
+                tracing::debug!(
+                    peer = lane.node,
+                    lost = lane.outstanding,
+                    "at-most-once deliveries not credited; their window units are given back"
+                );
+                lane.release(lane.outstanding);
+                lane.progress = now;
+            } else if lane.outstanding == 0 && idle >= IDLE_LANE {
+                forget.push(id);
+            }
+        }
+        for id in forget {
+            if let Some(lane) = table.lanes.remove(&id) {
+                table.by_load.remove(&(Arc::as_ptr(&lane.load) as usize));
+            }
+        }
+    }
+
     /// Routes again every pending delivery that needs it.
     fn reroute(&self) {
+        self.sweep_lanes();
         let table = self.router.table();
         if !table.is_live() {
             // Starting (no placement yet) or stopping (the table was cleared): nothing can be
@@ -564,24 +770,15 @@ impl Relay {
                         p.load = Some(load);
                         p.sent = now;
                         p.refused = false;
-                        let i = match resend
-                            .iter()
-                            .position(|(n, c)| *n == node && c.bytes.len() < MAX_BATCH_BYTES)
-                        {
+                        let i = match resend.iter().position(|(n, c)| *n == node && c.len() < MAX_BATCH_BYTES) {
                             Some(i) => i,
                             None => {
-                                resend.push((
-                                    node,
-                                    Chunk {
-                                        bytes: Vec::new(),
-                                        n: 0,
-                                    },
-                                ));
+                                resend.push((node, Chunk::with_capacity(0)));
                                 resend.len() - 1
                             }
                         };
                         let chunk = &mut resend[i].1;
-                        encode_delivery(id, &p.key.group, route.epoch, &p.event, &mut chunk.bytes);
+                        encode_delivery(id, &p.key.group, route.epoch, &p.event, chunk.bytes.deliveries_mut());
                         chunk.n += 1;
                         resent += 1;
                     }
@@ -634,6 +831,55 @@ impl Relay {
         cache.as_ref().and_then(|(_, _, sub)| sub.clone())
     }
 
+    /// The handler side of `origin`'s `lane` (kept in `cache` while batches use one lane).
+    fn lane_in(&self, origin: u64, lane: u64, cache: &mut Option<Arc<LaneDone>>) -> Arc<LaneDone> {
+        if let Some(l) = cache.as_ref().filter(|l| l.lane == lane) {
+            return l.clone();
+        }
+        let l = self
+            .lanes_in
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry((origin, lane))
+            .or_insert_with(|| {
+                Arc::new_cyclic(|me| LaneDone {
+                    me: me.clone(),
+                    relay: self.me.clone(),
+                    origin,
+                    lane,
+                    done: AtomicU64::new(0),
+                })
+            })
+            .clone();
+        *cache = Some(l.clone());
+        l
+    }
+
+    /// An at-most-once delivery: no dedup window (the origin never re-sends it) and no ack; its
+    /// lane is credited once it is handled, or at once when it cannot be (it is then dropped).
+    async fn accept_once(&self, from: u64, d: Forwarded, cache: &mut Lookup, lane: &mut Option<Arc<LaneDone>>) {
+        let done = self.lane_in(from, d.lane, lane);
+        let Some(record) = d.event else {
+            return done.credit_one();
+        };
+        let Some(sub) = self.lookup(cache, &record.topic, &d.group) else {
+            tracing::debug!(peer = from, topic = %record.topic, group = %d.group, epoch = d.epoch, "at-most-once delivery for a subscription this node does not run; dropped");
+            return done.credit_one();
+        };
+        let job = Job {
+            event: Arc::new(Event::from(record)),
+            completion: done,
+            origin: Some((from, 0)),
+        };
+        let job = match sub.try_send(job) {
+            Ok(()) => return,
+            Err(job) => job,
+        };
+        if let Err(job) = sub.send_waiting(job.event.key.clone().as_deref(), job).await {
+            job.completion.complete(&sub.shared.key, Outcome::Ok { attempts: 0 });
+        }
+    }
+
     async fn accept(&self, from: u64, d: Forwarded, cache: &mut Lookup) {
         let refuse = |why: String| AckRecord {
             id: d.id,
@@ -664,8 +910,8 @@ impl Relay {
             let mut dedup = self.dedup.lock().unwrap_or_else(|p| p.into_inner());
             dedup_key = dedup.key(key, &record.id);
             match dedup.map.get_mut(&dedup_key) {
-                Some(Seen::Running(waiting)) => {
-                    waiting.push((from, d.id));
+                Some(Seen::Running(_, more)) => {
+                    more.push((from, d.id));
                     self.deduplicated.increment(1);
                     return;
                 }
@@ -684,7 +930,7 @@ impl Relay {
                     );
                 }
                 None => {
-                    dedup.map.insert(dedup_key, Seen::Running(vec![(from, d.id)]));
+                    dedup.map.insert(dedup_key, Seen::Running((from, d.id), Vec::new()));
                 }
             }
         }
@@ -713,6 +959,11 @@ impl Relay {
     }
 
     fn retired(&self, key: &Arc<SubscriptionKey>, job: Job) {
+        if let Some((_, 0)) = job.origin {
+            // At-most-once: dropped; its lane is credited.
+            tracing::debug!(subscription = %key, id = %job.event.id, "placement moved: at-most-once event dropped");
+            return job.completion.complete(key, Outcome::Ok { attempts: 0 });
+        }
         if job.origin.is_none() {
             tracing::debug!(subscription = %key, id = %job.event.id, "placement moved: routing a queued event anew");
             return self.park(key.clone(), job.event, job.completion);
@@ -723,8 +974,8 @@ impl Relay {
             dedup.map.remove(&k)
         };
         let waiting = match waiting {
-            Some(Seen::Running(w)) => w,
-            _ => job.origin.into_iter().collect(),
+            Some(Seen::Running(first, more)) => std::iter::once(first).chain(more).collect(),
+            _ => job.origin.into_iter().collect::<Vec<_>>(),
         };
         for (origin, id) in waiting {
             self.ack(
@@ -763,8 +1014,8 @@ impl Relay {
                 return;
             };
             let waiting = match std::mem::replace(seen, Seen::Done(finished.clone())) {
-                Seen::Running(w) => w,
-                _ => Vec::new(),
+                Seen::Running(first, more) => (Some(first), more),
+                _ => (None, Vec::new()),
             };
             dedup.done.push_back(entry);
             while dedup.done.len() > dedup.capacity {
@@ -776,7 +1027,7 @@ impl Relay {
             }
             waiting
         };
-        for (origin, id) in waiting {
+        for (origin, id) in waiting.0.into_iter().chain(waiting.1) {
             self.ack(
                 origin,
                 AckRecord {
@@ -835,46 +1086,83 @@ impl Completion for Handled {
 /// The handler side's last subscription lookup: (table snapshot, key, this node's instances).
 type Lookup = Option<(Arc<RoutingTable>, SubscriptionKey, Option<Arc<SubRuntime>>)>;
 
-/// Drains one peer's outbox into event batches (many publish calls' chunks per envelope, up to
-/// [`MAX_BATCH_BYTES`]).
+/// Drains one peer's outbox into event batches: a large chunk (one publish call's events) is
+/// sent as its own envelope, straight from the buffer it was encoded into; runs of small ones are
+/// copied together into one envelope of up to [`MAX_BATCH_BYTES`].
 async fn send_events(transport: Transport, node: u64, mut rx: mpsc::UnboundedReceiver<Chunk>) {
     let counter = metrics::counter!(crate::metrics::EVENTS_FORWARDED, "peer" => node.to_string());
-    let mut buf = Vec::with_capacity(64);
-    while rx.recv_many(&mut buf, MAX_BATCH).await > 0 {
-        let mut rest = buf.as_slice();
-        while !rest.is_empty() {
-            let mut bytes = 0;
-            let take = rest
-                .iter()
-                .position(|c| {
-                    bytes += c.bytes.len();
-                    bytes > MAX_BATCH_BYTES
-                })
-                .unwrap_or(rest.len())
-                .max(1);
-            let (frame, tail) = rest.split_at(take);
-            rest = tail;
-            let n: usize = frame.iter().map(|c| c.n).sum();
-            let env = Envelope::app(peer_message_events(frame.iter().map(|c| c.bytes.as_slice())));
-            match transport.send_async(node, env).await {
+    let send = |payload: Bytes, n: usize| {
+        let transport = &transport;
+        let counter = &counter;
+        async move {
+            match transport.send_async(node, Envelope::app(payload)).await {
                 Ok(()) => counter.increment(n as u64),
                 // Still pending at the origin: redelivered after the timeout or when re-routed.
                 Err(e) => tracing::debug!(peer = node, error = %e, "cannot forward events"),
             }
         }
-        buf.clear();
+    };
+    let mut buf = Vec::with_capacity(64);
+    let mut small: Vec<Chunk> = Vec::new();
+    let mut small_bytes = 0;
+    while rx.recv_many(&mut buf, MAX_BATCH).await > 0 {
+        for chunk in buf.drain(..) {
+            let len = chunk.len();
+            if !small.is_empty() && (len >= OWN_ENVELOPE_BYTES || small_bytes + len > MAX_BATCH_BYTES) {
+                let (payload, n) = small_message(&mut small);
+                small_bytes = 0;
+                send(payload, n).await;
+            }
+            if len < OWN_ENVELOPE_BYTES {
+                small_bytes += len;
+                small.push(chunk);
+            } else {
+                let n = chunk.n;
+                send(chunk.bytes.finish(), n).await;
+            }
+        }
+        if !small.is_empty() {
+            let (payload, n) = small_message(&mut small);
+            small_bytes = 0;
+            send(payload, n).await;
+        }
     }
 }
 
-/// Drains the acks owed to one origin into ack batches.
-async fn send_acks(transport: Transport, origin: u64, mut rx: mpsc::UnboundedReceiver<AckRecord>) {
+/// One `PeerMessage` holding the deliveries of `chunks` (emptied), and how many there are.
+fn small_message(chunks: &mut Vec<Chunk>) -> (Bytes, usize) {
+    let n = chunks.iter().map(|c| c.n).sum();
+    let payload = if chunks.len() == 1 {
+        chunks.pop().map(|c| c.bytes.finish()).unwrap_or_default()
+    } else {
+        Bytes::from(peer_message_events(chunks.iter().map(|c| c.bytes.body())))
+    };
+    chunks.clear();
+    (payload, n)
+}
+
+/// Drains the acks and lane credits owed to one origin into ack batches.
+async fn send_acks(transport: Transport, origin: u64, mut rx: mpsc::UnboundedReceiver<AckItem>) {
     let mut buf = Vec::with_capacity(MAX_BATCH);
     while rx.recv_many(&mut buf, MAX_BATCH * 8).await > 0 {
+        let mut batch = AckBatch::default();
+        for item in buf.drain(..) {
+            match item {
+                AckItem::Ack(record) => batch.acks.push(record),
+                AckItem::Credit(lane) => {
+                    let n = lane.done.swap(0, Ordering::AcqRel);
+                    if n > 0 {
+                        batch.credits.push(LaneCredit { lane: lane.lane, n });
+                    }
+                }
+            }
+        }
+        if batch.acks.is_empty() && batch.credits.is_empty() {
+            continue;
+        }
         let env = Envelope::app(
             PeerMessage {
-                body: Some(peer_message::Body::Acks(AckBatch {
-                    acks: std::mem::take(&mut buf),
-                })),
+                body: Some(peer_message::Body::Acks(batch)),
             }
             .encode_to_vec(),
         );
@@ -889,10 +1177,12 @@ async fn send_acks(transport: Transport, origin: u64, mut rx: mpsc::UnboundedRec
 /// Each batch is decoded one delivery at a time, as it is handed over.
 async fn receive_events(relay: Weak<Relay>, from: u64, mut rx: mpsc::UnboundedReceiver<Bytes>) {
     let mut cache = None;
+    let mut lane = None;
     while let Some(batch) = rx.recv().await {
         let Some(relay) = relay.upgrade() else { return };
         for d in Deliveries(batch) {
             match d {
+                Ok(d) if d.lane != 0 => relay.accept_once(from, d, &mut cache, &mut lane).await,
                 Ok(d) => relay.accept(from, d, &mut cache).await,
                 Err(e) => {
                     // The origin re-sends what it does not get acked.

@@ -219,6 +219,58 @@ async fn a_slow_subscription_on_another_node_pushes_back_with_429_and_loses_noth
     shutdown(nodes).await;
 }
 
+#[actix_rt::test]
+async fn ack_none_events_reach_a_remote_node_and_their_window_comes_back() {
+    // A window of 4 towards the remote instance: 40 at-most-once events only get through if the
+    // handler node credits their window units back (they are never acked one by one; the lane's
+    // give-back after `redeliver_after` is pushed out of the test's reach).
+    let receiver = Receiver::start(0).await;
+    let small = || {
+        let mut b = Node::builder();
+        b.config_mut().handlers.mailbox_capacity = 4;
+        b.config_mut().http.max_batch_events = 4;
+        b.config_mut().cluster.redeliver_after_ms = 600_000;
+        b
+    };
+    let nodes = cluster((0..3).map(|_| small()).collect()).await;
+    let host = subscribe(
+        &nodes,
+        json!({"topic": "rt.none", "group": "g", "handler": {"kind": "webhook", "url": receiver.url}, "instances": 1}),
+    )
+    .await[0];
+    let ingress = nodes.iter().find(|n| n.node.core().config().node_id != host).unwrap();
+    let mut accepted = BTreeSet::new();
+    for i in 0..40 {
+        let id = within(
+            "the window towards the handler node opens again",
+            Duration::from_secs(30),
+            || {
+                let url = ingress.url.clone();
+                async move {
+                    let a = publish(&url, "rt.none", "none", &json!({"i": i})).await;
+                    match a.status {
+                        202 => Some(a.body["id"].as_str().unwrap().to_string()),
+                        429 => {
+                            actix_rt::time::sleep(Duration::from_millis(20)).await;
+                            None
+                        }
+                        s => panic!("unexpected {s}: {}", a.body),
+                    }
+                }
+            },
+        )
+        .await;
+        accepted.insert(id);
+    }
+    wait_received(&receiver, &accepted, Duration::from_secs(30)).await;
+    assert_eq!(
+        received_ids(&receiver).len(),
+        accepted.len(),
+        "at most once: no duplicates"
+    );
+    shutdown(nodes).await;
+}
+
 /// Records `(node, event id)` of every event it handles.
 struct Recorder {
     node: u64,

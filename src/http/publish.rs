@@ -256,11 +256,17 @@ pub(crate) async fn publish_batch(
     }
     let ack = query.ack.unwrap_or_default();
     let published = state.core.ingress().publish(events, ack, timeout).await?;
+    let subscriptions = published.first().map_or(0, |p| p.subscriptions);
+    let (ids, events) = if ack == AckMode::Processed {
+        (published.iter().map(|p| p.id.clone()).collect(), Some(published))
+    } else {
+        (published.into_iter().map(|p| p.id).collect(), None)
+    };
     let answer = BatchAnswer {
         topic,
-        ids: published.iter().map(|p| p.id.clone()).collect(),
-        subscriptions: published.first().map_or(0, |p| p.subscriptions),
-        events: (ack == AckMode::Processed).then_some(published),
+        ids,
+        subscriptions,
+        events,
     };
     Ok(if ack == AckMode::Processed {
         HttpResponse::Ok().json(answer)
@@ -270,23 +276,43 @@ pub(crate) async fn publish_batch(
 }
 
 /// A JSON array: each element becomes one event's data. `Idempotency-Key: K` gives ids `K-0`, `K-1` …
-/// Each event's data is a slice of the body (no copy per event).
+/// Each event's data is a slice of the body (no copy per event). The events of one batch share
+/// one accept time, and their generated ids are consecutive ULIDs from one clock read and one
+/// random draw (unique and ordered like the events) instead of a clock read and a draw each.
 fn json_batch(topic: &str, body: &web::Bytes, req: &HttpRequest) -> Result<Vec<Event>, ApiError> {
     let items: Vec<&serde_json::value::RawValue> = serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request("invalid_json", format!("a batch must be a JSON array: {e}")))?;
     let headers = req.headers();
     let idem = header(headers, IDEMPOTENCY_KEY);
     let key = header(headers, HERALD_KEY);
+    let template = Event::new(topic, web::Bytes::new(), event::JSON);
+    let mut ulid = ulid::Ulid::new();
     Ok(items
         .into_iter()
         .enumerate()
         .map(|(i, raw)| {
-            let mut e = Event::new(topic, body.slice_ref(raw.get().as_bytes()), event::JSON);
-            if let Some(k) = idem {
-                e.id = format!("{k}-{i}");
+            let id = match idem {
+                Some(k) => format!("{k}-{i}"),
+                None => {
+                    // The random part has 80 bits: it practically never overflows within a
+                    // batch, and a fresh ULID (not a nil one) takes over if it does.
+                    ulid = ulid
+                        .increment()
+                        .unwrap_or_else(|| ulid::Ulid::from_datetime(std::time::SystemTime::now()));
+                    ulid.to_string()
+                }
+            };
+            Event {
+                id,
+                topic: template.topic.clone(),
+                key: key.map(str::to_string),
+                data: body.slice_ref(raw.get().as_bytes()),
+                content_type: template.content_type.clone(),
+                time: template.time,
+                source: template.source.clone(),
+                event_type: template.event_type.clone(),
+                headers: Default::default(),
             }
-            e.key = key.map(str::to_string);
-            e
         })
         .collect())
 }

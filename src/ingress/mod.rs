@@ -8,7 +8,9 @@
 //!    or a unit of the window towards a remote instance. Any refusal → 429.
 //! 2. **Log** (`ack=accepted` and `ack=processed`): append to the WAL; the store group-commits.
 //! 3. **Send**: local jobs through the reserved slots, remote ones through the relay (which keeps
-//!    them pending until the handler node acks); each carries a shared `Tracker`.
+//!    them pending until the handler node acks); each carries a shared `Tracker`. With `ack=none`
+//!    remote ones are sent at-most-once (see the relay's lanes): not kept, not acked, not
+//!    tracked, so an event with only remote subscriptions gets no tracker.
 //! 4. **Answer**: at once (`none`, `accepted`), or when every subscription finished (`processed`).
 //!
 //! When the last subscription finishes an event, its tracker removes it from the WAL. On start-up
@@ -460,6 +462,8 @@ impl Ingress {
         let mut waits = Vec::new();
         // Remote events are handed to the relay per peer, once for the whole call.
         let mut remote: Vec<(u64, Vec<Outgoing>)> = Vec::new();
+        // Budget shares of untracked (at-most-once) events, given back once they are encoded.
+        let mut held = Vec::new();
         // `events_published_total{topic}` is counted per run of one topic (a batch is one run).
         let mut run: Option<(String, u64)> = None;
         for (event, (permit, slots)) in events.into_iter().zip(reserved) {
@@ -483,16 +487,29 @@ impl Ingress {
                 continue;
             }
             let seq = if ack == AckMode::None { None } else { seqs.next() };
-            let (tracker, rx) = self.tracker(n, seq, permit, ack == AckMode::Processed);
-            if let Some(rx) = rx {
-                waits.push((answers.len() - 1, rx));
-            }
+            // `ack=none` events for remote instances are sent at-most-once: nothing tracks them
+            // (the relay sends them on a lane and forgets them), so an event with only remote
+            // subscriptions gets no tracker; its bytes stay charged until the relay encoded it.
+            let at_most_once = |t: &Target| ack == AckMode::None && matches!(t, Target::Remote(_));
+            let tracked = slots.iter().filter(|(_, t)| !at_most_once(t)).count();
+            let tracker = if tracked == 0 {
+                held.push(permit);
+                None
+            } else {
+                let (tracker, rx) = self.tracker(tracked, seq, permit, ack == AckMode::Processed);
+                if let Some(rx) = rx {
+                    waits.push((answers.len() - 1, rx));
+                }
+                Some(tracker)
+            };
+            let tracker = || -> Arc<Tracker> { tracker.clone().expect("a tracked target has a tracker") };
             let event = Arc::new(event);
             for (route, target) in slots {
+                let once = at_most_once(&target);
                 match target {
                     Target::Local(slot) => slot.send(Job {
                         event: event.clone(),
-                        completion: tracker.clone(),
+                        completion: tracker(),
                         origin: None,
                     }),
                     Target::Remote(slot) => {
@@ -502,14 +519,18 @@ impl Ingress {
                             epoch: route.epoch,
                             load,
                             event: event.clone(),
-                            completion: tracker.clone(),
+                            completion: if once {
+                                None
+                            } else {
+                                Some(tracker() as Arc<dyn Completion>)
+                            },
                         };
                         match remote.iter_mut().find(|(n, _)| *n == node) {
                             Some((_, items)) => items.push(outgoing),
                             None => remote.push((node, vec![outgoing])),
                         }
                     }
-                    Target::Parked => self.relay.park(route.key.clone(), event.clone(), tracker.clone()),
+                    Target::Parked => self.relay.park(route.key.clone(), event.clone(), tracker()),
                 }
             }
         }
@@ -519,6 +540,7 @@ impl Ingress {
         for (node, items) in remote {
             self.relay.forward(node, items);
         }
+        drop(held);
         // 4. Wait for the handlers if asked to.
         if !waits.is_empty() {
             let (indexes, receivers): (Vec<usize>, Vec<_>) = waits.into_iter().unzip();

@@ -17,12 +17,21 @@
 //!   [`FrameError`]: the reader drops that one connection (logging the peer and the reason) and
 //!   returns the error; nothing else is affected.
 //! * The writer encodes many frames back to back into one buffer ([`encode_frame`]) and writes the
-//!   buffer at once; the receiver cannot tell, since the layout is the same.
+//!   buffer at once; the receiver cannot tell, since the layout is the same. An envelope whose
+//!   `raft` or `app` payload is large ([`ZERO_COPY_MIN`] bytes or more) is framed by
+//!   [`encode_envelope_frame`]: the header and the envelope's field key and length go into the
+//!   buffer, and the payload is handed back to be written from its own memory (one vectored
+//!   write for the batch), so event batches are not copied into the write buffer. The bytes on
+//!   the wire are exactly what [`encode_frame`] writes.
+//! * The reader reserves room for a whole frame (and the start of the next one) as soon as it
+//!   has the frame's header, so a large frame is read into one allocation of its size instead of
+//!   regrowing (and copying) a smaller buffer several times.
 
 use std::io;
 use std::marker::PhantomData;
 
-use bytes::{BufMut, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
+use prost::encoding::{encode_key, encode_varint, WireType};
 use prost::Message;
 use tokio_util::codec::{Decoder, Encoder, LengthDelimitedCodec};
 
@@ -89,6 +98,41 @@ pub fn encode_frame<M: Message>(msg: &M, max: usize, dst: &mut BytesMut) -> Resu
     Ok(HEADER_LEN + len)
 }
 
+/// A `raft` or `app` payload of at least this many bytes is not copied into the write buffer: it
+/// is written from its own memory (see [`encode_envelope_frame`]).
+pub const ZERO_COPY_MIN: usize = 8 * 1024;
+
+/// Room reserved beyond a frame being read, so the next frame's header (and, for small frames,
+/// the whole next frame) is read into the same allocation.
+const READ_SLACK: usize = 16 * 1024;
+
+/// Appends one frame carrying `env` to `dst`, like [`encode_frame`], except that a `raft` or
+/// `app` payload of [`ZERO_COPY_MIN`] bytes or more is not copied: `dst` gets everything up to
+/// the payload, and the payload is returned; the frame is `dst`'s new bytes followed by it.
+/// Returns the frame's bytes on the wire (header included) and the payload, if held back.
+pub fn encode_envelope_frame(
+    env: &super::wire::Envelope,
+    max: usize,
+    dst: &mut BytesMut,
+) -> Result<(usize, Option<Bytes>), FrameError> {
+    use super::wire::envelope::Body;
+    let (tag, payload) = match &env.body {
+        Some(Body::App(p)) if p.len() >= ZERO_COPY_MIN => (6, p),
+        Some(Body::Raft(p)) if p.len() >= ZERO_COPY_MIN => (1, p),
+        _ => return encode_frame(env, max, dst).map(|n| (n, None)),
+    };
+    let len = env.encoded_len();
+    if len > max || u32::try_from(len).is_err() {
+        return Err(FrameError::TooLarge { len, max });
+    }
+    dst.reserve(HEADER_LEN + 1 + 10);
+    dst.put_u32(len as u32);
+    // `Envelope` is one `oneof` of length-delimited fields: key, length, payload.
+    encode_key(tag, WireType::LengthDelimited, dst);
+    encode_varint(payload.len() as u64, dst);
+    Ok((HEADER_LEN + len, Some(payload.clone())))
+}
+
 /// A `tokio_util` codec for frames carrying messages of type `M`.
 ///
 /// Decoding yields `(message, wire bytes)`, the wire bytes including the header (for metrics).
@@ -141,6 +185,14 @@ impl<M: Message + Default> Decoder for FrameCodec<M> {
             if len > self.max {
                 return Err(FrameError::TooLarge { len, max: self.max });
             }
+            let frame = HEADER_LEN + len;
+            if len >= READ_SLACK && src.len() < frame && src.capacity() < frame + READ_SLACK {
+                // Room for the rest of the frame and the start of the next one, in one
+                // allocation: the inner codec would reserve only the rest of this frame, and the
+                // reader's next `reserve(1)` would then allocate a small buffer that the next
+                // large frame regrows, copying what it holds each time.
+                src.reserve(frame + READ_SLACK - src.len());
+            }
         }
         // With a complete header buffered, the inner codec consumes it whether or not the payload
         // is complete, and remembers the length until it is.
@@ -186,7 +238,7 @@ fn short_type_name<M>() -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::transport::wire::Envelope;
+    use crate::transport::wire::{envelope::Body, Envelope};
 
     fn decode_all(codec: &mut FrameCodec<Envelope>, buf: &mut BytesMut) -> Vec<Envelope> {
         let mut out = Vec::new();
@@ -261,6 +313,51 @@ mod tests {
         let mut codec = FrameCodec::<Envelope>::new(DEFAULT_MAX_FRAME_LEN);
         let mut buf = BytesMut::from(&b"GET / HTTP/1.1\r\n\r\n"[..]);
         assert!(matches!(codec.decode(&mut buf), Err(FrameError::TooLarge { .. })));
+    }
+
+    #[test]
+    fn large_payloads_frame_like_encode_frame_without_being_copied() {
+        for env in [
+            Envelope::app(vec![1u8; ZERO_COPY_MIN - 1]),
+            Envelope::app(vec![2u8; ZERO_COPY_MIN]),
+            Envelope::raft(vec![3u8; 300_000]),
+            Envelope::ping(1, 2),
+            Envelope::default(),
+        ] {
+            let mut expect = BytesMut::new();
+            let n = encode_frame(&env, 1 << 20, &mut expect).expect("fits");
+            let mut head = BytesMut::new();
+            let (m, payload) = encode_envelope_frame(&env, 1 << 20, &mut head).expect("fits");
+            assert_eq!(m, n);
+            let large = matches!(&env.body, Some(Body::App(p) | Body::Raft(p)) if p.len() >= ZERO_COPY_MIN);
+            assert_eq!(payload.is_some(), large);
+            let mut wire = head.to_vec();
+            wire.extend_from_slice(payload.as_deref().unwrap_or_default());
+            assert_eq!(wire, expect.to_vec());
+        }
+        let mut buf = BytesMut::new();
+        let big = Envelope::app(vec![0u8; 20_000]);
+        assert!(matches!(
+            encode_envelope_frame(&big, 10_000, &mut buf),
+            Err(FrameError::TooLarge { .. })
+        ));
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn a_large_frame_is_read_into_one_allocation() {
+        let env = Envelope::app(vec![5u8; 200_000]);
+        let mut wire = BytesMut::new();
+        encode_frame(&env, 1 << 20, &mut wire).expect("fits");
+        let mut codec = FrameCodec::<Envelope>::new(1 << 20);
+        let mut buf = BytesMut::with_capacity(64 * 1024);
+        buf.extend_from_slice(&wire[..64 * 1024]);
+        assert!(codec.decode(&mut buf).expect("ok").is_none());
+        // Room for the whole rest of the frame, so reading it needs no regrowth.
+        assert!(buf.capacity() - buf.len() >= wire.len() - 64 * 1024);
+        buf.extend_from_slice(&wire[64 * 1024..]);
+        let (got, n) = codec.decode(&mut buf).expect("ok").expect("frame");
+        assert_eq!((got, n), (env, wire.len()));
     }
 
     #[test]
