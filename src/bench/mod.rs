@@ -226,6 +226,22 @@ struct LocalArgs {
     /// Give up on a run after this many seconds.
     #[arg(long, default_value_t = 120)]
     max_seconds: u64,
+    /// Only these rows (for profiling one path, e.g. `--only none` under callgrind).
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [LocalRow::Raw, LocalRow::None, LocalRow::Accepted, LocalRow::Batch])]
+    only: Vec<LocalRow>,
+}
+
+/// A row of `herald bench local`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum LocalRow {
+    /// Raw actix `do_send`.
+    Raw,
+    /// `ack=none`, one event per publish call.
+    None,
+    /// `ack=accepted`, one event per call, concurrent publishers.
+    Accepted,
+    /// `ack=accepted`, batched calls.
+    Batch,
 }
 
 /// Runs a scenario; `builder` carries the binary's handlers (for `bench node`).
@@ -377,12 +393,13 @@ async fn local(a: LocalArgs) -> Result<(), String> {
         a.events, a.runs, a.instances, a.wal_fsync
     );
 
+    let runs = |row: LocalRow| if a.only.contains(&row) { a.runs } else { 0 };
     // Raw actix: do_send from one task to one no-op actor on another thread.
     let mut raw = Vec::new();
     let arbiter = Arbiter::new();
     let t = tally.clone();
     let addr = RawNoOp::start_in_arbiter(&arbiter.handle(), move |_| RawNoOp(t));
-    for _ in 0..a.runs {
+    for _ in 0..runs(LocalRow::Raw) {
         let started = Instant::now();
         tally
             .reset_and_wait(a.events, max, || {
@@ -396,7 +413,7 @@ async fn local(a: LocalArgs) -> Result<(), String> {
     arbiter.stop();
 
     let mut none = Vec::new();
-    for _ in 0..a.runs {
+    for _ in 0..runs(LocalRow::None) {
         let started = Instant::now();
         let ing = ingress.clone();
         let ev = payload.clone();
@@ -413,11 +430,11 @@ async fn local(a: LocalArgs) -> Result<(), String> {
     }
 
     let mut accepted = Vec::new();
-    for _ in 0..a.runs {
+    for _ in 0..runs(LocalRow::Accepted) {
         accepted.push(publish_concurrently(&ingress, &tally, &payload, a.events, a.publishers, 1, max).await?);
     }
     let mut batched = Vec::new();
-    for _ in 0..a.runs {
+    for _ in 0..runs(LocalRow::Batch) {
         batched.push(
             publish_concurrently(&ingress, &tally, &payload, a.events, a.publishers.min(16), a.batch, max).await?,
         );
@@ -425,19 +442,21 @@ async fn local(a: LocalArgs) -> Result<(), String> {
     node.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
 
-    let raw = median(raw);
+    let raw_median = (!raw.is_empty()).then(|| median(raw.clone()).0);
     let rows = [
         ("raw actix do_send".to_string(), raw),
-        ("herald ack=none".to_string(), median(none)),
-        (format!("herald ack=accepted x{}", a.publishers), median(accepted)),
-        (format!("herald ack=accepted batch {}", a.batch), median(batched)),
+        ("herald ack=none".to_string(), none),
+        (format!("herald ack=accepted x{}", a.publishers), accepted),
+        (format!("herald ack=accepted batch {}", a.batch), batched),
     ];
     println!(
         "\n{:<30} {:>12} {:>12} {:>12} {:>8}",
         "scenario", "median ev/s", "min ev/s", "max ev/s", "vs raw"
     );
-    for (name, (m, lo, hi)) in rows {
-        println!("{name:<30} {m:>12.0} {lo:>12.0} {hi:>12.0} {:>7.2}x", m / raw.0);
+    for (name, runs) in rows.into_iter().filter(|(_, runs)| !runs.is_empty()) {
+        let (m, lo, hi) = median(runs);
+        let ratio = raw_median.map_or_else(|| "-".to_string(), |r| format!("{:.2}x", m / r));
+        println!("{name:<30} {m:>12.0} {lo:>12.0} {hi:>12.0} {ratio:>8}");
     }
     Ok(())
 }
