@@ -321,9 +321,12 @@ fn median(mut v: Vec<f64>) -> (f64, f64, f64) {
     (v[v.len() / 2], v[0], v[v.len() - 1])
 }
 
-async fn publish_until_accepted(ingress: &Ingress, events: Vec<Event>, ack: AckMode) -> Result<(), String> {
+/// Publishes the events `make` builds, again (freshly built) while the node answers Overloaded.
+/// `make` runs once per attempt: the publisher owns each event it hands over, as a caller that
+/// builds its events would, and keeps no spare copy for a retry that is usually not needed.
+async fn publish_until_accepted(ingress: &Ingress, make: impl Fn() -> Vec<Event>, ack: AckMode) -> Result<(), String> {
     loop {
-        match ingress.publish(events.clone(), ack, Duration::from_secs(30)).await {
+        match ingress.publish(make(), ack, Duration::from_secs(30)).await {
             Ok(_) => return Ok(()),
             // Full mailboxes: the handlers are behind; let them run and retry (closed loop).
             Err(PublishError::Overloaded(_)) => tokio::task::yield_now().await,
@@ -352,7 +355,7 @@ async fn publish_concurrently(
         let events = vec![payload.clone(); batch];
         tasks.push(actix_rt::spawn(async move {
             for _ in 0..calls {
-                publish_until_accepted(&ing, events.clone(), AckMode::Accepted).await?;
+                publish_until_accepted(&ing, || events.clone(), AckMode::Accepted).await?;
             }
             Ok::<(), String>(())
         }));
@@ -420,7 +423,7 @@ async fn local(a: LocalArgs) -> Result<(), String> {
         let events = a.events;
         let publisher = actix_rt::spawn(async move {
             for _ in 0..events {
-                publish_until_accepted(&ing, vec![ev.clone()], AckMode::None).await?;
+                publish_until_accepted(&ing, || vec![ev.clone()], AckMode::None).await?;
             }
             Ok::<(), String>(())
         });
