@@ -166,7 +166,7 @@ fn two_distinct(n: usize) -> (usize, usize) {
         x.wrapping_mul(0x2545_f491_4f6c_dd1d)
     });
     // Two 32-bit halves mapped onto [0, n) and [0, n - 1) by multiply-shift (no division).
-    let pick = |bits: u64, m: usize| ((bits & 0xffff_ffff) * m as u64 >> 32) as usize;
+    let pick = |bits: u64, m: usize| (((bits & 0xffff_ffff) * m as u64) >> 32) as usize;
     let a = pick(r >> 32, n);
     let b = (a + 1 + pick(r, n - 1)) % n;
     (a, b)
@@ -663,6 +663,24 @@ mod tests {
         }
         for c in counts {
             assert!((700..1300).contains(&c), "uneven spread: {counts:?}");
+        }
+    }
+
+    #[test]
+    fn two_distinct_picks_two_different_indices_evenly() {
+        for n in 2..6 {
+            let mut counts = vec![0usize; n];
+            for _ in 0..6000 {
+                let (a, b) = two_distinct(n);
+                assert!(a < n && b < n && a != b, "n={n}: {a}, {b}");
+                counts[a] += 1;
+                counts[b] += 1;
+            }
+            let even = 12000 / n;
+            assert!(
+                counts.iter().all(|&c| c > even * 8 / 10 && c < even * 12 / 10),
+                "n={n}: {counts:?}"
+            );
         }
     }
 

@@ -720,7 +720,12 @@ impl Handler<Delivery> for Picky {
     type Result = HandlerResult;
 
     fn handle(&mut self, d: Delivery, _: &mut Context<Self>) -> HandlerResult {
-        let i = d.event.json_data().ok().and_then(|v: Value| v["i"].as_i64()).unwrap_or(-1);
+        let i = d
+            .event
+            .json_data()
+            .ok()
+            .and_then(|v: Value| v["i"].as_i64())
+            .unwrap_or(-1);
         if i == self.panic_at && d.attempt == 1 {
             panic!("deliberate panic of a test handler (event {i})");
         }
