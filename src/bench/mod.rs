@@ -1,7 +1,9 @@
 //! `herald bench`: benchmark scenarios that print figures next to a peer measured in the same run.
 //!
 //! `local`: events/s from publish to a no-op Rust handler in one node (in-process publish, no
-//! HTTP), with `ack=none` and `ack=accepted`, next to raw actix `do_send` to a no-op actor.
+//! HTTP), with `ack=none` and `ack=accepted`, next to raw actix `do_send` to a no-op actor (the
+//! "vs raw" column), and two more raw rows that carry what Herald's rows carry: `do_send` of a
+//! clone of the same event, and `send` of it with each answer awaited (request/response).
 //!
 //! `membership`: a 3-node loopback cluster; subscribe → placed, join → placed, leader failover.
 //!
@@ -227,15 +229,20 @@ struct LocalArgs {
     #[arg(long, default_value_t = 120)]
     max_seconds: u64,
     /// Only these rows (for profiling one path, e.g. `--only none` under callgrind).
-    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [LocalRow::Raw, LocalRow::None, LocalRow::Accepted, LocalRow::Batch])]
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [LocalRow::Raw, LocalRow::RawEvent, LocalRow::RawSend, LocalRow::None, LocalRow::Accepted, LocalRow::Batch])]
     only: Vec<LocalRow>,
 }
 
 /// A row of `herald bench local`.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 enum LocalRow {
-    /// Raw actix `do_send`.
+    /// Raw actix `do_send` of an empty message.
     Raw,
+    /// Raw actix `do_send` of a clone of the benchmark event (the payload Herald's rows carry).
+    RawEvent,
+    /// Raw actix `send` of a clone of the event, awaiting each answer before the next (a
+    /// request/response per event, without a supervisor, mailbox bound or completion tracking).
+    RawSend,
     /// `ack=none`, one event per publish call.
     None,
     /// `ack=accepted`, one event per call, concurrent publishers.
@@ -307,6 +314,18 @@ struct RawNoOp(Arc<Tally>);
 
 impl Actor for RawNoOp {
     type Context = Context<Self>;
+}
+
+/// The benchmark event, carried as a plain actix message.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Carry(#[allow(dead_code)] Event);
+
+impl Handler<Carry> for RawNoOp {
+    type Result = ();
+    fn handle(&mut self, _: Carry, _: &mut Context<Self>) {
+        self.0.hit();
+    }
 }
 
 impl Handler<Ping> for RawNoOp {
@@ -413,6 +432,32 @@ async fn local(a: LocalArgs) -> Result<(), String> {
             .await?;
         raw.push(a.events as f64 / started.elapsed().as_secs_f64());
     }
+    let mut raw_event = Vec::new();
+    for _ in 0..runs(LocalRow::RawEvent) {
+        let started = Instant::now();
+        tally
+            .reset_and_wait(a.events, max, || {
+                for _ in 0..a.events {
+                    addr.do_send(Carry(payload.clone()));
+                }
+            })
+            .await?;
+        raw_event.push(a.events as f64 / started.elapsed().as_secs_f64());
+    }
+    let mut raw_send = Vec::new();
+    for _ in 0..runs(LocalRow::RawSend) {
+        let started = Instant::now();
+        let (to, ev, events) = (addr.clone(), payload.clone(), a.events);
+        let sender = actix_rt::spawn(async move {
+            for _ in 0..events {
+                to.send(Carry(ev.clone())).await.map_err(|e| e.to_string())?;
+            }
+            Ok::<(), String>(())
+        });
+        tally.reset_and_wait(a.events, max, || {}).await?;
+        sender.await.map_err(|e| e.to_string())??;
+        raw_send.push(a.events as f64 / started.elapsed().as_secs_f64());
+    }
     arbiter.stop();
 
     let mut none = Vec::new();
@@ -448,6 +493,8 @@ async fn local(a: LocalArgs) -> Result<(), String> {
     let raw_median = (!raw.is_empty()).then(|| median(raw.clone()).0);
     let rows = [
         ("raw actix do_send".to_string(), raw),
+        ("raw actix do_send(Event)".to_string(), raw_event),
+        ("raw actix send(Event), awaited".to_string(), raw_send),
         ("herald ack=none".to_string(), none),
         (format!("herald ack=accepted x{}", a.publishers), accepted),
         (format!("herald ack=accepted batch {}", a.batch), batched),
