@@ -228,6 +228,10 @@ struct LocalArgs {
     /// Give up on a run after this many seconds.
     #[arg(long, default_value_t = 120)]
     max_seconds: u64,
+    /// Install the Prometheus recorder, as `herald node` does (without it every metric call of
+    /// the event path is a no-op, so the rows leave out what metrics cost a real node).
+    #[arg(long)]
+    prometheus: bool,
     /// Only these rows (for profiling one path, e.g. `--only none` under callgrind).
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = [LocalRow::Raw, LocalRow::RawEvent, LocalRow::RawSend, LocalRow::None, LocalRow::Accepted, LocalRow::Batch])]
     only: Vec<LocalRow>,
@@ -388,6 +392,9 @@ async fn publish_concurrently(
 
 async fn local(a: LocalArgs) -> Result<(), String> {
     let max = Duration::from_secs(a.max_seconds);
+    if a.prometheus {
+        crate::metrics::install_prometheus();
+    }
     let dir = std::env::temp_dir().join(format!("herald-bench-{}", std::process::id()));
     let tally = Arc::new(Tally {
         seen: AtomicU64::new(0),
@@ -411,8 +418,16 @@ async fn local(a: LocalArgs) -> Result<(), String> {
     let payload =
         Event::json("bench", &serde_json::json!({"user_id": 1, "username": "bench"})).map_err(|e| e.to_string())?;
     println!(
-        "herald bench local: {} events per run, {} runs, {} instances, wal.fsync={:?}",
-        a.events, a.runs, a.instances, a.wal_fsync
+        "herald bench local: {} events per run, {} runs, {} instances, wal.fsync={:?}, metrics {}",
+        a.events,
+        a.runs,
+        a.instances,
+        a.wal_fsync,
+        if a.prometheus {
+            "recorded (Prometheus)"
+        } else {
+            "not recorded"
+        }
     );
 
     let runs = |row: LocalRow| if a.only.contains(&row) { a.runs } else { 0 };
