@@ -84,8 +84,7 @@ impl SubRuntime {
         if n == 1 {
             return slot(0);
         }
-        let a = rand::random_range(0..n);
-        let b = (a + 1 + rand::random_range(0..n - 1)) % n;
+        let (a, b) = two_distinct(n);
         let (first, second) =
             if self.instances[a].load.load(Ordering::Relaxed) <= self.instances[b].load.load(Ordering::Relaxed) {
                 (a, b)
@@ -148,6 +147,31 @@ impl SubRuntime {
     }
 }
 
+/// Two distinct random indices below `n` (at least 2), for the power-of-two choice.
+///
+/// A per-thread xorshift generator: the choice needs spread, not unpredictability, and `rand`'s
+/// thread RNG (a ChaCha block cipher) cost more than the rest of the choice, twice per event.
+fn two_distinct(n: usize) -> (usize, usize) {
+    use std::cell::Cell;
+    thread_local! {
+        static STATE: Cell<u64> = Cell::new(rand::random::<u64>() | 1);
+    }
+    let r = STATE.with(|s| {
+        // xorshift64* (Vigna): full period over non-zero states.
+        let mut x = s.get();
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        s.set(x);
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    });
+    // Two 32-bit halves mapped onto [0, n) and [0, n - 1) by multiply-shift (no division).
+    let pick = |bits: u64, m: usize| (((bits & 0xffff_ffff) * m as u64) >> 32) as usize;
+    let a = pick(r >> 32, n);
+    let b = (a + 1 + pick(r, n - 1)) % n;
+    (a, b)
+}
+
 /// Rendezvous (highest random weight) hashing: the instance with the highest hash of (key, index).
 /// Stable across processes and versions, which cross-node routing will rely on.
 pub(crate) fn rendezvous(key: &[u8], n: usize) -> usize {
@@ -197,6 +221,9 @@ pub(crate) struct Route {
     pub(crate) slots: Vec<Slot>,
     /// At most this many events in flight to one remote slot.
     window: usize,
+    /// Every slot is local (a single node, or a placement that put every instance here): the
+    /// choice among instances is then the local runtime's alone, made once per event.
+    all_local: bool,
 }
 
 /// The slot picked for one event, with its room reserved.
@@ -286,6 +313,14 @@ impl Route {
         if self.slots.is_empty() {
             return Err(NoRoom::Unplaced);
         }
+        if self.all_local {
+            // Every slot leads to the same runtime, which picks the instance (by key, or the less
+            // loaded of two) and falls back to any instance with room itself.
+            return match &self.local {
+                Some(local) => local.reserve(key).map(Target::Local).ok_or(NoRoom::Full),
+                None => Err(NoRoom::Full),
+            };
+        }
         // Usually every slot is healthy: then no list of healthy slots is built.
         let all = (0..self.slots.len()).all(|i| self.healthy(i));
         let healthy: Vec<usize> = if all {
@@ -306,8 +341,7 @@ impl Route {
         if n == 1 {
             return self.try_slot(at(0), None).ok_or(NoRoom::Full);
         }
-        let a = rand::random_range(0..n);
-        let b = (a + 1 + rand::random_range(0..n - 1)) % n;
+        let (a, b) = two_distinct(n);
         let (first, second) = if self.load(at(a)) <= self.load(at(b)) {
             (at(a), at(b))
         } else {
@@ -320,11 +354,45 @@ impl Route {
     }
 }
 
+/// The subscriptions of one topic, and its `events_published_total{topic}` handle (resolved once
+/// per table build instead of once per publish).
+pub(crate) struct TopicRoutes {
+    pub(crate) routes: Vec<Arc<Route>>,
+    pub(crate) published: metrics::Counter,
+}
+
+/// FNV-1a for the topic map: every publish looks its topic up, and topics are short strings for
+/// which SipHash's setup costs more than the hashing (the keys are this node's own subscriptions,
+/// so flooding resistance buys nothing).
+#[derive(Default, Clone, Copy)]
+pub(crate) struct TopicHasher;
+
+impl std::hash::BuildHasher for TopicHasher {
+    type Hasher = Fnv;
+    fn build_hasher(&self) -> Fnv {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+/// The FNV-1a hasher state (see [`TopicHasher`]).
+pub(crate) struct Fnv(u64);
+
+impl std::hash::Hasher for Fnv {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    fn finish(&self) -> u64 {
+        mix(self.0)
+    }
+}
+
 /// An immutable snapshot of every subscription.
 #[derive(Default)]
 pub(crate) struct RoutingTable {
     /// The routes of each topic.
-    by_topic: HashMap<String, Vec<Arc<Route>>>,
+    by_topic: HashMap<String, TopicRoutes, TopicHasher>,
     routes: HashMap<SubscriptionKey, Arc<Route>>,
     /// This node's running subscriptions.
     all: BTreeMap<SubscriptionKey, Arc<SubRuntime>>,
@@ -339,9 +407,9 @@ impl RoutingTable {
         self.live
     }
 
-    /// The routes of `topic`'s subscriptions (empty if none).
-    pub(crate) fn topic(&self, topic: &str) -> &[Arc<Route>] {
-        self.by_topic.get(topic).map_or(&[], Vec::as_slice)
+    /// The routes of `topic`'s subscriptions, if it has any.
+    pub(crate) fn topic(&self, topic: &str) -> Option<&TopicRoutes> {
+        self.by_topic.get(topic)
     }
 
     /// The route of one subscription.
@@ -481,11 +549,11 @@ impl Router {
     fn rebuild(&self, inputs: &mut Inputs) {
         let me = self.parts.me;
         let mut routes = HashMap::new();
-        let mut by_topic: HashMap<String, Vec<Arc<Route>>> = HashMap::new();
+        let mut by_topic: HashMap<String, TopicRoutes, TopicHasher> = HashMap::default();
         let mut used = std::collections::HashSet::new();
         for (key, nodes) in &inputs.placement.subscriptions {
             let local = inputs.all.get(key).cloned();
-            let slots = nodes
+            let slots: Vec<Slot> = nodes
                 .iter()
                 .filter_map(|&node| {
                     if node == me {
@@ -502,14 +570,23 @@ impl Router {
                     })
                 })
                 .collect();
+            let all_local = slots.iter().all(|s| matches!(s, Slot::Local));
             let route = Arc::new(Route {
                 key: Arc::new(key.clone()),
                 epoch: inputs.placement.epoch,
                 local,
                 slots,
                 window: self.parts.window,
+                all_local,
             });
-            by_topic.entry(key.topic.clone()).or_default().push(route.clone());
+            by_topic
+                .entry(key.topic.clone())
+                .or_insert_with(|| TopicRoutes {
+                    routes: Vec::new(),
+                    published: metrics::counter!(crate::metrics::EVENTS_PUBLISHED, "topic" => key.topic.clone()),
+                })
+                .routes
+                .push(route.clone());
             routes.insert(key.clone(), route);
         }
         // Counters of instances no longer placed are dropped once nothing is in flight to them.
@@ -586,6 +663,24 @@ mod tests {
         }
         for c in counts {
             assert!((700..1300).contains(&c), "uneven spread: {counts:?}");
+        }
+    }
+
+    #[test]
+    fn two_distinct_picks_two_different_indices_evenly() {
+        for n in 2..6 {
+            let mut counts = vec![0usize; n];
+            for _ in 0..6000 {
+                let (a, b) = two_distinct(n);
+                assert!(a < n && b < n && a != b, "n={n}: {a}, {b}");
+                counts[a] += 1;
+                counts[b] += 1;
+            }
+            let even = 12000 / n;
+            assert!(
+                counts.iter().all(|&c| c > even * 8 / 10 && c < even * 12 / 10),
+                "n={n}: {counts:?}"
+            );
         }
     }
 

@@ -16,7 +16,9 @@ use std::time::Duration;
 use actix::prelude::{Actor, Context, Handler, ResponseFuture};
 use actix_web::web::Bytes;
 use herald::config::{Role, TokenConfig};
+use herald::event::Event;
 use herald::handler::{Delivery, HandlerError, HandlerResult};
+use herald::ingress::AckMode;
 use herald::node::Node;
 use herald::subscription::SubscriptionSpec;
 use serde_json::{json, Value};
@@ -698,6 +700,109 @@ async fn failing_events_become_dead_letters_and_can_be_replayed() {
     )
     .await;
     assert_api_error(&unknown, 404, "not_found");
+    n.node.shutdown().await;
+}
+
+/// Fails by payload: `{"i": n}` panics on the first attempt of `panic_at`, answers an error on
+/// the first attempt of `fail_at`, always fails `poison`; records every success.
+struct Picky {
+    seen: Seen,
+    panic_at: i64,
+    fail_at: i64,
+    poison: i64,
+}
+
+impl Actor for Picky {
+    type Context = Context<Self>;
+}
+
+impl Handler<Delivery> for Picky {
+    type Result = HandlerResult;
+
+    fn handle(&mut self, d: Delivery, _: &mut Context<Self>) -> HandlerResult {
+        let i = d
+            .event
+            .json_data()
+            .ok()
+            .and_then(|v: Value| v["i"].as_i64())
+            .unwrap_or(-1);
+        if i == self.panic_at && d.attempt == 1 {
+            panic!("deliberate panic of a test handler (event {i})");
+        }
+        if (i == self.fail_at && d.attempt == 1) || i == self.poison {
+            return Err(HandlerError::msg(format!("boom: event {i}")));
+        }
+        self.seen.push(Got::new(&d, 0));
+        Ok(())
+    }
+}
+
+/// A sync handler gets unkeyed events pipelined (many handed to it before the first answer): a
+/// panic or an error in the middle of a run costs the failed event one attempt, the events
+/// queued behind a panic none, every other event is handled exactly once, and the poison event is
+/// dead-lettered after exactly max_attempts.
+#[actix_rt::test]
+async fn failures_inside_a_pipelined_run_retry_only_the_failed_events() {
+    let seen = Seen::default();
+    let s = seen.clone();
+    let mut b = Node::builder()
+        .handler("picky", move || Picky {
+            seen: s.clone(),
+            panic_at: 50,
+            fail_at: 100,
+            poison: 200,
+        })
+        .subscription(SubscriptionSpec::rust("api.pipeline", "g", "picky").max_attempts(3));
+    b.config_mut().handlers.backoff_initial_ms = 5;
+    let n = start_node(b).await;
+
+    let events: Vec<Event> = (0..300)
+        .map(|i| Event::json("api.pipeline", &json!({ "i": i })).unwrap())
+        .collect();
+    let ids: Vec<String> = events.iter().map(|e| e.id.clone()).collect();
+    let answers = n
+        .node
+        .ingress()
+        .publish(events, AckMode::Processed, Duration::from_secs(30))
+        .await
+        .expect("published and processed");
+    for (i, a) in answers.iter().enumerate() {
+        let outcomes = a.outcomes.as_ref().expect("ack=processed outcomes");
+        assert_eq!(outcomes.len(), 1, "event {i}: {outcomes:?}");
+        let (outcome, attempts) = match i {
+            50 | 100 => ("ok", 2),
+            200 => ("dead_lettered", 3),
+            _ => ("ok", 1),
+        };
+        assert_eq!(
+            (outcomes[0].outcome.as_str(), outcomes[0].attempts),
+            (outcome, attempts),
+            "event {i}: {outcomes:?}"
+        );
+    }
+    let mut handled: Vec<String> = seen.ids();
+    handled.sort();
+    let mut want: Vec<String> = ids
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 200)
+        .map(|(_, id)| id.clone())
+        .collect();
+    want.sort();
+    assert_eq!(handled, want, "every event but the poison one handled exactly once");
+    let labels = [("topic", "api.pipeline"), ("group", "g")];
+    assert_eq!(
+        wait_metric(&n.url, "herald_dead_letters_total", &labels, 1.0).await,
+        1.0
+    );
+    let errors = metric_now(
+        &n.url,
+        "herald_events_delivered_total",
+        &[("topic", "api.pipeline"), ("group", "g"), ("outcome", "error")],
+    )
+    .await;
+    assert_eq!(errors, Some(5.0), "one panic, one error, three poison attempts");
+    ok_exactly(&n.url, "api.pipeline", "g", 299.0).await;
     n.node.shutdown().await;
 }
 

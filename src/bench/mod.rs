@@ -1,7 +1,9 @@
 //! `herald bench`: benchmark scenarios that print figures next to a peer measured in the same run.
 //!
 //! `local`: events/s from publish to a no-op Rust handler in one node (in-process publish, no
-//! HTTP), with `ack=none` and `ack=accepted`, next to raw actix `do_send` to a no-op actor.
+//! HTTP), with `ack=none` and `ack=accepted`, next to raw actix `do_send` to a no-op actor (the
+//! "vs raw" column), and two more raw rows that carry what Herald's rows carry: `do_send` of a
+//! clone of the same event, and `send` of it with each answer awaited (request/response).
 //!
 //! `membership`: a 3-node loopback cluster; subscribe → placed, join → placed, leader failover.
 //!
@@ -248,6 +250,31 @@ struct LocalArgs {
     /// A second or two: 20,000 events per run, 1 run, 32 publishers.
     #[arg(long)]
     smoke: bool,
+    /// Install the Prometheus recorder, as `herald node` does (without it every metric call of
+    /// the event path is a no-op, so the rows leave out what metrics cost a real node).
+    #[arg(long)]
+    prometheus: bool,
+    /// Only these rows (for profiling one path, e.g. `--only none` under callgrind).
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [LocalRow::Raw, LocalRow::RawEvent, LocalRow::RawSend, LocalRow::None, LocalRow::Accepted, LocalRow::Batch])]
+    only: Vec<LocalRow>,
+}
+
+/// A row of `herald bench local`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum LocalRow {
+    /// Raw actix `do_send` of an empty message.
+    Raw,
+    /// Raw actix `do_send` of a clone of the benchmark event (the payload Herald's rows carry).
+    RawEvent,
+    /// Raw actix `send` of a clone of the event, awaiting each answer before the next (a
+    /// request/response per event, without a supervisor, mailbox bound or completion tracking).
+    RawSend,
+    /// `ack=none`, one event per publish call.
+    None,
+    /// `ack=accepted`, one event per call, concurrent publishers.
+    Accepted,
+    /// `ack=accepted`, batched calls.
+    Batch,
 }
 
 /// Runs a scenario; `builder` carries the binary's handlers (for `bench node`).
@@ -318,6 +345,18 @@ impl Actor for RawNoOp {
     type Context = Context<Self>;
 }
 
+/// The benchmark event, carried as a plain actix message.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Carry(#[allow(dead_code)] Event);
+
+impl Handler<Carry> for RawNoOp {
+    type Result = ();
+    fn handle(&mut self, _: Carry, _: &mut Context<Self>) {
+        self.0.hit();
+    }
+}
+
 impl Handler<Ping> for RawNoOp {
     type Result = ();
     fn handle(&mut self, _: Ping, _: &mut Context<Self>) {
@@ -330,9 +369,12 @@ fn median(mut v: Vec<f64>) -> (f64, f64, f64) {
     (v[v.len() / 2], v[0], v[v.len() - 1])
 }
 
-async fn publish_until_accepted(ingress: &Ingress, events: Vec<Event>, ack: AckMode) -> Result<(), String> {
+/// Publishes the events `make` builds, again (freshly built) while the node answers Overloaded.
+/// `make` runs once per attempt: the publisher owns each event it hands over, as a caller that
+/// builds its events would, and keeps no spare copy for a retry that is usually not needed.
+async fn publish_until_accepted(ingress: &Ingress, make: impl Fn() -> Vec<Event>, ack: AckMode) -> Result<(), String> {
     loop {
-        match ingress.publish(events.clone(), ack, Duration::from_secs(30)).await {
+        match ingress.publish(make(), ack, Duration::from_secs(30)).await {
             Ok(_) => return Ok(()),
             // Full mailboxes: the handlers are behind; let them run and retry (closed loop).
             Err(PublishError::Overloaded(_)) => tokio::task::yield_now().await,
@@ -361,7 +403,7 @@ async fn publish_concurrently(
         let events = vec![payload.clone(); batch];
         tasks.push(actix_rt::spawn(async move {
             for _ in 0..calls {
-                publish_until_accepted(&ing, events.clone(), AckMode::Accepted).await?;
+                publish_until_accepted(&ing, || events.clone(), AckMode::Accepted).await?;
             }
             Ok::<(), String>(())
         }));
@@ -383,6 +425,9 @@ async fn local(mut a: LocalArgs) -> Result<(), String> {
         return Err("--events, --runs, --publishers and --batch must be positive".into());
     }
     let max = Duration::from_secs(a.max_seconds);
+    if a.prometheus {
+        crate::metrics::install_prometheus();
+    }
     let dir = std::env::temp_dir().join(format!("herald-bench-{}", std::process::id()));
     let tally = Arc::new(Tally {
         seen: AtomicU64::new(0),
@@ -406,16 +451,25 @@ async fn local(mut a: LocalArgs) -> Result<(), String> {
     let payload =
         Event::json("bench", &serde_json::json!({"user_id": 1, "username": "bench"})).map_err(|e| e.to_string())?;
     println!(
-        "herald bench local: {} events per run, {} runs, {} instances, wal.fsync={:?}",
-        a.events, a.runs, a.instances, a.wal_fsync
+        "herald bench local: {} events per run, {} runs, {} instances, wal.fsync={:?}, metrics {}",
+        a.events,
+        a.runs,
+        a.instances,
+        a.wal_fsync,
+        if a.prometheus {
+            "recorded (Prometheus)"
+        } else {
+            "not recorded"
+        }
     );
 
+    let runs = |row: LocalRow| if a.only.contains(&row) { a.runs } else { 0 };
     // Raw actix: do_send from one task to one no-op actor on another thread.
     let mut raw = Vec::new();
     let arbiter = Arbiter::new();
     let t = tally.clone();
     let addr = RawNoOp::start_in_arbiter(&arbiter.handle(), move |_| RawNoOp(t));
-    for _ in 0..a.runs {
+    for _ in 0..runs(LocalRow::Raw) {
         let started = Instant::now();
         tally
             .reset_and_wait(a.events, max, || {
@@ -426,17 +480,43 @@ async fn local(mut a: LocalArgs) -> Result<(), String> {
             .await?;
         raw.push(a.events as f64 / started.elapsed().as_secs_f64());
     }
+    let mut raw_event = Vec::new();
+    for _ in 0..runs(LocalRow::RawEvent) {
+        let started = Instant::now();
+        tally
+            .reset_and_wait(a.events, max, || {
+                for _ in 0..a.events {
+                    addr.do_send(Carry(payload.clone()));
+                }
+            })
+            .await?;
+        raw_event.push(a.events as f64 / started.elapsed().as_secs_f64());
+    }
+    let mut raw_send = Vec::new();
+    for _ in 0..runs(LocalRow::RawSend) {
+        let started = Instant::now();
+        let (to, ev, events) = (addr.clone(), payload.clone(), a.events);
+        let sender = actix_rt::spawn(async move {
+            for _ in 0..events {
+                to.send(Carry(ev.clone())).await.map_err(|e| e.to_string())?;
+            }
+            Ok::<(), String>(())
+        });
+        tally.reset_and_wait(a.events, max, || {}).await?;
+        sender.await.map_err(|e| e.to_string())??;
+        raw_send.push(a.events as f64 / started.elapsed().as_secs_f64());
+    }
     arbiter.stop();
 
     let mut none = Vec::new();
-    for _ in 0..a.runs {
+    for _ in 0..runs(LocalRow::None) {
         let started = Instant::now();
         let ing = ingress.clone();
         let ev = payload.clone();
         let events = a.events;
         let publisher = actix_rt::spawn(async move {
             for _ in 0..events {
-                publish_until_accepted(&ing, vec![ev.clone()], AckMode::None).await?;
+                publish_until_accepted(&ing, || vec![ev.clone()], AckMode::None).await?;
             }
             Ok::<(), String>(())
         });
@@ -446,11 +526,11 @@ async fn local(mut a: LocalArgs) -> Result<(), String> {
     }
 
     let mut accepted = Vec::new();
-    for _ in 0..a.runs {
+    for _ in 0..runs(LocalRow::Accepted) {
         accepted.push(publish_concurrently(&ingress, &tally, &payload, a.events, a.publishers, 1, max).await?);
     }
     let mut batched = Vec::new();
-    for _ in 0..a.runs {
+    for _ in 0..runs(LocalRow::Batch) {
         batched.push(
             publish_concurrently(&ingress, &tally, &payload, a.events, a.publishers.min(16), a.batch, max).await?,
         );
@@ -459,40 +539,60 @@ async fn local(mut a: LocalArgs) -> Result<(), String> {
     let _ = std::fs::remove_dir_all(&dir);
 
     let json_rows = a.json.as_ref().map(|_| {
-        // Raw actix is the peer of the like-for-like row (at most once, one event per call); the
-        // acked rows wait for the WAL and stand alone.
-        let row = |mode: &str, case: &str, runs: &[f64], peer| {
+        // Raw actix is the peer of the like-for-like row (at most once, one event per call), in
+        // its three forms; the acked rows wait for the WAL and stand alone.
+        let row = |mode: &str, case: &str, runs: &[f64], peer: &[f64]| {
+            let peer = (!peer.is_empty()).then_some(("raw actix", peer));
             record::row("local", mode, case, "events_per_second", true, runs, peer)
         };
         vec![
-            row("ack=none", "1 event per publish", &none, Some(("raw actix", &raw[..]))),
+            row(
+                "ack=none",
+                "1 event per publish vs do_send() of an empty message",
+                &none,
+                &raw,
+            ),
+            row("ack=none", "1 event per publish vs do_send(Event)", &none, &raw_event),
+            row(
+                "ack=none",
+                "1 event per publish vs send(Event), each answer awaited",
+                &none,
+                &raw_send,
+            ),
             row(
                 "ack=accepted",
                 &format!("1 event per publish, {} publishers", a.publishers),
                 &accepted,
-                None,
+                &[],
             ),
             row(
                 "ack=accepted",
                 &format!("{} events per publish", a.batch),
                 &batched,
-                None,
+                &[],
             ),
         ]
+        .into_iter()
+        .filter(|r| r["herald"]["median"].is_number())
+        .collect::<Vec<_>>()
     });
-    let raw = median(raw);
+    let raw_median = (!raw.is_empty()).then(|| median(raw.clone()).0);
     let rows = [
         ("raw actix do_send".to_string(), raw),
-        ("herald ack=none".to_string(), median(none)),
-        (format!("herald ack=accepted x{}", a.publishers), median(accepted)),
-        (format!("herald ack=accepted batch {}", a.batch), median(batched)),
+        ("raw actix do_send(Event)".to_string(), raw_event),
+        ("raw actix send(Event), awaited".to_string(), raw_send),
+        ("herald ack=none".to_string(), none),
+        (format!("herald ack=accepted x{}", a.publishers), accepted),
+        (format!("herald ack=accepted batch {}", a.batch), batched),
     ];
     println!(
         "\n{:<30} {:>12} {:>12} {:>12} {:>8}",
         "scenario", "median ev/s", "min ev/s", "max ev/s", "vs raw"
     );
-    for (name, (m, lo, hi)) in rows {
-        println!("{name:<30} {m:>12.0} {lo:>12.0} {hi:>12.0} {:>7.2}x", m / raw.0);
+    for (name, runs) in rows.into_iter().filter(|(_, runs)| !runs.is_empty()) {
+        let (m, lo, hi) = median(runs);
+        let ratio = raw_median.map_or_else(|| "-".to_string(), |r| format!("{:.2}x", m / r));
+        println!("{name:<30} {m:>12.0} {lo:>12.0} {hi:>12.0} {ratio:>8}");
     }
     if let (Some(path), Some(rows)) = (&a.json, json_rows) {
         let meta = serde_json::json!({

@@ -94,6 +94,10 @@ pub(crate) struct LogSpawner;
 
 impl Spawner for LogSpawner {
     fn start(&self) -> Box<dyn Invoke> {
-        Box::new(Log.start())
+        Box::new(super::start_actor(Log))
+    }
+
+    fn pipelined(&self) -> bool {
+        true
     }
 }

@@ -5,10 +5,12 @@
 //! async handlers return `ResponseFuture<HandlerResult>` (or `ResponseActFuture`/`AtomicResponse`).
 //!
 //! Each running instance is one actor owned by a supervisor task on a worker thread
-//! (`supervisor`). The supervisor feeds the actor one event at a time (so a keyed event stream
-//! is handled strictly in order, retries included), restarts the actor from its factory with
-//! exponential backoff after an error, a panic or a timeout, retries the event up to
-//! `max_attempts`, and then hands it to the dead-letter sink.
+//! (`supervisor`). An instance handles one event at a time (so a keyed event stream is handled
+//! strictly in order, retries included); a sync handler gets unkeyed events pipelined (several
+//! queued in its mailbox before the first answer, which it still handles one by one, in order).
+//! The supervisor restarts the actor from its factory with exponential backoff after an error, a
+//! panic or a timeout, retries the event up to `max_attempts`, and then hands it to the
+//! dead-letter sink.
 //!
 //! This module knows nothing of HTTP, the WAL or Raft: completion and dead-lettering go through
 //! the `supervisor::Completion` and `supervisor::DeadLetterSink` traits.
@@ -98,6 +100,22 @@ impl<A: Actor<Context = Context<A>> + Handler<Delivery>> HandlerActor for A {}
 pub(crate) trait Spawner: Send + Sync + 'static {
     /// Starts a fresh actor and returns a way to call it.
     fn start(&self) -> Box<dyn Invoke>;
+
+    /// Whether the actor answers every delivery inside `handle`, in mailbox order, one at a time
+    /// (a sync handler): then the supervisor may hand it several before the first answer
+    /// (`supervisor::PIPELINE`). An async handler's answer is a future actix runs alongside the
+    /// next messages, so pipelining would run several events of one instance at once.
+    fn pipelined(&self) -> bool {
+        false
+    }
+}
+
+/// Starts `A` with a mailbox that holds a full pipeline (see `supervisor::ACTOR_MAILBOX`).
+pub(crate) fn start_actor<A: HandlerActor>(actor: A) -> Addr<A> {
+    A::create(move |ctx| {
+        ctx.set_mailbox_capacity(supervisor::ACTOR_MAILBOX);
+        actor
+    })
 }
 
 /// Calls a running handler actor.
@@ -121,7 +139,14 @@ where
     F: Fn() -> A + Send + Sync + 'static,
 {
     fn start(&self) -> Box<dyn Invoke> {
-        Box::new((self.0)().start())
+        Box::new(start_actor((self.0)()))
+    }
+
+    fn pipelined(&self) -> bool {
+        // A handler whose `Result` is `HandlerResult` itself answers inside `handle`; any other
+        // (`ResponseFuture`, `ResponseActFuture`, `AtomicResponse`) answers later. `type_name`
+        // needs no `'static` bound on the user's type; a mismatch only turns pipelining off.
+        std::any::type_name::<<A as Handler<Delivery>>::Result>() == std::any::type_name::<HandlerResult>()
     }
 }
 
@@ -179,5 +204,44 @@ impl HandlerRegistry {
             })),
             HandlerSpec::Log => Some(Arc::new(builtin::LogSpawner)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Sync;
+    impl Actor for Sync {
+        type Context = Context<Self>;
+    }
+    impl Handler<Delivery> for Sync {
+        type Result = HandlerResult;
+        fn handle(&mut self, _: Delivery, _: &mut Context<Self>) -> HandlerResult {
+            Ok(())
+        }
+    }
+
+    struct Async;
+    impl Actor for Async {
+        type Context = Context<Self>;
+    }
+    impl Handler<Delivery> for Async {
+        type Result = ResponseFuture<HandlerResult>;
+        fn handle(&mut self, _: Delivery, _: &mut Context<Self>) -> Self::Result {
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    #[test]
+    fn only_sync_handlers_are_pipelined() {
+        assert!(FnSpawner(|| Sync).pipelined());
+        assert!(!FnSpawner(|| Async).pipelined());
+        assert!(builtin::LogSpawner.pipelined());
+        let webhook = builtin::WebhookSpawner {
+            url: "http://127.0.0.1:9/".into(),
+            timeout: std::time::Duration::from_secs(1),
+        };
+        assert!(!webhook.pipelined());
     }
 }

@@ -312,6 +312,14 @@ pub struct Ingress {
     ready: tokio::sync::watch::Sender<bool>,
 }
 
+/// Where one run of a topic's events is counted in `events_published_total{topic}`.
+enum PublishedCount<'a> {
+    /// The handle the routing table resolved for a topic with subscriptions.
+    Handle(&'a Counter),
+    /// A topic without subscriptions: counted by name.
+    Topic(String),
+}
+
 /// Bytes charged against the budget for one event: its payload plus a fixed overhead, so that
 /// many empty events are bounded too.
 fn charge(e: &Event) -> usize {
@@ -408,13 +416,31 @@ impl Ingress {
         let table = self.router.table();
         // 1. Reserve bytes and room for one instance per subscription.
         let mut reserved = Vec::with_capacity(events.len());
-        for e in &events {
+        // `events_published_total{topic}` is counted per run of one topic (a batch is one run),
+        // once everything is accepted: the topic's handle from the table, or by name for a topic
+        // without subscriptions.
+        let mut runs: Vec<(PublishedCount, u64)> = Vec::new();
+        let mut run: Option<(usize, PublishedCount, u64)> = None;
+        for (i, e) in events.iter().enumerate() {
             let cost = charge(e);
             let permit = self
                 .bytes
                 .try_take(cost)
                 .ok_or_else(|| self.overloaded("the node holds its maximum of in-flight event bytes"))?;
-            let routes = table.topic(&e.topic);
+            let entry = table.topic(&e.topic);
+            match &mut run {
+                Some((first, _, n)) if events[*first].topic == e.topic => *n += 1,
+                _ => {
+                    let counter = match entry {
+                        Some(t) => PublishedCount::Handle(&t.published),
+                        None => PublishedCount::Topic(e.topic.clone()),
+                    };
+                    if let Some((_, counter, n)) = run.replace((i, counter, 1)) {
+                        runs.push((counter, n));
+                    }
+                }
+            }
+            let routes = entry.map_or(&[][..], |t| t.routes.as_slice());
             let mut slots = Vec::with_capacity(routes.len());
             for route in routes {
                 let target = route.reserve(e.key.as_deref()).map_err(|why| match why {
@@ -464,18 +490,13 @@ impl Ingress {
         let mut remote: Vec<(u64, Vec<Outgoing>)> = Vec::new();
         // Budget shares of untracked (at-most-once) events, given back once they are encoded.
         let mut held = Vec::new();
-        // `events_published_total{topic}` is counted per run of one topic (a batch is one run).
-        let mut run: Option<(String, u64)> = None;
-        for (event, (permit, slots)) in events.into_iter().zip(reserved) {
-            match &mut run {
-                Some((topic, n)) if *topic == event.topic => *n += 1,
-                _ => {
-                    if let Some((topic, n)) = run.take() {
-                        self.count_published(&topic, n);
-                    }
-                    run = Some((event.topic.clone(), 1));
-                }
+        for (counter, n) in runs.into_iter().chain(run.map(|(_, counter, n)| (counter, n))) {
+            match counter {
+                PublishedCount::Handle(c) => c.increment(n),
+                PublishedCount::Topic(topic) => self.count_published(&topic, n),
             }
+        }
+        for (event, (permit, slots)) in events.into_iter().zip(reserved) {
             let n = slots.len();
             answers.push(Published {
                 id: event.id.clone(),
@@ -533,9 +554,6 @@ impl Ingress {
                     Target::Parked => self.relay.park(route.key.clone(), event.clone(), tracker()),
                 }
             }
-        }
-        if let Some((topic, n)) = run {
-            self.count_published(&topic, n);
         }
         for (node, items) in remote {
             self.relay.forward(node, items);
