@@ -169,6 +169,21 @@ pub(super) fn draw(scenario: &str, figs: &[Fig], dir: &Path) -> Result<Vec<(Stri
     Ok(out)
 }
 
+/// `text` in lines of at most `width` characters, broken at spaces (a longer word stands alone).
+fn wrap(text: &str, width: usize) -> Vec<String> {
+    let mut lines: Vec<String> = Vec::new();
+    for word in text.split(' ') {
+        match lines.last_mut() {
+            Some(line) if line.len() + 1 + word.len() <= width => {
+                line.push(' ');
+                line.push_str(word);
+            }
+            _ => lines.push(word.to_string()),
+        }
+    }
+    lines
+}
+
 /// A grouped bar chart. With `log`, bars are drawn in log10 of their values (labels show values).
 fn bars(path: &Path, title: &str, y_desc: &str, groups: &[String], series: &[Series], log: bool) -> Result<(), String> {
     let e = |e: plotters::drawing::DrawingAreaErrorKind<std::io::Error>| format!("{}: {e}", path.display());
@@ -255,10 +270,16 @@ fn bars(path: &Path, title: &str, y_desc: &str, groups: &[String], series: &[Ser
             .map_err(e)?;
     }
     let group_style = TextStyle::from(("sans-serif", 12).into_font()).pos(Pos::new(HPos::Center, VPos::Top));
+    let (left, _) = chart.backend_coord(&(0.0, 0.0));
+    let (right, _) = chart.backend_coord(&(n, 0.0));
+    // ~6.5 px per character of a 12 px sans-serif font.
+    let chars = (((right - left) as f64 / n.max(1.0)) / 6.5).max(8.0) as usize;
     for (i, g) in groups.iter().enumerate() {
         let (px, py) = chart.backend_coord(&(i as f64 + 0.5, 0.0));
-        root.draw(&Text::new(g.clone(), (px, py + 8), group_style.clone()))
-            .map_err(e)?;
+        for (k, line) in wrap(g, chars).into_iter().take(4).enumerate() {
+            root.draw(&Text::new(line, (px, py + 8 + 14 * k as i32), group_style.clone()))
+                .map_err(e)?;
+        }
     }
     root.present().map_err(e)?;
     Ok(())
@@ -267,6 +288,15 @@ fn bars(path: &Path, title: &str, y_desc: &str, groups: &[String], series: &[Ser
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn labels_wrap_at_spaces() {
+        assert_eq!(
+            wrap("ack=none, 1 event per publish", 12),
+            ["ack=none, 1", "event per", "publish"]
+        );
+        assert_eq!(wrap("do_send(Event)", 4), ["do_send(Event)"]);
+    }
 
     #[test]
     fn charts_are_written_for_each_kind_of_figure() {
