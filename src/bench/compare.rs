@@ -23,6 +23,17 @@ pub(super) enum Metric {
 }
 
 impl Metric {
+    /// The metric of a JSON row's `metric` name; other names (e.g. `samples_ms`) read as a
+    /// latency in ms, which formats alike.
+    pub(super) fn from_name(name: &str) -> Metric {
+        match name {
+            "events_per_second" => Metric::EventsPerSecond,
+            "p99_ms" => Metric::P99Ms,
+            "p999_ms" => Metric::P999Ms,
+            _ => Metric::P50Ms,
+        }
+    }
+
     pub(super) fn label(self) -> &'static str {
         match self {
             Metric::EventsPerSecond => "events/s",
@@ -117,17 +128,22 @@ pub(super) fn fmt_value(metric: Metric, v: f64) -> String {
     }
 }
 
-fn fmt_summary(metric: Metric, values: &[f64]) -> String {
+/// `median (min<dash>max)`, or the one figure.
+pub(super) fn fmt_summary_with(metric: Metric, values: &[f64], dash: &str) -> String {
     match summarize(values) {
         None => "-".into(),
         Some(s) if s.n == 1 => fmt_value(metric, s.median),
         Some(s) => format!(
-            "{} ({}-{})",
+            "{} ({}{dash}{})",
             fmt_value(metric, s.median),
             fmt_value(metric, s.min),
             fmt_value(metric, s.max)
         ),
     }
+}
+
+fn fmt_summary(metric: Metric, values: &[f64]) -> String {
+    fmt_summary_with(metric, values, "-")
 }
 
 fn fmt_ratio(r: Option<f64>) -> String {

@@ -332,6 +332,18 @@ struct Answer {
 }
 
 impl Answer {
+    /// The first response in `buf` once it is whole (taken out of `buf`), `None` while more
+    /// bytes are needed; an error for a malformed or oversized response.
+    fn complete(buf: &mut Vec<u8>) -> Result<Option<Answer>, String> {
+        if let Some(p) = parse_response(buf)? {
+            return Ok(Some(Answer::take(buf, &p)));
+        }
+        if buf.len() > MAX_RESPONSE {
+            return Err("a response over 1 MiB".into());
+        }
+        Ok(None)
+    }
+
     /// Takes the parsed response off the front of `buf`.
     fn take(buf: &mut Vec<u8>, p: &Parsed) -> Answer {
         let text = if (200..300).contains(&p.status) {
@@ -385,11 +397,8 @@ impl AsyncConn {
         self.stream.write_all(request).await.map_err(|e| e.to_string())?;
         let mut chunk = [0u8; 4096];
         loop {
-            if let Some(p) = parse_response(&self.buf)? {
-                return Ok(Answer::take(&mut self.buf, &p));
-            }
-            if self.buf.len() > MAX_RESPONSE {
-                return Err("a response over 1 MiB".into());
+            if let Some(answer) = Answer::complete(&mut self.buf)? {
+                return Ok(answer);
             }
             let n = self.stream.read(&mut chunk).await.map_err(|e| e.to_string())?;
             if n == 0 {
@@ -427,11 +436,8 @@ impl SyncConn {
         self.stream.write_all(request).map_err(|e| e.to_string())?;
         let mut chunk = [0u8; 4096];
         loop {
-            if let Some(p) = parse_response(&self.buf)? {
-                return Ok(Answer::take(&mut self.buf, &p));
-            }
-            if self.buf.len() > MAX_RESPONSE {
-                return Err("a response over 1 MiB".into());
+            if let Some(answer) = Answer::complete(&mut self.buf)? {
+                return Ok(answer);
             }
             let n = self.stream.read(&mut chunk).map_err(|e| e.to_string())?;
             if n == 0 {

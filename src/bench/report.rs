@@ -21,7 +21,7 @@ use std::time::Instant;
 use clap::Args;
 use serde_json::Value;
 
-use super::compare::summarize;
+use super::compare::{summarize, Metric};
 use super::percentile;
 
 /// `herald bench report` arguments.
@@ -437,38 +437,11 @@ pub(super) const PEER_FAILOVER_DEFAULTS: &[(&str, f64)] = &[
 ];
 
 fn fmt_ms(v: f64) -> String {
-    match v {
-        v if !v.is_finite() => "-".into(),
-        v if v >= 100.0 => format!("{v:.0}"),
-        v if v >= 10.0 => format!("{v:.1}"),
-        v => format!("{v:.2}"),
-    }
-}
-
-fn fmt_fig(metric: &str, v: f64) -> String {
-    if metric == "events_per_second" {
-        match v {
-            v if !v.is_finite() => "-".into(),
-            v if v >= 1e6 => format!("{:.2}M", v / 1e6),
-            v if v >= 1e3 => format!("{:.1}k", v / 1e3),
-            v => format!("{v:.0}"),
-        }
-    } else {
-        fmt_ms(v)
-    }
+    super::compare::fmt_value(Metric::P50Ms, v)
 }
 
 fn fmt_runs(metric: &str, v: &[f64]) -> String {
-    match summarize(v) {
-        None => "-".into(),
-        Some(s) if s.n == 1 => fmt_fig(metric, s.median),
-        Some(s) => format!(
-            "{} ({}–{})",
-            fmt_fig(metric, s.median),
-            fmt_fig(metric, s.min),
-            fmt_fig(metric, s.max)
-        ),
-    }
+    super::compare::fmt_summary_with(Metric::from_name(metric), v, "–")
 }
 
 fn metric_label(metric: &str) -> &str {
