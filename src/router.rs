@@ -270,7 +270,7 @@ pub(crate) enum NoRoom {
 impl Route {
     fn healthy(&self, i: usize) -> bool {
         match &self.slots[i] {
-            Slot::Local => true,
+            Slot::Local => self.local.is_some(),
             Slot::Remote { health, .. } => health.routable(),
         }
     }
@@ -318,7 +318,8 @@ impl Route {
             // loaded of two) and falls back to any instance with room itself.
             return match &self.local {
                 Some(local) => local.reserve(key).map(Target::Local).ok_or(NoRoom::Full),
-                None => Err(NoRoom::Full),
+                // Placed here, instances not started yet: held until they run.
+                None => Ok(Target::Parked),
             };
         }
         // Usually every slot is healthy: then no list of healthy slots is built.
@@ -555,19 +556,21 @@ impl Router {
             let local = inputs.all.get(key).cloned();
             let slots: Vec<Slot> = nodes
                 .iter()
-                .filter_map(|&node| {
+                .map(|&node| {
                     if node == me {
-                        // Until the local instances run, the local slots are not routable.
-                        return local.is_some().then_some(Slot::Local);
+                        // Until the local instances run, the local slot is not routable: events
+                        // go to the other slots, or are parked until the instances start (a
+                        // placement that just moved here is not "placed nowhere").
+                        return Slot::Local;
                     }
                     let id = (node, key.clone());
                     used.insert(id.clone());
                     let load = inputs.remote_load.entry(id).or_default().clone();
-                    Some(Slot::Remote {
+                    Slot::Remote {
                         node,
                         health: self.parts.health.peer(node),
                         load,
-                    })
+                    }
                 })
                 .collect();
             let all_local = slots.iter().all(|s| matches!(s, Slot::Local));
@@ -682,6 +685,25 @@ mod tests {
                 "n={n}: {counts:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_placement_here_whose_instances_have_not_started_parks_events() {
+        let route = Route {
+            key: Arc::new(SubscriptionKey {
+                topic: "t".into(),
+                group: "g".into(),
+            }),
+            epoch: 1,
+            local: None,
+            slots: vec![Slot::Local],
+            window: 8,
+            all_local: true,
+        };
+        assert!(matches!(route.reserve(None), Ok(Target::Parked)));
+        assert!(matches!(route.reserve(Some("k")), Ok(Target::Parked)));
+        let nowhere = Route { slots: vec![], ..route };
+        assert!(matches!(nowhere.reserve(None), Err(NoRoom::Unplaced)));
     }
 
     #[test]
