@@ -413,10 +413,19 @@ mod imp {
             }
             Mode::JetStream => {
                 let js = jetstream::new(client);
-                let consumer: jetstream::consumer::PullConsumer = js
-                    .get_consumer_from_stream(CONSUMER, STREAM)
-                    .await
-                    .map_err(|e| format!("consumer: {e}"))?;
+                // Right after the cluster started, a lookup through servers 2 and 3 can time out
+                // while JetStream's routes settle (seen in CI): retry for a while, as the stream's
+                // creation does.
+                let started = Instant::now();
+                let consumer: jetstream::consumer::PullConsumer = loop {
+                    match js.get_consumer_from_stream(CONSUMER, STREAM).await {
+                        Ok(c) => break c,
+                        Err(e) if started.elapsed() > Duration::from_secs(30) => {
+                            return Err(format!("consumer: not found within 30 s: {e}"))
+                        }
+                        Err(_) => actix_rt::time::sleep(Duration::from_millis(200)).await,
+                    }
+                };
                 let mut messages = consumer
                     .stream()
                     .max_messages_per_batch(1000)
