@@ -512,6 +512,11 @@ async fn status(c: ClientArgs) -> ClientResult {
         s(&cluster["epoch"]),
         s(&cluster["ready"])
     );
+    // Where the membership table and the Raft group disagree (normal for a moment while a node
+    // joins or leaves; a fault if it lasts).
+    for problem in cluster["problems"].as_array().into_iter().flatten() {
+        println!("problem: {}", s(problem));
+    }
     let members: Vec<Vec<String>> = cluster["members"]
         .as_array()
         .into_iter()

@@ -410,6 +410,40 @@ async fn a_learner_is_promoted_when_a_voter_is_removed() {
     subscribe(node(&nodes, 4).url(), &log_sub("promoted", "learner", 1)).await;
 }
 
+/// Removing the leader while it runs: it must not commit its own removal (a raft-rs leader that
+/// does keeps leading a group it is not in and drops every proposal); it hands leadership to
+/// another voter, which removes it and promotes the learner.
+#[actix_rt::test]
+async fn a_removed_leader_hands_over_and_the_others_go_on() {
+    let nodes = start_cluster(4, false);
+    let all = urls(&nodes);
+    let view = wait_formed(&all, &[1, 2, 3, 4], &[1, 2, 3]).await;
+    let l = leader(&view).unwrap();
+    let rest: Vec<&Node> = nodes.iter().filter(|n| n.id != l).collect();
+    let a = request("DELETE", &format!("{}/v1/cluster/nodes/{l}", rest[0].url()), &[], "").await;
+    assert_eq!(a.status, 204, "{}", a.body);
+
+    let ids: Vec<u64> = rest.iter().map(|n| n.id).collect();
+    let urls = self::urls(rest.iter().copied());
+    let new = converge(
+        "the removed leader is gone, another leads, and the learner votes",
+        &urls,
+        "/v1/cluster",
+        |views| {
+            let new = common_leader(views)?;
+            (new != l && views.iter().all(|v| members(v) == all_up(&ids, &ids))).then_some(new)
+        },
+    )
+    .await;
+    for u in &urls {
+        let v = get_ok(u, "/v1/cluster").await;
+        assert_eq!(voters(&v), ids, "{v}");
+        assert_eq!(v["problems"], serde_json::json!([]), "{v}");
+    }
+    // The new configuration commits.
+    subscribe(node(&nodes, new).url(), &log_sub("after", "leader-removal", 1)).await;
+}
+
 #[actix_rt::test]
 async fn a_full_cluster_restart_keeps_members_and_subscriptions_and_places_them_again() {
     let mut nodes = start_cluster(3, true);

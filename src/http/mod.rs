@@ -361,6 +361,8 @@ async fn readyz(state: State) -> Result<HttpResponse, ApiError> {
         ))
     } else if !state.core.ingress().is_ready() {
         Err(unready("joining the cluster and replaying the write-ahead log"))
+    } else if let Some(problem) = state.core.membership().unready_reason() {
+        Err(unready(&problem.to_string()))
     } else {
         Ok(HttpResponse::Ok().json(serde_json::json!({ "status": "ready" })))
     }

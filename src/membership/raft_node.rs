@@ -132,6 +132,11 @@ pub enum Inbound {
         /// The leader that is gone (only acted on while it is still this node's leader).
         gone: u64,
     },
+    /// Hand leadership to voter `to` (leader only; raft-rs sends it `MsgTimeoutNow` once its log
+    /// has caught up). A leader that left the membership table does this, so that the next
+    /// leader removes it: a raft-rs leader that removes itself keeps leading and drops every
+    /// proposal, forever.
+    TransferLeader(u64),
 }
 
 /// Messages out of the driver, for the transport.
@@ -397,6 +402,11 @@ impl<S: RaftLogStore + Clone, A: Apply> Driver<S, A> {
                 }
             }
             Inbound::Unreachable(peer) => self.node.report_unreachable(peer),
+            Inbound::TransferLeader(to) => {
+                if self.node.raft.state == StateRole::Leader && to != self.config.id {
+                    self.node.transfer_leader(to);
+                }
+            }
             Inbound::Campaign { gone } => {
                 if self.node.raft.leader_id != gone || self.node.raft.state == StateRole::Leader {
                     return;

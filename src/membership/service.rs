@@ -24,6 +24,7 @@ use std::time::Duration;
 
 use raft::prelude::{ConfChangeType, ConfState};
 use tokio::sync::{mpsc, oneshot, watch, Notify};
+use tokio::time::Instant;
 
 use super::raft_node::{self, Apply, DriverConfig, Inbound, Outbound, ProposeError, RaftStatus};
 use super::state::{Command, ConfStep, MembershipState};
@@ -257,6 +258,19 @@ impl Membership {
                 r = status.changed() => if r.is_err() { return },
             }
         }
+    }
+
+    /// Where the applied table and the Raft configuration disagree, as this node sees them now
+    /// (see [`membership_problems`]).
+    pub fn problems(&self) -> Vec<MembershipProblem> {
+        membership_problems(&self.state.borrow(), &self.status.borrow())
+    }
+
+    /// Why this node must not call itself ready although it runs: it is not in the membership
+    /// table, or not in its own Raft configuration (then it cannot vote, and as a leader it
+    /// cannot commit anything). `None` when it is a member of both.
+    pub fn unready_reason(&self) -> Option<MembershipProblem> {
+        self.problems().into_iter().find(|p| p.is_about(self.node_id))
     }
 
     /// Whether the Raft driver still runs (it stops on a storage failure or a raft-rs panic).
@@ -588,46 +602,121 @@ impl Ctx {
     }
 
     /// On the leader: keep the Raft configuration and the placement in line with the table.
+    ///
+    /// One change at a time, each answered before the next is chosen. A change that fails (no
+    /// quorum, a timeout, raft-rs refusing it) is tried again after a growing pause, and its
+    /// failures are logged once, then once per [`Retry::LOG_EVERY`] with a count, so a change
+    /// that can never commit neither spins nor floods the log.
     async fn leader_duties(self: Arc<Self>) {
+        let mut retry = Retry::default();
         loop {
             // Short enough to mark a member down soon after `down_after` elapsed.
             let _ = tokio::time::timeout(Duration::from_millis(100), self.changed.notified()).await;
             let status = self.status.borrow().clone();
             if !status.is_leader {
+                retry = Retry::default();
                 continue;
             }
             let state = self.state.borrow().clone();
-            if state.member(self.id).is_none() && state.members().is_empty() {
-                // A brand-new cluster: the leader's own Join has not been applied yet.
-                continue;
-            }
-            if let Some((id, kind)) = next_conf_change(&state, &status, self.voters) {
-                match self.conf_change(id, kind).await {
-                    Ok(_) => tracing::info!(node = id, change = ?kind, "raft configuration change committed"),
-                    Err(e) => tracing::warn!(node = id, change = ?kind, error = %e, "raft configuration change failed"),
+            let (what, outcome) = if let Some(action) = next_conf_action(&state, &status, self.voters) {
+                match action {
+                    ConfAction::Change(id, kind) => {
+                        let r = self.conf_change(id, kind).await;
+                        if r.is_ok() {
+                            tracing::info!(node = id, change = ?kind, "raft configuration change committed");
+                        }
+                        (format!("raft configuration change {kind:?} of node {id}"), r)
+                    }
+                    ConfAction::TransferLeader(to) => {
+                        tracing::info!(
+                            to,
+                            "this node left the membership table: handing leadership to node {to}, which removes it"
+                        );
+                        let _ = self.driver.send(Inbound::TransferLeader(to));
+                        // Give the transfer an election's time before asking again.
+                        let wait = retry.failed(Instant::now()).0;
+                        tokio::time::sleep(wait).await;
+                        continue;
+                    }
                 }
-                self.changed.notify_one();
+            } else if state.member(self.id).is_none() {
+                // Not a member yet (a new cluster's first node before its own `Join` applied) or
+                // any more: status and placement are a member's duties.
                 continue;
-            }
-            if let Some(command) = self.next_status_change(&state) {
-                match self.propose(command.to_bytes()).await {
-                    Ok(_) => tracing::warn!(change = command.name(), "member status change committed"),
-                    Err(e) => tracing::warn!(change = command.name(), error = %e, "member status change failed"),
+            } else if let Some(command) = self.next_status_change(&state) {
+                let r = self.propose(command.to_bytes()).await;
+                if r.is_ok() {
+                    tracing::warn!(change = command.name(), "member status change committed");
                 }
-                self.changed.notify_one();
-                continue;
-            }
-            if let Some(p) = state.proposed_placement(self.load_factor) {
+                (format!("member status change {}", command.name()), r)
+            } else if let Some(p) = state.proposed_placement(self.load_factor) {
                 if !p.unplaced.is_empty() {
                     tracing::warn!(unplaced = ?p.unplaced, "subscriptions no up member can run: start a node with their handler");
                 }
-                match self.propose(p.command().to_bytes()).await {
-                    Ok(_) => tracing::info!(epoch = p.epoch, moved = p.moved, "placement committed"),
-                    Err(e) => tracing::warn!(epoch = p.epoch, error = %e, "placement proposal failed"),
+                let r = self.propose(p.command().to_bytes()).await;
+                if r.is_ok() {
+                    tracing::info!(epoch = p.epoch, moved = p.moved, "placement committed");
                 }
-                self.changed.notify_one();
+                (format!("placement epoch {}", p.epoch), r)
+            } else {
+                continue;
+            };
+            match outcome {
+                Ok(_) => {
+                    retry.succeeded();
+                    self.changed.notify_one();
+                }
+                Err(e) => {
+                    let (wait, log) = retry.failed(Instant::now());
+                    if let Some(suppressed) = log {
+                        tracing::warn!(error = %e, retry_in = ?wait, suppressed, "{what} failed");
+                    }
+                    tokio::time::sleep(wait).await;
+                }
             }
         }
+    }
+}
+
+/// Paces the retries of a leader duty that keeps failing, and says when to log its failure.
+#[derive(Debug, Default)]
+struct Retry {
+    /// Failures since the last success.
+    failures: u32,
+    /// When a failure was last logged.
+    logged_at: Option<Instant>,
+    /// Failures not logged since then.
+    suppressed: u64,
+}
+
+impl Retry {
+    /// The first pause after a failure; it doubles with each further failure.
+    const FIRST: Duration = Duration::from_millis(100);
+    /// The longest pause: a retry still comes soon after the cause (an election) is gone.
+    const MAX: Duration = Duration::from_secs(2);
+    /// At most one log line per this long for failures in a row.
+    const LOG_EVERY: Duration = Duration::from_secs(30);
+
+    fn succeeded(&mut self) {
+        *self = Retry::default();
+    }
+
+    /// Records a failure at `now`: how long to pause, and `Some(failures not logged before it)`
+    /// when this one should be logged.
+    fn failed(&mut self, now: Instant) -> (Duration, Option<u64>) {
+        let wait = Self::FIRST.saturating_mul(1 << self.failures.min(16)).min(Self::MAX);
+        self.failures = self.failures.saturating_add(1);
+        let log = match self.logged_at {
+            Some(at) if now.saturating_duration_since(at) < Self::LOG_EVERY => {
+                self.suppressed += 1;
+                None
+            }
+            _ => {
+                self.logged_at = Some(now);
+                Some(std::mem::take(&mut self.suppressed))
+            }
+        };
+        (wait, log)
     }
 }
 
@@ -658,22 +747,114 @@ impl Ctx {
     }
 }
 
-/// The one Raft configuration change the leader should propose next (raft-rs refuses overlapping
-/// ones), or `None` when the configuration follows the voter rule: the first `voters` members
-/// vote, the rest learn.
-pub fn next_conf_change(state: &MembershipState, raft: &RaftStatus, voters: usize) -> Option<(u64, ConfChangeType)> {
-    let steps = state.voter_set(voters).changes_from(&raft.voters, &raft.learners);
+/// What the leader does next about the Raft configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConfAction {
+    /// Propose this configuration change (raft-rs refuses overlapping ones: one at a time).
+    Change(u64, ConfChangeType),
+    /// Hand leadership to this voter: the leader has left the membership table, and only another
+    /// leader can remove it from the Raft group.
+    TransferLeader(u64),
+}
+
+/// The one step the leader (`raft.id`) should take next to bring the Raft configuration in line
+/// with the voter rule (the first `voters` members by join order vote, the rest learn), or `None`
+/// when it follows the rule or must wait.
+///
+/// The leader never removes itself: a raft-rs leader that commits its own removal keeps leading
+/// a group it is not in and drops every proposal. And a leader that is not in the table changes
+/// nothing while it is the group's only member: that is a new cluster's first node, whose own
+/// `Join` has not been applied yet while another node's already has (nodes started together with
+/// one `--join` list); following that table would make the other node a voter and then remove
+/// the leader.
+pub fn next_conf_action(state: &MembershipState, raft: &RaftStatus, voters: usize) -> Option<ConfAction> {
+    let me = raft.id;
+    let want = state.voter_set(voters);
+    if state.member(me).is_none() {
+        let others = raft.voters.iter().chain(&raft.learners).any(|&id| id != me);
+        if !others {
+            return None;
+        }
+        // It left the table (`Leave`): hand over to a voter the table keeps, once there is one.
+        if let Some(&to) = want.voters.iter().find(|id| **id != me && raft.voters.contains(id)) {
+            return Some(ConfAction::TransferLeader(to));
+        }
+    }
+    let steps = want.changes_from(&raft.voters, &raft.learners);
     let step = steps.into_iter().find(|s| match s {
         // Demoting a voter needs joint consensus; the voter rule only demotes when a member
         // leaves, which removes it instead.
         ConfStep::AddLearner(id) => !raft.voters.contains(id),
-        _ => true,
+        ConfStep::Remove(id) => *id != me,
+        ConfStep::AddVoter(_) => true,
     })?;
-    Some(match step {
+    let (id, kind) = match step {
         ConfStep::AddVoter(id) => (id, ConfChangeType::AddNode),
         ConfStep::AddLearner(id) => (id, ConfChangeType::AddLearnerNode),
         ConfStep::Remove(id) => (id, ConfChangeType::RemoveNode),
-    })
+    };
+    Some(ConfAction::Change(id, kind))
+}
+
+/// Something wrong with the membership as one node sees it (see [`membership_problems`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MembershipProblem {
+    /// This node is not in the applied membership table (not joined yet, or removed).
+    #[error("node {0} is not in the membership table (joining, or removed from the cluster)")]
+    NotInTable(u64),
+    /// This node is in neither the voters nor the learners of its Raft configuration.
+    #[error("node {0} is not in the Raft configuration (voters {1:?}, learners {2:?})")]
+    NotInRaftGroup(u64, Vec<u64>, Vec<u64>),
+    /// A member of the table is not (yet) in the Raft group.
+    #[error("member {0} is not in the Raft group yet")]
+    MemberOutsideGroup(u64),
+    /// A voter or learner of the Raft group is not (or no longer) in the table.
+    #[error("node {0} is in the Raft group but not in the membership table")]
+    GroupNodeNotMember(u64),
+}
+
+impl MembershipProblem {
+    /// Whether this problem is about `node` itself (which makes it unready), rather than about
+    /// another member (which the leader is on its way to mend).
+    pub fn is_about(&self, node: u64) -> bool {
+        match self {
+            MembershipProblem::NotInTable(id) | MembershipProblem::NotInRaftGroup(id, ..) => *id == node,
+            _ => false,
+        }
+    }
+}
+
+/// Where the applied table and the Raft configuration disagree, as node `raft.id` sees them.
+/// Empty when every member is a voter or learner and every voter or learner a member. A short
+/// disagreement is normal while a node joins or leaves; one that lasts is a fault, and one about
+/// this node itself makes it unready.
+pub fn membership_problems(state: &MembershipState, raft: &RaftStatus) -> Vec<MembershipProblem> {
+    let me = raft.id;
+    let in_group = |id: &u64| raft.voters.contains(id) || raft.learners.contains(id);
+    let mut problems = Vec::new();
+    if state.member(me).is_none() {
+        problems.push(MembershipProblem::NotInTable(me));
+    }
+    if !in_group(&me) {
+        problems.push(MembershipProblem::NotInRaftGroup(
+            me,
+            raft.voters.clone(),
+            raft.learners.clone(),
+        ));
+    }
+    for &id in state.members().keys() {
+        if id != me && !in_group(&id) {
+            problems.push(MembershipProblem::MemberOutsideGroup(id));
+        }
+    }
+    let mut group: Vec<u64> = raft.voters.iter().chain(&raft.learners).copied().collect();
+    group.sort_unstable();
+    for id in group {
+        if id != me && state.member(id).is_none() {
+            problems.push(MembershipProblem::GroupNodeNotMember(id));
+        }
+    }
+    problems
 }
 
 /// Learns the node id behind a peer address with a handshake (then closes the connection).
@@ -691,7 +872,112 @@ async fn probe(addr: &str, tc: &TransportConfig) -> std::result::Result<u64, Str
 
 #[cfg(test)]
 mod tests {
-    use super::seeds;
+    use super::*;
+
+    fn joined(ids: &[u64]) -> MembershipState {
+        let mut s = MembershipState::new("c");
+        for (i, &id) in ids.iter().enumerate() {
+            let cmd = Command::join(id, format!("h{id}:1"), format!("h{id}:2"), ["log"]);
+            s.apply(i as u64 + 2, cmd).unwrap();
+        }
+        s
+    }
+
+    fn raft(id: u64, voters: &[u64], learners: &[u64]) -> RaftStatus {
+        RaftStatus {
+            id,
+            leader: id,
+            is_leader: true,
+            voters: voters.to_vec(),
+            learners: learners.to_vec(),
+            ..Default::default()
+        }
+    }
+
+    /// Issue 18's formation race: node 1 bootstrapped and leads, node 3's `Join` (sent to the
+    /// seed while node 1 started) applied before node 1's own.
+    #[test]
+    fn a_leader_whose_own_join_is_not_applied_changes_nothing() {
+        let state = joined(&[3]);
+        assert_eq!(next_conf_action(&state, &raft(1, &[1], &[]), 3), None);
+        // Once its Join applied, it adds the other node and never removes itself.
+        let state = joined(&[3, 1]);
+        assert_eq!(
+            next_conf_action(&state, &raft(1, &[1], &[]), 3),
+            Some(ConfAction::Change(3, ConfChangeType::AddNode))
+        );
+        assert_eq!(next_conf_action(&state, &raft(1, &[1, 3], &[]), 3), None);
+        // With one voter the rule wants node 3 (it joined first) to vote and node 1 to learn:
+        // node 3 is added, node 1 is not demoted (that needs joint consensus), nobody removed.
+        assert_eq!(
+            next_conf_action(&state, &raft(1, &[1], &[]), 1),
+            Some(ConfAction::Change(3, ConfChangeType::AddNode))
+        );
+        assert_eq!(next_conf_action(&state, &raft(1, &[1, 3], &[]), 1), None);
+    }
+
+    #[test]
+    fn a_leader_that_left_the_table_hands_over_instead_of_removing_itself() {
+        let state = joined(&[2, 3]);
+        assert_eq!(
+            next_conf_action(&state, &raft(1, &[1, 2, 3], &[]), 3),
+            Some(ConfAction::TransferLeader(2))
+        );
+        // The new leader removes it.
+        assert_eq!(
+            next_conf_action(&state, &raft(2, &[1, 2, 3], &[]), 3),
+            Some(ConfAction::Change(1, ConfChangeType::RemoveNode))
+        );
+        // With only learners left, one is promoted first; then leadership moves to it.
+        assert_eq!(
+            next_conf_action(&state, &raft(1, &[1], &[2, 3]), 1),
+            Some(ConfAction::Change(2, ConfChangeType::AddNode))
+        );
+        assert_eq!(
+            next_conf_action(&state, &raft(1, &[1, 2], &[3]), 1),
+            Some(ConfAction::TransferLeader(2))
+        );
+    }
+
+    #[test]
+    fn problems_name_what_disagrees_and_which_are_about_this_node() {
+        let state = joined(&[1, 2, 3]);
+        assert_eq!(membership_problems(&state, &raft(1, &[1, 2, 3], &[])), vec![]);
+        assert_eq!(membership_problems(&state, &raft(2, &[1, 2], &[3])), vec![]);
+        // What node 1 of issue 18 saw: it led a group of one other voter.
+        let p = membership_problems(&state, &raft(1, &[3], &[]));
+        assert_eq!(
+            p,
+            vec![
+                MembershipProblem::NotInRaftGroup(1, vec![3], vec![]),
+                MembershipProblem::MemberOutsideGroup(2),
+            ]
+        );
+        assert!(p[0].is_about(1) && !p[1].is_about(1) && !p[0].is_about(2));
+        let p = membership_problems(&joined(&[2]), &raft(1, &[1, 2], &[]));
+        assert_eq!(p, vec![MembershipProblem::NotInTable(1)]);
+        let p = membership_problems(&joined(&[1]), &raft(1, &[1, 4], &[]));
+        assert_eq!(p, vec![MembershipProblem::GroupNodeNotMember(4)]);
+    }
+
+    #[test]
+    fn retries_back_off_and_log_once_per_period_with_a_count() {
+        let mut r = Retry::default();
+        let t0 = Instant::now();
+        let waits: Vec<(Duration, Option<u64>)> = (0..8).map(|i| r.failed(t0 + Duration::from_secs(i))).collect();
+        assert_eq!(waits[0], (Retry::FIRST, Some(0)), "the first failure is logged");
+        assert_eq!(waits[1], (Retry::FIRST * 2, None));
+        assert_eq!(waits[2], (Retry::FIRST * 4, None));
+        assert!(waits.iter().all(|w| w.0 <= Retry::MAX) && waits[7].0 == Retry::MAX);
+        assert!(waits[1..].iter().all(|w| w.1.is_none()), "one line per period");
+        assert_eq!(
+            r.failed(t0 + Retry::LOG_EVERY).1,
+            Some(7),
+            "then one line with the seven not logged"
+        );
+        r.succeeded();
+        assert_eq!(r.failed(t0 + Retry::LOG_EVERY), (Retry::FIRST, Some(0)));
+    }
 
     #[test]
     fn the_first_seed_bootstraps_and_no_node_dials_itself() {

@@ -578,8 +578,13 @@ pub struct ClusterView {
     pub term: u64,
     /// Placement epoch.
     pub epoch: u64,
-    /// Whether the WAL has been replayed.
+    /// Whether the node is ready: its WAL replayed, and it is a member of both the membership
+    /// table and its Raft configuration (as `/readyz`).
     pub ready: bool,
+    /// Where the membership table and the Raft configuration disagree as this node sees them:
+    /// normal for a moment while a node joins or leaves, a fault if it lasts. Empty when they
+    /// agree.
+    pub problems: Vec<String>,
     /// Seconds since start.
     pub uptime_seconds: u64,
     /// The members.
@@ -849,13 +854,16 @@ impl NodeCore {
     pub fn cluster(&self, _http_addr: SocketAddr) -> ClusterView {
         let state = self.membership.state().borrow().clone();
         let raft = self.membership.status().borrow().clone();
+        let problems = crate::membership::service::membership_problems(&state, &raft);
+        let member = !problems.iter().any(|p| p.is_about(self.config.node_id));
         ClusterView {
             cluster_id: self.config.cluster_id.clone(),
             node_id: self.config.node_id,
             leader: (raft.leader != 0).then_some(raft.leader),
             term: raft.term,
             epoch: state.epoch(),
-            ready: self.ingress.is_ready(),
+            ready: self.ingress.is_ready() && member,
+            problems: problems.iter().map(ToString::to_string).collect(),
             uptime_seconds: self.started.elapsed().as_secs(),
             members: state
                 .members()

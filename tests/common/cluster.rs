@@ -42,16 +42,23 @@ impl Node {
     /// `fixed_http` the HTTP port is chosen here rather than by the node, so that a restart can
     /// reuse it (the peer port always is).
     pub fn start(id: u64, join: Option<&str>, fixed_http: bool) -> Node {
+        let join: Vec<String> = join.map(String::from).into_iter().collect();
+        Node::start_with(id, &join, format!("127.0.0.1:{}", free_port()), fixed_http)
+    }
+
+    /// Starts node `id` on peer address `peer` with `--join` for every address in `join` (as a
+    /// compose file or StatefulSet does: the same list on every node, its first entry starting
+    /// the cluster).
+    pub fn start_with(id: u64, join: &[String], peer: String, fixed_http: bool) -> Node {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut args: Vec<String> = vec!["--node-id".into(), id.to_string()];
         let data = dir.path().join("data");
         args.extend(["--data-dir".into(), data.to_str().expect("utf-8 path").into()]);
         let http_port = if fixed_http { free_port() } else { 0 };
         args.extend(["--http".into(), format!("127.0.0.1:{http_port}")]);
-        if let Some(seed) = join {
-            args.extend(["--join".into(), seed.to_string()]);
+        for seed in join {
+            args.extend(["--join".into(), seed.clone()]);
         }
-        let peer = format!("127.0.0.1:{}", free_port());
         args.extend(["--peer".into(), peer.clone()]);
         let proc = spawn(&args);
         Node {
