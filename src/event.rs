@@ -20,7 +20,10 @@ pub const MAX_ID_LEN: usize = 256;
 /// One event, as handlers see it.
 ///
 /// Cloning is cheap for `data` (reference counted); handlers receive an `Arc<Event>` anyway.
+/// Build one with [`Event::json`] or [`Event::new`] and the `with_*` methods; fields may be added
+/// in a minor release (`#[non_exhaustive]`), so outside Herald it has no struct literal.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct Event {
     /// Idempotency key chosen by the publisher (CloudEvents `id`, `Idempotency-Key` header), or a
     /// generated ULID. Handler-side duplicate detection keys on it.

@@ -99,12 +99,18 @@ pub use error::{Error, Result};
 /// ```
 pub use mimalloc::MiMalloc as Allocator;
 
-/// What handler code needs: the actix prelude and Herald's handler API.
+/// What handler code needs, listed item by item: the actix items a handler actor is written
+/// with, and Herald's handler and node API. Anything else from actix is `herald::actix` (or the
+/// `actix` crate itself).
 pub mod prelude {
-    pub use actix::prelude::*;
+    pub use actix::{Actor, ActorContext, Addr, AsyncContext, Context, Handler, Message, Supervised, SyncContext};
 
     pub use crate::event::Event;
     pub use crate::handler::{Delivery, HandlerError, HandlerResult, SubscriptionKey};
-    pub use crate::node::{Node, NodeBuilder};
+    pub use crate::ingress::{AckMode, PublishError, Published};
+    pub use crate::node::{Node, NodeBuilder, Publisher, RunningNode};
     pub use crate::subscription::{HandlerSpec, SubscriptionSpec};
 }
+
+/// The actix version Herald's handlers are written against, for items the prelude leaves out.
+pub use actix;

@@ -12,7 +12,7 @@
 //!   as long.
 //!   A peer whose connection broke and whose process refuses new ones is marked down without
 //!   waiting: that is a failure, not a suspicion.
-//! * [`run`] is the monitor task (on the membership thread, away from handler load): every
+//! * `run` is the monitor task (on the membership thread, away from handler load): every
 //!   `cluster.ping_interval_ms` it pings each member and re-evaluates each peer.
 //!
 //! A peer is **suspect** when its phi exceeds `cluster.phi_threshold`, or when the connection to it

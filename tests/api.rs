@@ -763,7 +763,7 @@ async fn failures_inside_a_pipelined_run_retry_only_the_failed_events() {
     let answers = n
         .node
         .ingress()
-        .publish(events, AckMode::Processed, Duration::from_secs(30))
+        .publish_batch(events, AckMode::Processed, Duration::from_secs(30))
         .await
         .expect("published and processed");
     for (i, a) in answers.iter().enumerate() {

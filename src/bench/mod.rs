@@ -374,7 +374,7 @@ fn median(mut v: Vec<f64>) -> (f64, f64, f64) {
 /// builds its events would, and keeps no spare copy for a retry that is usually not needed.
 async fn publish_until_accepted(ingress: &Ingress, make: impl Fn() -> Vec<Event>, ack: AckMode) -> Result<(), String> {
     loop {
-        match ingress.publish(make(), ack, Duration::from_secs(30)).await {
+        match ingress.publish_batch(make(), ack, Duration::from_secs(30)).await {
             Ok(_) => return Ok(()),
             // Full mailboxes: the handlers are behind; let them run and retry (closed loop).
             Err(PublishError::Overloaded(_)) => tokio::task::yield_now().await,

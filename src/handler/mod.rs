@@ -43,8 +43,10 @@ impl fmt::Display for SubscriptionKey {
     }
 }
 
-/// One event delivered to one handler instance.
+/// One event delivered to one handler instance. Fields may be added in a minor release
+/// (`#[non_exhaustive]`): to test a handler, build one with [`Delivery::new`].
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct Delivery {
     /// The event.
     pub event: Arc<Event>,
@@ -52,6 +54,18 @@ pub struct Delivery {
     pub subscription: Arc<SubscriptionKey>,
     /// 1 on the first try, then 2, 3 … up to the subscription's `max_attempts`.
     pub attempt: u32,
+}
+
+impl Delivery {
+    /// The `attempt`-th delivery of `event` for `subscription`, as the supervisor makes it (for
+    /// handler unit tests).
+    pub fn new(event: impl Into<Arc<Event>>, subscription: SubscriptionKey, attempt: u32) -> Self {
+        Delivery {
+            event: event.into(),
+            subscription: Arc::new(subscription),
+            attempt,
+        }
+    }
 }
 
 impl Message for Delivery {

@@ -199,10 +199,7 @@ pub(crate) async fn publish_one(
     let (topic, timeout, body) = admit(&req, topic, &query, payload, &state).await?;
     let e = parse_one(&topic, &req, body)?;
     let ack = query.ack.unwrap_or_default();
-    let mut answer = state.core.ingress().publish(vec![e], ack, timeout).await?;
-    let answer = answer
-        .pop()
-        .ok_or_else(|| ApiError::bad_request("invalid_event", "nothing to publish"))?;
+    let answer = state.core.ingress().publish(e, ack, timeout).await?;
     Ok(if ack == AckMode::Processed {
         HttpResponse::Ok().json(answer)
     } else {
@@ -255,7 +252,7 @@ pub(crate) async fn publish_batch(
         ));
     }
     let ack = query.ack.unwrap_or_default();
-    let published = state.core.ingress().publish(events, ack, timeout).await?;
+    let published = state.core.ingress().publish_batch(events, ack, timeout).await?;
     let subscriptions = published.first().map_or(0, |p| p.subscriptions);
     let (ids, events) = if ack == AckMode::Processed {
         (published.iter().map(|p| p.id.clone()).collect(), Some(published))

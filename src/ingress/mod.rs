@@ -79,6 +79,7 @@ pub enum PublishError {
 
 /// How one subscription finished with an event (`ack=processed`).
 #[derive(Debug, Clone, Serialize, ToSchema)]
+#[non_exhaustive]
 pub struct SubscriptionOutcome {
     /// Subscription topic.
     pub topic: String,
@@ -95,6 +96,7 @@ pub struct SubscriptionOutcome {
 
 /// The answer for one accepted event.
 #[derive(Debug, Clone, Serialize, ToSchema)]
+#[non_exhaustive]
 pub struct Published {
     /// Event id.
     pub id: String,
@@ -109,6 +111,7 @@ pub struct Published {
 
 /// A dead letter as the API shows it.
 #[derive(Debug, Clone, Serialize, ToSchema)]
+#[non_exhaustive]
 pub struct DeadLetter {
     /// Dead-letter id (use it to replay).
     pub id: String,
@@ -400,8 +403,19 @@ impl Ingress {
         (Arc::new(t), rx)
     }
 
-    /// Publishes events (all or none are accepted). `timeout` bounds `ack=processed`.
-    pub async fn publish(
+    /// Publishes one event. `timeout` bounds `ack=processed` (the 504 case: the event is still
+    /// accepted and delivered).
+    pub async fn publish(&self, event: Event, ack: AckMode, timeout: Duration) -> Result<Published, PublishError> {
+        let mut answers = self.publish_batch(vec![event], ack, timeout).await?;
+        // One event in, one answer out: `publish_batch` answers every accepted event.
+        answers
+            .pop()
+            .ok_or_else(|| PublishError::Unavailable("no answer for the event".into()))
+    }
+
+    /// Publishes events (all or none are accepted), answering each in order. `timeout` bounds
+    /// `ack=processed`.
+    pub async fn publish_batch(
         &self,
         events: Vec<Event>,
         ack: AckMode,

@@ -19,10 +19,11 @@ use tokio::sync::watch;
 
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::event::Event;
 use crate::handler::supervisor::Policy;
 use crate::handler::{HandlerActor, HandlerRegistry, SubscriptionKey};
 use crate::ingress::store::Store;
-use crate::ingress::{Ingress, StoreDeadLetters};
+use crate::ingress::{AckMode, Ingress, PublishError, Published, StoreDeadLetters};
 use crate::membership::raft_node::RaftStatus;
 use crate::membership::service::{Membership, MembershipConfig};
 use crate::membership::state::{Command, MembershipState};
@@ -469,6 +470,20 @@ impl RunningNode {
         &self.core.ingress
     }
 
+    /// A cloneable handle that publishes into this node from Rust, for example from the routes
+    /// of the actix-web application the node is embedded in (keep it in `web::Data`).
+    pub fn publisher(&self) -> Publisher {
+        Publisher {
+            ingress: self.core.ingress.clone(),
+            timeout: Publisher::DEFAULT_TIMEOUT,
+        }
+    }
+
+    /// Publishes one event into this node (as `POST /v1/topics/{topic}/events` does).
+    pub async fn publish(&self, event: Event, ack: AckMode) -> std::result::Result<Published, PublishError> {
+        self.publisher().publish(event, ack).await
+    }
+
     /// The node's control operations.
     pub fn core(&self) -> &Arc<NodeCore> {
         &self.core
@@ -529,6 +544,41 @@ impl RunningNode {
             tracing::warn!("the store is still open: a handler may be blocking its worker thread");
         }
         tracing::info!("herald node stopped");
+    }
+}
+
+/// Publishes into a running node from Rust, without HTTP: the same checks, ack modes and
+/// answers as the HTTP publish routes. Cheap to clone; it keeps the node's ingress alive, not the
+/// node (after [`RunningNode::shutdown`] publishes are refused).
+#[derive(Clone)]
+pub struct Publisher {
+    ingress: Arc<Ingress>,
+    /// How long `ack=processed` waits before answering [`PublishError::Timeout`].
+    timeout: Duration,
+}
+
+impl Publisher {
+    /// The `ack=processed` wait of a new handle: the HTTP API's default `timeout_ms`.
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+    /// The same handle with another `ack=processed` wait.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Publishes one event: its answer, or why it was refused.
+    pub async fn publish(&self, event: Event, ack: AckMode) -> std::result::Result<Published, PublishError> {
+        self.ingress.publish(event, ack, self.timeout).await
+    }
+
+    /// Publishes events all or none, answering each in order.
+    pub async fn publish_batch(
+        &self,
+        events: Vec<Event>,
+        ack: AckMode,
+    ) -> std::result::Result<Vec<Published>, PublishError> {
+        self.ingress.publish_batch(events, ack, self.timeout).await
     }
 }
 
