@@ -29,6 +29,12 @@
 //!
 //! # Layout
 //!
+//! The modules form layers (LAYERS.md; `tests/layering.rs` checks it): a module uses only modules
+//! of its own layer or below, and no two modules use each other.
+//!
+//! * `types` — the shared vocabulary: `SubscriptionKey`, `NodeId`, `NodeStatus`, the FNV/SplitMix
+//!   hash that placement and routing build on, and the constants the configuration's defaults
+//!   need. Depends on nothing in the crate; re-exported at the old public paths.
 //! * [`event`] — the [`Event`](event::Event) type, topic/group name rules, CloudEvents mapping.
 //!   Pure; no I/O.
 //! * [`subscription`] — subscription specs (`topic`, `group`, handler, `instances`,
@@ -86,6 +92,7 @@ mod relay;
 mod router;
 pub mod subscription;
 pub mod transport;
+mod types;
 pub(crate) mod up;
 
 pub use error::{Error, Result};

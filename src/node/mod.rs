@@ -27,10 +27,10 @@ use crate::membership::raft_node::RaftStatus;
 use crate::membership::service::{Membership, MembershipConfig};
 use crate::membership::state::{Command, MembershipState};
 use crate::monitor::{Health, MonitorConfig, PeerState, Progress};
-use crate::placement::NodeStatus;
 use crate::relay::{Relay, RelayConfig, RelayRuntime, Returns};
 use crate::router::{Placement, Router, RouterParts};
 use crate::subscription::{SpecError, SubscriptionSpec};
+use crate::types::NodeStatus;
 
 /// Entry point of the Rust API: `Node::builder()`.
 pub struct Node;
