@@ -222,11 +222,7 @@ fn problems(files: &[(PathBuf, String)], layers: &[(&str, &[&str])], exempt: &[&
                 format!("  {} -> {} at {}:{}", w[0], w[1], u.file, u.line)
             })
             .collect();
-        problems.push(format!(
-            "import cycle {}:\n{}",
-            path.join(" -> "),
-            steps.join("\n")
-        ));
+        problems.push(format!("import cycle {}:\n{}", path.join(" -> "), steps.join("\n")));
     }
     problems
 }
@@ -235,7 +231,9 @@ fn problems(files: &[(PathBuf, String)], layers: &[(&str, &[&str])], exempt: &[&
 fn read_tree(root: &Path, dir: &Path, out: &mut Vec<(PathBuf, String)>) {
     let entries = std::fs::read_dir(dir).unwrap_or_else(|e| panic!("cannot list {}: {e}", dir.display()));
     for entry in entries {
-        let path = entry.unwrap_or_else(|e| panic!("cannot list {}: {e}", dir.display())).path();
+        let path = entry
+            .unwrap_or_else(|e| panic!("cannot list {}: {e}", dir.display()))
+            .path();
         if path.is_dir() {
             read_tree(root, &path, out);
         } else if path.extension().is_some_and(|e| e == "rs") {
@@ -284,11 +282,20 @@ fn the_check_reports_an_upward_use_and_a_cycle() {
     assert!(all.contains("low -> mid at src/low.rs:2"), "upward use:\n{all}");
     assert!(all.contains("import cycle"), "cycle low <-> mid:\n{all}");
     assert!(all.contains("mid -> low at src/mid/mod.rs:1"), "grouped import:\n{all}");
-    assert!(!all.contains("high ->"), "the unit tests and lib.rs/bin/ are not edges:\n{all}");
+    assert!(
+        !all.contains("high ->"),
+        "the unit tests and lib.rs/bin/ are not edges:\n{all}"
+    );
     assert!(!all.contains("mid -> high"), "`mycrate::` is not `crate::`:\n{all}");
     assert_eq!(found.len(), 3, "{all}");
 
     let unplaced = problems(&[file("new.rs", "")], layers, &[]);
-    assert!(unplaced.iter().any(|p| p.contains("module `new` has no layer")), "{unplaced:?}");
-    assert!(problems(&files, layers, &["low"]).is_empty(), "exempt modules are skipped");
+    assert!(
+        unplaced.iter().any(|p| p.contains("module `new` has no layer")),
+        "{unplaced:?}"
+    );
+    assert!(
+        problems(&files, layers, &["low"]).is_empty(),
+        "exempt modules are skipped"
+    );
 }
