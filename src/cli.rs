@@ -12,6 +12,10 @@ use clap::{Args, Parser, Subcommand};
 use crate::config::{Config, FsyncPolicy, LogFormat};
 use crate::error::Result;
 use crate::node::NodeBuilder;
+// `herald up`'s flags belong to `up`, and the table formatter to `text`, both below this module;
+// these are their public paths.
+pub use crate::text::table;
+pub use crate::up::UpArgs;
 
 /// Herald: an actor-based distributed event processing runtime.
 #[derive(Parser)]
@@ -189,24 +193,6 @@ pub struct ClientArgs {
     pub token: Option<String>,
 }
 
-/// `herald up`.
-#[derive(Args, Debug)]
-pub struct UpArgs {
-    /// How many nodes (1 to 9).
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=9))]
-    pub nodes: u16,
-    /// HTTP port of node 1; node i listens on base-port + i - 1, and its peer port is 100 higher.
-    #[arg(long, default_value_t = 7070)]
-    pub base_port: u16,
-    /// Where the nodes keep their data and logs (node-1/, node-1.log, …). Running `up` again
-    /// resumes the same cluster.
-    #[arg(long, default_value = "herald-up")]
-    pub dir: PathBuf,
-    /// How long to wait for every node to be ready, in seconds.
-    #[arg(long, default_value_t = 60)]
-    pub ready_timeout: u64,
-}
-
 /// `herald health`.
 #[derive(Args, Debug)]
 struct HealthArgs {
@@ -266,6 +252,53 @@ struct SubscribeArgs {
     /// Attempts before dead-lettering (node default when absent).
     #[arg(long)]
     max_attempts: Option<u32>,
+}
+
+/// The entry points that own the process: they read the command line and the environment, install
+/// the tracing subscriber and the Prometheus recorder, and wait for signals. They are methods of
+/// [`NodeBuilder`] so that a user's `main` is one call, but they live here because the command line
+/// is the top layer: `node` builds, starts and stops a node and must not depend on this module.
+impl NodeBuilder {
+    /// Reads `herald node` flags, `HERALD_*` variables and the `--config` file into the
+    /// configuration (flags beat environment beats file beats defaults).
+    pub fn from_env_and_args(mut self) -> Result<Self> {
+        let args = NodeArgs::parse();
+        self.config = args.load()?;
+        Ok(self)
+    }
+
+    /// Runs the whole `herald` command line (`node`, `publish`, `subscribe`, `status`, `bench`)
+    /// with this builder's handlers: the one call a user's binary needs in `main`.
+    pub fn main(self) -> std::process::ExitCode {
+        main_with(self)
+    }
+
+    /// Runs the node until SIGINT or SIGTERM, then shuts down gracefully. It owns the process: it
+    /// installs the tracing subscriber (`log_format`, `RUST_LOG`) and, unless a handle was given
+    /// with [`NodeBuilder::metrics`], the Prometheus recorder. To embed a node in a process that
+    /// already has its own, use [`NodeBuilder::start`].
+    pub fn run(mut self) -> Result<()> {
+        init_logging(self.config.log_format);
+        if self.metrics.is_none() {
+            self.metrics = Some(crate::metrics::install_prometheus());
+        }
+        actix_rt::System::new().block_on(async move {
+            let node = self.start().await?;
+            // Catch SIGTERM/SIGINT before announcing the address: a signal sent as soon as the
+            // line appears must drain the node, not kill it with the default action.
+            let signal = crate::node::shutdown_signal();
+            // One machine-readable line on stdout, for scripts and tests that start nodes on port 0.
+            println!(
+                "herald node {} listening on http://{}",
+                node.core().config().node_id,
+                node.http_addr()
+            );
+            signal.await;
+            tracing::info!("shutdown signal received; draining");
+            node.shutdown().await;
+            Ok(())
+        })
+    }
 }
 
 /// Installs the tracing subscriber: readable text or JSON lines, filtered by `RUST_LOG`
@@ -465,32 +498,6 @@ async fn subscribe(a: SubscribeArgs) -> ClientResult {
     Ok(())
 }
 
-/// Formats rows as a left-aligned table with a header.
-pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
-    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
-    for row in rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.len());
-        }
-    }
-    let line = |cells: Vec<&str>| {
-        cells
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect::<Vec<_>>()
-            .join("  ")
-            .trim_end()
-            .to_string()
-    };
-    let mut out = line(header.to_vec());
-    for row in rows {
-        out.push('\n');
-        out.push_str(&line(row.iter().map(String::as_str).collect()));
-    }
-    out
-}
-
 async fn status(c: ClientArgs) -> ClientResult {
     use awc::http::Method;
     let cluster = request(&c, Method::GET, "/v1/cluster", None).await?;
@@ -605,11 +612,5 @@ mod tests {
     fn cli_help_is_well_formed() {
         use clap::CommandFactory;
         Cli::command().debug_assert();
-    }
-
-    #[test]
-    fn tables_align() {
-        let t = table(&["A", "BB"], &[vec!["xxx".into(), "y".into()]]);
-        assert_eq!(t, "A    BB\nxxx  y");
     }
 }

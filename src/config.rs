@@ -120,7 +120,7 @@ impl Default for RaftConfig {
             tick_ms: 100,
             election_ticks: 10,
             heartbeat_ticks: 2,
-            load_factor: crate::placement::DEFAULT_LOAD_FACTOR,
+            load_factor: crate::types::DEFAULT_LOAD_FACTOR,
         }
     }
 }
@@ -502,7 +502,7 @@ impl Config {
                 return Err(Error::config(key, "must be positive"));
             }
         }
-        if !(c.phi_threshold > 0.0 && c.phi_threshold <= crate::monitor::MAX_PHI) {
+        if !(c.phi_threshold > 0.0 && c.phi_threshold <= crate::types::MAX_PHI) {
             return Err(Error::config(
                 "cluster.phi_threshold",
                 "must be above 0 (8 is a good start)",

@@ -29,6 +29,12 @@
 //!
 //! # Layout
 //!
+//! The modules form layers (LAYERS.md; `tests/layering.rs` checks it): a module uses only modules
+//! of its own layer or below, and no two modules use each other.
+//!
+//! * `types` — the shared vocabulary: `SubscriptionKey`, `NodeId`, `NodeStatus`, the FNV/SplitMix
+//!   hash that placement and routing build on, and the constants the configuration's defaults
+//!   need. Depends on nothing in the crate; re-exported at the old public paths.
 //! * [`event`] — the [`Event`](event::Event) type, topic/group name rules, CloudEvents mapping.
 //!   Pure; no I/O.
 //! * [`subscription`] — subscription specs (`topic`, `group`, handler, `instances`,
@@ -44,12 +50,17 @@
 //! * [`proto`] — prost records for the WAL and dead letters (and later the wire).
 //! * [`http`] — the actix-web API: routes, bearer-token auth, JSON errors, OpenAPI. No business
 //!   logic.
-//! * [`node`] — the builder, start-up and graceful shutdown wiring, and the control operations
-//!   the API calls.
+//! * `control` — [`NodeCore`](node::NodeCore): the node's shared state and the control operations
+//!   the API calls (subscriptions, node removal and drain, the cluster and placement views). Below
+//!   both `http` and `node`, so those two do not use each other; re-exported from [`node`].
+//! * [`node`] — the builder, start-up and graceful shutdown wiring. Embeddable: it does not read
+//!   argv or install process-wide state (that is `cli`'s).
 //! * [`config`] — the configuration struct, its defaults, TOML loading and `validate()`.
 //! * [`metrics`] — metric names, descriptions and the Prometheus recorder installer.
-//! * [`cli`] — the `herald` command line (node, publish, subscribe, status, bench), logging set-up;
-//!   `src/bin/herald.rs` only calls it.
+//! * [`cli`] — the `herald` command line (node, publish, subscribe, status, bench), logging set-up,
+//!   and the process-owning entry points of `NodeBuilder` (`main`, `run`, `from_env_and_args`);
+//!   the top layer. `src/bin/herald.rs` only calls it.
+//! * `text` — aligned plain-text tables for the command line's output (`cli` and `up`).
 //! * [`bench`](mod@bench) — `herald bench` scenarios.
 //! * [`transport`] — peer connections: length-delimited prost frames, the HMAC handshake, write
 //!   coalescing and reconnect with backoff; generic over the stream.
@@ -58,7 +69,7 @@
 //!   the service that runs it with the transport on its own thread and does the leader's duties
 //!   (`service`).
 //! * [`placement`] — the pure placement function: rendezvous hashing with a bounded load.
-//! * `up` — `herald up`, a local cluster of node processes.
+//! * `up` — `herald up` (its flags and its run), a local cluster of node processes.
 //!
 //! * [`monitor`] — node monitoring: pings, the phi-accrual detector per peer, and the health that
 //!   routers read (up, suspect, degraded).
@@ -71,6 +82,7 @@
 pub mod bench;
 pub mod cli;
 pub mod config;
+mod control;
 mod error;
 pub mod event;
 pub mod handler;
@@ -85,7 +97,9 @@ pub mod proto;
 mod relay;
 mod router;
 pub mod subscription;
+mod text;
 pub mod transport;
+mod types;
 pub(crate) mod up;
 
 pub use error::{Error, Result};

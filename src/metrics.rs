@@ -9,7 +9,7 @@ use std::sync::OnceLock;
 use metrics::{describe_counter, describe_gauge, describe_histogram, Counter, Gauge, Histogram, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-use crate::handler::SubscriptionKey;
+use crate::types::SubscriptionKey;
 
 /// Events accepted by this node, by topic.
 pub const EVENTS_PUBLISHED: &str = "herald_events_published_total";

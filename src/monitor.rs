@@ -29,15 +29,13 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch, Notify};
 
-use crate::membership::state::MembershipState;
 use crate::transport::wire::Pong;
 use crate::transport::{Envelope, Transport};
+// Shared with the configuration, which refuses a `cluster.phi_threshold` above it; its public path.
+pub use crate::types::MAX_PHI;
 
 /// How many heartbeat intervals the detector remembers.
 const WINDOW: usize = 100;
-
-/// Phi is capped here (an endless silence would give infinity, which metrics render poorly).
-pub const MAX_PHI: f64 = 1000.0;
 
 /// The phi-accrual failure detector of one peer.
 #[derive(Debug, Clone)]
@@ -373,14 +371,26 @@ struct Watched {
     rtt_gauge: metrics::Gauge,
 }
 
+/// The members the monitor watches, as the latest committed membership table knows them.
+///
+/// The replicated membership state implements it (in `membership::service`). The monitor sits
+/// below membership (membership's service runs it, and the leader's duties read its [`Health`]),
+/// so it reads the table through this rather than naming the membership state.
+pub(crate) trait Members {
+    /// Whether `id` is a member.
+    fn is_member(&self, id: u64) -> bool;
+    /// Every member's id, in ascending order.
+    fn member_ids(&self) -> impl Iterator<Item = u64> + '_;
+}
+
 /// The monitor task: pings every member, feeds pongs to the detectors, and publishes each peer's
 /// state in `health`. Wakes `changed` (the leader's duties) when a state changes.
-pub(crate) async fn run(
+pub(crate) async fn run<M: Members>(
     me: u64,
     config: MonitorConfig,
     health: Arc<Health>,
     transport: Transport,
-    state: watch::Receiver<Arc<MembershipState>>,
+    state: watch::Receiver<Arc<M>>,
     mut pongs: mpsc::UnboundedReceiver<(u64, Pong)>,
     changed: Arc<Notify>,
 ) {
@@ -420,16 +430,16 @@ pub(crate) async fn run(
         let now = Instant::now();
         let members = state.borrow().clone();
         watched.retain(|id, _| {
-            let keep = members.member(*id).is_some();
+            let keep = members.is_member(*id);
             if !keep {
                 health.forget(*id);
             }
             keep
         });
         seq += 1;
-        for m in members.members().values().filter(|m| m.id != me) {
-            let w = watched.entry(m.id).or_insert_with(|| {
-                if let Some(mut link) = transport.link(m.id) {
+        for id in members.member_ids().filter(|id| *id != me) {
+            let w = watched.entry(id).or_insert_with(|| {
+                if let Some(mut link) = transport.link(id) {
                     let poke = links_changed.clone();
                     // Ends when the peer is removed from the transport (its link sender drops).
                     tokio::spawn(async move {
@@ -444,18 +454,18 @@ pub(crate) async fn run(
                     backlog: 0,
                     progressed: now,
                     ever_connected: false,
-                    phi_gauge: metrics::gauge!(crate::metrics::PEER_PHI, "peer" => m.id.to_string()),
-                    rtt_gauge: metrics::gauge!(crate::metrics::PEER_RTT, "peer" => m.id.to_string()),
+                    phi_gauge: metrics::gauge!(crate::metrics::PEER_PHI, "peer" => id.to_string()),
+                    rtt_gauge: metrics::gauge!(crate::metrics::PEER_RTT, "peer" => id.to_string()),
                 }
             });
             if ping {
-                let _ = transport.send(m.id, Envelope::ping(seq, unix_nanos()));
+                let _ = transport.send(id, Envelope::ping(seq, unix_nanos()));
             }
-            let link = transport.link(m.id).map(|l| l.borrow().clone()).unwrap_or_default();
+            let link = transport.link(id).map(|l| l.borrow().clone()).unwrap_or_default();
             let connected = link.connected;
             w.ever_connected |= connected;
             let unreachable = w.ever_connected && !connected && link.failed_dials > 0;
-            if health.set_unreachable(m.id, unreachable) {
+            if health.set_unreachable(id, unreachable) {
                 changed.notify_one();
             }
             let phi = w.detector.phi(now);
@@ -467,12 +477,12 @@ pub(crate) async fn run(
             } else {
                 PeerState::Up
             };
-            let before = health.peer(m.id).state();
-            if health.set(m.id, next, phi) {
+            let before = health.peer(id).state();
+            if health.set(id, next, phi) {
                 match next {
-                    PeerState::Up => tracing::info!(peer = m.id, phi, from = before.as_str(), "peer is up again"),
+                    PeerState::Up => tracing::info!(peer = id, phi, from = before.as_str(), "peer is up again"),
                     _ => tracing::warn!(
-                        peer = m.id,
+                        peer = id,
                         phi,
                         connected,
                         backlog = w.backlog,

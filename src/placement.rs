@@ -3,12 +3,14 @@
 //! [`place`] is a pure function: members (id, status, handler kinds), subscription demands
 //! (key, handler kind, instances) and the previous table in; a new [`PlacementTable`] out. It does
 //! no I/O, reads no clock and draws no random numbers, so every node that runs it on the same input
-//! gets the same table. The Raft leader runs it (through
-//! [`MembershipState::proposed_placement`](crate::membership::state::MembershipState::proposed_placement))
-//! and commits the result with a new epoch; nobody else needs to.
+//! gets the same table. The Raft leader runs it (through `MembershipState::proposed_placement`;
+//! not linked, since membership is a layer above) and commits the result with a new epoch; nobody
+//! else needs to.
 //!
-//! This module owns the algorithm and its vocabulary ([`NodeStatus`], [`NodeInfo`], [`Demand`],
-//! [`Placement`]). It must not do I/O, read clocks, use randomly keyed hashers
+//! This module owns the algorithm and its inputs and outputs ([`NodeInfo`], [`Demand`],
+//! [`Placement`]); the ids, statuses and subscription keys it reads ([`NodeStatus`]) are the shared
+//! vocabulary of `types`, re-exported here. It must not depend on membership, routing or handlers,
+//! and must not do I/O, read clocks, use randomly keyed hashers
 //! (`std::collections::hash_map::DefaultHasher`, `HashMap` iteration order) or floating point in
 //! anything that decides a placement: the load factor is turned into an integer (per mille) first.
 //!
@@ -59,91 +61,16 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt;
-use std::str::FromStr;
 
-use serde::{Deserialize, Serialize};
-
-use crate::handler::SubscriptionKey;
 use crate::subscription::SubscriptionSpec;
-
-/// A node's id in the cluster (the Raft id; never 0).
-pub type NodeId = u64;
+use crate::types::{fnv1a, mix, SubscriptionKey, FNV_OFFSET};
+// The vocabulary of placement lives in `types` (membership, routing and the configuration use it
+// too); these are its public paths.
+pub use crate::types::{NodeId, NodeStatus, UnknownStatus, DEFAULT_LOAD_FACTOR};
 
 /// Where each subscription's instances run: one node id per instance. A node appears several
 /// times when it runs several instances of one subscription.
 pub type PlacementTable = BTreeMap<SubscriptionKey, Vec<NodeId>>;
-
-/// The default load factor `c`: no node gets more than `ceil(1.25 × average)` instances.
-pub const DEFAULT_LOAD_FACTOR: f64 = 1.25;
-
-/// A member's status as placement and routing see it (the `status` of `GET /v1/cluster`).
-///
-/// Only [`NodeStatus::Up`] nodes receive instances. The replicated membership state uses `Up`,
-/// `Down` and `Draining`; `Suspect` and `Degraded` are a node's local failure-detector view and
-/// `Leaving` is what a node reports while it hands off work before its `Leave` commits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum NodeStatus {
-    /// Alive and accepting work.
-    Up,
-    /// Over the phi-accrual threshold; routers skip it until it answers again or is marked down.
-    Suspect,
-    /// Answers pings but makes no handler progress with a backlog (gray failure); like suspect.
-    Degraded,
-    /// Marked down through Raft after `down_after` of suspicion; its instances are moved.
-    Down,
-    /// Handing off its work before leaving the cluster.
-    Leaving,
-    /// Asked (by an operator) to give up its work; stays a member.
-    Draining,
-}
-
-impl NodeStatus {
-    /// The lowercase name used in JSON, metrics labels and snapshots.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            NodeStatus::Up => "up",
-            NodeStatus::Suspect => "suspect",
-            NodeStatus::Degraded => "degraded",
-            NodeStatus::Down => "down",
-            NodeStatus::Leaving => "leaving",
-            NodeStatus::Draining => "draining",
-        }
-    }
-
-    /// Whether placement may put instances on a node with this status (only `Up`).
-    pub fn accepts_work(self) -> bool {
-        self == NodeStatus::Up
-    }
-}
-
-impl fmt::Display for NodeStatus {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// A status name that is not one of `up`, `suspect`, `degraded`, `down`, `leaving`, `draining`.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown node status {0:?}; expected one of up, suspect, degraded, down, leaving, draining")]
-pub struct UnknownStatus(pub String);
-
-impl FromStr for NodeStatus {
-    type Err = UnknownStatus;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Ok(match s {
-            "up" => NodeStatus::Up,
-            "suspect" => NodeStatus::Suspect,
-            "degraded" => NodeStatus::Degraded,
-            "down" => NodeStatus::Down,
-            "leaving" => NodeStatus::Leaving,
-            "draining" => NodeStatus::Draining,
-            other => return Err(UnknownStatus(other.to_string())),
-        })
-    }
-}
 
 /// One member as the placement function sees it.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -230,26 +157,13 @@ pub fn weight(key: &SubscriptionKey, node: NodeId) -> u64 {
 
 fn key_hash(key: &SubscriptionKey) -> u64 {
     // 0xff never occurs in UTF-8, so (topic, group) pairs cannot collide by concatenation.
-    let h = fnv1a(0xcbf2_9ce4_8422_2325, key.topic.as_bytes());
+    let h = fnv1a(FNV_OFFSET, key.topic.as_bytes());
     let h = fnv1a(h, &[0xff]);
     fnv1a(h, key.group.as_bytes())
 }
 
 fn weight_of(key_hash: u64, node: NodeId) -> u64 {
     mix(key_hash ^ mix(node.wrapping_add(0x9e37_79b9_7f4a_7c15)))
-}
-
-fn fnv1a(seed: u64, bytes: &[u8]) -> u64 {
-    bytes
-        .iter()
-        .fold(seed, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3))
-}
-
-/// SplitMix64 finaliser: spreads FNV's weak low bits.
-fn mix(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
 }
 
 /// The load factor in per mille, clamped to `[1, 100]`; not a number means the default.

@@ -52,7 +52,6 @@ use tokio::sync::{mpsc, Notify};
 
 use crate::event::Event;
 use crate::handler::supervisor::{Completion, Job, Outcome, Retired};
-use crate::handler::SubscriptionKey;
 use crate::monitor::Health;
 use crate::proto::{
     decode_peer_message, encode_delivery, encode_delivery_on, peer_message, peer_message_events, AckBatch, AckCode,
@@ -60,6 +59,7 @@ use crate::proto::{
 };
 use crate::router::{NoRoom, Route, Router, RoutingTable, Slot, SubRuntime, Target};
 use crate::transport::{Envelope, Transport};
+use crate::types::SubscriptionKey;
 
 /// An envelope of forwarded events stops growing past this many bytes.
 const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;

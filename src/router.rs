@@ -30,10 +30,11 @@ use arc_swap::ArcSwap;
 use tokio::sync::mpsc;
 
 use crate::handler::supervisor::{self, DeadLetterSink, Job, Policy, SubShared};
-use crate::handler::{HandlerRegistry, Spawner, SubscriptionKey};
+use crate::handler::{HandlerRegistry, Spawner};
 use crate::metrics::SubMetrics;
 use crate::monitor::{Health, PeerHealth, Progress};
 use crate::subscription::SubscriptionSpec;
+use crate::types::{self, mix, SubscriptionKey, FNV_OFFSET};
 
 /// One running handler instance, as the router sees it.
 pub(crate) struct Instance {
@@ -184,17 +185,9 @@ fn rendezvous_among(key: &[u8], indices: impl Iterator<Item = usize>) -> Option<
     indices.max_by_key(|&i| mix(h ^ mix(i as u64 + 1)))
 }
 
+/// FNV-1a from the offset basis: the same hash placement's weights start from.
 fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
-}
-
-/// SplitMix64 finaliser: spreads FNV's weak low bits.
-fn mix(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
+    types::fnv1a(FNV_OFFSET, bytes)
 }
 
 /// Where one placed instance of a subscription runs.

@@ -7,11 +7,29 @@
 //! grace period). Running it again on the same directory resumes the same cluster.
 
 use std::fs::File;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::cli::UpArgs;
+use clap::Args;
+
+/// `herald up`.
+#[derive(Args, Debug)]
+pub struct UpArgs {
+    /// How many nodes (1 to 9).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=9))]
+    pub nodes: u16,
+    /// HTTP port of node 1; node i listens on base-port + i - 1, and its peer port is 100 higher.
+    #[arg(long, default_value_t = 7070)]
+    pub base_port: u16,
+    /// Where the nodes keep their data and logs (node-1/, node-1.log, …). Running `up` again
+    /// resumes the same cluster.
+    #[arg(long, default_value = "herald-up")]
+    pub dir: PathBuf,
+    /// How long to wait for every node to be ready, in seconds.
+    #[arg(long, default_value_t = 60)]
+    pub ready_timeout: u64,
+}
 
 /// One started node.
 pub(crate) struct NodeProc {
@@ -182,7 +200,7 @@ fn print_summary(nodes: &[NodeProc]) {
             ]
         })
         .collect();
-    println!("{}\n", crate::cli::table(&["NODE", "HTTP", "PEER", "LOG"], &rows));
+    println!("{}\n", crate::text::table(&["NODE", "HTTP", "PEER", "LOG"], &rows));
     let url = format!("http://{}", nodes[0].http);
     println!("Publish to any node:");
     println!(

@@ -27,21 +27,8 @@ use futures_util::future::LocalBoxFuture;
 
 use crate::event::Event;
 use crate::subscription::HandlerSpec;
-
-/// Identifies a subscription: its topic and group.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct SubscriptionKey {
-    /// The topic.
-    pub topic: String,
-    /// The group.
-    pub group: String,
-}
-
-impl fmt::Display for SubscriptionKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.topic, self.group)
-    }
-}
+// Shared vocabulary (placement, metrics and membership name it too); this is its public path.
+pub use crate::types::SubscriptionKey;
 
 /// One event delivered to one handler instance. Fields may be added in a minor release
 /// (`#[non_exhaustive]`): to test a handler, build one with [`Delivery::new`].

@@ -21,9 +21,10 @@ use actix::MailboxError;
 use futures_util::future::{BoxFuture, LocalBoxFuture};
 use tokio::sync::mpsc;
 
-use super::{Delivery, HandlerResult, Invoke, Spawner, SubscriptionKey};
+use super::{Delivery, HandlerResult, Invoke, Spawner};
 use crate::event::Event;
 use crate::metrics::SubMetrics;
+use crate::types::SubscriptionKey;
 
 /// How a subscription finished with one event.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -5,8 +5,8 @@ use actix_web::{HttpResponse, ResponseError};
 use serde::Serialize;
 use utoipa::ToSchema;
 
+use crate::control::ControlError;
 use crate::ingress::{PublishError, ReplayError};
-use crate::node::ControlError;
 use crate::subscription::SpecError;
 
 /// An error answer.

@@ -20,8 +20,8 @@ use serde::de::DeserializeOwned;
 use utoipa::OpenApi;
 
 use crate::config::Role;
+use crate::control::NodeCore;
 use crate::error::{Error, Result};
-use crate::node::NodeCore;
 use crate::subscription::SubscriptionSpec;
 pub use error::ApiError;
 
@@ -294,14 +294,14 @@ async fn delete_subscription(
 }
 
 #[utoipa::path(get, path = "/v1/cluster", tag = "cluster",
-    responses((status = 200, description = "Members and leader", body = crate::node::ClusterView)))]
+    responses((status = 200, description = "Members and leader", body = crate::control::ClusterView)))]
 async fn cluster(req: HttpRequest, state: State) -> Result<HttpResponse, ApiError> {
     authorize(&req, &state, Role::Admin)?;
     Ok(HttpResponse::Ok().json(state.core.cluster(state.http_addr)))
 }
 
 #[utoipa::path(get, path = "/v1/cluster/placements", tag = "cluster",
-    responses((status = 200, description = "Where each subscription runs", body = [crate::node::PlacementView])))]
+    responses((status = 200, description = "Where each subscription runs", body = [crate::control::PlacementView])))]
 async fn placements(req: HttpRequest, state: State) -> Result<HttpResponse, ApiError> {
     authorize(&req, &state, Role::Admin)?;
     Ok(HttpResponse::Ok().json(state.core.placements()))
@@ -385,7 +385,7 @@ async fn openapi() -> HttpResponse {
     components(schemas(
         SubscriptionSpec, crate::subscription::HandlerSpec, crate::ingress::Published,
         crate::ingress::SubscriptionOutcome, crate::ingress::DeadLetter, crate::ingress::AckMode,
-        crate::node::ClusterView, crate::node::MemberView, crate::node::PlacementView,
+        crate::control::ClusterView, crate::control::MemberView, crate::control::PlacementView,
         error::ErrorBody, error::ErrorDetail, publish::BatchAnswer
     )),
     modifiers(&BearerAuth)

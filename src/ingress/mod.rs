@@ -32,10 +32,10 @@ use utoipa::ToSchema;
 
 use crate::event::{Event, EventError};
 use crate::handler::supervisor::{Completion, DeadLetterSink, Job, Outcome};
-use crate::handler::SubscriptionKey;
 use crate::proto::{DeadLetterRecord, EventRecord};
 use crate::relay::{Outgoing, Relay};
 use crate::router::{NoRoom, Router, Target};
+use crate::types::SubscriptionKey;
 use store::Store;
 
 /// What the publisher's response waits for.

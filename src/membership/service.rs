@@ -31,8 +31,8 @@ use super::state::{Command, ConfStep, MembershipState};
 use super::storage::RedbStorage;
 use crate::error::{Error, Result};
 use crate::monitor::{Health, PeerState, Progress};
-use crate::placement::NodeStatus;
 use crate::transport::{self, Body, ClusterSecret, Envelope, Transport, TransportConfig};
+use crate::types::NodeStatus;
 
 /// What the service needs to start.
 #[derive(Debug)]
@@ -868,6 +868,18 @@ async fn probe(addr: &str, tc: &TransportConfig) -> std::result::Result<u64, Str
         .await
         .map_err(|e| e.to_string())?;
     Ok(established.peer.node_id)
+}
+
+/// The monitor watches the committed members; it sits below membership, so it reads them through
+/// this trait instead of naming the state.
+impl crate::monitor::Members for MembershipState {
+    fn is_member(&self, id: u64) -> bool {
+        self.member(id).is_some()
+    }
+
+    fn member_ids(&self) -> impl Iterator<Item = u64> + '_ {
+        self.members().keys().copied()
+    }
 }
 
 #[cfg(test)]

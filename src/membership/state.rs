@@ -77,10 +77,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use prost::Message;
 
 use crate::event::validate_name;
-use crate::handler::SubscriptionKey;
 use crate::placement::{self, Demand, NodeInfo, PlacementTable};
-pub use crate::placement::{NodeId, NodeStatus};
 use crate::subscription::{HandlerSpec, SubscriptionSpec, MAX_ATTEMPTS};
+use crate::types::SubscriptionKey;
+pub use crate::types::{NodeId, NodeStatus};
 
 /// How many members are Raft voters when `raft.voters` is not configured.
 pub const DEFAULT_VOTERS: usize = 3;

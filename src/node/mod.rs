@@ -4,7 +4,12 @@
 //! subscriptions declared at start-up. [`NodeBuilder::start`] opens the store, starts the worker
 //! threads, the router and the HTTP server, and replays the WAL; [`RunningNode::shutdown`] undoes
 //! it in reverse order. The control operations the HTTP API calls (subscriptions, cluster view)
-//! live in [`NodeCore`]; they hold no logic that belongs to the router or the ingress.
+//! live in [`NodeCore`] (in `control`, re-exported here); they hold no logic that belongs to the
+//! router or the ingress.
+//!
+//! This module must not depend on `cli`: the entry points that own the process
+//! ([`NodeBuilder::main`], [`NodeBuilder::run`], [`NodeBuilder::from_env_and_args`]) are defined
+//! there, so the layering is `cli` → `node` → `http` → `control`.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
@@ -12,8 +17,6 @@ use std::time::{Duration, Instant};
 
 use actix::Arbiter;
 use metrics_exporter_prometheus::PrometheusHandle;
-use serde::Serialize;
-use utoipa::ToSchema;
 
 use tokio::sync::watch;
 
@@ -21,17 +24,20 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::event::Event;
 use crate::handler::supervisor::Policy;
-use crate::handler::{HandlerActor, HandlerRegistry, SubscriptionKey};
+use crate::handler::{HandlerActor, HandlerRegistry};
 use crate::ingress::store::Store;
 use crate::ingress::{AckMode, Ingress, PublishError, Published, StoreDeadLetters};
 use crate::membership::raft_node::RaftStatus;
 use crate::membership::service::{Membership, MembershipConfig};
-use crate::membership::state::{Command, MembershipState};
-use crate::monitor::{Health, MonitorConfig, PeerState, Progress};
-use crate::placement::NodeStatus;
+use crate::membership::state::MembershipState;
+use crate::monitor::{Health, MonitorConfig, Progress};
 use crate::relay::{Relay, RelayConfig, RelayRuntime, Returns};
-use crate::router::{Placement, Router, RouterParts};
-use crate::subscription::{SpecError, SubscriptionSpec};
+use crate::router::{Router, RouterParts};
+use crate::subscription::SubscriptionSpec;
+use crate::types::SubscriptionKey;
+// The control operations and their views live in `control`, below both `http` (which calls them)
+// and this module (which starts the HTTP server); this is their public path.
+pub use crate::control::{ClusterView, ControlError, MemberView, NodeCore, PlacementView};
 
 /// Entry point of the Rust API: `Node::builder()`.
 pub struct Node;
@@ -50,7 +56,7 @@ pub struct NodeBuilder {
     pub(crate) registry: HandlerRegistry,
     /// Subscriptions declared in code, applied after those of the config file.
     subscriptions: Vec<SubscriptionSpec>,
-    metrics: Option<PrometheusHandle>,
+    pub(crate) metrics: Option<PrometheusHandle>,
 }
 
 impl NodeBuilder {
@@ -90,47 +96,6 @@ impl NodeBuilder {
     pub fn metrics(mut self, handle: PrometheusHandle) -> Self {
         self.metrics = Some(handle);
         self
-    }
-
-    /// Reads `herald node` flags, `HERALD_*` variables and the `--config` file into the
-    /// configuration (flags beat environment beats file beats defaults).
-    pub fn from_env_and_args(mut self) -> Result<Self> {
-        use clap::Parser;
-        let args = crate::cli::NodeArgs::parse();
-        self.config = args.load()?;
-        Ok(self)
-    }
-
-    /// Runs the whole `herald` command line (`node`, `publish`, `subscribe`, `status`, `bench`)
-    /// with this builder's handlers: the one call a user's binary needs in `main`.
-    pub fn main(self) -> std::process::ExitCode {
-        crate::cli::main_with(self)
-    }
-
-    /// Runs the node until SIGINT or SIGTERM, then shuts down gracefully. It owns the process: it
-    /// installs the tracing subscriber (`log_format`, `RUST_LOG`) and, unless a handle was given
-    /// with [`NodeBuilder::metrics`], the Prometheus recorder. To embed a node in a process that
-    /// already has its own, use [`NodeBuilder::start`].
-    pub fn run(mut self) -> Result<()> {
-        crate::cli::init_logging(self.config.log_format);
-        if self.metrics.is_none() {
-            self.metrics = Some(crate::metrics::install_prometheus());
-        }
-        actix_rt::System::new().block_on(async move {
-            let node = self.start().await?;
-            // Catch SIGTERM/SIGINT before announcing the address: a signal sent as soon as the
-            // line appears must drain the node, not kill it with the default action.
-            let signal = shutdown_signal();
-            // One machine-readable line on stdout, for scripts and tests that start nodes on port 0.
-            println!(
-                "herald node {} listening on http://{}",
-                node.core.config.node_id, node.http_addr
-            );
-            signal.await;
-            tracing::info!("shutdown signal received; draining");
-            node.shutdown().await;
-            Ok(())
-        })
     }
 
     /// Starts the node inside the current actix system and returns once it serves HTTP (the WAL
@@ -584,393 +549,3 @@ impl Publisher {
 
 /// How long `RunningNode::shutdown` waits for the store to close after the handlers were stopped.
 const STORE_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Why a control operation failed.
-#[derive(Debug, thiserror::Error)]
-pub enum ControlError {
-    /// The request is invalid (4xx).
-    #[error(transparent)]
-    Invalid(#[from] SpecError),
-    /// The change could not be committed (no leader, timeout) (503).
-    #[error("{0}")]
-    Unavailable(String),
-}
-
-/// One member as `/v1/cluster` shows it.
-#[derive(Debug, Clone, Serialize, ToSchema)]
-pub struct MemberView {
-    /// Node id.
-    pub id: u64,
-    /// HTTP address.
-    pub http: String,
-    /// Peer address (empty until clustering is configured).
-    pub peer: String,
-    /// `up`, `suspect`, `degraded`, `down` or `leaving`.
-    pub status: String,
-    /// Phi of the failure detector (0 for this node).
-    pub phi: f64,
-    /// Whether it votes in the Raft group (otherwise it is a learner).
-    pub voter: bool,
-    /// Handler kinds this node can run.
-    pub handlers: Vec<String>,
-}
-
-/// The `/v1/cluster` view.
-#[derive(Debug, Clone, Serialize, ToSchema)]
-pub struct ClusterView {
-    /// Cluster name.
-    pub cluster_id: String,
-    /// The answering node.
-    pub node_id: u64,
-    /// The Raft leader's node id (absent during an election).
-    pub leader: Option<u64>,
-    /// Raft term.
-    pub term: u64,
-    /// Placement epoch.
-    pub epoch: u64,
-    /// Whether the node is ready: its WAL replayed, and it is a member of both the membership
-    /// table and its Raft configuration (as `/readyz`).
-    pub ready: bool,
-    /// Where the membership table and the Raft configuration disagree as this node sees them:
-    /// normal for a moment while a node joins or leaves, a fault if it lasts. Empty when they
-    /// agree.
-    pub problems: Vec<String>,
-    /// Seconds since start.
-    pub uptime_seconds: u64,
-    /// The members.
-    pub members: Vec<MemberView>,
-}
-
-/// A subscription's placement as `/v1/cluster/placements` shows it.
-#[derive(Debug, Clone, Serialize, ToSchema)]
-pub struct PlacementView {
-    /// Topic.
-    pub topic: String,
-    /// Group.
-    pub group: String,
-    /// Placement epoch.
-    pub epoch: u64,
-    /// Node id per instance.
-    pub nodes: Vec<u64>,
-}
-
-/// The node's shared state and the control operations on it.
-pub struct NodeCore {
-    pub(crate) config: Config,
-    pub(crate) router: Arc<Router>,
-    pub(crate) ingress: Arc<Ingress>,
-    pub(crate) metrics: Option<PrometheusHandle>,
-    /// The Raft-replicated membership table: members, subscriptions, placement.
-    pub(crate) membership: Arc<Membership>,
-    /// Peer health from the failure detector.
-    pub(crate) health: Arc<Health>,
-    /// The event plane to other nodes.
-    pub(crate) relay: Arc<Relay>,
-    /// The applied index the local router reflects; control calls wait on it so that a
-    /// subscription's instances run before the call returns.
-    reconciled: watch::Receiver<u64>,
-    started: Instant,
-}
-
-/// How long a control call waits for its change to be committed and running locally.
-const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
-
-impl NodeCore {
-    /// The effective configuration.
-    pub fn config(&self) -> &Config {
-        &self.config
-    }
-
-    /// The ingress.
-    pub fn ingress(&self) -> &Arc<Ingress> {
-        &self.ingress
-    }
-
-    /// The membership service.
-    pub fn membership(&self) -> &Arc<Membership> {
-        &self.membership
-    }
-
-    /// The Prometheus text exposition, if a recorder handle was given.
-    pub fn render_metrics(&self) -> Option<String> {
-        self.metrics.as_ref().map(PrometheusHandle::render)
-    }
-
-    /// Checks a subscription: names, counts, and that this binary or some member runs its handler.
-    fn validate(&self, spec: &SubscriptionSpec) -> Result<(), SpecError> {
-        let registry = self.router.registry();
-        let state = self.membership.state().borrow().clone();
-        let label = spec.handler.label();
-        spec.validate(
-            self.config.handlers.max_instances,
-            |n| registry.contains(n) || state.members().values().any(|m| m.handlers.contains(&label)),
-            || registry.names(),
-        )
-    }
-
-    /// Runs locally exactly the instances the placement gives this node.
-    pub(crate) fn reconcile(&self, state: &MembershipState) {
-        let me = self.config.node_id;
-        for (key, spec) in state.subscriptions() {
-            let local = state.placement_of(key).iter().filter(|n| **n == me).count() as u32;
-            if local == 0 {
-                self.router.remove(key);
-            } else {
-                let mut spec = spec.clone();
-                spec.instances = local;
-                self.router.apply(spec);
-            }
-        }
-        for running in self.router.table().iter() {
-            if !state.subscriptions().contains_key(&running.shared.key) {
-                self.router.remove(&running.shared.key);
-            }
-        }
-        self.router.set_placement(Placement {
-            epoch: state.epoch(),
-            subscriptions: state
-                .subscriptions()
-                .keys()
-                .map(|k| {
-                    let nodes = state
-                        .placement_of(k)
-                        .iter()
-                        .copied()
-                        .filter(|n| state.member(*n).is_some())
-                        .collect();
-                    (k.clone(), nodes)
-                })
-                .collect(),
-        });
-    }
-
-    /// On shutdown: when another member is up to take over, drains this node (its subscriptions
-    /// move) and waits until the placement no longer names it, or until `deadline`.
-    async fn drain_self(&self, deadline: Instant) {
-        let me = self.config.node_id;
-        let state = self.membership.state().borrow().clone();
-        let raft = self.membership.status().borrow().clone();
-        // A node that was removed (DELETE) may not have applied its removal, but it is no longer
-        // in its own Raft configuration, or no longer a member: nothing to hand over, and no
-        // proposal of its would commit.
-        let in_group = raft.voters.contains(&me) || raft.learners.contains(&me);
-        if state.member(me).is_none() || !in_group {
-            return;
-        }
-        let holds_work = state.placement().values().any(|nodes| nodes.contains(&me));
-        let others = state
-            .members()
-            .values()
-            .any(|m| m.id != me && m.status == NodeStatus::Up && self.health.peer(m.id).routable());
-        if !holds_work || !others || !self.membership.is_running() {
-            return;
-        }
-        tracing::info!("handing this node's subscriptions to other nodes before stopping");
-        let left = deadline.saturating_duration_since(Instant::now());
-        let drain = async {
-            let index = self.membership.propose(&Command::drain(me)).await.ok()?;
-            self.settle(index, |s| s.placement().values().all(|nodes| !nodes.contains(&me)))
-                .await;
-            Some(())
-        };
-        match tokio::time::timeout(left, drain).await {
-            Ok(Some(())) => tracing::info!("subscriptions handed over"),
-            _ => tracing::warn!("could not hand the subscriptions over in time; stopping anyway"),
-        }
-    }
-
-    /// Waits until the local router reflects applied index `index` and `done` holds.
-    async fn settle(&self, index: u64, done: impl Fn(&MembershipState) -> bool) {
-        let mut reconciled = self.reconciled.clone();
-        let state = self.membership.state();
-        let wait = async {
-            loop {
-                if *reconciled.borrow_and_update() >= index && done(&state.borrow()) {
-                    return;
-                }
-                if reconciled.changed().await.is_err() {
-                    return;
-                }
-            }
-        };
-        if tokio::time::timeout(CONTROL_TIMEOUT, wait).await.is_err() {
-            tracing::warn!(
-                index,
-                "change committed but not yet running here after {CONTROL_TIMEOUT:?}"
-            );
-        }
-    }
-
-    /// Proposes `spec` through Raft and waits until it is committed.
-    async fn propose_subscription(&self, spec: &SubscriptionSpec) -> Result<u64, ControlError> {
-        self.membership
-            .propose(&Command::subscribe(spec))
-            .await
-            .map_err(|e| ControlError::Unavailable(e.to_string()))
-    }
-
-    /// Creates or updates a subscription (committed through Raft on any node); returns whether it
-    /// was new or changed. Returns once its placement is in force here.
-    pub async fn create_subscription(&self, spec: SubscriptionSpec) -> Result<bool, ControlError> {
-        self.validate(&spec)?;
-        let key = SubscriptionKey {
-            topic: spec.topic.clone(),
-            group: spec.group.clone(),
-        };
-        let before = self.membership.state().borrow().subscriptions().get(&key).cloned();
-        if before.as_ref() == Some(&spec) {
-            return Ok(false);
-        }
-        let index = self.propose_subscription(&spec).await?;
-        self.settle(index, |s| {
-            s.subscriptions().get(&key) != Some(&spec) || s.placement().contains_key(&key)
-        })
-        .await;
-        let now = self.membership.state().borrow().subscriptions().get(&key).cloned();
-        if now.as_ref() != Some(&spec) {
-            return Err(ControlError::Unavailable(format!(
-                "subscription {key} was refused or changed concurrently"
-            )));
-        }
-        Ok(true)
-    }
-
-    /// Deletes a subscription; returns whether it existed. Queued events finish first.
-    pub async fn delete_subscription(&self, topic: &str, group: &str) -> Result<bool, ControlError> {
-        let key = SubscriptionKey {
-            topic: topic.to_string(),
-            group: group.to_string(),
-        };
-        if !self.membership.state().borrow().subscriptions().contains_key(&key) {
-            return Ok(false);
-        }
-        let index = self
-            .membership
-            .propose(&Command::unsubscribe(topic, group))
-            .await
-            .map_err(|e| ControlError::Unavailable(e.to_string()))?;
-        self.settle(index, |s| !s.subscriptions().contains_key(&key)).await;
-        Ok(true)
-    }
-
-    /// Removes node `id` from the cluster (`Leave`); returns whether it was a member.
-    pub async fn remove_node(&self, id: u64) -> Result<bool, ControlError> {
-        self.node_command(id, Command::leave(id), |s| s.member(id).is_none())
-            .await
-    }
-
-    /// Moves every instance off node `id` (`Drain`); returns whether it was a member.
-    pub async fn drain_node(&self, id: u64) -> Result<bool, ControlError> {
-        self.node_command(id, Command::drain(id), |s| {
-            s.placement().values().all(|nodes| !nodes.contains(&id))
-        })
-        .await
-    }
-
-    async fn node_command(
-        &self,
-        id: u64,
-        command: Command,
-        done: impl Fn(&MembershipState) -> bool,
-    ) -> Result<bool, ControlError> {
-        if self.membership.state().borrow().member(id).is_none() {
-            return Ok(false);
-        }
-        let index = self
-            .membership
-            .propose(&command)
-            .await
-            .map_err(|e| ControlError::Unavailable(e.to_string()))?;
-        self.settle(index, done).await;
-        Ok(true)
-    }
-
-    /// The subscriptions, with defaults filled in.
-    pub fn subscriptions(&self) -> Vec<SubscriptionSpec> {
-        self.membership
-            .state()
-            .borrow()
-            .subscriptions()
-            .values()
-            .map(|s| {
-                let mut spec = s.clone();
-                spec.max_attempts = Some(spec.max_attempts.unwrap_or(self.config.handlers.max_attempts));
-                spec
-            })
-            .collect()
-    }
-
-    /// The cluster as this node sees it: the committed table and Raft's status.
-    pub fn cluster(&self, _http_addr: SocketAddr) -> ClusterView {
-        let state = self.membership.state().borrow().clone();
-        let raft = self.membership.status().borrow().clone();
-        let problems = crate::membership::service::membership_problems(&state, &raft);
-        let member = !problems.iter().any(|p| p.is_about(self.config.node_id));
-        ClusterView {
-            cluster_id: self.config.cluster_id.clone(),
-            node_id: self.config.node_id,
-            leader: (raft.leader != 0).then_some(raft.leader),
-            term: raft.term,
-            epoch: state.epoch(),
-            ready: self.ingress.is_ready() && member,
-            problems: problems.iter().map(ToString::to_string).collect(),
-            uptime_seconds: self.started.elapsed().as_secs(),
-            members: state
-                .members()
-                .values()
-                .map(|m| MemberView {
-                    id: m.id,
-                    http: m.http.clone(),
-                    peer: m.peer.clone(),
-                    status: self.member_status(m.id, m.status).to_string(),
-                    phi: if m.id == self.config.node_id {
-                        0.0
-                    } else {
-                        self.health.peer(m.id).phi()
-                    },
-                    voter: raft.voters.contains(&m.id),
-                    handlers: m.handlers.iter().cloned().collect(),
-                })
-                .collect(),
-        }
-    }
-
-    /// A member's status as this node reports it: the committed one, except that an `up` member
-    /// this node's detector suspects (or sees degraded) shows that, before the leader acts on it.
-    fn member_status(&self, id: u64, committed: NodeStatus) -> &'static str {
-        if committed == NodeStatus::Up && id != self.config.node_id {
-            match self.health.peer(id).state() {
-                PeerState::Up => {}
-                other => return other.as_str(),
-            }
-        }
-        committed.as_str()
-    }
-
-    /// `(id, HTTP address)` of every other member (for requests that span the cluster).
-    pub fn other_members_http(&self) -> Vec<(u64, String)> {
-        self.membership
-            .state()
-            .borrow()
-            .members()
-            .values()
-            .filter(|m| m.id != self.config.node_id)
-            .map(|m| (m.id, m.http.clone()))
-            .collect()
-    }
-
-    /// Where every subscription's instances run (committed placement).
-    pub fn placements(&self) -> Vec<PlacementView> {
-        let state = self.membership.state().borrow().clone();
-        state
-            .subscriptions()
-            .keys()
-            .map(|k| PlacementView {
-                topic: k.topic.clone(),
-                group: k.group.clone(),
-                epoch: state.epoch(),
-                nodes: state.placement_of(k).to_vec(),
-            })
-            .collect()
-    }
-}

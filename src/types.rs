@@ -1,0 +1,135 @@
+//! The shared vocabulary: small types and constants that several layers name.
+//!
+//! A subscription's key, a node's id and status, the hash that placement and routing build on, and
+//! the constants the configuration's defaults and checks need. They live here, at the bottom of
+//! the crate, so that the modules that use them do not have to reach into each other for them:
+//! `placement` and `metrics` need `SubscriptionKey` without depending on `handler`, and `config`
+//! gets its defaults without depending on `placement` or `monitor` (see LAYERS.md).
+//!
+//! This module owns plain values only. It must not depend on any other module of the crate, do
+//! I/O or hold state; anything with behaviour beyond formatting and parsing belongs to the module
+//! that owns that behaviour. Public items are re-exported at their historical paths
+//! (`handler::SubscriptionKey`, `placement::NodeStatus`, `placement::NodeId`,
+//! `placement::DEFAULT_LOAD_FACTOR`, `monitor::MAX_PHI`); code inside the crate imports them from
+//! here.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// Identifies a subscription: its topic and group.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SubscriptionKey {
+    /// The topic.
+    pub topic: String,
+    /// The group.
+    pub group: String,
+}
+
+impl fmt::Display for SubscriptionKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.topic, self.group)
+    }
+}
+
+/// A node's id in the cluster (the Raft id; never 0).
+pub type NodeId = u64;
+
+/// A member's status as placement and routing see it (the `status` of `GET /v1/cluster`).
+///
+/// Only [`NodeStatus::Up`] nodes receive instances. The replicated membership state uses `Up`,
+/// `Down` and `Draining`; `Suspect` and `Degraded` are a node's local failure-detector view and
+/// `Leaving` is what a node reports while it hands off work before its `Leave` commits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeStatus {
+    /// Alive and accepting work.
+    Up,
+    /// Over the phi-accrual threshold; routers skip it until it answers again or is marked down.
+    Suspect,
+    /// Answers pings but makes no handler progress with a backlog (gray failure); like suspect.
+    Degraded,
+    /// Marked down through Raft after `down_after` of suspicion; its instances are moved.
+    Down,
+    /// Handing off its work before leaving the cluster.
+    Leaving,
+    /// Asked (by an operator) to give up its work; stays a member.
+    Draining,
+}
+
+impl NodeStatus {
+    /// The lowercase name used in JSON, metrics labels and snapshots.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeStatus::Up => "up",
+            NodeStatus::Suspect => "suspect",
+            NodeStatus::Degraded => "degraded",
+            NodeStatus::Down => "down",
+            NodeStatus::Leaving => "leaving",
+            NodeStatus::Draining => "draining",
+        }
+    }
+
+    /// Whether placement may put instances on a node with this status (only `Up`).
+    pub fn accepts_work(self) -> bool {
+        self == NodeStatus::Up
+    }
+}
+
+impl fmt::Display for NodeStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A status name that is not one of `up`, `suspect`, `degraded`, `down`, `leaving`, `draining`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown node status {0:?}; expected one of up, suspect, degraded, down, leaving, draining")]
+pub struct UnknownStatus(pub String);
+
+impl FromStr for NodeStatus {
+    type Err = UnknownStatus;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "up" => NodeStatus::Up,
+            "suspect" => NodeStatus::Suspect,
+            "degraded" => NodeStatus::Degraded,
+            "down" => NodeStatus::Down,
+            "leaving" => NodeStatus::Leaving,
+            "draining" => NodeStatus::Draining,
+            other => return Err(UnknownStatus(other.to_string())),
+        })
+    }
+}
+
+/// The default load factor `c` of placement (`raft.load_factor`): no node gets more than
+/// `ceil(1.25 × average)` instances. Here rather than in `placement` because the configuration's
+/// default is taken from it.
+pub const DEFAULT_LOAD_FACTOR: f64 = 1.25;
+
+/// Phi is capped here (an endless silence would give infinity, which metrics render poorly). Here
+/// rather than in `monitor` because the configuration refuses a `cluster.phi_threshold` above it:
+/// a threshold no phi can reach would never suspect anyone.
+pub const MAX_PHI: f64 = 1000.0;
+
+/// The FNV-1a offset basis: the seed of a hash that starts from nothing.
+pub(crate) const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// FNV-1a over `bytes`, continuing from `seed` ([`FNV_OFFSET`] to start). Placement's rendezvous
+/// weights and the router's key affinity are built on it, and both must give the same answer on
+/// every node, platform and version, so it is spelled out here rather than taken from a hasher
+/// whose algorithm may change.
+pub(crate) fn fnv1a(seed: u64, bytes: &[u8]) -> u64 {
+    bytes
+        .iter()
+        .fold(seed, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3))
+}
+
+/// SplitMix64 finaliser: spreads FNV's weak low bits.
+pub(crate) fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
