@@ -42,6 +42,7 @@ pub enum ControlError {
 
 /// One member as `/v1/cluster` shows it.
 #[derive(Debug, Clone, Serialize, ToSchema)]
+#[non_exhaustive]
 pub struct MemberView {
     /// Node id.
     pub id: u64,
@@ -61,6 +62,7 @@ pub struct MemberView {
 
 /// The `/v1/cluster` view.
 #[derive(Debug, Clone, Serialize, ToSchema)]
+#[non_exhaustive]
 pub struct ClusterView {
     /// Cluster name.
     pub cluster_id: String,
@@ -87,6 +89,7 @@ pub struct ClusterView {
 
 /// A subscription's placement as `/v1/cluster/placements` shows it.
 #[derive(Debug, Clone, Serialize, ToSchema)]
+#[non_exhaustive]
 pub struct PlacementView {
     /// Topic.
     pub topic: String,
