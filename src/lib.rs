@@ -23,7 +23,7 @@
 //!     Node::builder()
 //!         .handler("audit-logins", Audit::default)
 //!         .subscribe("user.login", "audit", "audit-logins")
-//!         .main() // the whole `herald` CLI: `node`, `publish`, `subscribe`, `status`, `bench`
+//!         .main() // the whole `herald` CLI: `node`, `up`, `publish`, `subscribe`, `status`, …
 //! }
 //! ```
 //!
@@ -48,9 +48,9 @@
 //!   the API calls.
 //! * [`config`] — the configuration struct, its defaults, TOML loading and `validate()`.
 //! * [`metrics`] — metric names, descriptions and the Prometheus recorder installer.
-//! * [`cli`] — the `herald` command line (node, publish, subscribe, status, bench), logging set-up;
-//!   `src/bin/herald.rs` only calls it.
-//! * [`bench`](mod@bench) — `herald bench` scenarios.
+//! * [`cli`] — the `herald` command line (node, up, publish, subscribe, status, health), logging
+//!   set-up; `src/bin/herald.rs` only calls it. The benchmark scenarios are the `herald-bench`
+//!   crate (`bench/`), so that no handler binary carries them.
 //! * [`transport`] — peer connections: length-delimited prost frames, the HMAC handshake, write
 //!   coalescing and reconnect with backoff; generic over the stream.
 //! * [`membership`] — the Raft group: the pure membership state machine (`state`), `raft::Storage`
@@ -68,7 +68,6 @@
 
 #![warn(missing_docs, unreachable_pub)]
 
-pub mod bench;
 pub mod cli;
 pub mod config;
 mod error;
@@ -86,7 +85,10 @@ mod relay;
 mod router;
 pub mod subscription;
 pub mod transport;
-pub(crate) mod up;
+// Public only for `herald-bench`, whose scenarios start, wait for and stop node processes with the
+// same functions as `herald up`; not part of the API.
+#[doc(hidden)]
+pub mod up;
 
 pub use error::{Error, Result};
 

@@ -100,8 +100,8 @@ impl NodeBuilder {
         Ok(self)
     }
 
-    /// Runs the whole `herald` command line (`node`, `publish`, `subscribe`, `status`, `bench`)
-    /// with this builder's handlers: the one call a user's binary needs in `main`.
+    /// Runs the whole `herald` command line (`node`, `up`, `publish`, `subscribe`, `status`,
+    /// `health`) with this builder's handlers: the one call a user's binary needs in `main`.
     pub fn main(self) -> std::process::ExitCode {
         crate::cli::main_with(self)
     }
