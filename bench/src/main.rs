@@ -89,7 +89,8 @@ enum Scenario {
     /// Runs every scenario and writes BENCHMARKS.md with the figures, the machine, the commands and
     /// SVG plots (needs nats-server).
     Report(report::ReportArgs),
-    /// Runs a node like `herald node`, with the `bench-sink` handler registered (used by `cluster`).
+    /// Runs a node like `herald node`, with the `bench-sink` handler registered (the node processes of
+    /// the scenarios).
     #[command(hide = true)]
     Node(BenchNodeArgs),
 }
