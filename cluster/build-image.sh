@@ -4,7 +4,6 @@
 #   cluster/build-image.sh                         # the `herald` binary → image herald:local
 #   cluster/build-image.sh --example user_login    # your handlers: any bin or example of the crate
 #   IMAGE=registry.example.com/herald:1.0 cluster/build-image.sh
-#   HERALD_IMAGE_FEATURES=bench-peers cluster/build-image.sh   # cargo features of the binary
 #
 # The binary is linked statically (glibc's crt-static), in its own target dir so that it never
 # waits on, nor invalidates, the debug and release builds.
@@ -23,9 +22,7 @@ case "${select[0]}" in
 esac
 
 echo "==> building a static ${select[*]} (target dir $CARGO_TARGET_DIR)"
-features=()
-[ -n "${HERALD_IMAGE_FEATURES:-}" ] && features=(--features "$HERALD_IMAGE_FEATURES")
-RUSTFLAGS='-C target-feature=+crt-static' cargo build --release --locked --target "$target" "${features[@]}" "${select[@]}"
+RUSTFLAGS='-C target-feature=+crt-static' cargo build --release --locked --target "$target" "${select[@]}"
 if ldd "$binary" 2>&1 | grep -q '=>'; then
   echo "error: $binary is dynamically linked; a scratch image cannot run it" >&2
   exit 1

@@ -1,4 +1,4 @@
-//! The `herald` command line: `node`, `publish`, `subscribe`, `status`, `bench`.
+//! The `herald` command line: `node`, `up`, `publish`, `subscribe`, `status`, `health`.
 //!
 //! Every node flag has a `HERALD_*` environment variable and a TOML key; flags beat the
 //! environment, which beats the file, which beats the defaults. This module also installs the
@@ -40,8 +40,6 @@ enum Command {
     /// Exit 0 when the node answers ready (`/readyz`, or `/healthz` with --live): a container
     /// health check for images without a shell.
     Health(HealthArgs),
-    /// Run a benchmark scenario and print figures.
-    Bench(crate::bench::BenchArgs),
 }
 
 /// Flags of `herald node`. Each overrides the matching key of the `--config` file.
@@ -267,8 +265,8 @@ impl NodeBuilder {
         Ok(self)
     }
 
-    /// Runs the whole `herald` command line (`node`, `publish`, `subscribe`, `status`, `bench`)
-    /// with this builder's handlers: the one call a user's binary needs in `main`.
+    /// Runs the whole `herald` command line (`node`, `up`, `publish`, `subscribe`, `status`,
+    /// `health`) with this builder's handlers: the one call a user's binary needs in `main`.
     pub fn main(self) -> std::process::ExitCode {
         main_with(self)
     }
@@ -335,19 +333,6 @@ pub fn main_with(builder: NodeBuilder) -> ExitCode {
         Command::Subscribe(a) => return client_main(subscribe(a)),
         Command::Status(a) => return client_main(status(a)),
         Command::Health(a) => return client_main(health(a)),
-        Command::Bench(a) => {
-            // `bench node` is a node: it installs logging from its own configuration.
-            if !a.is_node() {
-                init_logging(LogFormat::Text);
-            }
-            return match crate::bench::run(a, builder) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("herald bench: {e}");
-                    ExitCode::FAILURE
-                }
-            };
-        }
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,

@@ -23,7 +23,7 @@
 //!     Node::builder()
 //!         .handler("audit-logins", Audit::default)
 //!         .subscribe("user.login", "audit", "audit-logins")
-//!         .main() // the whole `herald` CLI: `node`, `publish`, `subscribe`, `status`, `bench`
+//!         .main() // the whole `herald` CLI: `node`, `up`, `publish`, `subscribe`, `status`, …
 //! }
 //! ```
 //!
@@ -57,11 +57,11 @@
 //!   argv or install process-wide state (that is `cli`'s).
 //! * [`config`] — the configuration struct, its defaults, TOML loading and `validate()`.
 //! * [`metrics`] — metric names, descriptions and the Prometheus recorder installer.
-//! * [`cli`] — the `herald` command line (node, publish, subscribe, status, bench), logging set-up,
-//!   and the process-owning entry points of `NodeBuilder` (`main`, `run`, `from_env_and_args`);
-//!   the top layer. `src/bin/herald.rs` only calls it.
+//! * [`cli`] — the `herald` command line (node, up, publish, subscribe, status, health), logging
+//!   set-up, and the process-owning entry points of `NodeBuilder` (`main`, `run`,
+//!   `from_env_and_args`); the top layer. `src/bin/herald.rs` only calls it. The benchmark
+//!   scenarios are the `herald-bench` crate (`bench/`), so that no handler binary carries them.
 //! * `text` — aligned plain-text tables for the command line's output (`cli` and `up`).
-//! * [`bench`](mod@bench) — `herald bench` scenarios.
 //! * [`transport`] — peer connections: length-delimited prost frames, the HMAC handshake, write
 //!   coalescing and reconnect with backoff; generic over the stream.
 //! * [`membership`] — the Raft group: the pure membership state machine (`state`), `raft::Storage`
@@ -79,7 +79,6 @@
 
 #![warn(missing_docs, unreachable_pub)]
 
-pub mod bench;
 pub mod cli;
 pub mod config;
 mod control;
@@ -100,7 +99,10 @@ pub mod subscription;
 mod text;
 pub mod transport;
 mod types;
-pub(crate) mod up;
+// Public only for `herald-bench`, whose scenarios start, wait for and stop node processes with the
+// same functions as `herald up`; not part of the API.
+#[doc(hidden)]
+pub mod up;
 
 pub use error::{Error, Result};
 

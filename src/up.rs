@@ -32,12 +32,17 @@ pub struct UpArgs {
 }
 
 /// One started node.
-pub(crate) struct NodeProc {
-    pub(crate) id: u16,
-    pub(crate) http: String,
-    pub(crate) peer: String,
-    pub(crate) log: std::path::PathBuf,
-    pub(crate) child: Child,
+pub struct NodeProc {
+    /// Node id.
+    pub id: u16,
+    /// HTTP address, IP:port.
+    pub http: String,
+    /// Peer address, IP:port.
+    pub peer: String,
+    /// The file its stdout and stderr go to.
+    pub log: std::path::PathBuf,
+    /// The process.
+    pub child: Child,
 }
 
 /// Runs `herald up` until Ctrl-C.
@@ -98,7 +103,9 @@ fn log_name(p: &Path) -> String {
     p.display().to_string()
 }
 
-pub(crate) fn start(
+/// Starts `exe node` with this id, addresses and data dir (joining `join` if given), its stdout
+/// and stderr written to `log`.
+pub fn start(
     exe: &Path,
     id: u16,
     http: &str,
@@ -124,7 +131,7 @@ pub(crate) fn start(
 }
 
 /// Polls every node's `/readyz` until all answer 200, printing progress; fails if a node exits.
-pub(crate) async fn wait_ready(nodes: &mut [NodeProc], timeout: Duration) -> Result<(), String> {
+pub async fn wait_ready(nodes: &mut [NodeProc], timeout: Duration) -> Result<(), String> {
     let client = awc::Client::builder().timeout(Duration::from_secs(2)).finish();
     let started = Instant::now();
     let mut ready = vec![false; nodes.len()];
@@ -212,7 +219,7 @@ fn print_summary(nodes: &[NodeProc]) {
 }
 
 /// SIGTERM every running node, wait for them, SIGKILL whoever is left after the grace period.
-pub(crate) fn stop_all(nodes: &mut [NodeProc]) {
+pub fn stop_all(nodes: &mut [NodeProc]) {
     for n in nodes.iter_mut() {
         if let Ok(None) = n.child.try_wait() {
             let _ = Command::new("kill").args(["-TERM", &n.child.id().to_string()]).status();

@@ -26,10 +26,7 @@ const LAYERS: &[(&str, &[&str])] = &[
 
 /// Top-level modules the check skips, each with the reason; an entry may name a module that is
 /// already gone.
-const EXEMPT: &[(&str, &str)] = &[(
-    "bench",
-    "moving into its own crate (issue 12); until then it and cli's Bench subcommand use each other",
-)];
+const EXEMPT: &[(&str, &str)] = &[];
 
 /// One `crate::<module>` reference: the module it names and where.
 #[derive(Debug, Clone)]

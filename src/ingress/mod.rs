@@ -109,6 +109,20 @@ pub struct Published {
     pub outcomes: Option<Vec<SubscriptionOutcome>>,
 }
 
+impl Published {
+    /// The answer for an event accepted for `subscriptions` subscriptions, as `ack=none` and
+    /// `ack=accepted` give it (for code that stands in for a node, such as a test double of a
+    /// publisher).
+    pub fn accepted(id: impl Into<String>, topic: impl Into<String>, subscriptions: usize) -> Self {
+        Published {
+            id: id.into(),
+            topic: topic.into(),
+            subscriptions,
+            outcomes: None,
+        }
+    }
+}
+
 /// A dead letter as the API shows it.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 #[non_exhaustive]

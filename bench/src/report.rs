@@ -1,6 +1,6 @@
-//! `herald bench report`: runs every scenario, one after another, and writes `BENCHMARKS.md`.
+//! `herald-bench report`: runs every scenario, one after another, and writes `BENCHMARKS.md`.
 //!
-//! Each scenario runs as a child process of this binary (`herald bench <scenario> … --json F`),
+//! Each scenario runs as a child process of this binary (`herald-bench <scenario> … --json F`),
 //! with its output shown as it goes, so a scenario is measured exactly as a user would run it by
 //! hand and the report only gathers what the scenarios wrote (the shape is in [`super::record`]).
 //! The report holds the machine, the exact commands, the goals of issue 6 with the measured
@@ -14,9 +14,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
-#[cfg(feature = "bench-peers")]
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use clap::Args;
 use serde_json::Value;
@@ -24,7 +22,7 @@ use serde_json::Value;
 use super::compare::{summarize, Metric};
 use super::percentile;
 
-/// `herald bench report` arguments.
+/// `herald-bench report` arguments.
 #[derive(Args, Debug)]
 pub(super) struct ReportArgs {
     /// The report to write.
@@ -113,18 +111,7 @@ struct Outcome {
     doc: Result<Value, String>,
 }
 
-/// `herald bench report`.
-#[cfg(not(feature = "bench-peers"))]
-pub(super) fn run(_: ReportArgs) -> Result<(), String> {
-    Err(
-        "`herald bench report` runs the peer scenarios too and draws plots: build it with \
-         `--features bench-peers`, e.g. `cargo run --release --features bench-peers -- bench report`"
-            .into(),
-    )
-}
-
-/// `herald bench report`.
-#[cfg(feature = "bench-peers")]
+/// `herald-bench report`.
 pub(super) fn run(a: ReportArgs) -> Result<(), String> {
     let plans = plans(&a);
     if plans.is_empty() {
@@ -146,7 +133,7 @@ pub(super) fn run(a: ReportArgs) -> Result<(), String> {
     let mut outcomes = Vec::new();
     for (i, p) in plans.iter().enumerate() {
         let json = dir.join(format!("{}.json", p.name));
-        let command = format!("herald bench {} {}", p.name, p.args.join(" "));
+        let command = format!("herald-bench {} {}", p.name, p.args.join(" "));
         eprintln!(
             "\n=== [{}/{}] {command}   ({:.0} s so far)",
             i + 1,
@@ -155,7 +142,6 @@ pub(super) fn run(a: ReportArgs) -> Result<(), String> {
         );
         let t0 = Instant::now();
         let status = Command::new(&exe)
-            .arg("bench")
             .arg(p.name)
             .args(&p.args)
             .arg("--json")
@@ -189,7 +175,7 @@ pub(super) fn run(a: ReportArgs) -> Result<(), String> {
     let invocation = std::env::args().skip(1).collect::<Vec<_>>().join(" ");
     let machine = Machine::read(a.nats_server.as_deref());
     let text = markdown(
-        &format!("herald {invocation}"),
+        &format!("herald-bench {invocation}"),
         &date.format("%Y-%m-%d %H:%M UTC").to_string(),
         started.elapsed(),
         &machine,
@@ -316,10 +302,7 @@ impl Machine {
             .lines()
             .find_map(|l| l.strip_prefix("PRETTY_NAME="))
             .map_or("unknown".into(), |v| v.trim_matches('"').to_string());
-        #[cfg(feature = "bench-peers")]
         let program = super::nats::find_server(nats_server).ok();
-        #[cfg(not(feature = "bench-peers"))]
-        let program = nats_server.map(Path::to_path_buf);
         let nats = program
             .and_then(|p| Command::new(p).arg("--version").output().ok())
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
@@ -515,7 +498,7 @@ fn markdown(
         s,
         "Written by `{invocation}` on {date} in {:.0} min. Every peer figure comes from the same run on the \
          same machine; absolute figures drift on shared machines, so read the ratios. Regenerate with \
-         `cargo build --release --features bench-peers && target/release/herald bench report` (needs \
+         `cargo run --release -p herald-bench -- report` (needs \
          Debian's `nats-server`).\n",
         took.as_secs_f64() / 60.0
     );
@@ -671,7 +654,7 @@ mod tests {
     fn outcome(name: &'static str, doc: Result<Value, String>) -> Outcome {
         Outcome {
             name,
-            command: format!("herald bench {name} --runs 3"),
+            command: format!("herald-bench {name} --runs 3"),
             took: Duration::from_secs(12),
             doc,
         }
@@ -735,7 +718,7 @@ mod tests {
             outcome("local", Err("failed (exit status: 1)".into())),
         ];
         let md = markdown(
-            "herald bench report",
+            "herald-bench report",
             "2026-11-27 08:00 UTC",
             Duration::from_secs(600),
             &Machine::default(),

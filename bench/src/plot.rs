@@ -1,4 +1,4 @@
-//! The plots of `herald bench report`: grouped bar charts in SVG, drawn with `plotters`.
+//! The plots of `herald-bench report`: grouped bar charts in SVG, drawn with `plotters`.
 //!
 //! One chart per scenario and kind of figure: throughput (medians, with the min–max of the runs as
 //! a whisker), latency percentiles, and timings (p50/p99 of the samples; the failover chart puts

@@ -1,6 +1,6 @@
-//! `herald bench http`: what Herald's HTTP publish costs on top of HTTP itself. One Herald node
-//! (`herald bench node`, a subscription whose handler is the no-op `bench-sink`) next to a bare
-//! actix-web server (`herald bench bare-http`, hidden) whose `POST /v1/topics/{topic}/events`
+//! `herald-bench http`: what Herald's HTTP publish costs on top of HTTP itself. One Herald node
+//! (`herald-bench node`, a subscription whose handler is the no-op `bench-sink`) next to a bare
+//! actix-web server (`herald-bench bare-http`, hidden) whose `POST /v1/topics/{topic}/events`
 //! reads the body and answers 202 with a JSON body of the shape and size of Herald's publish
 //! answer, and nothing else. Both are separate processes on 127.0.0.1 with actix-web's default
 //! worker count (one per core: neither sets it), so the ratio Herald/bare is what routing, the
@@ -53,7 +53,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::cluster::{free_ports, payload, payload_size_ok, scrape, settled, subscribe, unix_nanos, Cluster};
 use super::compare::{self, fmt_size, Metric, Row};
-use crate::config::FsyncPolicy;
+use herald::config::FsyncPolicy;
 
 const TOPIC: &str = "bench.http";
 /// The publish path of Herald (DESIGN §9) and of the bare server.
@@ -69,7 +69,7 @@ const BARE_ID: &str = "01KB00000000000000000BARE0";
 /// Goal of the issue: HTTP publish events/s at least this share of the bare handler's.
 const GOAL_RATIO: f64 = 0.7;
 
-/// `herald bench http` arguments.
+/// `herald-bench http` arguments.
 #[derive(Args, Debug)]
 pub(super) struct HttpArgs {
     /// Runs per figure; in each run every system is measured once, in a rotating order (the
@@ -117,7 +117,7 @@ pub(super) struct HttpArgs {
     keep: bool,
 }
 
-/// `herald bench bare-http` arguments.
+/// `herald-bench bare-http` arguments.
 #[derive(Args, Debug)]
 pub(super) struct BareHttpArgs {
     /// Address to listen on.
@@ -158,7 +158,7 @@ async fn bare_publish(topic: web::Path<String>, _body: web::Bytes) -> HttpRespon
     })
 }
 
-/// `herald bench bare-http`: a bare actix-web server; `POST /v1/topics/{topic}/events` reads the
+/// `herald-bench bare-http`: a bare actix-web server; `POST /v1/topics/{topic}/events` reads the
 /// body and answers 202 `{"id","topic","subscriptions":1}`, like Herald's publish answer.
 pub(super) fn bare_http(a: BareHttpArgs) -> Result<(), String> {
     actix_rt::System::new().block_on(async move {
@@ -191,7 +191,7 @@ impl BareProc {
         let err = out.try_clone().map_err(|e| e.to_string())?;
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let child = Command::new(exe)
-            .args(["bench", "bare-http", "--http", &addr.to_string()])
+            .args(["bare-http", "--http", &addr.to_string()])
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
@@ -894,7 +894,7 @@ async fn scenario(c: &mut Cluster, bare: &mut BareProc, a: &HttpArgs) -> Result<
     };
     let acks: Vec<String> = a.ack.iter().map(|x| format!("ack={}", x.as_str())).collect();
     println!(
-        "herald bench http: HTTP publish, one event per request, Herald ({}) vs a bare actix-web handler \
+        "herald-bench http: HTTP publish, one event per request, Herald ({}) vs a bare actix-web handler \
          answering 202; {cores} cores, 127.0.0.1 only",
         acks.join(", ")
     );
@@ -903,7 +903,7 @@ async fn scenario(c: &mut Cluster, bare: &mut BareProc, a: &HttpArgs) -> Result<
         a.instances
     );
     println!(
-        "  bare:   herald bench bare-http (http {}): reads the body, answers 202 {{\"id\",\"topic\",\"subscriptions\"}}",
+        "  bare:   herald-bench bare-http (http {}): reads the body, answers 202 {{\"id\",\"topic\",\"subscriptions\"}}",
         b.bare
     );
     println!(
@@ -1041,7 +1041,7 @@ async fn scenario(c: &mut Cluster, bare: &mut BareProc, a: &HttpArgs) -> Result<
     }
     if let Some(path) = &a.json {
         let meta = json!({
-            "command": "herald bench http",
+            "command": "herald-bench http",
             "time": chrono::Utc::now().to_rfc3339(),
             "cores": cores,
             "runs": a.runs,
@@ -1066,7 +1066,7 @@ async fn scenario(c: &mut Cluster, bare: &mut BareProc, a: &HttpArgs) -> Result<
     Ok(())
 }
 
-/// `herald bench http`.
+/// `herald-bench http`.
 pub(super) fn run(mut a: HttpArgs) -> Result<(), String> {
     if a.smoke {
         a.runs = 1;
@@ -1106,7 +1106,7 @@ pub(super) fn run(mut a: HttpArgs) -> Result<(), String> {
     let mut bare = BareProc::start(ports[2], a.keep)?;
     let started = Instant::now();
     let outcome = actix_rt::System::new().block_on(async {
-        let signal = crate::node::shutdown_signal();
+        let signal = herald::node::shutdown_signal();
         tokio::select! {
             r = scenario(&mut c, &mut bare, &a) => r,
             _ = signal => Err("interrupted".to_string()),
@@ -1257,12 +1257,11 @@ mod tests {
             subscriptions: 1,
         })
         .unwrap();
-        let herald = serde_json::to_value(crate::ingress::Published {
-            id: ulid::Ulid::new().to_string(),
-            topic: "bench.http".into(),
-            subscriptions: 1,
-            outcomes: None,
-        })
+        let herald = serde_json::to_value(herald::ingress::Published::accepted(
+            ulid::Ulid::new().to_string(),
+            "bench.http",
+            1,
+        ))
         .unwrap();
         assert_eq!(bare.to_string().len(), herald.to_string().len());
         let keys = |v: &serde_json::Value| v.as_object().unwrap().keys().cloned().collect::<Vec<_>>();

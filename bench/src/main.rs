@@ -1,4 +1,9 @@
-//! `herald bench`: benchmark scenarios that print figures next to a peer measured in the same run.
+//! `herald-bench`: benchmark scenarios that print figures next to a peer measured in the same run.
+//!
+//! A crate of its own (not a `herald` subcommand), so that the scenarios and what only they need
+//! (the NATS client, the plotting crate, the HTTP load generator) are in no handler binary. It uses
+//! herald's public API, plus `herald::up` (hidden) to start and stop node processes. Run it with
+//! `cargo run --release -p herald-bench -- <scenario>`.
 //!
 //! `local`: events/s from publish to a no-op Rust handler in one node (in-process publish, no
 //! HTTP), with `ack=none` and `ack=accepted`, next to raw actix `do_send` to a no-op actor (the
@@ -7,7 +12,7 @@
 //!
 //! `membership`: a 3-node loopback cluster; subscribe → placed, join → placed, leader failover.
 //!
-//! `cluster`: a 3-node loopback cluster of `herald bench node` processes (this binary, see below).
+//! `cluster`: a 3-node loopback cluster of `herald-bench node` processes (this binary, see below).
 //! Cross-node events/s over HTTP batches with `ack=none` and `ack=accepted` (the publisher talks to
 //! a node that runs no instance of the subscription, so every event crosses the peer transport),
 //! publish → handler latency, and failover time: SIGKILL the node running the subscription's only
@@ -15,34 +20,46 @@
 //!
 //! `nats` and `jetstream`: Herald next to NATS (core pub/sub, and JetStream) with the same process
 //! layout, payload sizes and publishing pattern, alternating run by run; see `nats.rs`. They need
-//! the `bench-peers` cargo feature (the NATS client); without it they say so and exit.
+//! `nats-server` (on PATH, or Debian's /usr/sbin/nats-server).
+//!
+//! `http`: HTTP publish to one node vs a bare actix-web server (`bare-http`, hidden); see `http.rs`.
+//!
+//! `report`: runs every scenario as a child process and writes `BENCHMARKS.md`; see `report.rs`.
 //!
 //! `node` (hidden): runs a node exactly like `herald node` (same flags) with one more Rust handler,
 //! `bench-sink`: a no-op actor that reads `{"t": unix_nanos, "r": round?}` from the event and
 //! exports, on the node's `/metrics`, a counter of handled events, a fine-bucket histogram of
 //! publish → handle latency, the wall-clock time of the last handled event, and per failover round
 //! the wall-clock time of the first handled event of that round. The `cluster` scenario reads those
-//! from every node, so it needs no side channel and measures where the events are handled.
+//! from every node, so it needs no side channel and measures where the events are handled. The
+//! scenarios that start node processes (`cluster`, `membership`, `nats`, `jetstream`, `http`) run
+//! this binary's `node`, so its nodes are the `herald` binary's nodes plus `bench-sink`.
 
+use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use clap::{Args, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use tokio::sync::Notify;
 
-use crate::cli::NodeArgs;
-use crate::config::{Config, FsyncPolicy};
-use crate::event::Event;
-use crate::handler::{Delivery, HandlerResult};
-use crate::ingress::{AckMode, Ingress, PublishError};
-use crate::node::{Node, NodeBuilder};
-use crate::subscription::SubscriptionSpec;
+use herald::cli::NodeArgs;
+use herald::config::{Config, FsyncPolicy, LogFormat};
+use herald::event::Event;
+use herald::handler::{Delivery, HandlerResult};
+use herald::ingress::{AckMode, Ingress, PublishError};
+use herald::node::Node;
+use herald::subscription::SubscriptionSpec;
 
-/// `herald bench` arguments.
-#[derive(Args, Debug)]
-pub struct BenchArgs {
+// The `herald` binary's allocator: the `node` processes must be the nodes users run.
+#[global_allocator]
+static ALLOCATOR: herald::Allocator = herald::Allocator;
+
+/// Herald's benchmark scenarios: each prints figures next to a peer measured in the same run.
+#[derive(Parser, Debug)]
+#[command(name = "herald-bench", version, about, long_about = None)]
+struct Cli {
     #[command(subcommand)]
     scenario: Scenario,
 }
@@ -58,10 +75,10 @@ enum Scenario {
     /// A 3-node loopback cluster: cross-node events/s, publish → handler latency, node failover.
     Cluster(ClusterArgs),
     /// Cross-node at-most-once: Herald ack=none vs NATS core pub/sub, 3-node clusters on loopback
-    /// (needs the `bench-peers` feature and nats-server).
+    /// (needs nats-server).
     Nats(PeerArgs),
     /// Cross-node at-least-once: Herald ack=accepted vs NATS JetStream (acked publish, acked
-    /// consume), 3-node clusters on loopback (needs the `bench-peers` feature and nats-server).
+    /// consume), 3-node clusters on loopback (needs nats-server).
     Jetstream(PeerArgs),
     /// HTTP publish (one event per request) to one node vs a bare actix-web handler answering 202:
     /// events/s at several concurrencies (closed loop), latency percentiles at a fixed rate (open loop).
@@ -70,18 +87,12 @@ enum Scenario {
     #[command(hide = true)]
     BareHttp(http::BareHttpArgs),
     /// Runs every scenario and writes BENCHMARKS.md with the figures, the machine, the commands and
-    /// SVG plots (needs the `bench-peers` feature and nats-server).
+    /// SVG plots (needs nats-server).
     Report(report::ReportArgs),
-    /// Runs a node like `herald node`, with the `bench-sink` handler registered (used by `cluster`).
+    /// Runs a node like `herald node`, with the `bench-sink` handler registered (the node processes of
+    /// the scenarios).
     #[command(hide = true)]
     Node(BenchNodeArgs),
-}
-
-impl BenchArgs {
-    /// Whether this is the hidden `herald bench node` (a node process, which sets up its own logging).
-    pub fn is_node(&self) -> bool {
-        matches!(self.scenario, Scenario::Node(_))
-    }
 }
 
 #[derive(Args, Debug)]
@@ -132,13 +143,12 @@ struct ClusterArgs {
     #[arg(long)]
     keep: bool,
     /// Also write the figures and every failover round's time as JSON to this file (for
-    /// `herald bench report`).
+    /// `herald-bench report`).
     #[arg(long)]
     json: Option<std::path::PathBuf>,
 }
 
 /// Arguments of the peer scenarios (`nats`, `jetstream`).
-#[cfg_attr(not(feature = "bench-peers"), allow(dead_code))]
 #[derive(Args, Debug, Clone)]
 struct PeerArgs {
     /// Runs per system and figure, alternating Herald and the peer (the median is reported).
@@ -195,7 +205,6 @@ struct PeerArgs {
 }
 
 /// JetStream storage of the benchmark stream.
-#[cfg_attr(not(feature = "bench-peers"), allow(dead_code))]
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 enum JsStorage {
     Memory,
@@ -216,7 +225,7 @@ struct MembershipArgs {
     /// HTTP port of node 1; node i uses base+i-1 and peer port base+100+i-1.
     #[arg(long, default_value_t = 7800)]
     base_port: u16,
-    /// Also write every timing as JSON to this file (for `herald bench report`).
+    /// Also write every timing as JSON to this file (for `herald-bench report`).
     #[arg(long)]
     json: Option<std::path::PathBuf>,
 }
@@ -244,7 +253,7 @@ struct LocalArgs {
     /// Give up on a run after this many seconds.
     #[arg(long, default_value_t = 120)]
     max_seconds: u64,
-    /// Also write every run's figures as JSON to this file (for `herald bench report`).
+    /// Also write every run's figures as JSON to this file (for `herald-bench report`).
     #[arg(long)]
     json: Option<std::path::PathBuf>,
     /// A second or two: 20,000 events per run, 1 run, 32 publishers.
@@ -259,7 +268,7 @@ struct LocalArgs {
     only: Vec<LocalRow>,
 }
 
-/// A row of `herald bench local`.
+/// A row of `herald-bench local`.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 enum LocalRow {
     /// Raw actix `do_send` of an empty message.
@@ -277,9 +286,13 @@ enum LocalRow {
     Batch,
 }
 
-/// Runs a scenario; `builder` carries the binary's handlers (for `bench node`).
-pub fn run(args: BenchArgs, builder: NodeBuilder) -> Result<(), String> {
-    match args.scenario {
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // `node` is a node: it installs logging from its own configuration.
+    if !matches!(cli.scenario, Scenario::Node(_)) {
+        herald::cli::init_logging(LogFormat::Text);
+    }
+    let outcome = match cli.scenario {
         Scenario::Local(a) => actix_rt::System::new().block_on(local(a)),
         Scenario::Membership(a) => membership(a),
         Scenario::Cluster(a) => cluster::run(a),
@@ -288,7 +301,15 @@ pub fn run(args: BenchArgs, builder: NodeBuilder) -> Result<(), String> {
         Scenario::Http(a) => http::run(a),
         Scenario::BareHttp(a) => http::bare_http(a),
         Scenario::Report(a) => report::run(a),
-        Scenario::Node(a) => cluster::node(a, builder),
+        // The built-in handler kinds, as in the `herald` binary; `node` adds `bench-sink`.
+        Scenario::Node(a) => cluster::node(a, Node::builder()),
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("herald-bench: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -426,7 +447,7 @@ async fn local(mut a: LocalArgs) -> Result<(), String> {
     }
     let max = Duration::from_secs(a.max_seconds);
     if a.prometheus {
-        crate::metrics::install_prometheus();
+        herald::metrics::install_prometheus();
     }
     let dir = std::env::temp_dir().join(format!("herald-bench-{}", std::process::id()));
     let tally = Arc::new(Tally {
@@ -451,7 +472,7 @@ async fn local(mut a: LocalArgs) -> Result<(), String> {
     let payload =
         Event::json("bench", &serde_json::json!({"user_id": 1, "username": "bench"})).map_err(|e| e.to_string())?;
     println!(
-        "herald bench local: {} events per run, {} runs, {} instances, wal.fsync={:?}, metrics {}",
+        "herald-bench local: {} events per run, {} runs, {} instances, wal.fsync={:?}, metrics {}",
         a.events,
         a.runs,
         a.instances,
@@ -596,7 +617,7 @@ async fn local(mut a: LocalArgs) -> Result<(), String> {
     }
     if let (Some(path), Some(rows)) = (&a.json, json_rows) {
         let meta = serde_json::json!({
-            "command": "herald bench local",
+            "command": "herald-bench local",
             "time": chrono::Utc::now().to_rfc3339(),
             "cores": std::thread::available_parallelism().map_or(0, |n| n.get()),
             "runs": a.runs,
@@ -630,7 +651,7 @@ fn latency_row(name: &str, mut ms: Vec<f64>) -> String {
 }
 
 fn membership(a: MembershipArgs) -> Result<(), String> {
-    use crate::up::{start, stop_all, wait_ready, NodeProc};
+    use herald::up::{start, stop_all, wait_ready, NodeProc};
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let dir = std::env::temp_dir().join(format!("herald-bench-membership-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -678,7 +699,7 @@ fn membership(a: MembershipArgs) -> Result<(), String> {
                     .map_err(|e| format!("GET {url}: {e}"))
             }
         };
-        println!("herald bench membership: 3-node cluster on loopback ({})", dir.display());
+        println!("herald-bench membership: 3-node cluster on loopback ({})", dir.display());
         // Subscribe → placed, through a follower half of the time.
         let mut subscribe = Vec::new();
         for i in 0..a.subscriptions {
@@ -764,7 +785,7 @@ fn membership(a: MembershipArgs) -> Result<(), String> {
         if let Some(path) = &a.json {
             let row = |case: &str, ms: &[f64]| record::row("membership", "", case, "samples_ms", false, ms, None);
             let meta = serde_json::json!({
-                "command": "herald bench membership",
+                "command": "herald-bench membership",
                 "time": chrono::Utc::now().to_rfc3339(),
                 "cores": std::thread::available_parallelism().map_or(0, |n| n.get()),
                 "subscriptions": a.subscriptions,
@@ -786,14 +807,9 @@ fn membership(a: MembershipArgs) -> Result<(), String> {
 }
 
 mod cluster;
-// Used by the peer scenarios, which need the `bench-peers` feature (its tests run without it).
-#[cfg_attr(not(feature = "bench-peers"), allow(dead_code))]
 mod compare;
 mod http;
 mod nats;
-#[cfg(feature = "bench-peers")]
 mod plot;
 mod record;
-// The report needs the peer scenarios; without `bench-peers` it only says so.
-#[cfg_attr(not(feature = "bench-peers"), allow(dead_code))]
 mod report;

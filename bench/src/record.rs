@@ -1,4 +1,4 @@
-//! The figures a scenario writes with `--json PATH`, for `herald bench report` to gather.
+//! The figures a scenario writes with `--json PATH`, for `herald-bench report` to gather.
 //!
 //! One document per scenario run: `{"meta": {...}, "rows": [row, ...]}`. A row is one case and
 //! metric of one scenario, with every run's figure (or every sample, for the timing scenarios) of

@@ -1,8 +1,8 @@
-//! `herald bench nats` and `herald bench jetstream`: Herald next to NATS, measured in the same
+//! `herald-bench nats` and `herald-bench jetstream`: Herald next to NATS, measured in the same
 //! run, alternating run by run (Herald first in odd runs, NATS first in even ones), with a table
 //! of medians, ranges and Herald/NATS ratios (see `compare.rs`).
 //!
-//! The layout mirrors `herald bench cluster`. Herald: three `herald bench node` processes on
+//! The layout mirrors `herald-bench cluster`. Herald: three `herald-bench node` processes on
 //! 127.0.0.1; the publisher posts HTTP batches to a node that runs no instance of the
 //! subscription, and the `bench-sink` handlers run on the two other nodes, so every event crosses
 //! the peer transport. NATS: three `nats-server` processes in one cluster routed over 127.0.0.1
@@ -53,7 +53,7 @@ impl Mode {
     }
 }
 
-/// Runs `herald bench nats` or `herald bench jetstream`.
+/// Runs `herald-bench nats` or `herald-bench jetstream`.
 pub(super) fn run(mut a: PeerArgs, mode: Mode) -> Result<(), String> {
     if a.smoke {
         a.runs = 1;
@@ -77,25 +77,11 @@ pub(super) fn run(mut a: PeerArgs, mode: Mode) -> Result<(), String> {
     if a.connections == 0 || a.events == 0 || a.latency_rate == 0 || a.seconds == 0 || a.window == 0 {
         return Err("--connections, --events, --seconds, --latency-rate and --window must be positive".into());
     }
-    #[cfg(feature = "bench-peers")]
-    {
-        imp::run(a, mode)
-    }
-    #[cfg(not(feature = "bench-peers"))]
-    {
-        Err(format!(
-            "`herald bench {0}` compares Herald with NATS and needs the NATS client, which this binary \
-             was built without: build it with `--features bench-peers`, e.g. \
-             `cargo run --release --features bench-peers -- bench {0}`",
-            mode.command()
-        ))
-    }
+    imp::run(a, mode)
 }
 
-#[cfg(feature = "bench-peers")]
 pub(super) use imp::find_server;
 
-#[cfg(feature = "bench-peers")]
 mod imp {
     use std::cell::{Cell, RefCell};
     use std::fs::File;
@@ -118,7 +104,7 @@ mod imp {
     use super::super::compare::{self, fmt_size, Metric, Row};
     use super::super::{JsStorage, PeerArgs};
     use super::Mode;
-    use crate::config::FsyncPolicy;
+    use herald::config::FsyncPolicy;
 
     const SUBJECT_CORE: &str = "bench.nats";
     const SUBJECT_JS: &str = "bench.js";
@@ -158,7 +144,7 @@ mod imp {
     }
 
     /// The nats-server program: `--nats-server`, else on PATH, else Debian's /usr/sbin.
-    pub(in crate::bench) fn find_server(given: Option<&Path>) -> Result<PathBuf, String> {
+    pub(crate) fn find_server(given: Option<&Path>) -> Result<PathBuf, String> {
         if let Some(p) = given {
             return Ok(p.to_path_buf());
         }
@@ -731,7 +717,7 @@ mod imp {
         let nats = NatsCluster::start(&program, mode == Mode::JetStream, a.keep)?;
         let started = Instant::now();
         let outcome = actix_rt::System::new().block_on(async {
-            let signal = crate::node::shutdown_signal();
+            let signal = herald::node::shutdown_signal();
             tokio::select! {
                 r = scenario(&mut herald, &nats, &a, mode) => r,
                 _ = signal => Err("interrupted".to_string()),
@@ -812,7 +798,7 @@ mod imp {
             _ => "always",
         };
         println!(
-            "herald bench {}: Herald ack={ack} vs {peer_what}; {cores} cores, 127.0.0.1 only",
+            "herald-bench {}: Herald ack={ack} vs {peer_what}; {cores} cores, 127.0.0.1 only",
             mode.command()
         );
         println!(
@@ -969,7 +955,7 @@ mod imp {
         }
         if let Some(path) = &a.json {
             let meta = json!({
-                "command": format!("herald bench {}", mode.command()),
+                "command": format!("herald-bench {}", mode.command()),
                 "time": chrono::Utc::now().to_rfc3339(),
                 "cores": cores,
                 "runs": a.runs,

@@ -1,4 +1,4 @@
-//! `herald bench cluster` (the benchmark process) and `herald bench node` (its node processes).
+//! `herald-bench cluster` (the benchmark process) and `herald-bench node` (its node processes).
 
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashSet};
@@ -15,10 +15,10 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use serde_json::Value;
 
 use super::{percentile, record, BenchNodeArgs, ClusterArgs};
-use crate::config::FsyncPolicy;
-use crate::handler::{Delivery, HandlerResult};
-use crate::node::NodeBuilder;
-use crate::up::{wait_ready, NodeProc};
+use herald::config::FsyncPolicy;
+use herald::handler::{Delivery, HandlerResult};
+use herald::node::NodeBuilder;
+use herald::up::{wait_ready, NodeProc};
 
 /// Events handled by `bench-sink`.
 const SINK_EVENTS: &str = "herald_bench_sink_events_total";
@@ -145,9 +145,9 @@ impl Handler<Delivery> for BenchSink {
 /// subtracted between runs).
 fn install_recorder() -> Result<PrometheusHandle, String> {
     let recorder = PrometheusBuilder::new()
-        // The same buckets as crate::metrics::install_prometheus.
+        // The same buckets as herald::metrics::install_prometheus.
         .set_buckets_for_metric(
-            Matcher::Full(crate::metrics::HANDLER_DURATION.to_string()),
+            Matcher::Full(herald::metrics::HANDLER_DURATION.to_string()),
             &[0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0],
         )
         .and_then(|b| b.set_buckets_for_metric(Matcher::Full(SINK_LATENCY.to_string()), &latency_buckets()))
@@ -155,7 +155,7 @@ fn install_recorder() -> Result<PrometheusHandle, String> {
         .build_recorder();
     let handle = recorder.handle();
     metrics::set_global_recorder(recorder).map_err(|_| "a metrics recorder is already installed".to_string())?;
-    crate::metrics::describe();
+    herald::metrics::describe();
     metrics::describe_counter!(SINK_EVENTS, "Events handled by the bench-sink handler.");
     metrics::describe_histogram!(
         SINK_LATENCY,
@@ -183,7 +183,7 @@ fn install_recorder() -> Result<PrometheusHandle, String> {
     Ok(handle)
 }
 
-/// `herald bench node`: `herald node` with the `bench-sink` handler.
+/// `herald-bench node`: `herald node` with the `bench-sink` handler.
 pub(super) fn node(a: BenchNodeArgs, builder: NodeBuilder) -> Result<(), String> {
     let config = a.node.load().map_err(|e| e.to_string())?;
     let metrics = install_recorder()?;
@@ -236,7 +236,7 @@ pub(super) struct Cluster {
 }
 
 impl Cluster {
-    /// Starts one `herald bench node` process per entry of `ports` ((HTTP, peer) of node 1, 2,
+    /// Starts one `herald-bench node` process per entry of `ports` ((HTTP, peer) of node 1, 2,
     /// …) in a new directory `<tmp>/<name>-<pid>`; node 1 founds the cluster, the others join it.
     pub(super) fn start(
         name: &str,
@@ -264,7 +264,6 @@ impl Cluster {
     }
 
     /// The same cluster on free ports.
-    #[cfg_attr(not(feature = "bench-peers"), allow(dead_code))] // used by the peer scenarios
     pub(super) fn start_on_free_ports(
         name: &str,
         nodes: usize,
@@ -301,7 +300,7 @@ impl Cluster {
             .map_err(|e| format!("cannot open {}: {e}", log.display()))?;
         let err = out.try_clone().map_err(|e| e.to_string())?;
         let mut cmd = Command::new(&self.exe);
-        cmd.args(["bench", "node", "--node-id", &id.to_string()])
+        cmd.args(["node", "--node-id", &id.to_string()])
             .args(["--http", &self.http(id), "--peer", &self.peer(id)])
             .arg("--data-dir")
             .arg(self.dir.join(format!("node-{id}")))
@@ -415,7 +414,6 @@ pub(super) struct Sink {
 }
 
 impl Sink {
-    #[cfg_attr(not(feature = "bench-peers"), allow(dead_code))] // used by the peer scenarios
     pub(super) fn new(events: f64, last: f64, buckets: BTreeMap<u64, f64>) -> Sink {
         Sink {
             events,
@@ -559,7 +557,6 @@ pub(super) struct Body {
 }
 
 impl Body {
-    #[cfg_attr(not(feature = "bench-peers"), allow(dead_code))] // used by the peer scenarios
     pub(super) fn sized(size: usize) -> Body {
         Body {
             round: None,
@@ -733,7 +730,6 @@ pub(super) struct Run {
     pub(super) rate: f64,
     pub(super) p50_ms: f64,
     pub(super) p99_ms: f64,
-    #[cfg_attr(not(feature = "bench-peers"), allow(dead_code))] // used by the peer scenarios
     pub(super) p999_ms: f64,
     /// Events handled on the ingress node (must be 0: it runs no instance).
     on_ingress: u64,
@@ -895,7 +891,7 @@ fn fmt_ms(v: f64) -> String {
     }
 }
 
-/// `herald bench cluster`.
+/// `herald-bench cluster`.
 pub(super) fn run(mut a: ClusterArgs) -> Result<(), String> {
     if a.smoke {
         a.events = a.events.min(20_000);
@@ -924,7 +920,7 @@ pub(super) fn run(mut a: ClusterArgs) -> Result<(), String> {
     let ports = (0..3).map(|i| (a.base_port + i, a.base_port + 100 + i)).collect();
     let mut c = Cluster::start("herald-bench-cluster", ports, a.wal_fsync, a.keep)?;
     let outcome = actix_rt::System::new().block_on(async {
-        let signal = crate::node::shutdown_signal();
+        let signal = herald::node::shutdown_signal();
         tokio::select! {
             r = scenario(&mut c, &a) => r,
             _ = signal => Err("interrupted".to_string()),
@@ -1023,7 +1019,7 @@ async fn scenario(c: &mut Cluster, a: &ClusterArgs) -> Result<(), String> {
     let (ingress, hosts) = (t.ingress, &t.hosts);
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     println!(
-        "herald bench cluster: 3 herald processes on 127.0.0.1 (http {}-{}, peer {}-{}), {cores} cores, wal.fsync={}",
+        "herald-bench cluster: 3 herald processes on 127.0.0.1 (http {}-{}, peer {}-{}), {cores} cores, wal.fsync={}",
         a.base_port,
         a.base_port + 2,
         u32::from(a.base_port) + 100,
@@ -1096,7 +1092,7 @@ async fn scenario(c: &mut Cluster, a: &ClusterArgs) -> Result<(), String> {
     println!("cross-node: publisher -> node {ingress} (HTTP batch) -> peer transport -> {SINK} on nodes {hosts:?}");
     println!(
         "{}",
-        crate::cli::table(
+        herald::cli::table(
             &[
                 "RUN",
                 "ACCEPTED",
@@ -1171,7 +1167,7 @@ async fn scenario(c: &mut Cluster, a: &ClusterArgs) -> Result<(), String> {
     );
     println!(
         "{}",
-        crate::cli::table(
+        herald::cli::table(
             &["ROUNDS", "N", "P50 MS", "P99 MS", "MIN-MAX MS", "GOAL MS", "MET"],
             &rows
         )
@@ -1220,7 +1216,7 @@ async fn scenario(c: &mut Cluster, a: &ClusterArgs) -> Result<(), String> {
             failover_row("... when the killed node was the leader", pick(true));
         }
         let meta = serde_json::json!({
-            "command": "herald bench cluster",
+            "command": "herald-bench cluster",
             "time": chrono::Utc::now().to_rfc3339(),
             "cores": cores,
             "events": a.events,

@@ -190,7 +190,7 @@ pub(super) fn table(peer: &str, rows: &[Row]) -> String {
         header.push("CASE");
     }
     header.extend(["METRIC", &herald, &peer_h, &ratio, "PER-RUN RATIOS", "BETTER"]);
-    crate::cli::table(&header, &body)
+    herald::cli::table(&header, &body)
 }
 
 /// One JSON object per row, in the shape of [`super::record`] (`case` is the label and the payload
