@@ -1,4 +1,4 @@
-//! Metric names (the DESIGN §11 contract), their descriptions, and per-subscription handles.
+//! Metric names (a public contract: the README's "Metrics" section lists them), their descriptions, and per-subscription handles.
 //!
 //! The library only emits through the `metrics` facade; the binary installs the Prometheus
 //! recorder with [`install_prometheus`]. Hot paths hold pre-registered handles (`SubMetrics`)

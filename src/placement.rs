@@ -1,4 +1,4 @@
-//! The placement function (DESIGN §5): which nodes run the instances of each subscription.
+//! The placement function (ARCHITECTURE.md, "Placement"): which nodes run the instances of each subscription.
 //!
 //! [`place`] is a pure function: members (id, status, handler kinds), subscription demands
 //! (key, handler kind, instances) and the previous table in; a new [`PlacementTable`] out. It does

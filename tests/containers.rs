@@ -1,4 +1,4 @@
-//! The container fault suite (DESIGN §12.4): the compose cluster of `cluster/docker-compose.yml`,
+//! The container fault suite: the compose cluster of `cluster/docker-compose.yml`,
 //! built from `cluster/build-image.sh` (a `FROM scratch` image), under real container faults.
 //!
 //! Three nodes run in containers with their own addresses on a private network and join each other

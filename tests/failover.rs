@@ -1,6 +1,6 @@
-//! Failover of event delivery across real `herald node` processes on 127.0.0.1 (DESIGN §6, §7,
-//! §12.3): a webhook subscription's host is killed (SIGKILL) or frozen (SIGSTOP) while events are
-//! published to another node; a CPU-saturated machine marks no node down; per-key order holds
+//! Failover of event delivery across real `herald node` processes on 127.0.0.1: a webhook
+//! subscription's host is killed (SIGKILL) or frozen (SIGSTOP) while events are published to
+//! another node; a CPU-saturated machine marks no node down; per-key order holds
 //! across instances on three nodes; a rolling restart under load loses nothing.
 //!
 //! An [`EventRecorder`] in the test is the webhook endpoint and records every event id it gets;

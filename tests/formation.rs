@@ -2,7 +2,7 @@
 //! hand" section, the compose file, the StatefulSet) always form one cluster in which every member
 //! is a voter or a learner.
 //!
-//! Issue 18, bug 1: about one start in 25, the first node's own `Join` was applied after another
+//! The race this guards against: about one start in 25, the first node's own `Join` was applied after another
 //! node's; its leader duties followed a table without itself, made the other node a voter and
 //! removed the leader from the Raft group, which then dropped every proposal while `/readyz` and
 //! `herald status` called it healthy. The deterministic reproduction is the simulation (node 1's

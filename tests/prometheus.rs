@@ -1,4 +1,4 @@
-//! A real Prometheus scrapes a cluster of three `herald node` processes (DESIGN §11, §12.3): every
+//! A real Prometheus scrapes a cluster of three `herald node` processes: every
 //! node delivers some events of a webhook subscription with an instance on each node, then Debian's
 //! `prometheus` scrapes the three nodes every second and the test asks its HTTP API that all three
 //! targets are up and that `herald_events_delivered_total` has samples for each, with the values

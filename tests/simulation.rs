@@ -827,7 +827,7 @@ async fn scenario(sim: &mut Sim) -> Result<(), String> {
     sim.until("node 1 to lead", Duration::from_secs(10), |s| s.status(1).is_leader)
         .await?;
     let mut order: Vec<u64> = ids.clone();
-    // Node 1's own `Join` may come after others' (issue 18: nodes started together with one
+    // Node 1's own `Join` may come after others' (nodes started together with one
     // `--join` list); the leader must then wait for it rather than follow a table without it.
     sim.rng.shuffle(&mut order);
     sim.world.event(format!("join order {order:?}, {} voters", sim.voters));

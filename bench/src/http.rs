@@ -56,7 +56,7 @@ use super::compare::{self, fmt_size, Metric, Row};
 use herald::config::FsyncPolicy;
 
 const TOPIC: &str = "bench.http";
-/// The publish path of Herald (DESIGN §9) and of the bare server.
+/// The publish path of Herald (`POST /v1/topics/{topic}/events`) and of the bare server.
 const ROUTE: &str = "/v1/topics/{topic}/events";
 /// Longest wait for one answer.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);

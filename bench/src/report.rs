@@ -3,7 +3,7 @@
 //! Each scenario runs as a child process of this binary (`herald-bench <scenario> … --json F`),
 //! with its output shown as it goes, so a scenario is measured exactly as a user would run it by
 //! hand and the report only gathers what the scenarios wrote (the shape is in [`super::record`]).
-//! The report holds the machine, the exact commands, the goals of issue 6 with the measured
+//! The report holds the machine, the exact commands, the performance goals with the measured
 //! figures, one table per scenario with the peer measured in the same run, and SVG plots
 //! (drawn with `plotters`) of throughput and latency percentiles.
 //!
@@ -329,7 +329,7 @@ impl Machine {
     }
 }
 
-/// A goal of issue 6, and how the report reads it off the figures.
+/// A performance goal, and how the report reads it off the figures.
 struct Goal {
     what: &'static str,
     scenario: &'static str,

@@ -1,4 +1,4 @@
-//! The HTTP API (DESIGN §9): routes, authentication, error mapping and the OpenAPI document.
+//! The HTTP API (its contract is the README's "HTTP API" section): routes, authentication, error mapping and the OpenAPI document.
 //!
 //! Handlers here parse and check requests, call the node (`NodeCore`, `Ingress`) and map results
 //! to responses; they hold no business logic. Every error is a JSON body from [`error::ApiError`];

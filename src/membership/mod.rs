@@ -1,4 +1,4 @@
-//! Cluster membership over Raft (DESIGN §4).
+//! Cluster membership over Raft (ARCHITECTURE.md, "Membership rules").
 //!
 //! * [`state`] — the replicated membership table (members, subscriptions, placement with its
 //!   epoch) and the commands that change it. Pure: `apply(index, command) -> effects`.

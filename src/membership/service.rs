@@ -956,7 +956,7 @@ mod tests {
         let state = joined(&[1, 2, 3]);
         assert_eq!(membership_problems(&state, &raft(1, &[1, 2, 3], &[])), vec![]);
         assert_eq!(membership_problems(&state, &raft(2, &[1, 2], &[3])), vec![]);
-        // What node 1 of issue 18 saw: it led a group of one other voter.
+        // The formation race's end state, as node 1 saw it: it led a group of one other voter.
         let p = membership_problems(&state, &raft(1, &[3], &[]));
         assert_eq!(
             p,

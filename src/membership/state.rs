@@ -1,4 +1,4 @@
-//! The replicated membership state machine (DESIGN §4): who is in the cluster, which subscriptions
+//! The replicated membership state machine (ARCHITECTURE.md, "Membership rules"): who is in the cluster, which subscriptions
 //! exist and where their instances run.
 //!
 //! [`MembershipState`] is what every node holds after applying the committed Raft log:

@@ -1,4 +1,4 @@
-//! Raft log storage for the membership group (DESIGN §4).
+//! Raft log storage for the membership group (ARCHITECTURE.md, "Storage").
 //!
 //! This module owns what `raft::RawNode` must find again after a restart: the log entries, the
 //! hard state (term, vote, commit), the conf state (voters and learners) and the latest snapshot of
