@@ -34,7 +34,7 @@ use crate::event::{Event, EventError};
 use crate::handler::supervisor::{Completion, DeadLetterSink, Job, Outcome};
 use crate::proto::{DeadLetterRecord, EventRecord};
 use crate::relay::{Outgoing, Relay};
-use crate::router::{NoRoom, Router, Target};
+use crate::router::{NoRoom, Route, Router, RoutingTable, Target, TopicRoutes};
 use crate::types::SubscriptionKey;
 use store::Store;
 
@@ -329,6 +329,55 @@ pub struct Ingress {
     ready: tokio::sync::watch::Sender<bool>,
 }
 
+/// One event after [`Ingress::reserve`]: its share of the byte budget and, per subscription of
+/// its topic, the route and the room reserved on it.
+type ReservedEvent<'t> = (BudgetShare, Vec<(&'t Route, Target<'t>)>);
+
+/// An `ack=processed` answer still to fill in: its index among the answers, and the receiver of
+/// its subscriptions' outcomes.
+type OutcomeWait = (usize, oneshot::Receiver<Vec<SubscriptionOutcome>>);
+
+/// What [`Ingress::reserve`] holds for a call: the reserved events, and how many events of each
+/// run of one topic to count as published once the call is accepted.
+struct Reserved<'t> {
+    events: Vec<ReservedEvent<'t>>,
+    /// Finished runs of one topic, with their counts.
+    runs: Vec<(PublishedCount<'t>, u64)>,
+    /// The run under way: its first event's index, its counter and its count.
+    run: Option<(usize, PublishedCount<'t>, u64)>,
+}
+
+impl<'t> Reserved<'t> {
+    /// Counts event `i` in its topic's run (`events_published_total{topic}` is counted per run of
+    /// one topic, a batch being one run): the topic's handle from the table, or by name for a
+    /// topic without subscriptions.
+    fn count(&mut self, i: usize, events: &[Event], entry: Option<&'t TopicRoutes>) {
+        match &mut self.run {
+            Some((first, _, n)) if events[*first].topic == events[i].topic => *n += 1,
+            _ => {
+                let counter = match entry {
+                    Some(t) => PublishedCount::Handle(&t.published),
+                    None => PublishedCount::Topic(events[i].topic.clone()),
+                };
+                if let Some((_, counter, n)) = self.run.replace((i, counter, 1)) {
+                    self.runs.push((counter, n));
+                }
+            }
+        }
+    }
+
+    /// Adds the runs to `events_published_total` (once everything is accepted).
+    fn count_published(&mut self, ingress: &Ingress) {
+        let last = self.run.take().map(|(_, counter, n)| (counter, n));
+        for (counter, n) in self.runs.drain(..).chain(last) {
+            match counter {
+                PublishedCount::Handle(c) => c.increment(n),
+                PublishedCount::Topic(topic) => ingress.count_published(&topic, n),
+            }
+        }
+    }
+}
+
 /// Where one run of a topic's events is counted in `events_published_total{topic}`.
 enum PublishedCount<'a> {
     /// The handle the routing table resolved for a topic with subscriptions.
@@ -428,27 +477,52 @@ impl Ingress {
     }
 
     /// Publishes events (all or none are accepted), answering each in order. `timeout` bounds
-    /// `ack=processed`.
+    /// `ack=processed`. The stages, in the order the module docs give: [`Ingress::admit`],
+    /// [`Ingress::reserve`], [`Ingress::log`], [`Ingress::send`], then waiting for the handlers.
     pub async fn publish_batch(
         &self,
         events: Vec<Event>,
         ack: AckMode,
         timeout: Duration,
     ) -> Result<Vec<Published>, PublishError> {
-        for e in &events {
+        self.admit(&events)?;
+        let table = self.router.table();
+        let mut reserved = self.reserve(&table, &events)?;
+        let seqs = self.log(&events, &reserved.events, ack).await?;
+        reserved.count_published(self);
+        let (mut answers, waits) = self.send(events, reserved.events, seqs, ack);
+        // 4. Wait for the handlers if asked to.
+        if !waits.is_empty() {
+            let (indexes, receivers): (Vec<usize>, Vec<_>) = waits.into_iter().unzip();
+            let results = tokio::time::timeout(timeout, join_all(receivers))
+                .await
+                .map_err(|_| PublishError::Timeout(timeout))?;
+            for (i, r) in indexes.into_iter().zip(results) {
+                answers[i].outcomes = Some(r.unwrap_or_default());
+            }
+        }
+        Ok(answers)
+    }
+
+    /// Stage 0: every event is valid and the node knows where events go.
+    fn admit(&self, events: &[Event]) -> Result<(), PublishError> {
+        for e in events {
             e.validate()?;
         }
         if !self.is_ready() {
             return Err(PublishError::NotReady);
         }
-        let table = self.router.table();
-        // 1. Reserve bytes and room for one instance per subscription.
-        let mut reserved = Vec::with_capacity(events.len());
-        // `events_published_total{topic}` is counted per run of one topic (a batch is one run),
-        // once everything is accepted: the topic's handle from the table, or by name for a topic
-        // without subscriptions.
-        let mut runs: Vec<(PublishedCount, u64)> = Vec::new();
-        let mut run: Option<(usize, PublishedCount, u64)> = None;
+        Ok(())
+    }
+
+    /// Stage 1: takes each event's bytes from the budget and reserves room for one instance per
+    /// subscription of its topic. Any refusal gives everything back (the reservations drop).
+    fn reserve<'t>(&self, table: &'t RoutingTable, events: &[Event]) -> Result<Reserved<'t>, PublishError> {
+        let mut reserved = Reserved {
+            events: Vec::with_capacity(events.len()),
+            runs: Vec::new(),
+            run: None,
+        };
         for (i, e) in events.iter().enumerate() {
             let cost = charge(e);
             let permit = self
@@ -456,18 +530,7 @@ impl Ingress {
                 .try_take(cost)
                 .ok_or_else(|| self.overloaded("the node holds its maximum of in-flight event bytes"))?;
             let entry = table.topic(&e.topic);
-            match &mut run {
-                Some((first, _, n)) if events[*first].topic == e.topic => *n += 1,
-                _ => {
-                    let counter = match entry {
-                        Some(t) => PublishedCount::Handle(&t.published),
-                        None => PublishedCount::Topic(e.topic.clone()),
-                    };
-                    if let Some((_, counter, n)) = run.replace((i, counter, 1)) {
-                        runs.push((counter, n));
-                    }
-                }
-            }
+            reserved.count(i, events, entry);
             let routes = entry.map_or(&[][..], |t| t.routes.as_slice());
             let mut slots = Vec::with_capacity(routes.len());
             for route in routes {
@@ -478,52 +541,62 @@ impl Ingress {
                         route.key
                     )),
                 })?;
-                slots.push((route, target));
+                slots.push((route.as_ref(), target));
             }
-            reserved.push((permit, slots));
+            reserved.events.push((permit, slots));
         }
-        // 2. Log the events that have somewhere to go.
-        let mut seqs = if ack == AckMode::None {
-            Vec::new()
-        } else {
-            // Encoded here, once, straight from the events (no `EventRecord` copies).
-            let records: Vec<Vec<u8>> = events
-                .iter()
-                .zip(&reserved)
-                .filter(|(_, (_, slots))| !slots.is_empty())
-                .map(|(e, (_, slots))| {
-                    let mut buf = Vec::new();
-                    crate::proto::encode_wal_record(
-                        e,
-                        slots.iter().map(|(route, _)| route.key.group.as_str()),
-                        &mut buf,
-                    );
-                    buf
-                })
-                .collect();
-            if records.is_empty() {
-                Vec::new()
-            } else {
-                self.store
-                    .append(records)
-                    .await
-                    .map_err(|e| PublishError::Unavailable(e.0))?
-            }
+        Ok(reserved)
+    }
+
+    /// Stage 2: appends the events that have somewhere to go to the WAL (not with `ack=none`);
+    /// their WAL sequence numbers, in order.
+    async fn log(
+        &self,
+        events: &[Event],
+        reserved: &[ReservedEvent<'_>],
+        ack: AckMode,
+    ) -> Result<std::vec::IntoIter<u64>, PublishError> {
+        if ack == AckMode::None {
+            return Ok(Vec::new().into_iter());
         }
-        .into_iter();
-        // 3. Send.
+        // Encoded here, once, straight from the events (no `EventRecord` copies).
+        let records: Vec<Vec<u8>> = events
+            .iter()
+            .zip(reserved)
+            .filter(|(_, (_, slots))| !slots.is_empty())
+            .map(|(e, (_, slots))| {
+                let mut buf = Vec::new();
+                crate::proto::encode_wal_record(e, slots.iter().map(|(route, _)| route.key.group.as_str()), &mut buf);
+                buf
+            })
+            .collect();
+        if records.is_empty() {
+            return Ok(Vec::new().into_iter());
+        }
+        let seqs = self
+            .store
+            .append(records)
+            .await
+            .map_err(|e| PublishError::Unavailable(e.0))?;
+        Ok(seqs.into_iter())
+    }
+
+    /// Stage 3: sends each event through its reservations — local jobs to their mailboxes,
+    /// remote ones to the relay (once per peer for the whole call), parked ones to the relay's
+    /// parking — with one completion tracker per event. Returns the answers, and for
+    /// `ack=processed` the receivers of the outcomes to wait for (with the answer's index).
+    fn send(
+        &self,
+        events: Vec<Event>,
+        reserved: Vec<ReservedEvent<'_>>,
+        mut seqs: std::vec::IntoIter<u64>,
+        ack: AckMode,
+    ) -> (Vec<Published>, Vec<OutcomeWait>) {
         let mut answers = Vec::with_capacity(events.len());
         let mut waits = Vec::new();
-        // Remote events are handed to the relay per peer, once for the whole call.
         let mut remote: Vec<(u64, Vec<Outgoing>)> = Vec::new();
         // Budget shares of untracked (at-most-once) events, given back once they are encoded.
         let mut held = Vec::new();
-        for (counter, n) in runs.into_iter().chain(run.map(|(_, counter, n)| (counter, n))) {
-            match counter {
-                PublishedCount::Handle(c) => c.increment(n),
-                PublishedCount::Topic(topic) => self.count_published(&topic, n),
-            }
-        }
         for (event, (permit, slots)) in events.into_iter().zip(reserved) {
             let n = slots.len();
             answers.push(Published {
@@ -587,17 +660,7 @@ impl Ingress {
             self.relay.forward(node, items);
         }
         drop(held);
-        // 4. Wait for the handlers if asked to.
-        if !waits.is_empty() {
-            let (indexes, receivers): (Vec<usize>, Vec<_>) = waits.into_iter().unzip();
-            let results = tokio::time::timeout(timeout, join_all(receivers))
-                .await
-                .map_err(|_| PublishError::Timeout(timeout))?;
-            for (i, r) in indexes.into_iter().zip(results) {
-                answers[i].outcomes = Some(r.unwrap_or_default());
-            }
-        }
-        Ok(answers)
+        (answers, waits)
     }
 
     /// Delivers every event left in the WAL (start-up), then marks the node ready. `exists` says
