@@ -371,6 +371,7 @@ struct Watched {
     ever_connected: bool,
     phi_gauge: metrics::Gauge,
     rtt_gauge: metrics::Gauge,
+    rtt_histogram: metrics::Histogram,
 }
 
 /// The monitor task: pings every member, feeds pongs to the detectors, and publishes each peer's
@@ -408,6 +409,7 @@ pub(crate) async fn run(
                     }
                     let rtt = (unix_nanos() - pong.sent_unix_nanos).max(0) as f64 / 1e9;
                     w.rtt_gauge.set(rtt);
+                    w.rtt_histogram.record(rtt);
                     if pong.handled != w.handled || pong.backlog == 0 {
                         w.progressed = now;
                     }
@@ -446,6 +448,7 @@ pub(crate) async fn run(
                     ever_connected: false,
                     phi_gauge: metrics::gauge!(crate::metrics::PEER_PHI, "peer" => m.id.to_string()),
                     rtt_gauge: metrics::gauge!(crate::metrics::PEER_RTT, "peer" => m.id.to_string()),
+                    rtt_histogram: metrics::histogram!(crate::metrics::PEER_PING_RTT, "peer" => m.id.to_string()),
                 }
             });
             if ping {

@@ -1,0 +1,324 @@
+//! Control traffic under event load (issue 12, point 4): two in-process nodes, a saturating
+//! cross-node `ack=none` load for 30 s, and the control plane must not notice. No election may
+//! start (the Raft term and the leader stay as they were on both nodes), and no peer's phi may
+//! cross the failure detector's threshold. The ping round-trip times with and without the load
+//! are printed (run with `--nocapture`), from the `herald_peer_ping_rtt_seconds` histogram.
+//!
+//! The load is bounded in time (`HERALD_CONTROL_LOAD_SECS`, default 30) and in count, and stays on
+//! 127.0.0.1. Every wait polls with a deadline; the sampling interval is a rate, not a wait for
+//! something to happen.
+
+mod common;
+
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::{Actor, Context, Handler};
+use herald::handler::{Delivery, HandlerResult};
+use herald::node::{Node, NodeBuilder};
+use herald::subscription::SubscriptionSpec;
+
+use common::{eventually, get, post_json, start_node, TestNode};
+
+const TOPIC: &str = "cl.load";
+/// The histogram the monitor records every ping's round trip in.
+const PING_RTT: &str = "herald_peer_ping_rtt_seconds";
+/// Events per publish request.
+const BATCH: usize = 500;
+/// Concurrent publish requests.
+const CONNECTIONS: usize = 8;
+/// Bytes of padding per event, so the load is bytes on the peer connection, not just requests.
+const PADDING: usize = 400;
+/// The count bound of the load (it normally ends on time first).
+const MAX_EVENTS: u64 = 50_000_000;
+
+/// Handles nothing, as fast as it can: the handler node is never the bottleneck.
+struct Sink;
+
+impl Actor for Sink {
+    type Context = Context<Self>;
+}
+
+impl Handler<Delivery> for Sink {
+    type Result = HandlerResult;
+    fn handle(&mut self, _: Delivery, _: &mut Context<Self>) -> HandlerResult {
+        Ok(())
+    }
+}
+
+fn load_secs() -> u64 {
+    std::env::var("HERALD_CONTROL_LOAD_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(30)
+}
+
+/// Node 1 (the ingress, without the handler) and node 2 (the only node that can run `sink`).
+async fn two_nodes() -> Vec<TestNode> {
+    let mut nodes: Vec<TestNode> = Vec::new();
+    for id in 1..=2u64 {
+        let mut b: NodeBuilder = Node::builder();
+        if id == 2 {
+            b = b.handler("sink", || Sink);
+        }
+        let c = b.config_mut();
+        c.node_id = id;
+        if let Some(first) = nodes.first() {
+            c.cluster.join = vec![first.node.core().membership().peer_addr().to_string()];
+        }
+        nodes.push(start_node(b).await);
+    }
+    let urls: Vec<String> = nodes.iter().map(|n| n.url.clone()).collect();
+    eventually("both nodes see both members up and a leader", || {
+        let urls = urls.clone();
+        async move {
+            for u in &urls {
+                let (_, v) = get(&format!("{u}/v1/cluster")).await;
+                let up = v["members"].as_array()?.iter().filter(|m| m["status"] == "up").count();
+                if up != 2 || v["leader"].is_null() {
+                    return None;
+                }
+            }
+            Some(())
+        }
+    })
+    .await;
+    nodes
+}
+
+/// What one node says of the control plane: term, leader, the highest phi of its peers.
+fn control_view(n: &TestNode) -> (u64, Option<u64>, f64) {
+    let v = n.node.core().cluster(n.node.http_addr());
+    let phi = v.members.iter().map(|m| m.phi).fold(0.0, f64::max);
+    (v.term, v.leader, phi)
+}
+
+/// The cumulative bucket counts of [`PING_RTT`], summed over every `peer` label, by upper bound.
+fn rtt_buckets() -> BTreeMap<u64, f64> {
+    let text = herald::metrics::install_prometheus().render();
+    let mut buckets = BTreeMap::new();
+    for line in text.lines().filter(|l| l.starts_with(&format!("{PING_RTT}_bucket{{"))) {
+        let Some(le) = line.split("le=\"").nth(1).and_then(|r| r.split('"').next()) else {
+            continue;
+        };
+        let Some(count) = line.rsplit(' ').next().and_then(|c| c.parse::<f64>().ok()) else {
+            continue;
+        };
+        // Upper bounds as nanoseconds (+Inf as u64::MAX), so they sort and add up exactly.
+        let bound = if le == "+Inf" {
+            u64::MAX
+        } else {
+            le.parse::<f64>().map_or(u64::MAX, |s| (s * 1e9).round() as u64)
+        };
+        *buckets.entry(bound).or_insert(0.0) += count;
+    }
+    buckets
+}
+
+/// Round trips recorded between two [`rtt_buckets`] snapshots: (count, p50, p99, max bucket), in
+/// seconds; each quantile is the upper bound of the bucket it falls in.
+fn rtt_quantiles(before: &BTreeMap<u64, f64>, after: &BTreeMap<u64, f64>) -> (f64, f64, f64, f64) {
+    let delta: Vec<(u64, f64)> = after
+        .iter()
+        .map(|(b, c)| (*b, c - before.get(b).copied().unwrap_or(0.0)))
+        .collect();
+    let count = delta.last().map_or(0.0, |d| d.1);
+    let at = |q: f64| {
+        let want = (q * count).ceil().max(1.0);
+        delta
+            .iter()
+            .find(|(_, c)| *c >= want)
+            .map_or(f64::INFINITY, |(b, _)| *b as f64 / 1e9)
+    };
+    (count, at(0.5), at(0.99), at(1.0))
+}
+
+fn ms(s: f64) -> String {
+    if s.is_finite() {
+        format!("{:.2} ms", s * 1e3)
+    } else {
+        "> 10 s".to_string()
+    }
+}
+
+/// One publish body: `BATCH` events of about `PADDING` bytes each.
+fn batch_body() -> String {
+    let pad = "x".repeat(PADDING);
+    let one = format!("{{\"p\":\"{pad}\"}}");
+    format!("[{}]", vec![one; BATCH].join(","))
+}
+
+#[derive(Default)]
+struct LoadStats {
+    requests: Cell<u64>,
+    accepted: Cell<u64>,
+    refused: Cell<u64>,
+    failed: RefCell<Option<String>>,
+}
+
+/// Publishes batches to `url` from `CONNECTIONS` concurrent requests until `until` or
+/// [`MAX_EVENTS`]; a refusal (429/503) is retried after 2 ms.
+async fn saturate(url: String, until: Instant, stats: Rc<LoadStats>) {
+    let client = awc::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .connector(awc::Connector::new().limit(CONNECTIONS + 2))
+        .finish();
+    let body = batch_body();
+    let mut tasks = Vec::new();
+    for _ in 0..CONNECTIONS {
+        let (client, url, body, stats) = (client.clone(), url.clone(), body.clone(), stats.clone());
+        tasks.push(actix_rt::spawn(async move {
+            while Instant::now() < until && stats.accepted.get() < MAX_EVENTS {
+                let sent = client
+                    .post(&url)
+                    .insert_header(("content-type", "application/json"))
+                    .send_body(body.clone())
+                    .await;
+                stats.requests.set(stats.requests.get() + 1);
+                match sent {
+                    Ok(mut r) => {
+                        let _ = r.body().limit(1 << 20).await;
+                        match r.status().as_u16() {
+                            200..=299 => stats.accepted.set(stats.accepted.get() + BATCH as u64),
+                            429 | 503 => {
+                                stats.refused.set(stats.refused.get() + 1);
+                                actix_rt::time::sleep(Duration::from_millis(2)).await;
+                            }
+                            s => {
+                                *stats.failed.borrow_mut() = Some(format!("{s} from {url}"));
+                                return;
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        *stats.failed.borrow_mut() = Some(format!("{url}: {e}"));
+                        return;
+                    }
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+}
+
+/// Samples every node's control view every 100 ms for `d`: (max phi, every (term, leader) seen).
+async fn watch_control(nodes: &[TestNode], d: Duration) -> (f64, Vec<(u64, Option<u64>)>) {
+    let end = Instant::now() + d;
+    let mut max_phi: f64 = 0.0;
+    let mut seen = Vec::new();
+    while Instant::now() < end {
+        for n in nodes {
+            let (term, leader, phi) = control_view(n);
+            max_phi = max_phi.max(phi);
+            if !seen.contains(&(term, leader)) {
+                seen.push((term, leader));
+            }
+        }
+        actix_rt::time::sleep(Duration::from_millis(100)).await;
+    }
+    (max_phi, seen)
+}
+
+#[actix_rt::test]
+async fn event_load_does_not_delay_control_traffic() {
+    let secs = load_secs();
+    let nodes = two_nodes().await;
+    let spec = serde_json::to_value(SubscriptionSpec::rust(TOPIC, "g", "sink")).expect("spec");
+    let a = post_json(&format!("{}/v1/subscriptions", nodes[0].url), &spec).await;
+    assert!(a.status == 201 || a.status == 200, "subscribe: {}", a.body);
+    eventually("the subscription is placed on node 2, seen by both nodes", || {
+        let urls: Vec<String> = nodes.iter().map(|n| n.url.clone()).collect();
+        async move {
+            for u in &urls {
+                let (_, ps) = get(&format!("{u}/v1/cluster/placements")).await;
+                let p = ps.as_array()?.iter().find(|p| p["topic"] == TOPIC)?.clone();
+                if p["nodes"] != serde_json::json!([2]) {
+                    return None;
+                }
+            }
+            Some(())
+        }
+    })
+    .await;
+    let threshold = nodes[0].node.core().config().cluster.phi_threshold;
+
+    // Without load: the baseline round trips (and the term and leader to keep).
+    let (term0, leader0, _) = control_view(&nodes[0]);
+    let idle_before = rtt_buckets();
+    let (idle_phi, idle_seen) = watch_control(&nodes, Duration::from_secs(10)).await;
+    let idle_after = rtt_buckets();
+    assert_eq!(
+        idle_seen,
+        vec![(term0, leader0)],
+        "the cluster was not settled before the load"
+    );
+
+    // Under load: node 1 takes every event, node 2 handles them all.
+    let url = format!("{}/v1/topics/{TOPIC}/events/batch?ack=none", nodes[0].url);
+    let stats = Rc::new(LoadStats::default());
+    let started = Instant::now();
+    let load = actix_rt::spawn(saturate(url, started + Duration::from_secs(secs), stats.clone()));
+    let (load_phi, load_seen) = watch_control(&nodes, Duration::from_secs(secs)).await;
+    let _ = load.await;
+    let elapsed = started.elapsed().as_secs_f64();
+    let load_after = rtt_buckets();
+    let after: Vec<(u64, Option<u64>, f64)> = nodes.iter().map(control_view).collect();
+
+    let forwarded = common::metric(
+        &herald::metrics::install_prometheus().render(),
+        "herald_events_forwarded_total",
+        &[("peer", "2")],
+    )
+    .unwrap_or(0.0);
+    let (idle_n, idle_p50, idle_p99, idle_max) = rtt_quantiles(&idle_before, &idle_after);
+    let (load_n, load_p50, load_p99, load_max) = rtt_quantiles(&idle_after, &load_after);
+    println!(
+        "load: {} events accepted in {elapsed:.1} s ({:.0}/s), {} requests, {} refused, {forwarded} forwarded to node 2",
+        stats.accepted.get(),
+        stats.accepted.get() as f64 / elapsed,
+        stats.requests.get(),
+        stats.refused.get()
+    );
+    println!(
+        "raft: term {term0}, leader {leader0:?} before; (term, leader) seen under load {load_seen:?}; after {:?}",
+        after.iter().map(|a| (a.0, a.1)).collect::<Vec<_>>()
+    );
+    println!("phi (threshold {threshold}): max {idle_phi:.2} without load, max {load_phi:.2} under load");
+    println!(
+        "ping rtt without load: {idle_n} pings, p50 <= {}, p99 <= {}, max <= {}",
+        ms(idle_p50),
+        ms(idle_p99),
+        ms(idle_max)
+    );
+    println!(
+        "ping rtt under load:   {load_n} pings, p50 <= {}, p99 <= {}, max <= {}",
+        ms(load_p50),
+        ms(load_p99),
+        ms(load_max)
+    );
+
+    if let Some(f) = stats.failed.borrow().as_ref() {
+        panic!("a publish failed: {f}");
+    }
+    assert!(
+        forwarded > 0.0 && stats.accepted.get() > 0,
+        "no event crossed to node 2: the load did not load the peer bus"
+    );
+    assert_eq!(
+        load_seen,
+        vec![(term0, leader0)],
+        "an election started under event load (term, leader changed)"
+    );
+    assert!(
+        load_phi < threshold,
+        "a peer's phi reached {load_phi:.2} under event load (threshold {threshold})"
+    );
+    assert!(load_n > 0.0, "no ping was answered under load");
+    for n in nodes.into_iter().rev() {
+        n.node.shutdown().await;
+    }
+}
