@@ -25,14 +25,18 @@ use common::{eventually, get, post_json, start_node, TestNode};
 const TOPIC: &str = "cl.load";
 /// The histogram the monitor records every ping's round trip in.
 const PING_RTT: &str = "herald_peer_ping_rtt_seconds";
-/// Events per publish request.
-const BATCH: usize = 500;
 /// Concurrent publish requests.
 const CONNECTIONS: usize = 8;
-/// Bytes of padding per event, so the load is bytes on the peer connection, not just requests.
-const PADDING: usize = 400;
 /// The count bound of the load (it normally ends on time first).
 const MAX_EVENTS: u64 = 50_000_000;
+/// Events per publish request.
+const BATCH: usize = 1000;
+/// Mailbox capacity (and so the window of events in flight towards the handler node): deep
+/// mailboxes, as a throughput-minded deployment sets them, so the event plane keeps many
+/// megabytes queued towards the peer.
+const MAILBOX: usize = 32768;
+/// Bytes of padding per event, so the load is bytes on the peer connection, not just requests.
+const PADDING: usize = 1000;
 
 /// Handles nothing, as fast as it can: the handler node is never the bottleneck.
 struct Sink;
@@ -48,11 +52,17 @@ impl Handler<Delivery> for Sink {
     }
 }
 
+/// `name` from the environment, else `default` (to explore other loads by hand).
+fn setting(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|s| s.parse().ok()).unwrap_or(default)
+}
+
 fn load_secs() -> u64 {
-    std::env::var("HERALD_CONTROL_LOAD_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(30)
+    setting("HERALD_CONTROL_LOAD_SECS", 30) as u64
+}
+
+fn batch() -> usize {
+    setting("HERALD_CONTROL_LOAD_BATCH", BATCH)
 }
 
 /// Node 1 (the ingress, without the handler) and node 2 (the only node that can run `sink`).
@@ -65,6 +75,10 @@ async fn two_nodes() -> Vec<TestNode> {
         }
         let c = b.config_mut();
         c.node_id = id;
+        c.handlers.mailbox_capacity = setting("HERALD_CONTROL_LOAD_MAILBOX", MAILBOX);
+        c.handlers.max_inflight_bytes = 1 << 30;
+        c.http.max_batch_events = batch();
+        c.http.max_body_bytes = 64 << 20;
         if let Some(first) = nodes.first() {
             c.cluster.join = vec![first.node.core().membership().peer_addr().to_string()];
         }
@@ -143,11 +157,11 @@ fn ms(s: f64) -> String {
     }
 }
 
-/// One publish body: `BATCH` events of about `PADDING` bytes each.
+/// One publish body: [`batch`] events of about `PADDING` bytes each.
 fn batch_body() -> String {
-    let pad = "x".repeat(PADDING);
+    let pad = "x".repeat(setting("HERALD_CONTROL_LOAD_PADDING", PADDING));
     let one = format!("{{\"p\":\"{pad}\"}}");
-    format!("[{}]", vec![one; BATCH].join(","))
+    format!("[{}]", vec![one; batch()].join(","))
 }
 
 #[derive(Default)]
@@ -166,8 +180,9 @@ async fn saturate(url: String, until: Instant, stats: Rc<LoadStats>) {
         .connector(awc::Connector::new().limit(CONNECTIONS + 2))
         .finish();
     let body = batch_body();
+    let batch = batch();
     let mut tasks = Vec::new();
-    for _ in 0..CONNECTIONS {
+    for _ in 0..setting("HERALD_CONTROL_LOAD_CONNECTIONS", CONNECTIONS) {
         let (client, url, body, stats) = (client.clone(), url.clone(), body.clone(), stats.clone());
         tasks.push(actix_rt::spawn(async move {
             while Instant::now() < until && stats.accepted.get() < MAX_EVENTS {
@@ -181,7 +196,7 @@ async fn saturate(url: String, until: Instant, stats: Rc<LoadStats>) {
                     Ok(mut r) => {
                         let _ = r.body().limit(1 << 20).await;
                         match r.status().as_u16() {
-                            200..=299 => stats.accepted.set(stats.accepted.get() + BATCH as u64),
+                            200..=299 => stats.accepted.set(stats.accepted.get() + batch as u64),
                             429 | 503 => {
                                 stats.refused.set(stats.refused.get() + 1);
                                 actix_rt::time::sleep(Duration::from_millis(2)).await;

@@ -1,0 +1,326 @@
+//! The peer bus: a node's connections to its peers, split by what they carry, so control traffic
+//! never queues behind event traffic.
+//!
+//! Two [`Transport`]s share the one peer listener:
+//!
+//! * **control** — Raft messages, forwarded proposals and their answers, pings and pongs. Its
+//!   connections, queues and tasks run on the runtime that started the bus (the membership thread,
+//!   `herald-cluster`); what it receives goes to the membership service, which hands Raft messages
+//!   and proposals to the Raft driver and pongs to the monitor, and answers pings.
+//! * **events** — the event plane's `App` payloads (event batches, acks, lane credits). Its
+//!   connections, queues and tasks run on the bus's own thread, `herald-events`; what it receives
+//!   goes straight to the relay's sink.
+//!
+//! Each node therefore dials two connections to every peer, one per channel, each with its own
+//! bounded send queue and writer. The channel is named by the dialer in its handshake Hello and
+//! covered by both proofs (see [`handshake`](mod@super::handshake)), so a connection's channel is
+//! as authenticated as its node id. The listener's accept loop runs the handshake on the control
+//! runtime, then hands an events connection to the events runtime (the socket is re-registered
+//! there), so no event byte is read or written by the membership thread.
+//!
+//! **Authorisation by channel.** An `App` payload arriving on a control connection, or anything
+//! else arriving on an events connection, is dropped, counted in
+//! `herald_transport_wrong_channel_total{channel}` and logged: a peer cannot bypass the separation
+//! (nor feed the relay through the membership thread). Keepalives are the transports' own.
+//!
+//! Fault injection ([`Transport::cut_off`]) is shared: cutting a peer off on either transport
+//! cuts it off on both.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use bytes::Bytes;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use super::handshake::handshake_on;
+use super::peers::ACCEPT_ERROR_PAUSE;
+use super::wire::{envelope::Body, Channel};
+use super::{Envelope, Transport, TransportConfig, WRONG_CHANNEL_TOTAL};
+use crate::Error;
+
+/// Envelopes the events channel's receive queue holds before its connections stop reading.
+const EVENTS_INBOUND: usize = 4096;
+
+/// A node's two peer transports and the thread the events channel runs on. Cheap to clone.
+#[derive(Clone)]
+pub struct Bus {
+    /// Shared by all clones.
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// Raft, proposals, pings and pongs; on the runtime that started the bus.
+    control: Transport,
+    /// The event plane's `App` payloads; on `herald-events`.
+    events: Transport,
+    /// The `herald-events` thread; `None` once stopped.
+    thread: Mutex<Option<EventsThread>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.control.shutdown();
+        self.events.shutdown();
+        if let Some(t) = self.thread.get_mut().unwrap_or_else(PoisonError::into_inner).take() {
+            t.stop();
+        }
+    }
+}
+
+impl Bus {
+    /// Starts the bus for `config` (its `channel` is ignored): the control transport on the
+    /// current tokio runtime, delivering what it receives to `control_inbound`; the events
+    /// transport on a new `herald-events` thread, delivering the `App` payloads it receives to
+    /// `app`. Call [`Bus::serve`] to accept peers.
+    pub fn start(
+        config: TransportConfig,
+        control_inbound: mpsc::Sender<(u64, Envelope)>,
+        app: mpsc::UnboundedSender<(u64, Bytes)>,
+    ) -> crate::Result<Bus> {
+        config.validate()?;
+        let mut control_config = config.clone();
+        control_config.channel = Channel::Control;
+        let control = Transport::new(control_config, control_inbound)?;
+        let thread = EventsThread::start().map_err(|e| Error::io("cannot start the herald-events thread", e))?;
+        let mut events_config = config;
+        events_config.channel = Channel::Events;
+        let (events_tx, events_rx) = mpsc::channel(EVENTS_INBOUND);
+        let events = {
+            let _runtime = thread.handle.enter();
+            Transport::new_sharing_faults(events_config, events_tx, &control)?
+        };
+        thread.handle.spawn(deliver_events(events.clone(), events_rx, app));
+        Ok(Bus {
+            inner: Arc::new(Inner {
+                control,
+                events,
+                thread: Mutex::new(Some(thread)),
+            }),
+        })
+    }
+
+    /// The control channel (Raft, proposals, pings, pongs).
+    pub fn control(&self) -> &Transport {
+        &self.inner.control
+    }
+
+    /// The events channel (event batches, acks, lane credits: `App` payloads only).
+    pub fn events(&self) -> &Transport {
+        &self.inner.events
+    }
+
+    /// The transport of `channel`.
+    fn transport(&self, channel: Channel) -> &Transport {
+        match channel {
+            Channel::Events => &self.inner.events,
+            Channel::Control | Channel::Unspecified => &self.inner.control,
+        }
+    }
+
+    /// Dials peer `id` at `addr` on both channels (see [`Transport::add_peer`]); returns whether it
+    /// is new to the control channel.
+    pub fn add_peer(&self, id: u64, addr: impl Into<String>) -> bool {
+        let addr = addr.into();
+        self.inner.events.add_peer(id, addr.clone());
+        self.inner.control.add_peer(id, addr)
+    }
+
+    /// Stops dialing peer `id` on both channels and drops what was queued for it.
+    pub fn remove_peer(&self, id: u64) {
+        self.inner.events.remove_peer(id);
+        self.inner.control.remove_peer(id);
+    }
+
+    /// Accepts peer connections of both channels from `listener`, in a task on the control
+    /// runtime, until shutdown. Each is handshaken there; an events connection is then moved to
+    /// the events runtime. Refusals are logged and never stop the loop.
+    pub fn serve(&self, listener: TcpListener) -> JoinHandle<()> {
+        let bus = self.clone();
+        let cancel = self.inner.control.shutdown_token();
+        self.inner.control.runtime().spawn(async move {
+            cancel.run_until_cancelled_owned(accept_loop(bus, listener)).await;
+        })
+    }
+
+    /// Closes every connection of both channels and stops the `herald-events` thread (joining it).
+    pub fn shutdown(&self) {
+        self.inner.control.shutdown();
+        self.inner.events.shutdown();
+        let thread = self.inner.thread.lock().unwrap_or_else(PoisonError::into_inner).take();
+        if let Some(t) = thread {
+            t.stop();
+        }
+    }
+
+    /// Handshakes one inbound TCP stream and hands it to the transport of its channel.
+    async fn accept(&self, stream: TcpStream, remote: SocketAddr) {
+        let control = &self.inner.control;
+        let config = control.config();
+        let result = handshake_on(
+            stream,
+            &config.identity,
+            remote,
+            None,
+            None,
+            config.handshake_timeout,
+            |id, channel| self.transport(channel).has_inbound(id, channel),
+        )
+        .await;
+        let est = match result {
+            Ok(est) => est,
+            Err(error) => {
+                tracing::warn!(%remote, %error, "refused an inbound peer connection");
+                return;
+            }
+        };
+        let channel = est.channel;
+        let (peer, read_buf) = (est.peer, est.read_buf);
+        let adopted = match channel {
+            Channel::Events => match est.stream.into_std() {
+                // The socket is registered with this (the control) runtime's reactor; it moves
+                // to the events runtime, where `from_std` registers it again.
+                Ok(std) => self
+                    .inner
+                    .events
+                    .adopt(peer, channel, read_buf, move || TcpStream::from_std(std)),
+                Err(error) => {
+                    tracing::warn!(%remote, %error, "cannot move an events connection to its runtime");
+                    return;
+                }
+            },
+            Channel::Control | Channel::Unspecified => {
+                let stream = est.stream;
+                control.adopt(peer, channel, read_buf, move || Ok(stream))
+            }
+        };
+        if let Err(error) = adopted {
+            tracing::warn!(%remote, %error, "refused an inbound peer connection");
+        }
+    }
+}
+
+async fn accept_loop(bus: Bus, listener: TcpListener) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, remote)) => {
+                if let Err(error) = stream.set_nodelay(true) {
+                    tracing::debug!(%remote, %error, "cannot set TCP_NODELAY on a peer connection");
+                }
+                let bus = bus.clone();
+                let cancel = bus.inner.control.shutdown_token();
+                tokio::spawn(cancel.run_until_cancelled_owned(async move { bus.accept(stream, remote).await }));
+            }
+            Err(error) => {
+                tracing::warn!(%error, "accepting a peer connection failed");
+                tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+            }
+        }
+    }
+}
+
+/// Hands the `App` payloads the events channel receives to the relay's sink; anything else is
+/// refused (see [`wrong_channel`]). Runs on `herald-events` until the transport stops.
+async fn deliver_events(
+    events: Transport,
+    mut inbound: mpsc::Receiver<(u64, Envelope)>,
+    app: mpsc::UnboundedSender<(u64, Bytes)>,
+) {
+    while let Some((from, env)) = inbound.recv().await {
+        if events.is_cut_off(from) {
+            continue;
+        }
+        let sent = match env.body {
+            Some(Body::App(bytes)) => app.send((from, bytes)),
+            Some(body) => {
+                wrong_channel(from, Channel::Events, &body);
+                Ok(())
+            }
+            None => Ok(()),
+        };
+        if sent.is_err() {
+            // The relay is gone: the node is stopping.
+            return;
+        }
+    }
+}
+
+/// Drops an envelope whose type may not use `channel`: counts it in
+/// `herald_transport_wrong_channel_total{channel}` and logs it (at warn for the 1st, 2nd, 4th,
+/// 8th … drop, so a misbehaving peer cannot flood the log).
+pub fn wrong_channel(from: u64, channel: Channel, body: &Body) {
+    static DROPPED: AtomicU64 = AtomicU64::new(0);
+    let name = channel_name(channel);
+    metrics::counter!(WRONG_CHANNEL_TOTAL, "channel" => name).increment(1);
+    let n = DROPPED.fetch_add(1, Ordering::Relaxed) + 1;
+    let kind = body_name(body);
+    if n.is_power_of_two() {
+        tracing::warn!(
+            peer = from,
+            channel = name,
+            kind,
+            dropped = n,
+            "dropped a peer message sent on the wrong channel"
+        );
+    } else {
+        tracing::debug!(
+            peer = from,
+            channel = name,
+            kind,
+            "dropped a peer message sent on the wrong channel"
+        );
+    }
+}
+
+/// `control` or `events`, as metrics and logs name the channels.
+pub fn channel_name(channel: Channel) -> &'static str {
+    match channel {
+        Channel::Events => "events",
+        Channel::Control | Channel::Unspecified => "control",
+    }
+}
+
+fn body_name(body: &Body) -> &'static str {
+    match body {
+        Body::Raft(_) => "raft",
+        Body::Ping(_) => "ping",
+        Body::Pong(_) => "pong",
+        Body::Propose(_) => "proposal",
+        Body::ProposeResult(_) => "proposal result",
+        Body::App(_) => "app",
+    }
+}
+
+/// The `herald-events` thread and its current-thread runtime.
+struct EventsThread {
+    handle: tokio::runtime::Handle,
+    stop: tokio::sync::oneshot::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl EventsThread {
+    fn start() -> std::io::Result<EventsThread> {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let handle = runtime.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("herald-events".into())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let _ = stopped.await;
+                });
+            })?;
+        Ok(EventsThread { handle, stop, thread })
+    }
+
+    /// Stops the runtime (dropping its tasks and connections) and joins the thread, unless called
+    /// on that thread itself (then it ends once the call returns to its runtime).
+    fn stop(self) {
+        let _ = self.stop.send(());
+        if self.thread.thread().id() != std::thread::current().id() {
+            let _ = self.thread.join();
+        }
+    }
+}
