@@ -149,6 +149,32 @@ fn rtt_quantiles(before: &BTreeMap<u64, f64>, after: &BTreeMap<u64, f64>) -> (f6
     (count, at(0.5), at(0.99), at(1.0))
 }
 
+/// CPU seconds (user + system) the threads of this process named `name` have used, from
+/// `/proc/self/task` (Linux; 0 elsewhere). Clock ticks are taken as 100 per second (USER_HZ).
+fn thread_cpu_seconds(name: &str) -> f64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0.0;
+    };
+    let mut ticks = 0u64;
+    for task in tasks.flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.trim() != name {
+            continue;
+        }
+        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+        // Fields after the parenthesised name: state is field 3, utime 14, stime 15.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map_or("", |(_, r)| r)
+            .split_whitespace()
+            .collect();
+        for i in [11, 12] {
+            ticks += fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+        }
+    }
+    ticks as f64 / 100.0
+}
+
 fn ms(s: f64) -> String {
     if s.is_finite() {
         format!("{:.2} ms", s * 1e3)
@@ -172,25 +198,49 @@ struct LoadStats {
     failed: RefCell<Option<String>>,
 }
 
-/// Publishes batches to `url` from `CONNECTIONS` concurrent requests until `until` or
-/// [`MAX_EVENTS`]; a refusal (429/503) is retried after 2 ms.
-async fn saturate(url: String, until: Instant, stats: Rc<LoadStats>) {
+/// Publishes to node `base` from `CONNECTIONS` concurrent requests until `until` or
+/// [`MAX_EVENTS`]; a refusal (429/503) is retried after 2 ms. JSON batches of [`batch`] events;
+/// or, with `HERALD_CONTROL_LOAD_EVENT_BYTES` set, single binary-mode events of that many bytes
+/// (no JSON to parse, so the ingress passes far more bytes to the peer link).
+async fn saturate(base: String, until: Instant, stats: Rc<LoadStats>) {
+    let connections = setting("HERALD_CONTROL_LOAD_CONNECTIONS", CONNECTIONS);
     let client = awc::Client::builder()
         .timeout(Duration::from_secs(30))
-        .connector(awc::Connector::new().limit(CONNECTIONS + 2))
+        .connector(awc::Connector::new().limit(connections + 2))
         .finish();
-    let body = batch_body();
-    let batch = batch();
+    let event_bytes = setting("HERALD_CONTROL_LOAD_EVENT_BYTES", 0);
+    let (url, body, batch) = if event_bytes > 0 {
+        let url = format!("{base}/v1/topics/{TOPIC}/events?ack=none");
+        (url, bytes::Bytes::from(vec![b'x'; event_bytes]), 1)
+    } else {
+        let url = format!("{base}/v1/topics/{TOPIC}/events/batch?ack=none");
+        (url, bytes::Bytes::from(batch_body()), batch())
+    };
+    let next_id = Rc::new(Cell::new(0u64));
     let mut tasks = Vec::new();
-    for _ in 0..setting("HERALD_CONTROL_LOAD_CONNECTIONS", CONNECTIONS) {
-        let (client, url, body, stats) = (client.clone(), url.clone(), body.clone(), stats.clone());
+    for _ in 0..connections {
+        let (client, url, body, stats, next_id) = (
+            client.clone(),
+            url.clone(),
+            body.clone(),
+            stats.clone(),
+            next_id.clone(),
+        );
         tasks.push(actix_rt::spawn(async move {
             while Instant::now() < until && stats.accepted.get() < MAX_EVENTS {
-                let sent = client
-                    .post(&url)
-                    .insert_header(("content-type", "application/json"))
-                    .send_body(body.clone())
-                    .await;
+                let request = client.post(&url);
+                let request = if event_bytes > 0 {
+                    next_id.set(next_id.get() + 1);
+                    request
+                        .insert_header(("content-type", "application/octet-stream"))
+                        .insert_header(("ce-specversion", "1.0"))
+                        .insert_header(("ce-id", format!("load-{}", next_id.get())))
+                        .insert_header(("ce-source", "control-latency-test"))
+                        .insert_header(("ce-type", "load"))
+                } else {
+                    request.insert_header(("content-type", "application/json"))
+                };
+                let sent = request.send_body(body.clone()).await;
                 stats.requests.set(stats.requests.get() + 1);
                 match sent {
                     Ok(mut r) => {
@@ -273,14 +323,19 @@ async fn event_load_does_not_delay_control_traffic() {
     );
 
     // Under load: node 1 takes every event, node 2 handles them all.
-    let url = format!("{}/v1/topics/{TOPIC}/events/batch?ack=none", nodes[0].url);
+    let cpu_before = ["herald-cluster", "herald-events"].map(thread_cpu_seconds);
     let stats = Rc::new(LoadStats::default());
     let started = Instant::now();
-    let load = actix_rt::spawn(saturate(url, started + Duration::from_secs(secs), stats.clone()));
+    let load = actix_rt::spawn(saturate(
+        nodes[0].url.clone(),
+        started + Duration::from_secs(secs),
+        stats.clone(),
+    ));
     let (load_phi, load_seen) = watch_control(&nodes, Duration::from_secs(secs)).await;
     let _ = load.await;
     let elapsed = started.elapsed().as_secs_f64();
     let load_after = rtt_buckets();
+    let cpu_after = ["herald-cluster", "herald-events"].map(thread_cpu_seconds);
     let after: Vec<(u64, Option<u64>, f64)> = nodes.iter().map(control_view).collect();
 
     let forwarded = common::metric(
@@ -303,6 +358,11 @@ async fn event_load_does_not_delay_control_traffic() {
         after.iter().map(|a| (a.0, a.1)).collect::<Vec<_>>()
     );
     println!("phi (threshold {threshold}): max {idle_phi:.2} without load, max {load_phi:.2} under load");
+    println!(
+        "cpu under load (both nodes): herald-cluster {:.2} s, herald-events {:.2} s",
+        cpu_after[0] - cpu_before[0],
+        cpu_after[1] - cpu_before[1]
+    );
     println!(
         "ping rtt without load: {idle_n} pings, p50 <= {}, p99 <= {}, max <= {}",
         ms(idle_p50),

@@ -40,7 +40,7 @@ use super::storage::RedbStorage;
 use crate::error::{Error, Result};
 use crate::monitor::{Health, PeerState, Progress};
 use crate::placement::NodeStatus;
-use crate::transport::{self, Body, Bus, Channel, ClusterSecret, Envelope, Transport, TransportConfig};
+use crate::transport::{self, Body, Bus, ClusterSecret, Envelope, Transport, TransportConfig};
 
 /// What the service needs to start.
 #[derive(Debug)]
@@ -402,7 +402,7 @@ async fn run(config: MembershipConfig, advertise: String) -> Result<Handles> {
         }
     });
     // Inbound: control channel → driver and monitor. Event-plane payloads come in on the events
-    // channel, straight to `config.app`; one arriving here is refused.
+    // channel, straight to `config.app`; the bus refuses one arriving on the control channel.
     let to_driver = driver_tx.clone();
     let (pong_tx, pong_rx) = mpsc::unbounded_channel();
     let t = transport.clone();
@@ -425,10 +425,6 @@ async fn run(config: MembershipConfig, advertise: String) -> Result<Handles> {
                 }
                 Some(Body::Pong(p)) => {
                     let _ = pong_tx.send((from, p));
-                    continue;
-                }
-                Some(body @ Body::App(_)) => {
-                    transport::wrong_channel(from, Channel::Control, &body);
                     continue;
                 }
                 _ => continue,

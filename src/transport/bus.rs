@@ -41,8 +41,8 @@ use super::wire::{envelope::Body, Channel};
 use super::{Envelope, Transport, TransportConfig, WRONG_CHANNEL_TOTAL};
 use crate::Error;
 
-/// Envelopes the events channel's receive queue holds before its connections stop reading.
-const EVENTS_INBOUND: usize = 4096;
+/// Envelopes each channel's receive queue holds before its connections stop reading.
+const INBOUND: usize = 4096;
 
 /// A node's two peer transports and the thread the events channel runs on. Cheap to clone.
 #[derive(Clone)]
@@ -72,9 +72,9 @@ impl Drop for Inner {
 
 impl Bus {
     /// Starts the bus for `config` (its `channel` is ignored): the control transport on the
-    /// current tokio runtime, delivering what it receives to `control_inbound`; the events
-    /// transport on a new `herald-events` thread, delivering the `App` payloads it receives to
-    /// `app`. Call [`Bus::serve`] to accept peers.
+    /// current tokio runtime, delivering what it receives (but `App` payloads) to
+    /// `control_inbound`; the events transport on a new `herald-events` thread, delivering the
+    /// `App` payloads it receives (and nothing else) to `app`. Call [`Bus::serve`] to accept peers.
     pub fn start(
         config: TransportConfig,
         control_inbound: mpsc::Sender<(u64, Envelope)>,
@@ -83,16 +83,22 @@ impl Bus {
         config.validate()?;
         let mut control_config = config.clone();
         control_config.channel = Channel::Control;
-        let control = Transport::new(control_config, control_inbound)?;
+        let (control_tx, control_rx) = mpsc::channel(INBOUND);
+        let control = Transport::new(control_config, control_tx)?;
         let thread = EventsThread::start().map_err(|e| Error::io("cannot start the herald-events thread", e))?;
         let mut events_config = config;
         events_config.channel = Channel::Events;
-        let (events_tx, events_rx) = mpsc::channel(EVENTS_INBOUND);
+        let (events_tx, events_rx) = mpsc::channel(INBOUND);
         let events = {
             let _runtime = thread.handle.enter();
             Transport::new_sharing_faults(events_config, events_tx, &control)?
         };
-        thread.handle.spawn(deliver_events(events.clone(), events_rx, app));
+        let stop = control.shutdown_token();
+        tokio::spawn(stop.run_until_cancelled_owned(deliver_control(control.clone(), control_rx, control_inbound)));
+        let stop = events.shutdown_token();
+        thread
+            .handle
+            .spawn(stop.run_until_cancelled_owned(deliver_events(events.clone(), events_rx, app)));
         Ok(Bus {
             inner: Arc::new(Inner {
                 control,
@@ -221,6 +227,32 @@ async fn accept_loop(bus: Bus, listener: TcpListener) {
     }
 }
 
+/// Hands what the control channel receives, but `App` payloads, to the membership service's
+/// `room`; an `App` payload is refused (see [`wrong_channel`]). Runs on the control runtime until
+/// the transport stops.
+async fn deliver_control(
+    control: Transport,
+    mut inbound: mpsc::Receiver<(u64, Envelope)>,
+    room: mpsc::Sender<(u64, Envelope)>,
+) {
+    while let Some((from, env)) = inbound.recv().await {
+        if control.is_cut_off(from) {
+            continue;
+        }
+        match &env.body {
+            Some(body @ Body::App(_)) => wrong_channel(from, Channel::Control, body),
+            Some(_) => {
+                let sent = room.send((from, env)).await;
+                if sent.is_err() {
+                    // The membership service is gone: the node is stopping.
+                    return;
+                }
+            }
+            None => {}
+        }
+    }
+}
+
 /// Hands the `App` payloads the events channel receives to the relay's sink; anything else is
 /// refused (see [`wrong_channel`]). Runs on `herald-events` until the transport stops.
 async fn deliver_events(
@@ -322,5 +354,131 @@ impl EventsThread {
         if self.thread.thread().id() != std::thread::current().id() {
             let _ = self.thread.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use std::time::Duration;
+
+    use crate::transport::wire::Ping;
+
+    const DEADLINE: Duration = Duration::from_secs(20);
+
+    struct Node {
+        bus: Bus,
+        addr: String,
+        control: mpsc::Receiver<(u64, Envelope)>,
+        app: mpsc::UnboundedReceiver<(u64, Bytes)>,
+    }
+
+    async fn node(id: u64) -> Node {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let (control_tx, control) = mpsc::channel(64);
+        let (app_tx, app) = mpsc::unbounded_channel();
+        let mut config = TransportConfig::new("bus-test", id, addr.clone());
+        config.backoff_min = Duration::from_millis(10);
+        config.backoff_max = Duration::from_millis(200);
+        let bus = Bus::start(config, control_tx, app_tx).expect("bus starts");
+        bus.serve(listener);
+        Node {
+            bus,
+            addr,
+            control,
+            app,
+        }
+    }
+
+    async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
+        tokio::time::timeout(DEADLINE, f)
+            .await
+            .unwrap_or_else(|_| panic!("{what}: not done within {DEADLINE:?}"))
+    }
+
+    /// Two buses connected both ways on both channels.
+    async fn pair() -> (Node, Node) {
+        let (a, b) = (node(1).await, node(2).await);
+        a.bus.add_peer(2, b.addr.clone());
+        b.bus.add_peer(1, a.addr.clone());
+        for (bus, peer) in [(&a.bus, 2), (&b.bus, 1)] {
+            for t in [bus.control(), bus.events()] {
+                let mut link = t.link(peer).expect("peer added");
+                within("connecting", link.wait_for(|l| l.connected))
+                    .await
+                    .expect("link");
+            }
+        }
+        (a, b)
+    }
+
+    #[tokio::test]
+    async fn each_channel_delivers_only_its_own_messages_to_its_room() {
+        let (a, mut b) = pair().await;
+        // On the wrong channel: dropped. Each is followed, on the same connection, by a message
+        // that is allowed there, so once that one arrives the other was dropped (not delayed).
+        a.bus.control().send(2, Envelope::app(&b"sneaky"[..])).expect("queued");
+        a.bus.control().send(2, Envelope::ping(7, 0)).expect("queued");
+        a.bus
+            .events()
+            .send(2, Envelope::raft(&b"vote for me"[..]))
+            .expect("queued");
+        a.bus.events().send(2, Envelope::ping(8, 0)).expect("queued");
+        a.bus.events().send(2, Envelope::app(&b"batch"[..])).expect("queued");
+
+        let (from, env) = within("the control message", b.control.recv()).await.expect("open");
+        assert_eq!(from, 1);
+        assert_eq!(
+            env.body,
+            Some(Body::Ping(Ping {
+                seq: 7,
+                sent_unix_nanos: 0
+            }))
+        );
+        let (from, payload) = within("the event payload", b.app.recv()).await.expect("open");
+        assert_eq!((from, &payload[..]), (1, &b"batch"[..]));
+        assert!(b.control.try_recv().is_err(), "the events channel fed the control room");
+        assert!(b.app.try_recv().is_err(), "the control channel fed the relay");
+
+        // Each node holds one inbound connection per channel from the other.
+        for ch in [Channel::Control, Channel::Events] {
+            assert!(b.bus.transport(ch).has_inbound(1, ch), "{ch:?}");
+            assert!(!b.bus.transport(ch).has_inbound(1, other(ch)), "{ch:?}");
+        }
+        a.bus.shutdown();
+        b.bus.shutdown();
+    }
+
+    fn other(ch: Channel) -> Channel {
+        match ch {
+            Channel::Events => Channel::Control,
+            _ => Channel::Events,
+        }
+    }
+
+    #[tokio::test]
+    async fn the_events_channel_runs_on_its_own_thread_and_shutdown_joins_it() {
+        let (a, b) = pair().await;
+        let events = a
+            .bus
+            .events()
+            .runtime()
+            .spawn(async { std::thread::current().name().map(String::from) });
+        let control = a
+            .bus
+            .control()
+            .runtime()
+            .spawn(async { std::thread::current().name().map(String::from) });
+        assert_eq!(events.await.expect("ran").as_deref(), Some("herald-events"));
+        assert_ne!(control.await.expect("ran").as_deref(), Some("herald-events"));
+        // Cutting a peer off on the control transport cuts it off on the events one too.
+        a.bus.control().cut_off([2]);
+        assert!(a.bus.events().is_cut_off(2));
+        a.bus.control().heal();
+        a.bus.shutdown();
+        assert!(a.bus.inner.thread.lock().expect("lock").is_none());
+        b.bus.shutdown();
     }
 }
