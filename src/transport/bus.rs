@@ -451,6 +451,98 @@ mod tests {
         b.bus.shutdown();
     }
 
+    /// Invariant 1: a peer that stops reading its events connection fills that channel's queue,
+    /// and control messages still go through at once (with one queue per peer, the ping would
+    /// have waited behind the batches, or been refused as `QueueFull`).
+    #[tokio::test]
+    async fn a_full_events_queue_does_not_hold_back_control_messages() {
+        use futures_util::StreamExt;
+        use tokio_util::codec::FramedRead;
+
+        use crate::transport::frame::FrameCodec;
+        use crate::transport::SendError;
+
+        // Node 2 played by hand: it admits both channels, reads its control connection and never
+        // reads its events connection.
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let identity = TransportConfig::new("bus-test", 2, addr.clone()).identity;
+        let (control_tx, mut control_rx) = mpsc::unbounded_channel();
+        let stalled = Arc::new(Mutex::new(Vec::new()));
+        let held = stalled.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, remote)) = listener.accept().await else {
+                    return;
+                };
+                let est = handshake_on(stream, &identity, remote, None, None, DEADLINE, |_, _| false)
+                    .await
+                    .expect("node 2 admits node 1");
+                if est.channel == Channel::Events {
+                    held.lock().expect("lock").push(est.stream);
+                    continue;
+                }
+                let tx = control_tx.clone();
+                tokio::spawn(async move {
+                    let mut frames = FramedRead::new(est.stream, FrameCodec::<Envelope>::new(1 << 24));
+                    frames.read_buffer_mut().extend_from_slice(&est.read_buf);
+                    while let Some(Ok((env, _))) = frames.next().await {
+                        if !env.is_keepalive() && tx.send(env).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+
+        let (control_tx, _control) = mpsc::channel(64);
+        let (app_tx, _app) = mpsc::unbounded_channel();
+        let mut config = TransportConfig::new("bus-test", 1, "127.0.0.1:1");
+        config.send_queue = 64;
+        let a = Bus::start(config, control_tx, app_tx).expect("bus starts");
+        a.add_peer(2, addr);
+        for t in [a.control(), a.events()] {
+            let mut link = t.link(2).expect("peer added");
+            within("connecting", link.wait_for(|l| l.connected))
+                .await
+                .expect("link");
+        }
+        let batch = Envelope::app(Bytes::from(vec![0u8; 1 << 20]));
+        let filled = within("filling the events queue", async {
+            let mut sent = 0u64;
+            loop {
+                match a.events().send(2, batch.clone()) {
+                    Ok(()) => sent += 1,
+                    Err(SendError::QueueFull { .. }) => return sent,
+                    Err(e) => panic!("{e}"),
+                }
+                tokio::task::yield_now().await;
+            }
+        })
+        .await;
+        assert!(filled >= 64, "{filled} batches");
+
+        a.control()
+            .send(2, Envelope::ping(42, 0))
+            .expect("the control queue has room");
+        let env = within("the ping behind a full events queue", control_rx.recv())
+            .await
+            .expect("open");
+        assert_eq!(
+            env.body,
+            Some(Body::Ping(Ping {
+                seq: 42,
+                sent_unix_nanos: 0
+            }))
+        );
+        assert!(
+            matches!(a.events().send(2, batch), Err(SendError::QueueFull { .. })),
+            "the events connection stayed stalled"
+        );
+        assert!(!stalled.lock().expect("lock").is_empty());
+        a.shutdown();
+    }
+
     fn other(ch: Channel) -> Channel {
         match ch {
             Channel::Events => Channel::Control,
