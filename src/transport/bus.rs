@@ -80,7 +80,6 @@ impl Bus {
         control_inbound: mpsc::Sender<(u64, Envelope)>,
         app: mpsc::UnboundedSender<(u64, Bytes)>,
     ) -> crate::Result<Bus> {
-        config.validate()?;
         let mut control_config = config.clone();
         control_config.channel = Channel::Control;
         let (control_tx, control_rx) = mpsc::channel(INBOUND);
