@@ -49,6 +49,8 @@ pub const EVENTS_REJECTED: &str = "herald_events_rejected_total";
 pub const PEER_PHI: &str = "herald_peer_phi";
 /// The last ping round-trip time to each peer.
 pub const PEER_RTT: &str = "herald_peer_rtt_seconds";
+/// Ping round-trip times to each peer (control-plane latency, over the peer bus's control channel).
+pub const PEER_PING_RTT: &str = "herald_peer_ping_rtt_seconds";
 /// Events handed to other nodes, by peer (first sends and re-sends).
 pub const EVENTS_FORWARDED: &str = "herald_events_forwarded_total";
 /// Forwarded deliveries waiting for their handler node's ack.
@@ -105,6 +107,11 @@ pub fn describe() {
         "Phi of the failure detector for each peer (suspect above cluster.phi_threshold)."
     );
     describe_gauge!(PEER_RTT, Unit::Seconds, "The last ping round-trip time to each peer.");
+    describe_histogram!(
+        PEER_PING_RTT,
+        Unit::Seconds,
+        "Ping round-trip times to each peer, as the failure detector sees them (control-plane latency)."
+    );
     describe_counter!(
         EVENTS_FORWARDED,
         "Event deliveries sent to other nodes, by peer, re-sends included."
@@ -131,6 +138,8 @@ pub fn install_prometheus() -> PrometheusHandle {
                     &[0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0],
                 )
                 .expect("bucket list is not empty")
+                .set_buckets_for_metric(Matcher::Full(PEER_PING_RTT.to_string()), &ping_rtt_buckets())
+                .expect("bucket list is not empty")
                 .build_recorder();
             let handle = recorder.handle();
             // Another recorder may already be installed (e.g. by an embedding application); then
@@ -154,6 +163,12 @@ pub fn install_prometheus() -> PrometheusHandle {
             handle
         })
         .clone()
+}
+
+/// Buckets of [`PEER_PING_RTT`]: 10 µs to 10 s, 10 per decade (each about 26 % wide), fine
+/// enough to tell a loopback round trip from one that waited behind a queue.
+pub fn ping_rtt_buckets() -> Vec<f64> {
+    (0..=60).map(|i| 1e-5 * 10f64.powf(f64::from(i) / 10.0)).collect()
 }
 
 /// Pre-registered handles for one subscription.

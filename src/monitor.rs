@@ -369,6 +369,7 @@ struct Watched {
     ever_connected: bool,
     phi_gauge: metrics::Gauge,
     rtt_gauge: metrics::Gauge,
+    rtt_histogram: metrics::Histogram,
 }
 
 /// The members the monitor watches, as the latest committed membership table knows them.
@@ -418,6 +419,7 @@ pub(crate) async fn run<M: Members>(
                     }
                     let rtt = (unix_nanos() - pong.sent_unix_nanos).max(0) as f64 / 1e9;
                     w.rtt_gauge.set(rtt);
+                    w.rtt_histogram.record(rtt);
                     if pong.handled != w.handled || pong.backlog == 0 {
                         w.progressed = now;
                     }
@@ -456,6 +458,7 @@ pub(crate) async fn run<M: Members>(
                     ever_connected: false,
                     phi_gauge: metrics::gauge!(crate::metrics::PEER_PHI, "peer" => id.to_string()),
                     rtt_gauge: metrics::gauge!(crate::metrics::PEER_RTT, "peer" => id.to_string()),
+                    rtt_histogram: metrics::histogram!(crate::metrics::PEER_PING_RTT, "peer" => id.to_string()),
                 }
             });
             if ping {

@@ -8,6 +8,12 @@
 //! per syscall). The handler node answers with [`AckBatch`]es; an ack removes the pending entry and
 //! completes the tracker, which drops the event from the WAL once every subscription is done.
 //!
+//! **Which wire.** Batches, acks and lane credits travel as `App` payloads on the peer bus's
+//! *events* channel (`transport::Bus::events`): its own connection and bounded queue per peer,
+//! driven by the `herald-events` thread. They never share a queue or a connection with Raft
+//! messages and pings (the control channel, on the membership thread), so a burst of batches
+//! cannot delay a heartbeat; and the bus hands this relay only what arrives on the events channel.
+//!
 //! A pending entry is routed again (by the same rules as a new event) when its node turns suspect
 //! or degraded, when the placement moves its subscription elsewhere, when the handler node refuses
 //! it (fencing), or when no ack came within `cluster.redeliver_after_ms`. Events whose every

@@ -1,8 +1,16 @@
-//! The membership service: the Raft driver, the peer transport and the state machine wired
-//! together on one dedicated thread, plus the leader's duties.
+//! The membership service: the Raft driver, the peer bus and the state machine wired together on
+//! one dedicated thread, plus the leader's duties.
 //!
-//! It runs on its own thread with its own Tokio runtime, so that heartbeats and elections are not
-//! delayed by handler load or by the HTTP workers. The node talks to it only through channels:
+//! It runs on its own thread (`herald-cluster`) with its own Tokio runtime, so that heartbeats and
+//! elections are not delayed by handler load or by the HTTP workers. It starts the node's peer
+//! [`Bus`]: the bus's control channel (its connections, queues and tasks) runs on this thread and
+//! carries Raft messages, forwarded proposals, pings and pongs; the events channel runs on the
+//! bus's own `herald-events` thread and hands the event plane's payloads to the relay through
+//! [`MembershipConfig::app`], so event batches neither share a queue or a connection with
+//! heartbeats nor use this thread. What arrives on the control channel goes to its room here:
+//! Raft messages and proposals to the driver, pongs to the monitor, pings answered at once; an
+//! event-plane payload arriving on it is dropped and counted (a peer may not bypass the
+//! separation). The node talks to it only through channels:
 //! [`Membership::propose`] (a command, answered once committed and applied on this node) and
 //! the [`Membership::state`] / [`Membership::status`] watches.
 //!
@@ -15,8 +23,8 @@
 //!   voter rule (the first `raft.voters` members vote, the rest learn) and proposes one
 //!   configuration change at a time; then, if the placement inputs changed, it proposes a new
 //!   `SetPlacement`.
-//! * **Peers**: every applied change of the member list adds or removes transport peers, so each
-//!   node dials every other member.
+//! * **Peers**: every applied change of the member list adds or removes bus peers, so each
+//!   node dials every other member, on both channels.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -31,7 +39,7 @@ use super::state::{Command, ConfStep, MembershipState};
 use super::storage::RedbStorage;
 use crate::error::{Error, Result};
 use crate::monitor::{Health, PeerState, Progress};
-use crate::transport::{self, Body, ClusterSecret, Envelope, Transport, TransportConfig};
+use crate::transport::{self, Body, Bus, ClusterSecret, Envelope, Transport, TransportConfig};
 use crate::types::NodeStatus;
 
 /// What the service needs to start.
@@ -66,7 +74,8 @@ pub struct MembershipConfig {
     pub health: Arc<Health>,
     /// This node's handler progress, reported in pongs.
     pub progress: Arc<Progress>,
-    /// Where the event plane's `app` payloads from peers go.
+    /// Where the event plane's `app` payloads from peers go: the bus's events channel delivers
+    /// them from its own thread (they never pass through the membership thread).
     pub app: mpsc::UnboundedSender<(u64, bytes::Bytes)>,
 }
 
@@ -78,7 +87,7 @@ pub struct Membership {
     status: watch::Receiver<RaftStatus>,
     peer_addr: SocketAddr,
     advertise: String,
-    transport: Transport,
+    bus: Bus,
     /// Set once this process's `Join` committed and the table shows it (see `join_cluster`).
     joined: watch::Receiver<bool>,
     /// Stops the service's runtime (dropping it stops every task).
@@ -87,12 +96,12 @@ pub struct Membership {
 }
 
 /// The state machine as the driver sees it: applies commands, publishes the new state and keeps
-/// the transport's peers in line with the member list.
+/// the bus's peers in line with the member list.
 struct Applier {
     node_id: u64,
     state: MembershipState,
     publish: watch::Sender<Arc<MembershipState>>,
-    transport: Transport,
+    bus: Bus,
     changed: Arc<Notify>,
 }
 
@@ -100,7 +109,7 @@ impl Applier {
     fn sync_peers(&self) {
         for m in self.state.members().values() {
             if m.id != self.node_id {
-                self.transport.add_peer(m.id, m.peer.clone());
+                self.bus.add_peer(m.id, m.peer.clone());
             }
         }
     }
@@ -117,7 +126,7 @@ impl Apply for Applier {
             Ok(effects) => {
                 for e in &effects {
                     if let super::state::Effect::MemberLeft { id } = e {
-                        self.transport.remove_peer(*id);
+                        self.bus.remove_peer(*id);
                     }
                     tracing::debug!(index, effect = ?e, "membership change applied");
                 }
@@ -185,7 +194,7 @@ impl Membership {
                 });
             })
             .map_err(|e| Error::io("cannot start the membership thread", e))?;
-        let (node_id, driver, state, status, transport, joined) = ready_rx
+        let (node_id, driver, state, status, bus, joined) = ready_rx
             .recv()
             .map_err(|_| Error::io("membership thread", std::io::Error::other("it stopped during start-up")))??;
         Ok(Membership {
@@ -195,7 +204,7 @@ impl Membership {
             status,
             peer_addr,
             advertise,
-            transport,
+            bus,
             joined,
             stop: Mutex::new(Some(stop_tx)),
             thread: Mutex::new(Some(thread)),
@@ -227,9 +236,15 @@ impl Membership {
         &self.advertise
     }
 
-    /// The peer transport (the event plane sends its batches over it).
+    /// The control channel of the peer bus (Raft, proposals, pings). Fault injection on it
+    /// ([`Transport::cut_off`]) cuts the events channel too.
     pub fn transport(&self) -> &Transport {
-        &self.transport
+        self.bus.control()
+    }
+
+    /// The peer bus: the control channel and the events channel the relay sends over.
+    pub fn bus(&self) -> &Bus {
+        &self.bus
     }
 
     /// Proposes `command`; resolves once it is committed and applied on this node.
@@ -286,6 +301,8 @@ impl Membership {
         if let Some(t) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
             let _ = t.join();
         }
+        // The events channel runs on its own thread, which outlives the membership runtime.
+        self.bus.shutdown();
     }
 }
 
@@ -300,7 +317,7 @@ type Handles = (
     mpsc::UnboundedSender<Inbound>,
     watch::Receiver<Arc<MembershipState>>,
     watch::Receiver<RaftStatus>,
-    Transport,
+    Bus,
     watch::Receiver<bool>,
 );
 
@@ -311,10 +328,11 @@ async fn run(config: MembershipConfig, advertise: String) -> Result<Handles> {
     let tc = TransportConfig::new(config.cluster_id.clone(), id, advertise.clone()).with_secret(secret);
     tc.validate()?;
     let (inbound_tx, mut inbound_rx) = mpsc::channel::<(u64, Envelope)>(4096);
-    let transport = Transport::new(tc.clone(), inbound_tx)?;
+    let bus = Bus::start(tc.clone(), inbound_tx, config.app.clone())?;
+    let transport = bus.control().clone();
     let listener = tokio::net::TcpListener::from_std(config.peer_listener)
         .map_err(|e| Error::io("cannot use the peer listener", e))?;
-    transport.serve(listener);
+    bus.serve(listener);
 
     let path = config.data_dir.join("raft.redb");
     let storage = RedbStorage::open(&path).map_err(|e| Error::Store {
@@ -336,7 +354,7 @@ async fn run(config: MembershipConfig, advertise: String) -> Result<Handles> {
         node_id: id,
         state: MembershipState::new(config.cluster_id.clone()),
         publish: state_tx,
-        transport: transport.clone(),
+        bus: bus.clone(),
         changed: changed.clone(),
     };
     let mut dc = DriverConfig::new(id);
@@ -351,8 +369,9 @@ async fn run(config: MembershipConfig, advertise: String) -> Result<Handles> {
             message: e.to_string(),
         })?;
 
-    // Outbound: driver → transport.
+    // Outbound: driver → control channel.
     let t = transport.clone();
+    let b = bus.clone();
     let to_driver = driver_tx.clone();
     tokio::spawn(async move {
         while let Some(m) = out_rx.recv().await {
@@ -373,7 +392,7 @@ async fn run(config: MembershipConfig, advertise: String) -> Result<Handles> {
                 // the address it advertised in the handshake. (The member table, once applied,
                 // sets the address again.)
                 if let Some(p) = t.inbound_peers().into_iter().find(|p| p.node_id == to) {
-                    t.add_peer(to, p.advertise_addr);
+                    b.add_peer(to, p.advertise_addr);
                 }
             }
             if let Err(e) = t.send(to, env) {
@@ -382,12 +401,12 @@ async fn run(config: MembershipConfig, advertise: String) -> Result<Handles> {
             }
         }
     });
-    // Inbound: transport → driver, monitor and event plane.
+    // Inbound: control channel → driver and monitor. Event-plane payloads come in on the events
+    // channel, straight to `config.app`; the bus refuses one arriving on the control channel.
     let to_driver = driver_tx.clone();
     let (pong_tx, pong_rx) = mpsc::unbounded_channel();
     let t = transport.clone();
     let progress = config.progress.clone();
-    let app = config.app.clone();
     tokio::spawn(async move {
         while let Some((from, env)) = inbound_rx.recv().await {
             if t.is_cut_off(from) {
@@ -406,10 +425,6 @@ async fn run(config: MembershipConfig, advertise: String) -> Result<Handles> {
                 }
                 Some(Body::Pong(p)) => {
                     let _ = pong_tx.send((from, p));
-                    continue;
-                }
-                Some(Body::App(bytes)) => {
-                    let _ = app.send((from, bytes));
                     continue;
                 }
                 _ => continue,
@@ -434,7 +449,7 @@ async fn run(config: MembershipConfig, advertise: String) -> Result<Handles> {
         driver: driver_tx.clone(),
         state: state_rx.clone(),
         status: status_rx.clone(),
-        transport: transport.clone(),
+        bus: bus.clone(),
         voters: config.raft.voters,
         load_factor: config.raft.load_factor,
         changed,
@@ -446,7 +461,7 @@ async fn run(config: MembershipConfig, advertise: String) -> Result<Handles> {
     let join = Command::join(id, config.http.clone(), advertise.clone(), config.handlers.clone());
     let (joined_tx, joined_rx) = watch::channel(false);
     tokio::spawn(ctx.clone().join_cluster(join, seeds, tc, joined_tx));
-    Ok((id, driver_tx, state_rx, status_rx, transport, joined_rx))
+    Ok((id, driver_tx, state_rx, status_rx, bus, joined_rx))
 }
 
 /// Splits `--join` into whether this node (advertising `advertise`) is its first entry, and the
@@ -462,7 +477,7 @@ struct Ctx {
     driver: mpsc::UnboundedSender<Inbound>,
     state: watch::Receiver<Arc<MembershipState>>,
     status: watch::Receiver<RaftStatus>,
-    transport: Transport,
+    bus: Bus,
     voters: usize,
     load_factor: f64,
     changed: Arc<Notify>,
@@ -542,13 +557,13 @@ impl Ctx {
                     match seed_id {
                         Ok(seed_id) => {
                             seed_ids.insert(seed, seed_id);
-                            self.transport.add_peer(seed_id, seed.clone());
+                            self.bus.add_peer(seed_id, seed.clone());
                             let env = Envelope::new(Body::Propose(transport::wire::Proposal {
                                 id: 0,
                                 command: join.to_bytes().into(),
                                 origin: 0,
                             }));
-                            if let Err(e) = self.transport.send(seed_id, env) {
+                            if let Err(e) = self.bus.control().send(seed_id, env) {
                                 tracing::warn!(seed = %seed, error = %e, "cannot send the join request");
                             }
                             break;

@@ -193,7 +193,7 @@ impl NodeBuilder {
         })?);
         let relay_runtime = RelayRuntime::start().map_err(|e| Error::io("cannot start the event relay thread", e))?;
         let relay = Relay::start(
-            membership.transport().clone(),
+            membership.bus().events().clone(),
             router.clone(),
             health.clone(),
             RelayConfig {

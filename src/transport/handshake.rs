@@ -4,13 +4,19 @@
 //! accepting side (there is no client/server asymmetry in the protocol), in three rounds where both
 //! sides send before they read:
 //!
-//! 1. **Hello ↔ Hello**: protocol version, cluster id, node id, a fresh random 32-byte nonce and the
-//!    address the sender wants to be dialed at.
+//! 1. **Hello ↔ Hello**: protocol version, cluster id, node id, a fresh random 32-byte nonce, the
+//!    address the sender wants to be dialed at, and the [`Channel`] the connection is for (named
+//!    by the dialer; an accepting side sends `Unspecified` and takes the dialer's, see
+//!    [`handshake_on`]).
 //! 2. **Proof ↔ Proof**: each side checks the other's Hello (same version and cluster id, not our
-//!    own node id, the node id we dialed, loopback when no secret is configured), then sends
-//!    `HMAC-SHA256(secret, other's nonce || own node id as u64 big-endian || cluster id)`.
+//!    own node id, the node id we dialed, loopback when no secret is configured, one agreed
+//!    channel), then sends `HMAC-SHA256(secret, other's nonce || own node id as u64 big-endian ||
+//!    cluster id || channel as one byte)`. The channel is in the MAC so that a connection's class
+//!    is as authenticated as its node id: a Hello whose channel was altered on the way fails both
+//!    proofs.
 //! 3. **Accepted ↔ Accepted**: each side verifies the other's proof in constant time
-//!    (`Mac::verify_slice`) and that the node id is not already connected, then says yes.
+//!    (`Mac::verify_slice`) and that the node id is not already connected on that channel, then
+//!    says yes.
 //!
 //! Whenever a side refuses, it sends a [`Refusal`] *instead of* its next step, closes its write
 //! half and waits briefly for the other side to hang up (so the refusal is not lost to a TCP reset).
@@ -40,7 +46,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::codec::Framed;
 
 use super::frame::{FrameCodec, FrameError, HANDSHAKE_MAX_FRAME_LEN};
-use super::wire::{self, handshake::Step, Hello, Proof, Refusal, RefusalCode, PROTOCOL_VERSION};
+use super::wire::{self, handshake::Step, Channel, Hello, Proof, Refusal, RefusalCode, PROTOCOL_VERSION};
 
 /// Length of the random nonce each side sends.
 pub const NONCE_LEN: usize = 32;
@@ -275,9 +281,11 @@ pub struct Established<S> {
     /// Bytes already read past the handshake (the first envelope frames); the reader must
     /// consume these before reading from `stream`.
     pub read_buf: BytesMut,
+    /// What the connection carries, as both sides agreed and proved (never `Unspecified`).
+    pub channel: Channel,
 }
 
-/// Runs the handshake on `stream` as `local`.
+/// Runs the handshake on `stream` as `local`, for a [`Channel::Control`] connection.
 ///
 /// * `remote_addr`: where the stream comes from. Used for the loopback rule when `local` has no
 ///   secret; in-memory streams pass a loopback address.
@@ -296,6 +304,37 @@ pub async fn handshake<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    handshake_on(
+        stream,
+        local,
+        remote_addr,
+        expected_peer,
+        Some(Channel::Control),
+        step_timeout,
+        |id, _| is_connected(id),
+    )
+    .await
+}
+
+/// Runs the handshake on `stream` as `local`, like [`handshake`], for a connection of `channel`.
+///
+/// A dialing side names the channel (`Some`); an accepting side passes `None` and takes the one
+/// the dialer named, which [`Established::channel`] reports. When both sides name one they must
+/// agree. A Hello naming no channel when this side names none either, or a channel this build
+/// does not know, is refused as a protocol error. `is_connected(node id, channel)` is asked
+/// after the peer's proof, for the agreed channel.
+pub async fn handshake_on<S>(
+    stream: S,
+    local: &Identity,
+    remote_addr: SocketAddr,
+    expected_peer: Option<u64>,
+    channel: Option<Channel>,
+    step_timeout: Duration,
+    is_connected: impl Fn(u64, Channel) -> bool,
+) -> Result<Established<S>, HandshakeError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let mut io = Steps {
         framed: Framed::new(stream, FrameCodec::new(HANDSHAKE_MAX_FRAME_LEN)),
         timeout: step_timeout,
@@ -307,6 +346,7 @@ where
         nonce: Bytes::copy_from_slice(&nonce),
         peer_addr: local.advertise_addr.clone(),
         protocol_version: PROTOCOL_VERSION,
+        channel: channel.unwrap_or(Channel::Unspecified).into(),
     };
 
     // Round 1: Hello ↔ Hello.
@@ -319,6 +359,10 @@ where
     if let Err(e) = check_hello(local, &theirs, remote_addr, expected_peer) {
         return io.refuse(e).await;
     }
+    let channel = match agree_channel(local, &theirs, remote_addr, channel) {
+        Ok(c) => c,
+        Err(e) => return io.refuse(e).await,
+    };
     let peer = PeerInfo {
         node_id: theirs.node_id,
         advertise_addr: theirs.peer_addr.clone(),
@@ -326,7 +370,9 @@ where
     };
 
     // Round 2: Proof ↔ Proof.
-    let mac = keyed_mac(local, &theirs.nonce, local.node_id).finalize().into_bytes();
+    let mac = keyed_mac(local, &theirs.nonce, local.node_id, channel)
+        .finalize()
+        .into_bytes();
     let proof = Proof {
         mac: Bytes::copy_from_slice(&mac),
     };
@@ -336,7 +382,7 @@ where
         Step::Refusal(r) => return Err(HandshakeError::from_refusal(r)),
         other => return io.refuse(protocol_error("a Proof", &other)).await,
     };
-    if keyed_mac(local, &nonce, peer.node_id)
+    if keyed_mac(local, &nonce, peer.node_id, channel)
         .verify_slice(&their_proof.mac)
         .is_err()
     {
@@ -359,7 +405,7 @@ where
             })
             .await;
     }
-    if is_connected(peer.node_id) {
+    if is_connected(peer.node_id, channel) {
         let message = format!(
             "node {} ({remote_addr}) is already connected to node {}; another process uses the \
              same node id (give each node a unique --node-id), or its previous connection has not \
@@ -388,7 +434,47 @@ where
         peer,
         stream: parts.io,
         read_buf: parts.read_buf,
+        channel,
     })
+}
+
+/// The connection's channel: the one the dialer named (`ours` when this side dials, the peer's
+/// Hello otherwise); both must agree when both name one.
+fn agree_channel(
+    local: &Identity,
+    theirs: &Hello,
+    remote_addr: SocketAddr,
+    ours: Option<Channel>,
+) -> Result<Channel, HandshakeError> {
+    let by = Side::Local;
+    let them = theirs.node_id;
+    let Ok(named) = Channel::try_from(theirs.channel) else {
+        let message = format!(
+            "node {them} ({remote_addr}) asked for channel {}, which node {} does not know; run the \
+             same herald version on every node",
+            theirs.channel, local.node_id
+        );
+        return Err(HandshakeError::Protocol { by, message });
+    };
+    match (ours, named) {
+        (Some(c), Channel::Unspecified) | (None, c @ (Channel::Control | Channel::Events)) => Ok(c),
+        (Some(a), b) if a == b => Ok(a),
+        (Some(a), b) => {
+            let message = format!(
+                "node {them} ({remote_addr}) asked for the {b:?} channel on a connection node {} \
+                 opened for the {a:?} channel",
+                local.node_id
+            );
+            Err(HandshakeError::Protocol { by, message })
+        }
+        (None, Channel::Unspecified) => {
+            let message = format!(
+                "node {them} ({remote_addr}) did not name a channel (control or events) for the \
+                 connection it opened; run the same herald version on every node"
+            );
+            Err(HandshakeError::Protocol { by, message })
+        }
+    }
 }
 
 /// The step-2 checks of the peer's Hello, in order of how fundamental the mismatch is.
@@ -455,14 +541,17 @@ fn check_hello(
     Ok(())
 }
 
-/// `HMAC(secret, nonce || node_id (u64 BE) || cluster id)`, ready to finalize or verify.
-fn keyed_mac(local: &Identity, nonce: &[u8], node_id: u64) -> HmacSha256 {
+/// `HMAC(secret, nonce || node_id (u64 BE) || cluster id || channel (one byte))`, ready to
+/// finalize or verify.
+fn keyed_mac(local: &Identity, nonce: &[u8], node_id: u64, channel: Channel) -> HmacSha256 {
     let key: &[u8] = local.secret.as_ref().map_or(&[], |s| &s.0);
     // HMAC takes keys of any length; `new_from_slice` cannot fail for it.
     let mut mac = HmacSha256::new_from_slice(key).expect("HMAC accepts keys of any length");
     mac.update(nonce);
     mac.update(&node_id.to_be_bytes());
     mac.update(local.cluster_id.as_bytes());
+    // Control = 1, Events = 2 (the wire values), never 0: `agree_channel` resolved it.
+    mac.update(&[i32::from(channel) as u8]);
     mac
 }
 
@@ -783,6 +872,7 @@ mod tests {
                 nonce: Bytes::copy_from_slice(&nonce),
                 peer_addr: a.advertise_addr.clone(),
                 protocol_version: PROTOCOL_VERSION,
+                channel: Channel::Control.into(),
             };
             framed
                 .send(wire::Handshake {
@@ -799,7 +889,9 @@ mod tests {
             else {
                 panic!("expected b's Hello");
             };
-            let mac = keyed_mac(&a, &theirs.nonce, 1).finalize().into_bytes();
+            let mac = keyed_mac(&a, &theirs.nonce, 1, Channel::Control)
+                .finalize()
+                .into_bytes();
             let proof = Proof {
                 mac: Bytes::copy_from_slice(&mac),
             };
@@ -831,6 +923,152 @@ mod tests {
         let est = rb.expect("b admits the hand-played peer");
         assert_eq!(est.peer.node_id, 1);
         assert_eq!(&est.read_buf[..], b"after");
+    }
+
+    /// Plays a dialer by hand up to its proof: sends a Hello naming `named`, then a proof computed
+    /// over `proved`, and returns what the accepting side concluded.
+    async fn dial_by_hand(named: Channel, proved: Channel) -> Result<Channel, HandshakeError> {
+        let (sa, sb) = duplex(4096);
+        let b = id(2, Some("s"));
+        let fb = handshake_on(sb, &b, loopback(), None, None, T, |_, _| false);
+        let fa = async {
+            let a = id(1, Some("s"));
+            let mut framed = Framed::new(sa, FrameCodec::<wire::Handshake>::new(HANDSHAKE_MAX_FRAME_LEN));
+            let hello = Hello {
+                cluster_id: a.cluster_id.clone(),
+                node_id: 1,
+                nonce: Bytes::copy_from_slice(&fresh_nonce()),
+                peer_addr: a.advertise_addr.clone(),
+                protocol_version: PROTOCOL_VERSION,
+                channel: named.into(),
+            };
+            let _ = framed
+                .send(wire::Handshake {
+                    step: Some(Step::Hello(hello)),
+                })
+                .await;
+            let Some(Ok((
+                wire::Handshake {
+                    step: Some(Step::Hello(theirs)),
+                },
+                _,
+            ))) = framed.next().await
+            else {
+                return framed;
+            };
+            let mac = keyed_mac(&a, &theirs.nonce, 1, proved).finalize().into_bytes();
+            let proof = Proof {
+                mac: Bytes::copy_from_slice(&mac),
+            };
+            let _ = framed
+                .send(wire::Handshake {
+                    step: Some(Step::Proof(proof)),
+                })
+                .await;
+            // Read until b answers (acceptance or refusal) or hangs up.
+            let _ = framed.next().await;
+            let _ = framed
+                .send(wire::Handshake {
+                    step: Some(Step::Accepted(wire::Accepted {})),
+                })
+                .await;
+            framed
+        };
+        let (rb, _framed) = tokio::join!(fb, fa);
+        rb.map(|e| e.channel)
+    }
+
+    #[tokio::test]
+    async fn the_dialer_names_the_channel_and_both_sides_agree_on_it() {
+        for channel in [Channel::Control, Channel::Events] {
+            let (sa, sb) = duplex(4096);
+            let (a, b) = (id(1, Some("s")), id(2, Some("s")));
+            let (ra, rb) = tokio::join!(
+                handshake_on(sa, &a, loopback(), Some(2), Some(channel), T, |_, _| false),
+                handshake_on(sb, &b, loopback(), None, None, T, |_, _| false),
+            );
+            assert_eq!(ra.expect("a admits b").channel, channel);
+            assert_eq!(rb.expect("b admits a").channel, channel);
+        }
+        // The plain handshake is a control connection.
+        let (sa, sb) = duplex(4096);
+        let (a, b) = (id(1, None), id(2, None));
+        let (ra, rb) = tokio::join!(
+            handshake(sa, &a, loopback(), Some(2), T, |_| false),
+            handshake_on(sb, &b, loopback(), None, None, T, |_, _| false),
+        );
+        assert_eq!(ra.expect("a admits b").channel, Channel::Control);
+        assert_eq!(rb.expect("b admits a").channel, Channel::Control);
+    }
+
+    #[tokio::test]
+    async fn the_proof_covers_the_channel() {
+        assert_eq!(
+            dial_by_hand(Channel::Events, Channel::Events).await.expect("admitted"),
+            Channel::Events
+        );
+        // A Hello naming one channel with a proof over the other (the channel altered on the way,
+        // or a peer claiming one class to use the other) does not verify.
+        let r = dial_by_hand(Channel::Events, Channel::Control).await;
+        assert!(
+            matches!(r, Err(HandshakeError::BadProof { by: Side::Local, .. })),
+            "{r:?}"
+        );
+        let r = dial_by_hand(Channel::Control, Channel::Events).await;
+        assert!(
+            matches!(r, Err(HandshakeError::BadProof { by: Side::Local, .. })),
+            "{r:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_connection_without_an_agreed_channel_is_refused() {
+        // Neither side names one.
+        let r = dial_by_hand(Channel::Unspecified, Channel::Control).await;
+        match r {
+            Err(HandshakeError::Protocol {
+                by: Side::Local,
+                message,
+            }) => {
+                assert!(message.contains("did not name a channel"), "{message}")
+            }
+            other => panic!("expected a Protocol refusal, got {other:?}"),
+        }
+        // Both name one, and they differ.
+        let (sa, sb) = duplex(4096);
+        let (a, b) = (id(1, None), id(2, None));
+        let (ra, rb) = tokio::join!(
+            handshake_on(sa, &a, loopback(), None, Some(Channel::Events), T, |_, _| false),
+            handshake_on(sb, &b, loopback(), None, Some(Channel::Control), T, |_, _| false),
+        );
+        assert!(matches!(ra, Err(HandshakeError::Protocol { .. })), "{ra:?}");
+        assert!(matches!(rb, Err(HandshakeError::Protocol { .. })), "{rb:?}");
+    }
+
+    #[tokio::test]
+    async fn duplicates_are_per_channel() {
+        // Node 1 already has a control connection: an events connection is not a duplicate.
+        let (sa, sb) = duplex(4096);
+        let (a, b) = (id(1, None), id(2, None));
+        let connected = |n: u64, c: Channel| n == 1 && c == Channel::Control;
+        let (ra, rb) = tokio::join!(
+            handshake_on(sa, &a, loopback(), Some(2), Some(Channel::Events), T, |_, _| false),
+            handshake_on(sb, &b, loopback(), None, None, T, connected),
+        );
+        assert!(ra.is_ok() && rb.is_ok(), "{ra:?} {rb:?}");
+        let (sa, sb) = duplex(4096);
+        let (ra, rb) = tokio::join!(
+            handshake_on(sa, &a, loopback(), Some(2), Some(Channel::Control), T, |_, _| false),
+            handshake_on(sb, &b, loopback(), None, None, T, connected),
+        );
+        assert!(
+            matches!(rb, Err(HandshakeError::DuplicateNodeId { by: Side::Local, .. })),
+            "{rb:?}"
+        );
+        assert!(
+            matches!(ra, Err(HandshakeError::DuplicateNodeId { by: Side::Peer, .. })),
+            "{ra:?}"
+        );
     }
 
     #[test]

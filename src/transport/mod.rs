@@ -6,6 +6,12 @@
 //! tokio tasks (no actix), and the core is generic over the stream type, so tests run it over
 //! `tokio::io::duplex` (or a network simulator) exactly as over TCP.
 //!
+//! A node does not use one [`Transport`] for everything: its [`Bus`] owns two, one per
+//! [`Channel`] — **control** (Raft, proposals, pings, pongs; on the membership thread) and
+//! **events** (the event plane's `App` payloads; on the `herald-events` thread) — with their own
+//! connections and queues per peer, behind the one peer listener, so control traffic never
+//! queues behind event batches. Each channel accepts only its own message types.
+//!
 //! * [`wire`] — the prost schema (`Envelope`, the handshake messages); tags are the schema.
 //! * [`frame`] — the byte layout of a connection (4-byte big-endian length + prost payload), the
 //!   codec and the frame limit. Framing is documented there and only there.
@@ -17,6 +23,9 @@
 //!   backoff, the accept path ([`Transport::serve`] for TCP, [`Transport::accept`] for any stream),
 //!   and the bounded per-peer send queues. The connection layout and the `send` semantics are
 //!   described there.
+//! * `bus` — the [`Bus`]: the control and events transports of a node, the `herald-events`
+//!   thread, the shared accept loop that hands each connection to its channel's transport, and
+//!   the authorisation of inbound messages by channel.
 //!
 //! ```no_run
 //! # async fn demo() -> herald::Result<()> {
@@ -37,9 +46,11 @@
 //!
 //! Metrics (DESIGN §11): `herald_transport_frames_total{direction="in"|"out"}` and
 //! `herald_transport_bytes_total{direction}`, counting envelope frames after the handshake
-//! (keepalives included) and their bytes on the wire (length headers included). Register their
-//! descriptions with [`describe`].
+//! (keepalives included) and their bytes on the wire (length headers included), and
+//! `herald_transport_wrong_channel_total{channel}`, the messages the bus dropped because they
+//! arrived on a channel that may not carry them. Register their descriptions with [`describe`].
 
+mod bus;
 mod conn;
 pub mod frame;
 pub mod handshake;
@@ -48,11 +59,12 @@ pub mod wire;
 
 use std::time::Duration;
 
+pub use bus::{channel_name, wrong_channel, Bus};
 pub use conn::{ConnectionEnd, ConnectionError};
 pub use frame::{FrameError, DEFAULT_MAX_FRAME_LEN};
-pub use handshake::{handshake, ClusterSecret, Established, HandshakeError, Identity, PeerInfo, Side};
+pub use handshake::{handshake, handshake_on, ClusterSecret, Established, HandshakeError, Identity, PeerInfo, Side};
 pub use peers::{Connector, InboundConnection, PeerLink, SendError, TcpConnector, Transport};
-pub use wire::{envelope::Body, Envelope};
+pub use wire::{envelope::Body, Channel, Envelope};
 
 use crate::Error;
 
@@ -60,6 +72,8 @@ use crate::Error;
 pub const FRAMES_TOTAL: &str = "herald_transport_frames_total";
 /// Bytes of envelope frames sent and received (length headers included), by `direction`.
 pub const BYTES_TOTAL: &str = "herald_transport_bytes_total";
+/// Messages dropped because their channel may not carry them, by `channel` (`control`, `events`).
+pub const WRONG_CHANNEL_TOTAL: &str = "herald_transport_wrong_channel_total";
 
 /// Registers the descriptions of the transport's metrics (shown as `# HELP`).
 pub fn describe() {
@@ -72,6 +86,10 @@ pub fn describe() {
         metrics::Unit::Bytes,
         "Peer transport bytes on the wire after the handshake, length headers included, by direction (in, out)."
     );
+    metrics::describe_counter!(
+        WRONG_CHANNEL_TOTAL,
+        "Peer messages dropped because they arrived on a channel that may not carry them (app payloads on control, anything else on events), by channel."
+    );
 }
 
 /// Settings of a [`Transport`]. [`TransportConfig::new`] gives the defaults; the `transport.*`
@@ -80,6 +98,9 @@ pub fn describe() {
 pub struct TransportConfig {
     /// Who this node is: cluster id, node id, advertised peer address, cluster secret.
     pub identity: Identity,
+    /// The channel this transport dials for, named in its handshakes (default control). The
+    /// [`Bus`] sets it; a transport accepts connections of any channel.
+    pub channel: Channel,
     /// Largest envelope payload sent or accepted (default 16 MiB). A peer sending more is
     /// disconnected; `send` refuses more. Must be the same on every node.
     pub max_frame_len: usize,
@@ -120,6 +141,7 @@ impl TransportConfig {
                 advertise_addr: advertise_addr.into(),
                 secret: None,
             },
+            channel: Channel::Control,
             max_frame_len: DEFAULT_MAX_FRAME_LEN,
             handshake_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(3),
@@ -143,6 +165,9 @@ impl TransportConfig {
     pub fn validate(&self) -> crate::Result<()> {
         if self.identity.node_id == 0 {
             return Err(Error::config("node_id", "must be at least 1"));
+        }
+        if self.channel == Channel::Unspecified {
+            return Err(Error::config("transport.channel", "must be control or events"));
         }
         if self.identity.cluster_id.is_empty() {
             return Err(Error::config("cluster_id", "must not be empty"));

@@ -5,8 +5,14 @@
 //! nodes dialed to it (accepted by [`Transport::serve`] or [`Transport::accept`]). Two nodes that
 //! know each other therefore hold two connections, one per direction. This avoids any tie-breaking
 //! when both dial at once, keeps each writer single-producer, and lets a node receive from nodes it
-//! does not know yet (a joining node). Inbound connections are unique per node id: a second one
-//! from the same id is refused as a duplicate in the handshake.
+//! does not know yet (a joining node). Inbound connections are unique per node id and channel: a
+//! second one from the same id for the same channel is refused as a duplicate in the handshake.
+//!
+//! A transport dials for one [`Channel`] (`TransportConfig::channel`). Alone, it accepts and
+//! drives connections of any channel; in a node, the peer bus (`super::bus`) runs two of them,
+//! control and events, and its accept loop hands each connection to the transport of its
+//! channel, on that transport's runtime ([`Transport::adopt`]). A transport spawns every task on
+//! the runtime it was created in, whichever thread calls it.
 //!
 //! Sending never blocks on the network: [`Transport::send`] queues the envelope in the peer's
 //! bounded queue (`send_queue` envelopes) whether or not the peer is connected, and fails with
@@ -37,8 +43,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::conn::{self, ConnOptions, ConnectionEnd, ConnectionError};
-use super::handshake::{handshake, Established, HandshakeError, PeerInfo, Side};
-use super::wire::Envelope;
+use super::handshake::{handshake_on, Established, HandshakeError, PeerInfo, Side};
+use super::wire::{Channel, Envelope};
 use super::TransportConfig;
 
 /// A connection that lives at least this long resets the reconnect backoff; one that breaks
@@ -46,7 +52,7 @@ use super::TransportConfig;
 const STABLE_CONNECTION: Duration = Duration::from_secs(1);
 
 /// Pause after a failed `accept()` (e.g. out of file descriptors) before accepting again.
-const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+pub(super) const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
 /// Opens streams to peers. The transport is generic over it so tests (and a network simulator)
 /// can run the whole transport over in-memory streams; [`TcpConnector`] is the real one.
@@ -126,7 +132,8 @@ pub struct InboundConnection {
 /// The peer transport of one node. Cheap to clone; the last clone dropped (or
 /// [`shutdown`](Transport::shutdown)) stops every task and closes every connection.
 ///
-/// Must be used inside a tokio runtime (it spawns tasks with `tokio::spawn`).
+/// Must be created inside a tokio runtime: every task it starts runs there, whichever thread
+/// calls it later.
 pub struct Transport<C: Connector = TcpConnector> {
     /// Shared by all clones.
     inner: Arc<Inner<C>>,
@@ -161,18 +168,20 @@ impl<C> Drop for Inner<C> {
 struct Shared {
     /// The configuration (identity, limits, timeouts).
     config: TransportConfig,
+    /// The runtime the transport was created in; every task is spawned there.
+    runtime: tokio::runtime::Handle,
     /// The driver's slice of the configuration.
     conn: ConnOptions,
     /// Where received envelopes go.
     inbound_tx: mpsc::Sender<(u64, Envelope)>,
-    /// Established inbound connections by node id (the duplicate check reads it).
-    inbound: Mutex<HashMap<u64, InboundEntry>>,
+    /// Established inbound connections by node id and channel (the duplicate check reads it).
+    inbound: Mutex<HashMap<(u64, Channel), InboundEntry>>,
     /// Distinguishes successive inbound connections of one node id.
     next_conn: AtomicU64,
     /// Cancelled on shutdown; every task runs under it (or a child of it).
     shutdown: CancellationToken,
-    /// Peers cut off by fault injection ([`Transport::cut_off`]).
-    cut: RwLock<std::collections::HashSet<u64>>,
+    /// Peers cut off by fault injection ([`Transport::cut_off`]); shared by the transports of a bus.
+    cut: Arc<RwLock<std::collections::HashSet<u64>>>,
     /// The wake-ups of the outbound peers' dialers by node id (kept with `Inner::peers`), poked by
     /// the accept path.
     wakes: Mutex<HashMap<u64, Arc<Wake>>>,
@@ -253,13 +262,38 @@ impl Transport<TcpConnector> {
 }
 
 impl<C: Connector> Transport<C> {
+    /// A TCP transport that shares `other`'s fault injection ([`cut_off`](Self::cut_off)): the
+    /// bus's events transport, cut off whenever its control transport is.
+    pub(crate) fn new_sharing_faults(
+        config: TransportConfig,
+        inbound: mpsc::Sender<(u64, Envelope)>,
+        other: &Transport<C>,
+    ) -> crate::Result<Transport<TcpConnector>> {
+        Transport::<TcpConnector>::build(config, TcpConnector, inbound, other.inner.shared.cut.clone())
+    }
+
     /// A transport dialing peers with `connector` (e.g. in-memory streams in tests).
     pub fn with_connector(
         config: TransportConfig,
         connector: C,
         inbound: mpsc::Sender<(u64, Envelope)>,
     ) -> crate::Result<Self> {
+        Transport::build(config, connector, inbound, Arc::default())
+    }
+
+    fn build(
+        config: TransportConfig,
+        connector: C,
+        inbound: mpsc::Sender<(u64, Envelope)>,
+        cut: Arc<RwLock<std::collections::HashSet<u64>>>,
+    ) -> crate::Result<Self> {
         config.validate()?;
+        let runtime = tokio::runtime::Handle::try_current().map_err(|e| {
+            crate::Error::io(
+                "the peer transport must be created inside a tokio runtime",
+                io::Error::other(e),
+            )
+        })?;
         let conn = ConnOptions {
             max_frame_len: config.max_frame_len,
             write_batch_bytes: config.write_batch_bytes,
@@ -268,12 +302,13 @@ impl<C: Connector> Transport<C> {
         };
         let shared = Arc::new(Shared {
             config,
+            runtime,
             conn,
             inbound_tx: inbound,
             inbound: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
             shutdown: CancellationToken::new(),
-            cut: RwLock::new(std::collections::HashSet::new()),
+            cut,
             wakes: Mutex::new(HashMap::new()),
         });
         Ok(Transport {
@@ -283,6 +318,38 @@ impl<C: Connector> Transport<C> {
                 peers: RwLock::new(HashMap::new()),
             }),
         })
+    }
+
+    /// The runtime this transport's tasks run on.
+    pub(crate) fn runtime(&self) -> &tokio::runtime::Handle {
+        &self.inner.shared.runtime
+    }
+
+    /// Cancelled when this transport shuts down.
+    pub(crate) fn shutdown_token(&self) -> CancellationToken {
+        self.inner.shared.shutdown.clone()
+    }
+
+    /// Whether node `id` has an established inbound connection on `channel`.
+    pub(crate) fn has_inbound(&self, id: u64, channel: Channel) -> bool {
+        lock(&self.inner.shared.inbound).contains_key(&(id, channel))
+    }
+
+    /// Registers an inbound connection that completed its handshake elsewhere (the bus's accept
+    /// loop) and drives it on this transport's runtime. `open` gives the stream, called on that
+    /// runtime (a TCP socket must be registered with the reactor of the runtime that polls it).
+    pub(crate) fn adopt<S, F>(
+        &self,
+        peer: PeerInfo,
+        channel: Channel,
+        read_buf: bytes::BytesMut,
+        open: F,
+    ) -> Result<InboundConnection, HandshakeError>
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+        F: FnOnce() -> io::Result<S> + Send + 'static,
+    {
+        self.inner.shared.adopt(peer, channel, read_buf, open)
     }
 
     /// This node's id.
@@ -329,7 +396,9 @@ impl<C: Connector> Transport<C> {
             wake,
             outbound,
         };
-        tokio::spawn(cancel.clone().run_until_cancelled_owned(dialer.run()));
+        shared
+            .runtime
+            .spawn(cancel.clone().run_until_cancelled_owned(dialer.run()));
         peers.insert(
             id,
             Outbound {
@@ -351,11 +420,15 @@ impl<C: Connector> Transport<C> {
             lock(&self.inner.shared.wakes).remove(&id);
             peers.remove(&id)
         };
-        let inbound = lock(&self.inner.shared.inbound).remove(&id);
-        if let Some(entry) = &inbound {
-            entry.cancel.cancel();
-        }
-        outbound.is_some() || inbound.is_some()
+        let mut closed = false;
+        lock(&self.inner.shared.inbound).retain(|&(peer, _), entry| {
+            if peer == id {
+                entry.cancel.cancel();
+                closed = true;
+            }
+            peer != id
+        });
+        outbound.is_some() || closed
     }
 
     /// Queues `envelope` for peer `id` without waiting: fails when the peer is unknown, its queue
@@ -446,6 +519,8 @@ impl<C: Connector> Transport<C> {
             .map(|e| e.peer.clone())
             .collect();
         peers.sort_by_key(|p| p.node_id);
+        // One entry per node, whichever of its channels are connected.
+        peers.dedup_by_key(|p| p.node_id);
         peers
     }
 
@@ -456,7 +531,7 @@ impl<C: Connector> Transport<C> {
     pub fn serve(&self, listener: TcpListener) -> JoinHandle<()> {
         let shared = self.inner.shared.clone();
         let cancel = shared.shutdown.clone();
-        tokio::spawn(async move {
+        shared.runtime.clone().spawn(async move {
             cancel.run_until_cancelled_owned(accept_loop(shared, listener)).await;
         })
     }
@@ -488,13 +563,14 @@ impl Shared {
     where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
-        let result = handshake(
+        let result = handshake_on(
             stream,
             &self.config.identity,
             remote,
             None,
+            None,
             self.config.handshake_timeout,
-            |id| lock(&self.inbound).contains_key(&id),
+            |id, channel| lock(&self.inbound).contains_key(&(id, channel)),
         )
         .await;
         let est = match result {
@@ -504,13 +580,33 @@ impl Shared {
                 return Err(error);
             }
         };
-        let peer = est.peer.clone();
+        let Established {
+            peer,
+            stream,
+            read_buf,
+            channel,
+        } = est;
+        self.adopt(peer, channel, read_buf, move || Ok(stream))
+    }
+
+    fn adopt<S, F>(
+        self: &Arc<Self>,
+        peer: PeerInfo,
+        channel: Channel,
+        read_buf: bytes::BytesMut,
+        open: F,
+    ) -> Result<InboundConnection, HandshakeError>
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+        F: FnOnce() -> io::Result<S> + Send + 'static,
+    {
         let id = peer.node_id;
+        let remote = peer.remote_addr;
         let conn_id = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let cancel = self.shutdown.child_token();
         {
             let mut inbound = lock(&self.inbound);
-            if inbound.contains_key(&id) {
+            if inbound.contains_key(&(id, channel)) {
                 // Two handshakes from one node id finished at the same time; the first one won.
                 let message =
                     format!("node {id} ({remote}) connected twice at the same time; keeping the first connection");
@@ -521,7 +617,7 @@ impl Shared {
                 });
             }
             inbound.insert(
-                id,
+                (id, channel),
                 InboundEntry {
                     conn_id,
                     cancel: cancel.clone(),
@@ -529,23 +625,30 @@ impl Shared {
                 },
             );
         }
-        tracing::info!(peer = id, %remote, advertise = %peer.advertise_addr, "peer connected");
+        tracing::info!(peer = id, %remote, advertise = %peer.advertise_addr, ?channel, "peer connected");
         // The peer is up: if our dialer towards it is backing off, it need not wait any longer.
         let wake = lock(&self.wakes).get(&id).cloned();
         if wake.is_some_and(|w| w.poke()) {
             tracing::debug!(peer = id, "woke the dialer of a peer that connected to this node");
         }
         let shared = self.clone();
-        let task = tokio::spawn(async move {
+        let task = self.runtime.spawn(async move {
             let _registered = Registered {
                 shared: shared.clone(),
                 peer: id,
+                channel,
                 conn_id,
+            };
+            let stream = match open() {
+                Ok(stream) => stream,
+                Err(e) => {
+                    tracing::warn!(peer = id, %remote, error = %e, "cannot use an accepted peer connection");
+                    return Err(ConnectionError::Read(e.into()));
+                }
             };
             // Nothing is sent on inbound connections but keepalives; holding the sender keeps
             // the writer alive.
             let (_keep, mut outbound) = mpsc::channel(1);
-            let Established { stream, read_buf, .. } = est;
             let run = conn::drive(stream, read_buf, id, &mut outbound, &shared.inbound_tx, &shared.conn);
             cancel
                 .run_until_cancelled(run)
@@ -562,6 +665,8 @@ struct Registered {
     shared: Arc<Shared>,
     /// The peer's node id.
     peer: u64,
+    /// The connection's channel.
+    channel: Channel,
     /// This connection's id, so a newer connection of the same peer is left alone.
     conn_id: u64,
 }
@@ -569,8 +674,9 @@ struct Registered {
 impl Drop for Registered {
     fn drop(&mut self) {
         let mut inbound = lock(&self.shared.inbound);
-        if inbound.get(&self.peer).is_some_and(|e| e.conn_id == self.conn_id) {
-            inbound.remove(&self.peer);
+        let key = (self.peer, self.channel);
+        if inbound.get(&key).is_some_and(|e| e.conn_id == self.conn_id) {
+            inbound.remove(&key);
         }
     }
 }
@@ -584,10 +690,13 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
                 }
                 let shared = shared.clone();
                 let cancel = shared.shutdown.clone();
-                tokio::spawn(cancel.run_until_cancelled_owned(async move {
-                    // Refusals are logged by `accept`.
-                    let _ = shared.accept(stream, remote).await;
-                }));
+                shared
+                    .runtime
+                    .clone()
+                    .spawn(cancel.run_until_cancelled_owned(async move {
+                        // Refusals are logged by `accept`.
+                        let _ = shared.accept(stream, remote).await;
+                    }));
             }
             Err(error) => {
                 tracing::warn!(%error, "accepting a peer connection failed");
@@ -705,13 +814,14 @@ impl<C: Connector> Dialer<C> {
             .await
             .map_err(|_| DialError::ConnectTimeout(cfg.connect_timeout))?
             .map_err(DialError::Connect)?;
-        handshake(
+        handshake_on(
             stream,
             &cfg.identity,
             remote,
             Some(self.peer),
+            Some(cfg.channel),
             cfg.handshake_timeout,
-            |_| false,
+            |_, _| false,
         )
         .await
         .map_err(DialError::Handshake)

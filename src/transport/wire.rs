@@ -30,20 +30,23 @@
 //!   oneof step { Hello hello = 1; Proof proof = 2; Refusal refusal = 3; Accepted accepted = 4; }
 //! }
 //! message Hello    { string cluster_id = 1; uint64 node_id = 2; bytes nonce = 3;
-//!                    string peer_addr = 4; uint32 protocol_version = 5; }
+//!                    string peer_addr = 4; uint32 protocol_version = 5;
+//!                    Channel channel = 6; }                // the dialer's; UNSPECIFIED from acceptors
 //! message Proof    { bytes mac = 1; }
 //! message Refusal  { RefusalCode code = 1; string message = 2; }
 //! message Accepted { }
 //! enum RefusalCode { UNSPECIFIED = 0; VERSION_MISMATCH = 1; CLUSTER_MISMATCH = 2;
 //!                    SELF_CONNECTION = 3; UNEXPECTED_NODE_ID = 4; INSECURE_NON_LOOPBACK = 5;
 //!                    BAD_PROOF = 6; DUPLICATE_NODE_ID = 7; PROTOCOL = 8; }
+//! enum Channel     { UNSPECIFIED = 0; CONTROL = 1; EVENTS = 2; }
 //! ```
 
 use bytes::Bytes;
 
 /// The version of the handshake and envelope protocol this build speaks. Bumped only for an
-/// incompatible change (adding fields or variants is compatible and does not bump it).
-pub const PROTOCOL_VERSION: u32 = 1;
+/// incompatible change (adding fields or variants is compatible and does not bump it). Version 2:
+/// the proofs cover the connection's [`Channel`].
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// One frame after the handshake. An envelope without a body is a keepalive: it proves the
 /// connection is alive and is consumed by the transport.
@@ -209,6 +212,10 @@ pub struct Hello {
     /// The sender's [`PROTOCOL_VERSION`].
     #[prost(uint32, tag = "5")]
     pub protocol_version: u32,
+    /// What the connection will carry ([`Channel`]): named by the dialer; an acceptor sends
+    /// `Unspecified` and takes the dialer's.
+    #[prost(enumeration = "Channel", tag = "6")]
+    pub channel: i32,
 }
 
 /// Proof of the cluster secret: `HMAC-SHA256(secret, other side's nonce || own node id (u64
@@ -234,6 +241,19 @@ pub struct Refusal {
 /// The admitting side's final "yes".
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Accepted {}
+
+/// What a connection carries (see the peer bus, `transport::bus`). Both proofs cover it, so it is
+/// as authenticated as the node id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum Channel {
+    /// Not named: what an accepting side sends in its Hello.
+    Unspecified = 0,
+    /// Raft messages, forwarded proposals and their answers, pings and pongs.
+    Control = 1,
+    /// The event plane's `App` payloads (event batches, acks, lane credits).
+    Events = 2,
+}
 
 /// Reasons for a [`Refusal`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
