@@ -29,7 +29,7 @@
 //!
 //! # Layout
 //!
-//! The modules form layers (LAYERS.md; `tests/layering.rs` checks it): a module uses only modules
+//! The modules form layers (ARCHITECTURE.md, "Layers"; `tests/layering.rs` checks it): a module uses only modules
 //! of its own layer or below, and no two modules use each other.
 //!
 //! * `types` — the shared vocabulary: `SubscriptionKey`, `NodeId`, `NodeStatus`, the FNV/SplitMix

@@ -4,7 +4,7 @@
 //! the constants the configuration's defaults and checks need. They live here, at the bottom of
 //! the crate, so that the modules that use them do not have to reach into each other for them:
 //! `placement` and `metrics` need `SubscriptionKey` without depending on `handler`, and `config`
-//! gets its defaults without depending on `placement` or `monitor` (see LAYERS.md).
+//! gets its defaults without depending on `placement` or `monitor` (see ARCHITECTURE.md, "Layers").
 //!
 //! This module owns plain values only. It must not depend on any other module of the crate, do
 //! I/O or hold state; anything with behaviour beyond formatting and parsing belongs to the module

@@ -1,4 +1,4 @@
-//! Control traffic under event load (issue 12, point 4): two in-process nodes, a saturating
+//! Control traffic under event load: two in-process nodes, a saturating
 //! cross-node `ack=none` load for 30 s, and the control plane must not notice. No election may
 //! start (the Raft term and the leader stay as they were on both nodes), and no peer's phi may
 //! cross the failure detector's threshold. The ping round-trip times with and without the load

@@ -14,7 +14,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::cluster::{converge, free_port, log_path, urls, Node};
+use common::cluster::{converge, log_path, urls, Node};
 use serde_json::Value;
 
 /// Rounds per cluster size: enough to meet a 1-in-25 race in a few CI runs, short enough for CI.
@@ -25,10 +25,24 @@ fn rounds(default: usize) -> usize {
         .unwrap_or(default)
 }
 
+/// `n` different ports that were free a moment ago: all are held while the next is chosen (one
+/// at a time, the kernel may hand out the port it just took back).
+fn distinct_free_ports(n: usize) -> Vec<u16> {
+    let held: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0"))
+        .collect();
+    held.iter()
+        .map(|l| l.local_addr().expect("local address").port())
+        .collect()
+}
+
 /// Starts `n` nodes at once, all with `--join` listing every node (node 1 first), and checks the
 /// cluster they form.
 async fn form(n: u64, round: usize) {
-    let peers: Vec<String> = (0..n).map(|_| format!("127.0.0.1:{}", free_port())).collect();
+    let peers: Vec<String> = distinct_free_ports(n as usize)
+        .into_iter()
+        .map(|port| format!("127.0.0.1:{port}"))
+        .collect();
     // Each start waits for its node's `/readyz`: started on threads, the nodes come up together.
     let nodes: Vec<Node> = std::thread::scope(|s| {
         let started: Vec<_> = (1..=n)

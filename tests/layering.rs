@@ -1,4 +1,4 @@
-//! The layering of `src/` (LAYERS.md): the top-level modules form layers, a module uses only
+//! The layering of `src/` (ARCHITECTURE.md, "Layers"): the top-level modules form layers, a module uses only
 //! modules of its own layer or below, and no two modules use each other, directly or through
 //! others.
 //!
@@ -8,13 +8,13 @@
 //! so the two agree. `src/lib.rs` (the module list and the prelude's re-exports) and `src/bin/`
 //! (the binaries) are not modules of the library's graph.
 //!
-//! A new top-level module must be given a layer in `LAYERS` (and in LAYERS.md) before this passes.
+//! A new top-level module must be given a layer in `LAYERS` (and in ARCHITECTURE.md, "Layers") before this passes.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::{Path, PathBuf};
 
 /// The layers, bottom first: a module may use the modules of its own layer and of the layers
-/// before it. Keep in step with LAYERS.md.
+/// before it. Keep in step with ARCHITECTURE.md, "Layers".
 const LAYERS: &[(&str, &[&str])] = &[
     ("vocabulary", &["types", "error", "event", "subscription", "proto"]),
     ("foundations", &["config", "metrics", "transport"]),
@@ -144,7 +144,7 @@ fn problems(files: &[(PathBuf, String)], layers: &[(&str, &[&str])], exempt: &[&
     for m in &modules {
         if !layer_of.contains_key(m.as_str()) && !exempt.contains(&m.as_str()) {
             problems.push(format!(
-                "module `{m}` has no layer: add it to LAYERS in tests/layering.rs and to LAYERS.md"
+                "module `{m}` has no layer: add it to LAYERS in tests/layering.rs and to the Layers of ARCHITECTURE.md"
             ));
         }
     }
@@ -251,7 +251,7 @@ fn top_level_modules_keep_their_layers_and_have_no_cycles() {
     let problems = problems(&files, LAYERS, &exempt);
     assert!(
         problems.is_empty(),
-        "the module layering of src/ is broken (see LAYERS.md):\n{}",
+        "the module layering of src/ is broken (see the Layers of ARCHITECTURE.md):\n{}",
         problems.join("\n")
     );
 }
