@@ -44,14 +44,18 @@ pub(crate) trait Completion: Send + Sync {
 
 /// Stores events that exhausted their attempts.
 pub(crate) trait DeadLetterSink: Send + Sync {
+    /// Stores the dead letter; an error keeps the event where it is (in the WAL) and is logged.
     fn store(
         &self,
         sub: &SubscriptionKey,
         event: &Event,
         attempts: u32,
         error: &str,
-    ) -> BoxFuture<'static, Result<(), String>>;
+    ) -> BoxFuture<'static, Result<(), DeadLetterError>>;
 }
+
+/// Why a dead letter could not be stored (the sink's own error: the handler layer knows no store).
+pub(crate) type DeadLetterError = Box<dyn std::error::Error + Send + Sync>;
 
 /// An event waiting in an instance's mailbox.
 pub(crate) struct Job {

@@ -82,7 +82,7 @@ pub(super) async fn list(
         .core
         .ingress()
         .dead_letters(q.after.as_deref(), limit, q.topic.as_deref(), q.group.as_deref())
-        .map_err(|m| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", m))?;
+        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", e.to_string()))?;
     let mut all: Vec<Value> = local
         .into_iter()
         .map(|d| serde_json::to_value(d).unwrap_or(Value::Null))

@@ -19,6 +19,8 @@
 
 pub(crate) mod store;
 
+pub use store::StoreError;
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -31,7 +33,7 @@ use tokio::sync::{oneshot, Notify};
 use utoipa::ToSchema;
 
 use crate::event::{Event, EventError};
-use crate::handler::supervisor::{Completion, DeadLetterSink, Job, Outcome};
+use crate::handler::supervisor::{Completion, DeadLetterError, DeadLetterSink, Job, Outcome};
 use crate::proto::{DeadLetterRecord, EventRecord};
 use crate::relay::{Outgoing, Relay};
 use crate::router::{NoRoom, Route, Router, RoutingTable, Target, TopicRoutes};
@@ -70,7 +72,7 @@ pub enum PublishError {
     Overloaded(String),
     /// The WAL could not be written (503); the event was not accepted.
     #[error("the write-ahead log is unavailable: {0}")]
-    Unavailable(String),
+    Unavailable(#[from] StoreError),
     /// `ack=processed` did not finish in time (504). The events were accepted and will still be
     /// delivered.
     #[error("not every subscription finished within {0:?}; the events are accepted and still being delivered")]
@@ -161,8 +163,8 @@ pub enum ReplayError {
     #[error("subscription {0} no longer exists; create it again to replay")]
     SubscriptionGone(String),
     /// The store failed.
-    #[error("{0}")]
-    Store(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 /// The outcomes gathered so far and the publisher waiting for all of them (`ack=processed`).
@@ -297,7 +299,7 @@ impl DeadLetterSink for StoreDeadLetters {
         event: &Event,
         attempts: u32,
         error: &str,
-    ) -> BoxFuture<'static, Result<(), String>> {
+    ) -> BoxFuture<'static, Result<(), DeadLetterError>> {
         let record = DeadLetterRecord {
             event: Some(EventRecord::from(event)),
             group: sub.group.clone(),
@@ -310,7 +312,7 @@ impl DeadLetterSink for StoreDeadLetters {
             store
                 .put_dead_letter(crate::event::new_id(), record)
                 .await
-                .map_err(|e| e.to_string())
+                .map_err(DeadLetterError::from)
         })
     }
 }
@@ -471,14 +473,12 @@ impl Ingress {
     pub async fn publish(&self, event: Event, ack: AckMode, timeout: Duration) -> Result<Published, PublishError> {
         let mut answers = self.publish_batch(vec![event], ack, timeout).await?;
         // One event in, one answer out: `publish_batch` answers every accepted event.
-        answers
-            .pop()
-            .ok_or_else(|| PublishError::Unavailable("no answer for the event".into()))
+        Ok(answers.pop().expect("publish_batch answers every event it accepts"))
     }
 
     /// Publishes events (all or none are accepted), answering each in order. `timeout` bounds
-    /// `ack=processed`. The stages, in the order the module docs give: [`Ingress::admit`],
-    /// [`Ingress::reserve`], [`Ingress::log`], [`Ingress::send`], then waiting for the handlers.
+    /// `ack=processed`. The stages, in the order the module docs give: `admit`, `reserve`, `log`,
+    /// `send`, then waiting for the handlers.
     pub async fn publish_batch(
         &self,
         events: Vec<Event>,
@@ -573,11 +573,7 @@ impl Ingress {
         if records.is_empty() {
             return Ok(Vec::new().into_iter());
         }
-        let seqs = self
-            .store
-            .append(records)
-            .await
-            .map_err(|e| PublishError::Unavailable(e.0))?;
+        let seqs = self.store.append(records).await?;
         Ok(seqs.into_iter())
     }
 
@@ -666,7 +662,7 @@ impl Ingress {
     /// Delivers every event left in the WAL (start-up), then marks the node ready. `exists` says
     /// whether a subscription exists in the cluster: an event owed only to deleted subscriptions is
     /// dropped. The relay routes the rest (locally or to the nodes that run them).
-    pub(crate) async fn replay_wal(&self, exists: impl Fn(&str, &str) -> bool) -> Result<usize, store::StoreError> {
+    pub(crate) async fn replay_wal(&self, exists: impl Fn(&str, &str) -> bool) -> Result<usize, StoreError> {
         let records = self.store.wal_records()?;
         let total = records.len();
         if total > 0 {
@@ -709,12 +705,12 @@ impl Ingress {
         limit: usize,
         topic: Option<&str>,
         group: Option<&str>,
-    ) -> Result<Vec<DeadLetter>, String> {
+    ) -> Result<Vec<DeadLetter>, StoreError> {
         let mut out = Vec::new();
         let mut cursor = after.map(str::to_string);
         // Filtering happens after reading, so read pages until `limit` matches or the end.
         loop {
-            let page = self.store.dead_letters(cursor.as_deref(), 512).map_err(|e| e.0)?;
+            let page = self.store.dead_letters(cursor.as_deref(), 512)?;
             let done = page.len() < 512;
             for (id, r) in page {
                 cursor = Some(id.clone());
@@ -756,8 +752,7 @@ impl Ingress {
     pub async fn replay_dead_letter(&self, id: &str) -> Result<String, ReplayError> {
         let record = self
             .store
-            .dead_letter(id)
-            .map_err(|e| ReplayError::Store(e.0))?
+            .dead_letter(id)?
             .ok_or_else(|| ReplayError::NotFound(id.to_string()))?;
         let topic = record.event.as_ref().map(|e| e.topic.clone()).unwrap_or_default();
         let key = SubscriptionKey {
@@ -770,8 +765,7 @@ impl Ingress {
         let (seq, record) = self
             .store
             .replay_dead_letter(id.to_string())
-            .await
-            .map_err(|e| ReplayError::Store(e.0))?
+            .await?
             .ok_or_else(|| ReplayError::NotFound(id.to_string()))?;
         let event = Arc::new(Event::from(record.event.unwrap_or_default()));
         let permit = self.bytes.take(charge(&event)).await;

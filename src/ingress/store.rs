@@ -19,13 +19,33 @@ use crate::proto::{DeadLetterRecord, WalRecord};
 const WAL: TableDefinition<u64, &[u8]> = TableDefinition::new("wal");
 const DEAD_LETTERS: TableDefinition<&str, &[u8]> = TableDefinition::new("dead_letters");
 
-/// A store failure as reported to callers (the writer thread keeps running).
+/// A store failure as reported to callers (the writer thread keeps running). Cloned to every
+/// caller whose operation was in the failed group commit.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("store: {0}")]
-pub(crate) struct StoreError(pub(crate) String);
+#[non_exhaustive]
+pub enum StoreError {
+    /// The database refused the operation: an I/O error (a full or failing disk), or a damaged
+    /// or locked file.
+    #[error("store: {0}")]
+    Database(Arc<redb::Error>),
+    /// A record did not decode: the file is damaged, or was written by something else.
+    #[error("store: corrupt {what} {key}: {source}")]
+    Corrupt {
+        /// `WAL record` or `dead letter`.
+        what: &'static str,
+        /// The record's key.
+        key: String,
+        /// Why it did not decode.
+        #[source]
+        source: prost::DecodeError,
+    },
+    /// The writer thread has stopped (the node is shutting down).
+    #[error("store: the WAL writer has stopped")]
+    Stopped,
+}
 
-fn store_err(e: impl std::fmt::Display) -> StoreError {
-    StoreError(e.to_string())
+fn store_err(e: impl Into<redb::Error>) -> StoreError {
+    StoreError::Database(Arc::new(e.into()))
 }
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
@@ -117,10 +137,8 @@ impl Store {
 
     async fn call<T>(&self, op: impl FnOnce(Reply<T>) -> Op) -> Result<T, StoreError> {
         let (tx, rx) = oneshot::channel();
-        self.ops
-            .send(op(tx))
-            .map_err(|_| StoreError("the WAL writer has stopped".into()))?;
-        rx.await.map_err(|_| StoreError("the WAL writer has stopped".into()))?
+        self.ops.send(op(tx)).map_err(|_| StoreError::Stopped)?;
+        rx.await.map_err(|_| StoreError::Stopped)?
     }
 
     /// Durably appends records, each an encoded [`WalRecord`] (one group commit with whatever else
@@ -149,8 +167,11 @@ impl Store {
         let mut out = Vec::new();
         for row in table.iter().map_err(store_err)? {
             let (k, v) = row.map_err(store_err)?;
-            let record = WalRecord::decode(v.value())
-                .map_err(|e| StoreError(format!("corrupt WAL record {}: {e}", k.value())))?;
+            let record = WalRecord::decode(v.value()).map_err(|source| StoreError::Corrupt {
+                what: "WAL record",
+                key: k.value().to_string(),
+                source,
+            })?;
             out.push((k.value(), record));
         }
         Ok(out)
@@ -175,8 +196,11 @@ impl Store {
                 break;
             }
             let (k, v) = row.map_err(store_err)?;
-            let record = DeadLetterRecord::decode(v.value())
-                .map_err(|e| StoreError(format!("corrupt dead letter {}: {e}", k.value())))?;
+            let record = DeadLetterRecord::decode(v.value()).map_err(|source| StoreError::Corrupt {
+                what: "dead letter",
+                key: k.value().to_string(),
+                source,
+            })?;
             out.push((k.value().to_string(), record));
         }
         Ok(out)
@@ -189,7 +213,11 @@ impl Store {
         match table.get(id).map_err(store_err)? {
             Some(v) => DeadLetterRecord::decode(v.value())
                 .map(Some)
-                .map_err(|e| StoreError(format!("corrupt dead letter {id}: {e}"))),
+                .map_err(|source| StoreError::Corrupt {
+                    what: "dead letter",
+                    key: id.to_string(),
+                    source,
+                }),
             None => Ok(None),
         }
     }
@@ -304,7 +332,13 @@ impl Writer {
                                 delta += 1;
                                 Some((seq, record))
                             }
-                            Some(Err(e)) => return Err(StoreError(format!("corrupt dead letter {id}: {e}"))),
+                            Some(Err(source)) => {
+                                return Err(StoreError::Corrupt {
+                                    what: "dead letter",
+                                    key: id.clone(),
+                                    source,
+                                })
+                            }
                             None => None,
                         };
                         pending.push(answer(reply, found_record));
