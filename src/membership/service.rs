@@ -327,7 +327,7 @@ async fn run(config: MembershipConfig, advertise: String) -> Result<Handles> {
     let secret = config.secret.clone().and_then(ClusterSecret::new);
     let tc = TransportConfig::new(config.cluster_id.clone(), id, advertise.clone()).with_secret(secret);
     tc.validate()?;
-    let (inbound_tx, mut inbound_rx) = mpsc::channel::<(u64, Envelope)>(4096);
+    let (inbound_tx, inbound_rx) = mpsc::channel::<(u64, Envelope)>(4096);
     let bus = Bus::start(tc.clone(), inbound_tx, config.app.clone())?;
     let transport = bus.control().clone();
     let listener = tokio::net::TcpListener::from_std(config.peer_listener)
@@ -362,78 +362,22 @@ async fn run(config: MembershipConfig, advertise: String) -> Result<Handles> {
     dc.election_ticks = config.raft.election_ticks;
     dc.heartbeat_ticks = config.raft.heartbeat_ticks;
     let (driver_tx, driver_rx) = mpsc::unbounded_channel();
-    let (out_tx, mut out_rx) = mpsc::unbounded_channel();
+    let (out_tx, out_rx) = mpsc::unbounded_channel();
     let (status_rx, _driver) =
         raft_node::spawn(dc, storage, applier, bootstrap, driver_rx, out_tx).map_err(|e| Error::Store {
             path: path.clone(),
             message: e.to_string(),
         })?;
 
-    // Outbound: driver → control channel.
-    let t = transport.clone();
-    let b = bus.clone();
-    let to_driver = driver_tx.clone();
-    tokio::spawn(async move {
-        while let Some(m) = out_rx.recv().await {
-            let (to, env) = match m {
-                Outbound::Raft { to, bytes } => (to, Envelope::raft(bytes)),
-                Outbound::Forward { to, origin, seq, data } => (
-                    to,
-                    Envelope::new(Body::Propose(transport::wire::Proposal {
-                        id: seq,
-                        command: data.into(),
-                        origin,
-                    })),
-                ),
-            };
-            if t.link(to).is_none() {
-                // A joining node knows no members until the leader's snapshot is applied, but it
-                // must answer the leader to get that snapshot: dial back a node that dialed us, at
-                // the address it advertised in the handshake. (The member table, once applied,
-                // sets the address again.)
-                if let Some(p) = t.inbound_peers().into_iter().find(|p| p.node_id == to) {
-                    b.add_peer(to, p.advertise_addr);
-                }
-            }
-            if let Err(e) = t.send(to, env) {
-                tracing::debug!(peer = to, error = %e, "cannot send to peer");
-                let _ = to_driver.send(Inbound::Unreachable(to));
-            }
-        }
-    });
-    // Inbound: control channel → driver and monitor. Event-plane payloads come in on the events
-    // channel, straight to `config.app`; the bus refuses one arriving on the control channel.
-    let to_driver = driver_tx.clone();
+    tokio::spawn(send_to_peers(out_rx, bus.clone(), driver_tx.clone()));
     let (pong_tx, pong_rx) = mpsc::unbounded_channel();
-    let t = transport.clone();
-    let progress = config.progress.clone();
-    tokio::spawn(async move {
-        while let Some((from, env)) = inbound_rx.recv().await {
-            if t.is_cut_off(from) {
-                continue;
-            }
-            let m = match env.body {
-                Some(Body::Raft(bytes)) => Inbound::Raft(bytes.to_vec()),
-                Some(Body::Propose(p)) => Inbound::Forwarded {
-                    origin: if p.origin == 0 { from } else { p.origin },
-                    seq: p.id,
-                    data: p.command.to_vec(),
-                },
-                Some(Body::Ping(p)) => {
-                    let _ = t.send(from, crate::monitor::pong(p.seq, p.sent_unix_nanos, &progress));
-                    continue;
-                }
-                Some(Body::Pong(p)) => {
-                    let _ = pong_tx.send((from, p));
-                    continue;
-                }
-                _ => continue,
-            };
-            if to_driver.send(m).is_err() {
-                break;
-            }
-        }
-    });
+    tokio::spawn(dispatch_control(
+        inbound_rx,
+        transport.clone(),
+        driver_tx.clone(),
+        pong_tx,
+        config.progress.clone(),
+    ));
     tokio::spawn(crate::monitor::run(
         id,
         config.monitor,
@@ -462,6 +406,77 @@ async fn run(config: MembershipConfig, advertise: String) -> Result<Handles> {
     let (joined_tx, joined_rx) = watch::channel(false);
     tokio::spawn(ctx.clone().join_cluster(join, seeds, tc, joined_tx));
     Ok((id, driver_tx, state_rx, status_rx, bus, joined_rx))
+}
+
+/// The driver's outbound messages onto the control channel: Raft messages and forwarded
+/// proposals. A peer that cannot be sent to is reported to the driver (raft-rs then probes it
+/// less often).
+async fn send_to_peers(mut out: mpsc::UnboundedReceiver<Outbound>, bus: Bus, driver: mpsc::UnboundedSender<Inbound>) {
+    let control = bus.control().clone();
+    while let Some(m) = out.recv().await {
+        let (to, env) = match m {
+            Outbound::Raft { to, bytes } => (to, Envelope::raft(bytes)),
+            Outbound::Forward { to, origin, seq, data } => (
+                to,
+                Envelope::new(Body::Propose(transport::wire::Proposal {
+                    id: seq,
+                    command: data.into(),
+                    origin,
+                })),
+            ),
+        };
+        if control.link(to).is_none() {
+            // A joining node knows no members until the leader's snapshot is applied, but it
+            // must answer the leader to get that snapshot: dial back a node that dialed us, at
+            // the address it advertised in the handshake. (The member table, once applied,
+            // sets the address again.)
+            if let Some(p) = control.inbound_peers().into_iter().find(|p| p.node_id == to) {
+                bus.add_peer(to, p.advertise_addr);
+            }
+        }
+        if let Err(e) = control.send(to, env) {
+            tracing::debug!(peer = to, error = %e, "cannot send to peer");
+            let _ = driver.send(Inbound::Unreachable(to));
+        }
+    }
+}
+
+/// The control channel's inbound messages to their rooms: Raft messages and forwarded proposals
+/// to the driver, pings answered at once (with this node's handler progress), pongs to the
+/// monitor. Event-plane payloads come in on the events channel, straight to the relay; the bus
+/// refuses one arriving here.
+async fn dispatch_control(
+    mut inbound: mpsc::Receiver<(u64, Envelope)>,
+    control: Transport,
+    driver: mpsc::UnboundedSender<Inbound>,
+    pongs: mpsc::UnboundedSender<(u64, transport::wire::Pong)>,
+    progress: Arc<Progress>,
+) {
+    while let Some((from, env)) = inbound.recv().await {
+        if control.is_cut_off(from) {
+            continue;
+        }
+        let m = match env.body {
+            Some(Body::Raft(bytes)) => Inbound::Raft(bytes.to_vec()),
+            Some(Body::Propose(p)) => Inbound::Forwarded {
+                origin: if p.origin == 0 { from } else { p.origin },
+                seq: p.id,
+                data: p.command.to_vec(),
+            },
+            Some(Body::Ping(p)) => {
+                let _ = control.send(from, crate::monitor::pong(p.seq, p.sent_unix_nanos, &progress));
+                continue;
+            }
+            Some(Body::Pong(p)) => {
+                let _ = pongs.send((from, p));
+                continue;
+            }
+            _ => continue,
+        };
+        if driver.send(m).is_err() {
+            break;
+        }
+    }
 }
 
 /// Splits `--join` into whether this node (advertising `advertise`) is its first entry, and the
