@@ -186,6 +186,8 @@ pub struct Node {
     spec: NodeSpec,
     /// The HTTP address it listens on; `None` while a node started on port 0 has not said.
     http: Option<String>,
+    /// `http://` and [`Node::http`].
+    url: String,
     data: PathBuf,
     log: PathBuf,
     /// Where this start's output begins in the log (the log is appended to on restart).
@@ -206,9 +208,19 @@ impl Node {
         self.http.as_deref().unwrap_or("")
     }
 
-    /// `http://IP:port` of its HTTP API.
-    pub fn url(&self) -> String {
-        format!("http://{}", self.http())
+    /// `http://IP:port` of its HTTP API (empty until a node started on port 0 announced it).
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Learns the HTTP address of a node started on port 0 from its output.
+    fn learn_address(&mut self) {
+        if self.http.is_none() {
+            self.http = self.announced();
+            if let Some(http) = &self.http {
+                self.url = format!("http://{http}");
+            }
+        }
     }
 
     /// `IP:port` of its peer listener.
@@ -443,6 +455,11 @@ impl Harness {
         let known = !spec.http.ends_with(":0");
         let mut node = Node {
             http: known.then(|| spec.http.clone()),
+            url: if known {
+                format!("http://{}", spec.http)
+            } else {
+                String::new()
+            },
             spec,
             data: self.dir.join(format!("node-{id}")),
             log,
@@ -483,9 +500,7 @@ impl Harness {
                 if let Some(status) = n.exited() {
                     return Err(n.exit_error(status));
                 }
-                if n.http.is_none() {
-                    n.http = n.announced();
-                }
+                n.learn_address();
                 let Some(http) = &n.http else { continue };
                 n.ready = client
                     .get(format!("http://{http}/readyz"))
@@ -615,7 +630,7 @@ impl Harness {
         let client = awc::Client::builder().timeout(PROBE_TIMEOUT).finish();
         let mut why = String::new();
         for n in self.nodes.iter().filter(|n| n.running() && n.http.is_some()) {
-            let url = format!("{}/v1/cluster", n.url());
+            let url = format!("{}/v1/cluster", n.url);
             let answer = match client.get(&url).send().await {
                 Ok(mut r) => r
                     .json::<serde_json::Value>()

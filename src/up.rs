@@ -81,14 +81,14 @@ fn print_summary(nodes: &[Node]) {
         .map(|n| {
             vec![
                 n.id().to_string(),
-                n.url(),
+                n.url().to_string(),
                 n.peer().to_string(),
                 n.log().display().to_string(),
             ]
         })
         .collect();
     println!("{}\n", crate::text::table(&["NODE", "HTTP", "PEER", "LOG"], &rows));
-    let url = nodes.first().map(Node::url).unwrap_or_default();
+    let url = nodes.first().map(Node::url).unwrap_or_default().to_string();
     println!("Publish to any node:");
     println!(
         "  curl -XPOST {url}/v1/topics/user.login/events -H 'content-type: application/json' -d '{{\"user_id\":42}}'"

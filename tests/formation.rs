@@ -14,7 +14,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::cluster::{converge, free_port, log_path, urls, Node};
+use common::cluster::{converge, free_port, urls, Cluster};
 use serde_json::Value;
 
 /// Rounds per cluster size: enough to meet a 1-in-25 race in a few CI runs, short enough for CI.
@@ -29,22 +29,12 @@ fn rounds(default: usize) -> usize {
 /// cluster they form.
 async fn form(n: u64, round: usize) {
     let peers: Vec<String> = (0..n).map(|_| format!("127.0.0.1:{}", free_port())).collect();
-    // Each start waits for its node's `/readyz`: started on threads, the nodes come up together.
-    let nodes: Vec<Node> = std::thread::scope(|s| {
-        let started: Vec<_> = (1..=n)
-            .map(|id| {
-                let peers = &peers;
-                s.spawn(move || Node::start_with(id, peers, peers[id as usize - 1].clone(), false))
-            })
-            .collect();
-        started
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| panic!("round {round}: a node of {n} did not start"))
-            })
-            .collect()
-    });
+    // All started before any is waited for: the nodes come up together.
+    let mut nodes = Cluster::new();
+    for id in 1..=n {
+        nodes.start(id, &peers, peers[id as usize - 1].clone());
+    }
+    nodes.ready().await;
     let want_voters = n.min(3) as usize;
     let urls = urls(&nodes);
     let leader = converge(
@@ -88,13 +78,13 @@ async fn form(n: u64, round: usize) {
         "round {round}: the leader {leader} is not a voter: {view:#}"
     );
     for node in &nodes {
-        let log = std::fs::read_to_string(log_path(&node.args)).unwrap_or_default();
+        let log = std::fs::read_to_string(node.log()).unwrap_or_default();
         let bad: Vec<&str> = log
             .lines()
             .filter(|l| l.contains("ERROR") || l.contains("configuration change failed"))
             .take(5)
             .collect();
-        assert!(bad.is_empty(), "round {round}: node {} logged {bad:#?}", node.id);
+        assert!(bad.is_empty(), "round {round}: node {} logged {bad:#?}", node.id());
     }
 }
 
