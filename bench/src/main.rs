@@ -2,7 +2,7 @@
 //!
 //! A crate of its own (not a `herald` subcommand), so that the scenarios and what only they need
 //! (the NATS client, the plotting crate, the HTTP load generator) are in no handler binary. It uses
-//! herald's public API, plus `herald::up` (hidden) to start and stop node processes. Run it with
+//! herald's public API, plus `herald::harness` (hidden) to start and stop node processes. Run it with
 //! `cargo run --release -p herald-bench -- <scenario>`.
 //!
 //! `local`: events/s from publish to a no-op Rust handler in one node (in-process publish, no
