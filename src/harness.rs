@@ -127,7 +127,7 @@ impl Ports {
         let (http, peer) = match self {
             Ports::Free => (0, free_ports(1)?[0]),
             Ports::Base(base) => {
-                let off = u16::try_from(id - 1).ok();
+                let off = id.checked_sub(1).and_then(|o| u16::try_from(o).ok());
                 let http = off.and_then(|o| base.checked_add(o));
                 let peer = off.and_then(|o| base.checked_add(100)?.checked_add(o));
                 match (http, peer) {
@@ -140,15 +140,14 @@ impl Ports {
                     }
                 }
             }
-            Ports::Fixed(list) => {
-                *usize::try_from(id - 1)
-                    .ok()
-                    .and_then(|i| list.get(i))
-                    .ok_or(HarnessError::Node {
-                        id,
-                        problem: "has no ports in the fixed list",
-                    })?
-            }
+            Ports::Fixed(list) => *id
+                .checked_sub(1)
+                .and_then(|i| usize::try_from(i).ok())
+                .and_then(|i| list.get(i))
+                .ok_or(HarnessError::Node {
+                    id,
+                    problem: "has no ports in the fixed list",
+                })?,
         };
         Ok((format!("127.0.0.1:{http}"), format!("127.0.0.1:{peer}")))
     }
@@ -404,17 +403,11 @@ impl Harness {
 
     /// Node `id`.
     pub fn node(&self, id: u64) -> Result<&Node> {
-        self.nodes.iter().find(|n| n.id() == id).ok_or(HarnessError::Node {
-            id,
-            problem: "is not one of the started nodes",
-        })
+        self.nodes.iter().find(|n| n.id() == id).ok_or_else(|| unknown(id))
     }
 
     fn node_mut(&mut self, id: u64) -> Result<&mut Node> {
-        self.nodes.iter_mut().find(|n| n.id() == id).ok_or(HarnessError::Node {
-            id,
-            problem: "is not one of the started nodes",
-        })
+        self.nodes.iter_mut().find(|n| n.id() == id).ok_or_else(|| unknown(id))
     }
 
     /// Starts nodes 1..=n: node 1 founds the cluster, the others join it, in id order. Does not
@@ -475,17 +468,19 @@ impl Harness {
     /// Starts node `id` again, on the same data dir, ports and arguments, its output appended
     /// to its log; it must not be running. Does not wait for it ([`Harness::wait_ready`]).
     pub fn restart(&mut self, id: u64) -> Result<()> {
-        let i = self.nodes.iter().position(|n| n.id() == id).ok_or(HarnessError::Node {
-            id,
-            problem: "is not one of the started nodes",
-        })?;
-        if self.nodes[i].running() {
+        // Not `node_mut`: `launch` is borrowed next to the node.
+        let node = self
+            .nodes
+            .iter_mut()
+            .find(|n| n.id() == id)
+            .ok_or_else(|| unknown(id))?;
+        if node.running() {
             return Err(HarnessError::Node {
                 id,
                 problem: "is still running (kill or stop it first)",
             });
         }
-        self.launch.spawn(&mut self.nodes[i])
+        self.launch.spawn(node)
     }
 
     /// Waits until every running node answers `GET /readyz` with 200 (a member that knows its
@@ -737,6 +732,13 @@ impl Drop for Harness {
     }
 }
 
+fn unknown(id: u64) -> HarnessError {
+    HarnessError::Node {
+        id,
+        problem: "is not one of the started nodes",
+    }
+}
+
 /// `kill -<sig> <pid>`.
 fn send_signal(pid: u32, sig: &str) -> std::io::Result<()> {
     let status = Command::new("kill")
@@ -790,6 +792,7 @@ mod tests {
         assert_eq!(p.of(1).unwrap(), ("127.0.0.1:7070".into(), "127.0.0.1:7170".into()));
         assert_eq!(p.of(3).unwrap(), ("127.0.0.1:7072".into(), "127.0.0.1:7172".into()));
         assert!(Ports::Base(65_500).of(1).is_err(), "no peer port above 65535");
+        assert!(p.of(0).is_err(), "ids start at 1");
         let f = Ports::Fixed(vec![(1, 2)]);
         assert_eq!(f.of(1).unwrap(), ("127.0.0.1:1".into(), "127.0.0.1:2".into()));
         assert!(f.of(2).is_err());

@@ -54,11 +54,6 @@ impl Cluster {
         Cluster { h }
     }
 
-    /// The harness, for what this wrapper does not offer.
-    pub fn harness(&mut self) -> &mut Harness {
-        &mut self.h
-    }
-
     /// Starts node `id` on peer address `peer` with `--join` for every address in `join` (none:
     /// a new cluster), without waiting for it.
     pub fn start(&mut self, id: u64, join: &[String], peer: String) {
