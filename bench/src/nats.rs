@@ -176,7 +176,7 @@ mod imp {
     impl NatsCluster {
         fn start(program: &Path, jetstream: bool, keep: bool) -> Result<NatsCluster, String> {
             let ports = free_ports(6)?;
-            // Not `herald-bench-nats-<pid>`: that is the Herald cluster's directory of `bench nats`,
+            // Not `herald-bench-nats-<pid>-<n>`: that is the Herald cluster's directory of `bench nats`,
             // and each start empties its own directory.
             let dir = std::env::temp_dir().join(format!("herald-bench-nats-servers-{}", std::process::id()));
             let _ = std::fs::remove_dir_all(&dir);
