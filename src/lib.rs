@@ -70,6 +70,8 @@
 //!   (`service`).
 //! * [`placement`] — the pure placement function: rendezvous hashing with a bounded load.
 //! * `up` — `herald up` (its flags and its run), a local cluster of node processes.
+//! * `harness` — local clusters of node processes (start, wait until ready, kill, stop, restart,
+//!   leader, log tails) for `herald up`, `herald-bench` and the process tests; not API.
 //!
 //! * [`monitor`] — node monitoring: pings, the phi-accrual detector per peer, and the health that
 //!   routers read (up, suspect, degraded).
@@ -85,6 +87,10 @@ mod control;
 mod error;
 pub mod event;
 pub mod handler;
+// Public only for `herald-bench` and the process tests, which start, wait for, kill and stop node
+// processes with the same harness as `herald up`; not part of the API.
+#[doc(hidden)]
+pub mod harness;
 pub mod http;
 pub mod ingress;
 pub mod membership;
@@ -99,10 +105,7 @@ pub mod subscription;
 mod text;
 pub mod transport;
 mod types;
-// Public only for `herald-bench`, whose scenarios start, wait for and stop node processes with the
-// same functions as `herald up`; not part of the API.
-#[doc(hidden)]
-pub mod up;
+mod up;
 
 pub use error::{Error, Result};
 

@@ -16,7 +16,7 @@ use common::*;
 use serde_json::{json, Value};
 
 fn node(nodes: &[Node], id: u64) -> &Node {
-    nodes.iter().find(|n| n.id == id).expect("a node with that id")
+    nodes.iter().find(|n| n.id() == id).expect("a node with that id")
 }
 
 /// GET `path` on `url`, which must answer 200.
@@ -145,7 +145,7 @@ fn run_cli(args: &[&str]) -> Output {
 
 #[actix_rt::test]
 async fn three_nodes_form_one_cluster() {
-    let nodes = start_cluster(3, false);
+    let nodes = start_cluster(3).await;
     let urls = urls(&nodes);
     let view = wait_formed(&urls, &[1, 2, 3], &[1, 2, 3]).await;
     assert!(
@@ -156,16 +156,16 @@ async fn three_nodes_form_one_cluster() {
     // nodes were started with.
     for n in &nodes {
         let v = get_ok(n.url(), "/v1/cluster").await;
-        assert_eq!(v["node_id"], n.id, "{v}");
+        assert_eq!(v["node_id"], n.id(), "{v}");
         assert_eq!(v["cluster_id"], view["cluster_id"], "{v}");
         assert!(term(&v) >= 1, "a node in a cluster has a Raft term: {v}");
         let me = v["members"]
             .as_array()
             .unwrap()
             .iter()
-            .find(|m| m["id"] == n.id)
-            .unwrap_or_else(|| panic!("node {} lists itself: {v}", n.id));
-        assert_eq!(me["peer"], n.peer.as_str(), "{v}");
+            .find(|m| m["id"] == n.id())
+            .unwrap_or_else(|| panic!("node {} lists itself: {v}", n.id()));
+        assert_eq!(me["peer"], n.peer(), "{v}");
         assert_eq!(me["http"], n.http(), "{v}");
         let handlers: BTreeSet<&str> = me["handlers"]
             .as_array()
@@ -200,7 +200,7 @@ async fn three_nodes_form_one_cluster() {
 
 #[actix_rt::test]
 async fn five_nodes_have_three_voters_and_two_learners() {
-    let nodes = start_cluster(5, false);
+    let nodes = start_cluster(5).await;
     let urls = urls(&nodes);
     let view = wait_formed(&urls, &[1, 2, 3, 4, 5], &[1, 2, 3]).await;
     assert_eq!(voters(&view), vec![1, 2, 3], "the first three to join vote: {view}");
@@ -216,11 +216,11 @@ async fn five_nodes_have_three_voters_and_two_learners() {
 
 #[actix_rt::test]
 async fn a_subscription_made_on_a_follower_is_placed_identically_everywhere() {
-    let nodes = start_cluster(3, false);
+    let nodes = start_cluster(3).await;
     let urls = urls(&nodes);
     let view = wait_formed(&urls, &[1, 2, 3], &[1, 2, 3]).await;
     let l = leader(&view).unwrap();
-    let follower = nodes.iter().find(|n| n.id != l).unwrap();
+    let follower = nodes.iter().find(|n| n.id() != l).unwrap();
     subscribe(follower.url(), &log_sub("orders", "audit", 3)).await;
 
     let placements = converge(
@@ -259,7 +259,12 @@ async fn a_subscription_made_on_a_follower_is_placed_identically_everywhere() {
     }
 
     // `herald status` against another node shows the subscription and where it runs.
-    let other = nodes.iter().find(|n| n.id != follower.id).unwrap().url().to_string();
+    let other = nodes
+        .iter()
+        .find(|n| n.id() != follower.id())
+        .unwrap()
+        .url()
+        .to_string();
     let o = actix_rt::task::spawn_blocking(move || run_cli(&["status", "--url", &other]))
         .await
         .unwrap();
@@ -292,16 +297,15 @@ async fn a_subscription_made_on_a_follower_is_placed_identically_everywhere() {
 
 #[actix_rt::test]
 async fn the_leader_is_killed_and_a_new_one_is_elected() {
-    let mut nodes = start_cluster(3, false);
+    let mut nodes = start_cluster(3).await;
     let urls = urls(&nodes);
     let view = wait_formed(&urls, &[1, 2, 3], &[1, 2, 3]).await;
     let old = leader(&view).unwrap();
     let old_term = term(&view);
 
-    let killed = nodes.iter_mut().find(|n| n.id == old).unwrap();
-    killed.proc.kill9();
+    nodes.kill9(old);
     let killed_at = Instant::now();
-    let survivors: Vec<&Node> = nodes.iter().filter(|n| n.id != old).collect();
+    let survivors: Vec<&Node> = nodes.iter().filter(|n| n.id() != old).collect();
     let urls = self::urls(survivors.iter().copied());
     let (new, new_term) = converge("the survivors agree on a new leader", &urls, "/v1/cluster", |views| {
         let l = common_leader(views)?;
@@ -313,7 +317,7 @@ async fn the_leader_is_killed_and_a_new_one_is_elected() {
     println!(
         "leader {old} (term {old_term}) killed; node {new} leads term {new_term} on both survivors after {election:?}"
     );
-    assert!(survivors.iter().any(|n| n.id == new), "the new leader is a survivor");
+    assert!(survivors.iter().any(|n| n.id() == new), "the new leader is a survivor");
 
     // The survivors still form a majority: a subscription made on one of them commits.
     let t = Instant::now();
@@ -331,16 +335,16 @@ async fn the_leader_is_killed_and_a_new_one_is_elected() {
 
 #[actix_rt::test]
 async fn a_node_joins_and_is_removed() {
-    let mut nodes = start_cluster(3, false);
+    let mut nodes = start_cluster(3).await;
     let urls3 = urls(&nodes);
     let view = wait_formed(&urls3, &[1, 2, 3], &[1, 2, 3]).await;
 
     // Node 4 joins through a follower, which forwards the Join to the leader; node 4 must answer
     // the leader before it knows the member table.
     let l = leader(&view).unwrap();
-    let seed = nodes.iter().find(|n| n.id != l).unwrap().peer.clone();
+    let seed = nodes.iter().find(|n| n.id() != l).unwrap().peer().to_string();
     let started = Instant::now();
-    nodes.push(Node::start(4, Some(&seed), false));
+    nodes.add(4, &[seed]).await;
     let ready = started.elapsed();
     let urls4 = urls(&nodes);
     let view = wait_formed(&urls4, &[1, 2, 3, 4], &[1, 2, 3]).await;
@@ -377,19 +381,19 @@ async fn a_node_joins_and_is_removed() {
 
 #[actix_rt::test]
 async fn a_learner_is_promoted_when_a_voter_is_removed() {
-    let mut nodes = start_cluster(4, false);
+    let mut nodes = start_cluster(4).await;
     let urls = urls(&nodes);
     let view = wait_formed(&urls, &[1, 2, 3, 4], &[1, 2, 3]).await;
     let l = leader(&view).unwrap();
     let gone = [1, 2, 3].into_iter().find(|&id| id != l).unwrap();
 
-    let status = terminate(&mut nodes.iter_mut().find(|n| n.id == gone).unwrap().proc).await;
+    let status = nodes.terminate(gone).await;
     assert!(status.success(), "SIGTERM ends node {gone} cleanly: {status:?}");
-    let rest: Vec<&Node> = nodes.iter().filter(|n| n.id != gone).collect();
+    let rest: Vec<&Node> = nodes.iter().filter(|n| n.id() != gone).collect();
     let a = request("DELETE", &format!("{}/v1/cluster/nodes/{gone}", rest[0].url()), &[], "").await;
     assert_eq!(a.status, 204, "{}", a.body);
 
-    let ids: Vec<u64> = rest.iter().map(|n| n.id).collect();
+    let ids: Vec<u64> = rest.iter().map(|n| n.id()).collect();
     let urls = self::urls(rest.iter().copied());
     converge(
         "node 4 is promoted to voter on every remaining node",
@@ -415,15 +419,15 @@ async fn a_learner_is_promoted_when_a_voter_is_removed() {
 /// another voter, which removes it and promotes the learner.
 #[actix_rt::test]
 async fn a_removed_leader_hands_over_and_the_others_go_on() {
-    let nodes = start_cluster(4, false);
+    let nodes = start_cluster(4).await;
     let all = urls(&nodes);
     let view = wait_formed(&all, &[1, 2, 3, 4], &[1, 2, 3]).await;
     let l = leader(&view).unwrap();
-    let rest: Vec<&Node> = nodes.iter().filter(|n| n.id != l).collect();
+    let rest: Vec<&Node> = nodes.iter().filter(|n| n.id() != l).collect();
     let a = request("DELETE", &format!("{}/v1/cluster/nodes/{l}", rest[0].url()), &[], "").await;
     assert_eq!(a.status, 204, "{}", a.body);
 
-    let ids: Vec<u64> = rest.iter().map(|n| n.id).collect();
+    let ids: Vec<u64> = rest.iter().map(|n| n.id()).collect();
     let urls = self::urls(rest.iter().copied());
     let new = converge(
         "the removed leader is gone from the table and the Raft group, another leads, and the learner votes",
@@ -444,7 +448,7 @@ async fn a_removed_leader_hands_over_and_the_others_go_on() {
 
 #[actix_rt::test]
 async fn a_full_cluster_restart_keeps_members_and_subscriptions_and_places_them_again() {
-    let mut nodes = start_cluster(3, true);
+    let mut nodes = start_cluster(3).await;
     let urls = urls(&nodes);
     wait_formed(&urls, &[1, 2, 3], &[1, 2, 3]).await;
     subscribe(nodes[0].url(), &log_sub("restart", "one", 2)).await;
@@ -464,21 +468,15 @@ async fn a_full_cluster_restart_keeps_members_and_subscriptions_and_places_them_
     let subs_before = get_ok(nodes[0].url(), "/v1/subscriptions").await;
     assert_eq!(subs_before.as_array().unwrap().len(), 2, "{subs_before}");
 
-    for n in nodes.iter_mut().rev() {
-        let status = terminate(&mut n.proc).await;
-        assert!(status.success(), "SIGTERM ends node {} cleanly: {status:?}", n.id);
+    for id in [3, 2, 1] {
+        let status = nodes.terminate(id).await;
+        assert!(status.success(), "SIGTERM ends node {id} cleanly: {status:?}");
     }
-    // No node is ready before a majority is back, so start all three at once.
-    let restarted: Vec<std::thread::JoinHandle<Proc>> = nodes
-        .iter()
-        .map(|n| {
-            let args = n.args.clone();
-            std::thread::spawn(move || spawn(&args))
-        })
-        .collect();
-    for (n, t) in nodes.iter_mut().zip(restarted) {
-        n.proc = t.join().expect("node restarted");
+    // No node is ready before a majority is back, so start all three before waiting.
+    for id in 1..=3 {
+        nodes.restart(id);
     }
+    nodes.ready().await;
     assert_eq!(urls, self::urls(&nodes), "the nodes kept their HTTP addresses");
 
     converge(
@@ -524,13 +522,13 @@ async fn a_full_cluster_restart_keeps_members_and_subscriptions_and_places_them_
 
 #[actix_rt::test]
 async fn drain_moves_instances_away() {
-    let nodes = start_cluster(3, false);
+    let nodes = start_cluster(3).await;
     let urls = urls(&nodes);
     wait_formed(&urls, &[1, 2, 3], &[1, 2, 3]).await;
     subscribe(nodes[0].url(), &log_sub("drain", "me", 3)).await;
     let rows = same_placements("the subscription is placed identically everywhere", &urls, 1).await;
     let drained = rows[0].2[0];
-    let asked = nodes.iter().find(|n| n.id != drained).unwrap();
+    let asked = nodes.iter().find(|n| n.id() != drained).unwrap();
     let a = post_json(&format!("{}/v1/cluster/nodes/{drained}/drain", asked.url()), &json!({})).await;
     assert_eq!(a.status, 202, "{}", a.body);
     assert_eq!(a.body, json!({ "id": drained, "status": "draining" }));
@@ -572,16 +570,16 @@ async fn drain_moves_instances_away() {
 
 #[actix_rt::test]
 async fn a_node_joins_while_a_new_leader_is_elected() {
-    let mut nodes = start_cluster(3, false);
+    let mut nodes = start_cluster(3).await;
     let view = wait_formed(&urls(&nodes), &[1, 2, 3], &[1, 2, 3]).await;
     let old = leader(&view).unwrap();
-    nodes.iter_mut().find(|n| n.id == old).unwrap().proc.kill9();
+    nodes.kill9(old);
     // The survivors still take the dead node for their leader, so the first Join that node 4's seed
     // forwards is lost; node 4 must send it again until the new leader commits it.
-    let seed = nodes.iter().find(|n| n.id != old).unwrap().peer.clone();
+    let seed = nodes.iter().find(|n| n.id() != old).unwrap().peer().to_string();
     let started = Instant::now();
-    nodes.push(Node::start(4, Some(&seed), false));
-    let live: Vec<&Node> = nodes.iter().filter(|n| n.id != old).collect();
+    nodes.add(4, &[seed]).await;
+    let live: Vec<&Node> = nodes.iter().filter(|n| n.id() != old).collect();
     converge(
         "node 4 is a learner on the survivors and on itself, under a new leader",
         &urls(live.iter().copied()),

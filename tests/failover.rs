@@ -59,14 +59,24 @@ struct Frozen {
 }
 
 impl Frozen {
-    fn freeze(pid: u32) -> Frozen {
-        signal(pid, "STOP");
+    fn freeze(nodes: &Cluster, id: u64) -> Frozen {
+        let pid = nodes
+            .iter()
+            .find(|n| n.id() == id)
+            .and_then(|n| n.pid())
+            .expect("a running node");
+        nodes.signal(id, "STOP");
         Frozen { pid, resumed: false }
     }
 
     fn resume(mut self) {
         self.resumed = true;
-        signal(self.pid, "CONT");
+        let status = Command::new("kill").args(["-CONT", &self.pid.to_string()]).status();
+        assert!(
+            status.as_ref().is_ok_and(|s| s.success()),
+            "kill -CONT {}: {status:?}",
+            self.pid
+        );
     }
 }
 
@@ -128,7 +138,7 @@ enum Fault {
 /// Three nodes; one webhook instance on `host`; 20,000 events published to another node; the
 /// host is killed or frozen once a third were accepted; nothing acknowledged may be lost.
 async fn failover(name: &str, fault: Fault) {
-    let mut nodes = start_cluster(3, false);
+    let mut nodes = start_cluster(3).await;
     let urls = urls(&nodes);
     wait_formed(&urls, &[1, 2, 3]).await;
     let rec = EventRecorder::start().await;
@@ -136,11 +146,11 @@ async fn failover(name: &str, fault: Fault) {
     subscribe_webhook(&urls[0], &topic, "hook", &rec.url, 1).await;
     let (epoch, placed) = wait_placed(&urls, &topic, "hook", 1).await;
     let host = placed[0];
-    let ingress = nodes.iter().find(|n| n.id != host).expect("another node");
-    let (ingress_id, ingress_url) = (ingress.id, ingress.url().to_string());
+    let ingress = nodes.iter().find(|n| n.id() != host).expect("another node");
+    let (ingress_id, ingress_url) = (ingress.id(), ingress.url().to_string());
     let survivors: Vec<String> = nodes
         .iter()
-        .filter(|n| n.id != host)
+        .filter(|n| n.id() != host)
         .map(|n| n.url().to_string())
         .collect();
     println!("[{name}] {topic}/hook placed on node {host} (epoch {epoch}); publishing to node {ingress_id}");
@@ -159,7 +169,6 @@ async fn failover(name: &str, fault: Fault) {
     });
     load.wait_accepted(FAILOVER_EVENTS / 3, Duration::from_secs(30)).await;
 
-    let host_node = nodes.iter_mut().find(|n| n.id == host).expect("host");
     let before = rec.len();
     let accepted_before = load.accepted();
     let fault_at = Instant::now();
@@ -167,7 +176,7 @@ async fn failover(name: &str, fault: Fault) {
     let mut moved = None;
     match fault {
         Fault::Kill => {
-            host_node.proc.kill9();
+            nodes.kill9(host);
             // The survivors move the subscription off the dead node (MarkDown, new placement).
             let (new_epoch, new_nodes) = converge(
                 &format!("the survivors place {topic}/hook off the killed node {host}"),
@@ -190,7 +199,7 @@ async fn failover(name: &str, fault: Fault) {
             );
         }
         Fault::Freeze(pause) => {
-            let frozen = Frozen::freeze(host_node.pid());
+            let frozen = Frozen::freeze(&nodes, host);
             // The pause is the fault itself; meanwhile watch what the survivors make of it.
             let mut suspected = None;
             let mut marked_down = None;
@@ -264,7 +273,7 @@ fn freezing_the_host_of_a_subscription_loses_no_acknowledged_event() {
 #[test]
 fn a_cpu_saturated_machine_marks_no_node_down() {
     serially(|| async {
-        let nodes = start_cluster(3, false);
+        let nodes = start_cluster(3).await;
         let urls = urls(&nodes);
         wait_formed(&urls, &[1, 2, 3]).await;
         let rec = EventRecorder::start().await;
@@ -279,7 +288,7 @@ fn a_cpu_saturated_machine_marks_no_node_down() {
         // Publish to the nodes that do not run the instance, so events cross nodes all along.
         let ingress: Vec<String> = nodes
             .iter()
-            .filter(|n| !placed.contains(&n.id))
+            .filter(|n| !placed.contains(&n.id()))
             .map(|n| n.url().to_string())
             .collect();
         println!("[cpu] slow.machine/hook placed on {placed:?} (epoch {epoch}); saturating the CPU for {HOG:?}");
@@ -305,7 +314,7 @@ fn a_cpu_saturated_machine_marks_no_node_down() {
         let mut max_phi: BTreeMap<(u64, u64), f64> = BTreeMap::new();
         while started.elapsed() < HOG {
             let tick = Instant::now();
-            for (observer, u) in nodes.iter().map(|n| n.id).zip(&urls) {
+            for (observer, u) in nodes.iter().map(|n| n.id()).zip(&urls) {
                 polls += 1;
                 let Some(v) = view(&client, u, "/v1/cluster").await else {
                     unanswered += 1;
@@ -383,7 +392,7 @@ fn per_key_order_holds_with_instances_on_three_nodes() {
     serially(|| async {
         const KEYS: usize = 20;
         const PER_KEY: u64 = 100;
-        let nodes = start_cluster(3, false);
+        let nodes = start_cluster(3).await;
         let urls = urls(&nodes);
         wait_formed(&urls, &[1, 2, 3]).await;
         let rec = EventRecorder::start().await;
@@ -392,7 +401,7 @@ fn per_key_order_holds_with_instances_on_three_nodes() {
         let (epoch, placed) = wait_placed(&urls, topic, "hook", 3).await;
         println!(
             "[order] ordered/hook placed on {placed:?} (epoch {epoch}); publishing to node {}",
-            nodes[0].id
+            nodes[0].id()
         );
 
         // One publisher per key, each strictly sequential: seq n+1 is sent once seq n got its 202.
@@ -472,7 +481,7 @@ fn per_key_order_holds_with_instances_on_three_nodes() {
             let text = get_text(&format!("{}/metrics", n.url())).await;
             let labels = [("topic", topic), ("group", "hook"), ("outcome", "ok")];
             delivered_by.insert(
-                n.id,
+                n.id(),
                 metric(&text, "herald_events_delivered_total", &labels).unwrap_or(0.0) as u64,
             );
         }
@@ -480,7 +489,7 @@ fn per_key_order_holds_with_instances_on_three_nodes() {
         assert!(
         delivered_by.values().filter(|&&d| d > 0).count() >= 2,
         "{KEYS} keys published to node {} were all handled on one node, not spread over the instances on {placed:?}: {delivered_by:?}",
-        nodes[0].id
+        nodes[0].id()
     );
         for (key, seqs) in &by_key {
             let want: Vec<u64> = (0..PER_KEY).collect();
@@ -507,7 +516,7 @@ fn per_key_order_holds_with_instances_on_three_nodes() {
 #[test]
 fn a_rolling_restart_under_load_loses_no_acknowledged_event() {
     serially(|| async {
-        let mut nodes = start_cluster(3, true);
+        let mut nodes = start_cluster(3).await;
         let urls = urls(&nodes);
         wait_formed(&urls, &[1, 2, 3]).await;
         let rec = EventRecorder::start().await;
@@ -533,14 +542,12 @@ fn a_rolling_restart_under_load_loses_no_acknowledged_event() {
         let started = Instant::now();
         for i in 0..nodes.len() {
             let t = Instant::now();
-            let id = nodes[i].id;
-            let status = terminate(&mut nodes[i].proc).await;
+            let id = nodes[i].id();
+            let status = nodes.terminate(id).await;
             assert!(status.success(), "SIGTERM ends node {id} cleanly: {status:?}");
             let stopped = t.elapsed();
-            let args = nodes[i].args.clone();
-            nodes[i].proc = actix_rt::task::spawn_blocking(move || spawn(&args))
-                .await
-                .unwrap_or_else(|e| panic!("node {id} did not start again: {e}"));
+            nodes.restart(id);
+            nodes.ready().await;
             assert_eq!(nodes[i].url(), urls[i], "node {id} kept its HTTP address");
             wait_formed(&urls, &[1, 2, 3]).await;
             println!(

@@ -2,7 +2,7 @@
 //! hand" section, the compose file, the StatefulSet) always form one cluster in which every member
 //! is a voter or a learner.
 //!
-//! The race this guards against: about one start in 25, the first node's own `Join` was applied after another
+//! Issue 18, bug 1: about one start in 25, the first node's own `Join` was applied after another
 //! node's; its leader duties followed a table without itself, made the other node a voter and
 //! removed the leader from the Raft group, which then dropped every proposal while `/readyz` and
 //! `herald status` called it healthy. The deterministic reproduction is the simulation (node 1's
@@ -14,7 +14,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::cluster::{converge, log_path, urls, Node};
+use common::cluster::{converge, urls, Cluster};
 use serde_json::Value;
 
 /// Rounds per cluster size: enough to meet a 1-in-25 race in a few CI runs, short enough for CI.
@@ -25,40 +25,21 @@ fn rounds(default: usize) -> usize {
         .unwrap_or(default)
 }
 
-/// `n` different ports that were free a moment ago: all are held while the next is chosen (one
-/// at a time, the kernel may hand out the port it just took back).
-fn distinct_free_ports(n: usize) -> Vec<u16> {
-    let held: Vec<std::net::TcpListener> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0"))
-        .collect();
-    held.iter()
-        .map(|l| l.local_addr().expect("local address").port())
-        .collect()
-}
-
 /// Starts `n` nodes at once, all with `--join` listing every node (node 1 first), and checks the
 /// cluster they form.
 async fn form(n: u64, round: usize) {
-    let peers: Vec<String> = distinct_free_ports(n as usize)
+    // Chosen together (one at a time, two nodes of a round were once given the same port).
+    let peers: Vec<String> = herald::harness::free_ports(n as usize)
+        .expect("free ports")
         .into_iter()
         .map(|port| format!("127.0.0.1:{port}"))
         .collect();
-    // Each start waits for its node's `/readyz`: started on threads, the nodes come up together.
-    let nodes: Vec<Node> = std::thread::scope(|s| {
-        let started: Vec<_> = (1..=n)
-            .map(|id| {
-                let peers = &peers;
-                s.spawn(move || Node::start_with(id, peers, peers[id as usize - 1].clone(), false))
-            })
-            .collect();
-        started
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| panic!("round {round}: a node of {n} did not start"))
-            })
-            .collect()
-    });
+    // All started before any is waited for: the nodes come up together.
+    let mut nodes = Cluster::new();
+    for id in 1..=n {
+        nodes.start(id, &peers, peers[id as usize - 1].clone());
+    }
+    nodes.ready().await;
     let want_voters = n.min(3) as usize;
     let urls = urls(&nodes);
     let leader = converge(
@@ -102,13 +83,13 @@ async fn form(n: u64, round: usize) {
         "round {round}: the leader {leader} is not a voter: {view:#}"
     );
     for node in &nodes {
-        let log = std::fs::read_to_string(log_path(&node.args)).unwrap_or_default();
+        let log = std::fs::read_to_string(node.log()).unwrap_or_default();
         let bad: Vec<&str> = log
             .lines()
             .filter(|l| l.contains("ERROR") || l.contains("configuration change failed"))
             .take(5)
             .collect();
-        assert!(bad.is_empty(), "round {round}: node {} logged {bad:#?}", node.id);
+        assert!(bad.is_empty(), "round {round}: node {} logged {bad:#?}", node.id());
     }
 }
 

@@ -294,9 +294,9 @@ async fn prometheus_scrapes_every_node() {
     let began = Instant::now();
 
     // A cluster of three, with a webhook subscription that has an instance on each node.
-    let nodes = start_cluster(3, false);
+    let nodes = start_cluster(3).await;
     let urls = urls(&nodes);
-    let ids: Vec<u64> = nodes.iter().map(|n| n.id).collect();
+    let ids: Vec<u64> = nodes.iter().map(|n| n.id()).collect();
     wait_formed(&urls, &ids).await;
     let recorder = EventRecorder::start().await;
     let spec = json!({
@@ -307,7 +307,7 @@ async fn prometheus_scrapes_every_node() {
     });
     let a = post_json(&format!("{}/v1/subscriptions", urls[0]), &spec).await;
     assert_eq!(a.status, 201, "POST {}/v1/subscriptions {spec}: {}", urls[0], a.body);
-    let ids: Vec<u64> = nodes.iter().map(|n| n.id).collect();
+    let ids: Vec<u64> = nodes.iter().map(|n| n.id()).collect();
     converge(
         &format!("every node shows {TOPIC}/{GROUP} placed on nodes {ids:?}"),
         &urls,
@@ -345,7 +345,7 @@ async fn prometheus_scrapes_every_node() {
         nodes
             .iter()
             .zip(&per_node)
-            .map(|(n, d)| format!("node {} ({}) {d}", n.id, n.http()))
+            .map(|(n, d)| format!("node {} ({}) {d}", n.id(), n.http()))
             .collect::<Vec<_>>()
             .join(", "),
         recorder.len()
@@ -447,7 +447,7 @@ async fn prometheus_scrapes_every_node() {
     // 3. `promtool check metrics` passes on each node's exposition.
     for n in &nodes {
         let text = get_text(&format!("{}/metrics", n.url())).await;
-        assert_promtool_passes(&promtool, text, &format!("node {} ({})", n.id, n.url())).await;
+        assert_promtool_passes(&promtool, text, &format!("node {} ({})", n.id(), n.url())).await;
     }
     eprintln!(
         "promtool check metrics passed on all {} nodes; the test took {:?}",

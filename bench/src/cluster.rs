@@ -2,9 +2,6 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashSet};
-use std::fs::File;
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::rc::Rc;
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -17,8 +14,8 @@ use serde_json::Value;
 use super::{percentile, record, BenchNodeArgs, ClusterArgs};
 use herald::config::FsyncPolicy;
 use herald::handler::{Delivery, HandlerResult};
+use herald::harness::{Harness, Ports};
 use herald::node::NodeBuilder;
-use herald::up::{wait_ready, NodeProc};
 
 /// Events handled by `bench-sink`.
 const SINK_EVENTS: &str = "herald_bench_sink_events_total";
@@ -197,195 +194,54 @@ pub(super) fn node(a: BenchNodeArgs, builder: NodeBuilder) -> Result<(), String>
 
 // ---------------------------------------------------------------- the benchmark side
 
-/// `n` distinct free TCP ports on 127.0.0.1, below the ephemeral range (probed together, then released).
-pub(super) fn free_ports(n: usize) -> Result<Vec<u16>, String> {
-    // Below the kernel's ephemeral range (32768 and up by default): the ports that outgoing
-    // connections take are drawn from there, so one of them could take a port between this probe
-    // and the server's bind. Probing binds each port and keeps it until all are found.
-    let mut held = Vec::with_capacity(n);
-    let start = 20_000 + rand::random_range(0..10_000u16);
-    for offset in 0..12_000u16 {
-        if held.len() == n {
-            break;
-        }
-        let port = 20_000 + (start - 20_000 + offset) % 12_000;
-        if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) {
-            held.push(l);
-        }
-    }
-    if held.len() < n {
-        return Err(format!(
-            "cannot find {n} free ports on 127.0.0.1 between 20000 and 32000"
-        ));
-    }
-    held.iter()
-        .map(|l| l.local_addr().map(|a| a.port()).map_err(|e| e.to_string()))
-        .collect()
-}
+pub(super) use herald::harness::free_ports;
 
-/// The node processes and their directory. Dropping it SIGKILLs every node still running (by
-/// its pid) and removes the directory, also on error, Ctrl-C and panic.
-pub(super) struct Cluster {
-    exe: PathBuf,
-    dir: PathBuf,
-    /// (HTTP port, peer port) of node id, at index id - 1.
+/// The node processes of a scenario (`herald-bench node`), in their own directory, which is
+/// removed when the cluster is dropped (unless kept); every node still running is SIGKILLed then,
+/// also on error, Ctrl-C and panic.
+pub(super) type Cluster = Harness;
+
+/// Lines of each node's log printed when a run fails.
+pub(super) const LOG_TAIL: usize = 15;
+
+/// Starts one `herald-bench node` process per entry of `ports` ((HTTP, peer) of node 1, 2, …)
+/// in a new directory `<tmp>/<name>-<pid>-<n>`; node 1 founds the cluster, the others join it.
+pub(super) fn start(
+    name: &str,
     ports: Vec<(u16, u16)>,
     wal_fsync: Option<FsyncPolicy>,
     keep: bool,
-    nodes: Vec<NodeProc>,
+) -> Result<Cluster, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find this program's path: {e}"))?;
+    let fsync = wal_fsync.map(|f| match f {
+        FsyncPolicy::Always => "always",
+        FsyncPolicy::Never => "never",
+    });
+    let mut c = Harness::temporary(exe, name)?
+        .keep_dir(keep)
+        .progress(true)
+        .args(fsync.into_iter().flat_map(|f| ["--wal-fsync", f]));
+    if keep {
+        eprintln!("the nodes' data and logs are kept in {}", c.dir().display());
+    }
+    c.start_cluster(ports.len() as u64, &Ports::Fixed(ports))?;
+    Ok(c)
 }
 
-impl Cluster {
-    /// Starts one `herald-bench node` process per entry of `ports` ((HTTP, peer) of node 1, 2,
-    /// …) in a new directory `<tmp>/<name>-<pid>`; node 1 founds the cluster, the others join it.
-    pub(super) fn start(
-        name: &str,
-        ports: Vec<(u16, u16)>,
-        wal_fsync: Option<FsyncPolicy>,
-        keep: bool,
-    ) -> Result<Cluster, String> {
-        let exe = std::env::current_exe().map_err(|e| format!("cannot find this program's path: {e}"))?;
-        let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-        let mut c = Cluster {
-            exe,
-            dir,
-            ports,
-            wal_fsync,
-            keep,
-            nodes: Vec::new(),
-        };
-        for id in 1..=c.ports.len() as u64 {
-            let n = c.spawn(id)?;
-            c.nodes.push(n);
-        }
-        Ok(c)
-    }
-
-    /// The same cluster on free ports.
-    pub(super) fn start_on_free_ports(
-        name: &str,
-        nodes: usize,
-        wal_fsync: Option<FsyncPolicy>,
-        keep: bool,
-    ) -> Result<Cluster, String> {
-        let p = free_ports(2 * nodes)?;
-        Cluster::start(name, p.chunks(2).map(|c| (c[0], c[1])).collect(), wal_fsync, keep)
-    }
-
-    fn port(&self, id: u64) -> (u16, u16) {
-        self.ports[(id - 1) as usize]
-    }
-
-    pub(super) fn http(&self, id: u64) -> String {
-        format!("127.0.0.1:{}", self.port(id).0)
-    }
-
-    fn peer(&self, id: u64) -> String {
-        format!("127.0.0.1:{}", self.port(id).1)
-    }
-
-    fn ids(&self) -> Vec<u64> {
-        self.nodes.iter().map(|n| u64::from(n.id)).collect()
-    }
-
-    /// Starts node `id` (again: same ports, data dir, and log file, appended).
-    fn spawn(&self, id: u64) -> Result<NodeProc, String> {
-        let log = self.dir.join(format!("node-{id}.log"));
-        let out = File::options()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .map_err(|e| format!("cannot open {}: {e}", log.display()))?;
-        let err = out.try_clone().map_err(|e| e.to_string())?;
-        let mut cmd = Command::new(&self.exe);
-        cmd.args(["node", "--node-id", &id.to_string()])
-            .args(["--http", &self.http(id), "--peer", &self.peer(id)])
-            .arg("--data-dir")
-            .arg(self.dir.join(format!("node-{id}")))
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err);
-        if id > 1 {
-            cmd.args(["--join", &self.peer(1)]);
-        }
-        if let Some(f) = self.wal_fsync {
-            cmd.args([
-                "--wal-fsync",
-                match f {
-                    FsyncPolicy::Always => "always",
-                    FsyncPolicy::Never => "never",
-                },
-            ]);
-        }
-        let child = cmd.spawn().map_err(|e| format!("cannot start node {id}: {e}"))?;
-        Ok(NodeProc {
-            id: id as u16,
-            http: self.http(id),
-            peer: self.peer(id),
-            log,
-            child,
-        })
-    }
-
-    fn index(&self, id: u64) -> Result<usize, String> {
-        self.nodes
-            .iter()
-            .position(|n| u64::from(n.id) == id)
-            .ok_or_else(|| format!("node {id} is not one of the started nodes"))
-    }
-
-    /// SIGKILL and reap.
-    fn kill(&mut self, id: u64) -> Result<(), String> {
-        let i = self.index(id)?;
-        let child = &mut self.nodes[i].child;
-        child.kill().map_err(|e| format!("cannot kill node {id}: {e}"))?;
-        let _ = child.wait();
-        Ok(())
-    }
-
-    fn restart(&mut self, id: u64) -> Result<(), String> {
-        let i = self.index(id)?;
-        self.nodes[i] = self.spawn(id)?;
-        Ok(())
-    }
-
-    /// Waits until every node answers `/readyz` (fails when one exits).
-    pub(super) async fn wait_ready(&mut self, within: Duration) -> Result<(), String> {
-        wait_ready(&mut self.nodes, within).await
-    }
-
-    /// The last lines of every node's log, for a failed run.
-    pub(super) fn log_tails(&self) -> String {
-        let mut out = String::new();
-        for n in &self.nodes {
-            let text = std::fs::read_to_string(&n.log).unwrap_or_default();
-            let lines: Vec<&str> = text.lines().collect();
-            out.push_str(&format!("--- node {} ({}), last lines:\n", n.id, n.log.display()));
-            for l in &lines[lines.len().saturating_sub(15)..] {
-                out.push_str(l);
-                out.push('\n');
-            }
-        }
-        out
-    }
+/// The same cluster on free ports.
+pub(super) fn start_on_free_ports(
+    name: &str,
+    nodes: usize,
+    wal_fsync: Option<FsyncPolicy>,
+    keep: bool,
+) -> Result<Cluster, String> {
+    let p = free_ports(2 * nodes)?;
+    start(name, p.chunks(2).map(|c| (c[0], c[1])).collect(), wal_fsync, keep)
 }
 
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for n in &mut self.nodes {
-            if let Ok(None) = n.child.try_wait() {
-                let _ = n.child.kill();
-            }
-            let _ = n.child.wait();
-        }
-        if self.keep {
-            eprintln!("kept the nodes' data and logs in {}", self.dir.display());
-        } else {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
-    }
+/// `IP:port` of node `id`'s HTTP API (empty for an unknown node).
+pub(super) fn http(c: &Cluster, id: u64) -> String {
+    c.node(id).map(|n| n.http().to_string()).unwrap_or_default()
 }
 
 async fn get(client: &awc::Client, url: &str) -> Result<Vec<u8>, String> {
@@ -485,8 +341,8 @@ pub(super) async fn scrape(client: &awc::Client, http: &str) -> Result<Sink, Str
 
 async fn scrape_all(c: &Cluster, client: &awc::Client) -> Result<Vec<Sink>, String> {
     let mut out = Vec::new();
-    for n in &c.nodes {
-        out.push(scrape(client, &n.http).await?);
+    for n in c.nodes() {
+        out.push(scrape(client, n.http()).await?);
     }
     Ok(out)
 }
@@ -743,7 +599,12 @@ async fn measure(
     name: String,
     publish: impl std::future::Future<Output = Sent>,
 ) -> Result<Run, String> {
-    measure_with(&NodeSinks { c, client }, Some(c.index(ingress)?), name, publish).await
+    let at = c
+        .nodes()
+        .iter()
+        .position(|n| n.id() == ingress)
+        .ok_or_else(|| format!("node {ingress} is not one of the started nodes"))?;
+    measure_with(&NodeSinks { c, client }, Some(at), name, publish).await
 }
 
 /// Runs `publish`, waits until `sinks` have received what was accepted (or made no progress for
@@ -804,7 +665,7 @@ pub(super) async fn measure_with(
 }
 
 pub(super) async fn subscribe(c: &Cluster, client: &awc::Client, topic: &str, instances: u32) -> Result<(), String> {
-    let url = format!("http://{}/v1/subscriptions", c.http(1));
+    let url = format!("http://{}/v1/subscriptions", http(c, 1));
     let spec = serde_json::json!({
         "topic": topic, "group": GROUP, "handler": {"kind": "rust", "name": SINK}, "instances": instances,
     });
@@ -824,15 +685,17 @@ pub(super) async fn subscribe(c: &Cluster, client: &awc::Client, topic: &str, in
 /// nodes))` when all agree that the given nodes are all up and there is a leader.
 async fn agreed(c: &Cluster, client: &awc::Client, topic: &str) -> Option<(u64, Vec<u64>)> {
     let mut seen: Option<(u64, Vec<u64>)> = None;
-    for n in &c.nodes {
-        let view = get_json(client, &format!("http://{}/v1/cluster", n.http)).await.ok()?;
+    for n in c.nodes() {
+        let view = get_json(client, &format!("http://{}/v1/cluster", n.http()))
+            .await
+            .ok()?;
         view["leader"].as_u64()?;
         let members = view["members"].as_array()?;
         let up = members.iter().filter(|m| m["status"] == "up").count();
-        if members.len() != c.nodes.len() || up != c.nodes.len() {
+        if members.len() != c.nodes().len() || up != c.nodes().len() {
             return None;
         }
-        let places = get_json(client, &format!("http://{}/v1/cluster/placements", n.http))
+        let places = get_json(client, &format!("http://{}/v1/cluster/placements", n.http()))
             .await
             .ok()?;
         let p = places
@@ -918,7 +781,7 @@ pub(super) fn run(mut a: ClusterArgs) -> Result<(), String> {
             .map_err(|e| format!("port {port} is not free ({e}); choose other ports with --base-port"))?;
     }
     let ports = (0..3).map(|i| (a.base_port + i, a.base_port + 100 + i)).collect();
-    let mut c = Cluster::start("herald-bench-cluster", ports, a.wal_fsync, a.keep)?;
+    let mut c = start("herald-bench-cluster", ports, a.wal_fsync, a.keep)?;
     let outcome = actix_rt::System::new().block_on(async {
         let signal = herald::node::shutdown_signal();
         tokio::select! {
@@ -927,7 +790,7 @@ pub(super) fn run(mut a: ClusterArgs) -> Result<(), String> {
         }
     });
     if outcome.is_err() {
-        eprint!("{}", c.log_tails());
+        c.print_logs(LOG_TAIL);
     }
     drop(c);
     outcome
@@ -951,7 +814,7 @@ pub(super) async fn prepare(c: &mut Cluster, connections: usize, instances: u32)
         .connector(awc::Connector::new().limit(connections + MAX_INFLIGHT + 8))
         .finish();
     let poll = awc::Client::builder().timeout(Duration::from_secs(2)).finish();
-    wait_ready(&mut c.nodes, Duration::from_secs(60)).await?;
+    c.wait_ready(Duration::from_secs(60)).await?;
     subscribe(c, &client, TOPIC, instances).await?;
     let hosts = settled(c, &poll, TOPIC, Duration::from_millis(500), Duration::from_secs(60)).await?;
     let ingress = c
@@ -971,7 +834,7 @@ impl Target {
     fn url(&self, c: &Cluster, ack: &str) -> String {
         format!(
             "http://{}/v1/topics/{TOPIC}/events/batch?ack={ack}",
-            c.http(self.ingress)
+            http(c, self.ingress)
         )
     }
 
@@ -1254,7 +1117,7 @@ async fn failover(
         )
         .await?;
         let host = placed[0];
-        let leader = get_json(poll, &format!("http://{}/v1/cluster", c.http(host)))
+        let leader = get_json(poll, &format!("http://{}/v1/cluster", http(c, host)))
             .await
             .ok()
             .and_then(|v| v["leader"].as_u64());
@@ -1262,7 +1125,7 @@ async fn failover(
         let ingress = survivors[round % survivors.len()];
         let url = format!(
             "http://{}/v1/topics/{FAILOVER_TOPIC}/events/batch?ack=accepted",
-            c.http(ingress)
+            http(c, ingress)
         );
         let stop = Rc::new(Cell::new(false));
         let publisher = actix_rt::spawn(paced(
@@ -1281,7 +1144,7 @@ async fn failover(
             // The flow reaches the host before it is killed.
             let started = Instant::now();
             loop {
-                if scrape(poll, &c.http(host)).await?.first.contains_key(&r) {
+                if scrape(poll, &http(c, host)).await?.first.contains_key(&r) {
                     break;
                 }
                 if started.elapsed() > Duration::from_secs(15) {
@@ -1297,7 +1160,7 @@ async fn failover(
             loop {
                 let mut first: Option<(f64, u64)> = None;
                 for &id in &survivors {
-                    if let Ok(s) = scrape(poll, &c.http(id)).await {
+                    if let Ok(s) = scrape(poll, &http(c, id)).await {
                         if let Some(&t) = s.first.get(&r) {
                             if first.is_none_or(|(f, _)| t < f) {
                                 first = Some((t, id));
@@ -1332,7 +1195,7 @@ async fn failover(
         times.push((ms, leader == Some(host)));
         if round < a.failovers {
             c.restart(host)?;
-            wait_ready(&mut c.nodes, Duration::from_secs(60)).await?;
+            c.wait_ready(Duration::from_secs(60)).await?;
         }
     }
     Ok(times)

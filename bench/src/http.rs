@@ -51,7 +51,9 @@ use clap::{Args, ValueEnum};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::cluster::{free_ports, payload, payload_size_ok, scrape, settled, subscribe, unix_nanos, Cluster};
+use super::cluster::{
+    free_ports, http, payload, payload_size_ok, scrape, settled, subscribe, unix_nanos, Cluster, LOG_TAIL,
+};
 use super::compare::{self, fmt_size, Metric, Row};
 use herald::config::FsyncPolicy;
 
@@ -779,7 +781,7 @@ impl Bench<'_> {
     }
 
     async fn handled(&self) -> Result<f64, String> {
-        Ok(scrape(&self.poll, &self.c.http(1)).await?.events)
+        Ok(scrape(&self.poll, &http(self.c, 1)).await?.events)
     }
 
     /// Waits until `bench-sink` has handled `accepted` events more than `base` (at most 60 s,
@@ -877,7 +879,7 @@ async fn scenario(c: &mut Cluster, bare: &mut BareProc, a: &HttpArgs) -> Result<
     subscribe(c, &poll, TOPIC, a.instances).await?;
     settled(c, &poll, TOPIC, Duration::from_millis(300), Duration::from_secs(60)).await?;
     bare.wait_listening(Duration::from_secs(30)).await?;
-    let herald: SocketAddr = c.http(1).parse().map_err(|e| format!("{e}"))?;
+    let herald: SocketAddr = http(c, 1).parse().map_err(|e| format!("{e}"))?;
     let mut b = Bench {
         c,
         bare: bare.addr,
@@ -1102,7 +1104,7 @@ pub(super) fn run(mut a: HttpArgs) -> Result<(), String> {
         ));
     }
     let ports = free_ports(3)?;
-    let mut c = Cluster::start("herald-bench-http", vec![(ports[0], ports[1])], a.wal_fsync, a.keep)?;
+    let mut c = super::cluster::start("herald-bench-http", vec![(ports[0], ports[1])], a.wal_fsync, a.keep)?;
     let mut bare = BareProc::start(ports[2], a.keep)?;
     let started = Instant::now();
     let outcome = actix_rt::System::new().block_on(async {
@@ -1113,7 +1115,7 @@ pub(super) fn run(mut a: HttpArgs) -> Result<(), String> {
         }
     });
     if outcome.is_err() {
-        eprint!("{}{}", c.log_tails(), bare.log_tail());
+        eprint!("{}{}", c.log_tails(LOG_TAIL), bare.log_tail());
     }
     drop(bare);
     drop(c);

@@ -2,7 +2,7 @@
 //!
 //! A crate of its own (not a `herald` subcommand), so that the scenarios and what only they need
 //! (the NATS client, the plotting crate, the HTTP load generator) are in no handler binary. It uses
-//! herald's public API, plus `herald::up` (hidden) to start and stop node processes. Run it with
+//! herald's public API, plus `herald::harness` (hidden) to start and stop node processes. Run it with
 //! `cargo run --release -p herald-bench -- <scenario>`.
 //!
 //! `local`: events/s from publish to a no-op Rust handler in one node (in-process publish, no
@@ -651,40 +651,18 @@ fn latency_row(name: &str, mut ms: Vec<f64>) -> String {
 }
 
 fn membership(a: MembershipArgs) -> Result<(), String> {
-    use herald::up::{start, stop_all, wait_ready, NodeProc};
+    use herald::harness::{Harness, NodeSpec, Ports};
+    /// How long a node gets to stop after SIGTERM.
+    const GRACE: Duration = Duration::from_secs(15);
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let dir = std::env::temp_dir().join(format!("herald-bench-membership-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-    let http = |id: u16| format!("127.0.0.1:{}", a.base_port + id - 1);
-    let peer = |id: u16| format!("127.0.0.1:{}", a.base_port + 100 + id - 1);
-    let spawn = |id: u16, join: bool| -> Result<NodeProc, String> {
-        let child = start(
-            &exe,
-            id,
-            &http(id),
-            &peer(id),
-            &dir.join(format!("node-{id}")),
-            &dir.join(format!("node-{id}.log")),
-            join.then(|| peer(1)).as_deref(),
-        )?;
-        Ok(NodeProc {
-            id,
-            http: http(id),
-            peer: peer(id),
-            log: dir.join(format!("node-{id}.log")),
-            child,
-        })
-    };
-    let mut nodes = Vec::new();
-    for id in 1..=3u16 {
-        nodes.push(spawn(id, id > 1)?);
-    }
+    let mut h = Harness::temporary(exe, "herald-bench-membership")?.progress(true);
+    let ports = Ports::Base(a.base_port);
+    h.start_cluster(3, &ports)?;
+    let http = |id: u64| ports.of(id).map(|(http, _)| http).unwrap_or_default();
     let outcome = actix_rt::System::new().block_on(async {
-        wait_ready(&mut nodes, Duration::from_secs(60)).await?;
+        h.wait_ready(Duration::from_secs(60)).await?;
         // Pooled connections are dropped after 1 s idle, well before the nodes' 5 s keep-alive:
-        // `stop_all` blocks this thread while a node stops, and a connection the node closed
-        // meanwhile must not be reused.
+        // a connection that a node closed while it stopped must not be reused.
         let client = awc::Client::builder()
             .connector(awc::Connector::new().conn_keep_alive(Duration::from_secs(1)))
             .timeout(Duration::from_secs(30))
@@ -699,11 +677,11 @@ fn membership(a: MembershipArgs) -> Result<(), String> {
                     .map_err(|e| format!("GET {url}: {e}"))
             }
         };
-        println!("herald-bench membership: 3-node cluster on loopback ({})", dir.display());
+        println!("herald-bench membership: 3-node cluster on loopback ({})", h.dir().display());
         // Subscribe → placed, through a follower half of the time.
         let mut subscribe = Vec::new();
         for i in 0..a.subscriptions {
-            let target = &nodes[i % nodes.len()].http;
+            let target = http(1 + (i % 3) as u64);
             let spec = serde_json::json!({"topic": format!("bench.t{i}"), "group": "g", "handler": {"kind": "log"}, "instances": 1});
             let t0 = Instant::now();
             let r = client
@@ -719,9 +697,16 @@ fn membership(a: MembershipArgs) -> Result<(), String> {
         // Join → first placed instance on the new node.
         let mut joins = Vec::new();
         for j in 0..a.joins {
-            let id = 4 + j as u16;
+            let id = 4 + j as u64;
             let t0 = Instant::now();
-            let mut node = spawn(id, true)?;
+            let (node_http, peer) = ports.of(id)?;
+            h.start(NodeSpec {
+                id,
+                http: node_http,
+                peer,
+                join: vec![ports.of(1)?.1],
+                args: Vec::new(),
+            })?;
             let placed = loop {
                 let p = get(format!("http://{}/v1/cluster/placements", http(1))).await?;
                 let on_new = p
@@ -733,7 +718,6 @@ fn membership(a: MembershipArgs) -> Result<(), String> {
                     break t0.elapsed();
                 }
                 if t0.elapsed() > Duration::from_secs(30) {
-                    stop_all(std::slice::from_mut(&mut node));
                     return Err(format!("node {id} got no instance within 30 s"));
                 }
                 actix_rt::time::sleep(Duration::from_millis(5)).await;
@@ -743,22 +727,19 @@ fn membership(a: MembershipArgs) -> Result<(), String> {
                 .delete(format!("http://{}/v1/cluster/nodes/{id}", http(1)))
                 .send()
                 .await;
-            stop_all(std::slice::from_mut(&mut node));
+            h.stop(id, GRACE).await?;
         }
         // Leader failover.
         let mut failovers = Vec::new();
         for _ in 0..a.failovers {
-            let view = get(format!("http://{}/v1/cluster", http(1))).await?;
-            let leader = view["leader"].as_u64().ok_or("no leader")?;
-            let old_term = view["term"].as_u64().unwrap_or(0);
-            let idx = nodes.iter().position(|n| u64::from(n.id) == leader).ok_or("leader is not a started node")?;
-            let _ = nodes[idx].child.kill();
-            let _ = nodes[idx].child.wait();
+            let old = h.leader().await?;
+            let (leader, old_term) = (old.id, old.term);
+            h.kill(leader)?;
             let t0 = Instant::now();
             loop {
                 let mut leaders = Vec::new();
-                for n in nodes.iter().filter(|n| u64::from(n.id) != leader) {
-                    if let Ok(v) = get(format!("http://{}/v1/cluster", n.http)).await {
+                for n in h.nodes().iter().filter(|n| n.running()) {
+                    if let Ok(v) = get(format!("{}/v1/cluster", n.url())).await {
                         if v["term"].as_u64().unwrap_or(0) > old_term {
                             leaders.push(v["leader"].as_u64());
                         }
@@ -773,9 +754,8 @@ fn membership(a: MembershipArgs) -> Result<(), String> {
                 actix_rt::time::sleep(Duration::from_millis(5)).await;
             }
             failovers.push(t0.elapsed().as_secs_f64() * 1000.0);
-            let id = nodes[idx].id;
-            nodes[idx] = spawn(id, id > 1)?;
-            wait_ready(&mut nodes, Duration::from_secs(60)).await?;
+            h.restart(leader)?;
+            h.wait_ready(Duration::from_secs(60)).await?;
         }
         println!("\n{:<28} {:>6} {:>10} {:>10} {:>10}", "scenario", "n", "p50 ms", "p99 ms", "max ms");
         let (subscribe_ms, joins_ms) = (subscribe.clone(), joins.clone());
@@ -801,8 +781,9 @@ fn membership(a: MembershipArgs) -> Result<(), String> {
         }
         Ok(())
     });
-    stop_all(&mut nodes);
-    let _ = std::fs::remove_dir_all(&dir);
+    if outcome.is_err() {
+        h.print_logs(15);
+    }
     outcome
 }
 

@@ -98,8 +98,8 @@ mod imp {
     use serde_json::json;
 
     use super::super::cluster::{
-        free_ports, latency_buckets, measure_with, payload, prepare, unix_nanos, Body, Cluster, Run, Sent, Sink, Sinks,
-        Target,
+        free_ports, latency_buckets, measure_with, payload, prepare, start_on_free_ports, unix_nanos, Body, Cluster,
+        Run, Sent, Sink, Sinks, Target, LOG_TAIL,
     };
     use super::super::compare::{self, fmt_size, Metric, Row};
     use super::super::{JsStorage, PeerArgs};
@@ -176,7 +176,7 @@ mod imp {
     impl NatsCluster {
         fn start(program: &Path, jetstream: bool, keep: bool) -> Result<NatsCluster, String> {
             let ports = free_ports(6)?;
-            // Not `herald-bench-nats-<pid>`: that is the Herald cluster's directory of `bench nats`,
+            // Not `herald-bench-nats-<pid>-<n>`: that is the Herald cluster's directory of `bench nats`,
             // and each start empties its own directory.
             let dir = std::env::temp_dir().join(format!("herald-bench-nats-servers-{}", std::process::id()));
             let _ = std::fs::remove_dir_all(&dir);
@@ -713,7 +713,7 @@ mod imp {
     pub(super) fn run(a: PeerArgs, mode: Mode) -> Result<(), String> {
         let program = find_server(a.nats_server.as_deref())?;
         let name = format!("herald-bench-{}", mode.command());
-        let mut herald = Cluster::start_on_free_ports(&name, 3, a.wal_fsync, a.keep)?;
+        let mut herald = start_on_free_ports(&name, 3, a.wal_fsync, a.keep)?;
         let nats = NatsCluster::start(&program, mode == Mode::JetStream, a.keep)?;
         let started = Instant::now();
         let outcome = actix_rt::System::new().block_on(async {
@@ -724,7 +724,7 @@ mod imp {
             }
         });
         if outcome.is_err() {
-            eprint!("{}{}", herald.log_tails(), nats.log_tails());
+            eprint!("{}{}", herald.log_tails(LOG_TAIL), nats.log_tails());
         }
         drop(nats);
         drop(herald);

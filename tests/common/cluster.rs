@@ -1,181 +1,153 @@
-//! Clusters of real `herald node` processes on 127.0.0.1 for the process tests: each node gets
-//! its own temporary data dir and free ports, logs to a file (printed when the test fails), and
-//! is killed by pid when dropped.
+//! Clusters of real `herald node` processes on 127.0.0.1 for the process tests, on
+//! `herald::harness`: each node gets its own data dir and ports (HTTP on port 0, a free peer
+//! port), logs to a file (the logs' ends are printed when the test fails), and is killed by pid
+//! when the cluster is dropped. What is here is the tests' side: panics instead of errors, the
+//! tests' environment, and the polling helpers (`converge`, `view`, `call`).
 
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
+pub use herald::harness::Node;
+use herald::harness::{free_ports, Harness, NodeSpec, Ports};
 use serde_json::Value;
 
-use super::{listening_on, wait_ready, Proc, DEADLINE};
+use super::DEADLINE;
 
 const BIN: &str = env!("CARGO_BIN_EXE_herald");
 
 /// How long a cluster may take to converge after a change.
 pub const CONVERGE: Duration = Duration::from_secs(30);
 
-/// A port that was free a moment ago (the listener is dropped at once, so start the node right
-/// after asking).
+/// Lines of each node's log printed when a test fails.
+const LOG_LINES: usize = 60;
+
+/// A port that was free a moment ago (released at once, so start what binds it right after).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind 127.0.0.1:0")
-        .port()
+    free_ports(1).expect("a free port")[0]
 }
 
-/// One `herald node` of a test cluster. Its log goes to a file, printed if the test fails.
-pub struct Node {
-    pub id: u64,
-    pub proc: Proc,
-    /// Holds the data dir (`data`) and the log (`node.log`); removed when the node is dropped.
-    _dir: tempfile::TempDir,
-    /// `127.0.0.1:PORT` of the peer listener (what others `--join`).
-    pub peer: String,
-    /// The `herald node` arguments, to start it again on the same data dir and ports.
-    pub args: Vec<String>,
+/// The `herald node` processes of one test. Reads as the slice of its nodes (`nodes[0]`,
+/// `nodes.iter()`, `for n in &nodes`); prints every node's log tail if the test panics.
+pub struct Cluster {
+    h: Harness,
 }
 
-impl Node {
-    /// Starts node `id`, joining the node whose peer address is `join` (none: a new cluster). With
-    /// `fixed_http` the HTTP port is chosen here rather than by the node, so that a restart can
-    /// reuse it (the peer port always is).
-    pub fn start(id: u64, join: Option<&str>, fixed_http: bool) -> Node {
-        let join: Vec<String> = join.map(String::from).into_iter().collect();
-        Node::start_with(id, &join, format!("127.0.0.1:{}", free_port()), fixed_http)
+impl Cluster {
+    /// No nodes yet, in a temporary directory; the nodes log at `info`, and only their flags
+    /// count (no settings inherited from the environment).
+    pub fn new() -> Cluster {
+        let mut h = Harness::temporary(BIN, "herald-test")
+            .expect("harness directory")
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1");
+        for var in [
+            "HERALD_CONFIG",
+            "HERALD_CLUSTER_ID",
+            "HERALD_JOIN",
+            "HERALD_ADVERTISE",
+            "HERALD_CLUSTER_SECRET_FILE",
+            "HERALD_TOKEN",
+            "HERALD_LOG_FORMAT",
+        ] {
+            h = h.env_remove(var);
+        }
+        Cluster { h }
     }
 
-    /// Starts node `id` on peer address `peer` with `--join` for every address in `join` (as a
-    /// compose file or StatefulSet does: the same list on every node, its first entry starting
-    /// the cluster).
-    pub fn start_with(id: u64, join: &[String], peer: String, fixed_http: bool) -> Node {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut args: Vec<String> = vec!["--node-id".into(), id.to_string()];
-        let data = dir.path().join("data");
-        args.extend(["--data-dir".into(), data.to_str().expect("utf-8 path").into()]);
-        let http_port = if fixed_http { free_port() } else { 0 };
-        args.extend(["--http".into(), format!("127.0.0.1:{http_port}")]);
-        for seed in join {
-            args.extend(["--join".into(), seed.clone()]);
-        }
-        args.extend(["--peer".into(), peer.clone()]);
-        let proc = spawn(&args);
-        Node {
+    /// Starts node `id` on peer address `peer` with `--join` for every address in `join` (none:
+    /// a new cluster), without waiting for it.
+    pub fn start(&mut self, id: u64, join: &[String], peer: String) {
+        let spec = NodeSpec {
             id,
-            proc,
-            _dir: dir,
+            http: "127.0.0.1:0".into(),
             peer,
-            args,
+            join: join.to_vec(),
+            args: Vec::new(),
+        };
+        self.h.start(spec).unwrap_or_else(|e| panic!("start node {id}: {e}"));
+    }
+
+    /// Starts node `id` joining `join` on a free peer port and waits until every node is ready.
+    pub async fn add(&mut self, id: u64, join: &[String]) {
+        let (_, peer) = Ports::Free.of(id).unwrap_or_else(|e| panic!("ports of node {id}: {e}"));
+        self.start(id, join, peer);
+        self.ready().await;
+    }
+
+    /// Waits until every running node is ready (`/readyz`): a member that knows its leader and
+    /// replayed its WAL.
+    pub async fn ready(&mut self) {
+        if let Err(e) = self.h.wait_ready(DEADLINE).await {
+            panic!("{e}");
         }
     }
 
-    pub fn url(&self) -> &str {
-        &self.proc.url
+    /// SIGKILL node `id`: no chance to flush or drain.
+    pub fn kill9(&mut self, id: u64) {
+        self.h.kill(id).unwrap_or_else(|e| panic!("{e}"));
     }
 
-    /// `host:port` of the HTTP API, as the membership table records it.
-    pub fn http(&self) -> &str {
-        self.proc.url.trim_start_matches("http://")
+    /// SIGTERM node `id`, then its exit status within [`DEADLINE`], polled without blocking the
+    /// test's runtime (publishers keep running meanwhile).
+    pub async fn terminate(&mut self, id: u64) -> ExitStatus {
+        self.h.stop(id, DEADLINE).await.unwrap_or_else(|e| panic!("{e}"))
     }
 
-    pub fn pid(&self) -> u32 {
-        self.proc.child.id()
+    /// Starts node `id` again on its data dir and ports (it must have been stopped).
+    pub fn restart(&mut self, id: u64) {
+        self.h.restart(id).unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    /// Sends `kill -<sig>` to node `id`.
+    pub fn signal(&self, id: u64, sig: &str) {
+        self.h.signal(id, sig).unwrap_or_else(|e| panic!("{e}"));
     }
 }
 
-impl Drop for Node {
+impl std::ops::Deref for Cluster {
+    type Target = [Node];
+
+    fn deref(&self) -> &[Node] {
+        self.h.nodes()
+    }
+}
+
+impl<'a> IntoIterator for &'a Cluster {
+    type Item = &'a Node;
+    type IntoIter = std::slice::Iter<'a, Node>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.h.nodes().iter()
+    }
+}
+
+impl Drop for Cluster {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            print_log(&self.args);
+            self.h.print_logs(LOG_LINES);
         }
     }
 }
 
-/// Starts node 1 as a new cluster and nodes 2..=n joining it, one after the other (so they join in
-/// id order).
-pub fn start_cluster(n: u64, fixed_http: bool) -> Vec<Node> {
-    let first = Node::start(1, None, fixed_http);
-    let seed = first.peer.clone();
-    let mut nodes = vec![first];
-    for id in 2..=n {
-        nodes.push(Node::start(id, Some(&seed), fixed_http));
+/// Starts node 1 as a new cluster and nodes 2..=n joining it, one after the other (each once the
+/// one before is ready, so they join in id order: the first three are the voters).
+pub async fn start_cluster(n: u64) -> Cluster {
+    let mut c = Cluster::new();
+    let mut seed = Vec::new();
+    for id in 1..=n {
+        let (_, peer) = Ports::Free.of(id).unwrap_or_else(|e| panic!("ports of node {id}: {e}"));
+        c.start(id, &seed, peer.clone());
+        c.ready().await;
+        if seed.is_empty() {
+            seed.push(peer);
+        }
     }
-    nodes
+    c
 }
 
 /// The HTTP URLs of `nodes`.
 pub fn urls<'a>(nodes: impl IntoIterator<Item = &'a Node>) -> Vec<String> {
     nodes.into_iter().map(|n| n.url().to_string()).collect()
-}
-
-/// Where `herald node <args>` logs: `node.log` next to its data dir.
-pub fn log_path(args: &[String]) -> PathBuf {
-    let data = args
-        .iter()
-        .skip_while(|a| *a != "--data-dir")
-        .nth(1)
-        .expect("--data-dir");
-    Path::new(data).with_file_name("node.log")
-}
-
-/// Prints the end of the log of `herald node <args>` to stderr.
-pub fn print_log(args: &[String]) {
-    let path = log_path(args);
-    let log = std::fs::read_to_string(&path).unwrap_or_default();
-    let lines: Vec<&str> = log.lines().collect();
-    eprintln!("--- last lines of {} ({args:?}) ---", path.display());
-    for line in &lines[lines.len().saturating_sub(60)..] {
-        eprintln!("{line}");
-    }
-}
-
-/// Starts `herald node <args>` (logging at `info` to [`log_path`]) and waits until it is ready: a
-/// member that knows its leader and replayed its WAL. A node that never gets ready is killed.
-pub fn spawn(args: &[String]) -> Proc {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log_path(args))
-        .expect("node log file");
-    let mut cmd = Command::new(BIN);
-    // Only the flags count: no settings inherited from the environment.
-    for var in [
-        "HERALD_CONFIG",
-        "HERALD_CLUSTER_ID",
-        "HERALD_JOIN",
-        "HERALD_ADVERTISE",
-        "HERALD_CLUSTER_SECRET_FILE",
-        "HERALD_TOKEN",
-        "HERALD_LOG_FORMAT",
-    ] {
-        cmd.env_remove(var);
-    }
-    let mut child = cmd
-        .arg("node")
-        .args(args)
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(log)
-        .spawn()
-        .expect("spawn herald");
-    let url = listening_on(&mut child).recv_timeout(DEADLINE);
-    let proc = Proc {
-        child,
-        url: url.clone().unwrap_or_default(),
-    };
-    // On a panic the node is killed when `proc` is dropped.
-    if url.is_err() {
-        print_log(args);
-        panic!("herald node {args:?} did not report its address within {DEADLINE:?}");
-    }
-    if let Err(panic) = std::panic::catch_unwind(|| wait_ready(&proc.url)) {
-        print_log(args);
-        std::panic::resume_unwind(panic);
-    }
-    proc
 }
 
 /// An HTTP client with `timeout` for calls to nodes that may be down.
@@ -237,32 +209,5 @@ pub async fn converge<T>(what: &str, urls: &[String], path: &str, check: impl Fn
             serde_json::to_string_pretty(&answers).unwrap_or_default()
         );
         actix_rt::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// Sends `kill -<sig> <pid>` to a process this test started.
-pub fn signal(pid: u32, sig: &str) {
-    let status = Command::new("kill")
-        .args([format!("-{sig}"), pid.to_string()])
-        .status()
-        .expect("run kill");
-    assert!(status.success(), "kill -{sig} {pid} failed: {status:?}");
-}
-
-/// SIGTERM, then the exit status within [`DEADLINE`], polled without blocking the test's runtime
-/// (the publishers keep running meanwhile).
-pub async fn terminate(proc: &mut Proc) -> ExitStatus {
-    let pid = proc.child.id();
-    signal(pid, "TERM");
-    let start = Instant::now();
-    loop {
-        if let Some(status) = proc.child.try_wait().expect("try_wait") {
-            return status;
-        }
-        if start.elapsed() > DEADLINE {
-            proc.kill9();
-            panic!("herald (pid {pid}) did not stop within {DEADLINE:?} of SIGTERM");
-        }
-        actix_rt::time::sleep(Duration::from_millis(20)).await;
     }
 }
