@@ -345,3 +345,58 @@ impl Relay {
         self.outbound.park(key, event, completion);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+
+    /// Remembers the outcomes it is told.
+    #[derive(Default)]
+    struct Told(Mutex<Vec<Outcome>>);
+
+    impl Completion for Told {
+        fn complete(&self, _: &SubscriptionKey, outcome: Outcome) {
+            self.0.lock().unwrap().push(outcome);
+        }
+    }
+
+    fn job(told: &Arc<Told>, origin: Origin) -> (Arc<SubscriptionKey>, Job) {
+        let key = Arc::new(SubscriptionKey {
+            topic: "orders".into(),
+            group: "billing".into(),
+        });
+        let job = Job {
+            event: Arc::new(Event::new("orders", "{}", "application/json")),
+            completion: told.clone(),
+            origin,
+        };
+        (key, job)
+    }
+
+    #[test]
+    fn a_job_returned_before_the_relay_runs_waits_for_it() {
+        let (returns, ReturnedJobs(mut rx)) = returns();
+        let told = Arc::new(Told::default());
+        let (key, job) = job(&told, Origin::Forwarded { from: 2, delivery: 7 });
+        returns.retired(&key, job);
+        let (got_key, got) = rx.try_recv().expect("the job is queued for the relay");
+        assert_eq!(got_key, key);
+        assert_eq!(got.origin, Origin::Forwarded { from: 2, delivery: 7 });
+        assert!(told.0.lock().unwrap().is_empty(), "nothing is completed yet");
+    }
+
+    #[test]
+    fn a_job_returned_once_the_relay_stopped_fails_and_stays_in_the_wal() {
+        let (returns, returned) = returns();
+        drop(returned);
+        let told = Arc::new(Told::default());
+        let (key, job) = job(&told, Origin::Local);
+        returns.retired(&key, job);
+        assert!(matches!(
+            told.0.lock().unwrap().as_slice(),
+            [Outcome::Failed { attempts: 0, .. }]
+        ));
+    }
+}

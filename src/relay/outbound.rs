@@ -233,16 +233,9 @@ impl Outbound {
                 // An unknown code (a newer peer) counts as a failure: the event stays in the WAL.
                 let code = AckCode::try_from(ack.code).unwrap_or(AckCode::Failed);
                 if code == AckCode::NotPlaced {
-                    if let Some(p) = pending.get_mut(&ack.id) {
-                        // Only the node it was sent to may refuse it (a late refusal from a node
-                        // it was routed away from says nothing about where it is now).
-                        if let Destination::Sent { node, refused: r, .. } = &mut p.to {
-                            if *node == from {
-                                tracing::debug!(peer = from, subscription = %p.key, reason = %ack.error, "delivery refused; routing it again");
-                                *r = true;
-                                refused = true;
-                            }
-                        }
+                    if let Some(p) = pending.get_mut(&ack.id).filter(|p| p.node() == Some(from)) {
+                        tracing::debug!(peer = from, subscription = %p.key, reason = %ack.error, "delivery refused; routing it again");
+                        refused |= p.refuse(from);
                     }
                     continue;
                 }

@@ -63,6 +63,18 @@ impl Pending {
         }
     }
 
+    /// `from` refused it (fencing). Only the node it was sent to may: a late refusal from a node
+    /// it was routed away from says nothing about where it is now. Whether it counted.
+    pub(super) fn refuse(&mut self, from: u64) -> bool {
+        match &mut self.to {
+            Destination::Sent { node, refused, .. } if *node == from => {
+                *refused = true;
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// The node it was sent to, if any.
     pub(super) fn node(&self) -> Option<u64> {
         match self.to {
@@ -180,25 +192,41 @@ mod tests {
     #[test]
     fn releasing_gives_the_window_unit_back_once_and_parks() {
         let load = Arc::new(AtomicUsize::new(1));
-        let mut p = Pending {
+        let mut p = pending(Destination::Sent {
+            node: 2,
+            load: load.clone(),
+            at: Instant::now(),
+            refused: false,
+        });
+        assert_eq!(p.node(), Some(2));
+        p.release();
+        p.release();
+        assert_eq!(load.load(Ordering::Acquire), 0);
+        assert_eq!(p.node(), None);
+    }
+
+    #[test]
+    fn only_the_node_a_delivery_was_sent_to_can_refuse_it() {
+        let mut p = pending(Destination::Parked);
+        assert!(!p.refuse(2), "a parked delivery was sent nowhere");
+        let at = Instant::now();
+        p.to = sent(at, false);
+        assert!(!p.refuse(3));
+        assert_eq!(reroute(&p.to, at, AFTER, |_| NodeState::Placed), None);
+        assert!(p.refuse(2));
+        assert_eq!(reroute(&p.to, at, AFTER, |_| NodeState::Placed), Some(Reroute::Refused));
+    }
+
+    fn pending(to: Destination) -> Pending {
+        Pending {
             key: Arc::new(SubscriptionKey {
                 topic: "t".into(),
                 group: "g".into(),
             }),
             event: Arc::new(Event::new("t", "{}", "application/json")),
             done: Once::new(Arc::new(Nothing)),
-            to: Destination::Sent {
-                node: 2,
-                load: load.clone(),
-                at: Instant::now(),
-                refused: false,
-            },
-        };
-        assert_eq!(p.node(), Some(2));
-        p.release();
-        p.release();
-        assert_eq!(load.load(Ordering::Acquire), 0);
-        assert_eq!(p.node(), None);
+            to,
+        }
     }
 
     struct Nothing;
