@@ -405,39 +405,11 @@ async fn receive_events(inbound: Arc<Inbound>, from: u64, mut rx: mpsc::Unbounde
     }
 }
 
-/// Drains the acks, outcomes and lane credits owed to one origin into ack batches. Outcomes are
-/// recorded in the dedup window under one lock per batch; a copy that came from another origin
-/// is answered through that origin's queue.
+/// Drains the acks, outcomes and lane credits owed to one origin into ack batches.
 async fn send_acks(transport: Transport, origin: u64, mut rx: mpsc::UnboundedReceiver<AckItem>, dedup: Window) {
     let mut buf = Vec::with_capacity(MAX_BATCH);
-    let mut handled = Vec::new();
     while rx.recv_many(&mut buf, MAX_BATCH * 8).await > 0 {
-        let mut batch = AckBatch::default();
-        for item in buf.drain(..) {
-            match item {
-                AckItem::Ack(record) => batch.acks.push(record),
-                AckItem::Handled { dedup, outcome } => handled.push((dedup, outcome)),
-                AckItem::Credit { lane, done } => {
-                    let n = done.swap(0, Ordering::AcqRel);
-                    if n > 0 {
-                        batch.credits.push(LaneCredit { lane, n });
-                    }
-                }
-            }
-        }
-        if !handled.is_empty() {
-            let mut window = dedup.lock().unwrap_or_else(|p| p.into_inner());
-            for (key, outcome) in handled.drain(..) {
-                let f = finished(outcome);
-                for w in window.finish(key, f.clone()) {
-                    if w.origin == origin {
-                        batch.acks.push(answer(w.delivery, &f));
-                    } else {
-                        let _ = w.acks.send(AckItem::Ack(answer(w.delivery, &f)));
-                    }
-                }
-            }
-        }
+        let batch = ack_batch(origin, buf.drain(..), &dedup);
         if batch.acks.is_empty() && batch.credits.is_empty() {
             continue;
         }
@@ -452,6 +424,40 @@ async fn send_acks(transport: Transport, origin: u64, mut rx: mpsc::UnboundedRec
             tracing::debug!(peer = origin, error = %e, "cannot send acks");
         }
     }
+}
+
+/// The ack batch for `origin` from the items its queue held. Outcomes are recorded in the dedup
+/// window under one lock for all of them; a copy that came from another origin is answered
+/// through that origin's queue.
+fn ack_batch(origin: u64, items: impl Iterator<Item = AckItem>, dedup: &Mutex<Dedup<Waiter>>) -> AckBatch {
+    let mut batch = AckBatch::default();
+    let mut handled = Vec::new();
+    for item in items {
+        match item {
+            AckItem::Ack(record) => batch.acks.push(record),
+            AckItem::Handled { dedup, outcome } => handled.push((dedup, outcome)),
+            AckItem::Credit { lane, done } => {
+                let n = done.swap(0, Ordering::AcqRel);
+                if n > 0 {
+                    batch.credits.push(LaneCredit { lane, n });
+                }
+            }
+        }
+    }
+    if !handled.is_empty() {
+        let mut window = dedup.lock().unwrap_or_else(|p| p.into_inner());
+        for (key, outcome) in handled {
+            let f = finished(outcome);
+            for w in window.finish(key, f.clone()) {
+                if w.origin == origin {
+                    batch.acks.push(answer(w.delivery, &f));
+                } else {
+                    let _ = w.acks.send(AckItem::Ack(answer(w.delivery, &f)));
+                }
+            }
+        }
+    }
+    batch
 }
 
 #[cfg(test)]
@@ -494,6 +500,64 @@ mod tests {
     #[test]
     fn a_delivery_for_a_subscription_run_here_passes_the_fence() {
         assert_eq!(fence(Some(7), "orders", "billing", 3, |_| unreachable!()), Ok(7));
+    }
+
+    fn waiter(origin: u64, delivery: u64, acks: &AckSender) -> Waiter {
+        Waiter {
+            origin,
+            delivery,
+            acks: acks.clone(),
+        }
+    }
+
+    #[test]
+    fn an_outcome_acks_every_copy_each_to_its_origin_and_later_copies_from_the_window() {
+        let window = Mutex::new(Dedup::new(8));
+        let (to_a, _a) = mpsc::unbounded_channel();
+        let (to_b, mut b) = mpsc::unbounded_channel();
+        let sub = SubscriptionKey {
+            topic: "orders".into(),
+            group: "billing".into(),
+        };
+        let key = window.lock().unwrap().key(&sub, "e1");
+        // Node 1 sent it as delivery 10 (twice: a re-send), node 2 as delivery 20.
+        assert_eq!(window.lock().unwrap().check(key, waiter(1, 10, &to_a)), Check::New);
+        assert_eq!(window.lock().unwrap().check(key, waiter(1, 11, &to_a)), Check::Running);
+        assert_eq!(window.lock().unwrap().check(key, waiter(2, 20, &to_b)), Check::Running);
+        let outcome = Outcome::Ok { attempts: 1 };
+        let batch = ack_batch(1, [AckItem::Handled { dedup: key, outcome }].into_iter(), &window);
+        let ids: Vec<_> = batch.acks.iter().map(|a| (a.id, a.code)).collect();
+        assert_eq!(ids, vec![(10, AckCode::Ok as i32), (11, AckCode::Ok as i32)]);
+        match b.try_recv() {
+            Ok(AckItem::Ack(a)) => assert_eq!((a.id, a.code), (20, AckCode::Ok as i32)),
+            _ => panic!("node 2's copy is acked through its own queue"),
+        }
+        // A copy arriving later is answered from the window.
+        assert_eq!(
+            window.lock().unwrap().check(key, waiter(2, 21, &to_b)),
+            Check::Done(finished(Outcome::Ok { attempts: 1 }))
+        );
+    }
+
+    #[test]
+    fn a_lane_is_credited_with_everything_done_since_its_last_credit() {
+        let window = Mutex::new(Dedup::new(8));
+        let done = Arc::new(AtomicU64::new(3));
+        let items = [
+            AckItem::Credit {
+                lane: 5,
+                done: done.clone(),
+            },
+            // Queued again meanwhile: its count was already taken.
+            AckItem::Credit {
+                lane: 5,
+                done: done.clone(),
+            },
+        ];
+        let batch = ack_batch(1, items.into_iter(), &window);
+        assert_eq!(batch.credits, vec![LaneCredit { lane: 5, n: 3 }]);
+        assert_eq!(done.load(Ordering::Acquire), 0);
+        assert!(batch.acks.is_empty());
     }
 
     #[test]
