@@ -75,9 +75,9 @@
 //!
 //! * [`monitor`] — node monitoring: pings, the phi-accrual detector per peer, and the health that
 //!   routers read (up, suspect, degraded).
-//! * `relay` — the event plane between nodes: batches of forwarded events and acks over the peer
-//!   transport, the pending table that redelivers unacked events, the handler side's dedup window
-//!   and placement fencing.
+//! * `relay` — the event plane between nodes: a front (`Relay`) over a sending side (batches of
+//!   forwarded events, the pending table that redelivers unacked events, at-most-once lanes) and
+//!   a receiving side (placement fencing, the dedup window, acks back).
 
 #![warn(missing_docs, unreachable_pub)]
 

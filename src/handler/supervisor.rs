@@ -57,12 +57,23 @@ pub(crate) trait DeadLetterSink: Send + Sync {
 /// Why a dead letter could not be stored (the sink's own error: the handler layer knows no store).
 pub(crate) type DeadLetterError = Box<dyn std::error::Error + Send + Sync>;
 
+/// Where a job came from: what is owed for it if it cannot run here (see [`Retired`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Origin {
+    /// Accepted on this node (published here, replayed, or routed again here).
+    Local,
+    /// Forwarded by node `from` as delivery `delivery`, which `from` keeps until acked.
+    Forwarded { from: u64, delivery: u64 },
+    /// Forwarded by node `from` at most once (`ack=none`) on its lane `lane`: neither acked nor
+    /// re-sent, only credited.
+    AtMostOnce { from: u64, lane: u64 },
+}
+
 /// An event waiting in an instance's mailbox.
 pub(crate) struct Job {
     pub(crate) event: Arc<Event>,
     pub(crate) completion: Arc<dyn Completion>,
-    /// `(origin node, delivery id)` when another node forwarded it here.
-    pub(crate) origin: Option<(u64, u64)>,
+    pub(crate) origin: Origin,
 }
 
 /// Takes the jobs an instance will not run because its subscription's placement left this node

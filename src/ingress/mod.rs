@@ -33,7 +33,7 @@ use tokio::sync::{oneshot, Notify};
 use utoipa::ToSchema;
 
 use crate::event::{Event, EventError};
-use crate::handler::supervisor::{Completion, DeadLetterError, DeadLetterSink, Job, Outcome};
+use crate::handler::supervisor::{Completion, DeadLetterError, DeadLetterSink, Job, Origin, Outcome};
 use crate::proto::{DeadLetterRecord, EventRecord};
 use crate::relay::{Outgoing, Relay};
 use crate::router::{NoRoom, Route, Router, RoutingTable, Target, TopicRoutes};
@@ -628,7 +628,7 @@ impl Ingress {
                     Target::Local(slot) => slot.send(Job {
                         event: event.clone(),
                         completion: tracker(),
-                        origin: None,
+                        origin: Origin::Local,
                     }),
                     Target::Remote(slot) => {
                         let (node, load) = slot.take();

@@ -31,7 +31,7 @@ use crate::membership::raft_node::RaftStatus;
 use crate::membership::service::{Membership, MembershipConfig};
 use crate::membership::state::MembershipState;
 use crate::monitor::{Health, MonitorConfig, Progress};
-use crate::relay::{Relay, RelayConfig, RelayRuntime, Returns};
+use crate::relay::{Relay, RelayConfig, RelayRuntime};
 use crate::router::{Router, RouterParts};
 use crate::subscription::SubscriptionSpec;
 use crate::types::SubscriptionKey;
@@ -119,7 +119,7 @@ impl NodeBuilder {
             let tick = progress.tick_worker(i);
             w.spawn(tick);
         }
-        let returns = Arc::new(Returns::default());
+        let (returns, returned) = crate::relay::returns();
         let router = Arc::new(Router::new(RouterParts {
             registry,
             workers: workers.iter().map(Arbiter::handle).collect(),
@@ -136,7 +136,7 @@ impl NodeBuilder {
             health: health.clone(),
             progress: progress.clone(),
             window: h.mailbox_capacity,
-            returns: returns.clone(),
+            returns: Arc::new(returns),
         }));
         // Declared subscriptions must be valid for this binary before anything starts.
         for spec in &config.subscriptions {
@@ -202,8 +202,8 @@ impl NodeBuilder {
             },
             relay_runtime.handle(),
             app_rx,
+            returned,
         );
-        returns.set(&relay);
         let ingress = Arc::new(Ingress::new(
             router.clone(),
             relay.clone(),

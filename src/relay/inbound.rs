@@ -1,0 +1,584 @@
+//! The receiving side: deliveries other nodes forwarded to this node's instances.
+//!
+//! Owns the per-origin inboxes and their tasks (batches from one origin are handled in order, so
+//! a key's order survives the hop), placement fencing (a delivery for a subscription this node
+//! runs no instance of is refused with [`AckCode::NotPlaced`]), the dedup window, the handler
+//! side of the at-most-once lanes, and the per-origin ack queues and their tasks.
+//!
+//! Completions tell it nothing through a pointer to it: a forwarded job's completion
+//! ([`Handled`]) and an at-most-once lane's ([`LaneDone`]) hold the sender of their origin's ack
+//! queue, and the ack task records the outcome in the dedup window (one lock per batch) and
+//! answers every copy that waited for it.
+//!
+//! Must not: keep or re-send deliveries (the origin does), or route events anywhere but to this
+//! node's instances.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use prost::Message;
+use tokio::sync::mpsc;
+
+use super::dedup::{Check, Dedup, DedupKey, Finished};
+use super::{IdMap, Queues};
+use crate::event::Event;
+use crate::handler::supervisor::{Completion, Job, Origin, Outcome};
+use crate::proto::{peer_message, AckBatch, AckCode, AckRecord, Deliveries, Forwarded, LaneCredit, PeerMessage};
+use crate::router::{Router, RoutingTable, SubRuntime};
+use crate::transport::{Envelope, Transport};
+use crate::types::SubscriptionKey;
+
+/// At most this many acks are taken from an ack queue per batch (times eight).
+const MAX_BATCH: usize = 1024;
+
+/// Why a delivery is refused (answered with [`AckCode::NotPlaced`], so its origin routes it again
+/// by the current placement). The text goes back in the ack, for the origin's logs.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(super) enum Refusal {
+    #[error("a delivery without an event")]
+    NoEvent,
+    #[error("node holds no instance of {key} (placement epoch {placement}, delivery epoch {delivery})")]
+    NotPlaced {
+        key: SubscriptionKey,
+        /// The epoch of the subscription's placement here; 0 when it has none.
+        placement: u64,
+        delivery: u64,
+    },
+    #[error("subscription {0} stopped on this node")]
+    Stopped(SubscriptionKey),
+    #[error("placement of {0} moved away from this node before it ran the event")]
+    Moved(SubscriptionKey),
+}
+
+impl Refusal {
+    /// The ack that refuses delivery `id`.
+    pub(super) fn ack(&self, id: u64) -> AckRecord {
+        AckRecord {
+            id,
+            code: AckCode::NotPlaced as i32,
+            attempts: 0,
+            error: self.to_string(),
+        }
+    }
+}
+
+/// What a delivery's subscription lookup decided (fencing): run it on `sub`, or refuse it.
+pub(super) fn fence<S>(
+    sub: Option<S>,
+    topic: &str,
+    group: &str,
+    delivery_epoch: u64,
+    placement_epoch: impl FnOnce(&SubscriptionKey) -> Option<u64>,
+) -> Result<S, Refusal> {
+    sub.ok_or_else(|| {
+        let key = SubscriptionKey {
+            topic: topic.to_string(),
+            group: group.to_string(),
+        };
+        Refusal::NotPlaced {
+            placement: placement_epoch(&key).unwrap_or(0),
+            key,
+            delivery: delivery_epoch,
+        }
+    })
+}
+
+/// The ack answering a delivery with what its subscription did.
+fn finished(outcome: Outcome) -> Finished {
+    match outcome {
+        Outcome::Ok { attempts } => Finished {
+            code: AckCode::Ok,
+            attempts,
+            error: String::new(),
+        },
+        Outcome::DeadLettered { attempts, error } => Finished {
+            code: AckCode::DeadLettered,
+            attempts,
+            error,
+        },
+        Outcome::Failed { attempts, error } => Finished {
+            code: AckCode::Failed,
+            attempts,
+            error,
+        },
+    }
+}
+
+fn answer(id: u64, f: &Finished) -> AckRecord {
+    AckRecord {
+        id,
+        code: f.code as i32,
+        attempts: f.attempts,
+        error: f.error.clone(),
+    }
+}
+
+/// The sender of one origin's ack queue.
+type AckSender = mpsc::UnboundedSender<AckItem>;
+
+/// What the receiving side owes an origin.
+pub(super) enum AckItem {
+    /// An ack, ready to send.
+    Ack(AckRecord),
+    /// A forwarded delivery finished: record it in the dedup window and ack every copy.
+    Handled { dedup: DedupKey, outcome: Outcome },
+    /// A lane has deliveries done and not yet credited (the counter is taken when sending).
+    Credit { lane: u64, done: Arc<AtomicU64> },
+}
+
+/// One copy of a running delivery, waiting for its outcome: acked to `origin` through `acks`.
+struct Waiter {
+    origin: u64,
+    delivery: u64,
+    acks: AckSender,
+}
+
+/// The window as the receiving side keeps it: shared by the origins' receiving tasks (which
+/// check it) and ack tasks (which record outcomes).
+type Window = Arc<Mutex<Dedup<Waiter>>>;
+
+/// The receiving side of one node.
+pub(super) struct Inbound {
+    transport: Transport,
+    router: Arc<Router>,
+    /// Where the inbox and ack tasks run (the relay's thread).
+    runtime: tokio::runtime::Handle,
+    /// The lanes of the origins, by (origin, lane).
+    lanes: Mutex<IdMap<(u64, u64), Arc<LaneDone>>>,
+    acks: Queues<AckItem>,
+    inboxes: Queues<Bytes>,
+    dedup: Window,
+    deduplicated: metrics::Counter,
+}
+
+impl Inbound {
+    pub(super) fn new(
+        transport: Transport,
+        router: Arc<Router>,
+        dedup_window: usize,
+        runtime: tokio::runtime::Handle,
+    ) -> Inbound {
+        Inbound {
+            transport,
+            router,
+            runtime,
+            lanes: Mutex::new(IdMap::default()),
+            acks: Queues::new(),
+            inboxes: Queues::new(),
+            dedup: Arc::new(Mutex::new(Dedup::new(dedup_window))),
+            deduplicated: metrics::counter!(crate::metrics::EVENTS_DEDUPLICATED),
+        }
+    }
+
+    /// A batch of deliveries from `from`: queued for the origin's task, which handles its
+    /// batches in order.
+    pub(super) fn on_events(self: &Arc<Self>, from: u64, batch: Bytes) {
+        let runtime = &self.runtime;
+        self.inboxes.push(from, batch, |rx| {
+            runtime.spawn(receive_events(self.clone(), from, rx));
+        });
+    }
+
+    /// The sender of `origin`'s ack queue (its task started on first use).
+    fn ack_sender(&self, origin: u64) -> AckSender {
+        let (transport, dedup, runtime) = (&self.transport, &self.dedup, &self.runtime);
+        self.acks.sender(origin, |rx| {
+            runtime.spawn(send_acks(transport.clone(), origin, rx, dedup.clone()));
+        })
+    }
+
+    fn ack(&self, origin: u64, record: AckRecord) {
+        let _ = self.ack_sender(origin).send(AckItem::Ack(record));
+    }
+
+    /// The subscription a delivery is for, as this node runs it (or none: refuse it). Batches
+    /// carry runs of one subscription, so the last answer is kept while the table is unchanged.
+    fn lookup(&self, cache: &mut Lookup, topic: &str, group: &str) -> Option<Arc<SubRuntime>> {
+        let table = self.router.table();
+        let fresh = cache
+            .as_ref()
+            .is_some_and(|(t, key, _)| Arc::ptr_eq(t, &table) && key.topic == topic && key.group == group);
+        if !fresh {
+            let key = SubscriptionKey {
+                topic: topic.to_string(),
+                group: group.to_string(),
+            };
+            let sub = table.get(&key).cloned();
+            *cache = Some((table, key, sub));
+        }
+        cache.as_ref().and_then(|(_, _, sub)| sub.clone())
+    }
+
+    /// The receiving side of `origin`'s `lane` (kept in `cache` while batches use one lane).
+    fn lane(&self, origin: u64, lane: u64, cache: &mut Option<Arc<LaneDone>>) -> Arc<LaneDone> {
+        if let Some(l) = cache.as_ref().filter(|l| l.lane == lane) {
+            return l.clone();
+        }
+        let l = self
+            .lanes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry((origin, lane))
+            .or_insert_with(|| {
+                Arc::new(LaneDone {
+                    acks: self.ack_sender(origin),
+                    lane,
+                    done: Arc::new(AtomicU64::new(0)),
+                })
+            })
+            .clone();
+        *cache = Some(l.clone());
+        l
+    }
+
+    /// An at-most-once delivery: no dedup window (the origin never re-sends it) and no ack; its
+    /// lane is credited once it is handled, or at once when it cannot be (it is then dropped).
+    async fn accept_once(&self, from: u64, d: Forwarded, cache: &mut Lookup, lane: &mut Option<Arc<LaneDone>>) {
+        let done = self.lane(from, d.lane, lane);
+        let Some(record) = d.event else {
+            return done.credit_one();
+        };
+        let Some(sub) = self.lookup(cache, &record.topic, &d.group) else {
+            tracing::debug!(peer = from, topic = %record.topic, group = %d.group, epoch = d.epoch, "at-most-once delivery for a subscription this node does not run; dropped");
+            return done.credit_one();
+        };
+        let job = Job {
+            event: Arc::new(Event::from(record)),
+            completion: done,
+            origin: Origin::AtMostOnce { from, lane: d.lane },
+        };
+        let job = match sub.try_send(job) {
+            Ok(()) => return,
+            Err(job) => job,
+        };
+        if let Err(job) = sub.send_waiting(job.event.key.clone().as_deref(), job).await {
+            job.completion.complete(&sub.shared.key, Outcome::Ok { attempts: 0 });
+        }
+    }
+
+    /// A delivery the origin keeps until acked: fenced, deduplicated, then handed to the
+    /// instance.
+    async fn accept(&self, from: u64, d: Forwarded, cache: &mut Lookup) {
+        let Some(record) = d.event else {
+            return self.ack(from, Refusal::NoEvent.ack(d.id));
+        };
+        let sub = self.lookup(cache, &record.topic, &d.group);
+        let sub = match fence(sub, &record.topic, &d.group, d.epoch, |key| {
+            self.router.table().route(key).map(|r| r.epoch)
+        }) {
+            Ok(sub) => sub,
+            Err(refusal) => return self.ack(from, refusal.ack(d.id)),
+        };
+        let key = &sub.shared.key;
+        let acks = self.ack_sender(from);
+        let dedup_key;
+        {
+            let mut dedup = self.dedup.lock().unwrap_or_else(|p| p.into_inner());
+            dedup_key = dedup.key(key, &record.id);
+            let waiter = Waiter {
+                origin: from,
+                delivery: d.id,
+                acks: acks.clone(),
+            };
+            match dedup.check(dedup_key, waiter) {
+                Check::New => {}
+                Check::Running => {
+                    drop(dedup);
+                    self.deduplicated.increment(1);
+                    return;
+                }
+                Check::Done(f) => {
+                    drop(dedup);
+                    self.deduplicated.increment(1);
+                    let _ = acks.send(AckItem::Ack(answer(d.id, &f)));
+                    return;
+                }
+            }
+        }
+        let job = Job {
+            event: Arc::new(Event::from(record)),
+            completion: Arc::new(Handled { acks, dedup: dedup_key }),
+            origin: Origin::Forwarded { from, delivery: d.id },
+        };
+        // Straight into the mailbox when it has room; wait (in order) only when it is full.
+        let job = match sub.try_send(job) {
+            Ok(()) => return,
+            Err(job) => job,
+        };
+        if sub.send_waiting(job.event.key.clone().as_deref(), job).await.is_err() {
+            // Copies that arrived meanwhile are re-sent by their origins after the timeout.
+            self.dedup
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .forget(dedup_key)
+                .for_each(drop);
+            self.ack(from, Refusal::Stopped((**key).clone()).ack(d.id));
+        }
+    }
+
+    /// Delivery `delivery` of event `event_id` from `from`, queued for `key` here, will not run
+    /// here because the placement moved (see [`crate::handler::supervisor::Retired`]): it is
+    /// refused back to every origin that waits for it, which routes it by the new placement.
+    pub(super) fn retired(&self, key: &SubscriptionKey, event_id: &str, from: u64, delivery: u64) {
+        let refusal = Refusal::Moved(key.clone());
+        let waiting: Vec<Waiter> = {
+            let mut dedup = self.dedup.lock().unwrap_or_else(|p| p.into_inner());
+            let k = dedup.key(key, event_id);
+            dedup.forget(k).collect()
+        };
+        if waiting.is_empty() {
+            return self.ack(from, refusal.ack(delivery));
+        }
+        for w in waiting {
+            let _ = w.acks.send(AckItem::Ack(refusal.ack(w.delivery)));
+        }
+    }
+}
+
+/// The completion of a forwarded delivery on this node: its outcome goes to the origin's ack
+/// task, which records it and acks every copy.
+struct Handled {
+    acks: AckSender,
+    dedup: DedupKey,
+}
+
+impl Completion for Handled {
+    fn complete(&self, _: &SubscriptionKey, outcome: Outcome) {
+        // Fails only once the relay's runtime stopped: the origin re-sends after its timeout.
+        let _ = self.acks.send(AckItem::Handled {
+            dedup: self.dedup,
+            outcome,
+        });
+    }
+}
+
+/// The receiving side of one origin's lane: at-most-once deliveries finished (or dropped) and not
+/// yet credited back. Shared by all of the lane's jobs as their completion, so an at-most-once
+/// delivery costs no allocation and no ack of its own: the first completion after a credit
+/// queues the lane once, and the ack task sends however many finished by then.
+pub(super) struct LaneDone {
+    acks: AckSender,
+    lane: u64,
+    done: Arc<AtomicU64>,
+}
+
+impl LaneDone {
+    /// One more delivery of the lane is done (handled, failed, or dropped).
+    fn credit_one(&self) {
+        if self.done.fetch_add(1, Ordering::AcqRel) == 0 {
+            let _ = self.acks.send(AckItem::Credit {
+                lane: self.lane,
+                done: self.done.clone(),
+            });
+        }
+    }
+}
+
+impl Completion for LaneDone {
+    fn complete(&self, _: &SubscriptionKey, _: Outcome) {
+        self.credit_one();
+    }
+}
+
+/// The receiving side's last subscription lookup: (table snapshot, key, this node's instances).
+type Lookup = Option<(Arc<RoutingTable>, SubscriptionKey, Option<Arc<SubRuntime>>)>;
+
+/// Handles one origin's batches in order. Each batch is decoded one delivery at a time, as it is
+/// handed over. Runs until the relay's runtime stops (the node's shutdown).
+async fn receive_events(inbound: Arc<Inbound>, from: u64, mut rx: mpsc::UnboundedReceiver<Bytes>) {
+    let mut cache = None;
+    let mut lane = None;
+    while let Some(batch) = rx.recv().await {
+        for d in Deliveries(batch) {
+            match d {
+                Ok(d) if d.lane != 0 => inbound.accept_once(from, d, &mut cache, &mut lane).await,
+                Ok(d) => inbound.accept(from, d, &mut cache).await,
+                Err(e) => {
+                    // The origin re-sends what it does not get acked.
+                    tracing::warn!(peer = from, error = %e, "undecodable delivery; rest of the batch dropped");
+                    break;
+                }
+            }
+        }
+        cache = None;
+    }
+}
+
+/// Drains the acks, outcomes and lane credits owed to one origin into ack batches.
+async fn send_acks(transport: Transport, origin: u64, mut rx: mpsc::UnboundedReceiver<AckItem>, dedup: Window) {
+    let mut buf = Vec::with_capacity(MAX_BATCH);
+    while rx.recv_many(&mut buf, MAX_BATCH * 8).await > 0 {
+        let batch = ack_batch(origin, buf.drain(..), &dedup);
+        if batch.acks.is_empty() && batch.credits.is_empty() {
+            continue;
+        }
+        let env = Envelope::app(
+            PeerMessage {
+                body: Some(peer_message::Body::Acks(batch)),
+            }
+            .encode_to_vec(),
+        );
+        if let Err(e) = transport.send_async(origin, env).await {
+            // The origin re-sends after its timeout; the dedup window answers then.
+            tracing::debug!(peer = origin, error = %e, "cannot send acks");
+        }
+    }
+}
+
+/// The ack batch for `origin` from the items its queue held. Outcomes are recorded in the dedup
+/// window under one lock for all of them; a copy that came from another origin is answered
+/// through that origin's queue.
+fn ack_batch(origin: u64, items: impl Iterator<Item = AckItem>, dedup: &Mutex<Dedup<Waiter>>) -> AckBatch {
+    let mut batch = AckBatch::default();
+    let mut handled = Vec::new();
+    for item in items {
+        match item {
+            AckItem::Ack(record) => batch.acks.push(record),
+            AckItem::Handled { dedup, outcome } => handled.push((dedup, outcome)),
+            AckItem::Credit { lane, done } => {
+                let n = done.swap(0, Ordering::AcqRel);
+                if n > 0 {
+                    batch.credits.push(LaneCredit { lane, n });
+                }
+            }
+        }
+    }
+    if !handled.is_empty() {
+        let mut window = dedup.lock().unwrap_or_else(|p| p.into_inner());
+        for (key, outcome) in handled {
+            let f = finished(outcome);
+            for w in window.finish(key, f.clone()) {
+                if w.origin == origin {
+                    batch.acks.push(answer(w.delivery, &f));
+                } else {
+                    let _ = w.acks.send(AckItem::Ack(answer(w.delivery, &f)));
+                }
+            }
+        }
+    }
+    batch
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_delivery_for_a_subscription_not_run_here_is_refused_as_not_placed() {
+        let refusal = fence(None::<()>, "orders", "billing", 3, |key| {
+            assert_eq!(key.group, "billing");
+            Some(5)
+        })
+        .unwrap_err();
+        assert_eq!(
+            refusal,
+            Refusal::NotPlaced {
+                key: SubscriptionKey {
+                    topic: "orders".into(),
+                    group: "billing".into()
+                },
+                placement: 5,
+                delivery: 3,
+            }
+        );
+        let ack = refusal.ack(42);
+        assert_eq!((ack.id, ack.code, ack.attempts), (42, AckCode::NotPlaced as i32, 0));
+        assert!(
+            ack.error.contains("placement epoch 5, delivery epoch 3"),
+            "{}",
+            ack.error
+        );
+    }
+
+    #[test]
+    fn a_subscription_with_no_placement_at_all_is_refused_with_epoch_zero() {
+        let refusal = fence(None::<()>, "orders", "billing", 3, |_| None).unwrap_err();
+        assert!(matches!(refusal, Refusal::NotPlaced { placement: 0, .. }));
+    }
+
+    #[test]
+    fn a_delivery_for_a_subscription_run_here_passes_the_fence() {
+        assert_eq!(fence(Some(7), "orders", "billing", 3, |_| unreachable!()), Ok(7));
+    }
+
+    fn waiter(origin: u64, delivery: u64, acks: &AckSender) -> Waiter {
+        Waiter {
+            origin,
+            delivery,
+            acks: acks.clone(),
+        }
+    }
+
+    #[test]
+    fn an_outcome_acks_every_copy_each_to_its_origin_and_later_copies_from_the_window() {
+        let window = Mutex::new(Dedup::new(8));
+        let (to_a, _a) = mpsc::unbounded_channel();
+        let (to_b, mut b) = mpsc::unbounded_channel();
+        let sub = SubscriptionKey {
+            topic: "orders".into(),
+            group: "billing".into(),
+        };
+        let key = window.lock().unwrap().key(&sub, "e1");
+        // Node 1 sent it as delivery 10 (twice: a re-send), node 2 as delivery 20.
+        assert_eq!(window.lock().unwrap().check(key, waiter(1, 10, &to_a)), Check::New);
+        assert_eq!(window.lock().unwrap().check(key, waiter(1, 11, &to_a)), Check::Running);
+        assert_eq!(window.lock().unwrap().check(key, waiter(2, 20, &to_b)), Check::Running);
+        let outcome = Outcome::Ok { attempts: 1 };
+        let batch = ack_batch(1, [AckItem::Handled { dedup: key, outcome }].into_iter(), &window);
+        let ids: Vec<_> = batch.acks.iter().map(|a| (a.id, a.code)).collect();
+        assert_eq!(ids, vec![(10, AckCode::Ok as i32), (11, AckCode::Ok as i32)]);
+        match b.try_recv() {
+            Ok(AckItem::Ack(a)) => assert_eq!((a.id, a.code), (20, AckCode::Ok as i32)),
+            _ => panic!("node 2's copy is acked through its own queue"),
+        }
+        // A copy arriving later is answered from the window.
+        assert_eq!(
+            window.lock().unwrap().check(key, waiter(2, 21, &to_b)),
+            Check::Done(finished(Outcome::Ok { attempts: 1 }))
+        );
+    }
+
+    #[test]
+    fn a_lane_is_credited_with_everything_done_since_its_last_credit() {
+        let window = Mutex::new(Dedup::new(8));
+        let done = Arc::new(AtomicU64::new(3));
+        let items = [
+            AckItem::Credit {
+                lane: 5,
+                done: done.clone(),
+            },
+            // Queued again meanwhile: its count was already taken.
+            AckItem::Credit {
+                lane: 5,
+                done: done.clone(),
+            },
+        ];
+        let batch = ack_batch(1, items.into_iter(), &window);
+        assert_eq!(batch.credits, vec![LaneCredit { lane: 5, n: 3 }]);
+        assert_eq!(done.load(Ordering::Acquire), 0);
+        assert!(batch.acks.is_empty());
+    }
+
+    #[test]
+    fn outcomes_become_the_acks_that_answer_every_copy() {
+        let f = finished(Outcome::DeadLettered {
+            attempts: 3,
+            error: "boom".into(),
+        });
+        let ack = answer(9, &f);
+        assert_eq!(
+            (ack.id, ack.code, ack.attempts, ack.error.as_str()),
+            (9, AckCode::DeadLettered as i32, 3, "boom")
+        );
+        assert_eq!(finished(Outcome::Ok { attempts: 1 }).code, AckCode::Ok);
+        assert_eq!(
+            finished(Outcome::Failed {
+                attempts: 2,
+                error: "x".into()
+            })
+            .code,
+            AckCode::Failed
+        );
+    }
+}

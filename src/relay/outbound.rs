@@ -1,0 +1,464 @@
+//! The sending side: events this node accepted for instances on other nodes.
+//!
+//! Owns the *pending* table (deliveries kept until acked, with their completion trackers), the
+//! at-most-once lanes, the per-peer outboxes and their batching tasks, and the re-routing loop
+//! (parked deliveries, suspect nodes, moved placements, refusals, timeouts). It learns of acks
+//! and credits through [`Outbound::on_acks`], called by the front with what peers sent.
+//!
+//! Must not: handle events for local instances beyond handing a re-routed one to its slot, or
+//! know the receiving side's state (dedup, fencing) — it hears only what peers ack.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, Notify};
+
+use super::lanes::Lanes;
+use super::pending::{self, Destination, NodeState, Once, Pending};
+use super::{IdMap, Outgoing, Queues, RelayConfig};
+use crate::event::Event;
+use crate::handler::supervisor::{Completion, Job, Origin, Outcome};
+use crate::monitor::Health;
+use crate::proto::{encode_delivery, encode_delivery_on, peer_message_events, AckBatch, AckCode, EventsBuffer};
+use crate::router::{NoRoom, Route, Router, Slot, Target};
+use crate::transport::{Envelope, Transport};
+use crate::types::SubscriptionKey;
+
+/// An envelope of forwarded events stops growing past this many bytes.
+const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
+/// At most this many deliveries are taken from an outbox per envelope.
+const MAX_BATCH: usize = 1024;
+/// How often pending deliveries are checked for re-routing when nothing else wakes the loop.
+const SWEEP: Duration = Duration::from_millis(50);
+/// A chunk of at least this many bytes of deliveries goes out as its own envelope, written to
+/// the socket from the buffer it was encoded into; smaller ones are copied together into one.
+const OWN_ENVELOPE_BYTES: usize = 16 * 1024;
+
+/// Encoded deliveries for one peer (a run of `EventBatch.deliveries` entries, with room for the
+/// message head in front), forwarded as one queue item: one per publish call and peer, not one
+/// per event.
+struct Chunk {
+    bytes: EventsBuffer,
+    /// Deliveries in `bytes`.
+    n: usize,
+}
+
+impl Chunk {
+    fn with_capacity(capacity: usize) -> Chunk {
+        Chunk {
+            bytes: EventsBuffer::with_capacity(capacity),
+            n: 0,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.bytes.body().len()
+    }
+}
+
+/// The sending side of one node.
+pub(super) struct Outbound {
+    transport: Transport,
+    router: Arc<Router>,
+    health: Arc<Health>,
+    config: RelayConfig,
+    /// Where the outboxes' batching tasks run (the relay's thread).
+    runtime: tokio::runtime::Handle,
+    next_id: AtomicU64,
+    pending: Mutex<IdMap<u64, Pending>>,
+    lanes: Mutex<Lanes>,
+    outboxes: Queues<Chunk>,
+    /// Wakes the re-routing loop early.
+    kick: Notify,
+    pending_gauge: metrics::Gauge,
+    redelivered: metrics::Counter,
+}
+
+impl Outbound {
+    pub(super) fn new(
+        transport: Transport,
+        router: Arc<Router>,
+        health: Arc<Health>,
+        config: RelayConfig,
+        runtime: tokio::runtime::Handle,
+    ) -> Outbound {
+        Outbound {
+            transport,
+            router,
+            health,
+            config,
+            runtime,
+            // Random, so that acks a peer still owes to this node's previous process (same node
+            // id, before a restart) cannot complete this process's deliveries.
+            next_id: AtomicU64::new(rand::random::<u64>() >> 1),
+            pending: Mutex::new(IdMap::default()),
+            lanes: Mutex::new(Lanes::default()),
+            outboxes: Queues::new(),
+            kick: Notify::new(),
+            pending_gauge: metrics::gauge!(crate::metrics::FORWARD_PENDING),
+            redelivered: metrics::counter!(crate::metrics::EVENTS_REDELIVERED),
+        }
+    }
+
+    /// Deliveries sent to a node and not acked yet (parked ones excluded).
+    pub(super) fn in_flight(&self) -> usize {
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|p| p.node().is_some())
+            .count()
+    }
+
+    /// See [`super::Relay::forward`].
+    pub(super) fn forward(&self, node: u64, items: Vec<Outgoing>) {
+        if items.is_empty() {
+            return;
+        }
+        let acked = items.iter().filter(|o| o.completion.is_some()).count();
+        let mut next_id = self.next_id.fetch_add(acked as u64, Ordering::Relaxed);
+        // At-most-once items: their lanes, in order.
+        let lanes = if acked < items.len() {
+            let loads = items.iter().filter(|o| o.completion.is_none()).map(|o| &o.load);
+            self.lanes
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .assign(node, loads, Instant::now())
+        } else {
+            Vec::new()
+        };
+        let mut lanes = lanes.into_iter();
+        let mut chunks = Vec::new();
+        let mut chunk = Chunk::with_capacity(0);
+        let mut ids = Vec::with_capacity(acked);
+        for (i, o) in items.iter().enumerate() {
+            if chunk.n > 0 && chunk.len() >= MAX_BATCH_BYTES {
+                chunks.push(std::mem::replace(&mut chunk, Chunk::with_capacity(0)));
+            }
+            let out = chunk.bytes.deliveries_mut();
+            if o.completion.is_some() {
+                encode_delivery(next_id, &o.key.group, o.epoch, &o.event, out);
+                ids.push(next_id);
+                next_id += 1;
+            } else {
+                // `assign` gave one lane per at-most-once item.
+                let lane = lanes.next().unwrap_or_default();
+                encode_delivery_on(0, &o.key.group, o.epoch, lane, &o.event, out);
+            }
+            chunk.n += 1;
+            if chunk.n == 1 {
+                // Events of one call are alike: size the buffer from the first, so it is not
+                // regrown (and copied) a dozen times.
+                let one = chunk.len();
+                let rest = (items.len() - i - 1).min(MAX_BATCH_BYTES / one.max(1));
+                chunk.bytes.deliveries_mut().reserve(rest * (one + one / 8));
+            }
+        }
+        chunks.push(chunk);
+        if acked > 0 {
+            let now = Instant::now();
+            let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            pending.reserve(acked);
+            let acked_items = items
+                .into_iter()
+                .filter_map(|o| o.completion.map(|c| (o.key, o.event, o.load, c)));
+            for (id, (key, event, load, completion)) in ids.into_iter().zip(acked_items) {
+                pending.insert(
+                    id,
+                    Pending {
+                        key,
+                        event,
+                        done: Once::new(completion),
+                        to: Destination::Sent {
+                            node,
+                            load,
+                            at: now,
+                            refused: false,
+                        },
+                    },
+                );
+            }
+            self.pending_gauge.set(pending.len() as f64);
+        }
+        for chunk in chunks {
+            self.send_to(node, chunk);
+        }
+    }
+
+    /// See [`super::Relay::park`].
+    pub(super) fn park(&self, key: Arc<SubscriptionKey>, event: Arc<Event>, completion: Arc<dyn Completion>) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            pending.insert(
+                id,
+                Pending {
+                    key,
+                    event,
+                    done: Once::new(completion),
+                    to: Destination::Parked,
+                },
+            );
+            self.pending_gauge.set(pending.len() as f64);
+        }
+        self.kick.notify_one();
+    }
+
+    fn send_to(&self, node: u64, chunk: Chunk) {
+        let transport = self.transport.clone();
+        let runtime = &self.runtime;
+        self.outboxes.push(node, chunk, |rx| {
+            runtime.spawn(send_events(transport, node, rx));
+        });
+    }
+
+    /// Acks and lane credits from `from`: an ack completes its delivery, a refusal has it routed
+    /// again, a credit gives window units back.
+    pub(super) fn on_acks(&self, from: u64, batch: AckBatch) {
+        if !batch.credits.is_empty() {
+            let now = Instant::now();
+            let mut lanes = self.lanes.lock().unwrap_or_else(|p| p.into_inner());
+            for c in &batch.credits {
+                lanes.credit(from, c.lane, c.n, now);
+            }
+        }
+        let mut finished = Vec::new();
+        let mut refused = false;
+        {
+            let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            for ack in batch.acks {
+                // An unknown code (a newer peer) counts as a failure: the event stays in the WAL.
+                let code = AckCode::try_from(ack.code).unwrap_or(AckCode::Failed);
+                if code == AckCode::NotPlaced {
+                    if let Some(p) = pending.get_mut(&ack.id).filter(|p| p.node() == Some(from)) {
+                        tracing::debug!(peer = from, subscription = %p.key, reason = %ack.error, "delivery refused; routing it again");
+                        refused |= p.refuse(from);
+                    }
+                    continue;
+                }
+                if let Some(mut p) = pending.remove(&ack.id) {
+                    p.release();
+                    let outcome = match code {
+                        AckCode::Ok => Outcome::Ok { attempts: ack.attempts },
+                        AckCode::DeadLettered => Outcome::DeadLettered {
+                            attempts: ack.attempts,
+                            error: ack.error,
+                        },
+                        _ => Outcome::Failed {
+                            attempts: ack.attempts,
+                            error: ack.error,
+                        },
+                    };
+                    finished.push((p, outcome));
+                }
+            }
+            self.pending_gauge.set(pending.len() as f64);
+        }
+        // Completions run outside the lock (they may drop WAL records and answer publishers).
+        for (p, outcome) in finished {
+            p.done.complete(&p.key, outcome);
+        }
+        if refused {
+            self.kick.notify_one();
+        }
+    }
+
+    /// Gives back the window units of lanes whose deliveries are presumed lost.
+    fn sweep_lanes(&self) {
+        let lost = self.lanes.lock().unwrap_or_else(|p| p.into_inner()).sweep(
+            Instant::now(),
+            self.config.redeliver_after,
+            |node| self.health.peer(node).routable(),
+        );
+        for l in lost {
+            tracing::debug!(
+                peer = l.node,
+                lost = l.units,
+                "at-most-once deliveries not credited; their window units are given back"
+            );
+        }
+    }
+
+    /// Routes again every pending delivery that needs it.
+    fn reroute(&self) {
+        self.sweep_lanes();
+        let table = self.router.table();
+        if !table.is_live() {
+            // Starting (no placement yet) or stopping (the table was cleared): nothing can be
+            // routed, and a missing route does not mean a deleted subscription.
+            return;
+        }
+        let now = Instant::now();
+        let mut local = Vec::new();
+        let mut resend: Vec<(u64, Chunk)> = Vec::new();
+        let mut resent = 0;
+        let mut gone = Vec::new();
+        // One route lookup (and one health check per node) per subscription per sweep, not one
+        // per pending delivery: pending entries of one subscription share its key's `Arc`.
+        let mut routes: HashMap<*const SubscriptionKey, Option<&Arc<Route>>> = HashMap::new();
+        let mut states: HashMap<(*const SubscriptionKey, u64), NodeState> = HashMap::new();
+        {
+            let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            // First find what is due (the table iterates in no order), then route it in delivery
+            // id order, which is publish order: one key's events keep their order across re-sends
+            // and WAL replays.
+            let mut due = Vec::new();
+            for (&id, p) in pending.iter() {
+                let ptr = Arc::as_ptr(&p.key);
+                let Some(route) = *routes.entry(ptr).or_insert_with(|| table.route(&p.key)) else {
+                    gone.push(id);
+                    continue;
+                };
+                let state = |node| {
+                    *states.entry((ptr, node)).or_insert_with(|| {
+                        if !self.health.peer(node).routable() {
+                            NodeState::Unhealthy
+                        } else if route
+                            .slots
+                            .iter()
+                            .any(|s| matches!(s, Slot::Remote { node: n, .. } if *n == node))
+                        {
+                            NodeState::Placed
+                        } else {
+                            NodeState::Moved
+                        }
+                    })
+                };
+                if pending::reroute(&p.to, now, self.config.redeliver_after, state).is_some() {
+                    due.push((id, route));
+                }
+            }
+            due.sort_unstable_by_key(|&(id, _)| id);
+            gone.sort_unstable();
+            for (id, route) in due {
+                let Some(p) = pending.get_mut(&id) else { continue };
+                match route.reserve(p.event.key.as_deref()) {
+                    Ok(Target::Local(slot)) => {
+                        slot.send(Job {
+                            event: p.event.clone(),
+                            completion: p.done.clone(),
+                            origin: Origin::Local,
+                        });
+                        local.push(id);
+                    }
+                    Ok(Target::Remote(slot)) => {
+                        let (node, load) = slot.take();
+                        p.release();
+                        p.to = Destination::Sent {
+                            node,
+                            load,
+                            at: now,
+                            refused: false,
+                        };
+                        let i = match resend.iter().position(|(n, c)| *n == node && c.len() < MAX_BATCH_BYTES) {
+                            Some(i) => i,
+                            None => {
+                                resend.push((node, Chunk::with_capacity(0)));
+                                resend.len() - 1
+                            }
+                        };
+                        let chunk = &mut resend[i].1;
+                        encode_delivery(id, &p.key.group, route.epoch, &p.event, chunk.bytes.deliveries_mut());
+                        chunk.n += 1;
+                        resent += 1;
+                    }
+                    Ok(Target::Parked) | Err(NoRoom::Unplaced) => p.release(),
+                    // No room now: the next sweep tries again.
+                    Err(NoRoom::Full) => {}
+                }
+            }
+            for id in &local {
+                if let Some(mut p) = pending.remove(id) {
+                    p.release();
+                }
+            }
+            for id in &gone {
+                if let Some(mut p) = pending.remove(id) {
+                    p.release();
+                    // The subscription was deleted: nothing is owed to it any more.
+                    tracing::debug!(subscription = %p.key, id = %p.event.id, "subscription deleted; delivery dropped");
+                    p.done.complete(&p.key, Outcome::Ok { attempts: 0 });
+                }
+            }
+            self.pending_gauge.set(pending.len() as f64);
+        }
+        self.redelivered.increment((local.len() + resent) as u64);
+        for (node, chunk) in resend {
+            self.send_to(node, chunk);
+        }
+    }
+}
+
+/// Re-routes pending deliveries every sweep, and at once when a peer's health changes or a
+/// delivery was refused or parked. Runs until the relay's runtime stops (the node's shutdown).
+pub(super) async fn reroute_loop(out: Arc<Outbound>, mut health: tokio::sync::watch::Receiver<u64>) {
+    loop {
+        let kicked = out.kick.notified();
+        tokio::pin!(kicked);
+        kicked.as_mut().enable();
+        out.reroute();
+        tokio::select! {
+            _ = tokio::time::sleep(SWEEP) => {}
+            _ = kicked => {}
+            c = health.changed() => if c.is_err() { return },
+        }
+    }
+}
+
+/// Drains one peer's outbox into event batches: a large chunk (one publish call's events) is
+/// sent as its own envelope, straight from the buffer it was encoded into; runs of small ones are
+/// copied together into one envelope of up to [`MAX_BATCH_BYTES`].
+async fn send_events(transport: Transport, node: u64, mut rx: mpsc::UnboundedReceiver<Chunk>) {
+    let counter = metrics::counter!(crate::metrics::EVENTS_FORWARDED, "peer" => node.to_string());
+    let send = |payload: Bytes, n: usize| {
+        let transport = &transport;
+        let counter = &counter;
+        async move {
+            match transport.send_async(node, Envelope::app(payload)).await {
+                Ok(()) => counter.increment(n as u64),
+                // Still pending at the origin: redelivered after the timeout or when re-routed.
+                Err(e) => tracing::debug!(peer = node, error = %e, "cannot forward events"),
+            }
+        }
+    };
+    let mut buf = Vec::with_capacity(64);
+    let mut small: Vec<Chunk> = Vec::new();
+    let mut small_bytes = 0;
+    while rx.recv_many(&mut buf, MAX_BATCH).await > 0 {
+        for chunk in buf.drain(..) {
+            let len = chunk.len();
+            if !small.is_empty() && (len >= OWN_ENVELOPE_BYTES || small_bytes + len > MAX_BATCH_BYTES) {
+                let (payload, n) = small_message(&mut small);
+                small_bytes = 0;
+                send(payload, n).await;
+            }
+            if len < OWN_ENVELOPE_BYTES {
+                small_bytes += len;
+                small.push(chunk);
+            } else {
+                let n = chunk.n;
+                send(chunk.bytes.finish(), n).await;
+            }
+        }
+        if !small.is_empty() {
+            let (payload, n) = small_message(&mut small);
+            small_bytes = 0;
+            send(payload, n).await;
+        }
+    }
+}
+
+/// One `PeerMessage` holding the deliveries of `chunks` (emptied), and how many there are.
+fn small_message(chunks: &mut Vec<Chunk>) -> (Bytes, usize) {
+    let n = chunks.iter().map(|c| c.n).sum();
+    let payload = if chunks.len() == 1 {
+        chunks.pop().map(|c| c.bytes.finish()).unwrap_or_default()
+    } else {
+        Bytes::from(peer_message_events(chunks.iter().map(|c| c.bytes.body())))
+    };
+    chunks.clear();
+    (payload, n)
+}
