@@ -148,6 +148,12 @@ fn install_recorder() -> Result<PrometheusHandle, String> {
             &[0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0],
         )
         .and_then(|b| b.set_buckets_for_metric(Matcher::Full(SINK_LATENCY.to_string()), &latency_buckets()))
+        .and_then(|b| {
+            b.set_buckets_for_metric(
+                Matcher::Full(herald::metrics::PEER_PING_RTT.to_string()),
+                &herald::metrics::ping_rtt_buckets(),
+            )
+        })
         .map_err(|e| e.to_string())?
         .build_recorder();
     let handle = recorder.handle();
@@ -345,6 +351,47 @@ async fn scrape_all(c: &Cluster, client: &awc::Client) -> Result<Vec<Sink>, Stri
         out.push(scrape(client, n.http()).await?);
     }
     Ok(out)
+}
+
+/// Every node's ping round trips (`herald_peer_ping_rtt_seconds`, all peers summed) as one
+/// cumulative histogram: the control plane's latency as the failure detector sees it.
+async fn ping_rtt(c: &Cluster, client: &awc::Client) -> Result<BTreeMap<u64, f64>, String> {
+    let mut sum = BTreeMap::new();
+    for n in c.nodes() {
+        let body = get(client, &format!("http://{}/metrics", n.http())).await?;
+        for (le, count) in ping_buckets(&String::from_utf8_lossy(&body)) {
+            *sum.entry(le).or_insert(0.0) += count;
+        }
+    }
+    Ok(sum)
+}
+
+/// The `(upper bound bits, cumulative count)` pairs of `herald_peer_ping_rtt_seconds` in a
+/// Prometheus text exposition, one pair per bucket line (a line per peer).
+fn ping_buckets(text: &str) -> Vec<(u64, f64)> {
+    let prefix = format!("{}_bucket{{", herald::metrics::PEER_PING_RTT);
+    text.lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix(&prefix)?;
+            let (labels, value) = rest.rsplit_once("} ")?;
+            let le = labels.split(',').find_map(|l| l.trim().strip_prefix("le=\""))?;
+            let le = le.trim_end_matches('"');
+            let le = if le.contains("Inf") {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le.to_bits(), value.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// What a histogram gained between two scrapes.
+fn since(before: &BTreeMap<u64, f64>, after: &BTreeMap<u64, f64>) -> BTreeMap<u64, f64> {
+    after
+        .iter()
+        .map(|(le, n)| (*le, n - before.get(le).copied().unwrap_or(0.0)))
+        .collect()
 }
 
 /// The `q` quantile (seconds) of a cumulative histogram, interpolated inside its bucket.
@@ -913,14 +960,39 @@ async fn scenario(c: &mut Cluster, a: &ClusterArgs) -> Result<(), String> {
     )
     .await?;
 
+    // Control-plane latency: ping round trips over a quiet window, then during the ack=none
+    // max-rate run (pings travel on the peer bus's control connections, events on its events
+    // connections).
+    let client = awc::Client::builder().timeout(Duration::from_secs(10)).finish();
+    let quiet = Duration::from_secs(a.seconds.clamp(2, 10));
+    let before = ping_rtt(c, &client).await?;
+    tokio::time::sleep(quiet).await;
+    let idle = since(&before, &ping_rtt(c, &client).await?);
+    let mut loaded = BTreeMap::new();
     let mut runs = Vec::new();
     for ack in ["none", "accepted"] {
         let name = format!("ack={ack}, max rate");
+        let before = ping_rtt(c, &client).await?;
         runs.push(
             t.max_rate(c, name, ack, plain, a.events, a.batch, a.connections, a.seconds)
                 .await?,
         );
+        if ack == "none" {
+            loaded = since(&before, &ping_rtt(c, &client).await?);
+        }
     }
+    let rtt_ms = |h: &BTreeMap<u64, f64>, q: f64| quantile(h, q) * 1e3;
+    let pings = |h: &BTreeMap<u64, f64>| h.values().copied().fold(0.0, f64::max);
+    println!(
+        "control plane (ping round trip, every node to every peer): idle {:.0} pings p50 {} ms p99 {} ms; \
+         under ack=none max-rate load {:.0} pings p50 {} ms p99 {} ms\n",
+        pings(&idle),
+        fmt_ms(rtt_ms(&idle, 0.5)),
+        fmt_ms(rtt_ms(&idle, 0.99)),
+        pings(&loaded),
+        fmt_ms(rtt_ms(&loaded, 0.5)),
+        fmt_ms(rtt_ms(&loaded, 0.99)),
+    );
     for ack in ["none", "accepted"] {
         let name = format!("ack={ack}, paced {}/s", a.latency_rate);
         runs.push(
@@ -1057,6 +1129,22 @@ async fn scenario(c: &mut Cluster, a: &ClusterArgs) -> Result<(), String> {
                 for (metric, v) in [("p50_ms", r.p50_ms), ("p99_ms", r.p99_ms)] {
                     rows.push(record::row("cluster", ack, what, metric, false, &[v], None));
                 }
+            }
+        }
+        for (case, h) in [
+            ("ping RTT, idle", &idle),
+            ("ping RTT, under ack=none max-rate load", &loaded),
+        ] {
+            for (metric, q) in [("p50_ms", 0.5), ("p99_ms", 0.99)] {
+                rows.push(record::row(
+                    "cluster",
+                    "control",
+                    case,
+                    metric,
+                    false,
+                    &[rtt_ms(h, q)],
+                    None,
+                ));
             }
         }
         let mut failover_row = |case: &str, ms: Vec<f64>| {
@@ -1203,6 +1291,20 @@ async fn failover(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn ping_buckets_are_read_per_peer_line() {
+        let text = "# TYPE herald_peer_ping_rtt_seconds histogram\n\
+            herald_peer_ping_rtt_seconds_bucket{peer=\"2\",le=\"0.001\"} 3\n\
+            herald_peer_ping_rtt_seconds_bucket{peer=\"2\",le=\"+Inf\"} 4\n\
+            herald_peer_ping_rtt_seconds_sum{peer=\"2\"} 0.01\n\
+            herald_events_published_total{topic=\"t\"} 9\n";
+        let b = super::ping_buckets(text);
+        assert_eq!(b, vec![(0.001f64.to_bits(), 3.0), (f64::INFINITY.to_bits(), 4.0)]);
+        let before: std::collections::BTreeMap<u64, f64> = [(0.001f64.to_bits(), 1.0)].into();
+        let after: std::collections::BTreeMap<u64, f64> = b.into_iter().collect();
+        assert_eq!(super::since(&before, &after)[&0.001f64.to_bits()], 2.0);
+    }
+
     use super::*;
 
     #[test]
