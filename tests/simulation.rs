@@ -337,10 +337,15 @@ impl Apply for SimApp {
         self.state.to_snapshot()
     }
 
-    fn restore(&mut self, data: &[u8]) -> Result<(), String> {
-        let state = MembershipState::from_snapshot(data).map_err(|e| e.to_string())?;
+    type Error = std::io::Error;
+
+    fn restore(&mut self, data: &[u8]) -> Result<(), std::io::Error> {
+        let state = MembershipState::from_snapshot(data).map_err(std::io::Error::other)?;
         if state.cluster_id() != CLUSTER {
-            return Err(format!("snapshot of cluster {:?}", state.cluster_id()));
+            return Err(std::io::Error::other(format!(
+                "snapshot of cluster {:?}",
+                state.cluster_id()
+            )));
         }
         self.state = state;
         self.publish();

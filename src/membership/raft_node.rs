@@ -34,8 +34,10 @@ pub trait Apply: Send + 'static {
     fn apply(&mut self, index: u64, data: &[u8]);
     /// The whole state, for a Raft snapshot.
     fn snapshot(&self) -> Vec<u8>;
+    /// Why a snapshot could not be restored.
+    type Error: std::error::Error + Send + Sync + 'static;
     /// Replaces the state with a snapshot's.
-    fn restore(&mut self, data: &[u8]) -> Result<(), String>;
+    fn restore(&mut self, data: &[u8]) -> Result<(), Self::Error>;
     /// The voter set changed (after a committed configuration change).
     fn conf_changed(&mut self, _conf: &ConfState) {}
 }
@@ -267,7 +269,7 @@ where
         let index = snap.get_metadata().index;
         if index > 0 {
             app.restore(&snap.data)
-                .map_err(|e| raft::Error::Store(raft::StorageError::Other(e.into())))?;
+                .map_err(|e| raft::Error::Store(raft::StorageError::Other(Box::new(e))))?;
             applied = index;
         }
     }
@@ -509,7 +511,7 @@ impl<S: RaftLogStore + Clone, A: Apply> Driver<S, A> {
             let snap = ready.snapshot().clone();
             self.app
                 .restore(&snap.data)
-                .map_err(|e| raft::Error::Store(raft::StorageError::Other(e.into())))?;
+                .map_err(|e| raft::Error::Store(raft::StorageError::Other(Box::new(e))))?;
             self.snapshot_index = snap.get_metadata().index;
             self.node.store().apply_snapshot(snap)?;
         }
@@ -636,8 +638,9 @@ mod tests {
         fn snapshot(&self) -> Vec<u8> {
             serde_json::to_vec(&*self.0.lock().unwrap()).unwrap()
         }
-        fn restore(&mut self, data: &[u8]) -> Result<(), String> {
-            *self.0.lock().unwrap() = serde_json::from_slice(data).map_err(|e| e.to_string())?;
+        type Error = serde_json::Error;
+        fn restore(&mut self, data: &[u8]) -> Result<(), serde_json::Error> {
+            *self.0.lock().unwrap() = serde_json::from_slice(data)?;
             Ok(())
         }
     }

@@ -141,8 +141,10 @@ impl Apply for Applier {
         self.state.to_snapshot()
     }
 
-    fn restore(&mut self, data: &[u8]) -> std::result::Result<(), String> {
-        self.state = MembershipState::from_snapshot(data).map_err(|e| e.to_string())?;
+    type Error = super::state::SnapshotError;
+
+    fn restore(&mut self, data: &[u8]) -> std::result::Result<(), Self::Error> {
+        self.state = MembershipState::from_snapshot(data)?;
         self.sync_peers();
         self.publish();
         Ok(())
@@ -887,16 +889,29 @@ pub fn membership_problems(state: &MembershipState, raft: &RaftStatus) -> Vec<Me
     problems
 }
 
+/// Why a seed could not be probed.
+#[derive(Debug, thiserror::Error)]
+enum ProbeError {
+    #[error("connecting to {0} timed out")]
+    Timeout(String),
+    #[error("cannot connect to {0}: {1}")]
+    Connect(String, #[source] std::io::Error),
+    #[error("handshake with {0} failed: {1}")]
+    Handshake(String, #[source] transport::HandshakeError),
+}
+
 /// Learns the node id behind a peer address with a handshake (then closes the connection).
-async fn probe(addr: &str, tc: &TransportConfig) -> std::result::Result<u64, String> {
+async fn probe(addr: &str, tc: &TransportConfig) -> std::result::Result<u64, ProbeError> {
     let stream = tokio::time::timeout(tc.connect_timeout, tokio::net::TcpStream::connect(addr))
         .await
-        .map_err(|_| format!("connecting to {addr} timed out"))?
-        .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
-    let remote = stream.peer_addr().map_err(|e| e.to_string())?;
+        .map_err(|_| ProbeError::Timeout(addr.to_string()))?
+        .map_err(|e| ProbeError::Connect(addr.to_string(), e))?;
+    let remote = stream
+        .peer_addr()
+        .map_err(|e| ProbeError::Connect(addr.to_string(), e))?;
     let established = transport::handshake(stream, &tc.identity, remote, None, tc.handshake_timeout, |_| false)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| ProbeError::Handshake(addr.to_string(), e))?;
     Ok(established.peer.node_id)
 }
 

@@ -363,7 +363,7 @@ impl From<&SubscriptionSpec> for SubscriptionRecord {
 
 impl SubscriptionRecord {
     /// The spec, or why the record is malformed (an unknown handler kind, a missing target).
-    pub fn to_spec(&self) -> Result<SubscriptionSpec, String> {
+    pub fn to_spec(&self) -> Result<SubscriptionSpec, RecordError> {
         let handler = match self.handler_kind.as_str() {
             "rust" if !self.handler_target.is_empty() => HandlerSpec::Rust {
                 name: self.handler_target.clone(),
@@ -372,17 +372,19 @@ impl SubscriptionRecord {
                 url: self.handler_target.clone(),
             },
             "rust" | "webhook" => {
-                return Err(format!(
-                    "subscription {}/{}: handler kind {:?} needs a handler_target (name or url)",
-                    self.topic, self.group, self.handler_kind
-                ))
+                return Err(RecordError::MissingTarget {
+                    topic: self.topic.clone(),
+                    group: self.group.clone(),
+                    kind: self.handler_kind.clone(),
+                })
             }
             "log" => HandlerSpec::Log,
             other => {
-                return Err(format!(
-                    "subscription {}/{}: unknown handler kind {other:?} (this build knows rust, webhook, log)",
-                    self.topic, self.group
-                ))
+                return Err(RecordError::UnknownHandlerKind {
+                    topic: self.topic.clone(),
+                    group: self.group.clone(),
+                    kind: other.to_string(),
+                })
             }
         };
         Ok(SubscriptionSpec {
@@ -412,7 +414,7 @@ impl PlacementRecord {
     }
 
     /// The table, or the key that appears twice.
-    pub fn to_table(&self) -> Result<PlacementTable, String> {
+    pub fn to_table(&self) -> Result<PlacementTable, RecordError> {
         let mut table = PlacementTable::new();
         for e in &self.entries {
             let key = SubscriptionKey {
@@ -420,10 +422,11 @@ impl PlacementRecord {
                 group: e.group.clone(),
             };
             if table.insert(key, e.nodes.clone()).is_some() {
-                return Err(format!(
-                    "placement epoch {} lists {}/{} twice",
-                    self.epoch, e.topic, e.group
-                ));
+                return Err(RecordError::DuplicatePlacement {
+                    epoch: self.epoch,
+                    topic: e.topic.clone(),
+                    group: e.group.clone(),
+                });
             }
         }
         Ok(table)
@@ -634,7 +637,43 @@ pub enum CommandError {
     },
     /// A record is structurally wrong (unknown handler kind, duplicated entry).
     #[error("malformed membership command: {0}")]
-    Malformed(String),
+    Malformed(#[from] RecordError),
+}
+
+/// A replicated record that does not describe a valid value (written by a newer build, or
+/// damaged).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RecordError {
+    /// A `rust` or `webhook` subscription without its handler name or URL.
+    #[error("subscription {topic}/{group}: handler kind {kind:?} needs a handler_target (name or url)")]
+    MissingTarget {
+        /// The subscription's topic.
+        topic: String,
+        /// The subscription's group.
+        group: String,
+        /// The handler kind.
+        kind: String,
+    },
+    /// A handler kind this build does not know.
+    #[error("subscription {topic}/{group}: unknown handler kind {kind:?} (this build knows rust, webhook, log)")]
+    UnknownHandlerKind {
+        /// The subscription's topic.
+        topic: String,
+        /// The subscription's group.
+        group: String,
+        /// The unknown kind.
+        kind: String,
+    },
+    /// A placement that lists one subscription twice.
+    #[error("placement epoch {epoch} lists {topic}/{group} twice")]
+    DuplicatePlacement {
+        /// The placement's epoch.
+        epoch: u64,
+        /// The subscription's topic.
+        topic: String,
+        /// The subscription's group.
+        group: String,
+    },
 }
 
 /// Why a snapshot could not be loaded.
@@ -652,6 +691,9 @@ pub enum SnapshotError {
     /// Decodes but breaks an invariant (duplicate member, unknown status, …).
     #[error("membership snapshot is inconsistent: {0}")]
     Invalid(String),
+    /// Holds a subscription or placement record that is malformed.
+    #[error("membership snapshot is inconsistent: {0}")]
+    Record(#[from] RecordError),
 }
 
 /// A placement the leader should propose: [`Command::set_placement`]`(epoch, &table)`.
@@ -926,7 +968,7 @@ impl MembershipState {
     }
 
     fn subscribe(&mut self, rec: SubscriptionRecord) -> Result<Vec<Effect>, CommandError> {
-        let spec = rec.to_spec().map_err(CommandError::Malformed)?;
+        let spec = rec.to_spec()?;
         let key = SubscriptionKey {
             topic: spec.topic.clone(),
             group: spec.group.clone(),
@@ -965,7 +1007,7 @@ impl MembershipState {
                 current: self.epoch,
             });
         }
-        let table = rec.to_table().map_err(CommandError::Malformed)?;
+        let table = rec.to_table()?;
         for (key, nodes) in &table {
             if !self.subscriptions.contains_key(key) {
                 return Err(CommandError::PlacementUnknownSubscription {
@@ -1108,7 +1150,7 @@ impl MembershipState {
             }
         }
         for s in rec.subscriptions {
-            let spec = s.to_spec().map_err(SnapshotError::Invalid)?;
+            let spec = s.to_spec()?;
             let key = SubscriptionKey {
                 topic: spec.topic.clone(),
                 group: spec.group.clone(),
@@ -1118,7 +1160,7 @@ impl MembershipState {
             }
         }
         if let Some(p) = rec.placement {
-            state.placement = p.to_table().map_err(SnapshotError::Invalid)?;
+            state.placement = p.to_table()?;
             state.epoch = p.epoch;
         }
         Ok(state)
