@@ -5,13 +5,18 @@
 //! data directory and log file. Waits until every node is ready, prints the URLs and how to
 //! publish, and on Ctrl-C or SIGTERM stops every node gracefully (SIGTERM, then SIGKILL after a
 //! grace period). Running it again on the same directory resumes the same cluster.
+//!
+//! A node that exits on its own (killed to watch failover, or crashed) does not stop the others:
+//! `up` says so and starts it again after `--restart-after` seconds, longer each time it dies again
+//! soon after a restart.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use clap::Args;
 
-use crate::harness::{Harness, Node, Ports};
+use crate::harness::{Harness, HarnessError, Node, Ports};
 
 /// `herald up`.
 #[derive(Args, Debug)]
@@ -29,6 +34,10 @@ pub struct UpArgs {
     /// How long to wait for every node to be ready, in seconds.
     #[arg(long, default_value_t = 60)]
     pub ready_timeout: u64,
+    /// Seconds before a node that exited on its own is started again (doubling, up to a minute,
+    /// while it keeps dying within a minute of its restart); 0 leaves it stopped.
+    #[arg(long, default_value_t = 5)]
+    pub restart_after: u64,
 }
 
 /// How long the nodes get to stop after SIGTERM before they are SIGKILLed.
@@ -67,14 +76,60 @@ async fn up(h: &mut Harness, a: &UpArgs) -> Result<(), String> {
         r = h.wait_ready(Duration::from_secs(a.ready_timeout)) => r.map_err(|e| e.to_string())?,
         _ = &mut signal => return Ok(()),
     }
-    print_summary(h.nodes());
-    tokio::select! {
-        _ = &mut signal => Ok(()),
-        e = h.exited() => Err(e.to_string()),
+    print_summary(h.nodes(), a.restart_after);
+    // Restarts so far, per node: how many in a row came soon after the previous one, and when.
+    let mut restarts: HashMap<u64, (u32, Instant)> = HashMap::new();
+    loop {
+        let exited = tokio::select! {
+            _ = &mut signal => return Ok(()),
+            e = h.exited() => e,
+        };
+        let HarnessError::Exited { id, status, log, .. } = &exited else {
+            return Err(exited.to_string());
+        };
+        let id = *id;
+        if a.restart_after == 0 {
+            eprintln!(
+                "node {id} exited ({status}); the other nodes keep running (see {}). Ctrl-C stops them.",
+                log.display()
+            );
+            continue;
+        }
+        let previous = restarts.get(&id).map(|(n, at)| (*n, at.elapsed()));
+        let (delay, in_a_row) = restart_delay(Duration::from_secs(a.restart_after), previous);
+        eprintln!(
+            "node {id} exited ({status}); the other nodes keep running. Starting it again in {}s (see {}); Ctrl-C stops every node.",
+            delay.as_secs(),
+            log.display()
+        );
+        tokio::select! {
+            _ = &mut signal => return Ok(()),
+            _ = actix_rt::time::sleep(delay) => {}
+        }
+        h.restart(id).map_err(|e| e.to_string())?;
+        restarts.insert(id, (in_a_row, Instant::now()));
+        if let Ok(n) = h.node(id) {
+            eprintln!("started node {id} again: {}", n.url());
+        }
     }
 }
 
-fn print_summary(nodes: &[Node]) {
+/// A restart that comes this soon after the previous one counts as the node dying again.
+const SOON: Duration = Duration::from_secs(60);
+
+/// How long to wait before restarting a node, and how many restarts in a row this one makes:
+/// `base` for a node that ran a while (or never was restarted), doubling for each restart that
+/// came within [`SOON`] of the previous one, up to [`SOON`].
+fn restart_delay(base: Duration, previous: Option<(u32, Duration)>) -> (Duration, u32) {
+    let in_a_row = match previous {
+        Some((n, since)) if since < SOON => n + 1,
+        _ => 0,
+    };
+    let delay = base.saturating_mul(1 << in_a_row.min(6)).min(SOON.max(base));
+    (delay, in_a_row)
+}
+
+fn print_summary(nodes: &[Node], restart_after: u64) {
     println!("\nHerald cluster of {} nodes is up:\n", nodes.len());
     let rows: Vec<Vec<String>> = nodes
         .iter()
@@ -95,5 +150,26 @@ fn print_summary(nodes: &[Node]) {
     );
     println!("Inspect:");
     println!("  herald status --url {url}      curl {url}/metrics");
-    println!("\nCtrl-C stops every node.");
+    if restart_after > 0 {
+        println!(
+            "\nKill a node to watch failover: the others take its work, and up starts it again after {restart_after}s."
+        );
+    }
+    println!("Ctrl-C stops every node.");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restarts_back_off_only_while_a_node_keeps_dying() {
+        let base = Duration::from_secs(5);
+        assert_eq!(restart_delay(base, None), (base, 0));
+        assert_eq!(restart_delay(base, Some((0, Duration::from_secs(10)))), (base * 2, 1));
+        assert_eq!(restart_delay(base, Some((1, Duration::from_secs(10)))), (base * 4, 2));
+        assert_eq!(restart_delay(base, Some((5, Duration::from_secs(1)))), (SOON, 6));
+        // A node that ran for longer than a minute starts over.
+        assert_eq!(restart_delay(base, Some((5, SOON + Duration::from_secs(1)))), (base, 0));
+    }
 }
