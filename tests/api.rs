@@ -1753,3 +1753,28 @@ async fn https_webhooks_speak_tls() {
     );
     n.node.shutdown().await;
 }
+
+/// The ERROR events logged on the test's thread (where the node's own tasks run).
+#[derive(Clone, Default)]
+struct Errors(Arc<Mutex<Vec<String>>>);
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Errors {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        if *event.metadata().level() == tracing::Level::ERROR {
+            self.0.lock().unwrap().push(format!("{event:?}"));
+        }
+    }
+}
+
+#[actix_rt::test]
+async fn a_normal_shutdown_logs_no_error() {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    let errors = Errors::default();
+    let _guard = tracing::subscriber::set_default(tracing_subscriber::registry().with(errors.clone()));
+    let n = start_node(Node::builder()).await;
+    // `shutdown` returns once every task of the node ended, the one that follows the membership
+    // table included: it saw the membership service stop, which is no fault here.
+    n.node.shutdown().await;
+    let logged = errors.0.lock().unwrap().clone();
+    assert!(logged.is_empty(), "a normal shutdown logged errors: {logged:#?}");
+}

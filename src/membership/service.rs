@@ -92,6 +92,9 @@ pub struct Membership {
     joined: watch::Receiver<bool>,
     /// Stops the service's runtime (dropping it stops every task).
     stop: Mutex<Option<oneshot::Sender<()>>>,
+    /// Set by [`Membership::stop`] before the runtime stops: the driver ending then is a normal
+    /// stop, not a failure.
+    stopping: std::sync::atomic::AtomicBool,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
@@ -209,6 +212,7 @@ impl Membership {
             bus,
             joined,
             stop: Mutex::new(Some(stop_tx)),
+            stopping: std::sync::atomic::AtomicBool::new(false),
             thread: Mutex::new(Some(thread)),
         })
     }
@@ -295,8 +299,14 @@ impl Membership {
         !self.driver.is_closed()
     }
 
+    /// Whether [`Membership::stop`] was called (the node is shutting down).
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     /// Stops the service (the Raft log stays on disk).
     pub fn stop(&self) {
+        self.stopping.store(true, std::sync::atomic::Ordering::Release);
         if let Some(tx) = self.stop.lock().unwrap_or_else(|p| p.into_inner()).take() {
             let _ = tx.send(());
         }

@@ -232,13 +232,14 @@ impl NodeBuilder {
             workers = workers.len(),
             "herald node started"
         );
-        actix_rt::spawn(cluster_sync(core.clone(), reconciled_tx));
+        let sync = actix_rt::spawn(cluster_sync(core.clone(), reconciled_tx));
         Ok(RunningNode {
             core,
             http_addr,
             server: server_handle,
             workers,
             relay_runtime,
+            sync,
         })
     }
 }
@@ -327,6 +328,10 @@ async fn cluster_sync(core: Arc<NodeCore>, reconciled: watch::Sender<u64>) {
         tokio::select! {
             r = state.changed() => if r.is_err() { return },
             r = status.changed() => if r.is_err() {
+                if core.membership.is_stopping() {
+                    // The node is shutting down: the driver ended because it was asked to.
+                    return;
+                }
                 tracing::error!("the membership driver stopped: this node no longer follows the cluster and reports unready; restart it");
                 return;
             },
@@ -417,6 +422,9 @@ pub struct RunningNode {
     server: actix_web::dev::ServerHandle,
     workers: Vec<Arbiter>,
     relay_runtime: RelayRuntime,
+    /// The task that follows the membership table (`cluster_sync`); it ends when the membership
+    /// service stops, and shutdown waits for it, so nothing of the node runs after `shutdown`.
+    sync: actix_rt::task::JoinHandle<()>,
 }
 
 impl RunningNode {
@@ -498,8 +506,11 @@ impl RunningNode {
             core,
             relay_runtime,
             workers,
+            sync,
             ..
         } = self;
+        // It sees the membership service's status close and ends (as a normal stop, not a fault).
+        let _ = sync.await;
         // The relay's pending deliveries hold WAL trackers (and so the store): stop its runtime
         // before waiting for the store to close.
         drop(core);
