@@ -180,11 +180,31 @@ impl NodeArgs {
     }
 }
 
+/// A node's base URL from `--url`: `http://` or `https://` URLs as given, a bare `host:port` as
+/// `http://host:port`; anything else is refused with what is expected.
+fn node_url(s: &str) -> std::result::Result<String, String> {
+    let s = s.trim();
+    let url = if s.contains("://") {
+        s.to_string()
+    } else {
+        format!("http://{s}")
+    };
+    match url::Url::parse(&url) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") && u.host_str().is_some_and(|h| !h.is_empty()) => Ok(url),
+        Ok(u) if !matches!(u.scheme(), "http" | "https") => Err(format!(
+            "{s:?} is not an http(s) URL; expected http://host:port or host:port"
+        )),
+        _ => Err(format!(
+            "{s:?} is not a node address; expected http://host:port or host:port"
+        )),
+    }
+}
+
 /// Where a client command sends its request.
 #[derive(Args, Debug)]
 pub struct ClientArgs {
-    /// Base URL of any node.
-    #[arg(long, env = "HERALD_URL", default_value = "http://127.0.0.1:7070")]
+    /// Base URL of any node (`http://host:port`, or just `host:port`).
+    #[arg(long, env = "HERALD_URL", default_value = "http://127.0.0.1:7070", value_parser = node_url)]
     pub url: String,
     /// Bearer token (needed when the node has tokens configured).
     #[arg(long, env = "HERALD_TOKEN", hide_env_values = true)]
@@ -194,8 +214,8 @@ pub struct ClientArgs {
 /// `herald health`.
 #[derive(Args, Debug)]
 struct HealthArgs {
-    /// Base URL of the node.
-    #[arg(long, env = "HERALD_URL", default_value = "http://127.0.0.1:7070")]
+    /// Base URL of the node (`http://host:port`, or just `host:port`).
+    #[arg(long, env = "HERALD_URL", default_value = "http://127.0.0.1:7070", value_parser = node_url)]
     url: String,
     /// Check liveness (`/healthz`) rather than readiness (`/readyz`).
     #[arg(long)]
@@ -571,6 +591,17 @@ async fn status(c: ClientArgs) -> ClientResult {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn url_accepts_a_bare_host_and_port_and_says_what_it_expects() {
+        assert_eq!(super::node_url("127.0.0.1:24270").unwrap(), "http://127.0.0.1:24270");
+        assert_eq!(super::node_url("http://h:7070/").unwrap(), "http://h:7070/");
+        assert_eq!(super::node_url("https://h").unwrap(), "https://h");
+        for bad in ["ftp://h:21", "", "http://"] {
+            let e = super::node_url(bad).unwrap_err();
+            assert!(e.contains("expected http://host:port or host:port"), "{bad:?}: {e}");
+        }
+    }
+
     use super::*;
 
     #[test]
