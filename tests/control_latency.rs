@@ -24,7 +24,7 @@ use herald::handler::{Delivery, HandlerResult};
 use herald::node::{Node, NodeBuilder};
 use herald::subscription::SubscriptionSpec;
 
-use common::{eventually, get, post_json, start_node, TestNode};
+use common::{cluster, eventually, get, post_json, TestNode};
 
 const TOPIC: &str = "cl.load";
 /// The histogram the monitor records every ping's round trip in.
@@ -71,39 +71,20 @@ fn batch() -> usize {
 
 /// Node 1 (the ingress, without the handler) and node 2 (the only node that can run `sink`).
 async fn two_nodes() -> Vec<TestNode> {
-    let mut nodes: Vec<TestNode> = Vec::new();
+    let mut builders = Vec::new();
     for id in 1..=2u64 {
         let mut b: NodeBuilder = Node::builder();
         if id == 2 {
             b = b.handler("sink", || Sink);
         }
         let c = b.config_mut();
-        c.node_id = id;
         c.handlers.mailbox_capacity = setting("HERALD_CONTROL_LOAD_MAILBOX", MAILBOX);
         c.handlers.max_inflight_bytes = 1 << 30;
         c.http.max_batch_events = batch();
         c.http.max_body_bytes = 64 << 20;
-        if let Some(first) = nodes.first() {
-            c.cluster.join = vec![first.node.core().membership().peer_addr().to_string()];
-        }
-        nodes.push(start_node(b).await);
+        builders.push(b);
     }
-    let urls: Vec<String> = nodes.iter().map(|n| n.url.clone()).collect();
-    eventually("both nodes see both members up and a leader", || {
-        let urls = urls.clone();
-        async move {
-            for u in &urls {
-                let (_, v) = get(&format!("{u}/v1/cluster")).await;
-                let up = v["members"].as_array()?.iter().filter(|m| m["status"] == "up").count();
-                if up != 2 || v["leader"].is_null() {
-                    return None;
-                }
-            }
-            Some(())
-        }
-    })
-    .await;
-    nodes
+    cluster(builders).await
 }
 
 /// What one node says of the control plane: term, leader, the highest phi of its peers.

@@ -15,42 +15,11 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::{Actor, Context, Handler};
 use herald::handler::{Delivery, HandlerResult};
-use herald::node::{Node, NodeBuilder};
+use herald::node::Node;
 use herald::subscription::SubscriptionSpec;
 use serde_json::{json, Value};
 
-use common::{eventually, get, post_json, request, start_node, within, Receiver, TestNode};
-
-/// Starts `builders` as one cluster (node ids 1..=n, the first one the seed) and waits until every
-/// node sees every member up and a leader.
-async fn cluster(builders: Vec<NodeBuilder>) -> Vec<TestNode> {
-    let mut nodes: Vec<TestNode> = Vec::new();
-    let n = builders.len();
-    for (i, mut b) in builders.into_iter().enumerate() {
-        let c = b.config_mut();
-        c.node_id = i as u64 + 1;
-        if let Some(first) = nodes.first() {
-            c.cluster.join = vec![first.node.core().membership().peer_addr().to_string()];
-        }
-        nodes.push(start_node(b).await);
-    }
-    let urls: Vec<String> = nodes.iter().map(|n| n.url.clone()).collect();
-    eventually("every node sees every member up and a leader", || {
-        let urls = urls.clone();
-        async move {
-            for u in &urls {
-                let (_, v) = get(&format!("{u}/v1/cluster")).await;
-                let up = v["members"].as_array()?.iter().filter(|m| m["status"] == "up").count();
-                if up != n || v["leader"].is_null() {
-                    return None;
-                }
-            }
-            Some(())
-        }
-    })
-    .await;
-    nodes
-}
+use common::{cluster, eventually, get, post_json, request, within, Receiver, TestNode};
 
 /// Creates `spec` through `url` and returns the node ids of its instances once every node agrees.
 async fn subscribe(nodes: &[TestNode], spec: Value) -> Vec<u64> {

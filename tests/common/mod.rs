@@ -53,6 +53,37 @@ pub async fn start_node_in(mut builder: NodeBuilder, dir: tempfile::TempDir) -> 
     t
 }
 
+/// Starts `builders` as one cluster (node ids 1..=n, the first one the seed) and waits until every
+/// node sees every member up and a leader.
+pub async fn cluster(builders: Vec<NodeBuilder>) -> Vec<TestNode> {
+    let mut nodes: Vec<TestNode> = Vec::new();
+    let n = builders.len();
+    for (i, mut b) in builders.into_iter().enumerate() {
+        let c = b.config_mut();
+        c.node_id = i as u64 + 1;
+        if let Some(first) = nodes.first() {
+            c.cluster.join = vec![first.node.core().membership().peer_addr().to_string()];
+        }
+        nodes.push(start_node(b).await);
+    }
+    let urls: Vec<String> = nodes.iter().map(|n| n.url.clone()).collect();
+    eventually("every node sees every member up and a leader", || {
+        let urls = urls.clone();
+        async move {
+            for u in &urls {
+                let (_, v) = get(&format!("{u}/v1/cluster")).await;
+                let up = v["members"].as_array()?.iter().filter(|m| m["status"] == "up").count();
+                if up != n || v["leader"].is_null() {
+                    return None;
+                }
+            }
+            Some(())
+        }
+    })
+    .await;
+    nodes
+}
+
 /// Polls `f` every 20 ms until it returns `Some`, failing the test after [`DEADLINE`].
 pub async fn eventually<T, F, Fut>(what: &str, f: F) -> T
 where
