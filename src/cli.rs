@@ -40,6 +40,128 @@ enum Command {
     /// Exit 0 when the node answers ready (`/readyz`, or `/healthz` with --live): a container
     /// health check for images without a shell.
     Health(HealthArgs),
+    /// Make the certificates of mutual TLS between nodes: a cluster CA, and node certificates.
+    #[command(subcommand)]
+    Cert(CertCommand),
+}
+
+/// `herald cert …`.
+#[derive(Subcommand, Debug)]
+pub enum CertCommand {
+    /// Make a cluster CA: writes ca.pem and ca.key (mode 0600) in --dir. Keep ca.key secret: it
+    /// admits nodes to the cluster.
+    Ca {
+        /// Where to write ca.pem and ca.key.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The cluster id the CA is for (nodes must run with the same --cluster-id).
+        #[arg(long, default_value = "herald", env = "HERALD_CLUSTER_ID")]
+        cluster: String,
+        /// Validity in days.
+        #[arg(long, default_value_t = crate::pki::CA_DAYS)]
+        days: u32,
+        /// Replace existing files.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Issue a node certificate signed by the CA in --ca-dir: writes node.pem, node.key (mode
+    /// 0600) and a copy of ca.pem in --out. The certificate names the node id as
+    /// spiffe://<cluster>/node/<id>, and the DNS names and IPs given (for HTTP TLS).
+    Node {
+        /// The directory with ca.pem and ca.key (`herald cert ca`).
+        #[arg(long)]
+        ca_dir: PathBuf,
+        /// Where to write node.pem, node.key and ca.pem.
+        #[arg(long)]
+        out: PathBuf,
+        /// The node id.
+        #[arg(
+            long,
+            required_unless_present = "id_from_hostname",
+            conflicts_with = "id_from_hostname"
+        )]
+        id: Option<u64>,
+        /// Take the node id from the host name's trailing ordinal + 1 (pod herald-0 is node 1), as
+        /// `herald node --node-id-from-hostname` does.
+        #[arg(long)]
+        id_from_hostname: bool,
+        /// A DNS name for the certificate; repeat for several. Default: this host's name and
+        /// localhost.
+        #[arg(long = "dns")]
+        dns: Vec<String>,
+        /// An IP address for the certificate; repeat for several. Default: 127.0.0.1.
+        #[arg(long = "ip")]
+        ips: Vec<std::net::IpAddr>,
+        /// Validity in days.
+        #[arg(long, default_value_t = crate::pki::NODE_DAYS)]
+        days: u32,
+        /// Replace existing files.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+/// Runs `herald cert …`, printing what it wrote.
+fn cert(command: CertCommand) -> std::result::Result<(), String> {
+    use crate::pki::{Ca, NodeCert};
+    match command {
+        CertCommand::Ca {
+            dir,
+            cluster,
+            days,
+            force,
+        } => {
+            let ca = Ca::generate_for(&cluster, days).map_err(|e| e.to_string())?;
+            ca.save(&dir, force).map_err(|e| e.to_string())?;
+            println!(
+                "wrote {} and {} (CA of cluster {cluster:?}, valid {days} days); keep ca.key secret",
+                dir.join(crate::pki::CA_CERT_FILE).display(),
+                dir.join(crate::pki::CA_KEY_FILE).display()
+            );
+            Ok(())
+        }
+        CertCommand::Node {
+            ca_dir,
+            out,
+            id,
+            id_from_hostname: _,
+            mut dns,
+            mut ips,
+            days,
+            force,
+        } => {
+            let host = crate::config::hostname().ok();
+            let id = match id {
+                Some(id) => id,
+                None => {
+                    let host = host.clone().ok_or("cannot read this machine's host name")?;
+                    crate::config::node_id_from_hostname(&host).ok_or_else(|| {
+                        format!("host name {host:?} does not end in -<ordinal> (like herald-0); give --id instead")
+                    })?
+                }
+            };
+            if dns.is_empty() {
+                dns.extend(host.filter(|h| !h.is_empty()));
+                dns.push("localhost".into());
+                dns.dedup();
+            }
+            if ips.is_empty() {
+                ips.push(std::net::IpAddr::from([127, 0, 0, 1]));
+            }
+            let ca = Ca::load(&ca_dir).map_err(|e| e.to_string())?;
+            let node = ca.issue_node(id, &dns, &ips, days).map_err(|e| e.to_string())?;
+            node.save(&out, force).map_err(|e| e.to_string())?;
+            let (ca_path, cert, key) = NodeCert::paths(&out);
+            println!(
+                "wrote {}, {} and {} for node {id} of cluster {:?} (valid {days} days)",
+                cert.display(),
+                key.display(),
+                ca_path.display(),
+                ca.cluster()
+            );
+            Ok(())
+        }
+    }
 }
 
 /// Flags of `herald node`. Each overrides the matching key of the `--config` file.
@@ -98,10 +220,21 @@ pub struct NodeArgs {
     /// Without it a new node starts its own cluster.
     #[arg(long, env = "HERALD_JOIN", value_delimiter = ',')]
     pub join: Vec<String>,
-    /// File with the cluster secret; peers must share it [key: cluster.secret_file]. Without one,
-    /// only loopback peers are accepted.
-    #[arg(long, env = "HERALD_CLUSTER_SECRET_FILE")]
+    /// Removed (replaced by mutual TLS): naming it fails with what to do instead.
+    #[arg(long, env = "HERALD_CLUSTER_SECRET_FILE", hide = true)]
     pub cluster_secret_file: Option<PathBuf>,
+    /// The cluster CA certificate(s), PEM, for mutual TLS between nodes [key: peer_tls.ca].
+    #[arg(long, env = "HERALD_PEER_CA")]
+    pub peer_ca: Option<PathBuf>,
+    /// This node's certificate, PEM, naming its node id (`herald cert node`) [key: peer_tls.cert].
+    #[arg(long, env = "HERALD_PEER_CERT")]
+    pub peer_cert: Option<PathBuf>,
+    /// This node's private key, PEM [key: peer_tls.key].
+    #[arg(long, env = "HERALD_PEER_KEY")]
+    pub peer_key: Option<PathBuf>,
+    /// Plaintext, unauthenticated peers, only on loopback (development) [key: peer_tls.insecure].
+    #[arg(long, env = "HERALD_INSECURE_PEERS")]
+    pub insecure_peers: bool,
     /// File of API bearer tokens, one `<role> <token>` per line (role admin or publish)
     /// [key: auth.tokens_file]. With tokens the API may be served to other hosts.
     #[arg(long, env = "HERALD_TOKENS_FILE")]
@@ -164,6 +297,18 @@ impl NodeArgs {
         }
         if let Some(v) = self.cluster_secret_file {
             c.cluster.secret_file = Some(v);
+        }
+        if let Some(v) = self.peer_ca {
+            c.peer_tls.ca = Some(v);
+        }
+        if let Some(v) = self.peer_cert {
+            c.peer_tls.cert = Some(v);
+        }
+        if let Some(v) = self.peer_key {
+            c.peer_tls.key = Some(v);
+        }
+        if self.insecure_peers {
+            c.peer_tls.insecure = true;
         }
         if self.node_id_from_hostname {
             c.node_id_from_hostname = true;
@@ -353,6 +498,15 @@ pub fn main_with(builder: NodeBuilder) -> ExitCode {
         Command::Subscribe(a) => return client_main(subscribe(a)),
         Command::Status(a) => return client_main(status(a)),
         Command::Health(a) => return client_main(health(a)),
+        Command::Cert(c) => {
+            return match cert(c) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("herald cert: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,

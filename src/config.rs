@@ -36,6 +36,8 @@ pub struct Config {
     pub auth: AuthConfig,
     /// The peer transport and joining a cluster.
     pub cluster: ClusterConfig,
+    /// Mutual TLS between nodes.
+    pub peer_tls: PeerTlsConfig,
     /// The Raft group that replicates membership.
     pub raft: RaftConfig,
     /// Subscriptions declared at start-up (created if missing, updated if changed).
@@ -55,8 +57,9 @@ pub struct ClusterConfig {
     /// Peer addresses of existing members to join (`--join`, `HERALD_JOIN=a,b`); host names
     /// resolve. Empty: a new node starts its own cluster (or resumes the one on disk).
     pub join: Vec<String>,
-    /// File holding the cluster secret (`--cluster-secret-file`). Without a secret only loopback
-    /// peers are accepted.
+    /// Removed: the HMAC cluster secret was replaced by mutual TLS (`[peer_tls]`). Kept only so
+    /// that a configuration still naming it gets an error that says what to do.
+    #[serde(skip_serializing)]
     pub secret_file: Option<PathBuf>,
     /// How often every peer is pinged.
     pub ping_interval_ms: u64,
@@ -94,6 +97,55 @@ impl Default for ClusterConfig {
             dedup_window: 100_000,
         }
     }
+}
+
+/// Mutual TLS between nodes (`[peer_tls]`). Every node needs a certificate signed by the
+/// cluster's CA and naming its node id (`herald cert`); without one a node refuses to start,
+/// unless `insecure` is set, which allows plaintext peers on loopback only.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PeerTlsConfig {
+    /// The cluster CA certificate(s), PEM (`--peer-ca`, `HERALD_PEER_CA`). Several may be listed
+    /// to rotate the CA.
+    pub ca: Option<PathBuf>,
+    /// This node's certificate, PEM (`--peer-cert`, `HERALD_PEER_CERT`).
+    pub cert: Option<PathBuf>,
+    /// This node's private key, PEM (`--peer-key`, `HERALD_PEER_KEY`).
+    pub key: Option<PathBuf>,
+    /// Plaintext, unauthenticated peers, allowed only when the peer address is loopback
+    /// (`--insecure-peers`, `HERALD_INSECURE_PEERS`); logs a warning at start.
+    pub insecure: bool,
+    /// How often the three files are re-read; a renewed certificate is used for new connections
+    /// without a restart.
+    pub reload_interval_ms: u64,
+}
+
+impl Default for PeerTlsConfig {
+    fn default() -> Self {
+        PeerTlsConfig {
+            ca: None,
+            cert: None,
+            key: None,
+            insecure: false,
+            reload_interval_ms: 10_000,
+        }
+    }
+}
+
+/// How a node talks to its peers, from [`Config::peer_security`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerSecurity {
+    /// Mutual TLS with these files.
+    Tls {
+        /// The CA certificate(s).
+        ca: PathBuf,
+        /// The node certificate.
+        cert: PathBuf,
+        /// The node key.
+        key: PathBuf,
+    },
+    /// Plaintext on loopback (`peer_tls.insecure`).
+    Insecure,
 }
 
 /// The membership Raft group.
@@ -246,6 +298,7 @@ impl Default for Config {
             handlers: HandlerConfig::default(),
             auth: AuthConfig::default(),
             cluster: ClusterConfig::default(),
+            peer_tls: PeerTlsConfig::default(),
             raft: RaftConfig::default(),
             subscriptions: Vec::new(),
         }
@@ -253,7 +306,7 @@ impl Default for Config {
 }
 
 /// This machine's host name: `$HOSTNAME` (set in containers and pods), else the kernel's.
-fn hostname() -> Result<String> {
+pub(crate) fn hostname() -> Result<String> {
     if let Ok(h) = std::env::var("HOSTNAME") {
         if !h.trim().is_empty() {
             return Ok(h.trim().to_string());
@@ -429,8 +482,100 @@ impl Config {
         })
     }
 
+    /// How this node talks to its peers: mutual TLS with the `[peer_tls]` files, or insecure
+    /// peers when `peer_tls.insecure` is set and every peer address is loopback. A node with
+    /// neither refuses to start with this error (secure by default); [`validate`](Self::validate)
+    /// leaves that one check to the node's start.
+    pub fn peer_security(&self) -> Result<PeerSecurity> {
+        let t = &self.peer_tls;
+        match (&t.ca, &t.cert, &t.key) {
+            (Some(ca), Some(cert), Some(key)) => {
+                if t.insecure {
+                    return Err(Error::config(
+                        "peer_tls.insecure",
+                        "is set together with TLS files; drop --insecure-peers to use them",
+                    ));
+                }
+                Ok(PeerSecurity::Tls {
+                    ca: ca.clone(),
+                    cert: cert.clone(),
+                    key: key.clone(),
+                })
+            }
+            (None, None, None) if t.insecure => {
+                let peer = self.peer_addr()?;
+                if !peer.ip().is_loopback() {
+                    return Err(Error::config(
+                        "peer_tls.insecure",
+                        format!(
+                            "plaintext peers are allowed only on loopback, and the peer address is {peer}; \
+                             give the node a certificate (--peer-ca, --peer-cert, --peer-key; see `herald cert`)"
+                        ),
+                    ));
+                }
+                let advertised = self
+                    .cluster
+                    .advertise
+                    .rsplit_once(':')
+                    .map(|(h, _)| h.trim_matches(['[', ']']));
+                if let Some(host) = advertised.filter(|h| !h.is_empty()) {
+                    let loopback =
+                        host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+                    if !loopback {
+                        return Err(Error::config(
+                            "peer_tls.insecure",
+                            format!(
+                                "plaintext peers are allowed only on loopback, and the advertised peer \
+                                 address is {}; give the node a certificate (see `herald cert`)",
+                                self.cluster.advertise
+                            ),
+                        ));
+                    }
+                }
+                Ok(PeerSecurity::Insecure)
+            }
+            (None, None, None) => Err(Error::config(
+                "peer_tls",
+                "no certificate for the peer transport: give --peer-ca, --peer-cert and --peer-key \
+                 (make them with `herald cert ca` and `herald cert node`; `herald up` does it for you), \
+                 or pass --insecure-peers to run plaintext peers on loopback only",
+            )),
+            _ => {
+                let missing: Vec<&str> = [
+                    ("peer_tls.ca", &t.ca),
+                    ("peer_tls.cert", &t.cert),
+                    ("peer_tls.key", &t.key),
+                ]
+                .into_iter()
+                .filter(|(_, v)| v.is_none())
+                .map(|(k, _)| k)
+                .collect();
+                Err(Error::config(
+                    "peer_tls",
+                    format!("give all three of ca, cert and key; missing: {}", missing.join(", ")),
+                ))
+            }
+        }
+    }
+
     /// Checks every setting; the error names the key to fix.
     pub fn validate(&self) -> Result<()> {
+        if self.cluster.secret_file.is_some() {
+            return Err(Error::config(
+                "cluster.secret_file",
+                "was removed: nodes authenticate each other with mutual TLS now. Make a CA and node \
+                 certificates with `herald cert ca` and `herald cert node`, and give each node \
+                 --peer-ca, --peer-cert and --peer-key (README, Security)",
+            ));
+        }
+        if self.peer_tls.reload_interval_ms == 0 {
+            return Err(Error::config("peer_tls.reload_interval_ms", "must be greater than 0"));
+        }
+        match self.peer_security() {
+            Ok(_) => {}
+            Err(Error::Config { key, .. }) if key == "peer_tls" && self.peer_tls == PeerTlsConfig::default() => {}
+            Err(e) => return Err(e),
+        }
         if self.node_id == 0 {
             return Err(Error::config("node_id", "must be at least 1"));
         }

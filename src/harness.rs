@@ -11,6 +11,12 @@
 //! SIGKILLs every one still running when it is dropped (also on error and panic). It waits by
 //! polling with a deadline, never by sleeping for a guessed time.
 //!
+//! **Certificates.** Nodes talk mutual TLS by default: the harness keeps a throwaway CA in
+//! `<dir>/tls/` (made on first use, reused when the directory is used again, as `herald up` does)
+//! and issues each node a certificate in `<dir>/tls/node-<id>/` before starting it, passing
+//! `--peer-ca`, `--peer-cert` and `--peer-key`. [`Harness::insecure_peers`] runs plaintext peers
+//! instead (for comparisons). This is the one use of the crate the harness makes (`pki`).
+//!
 //! It does not parse argv, install signal handlers or print anything but its progress lines
 //! (when asked to): those belong to its callers.
 
@@ -97,6 +103,9 @@ pub enum HarnessError {
     /// No running node answered `GET /v1/cluster` with a leader.
     #[error("no running node knows a leader{0}")]
     NoLeader(String),
+    /// The cluster's certificates could not be made or read.
+    #[error("certificates: {0}")]
+    Pki(#[from] crate::pki::PkiError),
 }
 
 /// For callers whose errors are messages (`herald up`, `herald-bench`).
@@ -312,6 +321,8 @@ struct Launch {
     program: PathBuf,
     args: Vec<String>,
     env: Vec<(String, Option<String>)>,
+    /// Where the CA and the node certificates live; `None`: insecure peers.
+    tls: Option<PathBuf>,
 }
 
 impl Harness {
@@ -329,6 +340,7 @@ impl Harness {
                 program: program.into(),
                 args: Vec::new(),
                 env: Vec::new(),
+                tls: Some(dir.join("tls")),
             },
             dir,
             remove_dir: false,
@@ -377,6 +389,14 @@ impl Harness {
     /// Removes an inherited environment variable from every node.
     pub fn env_remove(mut self, key: &str) -> Harness {
         self.launch.env.push((key.into(), None));
+        self
+    }
+
+    /// Runs the nodes with plaintext, unauthenticated peers (`--insecure-peers`, loopback only)
+    /// instead of mutual TLS.
+    pub fn insecure_peers(mut self) -> Harness {
+        self.launch.tls = None;
+        self.launch.args.push("--insecure-peers".into());
         self
     }
 
@@ -694,6 +714,15 @@ impl Launch {
         for seed in &node.spec.join {
             cmd.args(["--join", seed]);
         }
+        if let Some(dir) = &self.tls {
+            let (ca, cert, key) = node_certificate(dir, id)?;
+            cmd.arg("--peer-ca")
+                .arg(ca)
+                .arg("--peer-cert")
+                .arg(cert)
+                .arg("--peer-key")
+                .arg(key);
+        }
         cmd.args(&self.args).args(&node.spec.args);
         for (k, v) in &self.env {
             match v {
@@ -716,6 +745,27 @@ impl Launch {
         node.ready = false;
         Ok(())
     }
+}
+
+/// The CA in `dir` (made when missing) and node `id`'s certificate in `dir/node-<id>` (issued
+/// when missing): the paths of the CA certificate, the node certificate and its key.
+fn node_certificate(dir: &Path, id: u64) -> Result<(PathBuf, PathBuf, PathBuf)> {
+    use crate::pki::{Ca, NodeCert, CA_CERT_FILE, NODE_DAYS};
+    let ca = if dir.join(CA_CERT_FILE).exists() {
+        Ca::load(dir)?
+    } else {
+        let ca = Ca::generate("herald")?;
+        ca.save(dir, false)?;
+        ca
+    };
+    let node_dir = dir.join(format!("node-{id}"));
+    let paths = NodeCert::paths(&node_dir);
+    if !paths.1.exists() {
+        let localhost = [std::net::IpAddr::from([127, 0, 0, 1])];
+        ca.issue_node(id, &["localhost".into()], &localhost, NODE_DAYS)?
+            .save(&node_dir, true)?;
+    }
+    Ok(paths)
 }
 
 impl Drop for Harness {

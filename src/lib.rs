@@ -97,6 +97,7 @@ pub mod membership;
 pub mod metrics;
 pub mod monitor;
 pub mod node;
+pub mod pki;
 pub mod placement;
 pub mod proto;
 mod relay;

@@ -57,6 +57,15 @@ async fn a_node_runs_inside_an_existing_actix_web_application() {
     c.http.addr = "127.0.0.1:0".into();
     c.cluster.peer = "127.0.0.1:0".into();
     c.data_dir = dir.path().to_path_buf();
+    // An embedded node needs peer certificates like any other; the library makes them too.
+    let ca = herald::pki::Ca::generate(&c.cluster_id).expect("a CA");
+    let tls = dir.path().join("tls");
+    ca.issue_node(c.node_id, &[], &[], 1)
+        .expect("a node certificate")
+        .save(&tls, false)
+        .expect("saved");
+    let (ca_file, cert, key) = herald::pki::NodeCert::paths(&tls);
+    (c.peer_tls.ca, c.peer_tls.cert, c.peer_tls.key) = (Some(ca_file), Some(cert), Some(key));
     // `start` reads no flags or `HERALD_*` variables: only `from_env_and_args` (or `.main()`) does.
     let node = builder
         .start()

@@ -8,15 +8,16 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
+use herald::pki::Ca;
 use herald::transport::wire::{envelope::Body, Ping};
 use herald::transport::{
-    handshake, ClusterSecret, ConnectionError, Connector, Envelope, FrameError, HandshakeError, Identity, PeerInfo,
-    SendError, Side, Transport, TransportConfig,
+    handshake_on, Channel, ConnectionError, Connector, Envelope, FrameError, HandshakeError, Identity, PeerInfo,
+    PeerTls, SendError, Side, Transport, TransportConfig,
 };
 use tokio::io::{duplex, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -36,8 +37,25 @@ fn loopback() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 1))
 }
 
-fn config(id: u64, addr: &str, secret: Option<&str>) -> TransportConfig {
-    let mut c = TransportConfig::new("test-cluster", id, addr).with_secret(secret.and_then(ClusterSecret::new));
+/// The certificate of node `id` from the test CA named `ca` (each name its own CA of cluster
+/// "test-cluster", made once per process).
+fn tls(ca: &str, id: u64) -> Arc<PeerTls> {
+    static CAS: OnceLock<Mutex<HashMap<String, Arc<Ca>>>> = OnceLock::new();
+    let ca = CAS
+        .get_or_init(Default::default)
+        .lock()
+        .expect("lock")
+        .entry(ca.to_string())
+        .or_insert_with(|| Arc::new(Ca::generate("test-cluster").expect("ca")))
+        .clone();
+    let n = ca.issue_node(id, &[], &[], 1).expect("issue");
+    Arc::new(PeerTls::from_pem(&n.ca_pem, &n.cert_pem, &n.key_pem, "test-cluster", id).expect("load"))
+}
+
+/// Node `id`'s transport settings: mutual TLS with a certificate from the CA named `ca`, or
+/// insecure (plaintext, loopback) peers with `None`.
+fn config(id: u64, addr: &str, ca: Option<&str>) -> TransportConfig {
+    let mut c = TransportConfig::new("test-cluster", id, addr).with_tls(ca.map(|ca| tls(ca, id)));
     // Reconnect quickly in tests.
     c.backoff_min = Duration::from_millis(10);
     c.backoff_max = Duration::from_millis(200);
@@ -186,8 +204,8 @@ async fn dial_error<C: Connector>(t: &Transport<C>, peer: u64) -> String {
     l.last_error.clone().expect("checked")
 }
 
-fn identity(id: u64, secret: Option<&str>) -> Identity {
-    config(id, &format!("mem:{id}"), secret).identity
+fn identity(id: u64, ca: Option<&str>) -> Identity {
+    config(id, &format!("mem:{id}"), ca).identity
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -309,40 +327,42 @@ async fn many_frames_round_trip_over_tcp() {
 // Refusals.
 
 #[tokio::test]
-async fn wrong_secret_is_refused_on_both_sides() {
+async fn a_certificate_from_another_ca_is_refused_on_both_sides() {
     let net = MemNet::default();
     let (a, _a_rx, _) = net.node(config(1, "mem:1", Some("one")));
     let (_b, mut b_rx, mut b_accepts) = net.node(config(2, "mem:2", Some("two")));
     a.add_peer(2, "mem:2");
     match next_accept(&mut b_accepts).await {
-        Err(HandshakeError::BadProof {
-            by: Side::Local,
-            message,
-        }) => {
-            assert!(message.contains("cluster secret"), "{message}")
+        Err(HandshakeError::Tls { message }) => {
+            assert!(message.contains("certificate"), "{message}")
         }
-        other => panic!("b: expected BadProof, got {other:?}"),
+        other => panic!("b: expected a TLS refusal, got {other:?}"),
     }
     let err = dial_error(&a, 2).await;
-    assert!(err.contains("wrong cluster secret"), "{err}");
+    assert!(err.contains("TLS handshake failed"), "{err}");
     assert!(!a.is_connected(2));
     assert!(b_rx.try_recv().is_err(), "nothing was delivered");
 }
 
 #[tokio::test]
-async fn wrong_secret_is_refused_over_tcp() {
+async fn a_certificate_from_another_ca_is_refused_over_tcp() {
     let (_b, _b_rx, b_addr, _) = tcp_node(2, Some("right")).await;
     let stream = TcpStream::connect(b_addr).await.expect("connect");
     let me = config(1, "127.0.0.1:9", Some("wrong")).identity;
     let r = within(
         "handshake",
-        handshake(stream, &me, b_addr, Some(2), Duration::from_secs(5), |_| false),
+        handshake_on(
+            stream,
+            &me,
+            b_addr,
+            Some(2),
+            Some(Channel::Control),
+            Duration::from_secs(5),
+            |_, _| false,
+        ),
     )
     .await;
-    assert!(
-        matches!(r, Err(HandshakeError::BadProof { by: Side::Local, .. })),
-        "{r:?}"
-    );
+    assert!(matches!(r, Err(HandshakeError::Tls { .. })), "{r:?}");
 }
 
 #[tokio::test]
@@ -374,17 +394,18 @@ async fn duplicate_node_id_is_refused_and_the_first_connection_keeps_working() {
     a.add_peer(2, "mem:2");
     next_accept(&mut b_accepts).await.expect("b admits a");
 
-    // A second process claiming node id 1, with the right secret.
+    // A second process with node 1's certificate.
     let raw = net.dial_raw("mem:2");
     let r = within(
         "impostor handshake",
-        handshake(
+        handshake_on(
             raw,
             &identity(1, Some("s")),
             loopback(),
             Some(2),
+            Some(Channel::Control),
             Duration::from_secs(5),
-            |_| false,
+            |_, _| false,
         ),
     )
     .await;
@@ -407,7 +428,7 @@ async fn duplicate_node_id_is_refused_and_the_first_connection_keeps_working() {
 }
 
 #[tokio::test]
-async fn non_loopback_peer_is_refused_without_a_secret() {
+async fn non_loopback_peer_is_refused_with_insecure_peers() {
     let net = MemNet::default();
     let (b, _b_rx, _) = net.node(config(2, "mem:2", None));
     let (raw, theirs) = duplex(64 * 1024);
@@ -415,7 +436,15 @@ async fn non_loopback_peer_is_refused_without_a_secret() {
     let me = identity(1, None);
     let (mine, accepted) = within("both handshakes", async {
         tokio::join!(
-            handshake(raw, &me, loopback(), Some(2), Duration::from_secs(5), |_| false),
+            handshake_on(
+                raw,
+                &me,
+                loopback(),
+                Some(2),
+                Some(Channel::Control),
+                Duration::from_secs(5),
+                |_, _| false
+            ),
             b.accept(theirs, remote),
         )
     })
@@ -426,7 +455,7 @@ async fn non_loopback_peer_is_refused_without_a_secret() {
             message,
         }) => {
             assert!(
-                message.contains("192.0.2.7:7070") && message.contains("secret"),
+                message.contains("192.0.2.7:7070") && message.contains("--peer-cert"),
                 "{message}"
             )
         }
@@ -437,13 +466,21 @@ async fn non_loopback_peer_is_refused_without_a_secret() {
         "peer: {mine:?}"
     );
 
-    // The same address is fine once both sides have a secret.
+    // The same address is fine with mutual TLS.
     let (c, _c_rx, _) = net.node(config(3, "mem:3", Some("s")));
     let (raw, theirs) = duplex(64 * 1024);
     let me = identity(1, Some("s"));
     let (mine, accepted) = within("both handshakes", async {
         tokio::join!(
-            handshake(raw, &me, loopback(), Some(3), Duration::from_secs(5), |_| false),
+            handshake_on(
+                raw,
+                &me,
+                loopback(),
+                Some(3),
+                Some(Channel::Control),
+                Duration::from_secs(5),
+                |_, _| false
+            ),
             c.accept(theirs, remote),
         )
     })
@@ -505,7 +542,15 @@ async fn oversized_frame_drops_that_connection_only() {
     let me = identity(3, Some("s"));
     let (mine, accepted) = within("both handshakes", async {
         tokio::join!(
-            handshake(raw, &me, loopback(), Some(2), Duration::from_secs(5), |_| false),
+            handshake_on(
+                raw,
+                &me,
+                loopback(),
+                Some(2),
+                Some(Channel::Control),
+                Duration::from_secs(5),
+                |_, _| false
+            ),
             b.accept(theirs, loopback()),
         )
     })
@@ -525,9 +570,11 @@ async fn oversized_frame_drops_that_connection_only() {
         other => panic!("expected TooLarge, got {other:?}"),
     }
     let mut rest = Vec::new();
-    within("node 3 sees the close", mine.stream.read_to_end(&mut rest))
-        .await
-        .expect("clean close");
+    // TLS: the node drops the connection without a close_notify, which reads as an early EOF.
+    match within("node 3 sees the close", mine.stream.read_to_end(&mut rest)).await {
+        Ok(_) => {}
+        Err(e) => assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof, "{e}"),
+    }
 
     // The sender refuses what the receiver would drop; node 1's connection is unaffected.
     match a.send(2, Envelope::app(vec![0u8; 5000])) {

@@ -459,6 +459,8 @@ async fn local(mut a: LocalArgs) -> Result<(), String> {
     config.http.addr = "127.0.0.1:0".into();
     config.data_dir = dir.clone();
     config.wal.fsync = a.wal_fsync;
+    // One node, in this process: no peers to protect.
+    config.peer_tls.insecure = true;
     let t = tally.clone();
     let node = Node::builder()
         .config(config)

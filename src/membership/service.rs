@@ -39,7 +39,7 @@ use super::state::{Command, ConfStep, MembershipState};
 use super::storage::RedbStorage;
 use crate::error::{Error, Result};
 use crate::monitor::{Health, PeerState, Progress};
-use crate::transport::{self, Body, Bus, ClusterSecret, Envelope, Transport, TransportConfig};
+use crate::transport::{self, Body, Bus, Envelope, PeerTls, Transport, TransportConfig};
 use crate::types::NodeStatus;
 
 /// What the service needs to start.
@@ -59,8 +59,10 @@ pub struct MembershipConfig {
     pub advertise: String,
     /// Seeds to join.
     pub join: Vec<String>,
-    /// The cluster secret.
-    pub secret: Option<Vec<u8>>,
+    /// The node's peer TLS material (`None`: insecure peers, loopback only).
+    pub tls: Option<Arc<PeerTls>>,
+    /// How often the TLS files are re-read for a renewed certificate.
+    pub tls_reload: Duration,
     /// The handler kinds this node can run.
     pub handlers: Vec<String>,
     /// Raft settings.
@@ -336,8 +338,7 @@ type Handles = (
 /// Starts everything inside the service's runtime.
 async fn run(config: MembershipConfig, advertise: String) -> Result<Handles> {
     let id = config.node_id;
-    let secret = config.secret.clone().and_then(ClusterSecret::new);
-    let tc = TransportConfig::new(config.cluster_id.clone(), id, advertise.clone()).with_secret(secret);
+    let tc = TransportConfig::new(config.cluster_id.clone(), id, advertise.clone()).with_tls(config.tls.clone());
     tc.validate()?;
     let (inbound_tx, inbound_rx) = mpsc::channel::<(u64, Envelope)>(4096);
     let bus = Bus::start(tc.clone(), inbound_tx, config.app.clone())?;
@@ -345,6 +346,7 @@ async fn run(config: MembershipConfig, advertise: String) -> Result<Handles> {
     let listener = tokio::net::TcpListener::from_std(config.peer_listener)
         .map_err(|e| Error::io("cannot use the peer listener", e))?;
     bus.serve(listener);
+    bus.watch_tls(config.tls_reload);
 
     let path = config.data_dir.join("raft.redb");
     let storage = RedbStorage::open(&path).map_err(|e| Error::Store {
@@ -919,9 +921,17 @@ async fn probe(addr: &str, tc: &TransportConfig) -> std::result::Result<u64, Pro
     let remote = stream
         .peer_addr()
         .map_err(|e| ProbeError::Connect(addr.to_string(), e))?;
-    let established = transport::handshake(stream, &tc.identity, remote, None, tc.handshake_timeout, |_| false)
-        .await
-        .map_err(|e| ProbeError::Handshake(addr.to_string(), e))?;
+    let established = transport::handshake_on(
+        stream,
+        &tc.identity,
+        remote,
+        None,
+        Some(transport::Channel::Control),
+        tc.handshake_timeout,
+        |_, _| false,
+    )
+    .await
+    .map_err(|e| ProbeError::Handshake(addr.to_string(), e))?;
     Ok(established.peer.node_id)
 }
 

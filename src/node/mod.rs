@@ -151,20 +151,11 @@ impl NodeBuilder {
                 message: e.to_string(),
             })?;
         }
+        let tls = peer_tls(&config)?;
         let addr = http_bind_addr(&config)?;
         let peer_addr = config.peer_addr()?;
         let peer_listener = std::net::TcpListener::bind(peer_addr)
             .map_err(|e| Error::io(format!("cannot bind the peer address {peer_addr} (cluster.peer)"), e))?;
-        let secret = match &config.cluster.secret_file {
-            Some(path) => Some(
-                std::fs::read_to_string(path)
-                    .map_err(|e| Error::io(format!("cannot read cluster.secret_file {}", path.display()), e))?
-                    .trim()
-                    .as_bytes()
-                    .to_vec(),
-            ),
-            None => None,
-        };
         let (reconciled_tx, reconciled) = watch::channel(0u64);
         let (http_listener, http_addr) = crate::http::bind(addr)?;
         let (app_tx, app_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -177,7 +168,8 @@ impl NodeBuilder {
             peer_listener,
             advertise: config.cluster.advertise.clone(),
             join: config.cluster.join.clone(),
-            secret,
+            tls,
+            tls_reload: Duration::from_millis(config.peer_tls.reload_interval_ms),
             handlers: router.registry().kinds(),
             raft: config.raft.clone(),
             monitor: MonitorConfig {
@@ -560,3 +552,23 @@ impl Publisher {
 
 /// How long `RunningNode::shutdown` waits for the store to close after the handlers were stopped.
 const STORE_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The node's peer TLS material, loaded and checked, or `None` for insecure peers (warned about).
+fn peer_tls(config: &Config) -> Result<Option<Arc<crate::transport::PeerTls>>> {
+    use crate::config::PeerSecurity;
+    match config.peer_security()? {
+        PeerSecurity::Tls { ca, cert, key } => {
+            let files = crate::transport::TlsFiles { ca, cert, key };
+            let tls = crate::transport::PeerTls::from_files(files, &config.cluster_id, config.node_id)
+                .map_err(|e| Error::config("peer_tls", e.to_string()))?;
+            Ok(Some(Arc::new(tls)))
+        }
+        PeerSecurity::Insecure => {
+            tracing::warn!(
+                "insecure peers: the peer transport is plaintext and unauthenticated (loopback only), so any \
+                 local process can act as a node; for development only — give nodes certificates with `herald cert`"
+            );
+            Ok(None)
+        }
+    }
+}

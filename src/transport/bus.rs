@@ -12,11 +12,15 @@
 //!   goes straight to the relay's sink.
 //!
 //! Each node therefore dials two connections to every peer, one per channel, each with its own
-//! bounded send queue and writer. The channel is named by the dialer in its handshake Hello and
-//! covered by both proofs (see [`handshake`](mod@super::handshake)), so a connection's channel is
-//! as authenticated as its node id. The listener's accept loop runs the handshake on the control
-//! runtime, then hands an events connection to the events runtime (the socket is re-registered
-//! there), so no event byte is read or written by the membership thread.
+//! bounded send queue and writer. The channel is named by the dialer in its handshake Hello, inside
+//! the TLS session (see [`handshake`](mod@super::handshake)), so a connection's channel is as
+//! authenticated as its node id. The listener's accept loop runs the handshake (TLS included) on
+//! the control runtime, then hands an events connection to the events runtime: the TLS session
+//! moves as it is, and only its socket is re-registered there ([`Socket`]), so no event byte is
+//! read or written by the membership thread.
+//!
+//! **Certificate reload.** When the node's TLS material comes from files, the bus re-reads them
+//! every `reload_interval` ([`Bus::watch_tls`]) and new connections use new material.
 //!
 //! **Authorisation by channel.** An `App` payload arriving on a control connection, or anything
 //! else arriving on an events connection, is dropped, counted in
@@ -30,7 +34,12 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
 use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -160,12 +169,39 @@ impl Bus {
         }
     }
 
+    /// Re-reads the node's TLS files every `every` (on the control runtime) until shutdown;
+    /// new connections use reloaded material. Nothing to do without files.
+    pub fn watch_tls(&self, every: Duration) -> Option<JoinHandle<()>> {
+        let tls = self.inner.control.config().identity.tls.clone()?;
+        tls.files()?;
+        let cancel = self.inner.control.shutdown_token();
+        let task = async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                match tls.reload_if_changed() {
+                    Ok(true) => tracing::info!("reloaded the peer TLS certificate files; new connections use them"),
+                    Ok(false) => {}
+                    Err(error) => tracing::error!(
+                        %error,
+                        "the changed peer TLS files are not usable; keeping the previous certificate"
+                    ),
+                }
+            }
+        };
+        Some(self.inner.control.runtime().spawn(async move {
+            cancel.run_until_cancelled_owned(task).await;
+        }))
+    }
+
     /// Handshakes one inbound TCP stream and hands it to the transport of its channel.
     async fn accept(&self, stream: TcpStream, remote: SocketAddr) {
         let control = &self.inner.control;
         let config = control.config();
         let result = handshake_on(
-            stream,
+            Socket::Registered(stream),
             &config.identity,
             remote,
             None,
@@ -182,27 +218,127 @@ impl Bus {
             }
         };
         let channel = est.channel;
-        let (peer, read_buf) = (est.peer, est.read_buf);
+        let (peer, read_buf, mut stream) = (est.peer, est.read_buf, est.stream);
         let adopted = match channel {
-            Channel::Events => match est.stream.into_std() {
+            Channel::Events => match stream.io_mut().detach() {
                 // The socket is registered with this (the control) runtime's reactor; it moves
-                // to the events runtime, where `from_std` registers it again.
-                Ok(std) => self
-                    .inner
-                    .events
-                    .adopt(peer, channel, read_buf, move || TcpStream::from_std(std)),
+                // to the events runtime, where `attach` registers it again. The TLS session
+                // around it moves as it is.
+                Ok(()) => self.inner.events.adopt(peer, channel, read_buf, move || {
+                    stream.io_mut().attach()?;
+                    Ok(stream)
+                }),
                 Err(error) => {
                     tracing::warn!(%remote, %error, "cannot move an events connection to its runtime");
                     return;
                 }
             },
-            Channel::Control | Channel::Unspecified => {
-                let stream = est.stream;
-                control.adopt(peer, channel, read_buf, move || Ok(stream))
-            }
+            Channel::Control | Channel::Unspecified => control.adopt(peer, channel, read_buf, move || Ok(stream)),
         };
         if let Err(error) = adopted {
             tracing::warn!(%remote, %error, "refused an inbound peer connection");
+        }
+    }
+}
+
+/// An accepted TCP socket that can move from one tokio runtime to another with whatever wraps it
+/// (the TLS session): [`detach`](Self::detach) takes it off the current runtime's reactor,
+/// [`attach`](Self::attach) registers it with the reactor of the runtime it is called on. Only a
+/// registered socket reads or writes.
+#[derive(Debug)]
+pub(crate) enum Socket {
+    /// Registered with a runtime's reactor.
+    Registered(TcpStream),
+    /// Between runtimes.
+    Detached(std::net::TcpStream),
+    /// Lost while moving (a failed conversion).
+    Gone,
+}
+
+impl Socket {
+    /// Takes the socket off the current runtime's reactor.
+    pub(crate) fn detach(&mut self) -> std::io::Result<()> {
+        match std::mem::replace(self, Socket::Gone) {
+            Socket::Registered(s) => {
+                *self = Socket::Detached(s.into_std()?);
+                Ok(())
+            }
+            other => {
+                *self = other;
+                Err(not_registered())
+            }
+        }
+    }
+
+    /// Registers the socket with the reactor of the runtime this is called on.
+    pub(crate) fn attach(&mut self) -> std::io::Result<()> {
+        match std::mem::replace(self, Socket::Gone) {
+            Socket::Detached(s) => {
+                *self = Socket::Registered(TcpStream::from_std(s)?);
+                Ok(())
+            }
+            other => {
+                *self = other;
+                Err(std::io::Error::other("the peer socket is not detached"))
+            }
+        }
+    }
+
+    fn registered(self: Pin<&mut Self>) -> std::io::Result<Pin<&mut TcpStream>> {
+        match self.get_mut() {
+            Socket::Registered(s) => Ok(Pin::new(s)),
+            _ => Err(not_registered()),
+        }
+    }
+}
+
+fn not_registered() -> std::io::Error {
+    std::io::Error::other("the peer socket is not registered with a runtime")
+}
+
+impl AsyncRead for Socket {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        match self.registered() {
+            Ok(s) => s.poll_read(cx, buf),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+}
+
+impl AsyncWrite for Socket {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        match self.registered() {
+            Ok(s) => s.poll_write(cx, buf),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.registered() {
+            Ok(s) => s.poll_write_vectored(cx, bufs),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.registered() {
+            Ok(s) => s.poll_flush(cx),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.registered() {
+            Ok(s) => s.poll_shutdown(cx),
+            Err(e) => Poll::Ready(Err(e)),
         }
     }
 }

@@ -134,6 +134,11 @@ async fn read_loop<S: AsyncRead>(
             .map_err(|_| ConnectionError::Idle(opts.idle_timeout))?;
         let (env, wire_len) = match next {
             None => return Ok(ConnectionEnd::PeerClosed),
+            // A TLS peer that went away without a close_notify (killed, or it dropped the
+            // connection): closed all the same.
+            Some(Err(FrameError::Io(e))) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                return Ok(ConnectionEnd::PeerClosed)
+            }
             Some(frame) => frame?,
         };
         frames.increment(1);

@@ -1,78 +1,50 @@
 //! The connection handshake: who is on the other end, and may it talk to us.
 //!
-//! Runs on any `AsyncRead + AsyncWrite + Unpin` stream, identically on the dialing and the
-//! accepting side (there is no client/server asymmetry in the protocol), in three rounds where both
-//! sides send before they read:
+//! Runs on any `AsyncRead + AsyncWrite + Unpin` stream. The dialing side names the connection's
+//! [`Channel`]; the accepting side takes it (see [`handshake_on`]).
 //!
-//! 1. **Hello ↔ Hello**: protocol version, cluster id, node id, a fresh random 32-byte nonce, the
-//!    address the sender wants to be dialed at, and the [`Channel`] the connection is for (named
-//!    by the dialer; an accepting side sends `Unspecified` and takes the dialer's, see
-//!    [`handshake_on`]).
-//! 2. **Proof ↔ Proof**: each side checks the other's Hello (same version and cluster id, not our
-//!    own node id, the node id we dialed, loopback when no secret is configured, one agreed
-//!    channel), then sends `HMAC-SHA256(secret, other's nonce || own node id as u64 big-endian ||
-//!    cluster id || channel as one byte)`. The channel is in the MAC so that a connection's class
-//!    is as authenticated as its node id: a Hello whose channel was altered on the way fails both
-//!    proofs.
-//! 3. **Accepted ↔ Accepted**: each side verifies the other's proof in constant time
-//!    (`Mac::verify_slice`) and that the node id is not already connected on that channel, then
-//!    says yes.
+//! 1. **Mutual TLS 1.3** (`super::tls`), unless the node runs with insecure peers: the dialer is
+//!    the TLS client, the acceptor the server, and each must present a certificate that chains to
+//!    the cluster CA. The peer's node id and cluster come from its certificate (SAN URI
+//!    `spiffe://<cluster>/node/<id>`), not from anything it says.
+//! 2. **Hello ↔ Hello**, inside the TLS session: protocol version, cluster id, node id, the
+//!    address the sender wants to be dialed at, and the channel (named by the dialer; an accepting
+//!    side sends `Unspecified`). Each side checks the other's Hello: same version and cluster, not
+//!    our own node id, the node id we dialed, **the node id its certificate names**, one agreed
+//!    channel; with insecure peers, a loopback address.
+//! 3. **Accepted ↔ Accepted**: each side checks that the node id is not already connected on that
+//!    channel, then says yes.
 //!
 //! Whenever a side refuses, it sends a [`Refusal`] *instead of* its next step, closes its write
 //! half and waits briefly for the other side to hang up (so the refusal is not lost to a TCP reset).
 //! The other side, reading a refusal where it expected a step, returns the same error variant with
-//! [`Side::Peer`], so a misconfiguration is reported with the same explanation on both nodes.
-//! Proofs are checked before the duplicate test, so an unauthenticated peer cannot probe which
-//! nodes are connected. Every send and receive is bounded by the step timeout.
+//! [`Side::Peer`], so a misconfiguration is reported with the same explanation on both nodes. A
+//! TLS failure (no certificate, another CA, an expired certificate) is reported by both sides as
+//! [`HandshakeError::Tls`] with rustls's reason or the alert the other side sent. The certificate
+//! is checked before the duplicate test, so an unauthenticated peer cannot probe which nodes are
+//! connected. Every step is bounded by the step timeout.
 //!
-//! With no secret configured the MAC key is empty: two secret-less nodes still complete the
-//! handshake (only over loopback), and a secret-less node never talks to one that has a secret.
-//!
-//! What this does not do: encrypt, or authenticate frames after the handshake. It keeps nodes of
-//! different clusters, stray clients and nodes without the secret out; an attacker on the network
-//! path can still read or hijack a connection. Run the peer network on a private network, or under
-//! a tunnel (WireGuard, a TLS-terminating sidecar), when that matters.
+//! Because the Hello travels inside the session whose client certificate names the sender, a
+//! peer cannot claim another node's id (the old HMAC handshake signed whatever nonce it was
+//! given, so proofs could be relayed between two nodes). With insecure peers (`--insecure-peers`,
+//! loopback only) there is no authentication at all: any local process can claim any node id.
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use futures_util::{SinkExt, StreamExt};
-use hmac::{Hmac, Mac};
-use sha2::Sha256;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::codec::Framed;
 
 use super::frame::{FrameCodec, FrameError, HANDSHAKE_MAX_FRAME_LEN};
-use super::wire::{self, handshake::Step, Channel, Hello, Proof, Refusal, RefusalCode, PROTOCOL_VERSION};
-
-/// Length of the random nonce each side sends.
-pub const NONCE_LEN: usize = 32;
+use super::tls::{identity_of, PeerStream, PeerTls};
+use super::wire::{self, handshake::Step, Channel, Hello, Refusal, RefusalCode, PROTOCOL_VERSION};
 
 /// How long a refusing side waits for the other side to hang up after its refusal.
 const REFUSAL_LINGER: Duration = Duration::from_secs(1);
-
-type HmacSha256 = Hmac<Sha256>;
-
-/// The shared cluster secret. Its `Debug` output never shows the bytes.
-#[derive(Clone)]
-pub struct ClusterSecret(Arc<[u8]>);
-
-impl ClusterSecret {
-    /// A secret from its bytes, or `None` when they are empty (an empty secret is no secret).
-    pub fn new(bytes: impl AsRef<[u8]>) -> Option<Self> {
-        let bytes = bytes.as_ref();
-        (!bytes.is_empty()).then(|| ClusterSecret(Arc::from(bytes)))
-    }
-}
-
-impl fmt::Debug for ClusterSecret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "ClusterSecret(<{} bytes, redacted>)", self.0.len())
-    }
-}
 
 /// Who this node is, as presented in the handshake.
 #[derive(Clone, Debug)]
@@ -84,8 +56,9 @@ pub struct Identity {
     /// The address peers should dial to reach this node, sent in the Hello so a node that accepts
     /// a connection learns where to dial back.
     pub advertise_addr: String,
-    /// The cluster secret proved in the handshake. `None`: only loopback peers are accepted.
-    pub secret: Option<ClusterSecret>,
+    /// The node's certificate material for mutual TLS. `None`: insecure peers — plaintext,
+    /// unauthenticated, loopback only.
+    pub tls: Option<Arc<PeerTls>>,
 }
 
 /// Which side of a handshake refused it.
@@ -142,20 +115,27 @@ pub enum HandshakeError {
         /// The refusing side's explanation.
         message: String,
     },
-    /// No secret is configured and the other side is not on loopback.
-    #[error("non-loopback peer without a cluster secret, refused by {by}: {message}")]
+    /// Insecure peers (no TLS) and the other side is not on loopback.
+    #[error("non-loopback peer without TLS, refused by {by}: {message}")]
     InsecureNonLoopback {
         /// Who refused.
         by: Side,
         /// The refusing side's explanation.
         message: String,
     },
-    /// The proof of the cluster secret did not verify (different secrets).
-    #[error("wrong cluster secret, refused by {by}: {message}")]
-    BadProof {
+    /// The peer's certificate does not name the node it claims to be, or names no node.
+    #[error("untrusted peer, refused by {by}: {message}")]
+    Untrusted {
         /// Who refused.
         by: Side,
         /// The refusing side's explanation.
+        message: String,
+    },
+    /// The TLS handshake failed: no certificate, a certificate from another CA or expired, a
+    /// plaintext peer, or a TLS alert from the other side (which names its reason).
+    #[error("TLS handshake failed: {message}")]
+    Tls {
+        /// rustls's reason, with what to check.
         message: String,
     },
     /// A connection from this node id already exists.
@@ -214,11 +194,11 @@ impl HandshakeError {
             | SelfConnection { by, .. }
             | UnexpectedNodeId { by, .. }
             | InsecureNonLoopback { by, .. }
-            | BadProof { by, .. }
+            | Untrusted { by, .. }
             | DuplicateNodeId { by, .. }
             | Protocol { by, .. } => Some(*by),
             Refused { .. } => Some(Side::Peer),
-            Timeout { .. } | Closed { .. } | Frame(_) => None,
+            Tls { .. } | Timeout { .. } | Closed { .. } | Frame(_) => None,
         }
     }
 
@@ -231,10 +211,10 @@ impl HandshakeError {
             SelfConnection { message, .. } => (RefusalCode::SelfConnection, message),
             UnexpectedNodeId { message, .. } => (RefusalCode::UnexpectedNodeId, message),
             InsecureNonLoopback { message, .. } => (RefusalCode::InsecureNonLoopback, message),
-            BadProof { message, .. } => (RefusalCode::BadProof, message),
+            Untrusted { message, .. } => (RefusalCode::Untrusted, message),
             DuplicateNodeId { message, .. } => (RefusalCode::DuplicateNodeId, message),
             Protocol { message, .. } => (RefusalCode::Protocol, message),
-            Refused { .. } | Timeout { .. } | Closed { .. } | Frame(_) => return None,
+            Refused { .. } | Tls { .. } | Timeout { .. } | Closed { .. } | Frame(_) => return None,
         };
         Some(Refusal {
             code: code.into(),
@@ -252,7 +232,7 @@ impl HandshakeError {
             Ok(RefusalCode::SelfConnection) => HandshakeError::SelfConnection { by, message },
             Ok(RefusalCode::UnexpectedNodeId) => HandshakeError::UnexpectedNodeId { by, message },
             Ok(RefusalCode::InsecureNonLoopback) => HandshakeError::InsecureNonLoopback { by, message },
-            Ok(RefusalCode::BadProof) => HandshakeError::BadProof { by, message },
+            Ok(RefusalCode::Untrusted) => HandshakeError::Untrusted { by, message },
             Ok(RefusalCode::DuplicateNodeId) => HandshakeError::DuplicateNodeId { by, message },
             Ok(RefusalCode::Protocol) => HandshakeError::Protocol { by, message },
             Ok(RefusalCode::Unspecified) | Err(_) => HandshakeError::Refused { code: r.code, message },
@@ -263,7 +243,7 @@ impl HandshakeError {
 /// The other side of an established connection.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PeerInfo {
-    /// Its node id (authenticated by the proof when a secret is configured).
+    /// Its node id (authenticated by its certificate, unless peers are insecure).
     pub node_id: u64,
     /// The address it asks to be dialed at (from its Hello; not verified).
     pub advertise_addr: String,
@@ -276,8 +256,8 @@ pub struct PeerInfo {
 pub struct Established<S> {
     /// Who is on the other end.
     pub peer: PeerInfo,
-    /// The stream, positioned after the last handshake frame.
-    pub stream: S,
+    /// The stream (TLS unless peers are insecure), positioned after the last handshake frame.
+    pub stream: PeerStream<S>,
     /// Bytes already read past the handshake (the first envelope frames); the reader must
     /// consume these before reading from `stream`.
     pub read_buf: BytesMut,
@@ -285,44 +265,18 @@ pub struct Established<S> {
     pub channel: Channel,
 }
 
-/// Runs the handshake on `stream` as `local`, for a [`Channel::Control`] connection.
+/// Runs the handshake on `stream` as `local`, for a connection of `channel`.
 ///
-/// * `remote_addr`: where the stream comes from. Used for the loopback rule when `local` has no
-///   secret; in-memory streams pass a loopback address.
-/// * `expected_peer`: when dialing a known peer, the node id it must answer with.
-/// * `step_timeout`: the bound of each send and each receive.
-/// * `is_connected`: whether a node id already has a connection (checked after its proof); such a
-///   peer is refused as a duplicate.
-pub async fn handshake<S>(
-    stream: S,
-    local: &Identity,
-    remote_addr: SocketAddr,
-    expected_peer: Option<u64>,
-    step_timeout: Duration,
-    is_connected: impl Fn(u64) -> bool,
-) -> Result<Established<S>, HandshakeError>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    handshake_on(
-        stream,
-        local,
-        remote_addr,
-        expected_peer,
-        Some(Channel::Control),
-        step_timeout,
-        |id, _| is_connected(id),
-    )
-    .await
-}
-
-/// Runs the handshake on `stream` as `local`, like [`handshake`], for a connection of `channel`.
-///
-/// A dialing side names the channel (`Some`); an accepting side passes `None` and takes the one
-/// the dialer named, which [`Established::channel`] reports. When both sides name one they must
-/// agree. A Hello naming no channel when this side names none either, or a channel this build
-/// does not know, is refused as a protocol error. `is_connected(node id, channel)` is asked
-/// after the peer's proof, for the agreed channel.
+/// * `remote_addr`: where the stream comes from. Used for the loopback rule with insecure peers;
+///   in-memory streams pass a loopback address.
+/// * `expected_peer`: when dialing a known peer, the node id it must be.
+/// * `channel`: a dialing side names the channel (`Some`) and is the TLS client; an accepting
+///   side passes `None`, is the TLS server, and takes the channel the dialer named, which
+///   [`Established::channel`] reports. A Hello naming no channel or one this build does not
+///   know is refused as a protocol error.
+/// * `step_timeout`: the bound of the TLS handshake and of each send and receive.
+/// * `is_connected(node id, channel)`: whether that node already has a connection of that
+///   channel (asked once its identity is established); such a peer is refused as a duplicate.
 pub async fn handshake_on<S>(
     stream: S,
     local: &Identity,
@@ -335,21 +289,28 @@ pub async fn handshake_on<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let (stream, certified) = match &local.tls {
+        Some(tls) => {
+            let tls = secure(tls, stream, channel.is_some(), remote_addr, step_timeout).await?;
+            let (_, conn) = tls.get_ref();
+            let certified = identity_of(conn.peer_certificates());
+            (PeerStream::Tls(Box::new(tls)), certified)
+        }
+        None => (PeerStream::Plain(stream), None),
+    };
     let mut io = Steps {
         framed: Framed::new(stream, FrameCodec::new(HANDSHAKE_MAX_FRAME_LEN)),
         timeout: step_timeout,
     };
-    let nonce = fresh_nonce();
     let hello = Hello {
         cluster_id: local.cluster_id.clone(),
         node_id: local.node_id,
-        nonce: Bytes::copy_from_slice(&nonce),
         peer_addr: local.advertise_addr.clone(),
         protocol_version: PROTOCOL_VERSION,
         channel: channel.unwrap_or(Channel::Unspecified).into(),
     };
 
-    // Round 1: Hello ↔ Hello.
+    // Hello ↔ Hello.
     io.send(Step::Hello(hello), "send its Hello").await?;
     let theirs = match io.recv("receive the peer's Hello").await? {
         Step::Hello(h) => h,
@@ -358,6 +319,11 @@ where
     };
     if let Err(e) = check_hello(local, &theirs, remote_addr, expected_peer) {
         return io.refuse(e).await;
+    }
+    if local.tls.is_some() {
+        if let Err(e) = check_certified(local, &theirs, remote_addr, certified.as_ref()) {
+            return io.refuse(e).await;
+        }
     }
     let channel = match agree_channel(local, &theirs, remote_addr, channel) {
         Ok(c) => c,
@@ -368,43 +334,6 @@ where
         advertise_addr: theirs.peer_addr.clone(),
         remote_addr,
     };
-
-    // Round 2: Proof ↔ Proof.
-    let mac = keyed_mac(local, &theirs.nonce, local.node_id, channel)
-        .finalize()
-        .into_bytes();
-    let proof = Proof {
-        mac: Bytes::copy_from_slice(&mac),
-    };
-    io.send(Step::Proof(proof), "send its proof").await?;
-    let their_proof = match io.recv("receive the peer's proof").await? {
-        Step::Proof(p) => p,
-        Step::Refusal(r) => return Err(HandshakeError::from_refusal(r)),
-        other => return io.refuse(protocol_error("a Proof", &other)).await,
-    };
-    if keyed_mac(local, &nonce, peer.node_id, channel)
-        .verify_slice(&their_proof.mac)
-        .is_err()
-    {
-        let message = match &local.secret {
-            Some(_) => format!(
-                "node {} ({remote_addr}) did not prove the cluster secret of node {}; give every \
-                 node of the cluster the same cluster secret (--cluster-secret-file)",
-                peer.node_id, local.node_id
-            ),
-            None => format!(
-                "node {} ({remote_addr}) uses a cluster secret but node {} has none; give every \
-                 node of the cluster the same cluster secret (--cluster-secret-file)",
-                peer.node_id, local.node_id
-            ),
-        };
-        return io
-            .refuse(HandshakeError::BadProof {
-                by: Side::Local,
-                message,
-            })
-            .await;
-    }
     if is_connected(peer.node_id, channel) {
         let message = format!(
             "node {} ({remote_addr}) is already connected to node {}; another process uses the \
@@ -420,7 +349,7 @@ where
             .await;
     }
 
-    // Round 3: Accepted ↔ Accepted.
+    // Accepted ↔ Accepted.
     io.send(Step::Accepted(wire::Accepted {}), "send its acceptance")
         .await?;
     match io.recv("receive the peer's acceptance").await? {
@@ -436,6 +365,77 @@ where
         read_buf: parts.read_buf,
         channel,
     })
+}
+
+/// The TLS handshake, as the client when `dialing`.
+async fn secure<S>(
+    tls: &PeerTls,
+    stream: S,
+    dialing: bool,
+    remote_addr: SocketAddr,
+    step_timeout: Duration,
+) -> Result<tokio_rustls::TlsStream<S>, HandshakeError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let done = async {
+        if dialing {
+            tls.connect(stream).await.map(tokio_rustls::TlsStream::Client)
+        } else {
+            tls.accept(stream).await.map(tokio_rustls::TlsStream::Server)
+        }
+    };
+    match tokio::time::timeout(step_timeout, done).await {
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err(e)) => {
+            let hint = if e.kind() == std::io::ErrorKind::InvalidData && e.to_string().contains("corrupt message") {
+                "; the peer does not speak TLS (is it running with --insecure-peers?)"
+            } else {
+                "; every node needs a certificate signed by the cluster CA (`herald cert node`) and the \
+                 same CA file (--peer-ca)"
+            };
+            Err(HandshakeError::Tls {
+                message: format!("with {remote_addr}: {e}{hint}"),
+            })
+        }
+        Err(_) => Err(HandshakeError::Timeout {
+            step: "complete the TLS handshake",
+            after: step_timeout,
+        }),
+    }
+}
+
+/// The checks of a TLS peer's Hello against its certificate: the certificate names a node of
+/// this cluster, and the node the Hello claims to be.
+fn check_certified(
+    local: &Identity,
+    theirs: &Hello,
+    remote_addr: SocketAddr,
+    certified: Option<&crate::pki::NodeIdentity>,
+) -> Result<(), HandshakeError> {
+    let by = Side::Local;
+    let Some(cert) = certified else {
+        let message = format!(
+            "{remote_addr} presented a certificate that names no herald node (a SAN URI \
+             spiffe://<cluster>/node/<id>); issue node certificates with `herald cert node`"
+        );
+        return Err(HandshakeError::Untrusted { by, message });
+    };
+    if cert.cluster != local.cluster_id {
+        let message = format!(
+            "{remote_addr} presented a certificate for {cert}, but node {} is in cluster {:?}",
+            local.node_id, local.cluster_id
+        );
+        return Err(HandshakeError::ClusterMismatch { by, message });
+    }
+    if cert.node != theirs.node_id {
+        let message = format!(
+            "{remote_addr} claims to be node {} but its certificate is for node {}",
+            theirs.node_id, cert.node
+        );
+        return Err(HandshakeError::Untrusted { by, message });
+    }
+    Ok(())
 }
 
 /// The connection's channel: the one the dialer named (`ours` when this side dials, the peer's
@@ -519,11 +519,11 @@ fn check_hello(
             return Err(HandshakeError::UnexpectedNodeId { by, message });
         }
     }
-    if local.secret.is_none() && !is_loopback(&remote_addr) {
+    if local.tls.is_none() && !is_loopback(&remote_addr) {
         let message = format!(
-            "node {me} has no cluster secret configured, so it only talks to peers on loopback, \
-             and {remote_addr} (node {them}) is not on loopback; configure the same \
-             --cluster-secret-file on every node"
+            "node {me} runs with insecure (plaintext) peers, so it only talks to peers on \
+             loopback, and {remote_addr} (node {them}) is not on loopback; give every node a \
+             certificate from the cluster CA (--peer-ca, --peer-cert, --peer-key)"
         );
         return Err(HandshakeError::InsecureNonLoopback { by, message });
     }
@@ -531,34 +531,7 @@ fn check_hello(
         let message = format!("{remote_addr} sent node id 0, which no node may use");
         return Err(HandshakeError::Protocol { by, message });
     }
-    if theirs.nonce.len() != NONCE_LEN {
-        let message = format!(
-            "node {them} ({remote_addr}) sent a {}-byte nonce instead of {NONCE_LEN} bytes",
-            theirs.nonce.len()
-        );
-        return Err(HandshakeError::Protocol { by, message });
-    }
     Ok(())
-}
-
-/// `HMAC(secret, nonce || node_id (u64 BE) || cluster id || channel (one byte))`, ready to
-/// finalize or verify.
-fn keyed_mac(local: &Identity, nonce: &[u8], node_id: u64, channel: Channel) -> HmacSha256 {
-    let key: &[u8] = local.secret.as_ref().map_or(&[], |s| &s.0);
-    // HMAC takes keys of any length; `new_from_slice` cannot fail for it.
-    let mut mac = HmacSha256::new_from_slice(key).expect("HMAC accepts keys of any length");
-    mac.update(nonce);
-    mac.update(&node_id.to_be_bytes());
-    mac.update(local.cluster_id.as_bytes());
-    // Control = 1, Events = 2 (the wire values), never 0: `agree_channel` resolved it.
-    mac.update(&[i32::from(channel) as u8]);
-    mac
-}
-
-fn fresh_nonce() -> [u8; NONCE_LEN] {
-    let mut nonce = [0u8; NONCE_LEN];
-    rand::RngCore::fill_bytes(&mut rand::rng(), &mut nonce);
-    nonce
 }
 
 /// Loopback, including IPv4-mapped IPv6 loopback (`::ffff:127.0.0.1`).
@@ -572,7 +545,6 @@ pub(crate) fn is_loopback(addr: &SocketAddr) -> bool {
 fn protocol_error(expected: &str, got: &Step) -> HandshakeError {
     let got = match got {
         Step::Hello(_) => "a Hello",
-        Step::Proof(_) => "a Proof",
         Step::Refusal(_) => "a Refusal",
         Step::Accepted(_) => "an acceptance",
     };
@@ -585,7 +557,7 @@ fn protocol_error(expected: &str, got: &Step) -> HandshakeError {
 /// The framed stream plus the step timeout.
 struct Steps<S> {
     /// The stream, framed for handshake messages.
-    framed: Framed<S, FrameCodec<wire::Handshake>>,
+    framed: Framed<PeerStream<S>, FrameCodec<wire::Handshake>>,
     /// Bound of each send and receive.
     timeout: Duration,
 }
@@ -663,7 +635,11 @@ fn is_disconnect(e: &std::io::Error) -> bool {
 mod tests {
     use super::*;
 
+    use std::sync::OnceLock;
+
     use tokio::io::duplex;
+
+    use crate::pki::Ca;
 
     const T: Duration = Duration::from_secs(5);
 
@@ -671,16 +647,30 @@ mod tests {
         SocketAddr::from(([127, 0, 0, 1], 40000))
     }
 
-    fn id(node_id: u64, secret: Option<&str>) -> Identity {
+    /// The test cluster's CA (one per test process: generating one takes a moment).
+    fn ca() -> &'static Ca {
+        static CA: OnceLock<Ca> = OnceLock::new();
+        CA.get_or_init(|| Ca::generate("test").expect("ca"))
+    }
+
+    fn tls_of(ca: &Ca, node: u64) -> Arc<PeerTls> {
+        let n = ca.issue_node(node, &[], &[], 1).expect("issue");
+        Arc::new(PeerTls::from_pem(&n.ca_pem, &n.cert_pem, &n.key_pem, ca.cluster(), node).expect("load"))
+    }
+
+    /// Node `node_id` of cluster "test": with a certificate from the test CA when `tls`, else an
+    /// insecure (plaintext) peer.
+    fn id(node_id: u64, tls: bool) -> Identity {
         Identity {
             cluster_id: "test".into(),
             node_id,
             advertise_addr: format!("127.0.0.1:{}", 7000 + node_id),
-            secret: secret.and_then(ClusterSecret::new),
+            tls: tls.then(|| tls_of(ca(), node_id)),
         }
     }
 
-    /// Runs both sides over an in-memory stream: `a` sees `a_remote`, `b` sees loopback.
+    /// Runs both sides over an in-memory stream, `a` dialing (control) and `b` accepting: `a`
+    /// sees `a_remote`, `b` sees loopback.
     async fn pair(
         a: Identity,
         b: Identity,
@@ -688,8 +678,8 @@ mod tests {
         b_connected: &[u64],
     ) -> (Result<PeerInfo, HandshakeError>, Result<PeerInfo, HandshakeError>) {
         let (sa, sb) = duplex(4096);
-        let fa = handshake(sa, &a, a_remote, None, T, |_| false);
-        let fb = handshake(sb, &b, loopback(), None, T, |n| b_connected.contains(&n));
+        let fa = handshake_on(sa, &a, a_remote, None, Some(Channel::Control), T, |_, _| false);
+        let fb = handshake_on(sb, &b, loopback(), None, None, T, |n, _| b_connected.contains(&n));
         let (ra, rb) = tokio::time::timeout(Duration::from_secs(10), async { tokio::join!(fa, fb) })
             .await
             .expect("handshake finishes before the deadline");
@@ -697,8 +687,8 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn same_secret_is_admitted_both_ways() {
-        let (a, b) = pair(id(1, Some("s3cret")), id(2, Some("s3cret")), loopback(), &[]).await;
+    async fn tls_peers_are_admitted_both_ways_and_know_each_others_id() {
+        let (a, b) = pair(id(1, true), id(2, true), loopback(), &[]).await;
         let a = a.expect("a admits b");
         let b = b.expect("b admits a");
         assert_eq!(a.node_id, 2);
@@ -707,34 +697,92 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn no_secret_on_loopback_is_admitted() {
-        let (a, b) = pair(id(1, None), id(2, None), loopback(), &[]).await;
+    async fn insecure_peers_on_loopback_are_admitted() {
+        let (a, b) = pair(id(1, false), id(2, false), loopback(), &[]).await;
         assert!(a.is_ok() && b.is_ok(), "{a:?} {b:?}");
     }
 
     #[tokio::test]
-    async fn wrong_secret_is_refused_on_both_sides() {
-        let (a, b) = pair(id(1, Some("one")), id(2, Some("two")), loopback(), &[]).await;
+    async fn a_certificate_from_another_ca_is_refused_on_both_sides() {
+        let stranger = Ca::generate("test").expect("ca");
+        let mut b = id(2, false);
+        b.tls = Some(tls_of(&stranger, 2));
+        let (a, b) = pair(id(1, true), b, loopback(), &[]).await;
         for r in [a, b] {
-            match r {
-                Err(HandshakeError::BadProof { message, .. }) => assert!(message.contains("secret"), "{message}"),
-                other => panic!("expected BadProof, got {other:?}"),
-            }
+            assert!(matches!(r, Err(HandshakeError::Tls { .. })), "{r:?}");
         }
     }
 
     #[tokio::test]
-    async fn secret_on_one_side_only_is_refused_on_both_sides() {
-        let (a, b) = pair(id(1, Some("one")), id(2, None), loopback(), &[]).await;
-        assert!(matches!(a, Err(HandshakeError::BadProof { .. })), "{a:?}");
-        assert!(matches!(b, Err(HandshakeError::BadProof { .. })), "{b:?}");
+    async fn tls_on_one_side_only_is_refused_on_both_sides() {
+        let (a, b) = pair(id(1, true), id(2, false), loopback(), &[]).await;
+        assert!(matches!(a, Err(HandshakeError::Tls { .. })), "{a:?}");
+        assert!(b.is_err(), "{b:?}");
+        let (a, b) = pair(id(1, false), id(2, true), loopback(), &[]).await;
+        assert!(a.is_err(), "{a:?}");
+        match b {
+            Err(HandshakeError::Tls { message }) => assert!(message.contains("--insecure-peers"), "{message}"),
+            other => panic!("expected a TLS failure, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_dialer_without_a_client_certificate_is_refused() {
+        // A TLS client that trusts the CA like a node but presents no certificate of its own.
+        let b = id(2, true);
+        let config = b.tls.as_ref().expect("tls").anonymous_client();
+        let (sa, sb) = duplex(4096);
+        let fb = handshake_on(sb, &b, loopback(), None, None, T, |_, _| false);
+        let fa = async move {
+            let name = rustls::pki_types::ServerName::try_from("herald-peer").expect("name");
+            let connector = tokio_rustls::TlsConnector::from(config);
+            // The server refuses after the client's (empty) certificate message; whatever the
+            // client sees, it never gets a Hello.
+            if let Ok(mut s) = connector.connect(name, sa).await {
+                let mut buf = [0u8; 64];
+                let _ = s.read(&mut buf).await;
+            }
+        };
+        let (rb, ()) = tokio::join!(fb, fa);
+        match rb {
+            Err(HandshakeError::Tls { message }) => assert!(message.contains("no certificates"), "{message}"),
+            other => panic!("expected a TLS refusal, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn claiming_another_nodes_id_is_refused_on_both_sides() {
+        // Node 1 has a valid certificate, for node 1, and says it is node 3.
+        let mut liar = id(1, true);
+        liar.node_id = 3;
+        let (a, b) = pair(liar, id(2, true), loopback(), &[]).await;
+        match b {
+            Err(HandshakeError::Untrusted {
+                by: Side::Local,
+                message,
+            }) => {
+                assert!(
+                    message.contains("claims to be node 3") && message.contains("for node 1"),
+                    "{message}"
+                )
+            }
+            other => panic!("expected Untrusted, got {other:?}"),
+        }
+        assert!(
+            matches!(
+                a,
+                Err(HandshakeError::Untrusted { by: Side::Peer, .. })
+                    | Err(HandshakeError::Untrusted { by: Side::Local, .. })
+            ),
+            "{a:?}"
+        );
     }
 
     #[tokio::test]
     async fn different_cluster_is_refused_on_both_sides() {
-        let mut b = id(2, Some("s"));
+        let mut b = id(2, false);
         b.cluster_id = "other".into();
-        let (a, b) = pair(id(1, Some("s")), b, loopback(), &[]).await;
+        let (a, b) = pair(id(1, false), b, loopback(), &[]).await;
         for r in [a, b] {
             match r {
                 Err(HandshakeError::ClusterMismatch { message, .. }) => {
@@ -750,7 +798,7 @@ mod tests {
 
     #[tokio::test]
     async fn own_node_id_is_refused_on_both_sides() {
-        let (a, b) = pair(id(1, None), id(1, None), loopback(), &[]).await;
+        let (a, b) = pair(id(1, true), id(1, true), loopback(), &[]).await;
         assert!(
             matches!(a, Err(HandshakeError::SelfConnection { by: Side::Local, .. })),
             "{a:?}"
@@ -763,7 +811,7 @@ mod tests {
 
     #[tokio::test]
     async fn duplicate_node_id_is_refused_and_the_dialer_learns_why() {
-        let (a, b) = pair(id(1, Some("s")), id(2, Some("s")), loopback(), &[1]).await;
+        let (a, b) = pair(id(1, true), id(2, true), loopback(), &[1]).await;
         match b {
             Err(HandshakeError::DuplicateNodeId {
                 by: Side::Local,
@@ -780,16 +828,16 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn non_loopback_without_secret_is_refused_and_the_peer_learns_why() {
+    async fn non_loopback_insecure_peers_are_refused_and_the_peer_learns_why() {
         let remote = SocketAddr::from(([10, 1, 2, 3], 7070));
-        let (a, b) = pair(id(1, None), id(2, None), remote, &[]).await;
+        let (a, b) = pair(id(1, false), id(2, false), remote, &[]).await;
         match a {
             Err(HandshakeError::InsecureNonLoopback {
                 by: Side::Local,
                 message,
             }) => {
                 assert!(
-                    message.contains("10.1.2.3:7070") && message.contains("secret"),
+                    message.contains("10.1.2.3:7070") && message.contains("--peer-cert"),
                     "{message}"
                 )
             }
@@ -802,19 +850,19 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn non_loopback_with_secret_is_admitted() {
+    async fn non_loopback_tls_peers_are_admitted() {
         let remote = SocketAddr::from(([10, 1, 2, 3], 7070));
-        let (a, b) = pair(id(1, Some("s")), id(2, Some("s")), remote, &[]).await;
+        let (a, b) = pair(id(1, true), id(2, true), remote, &[]).await;
         assert!(a.is_ok() && b.is_ok(), "{a:?} {b:?}");
     }
 
     #[tokio::test]
     async fn unexpected_node_id_is_refused() {
         let (sa, sb) = duplex(4096);
-        let (a, b) = (id(1, None), id(3, None));
+        let (a, b) = (id(1, true), id(3, true));
         let (ra, rb) = tokio::join!(
-            handshake(sa, &a, loopback(), Some(2), T, |_| false),
-            handshake(sb, &b, loopback(), None, T, |_| false),
+            handshake_on(sa, &a, loopback(), Some(2), Some(Channel::Control), T, |_, _| false),
+            handshake_on(sb, &b, loopback(), None, None, T, |_, _| false),
         );
         assert!(
             matches!(ra, Err(HandshakeError::UnexpectedNodeId { by: Side::Local, .. })),
@@ -828,18 +876,20 @@ mod tests {
 
     #[tokio::test]
     async fn silent_peer_times_out() {
-        let (sa, _sb) = duplex(4096);
-        let a = id(1, None);
-        let r = handshake(sa, &a, loopback(), None, Duration::from_millis(50), |_| false).await;
-        assert!(matches!(r, Err(HandshakeError::Timeout { .. })), "{r:?}");
+        for tls in [false, true] {
+            let (sa, _sb) = duplex(4096);
+            let a = id(1, tls);
+            let r = handshake_on(sa, &a, loopback(), None, None, Duration::from_millis(50), |_, _| false).await;
+            assert!(matches!(r, Err(HandshakeError::Timeout { .. })), "{r:?}");
+        }
     }
 
     #[tokio::test]
-    async fn garbage_instead_of_hello_is_a_frame_error() {
+    async fn garbage_instead_of_hello_is_refused() {
         let (sa, mut sb) = duplex(4096);
         sb.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.expect("write");
-        let a = id(1, None);
-        let r = handshake(sa, &a, loopback(), None, T, |_| false).await;
+        let a = id(1, false);
+        let r = handshake_on(sa, &a, loopback(), None, None, T, |_, _| false).await;
         assert!(
             matches!(r, Err(HandshakeError::Frame(FrameError::TooLarge { .. }))),
             "{r:?}"
@@ -847,29 +897,32 @@ mod tests {
         // Short garbage: a small length and bytes that are no Handshake.
         let (sa, mut sb) = duplex(4096);
         sb.write_all(&[0, 0, 0, 3, 0xff, 0xff, 0xff]).await.expect("write");
-        let r = handshake(sa, &a, loopback(), None, T, |_| false).await;
+        let r = handshake_on(sa, &a, loopback(), None, None, T, |_, _| false).await;
         assert!(
             matches!(r, Err(HandshakeError::Frame(FrameError::Decode { .. }))),
             "{r:?}"
         );
+        // The same garbage to a TLS node is a TLS failure.
+        let (sa, mut sb) = duplex(4096);
+        sb.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.expect("write");
+        let r = handshake_on(sa, &id(1, true), loopback(), None, None, T, |_, _| false).await;
+        assert!(matches!(r, Err(HandshakeError::Tls { .. })), "{r:?}");
     }
 
     #[tokio::test]
     async fn bytes_after_the_handshake_are_kept_for_the_reader() {
         use bytes::BufMut;
         let (sa, sb) = duplex(4096);
-        let b = id(2, None);
-        let fb = handshake(sb, &b, loopback(), None, T, |_| false);
+        let b = id(2, false);
+        let fb = handshake_on(sb, &b, loopback(), None, None, T, |_, _| false);
         // Side a is played by hand so its acceptance and the first bytes after it arrive in one
         // write, i.e. in the same read on b's side.
         let fa = async {
-            let a = id(1, None);
+            let a = id(1, false);
             let mut framed = Framed::new(sa, FrameCodec::<wire::Handshake>::new(HANDSHAKE_MAX_FRAME_LEN));
-            let nonce = fresh_nonce();
             let hello = Hello {
                 cluster_id: a.cluster_id.clone(),
                 node_id: 1,
-                nonce: Bytes::copy_from_slice(&nonce),
                 peer_addr: a.advertise_addr.clone(),
                 protocol_version: PROTOCOL_VERSION,
                 channel: Channel::Control.into(),
@@ -882,33 +935,12 @@ mod tests {
                 .expect("hello");
             let Some(Ok((
                 wire::Handshake {
-                    step: Some(Step::Hello(theirs)),
+                    step: Some(Step::Hello(_)),
                 },
                 _,
             ))) = framed.next().await
             else {
                 panic!("expected b's Hello");
-            };
-            let mac = keyed_mac(&a, &theirs.nonce, 1, Channel::Control)
-                .finalize()
-                .into_bytes();
-            let proof = Proof {
-                mac: Bytes::copy_from_slice(&mac),
-            };
-            framed
-                .send(wire::Handshake {
-                    step: Some(Step::Proof(proof)),
-                })
-                .await
-                .expect("proof");
-            let Some(Ok((
-                wire::Handshake {
-                    step: Some(Step::Proof(_)),
-                },
-                _,
-            ))) = framed.next().await
-            else {
-                panic!("expected b's Proof");
             };
             let mut buf = BytesMut::new();
             let accepted = wire::Handshake {
@@ -925,131 +957,53 @@ mod tests {
         assert_eq!(&est.read_buf[..], b"after");
     }
 
-    /// Plays a dialer by hand up to its proof: sends a Hello naming `named`, then a proof computed
-    /// over `proved`, and returns what the accepting side concluded.
-    async fn dial_by_hand(named: Channel, proved: Channel) -> Result<Channel, HandshakeError> {
-        let (sa, sb) = duplex(4096);
-        let b = id(2, Some("s"));
-        let fb = handshake_on(sb, &b, loopback(), None, None, T, |_, _| false);
-        let fa = async {
-            let a = id(1, Some("s"));
-            let mut framed = Framed::new(sa, FrameCodec::<wire::Handshake>::new(HANDSHAKE_MAX_FRAME_LEN));
-            let hello = Hello {
-                cluster_id: a.cluster_id.clone(),
-                node_id: 1,
-                nonce: Bytes::copy_from_slice(&fresh_nonce()),
-                peer_addr: a.advertise_addr.clone(),
-                protocol_version: PROTOCOL_VERSION,
-                channel: named.into(),
-            };
-            let _ = framed
-                .send(wire::Handshake {
-                    step: Some(Step::Hello(hello)),
-                })
-                .await;
-            let Some(Ok((
-                wire::Handshake {
-                    step: Some(Step::Hello(theirs)),
-                },
-                _,
-            ))) = framed.next().await
-            else {
-                return framed;
-            };
-            let mac = keyed_mac(&a, &theirs.nonce, 1, proved).finalize().into_bytes();
-            let proof = Proof {
-                mac: Bytes::copy_from_slice(&mac),
-            };
-            let _ = framed
-                .send(wire::Handshake {
-                    step: Some(Step::Proof(proof)),
-                })
-                .await;
-            // Read until b answers (acceptance or refusal) or hangs up.
-            let _ = framed.next().await;
-            let _ = framed
-                .send(wire::Handshake {
-                    step: Some(Step::Accepted(wire::Accepted {})),
-                })
-                .await;
-            framed
-        };
-        let (rb, _framed) = tokio::join!(fb, fa);
-        rb.map(|e| e.channel)
-    }
-
     #[tokio::test]
     async fn the_dialer_names_the_channel_and_both_sides_agree_on_it() {
         for channel in [Channel::Control, Channel::Events] {
             let (sa, sb) = duplex(4096);
-            let (a, b) = (id(1, Some("s")), id(2, Some("s")));
+            let (a, b) = (id(1, true), id(2, true));
             let (ra, rb) = tokio::join!(
                 handshake_on(sa, &a, loopback(), Some(2), Some(channel), T, |_, _| false),
                 handshake_on(sb, &b, loopback(), None, None, T, |_, _| false),
             );
-            assert_eq!(ra.expect("a admits b").channel, channel);
-            assert_eq!(rb.expect("b admits a").channel, channel);
+            let (ea, eb) = (ra.expect("a admits b"), rb.expect("b admits a"));
+            assert_eq!((ea.channel, eb.channel), (channel, channel));
+            assert!(ea.stream.is_tls() && eb.stream.is_tls());
         }
-        // The plain handshake is a control connection.
-        let (sa, sb) = duplex(4096);
-        let (a, b) = (id(1, None), id(2, None));
-        let (ra, rb) = tokio::join!(
-            handshake(sa, &a, loopback(), Some(2), T, |_| false),
-            handshake_on(sb, &b, loopback(), None, None, T, |_, _| false),
-        );
-        assert_eq!(ra.expect("a admits b").channel, Channel::Control);
-        assert_eq!(rb.expect("b admits a").channel, Channel::Control);
-    }
-
-    #[tokio::test]
-    async fn the_proof_covers_the_channel() {
-        assert_eq!(
-            dial_by_hand(Channel::Events, Channel::Events).await.expect("admitted"),
-            Channel::Events
-        );
-        // A Hello naming one channel with a proof over the other (the channel altered on the way,
-        // or a peer claiming one class to use the other) does not verify.
-        let r = dial_by_hand(Channel::Events, Channel::Control).await;
-        assert!(
-            matches!(r, Err(HandshakeError::BadProof { by: Side::Local, .. })),
-            "{r:?}"
-        );
-        let r = dial_by_hand(Channel::Control, Channel::Events).await;
-        assert!(
-            matches!(r, Err(HandshakeError::BadProof { by: Side::Local, .. })),
-            "{r:?}"
-        );
     }
 
     #[tokio::test]
     async fn a_connection_without_an_agreed_channel_is_refused() {
-        // Neither side names one.
-        let r = dial_by_hand(Channel::Unspecified, Channel::Control).await;
-        match r {
-            Err(HandshakeError::Protocol {
-                by: Side::Local,
-                message,
-            }) => {
-                assert!(message.contains("did not name a channel"), "{message}")
-            }
-            other => panic!("expected a Protocol refusal, got {other:?}"),
-        }
         // Both name one, and they differ.
         let (sa, sb) = duplex(4096);
-        let (a, b) = (id(1, None), id(2, None));
+        let (a, b) = (id(1, false), id(2, false));
         let (ra, rb) = tokio::join!(
             handshake_on(sa, &a, loopback(), None, Some(Channel::Events), T, |_, _| false),
             handshake_on(sb, &b, loopback(), None, Some(Channel::Control), T, |_, _| false),
         );
         assert!(matches!(ra, Err(HandshakeError::Protocol { .. })), "{ra:?}");
         assert!(matches!(rb, Err(HandshakeError::Protocol { .. })), "{rb:?}");
+        // Neither names one.
+        let (sa, sb) = duplex(4096);
+        let (ra, rb) = tokio::join!(
+            handshake_on(sa, &a, loopback(), None, None, T, |_, _| false),
+            handshake_on(sb, &b, loopback(), None, None, T, |_, _| false),
+        );
+        for r in [ra, rb] {
+            match r {
+                Err(HandshakeError::Protocol { message, .. }) => {
+                    assert!(message.contains("did not name a channel"), "{message}")
+                }
+                other => panic!("expected a Protocol refusal, got {other:?}"),
+            }
+        }
     }
 
     #[tokio::test]
     async fn duplicates_are_per_channel() {
         // Node 1 already has a control connection: an events connection is not a duplicate.
         let (sa, sb) = duplex(4096);
-        let (a, b) = (id(1, None), id(2, None));
+        let (a, b) = (id(1, true), id(2, true));
         let connected = |n: u64, c: Channel| n == 1 && c == Channel::Control;
         let (ra, rb) = tokio::join!(
             handshake_on(sa, &a, loopback(), Some(2), Some(Channel::Events), T, |_, _| false),
@@ -1078,12 +1032,5 @@ mod tests {
         assert!(is_loopback(&"[::ffff:127.0.0.1]:1".parse().expect("addr")));
         assert!(!is_loopback(&"10.0.0.1:1".parse().expect("addr")));
         assert!(!is_loopback(&"[::ffff:10.0.0.1]:1".parse().expect("addr")));
-    }
-
-    #[test]
-    fn secret_debug_is_redacted() {
-        let s = ClusterSecret::new("hunter2").expect("non-empty");
-        assert!(!format!("{s:?}").contains("hunter2"));
-        assert!(ClusterSecret::new("").is_none());
     }
 }

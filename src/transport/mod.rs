@@ -15,8 +15,10 @@
 //! * [`wire`] — the prost schema (`Envelope`, the handshake messages); tags are the schema.
 //! * [`frame`] — the byte layout of a connection (4-byte big-endian length + prost payload), the
 //!   codec and the frame limit. Framing is documented there and only there.
-//! * [`handshake`](mod@handshake) — Hello/Proof/Accepted with the cluster id, node ids and an HMAC over nonces;
-//!   its refusals and their messages.
+//! * [`tls`] — mutual TLS 1.3: the node's certificate material (`PeerTls`), its reload, the
+//!   peer certificate check, and [`PeerStream`].
+//! * [`handshake`](mod@handshake) — TLS, then Hello/Accepted with the cluster id, node ids and
+//!   channel, each node id checked against the peer's certificate; its refusals and their messages.
 //! * `conn` — the driver of one established connection: the coalescing writer (one `write_all`
 //!   per batch of queued envelopes), the reader, keepalives and the idle timeout.
 //! * `peers` — the [`Transport`] front: one dialer task per peer with jittered exponential
@@ -55,6 +57,7 @@ mod conn;
 pub mod frame;
 pub mod handshake;
 mod peers;
+pub mod tls;
 pub mod wire;
 
 use std::time::Duration;
@@ -62,8 +65,9 @@ use std::time::Duration;
 pub use bus::{channel_name, wrong_channel, Bus};
 pub use conn::{ConnectionEnd, ConnectionError};
 pub use frame::{FrameError, DEFAULT_MAX_FRAME_LEN};
-pub use handshake::{handshake, handshake_on, ClusterSecret, Established, HandshakeError, Identity, PeerInfo, Side};
+pub use handshake::{handshake_on, Established, HandshakeError, Identity, PeerInfo, Side};
 pub use peers::{Connector, InboundConnection, PeerLink, SendError, TcpConnector, Transport};
+pub use tls::{PeerStream, PeerTls, TlsError, TlsFiles};
 pub use wire::{envelope::Body, Channel, Envelope};
 
 use crate::Error;
@@ -96,7 +100,7 @@ pub fn describe() {
 /// names in validation errors are the suggested TOML keys.
 #[derive(Clone, Debug)]
 pub struct TransportConfig {
-    /// Who this node is: cluster id, node id, advertised peer address, cluster secret.
+    /// Who this node is: cluster id, node id, advertised peer address, TLS material.
     pub identity: Identity,
     /// The channel this transport dials for, named in its handshakes (default control). The
     /// [`Bus`] sets it; a transport accepts connections of any channel.
@@ -104,7 +108,8 @@ pub struct TransportConfig {
     /// Largest envelope payload sent or accepted (default 16 MiB). A peer sending more is
     /// disconnected; `send` refuses more. Must be the same on every node.
     pub max_frame_len: usize,
-    /// Bound of each handshake step (default 5 s), so a silent or slow peer cannot hold a slot.
+    /// Bound of the TLS handshake and of each handshake step (default 5 s), so a silent or slow
+    /// peer cannot hold a slot.
     pub handshake_timeout: Duration,
     /// Bound of opening a stream to a peer (default 3 s).
     pub connect_timeout: Duration,
@@ -132,14 +137,14 @@ pub struct TransportConfig {
 
 impl TransportConfig {
     /// The defaults for node `node_id` of `cluster_id`, advertising `advertise_addr` to peers,
-    /// without a secret (loopback peers only; see [`with_secret`](Self::with_secret)).
+    /// with insecure peers (plaintext, loopback only; see [`with_tls`](Self::with_tls)).
     pub fn new(cluster_id: impl Into<String>, node_id: u64, advertise_addr: impl Into<String>) -> Self {
         TransportConfig {
             identity: Identity {
                 cluster_id: cluster_id.into(),
                 node_id,
                 advertise_addr: advertise_addr.into(),
-                secret: None,
+                tls: None,
             },
             channel: Channel::Control,
             max_frame_len: DEFAULT_MAX_FRAME_LEN,
@@ -155,9 +160,9 @@ impl TransportConfig {
         }
     }
 
-    /// Sets the cluster secret (`None`: loopback peers only).
-    pub fn with_secret(mut self, secret: Option<ClusterSecret>) -> Self {
-        self.identity.secret = secret;
+    /// Sets the node's TLS material (`None`: insecure peers, plaintext, loopback only).
+    pub fn with_tls(mut self, tls: Option<std::sync::Arc<PeerTls>>) -> Self {
+        self.identity.tls = tls;
         self
     }
 

@@ -5,8 +5,9 @@
 //! fresh tags instead. A node that receives a variant it does not know decodes it as "no body" and
 //! drops it, so new variants can be rolled out one node at a time.
 //!
-//! A connection first carries [`Handshake`] frames (see [`super::handshake`](mod@super::handshake)),
-//! then [`Envelope`] frames until it closes. How a frame is delimited is defined in
+//! A connection first runs mutual TLS 1.3 (unless peers are insecure), then carries
+//! [`Handshake`] frames inside the session (see [`super::handshake`](mod@super::handshake)), then
+//! [`Envelope`] frames until it closes. How a frame is delimited is defined in
 //! [`super::frame`].
 //!
 //! ```text
@@ -27,26 +28,25 @@
 //! message ProposalResult { uint64 id = 1; string error = 2; }           // "" = accepted
 //!
 //! message Handshake {
-//!   oneof step { Hello hello = 1; Proof proof = 2; Refusal refusal = 3; Accepted accepted = 4; }
+//!   oneof step { Hello hello = 1; Refusal refusal = 3; Accepted accepted = 4; }  // 2 retired
 //! }
-//! message Hello    { string cluster_id = 1; uint64 node_id = 2; bytes nonce = 3;
+//! message Hello    { string cluster_id = 1; uint64 node_id = 2;   // 3 retired (HMAC nonce)
 //!                    string peer_addr = 4; uint32 protocol_version = 5;
 //!                    Channel channel = 6; }                // the dialer's; UNSPECIFIED from acceptors
-//! message Proof    { bytes mac = 1; }
 //! message Refusal  { RefusalCode code = 1; string message = 2; }
 //! message Accepted { }
 //! enum RefusalCode { UNSPECIFIED = 0; VERSION_MISMATCH = 1; CLUSTER_MISMATCH = 2;
 //!                    SELF_CONNECTION = 3; UNEXPECTED_NODE_ID = 4; INSECURE_NON_LOOPBACK = 5;
-//!                    BAD_PROOF = 6; DUPLICATE_NODE_ID = 7; PROTOCOL = 8; }
+//!                    UNTRUSTED = 6; DUPLICATE_NODE_ID = 7; PROTOCOL = 8; }
 //! enum Channel     { UNSPECIFIED = 0; CONTROL = 1; EVENTS = 2; }
 //! ```
 
 use bytes::Bytes;
 
 /// The version of the handshake and envelope protocol this build speaks. Bumped only for an
-/// incompatible change (adding fields or variants is compatible and does not bump it). Version 2:
-/// the proofs cover the connection's [`Channel`].
-pub const PROTOCOL_VERSION: u32 = 2;
+/// incompatible change (adding fields or variants is compatible and does not bump it). Version 3:
+/// mutual TLS replaced the HMAC proofs (version 2 named the connection's [`Channel`]).
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// One frame after the handshake. An envelope without a body is a keepalive: it proves the
 /// connection is alive and is consumed by the transport.
@@ -170,7 +170,7 @@ pub struct ProposalResult {
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Handshake {
     /// The step; `None` (an unknown or empty step) is a protocol error.
-    #[prost(oneof = "handshake::Step", tags = "1, 2, 3, 4")]
+    #[prost(oneof = "handshake::Step", tags = "1, 3, 4")]
     pub step: Option<handshake::Step>,
 }
 
@@ -182,13 +182,13 @@ pub mod handshake {
         /// First frame of each side.
         #[prost(message, tag = "1")]
         Hello(super::Hello),
-        /// Second frame: proof of the cluster secret (or a refusal instead).
-        #[prost(message, tag = "2")]
-        Proof(super::Proof),
+        // Tag 2 was the HMAC proof of protocol version 2; retired with it (mutual TLS proves
+        // identities now). Do not reuse it.
         /// Sent instead of the next step when a side refuses the connection; the stream then closes.
         #[prost(message, tag = "3")]
         Refusal(super::Refusal),
-        /// Third frame: this side verified the other's proof and admits the connection.
+        /// Second frame: this side checked the other's Hello (and certificate) and admits the
+        /// connection.
         #[prost(message, tag = "4")]
         Accepted(super::Accepted),
     }
@@ -203,9 +203,7 @@ pub struct Hello {
     /// The sender's node id; unique in the cluster.
     #[prost(uint64, tag = "2")]
     pub node_id: u64,
-    /// 32 fresh random bytes the other side must MAC, so a recorded proof cannot be replayed.
-    #[prost(bytes = "bytes", tag = "3")]
-    pub nonce: Bytes,
+    // Tag 3 was the HMAC nonce of protocol version 2; retired. Do not reuse it.
     /// The address other nodes should dial to reach the sender (its advertised peer address).
     #[prost(string, tag = "4")]
     pub peer_addr: String,
@@ -216,15 +214,6 @@ pub struct Hello {
     /// `Unspecified` and takes the dialer's.
     #[prost(enumeration = "Channel", tag = "6")]
     pub channel: i32,
-}
-
-/// Proof of the cluster secret: `HMAC-SHA256(secret, other side's nonce || own node id (u64
-/// big-endian) || cluster id)`.
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct Proof {
-    /// The 32-byte MAC.
-    #[prost(bytes = "bytes", tag = "1")]
-    pub mac: Bytes,
 }
 
 /// Why a side refuses the connection; sent so the other side reports the same reason.
@@ -242,8 +231,8 @@ pub struct Refusal {
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Accepted {}
 
-/// What a connection carries (see the peer bus, `transport::bus`). Both proofs cover it, so it is
-/// as authenticated as the node id.
+/// What a connection carries (see the peer bus, `transport::bus`). Named inside the TLS session,
+/// so it is as authenticated as the node id.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
 #[repr(i32)]
 pub enum Channel {
@@ -269,10 +258,10 @@ pub enum RefusalCode {
     SelfConnection = 3,
     /// The dialed address answered with another node id than the one it was added under.
     UnexpectedNodeId = 4,
-    /// No secret configured and the other side is not on loopback.
+    /// Insecure (plaintext) peers and the other side is not on loopback.
     InsecureNonLoopback = 5,
-    /// The proof of the cluster secret did not verify.
-    BadProof = 6,
+    /// The peer's certificate does not name the node it claims to be (or no node).
+    Untrusted = 6,
     /// A connection from that node id is already established.
     DuplicateNodeId = 7,
     /// Malformed handshake (bad nonce, unexpected step).

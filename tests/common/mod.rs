@@ -37,6 +37,9 @@ pub async fn start_node_in(mut builder: NodeBuilder, dir: tempfile::TempDir) -> 
     let c = builder.config_mut();
     c.http.addr = "127.0.0.1:0".into();
     c.data_dir = dir.path().to_path_buf();
+    if !c.peer_tls.insecure && c.peer_tls.ca.is_none() {
+        peer_tls(c, &dir.path().join("peer-tls"));
+    }
     let node = builder
         .metrics(herald::metrics::install_prometheus())
         .start()
@@ -51,6 +54,31 @@ pub async fn start_node_in(mut builder: NodeBuilder, dir: tempfile::TempDir) -> 
     })
     .await;
     t
+}
+
+/// The test process's CA of `cluster`, made on first use.
+pub fn test_ca(cluster: &str) -> Arc<herald::pki::Ca> {
+    static CAS: std::sync::OnceLock<Mutex<std::collections::HashMap<String, Arc<herald::pki::Ca>>>> =
+        std::sync::OnceLock::new();
+    let mut cas = CAS.get_or_init(Default::default).lock().expect("lock");
+    cas.entry(cluster.to_string())
+        .or_insert_with(|| Arc::new(herald::pki::Ca::generate(cluster).expect("a test CA")))
+        .clone()
+}
+
+/// Gives `c` mutual TLS between nodes: a certificate for its node id from the test CA of its
+/// cluster, written to `dir`.
+pub fn peer_tls(c: &mut herald::config::Config, dir: &std::path::Path) {
+    let localhost = ["127.0.0.1".parse().expect("ip")];
+    test_ca(&c.cluster_id)
+        .issue_node(c.node_id, &["localhost".into()], &localhost, 1)
+        .expect("a node certificate")
+        .save(dir, true)
+        .expect("write the node certificate");
+    let (ca, cert, key) = herald::pki::NodeCert::paths(dir);
+    c.peer_tls.ca = Some(ca);
+    c.peer_tls.cert = Some(cert);
+    c.peer_tls.key = Some(key);
 }
 
 /// Starts `builders` as one cluster (node ids 1..=n, the first one the seed) and waits until every
@@ -250,6 +278,14 @@ fn node_cmd(args: &[&str], env: &[(&str, &str)]) -> Command {
     cmd.arg("node");
     if !args.contains(&"--http") {
         cmd.args(["--http", "127.0.0.1:0"]);
+    }
+    // A lone node on loopback: its peers do not matter to these tests (the cluster tests run
+    // mutual TLS through the harness).
+    if !args
+        .iter()
+        .any(|a| a.starts_with("--peer-") || *a == "--insecure-peers")
+    {
+        cmd.arg("--insecure-peers");
     }
     cmd.args(args)
         .env_remove("RUST_LOG")
