@@ -5,6 +5,10 @@
 #   cluster/build-image.sh --example user_login    # your handlers: any bin or example of the crate
 #   IMAGE=registry.example.com/herald:1.0 cluster/build-image.sh
 #
+# Then it creates the compose cluster's certificates with the binary it built
+# (cluster/make-certs.sh: a CA in cluster/certs, kept when it exists, and one certificate per node
+# in cluster/certs/herald-N; HERALD_CERTS_DIR for another directory, HERALD_CERTS=0 to skip).
+#
 # The binary is linked statically (glibc's crt-static), in its own target dir so that it never
 # waits on, nor invalidates, the debug and release builds.
 set -euo pipefail
@@ -40,3 +44,8 @@ mkdir "$context/data"
 echo "==> docker build -t $image"
 docker build --quiet -f cluster/Dockerfile -t "$image" "$context"
 docker image ls "$image" --format '{{.Repository}}:{{.Tag}}  {{.Size}}  {{.ID}}'
+
+if [ "${HERALD_CERTS:-1}" != 0 ]; then
+  echo "==> certificates for the compose nodes"
+  HERALD_BIN="$binary" cluster/make-certs.sh
+fi

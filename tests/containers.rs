@@ -2,7 +2,8 @@
 //! built from `cluster/build-image.sh` (a `FROM scratch` image), under real container faults.
 //!
 //! Three nodes run in containers with their own addresses on a private network and join each other
-//! by service name; the test publishes continuously through the ports compose publishes on
+//! by service name, with mutual TLS between them (a CA and one certificate per node, made by
+//! `cluster/make-certs.sh`, which `cluster/build-image.sh` runs, in a temporary directory); the test publishes continuously through the ports compose publishes on
 //! 127.0.0.1, and a webhook receiver on the network's gateway (this host) records what the nodes
 //! deliver. Faults, one after another, each under load:
 //! 1. `docker kill` a node, then start it again;
@@ -100,25 +101,19 @@ fn docker_available() -> Result<(), String> {
 struct Compose {
     project: String,
     env: Vec<(String, String)>,
-    /// Holds the cluster secret file.
-    _secret: tempfile::TempDir,
     urls: Vec<String>,
 }
 
 impl Compose {
-    fn up() -> Compose {
+    /// Starts the project; `certs` holds the CA and the node directories `herald-N` that
+    /// `cluster/make-certs.sh` wrote (the compose file mounts them through `HERALD_CERTS_DIR`).
+    fn up(certs: &Path) -> Compose {
         let project = format!("herald-fault-suite-{}", std::process::id());
-        let secret = tempfile::tempdir().expect("tempdir");
-        let secret_file = secret.path().join("cluster-secret");
-        let nonce: u128 = rand_seed();
-        std::fs::write(&secret_file, format!("fault-suite-{nonce:032x}\n")).expect("write the secret");
-        // The nodes run as uid 10001 and read the secret through a bind mount.
-        set_mode(&secret_file, 0o644);
         let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
         let mut env = vec![
             ("COMPOSE_PROJECT_NAME".to_string(), project.clone()),
             ("HERALD_IMAGE".to_string(), IMAGE.to_string()),
-            ("HERALD_CLUSTER_SECRET".to_string(), secret_file.display().to_string()),
+            ("HERALD_CERTS_DIR".to_string(), certs.display().to_string()),
         ];
         for (i, p) in ports.iter().enumerate() {
             env.push((format!("HERALD_HTTP_PORT_{}", i + 1), p.to_string()));
@@ -126,7 +121,6 @@ impl Compose {
         let compose = Compose {
             project,
             env,
-            _secret: secret,
             urls: ports.iter().map(|p| format!("http://127.0.0.1:{p}")).collect(),
         };
         compose.compose(&["up", "-d", "--no-build"]);
@@ -183,21 +177,6 @@ impl Drop for Compose {
             );
         }
     }
-}
-
-fn set_mode(path: &Path, mode: u32) {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
-}
-
-/// Randomness for the secret without another dependency: the std hasher's random keys.
-fn rand_seed() -> u128 {
-    use std::hash::{BuildHasher, Hasher};
-    let s = std::collections::hash_map::RandomState::new();
-    let (mut a, mut b) = (s.build_hasher(), s.build_hasher());
-    a.write_u8(1);
-    b.write_u8(2);
-    (u128::from(a.finish()) << 64) | u128::from(b.finish())
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -348,14 +327,27 @@ fn the_compose_cluster_survives_kill_pause_partition_and_rolling_restart() {
         return;
     }
     let started = Instant::now();
+    // The build script also makes the nodes' certificates (a fresh CA, as the directory is new),
+    // here rather than in the checkout's cluster/certs. Outlives the compose project (declared
+    // first, dropped last).
+    let certs = tempfile::tempdir().expect("tempdir");
     must(
         "cluster/build-image.sh",
         &[],
-        &[("IMAGE".to_string(), IMAGE.to_string())],
+        &[
+            ("IMAGE".to_string(), IMAGE.to_string()),
+            ("HERALD_CERTS_DIR".to_string(), certs.path().display().to_string()),
+        ],
     );
     println!("image {IMAGE} built in {:.0}s", started.elapsed().as_secs_f64());
+    for n in 1..=3 {
+        for f in ["ca.pem", "node.pem", "node.key"] {
+            let file = certs.path().join(format!("herald-{n}")).join(f);
+            assert!(file.is_file(), "cluster/make-certs.sh did not write {}", file.display());
+        }
+    }
     actix_rt::System::new().block_on(async {
-        let c = Compose::up();
+        let c = Compose::up(certs.path());
         let up = Instant::now();
         wait_formed(&c.urls, &[1, 2, 3]).await;
         println!(
