@@ -132,6 +132,12 @@ pub fn peer_identity(cert_der: &[u8]) -> Option<NodeIdentity> {
     found
 }
 
+/// When a DER certificate expires, in Unix seconds.
+pub fn not_after(cert_der: &[u8]) -> Option<i64> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der).ok()?;
+    Some(cert.validity().not_after.timestamp())
+}
+
 /// The first certificate of a PEM text, as DER.
 pub fn first_cert_der(pem: &str) -> Result<Vec<u8>, PkiError> {
     use rustls::pki_types::pem::PemObject;
@@ -439,6 +445,11 @@ mod tests {
                 cluster: "prod-eu".into(),
                 node: 7
             })
+        );
+        let days = (not_after(&der).expect("parses") - time::OffsetDateTime::now_utc().unix_timestamp()) / 86_400;
+        assert_eq!(
+            days, 29,
+            "valid for 30 days, less the hour of slack and the seconds since"
         );
         // The CA itself names no node.
         assert_eq!(peer_identity(&first_cert_der(ca.cert_pem()).unwrap()), None);

@@ -639,25 +639,6 @@ async fn cli_uses_bearer_tokens() {
 // 7. --log-format json.
 // ---------------------------------------------------------------------------------------------
 
-/// Waits (with the deadline) for a stderr line containing `needle`; returns every line read.
-fn lines_until(rx: &std::sync::mpsc::Receiver<String>, needle: &str) -> Vec<String> {
-    let start = Instant::now();
-    let mut lines = Vec::new();
-    loop {
-        let left = DEADLINE.checked_sub(start.elapsed()).unwrap_or_default();
-        match rx.recv_timeout(left) {
-            Ok(line) => {
-                let found = line.contains(needle);
-                lines.push(line);
-                if found {
-                    return lines;
-                }
-            }
-            Err(e) => panic!("no stderr line containing {needle:?} ({e}); got:\n{}", lines.join("\n")),
-        }
-    }
-}
-
 #[actix_rt::test]
 async fn log_format_json_writes_json_lines() {
     let dir = tempfile::tempdir().unwrap();

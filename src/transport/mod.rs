@@ -78,6 +78,10 @@ pub const FRAMES_TOTAL: &str = "herald_transport_frames_total";
 pub const BYTES_TOTAL: &str = "herald_transport_bytes_total";
 /// Messages dropped because their channel may not carry them, by `channel` (`control`, `events`).
 pub const WRONG_CHANNEL_TOTAL: &str = "herald_transport_wrong_channel_total";
+/// When the node's peer certificate in use expires, in Unix seconds (alert well before it).
+pub const TLS_CERT_NOT_AFTER: &str = "herald_peer_tls_cert_not_after_seconds";
+/// Reloads of changed peer TLS files, by `outcome` (`ok`, `refused`).
+pub const TLS_RELOADS_TOTAL: &str = "herald_peer_tls_reloads_total";
 
 /// Registers the descriptions of the transport's metrics (shown as `# HELP`).
 pub fn describe() {
@@ -89,6 +93,14 @@ pub fn describe() {
         BYTES_TOTAL,
         metrics::Unit::Bytes,
         "Peer transport bytes on the wire after the handshake, length headers included, by direction (in, out)."
+    );
+    metrics::describe_gauge!(
+        TLS_CERT_NOT_AFTER,
+        "When this node's peer TLS certificate in use expires, in Unix seconds."
+    );
+    metrics::describe_counter!(
+        TLS_RELOADS_TOTAL,
+        "Reloads of changed peer TLS certificate files, by outcome (ok, refused: the old certificate stays in use)."
     );
     metrics::describe_counter!(
         WRONG_CHANNEL_TOTAL,

@@ -18,7 +18,8 @@
 //! changed, checks the new material exactly as at start, and swaps the
 //! configurations for new connections; established connections keep their session. Bad new
 //! material is refused with the reason and the old material stays in use. The peer bus calls it
-//! every `reload_interval`.
+//! every `reload_interval`. `herald_peer_tls_cert_not_after_seconds` says when the certificate in
+//! use expires, and `herald_peer_tls_reloads_total{outcome}` counts reloads.
 
 use std::fmt;
 use std::io;
@@ -88,6 +89,8 @@ impl fmt::Debug for PeerTls {
 
 /// One generation of configurations.
 struct Configs {
+    /// When the certificate expires (Unix seconds), if it parses.
+    not_after: Option<i64>,
     client: Arc<ClientConfig>,
     server: Arc<ServerConfig>,
     /// The dialing side's certificate check (kept for tests that play a client by hand).
@@ -106,6 +109,7 @@ impl PeerTls {
         };
         let pems = read_files(&files)?;
         let configs = build(&identity, &pems.0, &pems.1, &pems.2, Some(&files))?;
+        record_expiry(&configs);
         Ok(PeerTls {
             identity,
             files: Some(files),
@@ -122,6 +126,7 @@ impl PeerTls {
             node: node_id,
         };
         let configs = build(&identity, ca, cert, key, None)?;
+        record_expiry(&configs);
         Ok(PeerTls {
             identity,
             files: None,
@@ -151,7 +156,15 @@ impl PeerTls {
             }
             *last = Some(pems.clone());
         }
-        let configs = build(&self.identity, &pems.0, &pems.1, &pems.2, Some(files))?;
+        let configs = match build(&self.identity, &pems.0, &pems.1, &pems.2, Some(files)) {
+            Ok(c) => c,
+            Err(e) => {
+                metrics::counter!(super::TLS_RELOADS_TOTAL, "outcome" => "refused").increment(1);
+                return Err(e);
+            }
+        };
+        record_expiry(&configs);
+        metrics::counter!(super::TLS_RELOADS_TOTAL, "outcome" => "ok").increment(1);
         self.current.store(Arc::new(configs));
         Ok(true)
     }
@@ -187,6 +200,12 @@ impl PeerTls {
     {
         let config = self.current.load().server.clone();
         tokio_rustls::TlsAcceptor::from(config).accept(stream).await
+    }
+}
+
+fn record_expiry(configs: &Configs) {
+    if let Some(t) = configs.not_after {
+        metrics::gauge!(super::TLS_CERT_NOT_AFTER).set(t as f64);
     }
 }
 
@@ -283,6 +302,7 @@ fn build(
         .with_client_cert_verifier(client_verifier)
         .with_single_cert(chain.clone(), key.clone_key())
         .map_err(|e| TlsError::new(format!("{key_name} does not fit {cert_name}: {e}")))?;
+    let not_after = pki::not_after(leaf);
     let verifier = Arc::new(verifier);
     let client = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -292,6 +312,7 @@ fn build(
         .with_client_auth_cert(chain, key)
         .map_err(|e| TlsError::new(format!("{key_name} does not fit {cert_name}: {e}")))?;
     Ok(Configs {
+        not_after,
         client: Arc::new(client),
         server: Arc::new(server),
         verifier,

@@ -385,6 +385,25 @@ impl Receiver {
     }
 }
 
+/// Waits (with the deadline) for a stderr line containing `needle`; returns every line read.
+pub fn lines_until(rx: &std::sync::mpsc::Receiver<String>, needle: &str) -> Vec<String> {
+    let start = Instant::now();
+    let mut lines = Vec::new();
+    loop {
+        let left = DEADLINE.checked_sub(start.elapsed()).unwrap_or_default();
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                let found = line.contains(needle);
+                lines.push(line);
+                if found {
+                    return lines;
+                }
+            }
+            Err(e) => panic!("no stderr line containing {needle:?} ({e}); got:\n{}", lines.join("\n")),
+        }
+    }
+}
+
 /// Like [`spawn_herald`], but with stderr piped: every stderr line of the node is sent to the
 /// returned channel (and echoed to the test's stderr), until the process exits.
 pub fn spawn_herald_stderr(args: &[&str], env: &[(&str, &str)]) -> (Proc, std::sync::mpsc::Receiver<String>) {
