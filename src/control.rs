@@ -11,20 +11,22 @@
 //! need not depend on each other. Its public items are re-exported from `node`, their public path.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Serialize;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use utoipa::ToSchema;
 
 use crate::config::Config;
-use crate::ingress::Ingress;
+use crate::ingress::store::StoreError;
+use crate::ingress::{DeadLetter, Ingress, ReplayError};
 use crate::membership::service::{membership_problems, Membership};
 use crate::membership::state::{Command, MembershipState};
 use crate::monitor::{Health, PeerState};
-use crate::relay::Relay;
+use crate::proto::{dead_letter_request, DeadLetterStatus, ListDeadLetters, ReplayDeadLetter};
+use crate::relay::{AskError, PeerAsk, Relay};
 use crate::router::{Placement, Router};
 use crate::subscription::{SpecError, SubscriptionSpec};
 use crate::types::{NodeStatus, SubscriptionKey};
@@ -260,6 +262,7 @@ impl NodeCore {
     /// was new or changed. Returns once its placement is in force here.
     pub async fn create_subscription(&self, spec: SubscriptionSpec) -> Result<bool, ControlError> {
         self.validate(&spec)?;
+        spec.check_egress(&self.config.webhook_policy().unwrap_or_default())?;
         let key = SubscriptionKey {
             topic: spec.topic.clone(),
             group: spec.group.clone(),
@@ -406,6 +409,154 @@ impl NodeCore {
             .collect()
     }
 
+    /// The ids of every other member.
+    fn other_members(&self) -> Vec<u64> {
+        self.membership
+            .state()
+            .borrow()
+            .members()
+            .keys()
+            .copied()
+            .filter(|id| *id != self.config.node_id)
+            .collect()
+    }
+
+    /// The cluster's dead letters in id order: this node's and every other member's (asked over
+    /// the peer transport, never over HTTP), after `after`, at most `limit` (1..=1000), optionally
+    /// of one topic/group. Members that gave no answer in time are listed in `unreachable`.
+    ///
+    /// Each member answers its own first `limit`; the merged list keeps the first `limit` of all.
+    /// A member whose page was cut to fit a frame bounds the merged list at its last entry (what
+    /// comes after it there is unknown), so paging with `after` never skips a dead letter.
+    pub async fn cluster_dead_letters(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+        topic: Option<&str>,
+        group: Option<&str>,
+    ) -> Result<ClusterDeadLetters, DeadLettersError> {
+        let limit = limit.clamp(1, MAX_DEAD_LETTER_PAGE);
+        let mut all = self.ingress.dead_letters(after, limit, topic, group)?;
+        let request = ListDeadLetters {
+            after: after.map(str::to_string),
+            limit: limit as u32,
+            topic: topic.map(str::to_string),
+            group: group.map(str::to_string),
+        };
+        let asks = self.other_members().into_iter().map(|peer| {
+            let kind = dead_letter_request::Kind::List(request.clone());
+            async move { (peer, self.relay.ask_dead_letters(peer, kind, PEER_TIMEOUT).await) }
+        });
+        let mut unreachable = Vec::new();
+        let mut bound: Option<String> = None;
+        for (peer, answer) in futures_util::future::join_all(asks).await {
+            let answer = match answer {
+                Ok(a) if a.status == DeadLetterStatus::Ok as i32 => a,
+                Ok(a) => {
+                    tracing::warn!(peer, status = a.status, message = %a.message, "a member could not list its dead letters");
+                    unreachable.push(peer);
+                    continue;
+                }
+                Err(AskError::Busy) => return Err(DeadLettersError::Busy),
+                Err(e) => {
+                    tracing::warn!(peer, error = %e, "cannot list a member's dead letters");
+                    unreachable.push(peer);
+                    continue;
+                }
+            };
+            if answer.truncated {
+                match answer.entries.last() {
+                    Some(last) => {
+                        if bound.as_ref().is_none_or(|b| last.id < *b) {
+                            bound = Some(last.id.clone());
+                        }
+                    }
+                    None => {
+                        tracing::warn!(peer, "a member's next dead letter does not fit a transport frame");
+                        unreachable.push(peer);
+                        continue;
+                    }
+                }
+            }
+            // Only what was asked: a member's answer is checked, not trusted.
+            all.extend(
+                answer
+                    .entries
+                    .into_iter()
+                    .filter(|e| after.is_none_or(|a| e.id.as_str() > a))
+                    .filter_map(|e| DeadLetter::from_record(e.id, e.record?))
+                    .filter(|d| topic.is_none_or(|t| t == d.topic) && group.is_none_or(|g| g == d.group)),
+            );
+        }
+        all.sort_by(|a, b| a.id.cmp(&b.id));
+        all.dedup_by(|a, b| a.id == b.id);
+        if let Some(bound) = bound {
+            all.retain(|d| d.id <= bound);
+        }
+        all.truncate(limit);
+        Ok(ClusterDeadLetters {
+            dead_letters: all,
+            unreachable,
+        })
+    }
+
+    /// Replays the dead letter `id` where it is stored: here, or on the first member that has it
+    /// (asked over the peer transport). Returns the event id.
+    pub async fn replay_dead_letter_anywhere(&self, id: &str) -> Result<String, ReplayError> {
+        match self.ingress.replay_dead_letter(id).await {
+            Err(ReplayError::NotFound(_)) => {}
+            other => return other,
+        }
+        for peer in self.other_members() {
+            let kind = dead_letter_request::Kind::Replay(ReplayDeadLetter { id: id.to_string() });
+            match self.relay.ask_dead_letters(peer, kind, PEER_TIMEOUT).await {
+                Ok(a) => match DeadLetterStatus::try_from(a.status) {
+                    Ok(DeadLetterStatus::Ok) => return Ok(a.event_id),
+                    Ok(DeadLetterStatus::NotFound) => {}
+                    Ok(DeadLetterStatus::SubscriptionGone) => return Err(ReplayError::SubscriptionGone(a.message)),
+                    _ => {
+                        tracing::warn!(peer, status = a.status, message = %a.message, "a member could not replay a dead letter")
+                    }
+                },
+                Err(e) => tracing::warn!(peer, error = %e, "cannot ask a member to replay a dead letter"),
+            }
+        }
+        Err(ReplayError::NotFound(id.to_string()))
+    }
+
+    /// Answers one dead-letter request from a peer: only a current member may ask.
+    async fn answer_peer(&self, ask: PeerAsk) {
+        let PeerAsk { from, kind, reply } = ask;
+        if from == self.config.node_id || !self.membership.state().borrow().members().contains_key(&from) {
+            tracing::warn!(
+                peer = from,
+                "dead-letter request from a peer that is not a member refused"
+            );
+            return;
+        }
+        match kind {
+            dead_letter_request::Kind::List(l) => {
+                let ingress = self.ingress.clone();
+                let limit = (l.limit as usize).clamp(1, MAX_DEAD_LETTER_PAGE);
+                let page = tokio::task::spawn_blocking(move || {
+                    ingress.dead_letter_records(l.after.as_deref(), limit, l.topic.as_deref(), l.group.as_deref())
+                })
+                .await;
+                match page {
+                    Ok(Ok(entries)) => reply.page(entries),
+                    Ok(Err(e)) => reply.status(DeadLetterStatus::Failed, e.to_string()),
+                    Err(e) => reply.status(DeadLetterStatus::Failed, e.to_string()),
+                }
+            }
+            dead_letter_request::Kind::Replay(r) => match self.ingress.replay_dead_letter(&r.id).await {
+                Ok(event_id) => reply.replayed(event_id),
+                Err(ReplayError::NotFound(_)) => reply.status(DeadLetterStatus::NotFound, ""),
+                Err(ReplayError::SubscriptionGone(key)) => reply.status(DeadLetterStatus::SubscriptionGone, key),
+                Err(e @ ReplayError::Store(_)) => reply.status(DeadLetterStatus::Failed, e.to_string()),
+            },
+        }
+    }
+
     /// Where every subscription's instances run (committed placement).
     pub fn placements(&self) -> Vec<PlacementView> {
         let state = self.membership.state().borrow().clone();
@@ -420,4 +571,41 @@ impl NodeCore {
             })
             .collect()
     }
+}
+
+/// Serves the dead-letter requests other members send over the peer transport (the relay hands
+/// them over on `asks`), one at a time, until the relay stops. It holds the core weakly, so a
+/// node being shut down is not kept alive by it.
+pub(crate) async fn serve_peer_asks(core: Weak<NodeCore>, mut asks: mpsc::Receiver<PeerAsk>) {
+    while let Some(ask) = asks.recv().await {
+        let Some(core) = core.upgrade() else { return };
+        core.answer_peer(ask).await;
+    }
+}
+
+/// How long a member may take to answer a dead-letter request.
+const PEER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The largest page of dead letters asked or answered.
+pub const MAX_DEAD_LETTER_PAGE: usize = 1000;
+
+/// The cluster's dead letters, as [`NodeCore::cluster_dead_letters`] found them.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct ClusterDeadLetters {
+    /// The page, in id order.
+    pub dead_letters: Vec<DeadLetter>,
+    /// Members that did not answer.
+    pub unreachable: Vec<u64>,
+}
+
+/// Why the cluster's dead letters could not be listed.
+#[derive(Debug, thiserror::Error)]
+pub enum DeadLettersError {
+    /// This node's store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Too many requests to other members are waiting for answers.
+    #[error("too many cluster-wide requests in progress; try again")]
+    Busy,
 }
