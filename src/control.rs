@@ -532,6 +532,7 @@ impl NodeCore {
                 peer = from,
                 "dead-letter request from a peer that is not a member refused"
             );
+            metrics::counter!(PEER_REQUESTS_REFUSED).increment(1);
             return;
         }
         match kind {
@@ -577,11 +578,18 @@ impl NodeCore {
 /// them over on `asks`), one at a time, until the relay stops. It holds the core weakly, so a
 /// node being shut down is not kept alive by it.
 pub(crate) async fn serve_peer_asks(core: Weak<NodeCore>, mut asks: mpsc::Receiver<PeerAsk>) {
+    metrics::describe_counter!(
+        PEER_REQUESTS_REFUSED,
+        "Dead-letter requests from peers refused because the peer is not a member of the cluster."
+    );
     while let Some(ask) = asks.recv().await {
         let Some(core) = core.upgrade() else { return };
         core.answer_peer(ask).await;
     }
 }
+
+/// Dead-letter requests from peers that are not members, refused (a public metric name).
+pub const PEER_REQUESTS_REFUSED: &str = "herald_peer_requests_refused_total";
 
 /// How long a member may take to answer a dead-letter request.
 const PEER_TIMEOUT: Duration = Duration::from_secs(5);

@@ -792,5 +792,38 @@ mod tests {
             Some(PeerBody::Events(b)) => assert_eq!(Deliveries(b).count(), 0),
             _ => panic!("not events"),
         }
+        let request = DeadLetterRequest {
+            id: 42,
+            kind: Some(dead_letter_request::Kind::List(ListDeadLetters {
+                after: Some("01J".into()),
+                limit: 10,
+                topic: None,
+                group: Some("g".into()),
+            })),
+        };
+        let m = PeerMessage {
+            body: Some(peer_message::Body::DeadLetterRequest(request.clone())),
+        };
+        match decode_peer_message(Bytes::from(m.encode_to_vec())).unwrap() {
+            Some(PeerBody::DeadLetterRequest(r)) => assert_eq!(r, request),
+            _ => panic!("not a dead-letter request"),
+        }
+        let response = DeadLetterResponse {
+            id: 42,
+            status: DeadLetterStatus::Ok as i32,
+            entries: vec![StoredDeadLetter {
+                id: "01J1".into(),
+                record: Some(DeadLetterRecord::default()),
+            }],
+            truncated: true,
+            ..Default::default()
+        };
+        let m = PeerMessage {
+            body: Some(peer_message::Body::DeadLetterResponse(response.clone())),
+        };
+        match decode_peer_message(Bytes::from(m.encode_to_vec())).unwrap() {
+            Some(PeerBody::DeadLetterResponse(r)) => assert_eq!(r, response),
+            _ => panic!("not a dead-letter response"),
+        }
     }
 }

@@ -728,3 +728,68 @@ async fn a_member_that_does_not_answer_is_named_in_the_unreachable_header() {
     );
     shutdown(nodes).await;
 }
+
+#[actix_rt::test]
+async fn a_peer_that_is_not_a_member_gets_no_dead_letters() {
+    use herald::proto::{dead_letter_request, peer_message, DeadLetterRequest, ListDeadLetters, PeerMessage};
+    use herald::transport::{Channel, Envelope, Transport, TransportConfig};
+    use prost::Message;
+
+    let failing = Receiver::start(usize::MAX).await;
+    let nodes = cluster((0..2).map(|_| Node::builder()).collect()).await;
+    subscribe(
+        &nodes,
+        json!({"topic": "rt.dlm", "group": "g", "handler": {"kind": "webhook", "url": failing.url},
+               "instances": 2, "max_attempts": 1}),
+    )
+    .await;
+    for i in 0..6 {
+        let a = request(
+            "POST",
+            &format!("{}/v1/topics/rt.dlm/events?ack=processed", nodes[0].url),
+            &[("content-type", "application/json"), ("x-herald-key", &format!("k{i}"))],
+            json!({ "i": i }).to_string(),
+        )
+        .await;
+        assert_eq!(a.status, 200, "{}", a.body);
+    }
+    let refused_before = refused_requests(&nodes[0].url).await;
+
+    // An authenticated peer of the cluster's transport that is not in the membership table asks
+    // node 1 for its dead letters on the events channel.
+    let (tx, mut answers) = tokio::sync::mpsc::channel(16);
+    let cluster_id = nodes[0].node.core().config().cluster_id.clone();
+    let mut config = TransportConfig::new(cluster_id, 99, "127.0.0.1:1");
+    config.channel = Channel::Events;
+    let rogue = Transport::new(config, tx).expect("transport");
+    rogue.add_peer(1, nodes[0].node.core().membership().peer_addr().to_string());
+    let ask = PeerMessage {
+        body: Some(peer_message::Body::DeadLetterRequest(DeadLetterRequest {
+            id: 1,
+            kind: Some(dead_letter_request::Kind::List(ListDeadLetters {
+                limit: 1000,
+                ..Default::default()
+            })),
+        })),
+    };
+    rogue.send(1, Envelope::app(ask.encode_to_vec())).expect("queued");
+    eventually("node 1 refuses the non-member's request", || {
+        let url = nodes[0].url.clone();
+        async move { (refused_requests(&url).await > refused_before).then_some(()) }
+    })
+    .await;
+    // (Node 1 could not even send it an answer: it dials only members. The refusal above is what
+    // keeps a peer that later becomes reachable from reading the store.)
+    assert!(answers.try_recv().is_err(), "no answer to the non-member");
+    // The members still list each other's dead letters.
+    let (status, list) = get(&format!("{}/v1/dead-letters", nodes[1].url)).await;
+    assert_eq!(status, 200);
+    assert_eq!(list.as_array().map(Vec::len), Some(6), "{list}");
+    rogue.shutdown();
+    shutdown(nodes).await;
+}
+
+async fn refused_requests(url: &str) -> f64 {
+    let text = common::get_text(&format!("{url}/metrics")).await;
+    common::metric(&text, herald::node::PEER_REQUESTS_REFUSED, &[]).unwrap_or(0.0)
+}

@@ -39,7 +39,7 @@ use crate::types::SubscriptionKey;
 // and this module (which starts the HTTP server); this is their public path.
 pub use crate::control::{
     ClusterDeadLetters, ClusterView, ControlError, DeadLettersError, MemberView, NodeCore, PlacementView,
-    MAX_DEAD_LETTER_PAGE,
+    MAX_DEAD_LETTER_PAGE, PEER_REQUESTS_REFUSED,
 };
 
 /// Entry point of the Rust API: `Node::builder()`.

@@ -365,9 +365,14 @@ mod tests {
         );
         assert_eq!(p.check_resolved("ok.example.com", ip("10.1.1.1")), Ok(()));
         // A non-empty allow list refuses the rest…
-        let err = p.check_url("https://other.org/").unwrap_err();
-        assert!(err.0.contains("webhook_allow"), "{err}");
+        let err = p.check_resolved("other.org", ip("8.8.8.8")).unwrap_err();
+        assert!(err.0.contains("matches no handlers.webhook_allow rule"), "{err}");
         assert!(p.check_url("http://192.168.1.1/").is_err());
+        let names_only = policy(&["*.example.com"], &[]);
+        assert!(
+            names_only.check_url("https://other.org/").is_err(),
+            "no address rule could permit it"
+        );
         // …a name it cannot judge before resolving passes creation and is judged when called.
         assert_eq!(p.check_url("https://internal.corp/"), Ok(()));
         assert_eq!(p.check_resolved("internal.corp", ip("10.3.3.3")), Ok(()));
