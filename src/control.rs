@@ -3,7 +3,9 @@
 //! [`NodeCore`] holds what a running node shares between its parts (configuration, router,
 //! ingress, membership, health, relay) and offers the control operations on it: creating and
 //! deleting subscriptions through Raft, removing and draining nodes, and the cluster, member and
-//! placement views of `/v1/cluster`. The operations hold no logic that belongs to the router, the
+//! placement views of `/v1/cluster`, and the cluster-wide dead-letter operations: listing and
+//! replaying other members' dead letters through the relay, and answering their requests
+//! ([`serve_peer_asks`]: members only). The operations hold no logic that belongs to the router, the
 //! ingress or the membership state; they propose, then wait until the change runs here.
 //!
 //! This module sits between `http`, which calls these operations, and `node`, which builds the

@@ -52,6 +52,12 @@
 //! running one gets the ack when it finishes. The window holds `cluster.dedup_window` finished
 //! entries.
 //!
+//! **Dead letters across nodes** (`asks`). Nodes list and replay each other's dead letters with
+//! request/answer messages on the same events channel (`proto::DeadLetterRequest`,
+//! `proto::DeadLetterResponse`), never over HTTP: [`Relay::ask_dead_letters`] waits (bounded, with a
+//! timeout) for the answer of the peer asked, and requests from peers go to the node layer on the
+//! channel given to [`Relay::start`] (the relay neither reads the store nor knows the members).
+//!
 //! Memory: the pending table holds at most what the in-flight byte budget admits; each origin has
 //! at most `handlers.mailbox_capacity` events in flight per remote instance (the router's
 //! window), which bounds what a handler node's inboxes hold.
