@@ -27,7 +27,7 @@ use crate::ingress::{DeadLetter, Ingress, ReplayError};
 use crate::membership::service::{membership_problems, Membership};
 use crate::membership::state::{Command, MembershipState};
 use crate::monitor::{Health, PeerState};
-use crate::proto::{dead_letter_request, DeadLetterStatus, ListDeadLetters, ReplayDeadLetter};
+use crate::proto::{dead_letter_request, DeadLetterResponse, DeadLetterStatus, ListDeadLetters, ReplayDeadLetter};
 use crate::relay::{AskError, PeerAsk, Relay};
 use crate::router::{Placement, Router};
 use crate::subscription::{SpecError, SubscriptionSpec};
@@ -438,7 +438,7 @@ impl NodeCore {
         group: Option<&str>,
     ) -> Result<ClusterDeadLetters, DeadLettersError> {
         let limit = limit.clamp(1, MAX_DEAD_LETTER_PAGE);
-        let mut all = self.ingress.dead_letters(after, limit, topic, group)?;
+        let local = self.ingress.dead_letters(after, limit, topic, group)?;
         let request = ListDeadLetters {
             after: after.map(str::to_string),
             limit: limit as u32,
@@ -449,57 +449,19 @@ impl NodeCore {
             let kind = dead_letter_request::Kind::List(request.clone());
             async move { (peer, self.relay.ask_dead_letters(peer, kind, PEER_TIMEOUT).await) }
         });
-        let mut unreachable = Vec::new();
-        let mut bound: Option<String> = None;
+        let mut answers = Vec::new();
         for (peer, answer) in futures_util::future::join_all(asks).await {
-            let answer = match answer {
-                Ok(a) if a.status == DeadLetterStatus::Ok as i32 => a,
-                Ok(a) => {
-                    tracing::warn!(peer, status = a.status, message = %a.message, "a member could not list its dead letters");
-                    unreachable.push(peer);
-                    continue;
-                }
+            match answer {
                 Err(AskError::Busy) => return Err(DeadLettersError::Busy),
                 Err(e) => {
                     tracing::warn!(peer, error = %e, "cannot list a member's dead letters");
-                    unreachable.push(peer);
-                    continue;
+                    answers.push((peer, None));
                 }
-            };
-            if answer.truncated {
-                match answer.entries.last() {
-                    Some(last) => {
-                        if bound.as_ref().is_none_or(|b| last.id < *b) {
-                            bound = Some(last.id.clone());
-                        }
-                    }
-                    None => {
-                        tracing::warn!(peer, "a member's next dead letter does not fit a transport frame");
-                        unreachable.push(peer);
-                        continue;
-                    }
-                }
+                Ok(a) => answers.push((peer, Some(a))),
             }
-            // Only what was asked: a member's answer is checked, not trusted.
-            all.extend(
-                answer
-                    .entries
-                    .into_iter()
-                    .filter(|e| after.is_none_or(|a| e.id.as_str() > a))
-                    .filter_map(|e| DeadLetter::from_record(e.id, e.record?))
-                    .filter(|d| topic.is_none_or(|t| t == d.topic) && group.is_none_or(|g| g == d.group)),
-            );
         }
-        all.sort_by(|a, b| a.id.cmp(&b.id));
-        all.dedup_by(|a, b| a.id == b.id);
-        if let Some(bound) = bound {
-            all.retain(|d| d.id <= bound);
-        }
-        all.truncate(limit);
-        Ok(ClusterDeadLetters {
-            dead_letters: all,
-            unreachable,
-        })
+        let filter = PageFilter { after, topic, group };
+        Ok(merge_pages(local, answers, &filter, limit))
     }
 
     /// Replays the dead letter `id` where it is stored: here, or on the first member that has it
@@ -576,6 +538,74 @@ impl NodeCore {
     }
 }
 
+/// What a page of dead letters was asked for.
+struct PageFilter<'a> {
+    after: Option<&'a str>,
+    topic: Option<&'a str>,
+    group: Option<&'a str>,
+}
+
+/// Merges this node's page with the members' answers (`None`: no answer): the first `limit` in id
+/// order. A member whose page was cut to fit a frame bounds the merged page at its last entry
+/// (what follows it there is unknown), so paging on with `after` skips nothing. Members that did
+/// not answer, or could not, are listed as unreachable. An answer is checked, not trusted: only
+/// entries matching the query are kept.
+fn merge_pages(
+    mut all: Vec<DeadLetter>,
+    answers: Vec<(u64, Option<DeadLetterResponse>)>,
+    q: &PageFilter<'_>,
+    limit: usize,
+) -> ClusterDeadLetters {
+    let mut unreachable = Vec::new();
+    let mut bound: Option<String> = None;
+    for (peer, answer) in answers {
+        let answer = match answer {
+            Some(a) if a.status == DeadLetterStatus::Ok as i32 => a,
+            Some(a) => {
+                tracing::warn!(peer, status = a.status, message = %a.message, "a member could not list its dead letters");
+                unreachable.push(peer);
+                continue;
+            }
+            None => {
+                unreachable.push(peer);
+                continue;
+            }
+        };
+        if answer.truncated {
+            match answer.entries.last() {
+                Some(last) => {
+                    if bound.as_ref().is_none_or(|b| last.id < *b) {
+                        bound = Some(last.id.clone());
+                    }
+                }
+                None => {
+                    tracing::warn!(peer, "a member's next dead letter does not fit a transport frame");
+                    unreachable.push(peer);
+                    continue;
+                }
+            }
+        }
+        all.extend(
+            answer
+                .entries
+                .into_iter()
+                .filter(|e| q.after.is_none_or(|a| e.id.as_str() > a))
+                .filter_map(|e| DeadLetter::from_record(e.id, e.record?))
+                .filter(|d| q.topic.is_none_or(|t| t == d.topic) && q.group.is_none_or(|g| g == d.group)),
+        );
+    }
+    all.sort_by(|a, b| a.id.cmp(&b.id));
+    all.dedup_by(|a, b| a.id == b.id);
+    if let Some(bound) = bound {
+        all.retain(|d| d.id <= bound);
+    }
+    all.truncate(limit);
+    ClusterDeadLetters {
+        dead_letters: all,
+        unreachable,
+    }
+}
+
 /// Serves the dead-letter requests other members send over the peer transport (the relay hands
 /// them over on `asks`), one at a time, until the relay stops. It holds the core weakly, so a
 /// node being shut down is not kept alive by it.
@@ -618,4 +648,124 @@ pub enum DeadLettersError {
     /// Too many requests to other members are waiting for answers.
     #[error("too many cluster-wide requests in progress; try again")]
     Busy,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::{DeadLetterRecord, EventRecord, StoredDeadLetter};
+
+    fn record(id: &str, group: &str) -> (String, DeadLetterRecord) {
+        let r = DeadLetterRecord {
+            event: Some(EventRecord {
+                id: format!("e-{id}"),
+                topic: "t".into(),
+                content_type: "application/json".into(),
+                data: bytes::Bytes::from_static(b"{}"),
+                ..Default::default()
+            }),
+            group: group.into(),
+            attempts: 1,
+            error: "boom".into(),
+            failed_at_unix_ms: 1,
+        };
+        (id.to_string(), r)
+    }
+
+    fn local(ids: &[&str]) -> Vec<DeadLetter> {
+        ids.iter()
+            .map(|i| {
+                let (id, r) = record(i, "g");
+                DeadLetter::from_record(id, r).unwrap()
+            })
+            .collect()
+    }
+
+    fn answer(ids: &[&str], truncated: bool) -> Option<DeadLetterResponse> {
+        Some(DeadLetterResponse {
+            entries: ids
+                .iter()
+                .map(|i| {
+                    let (id, r) = record(i, "g");
+                    StoredDeadLetter { id, record: Some(r) }
+                })
+                .collect(),
+            truncated,
+            ..Default::default()
+        })
+    }
+
+    const ALL: PageFilter<'static> = PageFilter {
+        after: None,
+        topic: None,
+        group: None,
+    };
+
+    fn ids(page: &ClusterDeadLetters) -> Vec<&str> {
+        page.dead_letters.iter().map(|d| d.id.as_str()).collect()
+    }
+
+    #[test]
+    fn pages_merge_in_id_order_up_to_the_limit() {
+        let page = merge_pages(
+            local(&["01", "05"]),
+            vec![
+                (2, answer(&["02", "06"], false)),
+                (3, answer(&["03", "04", "05"], false)),
+            ],
+            &ALL,
+            5,
+        );
+        assert_eq!(
+            ids(&page),
+            ["01", "02", "03", "04", "05"],
+            "sorted, deduplicated, cut at 5"
+        );
+        assert!(page.unreachable.is_empty());
+    }
+
+    #[test]
+    fn a_cut_page_bounds_the_merged_page_so_paging_skips_nothing() {
+        // Member 2's page was cut after 03: its 04..06 are unknown, so 07 of member 3 must wait.
+        let page = merge_pages(
+            local(&["01"]),
+            vec![(2, answer(&["02", "03"], true)), (3, answer(&["07"], false))],
+            &ALL,
+            1000,
+        );
+        assert_eq!(ids(&page), ["01", "02", "03"]);
+        // A cut page with nothing in it (the next one does not fit a frame): unreachable.
+        let page = merge_pages(local(&["01"]), vec![(2, answer(&[], true))], &ALL, 1000);
+        assert_eq!(ids(&page), ["01"]);
+        assert_eq!(page.unreachable, [2]);
+    }
+
+    #[test]
+    fn silent_or_failing_members_are_unreachable_and_answers_are_checked() {
+        let failed = Some(DeadLetterResponse {
+            status: DeadLetterStatus::Busy as i32,
+            ..Default::default()
+        });
+        let q = PageFilter {
+            after: Some("02"),
+            topic: None,
+            group: Some("g"),
+        };
+        let mut other_group = answer(&["05"], false).unwrap();
+        other_group.entries[0].record.as_mut().unwrap().group = "other".into();
+        let page = merge_pages(
+            local(&["03"]),
+            vec![
+                (2, None),
+                (3, failed),
+                // Entries a member should not have sent (before `after`, another group) are dropped.
+                (4, answer(&["01", "04"], false)),
+                (5, Some(other_group)),
+            ],
+            &q,
+            1000,
+        );
+        assert_eq!(ids(&page), ["03", "04"]);
+        assert_eq!(page.unreachable, [2, 3]);
+    }
 }
