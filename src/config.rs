@@ -251,6 +251,14 @@ pub struct HandlerConfig {
     pub call_timeout_ms: u64,
     /// Timeout of one webhook POST.
     pub webhook_timeout_ms: u64,
+    /// Hosts and CIDR blocks webhooks may call (`hooks.example.com`, `*.example.com`,
+    /// `10.0.0.0/8`). Empty: any destination not refused. Not empty: only these, and a match
+    /// also permits what the built-in rules refuse (see `subscription::egress`).
+    pub webhook_allow: Vec<String>,
+    /// Hosts and CIDR blocks webhooks may never call; wins over `webhook_allow`. Link-local and
+    /// cloud-metadata addresses (169.254.0.0/16, fe80::/10, fd00:ec2::254) are refused even when
+    /// this is empty, unless `webhook_allow` lists them.
+    pub webhook_deny: Vec<String>,
 }
 
 /// Authentication.
@@ -386,6 +394,8 @@ impl Default for HandlerConfig {
             backoff_max_ms: 5_000,
             call_timeout_ms: 30_000,
             webhook_timeout_ms: 10_000,
+            webhook_allow: Vec::new(),
+            webhook_deny: Vec::new(),
         }
     }
 }
@@ -558,6 +568,19 @@ impl Config {
         }
     }
 
+    /// The webhook egress policy of `handlers.webhook_allow` and `handlers.webhook_deny`.
+    pub fn webhook_policy(&self) -> Result<crate::subscription::egress::EgressPolicy> {
+        let h = &self.handlers;
+        crate::subscription::egress::EgressPolicy::new(&h.webhook_allow, &h.webhook_deny).map_err(|e| {
+            let key = if e.starts_with("handlers.webhook_allow") {
+                "handlers.webhook_allow"
+            } else {
+                "handlers.webhook_deny"
+            };
+            Error::config(key, e)
+        })
+    }
+
     /// Checks every setting; the error names the key to fix.
     pub fn validate(&self) -> Result<()> {
         if self.cluster.secret_file.is_some() {
@@ -607,6 +630,7 @@ impl Config {
                 "must be at least http.max_body_bytes, or no large event could ever be accepted",
             ));
         }
+        self.webhook_policy()?;
         if h.max_attempts == 0 || h.max_attempts > crate::subscription::MAX_ATTEMPTS {
             return Err(Error::config(
                 "handlers.max_attempts",

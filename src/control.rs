@@ -3,7 +3,9 @@
 //! [`NodeCore`] holds what a running node shares between its parts (configuration, router,
 //! ingress, membership, health, relay) and offers the control operations on it: creating and
 //! deleting subscriptions through Raft, removing and draining nodes, and the cluster, member and
-//! placement views of `/v1/cluster`. The operations hold no logic that belongs to the router, the
+//! placement views of `/v1/cluster`, and the cluster-wide dead-letter operations: listing and
+//! replaying other members' dead letters through the relay, and answering their requests
+//! ([`serve_peer_asks`]: members only). The operations hold no logic that belongs to the router, the
 //! ingress or the membership state; they propose, then wait until the change runs here.
 //!
 //! This module sits between `http`, which calls these operations, and `node`, which builds the
@@ -11,20 +13,22 @@
 //! need not depend on each other. Its public items are re-exported from `node`, their public path.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Serialize;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use utoipa::ToSchema;
 
 use crate::config::Config;
-use crate::ingress::Ingress;
+use crate::ingress::store::StoreError;
+use crate::ingress::{DeadLetter, Ingress, ReplayError};
 use crate::membership::service::{membership_problems, Membership};
 use crate::membership::state::{Command, MembershipState};
 use crate::monitor::{Health, PeerState};
-use crate::relay::Relay;
+use crate::proto::{dead_letter_request, DeadLetterResponse, DeadLetterStatus, ListDeadLetters, ReplayDeadLetter};
+use crate::relay::{AskError, PeerAsk, Relay};
 use crate::router::{Placement, Router};
 use crate::subscription::{SpecError, SubscriptionSpec};
 use crate::types::{NodeStatus, SubscriptionKey};
@@ -260,6 +264,7 @@ impl NodeCore {
     /// was new or changed. Returns once its placement is in force here.
     pub async fn create_subscription(&self, spec: SubscriptionSpec) -> Result<bool, ControlError> {
         self.validate(&spec)?;
+        spec.check_egress(&self.config.webhook_policy().unwrap_or_default())?;
         let key = SubscriptionKey {
             topic: spec.topic.clone(),
             group: spec.group.clone(),
@@ -406,6 +411,117 @@ impl NodeCore {
             .collect()
     }
 
+    /// The ids of every other member.
+    fn other_members(&self) -> Vec<u64> {
+        self.membership
+            .state()
+            .borrow()
+            .members()
+            .keys()
+            .copied()
+            .filter(|id| *id != self.config.node_id)
+            .collect()
+    }
+
+    /// The cluster's dead letters in id order: this node's and every other member's (asked over
+    /// the peer transport, never over HTTP), after `after`, at most `limit` (1..=1000), optionally
+    /// of one topic/group. Members that gave no answer in time are listed in `unreachable`.
+    ///
+    /// Each member answers its own first `limit`; the merged list keeps the first `limit` of all.
+    /// A member whose page was cut to fit a frame bounds the merged list at its last entry (what
+    /// comes after it there is unknown), so paging with `after` never skips a dead letter.
+    pub async fn cluster_dead_letters(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+        topic: Option<&str>,
+        group: Option<&str>,
+    ) -> Result<ClusterDeadLetters, DeadLettersError> {
+        let limit = limit.clamp(1, MAX_DEAD_LETTER_PAGE);
+        let local = self.ingress.dead_letters(after, limit, topic, group)?;
+        let request = ListDeadLetters {
+            after: after.map(str::to_string),
+            limit: limit as u32,
+            topic: topic.map(str::to_string),
+            group: group.map(str::to_string),
+        };
+        let asks = self.other_members().into_iter().map(|peer| {
+            let kind = dead_letter_request::Kind::List(request.clone());
+            async move { (peer, self.relay.ask_dead_letters(peer, kind, PEER_TIMEOUT).await) }
+        });
+        let mut answers = Vec::new();
+        for (peer, answer) in futures_util::future::join_all(asks).await {
+            match answer {
+                Err(AskError::Busy) => return Err(DeadLettersError::Busy),
+                Err(e) => {
+                    tracing::warn!(peer, error = %e, "cannot list a member's dead letters");
+                    answers.push((peer, None));
+                }
+                Ok(a) => answers.push((peer, Some(a))),
+            }
+        }
+        let filter = PageFilter { after, topic, group };
+        Ok(merge_pages(local, answers, &filter, limit))
+    }
+
+    /// Replays the dead letter `id` where it is stored: here, or on the first member that has it
+    /// (asked over the peer transport). Returns the event id.
+    pub async fn replay_dead_letter_anywhere(&self, id: &str) -> Result<String, ReplayError> {
+        match self.ingress.replay_dead_letter(id).await {
+            Err(ReplayError::NotFound(_)) => {}
+            other => return other,
+        }
+        for peer in self.other_members() {
+            let kind = dead_letter_request::Kind::Replay(ReplayDeadLetter { id: id.to_string() });
+            match self.relay.ask_dead_letters(peer, kind, PEER_TIMEOUT).await {
+                Ok(a) => match DeadLetterStatus::try_from(a.status) {
+                    Ok(DeadLetterStatus::Ok) => return Ok(a.event_id),
+                    Ok(DeadLetterStatus::NotFound) => {}
+                    Ok(DeadLetterStatus::SubscriptionGone) => return Err(ReplayError::SubscriptionGone(a.message)),
+                    _ => {
+                        tracing::warn!(peer, status = a.status, message = %a.message, "a member could not replay a dead letter")
+                    }
+                },
+                Err(e) => tracing::warn!(peer, error = %e, "cannot ask a member to replay a dead letter"),
+            }
+        }
+        Err(ReplayError::NotFound(id.to_string()))
+    }
+
+    /// Answers one dead-letter request from a peer: only a current member may ask.
+    async fn answer_peer(&self, ask: PeerAsk) {
+        let PeerAsk { from, kind, reply } = ask;
+        if from == self.config.node_id || !self.membership.state().borrow().members().contains_key(&from) {
+            tracing::warn!(
+                peer = from,
+                "dead-letter request from a peer that is not a member refused"
+            );
+            metrics::counter!(PEER_REQUESTS_REFUSED).increment(1);
+            return;
+        }
+        match kind {
+            dead_letter_request::Kind::List(l) => {
+                let ingress = self.ingress.clone();
+                let limit = (l.limit as usize).clamp(1, MAX_DEAD_LETTER_PAGE);
+                let page = tokio::task::spawn_blocking(move || {
+                    ingress.dead_letter_records(l.after.as_deref(), limit, l.topic.as_deref(), l.group.as_deref())
+                })
+                .await;
+                match page {
+                    Ok(Ok(entries)) => reply.page(entries),
+                    Ok(Err(e)) => reply.status(DeadLetterStatus::Failed, e.to_string()),
+                    Err(e) => reply.status(DeadLetterStatus::Failed, e.to_string()),
+                }
+            }
+            dead_letter_request::Kind::Replay(r) => match self.ingress.replay_dead_letter(&r.id).await {
+                Ok(event_id) => reply.replayed(event_id),
+                Err(ReplayError::NotFound(_)) => reply.status(DeadLetterStatus::NotFound, ""),
+                Err(ReplayError::SubscriptionGone(key)) => reply.status(DeadLetterStatus::SubscriptionGone, key),
+                Err(e @ ReplayError::Store(_)) => reply.status(DeadLetterStatus::Failed, e.to_string()),
+            },
+        }
+    }
+
     /// Where every subscription's instances run (committed placement).
     pub fn placements(&self) -> Vec<PlacementView> {
         let state = self.membership.state().borrow().clone();
@@ -419,5 +535,237 @@ impl NodeCore {
                 nodes: state.placement_of(k).to_vec(),
             })
             .collect()
+    }
+}
+
+/// What a page of dead letters was asked for.
+struct PageFilter<'a> {
+    after: Option<&'a str>,
+    topic: Option<&'a str>,
+    group: Option<&'a str>,
+}
+
+/// Merges this node's page with the members' answers (`None`: no answer): the first `limit` in id
+/// order. A member whose page was cut to fit a frame bounds the merged page at its last entry
+/// (what follows it there is unknown), so paging on with `after` skips nothing. Members that did
+/// not answer, or could not, are listed as unreachable. An answer is checked, not trusted: only
+/// entries matching the query are kept.
+fn merge_pages(
+    mut all: Vec<DeadLetter>,
+    answers: Vec<(u64, Option<DeadLetterResponse>)>,
+    q: &PageFilter<'_>,
+    limit: usize,
+) -> ClusterDeadLetters {
+    let mut unreachable = Vec::new();
+    let mut bound: Option<String> = None;
+    for (peer, answer) in answers {
+        let answer = match answer {
+            Some(a) if a.status == DeadLetterStatus::Ok as i32 => a,
+            Some(a) => {
+                tracing::warn!(peer, status = a.status, message = %a.message, "a member could not list its dead letters");
+                unreachable.push(peer);
+                continue;
+            }
+            None => {
+                unreachable.push(peer);
+                continue;
+            }
+        };
+        if answer.truncated {
+            match answer.entries.last() {
+                Some(last) => {
+                    if bound.as_ref().is_none_or(|b| last.id < *b) {
+                        bound = Some(last.id.clone());
+                    }
+                }
+                None => {
+                    tracing::warn!(peer, "a member's next dead letter does not fit a transport frame");
+                    unreachable.push(peer);
+                    continue;
+                }
+            }
+        }
+        all.extend(
+            answer
+                .entries
+                .into_iter()
+                .filter(|e| q.after.is_none_or(|a| e.id.as_str() > a))
+                .filter_map(|e| DeadLetter::from_record(e.id, e.record?))
+                .filter(|d| q.topic.is_none_or(|t| t == d.topic) && q.group.is_none_or(|g| g == d.group)),
+        );
+    }
+    all.sort_by(|a, b| a.id.cmp(&b.id));
+    all.dedup_by(|a, b| a.id == b.id);
+    if let Some(bound) = bound {
+        all.retain(|d| d.id <= bound);
+    }
+    all.truncate(limit);
+    ClusterDeadLetters {
+        dead_letters: all,
+        unreachable,
+    }
+}
+
+/// Serves the dead-letter requests other members send over the peer transport (the relay hands
+/// them over on `asks`), one at a time, until the relay stops. It holds the core weakly, so a
+/// node being shut down is not kept alive by it.
+pub(crate) async fn serve_peer_asks(core: Weak<NodeCore>, mut asks: mpsc::Receiver<PeerAsk>) {
+    metrics::describe_counter!(
+        PEER_REQUESTS_REFUSED,
+        "Dead-letter requests from peers refused because the peer is not a member of the cluster."
+    );
+    while let Some(ask) = asks.recv().await {
+        let Some(core) = core.upgrade() else { return };
+        core.answer_peer(ask).await;
+    }
+}
+
+/// Dead-letter requests from peers that are not members, refused (a public metric name).
+pub const PEER_REQUESTS_REFUSED: &str = "herald_peer_requests_refused_total";
+
+/// How long a member may take to answer a dead-letter request.
+const PEER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The largest page of dead letters asked or answered.
+pub const MAX_DEAD_LETTER_PAGE: usize = 1000;
+
+/// The cluster's dead letters, as [`NodeCore::cluster_dead_letters`] found them.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct ClusterDeadLetters {
+    /// The page, in id order.
+    pub dead_letters: Vec<DeadLetter>,
+    /// Members that did not answer.
+    pub unreachable: Vec<u64>,
+}
+
+/// Why the cluster's dead letters could not be listed.
+#[derive(Debug, thiserror::Error)]
+pub enum DeadLettersError {
+    /// This node's store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Too many requests to other members are waiting for answers.
+    #[error("too many cluster-wide requests in progress; try again")]
+    Busy,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::{DeadLetterRecord, EventRecord, StoredDeadLetter};
+
+    fn record(id: &str, group: &str) -> (String, DeadLetterRecord) {
+        let r = DeadLetterRecord {
+            event: Some(EventRecord {
+                id: format!("e-{id}"),
+                topic: "t".into(),
+                content_type: "application/json".into(),
+                data: bytes::Bytes::from_static(b"{}"),
+                ..Default::default()
+            }),
+            group: group.into(),
+            attempts: 1,
+            error: "boom".into(),
+            failed_at_unix_ms: 1,
+        };
+        (id.to_string(), r)
+    }
+
+    fn local(ids: &[&str]) -> Vec<DeadLetter> {
+        ids.iter()
+            .map(|i| {
+                let (id, r) = record(i, "g");
+                DeadLetter::from_record(id, r).unwrap()
+            })
+            .collect()
+    }
+
+    fn answer(ids: &[&str], truncated: bool) -> Option<DeadLetterResponse> {
+        Some(DeadLetterResponse {
+            entries: ids
+                .iter()
+                .map(|i| {
+                    let (id, r) = record(i, "g");
+                    StoredDeadLetter { id, record: Some(r) }
+                })
+                .collect(),
+            truncated,
+            ..Default::default()
+        })
+    }
+
+    const ALL: PageFilter<'static> = PageFilter {
+        after: None,
+        topic: None,
+        group: None,
+    };
+
+    fn ids(page: &ClusterDeadLetters) -> Vec<&str> {
+        page.dead_letters.iter().map(|d| d.id.as_str()).collect()
+    }
+
+    #[test]
+    fn pages_merge_in_id_order_up_to_the_limit() {
+        let page = merge_pages(
+            local(&["01", "05"]),
+            vec![
+                (2, answer(&["02", "06"], false)),
+                (3, answer(&["03", "04", "05"], false)),
+            ],
+            &ALL,
+            5,
+        );
+        assert_eq!(
+            ids(&page),
+            ["01", "02", "03", "04", "05"],
+            "sorted, deduplicated, cut at 5"
+        );
+        assert!(page.unreachable.is_empty());
+    }
+
+    #[test]
+    fn a_cut_page_bounds_the_merged_page_so_paging_skips_nothing() {
+        // Member 2's page was cut after 03: its 04..06 are unknown, so 07 of member 3 must wait.
+        let page = merge_pages(
+            local(&["01"]),
+            vec![(2, answer(&["02", "03"], true)), (3, answer(&["07"], false))],
+            &ALL,
+            1000,
+        );
+        assert_eq!(ids(&page), ["01", "02", "03"]);
+        // A cut page with nothing in it (the next one does not fit a frame): unreachable.
+        let page = merge_pages(local(&["01"]), vec![(2, answer(&[], true))], &ALL, 1000);
+        assert_eq!(ids(&page), ["01"]);
+        assert_eq!(page.unreachable, [2]);
+    }
+
+    #[test]
+    fn silent_or_failing_members_are_unreachable_and_answers_are_checked() {
+        let failed = Some(DeadLetterResponse {
+            status: DeadLetterStatus::Busy as i32,
+            ..Default::default()
+        });
+        let q = PageFilter {
+            after: Some("02"),
+            topic: None,
+            group: Some("g"),
+        };
+        let mut other_group = answer(&["05"], false).unwrap();
+        other_group.entries[0].record.as_mut().unwrap().group = "other".into();
+        let page = merge_pages(
+            local(&["03"]),
+            vec![
+                (2, None),
+                (3, failed),
+                // Entries a member should not have sent (before `after`, another group) are dropped.
+                (4, answer(&["01", "04"], false)),
+                (5, Some(other_group)),
+            ],
+            &q,
+            1000,
+        );
+        assert_eq!(ids(&page), ["03", "04"]);
+        assert_eq!(page.unreachable, [2, 3]);
     }
 }

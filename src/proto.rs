@@ -87,10 +87,26 @@ pub struct DeadLetterRecord {
 /// message AckRecord   { uint64 id = 1; AckCode code = 2; uint32 attempts = 3; string error = 4; }
 /// message LaneCredit  { uint64 lane = 1; uint64 n = 2; }  // n deliveries of the lane are done
 /// ```
+///
+/// Dead letters are listed and replayed across the cluster over the same channel (never over
+/// HTTP with a user's token): a node asks a member with a [`DeadLetterRequest`] (tag 3) and the
+/// member answers with a [`DeadLetterResponse`] (tag 4) carrying the request's id.
+///
+/// ```text
+/// message DeadLetterRequest  { uint64 id = 1; oneof kind { ListDeadLetters list = 2;
+///                                ReplayDeadLetter replay = 3; } }
+/// message ListDeadLetters    { optional string after = 1; uint32 limit = 2;
+///                                optional string topic = 3; optional string group = 4; }
+/// message ReplayDeadLetter   { string id = 1; }
+/// message DeadLetterResponse { uint64 id = 1; DeadLetterStatus status = 2; string message = 3;
+///                                repeated StoredDeadLetter entries = 4; bool truncated = 5;
+///                                string event_id = 6; }
+/// message StoredDeadLetter   { string id = 1; DeadLetterRecord record = 2; }
+/// ```
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct PeerMessage {
     /// The message.
-    #[prost(oneof = "peer_message::Body", tags = "1, 2")]
+    #[prost(oneof = "peer_message::Body", tags = "1, 2, 3, 4")]
     pub body: Option<peer_message::Body>,
 }
 
@@ -105,7 +121,113 @@ pub mod peer_message {
         /// Outcomes of events the receiver forwarded.
         #[prost(message, tag = "2")]
         Acks(super::AckBatch),
+        /// A question about the receiver's dead letters.
+        #[prost(message, tag = "3")]
+        DeadLetterRequest(super::DeadLetterRequest),
+        /// The answer to a [`DeadLetterRequest`](super::DeadLetterRequest) the receiver sent.
+        #[prost(message, tag = "4")]
+        DeadLetterResponse(super::DeadLetterResponse),
     }
+}
+
+/// A node asks a member about the dead letters stored there.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct DeadLetterRequest {
+    /// The asker's request id, echoed in the answer.
+    #[prost(uint64, tag = "1")]
+    pub id: u64,
+    /// What is asked.
+    #[prost(oneof = "dead_letter_request::Kind", tags = "2, 3")]
+    pub kind: Option<dead_letter_request::Kind>,
+}
+
+/// The variants of [`DeadLetterRequest`].
+pub mod dead_letter_request {
+    /// One question.
+    #[derive(Clone, PartialEq, prost::Oneof)]
+    pub enum Kind {
+        /// A page of the member's dead letters.
+        #[prost(message, tag = "2")]
+        List(super::ListDeadLetters),
+        /// Replay one of the member's dead letters.
+        #[prost(message, tag = "3")]
+        Replay(super::ReplayDeadLetter),
+    }
+}
+
+/// A page of dead letters in id order (the `GET /v1/dead-letters` query).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ListDeadLetters {
+    /// Only ids after this one.
+    #[prost(string, optional, tag = "1")]
+    pub after: Option<String>,
+    /// Page size (the answering node caps it at 1000).
+    #[prost(uint32, tag = "2")]
+    pub limit: u32,
+    /// Only this topic.
+    #[prost(string, optional, tag = "3")]
+    pub topic: Option<String>,
+    /// Only this group.
+    #[prost(string, optional, tag = "4")]
+    pub group: Option<String>,
+}
+
+/// Replay the dead letter `id` where it is stored.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ReplayDeadLetter {
+    /// The dead-letter id.
+    #[prost(string, tag = "1")]
+    pub id: String,
+}
+
+/// A member's answer to a [`DeadLetterRequest`].
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct DeadLetterResponse {
+    /// The request id of [`DeadLetterRequest::id`].
+    #[prost(uint64, tag = "1")]
+    pub id: u64,
+    /// How it went.
+    #[prost(enumeration = "DeadLetterStatus", tag = "2")]
+    pub status: i32,
+    /// Why, when it did not go well.
+    #[prost(string, tag = "3")]
+    pub message: String,
+    /// A listing's page, in id order.
+    #[prost(message, repeated, tag = "4")]
+    pub entries: Vec<StoredDeadLetter>,
+    /// The page was cut short to fit one frame: more may follow after its last entry.
+    #[prost(bool, tag = "5")]
+    pub truncated: bool,
+    /// A replay's event id.
+    #[prost(string, tag = "6")]
+    pub event_id: String,
+}
+
+/// One dead letter with its id.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct StoredDeadLetter {
+    /// The dead-letter id.
+    #[prost(string, tag = "1")]
+    pub id: String,
+    /// The dead letter.
+    #[prost(message, optional, tag = "2")]
+    pub record: Option<DeadLetterRecord>,
+}
+
+/// The status codes of [`DeadLetterResponse`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum DeadLetterStatus {
+    /// Done: the page, or the replayed event's id.
+    Ok = 0,
+    /// No such dead letter on the member.
+    NotFound = 1,
+    /// The dead letter's subscription no longer exists.
+    SubscriptionGone = 2,
+    /// The member has too many requests queued; ask again later.
+    Busy = 3,
+    /// The member could not answer (its store failed).
+    Failed = 4,
 }
 
 /// Events an ingress node hands to the node running their subscription's instance.
@@ -437,6 +559,8 @@ pub(crate) enum PeerBody {
     /// The body of an [`EventBatch`].
     Events(Bytes),
     Acks(AckBatch),
+    DeadLetterRequest(DeadLetterRequest),
+    DeadLetterResponse(DeadLetterResponse),
 }
 
 /// Splits a `PeerMessage` without decoding its event batch. The last body field wins, as with
@@ -447,13 +571,14 @@ pub(crate) fn decode_peer_message(mut buf: Bytes) -> Result<Option<PeerBody>, pr
     while !buf.is_empty() {
         let (tag, wire) = decode_key(&mut buf)?;
         match (tag, wire) {
-            (1 | 2, WireType::LengthDelimited) => {
+            (1..=4, WireType::LengthDelimited) => {
                 let mut field = Bytes::new();
                 prost::encoding::bytes::merge(wire, &mut field, &mut buf, DecodeContext::default())?;
-                body = Some(if tag == 1 {
-                    PeerBody::Events(field)
-                } else {
-                    PeerBody::Acks(AckBatch::decode(field)?)
+                body = Some(match tag {
+                    1 => PeerBody::Events(field),
+                    2 => PeerBody::Acks(AckBatch::decode(field)?),
+                    3 => PeerBody::DeadLetterRequest(DeadLetterRequest::decode(field)?),
+                    _ => PeerBody::DeadLetterResponse(DeadLetterResponse::decode(field)?),
                 });
             }
             _ => skip_field(wire, tag, &mut buf, DecodeContext::default())?,
@@ -666,6 +791,39 @@ mod tests {
         match decode_peer_message(Bytes::from(empty.encode_to_vec())).unwrap() {
             Some(PeerBody::Events(b)) => assert_eq!(Deliveries(b).count(), 0),
             _ => panic!("not events"),
+        }
+        let request = DeadLetterRequest {
+            id: 42,
+            kind: Some(dead_letter_request::Kind::List(ListDeadLetters {
+                after: Some("01J".into()),
+                limit: 10,
+                topic: None,
+                group: Some("g".into()),
+            })),
+        };
+        let m = PeerMessage {
+            body: Some(peer_message::Body::DeadLetterRequest(request.clone())),
+        };
+        match decode_peer_message(Bytes::from(m.encode_to_vec())).unwrap() {
+            Some(PeerBody::DeadLetterRequest(r)) => assert_eq!(r, request),
+            _ => panic!("not a dead-letter request"),
+        }
+        let response = DeadLetterResponse {
+            id: 42,
+            status: DeadLetterStatus::Ok as i32,
+            entries: vec![StoredDeadLetter {
+                id: "01J1".into(),
+                record: Some(DeadLetterRecord::default()),
+            }],
+            truncated: true,
+            ..Default::default()
+        };
+        let m = PeerMessage {
+            body: Some(peer_message::Body::DeadLetterResponse(response.clone())),
+        };
+        match decode_peer_message(Bytes::from(m.encode_to_vec())).unwrap() {
+            Some(PeerBody::DeadLetterResponse(r)) => assert_eq!(r, response),
+            _ => panic!("not a dead-letter response"),
         }
     }
 }

@@ -439,6 +439,8 @@ pub(crate) struct RouterParts {
     pub(crate) mailbox_capacity: usize,
     pub(crate) default_max_attempts: u32,
     pub(crate) webhook_timeout: std::time::Duration,
+    /// Where webhooks may connect (checked again on every call, after DNS).
+    pub(crate) webhook_policy: Arc<crate::subscription::egress::EgressPolicy>,
     /// This node's id (placement entries naming it are local).
     pub(crate) me: u64,
     /// Peer health, to skip unhealthy nodes.
@@ -499,7 +501,11 @@ impl Router {
         if inputs.all.get(&key).is_some_and(|s| s.spec == spec) {
             return false;
         }
-        let Some(spawner) = self.parts.registry.spawner(&spec.handler, self.parts.webhook_timeout) else {
+        let Some(spawner) =
+            self.parts
+                .registry
+                .spawner(&spec.handler, self.parts.webhook_timeout, &self.parts.webhook_policy)
+        else {
             // Validation checks the registry first; reaching here is a bug worth a loud log.
             tracing::error!(subscription = %key, "no spawner for handler {:?}", spec.handler);
             return false;

@@ -6,6 +6,8 @@ use utoipa::ToSchema;
 
 use crate::event::{validate_name, EventError};
 
+pub mod egress;
+
 /// Which handler a subscription runs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
@@ -79,6 +81,15 @@ pub enum SpecError {
         /// Why.
         reason: String,
     },
+    /// The webhook's host is refused by the node's egress policy (`handlers.webhook_allow`,
+    /// `handlers.webhook_deny`, the built-in rules).
+    #[error("webhook url {url:?} is refused: {reason}")]
+    WebhookRefused {
+        /// The refused URL.
+        url: String,
+        /// Why, naming the rule.
+        reason: String,
+    },
     /// `instances` out of range.
     #[error("instances must be between 1 and {max} (got {got})")]
     Instances {
@@ -146,6 +157,17 @@ impl SubscriptionSpec {
                 known: known(),
             }),
             HandlerSpec::Webhook { url } => validate_webhook_url(url),
+            _ => Ok(()),
+        }
+    }
+
+    /// Checks a webhook's host against the egress policy (other handlers pass).
+    pub fn check_egress(&self, policy: &egress::EgressPolicy) -> Result<(), SpecError> {
+        match &self.handler {
+            HandlerSpec::Webhook { url } => policy.check_url(url).map_err(|e| SpecError::WebhookRefused {
+                url: url.chars().take(200).collect(),
+                reason: e.0,
+            }),
             _ => Ok(()),
         }
     }

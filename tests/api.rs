@@ -1778,3 +1778,102 @@ async fn a_normal_shutdown_logs_no_error() {
     let logged = errors.0.lock().unwrap().clone();
     assert!(logged.is_empty(), "a normal shutdown logged errors: {logged:#?}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// webhook egress policy
+// ---------------------------------------------------------------------------------------------
+
+#[actix_rt::test]
+async fn webhooks_to_metadata_addresses_are_refused_and_loopback_is_accepted() {
+    let receiver = common::Receiver::start(0).await;
+    let n = start_node(Node::builder()).await;
+    let url = format!("{}/v1/subscriptions", n.url);
+    for refused in [
+        "http://169.254.169.254/latest/meta-data/",
+        "http://[fd00:ec2::254]/",
+        "http://[fe80::1]:8080/",
+    ] {
+        let body = json!({"topic": "api.egress", "group": "g", "handler": {"kind": "webhook", "url": refused}});
+        let a = post_json(&url, &body).await;
+        assert_eq!(a.status, 400, "{refused}: {}", a.body);
+        assert_eq!(a.body["error"]["code"], "webhook_refused", "{refused}: {}", a.body);
+        assert!(
+            a.body["error"]["message"]
+                .as_str()
+                .unwrap_or("")
+                .contains("built-in rule"),
+            "the message names the rule: {}",
+            a.body
+        );
+    }
+    let (_, subs) = get(&url).await;
+    assert_eq!(subs.as_array().map(Vec::len), Some(0), "nothing was created: {subs}");
+
+    let body = json!({"topic": "api.egress", "group": "g", "handler": {"kind": "webhook", "url": receiver.url}});
+    let a = post_json(&url, &body).await;
+    assert_eq!(a.status, 201, "{}", a.body);
+    let a = request(
+        "POST",
+        &format!("{}/v1/topics/api.egress/events?ack=processed", n.url),
+        &[JSON_CT],
+        "{}",
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(a.body["outcomes"][0]["outcome"], "ok", "{}", a.body);
+    assert_eq!(receiver.events().len(), 1);
+    n.node.shutdown().await;
+}
+
+#[actix_rt::test]
+async fn a_webhook_name_that_resolves_to_a_denied_address_fails_its_delivery() {
+    let receiver = common::Receiver::start(0).await;
+    let port = receiver
+        .url
+        .trim_start_matches("http://127.0.0.1:")
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    let mut b = Node::builder();
+    b.config_mut().handlers.webhook_deny = vec!["127.0.0.0/8".into(), "::1".into()];
+    let n = start_node(b).await;
+    // The name passes creation (only its addresses are denied)…
+    let hook = format!("http://localhost:{port}/hook");
+    let body = json!({"topic": "api.egress.dns", "group": "g", "max_attempts": 1,
+                      "handler": {"kind": "webhook", "url": hook}});
+    let a = post_json(&format!("{}/v1/subscriptions", n.url), &body).await;
+    assert_eq!(a.status, 201, "{}", a.body);
+    // …a literal denied address does not.
+    let body = json!({"topic": "api.egress.dns", "group": "h",
+                      "handler": {"kind": "webhook", "url": receiver.url}});
+    let a = post_json(&format!("{}/v1/subscriptions", n.url), &body).await;
+    assert_eq!(a.status, 400, "{}", a.body);
+    assert_eq!(a.body["error"]["code"], "webhook_refused");
+    assert!(
+        a.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("webhook_deny rule 127.0.0.0/8"),
+        "{}",
+        a.body
+    );
+
+    // When called, `localhost` resolves to a denied address: the delivery fails and is
+    // dead-lettered with the policy's reason; the receiver is never called.
+    let a = request(
+        "POST",
+        &format!("{}/v1/topics/api.egress.dns/events?ack=processed", n.url),
+        &[JSON_CT],
+        "{}",
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(a.body["outcomes"][0]["outcome"], "dead_lettered", "{}", a.body);
+    let (_, dls) = get(&format!("{}/v1/dead-letters?topic=api.egress.dns", n.url)).await;
+    let error = dls[0]["error"].as_str().unwrap_or("").to_string();
+    assert!(error.contains("egress policy"), "the dead letter says why: {dls}");
+    assert!(error.contains("webhook_deny rule"), "and names the rule: {dls}");
+    assert!(receiver.events().is_empty(), "the denied address was not called");
+    n.node.shutdown().await;
+}

@@ -517,3 +517,279 @@ async fn partitions_keep_every_ingress_accepting_and_everything_is_delivered_aft
         receiver.stop().await;
     }
 }
+
+/// Every node's dead letters, read from each node alone (`scope=local`): the ground truth the
+/// cluster-wide listing is compared with, as `(dead-letter id, node id)`, in id order.
+async fn stored_dead_letters(nodes: &[TestNode]) -> Vec<(Value, u64)> {
+    let mut all = Vec::new();
+    for n in nodes {
+        let (status, list) = get(&format!("{}/v1/dead-letters?scope=local&limit=1000", n.url)).await;
+        assert_eq!(status, 200, "{list}");
+        let id = n.node.core().config().node_id;
+        all.extend(list.as_array().unwrap().iter().map(|d| (d.clone(), id)));
+    }
+    all.sort_by(|a, b| a.0["id"].as_str().cmp(&b.0["id"].as_str()));
+    all
+}
+
+fn ids(list: &[Value]) -> Vec<String> {
+    list.iter().map(|d| d["id"].as_str().unwrap().to_string()).collect()
+}
+
+/// Lists the cluster's dead letters through `url` with `query`, sending a user's token; asserts
+/// every member answered.
+async fn list_dead_letters(url: &str, query: &str) -> Vec<Value> {
+    let a = request(
+        "GET",
+        &format!("{url}/v1/dead-letters?{query}"),
+        &[("authorization", "Bearer user-admin-token")],
+        "",
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert!(
+        a.headers.get("x-herald-unreachable").is_none(),
+        "every member answered: {:?}",
+        a.headers.get("x-herald-unreachable")
+    );
+    a.body.as_array().unwrap().clone()
+}
+
+#[actix_rt::test]
+async fn dead_letters_are_listed_paged_and_replayed_across_nodes_over_the_peer_transport_without_forwarding_tokens() {
+    // Every member declares the decoy as its HTTP address: a node that asked others over HTTP
+    // (with the caller's Authorization header, as Herald once did) would call it.
+    let decoy = Receiver::start(0).await;
+    let decoy_addr = decoy
+        .url
+        .trim_start_matches("http://")
+        .trim_end_matches("/hook")
+        .to_string();
+    let failing = Receiver::start(usize::MAX).await;
+    let builder = || {
+        let mut b = Node::builder();
+        b.config_mut().http.advertise = decoy_addr.clone();
+        b
+    };
+    let nodes = cluster((0..3).map(|_| builder()).collect()).await;
+    for group in ["ga", "gb"] {
+        let hosts = subscribe(
+            &nodes,
+            json!({"topic": "rt.dlx", "group": group, "handler": {"kind": "webhook", "url": failing.url},
+                   "instances": 3, "max_attempts": 1}),
+        )
+        .await;
+        assert!(
+            hosts.iter().collect::<BTreeSet<_>>().len() >= 2,
+            "the instances of {group} run on several nodes: {hosts:?}"
+        );
+    }
+    for i in 0..24 {
+        let a = request(
+            "POST",
+            &format!("{}/v1/topics/rt.dlx/events?ack=processed", nodes[i % 3].url),
+            &[("content-type", "application/json"), ("x-herald-key", &format!("k{i}"))],
+            json!({ "i": i }).to_string(),
+        )
+        .await;
+        assert_eq!(a.status, 200, "{}", a.body);
+    }
+    let stored = stored_dead_letters(&nodes).await;
+    assert_eq!(stored.len(), 48, "each event dead-lettered in both groups");
+    let holders: BTreeSet<u64> = stored.iter().map(|(_, n)| *n).collect();
+    assert!(holders.len() >= 2, "dead letters stored on several nodes: {holders:?}");
+    let truth: Vec<Value> = stored.iter().map(|(d, _)| d.clone()).collect();
+
+    // The whole listing, from every node, is every node's dead letters in id order.
+    for n in &nodes {
+        assert_eq!(
+            list_dead_letters(&n.url, "limit=1000").await,
+            truth,
+            "listed through {}",
+            n.url
+        );
+    }
+    // `group` across nodes.
+    let ga: Vec<Value> = truth.iter().filter(|d| d["group"] == "ga").cloned().collect();
+    assert_eq!(ga.len(), 24);
+    assert_eq!(list_dead_letters(&nodes[1].url, "group=ga&limit=1000").await, ga);
+    // `after` and `limit` page through the merged list without gaps or repeats.
+    for (query, want) in [("limit=7", &truth), ("group=ga&limit=5", &ga)] {
+        let mut paged = Vec::new();
+        let mut after = String::new();
+        loop {
+            let page = list_dead_letters(&nodes[2].url, &format!("{query}{after}")).await;
+            let size: usize = query.rsplit('=').next().unwrap().parse().unwrap();
+            assert!(page.len() <= size, "{query}: a page of {}", page.len());
+            let Some(last) = page.last() else { break };
+            after = format!("&after={}", last["id"].as_str().unwrap());
+            paged.extend(page);
+        }
+        assert_eq!(ids(&paged), ids(want), "{query}: the pages are the whole list");
+    }
+    let tail = list_dead_letters(
+        &nodes[0].url,
+        &format!("after={}&limit=3", truth[40]["id"].as_str().unwrap()),
+    )
+    .await;
+    assert_eq!(ids(&tail), ids(&truth[41..44]));
+
+    // Replay, through node 1, a dead letter that another node stores.
+    let (dl, holder) = stored
+        .iter()
+        .find(|(_, n)| *n != 1)
+        .cloned()
+        .expect("a dead letter stored elsewhere than node 1");
+    let dl_id = dl["id"].as_str().unwrap().to_string();
+    let r = request(
+        "POST",
+        &format!("{}/v1/dead-letters/{dl_id}/replay", nodes[0].url),
+        &[("authorization", "Bearer user-admin-token")],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    assert_eq!(r.body["event_id"], dl["event_id"], "{}", r.body);
+    // It fails again (the endpoint still fails): a new dead letter of the same event and group.
+    eventually("the replayed event is dead-lettered anew", || {
+        let nodes = &nodes;
+        let dl = dl.clone();
+        let dl_id = dl_id.clone();
+        async move {
+            let now = stored_dead_letters(nodes).await;
+            let gone = now.iter().all(|(d, _)| d["id"] != dl_id.as_str());
+            let again = now.iter().any(|(d, _)| {
+                d["event_id"] == dl["event_id"] && d["group"] == dl["group"] && d["id"] != dl_id.as_str()
+            });
+            (gone && again).then_some(())
+        }
+    })
+    .await;
+    let r = request(
+        "POST",
+        &format!("{}/v1/dead-letters/{dl_id}/replay", nodes[0].url),
+        &[],
+        "",
+    )
+    .await;
+    assert_eq!(
+        r.status, 404,
+        "replayed once only (stored on node {holder}): {}",
+        r.body
+    );
+
+    // No node called another's HTTP API: no request (and so no user token) reached the address
+    // the members declared.
+    let calls = decoy.events();
+    assert!(
+        calls.is_empty(),
+        "nodes called the members' declared HTTP address: {:?}",
+        calls.iter().map(|c| c.header("authorization")).collect::<Vec<_>>()
+    );
+    shutdown(nodes).await;
+}
+
+#[actix_rt::test]
+async fn a_member_that_does_not_answer_is_named_in_the_unreachable_header() {
+    let failing = Receiver::start(usize::MAX).await;
+    let mut nodes = cluster((0..3).map(|_| Node::builder()).collect()).await;
+    subscribe(
+        &nodes,
+        json!({"topic": "rt.dlu", "group": "g", "handler": {"kind": "webhook", "url": failing.url},
+               "instances": 3, "max_attempts": 1}),
+    )
+    .await;
+    for i in 0..12 {
+        let a = request(
+            "POST",
+            &format!("{}/v1/topics/rt.dlu/events?ack=processed", nodes[0].url),
+            &[("content-type", "application/json"), ("x-herald-key", &format!("k{i}"))],
+            json!({ "i": i }).to_string(),
+        )
+        .await;
+        assert_eq!(a.status, 200, "{}", a.body);
+    }
+    let before = stored_dead_letters(&nodes[..2]).await;
+    // Node 3 stops (it stays a member): it answers no request any more.
+    let third = nodes.pop().unwrap();
+    third.node.shutdown().await;
+    let a = request("GET", &format!("{}/v1/dead-letters?limit=1000", nodes[0].url), &[], "").await;
+    assert_eq!(a.status, 200, "the listing does not fail: {}", a.body);
+    assert_eq!(
+        a.headers.get("x-herald-unreachable").and_then(|v| v.to_str().ok()),
+        Some("3"),
+        "the silent member is named"
+    );
+    let listed = a.body.as_array().unwrap();
+    assert_eq!(
+        ids(listed),
+        ids(&before.iter().map(|(d, _)| d.clone()).collect::<Vec<_>>()),
+        "what the answering members store is listed"
+    );
+    shutdown(nodes).await;
+}
+
+#[actix_rt::test]
+async fn a_peer_that_is_not_a_member_gets_no_dead_letters() {
+    use herald::proto::{dead_letter_request, peer_message, DeadLetterRequest, ListDeadLetters, PeerMessage};
+    use herald::transport::{Channel, Envelope, Transport, TransportConfig};
+    use prost::Message;
+
+    let failing = Receiver::start(usize::MAX).await;
+    let nodes = cluster((0..2).map(|_| Node::builder()).collect()).await;
+    subscribe(
+        &nodes,
+        json!({"topic": "rt.dlm", "group": "g", "handler": {"kind": "webhook", "url": failing.url},
+               "instances": 2, "max_attempts": 1}),
+    )
+    .await;
+    for i in 0..6 {
+        let a = request(
+            "POST",
+            &format!("{}/v1/topics/rt.dlm/events?ack=processed", nodes[0].url),
+            &[("content-type", "application/json"), ("x-herald-key", &format!("k{i}"))],
+            json!({ "i": i }).to_string(),
+        )
+        .await;
+        assert_eq!(a.status, 200, "{}", a.body);
+    }
+    let refused_before = refused_requests(&nodes[0].url).await;
+
+    // An authenticated peer of the cluster's transport that is not in the membership table asks
+    // node 1 for its dead letters on the events channel.
+    let (tx, mut answers) = tokio::sync::mpsc::channel(16);
+    let cluster_id = nodes[0].node.core().config().cluster_id.clone();
+    let mut config = TransportConfig::new(cluster_id, 99, "127.0.0.1:1");
+    config.channel = Channel::Events;
+    let rogue = Transport::new(config, tx).expect("transport");
+    rogue.add_peer(1, nodes[0].node.core().membership().peer_addr().to_string());
+    let ask = PeerMessage {
+        body: Some(peer_message::Body::DeadLetterRequest(DeadLetterRequest {
+            id: 1,
+            kind: Some(dead_letter_request::Kind::List(ListDeadLetters {
+                limit: 1000,
+                ..Default::default()
+            })),
+        })),
+    };
+    rogue.send(1, Envelope::app(ask.encode_to_vec())).expect("queued");
+    eventually("node 1 refuses the non-member's request", || {
+        let url = nodes[0].url.clone();
+        async move { (refused_requests(&url).await > refused_before).then_some(()) }
+    })
+    .await;
+    // (Node 1 could not even send it an answer: it dials only members. The refusal above is what
+    // keeps a peer that later becomes reachable from reading the store.)
+    assert!(answers.try_recv().is_err(), "no answer to the non-member");
+    // The members still list each other's dead letters.
+    let (status, list) = get(&format!("{}/v1/dead-letters", nodes[1].url)).await;
+    assert_eq!(status, 200);
+    assert_eq!(list.as_array().map(Vec::len), Some(6), "{list}");
+    rogue.shutdown();
+    shutdown(nodes).await;
+}
+
+async fn refused_requests(url: &str) -> f64 {
+    let text = common::get_text(&format!("{url}/metrics")).await;
+    common::metric(&text, herald::node::PEER_REQUESTS_REFUSED, &[]).unwrap_or(0.0)
+}

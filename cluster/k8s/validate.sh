@@ -127,7 +127,7 @@ TOML_KEYS = {
     "http": {"addr", "max_body_bytes", "max_batch_events", "allow_unauthenticated_remote"},
     "wal": {"fsync", "max_batch"},
     "handlers": {"workers", "mailbox_capacity", "max_inflight_bytes", "max_instances", "max_attempts",
-                 "backoff_initial_ms", "backoff_max_ms", "call_timeout_ms", "webhook_timeout_ms"},
+                 "backoff_initial_ms", "backoff_max_ms", "call_timeout_ms", "webhook_timeout_ms", "webhook_allow", "webhook_deny"},
     "cluster": {"peer", "advertise", "join", "ping_interval_ms", "phi_threshold",
                 "min_std_deviation_ms", "down_after_ms", "degraded_after_ms", "redeliver_after_ms",
                 "dedup_window"},

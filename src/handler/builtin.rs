@@ -1,26 +1,69 @@
 //! The built-in handler kinds: `webhook` and `log`.
 
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
+use actix_tls::connect::{Resolve, Resolver};
+use futures_util::future::LocalBoxFuture;
 
 use super::{Delivery, HandlerError, HandlerResult, Invoke, Spawner};
+use crate::subscription::egress::EgressPolicy;
 
 /// POSTs each event as a structured CloudEvent (`application/cloudevents+json`); any 2xx status
 /// acknowledges it, anything else (or a timeout) fails the attempt.
+///
+/// Every call is checked against the node's webhook egress policy
+/// ([`EgressPolicy`], `handlers.webhook_allow`/`webhook_deny`): the URL's host first, then every
+/// address its name resolves to (the client resolves through [`PolicyResolver`], so it connects
+/// only to addresses that were checked). A refused destination fails the attempt with an error
+/// naming the rule; it is retried and dead-lettered like any other failure.
 pub struct Webhook {
     url: String,
+    policy: Arc<EgressPolicy>,
     /// `awc::Client` is not `Send`: each instance builds its own on its worker thread.
     client: awc::Client,
 }
 
 impl Webhook {
-    /// A webhook handler posting to `url` with a per-request `timeout`.
+    /// A webhook handler posting to `url` with a per-request `timeout`, under the built-in
+    /// egress rules.
     pub fn new(url: impl Into<String>, timeout: Duration) -> Self {
+        Webhook::with_policy(url, timeout, Arc::default())
+    }
+
+    /// A webhook handler posting to `url` with a per-request `timeout`, under `policy`.
+    pub fn with_policy(url: impl Into<String>, timeout: Duration, policy: Arc<EgressPolicy>) -> Self {
+        let connector = awc::Connector::new()
+            .connector(actix_tls::connect::Connector::new(Resolver::custom(PolicyResolver(policy.clone()))).service());
         Webhook {
             url: url.into(),
-            client: awc::Client::builder().timeout(timeout).finish(),
+            policy,
+            client: awc::Client::builder().timeout(timeout).connector(connector).finish(),
         }
+    }
+}
+
+/// Resolves host names with the system resolver and refuses the lookup when an address is
+/// refused by the egress policy (DNS may change after the subscription was created).
+struct PolicyResolver(Arc<EgressPolicy>);
+
+impl Resolve for PolicyResolver {
+    fn lookup<'a>(
+        &'a self,
+        host: &'a str,
+        port: u16,
+    ) -> LocalBoxFuture<'a, Result<Vec<SocketAddr>, Box<dyn std::error::Error>>> {
+        Box::pin(async move {
+            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port)).await?.collect();
+            for a in &addrs {
+                self.0
+                    .check_resolved(host, a.ip())
+                    .map_err(|e| format!("refused by the webhook egress policy: {e}"))?;
+            }
+            Ok(addrs)
+        })
     }
 }
 
@@ -39,7 +82,11 @@ impl Handler<Delivery> for Webhook {
             .insert_header(("x-herald-subscription", d.subscription.to_string()))
             .insert_header(("x-herald-attempt", d.attempt.to_string()));
         let url = self.url.clone();
+        // A literal IP (never resolved) and the host name itself; resolved addresses are checked
+        // by the resolver.
+        let allowed = self.policy.check_url(&url);
         Box::pin(async move {
+            allowed.map_err(|e| HandlerError::msg(format!("POST {url}: refused by the webhook egress policy: {e}")))?;
             let body = serde_json::to_vec(&d.event.to_cloudevent()?)?;
             let response = request
                 .send_body(body)
@@ -57,11 +104,12 @@ impl Handler<Delivery> for Webhook {
 pub(crate) struct WebhookSpawner {
     pub(crate) url: String,
     pub(crate) timeout: Duration,
+    pub(crate) policy: Arc<EgressPolicy>,
 }
 
 impl Spawner for WebhookSpawner {
     fn start(&self) -> Box<dyn Invoke> {
-        Box::new(Webhook::new(self.url.clone(), self.timeout).start())
+        Box::new(Webhook::with_policy(self.url.clone(), self.timeout, self.policy.clone()).start())
     }
 }
 

@@ -26,6 +26,7 @@ use actix::prelude::*;
 use futures_util::future::LocalBoxFuture;
 
 use crate::event::Event;
+use crate::subscription::egress::EgressPolicy;
 use crate::subscription::HandlerSpec;
 // Shared vocabulary (placement, metrics and membership name it too); this is its public path.
 pub use crate::types::SubscriptionKey;
@@ -196,12 +197,18 @@ impl HandlerRegistry {
     }
 
     /// The spawner for a validated handler spec.
-    pub(crate) fn spawner(&self, spec: &HandlerSpec, webhook_timeout: std::time::Duration) -> Option<Arc<dyn Spawner>> {
+    pub(crate) fn spawner(
+        &self,
+        spec: &HandlerSpec,
+        webhook_timeout: std::time::Duration,
+        webhook_policy: &Arc<EgressPolicy>,
+    ) -> Option<Arc<dyn Spawner>> {
         match spec {
             HandlerSpec::Rust { name } => self.factories.get(name).cloned(),
             HandlerSpec::Webhook { url } => Some(Arc::new(builtin::WebhookSpawner {
                 url: url.clone(),
                 timeout: webhook_timeout,
+                policy: webhook_policy.clone(),
             })),
             HandlerSpec::Log => Some(Arc::new(builtin::LogSpawner)),
         }
@@ -242,6 +249,7 @@ mod tests {
         let webhook = builtin::WebhookSpawner {
             url: "http://127.0.0.1:9/".into(),
             timeout: std::time::Duration::from_secs(1),
+            policy: Arc::default(),
         };
         assert!(!webhook.pipelined());
     }

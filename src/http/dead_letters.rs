@@ -1,24 +1,19 @@
 //! Dead letters, cluster-wide: each node stores the dead letters of the instances it ran, and any
 //! node lists and replays all of them.
 //!
-//! `GET /v1/dead-letters` asks every other member for its page (`scope=local`, with the caller's
-//! `Authorization` header) and merges the pages by dead-letter id (ids are time-ordered ULIDs, so
-//! `after` pages through the merged list). Members that do not answer are named in the
-//! `x-herald-unreachable` response header instead of failing the listing.
-//! `POST /v1/dead-letters/{id}/replay` replays the dead letter where it is stored: here, or on
-//! the first member that has it.
+//! `GET /v1/dead-letters` asks every other member for its page over the peer transport
+//! (`NodeCore::cluster_dead_letters`: authenticated peers, no user token leaves this node) and
+//! merges the pages by dead-letter id (ids are time-ordered ULIDs, so `after` pages through the
+//! merged list). Members that do not answer are named in the `x-herald-unreachable` response
+//! header instead of failing the listing. `POST /v1/dead-letters/{id}/replay` replays the dead
+//! letter where it is stored: here, or on the first member that has it.
 
-use std::time::Duration;
-
-use actix_web::http::{header, StatusCode};
+use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
-use serde_json::Value;
 
 use super::{authorize, ApiError, State};
 use crate::config::Role;
-
-/// How long a member may take to answer a fanned-out request.
-const PEER_TIMEOUT: Duration = Duration::from_secs(5);
+use crate::control::DeadLettersError;
 
 /// Query of `GET /v1/dead-letters`.
 #[derive(serde::Deserialize, utoipa::IntoParams)]
@@ -53,16 +48,6 @@ fn local_only(scope: &Option<String>) -> Result<bool, ApiError> {
     }
 }
 
-/// A client for asking other members, carrying the caller's credentials.
-fn peer_request(req: &HttpRequest, method: actix_web::http::Method, url: &str) -> awc::ClientRequest {
-    let client = awc::Client::builder().timeout(PEER_TIMEOUT).finish();
-    let mut r = client.request(method, url);
-    if let Some(auth) = req.headers().get(header::AUTHORIZATION) {
-        r = r.insert_header((header::AUTHORIZATION, auth.clone()));
-    }
-    r
-}
-
 #[utoipa::path(get, path = "/v1/dead-letters", tag = "dead letters", params(DeadLetterQuery),
     responses((status = 200, description = "Dead letters of every member, oldest first", body = [crate::ingress::DeadLetter])))]
 pub(super) async fn list(
@@ -78,68 +63,32 @@ pub(super) async fn list(
             "limit must be between 1 and 1000",
         ));
     }
-    let local = state
+    if local_only(&q.scope)? {
+        let local = state
+            .core
+            .ingress()
+            .dead_letters(q.after.as_deref(), limit, q.topic.as_deref(), q.group.as_deref())
+            .map_err(store_unavailable)?;
+        return Ok(HttpResponse::Ok().json(local));
+    }
+    let found = state
         .core
-        .ingress()
-        .dead_letters(q.after.as_deref(), limit, q.topic.as_deref(), q.group.as_deref())
-        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", e.to_string()))?;
-    let mut all: Vec<Value> = local
-        .into_iter()
-        .map(|d| serde_json::to_value(d).unwrap_or(Value::Null))
-        .collect();
-    let mut unreachable = Vec::new();
-    if !local_only(&q.scope)? {
-        let mut query: Vec<(&str, String)> = vec![("scope", "local".into()), ("limit", limit.to_string())];
-        for (k, v) in [("topic", &q.topic), ("group", &q.group), ("after", &q.after)] {
-            if let Some(v) = v {
-                query.push((k, v.clone()));
-            }
-        }
-        let asks = state.core.other_members_http().into_iter().map(|(id, http)| {
-            let r = peer_request(
-                &req,
-                actix_web::http::Method::GET,
-                &format!("http://{http}/v1/dead-letters"),
-            );
-            let query = query.clone();
-            async move {
-                let answer = async {
-                    let mut resp = r
-                        .query(&query)
-                        .map_err(|e| e.to_string())?
-                        .send()
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    if !resp.status().is_success() {
-                        return Err(format!("status {}", resp.status()));
-                    }
-                    resp.json::<Vec<Value>>()
-                        .limit(64 << 20)
-                        .await
-                        .map_err(|e| e.to_string())
-                }
-                .await;
-                (id, answer)
-            }
-        });
-        for (id, answer) in futures_util::future::join_all(asks).await {
-            match answer {
-                Ok(list) => all.extend(list),
-                Err(e) => {
-                    tracing::warn!(peer = id, error = %e, "cannot list a member's dead letters");
-                    unreachable.push(id.to_string());
-                }
-            }
-        }
-        all.sort_by(|a, b| a["id"].as_str().cmp(&b["id"].as_str()));
-        all.dedup_by(|a, b| a["id"] == b["id"]);
-        all.truncate(limit);
-    }
+        .cluster_dead_letters(q.after.as_deref(), limit, q.topic.as_deref(), q.group.as_deref())
+        .await
+        .map_err(|e| match e {
+            DeadLettersError::Store(e) => store_unavailable(e),
+            e => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "busy", e.to_string()),
+        })?;
     let mut resp = HttpResponse::Ok();
-    if !unreachable.is_empty() {
-        resp.insert_header(("x-herald-unreachable", unreachable.join(",")));
+    if !found.unreachable.is_empty() {
+        let names: Vec<String> = found.unreachable.iter().map(u64::to_string).collect();
+        resp.insert_header(("x-herald-unreachable", names.join(",")));
     }
-    Ok(resp.json(all))
+    Ok(resp.json(found.dead_letters))
+}
+
+fn store_unavailable(e: impl std::fmt::Display) -> ApiError {
+    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", e.to_string())
 }
 
 #[utoipa::path(post, path = "/v1/dead-letters/{id}/replay", tag = "dead letters", params(("id" = String, Path), ReplayQuery),
@@ -152,25 +101,17 @@ pub(super) async fn replay(
 ) -> Result<HttpResponse, ApiError> {
     authorize(&req, &state, Role::Admin)?;
     let id = path.into_inner();
-    match state.core.ingress().replay_dead_letter(&id).await {
-        Ok(event_id) => return Ok(HttpResponse::Accepted().json(serde_json::json!({ "id": id, "event_id": event_id }))),
-        Err(crate::ingress::ReplayError::NotFound(_)) if !local_only(&q.scope)? => {}
-        Err(e) => return Err(e.into()),
-    }
-    for (peer, http) in state.core.other_members_http() {
-        let url = format!("http://{http}/v1/dead-letters/{id}/replay?scope=local");
-        match peer_request(&req, actix_web::http::Method::POST, &url).send().await {
-            Ok(mut resp) if resp.status() != StatusCode::NOT_FOUND => {
-                let body = resp.body().limit(1 << 20).await.unwrap_or_default();
-                return Ok(HttpResponse::build(resp.status())
-                    .content_type("application/json")
-                    .body(body));
+    let replayed = if local_only(&q.scope)? {
+        state.core.ingress().replay_dead_letter(&id).await?
+    } else {
+        match state.core.replay_dead_letter_anywhere(&id).await {
+            Err(crate::ingress::ReplayError::NotFound(_)) => {
+                return Err(ApiError::not_found(format!(
+                    "no dead letter {id} on any reachable member"
+                )))
             }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(peer, error = %e, "cannot ask a member to replay a dead letter"),
+            r => r?,
         }
-    }
-    Err(ApiError::not_found(format!(
-        "no dead letter {id} on any reachable member"
-    )))
+    };
+    Ok(HttpResponse::Accepted().json(serde_json::json!({ "id": id, "event_id": replayed })))
 }

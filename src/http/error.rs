@@ -120,6 +120,7 @@ impl From<SpecError> for ApiError {
             SpecError::Name(_) => "invalid_name",
             SpecError::UnknownHandler { .. } => "unknown_handler",
             SpecError::WebhookUrl { .. } => "invalid_webhook_url",
+            SpecError::WebhookRefused { .. } => "webhook_refused",
             SpecError::Instances { .. } => "invalid_instances",
             SpecError::MaxAttempts(_) => "invalid_max_attempts",
         };

@@ -153,6 +153,32 @@ pub struct DeadLetter {
     pub data: serde_json::Value,
 }
 
+impl DeadLetter {
+    /// The API's view of the stored dead letter `id` (`None` when the record has no event).
+    pub(crate) fn from_record(id: String, r: DeadLetterRecord) -> Option<DeadLetter> {
+        let e = r.event?;
+        let data = if crate::event::is_json(&e.content_type) {
+            serde_json::from_slice(&e.data).unwrap_or(serde_json::Value::Null)
+        } else {
+            serde_json::Value::String(String::from_utf8_lossy(&e.data).into_owned())
+        };
+        Some(DeadLetter {
+            id,
+            topic: e.topic,
+            group: r.group,
+            event_id: e.id,
+            key: e.key,
+            attempts: r.attempts,
+            error: r.error,
+            failed_at: chrono::DateTime::<chrono::Utc>::from_timestamp_millis(r.failed_at_unix_ms)
+                .unwrap_or_default()
+                .to_rfc3339(),
+            content_type: e.content_type,
+            data,
+        })
+    }
+}
+
 /// Why a dead letter could not be replayed.
 #[derive(Debug, thiserror::Error)]
 pub enum ReplayError {
@@ -706,6 +732,21 @@ impl Ingress {
         topic: Option<&str>,
         group: Option<&str>,
     ) -> Result<Vec<DeadLetter>, StoreError> {
+        Ok(self
+            .dead_letter_records(after, limit, topic, group)?
+            .into_iter()
+            .filter_map(|(id, r)| DeadLetter::from_record(id, r))
+            .collect())
+    }
+
+    /// [`Ingress::dead_letters`] as stored records with their ids (what members send each other).
+    pub(crate) fn dead_letter_records(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+        topic: Option<&str>,
+        group: Option<&str>,
+    ) -> Result<Vec<(String, DeadLetterRecord)>, StoreError> {
         let mut out = Vec::new();
         let mut cursor = after.map(str::to_string);
         // Filtering happens after reading, so read pages until `limit` matches or the end.
@@ -714,29 +755,11 @@ impl Ingress {
             let done = page.len() < 512;
             for (id, r) in page {
                 cursor = Some(id.clone());
-                let Some(e) = r.event else { continue };
+                let Some(e) = &r.event else { continue };
                 if topic.is_some_and(|t| t != e.topic) || group.is_some_and(|g| g != r.group) {
                     continue;
                 }
-                let data = if crate::event::is_json(&e.content_type) {
-                    serde_json::from_slice(&e.data).unwrap_or(serde_json::Value::Null)
-                } else {
-                    serde_json::Value::String(String::from_utf8_lossy(&e.data).into_owned())
-                };
-                out.push(DeadLetter {
-                    id,
-                    topic: e.topic,
-                    group: r.group,
-                    event_id: e.id,
-                    key: e.key,
-                    attempts: r.attempts,
-                    error: r.error,
-                    failed_at: chrono::DateTime::<chrono::Utc>::from_timestamp_millis(r.failed_at_unix_ms)
-                        .unwrap_or_default()
-                        .to_rfc3339(),
-                    content_type: e.content_type,
-                    data,
-                });
+                out.push((id, r));
                 if out.len() >= limit {
                     return Ok(out);
                 }

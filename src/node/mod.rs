@@ -37,7 +37,10 @@ use crate::subscription::SubscriptionSpec;
 use crate::types::SubscriptionKey;
 // The control operations and their views live in `control`, below both `http` (which calls them)
 // and this module (which starts the HTTP server); this is their public path.
-pub use crate::control::{ClusterView, ControlError, MemberView, NodeCore, PlacementView};
+pub use crate::control::{
+    ClusterDeadLetters, ClusterView, ControlError, DeadLettersError, MemberView, NodeCore, PlacementView,
+    MAX_DEAD_LETTER_PAGE, PEER_REQUESTS_REFUSED,
+};
 
 /// Entry point of the Rust API: `Node::builder()`.
 pub struct Node;
@@ -132,6 +135,7 @@ impl NodeBuilder {
             mailbox_capacity: h.mailbox_capacity,
             default_max_attempts: h.max_attempts,
             webhook_timeout: Duration::from_millis(h.webhook_timeout_ms),
+            webhook_policy: Arc::new(config.webhook_policy()?),
             me: config.node_id,
             health: health.clone(),
             progress: progress.clone(),
@@ -139,7 +143,13 @@ impl NodeBuilder {
             returns: Arc::new(returns),
         }));
         // Declared subscriptions must be valid for this binary before anything starts.
+        let egress = config.webhook_policy()?;
         for spec in &config.subscriptions {
+            spec.check_egress(&egress).map_err(|e| Error::Subscription {
+                topic: spec.topic.clone(),
+                group: spec.group.clone(),
+                message: e.to_string(),
+            })?;
             spec.validate(
                 config.handlers.max_instances,
                 |n| router.registry().contains(n),
@@ -183,6 +193,9 @@ impl NodeBuilder {
             progress,
             app: app_tx,
         })?);
+        // Dead-letter requests from other members: the relay receives them, the control layer
+        // answers them from the ingress's store (`serve_peer_asks`, started once the core exists).
+        let (asks_tx, asks_rx) = tokio::sync::mpsc::channel(crate::relay::ASK_QUEUE);
         let relay_runtime = RelayRuntime::start().map_err(|e| Error::io("cannot start the event relay thread", e))?;
         let relay = Relay::start(
             membership.bus().events().clone(),
@@ -195,6 +208,7 @@ impl NodeBuilder {
             relay_runtime.handle(),
             app_rx,
             returned,
+            asks_tx,
         );
         let ingress = Arc::new(Ingress::new(
             router.clone(),
@@ -213,6 +227,7 @@ impl NodeBuilder {
             reconciled,
             started: Instant::now(),
         });
+        actix_rt::spawn(crate::control::serve_peer_asks(Arc::downgrade(&core), asks_rx));
         let server = crate::http::server(core.clone(), http_listener, http_addr)?;
         let server_handle = server.handle();
         actix_rt::spawn(server);

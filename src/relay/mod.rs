@@ -52,6 +52,12 @@
 //! running one gets the ack when it finishes. The window holds `cluster.dedup_window` finished
 //! entries.
 //!
+//! **Dead letters across nodes** (`asks`). Nodes list and replay each other's dead letters with
+//! request/answer messages on the same events channel (`proto::DeadLetterRequest`,
+//! `proto::DeadLetterResponse`), never over HTTP: [`Relay::ask_dead_letters`] waits (bounded, with a
+//! timeout) for the answer of the peer asked, and requests from peers go to the node layer on the
+//! channel given to [`Relay::start`] (the relay neither reads the store nor knows the members).
+//!
 //! Memory: the pending table holds at most what the in-flight byte budget admits; each origin has
 //! at most `handlers.mailbox_capacity` events in flight per remote instance (the router's
 //! window), which bounds what a handler node's inboxes hold.
@@ -68,17 +74,20 @@ use tokio::sync::mpsc;
 use crate::event::Event;
 use crate::handler::supervisor::{Completion, Job, Origin, Outcome, Retired};
 use crate::monitor::Health;
-use crate::proto::{decode_peer_message, PeerBody};
+use crate::proto::{dead_letter_request, decode_peer_message, DeadLetterResponse, PeerBody};
 use crate::router::Router;
 use crate::transport::Transport;
 use crate::types::SubscriptionKey;
 
+mod asks;
 mod dedup;
 mod inbound;
 mod lanes;
 mod outbound;
 mod pending;
 
+use asks::Asks;
+pub(crate) use asks::{AskError, PeerAsk, ASK_QUEUE};
 use inbound::Inbound;
 use outbound::Outbound;
 
@@ -267,11 +276,15 @@ impl Retired for Returns {
 pub(crate) struct Relay {
     outbound: Arc<Outbound>,
     inbound: Arc<Inbound>,
+    /// Dead-letter requests to and from other members (`asks`).
+    asks: Arc<Asks>,
 }
 
 impl Relay {
     /// Starts the relay's tasks on `runtime`; `inbound` carries the `app` payloads peers send,
-    /// `returned` the jobs the router's instances give back.
+    /// `returned` the jobs the router's instances give back; dead-letter requests from peers go to
+    /// `asks` (bounded, see [`ASK_QUEUE`]), which the node layer serves.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn start(
         transport: Transport,
         router: Arc<Router>,
@@ -280,8 +293,10 @@ impl Relay {
         runtime: tokio::runtime::Handle,
         mut inbound: mpsc::UnboundedReceiver<(u64, Bytes)>,
         returned: ReturnedJobs,
+        asks: mpsc::Sender<PeerAsk>,
     ) -> Arc<Relay> {
         let relay = Arc::new(Relay {
+            asks: Arc::new(Asks::new(transport.clone(), asks)),
             outbound: Arc::new(Outbound::new(
                 transport.clone(),
                 router.clone(),
@@ -293,12 +308,14 @@ impl Relay {
         });
         // The tasks hold the parts, not the front: they run until the relay's runtime stops (the
         // node's shutdown drops it), which drops them and what they hold.
-        let (outbound, receiving) = (relay.outbound.clone(), relay.inbound.clone());
+        let (outbound, receiving, asks) = (relay.outbound.clone(), relay.inbound.clone(), relay.asks.clone());
         runtime.spawn(async move {
             while let Some((from, bytes)) = inbound.recv().await {
                 match decode_peer_message(bytes) {
                     Ok(Some(PeerBody::Events(batch))) => receiving.on_events(from, batch),
                     Ok(Some(PeerBody::Acks(acks))) => outbound.on_acks(from, acks),
+                    Ok(Some(PeerBody::DeadLetterRequest(request))) => asks.on_request(from, request),
+                    Ok(Some(PeerBody::DeadLetterResponse(answer))) => asks.on_response(from, answer),
                     Ok(None) => {}
                     Err(e) => tracing::warn!(peer = from, error = %e, "undecodable event-plane message dropped"),
                 }
@@ -337,6 +354,17 @@ impl Relay {
     /// into the peer's outgoing buffer, and enter the pending table under one lock.
     pub(crate) fn forward(&self, node: u64, items: Vec<Outgoing>) {
         self.outbound.forward(node, items);
+    }
+
+    /// Asks member `peer` about its dead letters over the events channel and waits up to
+    /// `timeout` for the answer, which only `peer` can give.
+    pub(crate) async fn ask_dead_letters(
+        &self,
+        peer: u64,
+        kind: dead_letter_request::Kind,
+        timeout: Duration,
+    ) -> Result<DeadLetterResponse, AskError> {
+        self.asks.ask(peer, kind, timeout).await
     }
 
     /// Holds `event` for `key`'s subscription until a node can take it (every instance is on an
