@@ -1,4 +1,4 @@
-//! The `herald` command line: `node`, `up`, `publish`, `subscribe`, `status`, `health`.
+//! The `herald` command line: `node`, `up`, `publish`, `subscribe`, `status`, `health`, `token`.
 //!
 //! Every node flag has a `HERALD_*` environment variable and a TOML key; flags beat the
 //! environment, which beats the file, which beats the defaults. This module also installs the
@@ -40,6 +40,17 @@ enum Command {
     /// Exit 0 when the node answers ready (`/readyz`, or `/healthz` with --live): a container
     /// health check for images without a shell.
     Health(HealthArgs),
+    /// API token tools.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+/// `herald token …`.
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Read a token from stdin and print its `sha256:<hex>` form, which a tokens file or
+    /// `auth.tokens` may hold instead of the token (e.g. `admin sha256:… ops`).
+    Hash,
 }
 
 /// Flags of `herald node`. Each overrides the matching key of the `--config` file.
@@ -110,6 +121,19 @@ pub struct NodeArgs {
     /// container network whose ports are published on loopback only) [key: http.allow_unauthenticated_remote].
     #[arg(long, env = "HERALD_ALLOW_UNAUTHENTICATED_REMOTE")]
     pub allow_unauthenticated_remote: bool,
+    /// PEM certificate chain: serve the API over https (needs --tls-key) [key: http.tls_cert].
+    #[arg(long, env = "HERALD_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert [key: http.tls_key].
+    #[arg(long, env = "HERALD_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificate(s): API clients must present a certificate signed by it (mutual TLS)
+    /// [key: http.tls_client_ca].
+    #[arg(long, env = "HERALD_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// `GET /metrics` needs a token with the `read` scope [key: http.metrics_auth, default false].
+    #[arg(long, env = "HERALD_METRICS_AUTH")]
+    pub metrics_auth: bool,
 }
 
 impl NodeArgs {
@@ -174,6 +198,18 @@ impl NodeArgs {
         if self.allow_unauthenticated_remote {
             c.http.allow_unauthenticated_remote = true;
         }
+        if let Some(v) = self.tls_cert {
+            c.http.tls_cert = Some(v);
+        }
+        if let Some(v) = self.tls_key {
+            c.http.tls_key = Some(v);
+        }
+        if let Some(v) = self.tls_client_ca {
+            c.http.tls_client_ca = Some(v);
+        }
+        if self.metrics_auth {
+            c.http.metrics_auth = true;
+        }
         c.resolve()?;
         c.validate()?;
         Ok(c)
@@ -203,18 +239,73 @@ fn node_url(s: &str) -> std::result::Result<String, String> {
 /// Where a client command sends its request.
 #[derive(Args, Debug)]
 pub struct ClientArgs {
-    /// Base URL of any node (`http://host:port`, or just `host:port`).
+    /// Base URL of any node (`http://host:port`, `https://host:port`, or just `host:port`).
     #[arg(long, env = "HERALD_URL", default_value = "http://127.0.0.1:7070", value_parser = node_url)]
     pub url: String,
     /// Bearer token (needed when the node has tokens configured).
     #[arg(long, env = "HERALD_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// How https is trusted.
+    #[command(flatten)]
+    pub tls: ClientTls,
+}
+
+/// How a client command trusts an https node.
+#[derive(Args, Debug, Default, Clone)]
+pub struct ClientTls {
+    /// PEM CA certificate to trust for https URLs (a private CA); without it, the public web
+    /// roots are trusted.
+    #[arg(long, env = "HERALD_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate, for a node that requires one (http.tls_client_ca); needs
+    /// --client-key and --ca-file.
+    #[arg(long, env = "HERALD_CLIENT_CERT", requires_all = ["client_key", "ca_file"])]
+    pub client_cert: Option<PathBuf>,
+    /// PEM private key of --client-cert.
+    #[arg(long, env = "HERALD_CLIENT_KEY", requires = "client_cert")]
+    pub client_key: Option<PathBuf>,
+}
+
+impl ClientTls {
+    /// An HTTP client for the CLI's requests: with `--ca-file`, https trusts exactly that CA (ring
+    /// provider); without, the web roots.
+    pub fn client(&self, timeout: std::time::Duration) -> std::result::Result<awc::Client, String> {
+        let builder = awc::Client::builder().timeout(timeout);
+        let Some(ca) = &self.ca_file else {
+            return Ok(builder.finish());
+        };
+        let identity = self.client_cert.as_deref().zip(self.client_key.as_deref());
+        let config = crate::http::tls::client_config(ca, identity).map_err(|e| e.to_string())?;
+        let connector = awc::Connector::new().rustls_0_23(std::sync::Arc::new(config));
+        Ok(builder.connector(connector).finish())
+    }
+
+    /// A request error for people: an untrusted certificate says to pass `--ca-file`.
+    pub fn explain(&self, url: &str, e: impl std::fmt::Display) -> String {
+        let text = e.to_string();
+        let lower = text.to_ascii_lowercase();
+        if lower.contains("unknownissuer") || lower.contains("invalid peer certificate") {
+            match &self.ca_file {
+                None => format!(
+                    "cannot reach {url}: the node's TLS certificate is not trusted ({text}); pass --ca-file with the CA that signed it (or set HERALD_CA_FILE)"
+                ),
+                Some(ca) => format!(
+                    "cannot reach {url}: the node's TLS certificate is not signed by the CA of {} ({text})",
+                    ca.display()
+                ),
+            }
+        } else if lower.contains("certificaterequired") || lower.contains("certificate required") {
+            format!("cannot reach {url}: the node requires a client certificate ({text}); pass --client-cert and --client-key")
+        } else {
+            format!("cannot reach {url}: {text}")
+        }
+    }
 }
 
 /// `herald health`.
 #[derive(Args, Debug)]
 struct HealthArgs {
-    /// Base URL of the node (`http://host:port`, or just `host:port`).
+    /// Base URL of the node (`http://host:port`, `https://host:port`, or just `host:port`).
     #[arg(long, env = "HERALD_URL", default_value = "http://127.0.0.1:7070", value_parser = node_url)]
     url: String,
     /// Check liveness (`/healthz`) rather than readiness (`/readyz`).
@@ -223,6 +314,8 @@ struct HealthArgs {
     /// Give up after this many milliseconds.
     #[arg(long, default_value_t = 3000)]
     timeout_ms: u64,
+    #[command(flatten)]
+    tls: ClientTls,
 }
 
 /// `herald publish`.
@@ -306,8 +399,13 @@ impl NodeBuilder {
             // line appears must drain the node, not kill it with the default action.
             let signal = crate::node::shutdown_signal();
             // One machine-readable line on stdout, for scripts and tests that start nodes on port 0.
+            let scheme = if node.core().config().http.tls_cert.is_some() {
+                "https"
+            } else {
+                "http"
+            };
             println!(
-                "herald node {} listening on http://{}",
+                "herald node {} listening on {scheme}://{}",
                 node.core().config().node_id,
                 node.http_addr()
             );
@@ -353,6 +451,7 @@ pub fn main_with(builder: NodeBuilder) -> ExitCode {
         Command::Subscribe(a) => return client_main(subscribe(a)),
         Command::Status(a) => return client_main(status(a)),
         Command::Health(a) => return client_main(health(a)),
+        Command::Token(TokenCommand::Hash) => return token_hash(),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
@@ -376,6 +475,22 @@ fn client_main(fut: impl std::future::Future<Output = ClientResult>) -> ExitCode
     }
 }
 
+/// `herald token hash`: the first line of stdin (without its line end) → `sha256:<hex>`.
+fn token_hash() -> ExitCode {
+    let mut line = String::new();
+    if let Err(e) = std::io::stdin().read_line(&mut line) {
+        eprintln!("herald: cannot read the token from stdin: {e}");
+        return ExitCode::FAILURE;
+    }
+    let token = line.trim_end_matches(['\n', '\r']);
+    if token.len() < 8 || token.trim() != token {
+        eprintln!("herald: give the token on stdin (at least 8 characters, no surrounding spaces), e.g. `printf %s \"$TOKEN\" | herald token hash`");
+        return ExitCode::FAILURE;
+    }
+    println!("{}", crate::config::hash_token(token));
+    ExitCode::SUCCESS
+}
+
 /// Sends a request and returns the JSON body of a 2xx answer, or the API's error message.
 async fn request(
     client: &ClientArgs,
@@ -384,9 +499,7 @@ async fn request(
     body: Option<(String, &str)>,
 ) -> std::result::Result<serde_json::Value, String> {
     let url = format!("{}{}", client.url.trim_end_matches('/'), path);
-    let http = awc::Client::builder()
-        .timeout(std::time::Duration::from_secs(310))
-        .finish();
+    let http = client.tls.client(std::time::Duration::from_secs(310))?;
     let mut req = http.request(method, &url);
     if let Some(t) = &client.token {
         req = req.bearer_auth(t);
@@ -395,7 +508,7 @@ async fn request(
         Some((b, content_type)) => req.insert_header(("content-type", content_type)).send_body(b).await,
         None => req.send().await,
     };
-    let mut resp = sent.map_err(|e| format!("cannot reach {url}: {e}"))?;
+    let mut resp = sent.map_err(|e| client.tls.explain(&url, e))?;
     let bytes = resp
         .body()
         .limit(64 * 1024 * 1024)
@@ -422,14 +535,8 @@ async fn request(
 async fn health(a: HealthArgs) -> ClientResult {
     let path = if a.live { "/healthz" } else { "/readyz" };
     let url = format!("{}{path}", a.url.trim_end_matches('/'));
-    let http = awc::Client::builder()
-        .timeout(std::time::Duration::from_millis(a.timeout_ms))
-        .finish();
-    let mut resp = http
-        .get(&url)
-        .send()
-        .await
-        .map_err(|e| format!("cannot reach {url}: {e}"))?;
+    let http = a.tls.client(std::time::Duration::from_millis(a.timeout_ms))?;
+    let mut resp = http.get(&url).send().await.map_err(|e| a.tls.explain(&url, e))?;
     let body = resp.body().await.unwrap_or_default();
     let body = String::from_utf8_lossy(&body);
     if resp.status().is_success() {
@@ -447,9 +554,7 @@ async fn publish(a: PublishArgs) -> ClientResult {
         path.push_str(&format!("&timeout_ms={t}"));
     }
     let url = format!("{}{}", a.client.url.trim_end_matches('/'), path);
-    let http = awc::Client::builder()
-        .timeout(std::time::Duration::from_secs(310))
-        .finish();
+    let http = a.client.tls.client(std::time::Duration::from_secs(310))?;
     let mut req = http.post(&url).insert_header(("content-type", "application/json"));
     if let Some(t) = &a.client.token {
         req = req.bearer_auth(t);
@@ -460,10 +565,7 @@ async fn publish(a: PublishArgs) -> ClientResult {
     if let Some(id) = &a.id {
         req = req.insert_header(("idempotency-key", id.as_str()));
     }
-    let mut resp = req
-        .send_body(a.json)
-        .await
-        .map_err(|e| format!("cannot reach {url}: {e}"))?;
+    let mut resp = req.send_body(a.json).await.map_err(|e| a.client.tls.explain(&url, e))?;
     let body = resp.body().await.map_err(|e| format!("reading the answer: {e}"))?;
     let value: serde_json::Value = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
     if resp.status().is_success() {
