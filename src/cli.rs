@@ -113,7 +113,8 @@ pub struct NodeArgs {
     /// only loopback peers are accepted.
     #[arg(long, env = "HERALD_CLUSTER_SECRET_FILE")]
     pub cluster_secret_file: Option<PathBuf>,
-    /// File of API bearer tokens, one `<role> <token>` per line (role admin or publish)
+    /// File of API bearer tokens, one `<scopes> <token> [name]` per line (scopes admin, publish,
+    /// publish:<topic pattern>, read; the token plain or as `herald token hash` prints it)
     /// [key: auth.tokens_file]. With tokens the API may be served to other hosts.
     #[arg(long, env = "HERALD_TOKENS_FILE")]
     pub tokens_file: Option<PathBuf>,
@@ -724,6 +725,48 @@ mod tests {
         assert_eq!(c.node_id, 4, "file beats default");
         assert_eq!(c.http.addr, "127.0.0.1:9100", "flag beats file");
         assert_eq!(c.handlers.mailbox_capacity, 2000);
+    }
+
+    #[test]
+    fn tls_flags_reach_the_config() {
+        let args = NodeArgs {
+            tls_cert: Some("node.pem".into()),
+            tls_key: Some("node.key".into()),
+            tls_client_ca: Some("ca.pem".into()),
+            metrics_auth: true,
+            ..Default::default()
+        };
+        let c = args.load().unwrap();
+        assert_eq!(c.http.tls_cert.as_deref(), Some(std::path::Path::new("node.pem")));
+        assert_eq!(c.http.tls_key.as_deref(), Some(std::path::Path::new("node.key")));
+        assert_eq!(c.http.tls_client_ca.as_deref(), Some(std::path::Path::new("ca.pem")));
+        assert!(c.http.metrics_auth);
+        let e = NodeArgs {
+            tls_cert: Some("node.pem".into()),
+            ..Default::default()
+        }
+        .load()
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("http.tls_key"), "{e}");
+    }
+
+    #[test]
+    fn untrusted_certificates_say_to_pass_a_ca_file() {
+        let e = "Connect error: invalid peer certificate: UnknownIssuer";
+        let m = ClientTls::default().explain("https://h:1", e);
+        assert!(m.contains("pass --ca-file") && m.contains("HERALD_CA_FILE"), "{m}");
+        let with_ca = ClientTls {
+            ca_file: Some("ca.pem".into()),
+            ..Default::default()
+        };
+        assert!(with_ca
+            .explain("https://h:1", e)
+            .contains("not signed by the CA of ca.pem"));
+        assert_eq!(
+            ClientTls::default().explain("http://h:1", "refused"),
+            "cannot reach http://h:1: refused"
+        );
     }
 
     #[test]

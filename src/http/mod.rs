@@ -4,6 +4,11 @@
 //! to responses; they hold no business logic. Every error is a JSON body from [`error::ApiError`];
 //! bodies are read with an explicit size limit so an oversized request gets a 413 before it is
 //! buffered.
+//!
+//! Every route declares the scope it needs through [`authorize`] (`publish`, `read`, `admin`;
+//! tokens are compared by SHA-256 in constant time). Routes that change the cluster,
+//! subscriptions or dead letters go through `admin_action`, which also writes the `herald::audit`
+//! line. The server speaks TLS when `http.tls_cert` is set ([`tls`]).
 
 mod dead_letters;
 pub mod error;
