@@ -1,4 +1,4 @@
-//! The `herald` command line: `node`, `up`, `publish`, `subscribe`, `status`, `health`.
+//! The `herald` command line: `node`, `up`, `publish`, `subscribe`, `status`, `health`, `token`.
 //!
 //! Every node flag has a `HERALD_*` environment variable and a TOML key; flags beat the
 //! environment, which beats the file, which beats the defaults. This module also installs the
@@ -43,6 +43,17 @@ enum Command {
     /// Make the certificates of mutual TLS between nodes: a cluster CA, and node certificates.
     #[command(subcommand)]
     Cert(CertCommand),
+    /// API token tools.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+/// `herald token …`.
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Read a token from stdin and print its `sha256:<hex>` form, which a tokens file or
+    /// `auth.tokens` may hold instead of the token (e.g. `admin sha256:… ops`).
+    Hash,
 }
 
 /// `herald cert …`.
@@ -235,7 +246,8 @@ pub struct NodeArgs {
     /// Plaintext, unauthenticated peers, only on loopback (development) [key: peer_tls.insecure].
     #[arg(long, env = "HERALD_INSECURE_PEERS")]
     pub insecure_peers: bool,
-    /// File of API bearer tokens, one `<role> <token>` per line (role admin or publish)
+    /// File of API bearer tokens, one `<scopes> <token> [name]` per line (scopes admin, publish,
+    /// publish:<topic pattern>, read; the token plain or as `herald token hash` prints it)
     /// [key: auth.tokens_file]. With tokens the API may be served to other hosts.
     #[arg(long, env = "HERALD_TOKENS_FILE")]
     pub tokens_file: Option<PathBuf>,
@@ -243,6 +255,19 @@ pub struct NodeArgs {
     /// container network whose ports are published on loopback only) [key: http.allow_unauthenticated_remote].
     #[arg(long, env = "HERALD_ALLOW_UNAUTHENTICATED_REMOTE")]
     pub allow_unauthenticated_remote: bool,
+    /// PEM certificate chain: serve the API over https (needs --tls-key) [key: http.tls_cert].
+    #[arg(long, env = "HERALD_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert [key: http.tls_key].
+    #[arg(long, env = "HERALD_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificate(s): API clients must present a certificate signed by it (mutual TLS)
+    /// [key: http.tls_client_ca].
+    #[arg(long, env = "HERALD_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// `GET /metrics` needs a token with the `read` scope [key: http.metrics_auth, default false].
+    #[arg(long, env = "HERALD_METRICS_AUTH")]
+    pub metrics_auth: bool,
 }
 
 impl NodeArgs {
@@ -319,6 +344,18 @@ impl NodeArgs {
         if self.allow_unauthenticated_remote {
             c.http.allow_unauthenticated_remote = true;
         }
+        if let Some(v) = self.tls_cert {
+            c.http.tls_cert = Some(v);
+        }
+        if let Some(v) = self.tls_key {
+            c.http.tls_key = Some(v);
+        }
+        if let Some(v) = self.tls_client_ca {
+            c.http.tls_client_ca = Some(v);
+        }
+        if self.metrics_auth {
+            c.http.metrics_auth = true;
+        }
         c.resolve()?;
         c.validate()?;
         Ok(c)
@@ -348,18 +385,73 @@ fn node_url(s: &str) -> std::result::Result<String, String> {
 /// Where a client command sends its request.
 #[derive(Args, Debug)]
 pub struct ClientArgs {
-    /// Base URL of any node (`http://host:port`, or just `host:port`).
+    /// Base URL of any node (`http://host:port`, `https://host:port`, or just `host:port`).
     #[arg(long, env = "HERALD_URL", default_value = "http://127.0.0.1:7070", value_parser = node_url)]
     pub url: String,
     /// Bearer token (needed when the node has tokens configured).
     #[arg(long, env = "HERALD_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// How https is trusted.
+    #[command(flatten)]
+    pub tls: ClientTls,
+}
+
+/// How a client command trusts an https node.
+#[derive(Args, Debug, Default, Clone)]
+pub struct ClientTls {
+    /// PEM CA certificate to trust for https URLs (a private CA); without it, the public web
+    /// roots are trusted.
+    #[arg(long, env = "HERALD_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate, for a node that requires one (http.tls_client_ca); needs
+    /// --client-key and --ca-file.
+    #[arg(long, env = "HERALD_CLIENT_CERT", requires_all = ["client_key", "ca_file"])]
+    pub client_cert: Option<PathBuf>,
+    /// PEM private key of --client-cert.
+    #[arg(long, env = "HERALD_CLIENT_KEY", requires = "client_cert")]
+    pub client_key: Option<PathBuf>,
+}
+
+impl ClientTls {
+    /// An HTTP client for the CLI's requests: with `--ca-file`, https trusts exactly that CA (ring
+    /// provider); without, the web roots.
+    pub fn client(&self, timeout: std::time::Duration) -> std::result::Result<awc::Client, String> {
+        let builder = awc::Client::builder().timeout(timeout);
+        let Some(ca) = &self.ca_file else {
+            return Ok(builder.finish());
+        };
+        let identity = self.client_cert.as_deref().zip(self.client_key.as_deref());
+        let config = crate::http::tls::client_config(ca, identity).map_err(|e| e.to_string())?;
+        let connector = awc::Connector::new().rustls_0_23(std::sync::Arc::new(config));
+        Ok(builder.connector(connector).finish())
+    }
+
+    /// A request error for people: an untrusted certificate says to pass `--ca-file`.
+    pub fn explain(&self, url: &str, e: impl std::fmt::Display) -> String {
+        let text = e.to_string();
+        let lower = text.to_ascii_lowercase();
+        if lower.contains("unknownissuer") || lower.contains("invalid peer certificate") {
+            match &self.ca_file {
+                None => format!(
+                    "cannot reach {url}: the node's TLS certificate is not trusted ({text}); pass --ca-file with the CA that signed it (or set HERALD_CA_FILE)"
+                ),
+                Some(ca) => format!(
+                    "cannot reach {url}: the node's TLS certificate is not signed by the CA of {} ({text})",
+                    ca.display()
+                ),
+            }
+        } else if lower.contains("certificaterequired") || lower.contains("certificate required") {
+            format!("cannot reach {url}: the node requires a client certificate ({text}); pass --client-cert and --client-key")
+        } else {
+            format!("cannot reach {url}: {text}")
+        }
+    }
 }
 
 /// `herald health`.
 #[derive(Args, Debug)]
 struct HealthArgs {
-    /// Base URL of the node (`http://host:port`, or just `host:port`).
+    /// Base URL of the node (`http://host:port`, `https://host:port`, or just `host:port`).
     #[arg(long, env = "HERALD_URL", default_value = "http://127.0.0.1:7070", value_parser = node_url)]
     url: String,
     /// Check liveness (`/healthz`) rather than readiness (`/readyz`).
@@ -368,6 +460,8 @@ struct HealthArgs {
     /// Give up after this many milliseconds.
     #[arg(long, default_value_t = 3000)]
     timeout_ms: u64,
+    #[command(flatten)]
+    tls: ClientTls,
 }
 
 /// `herald publish`.
@@ -451,8 +545,13 @@ impl NodeBuilder {
             // line appears must drain the node, not kill it with the default action.
             let signal = crate::node::shutdown_signal();
             // One machine-readable line on stdout, for scripts and tests that start nodes on port 0.
+            let scheme = if node.core().config().http.tls_cert.is_some() {
+                "https"
+            } else {
+                "http"
+            };
             println!(
-                "herald node {} listening on http://{}",
+                "herald node {} listening on {scheme}://{}",
                 node.core().config().node_id,
                 node.http_addr()
             );
@@ -507,6 +606,7 @@ pub fn main_with(builder: NodeBuilder) -> ExitCode {
                 }
             };
         }
+        Command::Token(TokenCommand::Hash) => return token_hash(),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
@@ -530,6 +630,22 @@ fn client_main(fut: impl std::future::Future<Output = ClientResult>) -> ExitCode
     }
 }
 
+/// `herald token hash`: the first line of stdin (without its line end) → `sha256:<hex>`.
+fn token_hash() -> ExitCode {
+    let mut line = String::new();
+    if let Err(e) = std::io::stdin().read_line(&mut line) {
+        eprintln!("herald: cannot read the token from stdin: {e}");
+        return ExitCode::FAILURE;
+    }
+    let token = line.trim_end_matches(['\n', '\r']);
+    if token.len() < 8 || token.trim() != token {
+        eprintln!("herald: give the token on stdin (at least 8 characters, no surrounding spaces), e.g. `printf %s \"$TOKEN\" | herald token hash`");
+        return ExitCode::FAILURE;
+    }
+    println!("{}", crate::config::hash_token(token));
+    ExitCode::SUCCESS
+}
+
 /// Sends a request and returns the JSON body of a 2xx answer, or the API's error message.
 async fn request(
     client: &ClientArgs,
@@ -538,9 +654,7 @@ async fn request(
     body: Option<(String, &str)>,
 ) -> std::result::Result<serde_json::Value, String> {
     let url = format!("{}{}", client.url.trim_end_matches('/'), path);
-    let http = awc::Client::builder()
-        .timeout(std::time::Duration::from_secs(310))
-        .finish();
+    let http = client.tls.client(std::time::Duration::from_secs(310))?;
     let mut req = http.request(method, &url);
     if let Some(t) = &client.token {
         req = req.bearer_auth(t);
@@ -549,7 +663,7 @@ async fn request(
         Some((b, content_type)) => req.insert_header(("content-type", content_type)).send_body(b).await,
         None => req.send().await,
     };
-    let mut resp = sent.map_err(|e| format!("cannot reach {url}: {e}"))?;
+    let mut resp = sent.map_err(|e| client.tls.explain(&url, e))?;
     let bytes = resp
         .body()
         .limit(64 * 1024 * 1024)
@@ -576,14 +690,8 @@ async fn request(
 async fn health(a: HealthArgs) -> ClientResult {
     let path = if a.live { "/healthz" } else { "/readyz" };
     let url = format!("{}{path}", a.url.trim_end_matches('/'));
-    let http = awc::Client::builder()
-        .timeout(std::time::Duration::from_millis(a.timeout_ms))
-        .finish();
-    let mut resp = http
-        .get(&url)
-        .send()
-        .await
-        .map_err(|e| format!("cannot reach {url}: {e}"))?;
+    let http = a.tls.client(std::time::Duration::from_millis(a.timeout_ms))?;
+    let mut resp = http.get(&url).send().await.map_err(|e| a.tls.explain(&url, e))?;
     let body = resp.body().await.unwrap_or_default();
     let body = String::from_utf8_lossy(&body);
     if resp.status().is_success() {
@@ -601,9 +709,7 @@ async fn publish(a: PublishArgs) -> ClientResult {
         path.push_str(&format!("&timeout_ms={t}"));
     }
     let url = format!("{}{}", a.client.url.trim_end_matches('/'), path);
-    let http = awc::Client::builder()
-        .timeout(std::time::Duration::from_secs(310))
-        .finish();
+    let http = a.client.tls.client(std::time::Duration::from_secs(310))?;
     let mut req = http.post(&url).insert_header(("content-type", "application/json"));
     if let Some(t) = &a.client.token {
         req = req.bearer_auth(t);
@@ -614,10 +720,7 @@ async fn publish(a: PublishArgs) -> ClientResult {
     if let Some(id) = &a.id {
         req = req.insert_header(("idempotency-key", id.as_str()));
     }
-    let mut resp = req
-        .send_body(a.json)
-        .await
-        .map_err(|e| format!("cannot reach {url}: {e}"))?;
+    let mut resp = req.send_body(a.json).await.map_err(|e| a.client.tls.explain(&url, e))?;
     let body = resp.body().await.map_err(|e| format!("reading the answer: {e}"))?;
     let value: serde_json::Value = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
     if resp.status().is_success() {
@@ -776,6 +879,48 @@ mod tests {
         assert_eq!(c.node_id, 4, "file beats default");
         assert_eq!(c.http.addr, "127.0.0.1:9100", "flag beats file");
         assert_eq!(c.handlers.mailbox_capacity, 2000);
+    }
+
+    #[test]
+    fn tls_flags_reach_the_config() {
+        let args = NodeArgs {
+            tls_cert: Some("node.pem".into()),
+            tls_key: Some("node.key".into()),
+            tls_client_ca: Some("ca.pem".into()),
+            metrics_auth: true,
+            ..Default::default()
+        };
+        let c = args.load().unwrap();
+        assert_eq!(c.http.tls_cert.as_deref(), Some(std::path::Path::new("node.pem")));
+        assert_eq!(c.http.tls_key.as_deref(), Some(std::path::Path::new("node.key")));
+        assert_eq!(c.http.tls_client_ca.as_deref(), Some(std::path::Path::new("ca.pem")));
+        assert!(c.http.metrics_auth);
+        let e = NodeArgs {
+            tls_cert: Some("node.pem".into()),
+            ..Default::default()
+        }
+        .load()
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("http.tls_key"), "{e}");
+    }
+
+    #[test]
+    fn untrusted_certificates_say_to_pass_a_ca_file() {
+        let e = "Connect error: invalid peer certificate: UnknownIssuer";
+        let m = ClientTls::default().explain("https://h:1", e);
+        assert!(m.contains("pass --ca-file") && m.contains("HERALD_CA_FILE"), "{m}");
+        let with_ca = ClientTls {
+            ca_file: Some("ca.pem".into()),
+            ..Default::default()
+        };
+        assert!(with_ca
+            .explain("https://h:1", e)
+            .contains("not signed by the CA of ca.pem"));
+        assert_eq!(
+            ClientTls::default().explain("http://h:1", "refused"),
+            "cannot reach http://h:1: refused"
+        );
     }
 
     #[test]

@@ -205,6 +205,17 @@ pub struct HttpConfig {
     /// `HERALD_ADVERTISE_HTTP`). Empty: the bound address, where an unspecified IP (`0.0.0.0`,
     /// `::`) is replaced by the host of `cluster.advertise`.
     pub advertise: String,
+    /// PEM certificate chain to serve the API over TLS (`--tls-cert`, `HERALD_TLS_CERT`); needs
+    /// `tls_key`. Unset: plain HTTP.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert` (`--tls-key`, `HERALD_TLS_KEY`).
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificate(s): with it, every HTTP client must present a certificate signed by
+    /// one of them (mutual TLS; `--tls-client-ca`, `HERALD_TLS_CLIENT_CA`). Needs `tls_cert`.
+    pub tls_client_ca: Option<PathBuf>,
+    /// `GET /metrics` needs a token with the `read` scope (off by default: Prometheus scrapes
+    /// without one; `--metrics-auth`, `HERALD_METRICS_AUTH`).
+    pub metrics_auth: bool,
 }
 
 /// Write-ahead log settings.
@@ -267,8 +278,9 @@ pub struct HandlerConfig {
 pub struct AuthConfig {
     /// Accepted bearer tokens. None configured: no auth, loopback only.
     pub tokens: Vec<TokenConfig>,
-    /// A file of more tokens, one `<role> <token>` per line, `#` comments (`--tokens-file`,
-    /// `HERALD_TOKENS_FILE`): keeps secrets out of the config file (a Kubernetes Secret, say).
+    /// A file of more tokens, one `<scopes> <token> [name]` per line, `#` comments
+    /// (`--tokens-file`, `HERALD_TOKENS_FILE`): keeps secrets out of the config file (a
+    /// Kubernetes Secret, say). See [`parse_tokens`].
     pub tokens_file: Option<PathBuf>,
 }
 
@@ -276,20 +288,258 @@ pub struct AuthConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TokenConfig {
-    /// The secret presented as `Authorization: Bearer <token>`.
+    /// The secret presented as `Authorization: Bearer <token>`, or its SHA-256 as
+    /// `sha256:<64 hex digits>` (what `herald token hash` prints), which keeps the secret itself
+    /// out of files.
     pub token: String,
-    /// `publish` (publish events) or `admin` (everything).
-    pub role: Role,
+    /// What the token may do (see [`Scopes`]): `admin`, `publish`, `publish:<topic pattern>`,
+    /// `read`, or several comma-separated (`read,publish:orders.*`).
+    #[serde(alias = "scopes")]
+    pub role: Scopes,
+    /// The token's name in audit lines. Default: `sha256:` and the first 8 hex digits of the
+    /// token's SHA-256 (never the token itself).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
-/// What a token may do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, PartialOrd, Ord)]
+/// The prefix of a hashed token.
+pub const SHA256_PREFIX: &str = "sha256:";
+
+impl TokenConfig {
+    /// A token with these scopes and no name.
+    pub fn new(token: impl Into<String>, role: impl Into<Scopes>) -> Self {
+        TokenConfig {
+            token: token.into(),
+            role: role.into(),
+            name: None,
+        }
+    }
+
+    /// The SHA-256 a presented token must hash to: the configured hash, or the hash of the
+    /// plain token. `None` for a malformed `sha256:` value ([`Config::validate`] refuses it).
+    pub fn digest(&self) -> Option<[u8; 32]> {
+        match self.token.strip_prefix(SHA256_PREFIX) {
+            Some(hex) => parse_hex32(hex),
+            None => Some(sha256(self.token.as_bytes())),
+        }
+    }
+
+    /// The name for audit lines: `name`, else `sha256:` + the first 8 hex digits of the hash.
+    pub fn display_name(&self) -> String {
+        match (&self.name, self.digest()) {
+            (Some(n), _) => n.clone(),
+            (None, Some(d)) => format!("{SHA256_PREFIX}{}", &hex(&d)[..8]),
+            (None, None) => "invalid".to_string(),
+        }
+    }
+}
+
+/// SHA-256 of `bytes`.
+pub fn sha256(bytes: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes).into()
+}
+
+/// `sha256:<64 lower-case hex digits>` of a token: the form a tokens file may hold instead of it.
+pub fn hash_token(token: &str) -> String {
+    format!("{SHA256_PREFIX}{}", hex(&sha256(token.as_bytes())))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn parse_hex32(s: &str) -> Option<[u8; 32]> {
+    if s.len() != 64 || !s.is_ascii() {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(out)
+}
+
+/// What a request needs: the scope an HTTP route declares.
+///
+/// `Admin` includes both others; `Publish` and `Read` are unrelated (neither includes the other),
+/// so `Role` is only partially ordered: `have >= need` holds exactly when `have` grants `need`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     /// Publish events.
     Publish,
-    /// Publish, and manage subscriptions, dead letters and the cluster.
+    /// Read the cluster's state: members, subscriptions, placements (and `/metrics` with
+    /// `http.metrics_auth`).
+    Read,
+    /// Everything: publish, read, and manage subscriptions, dead letters and the cluster.
     Admin,
+}
+
+impl PartialOrd for Role {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        use std::cmp::Ordering::*;
+        match (self, other) {
+            (a, b) if a == b => Some(Equal),
+            (Role::Admin, _) => Some(Greater),
+            (_, Role::Admin) => Some(Less),
+            _ => None,
+        }
+    }
+}
+
+/// One grant of a token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    /// Everything.
+    Admin,
+    /// Publish to any topic.
+    Publish,
+    /// Publish to the topics matching a pattern: topic characters, where `*` matches any run of
+    /// characters (`orders.*` matches `orders.created` and `orders.eu.created`, not `orders`).
+    PublishTopics(String),
+    /// Read the cluster's state.
+    Read,
+}
+
+/// A token's grants, written `admin`, `publish`, `publish:<pattern>`, `read`, or several of them
+/// separated by commas.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Scopes(Vec<Scope>);
+
+impl Scopes {
+    /// The grants.
+    pub fn iter(&self) -> impl Iterator<Item = &Scope> {
+        self.0.iter()
+    }
+
+    /// Whether a request that needs `need` is allowed (a topic-limited publish scope grants
+    /// `Publish`; check the topics with [`Scopes::may_publish`]).
+    pub fn grants(&self, need: Role) -> bool {
+        self.0.iter().any(|s| {
+            let have = match s {
+                Scope::Admin => Role::Admin,
+                Scope::Publish | Scope::PublishTopics(_) => Role::Publish,
+                Scope::Read => Role::Read,
+            };
+            have >= need
+        })
+    }
+
+    /// Whether events may be published to `topic`.
+    pub fn may_publish(&self, topic: &str) -> bool {
+        self.0.iter().any(|s| match s {
+            Scope::Admin | Scope::Publish => true,
+            Scope::PublishTopics(p) => topic_matches(p, topic),
+            Scope::Read => false,
+        })
+    }
+
+    /// Whether some topics may be refused (the token's only publish grants are patterns).
+    pub fn topic_limited(&self) -> bool {
+        !self.0.iter().any(|s| matches!(s, Scope::Admin | Scope::Publish))
+    }
+}
+
+impl From<Role> for Scopes {
+    fn from(r: Role) -> Self {
+        Scopes(vec![match r {
+            Role::Admin => Scope::Admin,
+            Role::Publish => Scope::Publish,
+            Role::Read => Scope::Read,
+        }])
+    }
+}
+
+impl std::fmt::Display for Scopes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, s) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            match s {
+                Scope::Admin => f.write_str("admin")?,
+                Scope::Publish => f.write_str("publish")?,
+                Scope::PublishTopics(p) => write!(f, "publish:{p}")?,
+                Scope::Read => f.write_str("read")?,
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::str::FromStr for Scopes {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let mut scopes = Vec::new();
+        for word in s.split(',').map(str::trim) {
+            let scope = match word {
+                "admin" => Scope::Admin,
+                "publish" => Scope::Publish,
+                "read" => Scope::Read,
+                w => match w.strip_prefix("publish:") {
+                    Some(p) => {
+                        let ok = (1..=200).contains(&p.len())
+                            && p.bytes()
+                                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'*'));
+                        if !ok {
+                            return Err(format!(
+                                "{w:?}: a topic pattern is topic characters ([a-zA-Z0-9._-]) and `*`"
+                            ));
+                        }
+                        Scope::PublishTopics(p.to_string())
+                    }
+                    None => {
+                        return Err(format!(
+                            "unknown scope {w:?} (admin, publish, publish:<topic pattern> or read)"
+                        ))
+                    }
+                },
+            };
+            scopes.push(scope);
+        }
+        Ok(Scopes(scopes))
+    }
+}
+
+impl TryFrom<String> for Scopes {
+    type Error = String;
+
+    fn try_from(s: String) -> std::result::Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<Scopes> for String {
+    fn from(s: Scopes) -> String {
+        s.to_string()
+    }
+}
+
+/// Whether `topic` matches `pattern`, where `*` matches any run of characters.
+pub fn topic_matches(pattern: &str, topic: &str) -> bool {
+    let (p, t) = (pattern.as_bytes(), topic.as_bytes());
+    // Greedy glob with backtracking to the last `*` (linear in practice, no recursion).
+    let (mut pi, mut ti) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while ti < t.len() {
+        if pi < p.len() && p[pi] == b'*' {
+            star = Some((pi, ti));
+            pi += 1;
+        } else if pi < p.len() && p[pi] == t[ti] {
+            pi += 1;
+            ti += 1;
+        } else if let Some((sp, st)) = star {
+            pi = sp + 1;
+            ti = st + 1;
+            star = Some((sp, st + 1));
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|&b| b == b'*')
 }
 
 impl Default for Config {
@@ -336,7 +586,8 @@ pub fn node_id_from_hostname(host: &str) -> Option<u64> {
     ordinal.parse::<u64>().ok()?.checked_add(1)
 }
 
-/// Parses a tokens file: one `<role> <token>` per line; blank lines and `#` comments are skipped.
+/// Parses a tokens file: one `<scopes> <token> [name]` per line (scopes as in [`Scopes`]; the
+/// token plain or as `sha256:<64 hex>`); blank lines and `#` comments are skipped.
 pub fn parse_tokens(text: &str) -> std::result::Result<Vec<TokenConfig>, String> {
     let mut tokens = Vec::new();
     for (n, line) in text.lines().enumerate() {
@@ -345,17 +596,14 @@ pub fn parse_tokens(text: &str) -> std::result::Result<Vec<TokenConfig>, String>
             continue;
         }
         let mut words = line.split_whitespace();
-        let (Some(role), Some(token), None) = (words.next(), words.next(), words.next()) else {
-            return Err(format!("line {}: expected `<role> <token>`", n + 1));
+        let (Some(role), Some(token), name, None) = (words.next(), words.next(), words.next(), words.next()) else {
+            return Err(format!("line {}: expected `<scopes> <token> [name]`", n + 1));
         };
-        let role = match role {
-            "admin" => Role::Admin,
-            "publish" => Role::Publish,
-            other => return Err(format!("line {}: unknown role {other:?} (admin or publish)", n + 1)),
-        };
+        let role = role.parse::<Scopes>().map_err(|e| format!("line {}: {e}", n + 1))?;
         tokens.push(TokenConfig {
             token: token.to_string(),
             role,
+            name: name.map(str::to_string),
         });
     }
     Ok(tokens)
@@ -369,6 +617,10 @@ impl Default for HttpConfig {
             max_batch_events: 1000,
             allow_unauthenticated_remote: false,
             advertise: String::new(),
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
+            metrics_auth: false,
         }
     }
 }
@@ -693,12 +945,51 @@ impl Config {
             return Err(Error::config("raft.load_factor", "must be between 1.0 and 10.0"));
         }
         for (i, t) in self.auth.tokens.iter().enumerate() {
-            if t.token.len() < 8 {
+            if t.token.starts_with(SHA256_PREFIX) {
+                if t.digest().is_none() {
+                    return Err(Error::config(
+                        format!("auth.tokens[{i}].token"),
+                        "a hashed token is `sha256:` and 64 hex digits (see `herald token hash`)",
+                    ));
+                }
+            } else if t.token.len() < 8 {
                 return Err(Error::config(
                     format!("auth.tokens[{i}].token"),
                     "must be at least 8 characters",
                 ));
             }
+            if t.role.0.is_empty() {
+                return Err(Error::config(format!("auth.tokens[{i}].role"), "must name a scope"));
+            }
+            if let Some(name) = &t.name {
+                if name.is_empty() || name.len() > 100 || !name.bytes().all(|b| b.is_ascii_graphic()) {
+                    return Err(Error::config(
+                        format!("auth.tokens[{i}].name"),
+                        "must be 1 to 100 printable characters without spaces",
+                    ));
+                }
+            }
+        }
+        match (&self.http.tls_cert, &self.http.tls_key) {
+            (Some(_), None) => {
+                return Err(Error::config(
+                    "http.tls_key",
+                    "http.tls_cert is set: give its private key too",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(Error::config(
+                    "http.tls_cert",
+                    "http.tls_key is set: give its certificate too",
+                ))
+            }
+            _ => {}
+        }
+        if self.http.tls_client_ca.is_some() && self.http.tls_cert.is_none() {
+            return Err(Error::config(
+                "http.tls_client_ca",
+                "client certificates need TLS: set http.tls_cert and http.tls_key",
+            ));
         }
         Ok(())
     }
@@ -719,14 +1010,22 @@ mod tests {
 
     #[test]
     fn tokens_files_are_role_token_lines() {
-        let t = parse_tokens("# ops\nadmin  s3cret-admin\n\npublish s3cret-pub\n").unwrap();
+        let t = parse_tokens("# ops\nadmin  s3cret-admin\n\npublish s3cret-pub ci\n").unwrap();
         assert_eq!(t.len(), 2);
-        assert_eq!((t[0].role, t[0].token.as_str()), (Role::Admin, "s3cret-admin"));
-        assert_eq!((t[1].role, t[1].token.as_str()), (Role::Publish, "s3cret-pub"));
-        assert!(parse_tokens("root x").unwrap_err().contains("line 1: unknown role"));
+        assert_eq!(
+            (t[0].role.clone(), t[0].token.as_str()),
+            (Role::Admin.into(), "s3cret-admin")
+        );
+        assert_eq!(
+            (t[1].role.clone(), t[1].token.as_str()),
+            (Role::Publish.into(), "s3cret-pub")
+        );
+        assert_eq!(t[1].name.as_deref(), Some("ci"));
+        assert!(parse_tokens("root x").unwrap_err().contains("line 1: unknown scope"));
         assert!(parse_tokens("admin\n")
             .unwrap_err()
-            .contains("expected `<role> <token>`"));
+            .contains("expected `<scopes> <token> [name]`"));
+        assert!(parse_tokens("admin a b c").is_err(), "too many words");
 
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tokens");
@@ -737,6 +1036,100 @@ mod tests {
         assert_eq!(c.auth.tokens.len(), 1);
         assert_eq!(c.auth.tokens_file, None, "read once");
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn scopes_parse_and_grant() {
+        let s: Scopes = "read,publish:orders.*".parse().unwrap();
+        assert!(s.grants(Role::Read));
+        assert!(s.grants(Role::Publish));
+        assert!(!s.grants(Role::Admin));
+        assert!(s.may_publish("orders.created"));
+        assert!(!s.may_publish("users.x"));
+        assert!(!s.may_publish("orders"));
+        assert!(s.topic_limited());
+        assert_eq!(s.to_string(), "read,publish:orders.*");
+        let admin = Scopes::from(Role::Admin);
+        assert!(admin.grants(Role::Read) && admin.grants(Role::Publish) && admin.may_publish("users.x"));
+        assert!(!admin.topic_limited());
+        let publish = Scopes::from(Role::Publish);
+        assert!(!publish.grants(Role::Read), "publish does not read");
+        assert!(!Scopes::from(Role::Read).grants(Role::Publish), "read does not publish");
+        assert!(!Scopes::from(Role::Read).may_publish("orders.created"));
+        // The old two roles keep their order; the new one is beside `publish`, below `admin`.
+        assert!(Role::Admin > Role::Publish && Role::Admin > Role::Read);
+        assert_eq!(Role::Publish.partial_cmp(&Role::Read), None);
+        assert!("publish:orders/x".parse::<Scopes>().is_err());
+        assert!("publish:".parse::<Scopes>().is_err());
+        assert!("".parse::<Scopes>().is_err());
+    }
+
+    #[test]
+    fn topic_patterns_glob() {
+        assert!(topic_matches("orders.*", "orders.created"));
+        assert!(topic_matches("orders.*", "orders.eu.created"));
+        assert!(!topic_matches("orders.*", "orders"));
+        assert!(!topic_matches("orders.*", "users.orders.x"));
+        assert!(topic_matches("*.created", "users.created"));
+        assert!(topic_matches("a*b*c", "axxbyyc"));
+        assert!(!topic_matches("a*b*c", "axxbyy"));
+        assert!(topic_matches("exact", "exact"));
+        assert!(!topic_matches("exact", "exactly"));
+        assert!(topic_matches("*", "anything"));
+    }
+
+    #[test]
+    fn hashed_tokens_and_names() {
+        let plain = TokenConfig::new("s3cret-admin", Role::Admin);
+        let hashed = TokenConfig::new(hash_token("s3cret-admin"), Role::Admin);
+        assert_eq!(plain.digest(), hashed.digest());
+        assert_eq!(plain.digest(), Some(sha256(b"s3cret-admin")));
+        let name = plain.display_name();
+        assert!(name.starts_with("sha256:") && name.len() == 15, "{name}");
+        assert!(!name.contains("s3cret"));
+        assert_eq!(name, hashed.display_name());
+        let named = TokenConfig {
+            name: Some("ci".into()),
+            ..plain
+        };
+        assert_eq!(named.display_name(), "ci");
+        // A short hash is refused, naming the key; a hash is exempt from the length rule.
+        let mut c = Config::default();
+        c.auth.tokens.push(hashed);
+        c.validate().unwrap();
+        c.auth.tokens.push(TokenConfig::new("sha256:abcd", Role::Admin));
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("auth.tokens[1].token") && e.contains("64 hex"), "{e}");
+        let t = parse_tokens(&format!("read {} dashboard\n", hash_token("x"))).unwrap();
+        assert_eq!(t[0].digest(), Some(sha256(b"x")));
+    }
+
+    #[test]
+    fn tls_needs_both_cert_and_key() {
+        let mut c = Config::default();
+        c.http.tls_cert = Some("cert.pem".into());
+        assert!(c.validate().unwrap_err().to_string().contains("http.tls_key"));
+        let mut c = Config::default();
+        c.http.tls_key = Some("key.pem".into());
+        assert!(c.validate().unwrap_err().to_string().contains("http.tls_cert"));
+        let mut c = Config::default();
+        c.http.tls_client_ca = Some("ca.pem".into());
+        assert!(c.validate().unwrap_err().to_string().contains("http.tls_client_ca"));
+        let mut c = Config::default();
+        c.http.tls_cert = Some("cert.pem".into());
+        c.http.tls_key = Some("key.pem".into());
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn toml_tokens_take_scopes_and_names() {
+        let c: Config = toml::from_str(
+            "[[auth.tokens]]\ntoken = \"orders-publisher\"\nrole = \"publish:orders.*\"\nname = \"orders-svc\"\n",
+        )
+        .unwrap();
+        assert!(c.auth.tokens[0].role.may_publish("orders.x"));
+        assert_eq!(c.auth.tokens[0].display_name(), "orders-svc");
+        assert!(toml::from_str::<Config>("[[auth.tokens]]\ntoken = \"xxxxxxxxx\"\nrole = \"root\"\n").is_err());
     }
 
     #[test]
@@ -769,10 +1162,7 @@ mod tests {
             .to_string()
             .contains("handlers.mailbox_capacity"));
         let mut c = Config::default();
-        c.auth.tokens.push(TokenConfig {
-            token: "short".into(),
-            role: Role::Admin,
-        });
+        c.auth.tokens.push(TokenConfig::new("short", Role::Admin));
         assert!(c.validate().unwrap_err().to_string().contains("auth.tokens[0].token"));
     }
 

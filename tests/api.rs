@@ -1203,14 +1203,8 @@ async fn guarded_node(seen: &Seen, topics: &[&str]) -> TestNode {
     }
     let c = b.config_mut();
     c.auth.tokens = vec![
-        TokenConfig {
-            token: PUBLISH_TOKEN.into(),
-            role: Role::Publish,
-        },
-        TokenConfig {
-            token: ADMIN_TOKEN.into(),
-            role: Role::Admin,
-        },
+        TokenConfig::new(PUBLISH_TOKEN, Role::Publish),
+        TokenConfig::new(ADMIN_TOKEN, Role::Admin),
     ];
     c.http.max_body_bytes = 1024;
     c.http.max_batch_events = 4;
@@ -1875,5 +1869,668 @@ async fn a_webhook_name_that_resolves_to_a_denied_address_fails_its_delivery() {
     assert!(error.contains("egress policy"), "the dead letter says why: {dls}");
     assert!(error.contains("webhook_deny rule"), "and names the rule: {dls}");
     assert!(receiver.events().is_empty(), "the denied address was not called");
+    n.node.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Security: HTTP TLS, mutual TLS clients, hashed tokens, scopes, metrics auth, audit lines
+// ---------------------------------------------------------------------------------------------
+
+/// Test certificates: a CA with a server certificate (localhost, 127.0.0.1) and a client
+/// certificate, and a second, untrusted CA with its own client certificate.
+struct Pki {
+    dir: tempfile::TempDir,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        use rcgen::{
+            BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+            KeyUsagePurpose, SanType,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: String| std::fs::write(dir.path().join(name), text).unwrap();
+        let ca = |cn: &str| {
+            let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+            p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+            p.distinguished_name.push(DnType::CommonName, cn);
+            CertifiedIssuer::self_signed(p, KeyPair::generate().unwrap()).unwrap()
+        };
+        let leaf = |issuer: &CertifiedIssuer<'_, KeyPair>, client: bool| {
+            let mut p = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+            p.subject_alt_names
+                .push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
+            p.extended_key_usages = vec![if client {
+                ExtendedKeyUsagePurpose::ClientAuth
+            } else {
+                ExtendedKeyUsagePurpose::ServerAuth
+            }];
+            let key = KeyPair::generate().unwrap();
+            let cert = p.signed_by(&key, issuer).unwrap();
+            (cert.pem(), key.serialize_pem())
+        };
+        let trusted = ca("herald test CA");
+        let other = ca("another CA");
+        write("ca.pem", trusted.pem());
+        write("other-ca.pem", other.pem());
+        let (c, k) = leaf(&trusted, false);
+        write("server.pem", c);
+        write("server.key", k);
+        let (c, k) = leaf(&trusted, true);
+        write("client.pem", c);
+        write("client.key", k);
+        let (c, k) = leaf(&other, true);
+        write("other-client.pem", c);
+        write("other-client.key", k);
+        Pki { dir }
+    }
+
+    fn path(&self, name: &str) -> std::path::PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// An HTTP client trusting `ca`, presenting the client certificate `client` (file stem).
+    fn client(&self, ca: &str, client: Option<&str>) -> awc::Client {
+        let (cert, key) = client.map_or((None, None), |c| {
+            (
+                Some(self.path(&format!("{c}.pem"))),
+                Some(self.path(&format!("{c}.key"))),
+            )
+        });
+        herald::cli::ClientTls {
+            ca_file: Some(self.path(ca)),
+            client_cert: cert,
+            client_key: key,
+        }
+        .client(Duration::from_secs(10))
+        .unwrap()
+    }
+}
+
+/// Starts `builder` serving https with the PKI's server certificate (and requiring client
+/// certificates of its CA with `mtls`); waits until `/readyz` answers over https.
+async fn start_tls_node(mut builder: herald::node::NodeBuilder, pki: &Pki, mtls: bool) -> common::TestNode {
+    let dir = tempfile::tempdir().unwrap();
+    let c = builder.config_mut();
+    c.http.addr = "127.0.0.1:0".into();
+    c.data_dir = dir.path().to_path_buf();
+    c.http.tls_cert = Some(pki.path("server.pem"));
+    c.http.tls_key = Some(pki.path("server.key"));
+    if mtls {
+        c.http.tls_client_ca = Some(pki.path("ca.pem"));
+    }
+    let node = builder
+        .metrics(herald::metrics::install_prometheus())
+        .start()
+        .await
+        .expect("node starts");
+    let url = format!("https://{}", node.http_addr());
+    let client = pki.client("ca.pem", mtls.then_some("client"));
+    let ready = format!("{url}/readyz");
+    eventually("TLS node ready", || {
+        let client = client.clone();
+        let ready = ready.clone();
+        async move {
+            let r = client.get(&ready).send().await.ok()?;
+            (r.status() == 200).then_some(())
+        }
+    })
+    .await;
+    common::TestNode { node, url, dir }
+}
+
+#[actix_rt::test]
+async fn https_is_served_and_refused_without_the_ca() {
+    let pki = Pki::new();
+    let n = start_tls_node(Node::builder(), &pki, false).await;
+    let r = pki
+        .client("ca.pem", None)
+        .get(format!("{}/healthz", n.url))
+        .send()
+        .await;
+    assert_eq!(r.expect("https with the CA").status(), 200);
+    // A client trusting another CA refuses the node's certificate.
+    let e = pki
+        .client("other-ca.pem", None)
+        .get(format!("{}/healthz", n.url))
+        .send()
+        .await
+        .expect_err("the certificate must not be trusted");
+    assert!(e.to_string().contains("UnknownIssuer"), "{e}");
+    // The CLI's default client (web roots) refuses it too, and says what to do.
+    let tls = herald::cli::ClientTls::default();
+    let e = tls
+        .client(Duration::from_secs(10))
+        .unwrap()
+        .get(format!("{}/healthz", n.url))
+        .send()
+        .await
+        .expect_err("a private CA is not a web root");
+    let message = tls.explain(&n.url, e);
+    assert!(message.contains("pass --ca-file"), "{message}");
+    // Plain HTTP to the TLS port gets no answer.
+    let plain = n.url.replacen("https://", "http://", 1);
+    let r = awc::Client::default().get(format!("{plain}/healthz")).send().await;
+    assert!(r.is_err(), "plain HTTP was answered: {:?}", r.map(|r| r.status()));
+    n.node.shutdown().await;
+}
+
+#[actix_rt::test]
+async fn mtls_clients_need_a_certificate_of_the_client_ca() {
+    let pki = Pki::new();
+    let n = start_tls_node(Node::builder(), &pki, true).await;
+    let url = format!("{}/readyz", n.url);
+    let r = pki.client("ca.pem", Some("client")).get(&url).send().await;
+    assert_eq!(r.expect("a client certificate of the CA").status(), 200);
+    let r = pki.client("ca.pem", None).get(&url).send().await;
+    assert!(
+        r.is_err(),
+        "no client certificate was answered: {:?}",
+        r.map(|r| r.status())
+    );
+    let r = pki.client("ca.pem", Some("other-client")).get(&url).send().await;
+    assert!(
+        r.is_err(),
+        "a client certificate of another CA was answered: {:?}",
+        r.map(|r| r.status())
+    );
+    n.node.shutdown().await;
+}
+
+#[test]
+fn unreadable_or_invalid_tls_files_are_config_errors_naming_the_key_and_file() {
+    let pki = Pki::new();
+    let start = |cert: std::path::PathBuf, key: std::path::PathBuf| {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = Node::builder();
+        let c = b.config_mut();
+        c.http.addr = "127.0.0.1:0".into();
+        c.data_dir = dir.path().to_path_buf();
+        c.http.tls_cert = Some(cert);
+        c.http.tls_key = Some(key);
+        actix_rt::System::new().block_on(async move {
+            match b.start().await {
+                Ok(n) => {
+                    n.shutdown().await;
+                    "started".to_string()
+                }
+                Err(e) => e.to_string(),
+            }
+        })
+    };
+    let e = start(pki.path("missing.pem"), pki.path("server.key"));
+    assert!(e.contains("http.tls_cert") && e.contains("missing.pem"), "{e}");
+    let e = start(pki.path("server.key"), pki.path("server.key"));
+    assert!(
+        e.contains("http.tls_cert") && e.contains("server.key") && e.contains("no PEM certificate"),
+        "{e}"
+    );
+    let e = start(pki.path("server.pem"), pki.path("server.pem"));
+    assert!(e.contains("http.tls_key") && e.contains("server.pem"), "{e}");
+    let e = start(pki.path("server.pem"), pki.path("client.key"));
+    assert!(e.contains("http.tls_key") && e.contains("does not fit"), "{e}");
+}
+
+/// Runs the `herald` binary with `args`; returns (success, stdout, stderr).
+async fn herald_cli(args: Vec<String>) -> (bool, String, String) {
+    let o = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+            .args(&args)
+            .env_remove("HERALD_URL")
+            .env_remove("HERALD_CA_FILE")
+            .env_remove("HERALD_TOKEN")
+            .output()
+            .expect("herald runs")
+    })
+    .await
+    .unwrap();
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+#[actix_rt::test]
+async fn herald_status_and_health_speak_https_with_a_ca_file() {
+    let pki = Pki::new();
+    let seen = Seen::default();
+    let b = Node::builder()
+        .handler("rec", recorder(&seen))
+        .subscribe("cli.tls", "g", "rec");
+    let n = start_tls_node(b, &pki, false).await;
+    let ca = pki.path("ca.pem").display().to_string();
+    let (ok, out, err) = herald_cli(vec![
+        "status".into(),
+        "--url".into(),
+        n.url.clone(),
+        "--ca-file".into(),
+        ca.clone(),
+    ])
+    .await;
+    assert!(ok, "herald status over https failed: {err}");
+    assert!(out.contains("cluster herald") && out.contains("cli.tls"), "{out}");
+    let (ok, out, err) = herald_cli(vec![
+        "health".into(),
+        "--url".into(),
+        n.url.clone(),
+        "--ca-file".into(),
+        ca,
+    ])
+    .await;
+    assert!(ok && out.contains("200"), "herald health over https: {out} {err}");
+    let (ok, _, err) = herald_cli(vec!["status".into(), "--url".into(), n.url.clone()]).await;
+    assert!(!ok, "status without the CA must fail");
+    assert!(err.contains("--ca-file"), "the error must say to pass --ca-file: {err}");
+    n.node.shutdown().await;
+}
+
+#[test]
+fn herald_token_hash_prints_the_sha256_form() {
+    use std::io::Write as _;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["token", "hash"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"s3cret-admin\n").unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success());
+    let out = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    assert_eq!(out, herald::config::hash_token("s3cret-admin"));
+    assert!(out.starts_with("sha256:") && out.len() == 7 + 64, "{out}");
+}
+
+const READ_TOKEN: &str = "read-token-12345";
+const ORDERS_TOKEN: &str = "orders-token-123";
+
+/// A node with hashed admin, publish, read and `publish:orders.*` tokens (the admin token named
+/// `ops`), a recorder on `topics`, and `http.metrics_auth` as given.
+async fn scoped_node(seen: &Seen, topics: &[&str], metrics_auth: bool) -> TestNode {
+    let mut b = Node::builder().handler("rec", recorder(seen));
+    for topic in topics {
+        b = b.subscribe(topic, "g", "rec");
+    }
+    let c = b.config_mut();
+    let hashed = |t: &str| herald::config::hash_token(t);
+    c.auth.tokens = herald::config::parse_tokens(&format!(
+        "admin {} ops\npublish {}\nread {} dashboard\npublish:orders.* {} orders-svc\n",
+        hashed(ADMIN_TOKEN),
+        hashed(PUBLISH_TOKEN),
+        hashed(READ_TOKEN),
+        ORDERS_TOKEN
+    ))
+    .unwrap();
+    c.http.metrics_auth = metrics_auth;
+    start_node(b).await
+}
+
+fn bearer(t: &str) -> String {
+    format!("Bearer {t}")
+}
+
+#[actix_rt::test]
+async fn hashed_tokens_are_accepted_and_the_hash_is_no_token() {
+    let seen = Seen::default();
+    let n = scoped_node(&seen, &["sec.hashed"], false).await;
+    let a = publish(
+        &n.url,
+        "sec.hashed",
+        "",
+        &[JSON_CT, ("authorization", &bearer(PUBLISH_TOKEN))],
+        "{}",
+    )
+    .await;
+    assert_eq!(a.status, 202, "{}", a.body);
+    let a = request(
+        "GET",
+        &format!("{}/v1/cluster", n.url),
+        &[("authorization", &bearer(ADMIN_TOKEN))],
+        "",
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    // Whoever reads the tokens file cannot use what it holds.
+    let hash = herald::config::hash_token(ADMIN_TOKEN);
+    let a = request(
+        "GET",
+        &format!("{}/v1/cluster", n.url),
+        &[("authorization", &bearer(&hash))],
+        "",
+    )
+    .await;
+    assert_api_error(&a, 401, "unauthorized");
+    n.node.shutdown().await;
+}
+
+#[actix_rt::test]
+async fn the_scheme_name_is_case_insensitive() {
+    let seen = Seen::default();
+    let n = scoped_node(&seen, &[], false).await;
+    for scheme in ["bearer", "BEARER", "Bearer", "bEaReR"] {
+        let auth = format!("{scheme} {READ_TOKEN}");
+        let a = request("GET", &format!("{}/v1/cluster", n.url), &[("authorization", &auth)], "").await;
+        assert_eq!(a.status, 200, "{scheme}: {}", a.body);
+    }
+    let a = request(
+        "GET",
+        &format!("{}/v1/cluster", n.url),
+        &[("authorization", &format!("Basic {READ_TOKEN}"))],
+        "",
+    )
+    .await;
+    assert_api_error(&a, 401, "unauthorized");
+    n.node.shutdown().await;
+}
+
+/// Every route that changes the cluster, subscriptions or dead letters.
+fn mutating_admin_routes() -> Vec<(&'static str, &'static str, String)> {
+    let spec = json!({"topic":"sec.admin","group":"g","handler":{"kind":"log"}}).to_string();
+    vec![
+        ("POST", "/v1/subscriptions", spec),
+        ("DELETE", "/v1/subscriptions/sec.admin/g", String::new()),
+        ("POST", "/v1/cluster/nodes/1/drain", String::new()),
+        ("DELETE", "/v1/cluster/nodes/1", String::new()),
+        (
+            "POST",
+            "/v1/dead-letters/01ARZ3NDEKTSV4RRFFQ69G5FAV/replay",
+            String::new(),
+        ),
+    ]
+}
+
+#[actix_rt::test]
+async fn scopes_allow_and_refuse_routes() {
+    let seen = Seen::default();
+    let n = scoped_node(&seen, &["sec.scopes", "orders.created"], false).await;
+    let reads = ["/v1/cluster", "/v1/cluster/placements", "/v1/subscriptions"];
+    for path in reads {
+        for (who, t) in [("read", READ_TOKEN), ("admin", ADMIN_TOKEN)] {
+            let a = request("GET", &format!("{}{path}", n.url), &[("authorization", &bearer(t))], "").await;
+            assert_eq!(a.status, 200, "{who} reads {path}: {}", a.body);
+        }
+        for (who, t) in [("publish", PUBLISH_TOKEN), ("orders", ORDERS_TOKEN)] {
+            let a = request("GET", &format!("{}{path}", n.url), &[("authorization", &bearer(t))], "").await;
+            assert_eq!(a.status, 403, "{who} must not read {path}: {}", a.body);
+        }
+    }
+    // Dead letters hold event data: admin only.
+    for t in [READ_TOKEN, PUBLISH_TOKEN] {
+        let a = request(
+            "GET",
+            &format!("{}/v1/dead-letters", n.url),
+            &[("authorization", &bearer(t))],
+            "",
+        )
+        .await;
+        assert_api_error(&a, 403, "forbidden");
+    }
+    for (method, path, body) in mutating_admin_routes() {
+        for (who, t) in [
+            ("publish", PUBLISH_TOKEN),
+            ("read", READ_TOKEN),
+            ("orders", ORDERS_TOKEN),
+        ] {
+            let a = request(
+                method,
+                &format!("{}{path}", n.url),
+                &[JSON_CT, ("authorization", &bearer(t))],
+                body.clone(),
+            )
+            .await;
+            assert_eq!(a.status, 403, "{who} token on {method} {path}: {}", a.body);
+        }
+    }
+    // A read token does not publish; publish and admin tokens do.
+    let a = publish(
+        &n.url,
+        "sec.scopes",
+        "",
+        &[JSON_CT, ("authorization", &bearer(READ_TOKEN))],
+        "{}",
+    )
+    .await;
+    assert_api_error(&a, 403, "forbidden");
+    for (i, t) in [PUBLISH_TOKEN, ADMIN_TOKEN].into_iter().enumerate() {
+        let id = format!("s-{i}");
+        let a = publish(
+            &n.url,
+            "sec.scopes",
+            "",
+            &[JSON_CT, ("authorization", &bearer(t)), ("idempotency-key", &id)],
+            "{}",
+        )
+        .await;
+        assert_eq!(a.status, 202, "{}", a.body);
+    }
+    // The admin token did create nothing above: the refused POST /v1/subscriptions left no trace.
+    let a = request(
+        "GET",
+        &format!("{}/v1/subscriptions", n.url),
+        &[("authorization", &bearer(ADMIN_TOKEN))],
+        "",
+    )
+    .await;
+    assert_eq!(a.body.as_array().map(Vec::len), Some(2), "{}", a.body);
+    seen.wait_len("the two accepted events", 2).await;
+    n.node.shutdown().await;
+}
+
+#[actix_rt::test]
+async fn a_topic_limited_publish_token_publishes_only_to_its_topics() {
+    let seen = Seen::default();
+    let n = scoped_node(&seen, &["orders.created", "users.x"], false).await;
+    let auth = bearer(ORDERS_TOKEN);
+    let a = publish(
+        &n.url,
+        "orders.created",
+        "?ack=processed",
+        &[JSON_CT, ("authorization", &auth), ("idempotency-key", "o-1")],
+        "{}",
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    let a = publish(&n.url, "users.x", "", &[JSON_CT, ("authorization", &auth)], "{}").await;
+    assert_api_error(&a, 403, "forbidden");
+    assert!(
+        a.body["error"]["message"].as_str().unwrap_or("").contains("users.x"),
+        "{}",
+        a.body
+    );
+    // Batches: every event is checked; a refused one refuses the batch.
+    let batch = |topic: &str, ct: &str, body: String| {
+        let url = format!("{}/v1/topics/{topic}/events/batch?ack=processed", n.url);
+        let auth = auth.clone();
+        let ct = ct.to_string();
+        async move { request("POST", &url, &[("content-type", &ct), ("authorization", &auth)], body).await }
+    };
+    let a = batch("orders.created", "application/json", "[{},{}]".into()).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    let a = batch("users.x", "application/json", "[{},{}]".into()).await;
+    assert_api_error(&a, 403, "forbidden");
+    assert!(
+        a.body["error"]["message"].as_str().unwrap_or("").contains("users.x"),
+        "{}",
+        a.body
+    );
+    let ce = json!([{"specversion":"1.0","id":"ce-1","source":"/t","type":"t"}]).to_string();
+    let a = batch("users.x", "application/cloudevents-batch+json", ce).await;
+    assert_api_error(&a, 403, "forbidden");
+    // A marker through the admin token: users.x saw only it.
+    let a = publish(
+        &n.url,
+        "users.x",
+        "?ack=processed",
+        &[
+            JSON_CT,
+            ("authorization", &bearer(ADMIN_TOKEN)),
+            ("idempotency-key", "marker"),
+        ],
+        "{}",
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    let all = seen.wait_len("orders and the marker", 4).await;
+    // Everything accepted was processed before its answer (ack=processed; users.x has one FIFO
+    // instance), so what the handlers saw is final: nothing of the refused requests.
+    assert_eq!(all.len(), 4, "1 single + a batch of 2 + the marker: {all:?}");
+    assert!(
+        all.iter().any(|g| g.id == "marker") && all.iter().any(|g| g.id == "o-1"),
+        "{all:?}"
+    );
+    n.node.shutdown().await;
+}
+
+#[actix_rt::test]
+async fn metrics_need_a_read_token_only_with_metrics_auth() {
+    let seen = Seen::default();
+    let open = scoped_node(&seen, &[], false).await;
+    let a = request("GET", &format!("{}/metrics", open.url), &[], "").await;
+    assert_eq!(a.status, 200, "metrics are public by default");
+    for path in ["/healthz", "/readyz", "/openapi.json"] {
+        let a = request("GET", &format!("{}{path}", open.url), &[], "").await;
+        assert_eq!(a.status, 200, "{path} is public");
+    }
+    open.node.shutdown().await;
+    let guarded = scoped_node(&seen, &[], true).await;
+    let url = format!("{}/metrics", guarded.url);
+    let a = request("GET", &url, &[], "").await;
+    assert_api_error(&a, 401, "unauthorized");
+    let a = request("GET", &url, &[("authorization", &bearer(PUBLISH_TOKEN))], "").await;
+    assert_api_error(&a, 403, "forbidden");
+    for t in [READ_TOKEN, ADMIN_TOKEN] {
+        let a = request("GET", &url, &[("authorization", &bearer(t))], "").await;
+        assert_eq!(a.status, 200, "{}", a.body);
+    }
+    for path in ["/healthz", "/readyz", "/openapi.json"] {
+        let a = request("GET", &format!("{}{path}", guarded.url), &[], "").await;
+        assert_eq!(a.status, 200, "{path} stays public");
+    }
+    guarded.node.shutdown().await;
+}
+
+/// The `herald::audit` lines of the whole test process, captured by a global subscriber
+/// (admin routes run on the HTTP server's worker threads).
+fn audit_lines() -> Arc<Mutex<Vec<u8>>> {
+    static LINES: std::sync::OnceLock<Arc<Mutex<Vec<u8>>>> = std::sync::OnceLock::new();
+    LINES
+        .get_or_init(|| {
+            use tracing_subscriber::layer::SubscriberExt as _;
+            use tracing_subscriber::Layer as _;
+            let buf = Arc::new(Mutex::new(Vec::new()));
+            let writer = buf.clone();
+            let layer = tracing_subscriber::fmt::layer()
+                .with_ansi(false)
+                .with_writer(move || AuditWriter(writer.clone()))
+                .with_filter(
+                    tracing_subscriber::filter::Targets::new().with_target("herald::audit", tracing::Level::INFO),
+                );
+            tracing::subscriber::set_global_default(tracing_subscriber::registry().with(layer))
+                .expect("no other global subscriber in this test binary");
+            buf
+        })
+        .clone()
+}
+
+struct AuditWriter(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for AuditWriter {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[actix_rt::test]
+async fn admin_actions_are_audited_with_the_token_name_not_the_token() {
+    let lines = audit_lines();
+    let seen = Seen::default();
+    let n = scoped_node(&seen, &[], false).await;
+    let spec = json!({"topic":"sec.audit","group":"g","handler":{"kind":"log"}}).to_string();
+    let url = |p: &str| format!("{}{p}", n.url);
+    let a = request(
+        "POST",
+        &url("/v1/subscriptions"),
+        &[JSON_CT, ("authorization", &bearer(ADMIN_TOKEN))],
+        spec,
+    )
+    .await;
+    assert_eq!(a.status, 201, "{}", a.body);
+    let a = request(
+        "DELETE",
+        &url("/v1/subscriptions/sec.audit/g"),
+        &[("authorization", &bearer(PUBLISH_TOKEN))],
+        "",
+    )
+    .await;
+    assert_eq!(a.status, 403);
+    let a = request(
+        "POST",
+        &url("/v1/cluster/nodes/4242/drain"),
+        &[("authorization", &bearer(ADMIN_TOKEN))],
+        "",
+    )
+    .await;
+    assert_eq!(a.status, 404);
+    let publish_name = format!("sha256:{}", &herald::config::hash_token(PUBLISH_TOKEN)[7..15]);
+    let find = |needles: Vec<String>| {
+        let lines = lines.clone();
+        move || {
+            let text = String::from_utf8_lossy(&lines.lock().unwrap()).into_owned();
+            let found = text
+                .lines()
+                .find(|l| needles.iter().all(|n| l.contains(n.as_str())))
+                .map(str::to_string);
+            async move { found }
+        }
+    };
+    let created = eventually(
+        "the create_subscription audit line",
+        find(vec![
+            "action=\"create_subscription\"".into(),
+            "object=\"sec.audit/g\"".into(),
+        ]),
+    )
+    .await;
+    assert!(
+        created.contains("token=\"ops\"") && created.contains("outcome=\"ok\""),
+        "{created}"
+    );
+    assert!(created.contains("remote=127.0.0.1:"), "{created}");
+    assert!(
+        created.contains("INFO") && created.contains("herald::audit"),
+        "{created}"
+    );
+    let refused = eventually(
+        "the refused delete's audit line",
+        find(vec![
+            "action=\"delete_subscription\"".into(),
+            "object=\"sec.audit/g\"".into(),
+        ]),
+    )
+    .await;
+    assert!(
+        refused.contains(&format!("token=\"{publish_name}\"")) && refused.contains("outcome=\"forbidden\""),
+        "{refused}"
+    );
+    let drained = eventually(
+        "the drain's audit line",
+        find(vec!["action=\"drain_node\"".into(), "object=\"4242\"".into()]),
+    )
+    .await;
+    assert!(
+        drained.contains("outcome=\"not_found\"") && drained.contains("token=\"ops\""),
+        "{drained}"
+    );
+    let all = String::from_utf8_lossy(&lines.lock().unwrap()).into_owned();
+    for secret in [ADMIN_TOKEN, PUBLISH_TOKEN, READ_TOKEN, ORDERS_TOKEN] {
+        assert!(!all.contains(secret), "a token was logged: {all}");
+    }
     n.node.shutdown().await;
 }

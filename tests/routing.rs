@@ -759,7 +759,8 @@ async fn a_peer_that_is_not_a_member_gets_no_dead_letters() {
     // node 1 for its dead letters on the events channel.
     let (tx, mut answers) = tokio::sync::mpsc::channel(16);
     let cluster_id = nodes[0].node.core().config().cluster_id.clone();
-    let mut config = TransportConfig::new(cluster_id, 99, "127.0.0.1:1");
+    let tls = common::node_tls(&cluster_id, 99);
+    let mut config = TransportConfig::new(cluster_id, 99, "127.0.0.1:1").with_tls(Some(tls));
     config.channel = Channel::Events;
     let rogue = Transport::new(config, tx).expect("transport");
     rogue.add_peer(1, nodes[0].node.core().membership().peer_addr().to_string());

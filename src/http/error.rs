@@ -45,6 +45,11 @@ impl ApiError {
         }
     }
 
+    /// The stable code of the answer (`not_found`, `forbidden`, …).
+    pub fn code(&self) -> &'static str {
+        self.code
+    }
+
     pub(crate) fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, code, message)
     }

@@ -4,10 +4,16 @@
 //! to responses; they hold no business logic. Every error is a JSON body from [`error::ApiError`];
 //! bodies are read with an explicit size limit so an oversized request gets a 413 before it is
 //! buffered.
+//!
+//! Every route declares the scope it needs through [`authorize`] (`publish`, `read`, `admin`;
+//! tokens are compared by SHA-256 in constant time). Routes that change the cluster,
+//! subscriptions or dead letters go through `admin_action`, which also writes the `herald::audit`
+//! line. The server speaks TLS when `http.tls_cert` is set ([`tls`]).
 
 mod dead_letters;
 pub mod error;
 pub mod publish;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,7 +25,7 @@ use futures_util::{FutureExt, StreamExt};
 use serde::de::DeserializeOwned;
 use utoipa::OpenApi;
 
-use crate::config::Role;
+use crate::config::{Role, Scopes};
 use crate::control::NodeCore;
 use crate::error::{Error, Result};
 use crate::subscription::SubscriptionSpec;
@@ -29,6 +35,17 @@ pub use error::ApiError;
 pub(crate) struct AppState {
     pub(crate) core: Arc<NodeCore>,
     pub(crate) http_addr: SocketAddr,
+    /// The accepted tokens, hashed once at start (empty: no auth).
+    tokens: Vec<Arc<Credential>>,
+}
+
+/// An accepted token, as [`authorize`] checks it.
+pub(crate) struct Credential {
+    /// SHA-256 of the token.
+    digest: [u8; 32],
+    scopes: Scopes,
+    /// For audit lines; never the token.
+    name: String,
 }
 
 type State = web::Data<AppState>;
@@ -43,13 +60,35 @@ pub(crate) fn bind(addr: SocketAddr) -> Result<(std::net::TcpListener, SocketAdd
     Ok((listener, http_addr))
 }
 
-/// Builds and starts the HTTP server for `core` on a bound listener.
+/// Builds and starts the HTTP server for `core` on a bound listener: over TLS when
+/// `http.tls_cert` is set (see [`tls`]), else plain HTTP.
 pub(crate) fn server(
     core: Arc<NodeCore>,
     listener: std::net::TcpListener,
     http_addr: SocketAddr,
 ) -> Result<actix_web::dev::Server> {
-    let state = web::Data::new(AppState { core, http_addr });
+    let tls = tls::server_config(&core.config().http)?;
+    let tokens = core
+        .config()
+        .auth
+        .tokens
+        .iter()
+        .map(|t| {
+            let digest = t
+                .digest()
+                .ok_or_else(|| Error::config("auth.tokens", "a hashed token is `sha256:` and 64 hex digits"))?;
+            Ok(Arc::new(Credential {
+                digest,
+                scopes: t.role.clone(),
+                name: t.display_name(),
+            }))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let state = web::Data::new(AppState {
+        core,
+        http_addr,
+        tokens,
+    });
     let server = HttpServer::new(move || {
         App::new()
             .app_data(state.clone())
@@ -76,8 +115,11 @@ pub(crate) fn server(
             .configure(routes)
     })
     .disable_signals()
-    .shutdown_timeout(5)
-    .listen(listener)
+    .shutdown_timeout(5);
+    let server = match tls {
+        Some(config) => server.listen_rustls_0_23(listener, config),
+        None => server.listen(listener),
+    }
     .map_err(|e| Error::io(format!("cannot listen on {http_addr}"), e))?
     .run();
     Ok(server)
@@ -154,7 +196,7 @@ fn routes(cfg: &mut web::ServiceConfig) {
         .route("/v1/cluster/nodes/{id}/drain", web::post().to(drain_node))
         .route("/v1/cluster/nodes/{id}", web::delete().to(remove_node))
         .route("/v1/dead-letters", web::get().to(dead_letters::list))
-        .route("/v1/dead-letters/{id}/replay", web::post().to(dead_letters::replay))
+        .route("/v1/dead-letters/{id}/replay", web::post().to(replay_dead_letter))
         .route("/metrics", web::get().to(metrics_text))
         .route("/healthz", web::get().to(healthz))
         .route("/readyz", web::get().to(readyz))
@@ -164,41 +206,140 @@ fn routes(cfg: &mut web::ServiceConfig) {
         }));
 }
 
-/// Checks the bearer token. With no tokens configured everything is allowed (the node is then
-/// bound to loopback). Missing or unknown token → 401; a token without the role → 403.
-pub(crate) fn authorize(req: &HttpRequest, state: &AppState, need: Role) -> Result<(), ApiError> {
-    let tokens = &state.core.config().auth.tokens;
-    if tokens.is_empty() {
-        return Ok(());
+/// Who made a request: the token that [`authorize`] accepted.
+#[derive(Clone)]
+pub(crate) struct Caller(Option<Arc<Credential>>);
+
+impl Caller {
+    /// The token's name for audit lines (`anonymous` when the node has no tokens).
+    pub(crate) fn name(&self) -> &str {
+        self.0.as_ref().map_or("anonymous", |c| c.name.as_str())
     }
+
+    /// 403 unless this caller may publish to `topic` (a `publish:<pattern>` token may not
+    /// publish outside its patterns).
+    pub(crate) fn check_topic(&self, topic: &str) -> Result<(), ApiError> {
+        match &self.0 {
+            Some(c) if !c.scopes.may_publish(topic) => Err(ApiError::new(
+                actix_web::http::StatusCode::FORBIDDEN,
+                "forbidden",
+                format!(
+                    "token {} may not publish to topic {topic:?} (its scopes: {})",
+                    c.name, c.scopes
+                ),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether some topics may be refused to this caller (see [`Caller::check_topic`]).
+    pub(crate) fn topic_limited(&self) -> bool {
+        self.0.as_ref().is_some_and(|c| c.scopes.topic_limited())
+    }
+}
+
+/// Checks the bearer token against the scope the route declares, and returns the caller. With no
+/// tokens configured everything is allowed (the node is then bound to loopback). Missing or
+/// unknown token → 401; a token without the scope → 403. The scheme name is case-insensitive
+/// (RFC 7235); the token is hashed and compared in constant time with every accepted token's
+/// hash, so plain and `sha256:` tokens are checked alike.
+pub(crate) fn authorize(req: &HttpRequest, state: &AppState, need: Role) -> Result<Caller, ApiError> {
+    if state.tokens.is_empty() {
+        return Ok(Caller(None));
+    }
+    let cred = presented_token(req, state)?;
+    if cred.scopes.grants(need) {
+        Ok(Caller(Some(cred.clone())))
+    } else {
+        Err(ApiError::new(
+            actix_web::http::StatusCode::FORBIDDEN,
+            "forbidden",
+            format!(
+                "token {} has scopes {}; the request needs {}",
+                cred.name,
+                cred.scopes,
+                Scopes::from(need)
+            ),
+        ))
+    }
+}
+
+/// The accepted token the request presents: 401 when there is none or it is unknown.
+fn presented_token<'a>(req: &HttpRequest, state: &'a AppState) -> Result<&'a Arc<Credential>, ApiError> {
     let unauthorized = |m: &str| ApiError::new(actix_web::http::StatusCode::UNAUTHORIZED, "unauthorized", m);
-    let presented = req
+    let value = req
         .headers()
         .get(header::AUTHORIZATION)
         .ok_or_else(|| unauthorized("missing Authorization: Bearer <token> header"))?
         .to_str()
         .ok()
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .unwrap_or_default();
+    let presented = value
+        .split_once([' ', '\t'])
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim())
+        .filter(|token| !token.is_empty())
         .ok_or_else(|| unauthorized("the Authorization header must be `Bearer <token>`"))?;
-    let role = tokens
-        .iter()
-        .find(|t| constant_time_eq(t.token.as_bytes(), presented.trim().as_bytes()))
-        .map(|t| t.role)
-        .ok_or_else(|| unauthorized("unknown token"))?;
-    if role >= need {
-        Ok(())
-    } else {
-        Err(ApiError::new(
-            actix_web::http::StatusCode::FORBIDDEN,
-            "forbidden",
-            format!("this token has role {role:?}; the request needs {need:?}"),
-        ))
+    let digest = crate::config::sha256(presented.as_bytes());
+    // Every token is compared, so the time taken does not tell which one matched.
+    let mut found = None;
+    for t in &state.tokens {
+        if constant_time_eq(&t.digest, &digest) {
+            found = Some(t);
+        }
     }
+    found.ok_or_else(|| unauthorized("unknown token"))
 }
 
 /// Compares secrets without leaking the position of the first difference through timing.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Logs an admin action as a structured audit event (target `herald::audit`, INFO): what was
+/// done (`action`), by which token (`token`: its name, never the token), from where (`remote`:
+/// the peer address of the connection), to what (`object`: a subscription key, node id or
+/// dead-letter id) and how it ended (`outcome`: `ok`, or the error code of the answer).
+pub(crate) fn audit(req: &HttpRequest, token: &str, action: &str, object: &str, outcome: &str) {
+    let remote = req.peer_addr().map_or_else(|| "-".to_string(), |a| a.to_string());
+    tracing::info!(target: "herald::audit", action, token, remote = %remote, object, outcome, "admin action");
+}
+
+/// An admin route's frame: checks the admin scope (a refusal is audited too, with the token's
+/// name when the token is known), runs `action`, audits its outcome and returns its answer.
+/// `object` names what is acted on; `act` may return a better name for it (e.g. from the body).
+async fn admin_action<F, Fut>(
+    req: &HttpRequest,
+    state: &AppState,
+    action: &'static str,
+    object: String,
+    act: F,
+) -> Result<HttpResponse, ApiError>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = (Option<String>, Result<HttpResponse, ApiError>)>,
+{
+    let caller = match authorize(req, state, Role::Admin) {
+        Ok(c) => c,
+        Err(e) => {
+            let name = token_name(req, state);
+            audit(req, &name, action, &object, e.code());
+            return Err(e);
+        }
+    };
+    let (named, result) = act().await;
+    let outcome = match &result {
+        Ok(_) => "ok",
+        Err(e) => e.code(),
+    };
+    audit(req, caller.name(), action, named.as_deref().unwrap_or(&object), outcome);
+    result
+}
+
+/// The name of the presented token if it is a known one (for auditing a refusal), else `-`.
+fn token_name(req: &HttpRequest, state: &AppState) -> String {
+    presented_token(req, state).map_or_else(|_| "-".to_string(), |t| t.name.clone())
 }
 
 /// Reads the body, refusing it with 413 as soon as it exceeds the limit.
@@ -256,7 +397,7 @@ async fn json_body<T: DeserializeOwned>(
 #[utoipa::path(get, path = "/v1/subscriptions", tag = "subscriptions",
     responses((status = 200, description = "The subscriptions", body = [SubscriptionSpec])))]
 async fn list_subscriptions(req: HttpRequest, state: State) -> Result<HttpResponse, ApiError> {
-    authorize(&req, &state, Role::Admin)?;
+    authorize(&req, &state, Role::Read)?;
     Ok(HttpResponse::Ok().json(state.core.subscriptions()))
 }
 
@@ -265,15 +406,24 @@ async fn list_subscriptions(req: HttpRequest, state: State) -> Result<HttpRespon
               (status = 200, description = "Already existed unchanged", body = SubscriptionSpec),
               (status = 400, description = "Invalid", body = error::ErrorBody)))]
 async fn create_subscription(req: HttpRequest, payload: web::Payload, state: State) -> Result<HttpResponse, ApiError> {
-    authorize(&req, &state, Role::Admin)?;
-    let spec: SubscriptionSpec = json_body(&req, payload, &state).await?;
-    let changed = state.core.create_subscription(spec.clone()).await?;
-    let mut r = if changed {
-        HttpResponse::Created()
-    } else {
-        HttpResponse::Ok()
-    };
-    Ok(r.json(spec))
+    admin_action(&req, &state, "create_subscription", "-".to_string(), || async {
+        let spec: SubscriptionSpec = match json_body(&req, payload, &state).await {
+            Ok(s) => s,
+            Err(e) => return (None, Err(e)),
+        };
+        let key = Some(format!("{}/{}", spec.topic, spec.group));
+        let result = state.core.create_subscription(spec.clone()).await;
+        let answer = result.map_err(ApiError::from).map(|changed| {
+            let mut r = if changed {
+                HttpResponse::Created()
+            } else {
+                HttpResponse::Ok()
+            };
+            r.json(spec)
+        });
+        (key, answer)
+    })
+    .await
 }
 
 #[utoipa::path(delete, path = "/v1/subscriptions/{topic}/{group}", tag = "subscriptions",
@@ -284,26 +434,35 @@ async fn delete_subscription(
     path: web::Path<(String, String)>,
     state: State,
 ) -> Result<HttpResponse, ApiError> {
-    authorize(&req, &state, Role::Admin)?;
     let (topic, group) = path.into_inner();
-    if state.core.delete_subscription(&topic, &group).await? {
-        Ok(HttpResponse::NoContent().finish())
-    } else {
-        Err(ApiError::not_found(format!("no subscription {topic}/{group}")))
-    }
+    admin_action(
+        &req,
+        &state,
+        "delete_subscription",
+        format!("{topic}/{group}"),
+        || async {
+            let answer = match state.core.delete_subscription(&topic, &group).await {
+                Ok(true) => Ok(HttpResponse::NoContent().finish()),
+                Ok(false) => Err(ApiError::not_found(format!("no subscription {topic}/{group}"))),
+                Err(e) => Err(e.into()),
+            };
+            (None, answer)
+        },
+    )
+    .await
 }
 
 #[utoipa::path(get, path = "/v1/cluster", tag = "cluster",
     responses((status = 200, description = "Members and leader", body = crate::control::ClusterView)))]
 async fn cluster(req: HttpRequest, state: State) -> Result<HttpResponse, ApiError> {
-    authorize(&req, &state, Role::Admin)?;
+    authorize(&req, &state, Role::Read)?;
     Ok(HttpResponse::Ok().json(state.core.cluster(state.http_addr)))
 }
 
 #[utoipa::path(get, path = "/v1/cluster/placements", tag = "cluster",
     responses((status = 200, description = "Where each subscription runs", body = [crate::control::PlacementView])))]
 async fn placements(req: HttpRequest, state: State) -> Result<HttpResponse, ApiError> {
-    authorize(&req, &state, Role::Admin)?;
+    authorize(&req, &state, Role::Read)?;
     Ok(HttpResponse::Ok().json(state.core.placements()))
 }
 
@@ -311,31 +470,54 @@ async fn placements(req: HttpRequest, state: State) -> Result<HttpResponse, ApiE
     responses((status = 202, description = "Draining: its instances move to other nodes"),
               (status = 404, description = "No such member", body = error::ErrorBody)))]
 async fn drain_node(req: HttpRequest, path: web::Path<u64>, state: State) -> Result<HttpResponse, ApiError> {
-    authorize(&req, &state, Role::Admin)?;
     let id = path.into_inner();
-    if state.core.drain_node(id).await? {
-        Ok(HttpResponse::Accepted().json(serde_json::json!({ "id": id, "status": "draining" })))
-    } else {
-        Err(ApiError::not_found(format!("no member {id}")))
-    }
+    admin_action(&req, &state, "drain_node", id.to_string(), || async {
+        let answer = match state.core.drain_node(id).await {
+            Ok(true) => Ok(HttpResponse::Accepted().json(serde_json::json!({ "id": id, "status": "draining" }))),
+            Ok(false) => Err(ApiError::not_found(format!("no member {id}"))),
+            Err(e) => Err(e.into()),
+        };
+        (None, answer)
+    })
+    .await
 }
 
 #[utoipa::path(delete, path = "/v1/cluster/nodes/{id}", tag = "cluster", params(("id" = u64, Path)),
     responses((status = 204, description = "Removed from the cluster"),
               (status = 404, description = "No such member", body = error::ErrorBody)))]
 async fn remove_node(req: HttpRequest, path: web::Path<u64>, state: State) -> Result<HttpResponse, ApiError> {
-    authorize(&req, &state, Role::Admin)?;
     let id = path.into_inner();
-    if state.core.remove_node(id).await? {
-        Ok(HttpResponse::NoContent().finish())
-    } else {
-        Err(ApiError::not_found(format!("no member {id}")))
-    }
+    admin_action(&req, &state, "remove_node", id.to_string(), || async {
+        let answer = match state.core.remove_node(id).await {
+            Ok(true) => Ok(HttpResponse::NoContent().finish()),
+            Ok(false) => Err(ApiError::not_found(format!("no member {id}"))),
+            Err(e) => Err(e.into()),
+        };
+        (None, answer)
+    })
+    .await
+}
+
+/// `POST /v1/dead-letters/{id}/replay` (see [`dead_letters::replay`]), audited.
+async fn replay_dead_letter(
+    req: HttpRequest,
+    path: web::Path<String>,
+    q: web::Query<dead_letters::ReplayQuery>,
+    state: State,
+) -> Result<HttpResponse, ApiError> {
+    let id = path.as_str().to_string();
+    admin_action(&req, &state, "replay_dead_letter", id, || async {
+        (None, dead_letters::replay(req.clone(), path, q, state.clone()).await)
+    })
+    .await
 }
 
 #[utoipa::path(get, path = "/metrics", tag = "operations",
     responses((status = 200, description = "Prometheus text exposition", content_type = "text/plain")))]
-async fn metrics_text(state: State) -> Result<HttpResponse, ApiError> {
+async fn metrics_text(req: HttpRequest, state: State) -> Result<HttpResponse, ApiError> {
+    if state.core.config().http.metrics_auth {
+        authorize(&req, &state, Role::Read)?;
+    }
     let text = state.core.render_metrics().ok_or_else(|| {
         ApiError::not_found(
             "no metrics recorder is installed in this process (call herald::metrics::install_prometheus)",

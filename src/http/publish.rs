@@ -8,7 +8,7 @@ use cloudevents::{EventBuilder, EventBuilderV10};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-use super::{authorize, media_type, read_body, ApiError, State};
+use super::{authorize, media_type, read_body, ApiError, Caller, State};
 use crate::config::Role;
 use crate::event::{self, Event};
 use crate::ingress::{AckMode, Published};
@@ -161,20 +161,22 @@ fn binary_cloudevent(
     Ok(apply_headers(e, headers))
 }
 
-/// What both publish routes check first: the token, the topic, the query; then the body is read.
+/// What both publish routes check first: the token, the topic (a `publish:<pattern>` token gets
+/// 403 outside its patterns, before the body is read), the query; then the body is read.
 async fn admit(
     req: &HttpRequest,
     topic: web::Path<String>,
     query: &PublishQuery,
     payload: web::Payload,
     state: &State,
-) -> Result<(String, Duration, web::Bytes), ApiError> {
-    authorize(req, state, Role::Publish)?;
+) -> Result<(Caller, String, Duration, web::Bytes), ApiError> {
+    let caller = authorize(req, state, Role::Publish)?;
     let topic = topic.into_inner();
     event::validate_name("topic", &topic).map_err(|e| ApiError::bad_request("invalid_topic", e.to_string()))?;
+    caller.check_topic(&topic)?;
     let timeout = query.timeout()?;
     let body = read_body(req, payload, state.core.config().http.max_body_bytes).await?;
-    Ok((topic, timeout, body))
+    Ok((caller, topic, timeout, body))
 }
 
 #[utoipa::path(post, path = "/v1/topics/{topic}/events", tag = "events",
@@ -196,8 +198,9 @@ pub(crate) async fn publish_one(
     payload: web::Payload,
     state: State,
 ) -> Result<HttpResponse, ApiError> {
-    let (topic, timeout, body) = admit(&req, topic, &query, payload, &state).await?;
+    let (caller, topic, timeout, body) = admit(&req, topic, &query, payload, &state).await?;
     let e = parse_one(&topic, &req, body)?;
+    caller.check_topic(&e.topic)?;
     let ack = query.ack.unwrap_or_default();
     let answer = state.core.ingress().publish(e, ack, timeout).await?;
     Ok(if ack == AckMode::Processed {
@@ -220,7 +223,7 @@ pub(crate) async fn publish_batch(
     payload: web::Payload,
     state: State,
 ) -> Result<HttpResponse, ApiError> {
-    let (topic, timeout, body) = admit(&req, topic, &query, payload, &state).await?;
+    let (caller, topic, timeout, body) = admit(&req, topic, &query, payload, &state).await?;
     let config = &state.core.config().http;
     let events: Vec<Event> = match media_type(&req).as_deref() {
         Some(CE_BATCH) => {
@@ -240,6 +243,12 @@ pub(crate) async fn publish_batch(
     };
     if events.is_empty() {
         return Err(ApiError::bad_request("empty_batch", "the batch holds no events"));
+    }
+    // Every event of the batch, not only the route's topic: nothing is accepted if one is refused.
+    if caller.topic_limited() {
+        for e in &events {
+            caller.check_topic(&e.topic)?;
+        }
     }
     if events.len() > config.max_batch_events {
         return Err(ApiError::bad_request(
