@@ -190,6 +190,7 @@ impl NodeBuilder {
             health: health.clone(),
             progress,
             app: app_tx,
+            join_approval: c.join_approval,
         })?);
         let relay_runtime = RelayRuntime::start().map_err(|e| Error::io("cannot start the event relay thread", e))?;
         let relay = Relay::start(

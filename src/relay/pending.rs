@@ -84,6 +84,31 @@ impl Pending {
     }
 }
 
+/// Whether peer `from` may answer (ack or refuse) delivery `p`, if it is pending: only the node
+/// it is sent to now. An answer for a delivery that is no longer pending (already done, or of
+/// this node's previous process) is ignored; one from another node is refused — a forged ack
+/// must not complete (and drop from the WAL) an event another node has not handled. A late
+/// answer from a node the delivery was routed away from is refused too: it is delivered again
+/// where it is now (at least once).
+pub(super) fn may_answer(p: Option<&Pending>, from: u64) -> Answer {
+    match p {
+        None => Answer::Unknown,
+        Some(p) if p.node() == Some(from) => Answer::Yes,
+        Some(_) => Answer::NotSentToPeer,
+    }
+}
+
+/// See [`may_answer`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Answer {
+    /// It was sent to that peer: the answer counts.
+    Yes,
+    /// Not pending: ignored.
+    Unknown,
+    /// Pending, but not at that peer: refused.
+    NotSentToPeer,
+}
+
 /// Where a node stands for one subscription, as the current routing table and health say.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum NodeState {
@@ -141,6 +166,18 @@ mod tests {
             at,
             refused,
         }
+    }
+
+    #[test]
+    fn only_the_node_a_delivery_was_sent_to_may_answer_for_it() {
+        let p = pending(sent(Instant::now(), false));
+        assert_eq!(may_answer(Some(&p), 2), Answer::Yes);
+        assert_eq!(may_answer(Some(&p), 3), Answer::NotSentToPeer, "a forged ack");
+        assert_eq!(
+            may_answer(Some(&pending(Destination::Parked)), 2),
+            Answer::NotSentToPeer
+        );
+        assert_eq!(may_answer(None, 2), Answer::Unknown);
     }
 
     #[test]
