@@ -445,3 +445,50 @@ async fn forged_acks_for_another_peers_deliveries_are_refused() {
     wait_handled(&receiver, &want, &handled_by_rogue).await;
     shutdown(nodes, r).await;
 }
+
+/// With `cluster.join_approval = "manual"`, a new node's `Join` leaves it pending — shown in
+/// `/v1/cluster`, asked again it is told it waits — until an admin approves it.
+#[actix_rt::test]
+async fn a_join_waits_for_an_admins_approval_when_approval_is_manual() {
+    let builders = (0..3)
+        .map(|i| {
+            let mut b = Node::builder();
+            // Node 1 admits the other two as the cluster forms; they ask for approval.
+            if i > 0 {
+                b.config_mut().cluster.join_approval = herald::config::JoinApproval::Manual;
+            }
+            b
+        })
+        .collect();
+    let nodes = cluster(builders).await;
+    let mut r = rogue(&nodes, 9).await;
+    let join = Command::join(r.id, "127.0.0.1:9", r.addr.clone(), ["log"]);
+    r.propose(2, 0, &join);
+    for n in &nodes {
+        let url = n.url.clone();
+        eventually("the join is pending on every node", || {
+            let url = url.clone();
+            async move {
+                let (_, c) = get(&format!("{url}/v1/cluster")).await;
+                c["pending_joins"].as_array()?.iter().any(|p| p["id"] == 9).then_some(c)
+            }
+        })
+        .await;
+    }
+    let url = nodes[0].url.clone();
+    let (_, c) = get(&format!("{url}/v1/cluster")).await;
+    assert!(c["members"].as_array().unwrap().iter().all(|m| m["id"] != 9), "{c}");
+    r.propose(2, 43, &join);
+    let (_, answer) = r.proposal_result(43).await;
+    assert!(answer.error.contains("approve"), "{answer:?}");
+
+    let a = request("POST", &format!("{url}/v1/cluster/nodes/7/approve"), &[], "").await;
+    assert_eq!(a.status, 404, "{}", a.body);
+    let a = request("POST", &format!("{url}/v1/cluster/nodes/9/approve"), &[], "").await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    let (_, c) = get(&format!("{url}/v1/cluster")).await;
+    assert!(c["members"].as_array().unwrap().iter().any(|m| m["id"] == 9), "{c}");
+    assert_eq!(c["pending_joins"], json!([]), "{c}");
+    assert_one_leader_and_ready(&nodes).await;
+    shutdown(nodes, r).await;
+}
