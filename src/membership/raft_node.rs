@@ -464,6 +464,10 @@ impl<S: RaftLogStore + Clone, A: Apply> Driver<S, A> {
                 if self.node.raft.state == StateRole::Leader {
                     if let Err(e) = self.node.propose(context(origin, seq), data) {
                         tracing::debug!(error = %e, origin, "forwarded proposal refused");
+                        // Answered when the sender made it (a relaying node would not know it).
+                        if from != origin {
+                            return;
+                        }
                         let _ = self.out.send(Outbound::Refuse {
                             to: from,
                             seq,

@@ -181,6 +181,7 @@ impl Outbound {
                             at: now,
                             refused: false,
                         },
+                        earlier: Vec::new(),
                     },
                 );
             }
@@ -203,6 +204,7 @@ impl Outbound {
                     event,
                     done: Once::new(completion),
                     to: Destination::Parked,
+                    earlier: Vec::new(),
                 },
             );
             self.pending_gauge.set(pending.len() as f64);
@@ -220,7 +222,8 @@ impl Outbound {
 
     /// Acks and lane credits from `from` (the authenticated peer): an ack completes its
     /// delivery, a refusal has it routed again, a credit gives window units back — each only for
-    /// deliveries sent to `from` ([`may_answer`], [`Lanes::credit`](super::lanes::Lanes::credit)).
+    /// deliveries sent to `from` ([`may_answer`], [`Lanes::credit`](super::lanes::Lanes::credit);
+    /// an outcome from a node the delivery was routed away from still completes it).
     /// Others are refused: counted in `herald_peer_messages_refused_total{kind="ack"|"not_placed"|"credit",
     /// reason="not_sent_to_peer"}` and logged, rate-limited.
     pub(super) fn on_acks(&self, from: u64, batch: AckBatch) {
@@ -244,7 +247,8 @@ impl Outbound {
                 let code = AckCode::try_from(ack.code).unwrap_or(AckCode::Failed);
                 match may_answer(pending.get(&ack.id), from) {
                     Answer::Yes => {}
-                    Answer::Unknown => continue,
+                    Answer::Earlier if code != AckCode::NotPlaced => {}
+                    Answer::Unknown | Answer::Earlier => continue,
                     Answer::NotSentToPeer => {
                         if code == AckCode::NotPlaced {
                             refused_not_placed += 1;
