@@ -79,6 +79,21 @@ pub struct ClusterConfig {
     /// How many finished `(subscription, event id)` pairs a handler node remembers to drop
     /// duplicate deliveries.
     pub dedup_window: usize,
+    /// Whether a node that is not a member yet joins at once (`auto`) or waits, pending, until an
+    /// admin approves it with `POST /v1/cluster/nodes/{id}/approve` (`manual`). Applied by the
+    /// member a joining node asks (its seed): set it alike on every node.
+    pub join_approval: JoinApproval,
+}
+
+/// How a new node joins (`cluster.join_approval`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum JoinApproval {
+    /// Any node that passes the peer handshake joins.
+    #[default]
+    Auto,
+    /// A new node waits until an admin approves it.
+    Manual,
 }
 
 impl Default for ClusterConfig {
@@ -95,6 +110,7 @@ impl Default for ClusterConfig {
             degraded_after_ms: 3000,
             redeliver_after_ms: 5000,
             dedup_window: 100_000,
+            join_approval: JoinApproval::Auto,
         }
     }
 }

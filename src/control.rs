@@ -89,6 +89,23 @@ pub struct ClusterView {
     pub uptime_seconds: u64,
     /// The members.
     pub members: Vec<MemberView>,
+    /// Nodes waiting for an admin to approve their join (`cluster.join_approval = "manual"`):
+    /// `POST /v1/cluster/nodes/{id}/approve`.
+    pub pending_joins: Vec<PendingJoinView>,
+}
+
+/// A node waiting for its join to be approved, as `/v1/cluster` shows it.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[non_exhaustive]
+pub struct PendingJoinView {
+    /// Node id.
+    pub id: u64,
+    /// HTTP address it gave.
+    pub http: String,
+    /// Peer address it gave.
+    pub peer: String,
+    /// Handler kinds it can run.
+    pub handlers: Vec<String>,
 }
 
 /// A subscription's placement as `/v1/cluster/placements` shows it.
@@ -311,6 +328,21 @@ impl NodeCore {
             .await
     }
 
+    /// Approves node `id`'s pending join (`ApproveJoin`): it becomes a member and the leader
+    /// brings it into the Raft group. Returns whether a join of `id` was pending.
+    pub async fn approve_join(&self, id: u64) -> Result<bool, ControlError> {
+        if !self.membership.state().borrow().pending_joins().contains_key(&id) {
+            return Ok(false);
+        }
+        let index = self
+            .membership
+            .propose(&Command::approve_join(id))
+            .await
+            .map_err(|e| ControlError::Unavailable(e.to_string()))?;
+        self.settle(index, |s| s.member(id).is_some()).await;
+        Ok(true)
+    }
+
     /// Moves every instance off node `id` (`Drain`); returns whether it was a member.
     pub async fn drain_node(&self, id: u64) -> Result<bool, ControlError> {
         self.node_command(id, Command::drain(id), |s| {
@@ -382,6 +414,16 @@ impl NodeCore {
                     },
                     voter: raft.voters.contains(&m.id),
                     handlers: m.handlers.iter().cloned().collect(),
+                })
+                .collect(),
+            pending_joins: state
+                .pending_joins()
+                .values()
+                .map(|p| PendingJoinView {
+                    id: p.id,
+                    http: p.http.clone(),
+                    peer: p.peer.clone(),
+                    handlers: p.handlers.clone(),
                 })
                 .collect(),
         }

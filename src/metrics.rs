@@ -58,6 +58,10 @@ pub const FORWARD_PENDING: &str = "herald_forward_pending";
 /// Forwarded deliveries this node dropped as duplicates of ones it already handled.
 pub const EVENTS_DEDUPLICATED: &str = "herald_events_deduplicated_total";
 
+/// Peer messages dropped because the authenticated sender may not send them, by `kind` (raft,
+/// proposal, proposal_result, ack, credit, not_placed) and `reason`.
+pub const PEER_MESSAGES_REFUSED: &str = "herald_peer_messages_refused_total";
+
 /// Registers the description of every metric (shown as `# HELP`).
 pub fn describe() {
     describe_counter!(EVENTS_PUBLISHED, "Events accepted by this node, by topic.");
@@ -124,6 +128,73 @@ pub fn describe() {
         EVENTS_DEDUPLICATED,
         "Forwarded deliveries answered from the dedup window instead of running the handler again."
     );
+    describe_counter!(
+        PEER_MESSAGES_REFUSED,
+        "Peer messages dropped because the authenticated sender may not send them (not a member, a forged sender, an ack for a delivery not sent to it, a message raft-rs would fail on), by kind and reason."
+    );
+}
+
+/// Says when to log something that may repeat often (a failing duty, refused peer messages): the
+/// first time, then at most once per [`LogLimit::EVERY`], with how many were not logged since.
+/// Pure: the clock is an argument.
+#[derive(Debug, Default, Clone)]
+pub struct LogLimit {
+    /// When a line was last logged.
+    logged_at: Option<std::time::Instant>,
+    /// Occurrences not logged since then.
+    suppressed: u64,
+}
+
+impl LogLimit {
+    /// At most one log line per this long.
+    pub const EVERY: std::time::Duration = std::time::Duration::from_secs(30);
+
+    /// Records one occurrence at `now`: `Some(occurrences not logged before it)` when this one
+    /// should be logged.
+    pub fn hit(&mut self, now: std::time::Instant) -> Option<u64> {
+        match self.logged_at {
+            Some(at) if now.saturating_duration_since(at) < Self::EVERY => {
+                self.suppressed += 1;
+                None
+            }
+            _ => {
+                self.logged_at = Some(now);
+                Some(std::mem::take(&mut self.suppressed))
+            }
+        }
+    }
+}
+
+/// Counts peer messages refused by `kind` and `reason` ([`PEER_MESSAGES_REFUSED`]) and logs them
+/// at WARN, once and then at most once per [`LogLimit::EVERY`] per `(kind, reason)` with a count.
+#[derive(Debug, Default)]
+pub struct Refusals {
+    limits: std::sync::Mutex<std::collections::HashMap<(&'static str, &'static str), LogLimit>>,
+}
+
+impl Refusals {
+    /// Records `n` refused messages of `kind` from `peer` for `reason`; `detail` is logged.
+    pub fn refuse(&self, kind: &'static str, reason: &'static str, peer: u64, n: u64, detail: impl FnOnce() -> String) {
+        metrics::counter!(PEER_MESSAGES_REFUSED, "kind" => kind, "reason" => reason).increment(n);
+        let log = self
+            .limits
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry((kind, reason))
+            .or_default()
+            .hit(std::time::Instant::now());
+        if let Some(suppressed) = log {
+            tracing::warn!(
+                peer,
+                kind,
+                reason,
+                refused = n,
+                suppressed,
+                "peer message refused: {}",
+                detail()
+            );
+        }
+    }
 }
 
 /// Installs the Prometheus recorder as the global `metrics` recorder (once per process) and returns

@@ -249,12 +249,24 @@ fn route(net: Arc<Net>, from: u64, mut out: mpsc::UnboundedReceiver<Outbound>) -
             let (to, msg, size) = match m {
                 Outbound::Raft { to, bytes } => {
                     let n = bytes.len() as u64;
-                    (to, Inbound::Raft(bytes), n)
+                    (to, Inbound::Raft { from, bytes }, n)
                 }
                 Outbound::Forward { to, origin, seq, data } => {
                     let n = data.len() as u64;
-                    let _ = from;
-                    (to, Inbound::Forwarded { origin, seq, data }, n)
+                    (
+                        to,
+                        Inbound::Forwarded {
+                            from,
+                            origin,
+                            seq,
+                            data,
+                        },
+                        n,
+                    )
+                }
+                Outbound::Refuse { to, seq, error } => {
+                    let n = error.len() as u64;
+                    (to, Inbound::Refused { from, seq, error }, n)
                 }
             };
             let (lost, delay) = {
@@ -274,7 +286,7 @@ fn route(net: Arc<Net>, from: u64, mut out: mpsc::UnboundedReceiver<Outbound>) -
                 // What the real transport does when it cannot reach a peer.
                 net.note(TO_DOWN_NODE, from, to, 0);
                 let inbox = net.inboxes.lock().unwrap().get(&from).cloned();
-                if let (Some(tx), Inbound::Raft(_)) = (inbox, &msg) {
+                if let (Some(tx), Inbound::Raft { .. }) = (inbox, &msg) {
                     let _ = tx.send(Inbound::Unreachable(to));
                 }
                 continue;

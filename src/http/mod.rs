@@ -12,6 +12,7 @@
 
 mod dead_letters;
 pub mod error;
+mod join_approval;
 pub mod publish;
 pub mod tls;
 
@@ -195,6 +196,10 @@ fn routes(cfg: &mut web::ServiceConfig) {
         .route("/v1/cluster/placements", web::get().to(placements))
         .route("/v1/cluster/nodes/{id}/drain", web::post().to(drain_node))
         .route("/v1/cluster/nodes/{id}", web::delete().to(remove_node))
+        .route(
+            "/v1/cluster/nodes/{id}/approve",
+            web::post().to(join_approval::approve_join),
+        )
         .route("/v1/dead-letters", web::get().to(dead_letters::list))
         .route("/v1/dead-letters/{id}/replay", web::post().to(replay_dead_letter))
         .route("/metrics", web::get().to(metrics_text))
@@ -562,13 +567,13 @@ async fn openapi() -> HttpResponse {
         publish::publish_one, publish::publish_batch,
         list_subscriptions, create_subscription, delete_subscription,
         cluster, placements, drain_node, remove_node, dead_letters::list, dead_letters::replay,
-        metrics_text, healthz, readyz
+        metrics_text, healthz, readyz, join_approval::approve_join
     ),
     components(schemas(
         SubscriptionSpec, crate::subscription::HandlerSpec, crate::ingress::Published,
         crate::ingress::SubscriptionOutcome, crate::ingress::DeadLetter, crate::ingress::AckMode,
         crate::control::ClusterView, crate::control::MemberView, crate::control::PlacementView,
-        error::ErrorBody, error::ErrorDetail, publish::BatchAnswer
+        error::ErrorBody, error::ErrorDetail, publish::BatchAnswer, crate::control::PendingJoinView
     )),
     modifiers(&BearerAuth)
 )]

@@ -14,6 +14,22 @@
 //! the entry carries an 16-byte context `(origin node id, sequence)`; every node applies every
 //! entry, so the origin learns that its proposal committed when it applies an entry with its own
 //! context, without a reply message. A proposal that does not commit within the timeout fails.
+//! A node that refuses a forwarded proposal answers with [`Outbound::Refuse`], which fails the
+//! origin's proposal at once with the reason (not a timeout).
+//!
+//! # Peer authorisation (ARCHITECTURE.md, "Peer authorisation")
+//!
+//! Everything from the network arrives with `from`, the peer id the transport authenticated.
+//! Before anything reaches raft-rs, [`check_raft`] refuses a Raft message whose `from` is not
+//! the authenticated peer, whose sender is neither a member of the application's table nor in
+//! the Raft configuration (a node whose configuration is still empty — not joined yet — takes
+//! messages from any authenticated peer, so that a leader can bring it in), that is not for this
+//! node, or that raft-rs would panic on (see [`check_raft`]). A forwarded proposal is admitted
+//! from a member; from anyone else only as the application allows ([`Apply::admit_non_member`]:
+//! a `Join` for the sender's own id). A refusal of a proposal this node forwarded is taken only
+//! from the peer it was forwarded to. Refused messages are counted in
+//! `herald_peer_messages_refused_total{kind, reason}` and logged at WARN, rate-limited.
+//! raft-rs is stepped under `catch_unwind` as a backstop (see [`Driver::step_guarded`]).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -40,6 +56,19 @@ pub trait Apply: Send + 'static {
     fn restore(&mut self, data: &[u8]) -> Result<(), Self::Error>;
     /// The voter set changed (after a committed configuration change).
     fn conf_changed(&mut self, _conf: &ConfState) {}
+    /// Whether node `id` is a member of the application's table. Members may send Raft messages
+    /// and forward proposals even before the Raft configuration includes them (a new member is
+    /// in the table before the leader adds it to the group). Default: nobody beyond the Raft
+    /// configuration.
+    fn is_member(&self, _id: u64) -> bool {
+        false
+    }
+    /// Admits proposal `data` forwarded by `from`, which is neither a member nor in the Raft
+    /// configuration: the bytes to propose (possibly rewritten, e.g. a join that must wait for an
+    /// operator's approval), or the refusal's metric reason and message. Default: refused.
+    fn admit_non_member(&self, from: u64, _data: Vec<u8>) -> Result<Vec<u8>, (&'static str, String)> {
+        Err(("not_a_member", format!("node {from} is not a member of the cluster")))
+    }
 }
 
 /// Driver settings.
@@ -99,10 +128,17 @@ pub enum ProposeError {
 
 /// Messages into the driver.
 pub enum Inbound {
-    /// A Raft message from a peer (serialized `eraftpb::Message`).
-    Raft(Vec<u8>),
+    /// A Raft message from a peer.
+    Raft {
+        /// The peer the transport authenticated (the message's `from` must be it).
+        from: u64,
+        /// A serialized `eraftpb::Message`.
+        bytes: Vec<u8>,
+    },
     /// A proposal forwarded by follower `origin` with its sequence number.
     Forwarded {
+        /// The peer the transport authenticated (who sent it: `origin`, or a member relaying it).
+        from: u64,
         /// The follower that made the proposal.
         origin: u64,
         /// The follower's proposal sequence number (0: it expects no answer, as for a joining
@@ -124,6 +160,16 @@ pub enum Inbound {
         change: ConfChange,
         /// Answered once committed and applied.
         reply: oneshot::Sender<Result<u64, ProposeError>>,
+    },
+    /// Peer `from` refused the proposal `seq` this node forwarded to it (a `ProposalResult` with
+    /// an error): it fails at once with `error`.
+    Refused {
+        /// The peer the transport authenticated.
+        from: u64,
+        /// The proposal's sequence number.
+        seq: u64,
+        /// Why it was refused.
+        error: String,
     },
     /// The transport could not reach a peer (raft-rs then backs off probing it).
     Unreachable(u64),
@@ -163,6 +209,15 @@ pub enum Outbound {
         /// The command.
         data: Vec<u8>,
     },
+    /// Tell peer `to` that its forwarded proposal `seq` was refused, and why.
+    Refuse {
+        /// The peer that forwarded it.
+        to: u64,
+        /// Its sequence number.
+        seq: u64,
+        /// Why.
+        error: String,
+    },
 }
 
 /// What the driver publishes after every step, for status APIs and metrics.
@@ -190,6 +245,8 @@ pub struct RaftStatus {
 struct Pending {
     reply: oneshot::Sender<Result<u64, ProposeError>>,
     deadline: Instant,
+    /// The leader it was forwarded to: the only peer whose refusal fails it.
+    sent_to: Option<u64>,
 }
 
 /// Encodes `(origin, seq)` as an entry context.
@@ -217,6 +274,10 @@ fn parse_context(c: &[u8]) -> Option<(u64, u64)> {
 /// The driver's state, owned by its task.
 struct Driver<S: RaftLogStore + Clone, A: Apply> {
     node: RawNode<S>,
+    /// raft-rs's settings, kept to rebuild `node` from storage after a panic in raft-rs.
+    raft_config: raft::Config,
+    /// Counts and logs refused peer messages.
+    refusals: crate::metrics::Refusals,
     app: A,
     config: DriverConfig,
     out: mpsc::UnboundedSender<Outbound>,
@@ -231,6 +292,8 @@ struct Driver<S: RaftLogStore + Clone, A: Apply> {
     snapshot_due: bool,
     /// Set when this node must stop: why (logged once, then the driver ends).
     fatal: Option<String>,
+    /// How often raft-rs panicked on a message and the node was rebuilt from storage.
+    recovered: u64,
 }
 
 /// Starts the driver on the current tokio runtime. `bootstrap` makes this node the sole voter of a
@@ -238,11 +301,28 @@ struct Driver<S: RaftLogStore + Clone, A: Apply> {
 pub fn spawn<S, A>(
     config: DriverConfig,
     storage: S,
-    mut app: A,
+    app: A,
     bootstrap: bool,
     inbound: mpsc::UnboundedReceiver<Inbound>,
     out: mpsc::UnboundedSender<Outbound>,
 ) -> Result<(watch::Receiver<RaftStatus>, tokio::task::JoinHandle<()>), raft::Error>
+where
+    S: RaftLogStore + Clone + Send + 'static,
+    A: Apply,
+{
+    let (mut driver, status_rx) = build(config, storage, app, bootstrap, out)?;
+    let handle = tokio::spawn(async move { driver.run(inbound).await });
+    Ok((status_rx, handle))
+}
+
+/// The driver of [`spawn`], not started yet.
+fn build<S, A>(
+    config: DriverConfig,
+    storage: S,
+    mut app: A,
+    bootstrap: bool,
+    out: mpsc::UnboundedSender<Outbound>,
+) -> Result<(Driver<S, A>, watch::Receiver<RaftStatus>), raft::Error>
 where
     S: RaftLogStore + Clone + Send + 'static,
     A: Apply,
@@ -294,6 +374,8 @@ where
     });
     let mut driver = Driver {
         node,
+        raft_config,
+        refusals: crate::metrics::Refusals::default(),
         app,
         config,
         out,
@@ -303,14 +385,14 @@ where
         snapshot_index: applied,
         snapshot_due: false,
         fatal: None,
+        recovered: 0,
     };
     // A node that is the only voter need not wait an election timeout to lead.
     let conf = driver.node.raft.prs().conf().to_conf_state();
     if conf.voters == [driver.config.id] {
         let _ = driver.node.campaign();
     }
-    let handle = tokio::spawn(async move { driver.run(inbound).await });
-    Ok((status_rx, handle))
+    Ok((driver, status_rx))
 }
 
 impl<S: RaftLogStore + Clone, A: Apply> Driver<S, A> {
@@ -353,34 +435,44 @@ impl<S: RaftLogStore + Clone, A: Apply> Driver<S, A> {
 
     fn handle(&mut self, m: Inbound) {
         match m {
-            Inbound::Raft(bytes) => match Message::parse_from_bytes(&bytes) {
-                Ok(msg) if lost_log(&msg, self.node.raft.raft_log.last_index()) => {
-                    // raft-rs would panic on this ("to_commit out of range"): a leader believes
-                    // this node holds entries its log does not have.
-                    self.fatal.get_or_insert_with(|| {
-                        format!(
-                            "node {id}'s Raft log is empty or behind what the leader (node {leader}) knows it \
-                             acknowledged (commit index {commit}, last index here {last}): its data dir was lost \
-                             or replaced. A voter must not forget its log: remove the old member \
-                             (DELETE /v1/cluster/nodes/{id}) and start this node again, or restore its data dir",
-                            id = self.config.id,
-                            leader = msg.from,
-                            commit = msg.commit,
-                            last = self.node.raft.raft_log.last_index()
-                        )
-                    });
-                }
-                Ok(msg) => {
-                    if let Err(e) = self.node.step(msg) {
-                        tracing::debug!(error = %e, "raft step refused a message");
+            Inbound::Raft { from, bytes } => match Message::parse_from_bytes(&bytes) {
+                Ok(msg) => match self.check(from, &msg) {
+                    Ok(()) => self.step_guarded(from, msg),
+                    Err(refusal) => {
+                        self.refusals
+                            .refuse("raft", refusal.reason(), from, 1, || refusal.to_string());
                     }
-                }
-                Err(e) => tracing::warn!(error = %e, "undecodable raft message dropped"),
+                },
+                Err(e) => self.refusals.refuse("raft", "undecodable", from, 1, || {
+                    format!("undecodable raft message: {e}")
+                }),
             },
-            Inbound::Forwarded { origin, seq, data } => {
+            Inbound::Forwarded {
+                from,
+                origin,
+                seq,
+                data,
+            } => {
+                let data = match self.admit_proposal(from, origin, data) {
+                    Ok(data) => data,
+                    Err((reason, error)) => {
+                        self.refusals.refuse("proposal", reason, from, 1, || error.clone());
+                        let _ = self.out.send(Outbound::Refuse { to: from, seq, error });
+                        return;
+                    }
+                };
                 if self.node.raft.state == StateRole::Leader {
                     if let Err(e) = self.node.propose(context(origin, seq), data) {
                         tracing::debug!(error = %e, origin, "forwarded proposal refused");
+                        // Answered when the sender made it (a relaying node would not know it).
+                        if from != origin {
+                            return;
+                        }
+                        let _ = self.out.send(Outbound::Refuse {
+                            to: from,
+                            seq,
+                            error: format!("raft refused the proposal: {e}"),
+                        });
                     }
                 } else if self.node.raft.leader_id != 0 && self.node.raft.leader_id != origin {
                     // Leadership moved: pass it on rather than let the origin time out.
@@ -390,6 +482,16 @@ impl<S: RaftLogStore + Clone, A: Apply> Driver<S, A> {
                         seq,
                         data,
                     });
+                }
+            }
+            Inbound::Refused { from, seq, error } => {
+                if self.pending.get(&seq).is_some_and(|p| p.sent_to == Some(from)) {
+                    self.fail(seq, ProposeError::Refused(error));
+                } else {
+                    self.refusals
+                        .refuse("proposal_result", "not_sent_to_peer", from, 1, || {
+                            format!("a refusal of proposal {seq}, which this node did not forward to it: {error}")
+                        });
                 }
             }
             Inbound::Propose { data, reply } => self.propose(data, reply),
@@ -436,6 +538,7 @@ impl<S: RaftLogStore + Clone, A: Apply> Driver<S, A> {
             Pending {
                 reply,
                 deadline: Instant::now() + self.config.propose_timeout,
+                sent_to: None,
             },
         );
         seq
@@ -459,12 +562,115 @@ impl<S: RaftLogStore + Clone, A: Apply> Driver<S, A> {
                 self.fail(seq, ProposeError::Refused(e.to_string()));
             }
         } else {
+            if let Some(p) = self.pending.get_mut(&seq) {
+                p.sent_to = Some(leader);
+            }
             let _ = self.out.send(Outbound::Forward {
                 to: leader,
                 origin: self.config.id,
                 seq,
                 data,
             });
+        }
+    }
+
+    /// Whether `id` is in the Raft configuration (a voter or a learner, incoming or outgoing).
+    fn in_conf(&self, id: u64) -> bool {
+        self.node.raft.prs().get(id).is_some()
+    }
+
+    /// The authorisation and sanity checks of a Raft message from authenticated peer `from`
+    /// (see [`check_raft`]).
+    fn check(&self, from: u64, msg: &Message) -> Result<(), RaftRefusal> {
+        let log = &self.node.raft.raft_log;
+        let view = LogView {
+            id: self.config.id,
+            joined: self.node.raft.prs().iter().len() > 0,
+            sender_known: self.in_conf(from) || self.app.is_member(from),
+            term: self.node.raft.term,
+            last_index: log.last_index(),
+            committed: log.committed,
+            // The committed entry is in the log or is the snapshot's last entry, so its term is
+            // known; 0 (no check) if it is not.
+            committed_term: log.term(log.committed).unwrap_or(0),
+        };
+        check_raft(from, msg, &view)
+    }
+
+    /// Whether the proposal `data` forwarded by authenticated peer `from` (made by `origin`) may
+    /// be proposed: from a member (of the table or the Raft configuration) as it is; from anyone
+    /// else only if it is its own (`origin` is the sender) and the application admits it.
+    fn admit_proposal(&self, from: u64, origin: u64, data: Vec<u8>) -> Result<Vec<u8>, (&'static str, String)> {
+        if self.in_conf(from) || self.app.is_member(from) {
+            return Ok(data);
+        }
+        if origin != from {
+            return Err((
+                "relayed_by_non_member",
+                format!("node {from} is not a member and may not relay node {origin}'s proposal"),
+            ));
+        }
+        self.app.admit_non_member(from, data)
+    }
+
+    /// Steps `msg` (from authenticated peer `from`) into raft-rs, catching a panic.
+    ///
+    /// [`check_raft`] refuses what raft-rs is known to panic on, so a panic here means a message
+    /// we did not foresee. Is the `RawNode` still usable after raft-rs panicked in the middle of
+    /// `step`? Not knowably: `step` mutates in place as it goes (a higher term first makes this
+    /// node a follower of the sender — new term, vote cleared — and only then does the handler
+    /// assert), so after a panic its term, vote, log, progress and queued messages may be half
+    /// updated. It is therefore not trusted, and it need not be: raft-rs's `step` never writes to
+    /// the [`RaftLogStore`] (only [`Driver::on_ready`] does, after a step returned), so the
+    /// storage holds exactly what the last completed `Ready` persisted — the state a restarted
+    /// process would find. The node is rebuilt from it, as a restart would (with this driver's
+    /// applied index: the application state is changed only by `on_ready`, never by `step`).
+    /// What is lost is what a crash would lose: entries received and not yet persisted (never
+    /// acknowledged: acknowledgements are sent only after persisting) and in-memory progress,
+    /// which Raft recovers from. A leader comes back as a follower, and an election follows.
+    /// If the rebuild fails, the driver stops with the reason, as on a storage failure.
+    fn step_guarded(&mut self, from: u64, msg: Message) {
+        let applied = self.node.raft.raft_log.applied;
+        let kind = msg.get_msg_type();
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.node.step(msg)));
+        match outcome {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::debug!(error = %e, "raft step refused a message"),
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| panic.downcast_ref::<&str>().copied())
+                    .unwrap_or("(no message)");
+                tracing::error!(
+                    peer = from,
+                    message = ?kind,
+                    panic = what,
+                    "raft-rs panicked on a message from peer {from}; the message is dropped and the Raft node is rebuilt from its storage"
+                );
+                metrics::counter!(crate::metrics::PEER_MESSAGES_REFUSED, "kind" => "raft", "reason" => "raft_panicked")
+                    .increment(1);
+                self.rebuild(applied);
+            }
+        }
+    }
+
+    /// Replaces the `RawNode` with one read from storage (see [`Driver::step_guarded`]).
+    fn rebuild(&mut self, applied: u64) {
+        let storage = self.node.store().clone();
+        let mut config = self.raft_config.clone();
+        config.applied = applied;
+        let logger = slog::Logger::root(slog::Discard, slog::o!());
+        match RawNode::new(&config, storage, &logger) {
+            Ok(node) => {
+                self.node = node;
+                self.recovered += 1;
+            }
+            Err(e) => {
+                self.fatal.get_or_insert_with(|| {
+                    format!("the Raft node could not be rebuilt from storage after raft-rs panicked: {e}")
+                });
+            }
         }
     }
 
@@ -614,11 +820,175 @@ pub fn conf_change(id: u64, kind: ConfChangeType) -> ConfChange {
     cc
 }
 
-/// Whether `msg` shows that this node lost its log: a leader's heartbeat carries
-/// `min(what this node acknowledged, committed)`, which can exceed our last index only if entries
-/// we acknowledged are gone.
-fn lost_log(msg: &Message, last_index: u64) -> bool {
-    msg.get_msg_type() == MessageType::MsgHeartbeat && msg.commit > last_index
+/// What [`check_raft`] needs to know about this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct LogView {
+    /// This node's id.
+    id: u64,
+    /// Whether its Raft configuration names anyone (an empty one: not joined yet).
+    joined: bool,
+    /// Whether the sender is in the Raft configuration or a member of the table.
+    sender_known: bool,
+    /// Its current term.
+    term: u64,
+    /// The last index of its log.
+    last_index: u64,
+    /// Its commit index.
+    committed: u64,
+    /// The term of the entry at `committed` (0 = unknown: not checked).
+    committed_term: u64,
+}
+
+/// Why a Raft message was refused before raft-rs saw it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+enum RaftRefusal {
+    #[error("a raft message claiming to come from node {claimed} arrived on node {from}'s authenticated connection")]
+    ForgedFrom { from: u64, claimed: u64 },
+    #[error("node {from} is neither a member nor in the Raft configuration")]
+    NotAMember { from: u64 },
+    #[error("a raft message for node {to} arrived at node {me}")]
+    WrongRecipient { to: u64, me: u64 },
+    #[error(
+        "node {from}'s heartbeat (term {term}) says entries up to {commit} are committed, but this node's log ends at {last}. \
+         raft-rs would stop on it, so it is dropped. A real leader only does this when this node lost entries it \
+         acknowledged (its data dir was wiped or replaced: remove the old member with DELETE /v1/cluster/nodes/<id> \
+         and start it again, or restore its data dir); otherwise node {from} is faulty or hostile"
+    )]
+    CommitBeyondLog {
+        from: u64,
+        term: u64,
+        commit: u64,
+        last: u64,
+    },
+    #[error(
+        "node {from}'s append after index {index} carries entries that do not follow it (entry {at} has index {found})"
+    )]
+    AppendNotContiguous {
+        from: u64,
+        index: u64,
+        at: usize,
+        found: u64,
+    },
+    #[error("node {from}'s append after index {index} claims its term there is {log_term}, below the term {committed_term} of this node's commit index {committed}: no leader's log looks like that")]
+    AppendBelowCommitted {
+        from: u64,
+        index: u64,
+        log_term: u64,
+        committed: u64,
+        committed_term: u64,
+    },
+    #[error("node {from}'s snapshot has an invalid configuration: {why}")]
+    BadSnapshotConf { from: u64, why: String },
+}
+
+impl RaftRefusal {
+    /// The `reason` label of the refusal metric.
+    fn reason(&self) -> &'static str {
+        match self {
+            RaftRefusal::ForgedFrom { .. } => "forged_from",
+            RaftRefusal::NotAMember { .. } => "not_a_member",
+            RaftRefusal::WrongRecipient { .. } => "wrong_recipient",
+            RaftRefusal::CommitBeyondLog { .. } => "commit_beyond_log",
+            RaftRefusal::AppendNotContiguous { .. } => "append_not_contiguous",
+            RaftRefusal::AppendBelowCommitted { .. } => "append_below_committed",
+            RaftRefusal::BadSnapshotConf { .. } => "bad_snapshot",
+        }
+    }
+}
+
+/// Whether Raft message `msg`, from the peer the transport authenticated as `from`, may be
+/// stepped into raft-rs on the node `view` describes.
+///
+/// Authorisation: `msg.from` must be `from`; the sender must be a member of the table or in the
+/// Raft configuration, unless this node's configuration is empty (it has not joined: the leader
+/// that brings it in is not known to it yet); and the message must be for this node.
+///
+/// Sanity: what raft-rs 0.7 asserts on (it panics, which would stop the membership driver) is
+/// refused (when the message's term is not older than this node's: raft-rs answers older ones
+/// without handling them), judged by what a real leader sends:
+/// * `MsgHeartbeat`: raft-rs commits `commit` at once (`RaftLog::commit_to` panics beyond the last
+///   index). A leader sends `min(its commit, what this node acknowledged)`, never more than this
+///   node's last index — unless this node lost acknowledged entries (a wiped data dir), which is
+///   logged as such and not fatal.
+/// * `MsgAppend`: raft-rs slices the entries from `conflict - (index + 1)` and panics when an
+///   entry conflicts with a committed one, so the entries must follow `index` one by one. When it
+///   rejects an append it looks for the last entry of term ≤ `log_term` below `index` and
+///   panics if that search walks into the compacted log: a leader's term at `index ≥ committed`
+///   is at least our committed entry's term (committed entries agree with every later leader), so
+///   `log_term` below that is refused. (`index < committed` is answered by raft-rs without looking.)
+/// * `MsgSnapshot`: raft-rs panics restoring a configuration in which a node both votes and learns.
+///
+/// `catch_unwind` around the step is the backstop for anything else ([`Driver::step_guarded`]).
+fn check_raft(from: u64, msg: &Message, view: &LogView) -> Result<(), RaftRefusal> {
+    if msg.from != from {
+        return Err(RaftRefusal::ForgedFrom {
+            from,
+            claimed: msg.from,
+        });
+    }
+    if view.joined && !view.sender_known {
+        return Err(RaftRefusal::NotAMember { from });
+    }
+    if msg.to != view.id {
+        return Err(RaftRefusal::WrongRecipient {
+            to: msg.to,
+            me: view.id,
+        });
+    }
+    if msg.term < view.term {
+        // raft-rs answers a message of an older term without handling it (the answer tells a
+        // deposed leader about the newer term), so it cannot make it panic.
+        return Ok(());
+    }
+    match msg.get_msg_type() {
+        MessageType::MsgHeartbeat if msg.commit > view.last_index => Err(RaftRefusal::CommitBeyondLog {
+            from,
+            term: msg.term,
+            commit: msg.commit,
+            last: view.last_index,
+        }),
+        MessageType::MsgAppend => {
+            for (at, e) in msg.entries.iter().enumerate() {
+                let want = msg.index.checked_add(at as u64 + 1);
+                if want != Some(e.index) {
+                    return Err(RaftRefusal::AppendNotContiguous {
+                        from,
+                        index: msg.index,
+                        at,
+                        found: e.index,
+                    });
+                }
+            }
+            if msg.index >= view.committed && msg.log_term < view.committed_term {
+                return Err(RaftRefusal::AppendBelowCommitted {
+                    from,
+                    index: msg.index,
+                    log_term: msg.log_term,
+                    committed: view.committed,
+                    committed_term: view.committed_term,
+                });
+            }
+            Ok(())
+        }
+        MessageType::MsgSnapshot => {
+            let conf = msg.get_snapshot().get_metadata().get_conf_state();
+            // (`learners_next` are outgoing voters that will learn: only the incoming voters
+            // exclude them.)
+            let both = conf
+                .learners
+                .iter()
+                .find(|l| conf.voters.contains(l) || conf.voters_outgoing.contains(l))
+                .or_else(|| conf.learners_next.iter().find(|l| conf.voters.contains(l)));
+            match both {
+                Some(id) => Err(RaftRefusal::BadSnapshotConf {
+                    from,
+                    why: format!("node {id} is both a voter and a learner"),
+                }),
+                None => Ok(()),
+            }
+        }
+        _ => Ok(()),
+    }
 }
 
 #[cfg(test)]
@@ -678,11 +1048,20 @@ mod tests {
                 while let Some(m) = out_rx.recv().await {
                     let d = down.lock().unwrap().clone();
                     let (to, msg) = match m {
-                        Outbound::Raft { to, bytes } => (to, Inbound::Raft(bytes)),
+                        Outbound::Raft { to, bytes } => (to, Inbound::Raft { from, bytes }),
                         Outbound::Forward { to, origin, seq, data } => {
                             assert_eq!(origin, from, "a direct forward carries its sender as origin");
-                            (to, Inbound::Forwarded { origin, seq, data })
+                            (
+                                to,
+                                Inbound::Forwarded {
+                                    from,
+                                    origin,
+                                    seq,
+                                    data,
+                                },
+                            )
                         }
+                        Outbound::Refuse { to, seq, error } => (to, Inbound::Refused { from, seq, error }),
                     };
                     if d.contains(&from) || d.contains(&to) {
                         continue;
@@ -803,22 +1182,232 @@ mod tests {
         (tx, task, out_rx)
     }
 
-    #[tokio::test]
-    async fn a_node_that_lost_its_log_stops_with_a_reason_rather_than_panicking() {
-        let (tx, task, _out) = lone_driver(3);
-        // What a leader sends a voter it believes acknowledged entries up to 7.
+    /// What a leader sends a voter it believes acknowledged entries up to `commit`.
+    fn heartbeat(from: u64, to: u64, term: u64, commit: u64) -> Message {
         let mut hb = Message::default();
         hb.set_msg_type(MessageType::MsgHeartbeat);
-        hb.from = 1;
-        hb.to = 3;
-        hb.term = 2;
-        hb.commit = 7;
-        assert!(lost_log(&hb, 0) && !lost_log(&hb, 7));
-        tx.send(Inbound::Raft(hb.write_to_bytes().unwrap())).unwrap();
-        tokio::time::timeout(Duration::from_secs(5), task)
-            .await
-            .expect("the driver stops")
-            .expect("without a panic");
+        hb.from = from;
+        hb.to = to;
+        hb.term = term;
+        hb.commit = commit;
+        hb
+    }
+
+    #[tokio::test]
+    async fn a_heartbeat_beyond_the_log_is_dropped_and_the_driver_keeps_running() {
+        let (tx, task, _out) = lone_driver(3);
+        // raft-rs panics on this ("to_commit 7 is out of range"); the driver used to stop for good.
+        let hb = heartbeat(1, 3, 2, 7);
+        tx.send(Inbound::Raft {
+            from: 1,
+            bytes: hb.write_to_bytes().unwrap(),
+        })
+        .unwrap();
+        // Still running: it answers a proposal (no leader: the heartbeat was not taken).
+        let (reply, answer) = oneshot::channel();
+        tx.send(Inbound::Propose {
+            data: b"x".to_vec(),
+            reply,
+        })
+        .unwrap();
+        assert_eq!(
+            tokio::time::timeout(Duration::from_secs(5), answer).await.unwrap(),
+            Ok(Err(ProposeError::NoLeader))
+        );
+        assert!(!task.is_finished(), "the driver stopped");
+        task.abort();
+    }
+
+    fn view(joined: bool, sender_known: bool) -> LogView {
+        LogView {
+            id: 3,
+            joined,
+            sender_known,
+            term: 2,
+            last_index: 10,
+            committed: 8,
+            committed_term: 2,
+        }
+    }
+
+    fn append(from: u64, term: u64, index: u64, log_term: u64, entries: &[(u64, u64)]) -> Message {
+        let mut m = Message::default();
+        m.set_msg_type(MessageType::MsgAppend);
+        m.from = from;
+        m.to = 3;
+        m.term = term;
+        m.index = index;
+        m.log_term = log_term;
+        m.entries = entries
+            .iter()
+            .map(|&(index, term)| Entry {
+                index,
+                term,
+                ..Default::default()
+            })
+            .collect();
+        m
+    }
+
+    #[test]
+    fn raft_messages_are_accepted_only_from_their_authenticated_sender_if_it_is_a_member() {
+        let hb = heartbeat(1, 3, 2, 8);
+        assert_eq!(check_raft(1, &hb, &view(true, true)), Ok(()));
+        // Peer 2's connection carrying a message that claims to be node 1's.
+        assert_eq!(
+            check_raft(2, &hb, &view(true, true)),
+            Err(RaftRefusal::ForgedFrom { from: 2, claimed: 1 })
+        );
+        // A non-member, once this node is in a group.
+        assert_eq!(
+            check_raft(1, &hb, &view(true, false)),
+            Err(RaftRefusal::NotAMember { from: 1 })
+        );
+        // A node that has not joined takes messages from any authenticated peer (its leader-to-be),
+        // but still only ones that are really from that peer.
+        assert_eq!(check_raft(1, &hb, &view(false, false)), Ok(()));
+        assert!(check_raft(5, &hb, &view(false, false)).is_err());
+        assert_eq!(
+            check_raft(1, &heartbeat(1, 4, 2, 8), &view(true, true)),
+            Err(RaftRefusal::WrongRecipient { to: 4, me: 3 })
+        );
+    }
+
+    #[test]
+    fn messages_raft_rs_would_panic_on_are_refused_and_real_ones_pass() {
+        let v = view(true, true);
+        assert_eq!(check_raft(1, &heartbeat(1, 3, 2, 10), &v), Ok(()));
+        assert_eq!(check_raft(1, &heartbeat(1, 3, 9, 10), &v), Ok(()));
+        assert_eq!(
+            check_raft(1, &heartbeat(1, 3, 2, 11), &v).unwrap_err().reason(),
+            "commit_beyond_log"
+        );
+        // An older term is answered by raft-rs without being handled.
+        let stale = view(true, true);
+        let mut old = heartbeat(1, 3, 1, 99);
+        assert_eq!(check_raft(1, &old, &LogView { term: 2, ..stale }), Ok(()));
+        old.term = 2;
+        assert!(check_raft(1, &old, &stale).is_err());
+        // Appends: entries must follow the index; the log term must not be below the committed one.
+        assert_eq!(check_raft(1, &append(1, 2, 10, 2, &[(11, 2), (12, 2)]), &v), Ok(()));
+        assert_eq!(
+            check_raft(1, &append(1, 2, 5, 1, &[(6, 1)]), &v),
+            Ok(()),
+            "below the commit index: answered without a look"
+        );
+        assert_eq!(
+            check_raft(1, &append(1, 2, 10, 2, &[(11, 2), (9, 2)]), &v)
+                .unwrap_err()
+                .reason(),
+            "append_not_contiguous"
+        );
+        assert_eq!(
+            check_raft(1, &append(1, 2, 10, 2, &[(3, 2)]), &v).unwrap_err().reason(),
+            "append_not_contiguous"
+        );
+        assert_eq!(
+            check_raft(1, &append(1, 2, 9, 1, &[]), &v).unwrap_err().reason(),
+            "append_below_committed"
+        );
+        // A snapshot whose configuration has a node both vote and learn.
+        let mut snap = Message::default();
+        snap.set_msg_type(MessageType::MsgSnapshot);
+        snap.from = 1;
+        snap.to = 3;
+        snap.term = 2;
+        snap.mut_snapshot().mut_metadata().mut_conf_state().voters = vec![1, 3];
+        assert_eq!(check_raft(1, &snap, &v), Ok(()));
+        snap.mut_snapshot().mut_metadata().mut_conf_state().learners = vec![3];
+        assert_eq!(check_raft(1, &snap, &v).unwrap_err().reason(), "bad_snapshot");
+    }
+
+    /// A driver built but not started, for stepping by hand.
+    fn built(id: u64, bootstrap: bool) -> (Driver<MemStorage, Log>, mpsc::UnboundedReceiver<Outbound>) {
+        let (out_tx, out_rx) = mpsc::unbounded_channel();
+        let (driver, _status) = build(
+            DriverConfig::new(id),
+            MemStorage::new(),
+            Log::default(),
+            bootstrap,
+            out_tx,
+        )
+        .unwrap();
+        (driver, out_rx)
+    }
+
+    #[test]
+    fn a_panic_in_raft_rs_drops_the_message_and_rebuilds_the_node_from_storage() {
+        let (mut d, _out) = built(3, false);
+        // Past the checks (stepped directly): raft-rs first becomes a follower in term 5, then
+        // panics in commit_to.
+        d.step_guarded(1, heartbeat(1, 3, 5, 7));
+        assert_eq!(d.recovered, 1, "the panic was caught and the node rebuilt");
+        assert_eq!(d.fatal, None);
+        assert_eq!(
+            d.node.raft.term, 0,
+            "the half-updated node (term 5) was replaced by the state in storage"
+        );
+        // It works: a real heartbeat is taken.
+        d.step_guarded(1, heartbeat(1, 3, 5, 0));
+        assert_eq!((d.node.raft.term, d.node.raft.leader_id), (5, 1));
+        assert!(d.on_ready().is_ok());
+    }
+
+    #[tokio::test]
+    async fn proposals_from_non_members_are_refused_with_an_answer() {
+        let (mut d, mut out) = built(1, true);
+        assert_eq!(d.node.raft.state, StateRole::Leader);
+        d.handle(Inbound::Forwarded {
+            from: 9,
+            origin: 9,
+            seq: 5,
+            data: b"x".to_vec(),
+        });
+        match out.try_recv() {
+            Ok(Outbound::Refuse { to: 9, seq: 5, error }) => assert!(error.contains("not a member"), "{error}"),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        // Relaying another node's proposal as a non-member.
+        d.handle(Inbound::Forwarded {
+            from: 9,
+            origin: 1,
+            seq: 6,
+            data: b"x".to_vec(),
+        });
+        assert!(matches!(out.try_recv(), Ok(Outbound::Refuse { to: 9, seq: 6, .. })));
+        let before = d.node.raft.raft_log.last_index();
+        // The Raft configuration's own member (itself here) is admitted.
+        d.handle(Inbound::Forwarded {
+            from: 1,
+            origin: 1,
+            seq: 7,
+            data: b"y".to_vec(),
+        });
+        assert!(out.try_recv().is_err());
+        assert_eq!(d.node.raft.raft_log.last_index(), before + 1, "proposed");
+    }
+
+    #[tokio::test]
+    async fn a_refusal_fails_a_proposal_only_when_it_comes_from_where_it_was_sent() {
+        let (mut d, _out) = built(3, false);
+        let (reply, mut answer) = oneshot::channel();
+        let seq = d.register(reply);
+        d.pending.get_mut(&seq).unwrap().sent_to = Some(1);
+        d.handle(Inbound::Refused {
+            from: 2,
+            seq,
+            error: "forged".into(),
+        });
+        assert!(answer.try_recv().is_err(), "a refusal from another peer is ignored");
+        d.handle(Inbound::Refused {
+            from: 1,
+            seq,
+            error: "not a member".into(),
+        });
+        assert_eq!(
+            answer.try_recv().unwrap(),
+            Err(ProposeError::Refused("not a member".into()))
+        );
     }
 
     #[tokio::test]

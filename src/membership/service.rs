@@ -79,6 +79,8 @@ pub struct MembershipConfig {
     /// Where the event plane's `app` payloads from peers go: the bus's events channel delivers
     /// them from its own thread (they never pass through the membership thread).
     pub app: mpsc::UnboundedSender<(u64, bytes::Bytes)>,
+    /// Whether a new node's `Join` is applied at once or waits for an admin's approval.
+    pub join_approval: crate::config::JoinApproval,
 }
 
 /// A handle to the running service.
@@ -108,6 +110,7 @@ struct Applier {
     publish: watch::Sender<Arc<MembershipState>>,
     bus: Bus,
     changed: Arc<Notify>,
+    join_approval: crate::config::JoinApproval,
 }
 
 impl Applier {
@@ -158,6 +161,59 @@ impl Apply for Applier {
     fn conf_changed(&mut self, conf: &ConfState) {
         tracing::info!(voters = ?conf.voters, learners = ?conf.learners, "raft configuration changed");
         self.changed.notify_one();
+    }
+
+    fn is_member(&self, id: u64) -> bool {
+        self.state.member(id).is_some()
+    }
+
+    /// A node that is not a member may only ask to join, as itself: its `Join` is proposed as it
+    /// is (`cluster.join_approval = "auto"`) or as a `RequestJoin` that waits for an admin's
+    /// approval (`"manual"`; asking again while pending is answered with that). Anything else is
+    /// refused.
+    fn admit_non_member(&self, from: u64, data: Vec<u8>) -> std::result::Result<Vec<u8>, (&'static str, String)> {
+        let cmd = Command::from_bytes(&data)
+            .map_err(|e| ("undecodable", format!("node {from} sent an undecodable proposal: {e}")))?;
+        let node = match &cmd.kind {
+            Some(super::state::command::Kind::Join(node)) => node,
+            _ => {
+                return Err((
+                    "not_a_member",
+                    format!(
+                        "node {from} is not a member of the cluster: it may only ask to join (it proposed {})",
+                        cmd.name()
+                    ),
+                ))
+            }
+        };
+        if node.id != from {
+            return Err((
+                "join_for_other_id",
+                format!("node {from} may only join as itself, not as node {}", node.id),
+            ));
+        }
+        match self.join_approval {
+            crate::config::JoinApproval::Auto => Ok(data),
+            crate::config::JoinApproval::Manual => {
+                let waiting = self
+                    .state
+                    .pending_joins()
+                    .get(&from)
+                    .is_some_and(|p| p.http == node.http && p.peer == node.peer && p.handlers == node.handlers);
+                if waiting {
+                    return Err((
+                        "join_pending",
+                        format!(
+                            "node {from}'s join waits for an admin's approval (cluster.join_approval = \"manual\"): \
+                             POST /v1/cluster/nodes/{from}/approve"
+                        ),
+                    ));
+                }
+                Command::request_join(cmd)
+                    .map(|c| c.to_bytes())
+                    .ok_or(("not_a_member", format!("node {from} may only ask to join")))
+            }
+        }
     }
 }
 
@@ -370,6 +426,7 @@ async fn run(config: MembershipConfig, advertise: String) -> Result<Handles> {
         publish: state_tx,
         bus: bus.clone(),
         changed: changed.clone(),
+        join_approval: config.join_approval,
     };
     let mut dc = DriverConfig::new(id);
     dc.tick = Duration::from_millis(config.raft.tick_ms);
@@ -430,6 +487,10 @@ async fn send_to_peers(mut out: mpsc::UnboundedReceiver<Outbound>, bus: Bus, dri
     while let Some(m) = out.recv().await {
         let (to, env) = match m {
             Outbound::Raft { to, bytes } => (to, Envelope::raft(bytes)),
+            Outbound::Refuse { to, seq, error } => (
+                to,
+                Envelope::new(Body::ProposeResult(transport::wire::ProposalResult { id: seq, error })),
+            ),
             Outbound::Forward { to, origin, seq, data } => (
                 to,
                 Envelope::new(Body::Propose(transport::wire::Proposal {
@@ -466,16 +527,40 @@ async fn dispatch_control(
     pongs: mpsc::UnboundedSender<(u64, transport::wire::Pong)>,
     progress: Arc<Progress>,
 ) {
+    // A refusal of this node's join request (sent with id 0 while it is not a member yet).
+    let mut join_refused = crate::metrics::LogLimit::default();
     while let Some((from, env)) = inbound.recv().await {
         if control.is_cut_off(from) {
             continue;
         }
+        // `from` is the peer the transport authenticated; the driver authorises against it.
         let m = match env.body {
-            Some(Body::Raft(bytes)) => Inbound::Raft(bytes.to_vec()),
+            Some(Body::Raft(bytes)) => Inbound::Raft {
+                from,
+                bytes: bytes.to_vec(),
+            },
             Some(Body::Propose(p)) => Inbound::Forwarded {
+                from,
                 origin: if p.origin == 0 { from } else { p.origin },
                 seq: p.id,
                 data: p.command.to_vec(),
+            },
+            Some(Body::ProposeResult(r)) if r.error.is_empty() => continue,
+            Some(Body::ProposeResult(r)) if r.id == 0 => {
+                if let Some(suppressed) = join_refused.hit(std::time::Instant::now()) {
+                    tracing::warn!(
+                        peer = from,
+                        suppressed,
+                        "the cluster did not take this node's join request: {}",
+                        r.error
+                    );
+                }
+                continue;
+            }
+            Some(Body::ProposeResult(r)) => Inbound::Refused {
+                from,
+                seq: r.id,
+                error: r.error,
             },
             Some(Body::Ping(p)) => {
                 let _ = control.send(from, crate::monitor::pong(p.seq, p.sent_unix_nanos, &progress));
@@ -649,7 +734,7 @@ impl Ctx {
     ///
     /// One change at a time, each answered before the next is chosen. A change that fails (no
     /// quorum, a timeout, raft-rs refusing it) is tried again after a growing pause, and its
-    /// failures are logged once, then once per [`Retry::LOG_EVERY`] with a count, so a change
+    /// failures are logged once, then once per [`LogLimit::EVERY`](crate::metrics::LogLimit::EVERY) with a count, so a change
     /// that can never commit neither spins nor floods the log.
     async fn leader_duties(self: Arc<Self>) {
         let mut retry = Retry::default();
@@ -722,15 +807,14 @@ impl Ctx {
     }
 }
 
-/// Paces the retries of a leader duty that keeps failing, and says when to log its failure.
+/// Paces the retries of a leader duty that keeps failing, and says when to log its failure (with
+/// the one rate limit of repeated log lines, [`crate::metrics::LogLimit`]).
 #[derive(Debug, Default)]
 struct Retry {
     /// Failures since the last success.
     failures: u32,
-    /// When a failure was last logged.
-    logged_at: Option<Instant>,
-    /// Failures not logged since then.
-    suppressed: u64,
+    /// When to log a failure.
+    log: crate::metrics::LogLimit,
 }
 
 impl Retry {
@@ -739,7 +823,8 @@ impl Retry {
     /// The longest pause: a retry still comes soon after the cause (an election) is gone.
     const MAX: Duration = Duration::from_secs(2);
     /// At most one log line per this long for failures in a row.
-    const LOG_EVERY: Duration = Duration::from_secs(30);
+    #[cfg(test)]
+    const LOG_EVERY: Duration = crate::metrics::LogLimit::EVERY;
 
     fn succeeded(&mut self) {
         *self = Retry::default();
@@ -750,17 +835,7 @@ impl Retry {
     fn failed(&mut self, now: Instant) -> (Duration, Option<u64>) {
         let wait = Self::FIRST.saturating_mul(1 << self.failures.min(16)).min(Self::MAX);
         self.failures = self.failures.saturating_add(1);
-        let log = match self.logged_at {
-            Some(at) if now.saturating_duration_since(at) < Self::LOG_EVERY => {
-                self.suppressed += 1;
-                None
-            }
-            _ => {
-                self.logged_at = Some(now);
-                Some(std::mem::take(&mut self.suppressed))
-            }
-        };
-        (wait, log)
+        (wait, self.log.hit(now.into_std()))
     }
 }
 

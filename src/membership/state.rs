@@ -23,6 +23,11 @@
 //!   updates the handler kinds and brings a `down` or `draining` member back `up` (a node proposes
 //!   it when its process starts, so a node drained by its SIGTERM takes work again once restarted). The same id with different addresses, or a new id at a peer address another member
 //!   uses, is refused: two processes must never share an id.
+//! * `RequestJoin` records a node that asked to join a cluster whose joins need an operator's
+//!   approval (`cluster.join_approval = "manual"`) as *pending*: not a member, no vote, no work.
+//!   `ApproveJoin` applies its `Join` then (with the same checks); a `Join` of a pending node, or
+//!   `Leave` of it (a rejection), ends its pending entry. A `RequestJoin` of a member changes
+//!   nothing.
 //! * `Leave` removes the member (graceful leave or `DELETE /v1/cluster/nodes/{id}`). Joining later
 //!   with the same id is a new membership and queues behind the current members for a vote.
 //! * `MarkDown` / `MarkUp` move a member between `up` and `down` (the leader's failure detector
@@ -55,8 +60,8 @@
 //!   oneof kind {
 //!     NodeRecord join = 1;  NodeRef leave = 2;  NodeRef mark_down = 3;  NodeRef mark_up = 4;
 //!     NodeRef drain = 5;    SubscriptionRecord subscribe = 6;  SubscriptionRef unsubscribe = 7;
-//!     PlacementRecord set_placement = 8;
-//!   }                                            // 9.. free
+//!     PlacementRecord set_placement = 8;  NodeRecord request_join = 9;  NodeRef approve_join = 10;
+//!   }                                            // 11.. free
 //! }
 //! message NodeRecord         { uint64 id = 1; string http = 2; string peer = 3; repeated string handlers = 4; }
 //! message NodeRef            { uint64 id = 1; }
@@ -69,7 +74,7 @@
 //! message MemberRecord       { NodeRecord node = 1; string status = 2; uint64 joined_at_index = 3; }
 //! message SnapshotRecord     { uint32 format = 1; string cluster_id = 2; uint64 applied_index = 3;
 //!                              repeated MemberRecord members = 4; repeated SubscriptionRecord subscriptions = 5;
-//!                              PlacementRecord placement = 6; }
+//!                              PlacementRecord placement = 6; repeated NodeRecord pending_joins = 7; }
 //! ```
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -101,7 +106,7 @@ pub const SNAPSHOT_FORMAT: u32 = 1;
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Command {
     /// What to do; `None` when the proposer used a variant this build does not know.
-    #[prost(oneof = "command::Kind", tags = "1, 2, 3, 4, 5, 6, 7, 8")]
+    #[prost(oneof = "command::Kind", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10")]
     pub kind: Option<command::Kind>,
 }
 
@@ -134,6 +139,12 @@ pub mod command {
         /// Replace the placement table (fenced by its epoch).
         #[prost(message, tag = "8")]
         SetPlacement(super::PlacementRecord),
+        /// A node asks to join; it waits for an operator's approval (pending).
+        #[prost(message, tag = "9")]
+        RequestJoin(super::NodeRecord),
+        /// An operator approves a pending join.
+        #[prost(message, tag = "10")]
+        ApproveJoin(super::NodeRef),
     }
 }
 
@@ -257,6 +268,9 @@ pub struct SnapshotRecord {
     /// The placement table and epoch.
     #[prost(message, optional, tag = "6")]
     pub placement: Option<PlacementRecord>,
+    /// Joins waiting for approval, by id.
+    #[prost(message, repeated, tag = "7")]
+    pub pending_joins: Vec<NodeRecord>,
 }
 
 impl Command {
@@ -273,6 +287,20 @@ impl Command {
             peer: peer.into(),
             handlers: handlers.into_iter().map(Into::into).collect(),
         }))
+    }
+
+    /// `RequestJoin`: `join` (a `Join` command) waits for an operator's approval; `None` if
+    /// `join` is not a `Join`.
+    pub fn request_join(join: Command) -> Option<Self> {
+        match join.kind {
+            Some(command::Kind::Join(node)) => Some(Self::of(command::Kind::RequestJoin(node))),
+            _ => None,
+        }
+    }
+
+    /// `ApproveJoin`: admit pending node `id`.
+    pub fn approve_join(id: NodeId) -> Self {
+        Self::of(command::Kind::ApproveJoin(NodeRef { id }))
     }
 
     /// `Leave`: remove member `id`.
@@ -329,6 +357,8 @@ impl Command {
             Some(command::Kind::Subscribe(_)) => "subscribe",
             Some(command::Kind::Unsubscribe(_)) => "unsubscribe",
             Some(command::Kind::SetPlacement(_)) => "set_placement",
+            Some(command::Kind::RequestJoin(_)) => "request_join",
+            Some(command::Kind::ApproveJoin(_)) => "approve_join",
         }
     }
 
@@ -454,6 +484,30 @@ pub struct Member {
     pub joined_at_index: u64,
 }
 
+/// A node waiting for an operator to approve its join (`cluster.join_approval = "manual"`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingJoin {
+    /// The node's id.
+    pub id: NodeId,
+    /// Its HTTP API address.
+    pub http: String,
+    /// Its peer address.
+    pub peer: String,
+    /// The handler kinds it can run.
+    pub handlers: Vec<String>,
+}
+
+impl PendingJoin {
+    fn record(&self) -> NodeRecord {
+        NodeRecord {
+            id: self.id,
+            http: self.http.clone(),
+            peer: self.peer.clone(),
+            handlers: self.handlers.clone(),
+        }
+    }
+}
+
 /// The replicated membership state. Build it with [`MembershipState::new`] or
 /// [`MembershipState::from_snapshot`]; change it only with [`MembershipState::apply`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -472,6 +526,8 @@ pub struct MembershipState {
     /// The placement's epoch: grows with every accepted `SetPlacement`; deliveries carry it so a
     /// node refuses work for a placement it no longer holds.
     epoch: u64,
+    /// Joins waiting for an operator's approval, by id.
+    pending_joins: BTreeMap<NodeId, PendingJoin>,
 }
 
 /// What an applied command changed. The driver reacts: membership changes may need a new
@@ -503,6 +559,11 @@ pub enum Effect {
         /// Its id.
         id: NodeId,
     },
+    /// A node's join waits for approval (or its pending entry was updated).
+    JoinPending {
+        /// Its id.
+        id: NodeId,
+    },
     /// A subscription was created or replaced (`Some`) or removed (`None`).
     SubscriptionChanged {
         /// The subscription.
@@ -523,7 +584,7 @@ impl Effect {
     /// Whether the input of placement changed, so the leader should check
     /// [`MembershipState::proposed_placement`].
     pub fn affects_placement(&self) -> bool {
-        !matches!(self, Effect::PlacementChanged { .. })
+        !matches!(self, Effect::PlacementChanged { .. } | Effect::JoinPending { .. })
     }
 
     /// Whether the member list changed, so the leader should compare
@@ -634,6 +695,14 @@ pub enum CommandError {
         epoch: u64,
         /// The entry.
         key: SubscriptionKey,
+    },
+    /// `ApproveJoin` of a node whose join is not pending.
+    #[error("node {id} has no pending join; pending: [{pending}]")]
+    UnknownPendingJoin {
+        /// The id asked for.
+        id: NodeId,
+        /// The pending ids, comma separated.
+        pending: String,
     },
     /// A record is structurally wrong (unknown handler kind, duplicated entry).
     #[error("malformed membership command: {0}")]
@@ -768,7 +837,13 @@ impl MembershipState {
             subscriptions: BTreeMap::new(),
             placement: PlacementTable::new(),
             epoch: 0,
+            pending_joins: BTreeMap::new(),
         }
+    }
+
+    /// The joins waiting for an operator's approval, by id.
+    pub fn pending_joins(&self) -> &BTreeMap<NodeId, PendingJoin> {
+        &self.pending_joins
     }
 
     /// The cluster's name.
@@ -841,6 +916,11 @@ impl MembershipState {
         self.applied_index = index;
         match cmd.kind.ok_or(CommandError::Empty)? {
             command::Kind::Join(node) => self.join(index, node),
+            command::Kind::Leave(r) if !self.members.contains_key(&r.id) && self.pending_joins.contains_key(&r.id) => {
+                // Rejects a pending join.
+                self.pending_joins.remove(&r.id);
+                Ok(Vec::new())
+            }
             command::Kind::Leave(r) => {
                 self.known(r.id)?;
                 self.members.remove(&r.id);
@@ -867,6 +947,21 @@ impl MembershipState {
                 Ok(vec![Effect::SubscriptionChanged { key, spec: None }])
             }
             command::Kind::SetPlacement(rec) => self.set_placement(rec),
+            command::Kind::RequestJoin(node) => self.request_join(node),
+            command::Kind::ApproveJoin(r) => {
+                let pending = self.pending_joins.get(&r.id).map(PendingJoin::record).ok_or_else(|| {
+                    CommandError::UnknownPendingJoin {
+                        id: r.id,
+                        pending: self
+                            .pending_joins
+                            .keys()
+                            .map(u64::to_string)
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                    }
+                })?;
+                self.join(index, pending)
+            }
         }
     }
 
@@ -893,6 +988,30 @@ impl MembershipState {
             id,
             members: self.members.keys().map(u64::to_string).collect::<Vec<_>>().join(", "),
         })
+    }
+
+    fn request_join(&mut self, node: NodeRecord) -> Result<Vec<Effect>, CommandError> {
+        if node.id == 0 {
+            return Err(CommandError::ZeroNodeId);
+        }
+        if node.peer.trim().is_empty() {
+            return Err(CommandError::MissingPeerAddress { id: node.id });
+        }
+        if self.members.contains_key(&node.id) {
+            return Ok(Vec::new());
+        }
+        let id = node.id;
+        let pending = PendingJoin {
+            id,
+            http: node.http,
+            peer: node.peer,
+            handlers: node.handlers,
+        };
+        if self.pending_joins.get(&id) == Some(&pending) {
+            return Ok(Vec::new());
+        }
+        self.pending_joins.insert(id, pending);
+        Ok(vec![Effect::JoinPending { id }])
     }
 
     fn join(&mut self, index: u64, node: NodeRecord) -> Result<Vec<Effect>, CommandError> {
@@ -946,6 +1065,7 @@ impl MembershipState {
                 joined_at_index: index,
             },
         );
+        self.pending_joins.remove(&node.id);
         Ok(vec![Effect::MemberJoined { id: node.id }])
     }
 
@@ -1113,6 +1233,7 @@ impl MembershipState {
                 .collect(),
             subscriptions: self.subscriptions.values().map(SubscriptionRecord::from).collect(),
             placement: Some(PlacementRecord::new(self.epoch, &self.placement)),
+            pending_joins: self.pending_joins.values().map(PendingJoin::record).collect(),
         }
         .encode_to_vec()
     }
@@ -1162,6 +1283,26 @@ impl MembershipState {
         if let Some(p) = rec.placement {
             state.placement = p.to_table()?;
             state.epoch = p.epoch;
+        }
+        for n in rec.pending_joins {
+            if n.id == 0 || state.members.contains_key(&n.id) {
+                return Err(SnapshotError::Invalid(format!(
+                    "pending join of node {} (a member, or id 0)",
+                    n.id
+                )));
+            }
+            let pending = PendingJoin {
+                id: n.id,
+                http: n.http,
+                peer: n.peer,
+                handlers: n.handlers,
+            };
+            if state.pending_joins.insert(n.id, pending).is_some() {
+                return Err(SnapshotError::Invalid(format!(
+                    "pending join of node {} appears twice",
+                    n.id
+                )));
+            }
         }
         Ok(state)
     }
@@ -1778,5 +1919,32 @@ mod tests {
             assert_eq!(follower.to_snapshot(), leader.to_snapshot(), "seed {seed}");
             assert!(outcomes.iter().any(Result::is_err) && outcomes.iter().any(Result::is_ok));
         }
+    }
+
+    #[test]
+    fn a_requested_join_waits_for_approval_and_survives_a_snapshot() {
+        let mut s = state_with([join(1)]);
+        let request = Command::request_join(join(4)).unwrap();
+        assert_eq!(s.apply(2, request.clone()), Ok(vec![Effect::JoinPending { id: 4 }]));
+        assert!(s.member(4).is_none(), "a pending join is not a member");
+        assert_eq!(s.pending_joins().keys().copied().collect::<Vec<_>>(), vec![4]);
+        assert_eq!(s.apply(3, request), Ok(vec![]), "asking again changes nothing");
+        let restored = MembershipState::from_snapshot(&s.to_snapshot()).unwrap();
+        assert_eq!(restored, s);
+        assert!(matches!(
+            s.apply(4, Command::approve_join(5)),
+            Err(CommandError::UnknownPendingJoin { id: 5, .. })
+        ));
+        assert_eq!(
+            s.apply(5, Command::approve_join(4)),
+            Ok(vec![Effect::MemberJoined { id: 4 }])
+        );
+        assert_eq!(s.member(4).unwrap().joined_at_index, 5);
+        assert!(s.pending_joins().is_empty());
+        // A member's request changes nothing; a pending join can be rejected with Leave.
+        assert_eq!(s.apply(6, Command::request_join(join(4)).unwrap()), Ok(vec![]));
+        s.apply(7, Command::request_join(join(6)).unwrap()).unwrap();
+        assert_eq!(s.apply(8, Command::leave(6)), Ok(vec![]));
+        assert!(s.pending_joins().is_empty() && s.member(6).is_none());
     }
 }

@@ -192,6 +192,7 @@ impl NodeBuilder {
             health: health.clone(),
             progress,
             app: app_tx,
+            join_approval: c.join_approval,
         })?);
         // Dead-letter requests from other members: the relay receives them, the control layer
         // answers them from the ingress's store (`serve_peer_asks`, started once the core exists).

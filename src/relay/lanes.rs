@@ -46,6 +46,17 @@ impl Lane {
     }
 }
 
+/// What a credit did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Credited {
+    /// The units went back.
+    Yes,
+    /// No such lane (any more): ignored.
+    Unknown,
+    /// The lane's deliveries were sent to another node: refused.
+    NotSentToPeer,
+}
+
 /// Units a lane gave back without a credit (see [`Lanes::sweep`]).
 #[derive(Debug, PartialEq, Eq)]
 pub(super) struct Lost {
@@ -102,11 +113,18 @@ impl Lanes {
     }
 
     /// `from` credited `n` deliveries of `lane`: their units go back to the window. A credit for
-    /// a lane this node does not know, or from another node than the lane's, is ignored.
-    pub(super) fn credit(&mut self, from: u64, lane: u64, n: u64, now: Instant) {
-        if let Some(lane) = self.lanes.get_mut(&lane).filter(|l| l.node == from) {
-            lane.release(usize::try_from(n).unwrap_or(usize::MAX));
-            lane.progress = now;
+    /// a lane this node does not know (forgotten, or of this node's previous process) is ignored;
+    /// one from another node than the lane's is refused (a peer may only credit what was sent to
+    /// it).
+    pub(super) fn credit(&mut self, from: u64, lane: u64, n: u64, now: Instant) -> Credited {
+        match self.lanes.get_mut(&lane) {
+            None => Credited::Unknown,
+            Some(l) if l.node != from => Credited::NotSentToPeer,
+            Some(l) => {
+                l.release(usize::try_from(n).unwrap_or(usize::MAX));
+                l.progress = now;
+                Credited::Yes
+            }
         }
     }
 
@@ -187,11 +205,11 @@ mod tests {
         let mut lanes = Lanes::default();
         let now = Instant::now();
         let lane = lanes.assign(7, [&a, &a].into_iter(), now)[0];
-        lanes.credit(8, lane, 2, now);
-        assert_eq!(units(&a), 2, "a credit from another node is ignored");
-        lanes.credit(7, lane ^ 2, 2, now);
+        assert_eq!(lanes.credit(8, lane, 2, now), Credited::NotSentToPeer);
+        assert_eq!(units(&a), 2, "a credit from another node is refused");
+        assert_eq!(lanes.credit(7, lane ^ 2, 2, now), Credited::Unknown);
         assert_eq!(units(&a), 2, "a credit for an unknown lane is ignored");
-        lanes.credit(7, lane, u64::MAX, now);
+        assert_eq!(lanes.credit(7, lane, u64::MAX, now), Credited::Yes);
         assert_eq!(units(&a), 0, "at most the held units go back");
     }
 

@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::{mpsc, Notify};
 
-use super::lanes::Lanes;
-use super::pending::{self, Destination, NodeState, Once, Pending};
+use super::lanes::{Credited, Lanes};
+use super::pending::{self, may_answer, Answer, Destination, NodeState, Once, Pending};
 use super::{IdMap, Outgoing, Queues, RelayConfig};
 use crate::event::Event;
 use crate::handler::supervisor::{Completion, Job, Origin, Outcome};
@@ -75,6 +75,8 @@ pub(super) struct Outbound {
     kick: Notify,
     pending_gauge: metrics::Gauge,
     redelivered: metrics::Counter,
+    /// Counts and logs answers refused for deliveries not sent to their sender.
+    refusals: crate::metrics::Refusals,
 }
 
 impl Outbound {
@@ -100,6 +102,7 @@ impl Outbound {
             kick: Notify::new(),
             pending_gauge: metrics::gauge!(crate::metrics::FORWARD_PENDING),
             redelivered: metrics::counter!(crate::metrics::EVENTS_REDELIVERED),
+            refusals: crate::metrics::Refusals::default(),
         }
     }
 
@@ -178,6 +181,7 @@ impl Outbound {
                             at: now,
                             refused: false,
                         },
+                        earlier: Vec::new(),
                     },
                 );
             }
@@ -200,6 +204,7 @@ impl Outbound {
                     event,
                     done: Once::new(completion),
                     to: Destination::Parked,
+                    earlier: Vec::new(),
                 },
             );
             self.pending_gauge.set(pending.len() as f64);
@@ -215,25 +220,46 @@ impl Outbound {
         });
     }
 
-    /// Acks and lane credits from `from`: an ack completes its delivery, a refusal has it routed
-    /// again, a credit gives window units back.
+    /// Acks and lane credits from `from` (the authenticated peer): an ack completes its
+    /// delivery, a refusal has it routed again, a credit gives window units back — each only for
+    /// deliveries sent to `from` ([`may_answer`], [`Lanes::credit`](super::lanes::Lanes::credit);
+    /// an outcome from a node the delivery was routed away from still completes it).
+    /// Others are refused: counted in `herald_peer_messages_refused_total{kind="ack"|"not_placed"|"credit",
+    /// reason="not_sent_to_peer"}` and logged, rate-limited.
     pub(super) fn on_acks(&self, from: u64, batch: AckBatch) {
+        let mut refused_credits = 0;
         if !batch.credits.is_empty() {
             let now = Instant::now();
             let mut lanes = self.lanes.lock().unwrap_or_else(|p| p.into_inner());
             for c in &batch.credits {
-                lanes.credit(from, c.lane, c.n, now);
+                if lanes.credit(from, c.lane, c.n, now) == Credited::NotSentToPeer {
+                    refused_credits += 1;
+                }
             }
         }
         let mut finished = Vec::new();
         let mut refused = false;
+        let (mut refused_acks, mut refused_not_placed) = (0, 0);
         {
             let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
             for ack in batch.acks {
                 // An unknown code (a newer peer) counts as a failure: the event stays in the WAL.
                 let code = AckCode::try_from(ack.code).unwrap_or(AckCode::Failed);
+                match may_answer(pending.get(&ack.id), from) {
+                    Answer::Yes => {}
+                    Answer::Earlier if code != AckCode::NotPlaced => {}
+                    Answer::Unknown | Answer::Earlier => continue,
+                    Answer::NotSentToPeer => {
+                        if code == AckCode::NotPlaced {
+                            refused_not_placed += 1;
+                        } else {
+                            refused_acks += 1;
+                        }
+                        continue;
+                    }
+                }
                 if code == AckCode::NotPlaced {
-                    if let Some(p) = pending.get_mut(&ack.id).filter(|p| p.node() == Some(from)) {
+                    if let Some(p) = pending.get_mut(&ack.id) {
                         tracing::debug!(peer = from, subscription = %p.key, reason = %ack.error, "delivery refused; routing it again");
                         refused |= p.refuse(from);
                     }
@@ -256,6 +282,17 @@ impl Outbound {
                 }
             }
             self.pending_gauge.set(pending.len() as f64);
+        }
+        for (kind, n) in [
+            ("ack", refused_acks),
+            ("not_placed", refused_not_placed),
+            ("credit", refused_credits),
+        ] {
+            if n > 0 {
+                self.refusals.refuse(kind, "not_sent_to_peer", from, n, || {
+                    format!("{n} answer(s) for deliveries this node did not send to peer {from}")
+                });
+            }
         }
         // Completions run outside the lock (they may drop WAL records and answer publishers).
         for (p, outcome) in finished {

@@ -53,13 +53,19 @@ pub(super) struct Pending {
     pub(super) event: Arc<Event>,
     pub(super) done: Arc<Once>,
     pub(super) to: Destination,
+    /// Nodes it was sent to before (it was routed away from them): their late answers are not
+    /// forged, and an ack from one of them still completes it (the event was handled there).
+    pub(super) earlier: Vec<u64>,
 }
 
 impl Pending {
     /// Gives the window unit back (if one is held) and parks the delivery.
     pub(super) fn release(&mut self) {
-        if let Destination::Sent { load, .. } = std::mem::replace(&mut self.to, Destination::Parked) {
+        if let Destination::Sent { load, node, .. } = std::mem::replace(&mut self.to, Destination::Parked) {
             load.fetch_sub(1, Ordering::AcqRel);
+            if !self.earlier.contains(&node) {
+                self.earlier.push(node);
+            }
         }
     }
 
@@ -82,6 +88,33 @@ impl Pending {
             Destination::Sent { node, .. } => Some(node),
         }
     }
+}
+
+/// Whether peer `from` may answer (ack or refuse) delivery `p`, if it is pending: only a node it
+/// was sent to. An answer for a delivery that is no longer pending (already done, or of this
+/// node's previous process) is ignored; one from a node it was never sent to is refused — a
+/// forged ack must not complete (and drop from the WAL) an event another node has not handled.
+pub(super) fn may_answer(p: Option<&Pending>, from: u64) -> Answer {
+    match p {
+        None => Answer::Unknown,
+        Some(p) if p.node() == Some(from) => Answer::Yes,
+        Some(p) if p.earlier.contains(&from) => Answer::Earlier,
+        Some(_) => Answer::NotSentToPeer,
+    }
+}
+
+/// See [`may_answer`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Answer {
+    /// It was sent to that peer: the answer counts.
+    Yes,
+    /// Not pending: ignored.
+    Unknown,
+    /// Sent there before it was routed elsewhere: a late answer. An outcome counts (the event
+    /// was handled there); a refusal is ignored (it says nothing about where it is now).
+    Earlier,
+    /// Pending, but not at that peer: refused.
+    NotSentToPeer,
 }
 
 /// Where a node stands for one subscription, as the current routing table and health say.
@@ -141,6 +174,23 @@ mod tests {
             at,
             refused,
         }
+    }
+
+    #[test]
+    fn only_the_node_a_delivery_was_sent_to_may_answer_for_it() {
+        let p = pending(sent(Instant::now(), false));
+        assert_eq!(may_answer(Some(&p), 2), Answer::Yes);
+        assert_eq!(may_answer(Some(&p), 3), Answer::NotSentToPeer, "a forged ack");
+        assert_eq!(
+            may_answer(Some(&pending(Destination::Parked)), 2),
+            Answer::NotSentToPeer
+        );
+        assert_eq!(may_answer(None, 2), Answer::Unknown);
+        // Routed away from node 2: its late answer is not forged; node 3 still may not answer.
+        let mut p = p;
+        p.release();
+        assert_eq!(may_answer(Some(&p), 2), Answer::Earlier);
+        assert_eq!(may_answer(Some(&p), 3), Answer::NotSentToPeer);
     }
 
     #[test]
@@ -226,6 +276,7 @@ mod tests {
             event: Arc::new(Event::new("t", "{}", "application/json")),
             done: Once::new(Arc::new(Nothing)),
             to,
+            earlier: Vec::new(),
         }
     }
 

@@ -1,0 +1,497 @@
+//! Hostile peers (issue 13, point 4): a rogue node that passed the peer handshake under its own id
+//! — it is authenticated — and then misbehaves, against a running 3-node in-process cluster.
+//!
+//! Each test checks that the attack is refused (the `herald_peer_messages_refused_total` metric,
+//! an answer, or the state), that the cluster stays ready with one leader, and that no accepted
+//! event is lost (events published with `ack=accepted` before and after the attack all reach
+//! their handler). Waits poll against deadlines; the metrics recorder is shared by the process,
+//! so each test looks at a `(kind, reason)` that only it provokes, and only at its increase.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use herald::membership::state::Command;
+use herald::node::Node;
+use herald::proto::{peer_message, AckBatch, AckCode, AckRecord, PeerMessage};
+use herald::transport::wire::{Pong, Proposal, ProposalResult};
+use herald::transport::{Body, Bus, Envelope, TransportConfig};
+use prost::Message as _;
+use protobuf::Message as _;
+use raft::prelude::{Message as RaftMessage, MessageType};
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+use common::{cluster, eventually, get, get_text, metric, post_json, request, within, Receiver, TestNode};
+
+const REFUSED: &str = "herald_peer_messages_refused_total";
+
+/// A rogue peer: its peer bus, the address it listens on (members dial it back), and what it
+/// receives besides pings (which it answers, so that it looks healthy).
+struct Rogue {
+    id: u64,
+    bus: Bus,
+    addr: String,
+    control: mpsc::UnboundedReceiver<(u64, Envelope)>,
+    app: Option<mpsc::UnboundedReceiver<(u64, bytes::Bytes)>>,
+}
+
+/// Starts rogue node `id` and connects it to every node of `nodes`. The ONE place that builds
+/// the rogue's identity and transport configuration: today, with no cluster secret configured,
+/// a loopback peer passes the handshake under any id it names; with mutual TLS this is where it
+/// gets a certificate of the cluster's CA for its own id.
+async fn rogue(nodes: &[TestNode], id: u64) -> Rogue {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("local addr").to_string();
+    let cluster_id = nodes[0].node.core().config().cluster_id.clone();
+    // A node with a valid certificate from the cluster's CA (an insider: a compromised or
+    // misbehaving node), so every refusal below is authorisation, not authentication.
+    let tls = common::node_tls(&cluster_id, id);
+    let config = TransportConfig::new(cluster_id, id, addr.clone()).with_tls(Some(tls));
+    let (control_tx, mut control_rx) = mpsc::channel::<(u64, Envelope)>(1024);
+    let (app_tx, app_rx) = mpsc::unbounded_channel();
+    let bus = Bus::start(config, control_tx, app_tx).expect("the rogue's bus starts");
+    bus.serve(listener);
+    for n in nodes {
+        bus.add_peer(node_id(n), n.node.core().membership().peer_addr().to_string());
+    }
+    // Pings are answered (a rogue that looks healthy gets work); the rest goes to the test.
+    let (seen_tx, seen_rx) = mpsc::unbounded_channel();
+    let control = bus.control().clone();
+    actix_rt::spawn(async move {
+        while let Some((from, env)) = control_rx.recv().await {
+            match env.body {
+                Some(Body::Ping(p)) => {
+                    let pong = Pong {
+                        seq: p.seq,
+                        sent_unix_nanos: p.sent_unix_nanos,
+                        handled: 0,
+                        backlog: 0,
+                    };
+                    let _ = control.send(from, Envelope::new(Body::Pong(pong)));
+                }
+                _ => {
+                    let _ = seen_tx.send((from, env));
+                }
+            }
+        }
+    });
+    Rogue {
+        id,
+        bus,
+        addr,
+        control: seen_rx,
+        app: Some(app_rx),
+    }
+}
+
+impl Rogue {
+    /// Sends `env` to node `to` on the control channel.
+    fn send(&self, to: u64, env: Envelope) {
+        self.bus.control().send(to, env).expect("the rogue can queue to a node");
+    }
+
+    /// Proposes `command` to node `to` as a forwarded proposal with id `id`.
+    fn propose(&self, to: u64, id: u64, command: &Command) {
+        self.send(
+            to,
+            Envelope::new(Body::Propose(Proposal {
+                id,
+                command: command.to_bytes().into(),
+                origin: 0,
+            })),
+        );
+    }
+
+    /// Joins the cluster as itself (allowed: `cluster.join_approval` is `auto`) through node
+    /// `seed`, and waits until every node lists it as a member.
+    async fn join(&self, nodes: &[TestNode], seed: u64, handlers: &[&str]) {
+        let join = Command::join(self.id, "127.0.0.1:9", self.addr.clone(), handlers.iter().copied());
+        self.propose(seed, 0, &join);
+        let id = self.id;
+        for n in nodes {
+            let url = n.url.clone();
+            eventually("the rogue is a member", || {
+                let url = url.clone();
+                async move {
+                    let (_, v) = get(&format!("{url}/v1/cluster")).await;
+                    v["members"].as_array()?.iter().any(|m| m["id"] == id).then_some(())
+                }
+            })
+            .await;
+        }
+    }
+
+    /// Waits for the answer to proposal `id`.
+    async fn proposal_result(&mut self, id: u64) -> (u64, ProposalResult) {
+        within("an answer to the rogue's proposal", common::DEADLINE, || {
+            let got = loop {
+                match self.control.try_recv() {
+                    Ok((
+                        from,
+                        Envelope {
+                            body: Some(Body::ProposeResult(r)),
+                        },
+                    )) if r.id == id => break Some((from, r)),
+                    Ok(_) => continue,
+                    Err(_) => break None,
+                }
+            };
+            async move { got }
+        })
+        .await
+    }
+}
+
+fn node_id(n: &TestNode) -> u64 {
+    n.node.core().config().node_id
+}
+
+/// `(leader, term)` as node `n`'s Raft driver sees it.
+fn raft_of(n: &TestNode) -> (u64, u64) {
+    let s = n.node.core().membership().status().borrow().clone();
+    (s.leader, s.term)
+}
+
+/// The refusal counter for `kind` and `reason` (0 while never counted).
+async fn refused(url: &str, kind: &str, reason: &str) -> f64 {
+    metric(
+        &get_text(&format!("{url}/metrics")).await,
+        REFUSED,
+        &[("kind", kind), ("reason", reason)],
+    )
+    .unwrap_or(0.0)
+}
+
+/// Waits until the refusal counter for `kind` and `reason` exceeds `before`.
+async fn wait_refused(url: &str, kind: &str, reason: &str, before: f64) -> f64 {
+    let what = format!("{REFUSED}{{kind={kind}, reason={reason}}} > {before}");
+    eventually(&what, || async move {
+        let now = refused(url, kind, reason).await;
+        (now > before).then_some(now)
+    })
+    .await
+}
+
+/// Every node is ready, its driver runs, and all agree on one leader among them.
+async fn assert_one_leader_and_ready(nodes: &[TestNode]) {
+    let ids: Vec<u64> = nodes.iter().map(node_id).collect();
+    eventually("every node ready, with one leader", || {
+        let urls: Vec<String> = nodes.iter().map(|n| n.url.clone()).collect();
+        let running = nodes.iter().all(|n| n.node.core().membership().is_running());
+        let leaders: BTreeSet<u64> = nodes.iter().map(|n| raft_of(n).0).collect();
+        let ids = ids.clone();
+        async move {
+            for u in &urls {
+                if get(&format!("{u}/readyz")).await.0 != 200 {
+                    return None;
+                }
+            }
+            let one = leaders.len() == 1 && leaders.iter().all(|l| ids.contains(l));
+            (running && one).then_some(())
+        }
+    })
+    .await;
+}
+
+/// Creates a webhook subscription of `topic` to `receiver` with `instances`, and waits until
+/// every node holds its placement.
+async fn subscribe(nodes: &[TestNode], topic: &str, receiver: &Receiver, instances: u32) -> Vec<u64> {
+    let spec = json!({"topic": topic, "group": "g", "handler": {"kind": "webhook", "url": receiver.url},
+                      "instances": instances});
+    let a = post_json(&format!("{}/v1/subscriptions", nodes[0].url), &spec).await;
+    assert!(a.status == 201 || a.status == 200, "subscribe: {}", a.body);
+    let urls: Vec<String> = nodes.iter().map(|n| n.url.clone()).collect();
+    eventually("the placement is in force on every node", || {
+        let urls = urls.clone();
+        async move {
+            let mut seen = None;
+            for u in &urls {
+                let (_, ps) = get(&format!("{u}/v1/cluster/placements")).await;
+                let p = ps.as_array()?.iter().find(|p| p["topic"] == topic)?.clone();
+                let on: Vec<u64> = p["nodes"].as_array()?.iter().filter_map(Value::as_u64).collect();
+                if on.len() != instances as usize || seen.as_ref().is_some_and(|s| *s != on) {
+                    return None;
+                }
+                seen = Some(on);
+            }
+            seen
+        }
+    })
+    .await
+}
+
+/// Publishes `n` events to `topic` with `ack=accepted`, round robin over the nodes; their ids.
+async fn publish(nodes: &[TestNode], topic: &str, n: usize) -> BTreeSet<String> {
+    let mut ids = BTreeSet::new();
+    for i in 0..n {
+        let url = &nodes[i % nodes.len()].url;
+        let a = request(
+            "POST",
+            &format!("{url}/v1/topics/{topic}/events?ack=accepted"),
+            &[("content-type", "application/json")],
+            json!({ "n": i }).to_string(),
+        )
+        .await;
+        assert_eq!(a.status, 202, "publish: {}", a.body);
+        ids.insert(a.body["id"].as_str().expect("an event id").to_string());
+    }
+    ids
+}
+
+/// Waits until every event of `want` was handled: received by `receiver`, or in `also`.
+async fn wait_handled(receiver: &Receiver, want: &BTreeSet<String>, also: &Mutex<BTreeSet<String>>) {
+    within("every accepted event is handled", Duration::from_secs(60), || {
+        let mut got: BTreeSet<String> = receiver
+            .events()
+            .iter()
+            .filter_map(|e| e.body["id"].as_str().map(str::to_string))
+            .collect();
+        got.extend(also.lock().unwrap().iter().cloned());
+        let missing = want.difference(&got).count();
+        async move { (missing == 0).then_some(()) }
+    })
+    .await;
+}
+
+async fn shutdown(nodes: Vec<TestNode>, rogue: Rogue) {
+    rogue.bus.shutdown();
+    for n in nodes.into_iter().rev() {
+        n.node.shutdown().await;
+    }
+}
+
+fn three() -> Vec<herald::node::NodeBuilder> {
+    (0..3).map(|_| Node::builder()).collect()
+}
+
+/// (a) A Raft message whose `from` names the leader, sent on the rogue's own connection: a
+/// `MsgTimeoutNow`, which would make a follower start an election at once.
+#[actix_rt::test]
+async fn a_raft_message_with_a_forged_sender_is_refused() {
+    let receiver = Receiver::start(0).await;
+    let nodes = cluster(three()).await;
+    subscribe(&nodes, "hostile.a", &receiver, 1).await;
+    let mut want = publish(&nodes, "hostile.a", 10).await;
+    let r = rogue(&nodes, 9).await;
+    let (leader, term) = raft_of(&nodes[0]);
+    let target = nodes.iter().map(node_id).find(|&id| id != leader).unwrap();
+    let before = refused(&nodes[0].url, "raft", "forged_from").await;
+
+    let mut m = RaftMessage::default();
+    m.set_msg_type(MessageType::MsgTimeoutNow);
+    m.from = leader;
+    m.to = target;
+    m.term = term;
+    r.send(target, Envelope::raft(m.write_to_bytes().unwrap()));
+
+    wait_refused(&nodes[0].url, "raft", "forged_from", before).await;
+    assert_one_leader_and_ready(&nodes).await;
+    assert_eq!(
+        raft_of(&nodes[target as usize - 1]),
+        (leader, term),
+        "the forged message started no election"
+    );
+    want.extend(publish(&nodes, "hostile.a", 10).await);
+    wait_handled(&receiver, &want, &Mutex::default()).await;
+    shutdown(nodes, r).await;
+}
+
+/// (b) A member's heartbeat whose commit index is far beyond the follower's log: raft-rs panics
+/// on it, which used to stop the follower's membership driver for good.
+#[actix_rt::test]
+async fn a_heartbeat_with_a_huge_commit_is_dropped_and_the_follower_keeps_running() {
+    let receiver = Receiver::start(0).await;
+    let nodes = cluster(three()).await;
+    subscribe(&nodes, "hostile.b", &receiver, 1).await;
+    let mut want = publish(&nodes, "hostile.b", 10).await;
+    let r = rogue(&nodes, 9).await;
+    // A member (a learner): its Raft messages get past the membership check.
+    r.join(&nodes, 1, &[]).await;
+    let (leader, term) = raft_of(&nodes[0]);
+    let target = nodes.iter().map(node_id).find(|&id| id != leader).unwrap();
+    let before = refused(&nodes[0].url, "raft", "commit_beyond_log").await;
+
+    let mut hb = RaftMessage::default();
+    hb.set_msg_type(MessageType::MsgHeartbeat);
+    hb.from = r.id;
+    hb.to = target;
+    hb.term = term;
+    hb.commit = 1 << 40;
+    r.send(target, Envelope::raft(hb.write_to_bytes().unwrap()));
+
+    wait_refused(&nodes[0].url, "raft", "commit_beyond_log", before).await;
+    assert!(
+        nodes[target as usize - 1].node.core().membership().is_running(),
+        "the follower's membership driver stopped"
+    );
+    assert_one_leader_and_ready(&nodes).await;
+    want.extend(publish(&nodes, "hostile.b", 10).await);
+    wait_handled(&receiver, &want, &Mutex::default()).await;
+    shutdown(nodes, r).await;
+}
+
+/// (c) A node that is not a member proposes a subscription, and a `Join` in another node's name:
+/// both are refused with an answer that says why, and neither reaches the table.
+#[actix_rt::test]
+async fn proposals_from_a_non_member_are_refused_with_a_reason() {
+    let receiver = Receiver::start(0).await;
+    let nodes = cluster(three()).await;
+    subscribe(&nodes, "hostile.c", &receiver, 1).await;
+    let mut want = publish(&nodes, "hostile.c", 10).await;
+    let mut r = rogue(&nodes, 9).await;
+    let before = refused(&nodes[0].url, "proposal", "not_a_member").await;
+    let before_other = refused(&nodes[0].url, "proposal", "join_for_other_id").await;
+
+    let evil: herald::subscription::SubscriptionSpec = serde_json::from_value(
+        json!({"topic": "hostile.c.evil", "group": "g", "handler": {"kind": "log"}, "instances": 1}),
+    )
+    .expect("a valid spec");
+    r.propose(2, 41, &Command::subscribe(&evil));
+    let (from, answer) = r.proposal_result(41).await;
+    assert_eq!(from, 2);
+    assert!(answer.error.contains("not a member"), "{answer:?}");
+
+    r.propose(3, 42, &Command::join(7, "127.0.0.1:7", "127.0.0.1:7", ["log"]));
+    let (from, answer) = r.proposal_result(42).await;
+    assert_eq!(from, 3);
+    assert!(answer.error.contains("only join as itself"), "{answer:?}");
+
+    wait_refused(&nodes[0].url, "proposal", "not_a_member", before).await;
+    wait_refused(&nodes[0].url, "proposal", "join_for_other_id", before_other).await;
+    for n in &nodes {
+        let (_, subs) = get(&format!("{}/v1/subscriptions", n.url)).await;
+        assert!(
+            !subs.to_string().contains("hostile.c.evil"),
+            "a non-member created a subscription: {subs}"
+        );
+        let (_, c) = get(&format!("{}/v1/cluster", n.url)).await;
+        assert!(
+            c["members"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|m| m["id"] != 7 && m["id"] != 9),
+            "{c}"
+        );
+    }
+    assert_one_leader_and_ready(&nodes).await;
+    want.extend(publish(&nodes, "hostile.c", 10).await);
+    wait_handled(&receiver, &want, &Mutex::default()).await;
+    shutdown(nodes, r).await;
+}
+
+/// (d) A member that runs an instance learns the delivery ids the ingress node hands out, and
+/// acks the neighbouring ids — deliveries sent to the other nodes — as done. Those acks are
+/// refused: only the node a delivery was sent to may answer for it.
+#[actix_rt::test]
+async fn forged_acks_for_another_peers_deliveries_are_refused() {
+    // Slow: deliveries to the honest nodes stay pending while the forged acks arrive.
+    let receiver = Receiver::start_with("127.0.0.1:0", 0, Duration::from_millis(200)).await;
+    let nodes = cluster(three()).await;
+    let mut r = rogue(&nodes, 9).await;
+    r.join(&nodes, 1, &["webhook"]).await;
+    let on = subscribe(&nodes, "hostile.d", &receiver, 4).await;
+    assert!(on.contains(&9), "the rogue runs an instance: {on:?}");
+    let before = refused(&nodes[0].url, "ack", "not_sent_to_peer").await;
+
+    // The rogue acks what it was sent (honestly), and forges acks for the ids just below: the
+    // ingress node handed them out just before, to the other nodes, whose slow handler has not
+    // answered yet.
+    let handled_by_rogue = Arc::new(Mutex::new(BTreeSet::new()));
+    let mut app = r.app.take().unwrap();
+    let events = r.bus.events().clone();
+    let mine = handled_by_rogue.clone();
+    actix_rt::spawn(async move {
+        let mut sent_to_me = BTreeSet::new();
+        while let Some((from, bytes)) = app.recv().await {
+            let Ok(PeerMessage {
+                body: Some(peer_message::Body::Events(batch)),
+            }) = PeerMessage::decode(bytes)
+            else {
+                continue;
+            };
+            let ids: BTreeSet<u64> = batch.deliveries.iter().map(|d| d.id).collect();
+            sent_to_me.extend(ids.iter().copied());
+            mine.lock().unwrap().extend(
+                batch
+                    .deliveries
+                    .iter()
+                    .filter_map(|d| Some(d.event.as_ref()?.id.clone())),
+            );
+            let ack = |id| AckRecord {
+                id,
+                code: AckCode::Ok as i32,
+                attempts: 1,
+                error: String::new(),
+            };
+            let mut acks: Vec<AckRecord> = ids.iter().map(|&id| ack(id)).collect();
+            let first = *ids.first().unwrap();
+            acks.extend(
+                (first.saturating_sub(8)..first)
+                    .filter(|id| !sent_to_me.contains(id))
+                    .map(ack),
+            );
+            let msg = PeerMessage {
+                body: Some(peer_message::Body::Acks(AckBatch { acks, credits: vec![] })),
+            };
+            let _ = events.send(from, Envelope::app(msg.encode_to_vec()));
+        }
+    });
+
+    // Published on node 1, so its deliveries to nodes 2, 3 and the rogue share one id counter.
+    let want = publish(&nodes[..1], "hostile.d", 40).await;
+    wait_refused(&nodes[0].url, "ack", "not_sent_to_peer", before).await;
+    assert_one_leader_and_ready(&nodes).await;
+    wait_handled(&receiver, &want, &handled_by_rogue).await;
+    shutdown(nodes, r).await;
+}
+
+/// With `cluster.join_approval = "manual"`, a new node's `Join` leaves it pending — shown in
+/// `/v1/cluster`, asked again it is told it waits — until an admin approves it.
+#[actix_rt::test]
+async fn a_join_waits_for_an_admins_approval_when_approval_is_manual() {
+    let builders = (0..3)
+        .map(|i| {
+            let mut b = Node::builder();
+            // Node 1 admits the other two as the cluster forms; they ask for approval.
+            if i > 0 {
+                b.config_mut().cluster.join_approval = herald::config::JoinApproval::Manual;
+            }
+            b
+        })
+        .collect();
+    let nodes = cluster(builders).await;
+    let mut r = rogue(&nodes, 9).await;
+    let join = Command::join(r.id, "127.0.0.1:9", r.addr.clone(), ["log"]);
+    r.propose(2, 0, &join);
+    for n in &nodes {
+        let url = n.url.clone();
+        eventually("the join is pending on every node", || {
+            let url = url.clone();
+            async move {
+                let (_, c) = get(&format!("{url}/v1/cluster")).await;
+                c["pending_joins"].as_array()?.iter().any(|p| p["id"] == 9).then_some(c)
+            }
+        })
+        .await;
+    }
+    let url = nodes[0].url.clone();
+    let (_, c) = get(&format!("{url}/v1/cluster")).await;
+    assert!(c["members"].as_array().unwrap().iter().all(|m| m["id"] != 9), "{c}");
+    r.propose(2, 43, &join);
+    let (_, answer) = r.proposal_result(43).await;
+    assert!(answer.error.contains("approve"), "{answer:?}");
+
+    let a = request("POST", &format!("{url}/v1/cluster/nodes/7/approve"), &[], "").await;
+    assert_eq!(a.status, 404, "{}", a.body);
+    let a = request("POST", &format!("{url}/v1/cluster/nodes/9/approve"), &[], "").await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    let (_, c) = get(&format!("{url}/v1/cluster")).await;
+    assert!(c["members"].as_array().unwrap().iter().any(|m| m["id"] == 9), "{c}");
+    assert_eq!(c["pending_joins"], json!([]), "{c}");
+    assert_one_leader_and_ready(&nodes).await;
+    shutdown(nodes, r).await;
+}
