@@ -1955,6 +1955,8 @@ async fn start_tls_node(mut builder: herald::node::NodeBuilder, pki: &Pki, mtls:
     let c = builder.config_mut();
     c.http.addr = "127.0.0.1:0".into();
     c.data_dir = dir.path().to_path_buf();
+    // One node: its peers do not matter here.
+    c.peer_tls.insecure = true;
     c.http.tls_cert = Some(pki.path("server.pem"));
     c.http.tls_key = Some(pki.path("server.key"));
     if mtls {
@@ -2047,6 +2049,7 @@ fn unreadable_or_invalid_tls_files_are_config_errors_naming_the_key_and_file() {
         let c = b.config_mut();
         c.http.addr = "127.0.0.1:0".into();
         c.data_dir = dir.path().to_path_buf();
+        c.peer_tls.insecure = true;
         c.http.tls_cert = Some(cert);
         c.http.tls_key = Some(key);
         actix_rt::System::new().block_on(async move {

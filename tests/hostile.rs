@@ -495,3 +495,143 @@ async fn a_join_waits_for_an_admins_approval_when_approval_is_manual() {
     assert_one_leader_and_ready(&nodes).await;
     shutdown(nodes, r).await;
 }
+
+/// Handshakes with node `n`'s peer listener as `identity`, dialing for the control channel.
+async fn dial(
+    n: &TestNode,
+    identity: &herald::transport::Identity,
+) -> Result<herald::transport::Established<tokio::net::TcpStream>, herald::transport::HandshakeError> {
+    let addr = n.node.core().membership().peer_addr();
+    let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    herald::transport::handshake_on(
+        stream,
+        identity,
+        addr,
+        None,
+        Some(herald::transport::Channel::Control),
+        Duration::from_secs(5),
+        |_, _| false,
+    )
+    .await
+}
+
+/// (f) The TLS equivalents of impersonation: a node with a valid certificate claiming to be the
+/// leader; a certificate of another CA; and plaintext (no certificate at all). All are refused at
+/// the handshake, and the cluster goes on.
+#[actix_rt::test]
+async fn impostors_strangers_and_plaintext_peers_are_refused_at_the_handshake() {
+    use herald::transport::{HandshakeError, Identity, PeerTls};
+    let receiver = Receiver::start(0).await;
+    let nodes = cluster(three()).await;
+    subscribe(&nodes, "hostile.f", &receiver, 1).await;
+    let mut want = publish(&nodes, "hostile.f", 10).await;
+    let (leader, term) = raft_of(&nodes[0]);
+    let cluster_id = nodes[0].node.core().config().cluster_id.clone();
+
+    // Node 9's own, valid certificate, and a Hello that says it is the leader.
+    let impostor = Identity {
+        cluster_id: cluster_id.clone(),
+        node_id: leader,
+        advertise_addr: "127.0.0.1:9".into(),
+        tls: Some(common::node_tls(&cluster_id, 9)),
+    };
+    let target = nodes.iter().find(|n| node_id(n) != leader).expect("a follower");
+    match dial(target, &impostor).await {
+        Err(HandshakeError::Untrusted { message, .. }) => {
+            assert!(message.contains(&format!("claims to be node {leader}")), "{message}")
+        }
+        other => panic!("the impostor: expected Untrusted, got {other:?}"),
+    }
+
+    // A certificate for node 9 of this cluster id from a CA the cluster does not trust.
+    let stranger_ca = herald::pki::Ca::generate(&cluster_id).expect("ca");
+    let n = stranger_ca.issue_node(9, &[], &[], 1).expect("issue");
+    let stranger = Identity {
+        tls: Some(Arc::new(
+            PeerTls::from_pem(&n.ca_pem, &n.cert_pem, &n.key_pem, &cluster_id, 9).expect("usable"),
+        )),
+        node_id: 9,
+        ..impostor.clone()
+    };
+    let r = dial(target, &stranger).await;
+    assert!(matches!(r, Err(HandshakeError::Tls { .. })), "another CA: {r:?}");
+
+    // No TLS at all.
+    let plain = Identity {
+        tls: None,
+        node_id: 9,
+        ..impostor
+    };
+    let r = dial(target, &plain).await;
+    assert!(r.is_err(), "plaintext: {r:?}");
+
+    assert_one_leader_and_ready(&nodes).await;
+    assert_eq!(raft_of(target), (leader, term), "nothing disturbed the Raft group");
+    want.extend(publish(&nodes, "hostile.f", 10).await);
+    wait_handled(&receiver, &want, &Mutex::default()).await;
+    for n in nodes.into_iter().rev() {
+        n.node.shutdown().await;
+    }
+}
+
+/// (g) Garbage and an oversized frame on the peer port, and 500 half-open connections held open:
+/// each bad connection is dropped on its own, the half-open ones once the handshake times out,
+/// and meanwhile the cluster keeps its leader and delivers every accepted event.
+#[actix_rt::test]
+async fn garbage_oversized_frames_and_half_open_connections_leave_the_cluster_working() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let receiver = Receiver::start(0).await;
+    let nodes = cluster(three()).await;
+    subscribe(&nodes, "hostile.g", &receiver, 1).await;
+    let mut want = publish(&nodes, "hostile.g", 10).await;
+    let (leader, term) = raft_of(&nodes[0]);
+    let target = nodes.iter().find(|n| node_id(n) != leader).expect("a follower");
+    let addr = target.node.core().membership().peer_addr();
+
+    let mut half_open = Vec::new();
+    for _ in 0..500 {
+        half_open.push(tokio::net::TcpStream::connect(addr).await.expect("connect"));
+    }
+    for garbage in [b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(), vec![0xff; 64 * 1024]] {
+        let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let _ = s.write_all(&garbage).await;
+        let mut rest = Vec::new();
+        // Closed (EOF, or a reset for the unread garbage): either way, dropped.
+        let closed = tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut rest)).await;
+        assert!(closed.is_ok(), "the node dropped a garbage connection");
+    }
+    // An authenticated peer (node 9's certificate) announces a 1 GB frame after the handshake.
+    let cluster_id = target.node.core().config().cluster_id.clone();
+    let rogue = herald::transport::Identity {
+        cluster_id: cluster_id.clone(),
+        node_id: 9,
+        advertise_addr: "127.0.0.1:9".into(),
+        tls: Some(common::node_tls(&cluster_id, 9)),
+    };
+    let mut est = dial(target, &rogue).await.expect("node 9 is admitted");
+    let mut frame = (1u32 << 30).to_be_bytes().to_vec();
+    frame.extend_from_slice(&[0u8; 1024]);
+    est.stream.write_all(&frame).await.expect("write");
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(20), est.stream.read_to_end(&mut rest)).await;
+    assert!(ended.is_ok(), "the node dropped the connection of the oversized frame");
+
+    // With the 500 still open, the cluster works.
+    assert_one_leader_and_ready(&nodes).await;
+    want.extend(publish(&nodes, "hostile.g", 10).await);
+    wait_handled(&receiver, &want, &Mutex::default()).await;
+    assert_eq!(raft_of(target), (leader, term), "no election");
+
+    // The node closes each half-open connection once its handshake times out (5 s).
+    for mut s in half_open {
+        let mut buf = [0u8; 16];
+        let closed = tokio::time::timeout(Duration::from_secs(20), s.read(&mut buf)).await;
+        assert!(
+            matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+            "a half-open connection was closed by the node: {closed:?}"
+        );
+    }
+    for n in nodes.into_iter().rev() {
+        n.node.shutdown().await;
+    }
+}

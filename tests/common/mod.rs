@@ -69,7 +69,9 @@ pub fn test_ca(cluster: &str) -> Arc<herald::pki::Ca> {
 /// Certificate material for node `id` of `cluster` from the test CA: an authenticated peer, for
 /// tests that play a node by hand.
 pub fn node_tls(cluster: &str, id: u64) -> Arc<herald::transport::PeerTls> {
-    let n = test_ca(cluster).issue_node(id, &[], &[], 1).expect("a node certificate");
+    let n = test_ca(cluster)
+        .issue_node(id, &[], &[], 1)
+        .expect("a node certificate");
     Arc::new(herald::transport::PeerTls::from_pem(&n.ca_pem, &n.cert_pem, &n.key_pem, cluster, id).expect("usable"))
 }
 
