@@ -28,7 +28,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a node (serves the HTTP API; runs the handlers registered in this binary).
-    Node(NodeArgs),
+    Node(Box<NodeArgs>),
     /// Run a local cluster of N node processes of this binary; Ctrl-C stops them all.
     Up(UpArgs),
     /// Publish one JSON event.
@@ -77,7 +77,7 @@ pub enum CertCommand {
     },
     /// Issue a node certificate signed by the CA in --ca-dir: writes node.pem, node.key (mode
     /// 0600) and a copy of ca.pem in --out. The certificate names the node id as
-    /// spiffe://<cluster>/node/<id>, and the DNS names and IPs given (for HTTP TLS).
+    /// `spiffe://<cluster>/node/<id>`, and the DNS names and IPs given (for HTTP TLS).
     Node {
         /// The directory with ca.pem and ca.key (`herald cert ca`).
         #[arg(long)]
@@ -247,7 +247,7 @@ pub struct NodeArgs {
     #[arg(long, env = "HERALD_INSECURE_PEERS")]
     pub insecure_peers: bool,
     /// File of API bearer tokens, one `<scopes> <token> [name]` per line (scopes admin, publish,
-    /// publish:<topic pattern>, read; the token plain or as `herald token hash` prints it)
+    /// `publish:<topic pattern>`, read; the token plain or as `herald token hash` prints it)
     /// [key: auth.tokens_file]. With tokens the API may be served to other hosts.
     #[arg(long, env = "HERALD_TOKENS_FILE")]
     pub tokens_file: Option<PathBuf>,

@@ -16,7 +16,7 @@ use crate::subscription::egress::EgressPolicy;
 ///
 /// Every call is checked against the node's webhook egress policy
 /// ([`EgressPolicy`], `handlers.webhook_allow`/`webhook_deny`): the URL's host first, then every
-/// address its name resolves to (the client resolves through [`PolicyResolver`], so it connects
+/// address its name resolves to (the client resolves through `PolicyResolver`, so it connects
 /// only to addresses that were checked). A refused destination fails the attempt with an error
 /// naming the rule; it is retried and dead-lettered like any other failure.
 pub struct Webhook {

@@ -5,7 +5,7 @@
 //! bodies are read with an explicit size limit so an oversized request gets a 413 before it is
 //! buffered.
 //!
-//! Every route declares the scope it needs through [`authorize`] (`publish`, `read`, `admin`;
+//! Every route declares the scope it needs through `authorize` (`publish`, `read`, `admin`;
 //! tokens are compared by SHA-256 in constant time). Routes that change the cluster,
 //! subscriptions or dead letters go through `admin_action`, which also writes the `herald::audit`
 //! line. The server speaks TLS when `http.tls_cert` is set ([`tls`]).

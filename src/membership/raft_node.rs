@@ -20,16 +20,16 @@
 //! # Peer authorisation (ARCHITECTURE.md, "Peer authorisation")
 //!
 //! Everything from the network arrives with `from`, the peer id the transport authenticated.
-//! Before anything reaches raft-rs, [`check_raft`] refuses a Raft message whose `from` is not
+//! Before anything reaches raft-rs, `check_raft` refuses a Raft message whose `from` is not
 //! the authenticated peer, whose sender is neither a member of the application's table nor in
 //! the Raft configuration (a node whose configuration is still empty — not joined yet — takes
 //! messages from any authenticated peer, so that a leader can bring it in), that is not for this
-//! node, or that raft-rs would panic on (see [`check_raft`]). A forwarded proposal is admitted
+//! node, or that raft-rs would panic on (see `check_raft`). A forwarded proposal is admitted
 //! from a member; from anyone else only as the application allows ([`Apply::admit_non_member`]:
 //! a `Join` for the sender's own id). A refusal of a proposal this node forwarded is taken only
 //! from the peer it was forwarded to. Refused messages are counted in
 //! `herald_peer_messages_refused_total{kind, reason}` and logged at WARN, rate-limited.
-//! raft-rs is stepped under `catch_unwind` as a backstop (see [`Driver::step_guarded`]).
+//! raft-rs is stepped under `catch_unwind` as a backstop (see `Driver::step_guarded`).
 
 use std::collections::HashMap;
 use std::time::Duration;

@@ -247,7 +247,7 @@ pub struct PeerInfo {
     pub node_id: u64,
     /// The address it asks to be dialed at (from its Hello; not verified).
     pub advertise_addr: String,
-    /// The address the stream comes from (as given to [`handshake`]).
+    /// The address the stream comes from (as given to [`handshake_on`]).
     pub remote_addr: SocketAddr,
 }
 

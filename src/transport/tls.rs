@@ -7,7 +7,7 @@
 //! node of this cluster in its SAN URI (`spiffe://<cluster>/node/<id>`, see [`crate::pki`]).
 //! Both sides check both things: the accepting side requires a client certificate (rustls's
 //! WebPKI client verifier, so no certificate → no connection), and the dialing side checks the
-//! server's chain with [`PeerServerVerifier`] (the chain only: nodes are not named by DNS, their
+//! server's chain with `PeerServerVerifier` (the chain only: nodes are not named by DNS, their
 //! identity is the URI, which the handshake checks next). The node id a connection is
 //! authenticated as is the one in the certificate; the handshake refuses a `Hello` that claims
 //! another one (`handshake`).
