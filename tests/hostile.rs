@@ -516,7 +516,7 @@ async fn dial(
 }
 
 /// (f) The TLS equivalents of impersonation: a node with a valid certificate claiming to be the
-/// leader; a certificate of another CA; and plaintext (no certificate at all). All are refused at
+/// leader; a certificate of another CA; TLS without a client certificate; and plaintext. All are refused at
 /// the handshake, and the cluster goes on.
 #[actix_rt::test]
 async fn impostors_strangers_and_plaintext_peers_are_refused_at_the_handshake() {
@@ -556,6 +556,31 @@ async fn impostors_strangers_and_plaintext_peers_are_refused_at_the_handshake() 
     let r = dial(target, &stranger).await;
     assert!(matches!(r, Err(HandshakeError::Tls { .. })), "another CA: {r:?}");
 
+    // TLS without a client certificate (a client that trusts anything the node presents).
+    let anonymous = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("TLS 1.3")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(TrustAnything))
+        .with_no_client_auth();
+    let stream = tokio::net::TcpStream::connect(target.node.core().membership().peer_addr())
+        .await
+        .expect("connect");
+    let name = rustls::pki_types::ServerName::try_from("herald-peer").expect("name");
+    let answer = async {
+        let mut tls = tokio_rustls::TlsConnector::from(Arc::new(anonymous))
+            .connect(name, stream)
+            .await?;
+        // TLS 1.3: the server's verdict on the client certificate arrives after the handshake.
+        let mut buf = [0u8; 64];
+        tokio::io::AsyncReadExt::read(&mut tls, &mut buf).await
+    };
+    let r = tokio::time::timeout(Duration::from_secs(20), answer).await.expect("answered");
+    assert!(
+        r.as_ref().is_err_and(|e| e.to_string().contains("CertificateRequired")),
+        "no client certificate: {r:?}"
+    );
+
     // No TLS at all.
     let plain = Identity {
         tls: None,
@@ -571,6 +596,47 @@ async fn impostors_strangers_and_plaintext_peers_are_refused_at_the_handshake() 
     wait_handled(&receiver, &want, &Mutex::default()).await;
     for n in nodes.into_iter().rev() {
         n.node.shutdown().await;
+    }
+}
+
+/// A TLS client's certificate check that accepts any server: for playing a stranger.
+#[derive(Debug)]
+struct TrustAnything;
+
+impl rustls::client::danger::ServerCertVerifier for TrustAnything {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        rustls::crypto::ring::default_provider()
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
