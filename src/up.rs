@@ -76,7 +76,7 @@ async fn up(h: &mut Harness, a: &UpArgs) -> Result<(), String> {
         r = h.wait_ready(Duration::from_secs(a.ready_timeout)) => r.map_err(|e| e.to_string())?,
         _ = &mut signal => return Ok(()),
     }
-    print_summary(h.nodes(), a.restart_after);
+    print_summary(h.nodes(), a.restart_after, h.dir());
     // Restarts so far, per node: how many in a row came soon after the previous one, and when.
     let mut restarts: HashMap<u64, (u32, Instant)> = HashMap::new();
     loop {
@@ -129,7 +129,7 @@ fn restart_delay(base: Duration, previous: Option<(u32, Duration)>) -> (Duration
     (delay, in_a_row)
 }
 
-fn print_summary(nodes: &[Node], restart_after: u64) {
+fn print_summary(nodes: &[Node], restart_after: u64, dir: &std::path::Path) {
     println!("\nHerald cluster of {} nodes is up:\n", nodes.len());
     let rows: Vec<Vec<String>> = nodes
         .iter()
@@ -143,10 +143,14 @@ fn print_summary(nodes: &[Node], restart_after: u64) {
         })
         .collect();
     println!("{}\n", crate::text::table(&["NODE", "HTTP", "PEER", "LOG"], &rows));
+    println!(
+        "The nodes talk mutual TLS; the cluster's CA and their certificates are in {}.\n",
+        dir.join("tls").display()
+    );
     let url = nodes.first().map(Node::url).unwrap_or_default().to_string();
     println!("Publish to any node:");
     println!(
-        "  curl -XPOST {url}/v1/topics/user.login/events -H 'content-type: application/json' -d '{{\"user_id\":42}}'"
+        "  curl -XPOST {url}/v1/topics/user.login/events -H 'content-type: application/json' -d '{{\"user_id\":42,\"username\":\"ada\",\"login_time\":\"2026-11-26T10:00:00Z\"}}'"
     );
     println!("Inspect:");
     println!("  herald status --url {url}      curl {url}/metrics");

@@ -575,7 +575,9 @@ async fn impostors_strangers_and_plaintext_peers_are_refused_at_the_handshake() 
         let mut buf = [0u8; 64];
         tokio::io::AsyncReadExt::read(&mut tls, &mut buf).await
     };
-    let r = tokio::time::timeout(Duration::from_secs(20), answer).await.expect("answered");
+    let r = tokio::time::timeout(Duration::from_secs(20), answer)
+        .await
+        .expect("answered");
     assert!(
         r.as_ref().is_err_and(|e| e.to_string().contains("CertificateRequired")),
         "no client certificate: {r:?}"
