@@ -11,6 +11,7 @@ use metrics::{Counter, Gauge, Histogram, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use serde_json::Value;
 
+use super::tls::HeraldPeers;
 use super::{percentile, record, BenchNodeArgs, ClusterArgs};
 use herald::config::FsyncPolicy;
 use herald::handler::{Delivery, HandlerResult};
@@ -212,10 +213,13 @@ pub(super) const LOG_TAIL: usize = 15;
 
 /// Starts one `herald-bench node` process per entry of `ports` ((HTTP, peer) of node 1, 2, …)
 /// in a new directory `<tmp>/<name>-<pid>-<n>`; node 1 founds the cluster, the others join it.
+/// The peers talk mutual TLS (the harness issues every node a certificate from a CA in
+/// `<dir>/tls/`), or plaintext with `insecure` (`--insecure-peers`).
 pub(super) fn start(
     name: &str,
     ports: Vec<(u16, u16)>,
     wal_fsync: Option<FsyncPolicy>,
+    insecure: bool,
     keep: bool,
 ) -> Result<Cluster, String> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot find this program's path: {e}"))?;
@@ -227,6 +231,9 @@ pub(super) fn start(
         .keep_dir(keep)
         .progress(true)
         .args(fsync.into_iter().flat_map(|f| ["--wal-fsync", f]));
+    if insecure {
+        c = c.insecure_peers();
+    }
     if keep {
         eprintln!("the nodes' data and logs are kept in {}", c.dir().display());
     }
@@ -239,10 +246,37 @@ pub(super) fn start_on_free_ports(
     name: &str,
     nodes: usize,
     wal_fsync: Option<FsyncPolicy>,
+    insecure: bool,
     keep: bool,
 ) -> Result<Cluster, String> {
     let p = free_ports(2 * nodes)?;
-    start(name, p.chunks(2).map(|c| (c[0], c[1])).collect(), wal_fsync, keep)
+    start(
+        name,
+        p.chunks(2).map(|c| (c[0], c[1])).collect(),
+        wal_fsync,
+        insecure,
+        keep,
+    )
+}
+
+/// Checks, once the nodes are ready, that they run the peer transport asked for: with mTLS the
+/// harness passed each node its certificate (`<dir>/tls/node-<id>/node.pem`) and no node warned
+/// about insecure peers; with plaintext every node did.
+pub(super) fn check_peers(c: &Cluster, insecure: bool) -> Result<(), String> {
+    for n in c.nodes() {
+        let log = std::fs::read_to_string(n.log()).map_err(|e| format!("cannot read {}: {e}", n.log().display()))?;
+        let cert = super::tls::harness_ca_dir(c.dir()).join(format!("node-{}/node.pem", n.id()));
+        if !super::tls::log_shows_peers(&log, insecure) || cert.is_file() == insecure {
+            return Err(format!(
+                "node {} does not run {} peers (log {}, certificate {})",
+                n.id(),
+                if insecure { "plaintext" } else { "mTLS" },
+                n.log().display(),
+                cert.display()
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// `IP:port` of node `id`'s HTTP API (empty for an unknown node).
@@ -828,17 +862,32 @@ pub(super) fn run(mut a: ClusterArgs) -> Result<(), String> {
             .map_err(|e| format!("port {port} is not free ({e}); choose other ports with --base-port"))?;
     }
     let ports = (0..3).map(|i| (a.base_port + i, a.base_port + 100 + i)).collect();
-    let mut c = start("herald-bench-cluster", ports, a.wal_fsync, a.keep)?;
+    let insecure = a.herald_peers == HeraldPeers::Plaintext;
+    let mut c = start("herald-bench-cluster", ports, a.wal_fsync, insecure, a.keep)?;
+    let mut plain = match a.herald_peers {
+        HeraldPeers::Both => Some(start_on_free_ports(
+            "herald-bench-cluster-plaintext",
+            3,
+            a.wal_fsync,
+            true,
+            a.keep,
+        )?),
+        _ => None,
+    };
     let outcome = actix_rt::System::new().block_on(async {
         let signal = herald::node::shutdown_signal();
         tokio::select! {
-            r = scenario(&mut c, &a) => r,
+            r = scenario(&mut c, plain.as_mut(), &a) => r,
             _ = signal => Err("interrupted".to_string()),
         }
     });
     if outcome.is_err() {
         c.print_logs(LOG_TAIL);
+        if let Some(p) = &plain {
+            p.print_logs(LOG_TAIL);
+        }
     }
+    drop(plain);
     drop(c);
     outcome
 }
@@ -924,21 +973,44 @@ impl Target {
     }
 }
 
-async fn scenario(c: &mut Cluster, a: &ClusterArgs) -> Result<(), String> {
+/// The suffix of the names of the runs made on the plaintext cluster of `--herald-peers both`.
+const PLAINTEXT_RUN: &str = ", plaintext peers";
+
+async fn scenario(c: &mut Cluster, mut plain: Option<&mut Cluster>, a: &ClusterArgs) -> Result<(), String> {
+    let insecure = a.herald_peers == HeraldPeers::Plaintext;
     let t = prepare(c, a.connections, a.instances).await?;
+    check_peers(c, insecure)?;
     let (ingress, hosts) = (t.ingress, &t.hosts);
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     println!(
-        "herald-bench cluster: 3 herald processes on 127.0.0.1 (http {}-{}, peer {}-{}), {cores} cores, wal.fsync={}",
+        "herald-bench cluster: 3 herald processes on 127.0.0.1 (http {}-{}, peer {}-{}), peers {}, {cores} cores, wal.fsync={}",
         a.base_port,
         a.base_port + 2,
         u32::from(a.base_port) + 100,
         u32::from(a.base_port) + 102,
+        if insecure {
+            "plaintext (--insecure-peers)"
+        } else {
+            "mutual TLS 1.3 (checked)"
+        },
         match a.wal_fsync {
             Some(FsyncPolicy::Never) => "never",
             _ => "always",
         }
     );
+    let plain_target = match plain.as_deref_mut() {
+        Some(p) => {
+            let pt = prepare(p, a.connections, a.instances).await?;
+            check_peers(p, true)?;
+            println!(
+                "and for the max-rate runs, alternating with it: 3 more processes with plaintext peers (--insecure-peers), \
+                 publishing to node {} of those, {SINK} on nodes {:?}",
+                pt.ingress, pt.hosts
+            );
+            Some(pt)
+        }
+        None => None,
+    };
 
     println!(
         "subscription {TOPIC}/{GROUP} -> {SINK} x{} on nodes {hosts:?}; publishing to node {ingress} (batches of {}, {} connections)\n",
@@ -947,18 +1019,31 @@ async fn scenario(c: &mut Cluster, a: &ClusterArgs) -> Result<(), String> {
 
     // Warm-up: connections, the peer links' windows, the WAL file.
     let warm = (a.events / 10).clamp(1_000, 50_000);
-    let plain = Body::default();
+    let body = Body::default();
     t.max_rate(
         c,
         "warm-up".into(),
         "none",
-        plain,
+        body,
         warm,
         a.batch,
         a.connections,
         a.seconds,
     )
     .await?;
+    if let (Some(p), Some(pt)) = (plain.as_deref(), &plain_target) {
+        pt.max_rate(
+            p,
+            "warm-up".into(),
+            "none",
+            body,
+            warm,
+            a.batch,
+            a.connections,
+            a.seconds,
+        )
+        .await?;
+    }
 
     // Control-plane latency: ping round trips over a quiet window, then during the ack=none
     // max-rate run (pings travel on the peer bus's control connections, events on its events
@@ -971,14 +1056,37 @@ async fn scenario(c: &mut Cluster, a: &ClusterArgs) -> Result<(), String> {
     let mut loaded = BTreeMap::new();
     let mut runs = Vec::new();
     for ack in ["none", "accepted"] {
+        // With a plaintext cluster too: it goes second for ack=none, first for ack=accepted.
+        let plain_name = format!("ack={ack}, max rate{PLAINTEXT_RUN}");
+        if let (Some(p), Some(pt), "accepted") = (plain.as_deref(), &plain_target, ack) {
+            runs.push(
+                pt.max_rate(
+                    p,
+                    plain_name.clone(),
+                    ack,
+                    body,
+                    a.events,
+                    a.batch,
+                    a.connections,
+                    a.seconds,
+                )
+                .await?,
+            );
+        }
         let name = format!("ack={ack}, max rate");
         let before = ping_rtt(c, &client).await?;
         runs.push(
-            t.max_rate(c, name, ack, plain, a.events, a.batch, a.connections, a.seconds)
+            t.max_rate(c, name, ack, body, a.events, a.batch, a.connections, a.seconds)
                 .await?,
         );
         if ack == "none" {
             loaded = since(&before, &ping_rtt(c, &client).await?);
+        }
+        if let (Some(p), Some(pt), "none") = (plain.as_deref(), &plain_target, ack) {
+            runs.push(
+                pt.max_rate(p, plain_name, ack, body, a.events, a.batch, a.connections, a.seconds)
+                    .await?,
+            );
         }
     }
     let rtt_ms = |h: &BTreeMap<u64, f64>, q: f64| quantile(h, q) * 1e3;
@@ -996,7 +1104,7 @@ async fn scenario(c: &mut Cluster, a: &ClusterArgs) -> Result<(), String> {
     for ack in ["none", "accepted"] {
         let name = format!("ack={ack}, paced {}/s", a.latency_rate);
         runs.push(
-            t.paced(c, name, ack, plain, a.latency_rate, a.batch, a.latency_seconds)
+            t.paced(c, name, ack, body, a.latency_rate, a.batch, a.latency_seconds)
                 .await?,
         );
     }
@@ -1048,6 +1156,21 @@ async fn scenario(c: &mut Cluster, a: &ClusterArgs) -> Result<(), String> {
          the batch, from {} fine buckets, ±6 %)",
         latency_buckets().len()
     );
+    for ack in ["none", "accepted"] {
+        let rate = |name: String| runs.iter().find(|r| r.name == name).map(|r| r.rate);
+        let mtls = rate(format!("ack={ack}, max rate"));
+        if let (Some(m), Some(p)) = (mtls, rate(format!("ack={ack}, max rate{PLAINTEXT_RUN}"))) {
+            println!(
+                "ack={ack} max rate: mTLS / plaintext peers = {:.2}x{}",
+                m / p,
+                if ack == "none" {
+                    " (goal >= 0.85x: within 15 %)"
+                } else {
+                    ""
+                }
+            );
+        }
+    }
     for r in &runs {
         if r.on_ingress > 0 {
             println!(
@@ -1115,7 +1238,7 @@ async fn scenario(c: &mut Cluster, a: &ClusterArgs) -> Result<(), String> {
         let mut rows = Vec::new();
         for r in &runs {
             let (ack, what) = r.name.split_once(", ").unwrap_or((&r.name, ""));
-            if what == "max rate" {
+            if what.starts_with("max rate") {
                 rows.push(record::row(
                     "cluster",
                     ack,
@@ -1177,6 +1300,7 @@ async fn scenario(c: &mut Cluster, a: &ClusterArgs) -> Result<(), String> {
             "latency_rate": a.latency_rate,
             "failovers": a.failovers,
             "failover_rate": a.failover_rate,
+            "herald_peers": format!("{:?}", a.herald_peers).to_lowercase(),
             "smoke": a.smoke,
         });
         record::write(path, meta, rows)?;

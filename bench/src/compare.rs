@@ -89,13 +89,26 @@ pub(super) struct Row {
     pub(super) metric: Metric,
     pub(super) herald: Vec<f64>,
     pub(super) peer: Vec<f64>,
+    /// Herald with plaintext peers (`--insecure-peers`), measured in the same runs when asked
+    /// (`--herald-peers both`; `herald` is then Herald with mTLS); empty otherwise.
+    pub(super) plain: Vec<f64>,
+}
+
+/// The ratio of the medians of `a` and `b` (`None` when either has no figure, or `b`'s is 0).
+pub(super) fn median_ratio(a: &[f64], b: &[f64]) -> Option<f64> {
+    let (a, b) = (summarize(a)?, summarize(b)?);
+    (b.median != 0.0).then(|| a.median / b.median)
 }
 
 impl Row {
     /// Herald's median / the peer's median.
     pub(super) fn ratio(&self) -> Option<f64> {
-        let (h, p) = (summarize(&self.herald)?, summarize(&self.peer)?);
-        (p.median != 0.0).then(|| h.median / p.median)
+        median_ratio(&self.herald, &self.peer)
+    }
+
+    /// Herald's median (mTLS) / the median of Herald with plaintext peers: what mTLS keeps.
+    pub(super) fn tls_ratio(&self) -> Option<f64> {
+        median_ratio(&self.herald, &self.plain)
     }
 
     /// Min and max of the per-run ratios herald[i] / peer[i] (the runs of a pair ran back to
@@ -163,6 +176,7 @@ pub(super) fn fmt_size(bytes: usize) -> String {
 /// median (min-max), the ratio of the medians and the range of the per-run ratios.
 pub(super) fn table(peer: &str, rows: &[Row]) -> String {
     let cases = rows.iter().any(|r| r.label.is_some());
+    let plain = rows.iter().any(|r| !r.plain.is_empty());
     let body: Vec<Vec<String>> = rows
         .iter()
         .map(|r| {
@@ -170,26 +184,43 @@ pub(super) fn table(peer: &str, rows: &[Row]) -> String {
             if cases {
                 cells.push(r.label.clone().unwrap_or_default());
             }
+            cells.extend([r.metric.label().to_string(), fmt_summary(r.metric, &r.herald)]);
+            if plain {
+                cells.push(fmt_summary(r.metric, &r.plain));
+            }
             cells.extend([
-                r.metric.label().to_string(),
-                fmt_summary(r.metric, &r.herald),
                 fmt_summary(r.metric, &r.peer),
                 fmt_ratio(r.ratio()),
                 r.paired_ratios()
                     .map_or("-".into(), |(lo, hi)| format!("{lo:.2}-{hi:.2}")),
-                if r.metric.higher_is_better() { "higher" } else { "lower" }.to_string(),
             ]);
+            if plain {
+                cells.push(fmt_ratio(r.tls_ratio()));
+            }
+            cells.push(if r.metric.higher_is_better() { "higher" } else { "lower" }.to_string());
             cells
         })
         .collect();
-    let herald = "HERALD median (min-max)".to_string();
+    let herald = if plain {
+        "HERALD MTLS median (min-max)"
+    } else {
+        "HERALD median (min-max)"
+    };
     let peer_h = format!("{} median (min-max)", peer.to_uppercase());
     let ratio = format!("HERALD/{}", peer.to_uppercase());
     let mut header = vec!["PAYLOAD"];
     if cases {
         header.push("CASE");
     }
-    header.extend(["METRIC", &herald, &peer_h, &ratio, "PER-RUN RATIOS", "BETTER"]);
+    header.extend(["METRIC", herald]);
+    if plain {
+        header.push("HERALD PLAINTEXT median (min-max)");
+    }
+    header.extend([peer_h.as_str(), &ratio, "PER-RUN RATIOS"]);
+    if plain {
+        header.push("MTLS/PLAINTEXT");
+    }
+    header.push("BETTER");
     herald::cli::table(&header, &body)
 }
 
@@ -218,6 +249,8 @@ pub(super) fn json_rows(scenario: &str, herald_mode: &str, peer: &str, meta: &Va
                 "ratio": r.ratio(),
                 "paired_ratio_min": pr.map(|p| p.0),
                 "paired_ratio_max": pr.map(|p| p.1),
+                "herald_plaintext": (!r.plain.is_empty()).then(|| side(&r.plain)),
+                "ratio_vs_plaintext": r.tls_ratio(),
             })
         })
         .collect();
@@ -244,6 +277,7 @@ mod tests {
             metric: Metric::EventsPerSecond,
             herald: vec![100.0, 300.0, 200.0],
             peer: vec![400.0, 400.0, 100.0],
+            plain: vec![],
         };
         assert_eq!(r.ratio(), Some(0.5));
         assert_eq!(r.paired_ratios(), Some((0.25, 2.0)));
@@ -275,6 +309,7 @@ mod tests {
                 metric: Metric::EventsPerSecond,
                 herald: vec![200_000.0, 220_000.0],
                 peer: vec![1_000_000.0, 1_100_000.0],
+                plain: vec![],
             },
             Row {
                 payload_bytes: 16,
@@ -282,6 +317,7 @@ mod tests {
                 metric: Metric::P99Ms,
                 herald: vec![3.0],
                 peer: vec![1.5],
+                plain: vec![],
             },
         ];
         let t = table("nats", &rows);
@@ -302,6 +338,37 @@ mod tests {
     }
 
     #[test]
+    fn plaintext_figures_add_columns_and_the_mtls_ratio() {
+        let rows = vec![Row {
+            payload_bytes: 16,
+            label: None,
+            metric: Metric::EventsPerSecond,
+            herald: vec![90.0, 80.0, 100.0],
+            peer: vec![100.0],
+            plain: vec![100.0, 110.0, 90.0],
+        }];
+        assert_eq!(rows[0].tls_ratio(), Some(0.9));
+        assert_eq!(rows[0].ratio(), Some(0.9));
+        let t = table("nats", &rows);
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(
+            lines[0].contains("HERALD MTLS")
+                && lines[0].contains("HERALD PLAINTEXT")
+                && lines[0].contains("MTLS/PLAINTEXT"),
+            "{t}"
+        );
+        assert!(
+            lines[1].contains("100 (90-110)") && lines[1].matches("0.90x").count() == 2,
+            "{t}"
+        );
+        let j = json_rows("nats", "ack=none", "nats", &json!({}), &rows);
+        assert_eq!(j["rows"][0]["herald_plaintext"]["median"], 100.0);
+        assert_eq!(j["rows"][0]["ratio_vs_plaintext"], 0.9);
+        assert_eq!(median_ratio(&[1.0], &[]), None);
+        assert_eq!(median_ratio(&[1.0], &[0.0]), None);
+    }
+
+    #[test]
     fn labelled_rows_get_a_case_column() {
         let rows = vec![Row {
             payload_bytes: 128,
@@ -309,6 +376,7 @@ mod tests {
             metric: Metric::EventsPerSecond,
             herald: vec![30_000.0],
             peer: vec![40_000.0],
+            plain: vec![],
         }];
         let t = table("bare-http", &rows);
         let lines: Vec<&str> = t.lines().collect();

@@ -991,6 +991,7 @@ async fn scenario(c: &mut Cluster, bare: &mut BareProc, a: &HttpArgs) -> Result<
                 metric: Metric::EventsPerSecond,
                 herald: rates[si][ci].clone(),
                 peer: rates[0][ci].clone(),
+                plain: vec![],
             });
         }
         for (mi, metric) in [Metric::P50Ms, Metric::P99Ms, Metric::P999Ms].into_iter().enumerate() {
@@ -1000,6 +1001,7 @@ async fn scenario(c: &mut Cluster, bare: &mut BareProc, a: &HttpArgs) -> Result<
                 metric,
                 herald: lat[si][mi].clone(),
                 peer: lat[0][mi].clone(),
+                plain: vec![],
             });
         }
     }
@@ -1104,7 +1106,13 @@ pub(super) fn run(mut a: HttpArgs) -> Result<(), String> {
         ));
     }
     let ports = free_ports(3)?;
-    let mut c = super::cluster::start("herald-bench-http", vec![(ports[0], ports[1])], a.wal_fsync, a.keep)?;
+    let mut c = super::cluster::start(
+        "herald-bench-http",
+        vec![(ports[0], ports[1])],
+        a.wal_fsync,
+        false,
+        a.keep,
+    )?;
     let mut bare = BareProc::start(ports[2], a.keep)?;
     let started = Instant::now();
     let outcome = actix_rt::System::new().block_on(async {

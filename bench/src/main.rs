@@ -20,7 +20,9 @@
 //!
 //! `nats` and `jetstream`: Herald next to NATS (core pub/sub, and JetStream) with the same process
 //! layout, payload sizes and publishing pattern, alternating run by run; see `nats.rs`. They need
-//! `nats-server` (on PATH, or Debian's /usr/sbin/nats-server).
+//! `nats-server` (on PATH, or Debian's /usr/sbin/nats-server). Herald's peers talk mutual TLS
+//! and NATS's clients and routes TLS, with certificates of one CA (`tls.rs`);
+//! `--herald-peers both` also measures Herald with plaintext peers in the same run.
 //!
 //! `http`: HTTP publish to one node vs a bare actix-web server (`bare-http`, hidden); see `http.rs`.
 //!
@@ -136,6 +138,11 @@ struct ClusterArgs {
     /// WAL fsync policy of the nodes (default: the node default, always).
     #[arg(long, value_enum)]
     wal_fsync: Option<FsyncPolicy>,
+    /// The peer transport: mutual TLS (the default), plaintext (`--insecure-peers`), or both
+    /// (then the max-rate runs are also made on a second, plaintext cluster on free ports,
+    /// alternating with the first; latency and failover run on the mTLS cluster).
+    #[arg(long, value_enum, default_value = "mtls")]
+    herald_peers: tls::HeraldPeers,
     /// A few seconds in all: 20,000 events per run, 1 s latency runs, 2 failover rounds.
     #[arg(long)]
     smoke: bool,
@@ -193,6 +200,15 @@ struct PeerArgs {
     /// The nats-server program (default: nats-server on PATH, or /usr/sbin/nats-server).
     #[arg(long)]
     nats_server: Option<std::path::PathBuf>,
+    /// Herald's peer transport: mutual TLS (the default), plaintext (`--insecure-peers`), or both
+    /// (two Herald clusters, alternating with NATS run by run; the table adds the plaintext
+    /// figures and the mTLS/plaintext ratio).
+    #[arg(long, value_enum, default_value = "mtls")]
+    herald_peers: tls::HeraldPeers,
+    /// Run NATS without TLS (by default its client connections and routes use TLS with
+    /// certificates from Herald's CA, and clients present a certificate).
+    #[arg(long)]
+    nats_plaintext: bool,
     /// Also write the table's rows as JSON to this file.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -796,3 +812,4 @@ mod nats;
 mod plot;
 mod record;
 mod report;
+mod tls;

@@ -28,6 +28,13 @@
 //!   await all their acks; receivers share one durable pull consumer (explicit acks, up to 20,000
 //!   unacked) and ack each message after recording it, as a Herald handler returns Ok.
 //!
+//! TLS: Herald's peers talk mutual TLS 1.3 (`--herald-peers mtls`, the default; checked from the
+//! nodes' logs and certificate files), and NATS's client connections and routes talk TLS with
+//! `verify: true`, with certificates issued by the Herald cluster's CA (see `tls.rs`); the NATS
+//! clients present one. `--herald-peers both` adds a second Herald cluster with plaintext peers:
+//! the three systems then take turns going first (see `order`), and the rows carry the
+//! plaintext figures and the mTLS/plaintext ratio. `--nats-plaintext` runs NATS without TLS.
+//!
 //! Both systems carry the same payload bytes: exactly `size` bytes of JSON that hold the publish
 //! time (see `cluster::payload`); both receivers record publish → receive latency in the same fine
 //! buckets, and events/s is received / (last received − publish start). Latency percentiles come
@@ -98,10 +105,11 @@ mod imp {
     use serde_json::json;
 
     use super::super::cluster::{
-        free_ports, latency_buckets, measure_with, payload, prepare, start_on_free_ports, unix_nanos, Body, Cluster,
-        Run, Sent, Sink, Sinks, Target, LOG_TAIL,
+        check_peers, free_ports, latency_buckets, measure_with, payload, prepare, start_on_free_ports, unix_nanos,
+        Body, Cluster, Run, Sent, Sink, Sinks, Target, LOG_TAIL,
     };
     use super::super::compare::{self, fmt_size, Metric, Row};
+    use super::super::tls::{self, nats_tls_block, TlsFiles};
     use super::super::{JsStorage, PeerArgs};
     use super::Mode;
     use herald::config::FsyncPolicy;
@@ -119,8 +127,15 @@ mod imp {
     const MAX_INFLIGHT: usize = 32;
 
     /// The configuration of server `i` (1-based) of 3: client port, route ports of all three,
-    /// and a JetStream store directory when JetStream is on.
-    pub(super) fn server_config(i: usize, client_port: u16, route_ports: &[u16], store: Option<&Path>) -> String {
+    /// a JetStream store directory when JetStream is on, and the server's TLS files when TLS is
+    /// on (then clients and routes both talk TLS and must present a certificate of the CA).
+    pub(super) fn server_config(
+        i: usize,
+        client_port: u16,
+        route_ports: &[u16],
+        store: Option<&Path>,
+        tls: Option<&TlsFiles>,
+    ) -> String {
         let routes: Vec<String> = route_ports
             .iter()
             .enumerate()
@@ -129,10 +144,12 @@ mod imp {
             .collect();
         let mut s = format!(
             "server_name: \"herald-bench-n{i}\"\nlisten: \"127.0.0.1:{client_port}\"\n\
-             server_tags: [\"n{i}\"]\n\
-             cluster {{\n  name: \"herald-bench\"\n  listen: \"127.0.0.1:{}\"\n  routes: [{}]\n}}\n",
+             server_tags: [\"n{i}\"]\n{}\
+             cluster {{\n  name: \"herald-bench\"\n  listen: \"127.0.0.1:{}\"\n  routes: [{}]\n{}}}\n",
+            tls.map(|f| nats_tls_block(0, f)).unwrap_or_default(),
             route_ports[i - 1],
-            routes.join(", ")
+            routes.join(", "),
+            tls.map(|f| nats_tls_block(2, f)).unwrap_or_default(),
         );
         if let Some(dir) = store {
             s.push_str(&format!(
@@ -171,10 +188,18 @@ mod imp {
         keep: bool,
         client_ports: Vec<u16>,
         procs: Vec<(Child, PathBuf)>,
+        /// The benchmark client's TLS identity, when the servers talk TLS.
+        client_tls: Option<TlsFiles>,
     }
 
     impl NatsCluster {
-        fn start(program: &Path, jetstream: bool, keep: bool) -> Result<NatsCluster, String> {
+        /// With `ca`, TLS on the client connections and the routes, with certificates it issues.
+        fn start(
+            program: &Path,
+            jetstream: bool,
+            ca: Option<&herald::pki::Ca>,
+            keep: bool,
+        ) -> Result<NatsCluster, String> {
             let ports = free_ports(6)?;
             // Not `herald-bench-nats-<pid>-<n>`: that is the Herald cluster's directory of `bench nats`,
             // and each start empties its own directory.
@@ -186,11 +211,26 @@ mod imp {
                 keep,
                 client_ports: ports[..3].to_vec(),
                 procs: Vec::new(),
+                client_tls: None,
+            };
+            let server_tls = match ca {
+                Some(ca) => {
+                    let (servers, client) = tls::issue_nats(ca, &c.dir.join("tls"), 3)?;
+                    c.client_tls = Some(client);
+                    servers.into_iter().map(Some).collect()
+                }
+                None => vec![None; 3],
             };
             for i in 1..=3 {
                 let store = c.dir.join(format!("js-{i}"));
                 let conf = c.dir.join(format!("n{i}.conf"));
-                let text = server_config(i, ports[i - 1], &ports[3..], jetstream.then_some(store.as_path()));
+                let text = server_config(
+                    i,
+                    ports[i - 1],
+                    &ports[3..],
+                    jetstream.then_some(store.as_path()),
+                    server_tls[i - 1].as_ref(),
+                );
                 std::fs::write(&conf, text).map_err(|e| format!("cannot write {}: {e}", conf.display()))?;
                 let log = c.dir.join(format!("n{i}.log"));
                 let out = File::create(&log).map_err(|e| format!("cannot create {}: {e}", log.display()))?;
@@ -243,14 +283,19 @@ mod imp {
         }
     }
 
-    async fn connect(url: &str, within: Duration) -> Result<async_nats::Client, String> {
+    /// A client of `url`; with `tls`, over TLS (required), trusting the CA and presenting the
+    /// client certificate (the servers verify it).
+    async fn connect(url: &str, tls: Option<&TlsFiles>, within: Duration) -> Result<async_nats::Client, String> {
         let deadline = Instant::now() + within;
         loop {
-            match async_nats::ConnectOptions::new()
-                .subscription_capacity(1 << 18)
-                .connect(url)
-                .await
-            {
+            let mut options = async_nats::ConnectOptions::new().subscription_capacity(1 << 18);
+            if let Some(f) = tls {
+                options = options
+                    .require_tls(true)
+                    .add_root_certificates(f.ca.clone())
+                    .add_client_certificate(f.cert.clone(), f.key.clone());
+            }
+            match options.connect(url).await {
                 Ok(c) => return Ok(c),
                 Err(e) if Instant::now() >= deadline => return Err(format!("cannot connect to {url}: {e}")),
                 Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
@@ -321,7 +366,7 @@ mod imp {
     }
 
     impl Receiver {
-        fn spawn(url: String, mode: Mode) -> Result<Receiver, String> {
+        fn spawn(url: String, tls: Option<TlsFiles>, mode: Mode) -> Result<Receiver, String> {
             let counts = Arc::new(Counts::new());
             let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
             let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -337,7 +382,7 @@ mod imp {
                         }
                     };
                     rt.block_on(async move {
-                        if let Err(e) = receive(url, mode, c, ready_tx.clone(), stop_rx).await {
+                        if let Err(e) = receive(url, tls, mode, c, ready_tx.clone(), stop_rx).await {
                             eprintln!("nats receiver: {e}");
                             let _ = ready_tx.send(Err(e));
                         }
@@ -373,12 +418,13 @@ mod imp {
 
     async fn receive(
         url: String,
+        tls: Option<TlsFiles>,
         mode: Mode,
         counts: Arc<Counts>,
         ready: std::sync::mpsc::Sender<Result<(), String>>,
         mut stop: tokio::sync::oneshot::Receiver<()>,
     ) -> Result<(), String> {
-        let client = connect(&url, Duration::from_secs(20)).await?;
+        let client = connect(&url, tls.as_ref(), Duration::from_secs(20)).await?;
         match mode {
             Mode::Core => {
                 let mut sub = client
@@ -710,59 +756,82 @@ mod imp {
         Ok(())
     }
 
+    /// One Herald cluster of the comparison: mTLS peers, or plaintext (`--insecure-peers`).
+    struct Herald {
+        insecure: bool,
+        c: Cluster,
+    }
+
+    impl Herald {
+        fn name(&self) -> &'static str {
+            tls::variant_name(self.insecure)
+        }
+    }
+
     pub(super) fn run(a: PeerArgs, mode: Mode) -> Result<(), String> {
         let program = find_server(a.nats_server.as_deref())?;
-        let name = format!("herald-bench-{}", mode.command());
-        let mut herald = start_on_free_ports(&name, 3, a.wal_fsync, a.keep)?;
-        let nats = NatsCluster::start(&program, mode == Mode::JetStream, a.keep)?;
+        let mut heralds = Vec::new();
+        for &insecure in a.herald_peers.variants() {
+            let name = format!(
+                "herald-bench-{}-{}",
+                mode.command(),
+                if insecure { "plaintext" } else { "mtls" }
+            );
+            let c = start_on_free_ports(&name, 3, a.wal_fsync, insecure, a.keep)?;
+            heralds.push(Herald { insecure, c });
+        }
+        // NATS trusts the CA of Herald's mTLS cluster (the harness made it before node 1 started).
+        let ca = match (a.nats_plaintext, heralds.iter().find(|h| !h.insecure)) {
+            (true, _) => None,
+            (false, Some(h)) => Some(
+                herald::pki::Ca::load(&tls::harness_ca_dir(h.c.dir()))
+                    .map_err(|e| format!("the Herald cluster's CA: {e}"))?,
+            ),
+            (false, None) => Some(herald::pki::Ca::generate("herald").map_err(|e| e.to_string())?),
+        };
+        let nats = NatsCluster::start(&program, mode == Mode::JetStream, ca.as_ref(), a.keep)?;
         let started = Instant::now();
         let outcome = actix_rt::System::new().block_on(async {
             let signal = herald::node::shutdown_signal();
             tokio::select! {
-                r = scenario(&mut herald, &nats, &a, mode) => r,
+                r = scenario(&mut heralds, &nats, &a, mode) => r,
                 _ = signal => Err("interrupted".to_string()),
             }
         });
         if outcome.is_err() {
-            eprint!("{}{}", herald.log_tails(LOG_TAIL), nats.log_tails());
+            for h in &heralds {
+                eprint!("--- {}:\n{}", h.name(), h.c.log_tails(LOG_TAIL));
+            }
+            eprint!("{}", nats.log_tails());
         }
         drop(nats);
-        drop(herald);
+        drop(heralds);
         if outcome.is_ok() {
             println!("done in {:.1} s", started.elapsed().as_secs_f64());
         }
         outcome
     }
 
-    /// One figure of each system for one payload size, in the given order.
-    struct Pair {
-        herald: Run,
-        peer: Run,
-    }
-
-    async fn pair(
-        herald_first: bool,
-        herald: impl std::future::Future<Output = Result<Run, String>>,
-        peer: impl std::future::Future<Output = Result<Run, String>>,
-    ) -> Result<Pair, String> {
-        if herald_first {
-            let h = herald.await?;
-            let p = peer.await?;
-            Ok(Pair { herald: h, peer: p })
-        } else {
-            let p = peer.await?;
-            let h = herald.await?;
-            Ok(Pair { herald: h, peer: p })
-        }
+    /// The order in which `n` systems run in run `run` (1-based): rotated by one each run, so
+    /// each system goes first, second, … in turn (with 2: Herald first in odd runs).
+    pub(super) fn order(n: usize, run: u64) -> Vec<usize> {
+        let shift = ((run.max(1) - 1) % n.max(1) as u64) as usize;
+        (0..n).map(|i| (i + shift) % n).collect()
     }
 
     fn missing(r: &Run) -> u64 {
         r.sent.accepted.saturating_sub(r.handled)
     }
 
-    async fn scenario(c: &mut Cluster, nats: &NatsCluster, a: &PeerArgs, mode: Mode) -> Result<(), String> {
-        let t: Target = prepare(c, a.connections, a.instances).await?;
-        let client = connect(&nats.url(1), Duration::from_secs(30)).await?;
+    async fn scenario(heralds: &mut [Herald], nats: &NatsCluster, a: &PeerArgs, mode: Mode) -> Result<(), String> {
+        let mut targets: Vec<Target> = Vec::new();
+        for h in heralds.iter_mut() {
+            targets.push(prepare(&mut h.c, a.connections, a.instances).await?);
+            check_peers(&h.c, h.insecure)?;
+        }
+        let heralds: &[Herald] = heralds;
+        let tls = nats.client_tls.as_ref();
+        let client = connect(&nats.url(1), tls, Duration::from_secs(30)).await?;
         let js = match mode {
             Mode::Core => None,
             Mode::JetStream => {
@@ -776,12 +845,12 @@ mod imp {
         let publisher = Publisher { client, js };
         let mut receivers = Vec::new();
         for i in 0..a.instances as usize {
-            receivers.push(Receiver::spawn(nats.url(2 + i), mode)?);
+            receivers.push(Receiver::spawn(nats.url(2 + i), tls.cloned(), mode)?);
         }
         let receivers = Receivers(receivers);
         publisher.probe(&receivers).await?;
 
-        let (ack, peer, peer_what) = match mode {
+        let (ack, peer_base, peer_kind) = match mode {
             Mode::Core => ("none", "nats", "NATS core publish, queue group"),
             Mode::JetStream => (
                 "accepted",
@@ -792,6 +861,16 @@ mod imp {
                 },
             ),
         };
+        let peer = format!("{peer_base}{}", if tls.is_some() { "+tls" } else { "" });
+        let peer = peer.as_str();
+        let peer_what = format!(
+            "{peer_kind}; {}",
+            if tls.is_some() {
+                "TLS on client connections and routes (verify: true), certificates from Herald's CA"
+            } else {
+                "plaintext"
+            }
+        );
         let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
         let fsync = match a.wal_fsync {
             Some(FsyncPolicy::Never) => "never",
@@ -801,12 +880,24 @@ mod imp {
             "herald-bench {}: Herald ack={ack} vs {peer_what}; {cores} cores, 127.0.0.1 only",
             mode.command()
         );
+        for (h, t) in heralds.iter().zip(&targets) {
+            println!(
+                "  {}: 3 nodes, peers {}; publisher -> node {} (HTTP batches of {}, {} connections) -> peer transport -> bench-sink x{} on nodes {:?}; wal.fsync={fsync}",
+                h.name(),
+                if h.insecure {
+                    "plaintext (--insecure-peers)"
+                } else {
+                    "mutual TLS 1.3 (certificates of one CA, checked)"
+                },
+                t.ingress,
+                a.batch,
+                a.connections,
+                a.instances,
+                t.hosts
+            );
+        }
         println!(
-            "  herald: 3 nodes; publisher -> node {} (HTTP batches of {}, {} connections) -> peer transport -> bench-sink x{} on nodes {:?}; wal.fsync={fsync}",
-            t.ingress, a.batch, a.connections, a.instances, t.hosts
-        );
-        println!(
-            "  nats:   3 nats-server ({}) in one cluster; publisher -> server 1 ({} tasks, {} per {}) -> route -> {} receiver(s) on server(s) {:?}",
+            "  {peer}: 3 nats-server ({}) in one cluster; publisher -> server 1 ({} tasks, {} per {}) -> route -> {} receiver(s) on server(s) {:?}",
             nats_version(&find_server(a.nats_server.as_deref())?),
             a.connections,
             a.batch,
@@ -823,23 +914,30 @@ mod imp {
             a.sizes.iter().map(|s| fmt_size(*s)).collect::<Vec<_>>().join(", ")
         );
 
-        // Warm-up of both: connections, route and peer-link buffers, the WAL file.
+        // Warm-up of all: connections, route and peer-link buffers (and TLS sessions), the WAL file.
         let warm = (a.events / 10).clamp(1_000, 20_000);
         let size = a.sizes[0];
-        t.max_rate(
-            c,
-            "warm-up".into(),
-            ack,
-            Body::sized(size),
-            warm,
-            a.batch,
-            a.connections,
-            a.seconds,
-        )
-        .await?;
+        for (h, t) in heralds.iter().zip(&targets) {
+            t.max_rate(
+                &h.c,
+                "warm-up".into(),
+                ack,
+                Body::sized(size),
+                warm,
+                a.batch,
+                a.connections,
+                a.seconds,
+            )
+            .await?;
+        }
         let pubs = publisher.max_rate(&receivers, size, warm, a.batch, a.connections, a.window, a.seconds);
         measure_with(&receivers, None, "warm-up".into(), pubs).await?;
 
+        // Systems 0.. are the Herald clusters (the first is `herald` in the rows, a second one
+        // `plain`), the last is NATS.
+        let systems = heralds.len() + 1;
+        let nats_at = heralds.len();
+        let sys_name = |s: usize| if s == nats_at { peer } else { heralds[s].name() };
         let mut rows = Vec::new();
         let mut warnings = Vec::new();
         let mut check = |name: &str, r: &Run| {
@@ -858,98 +956,160 @@ mod imp {
                 ));
             }
         };
+        let assign = |row: &mut Row, runs: &[f64]| {
+            row.herald.push(runs[0]);
+            if nats_at > 1 {
+                row.plain.push(runs[1]);
+            }
+            row.peer.push(runs[nats_at]);
+        };
         for &size in &a.sizes {
-            let mut rate = Row {
-                payload_bytes: size,
-                label: None,
-                metric: Metric::EventsPerSecond,
-                herald: vec![],
-                peer: vec![],
-            };
-            let mut lat = [Metric::P50Ms, Metric::P99Ms, Metric::P999Ms].map(|metric| Row {
+            let row = |metric| Row {
                 payload_bytes: size,
                 label: None,
                 metric,
                 herald: vec![],
                 peer: vec![],
-            });
+                plain: vec![],
+            };
+            let mut rate = row(Metric::EventsPerSecond);
+            let mut lat = [Metric::P50Ms, Metric::P99Ms, Metric::P999Ms].map(row);
             for run in 1..=a.runs {
-                let first = run % 2 == 1;
-                let name = |sys: &str| format!("{sys} {} max rate run {run}", fmt_size(size));
-                let h = t.max_rate(
-                    c,
-                    name("herald"),
-                    ack,
-                    Body::sized(size),
-                    a.events,
-                    a.batch,
-                    a.connections,
-                    a.seconds,
-                );
-                let pubs = publisher.max_rate(&receivers, size, a.events, a.batch, a.connections, a.window, a.seconds);
-                let p = measure_with(&receivers, None, name(peer), pubs);
-                let x = pair(first, h, p).await?;
-                check(&name("herald"), &x.herald);
-                check(&name(peer), &x.peer);
+                let mut got: Vec<Option<Run>> = (0..systems).map(|_| None).collect();
+                for s in order(systems, run) {
+                    let name = format!("{} {} max rate run {run}", sys_name(s), fmt_size(size));
+                    let r = if s == nats_at {
+                        let pubs =
+                            publisher.max_rate(&receivers, size, a.events, a.batch, a.connections, a.window, a.seconds);
+                        measure_with(&receivers, None, name.clone(), pubs).await?
+                    } else {
+                        targets[s]
+                            .max_rate(
+                                &heralds[s].c,
+                                name.clone(),
+                                ack,
+                                Body::sized(size),
+                                a.events,
+                                a.batch,
+                                a.connections,
+                                a.seconds,
+                            )
+                            .await?
+                    };
+                    check(&name, &r);
+                    got[s] = Some(r);
+                }
+                let got: Vec<Run> = got.into_iter().flatten().collect();
+                let line: Vec<String> = got
+                    .iter()
+                    .enumerate()
+                    .map(|(s, r)| {
+                        format!(
+                            "{} {:>9} ev/s",
+                            sys_name(s),
+                            compare::fmt_value(Metric::EventsPerSecond, r.rate)
+                        )
+                    })
+                    .collect();
                 println!(
-                    "{:>6} run {run}/{}: max rate   herald {:>9} ev/s   {peer} {:>9} ev/s",
+                    "{:>6} run {run}/{}: max rate   {}",
                     fmt_size(size),
                     a.runs,
-                    compare::fmt_value(Metric::EventsPerSecond, x.herald.rate),
-                    compare::fmt_value(Metric::EventsPerSecond, x.peer.rate),
+                    line.join("   ")
                 );
-                rate.herald.push(x.herald.rate);
-                rate.peer.push(x.peer.rate);
+                assign(&mut rate, &got.iter().map(|r| r.rate).collect::<Vec<_>>());
 
-                let name = |sys: &str| format!("{sys} {} paced run {run}", fmt_size(size));
-                let h = t.paced(
-                    c,
-                    name("herald"),
-                    ack,
-                    Body::sized(size),
-                    a.latency_rate,
-                    a.batch,
-                    a.latency_seconds,
-                );
-                let pubs = publisher.paced(size, a.latency_rate, a.batch, a.latency_seconds);
-                let p = measure_with(&receivers, None, name(peer), pubs);
-                let x = pair(!first, h, p).await?;
-                check(&name("herald"), &x.herald);
-                check(&name(peer), &x.peer);
+                let mut got: Vec<Option<Run>> = (0..systems).map(|_| None).collect();
+                for s in order(systems, run).into_iter().rev() {
+                    let name = format!("{} {} paced run {run}", sys_name(s), fmt_size(size));
+                    let r = if s == nats_at {
+                        let pubs = publisher.paced(size, a.latency_rate, a.batch, a.latency_seconds);
+                        measure_with(&receivers, None, name.clone(), pubs).await?
+                    } else {
+                        targets[s]
+                            .paced(
+                                &heralds[s].c,
+                                name.clone(),
+                                ack,
+                                Body::sized(size),
+                                a.latency_rate,
+                                a.batch,
+                                a.latency_seconds,
+                            )
+                            .await?
+                    };
+                    check(&name, &r);
+                    got[s] = Some(r);
+                }
+                let got: Vec<Run> = got.into_iter().flatten().collect();
+                let line: Vec<String> = got
+                    .iter()
+                    .enumerate()
+                    .map(|(s, r)| {
+                        format!(
+                            "{} p50/p99/p99.9 {}/{}/{} ms",
+                            sys_name(s),
+                            compare::fmt_value(Metric::P50Ms, r.p50_ms),
+                            compare::fmt_value(Metric::P50Ms, r.p99_ms),
+                            compare::fmt_value(Metric::P50Ms, r.p999_ms),
+                        )
+                    })
+                    .collect();
                 println!(
-                    "{:>6} run {run}/{}: paced      herald p50/p99/p99.9 {}/{}/{} ms   {peer} {}/{}/{} ms",
+                    "{:>6} run {run}/{}: paced      {}",
                     fmt_size(size),
                     a.runs,
-                    compare::fmt_value(Metric::P50Ms, x.herald.p50_ms),
-                    compare::fmt_value(Metric::P50Ms, x.herald.p99_ms),
-                    compare::fmt_value(Metric::P50Ms, x.herald.p999_ms),
-                    compare::fmt_value(Metric::P50Ms, x.peer.p50_ms),
-                    compare::fmt_value(Metric::P50Ms, x.peer.p99_ms),
-                    compare::fmt_value(Metric::P50Ms, x.peer.p999_ms),
+                    line.join("   ")
                 );
-                for (row, (h, p)) in lat.iter_mut().zip([
-                    (x.herald.p50_ms, x.peer.p50_ms),
-                    (x.herald.p99_ms, x.peer.p99_ms),
-                    (x.herald.p999_ms, x.peer.p999_ms),
+                for (row, pick) in lat.iter_mut().zip([
+                    (|r: &Run| r.p50_ms) as fn(&Run) -> f64,
+                    |r: &Run| r.p99_ms,
+                    |r: &Run| r.p999_ms,
                 ]) {
-                    row.herald.push(h);
-                    row.peer.push(p);
+                    assign(row, &got.iter().map(pick).collect::<Vec<_>>());
                 }
             }
             rows.push(rate);
             rows.extend(lat);
         }
         println!(
-            "\nherald ack={ack} vs {peer} ({peer_what}), {} runs each; events/s received at max rate; \
+            "\n{} ack={ack} vs {peer} ({peer_what}), {} runs each; events/s received at max rate; \
              publish -> receive latency at {}/s",
-            a.runs, a.latency_rate
+            heralds[0].name(),
+            a.runs,
+            a.latency_rate
         );
         println!("{}", compare::table(peer, &rows));
         println!(
-            "(ratio = Herald median / {peer} median; per-run ratios pair runs made back to back; latency from \
+            "(ratio = {} median / {peer} median; per-run ratios pair runs made back to back;{} latency from \
              {} fine buckets, ±6 %)",
+            heralds[0].name(),
+            if nats_at > 1 {
+                " MTLS/PLAINTEXT = herald-mtls median / herald-plaintext median;"
+            } else {
+                ""
+            },
             latency_buckets().len()
         );
+        for r in rows.iter().filter(|r| r.metric == Metric::EventsPerSecond) {
+            let fmt = |x: Option<f64>| x.map_or("-".to_string(), |x| format!("{x:.2}x"));
+            let mut goals = vec![format!(
+                "{} / {peer} {} (goal >= 1.00x)",
+                heralds[0].name(),
+                fmt(r.ratio())
+            )];
+            if nats_at > 1 {
+                goals.push(format!(
+                    "herald-mtls / herald-plaintext {} (goal >= 0.85x: within 15 %)",
+                    fmt(r.tls_ratio())
+                ));
+            }
+            println!(
+                "{:>6} ack={ack} events/s: {}",
+                fmt_size(r.payload_bytes),
+                goals.join("; ")
+            );
+        }
         for w in &warnings {
             println!("warning: {w}");
         }
@@ -968,6 +1128,8 @@ mod imp {
                 "window": a.window,
                 "wal_fsync": fsync,
                 "js_storage": format!("{:?}", a.js_storage).to_lowercase(),
+                "herald_peers": heralds.iter().map(|h| h.name()).collect::<Vec<_>>(),
+                "nats_tls": tls.is_some(),
                 "peer_description": peer_what,
                 "smoke": a.smoke,
                 "warnings": warnings,
@@ -996,13 +1158,44 @@ mod imp {
 
         #[test]
         fn server_configs_route_to_the_two_others() {
-            let c = server_config(2, 4222, &[6001, 6002, 6003], Some(Path::new("/tmp/js")));
+            let c = server_config(2, 4222, &[6001, 6002, 6003], Some(Path::new("/tmp/js")), None);
             assert!(c.contains("listen: \"127.0.0.1:4222\""));
             assert!(c.contains("listen: \"127.0.0.1:6002\""));
             assert!(c.contains("nats-route://127.0.0.1:6001") && c.contains("nats-route://127.0.0.1:6003"));
             assert!(!c.contains("nats-route://127.0.0.1:6002"));
             assert!(c.contains("server_tags: [\"n2\"]") && c.contains("store_dir: \"/tmp/js\""));
-            assert!(!server_config(1, 4222, &[1, 2, 3], None).contains("jetstream"));
+            assert!(!server_config(1, 4222, &[1, 2, 3], None, None).contains("jetstream"));
+            assert!(!c.contains("tls"));
+        }
+
+        #[test]
+        fn tls_server_configs_secure_clients_and_routes() {
+            let f = TlsFiles {
+                ca: "/d/ca.pem".into(),
+                cert: "/d/n1/node.pem".into(),
+                key: "/d/n1/node.key".into(),
+            };
+            let c = server_config(1, 4222, &[6001, 6002, 6003], None, Some(&f));
+            // One block for the clients at the top level, one for the routes inside `cluster`.
+            assert_eq!(c.matches("tls {").count(), 2, "{c}");
+            assert_eq!(c.matches("verify: true").count(), 2, "{c}");
+            let cluster = &c[c.find("cluster {").unwrap()..];
+            assert!(cluster.contains("  tls {\n    cert_file: \"/d/n1/node.pem\""), "{c}");
+            let top = &c[..c.find("cluster {").unwrap()];
+            assert!(top.contains("tls {\n  cert_file: \"/d/n1/node.pem\""), "{c}");
+            assert!(top.contains("ca_file: \"/d/ca.pem\""), "{c}");
+            // Braces balance: nats-server would refuse the file otherwise.
+            assert_eq!(c.matches('{').count(), c.matches('}').count(), "{c}");
+        }
+
+        #[test]
+        fn every_system_goes_first_in_turn() {
+            assert_eq!(order(2, 1), [0, 1]);
+            assert_eq!(order(2, 2), [1, 0]);
+            assert_eq!(order(3, 1), [0, 1, 2]);
+            assert_eq!(order(3, 2), [1, 2, 0]);
+            assert_eq!(order(3, 3), [2, 0, 1]);
+            assert_eq!(order(3, 4), [0, 1, 2]);
         }
 
         #[test]

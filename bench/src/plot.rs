@@ -70,6 +70,13 @@ pub(super) fn draw(scenario: &str, figs: &[Fig], dir: &Path) -> Result<Vec<(Stri
             name: "herald".into(),
             bars: rate.iter().map(|(_, f)| bar(&f.herald)).collect(),
         }];
+        if rate.iter().any(|(_, f)| !f.plain.is_empty()) {
+            series[0].name = "herald mtls".into();
+            series.push(Series {
+                name: "herald plaintext".into(),
+                bars: rate.iter().map(|(_, f)| bar(&f.plain)).collect(),
+            });
+        }
         if let Some(p) = &peer_name {
             series.push(Series {
                 name: p.clone(),
@@ -302,6 +309,7 @@ mod tests {
     fn charts_are_written_for_each_kind_of_figure() {
         let dir = tempfile::tempdir().unwrap();
         let fig = |metric: &str, case: &str, herald: Vec<f64>, peer: Option<Vec<f64>>| Fig {
+            plain: vec![],
             scenario: "nats".into(),
             mode: "ack=none".into(),
             case: case.into(),

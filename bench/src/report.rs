@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use serde_json::Value;
 
-use super::compare::{summarize, Metric};
+use super::compare::Metric;
 use super::percentile;
 
 /// `herald-bench report` arguments.
@@ -75,7 +75,8 @@ fn plans(a: &ReportArgs) -> Vec<Plan> {
         },
         Plan {
             name: "nats",
-            args: smoke(nats.clone()),
+            // Herald with mTLS (the default) and with plaintext peers, next to NATS with TLS.
+            args: smoke([nats.clone(), s(&["--herald-peers", "both"])].concat()),
         },
         Plan {
             name: "jetstream",
@@ -87,7 +88,13 @@ fn plans(a: &ReportArgs) -> Vec<Plan> {
         },
         Plan {
             name: "cluster",
-            args: smoke(vec!["--failovers".into(), a.failovers.to_string()]),
+            // The max-rate runs also on a cluster with plaintext peers, alternating with mTLS.
+            args: smoke(vec![
+                "--failovers".into(),
+                a.failovers.to_string(),
+                "--herald-peers".into(),
+                "both".into(),
+            ]),
         },
         Plan {
             name: "membership",
@@ -219,14 +226,21 @@ pub(super) struct Fig {
     pub(super) higher_is_better: bool,
     pub(super) herald: Vec<f64>,
     pub(super) peer: Option<(String, Vec<f64>)>,
+    /// Herald with plaintext peers in the same runs (`herald` is then Herald with mTLS); empty
+    /// when not measured.
+    pub(super) plain: Vec<f64>,
 }
 
 impl Fig {
     /// The median of Herald's figures over the peer's.
     pub(super) fn ratio(&self) -> Option<f64> {
         let (_, p) = self.peer.as_ref()?;
-        let (h, p) = (summarize(&self.herald)?, summarize(p)?);
-        (p.median != 0.0).then(|| h.median / p.median)
+        super::compare::median_ratio(&self.herald, p)
+    }
+
+    /// The median of Herald's figures (mTLS) over those of Herald with plaintext peers.
+    pub(super) fn tls_ratio(&self) -> Option<f64> {
+        super::compare::median_ratio(&self.herald, &self.plain)
     }
 
     /// `ack=none, 16 B` (the mode and the case, whichever are set).
@@ -267,6 +281,7 @@ pub(super) fn rows(doc: &Value) -> Vec<Fig> {
                 .as_str()
                 .filter(|_| r["peer_figures"].is_object())
                 .map(|p| (p.to_string(), runs(&r["peer_figures"]))),
+            plain: runs(&r["herald_plaintext"]),
         })
         .collect()
 }
@@ -335,39 +350,53 @@ struct Goal {
     scenario: &'static str,
     /// The rows it applies to.
     pick: fn(&Fig) -> bool,
+    /// The ratio judged (for the goals other than `cluster`'s).
+    ratio: fn(&Fig) -> Option<f64>,
     /// Met when the figure is at least (ratios) or at most (`samples_ms` p99) this.
     bound: f64,
 }
 
 const GOALS: &[Goal] = &[
     Goal {
-        what: "cross-node `ack=none` ≥ 1.0× NATS core (events/s)",
+        what: "cross-node `ack=none`, Herald with mTLS ≥ 1.0× NATS core with TLS (events/s)",
         scenario: "nats",
         pick: |f| f.metric == "events_per_second",
+        ratio: Fig::ratio,
         bound: 1.0,
+    },
+    Goal {
+        what: "cross-node `ack=none`, Herald with mTLS within 15 % of Herald with plaintext peers (mTLS / plaintext ≥ 0.85, events/s)",
+        scenario: "nats",
+        pick: |f| f.metric == "events_per_second",
+        ratio: Fig::tls_ratio,
+        bound: 0.85,
     },
     Goal {
         what: "cross-node `ack=accepted` ≥ 1.0× JetStream, memory storage (events/s)",
         scenario: "jetstream",
         pick: |f| f.metric == "events_per_second",
+        ratio: Fig::ratio,
         bound: 1.0,
     },
     Goal {
         what: "HTTP publish (`ack=none`: routing on top of HTTP) ≥ 0.7× a bare actix-web handler (events/s)",
         scenario: "http",
         pick: |f| f.metric == "events_per_second" && f.case.starts_with("ack=none"),
+        ratio: Fig::ratio,
         bound: 0.7,
     },
     Goal {
         what: "local dispatch ≥ 0.5× raw actix `do_send` (events/s)",
         scenario: "local",
         pick: |f| f.metric == "events_per_second" && f.mode == "ack=none" && f.case.contains("empty message"),
+        ratio: Fig::ratio,
         bound: 0.5,
     },
     Goal {
         what: "failover p99 ≤ 1 s (kill → first event handled elsewhere)",
         scenario: "cluster",
         pick: |f| f.metric == "samples_ms" && f.case.starts_with("kill"),
+        ratio: Fig::ratio,
         bound: 1000.0,
     },
 ];
@@ -397,7 +426,7 @@ fn judge(goal: &Goal, figs: &[Fig]) -> Option<(String, bool)> {
     let mut met = true;
     let parts: Vec<String> = mine
         .iter()
-        .map(|f| match f.ratio() {
+        .map(|f| match (goal.ratio)(f) {
             Some(r) => {
                 met &= r >= goal.bound;
                 format!("{r:.2}× ({})", f.case)
@@ -450,13 +479,16 @@ fn describe(name: &str) -> &'static str {
         "nats" => {
             "Cross-node at-most-once: Herald `ack=none` (HTTP batches to node 1, handlers on nodes 2 and 3) next to \
              NATS core pub/sub (publisher on server 1, queue subscribers on servers 2 and 3), three processes each, \
-             on loopback; same payloads and publishing pattern, runs alternating. Latency is publish → receive at \
-             a paced rate."
+             on loopback; same payloads and publishing pattern, runs alternating. Herald's peers talk mutual TLS \
+             1.3 (the default); a second Herald cluster with plaintext peers (`--insecure-peers`) runs in the same \
+             rotation, so the table shows what mTLS costs. NATS runs TLS on its client connections and routes \
+             (`verify: true`, certificates from the same CA as Herald's, the clients present one). Latency is \
+             publish → receive at a paced rate."
         }
         "jetstream" => {
-            "Cross-node at-least-once: Herald `ack=accepted` (WAL, fsync always) next to NATS JetStream with \
-             memory storage (acked async publish, durable pull consumer with explicit acks), same layout as \
-             above, runs alternating."
+            "Cross-node at-least-once: Herald `ack=accepted` (WAL, fsync always; mTLS peers) next to NATS \
+             JetStream with memory storage (acked async publish, durable pull consumer with explicit acks; TLS \
+             on clients and routes), same layout as above, runs alternating."
         }
         "http" => {
             "HTTP publish, one event per request, to one node whose subscription runs the no-op `bench-sink`, \
@@ -544,23 +576,37 @@ fn markdown(
         let (with_peer, alone): (Vec<&Fig>, Vec<&Fig>) = figs.iter().partition(|f| f.peer.is_some());
         if !with_peer.is_empty() {
             let peer = with_peer[0].peer.as_ref().map_or("", |p| p.0.as_str());
-            let _ = writeln!(
-                s,
-                "| case | metric | Herald median (min–max) | {peer} median (min–max) | Herald / {peer} | better |"
-            );
-            let _ = writeln!(s, "|---|---|---|---|---|---|");
-            for f in &with_peer {
-                let p = f.peer.as_ref().map(|p| p.1.as_slice()).unwrap_or_default();
+            let plain = with_peer.iter().any(|f| !f.plain.is_empty());
+            let fmt_ratio = |r: Option<f64>| r.map_or("-".into(), |r| format!("{r:.2}×"));
+            if plain {
                 let _ = writeln!(
                     s,
-                    "| {} | {} | {} | {} | {} | {} |",
-                    f.label(),
-                    metric_label(&f.metric),
-                    fmt_runs(&f.metric, &f.herald),
-                    fmt_runs(&f.metric, p),
-                    f.ratio().map_or("-".into(), |r| format!("{r:.2}×")),
-                    if f.higher_is_better { "higher" } else { "lower" }
+                    "| case | metric | Herald mTLS median (min–max) | Herald plaintext median (min–max) | {peer} median (min–max) | Herald mTLS / {peer} | mTLS / plaintext | better |"
                 );
+                let _ = writeln!(s, "|---|---|---|---|---|---|---|---|");
+            } else {
+                let _ = writeln!(
+                    s,
+                    "| case | metric | Herald median (min–max) | {peer} median (min–max) | Herald / {peer} | better |"
+                );
+                let _ = writeln!(s, "|---|---|---|---|---|---|");
+            }
+            for f in &with_peer {
+                let p = f.peer.as_ref().map(|p| p.1.as_slice()).unwrap_or_default();
+                let mut cells = vec![
+                    f.label(),
+                    metric_label(&f.metric).to_string(),
+                    fmt_runs(&f.metric, &f.herald),
+                ];
+                if plain {
+                    cells.push(fmt_runs(&f.metric, &f.plain));
+                }
+                cells.extend([fmt_runs(&f.metric, p), fmt_ratio(f.ratio())]);
+                if plain {
+                    cells.push(fmt_ratio(f.tls_ratio()));
+                }
+                cells.push(if f.higher_is_better { "higher" } else { "lower" }.to_string());
+                let _ = writeln!(s, "| {} |", cells.join(" | "));
             }
             s.push('\n');
         }
@@ -643,7 +689,7 @@ pub(super) fn by_label<'a>(figs: &'a [Fig], metric: &str) -> Vec<(String, &'a Fi
 
 #[cfg(test)]
 mod tests {
-    use super::super::record;
+    use super::super::{compare, record};
     use super::*;
     use serde_json::json;
 
@@ -727,7 +773,13 @@ mod tests {
             "benchmarks",
         );
         assert!(
-            md.contains("| cross-node `ack=none` ≥ 1.0× NATS core (events/s) | 0.62× (16 B), 1.25× (1 KiB) | **no** |"),
+            md.contains(
+                "| cross-node `ack=none`, Herald with mTLS ≥ 1.0× NATS core with TLS (events/s) | 0.62× (16 B), 1.25× (1 KiB) | **no** |"
+            ),
+            "{md}"
+        );
+        assert!(
+            md.contains("(mTLS / plaintext ≥ 0.85, events/s) | - (16 B), - (1 KiB) | **no** |"),
             "{md}"
         );
         assert!(md.contains("p50 110 ms, p99 200 ms over 20 kills | yes |"), "{md}");
@@ -750,6 +802,49 @@ mod tests {
             "{md}"
         );
         assert!(md.contains("- one warning"), "{md}");
+    }
+
+    #[test]
+    fn plaintext_figures_give_the_mtls_goal_and_columns() {
+        let figures = vec![compare::Row {
+            payload_bytes: 16,
+            label: None,
+            metric: compare::Metric::EventsPerSecond,
+            herald: vec![90.0, 95.0],
+            peer: vec![80.0, 100.0],
+            plain: vec![100.0, 100.0],
+        }];
+        let nats = compare::json_rows("nats", "ack=none", "nats+tls", &json!({}), &figures);
+        let figs = rows(&nats);
+        assert_eq!(figs[0].plain, [100.0, 100.0]);
+        assert_eq!(figs[0].tls_ratio(), Some(0.925));
+        let md = markdown(
+            "herald-bench report",
+            "2026-12-03 10:00 UTC",
+            Duration::from_secs(60),
+            &Machine::default(),
+            &[outcome("nats", Ok(nats))],
+            &[],
+            "benchmarks",
+        );
+        assert!(
+            md.contains("(mTLS / plaintext ≥ 0.85, events/s) | 0.93× (16 B) | yes |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("Herald with mTLS ≥ 1.0× NATS core with TLS (events/s) | 1.03× (16 B) | yes |"),
+            "{md}"
+        );
+        assert!(
+            md.contains(
+                "| ack=none, 16 B | events/s | 92 (90–95) | 100 (100–100) | 90 (80–100) | 1.03× | 0.93× | higher |"
+            ),
+            "{md}"
+        );
+        assert!(
+            md.contains("| Herald mTLS / nats+tls | mTLS / plaintext | better |"),
+            "{md}"
+        );
     }
 
     #[test]
@@ -779,8 +874,8 @@ mod tests {
         };
         let p = plans(&a);
         assert_eq!(p.iter().map(|p| p.name).collect::<Vec<_>>(), ["nats", "cluster"]);
-        assert_eq!(p[0].args, ["--runs", "2", "--smoke"]);
-        assert_eq!(p[1].args, ["--failovers", "20", "--smoke"]);
+        assert_eq!(p[0].args, ["--runs", "2", "--herald-peers", "both", "--smoke"]);
+        assert_eq!(p[1].args, ["--failovers", "20", "--herald-peers", "both", "--smoke"]);
         assert_eq!(relative_to(Path::new("out/benchmarks"), Path::new("out")), "benchmarks");
     }
 }
