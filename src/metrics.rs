@@ -11,7 +11,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::types::SubscriptionKey;
 
-/// Events accepted by this node, by topic.
+/// Events accepted by this node, by topic; topics without subscriptions share `topic="(other)"`.
 pub const EVENTS_PUBLISHED: &str = "herald_events_published_total";
 /// Handler attempts by topic, group and outcome (`ok`, `error`, `dead_lettered`).
 pub const EVENTS_DELIVERED: &str = "herald_events_delivered_total";
@@ -62,9 +62,17 @@ pub const EVENTS_DEDUPLICATED: &str = "herald_events_deduplicated_total";
 /// proposal, proposal_result, ack, credit, not_placed) and `reason`.
 pub const PEER_MESSAGES_REFUSED: &str = "herald_peer_messages_refused_total";
 
+/// The `topic` label of [`EVENTS_PUBLISHED`] for events of topics without subscriptions: they
+/// share this one series (no topic name contains parentheses), so the number of series is bounded
+/// by the subscriptions, not by the topics publishers make up.
+pub const OTHER_TOPIC: &str = "(other)";
+
 /// Registers the description of every metric (shown as `# HELP`).
 pub fn describe() {
-    describe_counter!(EVENTS_PUBLISHED, "Events accepted by this node, by topic.");
+    describe_counter!(
+        EVENTS_PUBLISHED,
+        "Events accepted by this node, by topic (topics without subscriptions: topic=\"(other)\")."
+    );
     describe_counter!(
         EVENTS_DELIVERED,
         "Handler attempts by topic, group and outcome (ok, error, dead_lettered)."

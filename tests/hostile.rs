@@ -35,7 +35,7 @@ struct Rogue {
     bus: Bus,
     addr: String,
     control: mpsc::UnboundedReceiver<(u64, Envelope)>,
-    app: Option<mpsc::UnboundedReceiver<(u64, bytes::Bytes)>>,
+    app: Option<mpsc::Receiver<(u64, bytes::Bytes)>>,
 }
 
 /// Starts rogue node `id` and connects it to every node of `nodes`. The ONE place that builds
@@ -51,7 +51,7 @@ async fn rogue(nodes: &[TestNode], id: u64) -> Rogue {
     let tls = common::node_tls(&cluster_id, id);
     let config = TransportConfig::new(cluster_id, id, addr.clone()).with_tls(Some(tls));
     let (control_tx, mut control_rx) = mpsc::channel::<(u64, Envelope)>(1024);
-    let (app_tx, app_rx) = mpsc::unbounded_channel();
+    let (app_tx, app_rx) = mpsc::channel(herald::transport::APP_QUEUE);
     let bus = Bus::start(config, control_tx, app_tx).expect("the rogue's bus starts");
     bus.serve(listener);
     for n in nodes {
