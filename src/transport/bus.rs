@@ -758,23 +758,36 @@ mod tests {
                 .await
                 .expect("link");
         }
-        // Node 2's relay reads nothing meanwhile. Without backpressure the sends never fail
-        // (node 2 buffers them all); the cap only keeps that failure from eating the memory.
+        // Node 2's relay reads nothing meanwhile. Node 1 sends until its queue towards node 2
+        // stays full (node 2 stopped reading and TCP pushed back). Without backpressure node 2
+        // keeps reading and buffers everything, the queue never stays full, and the cap only
+        // keeps that failure from eating the memory.
         const CAP: u64 = 200_000;
+        const STALLED: Duration = Duration::from_millis(500);
         let payload = |seq: u64| {
             let mut p = vec![0u8; 256];
             p[..8].copy_from_slice(&seq.to_be_bytes());
             Envelope::app(p)
         };
-        let sent = within("filling node 1's events queue", async {
+        let sent = within("node 1's events queue staying full", async {
             let mut seq = 0u64;
+            let mut full_since = None;
             while seq < CAP {
                 match a.bus.events().send(2, payload(seq)) {
-                    Ok(()) => seq += 1,
-                    Err(SendError::QueueFull { .. }) => return seq,
+                    Ok(()) => {
+                        seq += 1;
+                        full_since = None;
+                        tokio::task::yield_now().await;
+                    }
+                    Err(SendError::QueueFull { .. }) => {
+                        let since = *full_since.get_or_insert_with(std::time::Instant::now);
+                        if since.elapsed() >= STALLED {
+                            return seq;
+                        }
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
                     Err(e) => panic!("{e}"),
                 }
-                tokio::task::yield_now().await;
             }
             panic!("{CAP} payloads sent and node 2 never pushed back");
         })
