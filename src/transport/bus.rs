@@ -37,7 +37,7 @@
 //! **Handshakes are capped.** At most `max_pending_handshakes` inbound connections handshake at
 //! once; one more is closed at once and counted in `herald_transport_connections_refused_total`
 //! (`reason="too_many_pending"`). Refusals are logged at WARN at most once per
-//! [`LogLimit::EVERY`](crate::metrics::LogLimit::EVERY) per reason, with how many were not logged.
+//! [`LogLimit::EVERY`](crate::types::LogLimit::EVERY) per reason, with how many were not logged.
 //!
 //! Fault injection ([`Transport::cut_off`]) is shared: cutting a peer off on either transport
 //! cuts it off on both.
@@ -362,17 +362,17 @@ impl AsyncWrite for Socket {
 }
 
 /// Counts an inbound connection refused for `reason` and logs it at WARN, at most once per
-/// [`LogLimit::EVERY`](crate::metrics::LogLimit::EVERY) per reason (with how many were not logged
+/// [`LogLimit::EVERY`](crate::types::LogLimit::EVERY) per reason (with how many were not logged
 /// since), so a flood of bad connections cannot flood the log.
 fn refused(reason: &'static str, remote: SocketAddr, error: &dyn std::fmt::Display) {
-    static LIMITS: Mutex<Vec<(&str, crate::metrics::LogLimit)>> = Mutex::new(Vec::new());
+    static LIMITS: Mutex<Vec<(&str, crate::types::LogLimit)>> = Mutex::new(Vec::new());
     metrics::counter!(super::CONNECTIONS_REFUSED_TOTAL, "reason" => reason).increment(1);
     let log = {
         let mut limits = LIMITS.lock().unwrap_or_else(PoisonError::into_inner);
         let at = match limits.iter().position(|(r, _)| *r == reason) {
             Some(at) => at,
             None => {
-                limits.push((reason, crate::metrics::LogLimit::default()));
+                limits.push((reason, crate::types::LogLimit::default()));
                 limits.len() - 1
             }
         };
