@@ -211,7 +211,8 @@ async fn admit(
     request_body(content = serde_json::Value, description = "Any JSON, a structured CloudEvent, or binary-mode CloudEvent data"),
     responses((status = 202, description = "Accepted", body = Published),
               (status = 200, description = "Processed (ack=processed)", body = Published),
-              (status = 400, description = "Invalid", body = super::error::ErrorBody),
+              (status = 400, description = "Invalid (JSON, UTF-8, nesting deeper than 128, a non-ASCII Idempotency-Key or X-Herald-Key)", body = super::error::ErrorBody),
+              (status = 408, description = "The body did not arrive within http.body_timeout_ms", body = super::error::ErrorBody),
               (status = 413, description = "Too large", body = super::error::ErrorBody),
               (status = 415, description = "Unsupported content type", body = super::error::ErrorBody),
               (status = 429, description = "Overloaded; see Retry-After", body = super::error::ErrorBody),
@@ -240,6 +241,7 @@ pub(crate) async fn publish_one(
     request_body(content = Vec<serde_json::Value>, description = "A JSON array (each element is one event's data) or application/cloudevents-batch+json"),
     responses((status = 202, description = "All accepted", body = BatchAnswer),
               (status = 400, description = "Invalid; nothing accepted", body = super::error::ErrorBody),
+              (status = 408, description = "The body did not arrive within http.body_timeout_ms", body = super::error::ErrorBody),
               (status = 429, description = "Overloaded; nothing accepted", body = super::error::ErrorBody)))]
 pub(crate) async fn publish_batch(
     req: HttpRequest,
