@@ -707,15 +707,27 @@ mod tests {
                 .expect("link");
         }
         let batch = Envelope::app(Bytes::from(vec![0u8; 1 << 20]));
+        // Filled once it stays full: a first `QueueFull` may only mean the writer is still
+        // draining the queue into the socket's buffers.
         let filled = within("filling the events queue", async {
             let mut sent = 0u64;
+            let mut full_since = None;
             loop {
                 match a.events().send(2, batch.clone()) {
-                    Ok(()) => sent += 1,
-                    Err(SendError::QueueFull { .. }) => return sent,
+                    Ok(()) => {
+                        sent += 1;
+                        full_since = None;
+                        tokio::task::yield_now().await;
+                    }
+                    Err(SendError::QueueFull { .. }) => {
+                        let since = *full_since.get_or_insert_with(std::time::Instant::now);
+                        if since.elapsed() >= Duration::from_millis(500) {
+                            return sent;
+                        }
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
                     Err(e) => panic!("{e}"),
                 }
-                tokio::task::yield_now().await;
             }
         })
         .await;
