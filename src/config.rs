@@ -83,6 +83,9 @@ pub struct ClusterConfig {
     /// admin approves it with `POST /v1/cluster/nodes/{id}/approve` (`manual`). Applied by the
     /// member a joining node asks (its seed): set it alike on every node.
     pub join_approval: JoinApproval,
+    /// Most inbound peer connections handshaking at once; beyond it a new one is closed at once
+    /// and counted in `herald_transport_connections_refused_total{reason="too_many_pending"}`.
+    pub max_pending_handshakes: usize,
 }
 
 /// How a new node joins (`cluster.join_approval`).
@@ -111,6 +114,7 @@ impl Default for ClusterConfig {
             redeliver_after_ms: 5000,
             dedup_window: 100_000,
             join_approval: JoinApproval::Auto,
+            max_pending_handshakes: 256,
         }
     }
 }
@@ -214,6 +218,14 @@ pub struct HttpConfig {
     pub max_body_bytes: usize,
     /// Most events accepted in one batch publish.
     pub max_batch_events: usize,
+    /// Most HTTP connections served at once; beyond it new connections wait in the listen backlog
+    /// until one closes. Split evenly among the HTTP workers (at most one worker per connection).
+    pub max_connections: usize,
+    /// A client must send a request's whole head (request line and headers) within this long
+    /// after connecting or its previous response, or gets 408 and is disconnected (slowloris).
+    pub request_timeout_ms: u64,
+    /// A request's whole body must arrive within this long after its head, or it gets 408.
+    pub body_timeout_ms: u64,
     /// Serve non-loopback clients even though no tokens are configured. Without it, a node with no
     /// tokens binds loopback only.
     pub allow_unauthenticated_remote: bool,
@@ -631,6 +643,9 @@ impl Default for HttpConfig {
             addr: "127.0.0.1:7070".to_string(),
             max_body_bytes: 1024 * 1024,
             max_batch_events: 1000,
+            max_connections: 25_000,
+            request_timeout_ms: 5_000,
+            body_timeout_ms: 30_000,
             allow_unauthenticated_remote: false,
             advertise: String::new(),
             tls_cert: None,
@@ -877,9 +892,16 @@ impl Config {
         }
         self.http_addr()?;
         let h = &self.handlers;
-        let positive: [(&str, u64); 8] = [
+        let positive: [(&str, u64); 12] = [
             ("http.max_body_bytes", self.http.max_body_bytes as u64),
             ("http.max_batch_events", self.http.max_batch_events as u64),
+            ("http.max_connections", self.http.max_connections as u64),
+            ("http.request_timeout_ms", self.http.request_timeout_ms),
+            ("http.body_timeout_ms", self.http.body_timeout_ms),
+            (
+                "cluster.max_pending_handshakes",
+                self.cluster.max_pending_handshakes as u64,
+            ),
             ("wal.max_batch", self.wal.max_batch as u64),
             ("handlers.mailbox_capacity", h.mailbox_capacity as u64),
             ("handlers.max_inflight_bytes", h.max_inflight_bytes as u64),

@@ -42,6 +42,9 @@ pub enum ControlError {
     /// The change could not be committed (no leader, timeout) (503).
     #[error("{0}")]
     Unavailable(String),
+    /// The change would leave the cluster unusable, e.g. removing its only member (409).
+    #[error("{0}")]
+    Conflict(String),
 }
 
 /// One member as `/v1/cluster` shows it.
@@ -322,8 +325,20 @@ impl NodeCore {
         Ok(true)
     }
 
-    /// Removes node `id` from the cluster (`Leave`); returns whether it was a member.
+    /// Removes node `id` from the cluster (`Leave`); returns whether it was a member. Removing the
+    /// only member is refused ([`ControlError::Conflict`]).
     pub async fn remove_node(&self, id: u64) -> Result<bool, ControlError> {
+        let only_member = {
+            let state = self.membership.state();
+            let state = state.borrow();
+            state.member(id).is_some() && state.members().keys().all(|&m| m == id)
+        };
+        if only_member {
+            return Err(ControlError::Conflict(format!(
+                "node {id} is the cluster's only member: removing it would leave no node to run the cluster \
+                 (add another node first, or stop this one)"
+            )));
+        }
         self.node_command(id, Command::leave(id), |s| s.member(id).is_none())
             .await
     }

@@ -16,6 +16,9 @@ pub const JSON: &str = "application/json";
 pub const DEFAULT_SOURCE: &str = "herald";
 /// Longest accepted event id, partition key or header value (bytes).
 pub const MAX_ID_LEN: usize = 256;
+/// Deepest nesting of arrays and objects accepted in a JSON body (the same as serde_json's own
+/// recursion limit for typed values): a deeper body answers 400.
+pub const MAX_JSON_DEPTH: usize = 128;
 
 /// One event, as handlers see it.
 ///
@@ -247,6 +250,50 @@ pub fn is_json(content_type: &str) -> bool {
     essence.eq_ignore_ascii_case(JSON) || essence.to_ascii_lowercase().ends_with("+json")
 }
 
+/// Why a JSON body is refused before it is parsed (see [`check_json`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JsonError {
+    /// The bytes are not UTF-8 (RFC 8259 §8.1: JSON exchanged between systems is UTF-8).
+    #[error("the body is not valid UTF-8 (at byte {0}); JSON must be UTF-8")]
+    NotUtf8(usize),
+    /// Arrays and objects nest deeper than [`MAX_JSON_DEPTH`].
+    #[error("the body nests arrays and objects deeper than {MAX_JSON_DEPTH} levels (at byte {0})")]
+    TooDeep(usize),
+}
+
+/// Checks what a JSON syntax check that skips values does not: the whole body is UTF-8 (string
+/// contents included; serde_json does not check them when it only skips a value) and arrays and
+/// objects nest at most [`MAX_JSON_DEPTH`] deep (skipping a value has no depth limit). One pass,
+/// no allocation; the syntax itself is left to the parser.
+pub fn check_json(body: &[u8]) -> Result<(), JsonError> {
+    std::str::from_utf8(body).map_err(|e| JsonError::NotUtf8(e.valid_up_to()))?;
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for (i, &b) in body.iter().enumerate() {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_JSON_DEPTH {
+                    return Err(JsonError::TooDeep(i));
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 /// CloudEvents extension names are lower-case ASCII letters and digits.
 fn is_extension_name(name: &str) -> bool {
     !name.is_empty() && name.len() <= 20 && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
@@ -289,6 +336,21 @@ mod tests {
     fn cloudevent_without_required_attributes_is_refused() {
         let r = serde_json::from_str::<cloudevents::Event>(r#"{"specversion":"1.0","id":"1"}"#);
         assert!(r.is_err());
+    }
+
+    #[test]
+    fn json_bodies_must_be_utf8_and_nest_at_most_the_limit() {
+        assert_eq!(check_json(br#"{"a":[1,{"b":"\"[{"}]}"#), Ok(()));
+        assert_eq!(check_json(b"{\"a\":\"\xff\xfe\"}"), Err(JsonError::NotUtf8(6)));
+        let nested = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
+        assert_eq!(check_json(nested(MAX_JSON_DEPTH).as_bytes()), Ok(()));
+        assert_eq!(
+            check_json(nested(MAX_JSON_DEPTH + 1).as_bytes()),
+            Err(JsonError::TooDeep(MAX_JSON_DEPTH))
+        );
+        // Brackets inside strings do not count.
+        let quoted = format!("[\"{}\"]", "[".repeat(1000));
+        assert_eq!(check_json(quoted.as_bytes()), Ok(()));
     }
 
     #[test]

@@ -11,7 +11,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::types::SubscriptionKey;
 
-/// Events accepted by this node, by topic.
+/// Events accepted by this node, by topic; topics without subscriptions share `topic="(other)"`.
 pub const EVENTS_PUBLISHED: &str = "herald_events_published_total";
 /// Handler attempts by topic, group and outcome (`ok`, `error`, `dead_lettered`).
 pub const EVENTS_DELIVERED: &str = "herald_events_delivered_total";
@@ -62,9 +62,17 @@ pub const EVENTS_DEDUPLICATED: &str = "herald_events_deduplicated_total";
 /// proposal, proposal_result, ack, credit, not_placed) and `reason`.
 pub const PEER_MESSAGES_REFUSED: &str = "herald_peer_messages_refused_total";
 
+/// The `topic` label of [`EVENTS_PUBLISHED`] for events of topics without subscriptions: they
+/// share this one series (no topic name contains parentheses), so the number of series is bounded
+/// by the subscriptions, not by the topics publishers make up.
+pub const OTHER_TOPIC: &str = "(other)";
+
 /// Registers the description of every metric (shown as `# HELP`).
 pub fn describe() {
-    describe_counter!(EVENTS_PUBLISHED, "Events accepted by this node, by topic.");
+    describe_counter!(
+        EVENTS_PUBLISHED,
+        "Events accepted by this node, by topic (topics without subscriptions: topic=\"(other)\")."
+    );
     describe_counter!(
         EVENTS_DELIVERED,
         "Handler attempts by topic, group and outcome (ok, error, dead_lettered)."
@@ -134,36 +142,9 @@ pub fn describe() {
     );
 }
 
-/// Says when to log something that may repeat often (a failing duty, refused peer messages): the
-/// first time, then at most once per [`LogLimit::EVERY`], with how many were not logged since.
-/// Pure: the clock is an argument.
-#[derive(Debug, Default, Clone)]
-pub struct LogLimit {
-    /// When a line was last logged.
-    logged_at: Option<std::time::Instant>,
-    /// Occurrences not logged since then.
-    suppressed: u64,
-}
-
-impl LogLimit {
-    /// At most one log line per this long.
-    pub const EVERY: std::time::Duration = std::time::Duration::from_secs(30);
-
-    /// Records one occurrence at `now`: `Some(occurrences not logged before it)` when this one
-    /// should be logged.
-    pub fn hit(&mut self, now: std::time::Instant) -> Option<u64> {
-        match self.logged_at {
-            Some(at) if now.saturating_duration_since(at) < Self::EVERY => {
-                self.suppressed += 1;
-                None
-            }
-            _ => {
-                self.logged_at = Some(now);
-                Some(std::mem::take(&mut self.suppressed))
-            }
-        }
-    }
-}
+/// The rate limit of repeated log lines (defined with the vocabulary so that every layer, the
+/// transport included, can use it).
+pub use crate::types::LogLimit;
 
 /// Counts peer messages refused by `kind` and `reason` ([`PEER_MESSAGES_REFUSED`]) and logs them
 /// at WARN, once and then at most once per [`LogLimit::EVERY`] per `(kind, reason)` with a count.

@@ -133,3 +133,34 @@ pub(crate) fn mix(mut z: u64) -> u64 {
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^ (z >> 31)
 }
+
+/// Says when to log something that may repeat often (a failing duty, refused peer messages): the
+/// first time, then at most once per [`LogLimit::EVERY`], with how many were not logged since.
+/// Pure: the clock is an argument.
+#[derive(Debug, Default, Clone)]
+pub struct LogLimit {
+    /// When a line was last logged.
+    logged_at: Option<std::time::Instant>,
+    /// Occurrences not logged since then.
+    suppressed: u64,
+}
+
+impl LogLimit {
+    /// At most one log line per this long.
+    pub const EVERY: std::time::Duration = std::time::Duration::from_secs(30);
+
+    /// Records one occurrence at `now`: `Some(occurrences not logged before it)` when this one
+    /// should be logged.
+    pub fn hit(&mut self, now: std::time::Instant) -> Option<u64> {
+        match self.logged_at {
+            Some(at) if now.saturating_duration_since(at) < Self::EVERY => {
+                self.suppressed += 1;
+                None
+            }
+            _ => {
+                self.logged_at = Some(now);
+                Some(std::mem::take(&mut self.suppressed))
+            }
+        }
+    }
+}

@@ -1254,6 +1254,101 @@ async fn malformed_json_is_400_invalid_json() {
     refused(vec![malformed_json()]).await;
 }
 
+/// JSON deeper than this answers 400 (`herald::event::MAX_JSON_DEPTH`).
+const DEPTH: usize = herald::event::MAX_JSON_DEPTH;
+
+fn nested(depth: usize) -> String {
+    format!("{}{}", "[".repeat(depth), "]".repeat(depth))
+}
+
+fn batch_path(topic: &str) -> String {
+    format!("/v1/topics/{topic}/events/batch")
+}
+
+/// Before: 202, the bytes stored as they came (serde_json skips a value without checking its
+/// strings' UTF-8 or its depth).
+#[actix_rt::test]
+async fn invalid_utf8_and_json_nested_deeper_than_the_limit_are_400() {
+    let utf8 = b"{\"name\":\"caf\xe9\"}".to_vec();
+    let ce = |data: &[u8]| {
+        let mut b = br#"{"specversion":"1.0","id":"1","source":"s","type":"t","data":"#.to_vec();
+        b.extend_from_slice(data);
+        b.push(b'}');
+        b
+    };
+    refused(vec![
+        Req::new("POST", events_path(BAD_TOPIC), "application/json", utf8.clone()).expect(400, "invalid_json"),
+        Req::new("POST", events_path(BAD_TOPIC), "application/json", nested(DEPTH + 1)).expect(400, "invalid_json"),
+        Req::new(
+            "POST",
+            batch_path(BAD_TOPIC),
+            "application/json",
+            [b"[".as_slice(), &utf8, b"]"].concat(),
+        )
+        .expect(400, "invalid_json"),
+        Req::new("POST", batch_path(BAD_TOPIC), "application/json", nested(DEPTH + 1)).expect(400, "invalid_json"),
+        Req::new(
+            "POST",
+            events_path(BAD_TOPIC),
+            "application/cloudevents+json",
+            ce(b"\"caf\xe9\""),
+        )
+        .expect(400, "invalid_cloudevent"),
+        Req::new(
+            "POST",
+            events_path(BAD_TOPIC),
+            "application/cloudevents+json",
+            ce(nested(DEPTH).as_bytes()),
+        )
+        .expect(400, "invalid_cloudevent"),
+        // Binary mode with JSON data.
+        Req::new("POST", events_path(BAD_TOPIC), "application/json", nested(DEPTH + 1))
+            .header("ce-specversion", "1.0")
+            .header("ce-id", "1")
+            .header("ce-source", "s")
+            .header("ce-type", "t")
+            .expect(400, "invalid_json"),
+        Req::new("POST", "/v1/subscriptions", "application/json", nested(DEPTH + 1)).expect(400, "invalid_json"),
+    ])
+    .await;
+}
+
+/// The limit itself is accepted: exactly `MAX_JSON_DEPTH` levels.
+#[actix_rt::test]
+async fn json_nested_exactly_to_the_limit_is_accepted() {
+    let seen = Seen::default();
+    let n = guarded_node(&seen, &["api.deep"]).await;
+    let admin = format!("Bearer {ADMIN_TOKEN}");
+    let a = publish(
+        &n.url,
+        "api.deep",
+        "?ack=processed",
+        &[JSON_CT, ("authorization", &admin), ("idempotency-key", "deep")],
+        nested(DEPTH),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(seen.ids(), ["deep"]);
+    n.node.shutdown().await;
+}
+
+/// Before: 202, the header silently ignored (the event got a generated id).
+#[actix_rt::test]
+async fn a_non_ascii_idempotency_or_partition_key_is_400() {
+    refused(vec![
+        Req::new("POST", events_path(BAD_TOPIC), "application/json", "{}")
+            .header("idempotency-key", "clé")
+            .expect(400, "invalid_header"),
+        Req::new("POST", batch_path(BAD_TOPIC), "application/json", "[{}]")
+            .header("idempotency-key", "clé")
+            .expect(400, "invalid_header"),
+        Req::new("POST", events_path(BAD_TOPIC), "application/json", "{}")
+            .header("x-herald-key", "ключ")
+            .expect(400, "invalid_header"),
+    ])
+    .await;
+}
+
 #[actix_rt::test]
 async fn bad_topic_names_are_400_invalid_topic() {
     refused(vec![bad_topic_chars(), bad_topic_too_long()]).await;

@@ -141,6 +141,7 @@ impl From<ControlError> for ApiError {
                 retry_after: Some(1),
                 ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", m)
             },
+            ControlError::Conflict(m) => Self::new(StatusCode::CONFLICT, "last_member", m),
         }
     }
 }

@@ -18,6 +18,7 @@ pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use actix_web::dev::Service;
 use actix_web::http::header;
@@ -85,6 +86,8 @@ pub(crate) fn server(
             }))
         })
         .collect::<Result<Vec<_>>>()?;
+    let limits = core.config().http.clone();
+    let (workers, per_worker) = connection_split(limits.max_connections);
     let state = web::Data::new(AppState {
         core,
         http_addr,
@@ -116,7 +119,11 @@ pub(crate) fn server(
             .configure(routes)
     })
     .disable_signals()
-    .shutdown_timeout(5);
+    .shutdown_timeout(5)
+    .workers(workers)
+    .max_connections(per_worker)
+    .client_request_timeout(Duration::from_millis(limits.request_timeout_ms))
+    .client_disconnect_timeout(CLIENT_DISCONNECT_TIMEOUT);
     let server = match tls {
         Some(config) => server.listen_rustls_0_23(listener, config),
         None => server.listen(listener),
@@ -128,6 +135,18 @@ pub(crate) fn server(
 
 /// The pattern of a hot route, put in the request's extensions by the route itself, so counting
 /// the request needs neither a second match of the path nor a metrics-registry lookup.
+/// How long a closing connection may take to shut down (TLS close included) before it is dropped.
+const CLIENT_DISCONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The HTTP workers and each one's connection cap for `http.max_connections`: one worker per
+/// core but never more workers than connections, each capped at its share, so the node never
+/// serves more than `max_connections` at once (actix-web's cap is per worker).
+fn connection_split(max_connections: usize) -> (usize, usize) {
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let workers = cores.min(max_connections).max(1);
+    (workers, (max_connections / workers).max(1))
+}
+
 #[derive(Clone, Copy)]
 struct HotRoute(&'static str);
 
@@ -347,12 +366,30 @@ fn token_name(req: &HttpRequest, state: &AppState) -> String {
     presented_token(req, state).map_or_else(|_| "-".to_string(), |t| t.name.clone())
 }
 
-/// Reads the body, refusing it with 413 as soon as it exceeds the limit.
+/// Reads the body, refusing it with 413 as soon as it exceeds `http.max_body_bytes`, and with 408
+/// when it has not all arrived within `http.body_timeout_ms` (a client trickling its body cannot
+/// hold a connection and its buffer for ever).
 pub(crate) async fn read_body(
     req: &HttpRequest,
-    mut payload: web::Payload,
-    limit: usize,
+    payload: web::Payload,
+    http: &crate::config::HttpConfig,
 ) -> Result<web::Bytes, ApiError> {
+    let deadline = Duration::from_millis(http.body_timeout_ms);
+    tokio::time::timeout(deadline, read_body_within(req, payload, http.max_body_bytes))
+        .await
+        .unwrap_or_else(|_| {
+            Err(ApiError::new(
+                actix_web::http::StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                format!(
+                    "the request body did not arrive within {} ms (http.body_timeout_ms)",
+                    http.body_timeout_ms
+                ),
+            ))
+        })
+}
+
+async fn read_body_within(req: &HttpRequest, mut payload: web::Payload, limit: usize) -> Result<web::Bytes, ApiError> {
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -395,7 +432,8 @@ async fn json_body<T: DeserializeOwned>(
             )))
         }
     }
-    let body = read_body(req, payload, state.core.config().http.max_body_bytes).await?;
+    let body = read_body(req, payload, &state.core.config().http).await?;
+    crate::event::check_json(&body).map_err(|e| ApiError::bad_request("invalid_json", e.to_string()))?;
     serde_json::from_slice(&body).map_err(|e| ApiError::bad_request("invalid_json", e.to_string()))
 }
 
@@ -489,7 +527,8 @@ async fn drain_node(req: HttpRequest, path: web::Path<u64>, state: State) -> Res
 
 #[utoipa::path(delete, path = "/v1/cluster/nodes/{id}", tag = "cluster", params(("id" = u64, Path)),
     responses((status = 204, description = "Removed from the cluster"),
-              (status = 404, description = "No such member", body = error::ErrorBody)))]
+              (status = 404, description = "No such member", body = error::ErrorBody),
+              (status = 409, description = "It is the only member (code last_member)", body = error::ErrorBody)))]
 async fn remove_node(req: HttpRequest, path: web::Path<u64>, state: State) -> Result<HttpResponse, ApiError> {
     let id = path.into_inner();
     admin_action(&req, &state, "remove_node", id.to_string(), || async {

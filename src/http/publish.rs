@@ -68,15 +68,35 @@ fn invalid_ce(message: impl std::fmt::Display) -> ApiError {
     ApiError::bad_request("invalid_cloudevent", message.to_string())
 }
 
+/// A header that must be visible ASCII when present (`Idempotency-Key`, `X-Herald-Key`): any
+/// other byte answers 400 rather than the header being ignored.
+fn ascii_header(headers: &HeaderMap, name: HeaderName) -> Result<Option<&str>, ApiError> {
+    match headers.get(&name) {
+        None => Ok(None),
+        Some(v) => v.to_str().map(Some).map_err(|_| {
+            ApiError::bad_request(
+                "invalid_header",
+                format!("the {name} header must be visible ASCII (bytes 0x20 to 0x7e)"),
+            )
+        }),
+    }
+}
+
 /// Applies `Idempotency-Key` and `X-Herald-Key` (they win over body attributes).
-fn apply_headers(mut e: Event, headers: &HeaderMap) -> Event {
-    if let Some(id) = header(headers, IDEMPOTENCY_KEY) {
+fn apply_headers(mut e: Event, headers: &HeaderMap) -> Result<Event, ApiError> {
+    if let Some(id) = ascii_header(headers, IDEMPOTENCY_KEY)? {
         e.id = id.to_string();
     }
-    if let Some(key) = header(headers, HERALD_KEY) {
+    if let Some(key) = ascii_header(headers, HERALD_KEY)? {
         e.key = Some(key.to_string());
     }
-    e
+    Ok(e)
+}
+
+/// Refuses a JSON body that is not UTF-8 or nests deeper than [`event::MAX_JSON_DEPTH`] (see
+/// [`event::check_json`]) with 400 and `code`.
+fn check_json(body: &[u8], code: &'static str) -> Result<(), ApiError> {
+    event::check_json(body).map_err(|e| ApiError::bad_request(code, e.to_string()))
 }
 
 /// Parses a single-event body in any of the accepted modes.
@@ -88,6 +108,7 @@ fn parse_one(topic: &str, req: &HttpRequest, body: web::Bytes) -> Result<Event, 
     }
     let event = match media.as_deref() {
         Some(CE_JSON) => {
+            check_json(&body, "invalid_cloudevent")?;
             let ce: cloudevents::Event = serde_json::from_slice(&body).map_err(invalid_ce)?;
             Event::from_cloudevent(topic, ce).map_err(invalid_ce)?
         }
@@ -104,10 +125,11 @@ fn parse_one(topic: &str, req: &HttpRequest, body: web::Bytes) -> Result<Event, 
             )))
         }
     };
-    Ok(apply_headers(event, headers))
+    apply_headers(event, headers)
 }
 
 fn json_event(topic: &str, body: web::Bytes) -> Result<Event, ApiError> {
+    check_json(&body, "invalid_json")?;
     serde_json::from_slice::<serde::de::IgnoredAny>(&body)
         .map_err(|e| ApiError::bad_request("invalid_json", format!("the body is not valid JSON: {e}")))?;
     Ok(Event::new(topic, body, event::JSON))
@@ -152,13 +174,16 @@ fn binary_cloudevent(
         builder = builder.extension(ext, value.to_string());
     }
     let content_type = media.unwrap_or_else(|| event::JSON.to_string());
+    if event::is_json(&content_type) && !body.is_empty() {
+        check_json(&body, "invalid_json")?;
+    }
     if !body.is_empty() {
         builder = builder.data(content_type.clone(), body.to_vec());
     }
     let ce = builder.build().map_err(invalid_ce)?;
     let mut e = Event::from_cloudevent(topic, ce).map_err(invalid_ce)?;
     e.content_type = content_type;
-    Ok(apply_headers(e, headers))
+    apply_headers(e, headers)
 }
 
 /// What both publish routes check first: the token, the topic (a `publish:<pattern>` token gets
@@ -175,7 +200,7 @@ async fn admit(
     event::validate_name("topic", &topic).map_err(|e| ApiError::bad_request("invalid_topic", e.to_string()))?;
     caller.check_topic(&topic)?;
     let timeout = query.timeout()?;
-    let body = read_body(req, payload, state.core.config().http.max_body_bytes).await?;
+    let body = read_body(req, payload, &state.core.config().http).await?;
     Ok((caller, topic, timeout, body))
 }
 
@@ -186,7 +211,8 @@ async fn admit(
     request_body(content = serde_json::Value, description = "Any JSON, a structured CloudEvent, or binary-mode CloudEvent data"),
     responses((status = 202, description = "Accepted", body = Published),
               (status = 200, description = "Processed (ack=processed)", body = Published),
-              (status = 400, description = "Invalid", body = super::error::ErrorBody),
+              (status = 400, description = "Invalid (JSON, UTF-8, nesting deeper than 128, a non-ASCII Idempotency-Key or X-Herald-Key)", body = super::error::ErrorBody),
+              (status = 408, description = "The body did not arrive within http.body_timeout_ms", body = super::error::ErrorBody),
               (status = 413, description = "Too large", body = super::error::ErrorBody),
               (status = 415, description = "Unsupported content type", body = super::error::ErrorBody),
               (status = 429, description = "Overloaded; see Retry-After", body = super::error::ErrorBody),
@@ -215,6 +241,7 @@ pub(crate) async fn publish_one(
     request_body(content = Vec<serde_json::Value>, description = "A JSON array (each element is one event's data) or application/cloudevents-batch+json"),
     responses((status = 202, description = "All accepted", body = BatchAnswer),
               (status = 400, description = "Invalid; nothing accepted", body = super::error::ErrorBody),
+              (status = 408, description = "The body did not arrive within http.body_timeout_ms", body = super::error::ErrorBody),
               (status = 429, description = "Overloaded; nothing accepted", body = super::error::ErrorBody)))]
 pub(crate) async fn publish_batch(
     req: HttpRequest,
@@ -227,6 +254,7 @@ pub(crate) async fn publish_batch(
     let config = &state.core.config().http;
     let events: Vec<Event> = match media_type(&req).as_deref() {
         Some(CE_BATCH) => {
+            check_json(&body, "invalid_cloudevent")?;
             let batch: Vec<cloudevents::Event> = serde_json::from_slice(&body).map_err(invalid_ce)?;
             batch
                 .into_iter()
@@ -286,11 +314,12 @@ pub(crate) async fn publish_batch(
 /// one accept time, and their generated ids are consecutive ULIDs from one clock read and one
 /// random draw (unique and ordered like the events) instead of a clock read and a draw each.
 fn json_batch(topic: &str, body: &web::Bytes, req: &HttpRequest) -> Result<Vec<Event>, ApiError> {
+    check_json(body, "invalid_json")?;
     let items: Vec<&serde_json::value::RawValue> = serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request("invalid_json", format!("a batch must be a JSON array: {e}")))?;
     let headers = req.headers();
-    let idem = header(headers, IDEMPOTENCY_KEY);
-    let key = header(headers, HERALD_KEY);
+    let idem = ascii_header(headers, IDEMPOTENCY_KEY)?;
+    let key = ascii_header(headers, HERALD_KEY)?;
     let template = Event::new(topic, web::Bytes::new(), event::JSON);
     let mut ulid = ulid::Ulid::new();
     Ok(items

@@ -21,9 +21,8 @@ pub(crate) mod store;
 
 pub use store::StoreError;
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::future::{join_all, BoxFuture};
@@ -352,7 +351,9 @@ pub struct Ingress {
     bytes: Arc<Budget>,
     inflight: Gauge,
     rejected: Counter,
-    published: RwLock<HashMap<String, Counter>>,
+    /// `events_published_total{topic="(other)"}`: events of topics without subscriptions share
+    /// one series, so publishing to ever new topics cannot add series without bound.
+    published_other: Counter,
     /// Set once the WAL has been replayed.
     ready: tokio::sync::watch::Sender<bool>,
 }
@@ -377,15 +378,15 @@ struct Reserved<'t> {
 
 impl<'t> Reserved<'t> {
     /// Counts event `i` in its topic's run (`events_published_total{topic}` is counted per run of
-    /// one topic, a batch being one run): the topic's handle from the table, or by name for a
-    /// topic without subscriptions.
+    /// one topic, a batch being one run): the topic's handle from the table, or the shared
+    /// `(other)` series for a topic without subscriptions.
     fn count(&mut self, i: usize, events: &[Event], entry: Option<&'t TopicRoutes>) {
         match &mut self.run {
             Some((first, _, n)) if events[*first].topic == events[i].topic => *n += 1,
             _ => {
                 let counter = match entry {
                     Some(t) => PublishedCount::Handle(&t.published),
-                    None => PublishedCount::Topic(events[i].topic.clone()),
+                    None => PublishedCount::Other,
                 };
                 if let Some((_, counter, n)) = self.run.replace((i, counter, 1)) {
                     self.runs.push((counter, n));
@@ -400,7 +401,7 @@ impl<'t> Reserved<'t> {
         for (counter, n) in self.runs.drain(..).chain(last) {
             match counter {
                 PublishedCount::Handle(c) => c.increment(n),
-                PublishedCount::Topic(topic) => ingress.count_published(&topic, n),
+                PublishedCount::Other => ingress.published_other.increment(n),
             }
         }
     }
@@ -410,8 +411,8 @@ impl<'t> Reserved<'t> {
 enum PublishedCount<'a> {
     /// The handle the routing table resolved for a topic with subscriptions.
     Handle(&'a Counter),
-    /// A topic without subscriptions: counted by name.
-    Topic(String),
+    /// A topic without subscriptions: counted in the shared `(other)` series.
+    Other,
 }
 
 /// Bytes charged against the budget for one event: its payload plus a fixed overhead, so that
@@ -434,7 +435,7 @@ impl Ingress {
             }),
             inflight: metrics::gauge!(crate::metrics::INFLIGHT_EVENTS),
             rejected: metrics::counter!(crate::metrics::EVENTS_REJECTED),
-            published: RwLock::new(HashMap::new()),
+            published_other: metrics::counter!(crate::metrics::EVENTS_PUBLISHED, "topic" => crate::metrics::OTHER_TOPIC),
             ready: tokio::sync::watch::Sender::new(false),
         }
     }
@@ -448,19 +449,6 @@ impl Ingress {
     pub async fn wait_ready(&self) {
         let mut ready = self.ready.subscribe();
         let _ = ready.wait_for(|r| *r).await;
-    }
-
-    fn count_published(&self, topic: &str, n: u64) {
-        if let Some(c) = self.published.read().unwrap_or_else(|p| p.into_inner()).get(topic) {
-            c.increment(n);
-            return;
-        }
-        let c = metrics::counter!(crate::metrics::EVENTS_PUBLISHED, "topic" => topic.to_string());
-        c.increment(n);
-        self.published
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(topic.to_string(), c);
     }
 
     fn overloaded(&self, why: &str) -> PublishError {

@@ -78,9 +78,13 @@ pub struct MembershipConfig {
     pub progress: Arc<Progress>,
     /// Where the event plane's `app` payloads from peers go: the bus's events channel delivers
     /// them from its own thread (they never pass through the membership thread).
-    pub app: mpsc::UnboundedSender<(u64, bytes::Bytes)>,
+    /// Bounded ([`crate::transport::APP_QUEUE`]): when it is full, the events channel stops
+    /// reading (backpressure); the control channel is not affected.
+    pub app: mpsc::Sender<(u64, bytes::Bytes)>,
     /// Whether a new node's `Join` is applied at once or waits for an admin's approval.
     pub join_approval: crate::config::JoinApproval,
+    /// Most inbound peer connections handshaking at once (`cluster.max_pending_handshakes`).
+    pub max_pending_handshakes: usize,
 }
 
 /// A handle to the running service.
@@ -394,7 +398,8 @@ type Handles = (
 /// Starts everything inside the service's runtime.
 async fn run(config: MembershipConfig, advertise: String) -> Result<Handles> {
     let id = config.node_id;
-    let tc = TransportConfig::new(config.cluster_id.clone(), id, advertise.clone()).with_tls(config.tls.clone());
+    let mut tc = TransportConfig::new(config.cluster_id.clone(), id, advertise.clone()).with_tls(config.tls.clone());
+    tc.max_pending_handshakes = config.max_pending_handshakes;
     tc.validate()?;
     let (inbound_tx, inbound_rx) = mpsc::channel::<(u64, Envelope)>(4096);
     let bus = Bus::start(tc.clone(), inbound_tx, config.app.clone())?;

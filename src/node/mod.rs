@@ -168,7 +168,7 @@ impl NodeBuilder {
             .map_err(|e| Error::io(format!("cannot bind the peer address {peer_addr} (cluster.peer)"), e))?;
         let (reconciled_tx, reconciled) = watch::channel(0u64);
         let (http_listener, http_addr) = crate::http::bind(addr)?;
-        let (app_tx, app_rx) = tokio::sync::mpsc::unbounded_channel();
+        let (app_tx, app_rx) = tokio::sync::mpsc::channel(crate::transport::APP_QUEUE);
         let c = &config.cluster;
         let membership = Arc::new(Membership::start(MembershipConfig {
             node_id: config.node_id,
@@ -193,6 +193,7 @@ impl NodeBuilder {
             progress,
             app: app_tx,
             join_approval: c.join_approval,
+            max_pending_handshakes: c.max_pending_handshakes,
         })?);
         // Dead-letter requests from other members: the relay receives them, the control layer
         // answers them from the ingress's store (`serve_peer_asks`, started once the core exists).

@@ -1,7 +1,8 @@
 //! The receiving side: deliveries other nodes forwarded to this node's instances.
 //!
 //! Owns the per-origin inboxes and their tasks (batches from one origin are handled in order, so
-//! a key's order survives the hop), placement fencing (a delivery for a subscription this node
+//! a key's order survives the hop; an inbox holds [`INBOX`] batches, and a full one makes the
+//! relay wait, which stops the events channel reading: backpressure, not drops), placement fencing (a delivery for a subscription this node
 //! runs no instance of is refused with [`AckCode::NotPlaced`]), the dedup window, the handler
 //! side of the at-most-once lanes, and the per-origin ack queues and their tasks.
 //!
@@ -31,6 +32,12 @@ use crate::types::SubscriptionKey;
 
 /// At most this many acks are taken from an ack queue per batch (times eight).
 const MAX_BATCH: usize = 1024;
+
+/// Batches an origin's inbox holds before [`Inbound::on_events`] waits for room.
+const INBOX: usize = 64;
+
+/// New lanes between two prunings of [`LanesIn`], at least (or as many as it holds).
+const LANES_PRUNE_EVERY: usize = 1024;
 
 /// Why a delivery is refused (answered with [`AckCode::NotPlaced`], so its origin routes it again
 /// by the current placement). The text goes back in the ack, for the origin's logs.
@@ -145,9 +152,10 @@ pub(super) struct Inbound {
     /// Where the inbox and ack tasks run (the relay's thread).
     runtime: tokio::runtime::Handle,
     /// The lanes of the origins, by (origin, lane).
-    lanes: Mutex<IdMap<(u64, u64), Arc<LaneDone>>>,
+    lanes: Mutex<LanesIn>,
     acks: Queues<AckItem>,
-    inboxes: Queues<Bytes>,
+    /// Each origin's inbox (bounded, [`INBOX`] batches), drained by its own task.
+    inboxes: std::sync::RwLock<IdMap<u64, mpsc::Sender<Bytes>>>,
     dedup: Window,
     deduplicated: metrics::Counter,
 }
@@ -163,21 +171,50 @@ impl Inbound {
             transport,
             router,
             runtime,
-            lanes: Mutex::new(IdMap::default()),
+            lanes: Mutex::new(LanesIn::default()),
             acks: Queues::new(),
-            inboxes: Queues::new(),
+            inboxes: std::sync::RwLock::new(IdMap::default()),
             dedup: Arc::new(Mutex::new(Dedup::new(dedup_window))),
             deduplicated: metrics::counter!(crate::metrics::EVENTS_DEDUPLICATED),
         }
     }
 
     /// A batch of deliveries from `from`: queued for the origin's task, which handles its
-    /// batches in order.
-    pub(super) fn on_events(self: &Arc<Self>, from: u64, batch: Bytes) {
-        let runtime = &self.runtime;
-        self.inboxes.push(from, batch, |rx| {
-            runtime.spawn(receive_events(self.clone(), from, rx));
-        });
+    /// batches in order. Waits while the origin's inbox is full (its handlers are slow): the
+    /// caller, the relay's dispatch loop, then stops taking payloads from the bus, whose events
+    /// connections stop reading, down to the senders (backpressure; nothing is dropped). Acks
+    /// and dead-letter requests arriving meanwhile wait behind it too (one sink per node): the
+    /// price of bounding what a peer can make this node hold.
+    pub(super) async fn on_events(self: &Arc<Self>, from: u64, batch: Bytes) {
+        let tx = self
+            .inboxes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&from)
+            .filter(|tx| !tx.is_closed())
+            .cloned();
+        let tx = match tx {
+            Some(tx) => tx,
+            None => {
+                let mut inboxes = self.inboxes.write().unwrap_or_else(|p| p.into_inner());
+                match inboxes.get(&from).filter(|tx| !tx.is_closed()) {
+                    Some(tx) => tx.clone(),
+                    None => {
+                        let (tx, rx) = mpsc::channel(INBOX);
+                        self.runtime.spawn(receive_events(self.clone(), from, rx));
+                        inboxes.insert(from, tx.clone());
+                        tx
+                    }
+                }
+            }
+        };
+        let batch = match tx.try_send(batch) {
+            Ok(()) => return,
+            Err(mpsc::error::TrySendError::Full(batch)) => batch,
+            // Only once the relay's runtime stopped; the origin re-sends.
+            Err(mpsc::error::TrySendError::Closed(_)) => return,
+        };
+        let _ = tx.send(batch).await;
     }
 
     /// The sender of `origin`'s ack queue (its task started on first use).
@@ -219,15 +256,13 @@ impl Inbound {
             .lanes
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .entry((origin, lane))
-            .or_insert_with(|| {
+            .get(origin, lane, || {
                 Arc::new(LaneDone {
                     acks: self.ack_sender(origin),
                     lane,
                     done: Arc::new(AtomicU64::new(0)),
                 })
-            })
-            .clone();
+            });
         *cache = Some(l.clone());
         l
     }
@@ -381,12 +416,57 @@ impl Completion for LaneDone {
     }
 }
 
+/// The receiving side's at-most-once lanes by (origin, lane). Lane ids come from the origins, so
+/// the map is pruned: every [`LANES_PRUNE_EVERY`] new lanes (or as many as the last pruning kept,
+/// so pruning costs O(1) per new lane), it forgets the lanes nothing refers to any more (no job of theirs
+/// waits or runs, no receiving task caches them) and with nothing left to credit. That covers
+/// idle lanes and the lanes of origins that left: the map holds at most about twice the lanes in
+/// use plus [`LANES_PRUNE_EVERY`]. A forgotten lane that is used again starts afresh; its credits
+/// are counts, so nothing is lost.
+#[derive(Default)]
+struct LanesIn {
+    lanes: IdMap<(u64, u64), Arc<LaneDone>>,
+    /// Lanes added since the last pruning.
+    added: usize,
+    /// Lanes the last pruning kept.
+    kept: usize,
+}
+
+impl LanesIn {
+    /// `origin`'s `lane`, made with `make` when it is new.
+    fn get(&mut self, origin: u64, lane: u64, make: impl FnOnce() -> Arc<LaneDone>) -> Arc<LaneDone> {
+        if let Some(l) = self.lanes.get(&(origin, lane)) {
+            return l.clone();
+        }
+        self.added += 1;
+        if self.added >= LANES_PRUNE_EVERY.max(self.kept) {
+            self.prune();
+        }
+        let l = make();
+        self.lanes.insert((origin, lane), l.clone());
+        l
+    }
+
+    /// Forgets the lanes only this map refers to, with nothing left to credit.
+    fn prune(&mut self) {
+        self.added = 0;
+        self.lanes
+            .retain(|_, l| Arc::strong_count(l) > 1 || l.done.load(Ordering::Acquire) > 0);
+        self.kept = self.lanes.len();
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.lanes.len()
+    }
+}
+
 /// The receiving side's last subscription lookup: (table snapshot, key, this node's instances).
 type Lookup = Option<(Arc<RoutingTable>, SubscriptionKey, Option<Arc<SubRuntime>>)>;
 
 /// Handles one origin's batches in order. Each batch is decoded one delivery at a time, as it is
 /// handed over. Runs until the relay's runtime stops (the node's shutdown).
-async fn receive_events(inbound: Arc<Inbound>, from: u64, mut rx: mpsc::UnboundedReceiver<Bytes>) {
+async fn receive_events(inbound: Arc<Inbound>, from: u64, mut rx: mpsc::Receiver<Bytes>) {
     let mut cache = None;
     let mut lane = None;
     while let Some(batch) = rx.recv().await {
@@ -537,6 +617,41 @@ mod tests {
             window.lock().unwrap().check(key, waiter(2, 21, &to_b)),
             Check::Done(finished(Outcome::Ok { attempts: 1 }))
         );
+    }
+
+    /// Lane ids are the origins' to choose: lanes nothing uses any more are forgotten, so a peer
+    /// (or a long uptime) cannot grow the map without bound, while lanes in use are kept.
+    #[test]
+    fn lanes_nothing_refers_to_are_pruned_and_lanes_in_use_are_kept() {
+        let (acks, _rx) = mpsc::unbounded_channel();
+        let make = |lane| {
+            let acks = acks.clone();
+            move || {
+                Arc::new(LaneDone {
+                    acks,
+                    lane,
+                    done: Arc::new(AtomicU64::new(0)),
+                })
+            }
+        };
+        let mut lanes = LanesIn::default();
+        // Held by a job, and one with a credit owed.
+        let held = lanes.get(1, 1, make(1));
+        lanes.get(1, 2, make(2)).done.store(3, Ordering::Release);
+        for lane in 3..100_000u64 {
+            // A new lane of an origin, used once and done with (or an origin that left).
+            let _ = lanes.get(lane % 7, lane, make(lane));
+        }
+        assert!(
+            lanes.len() <= 2 * LANES_PRUNE_EVERY + 2,
+            "{} lanes kept for 2 in use",
+            lanes.len()
+        );
+        assert!(
+            Arc::ptr_eq(&lanes.get(1, 1, make(1)), &held),
+            "a lane in use was forgotten"
+        );
+        assert_eq!(lanes.get(1, 2, make(2)).done.load(Ordering::Acquire), 3);
     }
 
     #[test]

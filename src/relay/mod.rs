@@ -60,7 +60,11 @@
 //!
 //! Memory: the pending table holds at most what the in-flight byte budget admits; each origin has
 //! at most `handlers.mailbox_capacity` events in flight per remote instance (the router's
-//! window), which bounds what a handler node's inboxes hold.
+//! window), which bounds what a handler node's inboxes hold. Whatever an origin sends (window
+//! or not), what the receiving side holds is bounded: the bus's sink holds
+//! [`APP_QUEUE`](crate::transport::APP_QUEUE) payloads and each origin's inbox a few batches;
+//! when a handler is slow the dispatch loop waits for room, and the events channel stops reading
+//! (backpressure down to the origin, nothing dropped; the control channel is not affected).
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -291,7 +295,7 @@ impl Relay {
         health: Arc<Health>,
         config: RelayConfig,
         runtime: tokio::runtime::Handle,
-        mut inbound: mpsc::UnboundedReceiver<(u64, Bytes)>,
+        mut inbound: mpsc::Receiver<(u64, Bytes)>,
         returned: ReturnedJobs,
         asks: mpsc::Sender<PeerAsk>,
     ) -> Arc<Relay> {
@@ -312,7 +316,7 @@ impl Relay {
         runtime.spawn(async move {
             while let Some((from, bytes)) = inbound.recv().await {
                 match decode_peer_message(bytes) {
-                    Ok(Some(PeerBody::Events(batch))) => receiving.on_events(from, batch),
+                    Ok(Some(PeerBody::Events(batch))) => receiving.on_events(from, batch).await,
                     Ok(Some(PeerBody::Acks(acks))) => outbound.on_acks(from, acks),
                     Ok(Some(PeerBody::DeadLetterRequest(request))) => asks.on_request(from, request),
                     Ok(Some(PeerBody::DeadLetterResponse(answer))) => asks.on_response(from, answer),

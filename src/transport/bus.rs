@@ -27,6 +27,18 @@
 //! `herald_transport_wrong_channel_total{channel}` and logged: a peer cannot bypass the separation
 //! (nor feed the relay through the membership thread). Keepalives are the transports' own.
 //!
+//! **Bounded, with backpressure.** Each channel's receive queue holds [`INBOUND`] envelopes and
+//! the relay's sink ([`APP_QUEUE`] payloads) is bounded too: when the relay falls behind, the
+//! events channel's delivery task waits for room, its receive queue fills, its connections stop
+//! reading, and TCP pushes back on the senders, whose bounded send queues then refuse or wait.
+//! Nothing is dropped. The control channel has its own connections, queue and task on another
+//! runtime, so a full relay sink never holds back Raft messages or pings.
+//!
+//! **Handshakes are capped.** At most `max_pending_handshakes` inbound connections handshake at
+//! once; one more is closed at once and counted in `herald_transport_connections_refused_total`
+//! (`reason="too_many_pending"`). Refusals are logged at WARN at most once per
+//! [`LogLimit::EVERY`](crate::types::LogLimit::EVERY) per reason, with how many were not logged.
+//!
 //! Fault injection ([`Transport::cut_off`]) is shared: cutting a peer off on either transport
 //! cuts it off on both.
 
@@ -52,6 +64,10 @@ use crate::Error;
 
 /// Envelopes each channel's receive queue holds before its connections stop reading.
 const INBOUND: usize = 4096;
+
+/// `App` payloads the relay's sink holds (the capacity of the channel given to [`Bus::start`]):
+/// when it is full, the events channel stops reading until the relay takes some.
+pub const APP_QUEUE: usize = 1024;
 
 /// A node's two peer transports and the thread the events channel runs on. Cheap to clone.
 #[derive(Clone)]
@@ -83,11 +99,12 @@ impl Bus {
     /// Starts the bus for `config` (its `channel` is ignored): the control transport on the
     /// current tokio runtime, delivering what it receives (but `App` payloads) to
     /// `control_inbound`; the events transport on a new `herald-events` thread, delivering the
-    /// `App` payloads it receives (and nothing else) to `app`. Call [`Bus::serve`] to accept peers.
+    /// `App` payloads it receives (and nothing else) to `app` (bounded: give it [`APP_QUEUE`];
+    /// when it is full the events connections stop reading). Call [`Bus::serve`] to accept peers.
     pub fn start(
         config: TransportConfig,
         control_inbound: mpsc::Sender<(u64, Envelope)>,
-        app: mpsc::UnboundedSender<(u64, Bytes)>,
+        app: mpsc::Sender<(u64, Bytes)>,
     ) -> crate::Result<Bus> {
         let mut control_config = config.clone();
         control_config.channel = Channel::Control;
@@ -197,7 +214,7 @@ impl Bus {
     }
 
     /// Handshakes one inbound TCP stream and hands it to the transport of its channel.
-    async fn accept(&self, stream: TcpStream, remote: SocketAddr) {
+    async fn accept(&self, stream: TcpStream, remote: SocketAddr, pending: tokio::sync::OwnedSemaphorePermit) {
         let control = &self.inner.control;
         let config = control.config();
         let result = handshake_on(
@@ -210,10 +227,11 @@ impl Bus {
             |id, channel| self.transport(channel).has_inbound(id, channel),
         )
         .await;
+        drop(pending);
         let est = match result {
             Ok(est) => est,
             Err(error) => {
-                tracing::warn!(%remote, %error, "refused an inbound peer connection");
+                refused("handshake", remote, &error);
                 return;
             }
         };
@@ -236,7 +254,7 @@ impl Bus {
             Channel::Control | Channel::Unspecified => control.adopt(peer, channel, read_buf, move || Ok(stream)),
         };
         if let Err(error) = adopted {
-            tracing::warn!(%remote, %error, "refused an inbound peer connection");
+            refused("handshake", remote, &error);
         }
     }
 }
@@ -343,16 +361,55 @@ impl AsyncWrite for Socket {
     }
 }
 
+/// Counts an inbound connection refused for `reason` and logs it at WARN, at most once per
+/// [`LogLimit::EVERY`](crate::types::LogLimit::EVERY) per reason (with how many were not logged
+/// since), so a flood of bad connections cannot flood the log.
+fn refused(reason: &'static str, remote: SocketAddr, error: &dyn std::fmt::Display) {
+    static LIMITS: Mutex<Vec<(&str, crate::types::LogLimit)>> = Mutex::new(Vec::new());
+    metrics::counter!(super::CONNECTIONS_REFUSED_TOTAL, "reason" => reason).increment(1);
+    let log = {
+        let mut limits = LIMITS.lock().unwrap_or_else(PoisonError::into_inner);
+        let at = match limits.iter().position(|(r, _)| *r == reason) {
+            Some(at) => at,
+            None => {
+                limits.push((reason, crate::types::LogLimit::default()));
+                limits.len() - 1
+            }
+        };
+        limits[at].1.hit(std::time::Instant::now())
+    };
+    match log {
+        Some(suppressed) => {
+            tracing::warn!(%remote, %error, reason, suppressed, "refused an inbound peer connection")
+        }
+        None => tracing::debug!(%remote, %error, reason, "refused an inbound peer connection"),
+    }
+}
+
 async fn accept_loop(bus: Bus, listener: TcpListener) {
+    let pending = Arc::new(tokio::sync::Semaphore::new(
+        bus.inner.control.config().max_pending_handshakes,
+    ));
     loop {
         match listener.accept().await {
             Ok((stream, remote)) => {
+                // Taken before anything is spent on the connection; held until its handshake
+                // is done (the connection then belongs to its transport).
+                let Ok(permit) = pending.clone().try_acquire_owned() else {
+                    drop(stream);
+                    refused(
+                        "too_many_pending",
+                        remote,
+                        &"too many handshakes under way (cluster.max_pending_handshakes)",
+                    );
+                    continue;
+                };
                 if let Err(error) = stream.set_nodelay(true) {
                     tracing::debug!(%remote, %error, "cannot set TCP_NODELAY on a peer connection");
                 }
                 let bus = bus.clone();
                 let cancel = bus.inner.control.shutdown_token();
-                tokio::spawn(cancel.run_until_cancelled_owned(async move { bus.accept(stream, remote).await }));
+                tokio::spawn(cancel.run_until_cancelled_owned(async move { bus.accept(stream, remote, permit).await }));
             }
             Err(error) => {
                 tracing::warn!(%error, "accepting a peer connection failed");
@@ -393,14 +450,16 @@ async fn deliver_control(
 async fn deliver_events(
     events: Transport,
     mut inbound: mpsc::Receiver<(u64, Envelope)>,
-    app: mpsc::UnboundedSender<(u64, Bytes)>,
+    app: mpsc::Sender<(u64, Bytes)>,
 ) {
     while let Some((from, env)) = inbound.recv().await {
         if events.is_cut_off(from) {
             continue;
         }
         let sent = match env.body {
-            Some(Body::App(bytes)) => app.send((from, bytes)),
+            // Waits while the relay's sink is full: meanwhile this channel's receive queue fills
+            // and its connections stop reading (backpressure to the senders, nothing dropped).
+            Some(Body::App(bytes)) => app.send((from, bytes)).await,
             Some(body) => {
                 wrong_channel(from, Channel::Events, &body);
                 Ok(())
@@ -506,17 +565,22 @@ mod tests {
         bus: Bus,
         addr: String,
         control: mpsc::Receiver<(u64, Envelope)>,
-        app: mpsc::UnboundedReceiver<(u64, Bytes)>,
+        app: mpsc::Receiver<(u64, Bytes)>,
     }
 
     async fn node(id: u64) -> Node {
+        node_with(id, APP_QUEUE, 8192).await
+    }
+
+    async fn node_with(id: u64, app_queue: usize, send_queue: usize) -> Node {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr").to_string();
         let (control_tx, control) = mpsc::channel(64);
-        let (app_tx, app) = mpsc::unbounded_channel();
+        let (app_tx, app) = mpsc::channel(app_queue);
         let mut config = TransportConfig::new("bus-test", id, addr.clone());
         config.backoff_min = Duration::from_millis(10);
         config.backoff_max = Duration::from_millis(200);
+        config.send_queue = send_queue;
         let bus = Bus::start(config, control_tx, app_tx).expect("bus starts");
         bus.serve(listener);
         Node {
@@ -631,7 +695,7 @@ mod tests {
         });
 
         let (control_tx, _control) = mpsc::channel(64);
-        let (app_tx, _app) = mpsc::unbounded_channel();
+        let (app_tx, _app) = mpsc::channel(APP_QUEUE);
         let mut config = TransportConfig::new("bus-test", 1, "127.0.0.1:1");
         config.send_queue = 64;
         let a = Bus::start(config, control_tx, app_tx).expect("bus starts");
@@ -643,15 +707,27 @@ mod tests {
                 .expect("link");
         }
         let batch = Envelope::app(Bytes::from(vec![0u8; 1 << 20]));
+        // Filled once it stays full: a first `QueueFull` may only mean the writer is still
+        // draining the queue into the socket's buffers.
         let filled = within("filling the events queue", async {
             let mut sent = 0u64;
+            let mut full_since = None;
             loop {
                 match a.events().send(2, batch.clone()) {
-                    Ok(()) => sent += 1,
-                    Err(SendError::QueueFull { .. }) => return sent,
+                    Ok(()) => {
+                        sent += 1;
+                        full_since = None;
+                        tokio::task::yield_now().await;
+                    }
+                    Err(SendError::QueueFull { .. }) => {
+                        let since = *full_since.get_or_insert_with(std::time::Instant::now);
+                        if since.elapsed() >= Duration::from_millis(500) {
+                            return sent;
+                        }
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
                     Err(e) => panic!("{e}"),
                 }
-                tokio::task::yield_now().await;
             }
         })
         .await;
@@ -676,6 +752,118 @@ mod tests {
         );
         assert!(!stalled.lock().expect("lock").is_empty());
         a.shutdown();
+    }
+
+    /// A relay that does not keep up fills the bounded app sink; the events channel then stops
+    /// reading and the sender's queue fills (backpressure), the control channel still delivers at
+    /// once, and once the relay reads again every payload arrives, in order: none was dropped.
+    #[tokio::test]
+    async fn a_full_app_sink_pushes_back_on_the_sender_drops_nothing_and_spares_control() {
+        use crate::transport::SendError;
+
+        let a = node_with(1, APP_QUEUE, 64).await;
+        let mut b = node_with(2, 4, 8192).await;
+        a.bus.add_peer(2, b.addr.clone());
+        for t in [a.bus.control(), a.bus.events()] {
+            let mut link = t.link(2).expect("peer added");
+            within("connecting", link.wait_for(|l| l.connected))
+                .await
+                .expect("link");
+        }
+        // Node 2's relay reads nothing meanwhile. Node 1 sends until its queue towards node 2
+        // stays full (node 2 stopped reading and TCP pushed back). Without backpressure node 2
+        // keeps reading and buffers everything, the queue never stays full, and the cap only
+        // keeps that failure from eating the memory.
+        const CAP: u64 = 200_000;
+        const STALLED: Duration = Duration::from_millis(500);
+        let payload = |seq: u64| {
+            let mut p = vec![0u8; 256];
+            p[..8].copy_from_slice(&seq.to_be_bytes());
+            Envelope::app(p)
+        };
+        let sent = within("node 1's events queue staying full", async {
+            let mut seq = 0u64;
+            let mut full_since = None;
+            while seq < CAP {
+                match a.bus.events().send(2, payload(seq)) {
+                    Ok(()) => {
+                        seq += 1;
+                        full_since = None;
+                        tokio::task::yield_now().await;
+                    }
+                    Err(SendError::QueueFull { .. }) => {
+                        let since = *full_since.get_or_insert_with(std::time::Instant::now);
+                        if since.elapsed() >= STALLED {
+                            return seq;
+                        }
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            panic!("{CAP} payloads sent and node 2 never pushed back");
+        })
+        .await;
+
+        a.bus.control().send(2, Envelope::ping(9, 0)).expect("queued");
+        let (from, env) = within("the ping while the app sink is full", b.control.recv())
+            .await
+            .expect("open");
+        assert_eq!(from, 1);
+        assert!(matches!(env.body, Some(Body::Ping(Ping { seq: 9, .. }))), "{env:?}");
+
+        within("every payload, in order", async {
+            for want in 0..sent {
+                let (from, p) = b.app.recv().await.expect("open");
+                assert_eq!(from, 1);
+                let got = u64::from_be_bytes(p[..8].try_into().expect("8 bytes"));
+                assert_eq!(got, want, "a payload was dropped or reordered");
+            }
+        })
+        .await;
+        a.bus.shutdown();
+        b.bus.shutdown();
+    }
+
+    /// More handshakes than `max_pending_handshakes` at once: the connections beyond it are
+    /// closed at once (read EOF without a byte); once the slots are free, peers connect again.
+    #[tokio::test]
+    async fn connections_beyond_the_pending_handshake_cap_are_closed_at_once() {
+        use tokio::io::AsyncReadExt;
+
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (control_tx, _control) = mpsc::channel(64);
+        let (app_tx, _app) = mpsc::channel(APP_QUEUE);
+        let mut config = TransportConfig::new("bus-test", 1, addr.to_string());
+        config.max_pending_handshakes = 3;
+        config.handshake_timeout = DEADLINE * 2;
+        let bus = Bus::start(config, control_tx, app_tx).expect("bus starts");
+        bus.serve(listener);
+        // Three silent clients hold every handshake slot.
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            held.push(TcpStream::connect(addr).await.expect("connect"));
+        }
+        // Each later one is closed by the node (in order of arrival, after the three).
+        for _ in 0..5 {
+            let mut late = TcpStream::connect(addr).await.expect("connect");
+            let mut buf = [0u8; 16];
+            let n = within("the node closing a connection over the cap", late.read(&mut buf))
+                .await
+                .unwrap_or(0);
+            assert_eq!(n, 0, "the node answered instead of closing");
+        }
+        // Once the slots are given up, a real peer's connection handshakes and is adopted.
+        held.clear();
+        let b = node(2).await;
+        b.bus.add_peer(1, addr.to_string());
+        let mut link = b.bus.control().link(1).expect("peer added");
+        within("node 2 connecting once slots are free", link.wait_for(|l| l.connected))
+            .await
+            .expect("link");
+        b.bus.shutdown();
+        bus.shutdown();
     }
 
     fn other(ch: Channel) -> Channel {

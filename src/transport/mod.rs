@@ -62,7 +62,7 @@ pub mod wire;
 
 use std::time::Duration;
 
-pub use bus::{channel_name, wrong_channel, Bus};
+pub use bus::{channel_name, wrong_channel, Bus, APP_QUEUE};
 pub use conn::{ConnectionEnd, ConnectionError};
 pub use frame::{FrameError, DEFAULT_MAX_FRAME_LEN};
 pub use handshake::{handshake_on, Established, HandshakeError, Identity, PeerInfo, Side};
@@ -82,6 +82,9 @@ pub const WRONG_CHANNEL_TOTAL: &str = "herald_transport_wrong_channel_total";
 pub const TLS_CERT_NOT_AFTER: &str = "herald_peer_tls_cert_not_after_seconds";
 /// Reloads of changed peer TLS files, by `outcome` (`ok`, `refused`).
 pub const TLS_RELOADS_TOTAL: &str = "herald_peer_tls_reloads_total";
+/// Inbound peer connections refused, by `reason`: `too_many_pending` (closed at once because
+/// `max_pending_handshakes` handshakes were under way) or `handshake` (the handshake failed).
+pub const CONNECTIONS_REFUSED_TOTAL: &str = "herald_transport_connections_refused_total";
 
 /// Registers the descriptions of the transport's metrics (shown as `# HELP`).
 pub fn describe() {
@@ -101,6 +104,10 @@ pub fn describe() {
     metrics::describe_counter!(
         TLS_RELOADS_TOTAL,
         "Reloads of changed peer TLS certificate files, by outcome (ok, refused: the old certificate stays in use)."
+    );
+    metrics::describe_counter!(
+        CONNECTIONS_REFUSED_TOTAL,
+        "Inbound peer connections refused, by reason (too_many_pending: closed at once because cluster.max_pending_handshakes handshakes were under way; handshake: the handshake failed)."
     );
     metrics::describe_counter!(
         WRONG_CHANNEL_TOTAL,
@@ -145,6 +152,10 @@ pub struct TransportConfig {
     /// Relative jitter of reconnect delays (default 0.2, i.e. ±20%), so nodes that lost the same
     /// peer do not reconnect in lockstep.
     pub backoff_jitter: f64,
+    /// Most inbound connections handshaking at once (the bus's accept loop); beyond it a new
+    /// connection is closed at once and counted in [`CONNECTIONS_REFUSED_TOTAL`], so a flood of
+    /// half-open connections costs neither memory nor tasks without bound.
+    pub max_pending_handshakes: usize,
 }
 
 impl TransportConfig {
@@ -169,6 +180,7 @@ impl TransportConfig {
             backoff_min: Duration::from_millis(50),
             backoff_max: Duration::from_secs(5),
             backoff_jitter: 0.2,
+            max_pending_handshakes: 256,
         }
     }
 
@@ -197,6 +209,9 @@ impl TransportConfig {
         }
         if self.send_queue == 0 {
             return Err(Error::config("transport.send_queue", "must be at least 1"));
+        }
+        if self.max_pending_handshakes == 0 {
+            return Err(Error::config("cluster.max_pending_handshakes", "must be at least 1"));
         }
         if self.write_batch_bytes == 0 {
             return Err(Error::config("transport.write_batch_bytes", "must be at least 1"));
