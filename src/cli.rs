@@ -25,6 +25,7 @@ struct Cli {
     command: Command,
 }
 
+#[allow(clippy::large_enum_variant)] // parsed once per process
 #[derive(Subcommand)]
 enum Command {
     /// Run a node (serves the HTTP API; runs the handlers registered in this binary).
@@ -46,6 +47,27 @@ enum Command {
     /// API token tools.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Inspect or repair a stopped node's store offline.
+    #[command(subcommand)]
+    Wal(WalCommand),
+}
+
+/// `herald wal …` (the node must be stopped: its store is locked while it runs).
+#[derive(Subcommand)]
+enum WalCommand {
+    /// Count the WAL records and dead letters and list the undecodable ones; exits 1 if there
+    /// are any, 2 if the store cannot be read.
+    Check {
+        /// The node's data directory.
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
+    /// Move the undecodable records to the quarantine tables (what a node does at start).
+    Repair {
+        /// The node's data directory.
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
 }
 
 /// `herald token …`.
@@ -208,7 +230,7 @@ pub struct NodeArgs {
     /// Default attempts before an event is dead-lettered [key: handlers.max_attempts, default 5].
     #[arg(long, env = "HERALD_MAX_ATTEMPTS")]
     pub max_attempts: Option<u32>,
-    /// fsync the WAL on every group commit (always) or leave it to the OS (never) [key: wal.fsync, default always].
+    /// What a crash keeps: every acknowledged event (always), all but the last wal.flush_interval_ms (interval), or nothing since the start (never) [key: wal.fsync, default always].
     #[arg(long, env = "HERALD_WAL_FSYNC", value_enum)]
     pub wal_fsync: Option<FsyncPolicy>,
     /// Largest request body in bytes; larger gets 413 [key: http.max_body_bytes, default 1048576].
@@ -579,6 +601,21 @@ pub fn init_logging(format: LogFormat) {
     };
 }
 
+/// `herald wal check|repair`: prints the inspection; 1 if check found undecodable records.
+fn wal_tool(dir: &std::path::Path, repair: bool) -> ExitCode {
+    match crate::ingress::store::inspect(dir, repair) {
+        Ok(found) => {
+            println!("{found}");
+            let clean = found.bad_wal.is_empty() && found.bad_dead_letters.is_empty();
+            ExitCode::from(if clean || found.repaired { 0 } else { 1 })
+        }
+        Err(e) => {
+            eprintln!("herald wal: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
 /// Runs the CLI with `builder`'s handlers (see [`NodeBuilder::main`]).
 pub fn main_with(builder: NodeBuilder) -> ExitCode {
     let cli = Cli::parse();
@@ -607,6 +644,8 @@ pub fn main_with(builder: NodeBuilder) -> ExitCode {
             };
         }
         Command::Token(TokenCommand::Hash) => return token_hash(),
+        Command::Wal(WalCommand::Check { data_dir }) => return wal_tool(&data_dir, false),
+        Command::Wal(WalCommand::Repair { data_dir }) => return wal_tool(&data_dir, true),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,

@@ -250,9 +250,12 @@ pub struct HttpConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct WalConfig {
-    /// `always`: fsync every group commit before acknowledging (`ack=accepted` survives power loss);
-    /// `never`: leave flushing to the OS (survives a process crash, not a power loss).
+    /// What a crash keeps (see [`FsyncPolicy`]): `always` (every acknowledged event), `interval`
+    /// (everything acknowledged before the last flush, at most `flush_interval_ms` old) or `never`
+    /// (nothing written since the node started, unless it shut down cleanly).
     pub fsync: FsyncPolicy,
+    /// With `fsync = "interval"`: milliseconds between durable flushes (the most a crash loses).
+    pub flush_interval_ms: u64,
     /// Most operations written in one group commit.
     pub max_batch: usize,
 }
@@ -261,10 +264,16 @@ pub struct WalConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum FsyncPolicy {
-    /// Every group commit.
+    /// Every group commit is durable (fsynced) before its events are acknowledged: a process
+    /// crash or a power loss loses nothing acknowledged.
     #[default]
     Always,
-    /// Never explicitly.
+    /// Group commits are not durable when acknowledged; a durable flush every
+    /// `wal.flush_interval_ms` makes everything committed before it durable. A crash loses at
+    /// most the events acknowledged since the last completed flush.
+    Interval,
+    /// No commit is durable until the node shuts down cleanly: a process crash (SIGKILL, OOM, a
+    /// panic that aborts) or a power loss loses everything accepted since the node started.
     Never,
 }
 
@@ -282,6 +291,10 @@ pub struct HandlerConfig {
     pub max_instances: u32,
     /// Default `max_attempts` for subscriptions that do not set it.
     pub max_attempts: u32,
+    /// Dead letters older than this many seconds are deleted (0: kept however old).
+    pub dead_letter_max_age_s: u64,
+    /// Most dead letters a node keeps; beyond it the oldest are deleted (0: no limit).
+    pub dead_letter_max_count: u64,
     /// First restart/retry delay after a failure; doubles per consecutive failure.
     pub backoff_initial_ms: u64,
     /// Cap of the restart/retry delay.
@@ -660,6 +673,7 @@ impl Default for WalConfig {
     fn default() -> Self {
         WalConfig {
             fsync: FsyncPolicy::Always,
+            flush_interval_ms: 100,
             max_batch: 4096,
         }
     }
@@ -673,6 +687,8 @@ impl Default for HandlerConfig {
             max_inflight_bytes: 256 * 1024 * 1024,
             max_instances: 256,
             max_attempts: 5,
+            dead_letter_max_age_s: 30 * 24 * 3600,
+            dead_letter_max_count: 1_000_000,
             backoff_initial_ms: 50,
             backoff_max_ms: 5_000,
             call_timeout_ms: 30_000,
@@ -892,7 +908,7 @@ impl Config {
         }
         self.http_addr()?;
         let h = &self.handlers;
-        let positive: [(&str, u64); 12] = [
+        let positive: [(&str, u64); 13] = [
             ("http.max_body_bytes", self.http.max_body_bytes as u64),
             ("http.max_batch_events", self.http.max_batch_events as u64),
             ("http.max_connections", self.http.max_connections as u64),
@@ -903,6 +919,7 @@ impl Config {
                 self.cluster.max_pending_handshakes as u64,
             ),
             ("wal.max_batch", self.wal.max_batch as u64),
+            ("wal.flush_interval_ms", self.wal.flush_interval_ms),
             ("handlers.mailbox_capacity", h.mailbox_capacity as u64),
             ("handlers.max_inflight_bytes", h.max_inflight_bytes as u64),
             ("handlers.max_instances", u64::from(h.max_instances)),

@@ -81,8 +81,8 @@ pub struct ClusterView {
     pub term: u64,
     /// Placement epoch.
     pub epoch: u64,
-    /// Whether the node is ready: its WAL replayed, and it is a member of both the membership
-    /// table and its Raft configuration (as `/readyz`).
+    /// Whether the node is ready: its WAL replayed, its store taking writes, and it is a member
+    /// of both the membership table and its Raft configuration (as `/readyz`).
     pub ready: bool,
     /// Where the membership table and the Raft configuration disagree as this node sees them:
     /// normal for a moment while a node joins or leaves, a fault if it lasts. Empty when they
@@ -411,7 +411,7 @@ impl NodeCore {
             leader: (raft.leader != 0).then_some(raft.leader),
             term: raft.term,
             epoch: state.epoch(),
-            ready: self.ingress.is_ready() && member,
+            ready: self.ingress.is_ready() && member && self.ingress.storage_problem().is_none(),
             problems: problems.iter().map(ToString::to_string).collect(),
             uptime_seconds: self.started.elapsed().as_secs(),
             members: state

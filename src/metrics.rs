@@ -43,6 +43,16 @@ pub const PLACEMENT_EPOCH: &str = "herald_placement_epoch";
 pub const HTTP_REQUESTS: &str = "herald_http_requests_total";
 /// WAL group commits.
 pub const WAL_COMMITS: &str = "herald_wal_commits_total";
+/// Durable WAL commits: every group commit with `wal.fsync = "always"`, each flush with `interval`.
+pub const WAL_FLUSHES: &str = "herald_wal_flushes_total";
+/// Dead letters deleted by retention, by `reason` (`age`, `count`).
+pub const DEAD_LETTERS_EXPIRED: &str = "herald_dead_letters_expired_total";
+/// Compactions of the store file after many records were removed.
+pub const STORE_COMPACTIONS: &str = "herald_store_compactions_total";
+/// Undecodable WAL records moved aside to the quarantine table.
+pub const WAL_QUARANTINED: &str = "herald_wal_quarantined_total";
+/// 1 while the store refuses writes (disk full or failing), 0 when healthy.
+pub const STORAGE_UNHEALTHY: &str = "herald_storage_unhealthy";
 /// Publishes refused because mailboxes or the in-flight byte budget were full.
 pub const EVENTS_REJECTED: &str = "herald_events_rejected_total";
 /// The phi of this node's failure detector for each peer.
@@ -109,6 +119,26 @@ pub fn describe() {
     describe_gauge!(PLACEMENT_EPOCH, "The placement epoch this node holds.");
     describe_counter!(HTTP_REQUESTS, "HTTP requests by route pattern and status code.");
     describe_counter!(WAL_COMMITS, "Write-ahead log group commits.");
+    describe_counter!(
+        WAL_FLUSHES,
+        "Durable write-ahead log commits (each group commit with fsync=always, each flush with interval)."
+    );
+    describe_counter!(
+        DEAD_LETTERS_EXPIRED,
+        "Dead letters deleted by retention (handlers.dead_letter_max_age_s, dead_letter_max_count), by reason."
+    );
+    describe_counter!(
+        STORE_COMPACTIONS,
+        "Compactions of the store file after many records were removed."
+    );
+    describe_counter!(
+        WAL_QUARANTINED,
+        "Undecodable write-ahead log records moved to the quarantine table."
+    );
+    describe_gauge!(
+        STORAGE_UNHEALTHY,
+        "1 while the store refuses writes (disk full or failing), 0 when healthy."
+    );
     crate::transport::describe();
     describe_counter!(
         EVENTS_REJECTED,

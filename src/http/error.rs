@@ -105,6 +105,10 @@ impl From<PublishError> for ApiError {
                 retry_after: Some(1),
                 ..Self::new(StatusCode::TOO_MANY_REQUESTS, "overloaded", message)
             },
+            PublishError::Unavailable(crate::ingress::StoreError::Full(_)) => ApiError {
+                retry_after: Some(1),
+                ..Self::new(StatusCode::INSUFFICIENT_STORAGE, "storage_full", message)
+            },
             PublishError::Unavailable(_) => ApiError {
                 retry_after: Some(1),
                 ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "wal_unavailable", message)

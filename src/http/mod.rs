@@ -578,7 +578,7 @@ async fn healthz() -> HttpResponse {
 }
 
 #[utoipa::path(get, path = "/readyz", tag = "operations",
-    responses((status = 200, description = "WAL replayed, ready"), (status = 503, description = "Not ready yet", body = error::ErrorBody)))]
+    responses((status = 200, description = "WAL replayed, ready"), (status = 503, description = "Not ready yet (not_ready), or the store refuses writes (storage_unhealthy)", body = error::ErrorBody)))]
 async fn readyz(state: State) -> Result<HttpResponse, ApiError> {
     let unready = |m: &str| ApiError::new(actix_web::http::StatusCode::SERVICE_UNAVAILABLE, "not_ready", m);
     if !state.core.membership().is_running() {
@@ -587,6 +587,12 @@ async fn readyz(state: State) -> Result<HttpResponse, ApiError> {
         ))
     } else if !state.core.ingress().is_ready() {
         Err(unready("joining the cluster and replaying the write-ahead log"))
+    } else if let Some(problem) = state.core.ingress().storage_problem() {
+        Err(ApiError::new(
+            actix_web::http::StatusCode::SERVICE_UNAVAILABLE,
+            "storage_unhealthy",
+            format!("the store refuses writes and recovers by itself when it can write again: {problem}"),
+        ))
     } else if let Some(problem) = state.core.membership().unready_reason() {
         Err(unready(&problem.to_string()))
     } else {

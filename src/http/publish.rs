@@ -216,6 +216,8 @@ async fn admit(
               (status = 413, description = "Too large", body = super::error::ErrorBody),
               (status = 415, description = "Unsupported content type", body = super::error::ErrorBody),
               (status = 429, description = "Overloaded; see Retry-After", body = super::error::ErrorBody),
+              (status = 503, description = "Not ready, subscription unplaced, or the WAL is unavailable (wal_unavailable)", body = super::error::ErrorBody),
+              (status = 507, description = "The disk is full (storage_full); nothing accepted, retry after Retry-After", body = super::error::ErrorBody),
               (status = 504, description = "ack=processed timed out; the event is accepted", body = super::error::ErrorBody)))]
 pub(crate) async fn publish_one(
     req: HttpRequest,
@@ -242,7 +244,9 @@ pub(crate) async fn publish_one(
     responses((status = 202, description = "All accepted", body = BatchAnswer),
               (status = 400, description = "Invalid; nothing accepted", body = super::error::ErrorBody),
               (status = 408, description = "The body did not arrive within http.body_timeout_ms", body = super::error::ErrorBody),
-              (status = 429, description = "Overloaded; nothing accepted", body = super::error::ErrorBody)))]
+              (status = 429, description = "Overloaded; nothing accepted", body = super::error::ErrorBody),
+              (status = 503, description = "Not ready, subscription unplaced, or the WAL is unavailable (wal_unavailable)", body = super::error::ErrorBody),
+              (status = 507, description = "The disk is full (storage_full); nothing accepted", body = super::error::ErrorBody)))]
 pub(crate) async fn publish_batch(
     req: HttpRequest,
     topic: web::Path<String>,

@@ -415,6 +415,9 @@ enum PublishedCount<'a> {
     Other,
 }
 
+/// WAL records read per chunk during start-up replay.
+const REPLAY_CHUNK: usize = 1024;
+
 /// Bytes charged against the budget for one event: its payload plus a fixed overhead, so that
 /// many empty events are bounded too.
 fn charge(e: &Event) -> usize {
@@ -676,40 +679,93 @@ impl Ingress {
     /// Delivers every event left in the WAL (start-up), then marks the node ready. `exists` says
     /// whether a subscription exists in the cluster: an event owed only to deleted subscriptions is
     /// dropped. The relay routes the rest (locally or to the nodes that run them).
+    ///
+    /// The WAL is read [`REPLAY_CHUNK`] records at a time, and each event waits for room in the
+    /// in-flight byte budget, so memory stays bounded by the budget whatever the WAL holds.
+    /// Records that do not decode are moved to the quarantine table, counted
+    /// (`herald_wal_quarantined_total`) and logged once with their sequence numbers.
     pub(crate) async fn replay_wal(&self, exists: impl Fn(&str, &str) -> bool) -> Result<usize, StoreError> {
-        let records = self.store.wal_records()?;
-        let total = records.len();
-        if total > 0 {
-            tracing::info!(events = total, "replaying the write-ahead log");
+        let Some(upto) = self.store.wal_last()? else {
+            self.ready.send_replace(true);
+            return Ok(0);
+        };
+        let mut after = None;
+        let mut total = 0usize;
+        let mut orphans = 0usize;
+        let mut quarantined: Vec<u64> = Vec::new();
+        loop {
+            let chunk = self.store.wal_chunk(after, upto, REPLAY_CHUNK)?;
+            let Some(&(last, _)) = chunk.last() else { break };
+            after = Some(last);
+            if total == 0 {
+                tracing::info!(from = chunk[0].0, to = upto, "replaying the write-ahead log");
+            }
+            let mut dropped = Vec::new();
+            let mut bad = Vec::new();
+            for (seq, record) in chunk {
+                total += 1;
+                let record = match record {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::debug!(seq, error = %e, "undecodable WAL record");
+                        bad.push(seq);
+                        continue;
+                    }
+                };
+                let Some(event) = record.event.map(Event::from) else {
+                    dropped.push(seq);
+                    continue;
+                };
+                let owed: Vec<SubscriptionKey> = record
+                    .groups
+                    .iter()
+                    .filter(|g| exists(&event.topic, g))
+                    .map(|g| SubscriptionKey {
+                        topic: event.topic.clone(),
+                        group: g.clone(),
+                    })
+                    .collect();
+                if owed.is_empty() {
+                    orphans += 1;
+                    dropped.push(seq);
+                    continue;
+                }
+                let permit = self.bytes.take(charge(&event)).await;
+                let (tracker, _) = self.tracker(owed.len(), Some(seq), permit, false);
+                let event = Arc::new(event);
+                for key in owed {
+                    self.relay.park(Arc::new(key), event.clone(), tracker.clone());
+                }
+            }
+            self.store.ack_all(dropped);
+            if !bad.is_empty() {
+                let moved = self.store.quarantine(bad.clone()).await?;
+                metrics::counter!(crate::metrics::WAL_QUARANTINED).increment(moved as u64);
+                quarantined.extend(bad);
+            }
         }
-        for (seq, record) in records {
-            let Some(event) = record.event.map(Event::from) else {
-                self.store.ack(seq);
-                continue;
-            };
-            let owed: Vec<SubscriptionKey> = record
-                .groups
-                .iter()
-                .filter(|g| exists(&event.topic, g))
-                .map(|g| SubscriptionKey {
-                    topic: event.topic.clone(),
-                    group: g.clone(),
-                })
-                .collect();
-            if owed.is_empty() {
-                tracing::warn!(id = %event.id, topic = %event.topic, "dropping WAL event: none of its subscriptions exists any more");
-                self.store.ack(seq);
-                continue;
-            }
-            let permit = self.bytes.take(charge(&event)).await;
-            let (tracker, _) = self.tracker(owed.len(), Some(seq), permit, false);
-            let event = Arc::new(event);
-            for key in owed {
-                self.relay.park(Arc::new(key), event.clone(), tracker.clone());
-            }
+        if orphans > 0 {
+            tracing::warn!(
+                events = orphans,
+                "dropped WAL events: none of their subscriptions exists any more"
+            );
+        }
+        if !quarantined.is_empty() {
+            const SHOWN: usize = 100;
+            tracing::error!(
+                records = quarantined.len(),
+                seqs = ?&quarantined[..quarantined.len().min(SHOWN)],
+                "undecodable WAL records moved to the wal_quarantine table (first {SHOWN} sequence numbers shown; \
+                 `herald wal check` lists them all)"
+            );
         }
         self.ready.send_replace(true);
         Ok(total)
+    }
+
+    /// Why the store refuses writes (disk full or failing), while it does (`/readyz`).
+    pub fn storage_problem(&self) -> Option<StoreError> {
+        self.store.problem()
     }
 
     /// Dead letters in id order, after `after`, at most `limit`, optionally of one topic/group.

@@ -114,7 +114,11 @@ impl NodeBuilder {
         config.validate()?;
         let h = &config.handlers;
         claim_data_dir(&config)?;
-        let store = Store::open(&config.data_dir, config.wal.fsync, config.wal.max_batch)?;
+        let store = Store::open(
+            &config.data_dir,
+            &config.wal,
+            crate::ingress::store::Retention::of(&config.handlers),
+        )?;
         let workers: Vec<Arbiter> = (0..h.worker_threads()).map(|_| Arbiter::new()).collect();
         let health = Arc::new(Health::default());
         let progress = Arc::new(Progress::new(workers.len()));
