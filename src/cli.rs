@@ -25,7 +25,6 @@ struct Cli {
     command: Command,
 }
 
-#[allow(clippy::large_enum_variant)] // parsed once per process
 #[derive(Subcommand)]
 enum Command {
     /// Run a node (serves the HTTP API; runs the handlers registered in this binary).

@@ -318,8 +318,13 @@ fn fill(dir: &Path) {
 #[actix_rt::test]
 async fn a_full_disk_answers_storage_full_and_recovers_by_itself_losing_nothing() {
     let Some(tmpfs) = Tmpfs::mount("24m") else {
-        // Mounting needs CAP_SYS_ADMIN (CI runs as root in its container).
-        eprintln!("SKIPPED: cannot mount a tmpfs here (not root?)");
+        // Mounting needs CAP_SYS_ADMIN. CI runs as root and sets HERALD_REQUIRE_TMPFS=1, which
+        // makes this a failure rather than a skip.
+        assert!(
+            std::env::var("HERALD_REQUIRE_TMPFS").as_deref() != Ok("1"),
+            "HERALD_REQUIRE_TMPFS=1 but a tmpfs cannot be mounted here (run as root)"
+        );
+        eprintln!("SKIPPED: cannot mount a tmpfs here (not root?); HERALD_REQUIRE_TMPFS=1 makes this a failure");
         return;
     };
     let data = tmpfs.dir.path().join("data");

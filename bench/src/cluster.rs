@@ -225,6 +225,7 @@ pub(super) fn start(
     let exe = std::env::current_exe().map_err(|e| format!("cannot find this program's path: {e}"))?;
     let fsync = wal_fsync.map(|f| match f {
         FsyncPolicy::Always => "always",
+        FsyncPolicy::Interval => "interval",
         FsyncPolicy::Never => "never",
     });
     let mut c = Harness::temporary(exe, name)?
