@@ -439,7 +439,10 @@ impl ClientTls {
     pub fn client(&self, timeout: std::time::Duration) -> std::result::Result<awc::Client, String> {
         let builder = awc::Client::builder().timeout(timeout);
         let Some(ca) = &self.ca_file else {
-            return Ok(builder.finish());
+            // HTTP/1.1 only, as with `--ca-file` (whose TLS config offers only http/1.1): h2 0.3
+            // is under RUSTSEC-2026-0258 (see deny.toml).
+            let connector = awc::Connector::new().max_http_version(awc::http::Version::HTTP_11);
+            return Ok(builder.connector(connector).finish());
         };
         let identity = self.client_cert.as_deref().zip(self.client_key.as_deref());
         let config = crate::http::tls::client_config(ca, identity).map_err(|e| e.to_string())?;

@@ -66,6 +66,10 @@ pub enum EventError {
         /// Which field.
         what: &'static str,
     },
+    /// The event time cannot be stored: outside 1677-09-21T00:12:44Z..=2262-04-11T23:47:16Z
+    /// (nanoseconds since the Unix epoch in an i64, as the WAL and the peer wire keep it).
+    #[error("invalid time {0}: events are stored with nanosecond times from 1677-09-21 to 2262-04-11")]
+    TimeOutOfRange(DateTime<Utc>),
     /// The body claimed to be a CloudEvent but is not a valid one.
     #[error("invalid CloudEvent: {0}")]
     CloudEvent(String),
@@ -151,6 +155,10 @@ impl Event {
         }
         for v in self.headers.values() {
             validate_field("header value", v)?;
+        }
+        if self.time.timestamp_nanos_opt().is_none() {
+            // Stored, it would read back as 1970-01-01 (found by tests/fuzz.rs).
+            return Err(EventError::TimeOutOfRange(self.time));
         }
         Ok(())
     }
@@ -330,6 +338,25 @@ mod tests {
         assert_eq!(back.headers.get("heraldtopic").map(String::as_str), Some("user.login"));
         let v: serde_json::Value = back.json_data().unwrap();
         assert_eq!(v["user_id"], 7);
+    }
+
+    #[test]
+    fn times_outside_the_stored_range_are_refused() {
+        for (time, ok) in [
+            ("0000-01-01T00:00:00Z", false),
+            ("1677-09-21T00:12:43Z", false),
+            ("1677-09-21T00:12:44Z", true),
+            ("2262-04-11T23:47:16Z", true),
+            ("2262-04-11T23:47:17Z", false),
+            ("9999-12-31T23:59:59Z", false),
+        ] {
+            let ce: cloudevents::Event = serde_json::from_value(serde_json::json!({
+                "specversion": "1.0", "id": "1", "source": "s", "type": "t", "time": time
+            }))
+            .unwrap();
+            let got = Event::from_cloudevent("t", ce);
+            assert_eq!(got.is_ok(), ok, "{time}: {got:?}");
+        }
     }
 
     #[test]

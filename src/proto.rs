@@ -751,6 +751,82 @@ mod tests {
         }
     }
 
+    fn arbitrary_event() -> impl proptest::strategy::Strategy<Value = Event> {
+        use proptest::prelude::*;
+        let text = || proptest::collection::vec(any::<char>(), 0..16).prop_map(String::from_iter);
+        (
+            (text(), text(), proptest::option::of(text())),
+            proptest::collection::vec(any::<u8>(), 0..64),
+            (text(), any::<i64>(), text(), text()),
+            proptest::collection::btree_map(text(), text(), 0..4),
+        )
+            .prop_map(
+                |((id, topic, key), data, (content_type, nanos, source, event_type), headers)| {
+                    let mut e = Event::new(topic, data, &content_type);
+                    e.id = id;
+                    e.key = key;
+                    e.time = DateTime::<Utc>::from_timestamp_nanos(nanos);
+                    e.source = source;
+                    e.event_type = event_type;
+                    e.headers = headers;
+                    e
+                },
+            )
+    }
+
+    proptest::proptest! {
+        /// The direct (hot path) WAL and delivery encoders write exactly prost's bytes for any
+        /// event, and the lazy peer-message decoder reads them back.
+        #[test]
+        fn direct_encoders_match_prost_for_any_event(e in arbitrary_event(),
+                                                     groups in proptest::collection::vec("\\PC{0,6}", 0..3),
+                                                     id: u64, epoch: u64, lane: u64) {
+            let record = EventRecord::from(&e);
+            let mut wal = Vec::new();
+            encode_wal_record(&e, groups.iter().map(String::as_str), &mut wal);
+            let expect = WalRecord { event: Some(record.clone()), groups };
+            proptest::prop_assert_eq!(&wal, &expect.encode_to_vec());
+            let back: Event = WalRecord::decode(wal.as_slice()).unwrap().event.unwrap().into();
+            proptest::prop_assert_eq!(&back, &e);
+
+            let mut delivery = Vec::new();
+            encode_delivery_on(id, "g", epoch, lane, &e, &mut delivery);
+            let message = peer_message_events(std::iter::once(delivery.as_slice()));
+            let Ok(Some(PeerBody::Events(body))) = decode_peer_message(Bytes::from(message)) else {
+                return Err(proptest::test_runner::TestCaseError::fail("not an event batch"));
+            };
+            let got: Vec<Forwarded> = Deliveries(body).collect::<Result<_, _>>().unwrap();
+            let sent = Forwarded { id, group: "g".into(), epoch, event: Some(record), lane };
+            proptest::prop_assert_eq!(got, vec![sent]);
+        }
+
+        /// The lazy peer-message decoder takes any bytes without panicking, and where prost
+        /// decodes a `PeerMessage` it decodes the same body.
+        #[test]
+        fn lazy_peer_message_decoding_takes_any_bytes(b in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300)) {
+            let lazy = decode_peer_message(Bytes::from(b.clone()));
+            if let Ok(Some(PeerBody::Events(body))) = &lazy {
+                for f in Deliveries(body.clone()).flatten() {
+                    let _ = f.event.map(Event::from);
+                }
+            }
+            if let (Ok(m), Ok(lazy)) = (PeerMessage::decode(b.as_slice()), lazy) {
+                match (m.body, lazy) {
+                    (None, None) => {}
+                    (Some(peer_message::Body::Acks(a)), Some(PeerBody::Acks(l))) => proptest::prop_assert_eq!(a, l),
+                    (Some(peer_message::Body::DeadLetterRequest(a)), Some(PeerBody::DeadLetterRequest(l))) => {
+                        proptest::prop_assert_eq!(a, l)
+                    }
+                    (Some(peer_message::Body::DeadLetterResponse(a)), Some(PeerBody::DeadLetterResponse(l))) => {
+                        proptest::prop_assert_eq!(a, l)
+                    }
+                    (Some(peer_message::Body::Events(_)), Some(PeerBody::Events(_))) => {}
+                    (a, _) => proptest::prop_assert!(false, "prost decoded {a:?}, the lazy decoder another body"),
+                }
+            }
+        }
+    }
+
     #[test]
     fn events_buffers_finish_in_place_for_every_head_length() {
         // Bodies whose length varint takes 1, 2 and 3 bytes.

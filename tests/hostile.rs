@@ -19,8 +19,8 @@ use herald::proto::{peer_message, AckBatch, AckCode, AckRecord, PeerMessage};
 use herald::transport::wire::{Pong, Proposal, ProposalResult};
 use herald::transport::{Body, Bus, Envelope, TransportConfig};
 use prost::Message as _;
-use protobuf::Message as _;
 use raft::prelude::{Message as RaftMessage, MessageType};
+use raft_prost::Message as _;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
@@ -285,7 +285,7 @@ async fn a_raft_message_with_a_forged_sender_is_refused() {
     m.from = leader;
     m.to = target;
     m.term = term;
-    r.send(target, Envelope::raft(m.write_to_bytes().unwrap()));
+    r.send(target, Envelope::raft(m.encode_to_vec()));
 
     wait_refused(&nodes[0].url, "raft", "forged_from", before).await;
     assert_one_leader_and_ready(&nodes).await;
@@ -320,7 +320,7 @@ async fn a_heartbeat_with_a_huge_commit_is_dropped_and_the_follower_keeps_runnin
     hb.to = target;
     hb.term = term;
     hb.commit = 1 << 40;
-    r.send(target, Envelope::raft(hb.write_to_bytes().unwrap()));
+    r.send(target, Envelope::raft(hb.encode_to_vec()));
 
     wait_refused(&nodes[0].url, "raft", "commit_beyond_log", before).await;
     assert!(

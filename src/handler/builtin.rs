@@ -35,7 +35,9 @@ impl Webhook {
 
     /// A webhook handler posting to `url` with a per-request `timeout`, under `policy`.
     pub fn with_policy(url: impl Into<String>, timeout: Duration, policy: Arc<EgressPolicy>) -> Self {
+        // HTTP/1.1 only: h2 0.3 (the only h2 awc uses) is under RUSTSEC-2026-0258 (see deny.toml).
         let connector = awc::Connector::new()
+            .max_http_version(awc::http::Version::HTTP_11)
             .connector(actix_tls::connect::Connector::new(Resolver::custom(PolicyResolver(policy.clone()))).service());
         Webhook {
             url: url.into(),

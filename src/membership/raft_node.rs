@@ -34,9 +34,9 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use protobuf::Message as _;
 use raft::prelude::{ConfChange, ConfChangeType, ConfState, Entry, EntryType, Message, MessageType, Snapshot};
 use raft::{RawNode, SnapshotStatus, StateRole};
+use raft_prost::Message as _;
 use tokio::sync::{mpsc, oneshot, watch};
 // Tokio's clock, like the tick timer: proposal deadlines must follow the same (possibly paused)
 // time as the ticks, or a simulation with virtual time never times a proposal out.
@@ -340,7 +340,7 @@ where
         snap.mut_metadata().index = 1;
         snap.mut_metadata().term = 1;
         snap.mut_metadata().set_conf_state(conf);
-        snap.data = app.snapshot().into();
+        snap.data = app.snapshot();
         storage.apply_snapshot(snap).map_err(raft::Error::from)?;
     }
     let snapshot = storage.snapshot(0, config.id);
@@ -435,7 +435,7 @@ impl<S: RaftLogStore + Clone, A: Apply> Driver<S, A> {
 
     fn handle(&mut self, m: Inbound) {
         match m {
-            Inbound::Raft { from, bytes } => match Message::parse_from_bytes(&bytes) {
+            Inbound::Raft { from, bytes } => match Message::decode(&bytes[..]) {
                 Ok(msg) => match self.check(from, &msg) {
                     Ok(()) => self.step_guarded(from, msg),
                     Err(refusal) => {
@@ -691,12 +691,10 @@ impl<S: RaftLogStore + Clone, A: Apply> Driver<S, A> {
 
     fn send(&mut self, msgs: Vec<Message>) {
         for m in msgs {
-            match m.write_to_bytes() {
-                Ok(bytes) => {
-                    let _ = self.out.send(Outbound::Raft { to: m.to, bytes });
-                }
-                Err(e) => tracing::error!(error = %e, "cannot encode a raft message"),
-            }
+            let _ = self.out.send(Outbound::Raft {
+                to: m.to,
+                bytes: m.encode_to_vec(),
+            });
             if m.get_msg_type() == MessageType::MsgSnapshot {
                 // raft-rs sends a follower nothing more until the snapshot is reported, and the
                 // transport gives no delivery report: were this message lost, the follower would
@@ -744,7 +742,7 @@ impl<S: RaftLogStore + Clone, A: Apply> Driver<S, A> {
             match entry.get_entry_type() {
                 EntryType::EntryNormal => self.app.apply(entry.index, &entry.data),
                 EntryType::EntryConfChange => {
-                    let cc = ConfChange::parse_from_bytes(&entry.data)
+                    let cc = ConfChange::decode(&entry.data[..])
                         .map_err(|e| raft::Error::Store(raft::StorageError::Other(e.into())))?;
                     let conf = self.node.apply_conf_change(&cc)?;
                     self.node.store().set_conf_state(conf.clone())?;
@@ -752,7 +750,7 @@ impl<S: RaftLogStore + Clone, A: Apply> Driver<S, A> {
                     self.snapshot_due = true;
                 }
                 EntryType::EntryConfChangeV2 => {
-                    let cc = raft::prelude::ConfChangeV2::parse_from_bytes(&entry.data)
+                    let cc = raft::prelude::ConfChangeV2::decode(&entry.data[..])
                         .map_err(|e| raft::Error::Store(raft::StorageError::Other(e.into())))?;
                     let conf = self.node.apply_conf_change(&cc)?;
                     self.node.store().set_conf_state(conf.clone())?;
@@ -1200,7 +1198,7 @@ mod tests {
         let hb = heartbeat(1, 3, 2, 7);
         tx.send(Inbound::Raft {
             from: 1,
-            bytes: hb.write_to_bytes().unwrap(),
+            bytes: hb.encode_to_vec(),
         })
         .unwrap();
         // Still running: it answers a proposal (no leader: the heartbeat was not taken).

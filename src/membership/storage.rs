@@ -22,8 +22,8 @@
 //! Table `raft_entries` maps an index to its entry; table `raft_state` holds the hard state, the
 //! conf state, the compaction point and the latest snapshot's metadata and data under fixed keys.
 //! Records use the `eraftpb` protobuf encoding. They are declared here as prost messages with the
-//! same field tags, because the `protobuf` crate that `raft` uses is not a direct dependency of
-//! Herald, so the bytes would read the same through `protobuf::Message::parse_from_bytes`.
+//! same field tags (raft's own prost 0.11 types would read the same bytes), so the on-disk format
+//! does not depend on which codec raft-rs is built with.
 
 use std::cmp;
 use std::path::{Path, PathBuf};
@@ -579,7 +579,7 @@ impl<B: Backend> Core<B> {
         let inner = self.read()?;
         inner.state.check_snapshot(request_index)?;
         let mut snapshot = Snapshot {
-            data: inner.backend.read_snapshot_data()?,
+            data: inner.backend.read_snapshot_data()?.into(),
             ..Default::default()
         };
         snapshot.set_metadata(inner.state.snapshot.clone());
@@ -621,7 +621,7 @@ impl<B: Backend> Core<B> {
         let mut inner = self.write()?;
         let next = inner.state.snapshot_applied(snapshot.get_metadata())?;
         let data = std::mem::take(&mut snapshot.data);
-        Self::store_change(&mut inner, Change::Replace(data), next)?;
+        Self::store_change(&mut inner, Change::Replace(Bytes::from(data)), next)?;
         tracing::info!(
             index = inner.state.truncated_index,
             term = inner.state.truncated_term,
@@ -1149,7 +1149,7 @@ impl Backend for RedbLog {
 
 /// The encoded size raft's `max_size` counts (`compute_size` of the eraftpb `Entry`).
 fn entry_size(entry: &Entry) -> u64 {
-    EntryRecord::from_entry(entry).encoded_len() as u64
+    raft_prost::Message::encoded_len(entry) as u64
 }
 
 /// `eraftpb.Entry`.
@@ -1185,9 +1185,9 @@ impl EntryRecord {
             },
             term: e.term,
             index: e.index,
-            data: e.data.clone(),
+            data: Bytes::copy_from_slice(&e.data),
             sync_log: e.sync_log,
-            context: e.context.clone(),
+            context: Bytes::copy_from_slice(&e.context),
         }
     }
 
@@ -1199,13 +1199,12 @@ impl EntryRecord {
             other => return Err(format!("unknown entry type {other}")),
         };
         Ok(Entry {
-            entry_type,
+            entry_type: entry_type as i32,
             term: self.term,
             index: self.index,
-            data: self.data,
-            context: self.context,
+            data: self.data.into(),
+            context: self.context.into(),
             sync_log: self.sync_log,
-            ..Default::default()
         })
     }
 }
@@ -1238,7 +1237,6 @@ impl HardStateRecord {
             term: self.term,
             vote: self.vote,
             commit: self.commit,
-            ..Default::default()
         }
     }
 }
@@ -1281,7 +1279,6 @@ impl ConfStateRecord {
             voters_outgoing: self.voters_outgoing,
             learners_next: self.learners_next,
             auto_leave: self.auto_leave,
-            ..Default::default()
         }
     }
 }
@@ -1352,7 +1349,7 @@ mod tests {
         Entry {
             index,
             term,
-            data: Bytes::from(format!("cmd {index}@{term}")),
+            data: format!("cmd {index}@{term}").into_bytes(),
             ..Default::default()
         }
     }
@@ -1378,12 +1375,7 @@ mod tests {
     }
 
     fn hard_state(term: u64, vote: u64, commit: u64) -> HardState {
-        HardState {
-            term,
-            vote,
-            commit,
-            ..Default::default()
-        }
+        HardState { term, vote, commit }
     }
 
     fn snapshot(index: u64, term: u64, conf_state: ConfState, data: &[u8]) -> Snapshot {
@@ -1394,7 +1386,7 @@ mod tests {
         };
         meta.set_conf_state(conf_state);
         let mut snap = Snapshot {
-            data: Bytes::copy_from_slice(data),
+            data: data.to_vec(),
             ..Default::default()
         };
         snap.set_metadata(meta);
@@ -1498,8 +1490,8 @@ mod tests {
         let mut special = Entry {
             index: 6,
             term: 3,
-            data: Bytes::from_static(b"conf change"),
-            context: Bytes::from_static(b"ctx"),
+            data: b"conf change".to_vec(),
+            context: b"ctx".to_vec(),
             sync_log: true,
             ..Default::default()
         };
@@ -1568,7 +1560,7 @@ mod tests {
             .map(|i| Entry {
                 index: i,
                 term: 1,
-                data: Bytes::from(vec![b'x'; 40 * i as usize]),
+                data: vec![b'x'; 40 * i as usize],
                 ..Default::default()
             })
             .collect();
@@ -1642,7 +1634,6 @@ mod tests {
             voters_outgoing: vec![1, 2, 5],
             learners_next: vec![5],
             auto_leave: true,
-            ..Default::default()
         };
         s.set_conf_state(cs.clone()).unwrap();
         let state = s.initial_state().unwrap();
@@ -1984,8 +1975,8 @@ mod tests {
         let mut conf = Entry {
             index: 300,
             term: 7,
-            data: Bytes::from(vec![1; 200]),
-            context: Bytes::from_static(b"ctx"),
+            data: vec![1; 200],
+            context: b"ctx".to_vec(),
             sync_log: true,
             ..Default::default()
         };
@@ -1996,7 +1987,7 @@ mod tests {
             entry(u64::MAX, u64::MAX),
             conf,
             Entry {
-                data: Bytes::from(vec![0; 70_000]),
+                data: vec![0; 70_000],
                 ..entry(5, 2)
             },
         ];
@@ -2020,7 +2011,7 @@ mod tests {
         ] {
             let mut e = entry(3, 2);
             e.set_entry_type(t);
-            e.context = Bytes::from_static(b"c");
+            e.context = b"c".to_vec();
             let bytes = EntryRecord::from_entry(&e).encode_to_vec();
             assert_eq!(EntryRecord::decode(bytes.as_slice()).unwrap().into_entry(), Ok(e));
         }
