@@ -19,10 +19,6 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
-fn p(path: &Path) -> &str {
-    path.to_str().expect("utf-8 path")
-}
-
 /// `herald node` for a configuration that must be refused: its exit code and stderr.
 fn refused(args: &[&str]) -> (Option<i32>, String) {
     let mut all = vec!["node", "--http", "127.0.0.1:0"];

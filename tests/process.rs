@@ -8,25 +8,11 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
 use std::process::{ExitStatus, Output};
 use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::{json, Value};
-
-fn p(path: &Path) -> &str {
-    path.to_str().expect("utf-8 path")
-}
-
-/// Runs `herald <args>` to completion off the test's runtime thread (so receivers and clients on
-/// that thread keep running), failing the test if it has not exited within [`DEADLINE`].
-async fn cli(args: &[&str]) -> Output {
-    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-    actix_rt::task::spawn_blocking(move || run_to_exit(herald_cmd(&args)))
-        .await
-        .expect("cli thread")
-}
 
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
@@ -41,10 +27,6 @@ async fn terminate(mut proc: Proc) -> ExitStatus {
     actix_rt::task::spawn_blocking(move || proc.terminate())
         .await
         .expect("terminate thread")
-}
-
-async fn metrics_of(url: &str) -> String {
-    get_text(&format!("{url}/metrics")).await
 }
 
 /// A subscription spec for the HTTP API.

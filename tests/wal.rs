@@ -9,26 +9,10 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Output;
 use std::time::Duration;
 
 use common::*;
 use serde_json::{json, Value};
-
-fn p(path: &Path) -> &str {
-    path.to_str().expect("utf-8 path")
-}
-
-async fn cli(args: &[&str]) -> Output {
-    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-    actix_rt::task::spawn_blocking(move || run_to_exit(herald_cmd(&args)))
-        .await
-        .expect("cli thread")
-}
-
-async fn metrics_of(url: &str) -> String {
-    get_text(&format!("{url}/metrics")).await
-}
 
 async fn metric_of(url: &str, name: &str) -> f64 {
     metric(&metrics_of(url).await, name, &[]).unwrap_or(0.0)

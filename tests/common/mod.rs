@@ -665,3 +665,22 @@ pub fn promtool_check(promtool: &std::path::Path, text: &str) -> (std::process::
     );
     (out.status, said)
 }
+
+/// A path as the `&str` a command line takes.
+pub fn p(path: &std::path::Path) -> &str {
+    path.to_str().expect("utf-8 path")
+}
+
+/// Runs `herald <args>` to completion off the test's runtime thread (so receivers and clients on
+/// that thread keep running), failing the test if it has not exited within [`DEADLINE`].
+pub async fn cli(args: &[&str]) -> Output {
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    actix_rt::task::spawn_blocking(move || run_to_exit(herald_cmd(&args)))
+        .await
+        .expect("cli thread")
+}
+
+/// The `/metrics` text of the node at `url`.
+pub async fn metrics_of(url: &str) -> String {
+    get_text(&format!("{url}/metrics")).await
+}
