@@ -40,6 +40,9 @@ enum Command {
     /// Exit 0 when the node answers ready (`/readyz`, or `/healthz` with --live): a container
     /// health check for images without a shell.
     Health(HealthArgs),
+    /// A live view of the cluster in the terminal: members, and rates per node, topic and
+    /// subscription, refreshed in place (Ctrl-C to quit).
+    Top(TopArgs),
     /// Make the certificates of mutual TLS between nodes: a cluster CA, and node certificates.
     #[command(subcommand)]
     Cert(CertCommand),
@@ -488,6 +491,43 @@ struct HealthArgs {
     tls: ClientTls,
 }
 
+/// `herald top`.
+#[derive(Args, Debug)]
+struct TopArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// Seconds between refreshes (rates are computed over this interval).
+    #[arg(long, default_value_t = 1.0, value_parser = top_interval)]
+    interval: f64,
+    /// Draw this many frames, then exit (for scripts; without it, runs until Ctrl-C).
+    #[arg(long)]
+    frames: Option<u64>,
+}
+
+/// `--interval`: between 0.1 and 3600 seconds.
+fn top_interval(s: &str) -> std::result::Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.1..=3600.0).contains(&v) => Ok(v),
+        _ => Err(format!(
+            "{s:?} is not an interval; expected seconds between 0.1 and 3600, e.g. 2 or 0.5"
+        )),
+    }
+}
+
+/// `herald top`: see [`crate::top`].
+async fn top(a: TopArgs) -> ClientResult {
+    let interval = std::time::Duration::from_secs_f64(a.interval);
+    let client = a.client.tls.client(interval.max(std::time::Duration::from_secs(2)))?;
+    let source = crate::top::Source {
+        url: a.client.url.clone(),
+        token: a.client.token.clone(),
+        client,
+    };
+    crate::top::run(source, interval, a.frames)
+        .await
+        .map_err(|e| a.client.tls.explain(&a.client.url, e))
+}
+
 /// `herald publish`.
 #[derive(Args, Debug)]
 struct PublishArgs {
@@ -636,6 +676,7 @@ pub fn main_with(builder: NodeBuilder) -> ExitCode {
         Command::Subscribe(a) => return client_main(subscribe(a)),
         Command::Status(a) => return client_main(status(a)),
         Command::Health(a) => return client_main(health(a)),
+        Command::Top(a) => return client_main(top(a)),
         Command::Cert(c) => {
             return match cert(c) {
                 Ok(()) => ExitCode::SUCCESS,

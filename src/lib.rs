@@ -104,6 +104,7 @@ mod relay;
 mod router;
 pub mod subscription;
 mod text;
+mod top;
 pub mod transport;
 mod types;
 mod up;

@@ -21,7 +21,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("cluster", &["placement", "monitor", "membership"]),
     ("events", &["handler", "router", "relay", "ingress"]),
     ("node", &["control", "http", "node"]),
-    ("process", &["text", "harness", "up", "cli"]),
+    ("process", &["text", "top", "harness", "up", "cli"]),
 ];
 
 /// Top-level modules the check skips, each with the reason; an entry may name a module that is
