@@ -4,6 +4,7 @@
 //! recorder with [`install_prometheus`]. Hot paths hold pre-registered handles (`SubMetrics`)
 //! instead of looking a metric up by name and labels for every event.
 
+use std::collections::BTreeMap;
 use std::sync::OnceLock;
 
 use metrics::{describe_counter, describe_gauge, describe_histogram, Counter, Gauge, Histogram, Unit};
@@ -76,6 +77,62 @@ pub const PEER_MESSAGES_REFUSED: &str = "herald_peer_messages_refused_total";
 /// share this one series (no topic name contains parentheses), so the number of series is bounded
 /// by the subscriptions, not by the topics publishers make up.
 pub const OTHER_TOPIC: &str = "(other)";
+
+/// One metric's series in a parsed exposition: each with its labels and value.
+pub type Series = Vec<(BTreeMap<String, String>, f64)>;
+
+/// Parses a Prometheus text exposition into name → series; lines it cannot read are skipped
+/// (the input may come from the network: `herald top` reads other nodes' `/metrics`).
+pub fn parse_exposition(text: &str) -> BTreeMap<String, Series> {
+    let mut out: BTreeMap<String, Series> = BTreeMap::new();
+    for line in text.lines() {
+        if line.starts_with('#') || line.trim().is_empty() {
+            continue;
+        }
+        let (head, value) = match line.rsplit_once(' ') {
+            Some(x) => x,
+            None => continue,
+        };
+        let Ok(value) = value.trim().parse::<f64>() else {
+            continue;
+        };
+        let (name, labels) = match head.split_once('{') {
+            Some((name, rest)) => (name, parse_labels(rest.trim_end_matches('}'))),
+            None => (head, BTreeMap::new()),
+        };
+        out.entry(name.to_string()).or_default().push((labels, value));
+    }
+    out
+}
+
+/// `a="x",b="y"` → {a: x, b: y} (values with `\"`, `\\` and `\n` escapes).
+fn parse_labels(s: &str) -> BTreeMap<String, String> {
+    let mut labels = BTreeMap::new();
+    let mut chars = s.chars().peekable();
+    loop {
+        let key: String = chars.by_ref().take_while(|&c| c != '=').collect();
+        if key.is_empty() || chars.next() != Some('"') {
+            break;
+        }
+        let mut value = String::new();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' => match chars.next() {
+                    Some('n') => value.push('\n'),
+                    Some(other) => value.push(other),
+                    None => break,
+                },
+                '"' => break,
+                c => value.push(c),
+            }
+        }
+        labels.insert(key.trim_start_matches(',').trim().to_string(), value);
+        if chars.peek() == Some(&',') {
+            chars.next();
+        }
+    }
+    labels
+}
 
 /// Registers the description of every metric (shown as `# HELP`).
 pub fn describe() {

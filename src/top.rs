@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::metrics;
+use crate::metrics::{self, parse_exposition as parse_metrics, Series};
 use crate::text::table;
 
 /// Where `top` reads from: the node the user named, with the client (TLS settings) and token the
@@ -32,9 +32,6 @@ pub(crate) struct Source {
     pub client: awc::Client,
 }
 
-/// One series of a Prometheus exposition: its labels and value.
-type Series = Vec<(BTreeMap<String, String>, f64)>;
-
 /// What one round read: the cluster view, and each member's metrics (absent when unreachable).
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Sample {
@@ -44,59 +41,6 @@ pub(crate) struct Sample {
     pub metrics: BTreeMap<u64, Option<BTreeMap<String, Series>>>,
     /// When the round was read.
     pub at: Option<Instant>,
-}
-
-/// Parses a Prometheus text exposition into name → series; lines it cannot read are skipped
-/// (the input comes from the network).
-pub(crate) fn parse_metrics(text: &str) -> BTreeMap<String, Series> {
-    let mut out: BTreeMap<String, Series> = BTreeMap::new();
-    for line in text.lines() {
-        if line.starts_with('#') || line.trim().is_empty() {
-            continue;
-        }
-        let (head, value) = match line.rsplit_once(' ') {
-            Some(x) => x,
-            None => continue,
-        };
-        let Ok(value) = value.trim().parse::<f64>() else {
-            continue;
-        };
-        let (name, labels) = match head.split_once('{') {
-            Some((name, rest)) => (name, parse_labels(rest.trim_end_matches('}'))),
-            None => (head, BTreeMap::new()),
-        };
-        out.entry(name.to_string()).or_default().push((labels, value));
-    }
-    out
-}
-
-/// `a="x",b="y"` → {a: x, b: y} (values with `\"`, `\\` and `\n` escapes).
-fn parse_labels(s: &str) -> BTreeMap<String, String> {
-    let mut labels = BTreeMap::new();
-    let mut chars = s.chars().peekable();
-    loop {
-        let key: String = chars.by_ref().take_while(|&c| c != '=').collect();
-        if key.is_empty() || chars.next() != Some('"') {
-            break;
-        }
-        let mut value = String::new();
-        while let Some(c) = chars.next() {
-            match c {
-                '\\' => match chars.next() {
-                    Some('n') => value.push('\n'),
-                    Some(other) => value.push(other),
-                    None => break,
-                },
-                '"' => break,
-                c => value.push(c),
-            }
-        }
-        labels.insert(key.trim_start_matches(',').trim().to_string(), value);
-        if chars.peek() == Some(&',') {
-            chars.next();
-        }
-    }
-    labels
 }
 
 /// The sum of `name`'s series whose labels include every pair of `with`, grouped by `by`.

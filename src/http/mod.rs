@@ -10,10 +10,12 @@
 //! subscriptions or dead letters go through `admin_action`, which also writes the `herald::audit`
 //! line. The server speaks TLS when `http.tls_cert` is set ([`tls`]).
 
+mod dashboard;
 mod dead_letters;
 pub mod error;
 mod join_approval;
 pub mod publish;
+mod series;
 pub mod tls;
 
 use std::net::SocketAddr;
@@ -39,6 +41,8 @@ pub(crate) struct AppState {
     pub(crate) http_addr: SocketAddr,
     /// The accepted tokens, hashed once at start (empty: no auth).
     tokens: Vec<Arc<Credential>>,
+    /// The dashboard's last ten minutes of rates (`GET /v1/stats/series`).
+    history: Arc<series::History>,
 }
 
 /// An accepted token, as [`authorize`] checks it.
@@ -88,10 +92,13 @@ pub(crate) fn server(
         .collect::<Result<Vec<_>>>()?;
     let limits = core.config().http.clone();
     let (workers, per_worker) = connection_split(limits.max_connections);
+    let history = Arc::new(series::History::default());
+    actix_rt::spawn(series::sample(Arc::downgrade(&core), history.clone()));
     let state = web::Data::new(AppState {
         core,
         http_addr,
         tokens,
+        history,
     });
     let server = HttpServer::new(move || {
         App::new()
@@ -225,6 +232,7 @@ fn routes(cfg: &mut web::ServiceConfig) {
         .route("/healthz", web::get().to(healthz))
         .route("/readyz", web::get().to(readyz))
         .route("/openapi.json", web::get().to(openapi))
+        .configure(dashboard::routes)
         .default_service(web::to(|req: HttpRequest| async move {
             Err::<HttpResponse, _>(ApiError::not_found(format!("no route {} {}", req.method(), req.path())))
         }));
@@ -612,13 +620,14 @@ async fn openapi() -> HttpResponse {
         publish::publish_one, publish::publish_batch,
         list_subscriptions, create_subscription, delete_subscription,
         cluster, placements, drain_node, remove_node, dead_letters::list, dead_letters::replay,
-        metrics_text, healthz, readyz, join_approval::approve_join
+        metrics_text, healthz, readyz, join_approval::approve_join, dashboard::series
     ),
     components(schemas(
         SubscriptionSpec, crate::subscription::HandlerSpec, crate::ingress::Published,
         crate::ingress::SubscriptionOutcome, crate::ingress::DeadLetter, crate::ingress::AckMode,
         crate::control::ClusterView, crate::control::MemberView, crate::control::PlacementView,
-        error::ErrorBody, error::ErrorDetail, publish::BatchAnswer, crate::control::PendingJoinView
+        error::ErrorBody, error::ErrorDetail, publish::BatchAnswer, crate::control::PendingJoinView,
+        series::SeriesView, series::TopicSeries, series::SubscriptionSeries
     )),
     modifiers(&BearerAuth)
 )]
