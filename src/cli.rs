@@ -289,6 +289,10 @@ pub struct NodeArgs {
     /// `GET /metrics` needs a token with the `read` scope [key: http.metrics_auth, default false].
     #[arg(long, env = "HERALD_METRICS_AUTH")]
     pub metrics_auth: bool,
+    /// Refuse publishes to topics without any subscription (404 no_subscription) instead of
+    /// accepting and dropping them [key: http.require_subscription, default false].
+    #[arg(long, env = "HERALD_REQUIRE_SUBSCRIPTION")]
+    pub require_subscription: bool,
 }
 
 impl NodeArgs {
@@ -376,6 +380,9 @@ impl NodeArgs {
         }
         if self.metrics_auth {
             c.http.metrics_auth = true;
+        }
+        if self.require_subscription {
+            c.http.require_subscription = true;
         }
         c.resolve()?;
         c.validate()?;
