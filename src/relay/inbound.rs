@@ -809,6 +809,80 @@ mod tests {
         );
     }
 
+    /// Remembers the outcomes it is told.
+    #[derive(Default)]
+    struct Told(Mutex<Vec<Outcome>>);
+
+    impl Completion for Told {
+        fn complete(&self, _: &SubscriptionKey, outcome: Outcome) {
+            self.0.lock().unwrap().push(outcome);
+        }
+    }
+
+    /// One window for both paths: a copy published here that waits for a forwarded copy is told
+    /// its outcome, and one handed back (the forwarded copy was refused) is routed anew.
+    #[test]
+    fn a_copy_published_here_waits_for_a_forwarded_one_and_is_rerouted_if_it_is_handed_back() {
+        let window = Mutex::new(Dedup::new(8));
+        let (to_a, _a) = mpsc::unbounded_channel();
+        let sub = Arc::new(SubscriptionKey {
+            topic: "orders".into(),
+            group: "billing".into(),
+        });
+        let copy = |told: &Arc<Told>| LocalCopy {
+            key: sub.clone(),
+            event: Arc::new(Event::new("orders", "{}", "application/json")),
+            completion: told.clone(),
+        };
+        let (here, later) = (Arc::new(Told::default()), Arc::new(Told::default()));
+        let key = window.lock().unwrap().key(&sub, "e1");
+        assert_eq!(window.lock().unwrap().check(key, waiter(1, 10, &to_a)), Check::New);
+        assert_eq!(
+            window.lock().unwrap().check(key, Waiter::Here(copy(&here))),
+            Check::Running
+        );
+        let outcome = Outcome::DeadLettered {
+            attempts: 3,
+            error: "boom".into(),
+        };
+        let batch = ack_batch(
+            1,
+            [AckItem::Handled {
+                dedup: key,
+                outcome: outcome.clone(),
+            }]
+            .into_iter(),
+            &window,
+        );
+        assert_eq!(batch.acks.len(), 1, "the forwarded copy is acked");
+        assert_eq!(
+            here.0.lock().unwrap().as_slice(),
+            std::slice::from_ref(&outcome),
+            "the local copy is told"
+        );
+        // A later copy is answered from the window, with the same outcome.
+        assert!(
+            matches!(window.lock().unwrap().check(key, Waiter::Here(copy(&later))), Check::Done(f) if outcome_of(&f) == outcome)
+        );
+
+        // Handed back: the waiting local copy goes to be routed anew, untold.
+        let key = window.lock().unwrap().key(&sub, "e2");
+        let waiting = Arc::new(Told::default());
+        assert_eq!(window.lock().unwrap().check(key, waiter(1, 11, &to_a)), Check::New);
+        window.lock().unwrap().check(key, Waiter::Here(copy(&waiting)));
+        let (repark, mut reparked) = mpsc::unbounded_channel();
+        for w in window.lock().unwrap().forget(key) {
+            w.release(&repark);
+        }
+        let (k, _, _) = reparked.try_recv().expect("the local copy is routed anew");
+        assert_eq!(k, sub);
+        assert!(waiting.0.lock().unwrap().is_empty());
+    }
+
+    fn outcome_of(f: &Finished) -> Outcome {
+        outcome(f)
+    }
+
     /// Lane ids are the origins' to choose: lanes nothing uses any more are forgotten, so a peer
     /// (or a long uptime) cannot grow the map without bound, while lanes in use are kept.
     #[test]
