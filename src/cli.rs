@@ -930,6 +930,16 @@ mod tests {
     }
 
     #[test]
+    fn require_subscription_reaches_the_config() {
+        assert!(!NodeArgs::default().load().unwrap().http.require_subscription);
+        let args = NodeArgs {
+            require_subscription: true,
+            ..Default::default()
+        };
+        assert!(args.load().unwrap().http.require_subscription);
+    }
+
+    #[test]
     fn tls_flags_reach_the_config() {
         let args = NodeArgs {
             tls_cert: Some("node.pem".into()),
