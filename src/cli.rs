@@ -292,6 +292,10 @@ pub struct NodeArgs {
     /// `GET /metrics` needs a token with the `read` scope [key: http.metrics_auth, default false].
     #[arg(long, env = "HERALD_METRICS_AUTH")]
     pub metrics_auth: bool,
+    /// Refuse publishes to topics without any subscription (404 no_subscription) instead of
+    /// accepting and dropping them [key: http.require_subscription, default false].
+    #[arg(long, env = "HERALD_REQUIRE_SUBSCRIPTION")]
+    pub require_subscription: bool,
 }
 
 impl NodeArgs {
@@ -379,6 +383,9 @@ impl NodeArgs {
         }
         if self.metrics_auth {
             c.http.metrics_auth = true;
+        }
+        if self.require_subscription {
+            c.http.require_subscription = true;
         }
         c.resolve()?;
         c.validate()?;
@@ -961,6 +968,16 @@ mod tests {
         assert_eq!(c.node_id, 4, "file beats default");
         assert_eq!(c.http.addr, "127.0.0.1:9100", "flag beats file");
         assert_eq!(c.handlers.mailbox_capacity, 2000);
+    }
+
+    #[test]
+    fn require_subscription_reaches_the_config() {
+        assert!(!NodeArgs::default().load().unwrap().http.require_subscription);
+        let args = NodeArgs {
+            require_subscription: true,
+            ..Default::default()
+        };
+        assert!(args.load().unwrap().http.require_subscription);
     }
 
     #[test]

@@ -244,6 +244,11 @@ pub struct HttpConfig {
     /// `GET /metrics` needs a token with the `read` scope (off by default: Prometheus scrapes
     /// without one; `--metrics-auth`, `HERALD_METRICS_AUTH`).
     pub metrics_auth: bool,
+    /// A publish to a topic without any subscription is refused with 404 `no_subscription`
+    /// instead of being accepted and dropped (`--require-subscription`,
+    /// `HERALD_REQUIRE_SUBSCRIPTION`; a publish may also ask for it with
+    /// `?require_subscription=true`).
+    pub require_subscription: bool,
 }
 
 /// Write-ahead log settings.
@@ -665,6 +670,7 @@ impl Default for HttpConfig {
             tls_key: None,
             tls_client_ca: None,
             metrics_auth: false,
+            require_subscription: false,
         }
     }
 }

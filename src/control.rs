@@ -45,6 +45,16 @@ pub enum ControlError {
     /// The change would leave the cluster unusable, e.g. removing its only member (409).
     #[error("{0}")]
     Conflict(String),
+    /// The change does not fit the member's state (409), with a stable code: `member_up`
+    /// (removing a running member without `force`), `not_draining` (undraining a member that
+    /// is not draining).
+    #[error("{message}")]
+    Refused {
+        /// The stable code of the answer.
+        code: &'static str,
+        /// For people: why, and what to do.
+        message: String,
+    },
 }
 
 /// One member as `/v1/cluster` shows it.
@@ -182,6 +192,18 @@ impl NodeCore {
     /// Runs locally exactly the instances the placement gives this node.
     pub(crate) fn reconcile(&self, state: &MembershipState) {
         let me = self.config.node_id;
+        if self.ingress.follow_membership(state.member(me).is_some()) {
+            // Its removal committed while it runs: it takes no more events (503 removed) and is
+            // not ready. What it holds stays in its WAL: the other members no longer take its
+            // deliveries, and its own instances finish what is queued here.
+            tracing::warn!(
+                node_id = me,
+                forwarded_unacked = self.relay.in_flight(),
+                "this node was removed from the cluster (DELETE /v1/cluster/nodes/{me}): it refuses new events \
+                 (503 removed) and reports not ready; events it accepted and has not delivered stay in its \
+                 write-ahead log and are delivered if it joins again (restart it with --join <member>); stop it"
+            );
+        }
         for (key, spec) in state.subscriptions() {
             let local = state.placement_of(key).iter().filter(|n| **n == me).count() as u32;
             if local == 0 {
@@ -326,18 +348,36 @@ impl NodeCore {
     }
 
     /// Removes node `id` from the cluster (`Leave`); returns whether it was a member. Removing the
-    /// only member is refused ([`ControlError::Conflict`]).
-    pub async fn remove_node(&self, id: u64) -> Result<bool, ControlError> {
-        let only_member = {
+    /// only member is refused ([`ControlError::Conflict`]); so is removing a member that is up
+    /// and answering (committed `up`, and this node's detector finds it healthy, or it is this
+    /// node) unless `force` ([`ControlError::Refused`] `member_up`): a running node that is
+    /// removed stops taking events (it answers 503 `removed`), so the safe order is stop (or
+    /// drain) first, then remove.
+    pub async fn remove_node(&self, id: u64, force: bool) -> Result<bool, ControlError> {
+        let (only_member, live) = {
             let state = self.membership.state();
             let state = state.borrow();
-            state.member(id).is_some() && state.members().keys().all(|&m| m == id)
+            let member = state.member(id);
+            let live = member.is_some_and(|m| {
+                m.status == NodeStatus::Up && (id == self.config.node_id || self.health.peer(id).routable())
+            });
+            (member.is_some() && state.members().keys().all(|&m| m == id), live)
         };
         if only_member {
             return Err(ControlError::Conflict(format!(
                 "node {id} is the cluster's only member: removing it would leave no node to run the cluster \
                  (add another node first, or stop this one)"
             )));
+        }
+        if live && !force {
+            return Err(ControlError::Refused {
+                code: "member_up",
+                message: format!(
+                    "node {id} is up and running: stop it (or drain it: POST /v1/cluster/nodes/{id}/drain) before \
+                     removing it, or remove it anyway with ?force=true (it then refuses new events with 503 removed \
+                     and hands over those it holds)"
+                ),
+            });
         }
         self.node_command(id, Command::leave(id), |s| s.member(id).is_none())
             .await
@@ -356,6 +396,32 @@ impl NodeCore {
             .map_err(|e| ControlError::Unavailable(e.to_string()))?;
         self.settle(index, |s| s.member(id).is_some()).await;
         Ok(true)
+    }
+
+    /// Ends the drain of node `id`: it is `up` again and the leader gives it instances again.
+    /// Proposed as the member's rejoin with its own record (a rejoin brings a draining member
+    /// back up; no new command, so nodes of an older version apply it too). Returns whether it
+    /// was a member; an `up` member is left as it is; any other status (down, leaving) is
+    /// refused ([`ControlError::Refused`] `not_draining`).
+    pub async fn undrain_node(&self, id: u64) -> Result<bool, ControlError> {
+        let Some(m) = self.membership.state().borrow().member(id).cloned() else {
+            return Ok(false);
+        };
+        match m.status {
+            NodeStatus::Draining => {}
+            NodeStatus::Up => return Ok(true),
+            other => {
+                return Err(ControlError::Refused {
+                    code: "not_draining",
+                    message: format!("node {id} is {}, not draining: nothing to undo", other.as_str()),
+                })
+            }
+        }
+        let rejoin = Command::join(m.id, m.http.clone(), m.peer.clone(), m.handlers.iter().cloned());
+        self.node_command(id, rejoin, |s| {
+            s.member(id).is_none_or(|m| m.status != NodeStatus::Draining)
+        })
+        .await
     }
 
     /// Moves every instance off node `id` (`Drain`); returns whether it was a member.
@@ -411,7 +477,10 @@ impl NodeCore {
             leader: (raft.leader != 0).then_some(raft.leader),
             term: raft.term,
             epoch: state.epoch(),
-            ready: self.ingress.is_ready() && member && self.ingress.storage_problem().is_none(),
+            ready: self.ingress.is_ready()
+                && member
+                && !self.ingress.is_removed()
+                && self.ingress.storage_problem().is_none(),
             problems: problems.iter().map(ToString::to_string).collect(),
             uptime_seconds: self.started.elapsed().as_secs(),
             members: state

@@ -66,8 +66,14 @@ pub const PEER_PING_RTT: &str = "herald_peer_ping_rtt_seconds";
 pub const EVENTS_FORWARDED: &str = "herald_events_forwarded_total";
 /// Forwarded deliveries waiting for their handler node's ack.
 pub const FORWARD_PENDING: &str = "herald_forward_pending";
-/// Forwarded deliveries this node dropped as duplicates of ones it already handled.
+/// Deliveries (published here or forwarded) this node, hosting their instance, did not run again
+/// because their `(subscription, event id)` was in its dedup window.
 pub const EVENTS_DEDUPLICATED: &str = "herald_events_deduplicated_total";
+/// Events accepted for a topic without any subscription (delivered nowhere), by topic: the first
+/// [`UNROUTED_TOPICS`] topics seen get their own series, later ones share `topic="(other)"`.
+pub const EVENTS_UNROUTED: &str = "herald_events_unrouted_total";
+/// At most this many topics get their own `herald_events_unrouted_total` series.
+pub const UNROUTED_TOPICS: usize = 100;
 
 /// Peer messages dropped because the authenticated sender may not send them, by `kind` (raft,
 /// proposal, proposal_result, ack, credit, not_placed) and `reason`.
@@ -221,7 +227,11 @@ pub fn describe() {
     );
     describe_counter!(
         EVENTS_DEDUPLICATED,
-        "Forwarded deliveries answered from the dedup window instead of running the handler again."
+        "Deliveries answered from the hosting node's dedup window instead of running the handler again (published there or forwarded)."
+    );
+    describe_counter!(
+        EVENTS_UNROUTED,
+        "Events accepted for a topic without any subscription (delivered nowhere), by topic (the first 100 topics; later ones topic=\"(other)\")."
     );
     describe_counter!(
         PEER_MESSAGES_REFUSED,
@@ -336,5 +346,61 @@ impl SubMetrics {
             duration: metrics::histogram!(HANDLER_DURATION, &labels),
             mailbox_depth: metrics::gauge!(MAILBOX_DEPTH, &labels),
         }
+    }
+}
+
+/// One counter per topic for a series whose topics publishers choose (see [`EVENTS_UNROUTED`]):
+/// the first `cap` topics get their own series, later ones share `topic="(other)"`, so made-up
+/// topics cannot add series without bound. For cold paths (a lock per call).
+pub(crate) struct TopicCounters {
+    name: &'static str,
+    cap: usize,
+    counters: std::sync::Mutex<std::collections::HashMap<String, metrics::Counter>>,
+}
+
+impl TopicCounters {
+    pub(crate) fn new(name: &'static str, cap: usize) -> Self {
+        TopicCounters {
+            name,
+            cap,
+            counters: Default::default(),
+        }
+    }
+
+    /// The label `topic` gets: itself while fewer than `cap` topics have a series, else
+    /// [`OTHER_TOPIC`].
+    fn label<'a>(seen: &std::collections::HashMap<String, metrics::Counter>, cap: usize, topic: &'a str) -> &'a str {
+        if seen.contains_key(topic) || seen.len() < cap {
+            topic
+        } else {
+            OTHER_TOPIC
+        }
+    }
+
+    /// Adds `n` to `topic`'s series.
+    pub(crate) fn increment(&self, topic: &str, n: u64) {
+        let mut counters = self.counters.lock().unwrap_or_else(|p| p.into_inner());
+        let label = Self::label(&counters, self.cap, topic).to_string();
+        let name = self.name;
+        counters
+            .entry(label.clone())
+            .or_insert_with(|| metrics::counter!(name, "topic" => label))
+            .increment(n);
+    }
+}
+
+#[cfg(test)]
+mod topic_counter_tests {
+    use super::*;
+
+    #[test]
+    fn only_the_first_topics_get_their_own_series() {
+        let c = TopicCounters::new("herald_test_topics_total", 2);
+        for t in ["a", "b", "c", "d", "a"] {
+            c.increment(t, 1);
+        }
+        let mut labels: Vec<String> = c.counters.lock().unwrap().keys().cloned().collect();
+        labels.sort();
+        assert_eq!(labels, ["(other)", "a", "b"]);
     }
 }

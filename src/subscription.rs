@@ -66,7 +66,10 @@ pub enum SpecError {
     #[error(transparent)]
     Name(#[from] EventError),
     /// No Rust handler of that name is registered in this node binary.
-    #[error("unknown handler {name:?}; registered handlers: {known}")]
+    #[error(
+        "unknown handler {name:?}; registered Rust handlers: {known}; built-in handlers: log \
+         ({{\"kind\":\"log\"}}) and webhook ({{\"kind\":\"webhook\",\"url\":\"https://…\"}})"
+    )]
     UnknownHandler {
         /// The requested name.
         name: String,

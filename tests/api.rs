@@ -868,7 +868,10 @@ async fn ack_processed_times_out_with_504_and_the_event_is_still_delivered() {
         r#"{"slow":true}"#,
     )
     .await;
-    assert_api_error(&a, 504, "timeout");
+    assert_eq!(a.status, 504, "{}", a.body);
+    assert_eq!(a.body["error"]["code"], "timeout", "{}", a.body);
+    // The answer names the accepted event (see tests/first_hour.rs for the batch).
+    assert_eq!(a.body["error"]["ids"], json!(["slow-1"]), "{}", a.body);
     assert!(seen.all().is_empty(), "the handler is still blocked");
     open(&gate);
     let got = seen.wait_len("the slow event", 1).await;

@@ -354,7 +354,13 @@ async fn a_node_joins_and_is_removed() {
     );
     assert_eq!(voters(&view), vec![1, 2, 3], "node 4 learns: {view}");
 
-    let a = request("DELETE", &format!("{}/v1/cluster/nodes/4", nodes[1].url()), &[], "").await;
+    let a = request(
+        "DELETE",
+        &format!("{}/v1/cluster/nodes/4?force=true", nodes[1].url()),
+        &[],
+        "",
+    )
+    .await;
     assert_eq!(a.status, 204, "{}", a.body);
     converge(
         "node 4 is gone from every remaining node",
@@ -424,7 +430,13 @@ async fn a_removed_leader_hands_over_and_the_others_go_on() {
     let view = wait_formed(&all, &[1, 2, 3, 4], &[1, 2, 3]).await;
     let l = leader(&view).unwrap();
     let rest: Vec<&Node> = nodes.iter().filter(|n| n.id() != l).collect();
-    let a = request("DELETE", &format!("{}/v1/cluster/nodes/{l}", rest[0].url()), &[], "").await;
+    let a = request(
+        "DELETE",
+        &format!("{}/v1/cluster/nodes/{l}?force=true", rest[0].url()),
+        &[],
+        "",
+    )
+    .await;
     assert_eq!(a.status, 204, "{}", a.body);
 
     let ids: Vec<u64> = rest.iter().map(|n| n.id()).collect();

@@ -742,7 +742,8 @@ fn membership(a: MembershipArgs) -> Result<(), String> {
             };
             joins.push(placed.as_secs_f64() * 1000.0);
             let _ = client
-                .delete(format!("http://{}/v1/cluster/nodes/{id}", http(1)))
+                // It still runs (stopped next): removing a running node needs force.
+                .delete(format!("http://{}/v1/cluster/nodes/{id}?force=true", http(1)))
                 .send()
                 .await;
             h.stop(id, GRACE).await?;

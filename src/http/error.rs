@@ -16,6 +16,8 @@ pub struct ApiError {
     code: &'static str,
     message: String,
     retry_after: Option<u64>,
+    /// The ids of the events concerned (the 504 of `ack=processed`: accepted, still delivered).
+    ids: Option<Vec<String>>,
 }
 
 /// The JSON error body.
@@ -32,6 +34,11 @@ pub struct ErrorDetail {
     pub code: String,
     /// For people: what is wrong and what to do.
     pub message: String,
+    /// The ids of the events the error is about, when there are some: the `timeout` (504) of
+    /// `ack=processed` lists the accepted events (one, or a batch's in order), which are still
+    /// delivered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ids: Option<Vec<String>>,
 }
 
 impl ApiError {
@@ -42,6 +49,7 @@ impl ApiError {
             code,
             message: message.into(),
             retry_after: None,
+            ids: None,
         }
     }
 
@@ -91,6 +99,7 @@ impl ResponseError for ApiError {
             error: ErrorDetail {
                 code: self.code.to_string(),
                 message: self.message.clone(),
+                ids: self.ids.clone(),
             },
         })
     }
@@ -113,11 +122,15 @@ impl From<PublishError> for ApiError {
                 retry_after: Some(1),
                 ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "wal_unavailable", message)
             },
-            PublishError::Timeout(_) => Self::new(StatusCode::GATEWAY_TIMEOUT, "timeout", message),
+            PublishError::Timeout { ids, .. } => ApiError {
+                ids: Some(ids),
+                ..Self::new(StatusCode::GATEWAY_TIMEOUT, "timeout", message)
+            },
             PublishError::NotReady => ApiError {
                 retry_after: Some(1),
                 ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", message)
             },
+            PublishError::Removed => Self::new(StatusCode::SERVICE_UNAVAILABLE, "removed", message),
             PublishError::NotHere(_) => Self::new(StatusCode::SERVICE_UNAVAILABLE, "subscription_unplaced", message),
         }
     }
@@ -126,6 +139,8 @@ impl From<PublishError> for ApiError {
 impl From<SpecError> for ApiError {
     fn from(e: SpecError) -> Self {
         let code = match e {
+            // One code for one mistake: a bad topic is `invalid_topic` here as when publishing.
+            SpecError::Name(crate::event::EventError::InvalidName { what: "topic", .. }) => "invalid_topic",
             SpecError::Name(_) => "invalid_name",
             SpecError::UnknownHandler { .. } => "unknown_handler",
             SpecError::WebhookUrl { .. } => "invalid_webhook_url",
@@ -146,6 +161,7 @@ impl From<ControlError> for ApiError {
                 ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", m)
             },
             ControlError::Conflict(m) => Self::new(StatusCode::CONFLICT, "last_member", m),
+            ControlError::Refused { code, message } => Self::new(StatusCode::CONFLICT, code, message),
         }
     }
 }

@@ -221,6 +221,7 @@ fn routes(cfg: &mut web::ServiceConfig) {
         .route("/v1/cluster", web::get().to(cluster))
         .route("/v1/cluster/placements", web::get().to(placements))
         .route("/v1/cluster/nodes/{id}/drain", web::post().to(drain_node))
+        .route("/v1/cluster/nodes/{id}/undrain", web::post().to(undrain_node))
         .route("/v1/cluster/nodes/{id}", web::delete().to(remove_node))
         .route(
             "/v1/cluster/nodes/{id}/approve",
@@ -533,14 +534,46 @@ async fn drain_node(req: HttpRequest, path: web::Path<u64>, state: State) -> Res
     .await
 }
 
-#[utoipa::path(delete, path = "/v1/cluster/nodes/{id}", tag = "cluster", params(("id" = u64, Path)),
+#[utoipa::path(post, path = "/v1/cluster/nodes/{id}/undrain", tag = "cluster", params(("id" = u64, Path)),
+    responses((status = 200, description = "Up again: the leader gives it instances again"),
+              (status = 404, description = "No such member", body = error::ErrorBody),
+              (status = 409, description = "It is neither draining nor up (code not_draining)", body = error::ErrorBody)))]
+async fn undrain_node(req: HttpRequest, path: web::Path<u64>, state: State) -> Result<HttpResponse, ApiError> {
+    let id = path.into_inner();
+    admin_action(&req, &state, "undrain_node", id.to_string(), || async {
+        let answer = match state.core.undrain_node(id).await {
+            Ok(true) => Ok(HttpResponse::Ok().json(serde_json::json!({ "id": id, "status": "up" }))),
+            Ok(false) => Err(ApiError::not_found(format!("no member {id}"))),
+            Err(e) => Err(e.into()),
+        };
+        (None, answer)
+    })
+    .await
+}
+
+/// Query of `DELETE /v1/cluster/nodes/{id}`.
+#[derive(serde::Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+struct RemoveQuery {
+    /// Remove the node even though it is up and running (it then refuses new events with 503
+    /// `removed` and hands over those it holds).
+    force: Option<bool>,
+}
+
+#[utoipa::path(delete, path = "/v1/cluster/nodes/{id}", tag = "cluster", params(("id" = u64, Path), RemoveQuery),
     responses((status = 204, description = "Removed from the cluster"),
               (status = 404, description = "No such member", body = error::ErrorBody),
-              (status = 409, description = "It is the only member (code last_member)", body = error::ErrorBody)))]
-async fn remove_node(req: HttpRequest, path: web::Path<u64>, state: State) -> Result<HttpResponse, ApiError> {
+              (status = 409, description = "It is the only member (code last_member), or it is up and running and force is not set (code member_up)", body = error::ErrorBody)))]
+async fn remove_node(
+    req: HttpRequest,
+    path: web::Path<u64>,
+    query: web::Query<RemoveQuery>,
+    state: State,
+) -> Result<HttpResponse, ApiError> {
     let id = path.into_inner();
+    let force = query.force.unwrap_or(false);
     admin_action(&req, &state, "remove_node", id.to_string(), || async {
-        let answer = match state.core.remove_node(id).await {
+        let answer = match state.core.remove_node(id, force).await {
             Ok(true) => Ok(HttpResponse::NoContent().finish()),
             Ok(false) => Err(ApiError::not_found(format!("no member {id}"))),
             Err(e) => Err(e.into()),
@@ -586,10 +619,17 @@ async fn healthz() -> HttpResponse {
 }
 
 #[utoipa::path(get, path = "/readyz", tag = "operations",
-    responses((status = 200, description = "WAL replayed, ready"), (status = 503, description = "Not ready yet (not_ready), or the store refuses writes (storage_unhealthy)", body = error::ErrorBody)))]
+    responses((status = 200, description = "WAL replayed, ready"), (status = 503, description = "Not ready yet (not_ready), the store refuses writes (storage_unhealthy), or the node was removed from its cluster (removed)", body = error::ErrorBody)))]
 async fn readyz(state: State) -> Result<HttpResponse, ApiError> {
     let unready = |m: &str| ApiError::new(actix_web::http::StatusCode::SERVICE_UNAVAILABLE, "not_ready", m);
-    if !state.core.membership().is_running() {
+    if state.core.ingress().is_removed() {
+        Err(ApiError::new(
+            actix_web::http::StatusCode::SERVICE_UNAVAILABLE,
+            "removed",
+            "this node was removed from the cluster (DELETE /v1/cluster/nodes/{id}); it takes no events: stop it, \
+             or restart it with --join to join again",
+        ))
+    } else if !state.core.membership().is_running() {
         Err(unready(
             "the membership service has stopped (see the log); restart the node",
         ))
@@ -619,7 +659,7 @@ async fn openapi() -> HttpResponse {
     paths(
         publish::publish_one, publish::publish_batch,
         list_subscriptions, create_subscription, delete_subscription,
-        cluster, placements, drain_node, remove_node, dead_letters::list, dead_letters::replay,
+        cluster, placements, drain_node, undrain_node, remove_node, dead_letters::list, dead_letters::replay,
         metrics_text, healthz, readyz, join_approval::approve_join, dashboard::series
     ),
     components(schemas(

@@ -26,9 +26,34 @@ pub(crate) struct PublishQuery {
     ack: Option<AckMode>,
     /// With `ack=processed`: how long to wait before answering 504 (default 30000, max 300000).
     timeout_ms: Option<u64>,
+    /// `true`: refuse (404 `no_subscription`) an event whose topic has no subscription, instead
+    /// of accepting it for no one. Default: `http.require_subscription` (false).
+    require_subscription: Option<bool>,
 }
 
 impl PublishQuery {
+    /// 404 `no_subscription` when the publisher (or the node's `http.require_subscription`) asks
+    /// for a subscription and some event's topic has none.
+    fn check_subscribed(&self, events: &[Event], state: &State) -> Result<(), ApiError> {
+        if !self
+            .require_subscription
+            .unwrap_or(state.core.config().http.require_subscription)
+        {
+            return Ok(());
+        }
+        match state.core.ingress().unsubscribed_topic(events) {
+            None => Ok(()),
+            Some(topic) => Err(ApiError::new(
+                actix_web::http::StatusCode::NOT_FOUND,
+                "no_subscription",
+                format!(
+                    "topic {topic:?} has no subscription, so its events would be delivered nowhere; nothing was \
+                     accepted (subscribe first, check the topic's spelling, or publish without require_subscription)"
+                ),
+            )),
+        }
+    }
+
     fn timeout(&self) -> Result<Duration, ApiError> {
         match self.timeout_ms {
             Some(0) => Err(ApiError::bad_request("invalid_query", "timeout_ms must be at least 1")),
@@ -82,9 +107,27 @@ fn ascii_header(headers: &HeaderMap, name: HeaderName) -> Result<Option<&str>, A
     }
 }
 
+/// The `Idempotency-Key` header, if present: visible ASCII (else 400 `invalid_header`) of 1 to
+/// [`event::MAX_ID_LEN`] bytes (else 400 `invalid_idempotency_key`: an empty key would make every
+/// publish a duplicate of the last, and an over-long one could not be stored as an id).
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
+    let key = ascii_header(headers, IDEMPOTENCY_KEY)?;
+    match key {
+        Some(k) if k.is_empty() || k.len() > event::MAX_ID_LEN => Err(ApiError::bad_request(
+            "invalid_idempotency_key",
+            format!(
+                "the Idempotency-Key header must be 1 to {} bytes (got {})",
+                event::MAX_ID_LEN,
+                k.len()
+            ),
+        )),
+        key => Ok(key),
+    }
+}
+
 /// Applies `Idempotency-Key` and `X-Herald-Key` (they win over body attributes).
 fn apply_headers(mut e: Event, headers: &HeaderMap) -> Result<Event, ApiError> {
-    if let Some(id) = ascii_header(headers, IDEMPOTENCY_KEY)? {
+    if let Some(id) = idempotency_key(headers)? {
         e.id = id.to_string();
     }
     if let Some(key) = ascii_header(headers, HERALD_KEY)? {
@@ -211,14 +254,15 @@ async fn admit(
     request_body(content = serde_json::Value, description = "Any JSON, a structured CloudEvent, or binary-mode CloudEvent data"),
     responses((status = 202, description = "Accepted", body = Published),
               (status = 200, description = "Processed (ack=processed)", body = Published),
-              (status = 400, description = "Invalid (JSON, UTF-8, nesting deeper than 128, a non-ASCII Idempotency-Key or X-Herald-Key)", body = super::error::ErrorBody),
+              (status = 400, description = "Invalid (JSON, UTF-8, nesting deeper than 128, a non-ASCII Idempotency-Key or X-Herald-Key, an empty or over-256-byte Idempotency-Key: invalid_idempotency_key)", body = super::error::ErrorBody),
               (status = 408, description = "The body did not arrive within http.body_timeout_ms", body = super::error::ErrorBody),
               (status = 413, description = "Too large", body = super::error::ErrorBody),
+              (status = 404, description = "require_subscription: the topic has no subscription (no_subscription); nothing accepted", body = super::error::ErrorBody),
               (status = 415, description = "Unsupported content type", body = super::error::ErrorBody),
               (status = 429, description = "Overloaded; see Retry-After", body = super::error::ErrorBody),
               (status = 503, description = "Not ready, subscription unplaced, or the WAL is unavailable (wal_unavailable)", body = super::error::ErrorBody),
               (status = 507, description = "The disk is full (storage_full); nothing accepted, retry after Retry-After", body = super::error::ErrorBody),
-              (status = 504, description = "ack=processed timed out; the event is accepted", body = super::error::ErrorBody)))]
+              (status = 504, description = "ack=processed timed out; the event is accepted (its id in error.ids)", body = super::error::ErrorBody)))]
 pub(crate) async fn publish_one(
     req: HttpRequest,
     topic: web::Path<String>,
@@ -229,6 +273,7 @@ pub(crate) async fn publish_one(
     let (caller, topic, timeout, body) = admit(&req, topic, &query, payload, &state).await?;
     let e = parse_one(&topic, &req, body)?;
     caller.check_topic(&e.topic)?;
+    query.check_subscribed(std::slice::from_ref(&e), &state)?;
     let ack = query.ack.unwrap_or_default();
     let answer = state.core.ingress().publish(e, ack, timeout).await?;
     Ok(if ack == AckMode::Processed {
@@ -244,9 +289,11 @@ pub(crate) async fn publish_one(
     responses((status = 202, description = "All accepted", body = BatchAnswer),
               (status = 400, description = "Invalid; nothing accepted", body = super::error::ErrorBody),
               (status = 408, description = "The body did not arrive within http.body_timeout_ms", body = super::error::ErrorBody),
+              (status = 404, description = "require_subscription: a topic has no subscription (no_subscription); nothing accepted", body = super::error::ErrorBody),
               (status = 429, description = "Overloaded; nothing accepted", body = super::error::ErrorBody),
               (status = 503, description = "Not ready, subscription unplaced, or the WAL is unavailable (wal_unavailable)", body = super::error::ErrorBody),
-              (status = 507, description = "The disk is full (storage_full); nothing accepted", body = super::error::ErrorBody)))]
+              (status = 507, description = "The disk is full (storage_full); nothing accepted", body = super::error::ErrorBody),
+              (status = 504, description = "ack=processed timed out; the events are accepted (their ids in error.ids)", body = super::error::ErrorBody)))]
 pub(crate) async fn publish_batch(
     req: HttpRequest,
     topic: web::Path<String>,
@@ -292,6 +339,7 @@ pub(crate) async fn publish_batch(
             ),
         ));
     }
+    query.check_subscribed(&events, &state)?;
     let ack = query.ack.unwrap_or_default();
     let published = state.core.ingress().publish_batch(events, ack, timeout).await?;
     let subscriptions = published.first().map_or(0, |p| p.subscriptions);
@@ -322,7 +370,22 @@ fn json_batch(topic: &str, body: &web::Bytes, req: &HttpRequest) -> Result<Vec<E
     let items: Vec<&serde_json::value::RawValue> = serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request("invalid_json", format!("a batch must be a JSON array: {e}")))?;
     let headers = req.headers();
-    let idem = ascii_header(headers, IDEMPOTENCY_KEY)?;
+    let idem = idempotency_key(headers)?;
+    if let Some(k) = idem {
+        // The last id, `K-(n-1)`, is the longest: it must be a valid id too.
+        let longest = k.len() + 1 + items.len().saturating_sub(1).to_string().len();
+        if longest > event::MAX_ID_LEN {
+            return Err(ApiError::bad_request(
+                "invalid_idempotency_key",
+                format!(
+                    "with {} events the batch ids {k}-0 … would be up to {longest} bytes; an id is at most {} bytes: \
+                     use a shorter Idempotency-Key",
+                    items.len(),
+                    event::MAX_ID_LEN
+                ),
+            ));
+        }
+    }
     let key = ascii_header(headers, HERALD_KEY)?;
     let template = Event::new(topic, web::Bytes::new(), event::JSON);
     let mut ulid = ulid::Ulid::new();

@@ -34,8 +34,8 @@ use utoipa::ToSchema;
 use crate::event::{Event, EventError};
 use crate::handler::supervisor::{Completion, DeadLetterError, DeadLetterSink, Job, Origin, Outcome};
 use crate::proto::{DeadLetterRecord, EventRecord};
-use crate::relay::{Outgoing, Relay};
-use crate::router::{NoRoom, Route, Router, RoutingTable, Target, TopicRoutes};
+use crate::relay::{LocalCopy, Outgoing, Relay};
+use crate::router::{NoRoom, Reservation, Route, Router, RoutingTable, Target, TopicRoutes};
 use crate::types::SubscriptionKey;
 use store::Store;
 
@@ -72,10 +72,23 @@ pub enum PublishError {
     /// The WAL could not be written (503); the event was not accepted.
     #[error("the write-ahead log is unavailable: {0}")]
     Unavailable(#[from] StoreError),
+    /// This node was removed from its cluster (`DELETE /v1/cluster/nodes/{id}`) while it ran
+    /// (503 `removed`): it accepts no events any more.
+    #[error("this node was removed from the cluster; publish to another member")]
+    Removed,
     /// `ack=processed` did not finish in time (504). The events were accepted and will still be
-    /// delivered.
-    #[error("not every subscription finished within {0:?}; the events are accepted and still being delivered")]
-    Timeout(Duration),
+    /// delivered; `ids` are theirs, in publish order (so a client that let Herald choose the ids
+    /// can tell which events these were).
+    #[error(
+        "not every subscription finished within {after:?}; the events are accepted and still being delivered (ids: {})",
+        ids.join(", ")
+    )]
+    Timeout {
+        /// How long the publish waited.
+        after: Duration,
+        /// The accepted events' ids, in publish order.
+        ids: Vec<String>,
+    },
 }
 
 /// How one subscription finished with an event (`ack=processed`).
@@ -354,9 +367,21 @@ pub struct Ingress {
     /// `events_published_total{topic="(other)"}`: events of topics without subscriptions share
     /// one series, so publishing to ever new topics cannot add series without bound.
     published_other: Counter,
+    /// `events_unrouted_total{topic}`: events accepted for a topic without subscriptions.
+    unrouted: crate::metrics::TopicCounters,
     /// Set once the WAL has been replayed.
     ready: tokio::sync::watch::Sender<bool>,
+    /// This node's place in the committed membership table, as [`Ingress::follow_membership`]
+    /// learns it: [`NOT_YET`], [`MEMBER`], or [`REMOVED`] (for good: it accepts nothing more).
+    membership: std::sync::atomic::AtomicU8,
 }
+
+/// [`Ingress::membership`]: not a member yet (starting, joining).
+const NOT_YET: u8 = 0;
+/// [`Ingress::membership`]: a member of the committed table.
+const MEMBER: u8 = 1;
+/// [`Ingress::membership`]: was a member, and the committed table no longer lists it.
+const REMOVED: u8 = 2;
 
 /// One event after [`Ingress::reserve`]: its share of the byte budget and, per subscription of
 /// its topic, the route and the room reserved on it.
@@ -386,7 +411,7 @@ impl<'t> Reserved<'t> {
             _ => {
                 let counter = match entry {
                     Some(t) => PublishedCount::Handle(&t.published),
-                    None => PublishedCount::Other,
+                    None => PublishedCount::Other(events[i].topic.clone()),
                 };
                 if let Some((_, counter, n)) = self.run.replace((i, counter, 1)) {
                     self.runs.push((counter, n));
@@ -401,7 +426,10 @@ impl<'t> Reserved<'t> {
         for (counter, n) in self.runs.drain(..).chain(last) {
             match counter {
                 PublishedCount::Handle(c) => c.increment(n),
-                PublishedCount::Other => ingress.published_other.increment(n),
+                PublishedCount::Other(topic) => {
+                    ingress.published_other.increment(n);
+                    ingress.unrouted.increment(&topic, n);
+                }
             }
         }
     }
@@ -411,8 +439,9 @@ impl<'t> Reserved<'t> {
 enum PublishedCount<'a> {
     /// The handle the routing table resolved for a topic with subscriptions.
     Handle(&'a Counter),
-    /// A topic without subscriptions: counted in the shared `(other)` series.
-    Other,
+    /// A topic without subscriptions: counted in the shared `(other)` series, and in
+    /// `events_unrouted_total{topic}` (the event goes nowhere).
+    Other(String),
 }
 
 /// WAL records read per chunk during start-up replay.
@@ -439,8 +468,47 @@ impl Ingress {
             inflight: metrics::gauge!(crate::metrics::INFLIGHT_EVENTS),
             rejected: metrics::counter!(crate::metrics::EVENTS_REJECTED),
             published_other: metrics::counter!(crate::metrics::EVENTS_PUBLISHED, "topic" => crate::metrics::OTHER_TOPIC),
+            unrouted: crate::metrics::TopicCounters::new(
+                crate::metrics::EVENTS_UNROUTED,
+                crate::metrics::UNROUTED_TOPICS,
+            ),
             ready: tokio::sync::watch::Sender::new(false),
+            membership: std::sync::atomic::AtomicU8::new(NOT_YET),
         }
+    }
+
+    /// Follows whether the committed membership table lists this node. A node that was a member
+    /// and is no longer listed was removed (`DELETE /v1/cluster/nodes/{id}`): from then on it
+    /// refuses every publish ([`PublishError::Removed`]) and is not ready. Returns true on the
+    /// change that removes it (once), for the caller to say so.
+    pub(crate) fn follow_membership(&self, listed: bool) -> bool {
+        if listed {
+            // A removed node stays removed (a new membership needs a restart and a new Join).
+            let _ = self
+                .membership
+                .compare_exchange(NOT_YET, MEMBER, Ordering::AcqRel, Ordering::Acquire);
+            return false;
+        }
+        self.membership
+            .compare_exchange(MEMBER, REMOVED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    /// Whether this node was removed from its cluster while it ran (see
+    /// [`Ingress::follow_membership`]).
+    pub fn is_removed(&self) -> bool {
+        self.membership.load(Ordering::Acquire) == REMOVED
+    }
+
+    /// The first topic of `events` that has no subscription anywhere in the cluster (its events
+    /// would be accepted and delivered nowhere), for publishers that ask to be refused instead
+    /// (`require_subscription`).
+    pub fn unsubscribed_topic<'e>(&self, events: &'e [Event]) -> Option<&'e str> {
+        let table = self.router.table();
+        events
+            .iter()
+            .map(|e| e.topic.as_str())
+            .find(|t| table.topic(t).is_none())
     }
 
     /// Whether the WAL has been replayed.
@@ -511,9 +579,15 @@ impl Ingress {
         // 4. Wait for the handlers if asked to.
         if !waits.is_empty() {
             let (indexes, receivers): (Vec<usize>, Vec<_>) = waits.into_iter().unzip();
-            let results = tokio::time::timeout(timeout, join_all(receivers))
-                .await
-                .map_err(|_| PublishError::Timeout(timeout))?;
+            let results = match tokio::time::timeout(timeout, join_all(receivers)).await {
+                Ok(results) => results,
+                Err(_) => {
+                    return Err(PublishError::Timeout {
+                        after: timeout,
+                        ids: answers.into_iter().map(|a| a.id).collect(),
+                    })
+                }
+            };
             for (i, r) in indexes.into_iter().zip(results) {
                 answers[i].outcomes = Some(r.unwrap_or_default());
             }
@@ -525,6 +599,9 @@ impl Ingress {
     fn admit(&self, events: &[Event]) -> Result<(), PublishError> {
         for e in events {
             e.validate()?;
+        }
+        if self.is_removed() {
+            return Err(PublishError::Removed);
         }
         if !self.is_ready() {
             return Err(PublishError::NotReady);
@@ -608,6 +685,9 @@ impl Ingress {
         let mut answers = Vec::with_capacity(events.len());
         let mut waits = Vec::new();
         let mut remote: Vec<(u64, Vec<Outgoing>)> = Vec::new();
+        // Copies for this node's instances (not `ack=none`), checked against the dedup window
+        // together once every event is through.
+        let mut local: Vec<(Reservation<'_>, LocalCopy)> = Vec::new();
         // Budget shares of untracked (at-most-once) events, given back once they are encoded.
         let mut held = Vec::new();
         for (event, (permit, slots)) in events.into_iter().zip(reserved) {
@@ -642,11 +722,20 @@ impl Ingress {
             for (route, target) in slots {
                 let once = at_most_once(&target);
                 match target {
-                    Target::Local(slot) => slot.send(Job {
+                    // At most once: not de-duplicated (as on a lane to another node).
+                    Target::Local(slot) if ack == AckMode::None => slot.send(Job {
                         event: event.clone(),
                         completion: tracker(),
                         origin: Origin::Local,
                     }),
+                    Target::Local(slot) => local.push((
+                        slot,
+                        LocalCopy {
+                            key: route.key.clone(),
+                            event: event.clone(),
+                            completion: tracker(),
+                        },
+                    )),
                     Target::Remote(slot) => {
                         let (node, load) = slot.take();
                         let outgoing = Outgoing {
@@ -666,6 +755,21 @@ impl Ingress {
                         }
                     }
                     Target::Parked => self.relay.park(route.key.clone(), event.clone(), tracker()),
+                }
+            }
+        }
+        if !local.is_empty() {
+            // One rule whatever the path: the hosting node runs a `(subscription, event id)` once
+            // within its dedup window, be it published here or forwarded (see `relay::inbound`).
+            let (slots, copies): (Vec<_>, Vec<_>) = local.into_iter().unzip();
+            let events: Vec<Arc<Event>> = copies.iter().map(|c| c.event.clone()).collect();
+            for ((slot, event), run) in slots.into_iter().zip(events).zip(self.relay.seen_here(copies)) {
+                if let Some(completion) = run {
+                    slot.send(Job {
+                        event,
+                        completion,
+                        origin: Origin::Local,
+                    });
                 }
             }
         }
@@ -835,6 +939,8 @@ impl Ingress {
             .await?
             .ok_or_else(|| ReplayError::NotFound(id.to_string()))?;
         let event = Arc::new(Event::from(record.event.unwrap_or_default()));
+        // Replayed on purpose: it runs again, even within the dedup window of its first run.
+        self.relay.forget_seen(&key, &event.id);
         let permit = self.bytes.take(charge(&event)).await;
         let (tracker, _) = self.tracker(1, Some(seq), permit, false);
         self.relay.park(Arc::new(key), event.clone(), tracker);

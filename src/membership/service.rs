@@ -130,7 +130,29 @@ impl Applier {
         self.publish.send_replace(Arc::new(self.state.clone()));
         self.changed.notify_one();
     }
+
+    /// Closes the connections to member `id`, which left the table. Not at once: a node removed
+    /// while it runs (`DELETE /v1/cluster/nodes/{id}`) learns of its removal only from the
+    /// commit of its `Leave`, which the leader sends it right after this apply; closing first
+    /// would drop that message, and the removed node would go on as a member that nobody answers
+    /// (taking events it cannot deliver). So the peer is dropped [`LEFT_PEER_GRACE`] later, unless
+    /// it joined again meanwhile. Outside a runtime (tests), at once.
+    fn forget_peer(&self, id: u64) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return self.bus.remove_peer(id);
+        };
+        let (bus, state) = (self.bus.clone(), self.publish.subscribe());
+        runtime.spawn(async move {
+            tokio::time::sleep(LEFT_PEER_GRACE).await;
+            if state.borrow().member(id).is_none() {
+                bus.remove_peer(id);
+            }
+        });
+    }
 }
+
+/// How long the connections to a member that left stay open (see [`Applier::forget_peer`]).
+const LEFT_PEER_GRACE: Duration = Duration::from_secs(2);
 
 impl Apply for Applier {
     fn apply(&mut self, index: u64, data: &[u8]) {
@@ -138,7 +160,7 @@ impl Apply for Applier {
             Ok(effects) => {
                 for e in &effects {
                     if let super::state::Effect::MemberLeft { id } = e {
-                        self.bus.remove_peer(*id);
+                        self.forget_peer(*id);
                     }
                     tracing::debug!(index, effect = ?e, "membership change applied");
                 }

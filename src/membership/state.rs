@@ -32,7 +32,8 @@
 //!   with the same id is a new membership and queues behind the current members for a vote.
 //! * `MarkDown` / `MarkUp` move a member between `up` and `down` (the leader's failure detector
 //!   proposes them); both are no-ops on a `draining` member, since a drain is a decision that only
-//!   the node's restart (its rejoin) or `Leave` ends.
+//!   the node's restart (its rejoin), an operator's undrain (`POST /v1/cluster/nodes/{id}/undrain`
+//!   proposes the member's rejoin with its own record) or `Leave` ends.
 //! * `Drain` marks a member `draining`: it stays a member (and a voter) but gets no instances.
 //! * `Subscribe` creates or replaces a subscription; `Unsubscribe` removes one. Only what every
 //!   node can check the same way is validated here (names, `instances`, `max_attempts`); whether

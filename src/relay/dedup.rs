@@ -86,14 +86,21 @@ impl<W> Dedup<W> {
 
     /// A copy of `key` arrived, answered through `waiter`.
     pub(super) fn check(&mut self, key: DedupKey, waiter: W) -> Check {
+        self.check_by(key, |_| waiter)
+    }
+
+    /// [`Dedup::check`] with the waiter made only when one is remembered: `waiter(true)` for the
+    /// copy that runs (new), `waiter(false)` for one that waits (running); not called when the
+    /// key is done.
+    pub(super) fn check_by(&mut self, key: DedupKey, waiter: impl FnOnce(bool) -> W) -> Check {
         match self.map.get_mut(&key) {
             Some(Seen::Running(_, more)) => {
-                more.push(waiter);
+                more.push(waiter(false));
                 Check::Running
             }
             Some(Seen::Done(f)) => Check::Done(f.clone()),
             None => {
-                self.map.insert(key, Seen::Running(waiter, Vec::new()));
+                self.map.insert(key, Seen::Running(waiter(true), Vec::new()));
                 Check::New
             }
         }

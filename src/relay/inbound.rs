@@ -11,6 +11,15 @@
 //! queue, and the ack task records the outcome in the dedup window (one lock per batch) and
 //! answers every copy that waited for it.
 //!
+//! **One dedup rule, whatever the path.** The node that hosts an instance de-duplicates by
+//! `(subscription, event id)`: the same window serves deliveries forwarded by other nodes and
+//! events published on this node for its own instances ([`Inbound::seen_here`], called by the
+//! ingress once per publish call, one lock for all of its local copies). A local copy that is new
+//! runs with a [`SeenHere`] completion, which tells the publisher's tracker at once and hands the
+//! outcome to the *local outcomes* task, which records it in the window (one lock per batch, like
+//! the ack tasks) and answers the copies that waited. At-most-once (`ack=none`) events skip the
+//! window on both paths.
+//!
 //! Must not: keep or re-send deliveries (the origin does), or route events anywhere but to this
 //! node's instances.
 
@@ -134,11 +143,98 @@ pub(super) enum AckItem {
     Credit { lane: u64, done: Arc<AtomicU64> },
 }
 
-/// One copy of a running delivery, waiting for its outcome: acked to `origin` through `acks`.
-struct Waiter {
-    origin: u64,
-    delivery: u64,
-    acks: AckSender,
+/// One copy of a running delivery, waiting for its outcome.
+enum Waiter {
+    /// Forwarded by `origin` as `delivery`: acked through `acks`.
+    Peer {
+        origin: u64,
+        delivery: u64,
+        acks: AckSender,
+    },
+    /// Published on this node: its completion (the publisher's tracker) is told the outcome. The
+    /// event is kept so that it can be routed anew if the copy that runs is handed back.
+    Here(LocalCopy),
+    /// The copy published here that runs: its own [`SeenHere`] completion tells its publisher.
+    Running,
+}
+
+/// A copy of an event published on this node for one of this node's instances (see
+/// [`Inbound::seen_here`]).
+pub(crate) struct LocalCopy {
+    pub(crate) key: Arc<SubscriptionKey>,
+    pub(crate) event: Arc<Event>,
+    pub(crate) completion: Arc<dyn Completion>,
+}
+
+/// An event to route anew (parked with the sending side), with its completion.
+pub(super) type Repark = (Arc<SubscriptionKey>, Arc<Event>, Arc<dyn Completion>);
+
+impl Waiter {
+    /// Answers this copy with `f`: an ack for a peer's copy (pushed to `batch` when it is for
+    /// `origin`), the completion for one published here.
+    fn answer(self, f: &Finished, origin: Option<u64>, batch: &mut AckBatch) {
+        match self {
+            Waiter::Peer {
+                origin: o, delivery, ..
+            } if Some(o) == origin => batch.acks.push(answer(delivery, f)),
+            Waiter::Peer { delivery, acks, .. } => {
+                let _ = acks.send(AckItem::Ack(answer(delivery, f)));
+            }
+            Waiter::Here(copy) => copy.completion.complete(&copy.key, outcome(f)),
+            Waiter::Running => {}
+        }
+    }
+
+    /// A copy that will not be answered from this window (the one that ran was handed back):
+    /// a peer's copy is re-sent by its origin after its timeout; one published here is routed
+    /// anew through `repark`.
+    fn release(self, repark: &mpsc::UnboundedSender<Repark>) {
+        if let Waiter::Here(copy) = self {
+            if let Err(mpsc::error::SendError((key, _, completion))) =
+                repark.send((copy.key, copy.event, copy.completion))
+            {
+                // Only once the relay's runtime stopped: the event stays in the WAL.
+                completion.complete(
+                    &key,
+                    Outcome::Failed {
+                        attempts: 0,
+                        error: "the node is stopping".into(),
+                    },
+                );
+            }
+        }
+    }
+}
+
+/// The outcome a finished delivery's later copies are answered with.
+fn outcome(f: &Finished) -> Outcome {
+    match f.code {
+        AckCode::DeadLettered => Outcome::DeadLettered {
+            attempts: f.attempts,
+            error: f.error.clone(),
+        },
+        AckCode::Failed | AckCode::NotPlaced => Outcome::Failed {
+            attempts: f.attempts,
+            error: f.error.clone(),
+        },
+        AckCode::Ok => Outcome::Ok { attempts: f.attempts },
+    }
+}
+
+/// The completion of a copy published here that runs here: tells the publisher's tracker at once,
+/// then hands the outcome to the local outcomes task to record in the window.
+struct SeenHere {
+    inner: Arc<dyn Completion>,
+    dedup: DedupKey,
+    done: mpsc::UnboundedSender<(DedupKey, Outcome)>,
+}
+
+impl Completion for SeenHere {
+    fn complete(&self, sub: &SubscriptionKey, outcome: Outcome) {
+        self.inner.complete(sub, outcome.clone());
+        // Fails only once the relay's runtime stopped (nothing is recorded any more).
+        let _ = self.done.send((self.dedup, outcome));
+    }
 }
 
 /// The window as the receiving side keeps it: shared by the origins' receiving tasks (which
@@ -158,6 +254,10 @@ pub(super) struct Inbound {
     inboxes: std::sync::RwLock<IdMap<u64, mpsc::Sender<Bytes>>>,
     dedup: Window,
     deduplicated: metrics::Counter,
+    /// Outcomes of copies published here, for the local outcomes task.
+    local_done: mpsc::UnboundedSender<(DedupKey, Outcome)>,
+    /// Copies published here to route anew (the front parks them with the sending side).
+    repark: mpsc::UnboundedSender<Repark>,
 }
 
 impl Inbound {
@@ -166,7 +266,11 @@ impl Inbound {
         router: Arc<Router>,
         dedup_window: usize,
         runtime: tokio::runtime::Handle,
+        repark: mpsc::UnboundedSender<Repark>,
     ) -> Inbound {
+        let dedup: Window = Arc::new(Mutex::new(Dedup::new(dedup_window)));
+        let (local_done, outcomes) = mpsc::unbounded_channel();
+        runtime.spawn(record_local(outcomes, dedup.clone()));
         Inbound {
             transport,
             router,
@@ -174,9 +278,66 @@ impl Inbound {
             lanes: Mutex::new(LanesIn::default()),
             acks: Queues::new(),
             inboxes: std::sync::RwLock::new(IdMap::default()),
-            dedup: Arc::new(Mutex::new(Dedup::new(dedup_window))),
+            dedup,
             deduplicated: metrics::counter!(crate::metrics::EVENTS_DEDUPLICATED),
+            local_done,
+            repark,
         }
+    }
+
+    /// Forgets what the window remembers of `event_id` for `key` (a dead letter replayed by an
+    /// operator must run again, not be answered with its old outcome).
+    pub(crate) fn forget(&self, key: &SubscriptionKey, event_id: &str) {
+        let waiting: Vec<Waiter> = {
+            let mut dedup = self.dedup.lock().unwrap_or_else(|p| p.into_inner());
+            let k = dedup.key(key, event_id);
+            dedup.forget(k).collect()
+        };
+        for w in waiting {
+            w.release(&self.repark);
+        }
+    }
+
+    /// Copies of events published on this node for its own instances, checked against the dedup
+    /// window under one lock for all of them. Returns, per copy in order, the completion to run
+    /// it with, or `None` when it must not run: a copy of it finished (its completion was told
+    /// that outcome) or is running (its completion is told when that one finishes).
+    pub(crate) fn seen_here(&self, copies: Vec<LocalCopy>) -> Vec<Option<Arc<dyn Completion>>> {
+        let mut run = Vec::with_capacity(copies.len());
+        let mut answered = Vec::new();
+        {
+            let mut dedup = self.dedup.lock().unwrap_or_else(|p| p.into_inner());
+            for copy in copies {
+                let key = dedup.key(&copy.key, &copy.event.id);
+                let mut waiting = Some(copy);
+                let check = dedup.check_by(key, |first| match first {
+                    true => Waiter::Running,
+                    false => Waiter::Here(waiting.take().expect("made once")),
+                });
+                match (check, waiting) {
+                    (Check::New, Some(copy)) => run.push(Some(Arc::new(SeenHere {
+                        inner: copy.completion,
+                        dedup: key,
+                        done: self.local_done.clone(),
+                    }) as Arc<dyn Completion>)),
+                    (Check::Done(f), Some(copy)) => {
+                        answered.push((copy, f));
+                        run.push(None);
+                    }
+                    // Running: the copy waits in the window for the outcome.
+                    _ => run.push(None),
+                }
+            }
+        }
+        let dropped = run.iter().filter(|r| r.is_none()).count();
+        if dropped > 0 {
+            self.deduplicated.increment(dropped as u64);
+        }
+        // Told outside the lock: a tracker's last completion writes to the store's queue.
+        for (copy, f) in answered {
+            copy.completion.complete(&copy.key, outcome(&f));
+        }
+        run
     }
 
     /// A batch of deliveries from `from`: queued for the origin's task, which handles its
@@ -311,7 +472,7 @@ impl Inbound {
         {
             let mut dedup = self.dedup.lock().unwrap_or_else(|p| p.into_inner());
             dedup_key = dedup.key(key, &record.id);
-            let waiter = Waiter {
+            let waiter = Waiter::Peer {
                 origin: from,
                 delivery: d.id,
                 acks: acks.clone(),
@@ -342,12 +503,17 @@ impl Inbound {
             Err(job) => job,
         };
         if sub.send_waiting(job.event.key.clone().as_deref(), job).await.is_err() {
-            // Copies that arrived meanwhile are re-sent by their origins after the timeout.
-            self.dedup
+            // Copies that arrived meanwhile are re-sent by their origins after the timeout (or,
+            // published here, routed anew).
+            let waiting: Vec<Waiter> = self
+                .dedup
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .forget(dedup_key)
-                .for_each(drop);
+                .collect();
+            for w in waiting {
+                w.release(&self.repark);
+            }
             self.ack(from, Refusal::Stopped((**key).clone()).ack(d.id));
         }
     }
@@ -362,11 +528,16 @@ impl Inbound {
             let k = dedup.key(key, event_id);
             dedup.forget(k).collect()
         };
-        if waiting.is_empty() {
-            return self.ack(from, refusal.ack(delivery));
+        if !waiting.iter().any(|w| matches!(w, Waiter::Peer { .. })) {
+            self.ack(from, refusal.ack(delivery));
         }
         for w in waiting {
-            let _ = w.acks.send(AckItem::Ack(refusal.ack(w.delivery)));
+            match w {
+                Waiter::Peer { delivery, acks, .. } => {
+                    let _ = acks.send(AckItem::Ack(refusal.ack(delivery)));
+                }
+                other => other.release(&self.repark),
+            }
         }
     }
 }
@@ -529,15 +700,34 @@ fn ack_batch(origin: u64, items: impl Iterator<Item = AckItem>, dedup: &Mutex<De
         for (key, outcome) in handled {
             let f = finished(outcome);
             for w in window.finish(key, f.clone()) {
-                if w.origin == origin {
-                    batch.acks.push(answer(w.delivery, &f));
-                } else {
-                    let _ = w.acks.send(AckItem::Ack(answer(w.delivery, &f)));
-                }
+                w.answer(&f, Some(origin), &mut batch);
             }
         }
     }
     batch
+}
+
+/// Records the outcomes of copies published here that ran here (the [`SeenHere`] completions)
+/// in the dedup window, one lock per batch, and answers the copies that waited for them. Runs
+/// until the relay's runtime stops.
+async fn record_local(mut rx: mpsc::UnboundedReceiver<(DedupKey, Outcome)>, dedup: Window) {
+    let mut buf = Vec::with_capacity(MAX_BATCH);
+    while rx.recv_many(&mut buf, MAX_BATCH * 8).await > 0 {
+        let mut batch = AckBatch::default();
+        {
+            let mut window = dedup.lock().unwrap_or_else(|p| p.into_inner());
+            for (key, outcome) in buf.drain(..) {
+                let f = finished(outcome);
+                for w in window.finish(key, f.clone()) {
+                    w.answer(&f, None, &mut batch);
+                }
+            }
+        }
+        debug_assert!(
+            batch.acks.is_empty(),
+            "no origin: peers' copies are sent to their queues"
+        );
+    }
 }
 
 #[cfg(test)]
@@ -583,7 +773,7 @@ mod tests {
     }
 
     fn waiter(origin: u64, delivery: u64, acks: &AckSender) -> Waiter {
-        Waiter {
+        Waiter::Peer {
             origin,
             delivery,
             acks: acks.clone(),
@@ -617,6 +807,80 @@ mod tests {
             window.lock().unwrap().check(key, waiter(2, 21, &to_b)),
             Check::Done(finished(Outcome::Ok { attempts: 1 }))
         );
+    }
+
+    /// Remembers the outcomes it is told.
+    #[derive(Default)]
+    struct Told(Mutex<Vec<Outcome>>);
+
+    impl Completion for Told {
+        fn complete(&self, _: &SubscriptionKey, outcome: Outcome) {
+            self.0.lock().unwrap().push(outcome);
+        }
+    }
+
+    /// One window for both paths: a copy published here that waits for a forwarded copy is told
+    /// its outcome, and one handed back (the forwarded copy was refused) is routed anew.
+    #[test]
+    fn a_copy_published_here_waits_for_a_forwarded_one_and_is_rerouted_if_it_is_handed_back() {
+        let window = Mutex::new(Dedup::new(8));
+        let (to_a, _a) = mpsc::unbounded_channel();
+        let sub = Arc::new(SubscriptionKey {
+            topic: "orders".into(),
+            group: "billing".into(),
+        });
+        let copy = |told: &Arc<Told>| LocalCopy {
+            key: sub.clone(),
+            event: Arc::new(Event::new("orders", "{}", "application/json")),
+            completion: told.clone(),
+        };
+        let (here, later) = (Arc::new(Told::default()), Arc::new(Told::default()));
+        let key = window.lock().unwrap().key(&sub, "e1");
+        assert_eq!(window.lock().unwrap().check(key, waiter(1, 10, &to_a)), Check::New);
+        assert_eq!(
+            window.lock().unwrap().check(key, Waiter::Here(copy(&here))),
+            Check::Running
+        );
+        let outcome = Outcome::DeadLettered {
+            attempts: 3,
+            error: "boom".into(),
+        };
+        let batch = ack_batch(
+            1,
+            [AckItem::Handled {
+                dedup: key,
+                outcome: outcome.clone(),
+            }]
+            .into_iter(),
+            &window,
+        );
+        assert_eq!(batch.acks.len(), 1, "the forwarded copy is acked");
+        assert_eq!(
+            here.0.lock().unwrap().as_slice(),
+            std::slice::from_ref(&outcome),
+            "the local copy is told"
+        );
+        // A later copy is answered from the window, with the same outcome.
+        assert!(
+            matches!(window.lock().unwrap().check(key, Waiter::Here(copy(&later))), Check::Done(f) if outcome_of(&f) == outcome)
+        );
+
+        // Handed back: the waiting local copy goes to be routed anew, untold.
+        let key = window.lock().unwrap().key(&sub, "e2");
+        let waiting = Arc::new(Told::default());
+        assert_eq!(window.lock().unwrap().check(key, waiter(1, 11, &to_a)), Check::New);
+        window.lock().unwrap().check(key, Waiter::Here(copy(&waiting)));
+        let (repark, mut reparked) = mpsc::unbounded_channel();
+        for w in window.lock().unwrap().forget(key) {
+            w.release(&repark);
+        }
+        let (k, _, _) = reparked.try_recv().expect("the local copy is routed anew");
+        assert_eq!(k, sub);
+        assert!(waiting.0.lock().unwrap().is_empty());
+    }
+
+    fn outcome_of(f: &Finished) -> Outcome {
+        outcome(f)
     }
 
     /// Lane ids are the origins' to choose: lanes nothing uses any more are forgotten, so a peer

@@ -93,6 +93,7 @@ mod pending;
 use asks::Asks;
 pub(crate) use asks::{AskError, PeerAsk, ASK_QUEUE};
 use inbound::Inbound;
+pub(crate) use inbound::LocalCopy;
 use outbound::Outbound;
 
 /// A hasher for keys that are already well spread or sequential (delivery ids, dedup hashes):
@@ -299,6 +300,8 @@ impl Relay {
         returned: ReturnedJobs,
         asks: mpsc::Sender<PeerAsk>,
     ) -> Arc<Relay> {
+        // Copies published here that waited for a copy which was then handed back: routed anew.
+        let (repark_tx, mut repark) = mpsc::unbounded_channel::<inbound::Repark>();
         let relay = Arc::new(Relay {
             asks: Arc::new(Asks::new(transport.clone(), asks)),
             outbound: Arc::new(Outbound::new(
@@ -308,7 +311,13 @@ impl Relay {
                 config,
                 runtime.clone(),
             )),
-            inbound: Arc::new(Inbound::new(transport, router, config.dedup_window, runtime.clone())),
+            inbound: Arc::new(Inbound::new(
+                transport,
+                router,
+                config.dedup_window,
+                runtime.clone(),
+                repark_tx,
+            )),
         });
         // The tasks hold the parts, not the front: they run until the relay's runtime stops (the
         // node's shutdown drops it), which drops them and what they hold.
@@ -343,8 +352,28 @@ impl Relay {
                 }
             }
         });
+        let outbound = relay.outbound.clone();
+        runtime.spawn(async move {
+            while let Some((key, event, completion)) = repark.recv().await {
+                outbound.park(key, event, completion);
+            }
+        });
         runtime.spawn(outbound::reroute_loop(relay.outbound.clone(), health.subscribe()));
         relay
+    }
+
+    /// Checks copies of events published on this node for its own instances against the dedup
+    /// window (the rule is the same as for forwarded deliveries: the hosting node de-duplicates).
+    /// Returns, per copy, the completion to run it with, or `None` when it must not run (a copy
+    /// finished or runs; its completion is told that outcome).
+    pub(crate) fn seen_here(&self, copies: Vec<LocalCopy>) -> Vec<Option<Arc<dyn Completion>>> {
+        self.inbound.seen_here(copies)
+    }
+
+    /// Forgets the dedup window's memory of `event_id` for `key` (a replayed dead letter runs
+    /// again).
+    pub(crate) fn forget_seen(&self, key: &SubscriptionKey, event_id: &str) {
+        self.inbound.forget(key, event_id);
     }
 
     /// Deliveries sent to a node and not acked yet (parked ones excluded).
