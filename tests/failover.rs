@@ -153,9 +153,10 @@ enum Fault {
 /// accepted.
 ///
 /// Asserted, besides that every acknowledged event arrives:
-/// - the survivors show the host suspect and then `down`, the placement leaves it, and the
-///   survivors handle events — for a kill within [`FAILOVER_BOUND`]; for a freeze while the host
-///   is still frozen (within [`FREEZE_LIMIT`]);
+/// - the survivors show the host `down`, the placement leaves it, and the survivors handle
+///   events — for a kill within [`FAILOVER_BOUND`]; for a freeze while the host is still frozen
+///   (within [`FREEZE_LIMIT`]), after showing it `suspect` (phi; not merely `degraded`, which a
+///   stuck backlog causes after `degraded_after_ms` — that alone would hide a broken phi detector);
 /// - every arrival carries the data and partition key published under its id;
 /// - per-key order among the events delivered before the fault, and among those accepted once the
 ///   placement had moved and the new host handled events (for a freeze: until the host resumed);
@@ -214,7 +215,7 @@ async fn failover(name: &str, fault: Fault) {
                     "the survivors mark the killed node down, place the subscription elsewhere and handle events",
                     FAILOVER_BOUND,
                     || load.accepted(),
-                    Observed::failed_over,
+                    Observed::moved_on,
                 )
                 .await;
             segments.push((
@@ -227,7 +228,7 @@ async fn failover(name: &str, fault: Fault) {
             let frozen = Frozen::freeze(&nodes, host);
             seen = watch
                 .until(
-                    "while it is still frozen, the survivors suspect it, mark it down, place the subscription elsewhere and handle events",
+                    "while it is still frozen, the survivors show it suspect (phi), mark it down, place the subscription elsewhere and handle events",
                     FREEZE_LIMIT,
                     || load.accepted(),
                     |o| o.failed_over() && watch.at.elapsed() >= FREEZE,

@@ -35,6 +35,9 @@ pub async fn subscribe_webhook(url: &str, topic: &str, group: &str, hook: &str, 
 pub struct Observed {
     /// A survivor showed the failed node as anything but `up` (`suspect`, `degraded`, `down`).
     pub suspected: Option<Duration>,
+    /// A survivor showed it `suspect`: its phi crossed `cluster.phi_threshold` or its connection
+    /// broke (not `degraded`, which a stuck backlog causes only after `degraded_after_ms`).
+    pub suspect: Option<Duration>,
     /// A survivor showed it `down` (the leader committed MarkDown).
     pub marked_down: Option<Duration>,
     /// Every node watched for placements placed the subscription off the failed node; with how
@@ -47,9 +50,15 @@ pub struct Observed {
 }
 
 impl Observed {
-    /// Suspected, marked down, placement moved and events handled elsewhere: all of it.
+    /// Marked down, placement moved and events handled elsewhere.
+    pub fn moved_on(&self) -> bool {
+        self.marked_down.is_some() && self.moved.is_some() && self.elsewhere.is_some()
+    }
+
+    /// Shown `suspect`, then all of [`Observed::moved_on`]: the failover of a node that stopped
+    /// answering (frozen, paused, cut off).
     pub fn failed_over(&self) -> bool {
-        self.suspected.is_some() && self.marked_down.is_some() && self.moved.is_some() && self.elsewhere.is_some()
+        self.suspect.is_some() && self.moved_on()
     }
 
     /// How many events had been accepted once the placement had moved and the survivors handled
@@ -124,6 +133,9 @@ impl<'a> FaultWatch<'a> {
                     .map(|(_, s)| s);
                 if status.as_deref().is_some_and(|s| s != "up") {
                     o.suspected.get_or_insert(since);
+                }
+                if status.as_deref() == Some("suspect") {
+                    o.suspect.get_or_insert(since);
                 }
                 if status.as_deref() == Some("down") {
                     o.marked_down.get_or_insert(since);
