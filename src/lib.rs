@@ -114,9 +114,10 @@ pub use error::{Error, Result};
 /// The allocator Herald is tuned for (mimalloc): a node allocates a few small buffers per event,
 /// which glibc's malloc handles several times slower under load. Use it in your node binary:
 ///
-/// ```ignore
+/// ```no_run
 /// #[global_allocator]
 /// static ALLOCATOR: herald::Allocator = herald::Allocator;
+/// # fn main() {}
 /// ```
 pub use mimalloc::MiMalloc as Allocator;
 

@@ -24,7 +24,7 @@ use herald::subscription::SubscriptionSpec;
 use serde_json::{json, Value};
 use tokio::sync::Semaphore;
 
-use common::{eventually, get, get_text, metric, post_json, request, start_node, start_node_in, Answer, TestNode};
+use common::{cli, eventually, get, get_text, metric, post_json, request, start_node, start_node_in, Answer, TestNode};
 
 // ---------------------------------------------------------------------------------------------
 // What handlers saw
@@ -2175,17 +2175,8 @@ fn unreadable_or_invalid_tls_files_are_config_errors_naming_the_key_and_file() {
 
 /// Runs the `herald` binary with `args`; returns (success, stdout, stderr).
 async fn herald_cli(args: Vec<String>) -> (bool, String, String) {
-    let o = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
-            .args(&args)
-            .env_remove("HERALD_URL")
-            .env_remove("HERALD_CA_FILE")
-            .env_remove("HERALD_TOKEN")
-            .output()
-            .expect("herald runs")
-    })
-    .await
-    .unwrap();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = cli(&args).await;
     (
         o.status.success(),
         String::from_utf8_lossy(&o.stdout).into_owned(),

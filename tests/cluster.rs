@@ -8,10 +8,10 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::process::Output;
 use std::time::Instant;
 
 use common::cluster::*;
+use common::views::*;
 use common::*;
 use serde_json::{json, Value};
 
@@ -26,54 +26,10 @@ async fn get_ok(url: &str, path: &str) -> Value {
     body
 }
 
-fn leader(view: &Value) -> Option<u64> {
-    view["leader"].as_u64()
-}
-
 fn term(view: &Value) -> u64 {
     view["term"].as_u64().expect("term")
 }
 
-/// `(id, status, voter)` of every member of a `/v1/cluster` view, by id.
-fn members(view: &Value) -> Vec<(u64, String, bool)> {
-    let mut m: Vec<(u64, String, bool)> = view["members"]
-        .as_array()
-        .expect("members")
-        .iter()
-        .map(|m| {
-            (
-                m["id"].as_u64().expect("id"),
-                m["status"].as_str().expect("status").to_string(),
-                m["voter"].as_bool().expect("voter"),
-            )
-        })
-        .collect();
-    m.sort();
-    m
-}
-
-fn member_ids(view: &Value) -> Vec<u64> {
-    members(view).into_iter().map(|(id, _, _)| id).collect()
-}
-
-fn voters(view: &Value) -> Vec<u64> {
-    members(view).into_iter().filter(|m| m.2).map(|m| m.0).collect()
-}
-
-/// The same leader on every view, if they all know one.
-fn common_leader(views: &[Value]) -> Option<u64> {
-    let l = leader(&views[0])?;
-    views.iter().all(|v| leader(v) == Some(l)).then_some(l)
-}
-
-/// `(id, status, voter)` triples for ids that are all `up`, with the given voters.
-fn all_up(ids: &[u64], voters: &[u64]) -> Vec<(u64, String, bool)> {
-    ids.iter()
-        .map(|&id| (id, "up".to_string(), voters.contains(&id)))
-        .collect()
-}
-
-/// `(topic, group, nodes)` of every placement, sorted.
 /// Waits until every node in `urls` shows the same placements, `subscriptions` of them; returns them.
 async fn same_placements(what: &str, urls: &[String], subscriptions: usize) -> Vec<(String, String, Vec<u64>)> {
     converge(what, urls, "/v1/cluster/placements", |ps| {
@@ -83,62 +39,13 @@ async fn same_placements(what: &str, urls: &[String], subscriptions: usize) -> V
     .await
 }
 
-fn placement_rows(placements: &Value) -> Vec<(String, String, Vec<u64>)> {
-    let mut rows: Vec<(String, String, Vec<u64>)> = placements
-        .as_array()
-        .expect("placements")
-        .iter()
-        .map(|p| {
-            (
-                p["topic"].as_str().expect("topic").to_string(),
-                p["group"].as_str().expect("group").to_string(),
-                p["nodes"]
-                    .as_array()
-                    .expect("nodes")
-                    .iter()
-                    .map(|n| n.as_u64().expect("node id"))
-                    .collect(),
-            )
-        })
-        .collect();
-    rows.sort();
-    rows
-}
-
 /// Whether every answer equals the first.
 fn all_same(answers: &[Value]) -> bool {
     answers.iter().all(|a| a == &answers[0])
 }
 
-/// Waits until every node in `urls` shows the same members, all up, the given voters and one
-/// leader; returns the first view.
-async fn wait_formed(urls: &[String], ids: &[u64], voter_ids: &[u64]) -> Value {
-    let want = all_up(ids, voter_ids);
-    converge(
-        "every node shows the same members, voters and leader",
-        urls,
-        "/v1/cluster",
-        |views| {
-            common_leader(views)?;
-            views.iter().all(|v| members(v) == want).then(|| views[0].clone())
-        },
-    )
-    .await
-}
-
 fn log_sub(topic: &str, group: &str, instances: u32) -> Value {
     json!({ "topic": topic, "group": group, "handler": { "kind": "log" }, "instances": instances })
-}
-
-async fn subscribe(url: &str, spec: &Value) {
-    let a = post_json(&format!("{url}/v1/subscriptions"), spec).await;
-    assert_eq!(a.status, 201, "POST {url}/v1/subscriptions {spec}: {}", a.body);
-}
-
-/// Runs `herald <args>` to completion with output captured, failing after [`DEADLINE`].
-fn run_cli(args: &[&str]) -> Output {
-    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-    run_to_exit(herald_cmd(&args))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -147,7 +54,7 @@ fn run_cli(args: &[&str]) -> Output {
 async fn three_nodes_form_one_cluster() {
     let nodes = start_cluster(3).await;
     let urls = urls(&nodes);
-    let view = wait_formed(&urls, &[1, 2, 3], &[1, 2, 3]).await;
+    let view = wait_formed_with_voters(&urls, &[1, 2, 3], &[1, 2, 3]).await;
     assert!(
         (1..=3).contains(&leader(&view).unwrap()),
         "the leader is one of the members: {view}"
@@ -202,7 +109,7 @@ async fn three_nodes_form_one_cluster() {
 async fn five_nodes_have_three_voters_and_two_learners() {
     let nodes = start_cluster(5).await;
     let urls = urls(&nodes);
-    let view = wait_formed(&urls, &[1, 2, 3, 4, 5], &[1, 2, 3]).await;
+    let view = wait_formed_with_voters(&urls, &[1, 2, 3, 4, 5], &[1, 2, 3]).await;
     assert_eq!(voters(&view), vec![1, 2, 3], "the first three to join vote: {view}");
     // The leader is a voter, on every node.
     let l = leader(&view).unwrap();
@@ -218,7 +125,7 @@ async fn five_nodes_have_three_voters_and_two_learners() {
 async fn a_subscription_made_on_a_follower_is_placed_identically_everywhere() {
     let nodes = start_cluster(3).await;
     let urls = urls(&nodes);
-    let view = wait_formed(&urls, &[1, 2, 3], &[1, 2, 3]).await;
+    let view = wait_formed_with_voters(&urls, &[1, 2, 3], &[1, 2, 3]).await;
     let l = leader(&view).unwrap();
     let follower = nodes.iter().find(|n| n.id() != l).unwrap();
     subscribe(follower.url(), &log_sub("orders", "audit", 3)).await;
@@ -265,7 +172,7 @@ async fn a_subscription_made_on_a_follower_is_placed_identically_everywhere() {
         .unwrap()
         .url()
         .to_string();
-    let o = actix_rt::task::spawn_blocking(move || run_cli(&["status", "--url", &other]))
+    let o = actix_rt::task::spawn_blocking(move || cli_blocking(&["status", "--url", &other]))
         .await
         .unwrap();
     let out = String::from_utf8_lossy(&o.stdout);
@@ -299,7 +206,7 @@ async fn a_subscription_made_on_a_follower_is_placed_identically_everywhere() {
 async fn the_leader_is_killed_and_a_new_one_is_elected() {
     let mut nodes = start_cluster(3).await;
     let urls = urls(&nodes);
-    let view = wait_formed(&urls, &[1, 2, 3], &[1, 2, 3]).await;
+    let view = wait_formed_with_voters(&urls, &[1, 2, 3], &[1, 2, 3]).await;
     let old = leader(&view).unwrap();
     let old_term = term(&view);
 
@@ -337,7 +244,7 @@ async fn the_leader_is_killed_and_a_new_one_is_elected() {
 async fn a_node_joins_and_is_removed() {
     let mut nodes = start_cluster(3).await;
     let urls3 = urls(&nodes);
-    let view = wait_formed(&urls3, &[1, 2, 3], &[1, 2, 3]).await;
+    let view = wait_formed_with_voters(&urls3, &[1, 2, 3], &[1, 2, 3]).await;
 
     // Node 4 joins through a follower, which forwards the Join to the leader; node 4 must answer
     // the leader before it knows the member table.
@@ -347,7 +254,7 @@ async fn a_node_joins_and_is_removed() {
     nodes.add(4, &[seed]).await;
     let ready = started.elapsed();
     let urls4 = urls(&nodes);
-    let view = wait_formed(&urls4, &[1, 2, 3, 4], &[1, 2, 3]).await;
+    let view = wait_formed_with_voters(&urls4, &[1, 2, 3, 4], &[1, 2, 3]).await;
     println!(
         "node 4 ready after {ready:?}; visible as a learner on all four nodes after {:?}",
         started.elapsed()
@@ -389,7 +296,7 @@ async fn a_node_joins_and_is_removed() {
 async fn a_learner_is_promoted_when_a_voter_is_removed() {
     let mut nodes = start_cluster(4).await;
     let urls = urls(&nodes);
-    let view = wait_formed(&urls, &[1, 2, 3, 4], &[1, 2, 3]).await;
+    let view = wait_formed_with_voters(&urls, &[1, 2, 3, 4], &[1, 2, 3]).await;
     let l = leader(&view).unwrap();
     let gone = [1, 2, 3].into_iter().find(|&id| id != l).unwrap();
 
@@ -427,7 +334,7 @@ async fn a_learner_is_promoted_when_a_voter_is_removed() {
 async fn a_removed_leader_hands_over_and_the_others_go_on() {
     let nodes = start_cluster(4).await;
     let all = urls(&nodes);
-    let view = wait_formed(&all, &[1, 2, 3, 4], &[1, 2, 3]).await;
+    let view = wait_formed_with_voters(&all, &[1, 2, 3, 4], &[1, 2, 3]).await;
     let l = leader(&view).unwrap();
     let rest: Vec<&Node> = nodes.iter().filter(|n| n.id() != l).collect();
     let a = request(
@@ -462,7 +369,7 @@ async fn a_removed_leader_hands_over_and_the_others_go_on() {
 async fn a_full_cluster_restart_keeps_members_and_subscriptions_and_places_them_again() {
     let mut nodes = start_cluster(3).await;
     let urls = urls(&nodes);
-    wait_formed(&urls, &[1, 2, 3], &[1, 2, 3]).await;
+    wait_formed_with_voters(&urls, &[1, 2, 3], &[1, 2, 3]).await;
     subscribe(nodes[0].url(), &log_sub("restart", "one", 2)).await;
     subscribe(nodes[1].url(), &log_sub("restart", "two", 3)).await;
     let placements = same_placements("both subscriptions are placed identically everywhere", &urls, 2).await;
@@ -536,7 +443,7 @@ async fn a_full_cluster_restart_keeps_members_and_subscriptions_and_places_them_
 async fn drain_moves_instances_away() {
     let nodes = start_cluster(3).await;
     let urls = urls(&nodes);
-    wait_formed(&urls, &[1, 2, 3], &[1, 2, 3]).await;
+    wait_formed_with_voters(&urls, &[1, 2, 3], &[1, 2, 3]).await;
     subscribe(nodes[0].url(), &log_sub("drain", "me", 3)).await;
     let rows = same_placements("the subscription is placed identically everywhere", &urls, 1).await;
     let drained = rows[0].2[0];
@@ -583,7 +490,7 @@ async fn drain_moves_instances_away() {
 #[actix_rt::test]
 async fn a_node_joins_while_a_new_leader_is_elected() {
     let mut nodes = start_cluster(3).await;
-    let view = wait_formed(&urls(&nodes), &[1, 2, 3], &[1, 2, 3]).await;
+    let view = wait_formed_with_voters(&urls(&nodes), &[1, 2, 3], &[1, 2, 3]).await;
     let old = leader(&view).unwrap();
     nodes.kill9(old);
     // The survivors still take the dead node for their leader, so the first Join that node 4's seed

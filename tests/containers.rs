@@ -11,13 +11,16 @@
 //! 3. `docker network disconnect` a node for 10 s (a partition), then reconnect it;
 //! 4. a rolling restart of all three (`docker restart`: SIGTERM drains each node first).
 //!
-//! After each: every id that got a 202 (`ack=accepted`) has arrived, the cluster is back to three
+//! While a node is paused or cut off, its peers must fail over before it is back: suspect it, mark
+//! it down, move its instance and handle events. After each fault: every id that got a 202
+//! (`ack=accepted`) has arrived with the data published under it, the cluster is back to three
 //! members `up` with one leader, and the duplicates and the time to heal are printed
 //! (`cargo test --test containers -- --nocapture`). The compose project, its network and volumes
 //! are removed when the test ends, failed or not.
 //!
-//! Needs a Docker engine and `docker-compose`. Without them the test says so and passes, unless
-//! `HERALD_REQUIRE_DOCKER=1` (set by `.ci/run`) makes that a failure.
+//! Needs a Docker engine and `docker-compose`, so it is `#[ignore]`d: a plain `cargo test` lists
+//! it as ignored; `.ci/run` (and `cargo test --test containers -- --include-ignored`) runs it, and
+//! there a missing Docker is a failure.
 
 mod common;
 
@@ -27,6 +30,7 @@ use std::time::{Duration, Instant};
 
 use common::cluster::*;
 use common::load::*;
+use common::views::*;
 use common::*;
 
 /// The image the suite builds and runs (not `herald:local`, which is the user's).
@@ -37,6 +41,9 @@ const GROUP: &str = "audit";
 const DELIVERY: Duration = Duration::from_secs(90);
 /// How long the cluster may take to be whole again after a fault healed.
 const HEAL: Duration = Duration::from_secs(90);
+/// How long a paused or cut-off node's peers may take (beyond the fault's own length) to suspect
+/// it, mark it down, move its instance and handle events themselves, while it is still faulty.
+const FAIL_OVER: Duration = Duration::from_secs(15);
 
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -213,6 +220,30 @@ async fn wait_not_up(urls: &[String], victim: u64) {
     .await
 }
 
+/// Keeps node `victim` faulty (paused or cut off) for at least `d` and until its peers have failed
+/// over while it still is: they suspect it, mark it down, place the subscription's instances off it
+/// and handle events (the same claims as the process tests of `tests/failover.rs`), failing after
+/// `d` + [`FAIL_OVER`].
+async fn fail_over(c: &Compose, victim: usize, d: Duration) {
+    let survivors: Vec<String> = c
+        .urls
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i + 1 != victim)
+        .map(|(_, u)| u.clone())
+        .collect();
+    let watch = FaultWatch::new(&survivors, &survivors, victim as u64, TOPIC, GROUP);
+    let seen = watch
+        .until(
+            "while it is still faulty, its peers suspect it, mark it down, move its instance and handle events",
+            d + FAIL_OVER,
+            || 0,
+            |o| o.failed_over() && watch.at.elapsed() >= d,
+        )
+        .await;
+    println!("  herald-{victim} failed over while faulty: {seen:?}");
+}
+
 /// Applies `fault` to node `victim` (1-based; a rolling restart starts there and restarts all);
 /// returns when it has healed (the container runs
 /// and is connected again) and when that was.
@@ -226,7 +257,7 @@ async fn inject(c: &Compose, fault: Fault, victim: usize) -> Instant {
         }
         Fault::Pause(d) => {
             must_async("docker", vec!["pause".into(), name.clone()]).await;
-            actix_rt::time::sleep(d).await; // the fault's length, not a synchronisation
+            fail_over(c, victim, d).await;
             must_async("docker", vec!["unpause".into(), name]).await;
         }
         Fault::Disconnect(d) => {
@@ -235,8 +266,8 @@ async fn inject(c: &Compose, fault: Fault, victim: usize) -> Instant {
                 vec!["network".into(), "disconnect".into(), c.network(), name.clone()],
             )
             .await;
-            actix_rt::time::sleep(d).await; // the partition's length
-                                            // The service name is the node's DNS alias on the network: give it back.
+            fail_over(c, victim, d).await;
+            // The service name is the node's DNS alias on the network: give it back.
             let alias = format!("herald-{victim}");
             must_async(
                 "docker",
@@ -285,6 +316,7 @@ async fn round(c: &Compose, rec: &EventRecorder, n: usize, fault: Fault, victim:
         publishers: 2,
         pace: Some(Duration::from_millis(20)),
         rotate: true,
+        keyed: false,
         time_limit: Duration::from_secs(120),
         answer_within: Duration::from_secs(1),
     });
@@ -303,6 +335,13 @@ async fn round(c: &Compose, rec: &EventRecorder, n: usize, fault: Fault, victim:
     let waited = wait_received(rec, &acked, DELIVERY).await;
     let arrivals = rec.since(seen_before);
     let (total, distinct, dups) = counts(&arrivals);
+    // Late duplicates of an earlier round may arrive meanwhile: check this round's own events.
+    let mine: Vec<Arrival> = arrivals
+        .iter()
+        .filter(|a| a.id.starts_with(&format!("r{n}-")))
+        .cloned()
+        .collect();
+    assert_payloads(&mine, &progress);
     let stall = after_fault(&arrivals, at).map(|(_, stall, _)| stall);
     println!(
         "fault {n} {fault:?} on herald-{victim}: fault lasted {:.1}s; cluster whole {:.2}s after it healed; \
@@ -318,13 +357,10 @@ async fn round(c: &Compose, rec: &EventRecorder, n: usize, fault: Fault, victim:
 }
 
 #[test]
+#[ignore = "needs Docker and docker-compose; CI runs it with --include-ignored"]
 fn the_compose_cluster_survives_kill_pause_partition_and_rolling_restart() {
     if let Err(why) = docker_available() {
-        if std::env::var("HERALD_REQUIRE_DOCKER").as_deref() == Ok("1") {
-            panic!("HERALD_REQUIRE_DOCKER=1 but Docker cannot be used: {why}");
-        }
-        eprintln!("skipping the container fault suite: {why}");
-        return;
+        panic!("Docker cannot be used here ({why}); this test runs only with --include-ignored, where it is required");
     }
     let started = Instant::now();
     // The build script also makes the nodes' certificates (a fresh CA, as the directory is new),

@@ -14,8 +14,8 @@ mod common;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::cluster::{free_port, start_cluster, urls};
-use common::{find_on_path, get, get_text, post_json, request, DEADLINE};
+use common::cluster::{start_cluster, urls};
+use common::{free_port, get, get_text, post_json, request, require_tool, DEADLINE};
 use serde_json::{json, Value};
 
 /// How long the page may take to show a killed node down with its work moved. Herald detects a
@@ -114,7 +114,7 @@ struct Driver {
 
 impl Driver {
     async fn start() -> Driver {
-        let bin = find_on_path("chromedriver").expect("chromedriver on PATH (apt-get install chromium-driver)");
+        let bin = require_tool("chromedriver", "apt-get install chromium chromium-driver");
         let port = free_port();
         let child = Command::new(bin)
             .arg(format!("--port={port}"))

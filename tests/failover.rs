@@ -3,9 +3,13 @@
 //! another node; a CPU-saturated machine marks no node down; per-key order holds
 //! across instances on three nodes; a rolling restart under load loses nothing.
 //!
-//! An [`EventRecorder`] in the test is the webhook endpoint and records every event id it gets;
-//! the tests assert that every id that got a 202 (`ack=accepted`) arrives at least once, and print
-//! the duplicates and how long failover took (`cargo test --test failover -- --nocapture`).
+//! An [`EventRecorder`] in the test is the webhook endpoint and records every event it gets; the
+//! tests assert that every id that got a 202 (`ack=accepted`) arrives at least once with the data
+//! and key published under it. The kill and freeze tests also assert the failover itself (the
+//! host suspected, marked down, its placement moved and events handled elsewhere — within a
+//! bound after a kill, while still frozen after a SIGSTOP), per-key order on each side of the
+//! fault and that every duplicate is a re-send (the rules of README's "Delivery guarantees"), and
+//! print how long failover took (`cargo test --test failover -- --nocapture`).
 //!
 //! Every node gets its own temporary data dir and free ports, logs at `warn` to a file that is
 //! printed when a test fails, and is killed by pid when dropped; a frozen node is SIGCONTed by a
@@ -25,6 +29,7 @@ use std::time::{Duration, Instant};
 
 use common::cluster::*;
 use common::load::*;
+use common::views::*;
 use common::*;
 use serde_json::json;
 
@@ -34,8 +39,16 @@ const DELIVERY: Duration = Duration::from_secs(60);
 const FAILOVER_EVENTS: usize = 20_000;
 /// Events per batch publish in the kill and freeze scenarios.
 const FAILOVER_BATCH: usize = 200;
-/// How long the host of the subscription stays frozen.
+/// How long after a SIGKILL of the subscription's host the survivors may take to mark it down,
+/// place the subscription elsewhere and handle events themselves. A bound far above the tens of
+/// milliseconds measured (README, "Failover and node monitoring"), so that a regression to tens of
+/// seconds fails; it is not a speed benchmark.
+const FAILOVER_BOUND: Duration = Duration::from_secs(10);
+/// The host of the subscription stays frozen at least this long...
 const FREEZE: Duration = Duration::from_secs(3);
+/// ...and until the survivors have suspected it, marked it down, moved its placement and handled
+/// events themselves, which must all happen within this long of the SIGSTOP.
+const FREEZE_LIMIT: Duration = Duration::from_secs(15);
 /// How long the CPU is saturated in the false-positive scenario.
 const HOG: Duration = Duration::from_secs(30);
 
@@ -132,11 +145,27 @@ impl Drop for CpuHog {
 #[derive(Clone, Copy, Debug)]
 enum Fault {
     Kill,
-    Freeze(Duration),
+    Freeze,
 }
 
-/// Three nodes; one webhook instance on `host`; 20,000 events published to another node; the
-/// host is killed or frozen once a third were accepted; nothing acknowledged may be lost.
+/// Three nodes; one webhook instance on `host`; 20,000 events published to another node (four
+/// publishers, each with its own partition key); the host is killed or frozen once a third were
+/// accepted.
+///
+/// Asserted, besides that every acknowledged event arrives:
+/// - the survivors show the host `down`, the placement leaves it, and the survivors handle
+///   events — for a kill within [`FAILOVER_BOUND`]; for a freeze while the host is still frozen
+///   (within [`FREEZE_LIMIT`]), after showing it `suspect` (phi; not merely `degraded`, which a
+///   stuck backlog causes after `degraded_after_ms` — that alone would hide a broken phi detector);
+/// - every arrival carries the data and partition key published under its id;
+/// - per-key order among the events delivered before the fault, and after a kill among those
+///   accepted once the placement had moved and the new host handled events; the events in flight
+///   at the fault (re-sent) or accepted while it was being detected are the documented exception
+///   (and after a freeze only the events before it are checked: see the README);
+/// - duplicates ≤ the events in flight at each placement change (not yet delivered when the fault
+///   began, or accepted until the placement moved), once for a kill (one move) and twice for a
+///   freeze (the move away and back), plus the events of publishes retried after no answer
+///   (README, "Delivery guarantees").
 async fn failover(name: &str, fault: Fault) {
     let mut nodes = start_cluster(3).await;
     let urls = urls(&nodes);
@@ -158,12 +187,13 @@ async fn failover(name: &str, fault: Fault) {
     let load = Load::start(LoadSpec {
         prefix: name.to_string(),
         topic: topic.clone(),
-        urls: vec![ingress_url],
+        urls: vec![ingress_url.clone()],
         total: FAILOVER_EVENTS,
         batch: FAILOVER_BATCH,
         publishers: 4,
         pace: None,
         rotate: false,
+        keyed: true,
         time_limit: Duration::from_secs(60),
         answer_within: Duration::from_secs(5),
     });
@@ -171,65 +201,55 @@ async fn failover(name: &str, fault: Fault) {
 
     let before = rec.len();
     let accepted_before = load.accepted();
-    let fault_at = Instant::now();
-    let client = http(Duration::from_secs(2));
-    let mut moved = None;
+    let watch = FaultWatch::new(&survivors, std::slice::from_ref(&ingress_url), host, &topic, "hook");
+    let seen;
+    // Ranges of the accepted events whose per-key order must hold (see the docs above).
+    let mut segments = Vec::new();
+    // Placement changes: the move off the failed node, and for a freeze the move back.
+    let changes;
     match fault {
         Fault::Kill => {
             nodes.kill9(host);
-            // The survivors move the subscription off the dead node (MarkDown, new placement).
-            let (new_epoch, new_nodes) = converge(
-                &format!("the survivors place {topic}/hook off the killed node {host}"),
-                &survivors,
-                "/v1/cluster/placements",
-                |ps| {
-                    let first = placement_of(&ps[0], &topic, "hook")?;
-                    (!first.1.contains(&host)
-                        && ps
-                            .iter()
-                            .all(|p| placement_of(p, &topic, "hook") == Some(first.clone())))
-                    .then_some(first)
-                },
-            )
-            .await;
-            moved = Some(fault_at.elapsed());
-            println!(
-                "[{name}] node {host} killed with {accepted_before} accepted and {before} received; placed on {new_nodes:?} (epoch {new_epoch}) after {:?}",
-                fault_at.elapsed()
-            );
+            seen = watch
+                .until(
+                    "the survivors mark the killed node down, place the subscription elsewhere and handle events",
+                    FAILOVER_BOUND,
+                    || load.accepted(),
+                    Observed::moved_on,
+                )
+                .await;
+            segments.push((
+                "accepted once handled elsewhere",
+                seen.handled_elsewhere_from()..usize::MAX,
+            ));
+            changes = 1;
         }
-        Fault::Freeze(pause) => {
+        Fault::Freeze => {
             let frozen = Frozen::freeze(&nodes, host);
-            // The pause is the fault itself; meanwhile watch what the survivors make of it.
-            let mut suspected = None;
-            let mut marked_down = None;
-            while fault_at.elapsed() < pause {
-                for u in &survivors {
-                    if let Some(v) = view(&client, u, "/v1/cluster").await {
-                        let status = statuses(&v).into_iter().find(|(id, _)| *id == host).map(|(_, s)| s);
-                        if status.as_deref().is_some_and(|s| s != "up") && suspected.is_none() {
-                            suspected = Some((fault_at.elapsed(), status.clone()));
-                        }
-                        if status.as_deref() == Some("down") && marked_down.is_none() {
-                            marked_down = Some(fault_at.elapsed());
-                        }
-                    }
-                    if moved.is_none() {
-                        if let Some(p) = view(&client, u, "/v1/cluster/placements").await {
-                            if placement_of(&p, &topic, "hook").is_some_and(|(_, n)| !n.contains(&host)) {
-                                moved = Some(fault_at.elapsed());
-                            }
-                        }
-                    }
-                }
-                actix_rt::time::sleep(Duration::from_millis(100)).await;
-            }
+            seen = watch
+                .until(
+                    "while it is still frozen, the survivors show it suspect (phi), mark it down, place the subscription elsewhere and handle events",
+                    FREEZE_LIMIT,
+                    || load.accepted(),
+                    |o| o.failed_over() && watch.at.elapsed() >= FREEZE,
+                )
+                .await;
             frozen.resume();
+            // No order segment after the move: a key's events accepted once the ingress node
+            // itself handled the subscription were once seen out of order here (freeze-58-4 after
+            // freeze-58-5, both accepted after the move), which the README does not promise for
+            // a freeze; see "Delivery guarantees".
+            // Back up: MarkUp, and the placement settles (the node that came back takes its share).
+            wait_formed(&urls, &[1, 2, 3]).await;
+            let settled = wait_placed(&urls, &topic, "hook", 1).await;
             println!(
-                "[{name}] node {host} frozen for {pause:?} with {accepted_before} accepted and {before} received; survivors saw it {suspected:?}, down after {marked_down:?}, placement moved after {moved:?}"
+                "[{name}] node {host} back up; placed on {:?} (epoch {})",
+                settled.1, settled.0
             );
+            changes = 2;
         }
     }
+    println!("[{name}] {fault:?} of node {host} with {accepted_before} accepted and {before} received: {seen:?}");
 
     let progress = load.finish().await;
     progress.assert_no_fatal();
@@ -241,18 +261,49 @@ async fn failover(name: &str, fault: Fault) {
     );
     let acked = progress.accepted.borrow().clone();
     let waited = wait_received(&rec, &acked, DELIVERY).await;
-    let all_in = fault_at.elapsed();
+    let all_in = watch.at.elapsed();
     let all = rec.all();
     let (arrivals, distinct, duplicates) = counts(&all);
-    let (first, stall, resumed) = after_fault(&all, fault_at).unwrap_or_default();
+    let (first, stall, resumed) = after_fault(&all, watch.at).unwrap_or_default();
     println!(
         "[{name}] {fault:?} of node {host}: {} acknowledged, {arrivals} received ({distinct} distinct, {duplicates} duplicates, {} unacknowledged ids); \
          first arrival {first:?} after the fault, longest stall of deliveries {stall:?} (ended {resumed:?} after the fault); \
-         placement moved after {moved:?}; every acknowledged id arrived {:?} after the fault ({waited:?} after publishing ended); retried refusals {:?}",
+         every acknowledged id arrived {all_in:?} after the fault ({waited:?} after publishing ended); retried refusals {:?}",
         acked.len(),
         distinct.saturating_sub(acked.len()),
-        all_in,
         progress.rejected.borrow()
+    );
+    assert_payloads(&all, &progress);
+
+    // Order: the events delivered before the fault, and those accepted once the new host ran the
+    // subscription. Those in flight at the fault are re-sent, and not strictly in order.
+    let delivered_before: std::collections::HashSet<&str> = all[..before].iter().map(|a| a.id.as_str()).collect();
+    let mut ordered = vec![(
+        "accepted and delivered before the fault",
+        acked[..accepted_before]
+            .iter()
+            .filter(|id| delivered_before.contains(id.as_str()))
+            .cloned()
+            .collect::<Vec<_>>(),
+    )];
+    for (what, range) in segments {
+        let range = range.start.min(acked.len())..range.end.min(acked.len());
+        ordered.push((what, acked[range].to_vec()));
+    }
+    let checked = assert_key_order(&all, &progress, &ordered);
+    println!("[{name}] per-key order held in segments of {checked:?} events");
+
+    // Duplicates: only events in flight at a placement change — not yet delivered at the fault, or
+    // accepted until the placement moved — once per change; and a publish retried after no answer
+    // (it may have been accepted: its retry is a second event of each id).
+    let (_, accepted_at_move) = seen.moved.expect("moved");
+    let in_flight = accepted_at_move - delivered_before.len().min(accepted_at_move);
+    let republished = progress.rejected.borrow().get("no answer").copied().unwrap_or(0) * FAILOVER_BATCH;
+    let bound = changes * in_flight + republished;
+    println!("[{name}] {duplicates} duplicates; at most {bound} allowed ({changes} placement change(s) x {in_flight} in flight, {republished} republished)");
+    assert!(
+        duplicates <= bound,
+        "{duplicates} duplicates, more than the events in flight at the placement changes ({changes} x {in_flight}) and the {republished} republished"
     );
     rec.stop().await;
 }
@@ -264,7 +315,7 @@ fn killing_the_host_of_a_subscription_loses_no_acknowledged_event() {
 
 #[test]
 fn freezing_the_host_of_a_subscription_loses_no_acknowledged_event() {
-    serially(|| failover("freeze", Fault::Freeze(FREEZE)));
+    serially(|| failover("freeze", Fault::Freeze));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -304,6 +355,7 @@ fn a_cpu_saturated_machine_marks_no_node_down() {
             publishers: 1,
             pace: Some(Duration::from_millis(100)),
             rotate: false,
+            keyed: false,
             time_limit: HOG,
             answer_within: Duration::from_secs(5),
         });
@@ -535,6 +587,7 @@ fn a_rolling_restart_under_load_loses_no_acknowledged_event() {
             publishers: 2,
             pace: Some(Duration::from_millis(50)),
             rotate: true,
+            keyed: false,
             time_limit: Duration::from_secs(75),
             answer_within: Duration::from_secs(5),
         });

@@ -15,6 +15,7 @@ mod common;
 use std::time::Duration;
 
 use common::cluster::{converge, urls, Cluster};
+use common::views::{common_leader, statuses, voters};
 use serde_json::Value;
 
 /// Rounds per cluster size: enough to meet a 1-in-25 race in a few CI runs, short enough for CI.
@@ -47,14 +48,12 @@ async fn form(n: u64, round: usize) {
         &urls,
         "/v1/cluster",
         |views| {
-            let leader = views[0]["leader"].as_u64()?;
+            let leader = common_leader(views)?;
             let one_cluster = views.iter().all(|v| {
-                v["leader"].as_u64() == Some(leader)
-                    && v["ready"] == Value::Bool(true)
+                v["ready"] == Value::Bool(true)
                     && v["problems"].as_array().is_some_and(Vec::is_empty)
-                    && v["members"]
-                        .as_array()
-                        .is_some_and(|m| m.len() == n as usize && m.iter().all(|m| m["status"] == "up"))
+                    && statuses(v).len() == n as usize
+                    && statuses(v).iter().all(|(_, s)| s == "up")
             });
             one_cluster.then_some(leader)
         },
@@ -67,13 +66,7 @@ async fn form(n: u64, round: usize) {
     let view = common::cluster::view(&common::cluster::http(Duration::from_secs(5)), &urls[0], "/v1/cluster")
         .await
         .expect("the cluster view");
-    let voters: Vec<u64> = view["members"]
-        .as_array()
-        .expect("members")
-        .iter()
-        .filter(|m| m["voter"] == Value::Bool(true))
-        .filter_map(|m| m["id"].as_u64())
-        .collect();
+    let voters = voters(&view);
     assert!(
         voters.len() == want_voters || (voters.len() == want_voters + 1 && voters.contains(&1)),
         "round {round}: {n} nodes should have {want_voters} voters, got {voters:?}: {view:#}"

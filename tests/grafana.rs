@@ -15,7 +15,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use common::cluster::{start_cluster, urls};
-use common::{find_on_path, metrics_of, post_json, DEADLINE};
+use common::{metrics_of, post_json, require_tool, DEADLINE};
 use serde_json::{json, Value};
 
 const DASHBOARD: &str = include_str!("../cluster/grafana/herald.json");
@@ -138,7 +138,7 @@ async fn every_metric_the_dashboard_queries_is_served_by_a_working_cluster() {
     // letter), published to through every node.
     let c = start_cluster(3).await;
     let urls = urls(&c);
-    let closed = common::cluster::free_port();
+    let closed = common::free_port();
     for spec in [
         json!({ "topic": "orders", "group": "audit", "handler": { "kind": "log" }, "instances": 3 }),
         json!({ "topic": "orders", "group": "hook", "max_attempts": 1,
@@ -176,7 +176,7 @@ async fn every_metric_the_dashboard_queries_is_served_by_a_working_cluster() {
 #[test]
 #[ignore = "needs promtool (apt-get install prometheus); CI runs it"]
 fn every_dashboard_query_is_valid_promql() {
-    let promtool = find_on_path("promtool").expect("promtool on PATH (apt-get install prometheus)");
+    let promtool = require_tool("promtool", "apt-get install prometheus");
     let d = dashboard();
     // Grafana's variables, as Grafana substitutes them, so promtool parses the query it would run.
     let rules: Vec<String> = queries(&d)

@@ -21,7 +21,7 @@ use herald::transport::{Body, Bus, Envelope, TransportConfig};
 use prost::Message as _;
 use raft::prelude::{Message as RaftMessage, MessageType};
 use raft_prost::Message as _;
-use serde_json::{json, Value};
+use serde_json::json;
 use tokio::sync::mpsc;
 
 use common::{cluster, eventually, get, get_text, metric, post_json, request, within, Receiver, TestNode};
@@ -204,23 +204,9 @@ async fn subscribe(nodes: &[TestNode], topic: &str, receiver: &Receiver, instanc
     let a = post_json(&format!("{}/v1/subscriptions", nodes[0].url), &spec).await;
     assert!(a.status == 201 || a.status == 200, "subscribe: {}", a.body);
     let urls: Vec<String> = nodes.iter().map(|n| n.url.clone()).collect();
-    eventually("the placement is in force on every node", || {
-        let urls = urls.clone();
-        async move {
-            let mut seen = None;
-            for u in &urls {
-                let (_, ps) = get(&format!("{u}/v1/cluster/placements")).await;
-                let p = ps.as_array()?.iter().find(|p| p["topic"] == topic)?.clone();
-                let on: Vec<u64> = p["nodes"].as_array()?.iter().filter_map(Value::as_u64).collect();
-                if on.len() != instances as usize || seen.as_ref().is_some_and(|s| *s != on) {
-                    return None;
-                }
-                seen = Some(on);
-            }
-            seen
-        }
-    })
-    .await
+    common::views::wait_placed(&urls, topic, "g", instances as usize)
+        .await
+        .1
 }
 
 /// Publishes `n` events to `topic` with `ack=accepted`, round robin over the nodes; their ids.
@@ -244,11 +230,7 @@ async fn publish(nodes: &[TestNode], topic: &str, n: usize) -> BTreeSet<String> 
 /// Waits until every event of `want` was handled: received by `receiver`, or in `also`.
 async fn wait_handled(receiver: &Receiver, want: &BTreeSet<String>, also: &Mutex<BTreeSet<String>>) {
     within("every accepted event is handled", Duration::from_secs(60), || {
-        let mut got: BTreeSet<String> = receiver
-            .events()
-            .iter()
-            .filter_map(|e| e.body["id"].as_str().map(str::to_string))
-            .collect();
+        let mut got: BTreeSet<String> = receiver.ids().into_iter().collect();
         got.extend(also.lock().unwrap().iter().cloned());
         let missing = want.difference(&got).count();
         async move { (missing == 0).then_some(()) }

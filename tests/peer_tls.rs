@@ -6,14 +6,8 @@
 mod common;
 
 use std::path::Path;
-use std::process::Output;
 
 use common::*;
-
-fn cli(args: &[&str]) -> Output {
-    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-    run_to_exit(herald_cmd(&args))
-}
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
@@ -23,7 +17,7 @@ fn text(bytes: &[u8]) -> String {
 fn refused(args: &[&str]) -> (Option<i32>, String) {
     let mut all = vec!["node", "--http", "127.0.0.1:0"];
     all.extend_from_slice(args);
-    let o = cli(&all);
+    let o = cli_blocking(&all);
     (o.status.code(), text(&o.stderr))
 }
 
@@ -81,15 +75,15 @@ fn a_node_without_certificates_refuses_to_start_unless_told_insecure_on_loopback
 fn herald_cert_makes_a_ca_and_node_certificates_and_refuses_to_overwrite_them() {
     let dir = tempfile::tempdir().expect("tempdir");
     let ca = dir.path().join("ca");
-    let o = cli(&["cert", "ca", "--dir", p(&ca), "--cluster", "blue"]);
+    let o = cli_blocking(&["cert", "ca", "--dir", p(&ca), "--cluster", "blue"]);
     assert!(o.status.success(), "{}", text(&o.stderr));
     assert!(text(&o.stdout).contains("ca.key"), "{}", text(&o.stdout));
-    let o = cli(&["cert", "ca", "--dir", p(&ca), "--cluster", "blue"]);
+    let o = cli_blocking(&["cert", "ca", "--dir", p(&ca), "--cluster", "blue"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(text(&o.stderr).contains("--force"), "{}", text(&o.stderr));
 
     let out = dir.path().join("n2");
-    let o = cli(&[
+    let o = cli_blocking(&[
         "cert",
         "node",
         "--ca-dir",
@@ -120,7 +114,7 @@ fn herald_cert_makes_a_ca_and_node_certificates_and_refuses_to_overwrite_them() 
             .mode();
         assert_eq!(mode & 0o777, 0o600, "the key is private");
     }
-    let o = cli(&["cert", "node", "--ca-dir", p(&ca), "--out", p(&out), "--id", "2"]);
+    let o = cli_blocking(&["cert", "node", "--ca-dir", p(&ca), "--out", p(&out), "--id", "2"]);
     assert_eq!(o.status.code(), Some(1), "no overwrite without --force");
 
     // A node of another cluster id cannot use it, and says why.
@@ -161,7 +155,7 @@ fn issue(ca_dir: &Path, out: &Path, id: u64, extra: &[&str]) {
     let id = id.to_string();
     args.push(&id);
     args.extend_from_slice(extra);
-    let o = cli(&args);
+    let o = cli_blocking(&args);
     assert!(o.status.success(), "{}", text(&o.stderr));
 }
 
@@ -170,7 +164,7 @@ async fn nodes_with_certificates_form_a_cluster_reload_a_renewed_one_and_keep_an
     let dir = tempfile::tempdir().expect("tempdir");
     let (ca, stranger) = (dir.path().join("ca"), dir.path().join("stranger-ca"));
     for d in [&ca, &stranger] {
-        let o = cli(&["cert", "ca", "--dir", p(d)]);
+        let o = cli_blocking(&["cert", "ca", "--dir", p(d)]);
         assert!(o.status.success(), "{}", text(&o.stderr));
     }
     for id in [1, 2] {
@@ -204,20 +198,7 @@ async fn nodes_with_certificates_form_a_cluster_reload_a_renewed_one_and_keep_an
     let (n1, _rx1) = start(1, None);
     let (n2, _rx2) = start(2, Some(peer(0)));
     let urls = vec![n1.url.clone(), n2.url.clone()];
-    eventually("both nodes see two members up and a leader", || {
-        let urls = urls.clone();
-        async move {
-            for u in &urls {
-                let (_, v) = get(&format!("{u}/v1/cluster")).await;
-                let up = v["members"].as_array()?.iter().filter(|m| m["status"] == "up").count();
-                if up != 2 || v["leader"].is_null() {
-                    return None;
-                }
-            }
-            Some(())
-        }
-    })
-    .await;
+    common::views::wait_formed(&urls, &[1, 2]).await;
 
     // The certificate in use expires in about a year; a renewed one (30 days) is picked up.
     let expiry = |text: &str| metric(text, "herald_peer_tls_cert_not_after_seconds", &[]);

@@ -4,8 +4,9 @@
 //! targets are up and that `herald_events_delivered_total` has samples for each, with the values
 //! the nodes show. `promtool check metrics` passes on each node's `/metrics`.
 //!
-//! Skipped (with a message) when `prometheus` or `promtool` is not on PATH, unless
-//! `HERALD_REQUIRE_PROMTOOL=1` (as in CI, which installs Debian's `prometheus` package).
+//! Needs `prometheus` and `promtool` (Debian's `prometheus` package), so it is `#[ignore]`d: a plain
+//! `cargo test` lists it as ignored; CI runs it with `--include-ignored`, where a missing tool is a
+//! failure.
 //!
 //! Everything listens on 127.0.0.1 on free ports; Prometheus keeps its TSDB in a temporary dir, logs
 //! to a file printed when the test fails, and is killed by pid when dropped; every wait is a poll
@@ -20,7 +21,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::cluster::*;
-use common::load::wait_formed;
+use common::views::{placement_of, wait_formed};
 use common::*;
 use serde_json::{json, Value};
 
@@ -36,20 +37,10 @@ const PUBLISH_TIME: Duration = Duration::from_secs(30);
 /// Between two polls of Prometheus's API.
 const POLL: Duration = Duration::from_millis(200);
 
-/// `prometheus` and `promtool`, or `None` (the test skips) when either is missing, unless
-/// `HERALD_REQUIRE_PROMTOOL=1`, which makes a missing one a failure.
-fn prometheus_tools() -> Option<(PathBuf, PathBuf)> {
-    match (find_on_path("prometheus"), find_on_path("promtool")) {
-        (Some(prometheus), Some(promtool)) => Some((prometheus, promtool)),
-        _ => {
-            assert!(
-                std::env::var("HERALD_REQUIRE_PROMTOOL").as_deref() != Ok("1"),
-                "HERALD_REQUIRE_PROMTOOL=1 but prometheus or promtool is not on PATH (apt-get install prometheus)"
-            );
-            eprintln!("skipping: prometheus or promtool not installed (apt-get install prometheus)");
-            None
-        }
-    }
+/// `prometheus` and `promtool` (the test fails without them: it runs only when asked for).
+fn prometheus_tools() -> (PathBuf, PathBuf) {
+    let install = "apt-get install prometheus";
+    (require_tool("prometheus", install), require_tool("promtool", install))
 }
 
 /// The sum of the `herald_events_delivered_total{topic=TOPIC,outcome="ok"}` samples of an
@@ -76,15 +67,7 @@ async fn delivered_per_node(urls: &[String]) -> Vec<f64> {
 
 /// The sorted nodes of the placement of `TOPIC`/`GROUP` in a `/v1/cluster/placements` answer.
 fn placed_on(placements: &Value) -> Option<Vec<u64>> {
-    let p = placements
-        .as_array()?
-        .iter()
-        .find(|p| p["topic"] == TOPIC && p["group"] == GROUP)?;
-    let mut nodes: Vec<u64> = p["nodes"]
-        .as_array()?
-        .iter()
-        .map(Value::as_u64)
-        .collect::<Option<_>>()?;
+    let (_, mut nodes) = placement_of(placements, TOPIC, GROUP)?;
     nodes.sort();
     Some(nodes)
 }
@@ -287,10 +270,9 @@ fn samples(data: &Value) -> BTreeMap<String, (usize, f64)> {
 // ---------------------------------------------------------------------------------------------
 
 #[actix_rt::test]
+#[ignore = "needs prometheus and promtool (apt-get install prometheus); CI runs it with --include-ignored"]
 async fn prometheus_scrapes_every_node() {
-    let Some((prometheus_bin, promtool)) = prometheus_tools() else {
-        return;
-    };
+    let (prometheus_bin, promtool) = prometheus_tools();
     let began = Instant::now();
 
     // A cluster of three, with a webhook subscription that has an instance on each node.

@@ -19,35 +19,21 @@ use herald::node::Node;
 use herald::subscription::SubscriptionSpec;
 use serde_json::{json, Value};
 
+use common::rng::Rng;
 use common::{cluster, eventually, get, post_json, request, within, Receiver, TestNode};
 
 /// Creates `spec` through `url` and returns the node ids of its instances once every node agrees.
 async fn subscribe(nodes: &[TestNode], spec: Value) -> Vec<u64> {
     let a = post_json(&format!("{}/v1/subscriptions", nodes[0].url), &spec).await;
     assert!(a.status == 201 || a.status == 200, "subscribe: {}", a.body);
-    let (topic, group) = (spec["topic"].clone(), spec["group"].clone());
+    let (topic, group) = (
+        spec["topic"].as_str().expect("topic"),
+        spec["group"].as_str().expect("group"),
+    );
     let urls: Vec<String> = nodes.iter().map(|n| n.url.clone()).collect();
-    eventually("the placement is the same on every node", || {
-        let (urls, topic, group) = (urls.clone(), topic.clone(), group.clone());
-        async move {
-            let mut seen = None;
-            for u in &urls {
-                let (_, ps) = get(&format!("{u}/v1/cluster/placements")).await;
-                let p = ps
-                    .as_array()?
-                    .iter()
-                    .find(|p| p["topic"] == topic && p["group"] == group)?
-                    .clone();
-                let nodes: Vec<u64> = p["nodes"].as_array()?.iter().filter_map(Value::as_u64).collect();
-                if nodes.is_empty() || seen.as_ref().is_some_and(|s| *s != nodes) {
-                    return None;
-                }
-                seen = Some(nodes);
-            }
-            seen
-        }
-    })
-    .await
+    common::views::wait_placement(&urls, topic, group, "on some node", |n| !n.is_empty())
+        .await
+        .1
 }
 
 async fn publish(url: &str, topic: &str, ack: &str, data: &Value) -> common::Answer {
@@ -64,17 +50,9 @@ fn node_of(nodes: &[TestNode], id: u64) -> &TestNode {
     &nodes[id as usize - 1]
 }
 
-/// Ids of events a receiver got (the webhook posts structured CloudEvents).
-fn received_ids(r: &Receiver) -> Vec<String> {
-    r.events()
-        .iter()
-        .filter_map(|e| e.body["id"].as_str().map(str::to_string))
-        .collect()
-}
-
 async fn wait_received(r: &Receiver, want: &BTreeSet<String>, deadline: Duration) {
     within("every accepted event reaches the receiver", deadline, || {
-        let got: BTreeSet<String> = received_ids(r).into_iter().collect();
+        let got: BTreeSet<String> = r.ids().into_iter().collect();
         let missing = want.difference(&got).count();
         async move { (missing == 0).then_some(()) }
     })
@@ -232,11 +210,7 @@ async fn ack_none_events_reach_a_remote_node_and_their_window_comes_back() {
         accepted.insert(id);
     }
     wait_received(&receiver, &accepted, Duration::from_secs(30)).await;
-    assert_eq!(
-        received_ids(&receiver).len(),
-        accepted.len(),
-        "at most once: no duplicates"
-    );
+    assert_eq!(receiver.ids().len(), accepted.len(), "at most once: no duplicates");
     shutdown(nodes).await;
 }
 
@@ -403,7 +377,7 @@ async fn draining_the_hosting_node_under_load_loses_nothing() {
         "the drained node holds no instance: {ps}"
     );
     wait_received(&receiver, &accepted, Duration::from_secs(30)).await;
-    let got = received_ids(&receiver);
+    let got = receiver.ids();
     println!(
         "drain under load: {} accepted, {} received ({} duplicates)",
         accepted.len(),
@@ -419,23 +393,6 @@ fn partition_seeds() -> Vec<u64> {
     match std::env::var("HERALD_PARTITION_SEED") {
         Ok(s) => vec![s.parse().expect("HERALD_PARTITION_SEED is a number")],
         Err(_) => vec![1, 2, 3],
-    }
-}
-
-/// SplitMix64: every random choice of a round comes from its seed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
     }
 }
 
@@ -506,7 +463,7 @@ async fn partitions_keep_every_ingress_accepting_and_everything_is_delivered_aft
         partition(&nodes, None);
         accepted.extend(publish_some(50, url.clone()).await);
         wait_received(&receiver, &accepted, Duration::from_secs(60)).await;
-        let got = received_ids(&receiver);
+        let got = receiver.ids();
         println!(
             "partition seed {seed}: {} accepted ({during} during the partition), {} received, {} duplicates",
             accepted.len(),

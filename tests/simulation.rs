@@ -26,6 +26,8 @@
 //! every node; an `Ok(index)` answer names the entry that holds the proposed command; no index is
 //! applied twice; no driver or helper task dies.
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
@@ -43,6 +45,8 @@ use raft::prelude::{ConfChangeType, ConfState};
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::{sleep, timeout, Instant};
+
+use common::rng::Rng;
 
 const CLUSTER: &str = "sim";
 const NODES: u64 = 5;
@@ -71,44 +75,6 @@ fn seeds() -> Vec<u64> {
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(DEFAULT_SEEDS);
     (1..=count).collect()
-}
-
-/// splitmix64: tiny, seedable, good enough to drive a simulation.
-#[derive(Debug, Clone)]
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed)
-    }
-
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `lo..=hi`.
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.next_u64() % (hi - lo + 1)
-    }
-
-    fn chance(&mut self, p: f64) -> bool {
-        ((self.next_u64() >> 11) as f64 / (1u64 << 53) as f64) < p
-    }
-
-    fn pick<T: Copy>(&mut self, items: &[T]) -> T {
-        items[self.range(0, items.len() as u64 - 1) as usize]
-    }
-
-    fn shuffle<T>(&mut self, items: &mut [T]) {
-        for i in (1..items.len()).rev() {
-            let j = self.range(0, i as u64) as usize;
-            items.swap(i, j);
-        }
-    }
 }
 
 /// FNV-1a, to fold every network decision into one number for the trace.

@@ -8,24 +8,10 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// A base port whose HTTP ports (base..base+n) and peer ports (base+100..) are free right now.
-fn free_base(n: u16) -> u16 {
-    for attempt in 0..200u32 {
-        let base = 20_000 + ((std::process::id() * 7919 + attempt * 104_729) % 30_000) as u16;
-        let free = (0..n)
-            .flat_map(|i| [base + i, base + 100 + i])
-            .all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok());
-        if free {
-            return base;
-        }
-    }
-    panic!("no free port range found");
-}
-
 #[test]
 fn herald_up_starts_a_cluster_and_ctrl_c_stops_it() {
     let dir = tempfile::tempdir().unwrap();
-    let base = free_base(3);
+    let base = free_port_base(3);
     let mut up = Command::new(env!("CARGO_BIN_EXE_herald"))
         .args([
             "up",

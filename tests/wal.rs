@@ -20,8 +20,7 @@ async fn metric_of(url: &str, name: &str) -> f64 {
 
 /// A URL on a port nothing listens on: every delivery attempt fails, events stay in the WAL.
 fn dead_hook() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    format!("http://127.0.0.1:{}/hook", l.local_addr().unwrap().port())
+    format!("http://127.0.0.1:{}/hook", free_port())
 }
 
 /// A node on `data` with `config` (TOML), subscribed to `orders/shipping` with a dead webhook.
@@ -156,7 +155,7 @@ async fn fsync_never_keeps_nothing_across_sigkill_and_everything_across_a_clean_
         0.0,
         "never flushes"
     );
-    let (mut node, kept) = kill_and_count(&setup, node).await;
+    let (node, kept) = kill_and_count(&setup, node).await;
     assert_eq!(
         kept, 0.0,
         "documented: a crash loses everything accepted since the start"
@@ -164,13 +163,8 @@ async fn fsync_never_keeps_nothing_across_sigkill_and_everything_across_a_clean_
 
     // A clean shutdown (SIGTERM) closes the store, which writes everything.
     publish(&node.url, N, "never-terminated").await;
-    let status = actix_rt::task::spawn_blocking(move || {
-        let s = node.terminate();
-        (node, s)
-    })
-    .await
-    .unwrap();
-    assert!(status.1.success(), "{:?}", status.1);
+    let status = terminate(node).await;
+    assert!(status.success(), "{status:?}");
     let node = spawn_herald(&setup.args(), &[]);
     assert_eq!(metric_of(&node.url, "herald_wal_events").await, N as f64);
 }
@@ -196,8 +190,7 @@ async fn undecodable_wal_records_are_quarantined_and_the_node_becomes_ready() {
     let setup = Setup::new("");
     let node = setup.start_subscribed().await;
     publish(&node.url, N, "good").await;
-    let mut node = node;
-    let stopped = actix_rt::task::spawn_blocking(move || node.terminate()).await.unwrap();
+    let stopped = terminate(node).await;
     assert!(stopped.success());
     write_garbage(&setup.data, 1_000_000);
 
@@ -227,11 +220,7 @@ async fn undecodable_wal_records_are_quarantined_and_the_node_becomes_ready() {
         .collect();
     assert_eq!(logged.len(), 1, "logged once: {logged:?}");
     assert!(logged[0].contains("1000000"), "with its key: {logged:?}");
-    let mut node = node;
-    assert!(actix_rt::task::spawn_blocking(move || node.terminate())
-        .await
-        .unwrap()
-        .success());
+    assert!(terminate(node).await.success());
 
     let check = cli(&["wal", "check", "--data-dir", p(&setup.data)]).await;
     let out = String::from_utf8_lossy(&check.stdout).into_owned();
@@ -300,17 +289,11 @@ fn fill(dir: &Path) {
 }
 
 #[actix_rt::test]
+#[ignore = "needs root (mounts a tmpfs); CI runs it with --include-ignored"]
 async fn a_full_disk_answers_storage_full_and_recovers_by_itself_losing_nothing() {
-    let Some(tmpfs) = Tmpfs::mount("24m") else {
-        // Mounting needs CAP_SYS_ADMIN. CI runs as root and sets HERALD_REQUIRE_TMPFS=1, which
-        // makes this a failure rather than a skip.
-        assert!(
-            std::env::var("HERALD_REQUIRE_TMPFS").as_deref() != Ok("1"),
-            "HERALD_REQUIRE_TMPFS=1 but a tmpfs cannot be mounted here (run as root)"
-        );
-        eprintln!("SKIPPED: cannot mount a tmpfs here (not root?); HERALD_REQUIRE_TMPFS=1 makes this a failure");
-        return;
-    };
+    // Mounting needs CAP_SYS_ADMIN: CI runs as root.
+    let tmpfs = Tmpfs::mount("24m")
+        .expect("mount a tmpfs (needs root); this test runs only with --include-ignored, where it is required");
     let data = tmpfs.dir.path().join("data");
     let setup = Setup::on(tempfile::tempdir().unwrap(), Some(data.clone()), "");
     let node = setup.start_subscribed().await;
@@ -399,11 +382,8 @@ async fn replay_streams_the_wal_in_bounded_memory() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(100_000);
     let setup = Setup::new("");
-    let mut node = spawn_herald(&setup.args(), &[]);
-    assert!(actix_rt::task::spawn_blocking(move || node.terminate())
-        .await
-        .unwrap()
-        .success());
+    let node = spawn_herald(&setup.args(), &[]);
+    assert!(terminate(node).await.success());
 
     let data = setup.data.clone();
     let written = actix_rt::task::spawn_blocking(move || {

@@ -8,7 +8,7 @@ use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
 pub use herald::harness::Node;
-use herald::harness::{free_ports, Harness, NodeSpec, Ports};
+use herald::harness::{Harness, NodeSpec, Ports};
 use serde_json::Value;
 
 use super::DEADLINE;
@@ -20,11 +20,6 @@ pub const CONVERGE: Duration = Duration::from_secs(30);
 
 /// Lines of each node's log printed when a test fails.
 const LOG_LINES: usize = 60;
-
-/// A port that was free a moment ago (released at once, so start what binds it right after).
-pub fn free_port() -> u16 {
-    free_ports(1).expect("a free port")[0]
-}
 
 /// The `herald node` processes of one test. Reads as the slice of its nodes (`nodes[0]`,
 /// `nodes.iter()`, `for n in &nodes`); prints every node's log tail if the test panics.
@@ -164,20 +159,8 @@ pub async fn call(
     headers: &[(&str, &str)],
     body: String,
 ) -> Result<(u16, Value), String> {
-    let method = awc::http::Method::from_bytes(method.as_bytes()).expect("method");
-    let mut req = client.request(method, url);
-    for (k, v) in headers {
-        req = req.insert_header((*k, *v));
-    }
-    let mut r = req.send_body(body).await.map_err(|e| format!("{url}: {e}"))?;
-    let bytes = r
-        .body()
-        .limit(64 << 20)
-        .await
-        .map_err(|e| format!("{url}: reading the body: {e}"))?;
-    let body =
-        serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
-    Ok((r.status().as_u16(), body))
+    let (status, _, bytes) = super::send(client, method, url, headers, body).await?;
+    Ok((status, super::json_or_text(&bytes)))
 }
 
 /// GET `url{path}`: the body if it answered 200.

@@ -1,86 +1,19 @@
 //! Publishing under faults and checking what arrived, shared by the process fault tests
 //! (`tests/failover.rs`) and the container fault suite (`tests/containers.rs`): cluster views
 //! (members, placements), batch publishers that retry until a 202 and record every acknowledged
-//! id, and the checks on what an [`EventRecorder`] received (missing ids, duplicates, stalls).
+//! id with what was published under it, and the checks on what an [`EventRecorder`] received
+//! (missing ids, payloads, per-key order, duplicates, stalls).
 
 use std::cell::{Cell, RefCell};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use super::cluster::{call, converge, http};
-use super::{post_json, Arrival, EventRecorder};
-
-/// `(id, status)` of every member of a `/v1/cluster` view, by id.
-pub fn statuses(view: &Value) -> Vec<(u64, String)> {
-    let mut m: Vec<(u64, String)> = view["members"]
-        .as_array()
-        .map(|ms| {
-            ms.iter()
-                .map(|m| {
-                    (
-                        m["id"].as_u64().unwrap_or(0),
-                        m["status"].as_str().unwrap_or("?").to_string(),
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    m.sort();
-    m
-}
-
-/// Waits until every node in `urls` shows exactly `ids` as members, all `up`, and one leader.
-pub async fn wait_formed(urls: &[String], ids: &[u64]) {
-    let want: Vec<(u64, String)> = ids.iter().map(|&id| (id, "up".to_string())).collect();
-    converge(
-        "every node shows the same members, all up, and one leader",
-        urls,
-        "/v1/cluster",
-        |views| {
-            let leader = views[0]["leader"].as_u64()?;
-            views
-                .iter()
-                .all(|v| v["leader"].as_u64() == Some(leader) && statuses(v) == want)
-                .then_some(())
-        },
-    )
-    .await
-}
-
-/// `(epoch, nodes)` of the placement of `topic`/`group` in a `/v1/cluster/placements` answer.
-pub fn placement_of(placements: &Value, topic: &str, group: &str) -> Option<(u64, Vec<u64>)> {
-    let p = placements
-        .as_array()?
-        .iter()
-        .find(|p| p["topic"] == topic && p["group"] == group)?;
-    let nodes = p["nodes"]
-        .as_array()?
-        .iter()
-        .map(Value::as_u64)
-        .collect::<Option<_>>()?;
-    Some((p["epoch"].as_u64()?, nodes))
-}
-
-/// Waits until every node shows the same placement of `topic`/`group` with `instances` nodes.
-pub async fn wait_placed(urls: &[String], topic: &str, group: &str, instances: usize) -> (u64, Vec<u64>) {
-    converge(
-        &format!("every node shows the same placement of {topic}/{group} on {instances} node(s)"),
-        urls,
-        "/v1/cluster/placements",
-        |ps| {
-            let first = placement_of(&ps[0], topic, group)?;
-            (first.1.len() == instances
-                && ps
-                    .iter()
-                    .all(|p| placement_of(p, topic, group).as_ref() == Some(&first)))
-            .then_some(first)
-        },
-    )
-    .await
-}
+use super::cluster::{call, http, view};
+use super::views::{placement_of, statuses};
+use super::{Arrival, EventRecorder};
 
 /// Subscribes `topic`/`group` to the webhook `hook` with `instances` instances.
 pub async fn subscribe_webhook(url: &str, topic: &str, group: &str, hook: &str, instances: u32) {
@@ -91,8 +24,163 @@ pub async fn subscribe_webhook(url: &str, topic: &str, group: &str, hook: &str, 
         "instances": instances,
         "max_attempts": 100,
     });
-    let a = post_json(&format!("{url}/v1/subscriptions"), &spec).await;
-    assert_eq!(a.status, 201, "POST {url}/v1/subscriptions {spec}: {}", a.body);
+    super::subscribe(url, &spec).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Watching a fault
+
+/// What the other nodes showed of a fault on one node, each with how long after the fault.
+#[derive(Debug, Default)]
+pub struct Observed {
+    /// A survivor showed the failed node as anything but `up` (`suspect`, `degraded`, `down`).
+    pub suspected: Option<Duration>,
+    /// A survivor showed it `suspect`: its phi crossed `cluster.phi_threshold` or its connection
+    /// broke (not `degraded`, which a stuck backlog causes only after `degraded_after_ms`).
+    pub suspect: Option<Duration>,
+    /// A survivor showed it `down` (the leader committed MarkDown).
+    pub marked_down: Option<Duration>,
+    /// Every node watched for placements placed the subscription off the failed node; with how
+    /// many events had been accepted by then.
+    pub moved: Option<(Duration, usize)>,
+    /// After that, the survivors' count of the subscription's handled events
+    /// (`herald_events_delivered_total{outcome="ok"}`) rose: events were handled elsewhere; with
+    /// how many events had been accepted by then.
+    pub elsewhere: Option<(Duration, usize)>,
+}
+
+impl Observed {
+    /// Marked down, placement moved and events handled elsewhere.
+    pub fn moved_on(&self) -> bool {
+        self.marked_down.is_some() && self.moved.is_some() && self.elsewhere.is_some()
+    }
+
+    /// Shown `suspect`, then all of [`Observed::moved_on`]: the failover of a node that stopped
+    /// answering (frozen, paused, cut off).
+    pub fn failed_over(&self) -> bool {
+        self.suspect.is_some() && self.moved_on()
+    }
+
+    /// How many events had been accepted once the placement had moved and the survivors handled
+    /// events: those accepted from then on go to a running instance on a survivor.
+    pub fn handled_elsewhere_from(&self) -> usize {
+        let (_, moved) = self.moved.expect("the placement moved");
+        let (_, handled) = self.elsewhere.expect("events were handled elsewhere");
+        moved.max(handled)
+    }
+}
+
+/// Watches a fault on node `failed` from the survivors' HTTP APIs (started at the fault).
+pub struct FaultWatch<'a> {
+    client: awc::Client,
+    survivors: &'a [String],
+    placements_from: &'a [String],
+    failed: u64,
+    topic: &'a str,
+    group: &'a str,
+    pub at: Instant,
+    /// The survivors' handled count when the move was first seen.
+    handled_at_move: Cell<f64>,
+}
+
+impl<'a> FaultWatch<'a> {
+    /// Starts the clock: call right before the fault. `survivors` show statuses and handle
+    /// events; `placements_from` must all show the subscription `topic`/`group` moved.
+    pub fn new(
+        survivors: &'a [String],
+        placements_from: &'a [String],
+        failed: u64,
+        topic: &'a str,
+        group: &'a str,
+    ) -> FaultWatch<'a> {
+        FaultWatch {
+            client: http(Duration::from_secs(2)),
+            survivors,
+            placements_from,
+            failed,
+            topic,
+            group,
+            at: Instant::now(),
+            handled_at_move: Cell::new(0.0),
+        }
+    }
+
+    /// Events of the subscription handled by the survivors so far.
+    pub async fn handled_by_survivors(&self) -> f64 {
+        let mut sum = 0.0;
+        for u in self.survivors {
+            let Ok((200, _, body)) = super::send(&self.client, "GET", &format!("{u}/metrics"), &[], "").await else {
+                continue;
+            };
+            let text = String::from_utf8_lossy(&body);
+            sum += super::metric_sum(
+                &text,
+                "herald_events_delivered_total",
+                &[("topic", self.topic), ("group", self.group), ("outcome", "ok")],
+            );
+        }
+        sum
+    }
+
+    /// One round of polls; fills in what is newly seen (`accepted`: events accepted so far).
+    pub async fn poll(&self, accepted: usize, o: &mut Observed) {
+        let since = self.at.elapsed();
+        for u in self.survivors {
+            if let Some(v) = view(&self.client, u, "/v1/cluster").await {
+                let status = statuses(&v)
+                    .into_iter()
+                    .find(|(id, _)| *id == self.failed)
+                    .map(|(_, s)| s);
+                if status.as_deref().is_some_and(|s| s != "up") {
+                    o.suspected.get_or_insert(since);
+                }
+                if status.as_deref() == Some("suspect") {
+                    o.suspect.get_or_insert(since);
+                }
+                if status.as_deref() == Some("down") {
+                    o.marked_down.get_or_insert(since);
+                }
+            }
+        }
+        if o.moved.is_none() {
+            let mut off = true;
+            for u in self.placements_from {
+                let p = view(&self.client, u, "/v1/cluster/placements").await;
+                let placed = p.as_ref().and_then(|p| placement_of(p, self.topic, self.group));
+                off &= placed.is_some_and(|(_, n)| !n.is_empty() && !n.contains(&self.failed));
+            }
+            if off {
+                o.moved = Some((since, accepted));
+                self.handled_at_move.set(self.handled_by_survivors().await);
+            }
+        } else if o.elsewhere.is_none() && self.handled_by_survivors().await > self.handled_at_move.get() {
+            o.elsewhere = Some((since, accepted));
+        }
+    }
+
+    /// Polls until `done(observed)` holds, failing after `limit` (from the fault) with what was
+    /// seen and `what` should have happened.
+    pub async fn until(
+        &self,
+        what: &str,
+        limit: Duration,
+        accepted: impl Fn() -> usize,
+        done: impl Fn(&Observed) -> bool,
+    ) -> Observed {
+        let mut o = Observed::default();
+        loop {
+            self.poll(accepted(), &mut o).await;
+            if done(&o) {
+                return o;
+            }
+            assert!(
+                self.at.elapsed() < limit,
+                "within {limit:?} of the fault on node {}: {what}; saw {o:?}",
+                self.failed
+            );
+            actix_rt::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -115,6 +203,8 @@ pub struct Progress {
     pub stop: Cell<bool>,
     /// Next batch to publish.
     pub next_batch: Cell<usize>,
+    /// What was published under each id (recorded before the first attempt): partition key, data.
+    pub published: RefCell<HashMap<String, (Option<String>, Value)>>,
 }
 
 impl Progress {
@@ -135,6 +225,11 @@ impl Progress {
     pub fn reject(&self, what: String, detail: String) {
         *self.rejected.borrow_mut().entry(what).or_default() += 1;
         *self.last_rejection.borrow_mut() = detail;
+    }
+
+    /// Records what is published under `id` (before it is sent, so any arrival can be checked).
+    pub fn publishing(&self, id: String, key: Option<&str>, data: Value) {
+        self.published.borrow_mut().insert(id, (key.map(str::to_string), data));
     }
 
     pub fn assert_no_fatal(&self) {
@@ -200,6 +295,10 @@ pub struct LoadSpec {
     pub pace: Option<Duration>,
     /// After a failure, try the next URL.
     pub rotate: bool,
+    /// Publisher `p` sends all its batches with `X-Herald-Key: {prefix}-p{p}`: each key's events
+    /// are published strictly one batch after the other, so the order they were accepted in is
+    /// their publish order ([`assert_key_order`]). Otherwise the events have no key.
+    pub keyed: bool,
     /// Publishing stops after this long, accepted or not.
     pub time_limit: Duration,
     /// A publish not answered within this long is retried (on the next URL if `rotate`).
@@ -220,7 +319,7 @@ impl Load {
         let spec = Rc::new(spec);
         let until = Instant::now() + spec.time_limit;
         let tasks = (0..spec.publishers)
-            .map(|_| actix_rt::spawn(publisher(spec.clone(), progress.clone(), until)))
+            .map(|i| actix_rt::spawn(publisher(spec.clone(), i, progress.clone(), until)))
             .collect();
         Load { progress, tasks, total }
     }
@@ -261,8 +360,10 @@ impl Load {
     }
 }
 
-pub async fn publisher(spec: Rc<LoadSpec>, p: Rc<Progress>, until: Instant) {
+/// Publisher number `index` of a [`Load`]: takes the next batch until none is left.
+pub async fn publisher(spec: Rc<LoadSpec>, index: usize, p: Rc<Progress>, until: Instant) {
     let client = http(spec.answer_within);
+    let partition = spec.keyed.then(|| format!("{}-p{index}", spec.prefix));
     let batches = spec.total.div_ceil(spec.batch);
     let path = format!("/v1/topics/{}/events/batch?ack=accepted", spec.topic);
     loop {
@@ -276,7 +377,13 @@ pub async fn publisher(spec: Rc<LoadSpec>, p: Rc<Progress>, until: Instant) {
             .collect::<Vec<_>>();
         let body = Value::Array(events.clone()).to_string();
         let key = format!("{}-{b}", spec.prefix);
-        let headers = [("content-type", "application/json"), ("idempotency-key", key.as_str())];
+        for (i, data) in events.iter().enumerate() {
+            p.publishing(format!("{key}-{i}"), partition.as_deref(), data.clone());
+        }
+        let mut headers = vec![("content-type", "application/json"), ("idempotency-key", key.as_str())];
+        if let Some(k) = &partition {
+            headers.push(("x-herald-key", k.as_str()));
+        }
         let Some(answer) =
             publish_until_accepted(&client, &spec.urls, b, spec.rotate, &path, &headers, &body, &p, until).await
         else {
@@ -358,4 +465,57 @@ pub fn after_fault(arrivals: &[Arrival], at: Instant) -> Option<(Duration, Durat
         prev = t;
     }
     Some((first - at, stall, resumed))
+}
+
+/// Fails unless every arrival carries exactly what was published under its id (the data and the
+/// partition key), and no arrival has an id that was never published.
+pub fn assert_payloads(arrivals: &[Arrival], p: &Progress) {
+    let published = p.published.borrow();
+    for a in arrivals {
+        let Some((key, data)) = published.get(&a.id) else {
+            panic!("an event arrived that was never published: {a:?}");
+        };
+        assert!(
+            a.data == *data && a.key == *key,
+            "event {} arrived with key {:?} and data {}, but was published with key {key:?} and data {data}",
+            a.id,
+            a.key,
+            a.data
+        );
+    }
+}
+
+/// Per-key order. Each of `segments` lists ids in the order they were accepted (e.g. the events
+/// delivered before a fault, or those accepted once the placement had moved); within each, the
+/// first arrivals of one key's events must come in that order, which for a keyed [`Load`] is their
+/// publish order. Events left out of the segments (in flight at a fault, accepted while it was
+/// being detected) are the documented exception (README, "Delivery guarantees"): a re-sent event
+/// may arrive after later events of its key. Every id of a segment must have arrived. Returns how
+/// many events each segment held.
+pub fn assert_key_order(arrivals: &[Arrival], p: &Progress, segments: &[(&str, Vec<String>)]) -> Vec<usize> {
+    let mut first: HashMap<&str, usize> = HashMap::new();
+    for (i, a) in arrivals.iter().enumerate() {
+        first.entry(a.id.as_str()).or_insert(i);
+    }
+    let published = p.published.borrow();
+    let mut checked = Vec::new();
+    for (name, ids) in segments {
+        let mut last: HashMap<&str, (&str, usize)> = HashMap::new();
+        for id in ids {
+            let at = *first
+                .get(id.as_str())
+                .unwrap_or_else(|| panic!("{id} ({name}) never arrived"));
+            let Some(key) = published.get(id).and_then(|(k, _)| k.as_deref()) else {
+                continue;
+            };
+            if let Some((before, was)) = last.insert(key, (id.as_str(), at)) {
+                assert!(
+                    was < at,
+                    "key {key}, {name}: {before} was accepted before {id} but first arrived after it (arrival {was} > {at})"
+                );
+            }
+        }
+        checked.push(ids.len());
+    }
+    checked
 }

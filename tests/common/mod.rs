@@ -5,6 +5,8 @@
 
 pub mod cluster;
 pub mod load;
+pub mod rng;
+pub mod views;
 
 use std::future::Future;
 use std::io::{BufRead, BufReader, Read};
@@ -104,20 +106,8 @@ pub async fn cluster(builders: Vec<NodeBuilder>) -> Vec<TestNode> {
         nodes.push(start_node(b).await);
     }
     let urls: Vec<String> = nodes.iter().map(|n| n.url.clone()).collect();
-    eventually("every node sees every member up and a leader", || {
-        let urls = urls.clone();
-        async move {
-            for u in &urls {
-                let (_, v) = get(&format!("{u}/v1/cluster")).await;
-                let up = v["members"].as_array()?.iter().filter(|m| m["status"] == "up").count();
-                if up != n || v["leader"].is_null() {
-                    return None;
-                }
-            }
-            Some(())
-        }
-    })
-    .await;
+    let ids: Vec<u64> = (1..=n as u64).collect();
+    views::wait_formed(&urls, &ids).await;
     nodes
 }
 
@@ -160,44 +150,58 @@ pub struct Answer {
     pub headers: awc::http::header::HeaderMap,
 }
 
-async fn finish(
-    r: Result<
-        awc::ClientResponse<impl futures_util::Stream<Item = Result<web::Bytes, awc::error::PayloadError>> + Unpin>,
-        awc::error::SendRequestError,
-    >,
-) -> Answer {
-    let mut r = r.expect("request sent");
-    let bytes = r.body().limit(64 << 20).await.expect("body read");
-    let body =
-        serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
-    Answer {
-        status: r.status().as_u16(),
-        body,
-        headers: r.headers().clone(),
+/// A body as JSON, or as `Value::String` when it is not JSON.
+pub fn json_or_text(bytes: &[u8]) -> Value {
+    serde_json::from_slice(bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(bytes).into_owned()))
+}
+
+/// One request with `client`: status, headers and raw body, or why there was no answer
+/// (connection refused or reset, timeout). The one HTTP client call of the tests.
+pub async fn send(
+    client: &awc::Client,
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<web::Bytes>,
+) -> Result<(u16, awc::http::header::HeaderMap, web::Bytes), String> {
+    let method = awc::http::Method::from_bytes(method.as_bytes()).expect("method");
+    let mut req = client.request(method, url);
+    for (k, v) in headers {
+        req = req.insert_header((*k, *v));
     }
+    let mut r = req.send_body(body.into()).await.map_err(|e| format!("{url}: {e}"))?;
+    let bytes = r
+        .body()
+        .limit(64 << 20)
+        .await
+        .map_err(|e| format!("{url}: reading the body: {e}"))?;
+    Ok((r.status().as_u16(), r.headers().clone(), bytes))
 }
 
 /// GET; returns status and body.
 pub async fn get(url: &str) -> (u16, Value) {
-    let a = finish(client().get(url).send().await).await;
+    let a = request("GET", url, &[], "").await;
     (a.status, a.body)
 }
 
 /// GET the raw text of a URL (e.g. `/metrics`).
 pub async fn get_text(url: &str) -> String {
-    let mut r = client().get(url).send().await.expect("request sent");
-    let bytes = r.body().limit(64 << 20).await.expect("body read");
+    let (_, _, bytes) = send(&client(), "GET", url, &[], "")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     String::from_utf8_lossy(&bytes).into_owned()
 }
 
-/// A request with any method, headers and body.
+/// A request with any method, headers and body, which must get an answer.
 pub async fn request(method: &str, url: &str, headers: &[(&str, &str)], body: impl Into<web::Bytes>) -> Answer {
-    let method = awc::http::Method::from_bytes(method.as_bytes()).expect("method");
-    let mut req = client().request(method, url);
-    for (k, v) in headers {
-        req = req.insert_header((*k, *v));
+    let (status, headers, bytes) = send(&client(), method, url, headers, body)
+        .await
+        .unwrap_or_else(|e| panic!("{method} {e}"));
+    Answer {
+        status,
+        body: json_or_text(&bytes),
+        headers,
     }
-    finish(req.send_body(body.into()).await).await
 }
 
 /// POST a JSON body.
@@ -205,15 +209,52 @@ pub async fn post_json(url: &str, body: &Value) -> Answer {
     request("POST", url, &[("content-type", "application/json")], body.to_string()).await
 }
 
-/// The value of the sample `name{labels}` in a Prometheus text exposition; labels given as
+/// Creates the subscription `spec` through the node at `url`, which must answer 201.
+pub async fn subscribe(url: &str, spec: &Value) {
+    let a = post_json(&format!("{url}/v1/subscriptions"), spec).await;
+    assert_eq!(a.status, 201, "POST {url}/v1/subscriptions {spec}: {}", a.body);
+}
+
+/// A port that was free a moment ago (below the ephemeral range, so no outgoing connection takes
+/// it meanwhile; released at once, so start what binds it right after), e.g. for a webhook URL
+/// that nothing listens on yet.
+pub fn free_port() -> u16 {
+    herald::harness::free_ports(1).expect("a free port")[0]
+}
+
+/// A base port whose ports `base..base+n` and `base+100..base+100+n` are all free right now (the
+/// layout of `herald up` and `harness::Ports::Base`).
+pub fn free_port_base(n: u16) -> u16 {
+    for attempt in 0..200u32 {
+        let base = 20_000 + ((std::process::id() * 7919 + attempt * 104_729) % 30_000) as u16;
+        let free = (0..n)
+            .flat_map(|i| [base + i, base + 100 + i])
+            .all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok());
+        if free {
+            return base;
+        }
+    }
+    panic!("no free block of {n} HTTP and peer ports found")
+}
+
+/// The values of the samples `name{labels}` in a Prometheus text exposition; labels given as
 /// `k="v"` pairs must all be present on the line.
-pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+pub fn samples<'a>(text: &'a str, name: &'a str, labels: &'a [(&str, &str)]) -> impl Iterator<Item = f64> + 'a {
     text.lines()
         .filter(|l| !l.starts_with('#'))
-        .filter(|l| l.starts_with(name) && matches!(l.as_bytes().get(name.len()), Some(b'{') | Some(b' ')))
-        .filter(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
+        .filter(move |l| l.starts_with(name) && matches!(l.as_bytes().get(name.len()), Some(b'{') | Some(b' ')))
+        .filter(move |l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
         .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
-        .next()
+}
+
+/// The value of the first sample `name{labels}` (see [`samples`]).
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    samples(text, name, labels).next()
+}
+
+/// The sum of every sample `name{labels}` (see [`samples`]; 0 when there is none).
+pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    samples(text, name, labels).sum()
 }
 
 /// One request the webhook receiver got.
@@ -321,12 +362,29 @@ impl Proc {
         let _ = self.child.wait();
     }
 
-    /// SIGTERM, then wait for the exit status.
-    pub fn terminate(&mut self) -> std::process::ExitStatus {
+    /// SIGTERM, then its exit status, polled (so receivers and clients on the test's runtime keep
+    /// running while the node drains), failing the test after [`DEADLINE`].
+    pub async fn terminate(&mut self) -> std::process::ExitStatus {
         let pid = self.child.id().to_string();
-        Command::new("kill").args(["-TERM", &pid]).status().expect("kill -TERM");
-        self.child.wait().expect("wait")
+        let sent = Command::new("kill").args(["-TERM", &pid]).status().expect("kill -TERM");
+        assert!(sent.success(), "kill -TERM {pid}: {sent}");
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(
+                start.elapsed() < DEADLINE,
+                "herald (pid {pid}) did not exit within {DEADLINE:?} of SIGTERM"
+            );
+            actix_rt::time::sleep(Duration::from_millis(20)).await;
+        }
     }
+}
+
+/// [`Proc::terminate`] of a node the test is done with.
+pub async fn terminate(mut proc: Proc) -> std::process::ExitStatus {
+    proc.terminate().await
 }
 
 impl Drop for Proc {
@@ -350,48 +408,68 @@ impl Receiver {
         let received: Arc<Mutex<Vec<Received>>> = Arc::default();
         let failures = Arc::new(Mutex::new(fail_first));
         let r = received.clone();
-        let server = HttpServer::new(move || {
+        let (addr, handle) = serve(addr, 1, move |req, body| {
             let r = r.clone();
             let failures = failures.clone();
-            App::new().default_service(web::to(move |req: HttpRequest, body: web::Bytes| {
-                let r = r.clone();
-                let failures = failures.clone();
-                async move {
-                    if !delay.is_zero() {
-                        actix_rt::time::sleep(delay).await;
-                    }
-                    {
-                        let mut f = failures.lock().unwrap();
-                        if *f > 0 {
-                            *f -= 1;
-                            return HttpResponse::InternalServerError().finish();
-                        }
-                    }
-                    let headers = req
-                        .headers()
-                        .iter()
-                        .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string()))
-                        .collect();
-                    let body = serde_json::from_slice(&body).unwrap_or(Value::Null);
-                    r.lock().unwrap().push(Received { headers, body });
-                    HttpResponse::Ok().finish()
+            async move {
+                if !delay.is_zero() {
+                    actix_rt::time::sleep(delay).await;
                 }
-            }))
-        })
-        .workers(1)
-        .disable_signals()
-        .bind(addr)
-        .unwrap_or_else(|e| panic!("bind receiver on {addr}: {e}"));
-        let addr = server.addrs()[0];
-        let server = server.run();
-        let handle = server.handle();
-        actix_rt::spawn(server);
+                {
+                    let mut f = failures.lock().unwrap();
+                    if *f > 0 {
+                        *f -= 1;
+                        return HttpResponse::InternalServerError().finish();
+                    }
+                }
+                let headers = req
+                    .headers()
+                    .iter()
+                    .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string()))
+                    .collect();
+                let body = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                r.lock().unwrap().push(Received { headers, body });
+                HttpResponse::Ok().finish()
+            }
+        });
         Receiver {
             url: format!("http://{addr}/hook"),
             received,
             handle,
         }
     }
+
+    /// The CloudEvent ids of the events received so far (the webhook posts structured
+    /// CloudEvents), in arrival order.
+    pub fn ids(&self) -> Vec<String> {
+        self.events()
+            .iter()
+            .filter_map(|e| e.body["id"].as_str().map(str::to_string))
+            .collect()
+    }
+}
+
+/// An HTTP server for the test on `addr` (port 0: a free one) with `workers` threads, answering
+/// every request with `answer`, run on the test's runtime: its address and handle. The one server
+/// behind [`Receiver`] and [`EventRecorder`].
+fn serve<F, Fut>(addr: &str, workers: usize, answer: F) -> (std::net::SocketAddr, actix_web::dev::ServerHandle)
+where
+    F: Fn(HttpRequest, web::Bytes) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = HttpResponse> + 'static,
+{
+    let server = HttpServer::new(move || {
+        let answer = answer.clone();
+        App::new().default_service(web::to(move |req: HttpRequest, body: web::Bytes| answer(req, body)))
+    })
+    .workers(workers)
+    .disable_signals()
+    .bind(addr)
+    .unwrap_or_else(|e| panic!("bind a test HTTP server on {addr}: {e}"));
+    let bound = server.addrs()[0];
+    let server = server.run();
+    let handle = server.handle();
+    actix_rt::spawn(server);
+    (bound, handle)
 }
 
 /// Waits (with the deadline) for a stderr line containing `needle`; returns every line read.
@@ -468,6 +546,7 @@ pub fn herald_cmd(args: &[String]) -> Command {
     for var in [
         "HERALD_URL",
         "HERALD_TOKEN",
+        "HERALD_CA_FILE",
         "HERALD_CONFIG",
         "HERALD_NODE_ID",
         "HERALD_HTTP",
@@ -554,41 +633,30 @@ impl EventRecorder {
     pub async fn start_on(addr: &str) -> EventRecorder {
         let arrivals: Arc<Mutex<Vec<Arrival>>> = Arc::default();
         let a = arrivals.clone();
-        let server = HttpServer::new(move || {
+        let (addr, handle) = serve(addr, 2, move |req, body| {
             let a = a.clone();
-            App::new().default_service(web::to(move |req: HttpRequest, body: web::Bytes| {
-                let a = a.clone();
-                async move {
-                    let at = Instant::now();
-                    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-                    let header = |name: &str| {
-                        req.headers()
-                            .get(name)
-                            .and_then(|v| v.to_str().ok())
-                            .map(str::to_string)
-                    };
-                    let id = body["id"].as_str().map(str::to_string).or_else(|| header("ce-id"));
-                    let Some(id) = id else {
-                        return HttpResponse::BadRequest().body("no CloudEvent id");
-                    };
-                    let key = body["partitionkey"]
-                        .as_str()
+            async move {
+                let at = Instant::now();
+                let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                let header = |name: &str| {
+                    req.headers()
+                        .get(name)
+                        .and_then(|v| v.to_str().ok())
                         .map(str::to_string)
-                        .or_else(|| header("ce-partitionkey"));
-                    let data = body.get("data").cloned().unwrap_or(Value::Null);
-                    a.lock().unwrap().push(Arrival { id, key, data, at });
-                    HttpResponse::Ok().finish()
-                }
-            }))
-        })
-        .workers(2)
-        .disable_signals()
-        .bind(addr)
-        .unwrap_or_else(|e| panic!("bind the recorder on {addr}: {e}"));
-        let addr = server.addrs()[0];
-        let server = server.run();
-        let handle = server.handle();
-        actix_rt::spawn(server);
+                };
+                let id = body["id"].as_str().map(str::to_string).or_else(|| header("ce-id"));
+                let Some(id) = id else {
+                    return HttpResponse::BadRequest().body("no CloudEvent id");
+                };
+                let key = body["partitionkey"]
+                    .as_str()
+                    .map(str::to_string)
+                    .or_else(|| header("ce-partitionkey"));
+                let data = body.get("data").cloned().unwrap_or(Value::Null);
+                a.lock().unwrap().push(Arrival { id, key, data, at });
+                HttpResponse::Ok().finish()
+            }
+        });
         EventRecorder {
             url: format!("http://{addr}/events"),
             arrivals,
@@ -622,6 +690,16 @@ pub fn find_on_path(program: &str) -> Option<std::path::PathBuf> {
     std::env::split_paths(&std::env::var_os("PATH")?)
         .map(|d| d.join(program))
         .find(|f| f.is_file())
+}
+
+/// The file `program` on `PATH`, or a failure that says how to get it. For tests marked
+/// `#[ignore = "needs <program>"]`: a plain `cargo test` lists them as ignored, and whoever runs
+/// them (`-- --include-ignored`, as CI does) must have the tool — a missing one is a failure, never
+/// a silent pass.
+pub fn require_tool(program: &str, install: &str) -> std::path::PathBuf {
+    find_on_path(program).unwrap_or_else(|| {
+        panic!("{program} is not on PATH ({install}); this test runs only with --include-ignored, where it is required")
+    })
 }
 
 /// Fails the test unless `promtool check metrics` accepts `text` without a word of complaint
@@ -678,6 +756,13 @@ pub async fn cli(args: &[&str]) -> Output {
     actix_rt::task::spawn_blocking(move || run_to_exit(herald_cmd(&args)))
         .await
         .expect("cli thread")
+}
+
+/// Runs `herald <args>` to completion on this thread (for tests without a runtime), failing the
+/// test if it has not exited within [`DEADLINE`].
+pub fn cli_blocking(args: &[&str]) -> Output {
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    run_to_exit(herald_cmd(&args))
 }
 
 /// The `/metrics` text of the node at `url`.
