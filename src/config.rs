@@ -295,9 +295,10 @@ pub struct HandlerConfig {
     pub dead_letter_max_age_s: u64,
     /// Most dead letters a node keeps; beyond it the oldest are deleted (0: no limit).
     pub dead_letter_max_count: u64,
-    /// First restart/retry delay after a failure; doubles per consecutive failure.
+    /// Delay before an event's first retry; doubles with each further retry of that event (the
+    /// next event starts over).
     pub backoff_initial_ms: u64,
-    /// Cap of the restart/retry delay.
+    /// Cap of the retry delay.
     pub backoff_max_ms: u64,
     /// A handler call that takes longer fails and its instance is restarted.
     pub call_timeout_ms: u64,
