@@ -881,6 +881,25 @@ impl Config {
         })
     }
 
+    /// Adds the subscriptions declared in code (`NodeBuilder::subscribe`/`subscription`) to those
+    /// of the config file. A code declaration of a topic/group the file declares too wins: the
+    /// file's entry is dropped. Returns each `(file entry, code declaration)` pair that differed,
+    /// for the caller to warn about.
+    pub fn declare(&mut self, code: Vec<SubscriptionSpec>) -> Vec<(SubscriptionSpec, SubscriptionSpec)> {
+        let mut overridden = Vec::new();
+        for spec in code {
+            let same = |f: &SubscriptionSpec| f.topic == spec.topic && f.group == spec.group;
+            while let Some(i) = self.subscriptions.iter().position(same) {
+                let file = self.subscriptions.remove(i);
+                if file != spec {
+                    overridden.push((file, spec.clone()));
+                }
+            }
+            self.subscriptions.push(spec);
+        }
+        overridden
+    }
+
     /// Checks every setting; the error names the key to fix.
     pub fn validate(&self) -> Result<()> {
         if self.cluster.secret_file.is_some() {
@@ -1203,6 +1222,22 @@ mod tests {
     #[test]
     fn defaults_are_valid() {
         Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn a_code_declaration_replaces_the_file_entry_of_its_subscription_and_says_so() {
+        let mut c = Config::default();
+        let file = SubscriptionSpec::rust("user.login", "audit", "audit-logins").instances(3);
+        let other = SubscriptionSpec::rust("user.login", "trail", "audit-logins");
+        c.subscriptions = vec![file.clone(), other.clone()];
+        let code = SubscriptionSpec::rust("user.login", "audit", "audit-logins");
+        let overridden = c.declare(vec![code.clone(), other.clone()]);
+        assert_eq!(
+            overridden,
+            vec![(file, code.clone())],
+            "only differing entries are reported"
+        );
+        assert_eq!(c.subscriptions, vec![code, other], "each subscription once, the code's");
     }
 
     #[test]

@@ -824,3 +824,25 @@ async fn node_id_from_the_host_name_and_tokens_from_a_file() {
         stderr(&o)
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Issue 18, rough edge 11: a misspelt HERALD_ variable is not ignored without a word.
+// ---------------------------------------------------------------------------------------------
+
+#[actix_rt::test]
+async fn an_unknown_herald_variable_is_warned_about_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let (node, rx) = spawn_herald_stderr(
+        &["--data-dir", p(dir.path())],
+        &[("HERALD_MAILBOX_CAPACTY", "10"), ("HERALD_MAILBOX_CAPACITY", "4000")],
+    );
+    let lines = lines_until(&rx, "HERALD_MAILBOX_CAPACTY");
+    let line = lines.last().unwrap();
+    assert!(line.contains("WARN"), "{line}");
+    // The correctly spelt one is read, not reported.
+    let (unknown, known) = line.split_once(" known=").expect("the known variables are listed");
+    assert!(unknown.contains("unknown=HERALD_MAILBOX_CAPACTY"), "{line}");
+    assert!(!unknown.contains("HERALD_MAILBOX_CAPACITY"), "{line}");
+    assert!(known.contains("HERALD_MAILBOX_CAPACITY"), "{line}");
+    assert!(terminate(node).await.success());
+}

@@ -110,7 +110,14 @@ impl NodeBuilder {
             subscriptions,
             metrics,
         } = self;
-        config.subscriptions.extend(subscriptions);
+        for (file, code) in config.declare(subscriptions) {
+            tracing::warn!(
+                subscription = %format!("{}/{}", code.topic, code.group),
+                config_file = %serde_json::to_string(&file).unwrap_or_default(),
+                code = %serde_json::to_string(&code).unwrap_or_default(),
+                "a [[subscriptions]] entry of the config file is overridden by the one declared in code (NodeBuilder::subscribe/subscription), which wins"
+            );
+        }
         config.validate()?;
         let h = &config.handlers;
         claim_data_dir(&config)?;
