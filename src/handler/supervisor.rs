@@ -318,7 +318,7 @@ impl Runner {
                 Ok(()) => {
                     shared.metrics.dead_lettered.increment(1);
                     shared.metrics.dead_letters.increment(1);
-                    tracing::warn!(subscription = %shared.key, id = %job.event.id, attempts = attempt, last_error = %error, "event dead-lettered: every attempt failed (list with GET /v1/dead-letters, replay with POST /v1/dead-letters/<id>/replay)");
+                    tracing::warn!(subscription = %shared.key, id = %job.event.id, attempts = attempt, last_error = %error, "event dead-lettered: every attempt failed (GET /v1/dead-letters lists it, with the id to replay it by)");
                     Outcome::DeadLettered {
                         attempts: attempt,
                         error,
