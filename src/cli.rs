@@ -387,9 +387,119 @@ impl NodeArgs {
         if self.require_subscription {
             c.http.require_subscription = true;
         }
-        c.resolve()?;
-        c.validate()?;
+        c.resolve().map_err(with_how_to_set)?;
+        c.validate().map_err(with_how_to_set)?;
         Ok(c)
+    }
+}
+
+/// One setting of `herald node`'s command line: its flag, its environment variable and the
+/// config key its help names (`[key: …]`). Read from the flag definitions above, the one table.
+struct Setting {
+    key: String,
+    flag: String,
+    env: Option<String>,
+}
+
+/// Every [`Setting`] of `herald node`.
+fn node_settings() -> Vec<Setting> {
+    use clap::CommandFactory;
+    let command = NodeArgs::command();
+    command
+        .get_arguments()
+        .filter_map(|a| {
+            let help = a.get_long_help().or(a.get_help())?.to_string();
+            let (_, rest) = help.split_once("[key: ")?;
+            let key: String = rest
+                .chars()
+                .take_while(|c| !matches!(c, ',' | ']') && !c.is_whitespace())
+                .collect();
+            Some(Setting {
+                key,
+                flag: format!("--{}", a.get_long()?),
+                env: a.get_env().map(|e| e.to_string_lossy().into_owned()),
+            })
+        })
+        .collect()
+}
+
+/// How to set config key `key` (`handlers.mailbox_capacity`, `cluster.join[0]`): its flag and
+/// environment variable when it has them, else where it goes in the config file.
+fn how_to_set(key: &str) -> String {
+    let bare = key.split('[').next().unwrap_or(key);
+    if let Some(s) = node_settings().into_iter().find(|s| s.key == bare) {
+        return match s.env {
+            Some(env) => format!("`{bare}`: {} or {env}, or the config file", s.flag),
+            None => format!("`{bare}`: {}, or the config file", s.flag),
+        };
+    }
+    match bare.split_once('.') {
+        Some((section, name)) => {
+            format!("`{bare}`: only in the config file (--config, HERALD_CONFIG), as `{name} = …` under `[{section}]`")
+        }
+        None => format!("`{bare}`: only in the config file (--config, HERALD_CONFIG), as `{bare} = …`"),
+    }
+}
+
+/// Adds to a configuration error how to set the key it names, and the other settings its
+/// message names that have a flag (`must not exceed handlers.mailbox_capacity`).
+fn with_how_to_set(e: crate::error::Error) -> crate::error::Error {
+    let crate::error::Error::Config { key, message } = e else {
+        return e;
+    };
+    let mut how = vec![how_to_set(&key)];
+    let settings = node_settings();
+    for word in message.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '.')) {
+        let word = word.trim_matches('.');
+        if word != key && word.contains('.') && settings.iter().any(|s| s.key == word) {
+            how.push(how_to_set(word));
+        }
+    }
+    crate::error::Error::Config {
+        message: format!("{message} (set {})", how.join("; ")),
+        key,
+    }
+}
+
+/// The environment variables this program reads: those of every command's flags, the one list.
+fn known_env() -> std::collections::BTreeSet<String> {
+    fn walk(c: &clap::Command, out: &mut std::collections::BTreeSet<String>) {
+        for a in c.get_arguments() {
+            if let Some(env) = a.get_env() {
+                out.insert(env.to_string_lossy().into_owned());
+            }
+        }
+        for sub in c.get_subcommands() {
+            walk(sub, out);
+        }
+    }
+    let mut out = std::collections::BTreeSet::new();
+    walk(&<Cli as clap::CommandFactory>::command(), &mut out);
+    out
+}
+
+/// The `HERALD_`-prefixed names among `names` that this program does not read (misspelt ones).
+fn unknown_env(names: impl IntoIterator<Item = String>) -> Vec<String> {
+    let known = known_env();
+    let mut unknown: Vec<String> = names
+        .into_iter()
+        .filter(|n| n.starts_with("HERALD_") && !known.contains(n))
+        .collect();
+    unknown.sort();
+    unknown
+}
+
+/// Warns about `HERALD_*` environment variables no setting reads: a misspelt one would
+/// otherwise be ignored without a word.
+fn warn_unknown_env() {
+    let unknown = unknown_env(std::env::vars_os().map(|(k, _)| k.to_string_lossy().into_owned()));
+    if !unknown.is_empty() {
+        let known: Vec<String> = known_env().into_iter().collect();
+        tracing::warn!(
+            unknown = %unknown.join(", "),
+            known = %known.join(", "),
+            "ignoring environment variables that no setting reads (misspelt?)"
+        );
     }
 }
 
@@ -607,6 +717,7 @@ impl NodeBuilder {
     /// already has its own, use [`NodeBuilder::start`].
     pub fn run(mut self) -> Result<()> {
         init_logging(self.config.log_format);
+        warn_unknown_env();
         if self.metrics.is_none() {
             self.metrics = Some(crate::metrics::install_prometheus());
         }
@@ -949,6 +1060,61 @@ mod tests {
     }
 
     use super::*;
+
+    #[test]
+    fn unknown_herald_variables_are_found_among_the_ones_every_command_reads() {
+        let names = [
+            "HERALD_NODE_ID",
+            "HERALD_NODEID",
+            "PATH",
+            "HERALD_URL",
+            "HERALD_MAILBOX_CAPACITY",
+            "HERALD_X",
+        ];
+        assert_eq!(
+            unknown_env(names.map(String::from)),
+            vec!["HERALD_NODEID".to_string(), "HERALD_X".to_string()]
+        );
+        // Every node flag's variable, and the client commands' too.
+        let known = known_env();
+        for v in [
+            "HERALD_CONFIG",
+            "HERALD_PEER_KEY",
+            "HERALD_URL",
+            "HERALD_TOKEN",
+            "HERALD_CA_FILE",
+        ] {
+            assert!(known.contains(v), "{v} missing from {known:?}");
+        }
+    }
+
+    #[test]
+    fn a_config_error_says_how_to_set_the_keys_it_names() {
+        // http.max_batch_events (1000 by default) has no flag; handlers.mailbox_capacity has one.
+        let args = NodeArgs {
+            mailbox_capacity: Some(10),
+            ..NodeArgs::default()
+        };
+        let e = args.load().unwrap_err().to_string();
+        assert!(e.contains("`http.max_batch_events`: only in the config file"), "{e}");
+        assert!(e.contains("`max_batch_events = …` under `[http]`"), "{e}");
+        assert!(
+            e.contains("`handlers.mailbox_capacity`: --mailbox-capacity or HERALD_MAILBOX_CAPACITY"),
+            "{e}"
+        );
+        // A key with a flag: named with it.
+        let args = NodeArgs {
+            max_attempts: Some(0),
+            ..NodeArgs::default()
+        };
+        let e = args.load().unwrap_err().to_string();
+        assert!(e.contains("--max-attempts or HERALD_MAX_ATTEMPTS"), "{e}");
+        // Every [key: …] of the flags is a real key: parsing the help found each flag's key.
+        for s in node_settings() {
+            assert!(!s.key.is_empty() && !s.key.contains(' '), "{}: {:?}", s.flag, s.key);
+        }
+        assert!(node_settings().iter().any(|s| s.key == "handlers.mailbox_capacity"));
+    }
 
     #[test]
     fn flags_override_the_file() {

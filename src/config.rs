@@ -300,9 +300,10 @@ pub struct HandlerConfig {
     pub dead_letter_max_age_s: u64,
     /// Most dead letters a node keeps; beyond it the oldest are deleted (0: no limit).
     pub dead_letter_max_count: u64,
-    /// First restart/retry delay after a failure; doubles per consecutive failure.
+    /// Delay before an event's first retry; doubles with each further retry of that event (the
+    /// next event starts over).
     pub backoff_initial_ms: u64,
-    /// Cap of the restart/retry delay.
+    /// Cap of the retry delay.
     pub backoff_max_ms: u64,
     /// A handler call that takes longer fails and its instance is restarted.
     pub call_timeout_ms: u64,
@@ -886,6 +887,25 @@ impl Config {
         })
     }
 
+    /// Adds the subscriptions declared in code (`NodeBuilder::subscribe`/`subscription`) to those
+    /// of the config file. A code declaration of a topic/group the file declares too wins: the
+    /// file's entry is dropped. Returns each `(file entry, code declaration)` pair that differed,
+    /// for the caller to warn about.
+    pub fn declare(&mut self, code: Vec<SubscriptionSpec>) -> Vec<(SubscriptionSpec, SubscriptionSpec)> {
+        let mut overridden = Vec::new();
+        for spec in code {
+            let same = |f: &SubscriptionSpec| f.topic == spec.topic && f.group == spec.group;
+            while let Some(i) = self.subscriptions.iter().position(same) {
+                let file = self.subscriptions.remove(i);
+                if file != spec {
+                    overridden.push((file, spec.clone()));
+                }
+            }
+            self.subscriptions.push(spec);
+        }
+        overridden
+    }
+
     /// Checks every setting; the error names the key to fix.
     pub fn validate(&self) -> Result<()> {
         if self.cluster.secret_file.is_some() {
@@ -1208,6 +1228,22 @@ mod tests {
     #[test]
     fn defaults_are_valid() {
         Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn a_code_declaration_replaces_the_file_entry_of_its_subscription_and_says_so() {
+        let mut c = Config::default();
+        let file = SubscriptionSpec::rust("user.login", "audit", "audit-logins").instances(3);
+        let other = SubscriptionSpec::rust("user.login", "trail", "audit-logins");
+        c.subscriptions = vec![file.clone(), other.clone()];
+        let code = SubscriptionSpec::rust("user.login", "audit", "audit-logins");
+        let overridden = c.declare(vec![code.clone(), other.clone()]);
+        assert_eq!(
+            overridden,
+            vec![(file, code.clone())],
+            "only differing entries are reported"
+        );
+        assert_eq!(c.subscriptions, vec![code, other], "each subscription once, the code's");
     }
 
     #[test]

@@ -818,3 +818,72 @@ async fn node_id_from_the_host_name_and_tokens_from_a_file() {
         stderr(&o)
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Issue 18, rough edge 11: a misspelt HERALD_ variable is not ignored without a word.
+// ---------------------------------------------------------------------------------------------
+
+#[actix_rt::test]
+async fn an_unknown_herald_variable_is_warned_about_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let (node, rx) = spawn_herald_stderr(
+        &["--data-dir", p(dir.path())],
+        &[("HERALD_MAILBOX_CAPACTY", "10"), ("HERALD_MAILBOX_CAPACITY", "4000")],
+    );
+    let lines = lines_until(&rx, "HERALD_MAILBOX_CAPACTY");
+    let line = lines.last().unwrap();
+    assert!(line.contains("WARN"), "{line}");
+    // The correctly spelt one is read, not reported.
+    let (unknown, known) = line.split_once(" known=").expect("the known variables are listed");
+    assert!(unknown.contains("unknown=HERALD_MAILBOX_CAPACTY"), "{line}");
+    assert!(!unknown.contains("HERALD_MAILBOX_CAPACITY"), "{line}");
+    assert!(known.contains("HERALD_MAILBOX_CAPACITY"), "{line}");
+    assert!(terminate(node).await.success());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Issue 18, rough edge 12: a stopping node does not wait to hand over to members that are gone.
+// ---------------------------------------------------------------------------------------------
+
+/// Node 2 is stopped while the two other members are frozen (as when the whole cluster stops,
+/// or they died): its hand-over can never commit. It stops waiting for it once it sees nobody
+/// left to take its work, instead of waiting out `shutdown_timeout_ms` and then logging that it
+/// could not hand over.
+#[actix_rt::test]
+async fn a_node_whose_peers_are_all_gone_stops_without_waiting_out_the_hand_over() {
+    use common::cluster::{converge, start_cluster, urls};
+    let mut c = start_cluster(3).await;
+    let all = urls(&c);
+    let spec = json!({ "topic": "stop.alone", "group": "trail", "handler": { "kind": "log" }, "instances": 3 });
+    let a = post_json(&format!("{}/v1/subscriptions", all[0]), &spec).await;
+    assert_eq!(a.status, 201, "{}", a.body);
+    // Node 2 runs an instance: it holds work it would hand over.
+    converge("node 2 holds an instance", &all, "/v1/cluster/placements", |views| {
+        views
+            .iter()
+            .all(|ps| {
+                ps.as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|p| p["topic"] == "stop.alone" && p["nodes"].as_array().is_some_and(|n| n.contains(&json!(2))))
+            })
+            .then_some(())
+    })
+    .await;
+    c.signal(1, "STOP");
+    c.signal(3, "STOP");
+    let status = c.terminate(2).await;
+    c.signal(1, "CONT");
+    c.signal(3, "CONT");
+    assert!(status.success(), "node 2 exited with {status}");
+    let log = std::fs::read_to_string(c[1].log()).unwrap();
+    assert!(log.contains("herald node stopped"), "{log}");
+    assert!(
+        !log.contains("could not hand"),
+        "node 2 waited out the hand-over:\n{log}"
+    );
+    assert!(
+        log.contains("every other member is stopping or unreachable too"),
+        "node 2 did not say why it stopped waiting:\n{log}"
+    );
+}

@@ -8,9 +8,10 @@
 //! (`supervisor`). An instance handles one event at a time (so a keyed event stream is handled
 //! strictly in order, retries included); a sync handler gets unkeyed events pipelined (several
 //! queued in its mailbox before the first answer, which it still handles one by one, in order).
-//! The supervisor restarts the actor from its factory with exponential backoff after an error, a
-//! panic or a timeout, retries the event up to `max_attempts`, and then hands it to the
-//! dead-letter sink.
+//! The supervisor retries a failed event up to `max_attempts` (each retry of one event waiting
+//! longer, exponentially; the next event starts over), and then hands it to the dead-letter sink.
+//! An `Err` answer fails only the attempt: the same actor gets the retry. A panic or a timeout
+//! also replaces the actor with a fresh one from its factory.
 //!
 //! This module knows nothing of HTTP, the WAL or Raft: completion and dead-lettering go through
 //! the `supervisor::Completion` and `supervisor::DeadLetterSink` traits.

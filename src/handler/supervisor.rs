@@ -1,6 +1,14 @@
 //! One supervisor task per handler instance: it owns the instance's bounded mailbox and its actor,
 //! feeds the actor events, restarts it after failures and dead-letters poison events.
 //!
+//! **Failures.** A handler that returns `Err` for an event is not broken: the event is retried on
+//! the same actor. A panic or a timeout breaks the actor: it is replaced by a fresh one from the
+//! factory before the retry (counted in `herald_handler_restarts_total`). Either way retry `n` of
+//! an event (attempt `n + 1`) waits [`Policy::backoff`]`(n)`: the delay grows with the attempts of
+//! *that* event and starts over with the next one, so one poison event never slows down the
+//! events after it. A first attempt never waits (also not on a replacement actor). An event whose
+//! last attempt fails is dead-lettered, with one `dead-lettered` WARN line naming it.
+//!
 //! Events run one at a time (send, await the answer, send the next), except unkeyed first
 //! attempts to an actor that answers inside `handle` (a sync handler, `Spawner::pipelined`):
 //! those are *pipelined*, up to [`PIPELINE`] handed to the actor before the first answer is
@@ -15,11 +23,13 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use actix::MailboxError;
 use futures_util::future::{BoxFuture, LocalBoxFuture};
 use tokio::sync::mpsc;
+// Tokio's clock (the same as std's unless paused): the tests run the supervisor in virtual time.
+use tokio::time::Instant;
 
 use super::{Delivery, HandlerResult, Invoke, Spawner};
 use crate::event::Event;
@@ -105,9 +115,9 @@ pub(crate) struct Policy {
 }
 
 impl Policy {
-    /// Delay before restart number `failures` (1-based): initial × 2^(failures-1), capped.
-    pub(crate) fn backoff(&self, failures: u32) -> Duration {
-        let factor = 1u32.checked_shl(failures.saturating_sub(1).min(20)).unwrap_or(u32::MAX);
+    /// Delay before retry number `retry` (1-based) of one event: initial × 2^(retry-1), capped.
+    pub(crate) fn backoff(&self, retry: u32) -> Duration {
+        let factor = 1u32.checked_shl(retry.saturating_sub(1).min(20)).unwrap_or(u32::MAX);
         self.backoff_initial.saturating_mul(factor).min(self.backoff_max)
     }
 }
@@ -148,7 +158,7 @@ pub(crate) async fn run_instance(
         load,
         actor: None,
         watchdog,
-        failures: 0,
+        replacing: false,
         again: VecDeque::new(),
     };
     loop {
@@ -184,6 +194,13 @@ struct Sent {
     answer: LocalBoxFuture<'static, Result<HandlerResult, MailboxError>>,
 }
 
+/// A failed attempt.
+struct Failure {
+    error: String,
+    /// The actor panicked or hung (it is replaced); `false` for an `Err` answer.
+    broken: bool,
+}
+
 /// One instance's state (see [`run_instance`]).
 struct Runner {
     shared: Arc<SubShared>,
@@ -192,11 +209,11 @@ struct Runner {
     dead_letters: Arc<dyn DeadLetterSink>,
     /// Events queued or in progress at this instance (the router's least-loaded choice).
     load: Arc<AtomicUsize>,
-    /// The running actor; `None` after a failure, until the restart.
+    /// The running actor; `None` after a panic or a timeout, until the restart.
     actor: Option<Box<dyn Invoke>>,
     watchdog: tokio::time::Interval,
-    /// Consecutive failures of this instance; drives the restart backoff, reset by a success.
-    failures: u32,
+    /// The next start replaces an actor that broke (counted as a restart).
+    replacing: bool,
     /// Jobs taken back from a pipeline, in mailbox order, with their next attempt: ones that
     /// failed an attempt, and ones the actor never ran because an earlier one failed (attempt 1).
     /// They run one at a time, before the mailbox.
@@ -221,16 +238,21 @@ impl Runner {
         self.shared.progress.backlog.fetch_sub(1, Ordering::Relaxed);
     }
 
-    /// The running actor, started (after the restart backoff, following failures) if needed.
-    async fn actor(&mut self) -> &dyn Invoke {
+    /// The running actor, started if needed (a restart, when it replaces a broken one).
+    fn actor(&mut self) -> &dyn Invoke {
         if self.actor.is_none() {
-            if self.failures > 0 {
-                tokio::time::sleep(self.policy.backoff(self.failures)).await;
+            if std::mem::take(&mut self.replacing) {
                 self.shared.metrics.restarts.increment(1);
             }
             self.actor = Some(self.spawner.start());
         }
         self.actor.as_deref().expect("started above")
+    }
+
+    /// Drops a broken actor (it panicked or hung): the next attempt runs on a fresh one.
+    fn broke(&mut self) {
+        self.actor = None;
+        self.replacing = true;
     }
 
     fn delivery(&self, job: &Job, attempt: u32) -> Delivery {
@@ -261,14 +283,23 @@ impl Runner {
         }
     }
 
-    fn error(&self, result: Option<Result<HandlerResult, MailboxError>>) -> Option<String> {
+    /// What went wrong with an attempt, if anything.
+    fn failure(&self, result: Option<Result<HandlerResult, MailboxError>>) -> Option<Failure> {
         match result {
             Some(Ok(Ok(()))) => None,
-            Some(Ok(Err(e))) => Some(e.to_string()),
-            Some(Err(MailboxError::Closed)) => Some("handler panicked or stopped".to_string()),
-            Some(Err(MailboxError::Timeout)) | None => {
-                Some(format!("handler did not answer within {:?}", self.policy.call_timeout))
-            }
+            // The handler judged this event: the actor itself is fine.
+            Some(Ok(Err(e))) => Some(Failure {
+                error: e.to_string(),
+                broken: false,
+            }),
+            Some(Err(MailboxError::Closed)) => Some(Failure {
+                error: "handler panicked or stopped".to_string(),
+                broken: true,
+            }),
+            Some(Err(MailboxError::Timeout)) | None => Some(Failure {
+                error: format!("handler did not answer within {:?}", self.policy.call_timeout),
+                broken: true,
+            }),
         }
     }
 
@@ -277,7 +308,6 @@ impl Runner {
     async fn failed(&mut self, job: &Job, attempt: u32, error: String) -> Option<Outcome> {
         let shared = &self.shared;
         shared.metrics.delivered_error.increment(1);
-        self.failures = self.failures.saturating_add(1);
         tracing::warn!(subscription = %shared.key, id = %job.event.id, attempt, max_attempts = shared.max_attempts, %error, "handler failed");
         if attempt < shared.max_attempts {
             shared.metrics.redelivered.increment(1);
@@ -288,6 +318,7 @@ impl Runner {
                 Ok(()) => {
                     shared.metrics.dead_lettered.increment(1);
                     shared.metrics.dead_letters.increment(1);
+                    tracing::warn!(subscription = %shared.key, id = %job.event.id, attempts = attempt, last_error = %error, "event dead-lettered: every attempt failed (GET /v1/dead-letters lists it, with the id to replay it by)");
                     Outcome::DeadLettered {
                         attempts: attempt,
                         error,
@@ -304,24 +335,28 @@ impl Runner {
         )
     }
 
-    /// Runs one job alone from `attempt` on: retried on a fresh actor after each failure (with
-    /// backoff) until it succeeds or runs out of attempts.
+    /// Runs one job alone from `attempt` on: retried after each failure (after the event's
+    /// backoff; on a fresh actor when the failure broke the actor) until it succeeds or runs out
+    /// of attempts.
     async fn one(&mut self, job: &Job, mut attempt: u32) -> Outcome {
         loop {
+            if attempt > 1 {
+                tokio::time::sleep(self.policy.backoff(attempt - 1)).await;
+            }
             let delivery = self.delivery(job, attempt);
-            let actor = self.actor().await;
+            let actor = self.actor();
             let started = Instant::now();
             let mut answer = actor.call(delivery);
             let result = Self::answer(&mut self.watchdog, self.policy.call_timeout, started, &mut answer).await;
             self.shared.metrics.duration.record(started.elapsed().as_secs_f64());
-            let Some(error) = self.error(result) else {
-                self.failures = 0;
+            let Some(failure) = self.failure(result) else {
                 self.shared.metrics.delivered_ok.increment(1);
                 return Outcome::Ok { attempts: attempt };
             };
-            // A failed instance is replaced by a fresh one from the factory (after backoff).
-            self.actor = None;
-            if let Some(outcome) = self.failed(job, attempt, error).await {
+            if failure.broken {
+                self.broke();
+            }
+            if let Some(outcome) = self.failed(job, attempt, failure.error).await {
                 return outcome;
             }
             attempt += 1;
@@ -334,22 +369,25 @@ impl Runner {
     /// request/response round trip each. Only for actors that answer inside `handle` (in order,
     /// one at a time; see `Spawner::pipelined`).
     ///
-    /// The first failure (error, panic or timeout) ends the pipeline: nothing more is sent, the
-    /// answers still due are collected, and the actor is then replaced. Failed jobs go to `again`
-    /// for their next attempt; ones a dead or hung actor never ran go there unattempted. A keyed
-    /// job also ends it, and runs alone afterwards (per-key order includes retries).
+    /// The first failure (error, panic or timeout) ends the pipeline: nothing more is sent and
+    /// the answers still due are collected; after a panic or a timeout the actor is then
+    /// replaced. Failed jobs go to `again` for their next attempt; ones a dead or hung actor
+    /// never ran go there unattempted. A keyed job also ends it, and runs alone afterwards
+    /// (per-key order includes retries).
     async fn pipeline(&mut self, first: Job, mailbox: &mut mpsc::Receiver<Job>) {
         let mut sent: VecDeque<Sent> = VecDeque::with_capacity(PIPELINE);
         let mut next = Some(first);
-        // Set by the first failure: send nothing more, and count later `Closed` answers as never
-        // run (the actor died at the failure).
-        let mut broken = false;
+        // Set by the first failure: send nothing more.
+        let mut stopped = false;
+        // Set by a panic or a timeout: count later `Closed` answers as never run (the actor died
+        // at the failure), and replace the actor.
+        let mut dead = false;
         // A keyed job met while topping up: it runs after this pipeline.
         let mut held: Option<Job> = None;
         // When the oldest unanswered delivery could start: its send, or the previous answer.
         let mut since = Instant::now();
         loop {
-            while !broken && held.is_none() && sent.len() < PIPELINE {
+            while !stopped && held.is_none() && sent.len() < PIPELINE {
                 let job = match next.take() {
                     Some(job) => job,
                     None => match mailbox.try_recv() {
@@ -371,7 +409,7 @@ impl Runner {
                     since = Instant::now();
                 }
                 let delivery = self.delivery(&job, 1);
-                let answer = self.actor().await.call(delivery);
+                let answer = self.actor().call(delivery);
                 sent.push_back(Sent { job, answer });
             }
             let Some(head) = sent.front_mut() else { break };
@@ -386,22 +424,20 @@ impl Runner {
                 .record(answered.saturating_duration_since(since).as_secs_f64());
             since = answered;
             let timed_out = result.is_none();
-            if broken && matches!(result, Some(Err(MailboxError::Closed))) {
+            if dead && matches!(result, Some(Err(MailboxError::Closed))) {
                 // The actor died at an earlier failure: this one never ran.
                 self.again.push_back((job, 1));
                 continue;
             }
-            match self.error(result) {
+            match self.failure(result) {
                 None => {
-                    if !broken {
-                        self.failures = 0;
-                    }
                     self.shared.metrics.delivered_ok.increment(1);
                     self.finish(job, Outcome::Ok { attempts: 1 });
                 }
-                Some(error) => {
-                    broken = true;
-                    match self.failed(&job, 1, error).await {
+                Some(failure) => {
+                    stopped = true;
+                    dead |= failure.broken;
+                    match self.failed(&job, 1, failure.error).await {
                         Some(outcome) => self.finish(job, outcome),
                         None => self.again.push_back((job, 2)),
                     }
@@ -412,8 +448,8 @@ impl Runner {
                 self.again.extend(sent.drain(..).map(|s| (s.job, 1)));
             }
         }
-        if broken {
-            self.actor = None;
+        if dead {
+            self.broke();
         }
         if let Some(job) = held {
             self.again.push_back((job, 1));
@@ -423,7 +459,308 @@ impl Runner {
 
 #[cfg(test)]
 mod tests {
+    use std::cell::Cell;
+    use std::rc::Rc;
+    use std::sync::Mutex;
+
+    use tokio::time::Instant;
+
     use super::*;
+    use crate::handler::HandlerError;
+
+    /// One call of the fake handler: the event's data, the attempt, which actor (1 = the first
+    /// started) and when (virtual time since the test began).
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    struct Call {
+        data: String,
+        attempt: u32,
+        actor: usize,
+        at: Duration,
+    }
+
+    /// What the fake handlers of one test did, and how each event ended.
+    struct Script {
+        begun: Instant,
+        starts: AtomicUsize,
+        calls: Mutex<Vec<Call>>,
+        outcomes: Mutex<Vec<(String, Outcome, Duration)>>,
+        pipelined: bool,
+    }
+
+    impl Script {
+        fn calls_of(&self, data: &str) -> Vec<Call> {
+            self.calls
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|c| c.data == data)
+                .cloned()
+                .collect()
+        }
+    }
+
+    /// Starts fake actors that answer by the event's data: `ok…` acknowledges, `err…` answers
+    /// `Err`, `panic…` dies (this call and every later one answer `Closed`, as actix does).
+    struct Fake(Arc<Script>);
+
+    impl Spawner for Fake {
+        fn start(&self) -> Box<dyn Invoke> {
+            let actor = self.0.starts.fetch_add(1, Ordering::SeqCst) + 1;
+            Box::new(FakeActor {
+                script: self.0.clone(),
+                actor,
+                dead: Rc::new(Cell::new(false)),
+            })
+        }
+
+        fn pipelined(&self) -> bool {
+            self.0.pipelined
+        }
+    }
+
+    struct FakeActor {
+        script: Arc<Script>,
+        actor: usize,
+        dead: Rc<Cell<bool>>,
+    }
+
+    impl Invoke for FakeActor {
+        fn call(&self, d: Delivery) -> LocalBoxFuture<'static, Result<HandlerResult, MailboxError>> {
+            if self.dead.get() {
+                return Box::pin(async { Err(MailboxError::Closed) });
+            }
+            let data = String::from_utf8_lossy(&d.event.data).into_owned();
+            self.script.calls.lock().unwrap().push(Call {
+                data: data.clone(),
+                attempt: d.attempt,
+                actor: self.actor,
+                at: self.script.begun.elapsed(),
+            });
+            let answer = if data.starts_with("ok") {
+                Ok(Ok(()))
+            } else if data.starts_with("err") {
+                Ok(Err(HandlerError::msg(format!("cannot handle {data}"))))
+            } else {
+                self.dead.set(true);
+                Err(MailboxError::Closed)
+            };
+            Box::pin(async move { answer })
+        }
+    }
+
+    /// Records each event's outcome with its data (one completion per job).
+    struct Done {
+        script: Arc<Script>,
+        data: String,
+    }
+
+    impl Completion for Done {
+        fn complete(&self, _: &SubscriptionKey, outcome: Outcome) {
+            let at = self.script.begun.elapsed();
+            self.script
+                .outcomes
+                .lock()
+                .unwrap()
+                .push((self.data.clone(), outcome, at));
+        }
+    }
+
+    struct Sink;
+
+    impl DeadLetterSink for Sink {
+        fn store(
+            &self,
+            _: &SubscriptionKey,
+            _: &Event,
+            _: u32,
+            _: &str,
+        ) -> BoxFuture<'static, Result<(), DeadLetterError>> {
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    struct NoReturns;
+
+    impl Retired for NoReturns {
+        fn retired(&self, _: &Arc<SubscriptionKey>, _: Job) {
+            panic!("no job is retired in these tests");
+        }
+    }
+
+    const INITIAL: Duration = Duration::from_millis(100);
+
+    /// Runs one instance over `events` (all queued before it starts, then the mailbox closes)
+    /// with 3 attempts and a 100 ms initial backoff capped at 5 s; returns what happened.
+    async fn run(events: &[&str], pipelined: bool) -> Arc<Script> {
+        let script = Arc::new(Script {
+            begun: Instant::now(),
+            starts: AtomicUsize::new(0),
+            calls: Mutex::default(),
+            outcomes: Mutex::default(),
+            pipelined,
+        });
+        let key = SubscriptionKey {
+            topic: "t".into(),
+            group: "g".into(),
+        };
+        let shared = Arc::new(SubShared {
+            metrics: SubMetrics::new(&key),
+            key: Arc::new(key),
+            max_attempts: 3,
+            progress: Arc::new(crate::monitor::Progress::new(1)),
+            retired: std::sync::atomic::AtomicBool::new(false),
+            returns: Arc::new(NoReturns),
+        });
+        let policy = Policy {
+            backoff_initial: INITIAL,
+            backoff_max: Duration::from_secs(5),
+            call_timeout: Duration::from_secs(30),
+        };
+        let (tx, rx) = mpsc::channel(events.len());
+        for data in events {
+            let job = Job {
+                event: Arc::new(Event::new("t", data.to_string(), "text/plain").with_id(format!("id-{data}"))),
+                completion: Arc::new(Done {
+                    script: script.clone(),
+                    data: data.to_string(),
+                }),
+                origin: Origin::Local,
+            };
+            tx.try_send(job).unwrap_or_else(|_| panic!("room for {data}"));
+        }
+        drop(tx);
+        let load = Arc::new(AtomicUsize::new(events.len()));
+        run_instance(shared, Arc::new(Fake(script.clone())), policy, Arc::new(Sink), rx, load).await;
+        script
+    }
+
+    fn outcome(script: &Script, data: &str) -> (Outcome, Duration) {
+        let outcomes = script.outcomes.lock().unwrap();
+        let found: Vec<_> = outcomes.iter().filter(|(d, ..)| d == data).collect();
+        assert_eq!(found.len(), 1, "one outcome for {data}: {outcomes:?}");
+        (found[0].1.clone(), found[0].2)
+    }
+
+    fn dead_lettered(script: &Script, data: &str) -> Duration {
+        let (o, at) = outcome(script, data);
+        assert!(matches!(o, Outcome::DeadLettered { attempts: 3, .. }), "{data}: {o:?}");
+        at
+    }
+
+    /// The gaps between the attempts of `data`, and the actors that ran them.
+    fn attempts(script: &Script, data: &str) -> (Vec<Duration>, Vec<usize>) {
+        let calls = script.calls_of(data);
+        assert_eq!(
+            calls.iter().map(|c| c.attempt).collect::<Vec<_>>(),
+            (1..=calls.len() as u32).collect::<Vec<_>>(),
+            "{calls:?}"
+        );
+        let gaps = calls.windows(2).map(|w| w[1].at - w[0].at).collect();
+        (gaps, calls.iter().map(|c| c.actor).collect())
+    }
+
+    /// Bug 5 of issue 18: an `Err` for one event's data does not restart the actor, and each
+    /// event's retries start from the initial backoff: the second bad event's retries wait as
+    /// long as the first's, and the good event after it runs as soon as it is dead-lettered.
+    #[tokio::test(start_paused = true)]
+    async fn an_err_retries_on_the_same_actor_and_every_event_starts_its_backoff_over() {
+        let script = run(&["err-1", "err-2", "ok-3"], false).await;
+        assert_eq!(
+            script.starts.load(Ordering::SeqCst),
+            1,
+            "an Err restarted the actor: {:?}",
+            script.calls.lock().unwrap()
+        );
+        for bad in ["err-1", "err-2"] {
+            assert_eq!(
+                attempts(&script, bad),
+                (vec![INITIAL, INITIAL * 2], vec![1, 1, 1]),
+                "{bad}"
+            );
+        }
+        let done = dead_lettered(&script, "err-2");
+        assert_eq!(outcome(&script, "ok-3").0, Outcome::Ok { attempts: 1 });
+        assert_eq!(
+            script.calls_of("ok-3")[0].at,
+            done,
+            "the good event waited after the dead letter"
+        );
+        assert!(dead_lettered(&script, "err-1") <= script.calls_of("err-2")[0].at);
+    }
+
+    /// The same for a sync handler, whose unkeyed events are pipelined: the failures come back
+    /// as retries (alone, on the same actor), the good events between them are not held up.
+    #[tokio::test(start_paused = true)]
+    async fn an_err_in_a_pipeline_keeps_the_actor_and_the_backoff_per_event() {
+        let script = run(&["err-1", "ok-2", "err-3", "ok-4"], true).await;
+        assert_eq!(
+            script.starts.load(Ordering::SeqCst),
+            1,
+            "an Err restarted the actor: {:?}",
+            script.calls.lock().unwrap()
+        );
+        for good in ["ok-2", "ok-4"] {
+            assert_eq!(
+                outcome(&script, good),
+                (Outcome::Ok { attempts: 1 }, Duration::ZERO),
+                "{good}"
+            );
+        }
+        assert_eq!(attempts(&script, "err-1"), (vec![INITIAL, INITIAL * 2], vec![1, 1, 1]));
+        let first_done = dead_lettered(&script, "err-1");
+        // err-3's retries queue behind err-1's (one at a time), then wait from the initial delay.
+        let (gaps, actors) = attempts(&script, "err-3");
+        assert_eq!((gaps[1], actors), (INITIAL * 2, vec![1, 1, 1]));
+        assert_eq!(script.calls_of("err-3")[1].at, first_done + INITIAL);
+        dead_lettered(&script, "err-3");
+    }
+
+    /// A panic does replace the actor, after the event's backoff, which grows with that event's
+    /// attempts only: the event after its dead letter starts at once, on a fresh actor.
+    #[tokio::test(start_paused = true)]
+    async fn a_panic_restarts_the_actor_with_backoff_that_starts_over_after_the_event() {
+        let script = run(&["panic-1", "ok-2"], false).await;
+        assert_eq!(
+            attempts(&script, "panic-1"),
+            (vec![INITIAL, INITIAL * 2], vec![1, 2, 3])
+        );
+        let done = dead_lettered(&script, "panic-1");
+        let good = script.calls_of("ok-2");
+        assert_eq!((good[0].actor, good[0].at), (4, done), "{good:?}");
+        assert_eq!(outcome(&script, "ok-2").0, Outcome::Ok { attempts: 1 });
+    }
+
+    /// A dead letter is logged once, as one line naming the event, the subscription, the
+    /// attempts and the last error (rough edge 15 of issue 18).
+    #[tokio::test(start_paused = true)]
+    async fn a_dead_letter_logs_one_line_naming_the_event_and_the_last_error() {
+        #[derive(Clone, Default)]
+        struct Lines(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Lines {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let lines = Lines::default();
+        let writer = lines.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+        let script = run(&["err-1", "ok-2"], false).await;
+        dead_lettered(&script, "err-1");
+        let log = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+        let dead: Vec<&str> = log.lines().filter(|l| l.contains("dead-lettered")).collect();
+        assert_eq!(dead.len(), 1, "{log}");
+        for part in ["id=id-err-1", "subscription=t/g", "attempts=3", "cannot handle err-1"] {
+            assert!(dead[0].contains(part), "{part:?} missing from {:?}", dead[0]);
+        }
+    }
 
     #[test]
     fn backoff_doubles_and_caps() {

@@ -110,7 +110,14 @@ impl NodeBuilder {
             subscriptions,
             metrics,
         } = self;
-        config.subscriptions.extend(subscriptions);
+        for (file, code) in config.declare(subscriptions) {
+            tracing::warn!(
+                subscription = %format!("{}/{}", code.topic, code.group),
+                config_file = %serde_json::to_string(&file).unwrap_or_default(),
+                code = %serde_json::to_string(&code).unwrap_or_default(),
+                "a [[subscriptions]] entry of the config file is overridden by the one declared in code (NodeBuilder::subscribe/subscription), which wins"
+            );
+        }
         config.validate()?;
         let h = &config.handlers;
         claim_data_dir(&config)?;
@@ -483,7 +490,13 @@ impl RunningNode {
     pub async fn shutdown(self) {
         self.server.stop(true).await;
         let deadline = Instant::now() + Duration::from_millis(self.core.config.shutdown_timeout_ms);
-        self.core.drain_self(deadline).await;
+        // When the whole cluster stops (`herald up`'s Ctrl-C), every other member drains itself
+        // too, or is gone: there is nobody to hand over to, so the hand-over stops waiting.
+        tokio::select! {
+            biased;
+            _ = self.core.drain_self(deadline) => {}
+            _ = nobody_stays(&self.core) => tracing::info!("every other member is stopping or unreachable too: nothing to hand over to"),
+        }
         let mut tick = tokio::time::interval(Duration::from_millis(20));
         loop {
             let queued = self.core.ingress.local_queued() + self.core.relay.in_flight();
@@ -533,6 +546,29 @@ impl RunningNode {
             tracing::warn!("the store is still open: a handler may be blocking its worker thread");
         }
         tracing::info!("herald node stopped");
+    }
+}
+
+/// Resolves when no other member is left to take this node's work: each is draining, leaving,
+/// down, or unreachable from here (its connection broke), or the membership service stopped.
+/// Pending while one is up and reachable.
+async fn nobody_stays(core: &NodeCore) {
+    /// Peer health changes are not announced: look again this often.
+    const LOOK: Duration = Duration::from_millis(50);
+    let me = core.config.node_id;
+    let mut state = core.membership.state();
+    loop {
+        let stays = state.borrow_and_update().members().values().any(|m| {
+            let peer = core.health.peer(m.id);
+            m.id != me && m.status == crate::types::NodeStatus::Up && peer.routable() && !peer.unreachable()
+        });
+        if !stays {
+            return;
+        }
+        tokio::select! {
+            r = state.changed() => if r.is_err() { return },
+            _ = tokio::time::sleep(LOOK) => {}
+        }
     }
 }
 

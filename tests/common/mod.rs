@@ -223,10 +223,16 @@ pub fn free_port() -> u16 {
 }
 
 /// A base port whose ports `base..base+n` and `base+100..base+100+n` are all free right now (the
-/// layout of `herald up` and `harness::Ports::Base`).
+/// layout of `herald up` and `harness::Ports::Base`), below the ephemeral range (where outgoing
+/// connections take their ports), and a different one at each call (tests run in parallel).
 pub fn free_port_base(n: u16) -> u16 {
+    static CALLS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     for attempt in 0..200u32 {
-        let base = 20_000 + ((std::process::id() * 7919 + attempt * 104_729) % 30_000) as u16;
+        let seed = std::process::id()
+            .wrapping_mul(7919)
+            .wrapping_add((call * 200 + attempt).wrapping_mul(104_729));
+        let base = 20_000 + (seed % 12_000) as u16;
         let free = (0..n)
             .flat_map(|i| [base + i, base + 100 + i])
             .all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok());
