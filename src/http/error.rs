@@ -16,6 +16,8 @@ pub struct ApiError {
     code: &'static str,
     message: String,
     retry_after: Option<u64>,
+    /// The `Allow` header of a 405: the methods the path has.
+    allow: Option<&'static str>,
 }
 
 /// The JSON error body.
@@ -42,6 +44,7 @@ impl ApiError {
             code,
             message: message.into(),
             retry_after: None,
+            allow: None,
         }
     }
 
@@ -60,6 +63,18 @@ impl ApiError {
 
     pub(crate) fn unsupported_media_type(message: impl Into<String>) -> Self {
         Self::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", message)
+    }
+
+    /// 405 for a method the path does not have; `allow` lists the ones it has (the `Allow` header).
+    pub(crate) fn method_not_allowed(method: &str, path: &str, allow: &'static str) -> Self {
+        ApiError {
+            allow: Some(allow),
+            ..Self::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                format!("{path} does not take {method}; it takes {allow}"),
+            )
+        }
     }
 
     pub(crate) fn too_large(limit: usize) -> Self {
@@ -86,6 +101,9 @@ impl ResponseError for ApiError {
         let mut r = HttpResponse::build(self.status);
         if let Some(s) = self.retry_after {
             r.insert_header(("Retry-After", s.to_string()));
+        }
+        if let Some(methods) = self.allow {
+            r.insert_header((actix_web::http::header::ALLOW, methods));
         }
         r.json(ErrorBody {
             error: ErrorDetail {
