@@ -88,6 +88,10 @@ enum Scenario {
     /// A bare actix-web server answering 202 on the publish path (the peer of `http`).
     #[command(hide = true)]
     BareHttp(http::BareHttpArgs),
+    /// A 3-node cluster under steady mixed load for a bounded time (default 180 s), sampling RSS,
+    /// fds, threads, store size and p99 latency per node; fails when a resource grows past its
+    /// warm-up level plus a margin.
+    Soak(soak::SoakArgs),
     /// Runs every scenario and writes BENCHMARKS.md with the figures, the machine, the commands and
     /// SVG plots (needs nats-server).
     Report(report::ReportArgs),
@@ -316,6 +320,7 @@ fn main() -> ExitCode {
         Scenario::Jetstream(a) => nats::run(a, nats::Mode::JetStream),
         Scenario::Http(a) => http::run(a),
         Scenario::BareHttp(a) => http::bare_http(a),
+        Scenario::Soak(a) => soak::run(a),
         Scenario::Report(a) => report::run(a),
         // The built-in handler kinds, as in the `herald` binary; `node` adds `bench-sink`.
         Scenario::Node(a) => cluster::node(a, Node::builder()),
@@ -812,4 +817,5 @@ mod nats;
 mod plot;
 mod record;
 mod report;
+mod soak;
 mod tls;
