@@ -518,7 +518,7 @@ async fn soak(c: &mut Cluster, a: &SoakArgs) -> Result<(), String> {
     }
     if problems.is_empty() {
         println!(
-            "verdict: PASS (after the first {warmup_s:.0} s, no node's RSS, fds, threads or store grew past its warm-up level plus margin)"
+            "verdict: PASS (after the first {warmup_s:.0} s, no node's RSS, fds, threads, store or backlog grew past its warm-up level plus margin)"
         );
         Ok(())
     } else {
