@@ -26,7 +26,12 @@
 //!
 //! `http`: HTTP publish to one node vs a bare actix-web server (`bare-http`, hidden); see `http.rs`.
 //!
-//! `report`: runs every scenario as a child process and writes `BENCHMARKS.md`; see `report.rs`.
+//! `soak`: a 3-node cluster under paced mixed load for a bounded time, sampling each node's RSS,
+//! fds, threads, store file, backlog and p99 latency; fails when a resource grows past its warm-up
+//! level plus a margin; see `soak.rs`.
+//!
+//! `report`: runs every scenario as a child process and writes `BENCHMARKS.md` (appending the last
+//! soak's section, `benchmarks/soak.md`); see `report.rs`.
 //!
 //! `node` (hidden): runs a node exactly like `herald node` (same flags) with one more Rust handler,
 //! `bench-sink`: a no-op actor that reads `{"t": unix_nanos, "r": round?}` from the event and
