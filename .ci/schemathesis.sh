@@ -17,10 +17,14 @@ cd "$(dirname "$0")/.."
 
 # Pinned: a newer schemathesis may add checks; bump it on purpose.
 schemathesis_version=4.32.5
-if ! st --version 2>/dev/null | grep -qx "st, version $schemathesis_version"; then
+# pip puts `st` in the interpreter's scripts directory, which may not be on PATH.
+st="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')/st"
+[ -x "$st" ] || st=st
+if ! "$st" --version 2>/dev/null | grep -qx "st, version $schemathesis_version"; then
   python3 -m pip install --quiet --disable-pip-version-check "schemathesis==$schemathesis_version"
+  st="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')/st"
 fi
-st --version
+"$st" --version
 
 herald=${1:-}
 if [ -z "$herald" ]; then
@@ -82,7 +86,7 @@ run() {
   echo
   echo "==> schemathesis as $who"
   # A request unanswered within --request-timeout is a finding too (no operation may hang).
-  if ! st --no-color --config-file .ci/schemathesis.toml run "$url/openapi.json" \
+  if ! "$st" --no-color --config-file .ci/schemathesis.toml run "$url/openapi.json" \
     "${checks[@]}" \
     --max-examples "$examples" \
     --seed 1 \
