@@ -14,6 +14,7 @@
 # HERALD_SCHEMATHESIS_ARGS (more `st run` options, e.g. `--report har --report-dir /tmp/st` to see every request).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+repo=$(pwd)
 
 # Pinned: a newer schemathesis may add checks; bump it on purpose.
 schemathesis_version=4.32.5
@@ -31,6 +32,7 @@ if [ -z "$herald" ]; then
   cargo build --quiet --bin herald
   herald=${CARGO_TARGET_DIR:-target}/debug/herald
 fi
+herald=$(realpath "$herald")
 examples=${HERALD_SCHEMATHESIS_EXAMPLES:-10}
 
 work=$(mktemp -d)
@@ -86,7 +88,8 @@ run() {
   echo
   echo "==> schemathesis as $who"
   # A request unanswered within --request-timeout is a finding too (no operation may hang).
-  if ! "$st" --no-color --config-file .ci/schemathesis.toml run "$url/openapi.json" \
+  # Run from the temporary directory: schemathesis and hypothesis leave caches in the current one.
+  if ! (cd "$work" && "$st" --no-color --config-file "$repo/.ci/schemathesis.toml" run "$url/openapi.json" \
     "${checks[@]}" \
     --max-examples "$examples" \
     --seed 1 \
@@ -94,7 +97,7 @@ run() {
     --generation-database none \
     --request-timeout 10 \
     ${HERALD_SCHEMATHESIS_ARGS:-} \
-    "$@"; then
+    "$@"); then
     failed=1
   fi
 }
