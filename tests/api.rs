@@ -2626,3 +2626,120 @@ async fn admin_actions_are_audited_with_the_token_name_not_the_token() {
     }
     n.node.shutdown().await;
 }
+
+#[actix_rt::test]
+async fn a_method_a_path_does_not_have_answers_405_in_the_error_shape_with_allow() {
+    let seen = Seen::default();
+    let n = recording_node(&seen, "api.methods").await;
+    for (method, path, allow) in [
+        ("GET", "/v1/topics/api.methods/events", "POST"),
+        ("PUT", "/v1/topics/api.methods/events/batch", "POST"),
+        ("DELETE", "/v1/subscriptions", "GET, POST"),
+        ("POST", "/v1/cluster", "GET"),
+        ("GET", "/v1/cluster/nodes/1", "DELETE"),
+        ("POST", "/healthz", "GET"),
+    ] {
+        let a = request(method, &format!("{}{path}", n.url), &[], "").await;
+        assert_eq!(a.status, 405, "{method} {path}: {}", a.body);
+        assert_eq!(
+            a.body["error"]["code"], "method_not_allowed",
+            "{method} {path}: {}",
+            a.body
+        );
+        assert!(a.body["error"]["message"].is_string(), "{}", a.body);
+        assert_eq!(
+            a.headers.get("allow").and_then(|v| v.to_str().ok()),
+            Some(allow),
+            "{method} {path}"
+        );
+    }
+    let a = request("GET", &format!("{}/v1/no-such-route", n.url), &[], "").await;
+    assert_eq!(a.status, 404);
+    assert_eq!(a.body["error"]["code"], "not_found", "{}", a.body);
+    n.node.shutdown().await;
+}
+
+#[actix_rt::test]
+async fn the_openapi_document_lists_cloudevents_media_types_and_auth_errors() {
+    let seen = Seen::default();
+    let n = recording_node(&seen, "api.doc").await;
+    let (status, doc) = get(&format!("{}/openapi.json", n.url)).await;
+    assert_eq!(status, 200);
+    let op = |path: &str, method: &str| doc["paths"][path][method].clone();
+    let media = |op: &Value| -> BTreeSet<String> {
+        op["requestBody"]["content"]
+            .as_object()
+            .map(|c| c.keys().cloned().collect())
+            .unwrap_or_default()
+    };
+    let one = op("/v1/topics/{topic}/events", "post");
+    assert_eq!(
+        media(&one),
+        BTreeSet::from(
+            [
+                "application/json",
+                "application/cloudevents+json",
+                "application/octet-stream"
+            ]
+            .map(String::from)
+        ),
+        "{one}"
+    );
+    let headers: Vec<&str> = one["parameters"]
+        .as_array()
+        .expect("parameters")
+        .iter()
+        .filter(|p| p["in"] == "header")
+        .filter_map(|p| p["name"].as_str())
+        .collect();
+    for h in ["ce-specversion", "ce-id", "ce-source", "ce-type", "Idempotency-Key"] {
+        assert!(headers.contains(&h), "binary mode header {h} missing: {headers:?}");
+    }
+    let batch = op("/v1/topics/{topic}/events/batch", "post");
+    assert!(media(&batch).contains("application/cloudevents-batch+json"), "{batch}");
+    let error_body = json!({ "$ref": "#/components/schemas/ErrorBody" });
+    for (path, method) in [
+        ("/v1/topics/{topic}/events", "post"),
+        ("/v1/subscriptions", "post"),
+        ("/v1/cluster/nodes/{id}", "delete"),
+        ("/v1/dead-letters", "get"),
+    ] {
+        let o = op(path, method);
+        for status in ["401", "403"] {
+            assert_eq!(
+                o["responses"][status]["content"]["application/json"]["schema"], error_body,
+                "{method} {path} {status}: {o}"
+            );
+        }
+        assert_eq!(o["security"], json!([{ "bearer": [] }]), "{method} {path}");
+    }
+    for status in ["413", "415"] {
+        assert_eq!(
+            op("/v1/subscriptions", "post")["responses"][status]["content"]["application/json"]["schema"],
+            error_body,
+            "POST /v1/subscriptions {status}"
+        );
+    }
+    let health = op("/healthz", "get");
+    assert!(health["security"].is_null(), "{health}");
+    assert!(health["responses"]["401"].is_null(), "{health}");
+    assert!(doc["components"]["schemas"]["CloudEvent"]["properties"]["specversion"].is_object());
+    n.node.shutdown().await;
+}
+
+#[actix_rt::test]
+async fn dead_letters_refuse_an_unknown_scope() {
+    let seen = Seen::default();
+    let n = recording_node(&seen, "api.scope").await;
+    for (method, path) in [
+        ("GET", "/v1/dead-letters?scope=everywhere"),
+        ("POST", "/v1/dead-letters/x/replay?scope=everywhere"),
+    ] {
+        let a = request(method, &format!("{}{path}", n.url), &[], "").await;
+        assert_eq!(a.status, 400, "{method} {path}: {}", a.body);
+        assert_eq!(a.body["error"]["code"], "invalid_query", "{}", a.body);
+    }
+    let a = request("GET", &format!("{}/v1/dead-letters?scope=local", n.url), &[], "").await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    n.node.shutdown().await;
+}

@@ -27,7 +27,9 @@ const SINK_LAST: &str = "herald_bench_sink_last_handled_unix_seconds";
 /// Wall-clock time of the first event of each failover round (`r` field) handled on this node.
 const SINK_FIRST: &str = "herald_bench_sink_first_handled_unix_seconds";
 /// The handler name.
-const SINK: &str = "bench-sink";
+pub(super) const SINK: &str = "bench-sink";
+/// The soak's failing handler (see [`BenchFlaky`]).
+pub(super) const FLAKY: &str = "bench-flaky";
 const TOPIC: &str = "bench.cluster";
 const FAILOVER_TOPIC: &str = "bench.failover";
 const GROUP: &str = "sink";
@@ -138,6 +140,40 @@ impl Handler<Delivery> for BenchSink {
     }
 }
 
+/// A handler that fails some events, for the soak (`soak.rs`): `{"f":1}` fails on every attempt
+/// (so it is dead-lettered), `{"f":2}` on its first attempt only (so it is retried); anything
+/// else succeeds.
+struct BenchFlaky;
+
+impl Actor for BenchFlaky {
+    type Context = Context<Self>;
+}
+
+#[derive(serde::Deserialize)]
+struct Flaky {
+    #[serde(default)]
+    f: u8,
+}
+
+/// Why `bench-flaky` fails the `attempt`-th delivery of an event with `data`, if it does.
+pub(super) fn flaky_failure(data: &[u8], attempt: u32) -> Option<&'static str> {
+    match serde_json::from_slice::<Flaky>(data).map_or(0, |x| x.f) {
+        1 => Some("bench-flaky: this event fails on every attempt"),
+        2 if attempt == 1 => Some("bench-flaky: this event fails on its first attempt"),
+        _ => None,
+    }
+}
+
+impl Handler<Delivery> for BenchFlaky {
+    type Result = HandlerResult;
+    fn handle(&mut self, d: Delivery, _: &mut Context<Self>) -> HandlerResult {
+        match flaky_failure(&d.event.data, d.attempt) {
+            Some(why) => Err(herald::handler::HandlerError::msg(why)),
+            None => Ok(()),
+        }
+    }
+}
+
 /// Herald's Prometheus recorder plus fine buckets for the sink's latency histogram (the
 /// exporter renders histograms without configured buckets as summaries, which cannot be
 /// subtracted between runs).
@@ -195,6 +231,7 @@ pub(super) fn node(a: BenchNodeArgs, builder: NodeBuilder) -> Result<(), String>
         .config(config)
         .metrics(metrics)
         .handler(SINK, || BenchSink)
+        .handler(FLAKY, || BenchFlaky)
         .run()
         .map_err(|e| e.to_string())
 }
@@ -222,6 +259,18 @@ pub(super) fn start(
     insecure: bool,
     keep: bool,
 ) -> Result<Cluster, String> {
+    start_with(name, ports, wal_fsync, insecure, keep, &[])
+}
+
+/// [`start`] with more arguments for every node.
+pub(super) fn start_with(
+    name: &str,
+    ports: Vec<(u16, u16)>,
+    wal_fsync: Option<FsyncPolicy>,
+    insecure: bool,
+    keep: bool,
+    extra: &[String],
+) -> Result<Cluster, String> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot find this program's path: {e}"))?;
     let fsync = wal_fsync.map(|f| match f {
         FsyncPolicy::Always => "always",
@@ -231,7 +280,8 @@ pub(super) fn start(
     let mut c = Harness::temporary(exe, name)?
         .keep_dir(keep)
         .progress(true)
-        .args(fsync.into_iter().flat_map(|f| ["--wal-fsync", f]));
+        .args(fsync.into_iter().flat_map(|f| ["--wal-fsync", f]))
+        .args(extra);
     if insecure {
         c = c.insecure_peers();
     }
@@ -250,13 +300,26 @@ pub(super) fn start_on_free_ports(
     insecure: bool,
     keep: bool,
 ) -> Result<Cluster, String> {
+    start_on_free_ports_with(name, nodes, wal_fsync, insecure, keep, &[])
+}
+
+/// [`start_on_free_ports`] with more arguments for every node.
+pub(super) fn start_on_free_ports_with(
+    name: &str,
+    nodes: usize,
+    wal_fsync: Option<FsyncPolicy>,
+    insecure: bool,
+    keep: bool,
+    extra: &[String],
+) -> Result<Cluster, String> {
     let p = free_ports(2 * nodes)?;
-    start(
+    start_with(
         name,
         p.chunks(2).map(|c| (c[0], c[1])).collect(),
         wal_fsync,
         insecure,
         keep,
+        extra,
     )
 }
 
@@ -292,6 +355,11 @@ async fn get(client: &awc::Client, url: &str) -> Result<Vec<u8>, String> {
         return Err(format!("GET {url}: {} {}", r.status(), String::from_utf8_lossy(&body)));
     }
     Ok(body.to_vec())
+}
+
+/// `GET url` as text.
+pub(super) async fn get_text(client: &awc::Client, url: &str) -> Result<String, String> {
+    String::from_utf8(get(client, url).await?).map_err(|e| format!("GET {url}: {e}"))
 }
 
 async fn get_json(client: &awc::Client, url: &str) -> Result<Value, String> {
@@ -1416,6 +1484,21 @@ async fn failover(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_flaky_handler_fails_marked_events_always_or_once() {
+        use super::flaky_failure;
+        for attempt in 1..=3 {
+            assert!(
+                flaky_failure(br#"{"t":1,"f":1}"#, attempt).is_some(),
+                "f=1, attempt {attempt}"
+            );
+            assert!(flaky_failure(br#"{"t":1,"f":0}"#, attempt).is_none());
+            assert!(flaky_failure(b"not json", attempt).is_none());
+        }
+        assert!(flaky_failure(br#"{"t":1,"f":2}"#, 1).is_some());
+        assert!(flaky_failure(br#"{"t":1,"f":2}"#, 2).is_none());
+    }
+
     #[test]
     fn ping_buckets_are_read_per_peer_line() {
         let text = "# TYPE herald_peer_ping_rtt_seconds histogram\n\

@@ -26,7 +26,12 @@
 //!
 //! `http`: HTTP publish to one node vs a bare actix-web server (`bare-http`, hidden); see `http.rs`.
 //!
-//! `report`: runs every scenario as a child process and writes `BENCHMARKS.md`; see `report.rs`.
+//! `soak`: a 3-node cluster under paced mixed load for a bounded time, sampling each node's RSS,
+//! fds, threads, store file, backlog and p99 latency; fails when a resource grows past its warm-up
+//! level plus a margin; see `soak.rs`.
+//!
+//! `report`: runs every scenario as a child process and writes `BENCHMARKS.md` (appending the last
+//! soak's section, `benchmarks/soak.md`); see `report.rs`.
 //!
 //! `node` (hidden): runs a node exactly like `herald node` (same flags) with one more Rust handler,
 //! `bench-sink`: a no-op actor that reads `{"t": unix_nanos, "r": round?}` from the event and
@@ -88,6 +93,10 @@ enum Scenario {
     /// A bare actix-web server answering 202 on the publish path (the peer of `http`).
     #[command(hide = true)]
     BareHttp(http::BareHttpArgs),
+    /// A 3-node cluster under steady mixed load for a bounded time (default 180 s), sampling RSS,
+    /// fds, threads, store size and p99 latency per node; fails when a resource grows past its
+    /// warm-up level plus a margin.
+    Soak(soak::SoakArgs),
     /// Runs every scenario and writes BENCHMARKS.md with the figures, the machine, the commands and
     /// SVG plots (needs nats-server).
     Report(report::ReportArgs),
@@ -316,6 +325,7 @@ fn main() -> ExitCode {
         Scenario::Jetstream(a) => nats::run(a, nats::Mode::JetStream),
         Scenario::Http(a) => http::run(a),
         Scenario::BareHttp(a) => http::bare_http(a),
+        Scenario::Soak(a) => soak::run(a),
         Scenario::Report(a) => report::run(a),
         // The built-in handler kinds, as in the `herald` binary; `node` adds `bench-sink`.
         Scenario::Node(a) => cluster::node(a, Node::builder()),
@@ -813,4 +823,5 @@ mod nats;
 mod plot;
 mod record;
 mod report;
+mod soak;
 mod tls;

@@ -292,9 +292,79 @@ fn bars(path: &Path, title: &str, y_desc: &str, groups: &[String], series: &[Ser
     Ok(())
 }
 
+/// A time-series chart (the soak's): one line per series of `(seconds, value)` points, x in
+/// seconds from 0, y from 0; `marker` draws a grey vertical line there (the end of the warm-up).
+pub(super) fn lines(
+    path: &Path,
+    title: &str,
+    y_desc: &str,
+    series: &[(String, Vec<(f64, f64)>)],
+    marker: Option<f64>,
+) -> Result<(), String> {
+    let e = |e: plotters::drawing::DrawingAreaErrorKind<std::io::Error>| format!("{}: {e}", path.display());
+    let points = || series.iter().flat_map(|(_, p)| p.iter().copied());
+    let x_max = points().map(|p| p.0).fold(1.0f64, f64::max);
+    let y_max = (points().map(|p| p.1).fold(0.0f64, f64::max) * 1.15).max(1e-9);
+    let root = SVGBackend::new(path, (900, 420)).into_drawing_area();
+    root.fill(&WHITE).map_err(e)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(45)
+        .y_label_area_size(80)
+        .build_cartesian_2d(0f64..x_max, 0f64..y_max)
+        .map_err(e)?;
+    chart
+        .configure_mesh()
+        .x_desc("seconds")
+        .y_desc(y_desc)
+        .x_label_formatter(&|v| short(*v))
+        .y_label_formatter(&|v| short(*v))
+        .draw()
+        .map_err(e)?;
+    if let Some(x) = marker {
+        let dash = PathElement::new(vec![(x, 0.0), (x, y_max)], BLACK.mix(0.4).stroke_width(1));
+        chart.draw_series(std::iter::once(dash)).map_err(e)?;
+    }
+    for (j, (name, p)) in series.iter().enumerate() {
+        let color = PALETTE[j % PALETTE.len()];
+        chart
+            .draw_series(LineSeries::new(p.iter().copied(), color.stroke_width(2)))
+            .map_err(e)?
+            .label(name.clone())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 14, y)], color.stroke_width(2)));
+    }
+    chart
+        .configure_series_labels()
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.9))
+        .position(SeriesLabelPosition::LowerRight)
+        .draw()
+        .map_err(e)?;
+    root.present().map_err(e)?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn time_series_charts_are_svg_with_a_line_per_series() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("t.svg");
+        let series = vec![
+            ("node 1".to_string(), vec![(0.0, 1.0), (10.0, 2.0), (20.0, 1.5)]),
+            ("node 2".to_string(), vec![(0.0, 3.0), (10.0, 3.5)]),
+        ];
+        lines(&path, "RSS per node", "MiB", &series, Some(6.0)).expect("drawn");
+        let svg = std::fs::read_to_string(&path).expect("written");
+        assert!(svg.starts_with("<svg"), "{}", &svg[..svg.len().min(80)]);
+        for text in ["RSS per node", "node 1", "node 2"] {
+            assert!(svg.contains(text), "{text} missing");
+        }
+        assert!(svg.matches("<polyline").count() >= 2, "one line per series");
+    }
 
     #[test]
     fn labels_wrap_at_spaces() {

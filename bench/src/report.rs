@@ -190,6 +190,11 @@ pub(super) fn run(a: ReportArgs) -> Result<(), String> {
         &drawn,
         &plot_ref,
     );
+    // The soak runs for long on its own (`herald-bench soak --out <plots>`); its section is kept.
+    let text = match std::fs::read_to_string(plots.join("soak.md")) {
+        Ok(soak) => format!("{text}{soak}"),
+        Err(_) => text,
+    };
     std::fs::write(&a.out, text).map_err(|e| format!("cannot write {}: {e}", a.out.display()))?;
     eprintln!(
         "\nwrote {} and {} plots in {} ({:.0} s in all)",

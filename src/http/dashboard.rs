@@ -10,7 +10,7 @@
 use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
 
-use super::{authorize, ApiError, State};
+use super::{authorize, other_methods, ApiError, State};
 use crate::config::Role;
 
 const PAGE: &str = include_str!("dashboard/index.html");
@@ -32,23 +32,22 @@ fn asset(content_type: &str, body: &'static str) -> HttpResponse {
 
 /// The dashboard's routes.
 pub(crate) fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route(
-        "/",
-        web::get().to(|| async { HttpResponse::Found().insert_header((header::LOCATION, "/ui")).finish() }),
-    )
-    .route(
-        "/ui",
-        web::get().to(|| async { asset("text/html; charset=utf-8", PAGE) }),
-    )
-    .route(
-        "/ui/app.js",
-        web::get().to(|| async { asset("text/javascript; charset=utf-8", SCRIPT) }),
-    )
-    .route(
-        "/ui/app.css",
-        web::get().to(|| async { asset("text/css; charset=utf-8", STYLE) }),
-    )
-    .route("/v1/stats/series", web::get().to(series));
+    let get = |path: &str, to: fn() -> HttpResponse| {
+        web::resource(path)
+            .route(web::get().to(move || async move { to() }))
+            .default_service(other_methods("GET"))
+    };
+    cfg.service(get("/", || {
+        HttpResponse::Found().insert_header((header::LOCATION, "/ui")).finish()
+    }))
+    .service(get("/ui", || asset("text/html; charset=utf-8", PAGE)))
+    .service(get("/ui/app.js", || asset("text/javascript; charset=utf-8", SCRIPT)))
+    .service(get("/ui/app.css", || asset("text/css; charset=utf-8", STYLE)))
+    .service(
+        web::resource("/v1/stats/series")
+            .route(web::get().to(series))
+            .default_service(other_methods("GET")),
+    );
 }
 
 #[derive(serde::Deserialize)]

@@ -25,31 +25,46 @@ pub(super) struct DeadLetterQuery {
     /// Page after this dead-letter id.
     after: Option<String>,
     /// Page size (default 100, at most 1000).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<usize>,
-    /// `local`: only this node's dead letters (what nodes ask each other); default: the cluster's.
-    scope: Option<String>,
+    /// `local`: only this node's dead letters (what nodes ask each other); default (`cluster`): the cluster's.
+    scope: Option<Scope>,
 }
 
 /// Query of `POST /v1/dead-letters/{id}/replay`.
 #[derive(serde::Deserialize, utoipa::IntoParams)]
 pub(super) struct ReplayQuery {
-    /// `local`: only look on this node; default: on every member.
-    scope: Option<String>,
+    /// `local`: only look on this node; default (`cluster`): on every member.
+    scope: Option<Scope>,
 }
 
-fn local_only(scope: &Option<String>) -> Result<bool, ApiError> {
-    match scope.as_deref() {
-        None | Some("cluster") => Ok(false),
-        Some("local") => Ok(true),
-        Some(other) => Err(ApiError::bad_request(
-            "invalid_query",
-            format!("scope must be `local` or `cluster`, not {other:?}"),
-        )),
-    }
+/// The answer to a replay.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub(super) struct ReplayAnswer {
+    /// The dead letter's id.
+    id: String,
+    /// The id of the event sent back to its subscription.
+    event_id: String,
+}
+
+/// Where a dead-letter route looks (another value answers 400 `invalid_query`).
+#[derive(serde::Deserialize, utoipa::ToSchema, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum Scope {
+    /// Only this node.
+    Local,
+    /// Every member.
+    #[default]
+    Cluster,
+}
+
+fn local_only(scope: Option<Scope>) -> bool {
+    scope.unwrap_or_default() == Scope::Local
 }
 
 #[utoipa::path(get, path = "/v1/dead-letters", tag = "dead letters", params(DeadLetterQuery),
-    responses((status = 200, description = "Dead letters of every member, oldest first", body = [crate::ingress::DeadLetter])))]
+    responses((status = 200, description = "Dead letters of every member, oldest first; `x-herald-unreachable` names the members that did not answer", body = [crate::ingress::DeadLetter]),
+              (status = 503, description = "The dead-letter store is unavailable (store_unavailable), or too many listings at once (busy)", body = super::error::ErrorBody)))]
 pub(super) async fn list(
     req: HttpRequest,
     q: web::Query<DeadLetterQuery>,
@@ -63,7 +78,7 @@ pub(super) async fn list(
             "limit must be between 1 and 1000",
         ));
     }
-    if local_only(&q.scope)? {
+    if local_only(q.scope) {
         let local = state
             .core
             .ingress()
@@ -92,7 +107,10 @@ fn store_unavailable(e: impl std::fmt::Display) -> ApiError {
 }
 
 #[utoipa::path(post, path = "/v1/dead-letters/{id}/replay", tag = "dead letters", params(("id" = String, Path), ReplayQuery),
-    responses((status = 202, description = "Sent back to its subscription"), (status = 404, description = "No such dead letter", body = super::error::ErrorBody)))]
+    responses((status = 202, description = "Sent back to its subscription", body = ReplayAnswer),
+              (status = 404, description = "No such dead letter", body = super::error::ErrorBody),
+              (status = 409, description = "Its subscription is gone (subscription_gone)", body = super::error::ErrorBody),
+              (status = 503, description = "The dead-letter store is unavailable (store_unavailable)", body = super::error::ErrorBody)))]
 pub(super) async fn replay(
     req: HttpRequest,
     path: web::Path<String>,
@@ -101,7 +119,7 @@ pub(super) async fn replay(
 ) -> Result<HttpResponse, ApiError> {
     authorize(&req, &state, Role::Admin)?;
     let id = path.into_inner();
-    let replayed = if local_only(&q.scope)? {
+    let replayed = if local_only(q.scope) {
         state.core.ingress().replay_dead_letter(&id).await?
     } else {
         match state.core.replay_dead_letter_anywhere(&id).await {
@@ -113,5 +131,5 @@ pub(super) async fn replay(
             r => r?,
         }
     };
-    Ok(HttpResponse::Accepted().json(serde_json::json!({ "id": id, "event_id": replayed })))
+    Ok(HttpResponse::Accepted().json(ReplayAnswer { id, event_id: replayed }))
 }

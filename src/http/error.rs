@@ -18,6 +18,8 @@ pub struct ApiError {
     retry_after: Option<u64>,
     /// The ids of the events concerned (the 504 of `ack=processed`: accepted, still delivered).
     ids: Option<Vec<String>>,
+    /// The `Allow` header of a 405: the methods the path has.
+    allow: Option<&'static str>,
 }
 
 /// The JSON error body.
@@ -50,6 +52,7 @@ impl ApiError {
             message: message.into(),
             retry_after: None,
             ids: None,
+            allow: None,
         }
     }
 
@@ -68,6 +71,18 @@ impl ApiError {
 
     pub(crate) fn unsupported_media_type(message: impl Into<String>) -> Self {
         Self::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", message)
+    }
+
+    /// 405 for a method the path does not have; `allow` lists the ones it has (the `Allow` header).
+    pub(crate) fn method_not_allowed(method: &str, path: &str, allow: &'static str) -> Self {
+        ApiError {
+            allow: Some(allow),
+            ..Self::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                format!("{path} does not take {method}; it takes {allow}"),
+            )
+        }
     }
 
     pub(crate) fn too_large(limit: usize) -> Self {
@@ -94,6 +109,9 @@ impl ResponseError for ApiError {
         let mut r = HttpResponse::build(self.status);
         if let Some(s) = self.retry_after {
             r.insert_header(("Retry-After", s.to_string()));
+        }
+        if let Some(methods) = self.allow {
+            r.insert_header((actix_web::http::header::ALLOW, methods));
         }
         r.json(ErrorBody {
             error: ErrorDetail {

@@ -208,35 +208,102 @@ fn count_request(req: Option<&HttpRequest>, status: u16) {
     }
 }
 
-/// Every route of the API.
+/// Every route of the API. Each path is one resource: a method it does not have answers 405 in
+/// the error shape with `Allow` (keep `Allow` in step with the resource's routes), an unknown path
+/// 404 in the error shape.
 fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.service(hot(PUBLISH_ONE).route(web::post().to(publish::publish_one)))
-        .service(hot(PUBLISH_BATCH).route(web::post().to(publish::publish_batch)))
-        .route("/v1/subscriptions", web::get().to(list_subscriptions))
-        .route("/v1/subscriptions", web::post().to(create_subscription))
-        .route(
-            "/v1/subscriptions/{topic}/{group}",
-            web::delete().to(delete_subscription),
-        )
-        .route("/v1/cluster", web::get().to(cluster))
-        .route("/v1/cluster/placements", web::get().to(placements))
-        .route("/v1/cluster/nodes/{id}/drain", web::post().to(drain_node))
-        .route("/v1/cluster/nodes/{id}/undrain", web::post().to(undrain_node))
-        .route("/v1/cluster/nodes/{id}", web::delete().to(remove_node))
-        .route(
-            "/v1/cluster/nodes/{id}/approve",
-            web::post().to(join_approval::approve_join),
-        )
-        .route("/v1/dead-letters", web::get().to(dead_letters::list))
-        .route("/v1/dead-letters/{id}/replay", web::post().to(replay_dead_letter))
-        .route("/metrics", web::get().to(metrics_text))
-        .route("/healthz", web::get().to(healthz))
-        .route("/readyz", web::get().to(readyz))
-        .route("/openapi.json", web::get().to(openapi))
-        .configure(dashboard::routes)
-        .default_service(web::to(|req: HttpRequest| async move {
-            Err::<HttpResponse, _>(ApiError::not_found(format!("no route {} {}", req.method(), req.path())))
-        }));
+    cfg.service(
+        hot(PUBLISH_ONE)
+            .route(web::post().to(publish::publish_one))
+            .default_service(other_methods("POST")),
+    )
+    .service(
+        hot(PUBLISH_BATCH)
+            .route(web::post().to(publish::publish_batch))
+            .default_service(other_methods("POST")),
+    )
+    .service(
+        web::resource("/v1/subscriptions")
+            .route(web::get().to(list_subscriptions))
+            .route(web::post().to(create_subscription))
+            .default_service(other_methods("GET, POST")),
+    )
+    .service(
+        web::resource("/v1/subscriptions/{topic}/{group}")
+            .route(web::delete().to(delete_subscription))
+            .default_service(other_methods("DELETE")),
+    )
+    .service(
+        web::resource("/v1/cluster")
+            .route(web::get().to(cluster))
+            .default_service(other_methods("GET")),
+    )
+    .service(
+        web::resource("/v1/cluster/placements")
+            .route(web::get().to(placements))
+            .default_service(other_methods("GET")),
+    )
+    .service(
+        web::resource("/v1/cluster/nodes/{id}/drain")
+            .route(web::post().to(drain_node))
+            .default_service(other_methods("POST")),
+    )
+    .service(
+        web::resource("/v1/cluster/nodes/{id}/undrain")
+            .route(web::post().to(undrain_node))
+            .default_service(other_methods("POST")),
+    )
+    .service(
+        web::resource("/v1/cluster/nodes/{id}")
+            .route(web::delete().to(remove_node))
+            .default_service(other_methods("DELETE")),
+    )
+    .service(
+        web::resource("/v1/cluster/nodes/{id}/approve")
+            .route(web::post().to(join_approval::approve_join))
+            .default_service(other_methods("POST")),
+    )
+    .service(
+        web::resource("/v1/dead-letters")
+            .route(web::get().to(dead_letters::list))
+            .default_service(other_methods("GET")),
+    )
+    .service(
+        web::resource("/v1/dead-letters/{id}/replay")
+            .route(web::post().to(replay_dead_letter))
+            .default_service(other_methods("POST")),
+    )
+    .service(
+        web::resource("/metrics")
+            .route(web::get().to(metrics_text))
+            .default_service(other_methods("GET")),
+    )
+    .service(
+        web::resource("/healthz")
+            .route(web::get().to(healthz))
+            .default_service(other_methods("GET")),
+    )
+    .service(
+        web::resource("/readyz")
+            .route(web::get().to(readyz))
+            .default_service(other_methods("GET")),
+    )
+    .service(
+        web::resource("/openapi.json")
+            .route(web::get().to(openapi))
+            .default_service(other_methods("GET")),
+    )
+    .configure(dashboard::routes)
+    .default_service(web::to(|req: HttpRequest| async move {
+        Err::<HttpResponse, _>(ApiError::not_found(format!("no route {} {}", req.method(), req.path())))
+    }));
+}
+
+/// A resource's answer to the methods it does not have: 405 in the error shape, `Allow: allow`.
+pub(crate) fn other_methods(allow: &'static str) -> actix_web::Route {
+    web::to(move |req: HttpRequest| async move {
+        Err::<HttpResponse, _>(ApiError::method_not_allowed(req.method().as_str(), req.path(), allow))
+    })
 }
 
 /// Who made a request: the token that [`authorize`] accepted.
@@ -456,7 +523,8 @@ async fn list_subscriptions(req: HttpRequest, state: State) -> Result<HttpRespon
 #[utoipa::path(post, path = "/v1/subscriptions", tag = "subscriptions", request_body = SubscriptionSpec,
     responses((status = 201, description = "Created or changed", body = SubscriptionSpec),
               (status = 200, description = "Already existed unchanged", body = SubscriptionSpec),
-              (status = 400, description = "Invalid", body = error::ErrorBody)))]
+              (status = 400, description = "Invalid", body = error::ErrorBody),
+              (status = 503, description = "The cluster could not commit the change now (unavailable); see Retry-After", body = error::ErrorBody)))]
 async fn create_subscription(req: HttpRequest, payload: web::Payload, state: State) -> Result<HttpResponse, ApiError> {
     admin_action(&req, &state, "create_subscription", "-".to_string(), || async {
         let spec: SubscriptionSpec = match json_body(&req, payload, &state).await {
@@ -480,7 +548,8 @@ async fn create_subscription(req: HttpRequest, payload: web::Payload, state: Sta
 
 #[utoipa::path(delete, path = "/v1/subscriptions/{topic}/{group}", tag = "subscriptions",
     params(("topic" = String, Path), ("group" = String, Path)),
-    responses((status = 204, description = "Deleted"), (status = 404, description = "No such subscription", body = error::ErrorBody)))]
+    responses((status = 204, description = "Deleted"), (status = 404, description = "No such subscription", body = error::ErrorBody),
+              (status = 503, description = "The cluster could not commit the change now (unavailable); see Retry-After", body = error::ErrorBody)))]
 async fn delete_subscription(
     req: HttpRequest,
     path: web::Path<(String, String)>,
@@ -519,13 +588,14 @@ async fn placements(req: HttpRequest, state: State) -> Result<HttpResponse, ApiE
 }
 
 #[utoipa::path(post, path = "/v1/cluster/nodes/{id}/drain", tag = "cluster", params(("id" = u64, Path)),
-    responses((status = 202, description = "Draining: its instances move to other nodes"),
-              (status = 404, description = "No such member", body = error::ErrorBody)))]
+    responses((status = 202, description = "Draining: its instances move to other nodes", body = NodeStatus),
+              (status = 404, description = "No such member", body = error::ErrorBody),
+              (status = 503, description = "The cluster could not commit the change now (unavailable); see Retry-After", body = error::ErrorBody)))]
 async fn drain_node(req: HttpRequest, path: web::Path<u64>, state: State) -> Result<HttpResponse, ApiError> {
     let id = path.into_inner();
     admin_action(&req, &state, "drain_node", id.to_string(), || async {
         let answer = match state.core.drain_node(id).await {
-            Ok(true) => Ok(HttpResponse::Accepted().json(serde_json::json!({ "id": id, "status": "draining" }))),
+            Ok(true) => Ok(HttpResponse::Accepted().json(NodeStatus { id, status: "draining" })),
             Ok(false) => Err(ApiError::not_found(format!("no member {id}"))),
             Err(e) => Err(e.into()),
         };
@@ -535,9 +605,10 @@ async fn drain_node(req: HttpRequest, path: web::Path<u64>, state: State) -> Res
 }
 
 #[utoipa::path(post, path = "/v1/cluster/nodes/{id}/undrain", tag = "cluster", params(("id" = u64, Path)),
-    responses((status = 200, description = "Up again: the leader gives it instances again"),
+    responses((status = 200, description = "Up again: the leader gives it instances again", body = NodeStatus),
               (status = 404, description = "No such member", body = error::ErrorBody),
-              (status = 409, description = "It is neither draining nor up (code not_draining)", body = error::ErrorBody)))]
+              (status = 409, description = "It is neither draining nor up (code not_draining)", body = error::ErrorBody),
+              (status = 503, description = "The cluster could not commit the change now (unavailable); see Retry-After", body = error::ErrorBody)))]
 async fn undrain_node(req: HttpRequest, path: web::Path<u64>, state: State) -> Result<HttpResponse, ApiError> {
     let id = path.into_inner();
     admin_action(&req, &state, "undrain_node", id.to_string(), || async {
@@ -563,7 +634,8 @@ struct RemoveQuery {
 #[utoipa::path(delete, path = "/v1/cluster/nodes/{id}", tag = "cluster", params(("id" = u64, Path), RemoveQuery),
     responses((status = 204, description = "Removed from the cluster"),
               (status = 404, description = "No such member", body = error::ErrorBody),
-              (status = 409, description = "It is the only member (code last_member), or it is up and running and force is not set (code member_up)", body = error::ErrorBody)))]
+              (status = 409, description = "It is the only member (code last_member), or it is up and running and force is not set (code member_up)", body = error::ErrorBody),
+              (status = 503, description = "The cluster could not commit the change now (unavailable); see Retry-After", body = error::ErrorBody)))]
 async fn remove_node(
     req: HttpRequest,
     path: web::Path<u64>,
@@ -613,13 +685,13 @@ async fn metrics_text(req: HttpRequest, state: State) -> Result<HttpResponse, Ap
         .body(text))
 }
 
-#[utoipa::path(get, path = "/healthz", tag = "operations", responses((status = 200, description = "The process serves HTTP")))]
+#[utoipa::path(get, path = "/healthz", tag = "operations", responses((status = 200, description = "The process serves HTTP", body = Status)))]
 async fn healthz() -> HttpResponse {
-    HttpResponse::Ok().json(serde_json::json!({ "status": "ok" }))
+    HttpResponse::Ok().json(Status { status: "ok" })
 }
 
 #[utoipa::path(get, path = "/readyz", tag = "operations",
-    responses((status = 200, description = "WAL replayed, ready"), (status = 503, description = "Not ready yet (not_ready), the store refuses writes (storage_unhealthy), or the node was removed from its cluster (removed)", body = error::ErrorBody)))]
+    responses((status = 200, description = "WAL replayed, ready", body = Status), (status = 503, description = "Not ready yet (not_ready), the store refuses writes (storage_unhealthy), or the node was removed from its cluster (removed)", body = error::ErrorBody)))]
 async fn readyz(state: State) -> Result<HttpResponse, ApiError> {
     let unready = |m: &str| ApiError::new(actix_web::http::StatusCode::SERVICE_UNAVAILABLE, "not_ready", m);
     if state.core.ingress().is_removed() {
@@ -644,8 +716,21 @@ async fn readyz(state: State) -> Result<HttpResponse, ApiError> {
     } else if let Some(problem) = state.core.membership().unready_reason() {
         Err(unready(&problem.to_string()))
     } else {
-        Ok(HttpResponse::Ok().json(serde_json::json!({ "status": "ready" })))
+        Ok(HttpResponse::Ok().json(Status { status: "ready" }))
     }
+}
+
+/// `{"status": …}` of `/healthz` (`ok`) and `/readyz` (`ready`).
+#[derive(serde::Serialize, utoipa::ToSchema)]
+struct Status {
+    status: &'static str,
+}
+
+/// `{"id": …, "status": …}`: a node's new state after drain (`draining`) or approval (`member`).
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub(crate) struct NodeStatus {
+    id: u64,
+    status: &'static str,
 }
 
 async fn openapi() -> HttpResponse {
@@ -667,9 +752,10 @@ async fn openapi() -> HttpResponse {
         crate::ingress::SubscriptionOutcome, crate::ingress::DeadLetter, crate::ingress::AckMode,
         crate::control::ClusterView, crate::control::MemberView, crate::control::PlacementView,
         error::ErrorBody, error::ErrorDetail, publish::BatchAnswer, crate::control::PendingJoinView,
+        publish::CloudEventDoc, dead_letters::ReplayAnswer, dead_letters::Scope, NodeStatus, Status,
         series::SeriesView, series::TopicSeries, series::SubscriptionSeries
     )),
-    modifiers(&BearerAuth)
+    modifiers(&BearerAuth, &ErrorResponses)
 )]
 pub struct ApiDoc;
 
@@ -684,4 +770,82 @@ impl utoipa::Modify for BearerAuth {
             SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
         );
     }
+}
+
+/// The error answers the frame of every route gives, added to each operation of the document that
+/// does not describe them itself, all with the `{"error": …}` body: 401 and 403 (and the bearer
+/// security requirement) where [`authorize`] runs, 400 where a path, query or header parameter
+/// or a body is parsed, and 408, 413 and 415 where a body is read ([`read_body`], [`json_body`]).
+struct ErrorResponses;
+
+/// Paths whose operations need no token (`/metrics` needs one only with `http.metrics_auth`).
+const OPEN_PATHS: [&str; 3] = ["/healthz", "/readyz", "/metrics"];
+
+impl utoipa::Modify for ErrorResponses {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::SecurityRequirement;
+        for (path, item) in openapi.paths.paths.iter_mut() {
+            let open = OPEN_PATHS.contains(&path.as_str());
+            let operations = [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+                &mut item.patch,
+            ];
+            for op in operations.into_iter().flatten() {
+                if open {
+                    if path == "/metrics" {
+                        error_response(
+                            op,
+                            401,
+                            "With http.metrics_auth: missing or unknown token (unauthorized)",
+                        );
+                        error_response(
+                            op,
+                            403,
+                            "With http.metrics_auth: the token lacks the read scope (forbidden)",
+                        );
+                    }
+                } else {
+                    op.security = Some(vec![SecurityRequirement::new("bearer", Vec::<String>::new())]);
+                    error_response(op, 401, "Missing or unknown bearer token (unauthorized)");
+                    error_response(op, 403, "The token lacks the scope this operation needs (forbidden)");
+                }
+                if op.parameters.as_ref().is_some_and(|p| !p.is_empty()) || op.request_body.is_some() {
+                    error_response(
+                        op,
+                        400,
+                        "Invalid request: a path, query or header parameter or the body (the code names which)",
+                    );
+                }
+                if op.request_body.is_some() {
+                    error_response(
+                        op,
+                        408,
+                        "The body did not arrive within http.body_timeout_ms (request_timeout)",
+                    );
+                    error_response(op, 413, "The body is over http.max_body_bytes (payload_too_large)");
+                    error_response(op, 415, "Unsupported content type (unsupported_media_type)");
+                }
+            }
+        }
+    }
+}
+
+/// Adds `status` with the `ErrorBody` schema to `op` unless it describes that status already.
+fn error_response(op: &mut utoipa::openapi::path::Operation, status: u16, description: &str) {
+    use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+    op.responses.responses.entry(status.to_string()).or_insert_with(|| {
+        ResponseBuilder::new()
+            .description(description)
+            .content(
+                "application/json",
+                ContentBuilder::new()
+                    .schema(Some(Ref::from_schema_name("ErrorBody")))
+                    .build(),
+            )
+            .build()
+            .into()
+    });
 }

@@ -25,6 +25,7 @@ pub(crate) struct PublishQuery {
     /// `none`, `accepted` (default) or `processed`.
     ack: Option<AckMode>,
     /// With `ack=processed`: how long to wait before answering 504 (default 30000, max 300000).
+    #[param(minimum = 1, maximum = 300000)]
     timeout_ms: Option<u64>,
     /// `true`: refuse (404 `no_subscription`) an event whose topic has no subscription, instead
     /// of accepting it for no one. Default: `http.require_subscription` (false).
@@ -78,6 +79,34 @@ pub struct BatchAnswer {
     /// Per event outcomes (`ack=processed` only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub events: Option<Vec<Published>>,
+}
+
+/// A structured CloudEvent as the OpenAPI document describes it (parsing uses the `cloudevents`
+/// crate; this type only documents the shape).
+#[derive(Serialize, ToSchema)]
+#[schema(as = CloudEvent)]
+#[allow(dead_code)]
+pub(crate) struct CloudEventDoc {
+    /// `1.0`.
+    #[schema(pattern = "^1\\.0$")]
+    specversion: String,
+    /// Event id.
+    id: String,
+    /// URI-reference of the producer.
+    source: String,
+    /// Event type.
+    #[serde(rename = "type")]
+    ty: String,
+    /// RFC 3339 timestamp.
+    time: Option<String>,
+    /// Subject.
+    subject: Option<String>,
+    /// Media type of `data`.
+    datacontenttype: Option<String>,
+    /// The data (JSON).
+    data: Option<serde_json::Value>,
+    /// The data (base64).
+    data_base64: Option<String>,
 }
 
 /// Header names looked up on every publish, built once (a `&str` lookup allocates a name).
@@ -248,17 +277,25 @@ async fn admit(
 }
 
 #[utoipa::path(post, path = "/v1/topics/{topic}/events", tag = "events",
-    params(("topic" = String, Path, description = "Topic, [a-zA-Z0-9._-]{1,200}"), PublishQuery,
+    params(("topic" = String, Path, description = "Topic, [a-zA-Z0-9._-]{1,200}", pattern = "^[a-zA-Z0-9._-]{1,200}$"), PublishQuery,
            ("Idempotency-Key" = Option<String>, Header, description = "Event id"),
-           ("X-Herald-Key" = Option<String>, Header, description = "Partition key")),
-    request_body(content = serde_json::Value, description = "Any JSON, a structured CloudEvent, or binary-mode CloudEvent data"),
+           ("X-Herald-Key" = Option<String>, Header, description = "Partition key"),
+           ("ce-specversion" = Option<String>, Header, description = "Binary-mode CloudEvent: `1.0`; with it ce-id, ce-source and ce-type are required and the body is the event's data, of any media type"),
+           ("ce-id" = Option<String>, Header, description = "Binary-mode CloudEvent id"),
+           ("ce-source" = Option<String>, Header, description = "Binary-mode CloudEvent source"),
+           ("ce-type" = Option<String>, Header, description = "Binary-mode CloudEvent type")),
+    request_body(content(
+        (serde_json::Value = "application/json"),
+        (CloudEventDoc = "application/cloudevents+json"),
+        ("application/octet-stream")),
+        description = "Any JSON (application/json), a structured CloudEvent (application/cloudevents+json), or a binary-mode CloudEvent: the ce-* headers carry the attributes and the body, of any media type, is the data"),
     responses((status = 202, description = "Accepted", body = Published),
               (status = 200, description = "Processed (ack=processed)", body = Published),
-              (status = 400, description = "Invalid (JSON, UTF-8, nesting deeper than 128, a non-ASCII Idempotency-Key or X-Herald-Key, an empty or over-256-byte Idempotency-Key: invalid_idempotency_key)", body = super::error::ErrorBody),
+              (status = 400, description = "Invalid (JSON, UTF-8, nesting deeper than 128, a non-ASCII Idempotency-Key or X-Herald-Key, an empty or over-256-byte Idempotency-Key: invalid_idempotency_key, a CloudEvent, the query)", body = super::error::ErrorBody),
+              (status = 404, description = "require_subscription: the topic has no subscription (no_subscription); nothing accepted", body = super::error::ErrorBody),
               (status = 408, description = "The body did not arrive within http.body_timeout_ms", body = super::error::ErrorBody),
               (status = 413, description = "Too large", body = super::error::ErrorBody),
-              (status = 404, description = "require_subscription: the topic has no subscription (no_subscription); nothing accepted", body = super::error::ErrorBody),
-              (status = 415, description = "Unsupported content type", body = super::error::ErrorBody),
+              (status = 415, description = "Unsupported content type (not JSON, not a structured CloudEvent, and no ce-specversion header)", body = super::error::ErrorBody),
               (status = 429, description = "Overloaded; see Retry-After", body = super::error::ErrorBody),
               (status = 503, description = "Not ready, subscription unplaced, or the WAL is unavailable (wal_unavailable)", body = super::error::ErrorBody),
               (status = 507, description = "The disk is full (storage_full); nothing accepted, retry after Retry-After", body = super::error::ErrorBody),
@@ -284,12 +321,20 @@ pub(crate) async fn publish_one(
 }
 
 #[utoipa::path(post, path = "/v1/topics/{topic}/events/batch", tag = "events",
-    params(("topic" = String, Path), PublishQuery),
-    request_body(content = Vec<serde_json::Value>, description = "A JSON array (each element is one event's data) or application/cloudevents-batch+json"),
+    params(("topic" = String, Path, description = "Topic, [a-zA-Z0-9._-]{1,200}", pattern = "^[a-zA-Z0-9._-]{1,200}$"), PublishQuery,
+           ("Idempotency-Key" = Option<String>, Header, description = "Event ids: `K` gives `K-0`, `K-1` … (JSON arrays)"),
+           ("X-Herald-Key" = Option<String>, Header, description = "Partition key of every event (JSON arrays)")),
+    request_body(content(
+        (Vec<serde_json::Value> = "application/json"),
+        (Vec<CloudEventDoc> = "application/cloudevents-batch+json")),
+        description = "A JSON array (each element is one event's data), or a CloudEvents batch (application/cloudevents-batch+json)"),
     responses((status = 202, description = "All accepted", body = BatchAnswer),
+              (status = 200, description = "All processed (ack=processed)", body = BatchAnswer),
               (status = 400, description = "Invalid; nothing accepted", body = super::error::ErrorBody),
               (status = 408, description = "The body did not arrive within http.body_timeout_ms", body = super::error::ErrorBody),
               (status = 404, description = "require_subscription: a topic has no subscription (no_subscription); nothing accepted", body = super::error::ErrorBody),
+              (status = 413, description = "Too large", body = super::error::ErrorBody),
+              (status = 415, description = "Unsupported content type", body = super::error::ErrorBody),
               (status = 429, description = "Overloaded; nothing accepted", body = super::error::ErrorBody),
               (status = 503, description = "Not ready, subscription unplaced, or the WAL is unavailable (wal_unavailable)", body = super::error::ErrorBody),
               (status = 507, description = "The disk is full (storage_full); nothing accepted", body = super::error::ErrorBody),
