@@ -815,13 +815,22 @@ pub(super) async fn measure_with(
 }
 
 pub(super) async fn subscribe(c: &Cluster, client: &awc::Client, topic: &str, instances: u32) -> Result<(), String> {
-    let url = format!("http://{}/v1/subscriptions", http(c, 1));
     let spec = serde_json::json!({
         "topic": topic, "group": GROUP, "handler": {"kind": "rust", "name": SINK}, "instances": instances,
     });
+    create_subscription(c, client, &spec).await
+}
+
+/// `POST /v1/subscriptions` with `spec` on node 1: an error with the answer unless it is a 2xx.
+pub(super) async fn create_subscription(
+    c: &Cluster,
+    client: &awc::Client,
+    spec: &serde_json::Value,
+) -> Result<(), String> {
+    let url = format!("http://{}/v1/subscriptions", http(c, 1));
     let mut r = client
         .post(&url)
-        .send_json(&spec)
+        .send_json(spec)
         .await
         .map_err(|e| format!("POST {url}: {e}"))?;
     if !r.status().is_success() {

@@ -285,21 +285,12 @@ pub(super) fn run(a: SoakArgs) -> Result<(), String> {
 }
 
 async fn subscribe(c: &Cluster, client: &awc::Client) -> Result<(), String> {
-    let url = format!("http://{}/v1/subscriptions", super::cluster::http(c, 1));
     for (topic, handler, instances, max_attempts) in TOPICS {
         let spec = serde_json::json!({
             "topic": topic, "group": GROUP, "handler": {"kind": "rust", "name": handler},
             "instances": instances, "max_attempts": max_attempts,
         });
-        let mut r = client
-            .post(&url)
-            .send_json(&spec)
-            .await
-            .map_err(|e| format!("POST {url}: {e}"))?;
-        if !r.status().is_success() {
-            let body = r.body().await.unwrap_or_default();
-            return Err(format!("POST {url}: {} {}", r.status(), String::from_utf8_lossy(&body)));
-        }
+        super::cluster::create_subscription(c, client, &spec).await?;
     }
     Ok(())
 }

@@ -495,7 +495,7 @@ impl Ingress {
     }
 
     /// Whether this node was removed from its cluster while it ran (see
-    /// [`Ingress::follow_membership`]).
+    /// `Ingress::follow_membership`).
     pub fn is_removed(&self) -> bool {
         self.membership.load(Ordering::Acquire) == REMOVED
     }

@@ -388,12 +388,7 @@ where
     match tokio::time::timeout(step_timeout, done).await {
         Ok(Ok(s)) => Ok(s),
         Ok(Err(e)) => {
-            let hint = if e.kind() == std::io::ErrorKind::InvalidData && e.to_string().contains("corrupt message") {
-                "; the peer does not speak TLS (is it running with --insecure-peers?)"
-            } else {
-                "; every node needs a certificate signed by the cluster CA (`herald cert node`) and the \
-                 same CA file (--peer-ca)"
-            };
+            let hint = tls_hint(&e);
             Err(HandshakeError::Tls {
                 message: format!("with {remote_addr}: {e}{hint}"),
             })
@@ -631,8 +626,53 @@ fn is_disconnect(e: &std::io::Error) -> bool {
     )
 }
 
+/// What to tell the operator after a failed TLS handshake, from its I/O error.
+fn tls_hint(e: &std::io::Error) -> &'static str {
+    use std::io::ErrorKind;
+    let text = e.to_string().to_ascii_lowercase();
+    if e.kind() == ErrorKind::InvalidData && text.contains("corrupt message") {
+        "; the peer does not speak TLS (is it running with --insecure-peers?)"
+    } else if matches!(
+        e.kind(),
+        ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted | ErrorKind::UnexpectedEof | ErrorKind::BrokenPipe
+    ) && !text.contains("alert")
+    {
+        // The connection went away under the handshake (a peer stopping or restarting): no
+        // certificate advice, which would send the operator the wrong way.
+        "; the connection closed during the handshake (the peer may be stopping or restarting)"
+    } else {
+        "; every node needs a certificate signed by the cluster CA (`herald cert node`) and the \
+         same CA file (--peer-ca)"
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_reset_during_the_tls_handshake_gives_no_certificate_advice() {
+        use std::io::{Error, ErrorKind};
+        let reset = super::tls_hint(&Error::new(
+            ErrorKind::ConnectionReset,
+            "Connection reset by peer (os error 104)",
+        ));
+        assert!(reset.contains("closed during the handshake"), "{reset}");
+        let rejected = super::tls_hint(&Error::new(
+            ErrorKind::InvalidData,
+            "invalid peer certificate: UnknownIssuer",
+        ));
+        assert!(rejected.contains("certificate signed by the cluster CA"), "{rejected}");
+        let alert = super::tls_hint(&Error::new(
+            ErrorKind::UnexpectedEof,
+            "received fatal alert: CertificateRequired",
+        ));
+        assert!(alert.contains("certificate signed by the cluster CA"), "{alert}");
+        let plain = super::tls_hint(&Error::new(
+            ErrorKind::InvalidData,
+            "received corrupt message of type InvalidContentType",
+        ));
+        assert!(plain.contains("does not speak TLS"), "{plain}");
+    }
+
     use super::*;
 
     use std::sync::OnceLock;
