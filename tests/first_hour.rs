@@ -501,3 +501,42 @@ async fn an_empty_or_over_long_idempotency_key_is_400() {
     assert_code(&a, 400, "invalid_idempotency_key");
     n.node.shutdown().await;
 }
+
+/// Rough edge 15: a dead letter is logged once, as one line naming the event, its subscription,
+/// the attempts and the last error (not only as the last attempt's WARN). Read from a real
+/// node's log: the line is a promise to operators, and a process keeps the test free of the
+/// test binary's shared tracing state.
+#[actix_rt::test]
+async fn a_dead_letter_is_one_log_line_naming_the_event_and_the_last_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let (node, rx) = common::spawn_herald_stderr(&["--data-dir", common::p(dir.path())], &[]);
+    let closed = common::free_port();
+    common::subscribe(
+        &node.url,
+        &json!({ "topic": "orders", "group": "hook", "max_attempts": 2,
+                 "handler": { "kind": "webhook", "url": format!("http://127.0.0.1:{closed}/hook") } }),
+    )
+    .await;
+    for id in ["dl-once", "dl-two"] {
+        let a = request(
+            "POST",
+            &format!("{}/v1/topics/orders/events?ack=processed", node.url),
+            &[("content-type", "application/json"), ("idempotency-key", id)],
+            "{}",
+        )
+        .await;
+        assert_eq!(a.status, 200, "{}", a.body);
+        assert_eq!(a.body["outcomes"][0]["outcome"], "dead_lettered", "{}", a.body);
+    }
+    // Everything logged about dl-once was written before dl-two was published.
+    let lines = common::lines_until(&rx, "id=dl-two");
+    let dead: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.contains("dead-lettered") && l.contains("dl-once"))
+        .collect();
+    assert_eq!(dead.len(), 1, "one dead-letter line for dl-once: {lines:#?}");
+    for part in ["subscription=orders/hook", "attempts=2", "last_error="] {
+        assert!(dead[0].contains(part), "{part:?} missing from {:?}", dead[0]);
+    }
+    drop(node);
+}
