@@ -510,6 +510,7 @@ async fn an_empty_or_over_long_idempotency_key_is_400() {
 async fn a_dead_letter_is_one_log_line_naming_the_event_and_the_last_error() {
     let dir = tempfile::tempdir().unwrap();
     let (node, rx) = common::spawn_herald_stderr(&["--data-dir", common::p(dir.path())], &[]);
+    common::wait_ready(&node.url);
     let closed = common::free_port();
     common::subscribe(
         &node.url,

@@ -623,6 +623,8 @@ async fn log_format_json_writes_json_lines() {
         &[],
     );
     let mut lines = lines_until(&rx, "herald node started");
+    // Started is not ready: publishes answer 503 until the node has joined and replayed.
+    wait_ready(&node.url);
     let a = post_json(
         &format!("{}/v1/subscriptions", node.url),
         &json!({ "topic": "audit", "group": "log", "handler": { "kind": "log" } }),
