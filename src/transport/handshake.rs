@@ -634,7 +634,7 @@ fn tls_hint(e: &std::io::Error) -> &'static str {
         "; the peer does not speak TLS (is it running with --insecure-peers?)"
     } else if matches!(
         e.kind(),
-        ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted | ErrorKind::UnexpectedEof | ErrorKind::BrokenPipe
+        ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted | ErrorKind::BrokenPipe
     ) && !text.contains("alert")
     {
         // The connection went away under the handshake (a peer stopping or restarting): no
