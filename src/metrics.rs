@@ -140,6 +140,74 @@ fn parse_labels(s: &str) -> BTreeMap<String, String> {
     labels
 }
 
+/// The sum of `name`'s series in a parsed exposition whose labels include every pair of `with`,
+/// grouped by the values of the labels `by` (a missing label counts as `""`).
+pub fn sum_by(
+    m: &BTreeMap<String, Series>,
+    name: &str,
+    by: &[&str],
+    with: &[(&str, &str)],
+) -> BTreeMap<Vec<String>, f64> {
+    let mut out = BTreeMap::new();
+    for (labels, v) in m.get(name).into_iter().flatten() {
+        if with
+            .iter()
+            .any(|(k, want)| labels.get(*k).map(String::as_str) != Some(*want))
+        {
+            continue;
+        }
+        let key = by.iter().map(|k| labels.get(*k).cloned().unwrap_or_default()).collect();
+        *out.entry(key).or_insert(0.0) += v;
+    }
+    out
+}
+
+/// A histogram's cumulative buckets `(le, count)`, ascending `le` (`+Inf` as infinity), per group,
+/// from sums keyed by the group's label values followed by `le` (as [`sum_by`] gives them with
+/// `le` as the last label); a key with an unreadable `le` is skipped.
+pub fn buckets(sums: &BTreeMap<Vec<String>, f64>) -> BTreeMap<Vec<String>, Vec<(f64, f64)>> {
+    let mut out: BTreeMap<Vec<String>, Vec<(f64, f64)>> = BTreeMap::new();
+    for (key, count) in sums {
+        let Some((le, group)) = key.split_last() else { continue };
+        let le = match le.as_str() {
+            "+Inf" => f64::INFINITY,
+            x => match x.parse() {
+                Ok(le) => le,
+                Err(_) => continue,
+            },
+        };
+        out.entry(group.to_vec()).or_default().push((le, *count));
+    }
+    for b in out.values_mut() {
+        b.sort_by(|x, y| x.0.total_cmp(&y.0));
+    }
+    out
+}
+
+/// Per second between two readings of a counter `secs` apart. A counter that went down (its
+/// process restarted) counts as 0, so a restart never shows a negative rate.
+pub fn counter_rate(before: f64, now: f64, secs: f64) -> f64 {
+    if secs <= 0.0 || now < before {
+        0.0
+    } else {
+        (now - before) / secs
+    }
+}
+
+/// The `q` quantile (0..1) of what a histogram observed between two readings of its cumulative
+/// buckets: the upper bound of the first bucket that holds `q` of the interval's observations
+/// (infinity when that is the `+Inf` bucket); `None` when nothing was observed. A bucket missing
+/// from `before` (the series is new) counts from 0.
+pub fn interval_quantile(before: &[(f64, f64)], now: &[(f64, f64)], q: f64) -> Option<f64> {
+    let earlier = |le: f64| before.iter().find(|(x, _)| *x == le).map_or(0.0, |(_, c)| *c);
+    let delta: Vec<(f64, f64)> = now.iter().map(|(le, c)| (*le, (c - earlier(*le)).max(0.0))).collect();
+    let total = delta.last()?.1;
+    if total <= 0.0 {
+        return None;
+    }
+    delta.iter().find(|(_, c)| *c >= q * total).map(|(le, _)| *le)
+}
+
 /// Registers the description of every metric (shown as `# HELP`).
 pub fn describe() {
     describe_counter!(
@@ -390,8 +458,49 @@ impl TopicCounters {
 }
 
 #[cfg(test)]
-mod topic_counter_tests {
+mod tests {
     use super::*;
+
+    #[test]
+    fn labels_and_values_are_parsed_with_escapes_and_junk_skipped() {
+        let m = parse_exposition(
+            "# HELP x y\nherald_a{topic=\"a\\\"b\",group=\"g\"} 3\nherald_b 4.5\nnot a metric\nherald_c{x=\"1\"} NaNx\n",
+        );
+        assert_eq!(m["herald_a"][0].0["topic"], "a\"b");
+        assert_eq!(m["herald_a"][0].0["group"], "g");
+        assert_eq!(m["herald_a"][0].1, 3.0);
+        assert_eq!(m["herald_b"][0].1, 4.5);
+        assert!(!m.contains_key("herald_c") && !m.contains_key("not"));
+    }
+
+    #[test]
+    fn series_are_summed_by_labels_and_buckets_grouped_in_order() {
+        let m = parse_exposition(
+            "h_bucket{t=\"a\",n=\"1\",le=\"+Inf\"} 4\nh_bucket{t=\"a\",n=\"2\",le=\"+Inf\"} 1\n\
+             h_bucket{t=\"a\",n=\"1\",le=\"0.5\"} 3\nh_bucket{t=\"a\",n=\"1\",le=\"x\"} 9\n\
+             c{t=\"a\",o=\"ok\"} 2\nc{t=\"a\",o=\"error\"} 5\nc{t=\"b\",o=\"ok\"} 1\n",
+        );
+        let ok = sum_by(&m, "c", &["t"], &[("o", "ok")]);
+        assert_eq!(ok, BTreeMap::from([(vec!["a".into()], 2.0), (vec!["b".into()], 1.0)]));
+        let b = buckets(&sum_by(&m, "h_bucket", &["t", "le"], &[]));
+        assert_eq!(b[&vec!["a".to_string()]], [(0.5, 3.0), (f64::INFINITY, 5.0)]);
+    }
+
+    #[test]
+    fn interval_quantiles_and_rates_come_from_two_readings() {
+        let before = [(0.1, 40.0), (1.0, 50.0), (f64::INFINITY, 50.0)];
+        let now = [(0.1, 130.0), (1.0, 150.0), (f64::INFINITY, 150.0)];
+        // 100 in the interval: 90 under 0.1, 10 under 1.
+        assert_eq!(interval_quantile(&before, &now, 0.5), Some(0.1));
+        assert_eq!(interval_quantile(&before, &now, 0.99), Some(1.0));
+        assert_eq!(interval_quantile(&now, &now, 0.99), None, "nothing observed");
+        assert_eq!(
+            interval_quantile(&[], &[(0.1, 1.0), (f64::INFINITY, 2.0)], 0.99),
+            Some(f64::INFINITY)
+        );
+        assert_eq!(counter_rate(10.0, 4.0, 1.0), 0.0, "a reset is not negative");
+        assert_eq!(counter_rate(10.0, 14.0, 2.0), 2.0);
+    }
 
     #[test]
     fn only_the_first_topics_get_their_own_series() {

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::metrics::{self, parse_exposition as parse_metrics, Series};
+use crate::metrics::{self, counter_rate, parse_exposition, sum_by, Series};
 use crate::text::table;
 
 /// Where `top` reads from: the node the user named, with the client (TLS settings) and token the
@@ -41,22 +41,6 @@ pub(crate) struct Sample {
     pub metrics: BTreeMap<u64, Option<BTreeMap<String, Series>>>,
     /// When the round was read.
     pub at: Option<Instant>,
-}
-
-/// The sum of `name`'s series whose labels include every pair of `with`, grouped by `by`.
-fn sum_by(m: &BTreeMap<String, Series>, name: &str, by: &[&str], with: &[(&str, &str)]) -> BTreeMap<Vec<String>, f64> {
-    let mut out = BTreeMap::new();
-    for (labels, v) in m.get(name).into_iter().flatten() {
-        if with
-            .iter()
-            .any(|(k, want)| labels.get(*k).map(String::as_str) != Some(*want))
-        {
-            continue;
-        }
-        let key = by.iter().map(|k| labels.get(*k).cloned().unwrap_or_default()).collect();
-        *out.entry(key).or_insert(0.0) += v;
-    }
-    out
 }
 
 /// Summed over the nodes that answered in both rounds: `name` grouped by `by`, now and before.
@@ -82,32 +66,12 @@ fn cluster_sum(
     (b, n)
 }
 
-/// Per second between two readings of a counter (a restarted node's reset counts as 0).
-fn rate(before: f64, now: f64, secs: f64) -> f64 {
-    if secs <= 0.0 || now < before {
-        0.0
-    } else {
-        (now - before) / secs
-    }
-}
-
 fn fmt_rate(r: f64) -> String {
     if r >= 10_000.0 {
         format!("{:.1}k", r / 1000.0)
     } else {
         format!("{r:.1}")
     }
-}
-
-/// The `q` quantile (0..1) of a histogram from its cumulative buckets `(le, count)`: the upper
-/// bound of the first bucket reaching `q` of the total (`None` when nothing was observed).
-fn quantile(mut buckets: Vec<(f64, f64)>, q: f64) -> Option<f64> {
-    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
-    let total = buckets.last()?.1;
-    if total <= 0.0 {
-        return None;
-    }
-    buckets.iter().find(|(_, c)| *c >= q * total).map(|(le, _)| *le)
 }
 
 fn fmt_seconds(s: f64) -> String {
@@ -164,7 +128,7 @@ pub(crate) fn frame(before: &Sample, now: &Sample) -> String {
                 match (b, n) {
                     (Some(b), Some(n)) => {
                         let total = |m| sum_by(m, name, &[], &[]).values().sum::<f64>();
-                        fmt_rate(rate(total(b), total(n), secs))
+                        fmt_rate(counter_rate(total(b), total(n), secs))
                     }
                     _ => "-".into(),
                 }
@@ -217,7 +181,8 @@ pub(crate) fn frame(before: &Sample, now: &Sample) -> String {
         .map(|(k, v)| {
             vec![
                 k[0].clone(),
-                fmt_rate(rate(b.get(k).copied().unwrap_or(*v), *v, secs)),
+                // A topic new since the last round counted from 0.
+                fmt_rate(counter_rate(b.get(k).copied().unwrap_or(0.0), *v, secs)),
                 format!("{v}"),
             ]
         })
@@ -234,35 +199,27 @@ pub(crate) fn frame(before: &Sample, now: &Sample) -> String {
     let (_, depth) = cluster_sum(before, now, metrics::MAILBOX_DEPTH, &by, &[]);
     let bucket = format!("{}_bucket", metrics::HANDLER_DURATION);
     let (hb, hn) = cluster_sum(before, now, &bucket, &["topic", "group", "le"], &[]);
+    let (hb, hn) = (metrics::buckets(&hb), metrics::buckets(&hn));
     let mut keys: Vec<Vec<String>> = ok_n.keys().chain(err_n.keys()).chain(dl_n.keys()).cloned().collect();
     keys.sort();
     keys.dedup();
     let r = |b: &BTreeMap<Vec<String>, f64>, n: &BTreeMap<Vec<String>, f64>, k: &Vec<String>| {
-        let now = n.get(k).copied().unwrap_or(0.0);
-        fmt_rate(rate(b.get(k).copied().unwrap_or(now), now, secs))
+        let at = |m: &BTreeMap<Vec<String>, f64>| m.get(k).copied().unwrap_or(0.0);
+        fmt_rate(counter_rate(at(b), at(n), secs))
     };
     let rows: Vec<Vec<String>> = keys
         .iter()
         .map(|k| {
-            let buckets: Vec<(f64, f64)> = hn
-                .iter()
-                .filter(|(hk, _)| hk[0] == k[0] && hk[1] == k[1])
-                .filter_map(|(hk, v)| {
-                    let le = if hk[2] == "+Inf" {
-                        f64::INFINITY
-                    } else {
-                        hk[2].parse().ok()?
-                    };
-                    Some((le, v - hb.get(hk).copied().unwrap_or(*v)))
-                })
-                .collect();
+            let p99 = hn
+                .get(k)
+                .and_then(|now| metrics::interval_quantile(hb.get(k).map_or(&[], Vec::as_slice), now, 0.99));
             vec![
                 format!("{}/{}", k[0], k[1]),
                 r(&ok_b, &ok_n, k),
                 r(&err_b, &err_n, k),
                 r(&dl_b, &dl_n, k),
                 format!("{}", depth.get(k).copied().unwrap_or(0.0)),
-                quantile(buckets, 0.99).map(fmt_seconds).unwrap_or_else(|| "-".into()),
+                p99.map(fmt_seconds).unwrap_or_else(|| "-".into()),
             ]
         })
         .collect();
@@ -309,7 +266,7 @@ async fn sample(src: &Source) -> Result<Sample, String> {
         } else {
             format!("{scheme}://{http}/metrics")
         };
-        metrics.insert(id, get(src, &url).await.ok().map(|t| parse_metrics(&t)));
+        metrics.insert(id, get(src, &url).await.ok().map(|t| parse_exposition(&t)));
     }
     Ok(Sample {
         cluster,
@@ -374,21 +331,9 @@ mod tests {
                     { "id": 2, "status": "suspect", "phi": 9.5, "voter": false, "http": "127.0.0.1:7071" },
                 ]
             }),
-            metrics: texts.iter().map(|(id, t)| (*id, t.map(parse_metrics))).collect(),
+            metrics: texts.iter().map(|(id, t)| (*id, t.map(parse_exposition))).collect(),
             at: Some(at),
         }
-    }
-
-    #[test]
-    fn labels_and_values_are_parsed_with_escapes_and_junk_skipped() {
-        let m = parse_metrics(
-            "# HELP x y\nherald_a{topic=\"a\\\"b\",group=\"g\"} 3\nherald_b 4.5\nnot a metric\nherald_c{x=\"1\"} NaNx\n",
-        );
-        assert_eq!(m["herald_a"][0].0["topic"], "a\"b");
-        assert_eq!(m["herald_a"][0].0["group"], "g");
-        assert_eq!(m["herald_a"][0].1, 3.0);
-        assert_eq!(m["herald_b"][0].1, 4.5);
-        assert!(!m.contains_key("herald_c") && !m.contains_key("not"));
     }
 
     #[test]
@@ -459,20 +404,5 @@ mod tests {
             ["orders/audit", "50.0", "0.0", "0.0", "0", "1.0s"],
             "{f}"
         );
-    }
-
-    #[test]
-    fn quantiles_come_from_cumulative_buckets_and_counter_resets_are_not_negative() {
-        assert_eq!(
-            quantile(vec![(0.1, 90.0), (1.0, 100.0), (f64::INFINITY, 100.0)], 0.5),
-            Some(0.1)
-        );
-        assert_eq!(
-            quantile(vec![(0.1, 90.0), (1.0, 100.0), (f64::INFINITY, 100.0)], 0.99),
-            Some(1.0)
-        );
-        assert_eq!(quantile(vec![(0.1, 0.0), (f64::INFINITY, 0.0)], 0.99), None);
-        assert_eq!(rate(10.0, 4.0, 1.0), 0.0);
-        assert_eq!(rate(10.0, 14.0, 2.0), 2.0);
     }
 }

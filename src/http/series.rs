@@ -94,61 +94,42 @@ fn now_ms() -> u64 {
 /// The counters the charts use, read from an exposition.
 fn point(text: &str, at_ms: u64) -> Point {
     let m = parse_exposition(text);
+    let published = metrics::sum_by(&m, metrics::EVENTS_PUBLISHED, &["topic"], &[]);
+    let delivered = metrics::sum_by(&m, metrics::EVENTS_DELIVERED, &["topic", "group", "outcome"], &[]);
+    let durations = format!("{}_bucket", metrics::HANDLER_DURATION);
+    let buckets = metrics::buckets(&metrics::sum_by(&m, &durations, &["topic", "group", "le"], &[]));
+    let sub = |k: &[String]| format!("{}/{}", k[0], k[1]);
     let mut p = Point {
         at_ms,
-        ..Point::default()
+        published: published.into_iter().map(|(k, v)| (k[0].clone(), v)).collect(),
+        subs: BTreeMap::new(),
     };
-    let label = |l: &BTreeMap<String, String>, k: &str| l.get(k).cloned().unwrap_or_default();
-    for (l, v) in m.get(metrics::EVENTS_PUBLISHED).into_iter().flatten() {
-        *p.published.entry(label(l, "topic")).or_default() += v;
-    }
-    let sub = |l: &BTreeMap<String, String>| format!("{}/{}", label(l, "topic"), label(l, "group"));
-    for (l, v) in m.get(metrics::EVENTS_DELIVERED).into_iter().flatten() {
-        let s = p.subs.entry(sub(l)).or_default();
-        match l.get("outcome").map(String::as_str) {
-            Some("ok") => s.ok += v,
-            Some("error") => s.error += v,
-            Some("dead_lettered") => s.dead += v,
+    for (k, v) in delivered {
+        let s = p.subs.entry(sub(&k)).or_default();
+        match k[2].as_str() {
+            "ok" => s.ok += v,
+            "error" => s.error += v,
+            "dead_lettered" => s.dead += v,
             _ => {}
         }
     }
-    let buckets = format!("{}_bucket", metrics::HANDLER_DURATION);
-    for (l, v) in m.get(&buckets).into_iter().flatten() {
-        let le = match l.get("le").map(String::as_str) {
-            Some("+Inf") => f64::INFINITY,
-            Some(x) => match x.parse() {
-                Ok(le) => le,
-                Err(_) => continue,
-            },
-            None => continue,
-        };
-        p.subs.entry(sub(l)).or_default().buckets.push((le, *v));
-    }
-    for s in p.subs.values_mut() {
-        s.buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    for (k, b) in buckets {
+        p.subs.entry(sub(&k)).or_default().buckets = b;
     }
     p
 }
 
-/// Per second from `a` to `b` (a counter reset, as after a restart, counts as 0).
+/// Per second from `a` to `b`, to the hundredth (see [`metrics::counter_rate`]).
 fn per_second(a: f64, b: f64, secs: f64) -> f64 {
-    if secs <= 0.0 || b < a {
-        0.0
-    } else {
-        ((b - a) / secs * 100.0).round() / 100.0
-    }
+    (metrics::counter_rate(a, b, secs) * 100.0).round() / 100.0
 }
 
-/// The p99 of the calls that ended between two cumulative histograms (upper bucket bound, ms).
+/// The p99 of the calls that ended between two cumulative histograms, in milliseconds (`None`
+/// also when it lies above the largest bound).
 fn p99_ms(a: &[(f64, f64)], b: &[(f64, f64)]) -> Option<f64> {
-    let before = |le: f64| a.iter().find(|(x, _)| *x == le).map_or(0.0, |(_, c)| *c);
-    let delta: Vec<(f64, f64)> = b.iter().map(|(le, c)| (*le, (c - before(*le)).max(0.0))).collect();
-    let total = delta.last()?.1;
-    if total <= 0.0 {
-        return None;
-    }
-    let (le, _) = delta.iter().find(|(_, c)| *c >= 0.99 * total)?;
-    le.is_finite().then_some(le * 1000.0)
+    metrics::interval_quantile(a, b, 0.99)
+        .filter(|le| le.is_finite())
+        .map(|le| le * 1000.0)
 }
 
 impl History {
