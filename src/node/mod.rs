@@ -553,11 +553,12 @@ impl RunningNode {
 /// down, or unreachable from here (its connection broke), or the membership service stopped.
 /// Pending while one is up and reachable.
 async fn nobody_stays(core: &NodeCore) {
-    /// Peer health changes are not announced: look again this often.
-    const LOOK: Duration = Duration::from_millis(50);
     let me = core.config.node_id;
     let mut state = core.membership.state();
+    // Every change of a peer's state or reachability is announced here.
+    let mut health = core.health.subscribe();
     loop {
+        health.mark_unchanged();
         let stays = state.borrow_and_update().members().values().any(|m| {
             let peer = core.health.peer(m.id);
             m.id != me && m.status == crate::types::NodeStatus::Up && peer.routable() && !peer.unreachable()
@@ -567,7 +568,7 @@ async fn nobody_stays(core: &NodeCore) {
         }
         tokio::select! {
             r = state.changed() => if r.is_err() { return },
-            _ = tokio::time::sleep(LOOK) => {}
+            r = health.changed() => if r.is_err() { return },
         }
     }
 }

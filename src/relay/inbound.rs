@@ -288,11 +288,19 @@ impl Inbound {
     /// Forgets what the window remembers of `event_id` for `key` (a dead letter replayed by an
     /// operator must run again, not be answered with its old outcome).
     pub(crate) fn forget(&self, key: &SubscriptionKey, event_id: &str) {
-        let waiting: Vec<Waiter> = {
-            let mut dedup = self.dedup.lock().unwrap_or_else(|p| p.into_inner());
-            let k = dedup.key(key, event_id);
-            dedup.forget(k).collect()
-        };
+        let k = self.dedup.lock().unwrap_or_else(|p| p.into_inner()).key(key, event_id);
+        self.release(k);
+    }
+
+    /// Forgets `key` in the window and releases the copies that waited for it (see
+    /// [`Waiter::release`]), outside the lock.
+    fn release(&self, key: DedupKey) {
+        let waiting: Vec<Waiter> = self
+            .dedup
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .forget(key)
+            .collect();
         for w in waiting {
             w.release(&self.repark);
         }
@@ -505,15 +513,7 @@ impl Inbound {
         if sub.send_waiting(job.event.key.clone().as_deref(), job).await.is_err() {
             // Copies that arrived meanwhile are re-sent by their origins after the timeout (or,
             // published here, routed anew).
-            let waiting: Vec<Waiter> = self
-                .dedup
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .forget(dedup_key)
-                .collect();
-            for w in waiting {
-                w.release(&self.repark);
-            }
+            self.release(dedup_key);
             self.ack(from, Refusal::Stopped((**key).clone()).ack(d.id));
         }
     }

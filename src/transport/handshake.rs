@@ -651,26 +651,34 @@ mod tests {
     #[test]
     fn a_reset_during_the_tls_handshake_gives_no_certificate_advice() {
         use std::io::{Error, ErrorKind};
-        let reset = super::tls_hint(&Error::new(
-            ErrorKind::ConnectionReset,
-            "Connection reset by peer (os error 104)",
-        ));
-        assert!(reset.contains("closed during the handshake"), "{reset}");
-        let rejected = super::tls_hint(&Error::new(
-            ErrorKind::InvalidData,
-            "invalid peer certificate: UnknownIssuer",
-        ));
-        assert!(rejected.contains("certificate signed by the cluster CA"), "{rejected}");
-        let alert = super::tls_hint(&Error::new(
-            ErrorKind::UnexpectedEof,
-            "received fatal alert: CertificateRequired",
-        ));
-        assert!(alert.contains("certificate signed by the cluster CA"), "{alert}");
-        let plain = super::tls_hint(&Error::new(
-            ErrorKind::InvalidData,
-            "received corrupt message of type InvalidContentType",
-        ));
-        assert!(plain.contains("does not speak TLS"), "{plain}");
+        const CERTIFICATE: &str = "certificate signed by the cluster CA";
+        for (kind, error, hint) in [
+            (
+                ErrorKind::ConnectionReset,
+                "Connection reset by peer (os error 104)",
+                "closed during the handshake",
+            ),
+            (
+                ErrorKind::ConnectionReset,
+                "received fatal alert: CertificateRequired",
+                CERTIFICATE,
+            ),
+            // A peer that refuses our certificate may just close: EOF keeps the advice.
+            (ErrorKind::UnexpectedEof, "tls handshake eof", CERTIFICATE),
+            (
+                ErrorKind::InvalidData,
+                "invalid peer certificate: UnknownIssuer",
+                CERTIFICATE,
+            ),
+            (
+                ErrorKind::InvalidData,
+                "received corrupt message of type InvalidContentType",
+                "does not speak TLS",
+            ),
+        ] {
+            let said = super::tls_hint(&Error::new(kind, error));
+            assert!(said.contains(hint), "{kind:?} {error:?}: {said}");
+        }
     }
 
     use super::*;
