@@ -24,7 +24,10 @@ use herald::subscription::SubscriptionSpec;
 use serde_json::{json, Value};
 use tokio::sync::Semaphore;
 
-use common::{cli, eventually, get, get_text, metric, post_json, request, start_node, start_node_in, Answer, TestNode};
+use common::{
+    cli, eventually, get, get_text, metric, post_json, request, start_node, start_node_in, wait_metric, Answer,
+    TestNode,
+};
 
 // ---------------------------------------------------------------------------------------------
 // What handlers saw
@@ -312,22 +315,6 @@ fn assert_api_error(a: &Answer, status: u16, code: &str) {
         "no message: {}",
         a.body
     );
-}
-
-/// Waits until the sample `name{labels}` is at least `at_least`; returns its value.
-async fn wait_metric(url: &str, name: &str, labels: &[(&str, &str)], at_least: f64) -> f64 {
-    let url = format!("{url}/metrics");
-    let labels: Vec<(String, String)> = labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-    let what = format!("{name}{labels:?} >= {at_least}");
-    eventually(&what, || {
-        let (url, labels, name) = (url.clone(), labels.clone(), name.to_string());
-        async move {
-            let text = get_text(&url).await;
-            let l: Vec<(&str, &str)> = labels.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-            metric(&text, &name, &l).filter(|v| *v >= at_least)
-        }
-    })
-    .await
 }
 
 async fn metric_now(url: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {

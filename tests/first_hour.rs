@@ -22,7 +22,10 @@ use herald::node::Node;
 use serde_json::{json, Value};
 use tokio::sync::Semaphore;
 
-use common::{cluster, eventually, get, get_text, metric, post_json, request, start_node, Answer, TestNode};
+use common::{
+    assert_error, cluster, eventually, get, metric_of, post_json, request, start_node, views, wait_metric, Answer,
+    TestNode,
+};
 
 const JSON_CT: (&str, &str) = ("content-type", "application/json");
 
@@ -95,61 +98,24 @@ async fn publish_batch(url: &str, topic: &str, query: &str, headers: &[(&str, &s
     .await
 }
 
-fn assert_code(a: &Answer, status: u16, code: &str) {
-    assert_eq!(a.status, status, "expected {status} {code}: {}", a.body);
-    assert_eq!(a.body["error"]["code"], code, "{}", a.body);
-}
-
-async fn metric_of(url: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    metric(&get_text(&format!("{url}/metrics")).await, name, labels).unwrap_or(0.0)
-}
-
-/// Waits until `name{labels}` is exactly `want`.
-async fn wait_metric(url: &str, name: &str, labels: &[(&str, &str)], want: f64) {
-    let what = format!("{name}{labels:?} == {want}");
-    eventually(&what, || async move {
-        (metric_of(url, name, labels).await == want).then_some(())
-    })
-    .await;
-}
-
 /// Creates `spec` through the first node and returns the nodes of its instances once every node
 /// agrees on them.
 async fn subscribe(nodes: &[TestNode], spec: Value) -> Vec<u64> {
     let a = post_json(&format!("{}/v1/subscriptions", nodes[0].url), &spec).await;
     assert!(a.status == 201 || a.status == 200, "subscribe: {}", a.body);
     let urls: Vec<String> = nodes.iter().map(|n| n.url.clone()).collect();
-    eventually("the placement is the same on every node", || {
-        let (urls, spec) = (urls.clone(), spec.clone());
-        async move {
-            let mut seen = None;
-            for u in &urls {
-                let (_, ps) = get(&format!("{u}/v1/cluster/placements")).await;
-                let p = ps
-                    .as_array()?
-                    .iter()
-                    .find(|p| p["topic"] == spec["topic"] && p["group"] == spec["group"])?
-                    .clone();
-                let nodes: Vec<u64> = p["nodes"].as_array()?.iter().filter_map(Value::as_u64).collect();
-                if nodes.is_empty() || seen.as_ref().is_some_and(|s| *s != nodes) {
-                    return None;
-                }
-                seen = Some(nodes);
-            }
-            seen
-        }
-    })
-    .await
+    let (topic, group) = (spec["topic"].as_str().unwrap(), spec["group"].as_str().unwrap());
+    views::wait_placement(&urls, topic, group, "with instances", |n| !n.is_empty())
+        .await
+        .1
 }
 
 /// A member's status in `url`'s `/v1/cluster`.
 async fn status_of(url: &str, id: u64) -> Option<String> {
-    let (_, v) = get(&format!("{url}/v1/cluster")).await;
-    v["members"]
-        .as_array()?
-        .iter()
-        .find(|m| m["id"] == id)
-        .and_then(|m| m["status"].as_str().map(str::to_string))
+    let (_, view) = get(&format!("{url}/v1/cluster")).await;
+    views::statuses(&view)
+        .into_iter()
+        .find_map(|(m, status)| (m == id).then_some(status))
 }
 
 /// A subscription of `topic` to the built-in log handler.
@@ -214,7 +180,8 @@ async fn an_idempotency_key_runs_the_handler_once_whether_published_to_the_hosti
             // `ack=processed` answered: a second run would have finished by now.
             assert_eq!(seen.count(key), 1, "{key} ran once after publish #{i}");
         }
-        wait_metric(&host.url, dedup, &[], before + n as f64 + 1.0).await;
+        let counted = wait_metric(&host.url, dedup, &[], before + n as f64 + 1.0).await;
+        assert_eq!(counted, before + n as f64 + 1.0, "one more duplicate counted");
     }
     // Another key still runs.
     let a = publish(
@@ -248,7 +215,7 @@ async fn removing_a_running_node_needs_force_and_the_removed_node_stops_taking_e
     let path = format!("{}/v1/cluster/nodes/{gone}", asker.url);
 
     let a = request("DELETE", &path, &[], "").await;
-    assert_code(&a, 409, "member_up");
+    assert_error(&a, 409, "member_up");
     assert!(
         a.body["error"]["message"].as_str().unwrap().contains("force=true"),
         "{}",
@@ -270,9 +237,9 @@ async fn removing_a_running_node_needs_force_and_the_removed_node_stops_taking_e
     })
     .await;
     let a = publish(&removed.url, "fh.removed", "", &[], "{}").await;
-    assert_code(&a, 503, "removed");
+    assert_error(&a, 503, "removed");
     let a = publish_batch(&removed.url, "fh.removed", "", &[], "[{}]").await;
-    assert_code(&a, 503, "removed");
+    assert_error(&a, 503, "removed");
     let (_, v) = get(&format!("{}/v1/cluster", removed.url)).await;
     assert_eq!(v["ready"], false, "{v}");
     // The others go on.
@@ -330,7 +297,7 @@ async fn a_drained_node_is_undrained_and_takes_work_again() {
     let a = request("POST", &format!("{url}/v1/cluster/nodes/2/undrain"), &[], "").await;
     assert_eq!(a.status, 200, "{}", a.body);
     let a = request("POST", &format!("{url}/v1/cluster/nodes/99/undrain"), &[], "").await;
-    assert_code(&a, 404, "not_found");
+    assert_error(&a, 404, "not_found");
     shutdown(nodes).await;
 }
 
@@ -343,9 +310,9 @@ async fn undrain_needs_the_admin_scope() {
     let id = n.node.core().config().node_id;
     let path = format!("{}/v1/cluster/nodes/{id}/undrain", n.url);
     let a = request("POST", &path, &[], "").await;
-    assert_code(&a, 401, "unauthorized");
+    assert_error(&a, 401, "unauthorized");
     let a = request("POST", &path, &[("authorization", "Bearer fh-read-token")], "").await;
-    assert_code(&a, 403, "forbidden");
+    assert_error(&a, 403, "forbidden");
     let a = request("POST", &path, &[("authorization", "Bearer fh-admin-token")], "").await;
     assert_eq!(a.status, 200, "{}", a.body);
     n.node.shutdown().await;
@@ -368,15 +335,15 @@ async fn the_504_of_ack_processed_names_the_events() {
     .await;
     let q = "?ack=processed&timeout_ms=50";
     let a = publish(&n.url, "fh.slow", q, &[], "{}").await;
-    assert_code(&a, 504, "timeout");
+    assert_error(&a, 504, "timeout");
     let single: Vec<String> = serde_json::from_value(a.body["error"]["ids"].clone()).expect("ids");
     assert_eq!(single.len(), 1, "{}", a.body);
     let a = publish_batch(&n.url, "fh.slow", q, &[], "[{},{}]").await;
-    assert_code(&a, 504, "timeout");
+    assert_error(&a, 504, "timeout");
     let batch: Vec<String> = serde_json::from_value(a.body["error"]["ids"].clone()).expect("ids");
     assert_eq!(batch.len(), 2, "{}", a.body);
     let a = publish_batch(&n.url, "fh.slow", q, &[("idempotency-key", "fh-b")], "[{},{}]").await;
-    assert_code(&a, 504, "timeout");
+    assert_error(&a, 504, "timeout");
     assert_eq!(a.body["error"]["ids"], json!(["fh-b-0", "fh-b-1"]), "{}", a.body);
     // The ids named are the events still delivered.
     gate.add_permits(1000);
@@ -406,17 +373,17 @@ async fn a_topic_without_subscription_is_counted_and_refused_on_request() {
     assert_eq!(a.body["subscriptions"], 0);
     let a = publish_batch(url, "fh.nosub", "", &[], "[{},{}]").await;
     assert_eq!(a.status, 202, "{}", a.body);
-    wait_metric(url, unrouted, &[("topic", "fh.nosub")], 3.0).await;
+    assert_eq!(wait_metric(url, unrouted, &[("topic", "fh.nosub")], 3.0).await, 3.0);
 
     let a = publish(url, "fh.nosub", "?require_subscription=true", &[], "{}").await;
-    assert_code(&a, 404, "no_subscription");
+    assert_error(&a, 404, "no_subscription");
     assert!(
         a.body["error"]["message"].as_str().unwrap().contains("fh.nosub"),
         "{}",
         a.body
     );
     let a = publish_batch(url, "fh.nosub", "?require_subscription=true", &[], "[{}]").await;
-    assert_code(&a, 404, "no_subscription");
+    assert_error(&a, 404, "no_subscription");
     let a = publish(url, "fh.routed", "?require_subscription=true", &[], "{}").await;
     assert_eq!(a.status, 202, "a subscribed topic is accepted: {}", a.body);
     assert_eq!(a.body["subscriptions"], 1);
@@ -430,7 +397,7 @@ async fn a_topic_without_subscription_is_counted_and_refused_on_request() {
     b.config_mut().http.require_subscription = true;
     let n = start_node(b).await;
     let a = publish(&n.url, "fh.nosub2", "", &[], "{}").await;
-    assert_code(&a, 404, "no_subscription");
+    assert_error(&a, 404, "no_subscription");
     let a = publish(&n.url, "fh.nosub2", "?require_subscription=false", &[], "{}").await;
     assert_eq!(a.status, 202, "{}", a.body);
     n.node.shutdown().await;
@@ -447,21 +414,21 @@ async fn subscriptions_answer_invalid_topic_and_name_the_built_in_handlers() {
         &json!({"topic":"bad topic!","group":"g","handler":{"kind":"log"}}),
     )
     .await;
-    assert_code(&a, 400, "invalid_topic");
+    assert_error(&a, 400, "invalid_topic");
     let a = publish(&n.url, "bad%20topic%21", "", &[], "{}").await;
-    assert_code(&a, 400, "invalid_topic");
+    assert_error(&a, 400, "invalid_topic");
     let a = post_json(
         &subs,
         &json!({"topic":"fh.t","group":"bad group!","handler":{"kind":"log"}}),
     )
     .await;
-    assert_code(&a, 400, "invalid_name");
+    assert_error(&a, 400, "invalid_name");
     let a = post_json(
         &subs,
         &json!({"topic":"fh.t","group":"g","handler":{"kind":"rust","name":"log"}}),
     )
     .await;
-    assert_code(&a, 400, "unknown_handler");
+    assert_error(&a, 400, "unknown_handler");
     let message = a.body["error"]["message"].as_str().unwrap();
     for name in ["\"log\"", "rec", "webhook", r#"{"kind":"log"}"#] {
         assert!(message.contains(name), "{name} missing from: {message}");
@@ -479,9 +446,9 @@ async fn an_empty_or_over_long_idempotency_key_is_400() {
     let too_long = "k".repeat(257);
     for key in ["", too_long.as_str()] {
         let a = publish(url, "fh.keys", "", &[("idempotency-key", key)], "{}").await;
-        assert_code(&a, 400, "invalid_idempotency_key");
+        assert_error(&a, 400, "invalid_idempotency_key");
         let a = publish_batch(url, "fh.keys", "", &[("idempotency-key", key)], "[{}]").await;
-        assert_code(&a, 400, "invalid_idempotency_key");
+        assert_error(&a, 400, "invalid_idempotency_key");
     }
     let a = publish(url, "fh.keys", "", &[("idempotency-key", &longest)], "{}").await;
     assert_eq!(a.status, 202, "{}", a.body);
@@ -498,7 +465,7 @@ async fn an_empty_or_over_long_idempotency_key_is_400() {
         &format!("[{}]", ["{}"; 11].join(",")),
     )
     .await;
-    assert_code(&a, 400, "invalid_idempotency_key");
+    assert_error(&a, 400, "invalid_idempotency_key");
     n.node.shutdown().await;
 }
 

@@ -14,10 +14,6 @@ use std::time::Duration;
 use common::*;
 use serde_json::{json, Value};
 
-async fn metric_of(url: &str, name: &str) -> f64 {
-    metric(&metrics_of(url).await, name, &[]).unwrap_or(0.0)
-}
-
 /// A URL on a port nothing listens on: every delivery attempt fails, events stay in the WAL.
 fn dead_hook() -> String {
     format!("http://127.0.0.1:{}/hook", free_port())
@@ -93,7 +89,7 @@ async fn publish(url: &str, n: usize, tag: &str) {
 async fn kill_and_count(setup: &Setup, mut node: Proc) -> (Proc, f64) {
     node.kill9();
     let node = spawn_herald(&setup.args(), &[]);
-    let kept = metric_of(&node.url, "herald_wal_events").await;
+    let kept = metric_of(&node.url, "herald_wal_events", &[]).await;
     (node, kept)
 }
 
@@ -107,8 +103,8 @@ async fn fsync_always_keeps_every_acknowledged_event_across_sigkill() {
     let setup = Setup::new("[wal]\nfsync = \"always\"\n");
     let node = setup.start_subscribed().await;
     publish(&node.url, N, "always").await;
-    assert_eq!(metric_of(&node.url, "herald_wal_events").await, N as f64);
-    let flushes = metric_of(&node.url, "herald_wal_flushes_total").await;
+    assert_eq!(metric_of(&node.url, "herald_wal_events", &[]).await, N as f64);
+    let flushes = metric_of(&node.url, "herald_wal_flushes_total", &[]).await;
     assert!(
         flushes >= (N / 10) as f64,
         "every group commit is durable: {flushes} flushes"
@@ -125,14 +121,14 @@ async fn fsync_interval_keeps_every_event_acknowledged_before_the_last_flush() {
     let setup = Setup::new("[wal]\nfsync = \"interval\"\nflush_interval_ms = 1000\n");
     let node = setup.start_subscribed().await;
     publish(&node.url, N, "interval").await;
-    assert_eq!(metric_of(&node.url, "herald_wal_events").await, N as f64);
+    assert_eq!(metric_of(&node.url, "herald_wal_events", &[]).await, N as f64);
     // Flushes are counted after they completed; one completing after every 202 covers them all
     // (the writer commits in order).
-    let before = metric_of(&node.url, "herald_wal_flushes_total").await;
+    let before = metric_of(&node.url, "herald_wal_flushes_total", &[]).await;
     let url = node.url.clone();
     within("a WAL flush after the publishes", Duration::from_secs(10), || {
         let url = url.clone();
-        async move { (metric_of(&url, "herald_wal_flushes_total").await > before).then_some(()) }
+        async move { (metric_of(&url, "herald_wal_flushes_total", &[]).await > before).then_some(()) }
     })
     .await;
     let (node, kept) = kill_and_count(&setup, node).await;
@@ -149,9 +145,9 @@ async fn fsync_never_keeps_nothing_across_sigkill_and_everything_across_a_clean_
     let setup = Setup::new("[wal]\nfsync = \"never\"\n");
     let node = setup.start_subscribed().await;
     publish(&node.url, N, "never-killed").await;
-    assert_eq!(metric_of(&node.url, "herald_wal_events").await, N as f64);
+    assert_eq!(metric_of(&node.url, "herald_wal_events", &[]).await, N as f64);
     assert_eq!(
-        metric_of(&node.url, "herald_wal_flushes_total").await,
+        metric_of(&node.url, "herald_wal_flushes_total", &[]).await,
         0.0,
         "never flushes"
     );
@@ -166,7 +162,7 @@ async fn fsync_never_keeps_nothing_across_sigkill_and_everything_across_a_clean_
     let status = terminate(node).await;
     assert!(status.success(), "{status:?}");
     let node = spawn_herald(&setup.args(), &[]);
-    assert_eq!(metric_of(&node.url, "herald_wal_events").await, N as f64);
+    assert_eq!(metric_of(&node.url, "herald_wal_events", &[]).await, N as f64);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -328,7 +324,7 @@ async fn a_full_disk_answers_storage_full_and_recovers_by_itself_losing_nothing(
         body["error"]["message"].as_str().unwrap_or("").contains("full"),
         "{body}"
     );
-    assert_eq!(metric_of(&node.url, "herald_storage_unhealthy").await, 1.0);
+    assert_eq!(metric_of(&node.url, "herald_storage_unhealthy", &[]).await, 1.0);
 
     // Space returns: the node reopens its store by itself.
     std::fs::remove_file(tmpfs.dir.path().join("filler")).unwrap();
@@ -338,10 +334,13 @@ async fn a_full_disk_answers_storage_full_and_recovers_by_itself_losing_nothing(
         async move { (get(&format!("{url}/readyz")).await.0 == 200).then_some(()) }
     })
     .await;
-    assert_eq!(metric_of(&node.url, "herald_storage_unhealthy").await, 0.0);
+    assert_eq!(metric_of(&node.url, "herald_storage_unhealthy", &[]).await, 0.0);
     publish(&node.url, 10, "after").await;
     acknowledged += 10;
-    assert_eq!(metric_of(&node.url, "herald_wal_events").await, acknowledged as f64);
+    assert_eq!(
+        metric_of(&node.url, "herald_wal_events", &[]).await,
+        acknowledged as f64
+    );
 
     // Nothing acknowledged was lost, even across a crash.
     let (node, kept) = kill_and_count(&setup, node).await;
@@ -432,7 +431,7 @@ async fn replay_streams_the_wal_in_bounded_memory() {
     let url = node.url.clone();
     within("every orphaned record dropped", Duration::from_secs(300), || {
         let url = url.clone();
-        async move { (metric_of(&url, "herald_wal_events").await == 0.0).then_some(()) }
+        async move { (metric_of(&url, "herald_wal_events", &[]).await == 0.0).then_some(()) }
     })
     .await;
     println!(

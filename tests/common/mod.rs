@@ -775,3 +775,23 @@ pub fn cli_blocking(args: &[&str]) -> Output {
 pub async fn metrics_of(url: &str) -> String {
     get_text(&format!("{url}/metrics")).await
 }
+
+/// The sample `name{labels}` of the node at `url` (0 when it has none yet).
+pub async fn metric_of(url: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    metric(&metrics_of(url).await, name, labels).unwrap_or(0.0)
+}
+
+/// Waits until the sample `name{labels}` of the node at `url` is at least `at_least`; returns it.
+pub async fn wait_metric(url: &str, name: &str, labels: &[(&str, &str)], at_least: f64) -> f64 {
+    let what = format!("{name}{labels:?} >= {at_least}");
+    eventually(&what, || async move {
+        Some(metric_of(url, name, labels).await).filter(|v| *v >= at_least)
+    })
+    .await
+}
+
+/// Fails unless `a` is the error answer `status` with `{"error":{"code": code}}`.
+pub fn assert_error(a: &Answer, status: u16, code: &str) {
+    assert_eq!(a.status, status, "expected {status} {code}: {}", a.body);
+    assert_eq!(a.body["error"]["code"], code, "{}", a.body);
+}
