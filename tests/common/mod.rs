@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod history;
 pub mod load;
 pub mod rng;
 pub mod views;
