@@ -465,7 +465,8 @@ pub async fn publisher(spec: Rc<LoadSpec>, index: usize, p: Rc<Progress>, until:
 // What arrived
 
 /// Waits until every id in `acked` has arrived at `rec` at least once, failing after `deadline`
-/// with how many (and which) are missing. Returns how long it waited.
+/// with how many are missing and the checker's counter-example of `rec`'s history (the lost
+/// events with their publishes and the faults after them). Returns how long it waited.
 pub async fn wait_received(rec: &EventRecorder, acked: &[String], deadline: Duration) -> Duration {
     let mut missing: HashSet<&str> = acked.iter().map(String::as_str).collect();
     let mut seen = 0;
@@ -480,14 +481,12 @@ pub async fn wait_received(rec: &EventRecorder, acked: &[String], deadline: Dura
             return start.elapsed();
         }
         if start.elapsed() > deadline {
-            let mut sample: Vec<&&str> = missing.iter().collect();
-            sample.sort();
-            sample.truncate(10);
             panic!(
-                "{} of {} acknowledged events never arrived within {deadline:?} ({} arrivals in all); e.g. {sample:?}",
+                "{} of {} acknowledged events never arrived within {deadline:?} ({} arrivals in all); {}",
                 missing.len(),
                 acked.len(),
-                rec.len()
+                rec.len(),
+                rec.history.check().counter_example()
             );
         }
         actix_rt::time::sleep(Duration::from_millis(50)).await;
