@@ -315,9 +315,14 @@ impl History {
             .collect()
     }
 
-    /// The outcomes of the attempts so far that were not accepted, by `status code` (`no answer`
-    /// for the unknown ones), and the last of them in full.
-    pub fn refusals(&self) -> (BTreeMap<String, usize>, String) {
+    /// How many publish attempts were recorded so far.
+    pub fn attempts(&self) -> u64 {
+        self.log.lock().unwrap().attempts.len() as u64
+    }
+
+    /// The outcomes of the attempts after the first `after` that were not accepted, by `status
+    /// code` (`no answer` for the unknown ones), and the last of them in full.
+    pub fn refusals(&self, after: u64) -> (BTreeMap<String, usize>, String) {
         let log = self.log.lock().unwrap();
         let mut by = BTreeMap::new();
         let mut last = String::new();
@@ -325,6 +330,9 @@ impl History {
             let Op::Complete { attempt, outcome } = &e.op else {
                 continue;
             };
+            if *attempt <= after {
+                continue;
+            }
             let what = match outcome {
                 Outcome::Accepted { .. } => continue,
                 Outcome::Refused { status, code } => format!("{status} {code}"),

@@ -223,8 +223,9 @@ impl<'a> FaultWatch<'a> {
 /// moment the `Progress` was made (one set of publishers at a time per history).
 pub struct Progress {
     pub history: History,
-    /// Acknowledged ids in the history before these publishers began.
+    /// Acknowledged ids and publish attempts in the history before these publishers began.
     base: usize,
+    attempts_before: u64,
     /// An answer no retry can fix (a bad request): the publishers stop.
     pub fatal: RefCell<Option<String>>,
     /// Set to stop the publishers before their next attempt.
@@ -237,6 +238,7 @@ impl Progress {
     pub fn new(history: History) -> Progress {
         Progress {
             base: history.acknowledged_count(),
+            attempts_before: history.attempts(),
             history,
             fatal: RefCell::default(),
             stop: Cell::default(),
@@ -255,13 +257,13 @@ impl Progress {
     }
 
     /// Refusals that were retried, by `status code` (`no answer` for timeouts and connection
-    /// errors), over the whole history.
+    /// errors).
     pub fn rejected(&self) -> BTreeMap<String, usize> {
-        self.history.refusals().0
+        self.history.refusals(self.attempts_before).0
     }
 
     pub fn summary(&self) -> String {
-        let (rejected, last) = self.history.refusals();
+        let (rejected, last) = self.history.refusals(self.attempts_before);
         format!(
             "{} accepted ({} in the history with no subscription), retried refusals {rejected:?}, last refusal: {last}",
             self.accepted(),
