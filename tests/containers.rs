@@ -311,6 +311,11 @@ async fn inject(h: &History, c: &Compose, fault: Fault, victim: usize) -> Instan
                 h.fault(n as u64, Done::Start);
                 let restarted = start.elapsed();
                 wait_formed(&c.urls, &[1, 2, 3]).await;
+                // Back in the cluster, it gets its instance back: a placement change of its own,
+                // which the history must know of (deliveries in flight then may repeat). CI saw
+                // 10 such duplicates judged against no change when only the next restart's
+                // observation recorded it.
+                record_placed(h, &c.urls, TOPIC, GROUP, 3).await;
                 println!(
                     "  herald-{n}: drained, stopped and started in {:.1}s; cluster whole {:.2}s later",
                     restarted.as_secs_f64(),
