@@ -55,7 +55,7 @@ pub struct Event {
     /// The W3C trace context the event continues (`traceparent`/`tracestate` of the publish, or
     /// of the CloudEvents distributed-tracing extension), if any. Once published it names the
     /// publish span (in the WAL) or the forward span (in a forwarded frame) as parent; a handler
-    /// reads the context of its own deliver span from [`crate::handler::Delivery::trace`].
+    /// reads the context of its own deliver span from `Delivery::trace` (module `handler`).
     pub trace: Option<TraceContext>,
 }
 
