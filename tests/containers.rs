@@ -12,10 +12,14 @@
 //! 4. a rolling restart of all three (`docker restart`: SIGTERM drains each node first).
 //!
 //! While a node is paused or cut off, its peers must fail over before it is back: suspect it, mark
-//! it down, move its instance and handle events. After each fault: every id that got a 202
-//! (`ack=accepted`) has arrived with the data published under it, the cluster is back to three
-//! members `up` with one leader, and the duplicates and the time to heal are printed
-//! (`cargo test --test containers -- --nocapture`). The compose project, its network and volumes
+//! it down, move its instance and handle events. After each fault the cluster is back to three
+//! members `up` with one leader and every id that got a 202 (`ack=accepted`) has arrived; then the
+//! checker judges the whole history so far (every publish attempt and answer, every delivery, the
+//! faults and the placements seen): every acknowledged event delivered with the data published
+//! under it, nothing refused or never published delivered, and duplicates only for events in
+//! flight at a placement change (README, "Delivery guarantees"; the events have no key, so no
+//! order is checked), printing a counter-example if not. The duplicates and the time to heal are
+//! printed (`cargo test --test containers -- --nocapture`). The compose project, its network and volumes
 //! are removed when the test ends, failed or not.
 //!
 //! Needs a Docker engine and `docker-compose`, so it is `#[ignore]`d: a plain `cargo test` lists
@@ -29,6 +33,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use common::cluster::*;
+use common::history::Fault as Done;
 use common::load::*;
 use common::views::*;
 use common::*;
@@ -224,7 +229,7 @@ async fn wait_not_up(urls: &[String], victim: u64) {
 /// over while it still is: they suspect it, mark it down, place the subscription's instances off it
 /// and handle events (the same claims as the process tests of `tests/failover.rs`), failing after
 /// `d` + [`FAIL_OVER`].
-async fn fail_over(c: &Compose, victim: usize, d: Duration) {
+async fn fail_over(h: &History, c: &Compose, victim: usize, d: Duration) {
     let survivors: Vec<String> = c
         .urls
         .iter()
@@ -232,41 +237,49 @@ async fn fail_over(c: &Compose, victim: usize, d: Duration) {
         .filter(|(i, _)| *i + 1 != victim)
         .map(|(_, u)| u.clone())
         .collect();
-    let watch = FaultWatch::new(&survivors, &survivors, victim as u64, TOPIC, GROUP);
+    let watch = FaultWatch::new(h, &survivors, &survivors, victim as u64, TOPIC, GROUP);
     let seen = watch
         .until(
             "while it is still faulty, its peers suspect it, mark it down, move its instance and handle events",
             d + FAIL_OVER,
-            || 0,
             |o| o.failed_over() && watch.at.elapsed() >= d,
         )
         .await;
     println!("  herald-{victim} failed over while faulty: {seen:?}");
 }
 
-/// Applies `fault` to node `victim` (1-based; a rolling restart starts there and restarts all);
-/// returns when it has healed (the container runs
-/// and is connected again) and when that was.
-async fn inject(c: &Compose, fault: Fault, victim: usize) -> Instant {
+/// Applies `fault` to node `victim` (1-based, its node id; a rolling restart starts there and
+/// restarts all), recording in `h` the placement right before each fault, the fault and its end;
+/// returns when it has healed (the container runs and is connected again) and when that was.
+async fn inject(h: &History, c: &Compose, fault: Fault, victim: usize) -> Instant {
     let name = c.container(victim);
+    let node = victim as u64;
+    if !matches!(fault, Fault::RollingRestart) {
+        observe_placement(h, &c.urls, TOPIC, GROUP).await;
+    }
     match fault {
         Fault::Kill => {
+            h.fault(node, Done::Kill);
             must_async("docker", vec!["kill".into(), name.clone()]).await;
-            wait_not_up(&c.urls, victim as u64).await;
+            wait_not_up(&c.urls, node).await;
             must_async("docker", vec!["start".into(), name]).await;
+            h.fault(node, Done::Start);
         }
         Fault::Pause(d) => {
+            h.fault(node, Done::Pause);
             must_async("docker", vec!["pause".into(), name.clone()]).await;
-            fail_over(c, victim, d).await;
+            fail_over(h, c, victim, d).await;
             must_async("docker", vec!["unpause".into(), name]).await;
+            h.fault(node, Done::Unpause);
         }
         Fault::Disconnect(d) => {
+            h.fault(node, Done::Disconnect);
             must_async(
                 "docker",
                 vec!["network".into(), "disconnect".into(), c.network(), name.clone()],
             )
             .await;
-            fail_over(c, victim, d).await;
+            fail_over(h, c, victim, d).await;
             // The service name is the node's DNS alias on the network: give it back.
             let alias = format!("herald-{victim}");
             must_async(
@@ -281,15 +294,21 @@ async fn inject(c: &Compose, fault: Fault, victim: usize) -> Instant {
                 ],
             )
             .await;
+            h.fault(node, Done::Reconnect);
         }
         Fault::RollingRestart => {
             for n in (victim..=3).chain(1..victim) {
+                observe_placement(h, &c.urls, TOPIC, GROUP).await;
                 let start = Instant::now();
+                h.fault(n as u64, Done::Restart);
                 must_async(
                     "docker",
                     vec!["restart".into(), "--time".into(), "30".into(), c.container(n)],
                 )
                 .await;
+                // Its drain moved its instance before it stopped.
+                observe_placement(h, &c.urls, TOPIC, GROUP).await;
+                h.fault(n as u64, Done::Start);
                 let restarted = start.elapsed();
                 wait_formed(&c.urls, &[1, 2, 3]).await;
                 println!(
@@ -304,10 +323,13 @@ async fn inject(c: &Compose, fault: Fault, victim: usize) -> Instant {
 }
 
 /// One fault under load: publishes through all three nodes, injects `fault`, waits until the
-/// cluster is whole again and every acknowledged event arrived; prints the figures.
+/// cluster is whole again (the healed node holding an instance again) and every acknowledged event
+/// arrived, and judges the history so far; prints the figures.
 async fn round(c: &Compose, rec: &EventRecorder, n: usize, fault: Fault, victim: usize) {
+    let h = &rec.history;
     let seen_before = rec.len();
     let load = Load::start(LoadSpec {
+        history: h.clone(),
         prefix: format!("r{n}"),
         topic: TOPIC.into(),
         urls: c.urls.clone(),
@@ -322,26 +344,31 @@ async fn round(c: &Compose, rec: &EventRecorder, n: usize, fault: Fault, victim:
     });
     load.wait_accepted(200, Duration::from_secs(30)).await;
     let at = Instant::now();
-    let healed = inject(c, fault, victim).await;
+    let healed = inject(h, c, fault, victim).await;
     let fault_took = healed - at;
     wait_formed(&c.urls, &[1, 2, 3]).await;
     let formed = healed.elapsed();
+    // Its instance comes back (a node that kept nothing takes its share): the last placement
+    // change of this fault, which the checker's duplicate rule counts.
+    let back = victim as u64;
+    wait_placement(
+        &c.urls,
+        TOPIC,
+        GROUP,
+        &format!("with an instance on herald-{victim} again"),
+        |n| n.len() == 3 && n.contains(&back),
+    )
+    .await;
     // Delivering again: events accepted after the cluster is whole arrive too.
     let before = load.accepted();
     load.wait_accepted(before + 200, Duration::from_secs(30)).await;
     let progress = load.stop().await;
     progress.assert_no_fatal();
-    let acked = progress.accepted.borrow().clone();
+    let acked = progress.acknowledged();
     let waited = wait_received(rec, &acked, DELIVERY).await;
+    record_placed(h, &c.urls, TOPIC, GROUP, 3).await;
     let arrivals = rec.since(seen_before);
     let (total, distinct, dups) = counts(&arrivals);
-    // Late duplicates of an earlier round may arrive meanwhile: check this round's own events.
-    let mine: Vec<Arrival> = arrivals
-        .iter()
-        .filter(|a| a.id.starts_with(&format!("r{n}-")))
-        .cloned()
-        .collect();
-    assert_payloads(&mine, &progress);
     let stall = after_fault(&arrivals, at).map(|(_, stall, _)| stall);
     println!(
         "fault {n} {fault:?} on herald-{victim}: fault lasted {:.1}s; cluster whole {:.2}s after it healed; \
@@ -352,7 +379,12 @@ async fn round(c: &Compose, rec: &EventRecorder, n: usize, fault: Fault, victim:
         acked.len(),
         stall,
         waited.as_secs_f64(),
-        progress.rejected.borrow(),
+        progress.rejected(),
+    );
+    let verdict = h.assert_guarantees();
+    println!(
+        "  the history so far keeps the delivery guarantees: {}",
+        verdict.summary()
     );
 }
 
@@ -414,10 +446,10 @@ fn the_compose_cluster_survives_kill_pause_partition_and_rolling_restart() {
             "every node answered the fan-out"
         );
         let gateway = c.gateway();
-        let rec = EventRecorder::start_on(&format!("{gateway}:0")).await;
+        let rec = EventRecorder::start_on(&format!("{gateway}:0"), History::new()).await;
         let hook = rec.url.clone();
-        subscribe_webhook(&c.urls[0], TOPIC, GROUP, &hook, 3).await;
-        wait_placed(&c.urls, TOPIC, GROUP, 3).await;
+        subscribe_webhook(&rec.history, &c.urls[0], TOPIC, GROUP, &hook, 3).await;
+        record_placed(&rec.history, &c.urls, TOPIC, GROUP, 3).await;
         let faults = [
             (Fault::Kill, 2),
             (Fault::Pause(Duration::from_secs(5)), 3),

@@ -6,10 +6,13 @@
 //! * every instance is placed, on an up node, and no node exceeds the load bound;
 //! * losing one node moves only the instances it held: at most `1/N + 5 %` of all instances;
 //! * the node coming back, and a new node joining, each move at most `1/N + 5 %`;
-//! * a snapshot of the whole table restores the same table and epoch.
+//! * a snapshot of the whole table restores the same table and epoch;
+//! * after the first placement the leader writes differences (`PatchPlacement`), not the whole
+//!   table: a node loss's entry is at most its share of the table plus a little.
 //!
 //! Printed (for BENCHMARKS.md, "Scale"; `--nocapture` shows them): the time each placement takes,
-//! the Raft log bytes of the build-up, the size of one `SetPlacement` entry and of a snapshot.
+//! the Raft log bytes of the build-up, the size of each placement entry next to the whole table's
+//! `SetPlacement` it replaces, and of a snapshot.
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -40,8 +43,8 @@ impl Log {
     }
 
     /// The leader's placement step: propose, then commit it. Returns (instances moved, entry
-    /// bytes, milliseconds to compute).
-    fn place(&mut self) -> (u32, usize, f64) {
+    /// bytes, bytes of the whole table's `SetPlacement`, milliseconds to compute).
+    fn place(&mut self) -> (u32, usize, usize, f64) {
         let start = Instant::now();
         let proposal = self
             .state
@@ -50,8 +53,9 @@ impl Log {
         let ms = start.elapsed().as_secs_f64() * 1e3;
         assert!(proposal.unplaced.is_empty(), "unplaced: {:?}", proposal.unplaced);
         let moved = proposal.moved;
+        let whole = Command::set_placement(proposal.epoch, &proposal.table).to_bytes().len();
         let bytes = self.apply(proposal.command());
-        (moved, bytes, ms)
+        (moved, bytes, whole, ms)
     }
 
     fn instances(&self) -> usize {
@@ -112,7 +116,7 @@ fn a_hundred_nodes_and_ten_thousand_subscriptions() {
         }));
     }
     let subscribes = log.bytes - joins;
-    let (_, first_entry, first_ms) = log.place();
+    let (_, first_entry, _, first_ms) = log.place();
     let total = log.instances();
     let demanded: usize = (0..SUBSCRIPTIONS).map(|i| i % 3 + 1).sum();
     assert_eq!(total, demanded, "every instance is placed");
@@ -130,18 +134,26 @@ fn a_hundred_nodes_and_ten_thousand_subscriptions() {
     let held = loads[&lost];
     let before = log.state.placement().clone();
     log.apply(Command::mark_down(lost));
-    let (moved, down_entry, down_ms) = log.place();
+    let (moved, down_entry, down_whole, down_ms) = log.place();
     let counted = moved_between(&before, log.state.placement());
     assert_eq!(moved as usize, counted);
     assert_eq!(counted, held, "only the lost node's instances move");
     let allowed = (total as f64 * (1.0 / n + 0.05)) as usize;
     assert!(counted <= allowed, "{counted} moved on a node loss, allowed {allowed}");
     assert!(log.state.placement().values().flatten().all(|id| *id != lost));
+    // The loss is written as a difference: the entries of the subscriptions that moved (each
+    // entry is small), not the whole table. Bound: the lost node's share of the whole table's
+    // bytes, twice over, plus a KB.
+    let share = down_whole * held / total;
+    assert!(
+        down_entry <= 2 * share + 1024,
+        "the placement after a node loss is {down_entry} B; the whole table is {down_whole} B and the lost node held {held} of {total} instances"
+    );
 
     // It comes back: it takes its share, and nothing else moves.
     let before = log.state.placement().clone();
     log.apply(Command::mark_up(lost));
-    let (moved, _, up_ms) = log.place();
+    let (moved, up_entry, _, up_ms) = log.place();
     let counted = moved_between(&before, log.state.placement());
     assert_eq!(moved as usize, counted);
     assert!(
@@ -153,7 +165,7 @@ fn a_hundred_nodes_and_ten_thousand_subscriptions() {
     // A new node joins.
     let before = log.state.placement().clone();
     log.apply(join(NODES + 1));
-    let (moved, _, join_ms) = log.place();
+    let (moved, join_entry, _, join_ms) = log.place();
     let counted = moved_between(&before, log.state.placement());
     assert_eq!(moved as usize, counted);
     let allowed_join = (total as f64 * (1.0 / (n + 1.0) + 0.05)) as usize;
@@ -174,7 +186,7 @@ fn a_hundred_nodes_and_ten_thousand_subscriptions() {
     println!(
         "scale: {NODES} nodes, {SUBSCRIPTIONS} subscriptions, {total} instances (bound {bound} per node)\n\
          placement compute: first {first_ms:.0} ms, node lost {down_ms:.0} ms ({held} moved), back {up_ms:.0} ms, join {join_ms:.0} ms\n\
-         raft log: joins {joins} B, subscriptions {subscribes} B, one SetPlacement {first_entry} B (after a loss {down_entry} B), total {} B over {} entries\n\
+         raft log: joins {joins} B, subscriptions {subscribes} B, first placement {first_entry} B; then differences: a loss {down_entry} B (the whole table: {down_whole} B), back {up_entry} B, a join {join_entry} B; total {} B over {} entries\n\
          snapshot: {} B, encode+decode {snapshot_ms:.0} ms",
         log.bytes,
         log.index,

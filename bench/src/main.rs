@@ -453,10 +453,22 @@ async fn publish_concurrently(
     let mut tasks = Vec::new();
     for _ in 0..publishers {
         let ing = ingress.clone();
-        let events = vec![payload.clone(); batch];
+        let payload = payload.clone();
         tasks.push(actix_rt::spawn(async move {
+            // A fresh id per event, as every real publish has: the hosting node de-duplicates
+            // `(subscription, event id)` for acknowledged publishes (README "Idempotency"), so
+            // copies of one event would be handled once.
+            let fresh = || {
+                (0..batch)
+                    .map(|_| {
+                        let mut e = payload.clone();
+                        e.id = herald::event::new_id();
+                        e
+                    })
+                    .collect()
+            };
             for _ in 0..calls {
-                publish_until_accepted(&ing, || events.clone(), AckMode::Accepted).await?;
+                publish_until_accepted(&ing, fresh, AckMode::Accepted).await?;
             }
             Ok::<(), String>(())
         }));

@@ -194,3 +194,168 @@ impl From<ReplayError> for ApiError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::event::EventError;
+    use crate::ingress::StoreError;
+
+    /// Status, `Retry-After`, `Allow` and the JSON body of `e` as a client gets them.
+    async fn answer(e: ApiError) -> (u16, Option<String>, Option<String>, serde_json::Value) {
+        let r = e.error_response();
+        let header = |name| r.headers().get(name).map(|v| v.to_str().unwrap().to_string());
+        let (retry, allow) = (header("retry-after"), header("allow"));
+        let status = r.status().as_u16();
+        let body = actix_web::body::to_bytes(r.into_body()).await.unwrap();
+        (status, retry, allow, serde_json::from_slice(&body).unwrap())
+    }
+
+    #[actix_rt::test]
+    async fn every_publish_error_has_its_status_code_and_retry_advice() {
+        let name = |what| EventError::InvalidName {
+            what,
+            name: "a b".into(),
+        };
+        let cases: Vec<(PublishError, u16, &str, Option<&str>)> = vec![
+            (PublishError::Invalid(name("topic")), 400, "invalid_event", None),
+            (
+                PublishError::Overloaded("mailboxes full".into()),
+                429,
+                "overloaded",
+                Some("1"),
+            ),
+            (
+                PublishError::Unavailable(StoreError::Full("ENOSPC".into())),
+                507,
+                "storage_full",
+                Some("1"),
+            ),
+            (
+                PublishError::Unavailable(StoreError::Stopped),
+                503,
+                "wal_unavailable",
+                Some("1"),
+            ),
+            (PublishError::NotReady, 503, "not_ready", Some("1")),
+            // Removed for good: retrying this node does not help, so no Retry-After.
+            (PublishError::Removed, 503, "removed", None),
+            (
+                PublishError::NotHere("t/g is unplaced".into()),
+                503,
+                "subscription_unplaced",
+                None,
+            ),
+        ];
+        for (e, status, code, retry) in cases {
+            let message = e.to_string();
+            let (got_status, got_retry, allow, body) = answer(e.into()).await;
+            assert_eq!((got_status, got_retry.as_deref()), (status, retry), "{code}");
+            assert_eq!(body["error"]["code"], code);
+            assert_eq!(body["error"]["message"], message.as_str());
+            assert!(body["error"].get("ids").is_none(), "{code}: ids only on a timeout");
+            assert_eq!(allow, None);
+        }
+    }
+
+    #[actix_rt::test]
+    async fn a_processed_timeout_names_the_accepted_events_in_order() {
+        let ids = vec!["b".to_string(), "a".to_string()];
+        let e = PublishError::Timeout {
+            after: Duration::from_millis(30),
+            ids: ids.clone(),
+        };
+        let (status, retry, _, body) = answer(e.into()).await;
+        assert_eq!((status, retry), (504, None));
+        assert_eq!(body["error"]["code"], "timeout");
+        assert_eq!(body["error"]["ids"], serde_json::json!(ids));
+        assert!(body["error"]["message"].as_str().unwrap().contains("ids: b, a"));
+    }
+
+    #[actix_rt::test]
+    async fn subscription_and_control_errors_keep_one_code_per_mistake() {
+        let topic = SpecError::Name(EventError::InvalidName {
+            what: "topic",
+            name: "a b".into(),
+        });
+        let group = SpecError::Name(EventError::InvalidName {
+            what: "group",
+            name: "a b".into(),
+        });
+        let cases: Vec<(ApiError, u16, &str, Option<&str>)> = vec![
+            // A bad topic is `invalid_topic` when subscribing, as when publishing.
+            (topic.into(), 400, "invalid_topic", None),
+            (group.into(), 400, "invalid_name", None),
+            (
+                SpecError::Instances { got: 0, max: 64 }.into(),
+                400,
+                "invalid_instances",
+                None,
+            ),
+            (
+                ControlError::Unavailable("no leader".into()).into(),
+                503,
+                "unavailable",
+                Some("1"),
+            ),
+            (
+                ControlError::Conflict("only member".into()).into(),
+                409,
+                "last_member",
+                None,
+            ),
+            (
+                ControlError::Refused {
+                    code: "member_up",
+                    message: "node 2 is up; pass force=true".into(),
+                }
+                .into(),
+                409,
+                "member_up",
+                None,
+            ),
+            (ReplayError::NotFound("x".into()).into(), 404, "not_found", None),
+            (
+                ReplayError::SubscriptionGone("t/g".into()).into(),
+                409,
+                "subscription_gone",
+                None,
+            ),
+            (
+                ReplayError::Store(StoreError::Stopped).into(),
+                503,
+                "store_unavailable",
+                None,
+            ),
+        ];
+        for (e, status, code, retry) in cases {
+            let (got_status, got_retry, _, body) = answer(e).await;
+            assert_eq!((got_status, got_retry.as_deref()), (status, retry), "{code}");
+            assert_eq!(body["error"]["code"], code);
+            assert!(
+                !body["error"]["message"].as_str().unwrap().is_empty(),
+                "{code}: a message for people"
+            );
+        }
+    }
+
+    #[actix_rt::test]
+    async fn a_405_names_the_methods_the_path_takes_in_allow_and_in_the_body() {
+        let (status, _, allow, body) =
+            answer(ApiError::method_not_allowed("PUT", "/v1/subscriptions", "GET, POST")).await;
+        assert_eq!((status, allow.as_deref()), (405, Some("GET, POST")));
+        assert_eq!(body["error"]["code"], "method_not_allowed");
+        assert_eq!(
+            body["error"]["message"],
+            "/v1/subscriptions does not take PUT; it takes GET, POST"
+        );
+        let (status, _, _, body) = answer(ApiError::too_large(1024)).await;
+        assert_eq!(status, 413);
+        assert!(body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("http.max_body_bytes"));
+    }
+}

@@ -1,22 +1,24 @@
-//! Publishing under faults and checking what arrived, shared by the process fault tests
-//! (`tests/failover.rs`) and the container fault suite (`tests/containers.rs`): cluster views
-//! (members, placements), batch publishers that retry until a 202 and record every acknowledged
-//! id with what was published under it, and the checks on what an [`EventRecorder`] received
-//! (missing ids, payloads, per-key order, duplicates, stalls).
+//! Publishing under faults and watching them, shared by the process fault tests
+//! (`tests/failover.rs`) and the container fault suite (`tests/containers.rs`): batch publishers
+//! that retry until a 202 and record every attempt and its answer in a [`History`], a watch of a
+//! fault that records the placement moves and hand-overs it sees, and the figures of what an
+//! [`EventRecorder`] received (waiting for every acknowledged id, counts, stalls). Whether the
+//! history keeps the delivery guarantees is [`super::history::check`]'s verdict.
 
 use std::cell::{Cell, RefCell};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
 use super::cluster::{call, http, view};
+use super::history::{Ack, Event, Outcome};
 use super::views::{placement_of, statuses};
-use super::{Arrival, EventRecorder};
+use super::{Arrival, EventRecorder, History};
 
-/// Subscribes `topic`/`group` to the webhook `hook` with `instances` instances.
-pub async fn subscribe_webhook(url: &str, topic: &str, group: &str, hook: &str, instances: u32) {
+/// Subscribes `topic`/`group` to the webhook `hook` with `instances` instances, recorded in `h`.
+pub async fn subscribe_webhook(h: &History, url: &str, topic: &str, group: &str, hook: &str, instances: u32) {
     let spec = json!({
         "topic": topic,
         "group": group,
@@ -25,6 +27,39 @@ pub async fn subscribe_webhook(url: &str, topic: &str, group: &str, hook: &str, 
         "max_attempts": 100,
     });
     super::subscribe(url, &spec).await;
+    h.subscribed(&format!("{topic}/{group}"));
+}
+
+/// Records the placement of `topic`/`group` as the nodes at `urls` show it now (the highest epoch
+/// of those that answer), without waiting for them to agree: right before a fault, so that the
+/// checker counts the changes from there.
+pub async fn observe_placement(h: &History, urls: &[String], topic: &str, group: &str) {
+    let client = http(Duration::from_secs(2));
+    let mut seen: Option<(u64, Vec<u64>)> = None;
+    for u in urls {
+        let placed = view(&client, u, "/v1/cluster/placements")
+            .await
+            .and_then(|p| placement_of(&p, topic, group));
+        if placed.as_ref().map(|p| p.0) > seen.as_ref().map(|p| p.0) {
+            seen = placed;
+        }
+    }
+    let (epoch, nodes) = seen.unwrap_or_else(|| panic!("no node of {urls:?} showed the placement of {topic}/{group}"));
+    h.placement(&format!("{topic}/{group}"), epoch, nodes);
+}
+
+/// Waits until every node shows the same placement of `topic`/`group` on `instances` node(s)
+/// ([`super::views::wait_placed`]) and records it in `h`.
+pub async fn record_placed(
+    h: &History,
+    urls: &[String],
+    topic: &str,
+    group: &str,
+    instances: usize,
+) -> (u64, Vec<u64>) {
+    let (epoch, nodes) = super::views::wait_placed(urls, topic, group, instances).await;
+    h.placement(&format!("{topic}/{group}"), epoch, nodes.clone());
+    (epoch, nodes)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -40,13 +75,13 @@ pub struct Observed {
     pub suspect: Option<Duration>,
     /// A survivor showed it `down` (the leader committed MarkDown).
     pub marked_down: Option<Duration>,
-    /// Every node watched for placements placed the subscription off the failed node; with how
-    /// many events had been accepted by then.
-    pub moved: Option<(Duration, usize)>,
+    /// Every node watched for placements placed the subscription off the failed node (recorded
+    /// in the history as the placement the first of them showed).
+    pub moved: Option<Duration>,
     /// After that, the survivors' count of the subscription's handled events
-    /// (`herald_events_delivered_total{outcome="ok"}`) rose: events were handled elsewhere; with
-    /// how many events had been accepted by then.
-    pub elsewhere: Option<(Duration, usize)>,
+    /// (`herald_events_delivered_total{outcome="ok"}`) rose: events were handled elsewhere
+    /// (recorded in the history).
+    pub elsewhere: Option<Duration>,
 }
 
 impl Observed {
@@ -60,19 +95,13 @@ impl Observed {
     pub fn failed_over(&self) -> bool {
         self.suspect.is_some() && self.moved_on()
     }
-
-    /// How many events had been accepted once the placement had moved and the survivors handled
-    /// events: those accepted from then on go to a running instance on a survivor.
-    pub fn handled_elsewhere_from(&self) -> usize {
-        let (_, moved) = self.moved.expect("the placement moved");
-        let (_, handled) = self.elsewhere.expect("events were handled elsewhere");
-        moved.max(handled)
-    }
 }
 
-/// Watches a fault on node `failed` from the survivors' HTTP APIs (started at the fault).
+/// Watches a fault on node `failed` from the survivors' HTTP APIs (started at the fault), and
+/// records in the history the move and the hand-over it sees.
 pub struct FaultWatch<'a> {
     client: awc::Client,
+    history: &'a History,
     survivors: &'a [String],
     placements_from: &'a [String],
     failed: u64,
@@ -87,6 +116,7 @@ impl<'a> FaultWatch<'a> {
     /// Starts the clock: call right before the fault. `survivors` show statuses and handle
     /// events; `placements_from` must all show the subscription `topic`/`group` moved.
     pub fn new(
+        history: &'a History,
         survivors: &'a [String],
         placements_from: &'a [String],
         failed: u64,
@@ -95,6 +125,7 @@ impl<'a> FaultWatch<'a> {
     ) -> FaultWatch<'a> {
         FaultWatch {
             client: http(Duration::from_secs(2)),
+            history,
             survivors,
             placements_from,
             failed,
@@ -122,8 +153,8 @@ impl<'a> FaultWatch<'a> {
         sum
     }
 
-    /// One round of polls; fills in what is newly seen (`accepted`: events accepted so far).
-    pub async fn poll(&self, accepted: usize, o: &mut Observed) {
+    /// One round of polls; fills in what is newly seen.
+    pub async fn poll(&self, o: &mut Observed) {
         let since = self.at.elapsed();
         for u in self.survivors {
             if let Some(v) = view(&self.client, u, "/v1/cluster").await {
@@ -142,34 +173,35 @@ impl<'a> FaultWatch<'a> {
                 }
             }
         }
+        let subscription = format!("{}/{}", self.topic, self.group);
         if o.moved.is_none() {
             let mut off = true;
+            let mut first = None;
             for u in self.placements_from {
                 let p = view(&self.client, u, "/v1/cluster/placements").await;
                 let placed = p.as_ref().and_then(|p| placement_of(p, self.topic, self.group));
-                off &= placed.is_some_and(|(_, n)| !n.is_empty() && !n.contains(&self.failed));
+                off &= placed
+                    .as_ref()
+                    .is_some_and(|(_, n)| !n.is_empty() && !n.contains(&self.failed));
+                first = first.or(placed);
             }
-            if off {
-                o.moved = Some((since, accepted));
+            if let (true, Some((epoch, nodes))) = (off, first) {
+                o.moved = Some(since);
+                self.history.placement(&subscription, epoch, nodes);
                 self.handled_at_move.set(self.handled_by_survivors().await);
             }
         } else if o.elsewhere.is_none() && self.handled_by_survivors().await > self.handled_at_move.get() {
-            o.elsewhere = Some((since, accepted));
+            o.elsewhere = Some(since);
+            self.history.handled_elsewhere(&subscription);
         }
     }
 
     /// Polls until `done(observed)` holds, failing after `limit` (from the fault) with what was
     /// seen and `what` should have happened.
-    pub async fn until(
-        &self,
-        what: &str,
-        limit: Duration,
-        accepted: impl Fn() -> usize,
-        done: impl Fn(&Observed) -> bool,
-    ) -> Observed {
+    pub async fn until(&self, what: &str, limit: Duration, done: impl Fn(&Observed) -> bool) -> Observed {
         let mut o = Observed::default();
         loop {
-            self.poll(accepted(), &mut o).await;
+            self.poll(&mut o).await;
             if done(&o) {
                 return o;
             }
@@ -186,50 +218,57 @@ impl<'a> FaultWatch<'a> {
 // ---------------------------------------------------------------------------------------------
 // Publishing
 
-/// What a set of publishers achieved (single-threaded: the publishers are local tasks).
-#[derive(Default)]
+/// A set of publishers (single-threaded: they are local tasks): what they share to stop, and the
+/// [`History`] they record every attempt in. The counts are read from the history, from the
+/// moment the `Progress` was made (one set of publishers at a time per history).
 pub struct Progress {
-    /// Ids that got a 202, in the order they did.
-    pub accepted: RefCell<Vec<String>>,
-    /// Events accepted while the ingress node knew no subscription of the topic (`subscriptions: 0`).
-    pub unrouted: Cell<usize>,
-    /// Refusals that were retried, by `status code`.
-    pub rejected: RefCell<BTreeMap<String, usize>>,
-    /// The last refusal, in full.
-    pub last_rejection: RefCell<String>,
+    pub history: History,
+    /// Acknowledged ids and publish attempts in the history before these publishers began.
+    base: usize,
+    attempts_before: u64,
     /// An answer no retry can fix (a bad request): the publishers stop.
     pub fatal: RefCell<Option<String>>,
     /// Set to stop the publishers before their next attempt.
     pub stop: Cell<bool>,
     /// Next batch to publish.
     pub next_batch: Cell<usize>,
-    /// What was published under each id (recorded before the first attempt): partition key, data.
-    pub published: RefCell<HashMap<String, (Option<String>, Value)>>,
 }
 
 impl Progress {
+    pub fn new(history: History) -> Progress {
+        Progress {
+            base: history.acknowledged_count(),
+            attempts_before: history.attempts(),
+            history,
+            fatal: RefCell::default(),
+            stop: Cell::default(),
+            next_batch: Cell::default(),
+        }
+    }
+
+    /// How many events got a 202.
     pub fn accepted(&self) -> usize {
-        self.accepted.borrow().len()
+        self.history.acknowledged_count() - self.base
+    }
+
+    /// The ids that got a 202, in the order they did.
+    pub fn acknowledged(&self) -> Vec<String> {
+        self.history.acknowledged().split_off(self.base)
+    }
+
+    /// Refusals that were retried, by `status code` (`no answer` for timeouts and connection
+    /// errors).
+    pub fn rejected(&self) -> BTreeMap<String, usize> {
+        self.history.refusals(self.attempts_before).0
     }
 
     pub fn summary(&self) -> String {
+        let (rejected, last) = self.history.refusals(self.attempts_before);
         format!(
-            "{} accepted ({} with no subscription), retried refusals {:?}, last refusal: {}",
+            "{} accepted ({} in the history with no subscription), retried refusals {rejected:?}, last refusal: {last}",
             self.accepted(),
-            self.unrouted.get(),
-            self.rejected.borrow(),
-            self.last_rejection.borrow()
+            self.history.unrouted(),
         )
-    }
-
-    pub fn reject(&self, what: String, detail: String) {
-        *self.rejected.borrow_mut().entry(what).or_default() += 1;
-        *self.last_rejection.borrow_mut() = detail;
-    }
-
-    /// Records what is published under `id` (before it is sent, so any arrival can be checked).
-    pub fn publishing(&self, id: String, key: Option<&str>, data: Value) {
-        self.published.borrow_mut().insert(id, (key.map(str::to_string), data));
     }
 
     pub fn assert_no_fatal(&self) {
@@ -239,9 +278,10 @@ impl Progress {
     }
 }
 
-/// Publishes `body` to `path` (with `?ack=accepted`) on `urls[first]` until it gets a 202,
-/// retrying 429, 503 and connection errors with a backoff from 10 ms to 500 ms (on the next URL if
-/// `rotate`), until `until` passes or the publishers are stopped. Returns the 202 body.
+/// Publishes `body` (carrying `events`) to `path` (with `?ack=accepted`) on `urls[first]` until it
+/// gets a 202, retrying 429, 503 and connection errors with a backoff from 10 ms to 500 ms (on the
+/// next URL if `rotate`), until `until` passes or the publishers are stopped; each attempt and its
+/// answer go to the history. Returns the 202 body.
 #[allow(clippy::too_many_arguments)]
 pub async fn publish_until_accepted(
     client: &awc::Client,
@@ -251,6 +291,7 @@ pub async fn publish_until_accepted(
     path: &str,
     headers: &[(&str, &str)],
     body: &str,
+    events: &[Event],
     p: &Progress,
     until: Instant,
 ) -> Option<Value> {
@@ -261,17 +302,23 @@ pub async fn publish_until_accepted(
             return None;
         }
         let url = format!("{}{path}", urls[at]);
+        let attempt = p.history.invoke(&urls[at], events.to_vec());
         match call(client, "POST", &url, headers, body.to_string()).await {
-            Ok((202, answer)) => return Some(answer),
-            Ok((status @ (429 | 503), answer)) => {
-                let code = answer["error"]["code"].as_str().unwrap_or("?").to_string();
-                p.reject(format!("{status} {code}"), format!("{status} from {url}: {answer}"));
+            Ok((202, answer)) => {
+                let subscriptions = answer["subscriptions"].as_u64();
+                let ack = Ack::of_path(path);
+                p.history.complete(attempt, Outcome::Accepted { ack, subscriptions });
+                return Some(answer);
             }
             Ok((status, answer)) => {
-                *p.fatal.borrow_mut() = Some(format!("{status} from {url}: {answer}"));
-                return None;
+                let code = answer["error"]["code"].as_str().unwrap_or("?").to_string();
+                p.history.complete(attempt, Outcome::Refused { status, code });
+                if !matches!(status, 429 | 503) {
+                    *p.fatal.borrow_mut() = Some(format!("{status} from {url}: {answer}"));
+                    return None;
+                }
             }
-            Err(e) => p.reject("no answer".to_string(), e),
+            Err(e) => p.history.complete(attempt, Outcome::Unknown(e)),
         }
         if rotate {
             at = (at + 1) % urls.len();
@@ -282,8 +329,9 @@ pub async fn publish_until_accepted(
 }
 
 /// A batch load: `total` events with ids `{prefix}-{batch}-{i}` (batch publishes of JSON arrays
-/// with `Idempotency-Key: {prefix}-{batch}`), data `{"n": event number}`.
+/// with `Idempotency-Key: {prefix}-{batch}`), data `{"n": event number}`, recorded in `history`.
 pub struct LoadSpec {
+    pub history: History,
     pub prefix: String,
     pub topic: String,
     /// Batch `b` goes to `urls[b % len]` first.
@@ -297,7 +345,7 @@ pub struct LoadSpec {
     pub rotate: bool,
     /// Publisher `p` sends all its batches with `X-Herald-Key: {prefix}-p{p}`: each key's events
     /// are published strictly one batch after the other, so the order they were accepted in is
-    /// their publish order ([`assert_key_order`]). Otherwise the events have no key.
+    /// their publish order (the checker's order rule). Otherwise the events have no key.
     pub keyed: bool,
     /// Publishing stops after this long, accepted or not.
     pub time_limit: Duration,
@@ -314,7 +362,7 @@ pub struct Load {
 
 impl Load {
     pub fn start(spec: LoadSpec) -> Load {
-        let progress = Rc::new(Progress::default());
+        let progress = Rc::new(Progress::new(spec.history.clone()));
         let total = spec.total;
         let spec = Rc::new(spec);
         let until = Instant::now() + spec.time_limit;
@@ -372,20 +420,29 @@ pub async fn publisher(spec: Rc<LoadSpec>, index: usize, p: Rc<Progress>, until:
             return;
         }
         p.next_batch.set(b + 1);
-        let events = (b * spec.batch..((b + 1) * spec.batch).min(spec.total))
-            .map(|n| json!({ "n": n }))
-            .collect::<Vec<_>>();
-        let body = Value::Array(events.clone()).to_string();
         let key = format!("{}-{b}", spec.prefix);
-        for (i, data) in events.iter().enumerate() {
-            p.publishing(format!("{key}-{i}"), partition.as_deref(), data.clone());
-        }
+        let events: Vec<Event> = (b * spec.batch..((b + 1) * spec.batch).min(spec.total))
+            .enumerate()
+            .map(|(i, n)| Event::new(format!("{key}-{i}"), partition.as_deref(), json!({ "n": n })))
+            .collect();
+        let body = Value::Array(events.iter().map(|e| e.data.clone()).collect()).to_string();
         let mut headers = vec![("content-type", "application/json"), ("idempotency-key", key.as_str())];
         if let Some(k) = &partition {
             headers.push(("x-herald-key", k.as_str()));
         }
-        let Some(answer) =
-            publish_until_accepted(&client, &spec.urls, b, spec.rotate, &path, &headers, &body, &p, until).await
+        let Some(answer) = publish_until_accepted(
+            &client,
+            &spec.urls,
+            b,
+            spec.rotate,
+            &path,
+            &headers,
+            &body,
+            &events,
+            &p,
+            until,
+        )
+        .await
         else {
             return;
         };
@@ -393,17 +450,13 @@ pub async fn publisher(spec: Rc<LoadSpec>, index: usize, p: Rc<Progress>, until:
             .as_array()
             .map(|ids| ids.iter().filter_map(|i| i.as_str().map(str::to_string)).collect())
             .unwrap_or_default();
-        let want: Vec<String> = (0..events.len()).map(|i| format!("{key}-{i}")).collect();
+        let want: Vec<String> = events.iter().map(|e| e.id.clone()).collect();
         if ids != want {
             *p.fatal.borrow_mut() = Some(format!(
                 "batch {key} was accepted with other ids than asked for: {answer}"
             ));
             return;
         }
-        if answer["subscriptions"].as_u64() == Some(0) {
-            p.unrouted.set(p.unrouted.get() + ids.len());
-        }
-        p.accepted.borrow_mut().extend(ids);
         if let Some(pace) = spec.pace {
             actix_rt::time::sleep(pace).await;
         }
@@ -414,7 +467,8 @@ pub async fn publisher(spec: Rc<LoadSpec>, index: usize, p: Rc<Progress>, until:
 // What arrived
 
 /// Waits until every id in `acked` has arrived at `rec` at least once, failing after `deadline`
-/// with how many (and which) are missing. Returns how long it waited.
+/// with how many are missing and the checker's counter-example of `rec`'s history (the lost
+/// events with their publishes and the faults after them). Returns how long it waited.
 pub async fn wait_received(rec: &EventRecorder, acked: &[String], deadline: Duration) -> Duration {
     let mut missing: HashSet<&str> = acked.iter().map(String::as_str).collect();
     let mut seen = 0;
@@ -429,14 +483,12 @@ pub async fn wait_received(rec: &EventRecorder, acked: &[String], deadline: Dura
             return start.elapsed();
         }
         if start.elapsed() > deadline {
-            let mut sample: Vec<&&str> = missing.iter().collect();
-            sample.sort();
-            sample.truncate(10);
             panic!(
-                "{} of {} acknowledged events never arrived within {deadline:?} ({} arrivals in all); e.g. {sample:?}",
+                "{} of {} acknowledged events never arrived within {deadline:?} ({} arrivals in all); {}",
                 missing.len(),
                 acked.len(),
-                rec.len()
+                rec.len(),
+                rec.history.check().counter_example()
             );
         }
         actix_rt::time::sleep(Duration::from_millis(50)).await;
@@ -465,57 +517,4 @@ pub fn after_fault(arrivals: &[Arrival], at: Instant) -> Option<(Duration, Durat
         prev = t;
     }
     Some((first - at, stall, resumed))
-}
-
-/// Fails unless every arrival carries exactly what was published under its id (the data and the
-/// partition key), and no arrival has an id that was never published.
-pub fn assert_payloads(arrivals: &[Arrival], p: &Progress) {
-    let published = p.published.borrow();
-    for a in arrivals {
-        let Some((key, data)) = published.get(&a.id) else {
-            panic!("an event arrived that was never published: {a:?}");
-        };
-        assert!(
-            a.data == *data && a.key == *key,
-            "event {} arrived with key {:?} and data {}, but was published with key {key:?} and data {data}",
-            a.id,
-            a.key,
-            a.data
-        );
-    }
-}
-
-/// Per-key order. Each of `segments` lists ids in the order they were accepted (e.g. the events
-/// delivered before a fault, or those accepted once the placement had moved); within each, the
-/// first arrivals of one key's events must come in that order, which for a keyed [`Load`] is their
-/// publish order. Events left out of the segments (in flight at a fault, accepted while it was
-/// being detected) are the documented exception (README, "Delivery guarantees"): a re-sent event
-/// may arrive after later events of its key. Every id of a segment must have arrived. Returns how
-/// many events each segment held.
-pub fn assert_key_order(arrivals: &[Arrival], p: &Progress, segments: &[(&str, Vec<String>)]) -> Vec<usize> {
-    let mut first: HashMap<&str, usize> = HashMap::new();
-    for (i, a) in arrivals.iter().enumerate() {
-        first.entry(a.id.as_str()).or_insert(i);
-    }
-    let published = p.published.borrow();
-    let mut checked = Vec::new();
-    for (name, ids) in segments {
-        let mut last: HashMap<&str, (&str, usize)> = HashMap::new();
-        for id in ids {
-            let at = *first
-                .get(id.as_str())
-                .unwrap_or_else(|| panic!("{id} ({name}) never arrived"));
-            let Some(key) = published.get(id).and_then(|(k, _)| k.as_deref()) else {
-                continue;
-            };
-            if let Some((before, was)) = last.insert(key, (id.as_str(), at)) {
-                assert!(
-                    was < at,
-                    "key {key}, {name}: {before} was accepted before {id} but first arrived after it (arrival {was} > {at})"
-                );
-            }
-        }
-        checked.push(ids.len());
-    }
-    checked
 }

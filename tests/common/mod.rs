@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod history;
 pub mod load;
 pub mod rng;
 pub mod views;
@@ -17,6 +18,8 @@ use std::time::{Duration, Instant};
 use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 use herald::node::{NodeBuilder, RunningNode};
 use serde_json::Value;
+
+pub use history::{Arrival, History};
 
 /// How long any condition may take to become true before a test fails.
 pub const DEADLINE: Duration = Duration::from_secs(20);
@@ -610,39 +613,30 @@ pub fn run_to_exit(mut cmd: Command) -> Output {
     }
 }
 
-/// One CloudEvent an [`EventRecorder`] got: its `id`, `partitionkey`, `data` and arrival time.
-#[derive(Clone, Debug)]
-pub struct Arrival {
-    pub id: String,
-    pub key: Option<String>,
-    pub data: Value,
-    pub at: Instant,
-}
-
 /// A webhook endpoint on 127.0.0.1:0 that records every CloudEvent POSTed to it (structured, as the
-/// `webhook` handler sends them, or binary mode with `ce-id`), in arrival order with the arrival
-/// time, and answers 200 only after recording it. A request without an event id gets 400, so a
-/// malformed delivery shows up as a failed attempt rather than a silent gap. Built for many
-/// thousands of events: it keeps only id, key, data and time.
+/// `webhook` handler sends them, or binary mode with `ce-id`) as a delivery in a [`History`]: id,
+/// partition key, data, the subscription and attempt of the `x-herald-subscription` and
+/// `x-herald-attempt` headers, the address it came from and the time. It answers 200 only after
+/// recording. A request without an event id gets 400, so a malformed delivery shows up as a failed
+/// attempt rather than a silent gap. Built for many thousands of events.
 pub struct EventRecorder {
     pub url: String,
-    arrivals: Arc<Mutex<Vec<Arrival>>>,
+    pub history: History,
     handle: actix_web::dev::ServerHandle,
 }
 
 impl EventRecorder {
     pub async fn start() -> EventRecorder {
-        EventRecorder::start_on("127.0.0.1:0").await
+        EventRecorder::start_on("127.0.0.1:0", History::new()).await
     }
 
-    /// A recorder listening on `addr` (e.g. a container network's gateway, for nodes in containers).
-    pub async fn start_on(addr: &str) -> EventRecorder {
-        let arrivals: Arc<Mutex<Vec<Arrival>>> = Arc::default();
-        let a = arrivals.clone();
+    /// A recorder listening on `addr` (e.g. a container network's gateway, for nodes in containers),
+    /// recording into `history`.
+    pub async fn start_on(addr: &str, history: History) -> EventRecorder {
+        let h = history.clone();
         let (addr, handle) = serve(addr, 2, move |req, body| {
-            let a = a.clone();
+            let h = h.clone();
             async move {
-                let at = Instant::now();
                 let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
                 let header = |name: &str| {
                     req.headers()
@@ -658,27 +652,32 @@ impl EventRecorder {
                     .as_str()
                     .map(str::to_string)
                     .or_else(|| header("ce-partitionkey"));
-                let data = body.get("data").cloned().unwrap_or(Value::Null);
-                a.lock().unwrap().push(Arrival { id, key, data, at });
+                h.deliver(history::Delivery {
+                    id,
+                    subscription: header("x-herald-subscription").unwrap_or_else(|| "?".to_string()),
+                    key,
+                    data: body.get("data").cloned().unwrap_or(Value::Null),
+                    attempt: header("x-herald-attempt").and_then(|a| a.parse().ok()),
+                    from: req.peer_addr().map(|a| a.ip().to_string()),
+                });
                 HttpResponse::Ok().finish()
             }
         });
         EventRecorder {
             url: format!("http://{addr}/events"),
-            arrivals,
+            history,
             handle,
         }
     }
 
     /// How many events arrived so far (duplicates included).
     pub fn len(&self) -> usize {
-        self.arrivals.lock().unwrap().len()
+        self.history.delivered_count()
     }
 
-    /// The arrivals from index `from` on, in arrival order.
+    /// The arrivals from number `from` on, in arrival order.
     pub fn since(&self, from: usize) -> Vec<Arrival> {
-        let a = self.arrivals.lock().unwrap();
-        a.get(from..).map(<[Arrival]>::to_vec).unwrap_or_default()
+        self.history.arrivals_since(from)
     }
 
     /// Every arrival so far, in arrival order.
