@@ -296,6 +296,13 @@ pub struct NodeArgs {
     /// accepting and dropping them [key: http.require_subscription, default false].
     #[arg(long, env = "HERALD_REQUIRE_SUBSCRIPTION")]
     pub require_subscription: bool,
+    /// Export traces to this OTLP/HTTP collector (`http://host:4318`; `OTEL_EXPORTER_OTLP_ENDPOINT`
+    /// is read when nothing else sets it) [key: telemetry.otlp_endpoint].
+    #[arg(long, env = "HERALD_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+    /// Share of publishes without a traceparent that start a trace, 0 to 1 [key: telemetry.sample_ratio, default 1].
+    #[arg(long, env = "HERALD_TRACE_SAMPLE_RATIO")]
+    pub trace_sample_ratio: Option<f64>,
 }
 
 impl NodeArgs {
@@ -386,6 +393,18 @@ impl NodeArgs {
         }
         if self.require_subscription {
             c.http.require_subscription = true;
+        }
+        if let Some(v) = self.otlp_endpoint {
+            c.telemetry.otlp_endpoint = Some(v);
+        }
+        if let Some(v) = self.trace_sample_ratio {
+            c.telemetry.sample_ratio = v;
+        }
+        if c.telemetry.otlp_endpoint.is_none() {
+            // The standard variable, below every Herald setting.
+            c.telemetry.otlp_endpoint = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT")
+                .ok()
+                .filter(|v| !v.is_empty());
         }
         c.resolve().map_err(with_how_to_set)?;
         c.validate().map_err(with_how_to_set)?;
@@ -716,7 +735,8 @@ impl NodeBuilder {
     /// with [`NodeBuilder::metrics`], the Prometheus recorder. To embed a node in a process that
     /// already has its own, use [`NodeBuilder::start`].
     pub fn run(mut self) -> Result<()> {
-        init_logging(self.config.log_format);
+        // Flushes the spans still queued when it drops, after the node has shut down.
+        let _telemetry = init_logging_and_traces(&self.config);
         warn_unknown_env();
         if self.metrics.is_none() {
             self.metrics = Some(crate::metrics::install_prometheus());
@@ -748,17 +768,64 @@ impl NodeBuilder {
 /// Installs the tracing subscriber: readable text or JSON lines, filtered by `RUST_LOG`
 /// (default `info`). Safe to call twice (the second call does nothing).
 pub fn init_logging(format: LogFormat) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let _ = install_subscriber(format, None);
+}
+
+/// [`init_logging`], plus the OTLP trace exporter when `telemetry.otlp_endpoint` is set (see
+/// `telemetry`). The returned handle exports what is still queued when it drops. A node process
+/// calls this once; an embedded node gets neither (the application's subscriber gets its spans).
+pub fn init_logging_and_traces(config: &Config) -> Option<crate::telemetry::Telemetry> {
+    install_subscriber(config.log_format, Some(config))
+}
+
+fn install_subscriber(format: LogFormat, traces: Option<&Config>) -> Option<crate::telemetry::Telemetry> {
+    use tracing_subscriber::filter::{EnvFilter, Targets};
+    use tracing_subscriber::prelude::*;
+    // The log never shows the trace spans (nor their fields on log lines): they are the exporter's.
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info"))
+        .add_directive(
+            format!("{}=off", crate::telemetry::TARGET)
+                .parse()
+                .expect("a valid directive"),
+        );
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(ansi);
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    let fmt = match format {
+        LogFormat::Text => fmt.boxed(),
+        LogFormat::Json => fmt.json().flatten_event(true).boxed(),
+    }
+    .with_filter(filter);
+    let mut problem = None;
+    let (otel, handle) = match traces.filter(|c| c.telemetry.otlp_endpoint.is_some()) {
+        Some(c) => match crate::telemetry::install(&c.telemetry, c.node_id, &c.cluster_id) {
+            Ok((layer, handle)) => {
+                let only_traces = Targets::new().with_target(crate::telemetry::TARGET, tracing::Level::INFO);
+                (Some(layer.with_filter(only_traces)), Some(handle))
+            }
+            Err(e) => {
+                problem = Some(e);
+                (None, None)
+            }
+        },
+        None => (None, None),
     };
+    if tracing_subscriber::registry().with(fmt).with(otel).try_init().is_err() {
+        // A subscriber was installed before: it keeps the process, and no exporter runs.
+        return None;
+    }
+    if let Some(e) = problem {
+        tracing::error!(error = %e, "traces are not exported");
+    } else if let (Some(c), Some(_)) = (traces, &handle) {
+        tracing::info!(
+            endpoint = c.telemetry.otlp_endpoint.as_deref().unwrap_or_default(),
+            sample_ratio = c.telemetry.sample_ratio,
+            "exporting traces over OTLP/HTTP"
+        );
+    }
+    handle
 }
 
 /// `herald wal check|repair`: prints the inspection; 1 if check found undecodable records.

@@ -40,6 +40,8 @@ pub struct Config {
     pub peer_tls: PeerTlsConfig,
     /// The Raft group that replicates membership.
     pub raft: RaftConfig,
+    /// Traces: where they are exported, how many are started.
+    pub telemetry: TelemetryConfig,
     /// Subscriptions declared at start-up (created if missing, updated if changed).
     pub subscriptions: Vec<SubscriptionSpec>,
 }
@@ -249,6 +251,35 @@ pub struct HttpConfig {
     /// `HERALD_REQUIRE_SUBSCRIPTION`; a publish may also ask for it with
     /// `?require_subscription=true`).
     pub require_subscription: bool,
+}
+
+/// Traces (OpenTelemetry). A node makes spans of the `herald::trace` target (publish, forward,
+/// deliver, webhook, replays) for sampled events; `herald node` (the process layer) exports them
+/// over OTLP/HTTP when `otlp_endpoint` is set. An embedded node exports nothing itself: its spans
+/// go to the embedding application's subscriber.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// Base URL of an OTLP/HTTP (protobuf) collector, like `http://localhost:4318`; spans go to
+    /// `<url>/v1/traces` (`--otlp-endpoint`, `HERALD_OTLP_ENDPOINT`; else the standard
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`). Unset: no export, and no trace is started.
+    pub otlp_endpoint: Option<String>,
+    /// Share of publishes *without* a `traceparent` that start a new trace, from 0 to 1
+    /// (`--trace-sample-ratio`, `HERALD_TRACE_SAMPLE_RATIO`). A publish that brings a
+    /// `traceparent` follows its `sampled` flag instead.
+    pub sample_ratio: f64,
+    /// The `service.name` resource attribute of the exported spans.
+    pub service_name: String,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig {
+            otlp_endpoint: None,
+            sample_ratio: 1.0,
+            service_name: "herald".to_string(),
+        }
+    }
 }
 
 /// Write-ahead log settings.
@@ -605,6 +636,7 @@ impl Default for Config {
             cluster: ClusterConfig::default(),
             peer_tls: PeerTlsConfig::default(),
             raft: RaftConfig::default(),
+            telemetry: TelemetryConfig::default(),
             subscriptions: Vec::new(),
         }
     }
@@ -983,6 +1015,33 @@ impl Config {
             ));
         }
         self.peer_addr()?;
+        let t = &self.telemetry;
+        if !(0.0..=1.0).contains(&t.sample_ratio) {
+            return Err(Error::config("telemetry.sample_ratio", "must be between 0 and 1"));
+        }
+        if let Some(url) = &t.otlp_endpoint {
+            match url::Url::parse(url) {
+                Ok(u) if u.scheme() == "http" && u.host().is_some() => {}
+                Ok(u) if u.scheme() == "https" => {
+                    return Err(Error::config(
+                        "telemetry.otlp_endpoint",
+                        format!(
+                            "{url:?}: only http:// is supported (run the collector, or an OpenTelemetry \
+                             Collector agent, next to the node and let it forward over TLS)"
+                        ),
+                    ))
+                }
+                _ => {
+                    return Err(Error::config(
+                        "telemetry.otlp_endpoint",
+                        format!("{url:?} is not an http:// URL like http://localhost:4318"),
+                    ))
+                }
+            }
+        }
+        if t.service_name.is_empty() || t.service_name.len() > 256 {
+            return Err(Error::config("telemetry.service_name", "must be 1 to 256 bytes"));
+        }
         for (i, j) in self.cluster.join.iter().enumerate() {
             if j.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).is_none() {
                 return Err(Error::config(

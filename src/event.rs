@@ -1,7 +1,12 @@
 //! The event: Herald's unit of work, its validation, and its CloudEvents mapping.
 //!
 //! This module owns the [`Event`] type and the rules for names (topics, groups) and ids. It does no
-//! I/O: HTTP parsing lives in `http`, persistence in `ingress::store`.
+//! I/O: HTTP parsing lives in `http`, persistence in `ingress::store`. The W3C trace context an
+//! event carries is [`TraceContext`] (`trace`).
+
+pub mod trace;
+
+pub use trace::TraceContext;
 
 use std::collections::BTreeMap;
 
@@ -47,6 +52,11 @@ pub struct Event {
     pub event_type: String,
     /// CloudEvents extensions and `subject`, as strings.
     pub headers: BTreeMap<String, String>,
+    /// The W3C trace context the event continues (`traceparent`/`tracestate` of the publish, or
+    /// of the CloudEvents distributed-tracing extension), if any. Once published it names the
+    /// publish span (in the WAL) or the forward span (in a forwarded frame) as parent; a handler
+    /// reads the context of its own deliver span from `Delivery::trace` (module `handler`).
+    pub trace: Option<TraceContext>,
 }
 
 /// Why an event or name was refused.
@@ -123,7 +133,14 @@ impl Event {
             time: Utc::now(),
             source: DEFAULT_SOURCE.to_string(),
             headers: BTreeMap::new(),
+            trace: None,
         }
+    }
+
+    /// Sets the trace context the event continues.
+    pub fn with_trace(mut self, trace: Option<TraceContext>) -> Self {
+        self.trace = trace;
+        self
     }
 
     /// Sets the partition key.
@@ -165,14 +182,20 @@ impl Event {
 
     /// Maps a parsed CloudEvent (any spec version) onto a Herald event on `topic`.
     ///
-    /// The CloudEvents `partitionkey` extension becomes the partition key; other extensions and
-    /// `subject` become headers.
+    /// The CloudEvents `partitionkey` extension becomes the partition key; the distributed-tracing
+    /// extension (`traceparent`, `tracestate`) becomes the trace context (dropped if it does not
+    /// parse: the publish then starts a new trace); other extensions and `subject` become headers.
     pub fn from_cloudevent(topic: &str, ce: cloudevents::Event) -> Result<Self, EventError> {
         let mut headers = BTreeMap::new();
         let mut key = None;
+        let (mut traceparent, mut tracestate) = (None, None);
         for (name, value) in ce.iter_extensions() {
             if name == "partitionkey" {
                 key = Some(value.to_string());
+            } else if name == "traceparent" {
+                traceparent = Some(value.to_string());
+            } else if name == "tracestate" {
+                tracestate = Some(value.to_string());
             } else {
                 headers.insert(name.to_string(), value.to_string());
             }
@@ -206,6 +229,7 @@ impl Event {
             source: ce.source().to_string(),
             event_type: ce.ty().to_string(),
             headers,
+            trace: traceparent.and_then(|tp| TraceContext::parse(&tp, tracestate.as_deref())),
         };
         event.validate()?;
         Ok(event)
@@ -214,7 +238,8 @@ impl Event {
     /// This event as a CloudEvent (spec 1.0), as the webhook handler sends it.
     ///
     /// The topic travels in the `heraldtopic` extension and the key in `partitionkey`; headers
-    /// whose names are valid CloudEvents extension names are carried as extensions.
+    /// whose names are valid CloudEvents extension names are carried as extensions, and the trace
+    /// context as the distributed-tracing extension (`traceparent`, `tracestate`).
     pub fn to_cloudevent(&self) -> Result<cloudevents::Event, EventError> {
         let data = if is_json(&self.content_type) {
             match serde_json::from_slice::<serde_json::Value>(&self.data) {
@@ -241,7 +266,16 @@ impl Event {
         if let Some(key) = &self.key {
             builder = builder.extension("partitionkey", key.clone());
         }
+        if let Some(trace) = &self.trace {
+            builder = builder.extension("traceparent", trace.traceparent());
+            if let Some(state) = &trace.state {
+                builder = builder.extension("tracestate", state.clone());
+            }
+        }
         for (name, value) in &self.headers {
+            if self.trace.is_some() && (name == "traceparent" || name == "tracestate") {
+                continue;
+            }
             if name == "subject" {
                 builder = builder.subject(value.clone());
             } else if is_extension_name(name) {
@@ -328,16 +362,42 @@ mod tests {
             .unwrap()
             .with_key("u7")
             .with_id("abc");
-        e.headers.insert("traceparent".into(), "00-x".into());
+        e.headers.insert("region".into(), "eu".into());
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        e.trace = TraceContext::parse(tp, Some("vendor=x"));
         let ce = e.to_cloudevent().unwrap();
         assert_eq!(ce.id(), "abc");
         assert_eq!(ce.ty(), "user.login");
+        assert_eq!(ce.extension("traceparent").map(|v| v.to_string()).as_deref(), Some(tp));
         let back = Event::from_cloudevent("user.login", ce).unwrap();
         assert_eq!(back.key.as_deref(), Some("u7"));
-        assert_eq!(back.headers.get("traceparent").map(String::as_str), Some("00-x"));
+        assert_eq!(back.headers.get("region").map(String::as_str), Some("eu"));
+        assert_eq!(back.trace, e.trace);
+        assert!(!back.headers.contains_key("traceparent"));
         assert_eq!(back.headers.get("heraldtopic").map(String::as_str), Some("user.login"));
         let v: serde_json::Value = back.json_data().unwrap();
         assert_eq!(v["user_id"], 7);
+    }
+
+    #[test]
+    fn the_distributed_tracing_extension_becomes_the_trace_context_and_a_bad_one_none() {
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let ce = |traceparent: &str| -> cloudevents::Event {
+            serde_json::from_value(serde_json::json!({
+                "specversion": "1.0", "id": "1", "source": "s", "type": "t",
+                "traceparent": traceparent, "tracestate": "k=v"
+            }))
+            .unwrap()
+        };
+        let e = Event::from_cloudevent("t", ce(tp)).unwrap();
+        let trace = e.trace.expect("a valid traceparent");
+        assert_eq!(trace.traceparent(), tp);
+        assert_eq!(trace.state.as_deref(), Some("k=v"));
+        assert!(e.headers.is_empty(), "{:?}", e.headers);
+        // Invalid: no context (a new trace is started), and no error for the publisher.
+        let e = Event::from_cloudevent("t", ce(&tp.to_uppercase())).unwrap();
+        assert_eq!(e.trace, None);
+        assert!(e.headers.is_empty(), "{:?}", e.headers);
     }
 
     #[test]

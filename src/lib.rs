@@ -103,6 +103,7 @@ pub mod proto;
 mod relay;
 mod router;
 pub mod subscription;
+pub mod telemetry;
 mod text;
 mod top;
 pub mod transport;

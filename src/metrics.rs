@@ -79,6 +79,10 @@ pub const UNROUTED_TOPICS: usize = 100;
 /// proposal, proposal_result, ack, credit, not_placed) and `reason`.
 pub const PEER_MESSAGES_REFUSED: &str = "herald_peer_messages_refused_total";
 
+/// Finished spans the trace exporter dropped because its bounded queue was full (export never
+/// waits on the event path; see `telemetry`).
+pub const TRACE_SPANS_DROPPED: &str = "herald_trace_spans_dropped_total";
+
 /// The `topic` label of [`EVENTS_PUBLISHED`] for events of topics without subscriptions: they
 /// share this one series (no topic name contains parentheses), so the number of series is bounded
 /// by the subscriptions, not by the topics publishers make up.
@@ -300,6 +304,10 @@ pub fn describe() {
     describe_counter!(
         EVENTS_UNROUTED,
         "Events accepted for a topic without any subscription (delivered nowhere), by topic (the first 100 topics; later ones topic=\"(other)\")."
+    );
+    describe_counter!(
+        TRACE_SPANS_DROPPED,
+        "Finished trace spans dropped because the OTLP exporter's queue was full (export never waits on the event path)."
     );
     describe_counter!(
         PEER_MESSAGES_REFUSED,

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 
-use crate::event::Event;
+use crate::event::{Event, TraceContext};
 use prost::Message;
 
 /// An event (the `event::Event` fields).
@@ -42,6 +42,13 @@ pub struct EventRecord {
     /// Extensions and subject.
     #[prost(btree_map = "string, string", tag = "9")]
     pub headers: BTreeMap<String, String>,
+    /// W3C `traceparent` (`event::TraceContext`): in the WAL the publish span, in a forwarded
+    /// frame the forward span. Parsed on the way in; one that does not parse is no context.
+    #[prost(string, optional, tag = "10")]
+    pub traceparent: Option<String>,
+    /// W3C `tracestate` that goes with `traceparent` (dropped beyond 512 bytes).
+    #[prost(string, optional, tag = "11")]
+    pub tracestate: Option<String>,
 }
 
 /// One accepted event in the write-ahead log, with the subscriptions (groups) it is owed to.
@@ -326,6 +333,8 @@ impl From<&Event> for EventRecord {
             source: e.source.clone(),
             event_type: e.event_type.clone(),
             headers: e.headers.clone(),
+            traceparent: e.trace.as_ref().map(TraceContext::traceparent),
+            tracestate: e.trace.as_ref().and_then(|t| t.state.clone()),
         }
     }
 }
@@ -342,6 +351,10 @@ impl From<EventRecord> for Event {
             source: r.source,
             event_type: r.event_type,
             headers: r.headers,
+            // Untrusted (a peer, the disk): bounded by the parser, or no context.
+            trace: r
+                .traceparent
+                .and_then(|tp| TraceContext::parse(&tp, r.tracestate.as_deref())),
         }
     }
 }
@@ -406,8 +419,21 @@ fn time_nanos(e: &Event) -> i64 {
     e.time.timestamp_nanos_opt().unwrap_or(0)
 }
 
+/// The encoded length of the trace fields (10, 11) of `trace`.
+fn trace_len(trace: Option<&TraceContext>) -> usize {
+    trace.map_or(0, |t| {
+        delimited_len(10, crate::event::trace::TRACEPARENT_LEN)
+            + t.state.as_ref().map_or(0, |s| delimited_len(11, s.len()))
+    })
+}
+
 /// The encoded length of `EventRecord::from(e)`.
 pub(crate) fn event_record_len(e: &Event) -> usize {
+    event_record_len_with(e, e.trace.as_ref())
+}
+
+/// [`event_record_len`] with `trace` in place of the event's own context.
+fn event_record_len_with(e: &Event, trace: Option<&TraceContext>) -> usize {
     let t = time_nanos(e);
     str_len(1, &e.id)
         + str_len(2, &e.topic)
@@ -425,10 +451,16 @@ pub(crate) fn event_record_len(e: &Event) -> usize {
             .iter()
             .map(|(k, v)| delimited_len(9, header_entry_len(k, v)))
             .sum::<usize>()
+        + trace_len(trace)
 }
 
 /// Appends the encoding of `EventRecord::from(e)` (without a length prefix) to `buf`.
 pub(crate) fn encode_event_record(e: &Event, buf: &mut Vec<u8>) {
+    encode_event_record_with(e, e.trace.as_ref(), buf)
+}
+
+/// [`encode_event_record`] with `trace` in place of the event's own context.
+fn encode_event_record_with(e: &Event, trace: Option<&TraceContext>, buf: &mut Vec<u8>) {
     put_str(1, &e.id, buf);
     put_str(2, &e.topic, buf);
     if let Some(k) = &e.key {
@@ -451,6 +483,13 @@ pub(crate) fn encode_event_record(e: &Event, buf: &mut Vec<u8>) {
         put_str(1, k, buf);
         put_str(2, v, buf);
     }
+    if let Some(t) = trace {
+        // Optional fields are written even when empty (a traceparent never is).
+        put_bytes_always(10, &t.traceparent_bytes(), buf);
+        if let Some(state) = &t.state {
+            put_bytes_always(11, state.as_bytes(), buf);
+        }
+    }
 }
 
 /// Appends the encoding of `WalRecord { event: Some(e.into()), groups }` to `buf`.
@@ -468,14 +507,29 @@ pub(crate) fn encode_wal_record<'a>(e: &Event, groups: impl Iterator<Item = &'a 
 
 /// Appends one `EventBatch.deliveries` entry (field 1 of [`EventBatch`], length-prefixed) holding
 /// `Forwarded { id, group, epoch, event: Some(e.into()) }` to `buf`: a run of these is the body
-/// of an [`EventBatch`].
-pub(crate) fn encode_delivery(id: u64, group: &str, epoch: u64, e: &Event, buf: &mut Vec<u8>) {
-    encode_delivery_on(id, group, epoch, 0, e, buf);
+/// of an [`EventBatch`]. The event's trace context is `trace` (the forward span's), not its own.
+pub(crate) fn encode_delivery(
+    id: u64,
+    group: &str,
+    epoch: u64,
+    e: &Event,
+    trace: Option<&TraceContext>,
+    buf: &mut Vec<u8>,
+) {
+    encode_delivery_on(id, group, epoch, 0, e, trace, buf);
 }
 
 /// [`encode_delivery`] with [`Forwarded::lane`] set (an at-most-once delivery when non-zero).
-pub(crate) fn encode_delivery_on(id: u64, group: &str, epoch: u64, lane: u64, e: &Event, buf: &mut Vec<u8>) {
-    let event_len = event_record_len(e);
+pub(crate) fn encode_delivery_on(
+    id: u64,
+    group: &str,
+    epoch: u64,
+    lane: u64,
+    e: &Event,
+    trace: Option<&TraceContext>,
+    buf: &mut Vec<u8>,
+) {
+    let event_len = event_record_len_with(e, trace);
     let len = if id == 0 { 0 } else { 1 + encoded_len_varint(id) }
         + str_len(2, group)
         + if epoch == 0 { 0 } else { 1 + encoded_len_varint(epoch) }
@@ -489,7 +543,7 @@ pub(crate) fn encode_delivery_on(id: u64, group: &str, epoch: u64, lane: u64, e:
     put_u64(3, epoch, buf);
     put_key(4, 2, buf);
     encode_varint(event_len as u64, buf);
-    encode_event_record(e, buf);
+    encode_event_record_with(e, trace, buf);
     put_u64(5, lane, buf);
 }
 
@@ -659,7 +713,46 @@ mod tests {
         for _ in 0..rng.random_range(0..4) {
             e.headers.insert(s(rng, 8), s(rng, 8));
         }
+        if rng.random_bool(0.5) {
+            let mut t = TraceContext::new(rng.random::<[u8; 16]>(), rng.random::<[u8; 8]>(), rng.random())
+                .expect("random ids are not zero");
+            t.state = rng.random_bool(0.5).then(|| format!("k{}=v", rng.random::<u16>()));
+            e.trace = Some(t);
+        }
         e
+    }
+
+    #[test]
+    fn a_forwarded_frame_carries_the_given_trace_context_and_the_wal_the_events_own() {
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let e = Event::new("t", "x", "text/plain").with_trace(TraceContext::parse(tp, Some("a=b")));
+        let forward = e.trace.as_ref().unwrap().child([7; 8]);
+        let mut buf = Vec::new();
+        encode_delivery(1, "g", 1, &e, Some(&forward), &mut buf);
+        let message = peer_message_events(std::iter::once(buf.as_slice()));
+        let Ok(Some(PeerBody::Events(body))) = decode_peer_message(Bytes::from(message)) else {
+            panic!("not an event batch");
+        };
+        let got: Vec<Forwarded> = Deliveries(body).collect::<Result<_, _>>().unwrap();
+        let back = Event::from(got[0].event.clone().unwrap());
+        assert_eq!(back.trace, Some(forward));
+        let mut wal = Vec::new();
+        encode_wal_record(&e, std::iter::once("g"), &mut wal);
+        let back: Event = WalRecord::decode(wal.as_slice()).unwrap().event.unwrap().into();
+        assert_eq!(back.trace, e.trace);
+        // A malformed or oversized context from a peer or the disk is no context.
+        for (tp, ts) in [("00-zz", None), (tp, Some("x".repeat(4096)))] {
+            let record = EventRecord {
+                traceparent: Some(tp.to_string()),
+                tracestate: ts.clone(),
+                ..EventRecord::from(&e)
+            };
+            let back = Event::from(EventRecord::decode(record.encode_to_vec().as_slice()).unwrap());
+            match ts {
+                None => assert_eq!(back.trace, None),
+                Some(_) => assert_eq!(back.trace.unwrap().state, None),
+            }
+        }
     }
 
     #[test]
@@ -702,7 +795,7 @@ mod tests {
             };
             let lane = if rng.random_bool(0.5) { 0 } else { rng.random() };
             let mut on_lane = Vec::new();
-            encode_delivery_on(0, &group, epoch, lane, &e, &mut on_lane);
+            encode_delivery_on(0, &group, epoch, lane, &e, e.trace.as_ref(), &mut on_lane);
             let expect = EventBatch {
                 deliveries: vec![Forwarded {
                     id: 0,
@@ -714,9 +807,9 @@ mod tests {
             };
             assert_eq!(on_lane, expect.encode_to_vec(), "seed {seed}");
             let mut a = Vec::new();
-            encode_delivery(id, &group, epoch, &e, &mut a);
+            encode_delivery(id, &group, epoch, &e, e.trace.as_ref(), &mut a);
             let mut b = Vec::new();
-            encode_delivery(1, "x", 2, &e, &mut b);
+            encode_delivery(1, "x", 2, &e, e.trace.as_ref(), &mut b);
             let batch = EventBatch {
                 deliveries: vec![
                     forwarded.clone(),
@@ -759,9 +852,15 @@ mod tests {
             proptest::collection::vec(any::<u8>(), 0..64),
             (text(), any::<i64>(), text(), text()),
             proptest::collection::btree_map(text(), text(), 0..4),
+            proptest::option::of((
+                any::<[u8; 16]>(),
+                any::<[u8; 8]>(),
+                any::<u8>(),
+                proptest::option::of("[a-z]{1,8}=[a-z0-9]{0,8}"),
+            )),
         )
             .prop_map(
-                |((id, topic, key), data, (content_type, nanos, source, event_type), headers)| {
+                |((id, topic, key), data, (content_type, nanos, source, event_type), headers, trace)| {
                     let mut e = Event::new(topic, data, &content_type);
                     e.id = id;
                     e.key = key;
@@ -769,6 +868,8 @@ mod tests {
                     e.source = source;
                     e.event_type = event_type;
                     e.headers = headers;
+                    e.trace = trace
+                        .and_then(|(t, s, f, state)| TraceContext::new(t, s, f).map(|c| TraceContext { state, ..c }));
                     e
                 },
             )
@@ -790,7 +891,7 @@ mod tests {
             proptest::prop_assert_eq!(&back, &e);
 
             let mut delivery = Vec::new();
-            encode_delivery_on(id, "g", epoch, lane, &e, &mut delivery);
+            encode_delivery_on(id, "g", epoch, lane, &e, e.trace.as_ref(), &mut delivery);
             let message = peer_message_events(std::iter::once(delivery.as_slice()));
             let Ok(Some(PeerBody::Events(body))) = decode_peer_message(Bytes::from(message)) else {
                 return Err(proptest::test_runner::TestCaseError::fail("not an event batch"));

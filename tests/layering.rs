@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 /// before it. Keep in step with ARCHITECTURE.md, "Layers".
 const LAYERS: &[(&str, &[&str])] = &[
     ("vocabulary", &["types", "error", "event", "subscription", "proto"]),
-    ("foundations", &["config", "metrics", "pki", "transport"]),
+    ("foundations", &["config", "metrics", "telemetry", "pki", "transport"]),
     ("cluster", &["placement", "monitor", "membership"]),
     ("events", &["handler", "router", "relay", "ingress"]),
     ("node", &["control", "http", "node"]),

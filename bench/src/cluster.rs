@@ -928,6 +928,9 @@ pub(super) fn run(mut a: ClusterArgs) -> Result<(), String> {
     if a.connections == 0 || a.events == 0 || a.latency_rate == 0 || a.failover_rate == 0 {
         return Err("--connections, --events, --latency-rate and --failover-rate must be positive".into());
     }
+    if a.tracing_rounds > 0 {
+        return tracing_cost(&a);
+    }
     if u32::from(a.base_port) + 102 > u32::from(u16::MAX) || a.base_port < 1024 {
         return Err(format!(
             "--base-port {} leaves no room for 3 HTTP and 3 peer ports",
@@ -967,6 +970,175 @@ pub(super) fn run(mut a: ClusterArgs) -> Result<(), String> {
     }
     drop(plain);
     drop(c);
+    outcome
+}
+
+/// An OTLP/HTTP sink for `--tracing-rounds`: answers every request 200 after reading its body
+/// (discarded), on 127.0.0.1:0, one thread per connection; counts the requests and body bytes.
+fn otlp_sink() -> Result<(String, std::sync::Arc<[std::sync::atomic::AtomicU64; 2]>), String> {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| format!("OTLP sink: {e}"))?;
+    let url = format!("http://{}", listener.local_addr().map_err(|e| e.to_string())?);
+    let counts: std::sync::Arc<[AtomicU64; 2]> = std::sync::Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
+    let c = counts.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let c = c.clone();
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream);
+                let mut len = 0usize;
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let lower = line.to_ascii_lowercase();
+                    if let Some(v) = lower.strip_prefix("content-length:") {
+                        len = v.trim().parse().unwrap_or(0);
+                    }
+                    if line == "\r\n" {
+                        break;
+                    }
+                }
+                let mut body = vec![0u8; len];
+                if reader.read_exact(&mut body).is_err() {
+                    return;
+                }
+                c[0].fetch_add(1, Ordering::Relaxed);
+                c[1].fetch_add(len as u64, Ordering::Relaxed);
+                let _ = reader
+                    .get_mut()
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+            });
+        }
+    });
+    Ok((url, counts))
+}
+
+/// `--tracing-rounds`: the cost of traces on cross-node ack=none throughput (see the flag).
+fn tracing_cost(a: &ClusterArgs) -> Result<(), String> {
+    let (sink, counts) = otlp_sink()?;
+    let insecure = a.herald_peers == HeraldPeers::Plaintext;
+    let variants: [(&str, Vec<String>); 3] = [
+        ("tracing off", Vec::new()),
+        (
+            "tracing 1 %",
+            vec![
+                "--otlp-endpoint".into(),
+                sink.clone(),
+                "--trace-sample-ratio".into(),
+                "0.01".into(),
+            ],
+        ),
+        (
+            "tracing 100 %",
+            vec![
+                "--otlp-endpoint".into(),
+                sink.clone(),
+                "--trace-sample-ratio".into(),
+                "1".into(),
+            ],
+        ),
+    ];
+    let mut clusters = Vec::new();
+    for (i, (name, extra)) in variants.iter().enumerate() {
+        let c = start_on_free_ports_with(
+            &format!("herald-bench-trace-{i}"),
+            3,
+            a.wal_fsync,
+            insecure,
+            a.keep,
+            extra,
+        )?;
+        clusters.push((*name, c));
+    }
+    let outcome = actix_rt::System::new().block_on(async {
+        let mut targets = Vec::new();
+        for (name, c) in clusters.iter_mut() {
+            let t = prepare(c, a.connections, a.instances).await?;
+            println!(
+                "{name}: publishing to node {}, {SINK} on nodes {:?}",
+                t.ingress, t.hosts
+            );
+            let warm = (a.events / 10).clamp(1_000, 50_000);
+            t.max_rate(
+                c,
+                "warm-up".into(),
+                "none",
+                Body::default(),
+                warm,
+                a.batch,
+                a.connections,
+                a.seconds,
+            )
+            .await?;
+            targets.push(t);
+        }
+        println!(
+            "\ncross-node ack=none max rate, {} events per run, batches of {}, {} connections, {} rounds \
+             (off, 1 %, 100 % in turn)\n",
+            a.events, a.batch, a.connections, a.tracing_rounds
+        );
+        let mut rates: Vec<Vec<f64>> = vec![Vec::new(); 3];
+        for round in 1..=a.tracing_rounds {
+            for (i, ((name, c), t)) in clusters.iter().zip(&targets).enumerate() {
+                let run = t
+                    .max_rate(
+                        c,
+                        format!("{name}, round {round}"),
+                        "none",
+                        Body::default(),
+                        a.events,
+                        a.batch,
+                        a.connections,
+                        a.seconds,
+                    )
+                    .await?;
+                println!(
+                    "{:<28} {:>10.0} events/s  ({} accepted, {} handled)",
+                    run.name, run.rate, run.sent.accepted, run.handled
+                );
+                rates[i].push(run.rate);
+            }
+        }
+        let medians: Vec<f64> = rates.into_iter().map(|r| super::median(r).0).collect();
+        println!();
+        for (i, (name, _)) in clusters.iter().enumerate() {
+            println!(
+                "{name:<14} median {:>10.0} events/s   ratio to off {:.3}   cost {:+.1} %",
+                medians[i],
+                medians[i] / medians[0],
+                (1.0 - medians[i] / medians[0]) * 100.0
+            );
+        }
+        let client = awc::Client::builder().timeout(Duration::from_secs(5)).finish();
+        for (name, c) in clusters.iter().skip(1) {
+            let mut dropped = 0.0;
+            for n in c.nodes() {
+                let text = get_text(&client, &format!("{}/metrics", n.url()))
+                    .await
+                    .unwrap_or_default();
+                dropped += text
+                    .lines()
+                    .filter(|l| l.starts_with(herald::metrics::TRACE_SPANS_DROPPED))
+                    .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                    .sum::<f64>();
+            }
+            println!("{name}: {dropped:.0} spans dropped (herald_trace_spans_dropped_total, all nodes)");
+        }
+        println!(
+            "OTLP sink: {} export requests, {} MB",
+            counts[0].load(std::sync::atomic::Ordering::Relaxed),
+            counts[1].load(std::sync::atomic::Ordering::Relaxed) / 1_000_000
+        );
+        Ok::<(), String>(())
+    });
+    if outcome.is_err() {
+        for (_, c) in &clusters {
+            c.print_logs(LOG_TAIL);
+        }
+    }
     outcome
 }
 

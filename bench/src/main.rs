@@ -162,6 +162,12 @@ struct ClusterArgs {
     /// `herald-bench report`).
     #[arg(long)]
     json: Option<std::path::PathBuf>,
+    /// Instead of the scenario, the cost of traces: this many rounds of cross-node ack=none
+    /// max-rate runs, each round alternating three clusters on free ports (tracing off; exporting
+    /// to an in-bench OTLP sink that discards, sample ratio 1 %; the same at 100 %); prints each
+    /// run and the median ratios.
+    #[arg(long, default_value_t = 0)]
+    tracing_rounds: usize,
 }
 
 /// Arguments of the peer scenarios (`nats`, `jetstream`).

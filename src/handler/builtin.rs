@@ -77,12 +77,34 @@ impl Handler<Delivery> for Webhook {
     type Result = ResponseFuture<HandlerResult>;
 
     fn handle(&mut self, d: Delivery, _: &mut Context<Self>) -> Self::Result {
-        let request = self
+        let mut request = self
             .client
             .post(&self.url)
             .insert_header(("content-type", "application/cloudevents+json"))
             .insert_header(("x-herald-subscription", d.subscription.to_string()))
             .insert_header(("x-herald-attempt", d.attempt.to_string()));
+        // The `webhook` span (a child of this attempt's deliver span) is the receiver's parent;
+        // an event that is not traced passes its own context on, if any.
+        let span = if d.span.is_disabled() {
+            tracing::Span::none()
+        } else {
+            tracing::info_span!(
+                target: "herald::trace",
+                parent: &d.span,
+                "webhook",
+                otel.kind = "client",
+                http.request.method = "POST",
+                url.full = %self.url,
+                http.response.status_code = tracing::field::Empty,
+                otel.status_code = tracing::field::Empty,
+            )
+        };
+        if let Some(trace) = crate::telemetry::context_or(&span, d.trace.as_ref()) {
+            request = request.insert_header(("traceparent", trace.traceparent()));
+            if let Some(state) = &trace.state {
+                request = request.insert_header(("tracestate", state.clone()));
+            }
+        }
         let url = self.url.clone();
         // A literal IP (never resolved) and the host name itself; resolved addresses are checked
         // by the resolver.
@@ -90,10 +112,20 @@ impl Handler<Delivery> for Webhook {
         Box::pin(async move {
             allowed.map_err(|e| HandlerError::msg(format!("POST {url}: refused by the webhook egress policy: {e}")))?;
             let body = serde_json::to_vec(&d.event.to_cloudevent()?)?;
-            let response = request
-                .send_body(body)
-                .await
-                .map_err(|e| HandlerError::msg(format!("POST {url}: {e}")))?;
+            let sent = request.send_body(body).await;
+            match &sent {
+                Ok(r) => {
+                    span.record("http.response.status_code", r.status().as_u16());
+                    if !r.status().is_success() {
+                        span.record("otel.status_code", "ERROR");
+                    }
+                }
+                Err(_) => {
+                    span.record("otel.status_code", "ERROR");
+                }
+            }
+            drop(span);
+            let response = sent.map_err(|e| HandlerError::msg(format!("POST {url}: {e}")))?;
             if response.status().is_success() {
                 Ok(())
             } else {

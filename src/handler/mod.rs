@@ -26,7 +26,7 @@ use std::sync::Arc;
 use actix::prelude::*;
 use futures_util::future::LocalBoxFuture;
 
-use crate::event::Event;
+use crate::event::{Event, TraceContext};
 use crate::subscription::egress::EgressPolicy;
 use crate::subscription::HandlerSpec;
 // Shared vocabulary (placement, metrics and membership name it too); this is its public path.
@@ -43,17 +43,33 @@ pub struct Delivery {
     pub subscription: Arc<SubscriptionKey>,
     /// 1 on the first try, then 2, 3 … up to the subscription's `max_attempts`.
     pub attempt: u32,
+    /// The W3C trace context to continue: this attempt's `deliver` span when the event is traced,
+    /// else the event's own context (passed on unchanged), if it has one. See [`Delivery::trace`].
+    pub trace: Option<TraceContext>,
+    /// This attempt's `deliver` span (target `herald::trace`), disabled when the event is not
+    /// traced. Enter it, or `instrument` a future with it, to make the handler's own spans its
+    /// children.
+    pub span: tracing::Span,
 }
 
 impl Delivery {
     /// The `attempt`-th delivery of `event` for `subscription`, as the supervisor makes it (for
-    /// handler unit tests).
+    /// handler unit tests): no span, and the event's own trace context.
     pub fn new(event: impl Into<Arc<Event>>, subscription: SubscriptionKey, attempt: u32) -> Self {
+        let event = event.into();
         Delivery {
-            event: event.into(),
+            trace: event.trace.clone(),
+            event,
             subscription: Arc::new(subscription),
             attempt,
+            span: tracing::Span::none(),
         }
+    }
+
+    /// The trace context a handler continues: pass `trace.traceparent()` (and `trace.state`) to
+    /// the services it calls, as the webhook handler does. `None` when the event carries no trace.
+    pub fn trace(&self) -> Option<&TraceContext> {
+        self.trace.as_ref()
     }
 }
 

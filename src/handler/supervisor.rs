@@ -192,6 +192,8 @@ pub(crate) async fn run_instance(
 struct Sent {
     job: Job,
     answer: LocalBoxFuture<'static, Result<HandlerResult, MailboxError>>,
+    /// Its `deliver` span (disabled when the event is not traced).
+    span: tracing::Span,
 }
 
 /// A failed attempt.
@@ -199,6 +201,26 @@ struct Failure {
     error: String,
     /// The actor panicked or hung (it is replaced); `false` for an `Err` answer.
     broken: bool,
+    /// The outcome of the attempt's `deliver` span: `error`, `panic` or `timeout`.
+    kind: &'static str,
+}
+
+/// Ends an attempt's `deliver` span with its outcome (`ok`, `error`, `panic`, `timeout`, or
+/// `dead-lettered` for the last failed attempt) and the error, if any.
+fn traced_outcome(span: &tracing::Span, failure: Option<&Failure>, last: Option<&Outcome>) {
+    if span.is_disabled() {
+        return;
+    }
+    let outcome = match (failure, last) {
+        (None, _) => "ok",
+        (Some(_), Some(Outcome::DeadLettered { .. })) => "dead-lettered",
+        (Some(f), _) => f.kind,
+    };
+    span.record("herald.outcome", outcome);
+    if let Some(f) = failure {
+        span.record("herald.error", f.error.as_str());
+        span.record("otel.status_code", "ERROR");
+    }
 }
 
 /// One instance's state (see [`run_instance`]).
@@ -255,11 +277,35 @@ impl Runner {
         self.replacing = true;
     }
 
+    /// The delivery of `job`'s attempt `attempt`, with its `deliver` span when the event is
+    /// traced (a child of the event's context: the publish, forward or replay span).
     fn delivery(&self, job: &Job, attempt: u32) -> Delivery {
+        let (span, trace) = match &job.event.trace {
+            Some(parent) if crate::telemetry::traced(Some(parent)) => {
+                let span = tracing::info_span!(
+                    target: "herald::trace",
+                    parent: None,
+                    "deliver",
+                    otel.kind = "consumer",
+                    herald.subscription = %self.shared.key,
+                    herald.event_id = %job.event.id,
+                    herald.attempt = attempt,
+                    herald.outcome = tracing::field::Empty,
+                    herald.error = tracing::field::Empty,
+                    otel.status_code = tracing::field::Empty,
+                );
+                crate::telemetry::continue_trace(&span, parent);
+                let trace = crate::telemetry::context_or(&span, Some(parent));
+                (span, trace)
+            }
+            other => (tracing::Span::none(), other.clone()),
+        };
         Delivery {
             event: job.event.clone(),
             subscription: self.shared.key.clone(),
             attempt,
+            trace,
+            span,
         }
     }
 
@@ -291,14 +337,17 @@ impl Runner {
             Some(Ok(Err(e))) => Some(Failure {
                 error: e.to_string(),
                 broken: false,
+                kind: "error",
             }),
             Some(Err(MailboxError::Closed)) => Some(Failure {
                 error: "handler panicked or stopped".to_string(),
                 broken: true,
+                kind: "panic",
             }),
             Some(Err(MailboxError::Timeout)) | None => Some(Failure {
                 error: format!("handler did not answer within {:?}", self.policy.call_timeout),
                 broken: true,
+                kind: "timeout",
             }),
         }
     }
@@ -344,6 +393,7 @@ impl Runner {
                 tokio::time::sleep(self.policy.backoff(attempt - 1)).await;
             }
             let delivery = self.delivery(job, attempt);
+            let span = delivery.span.clone();
             let actor = self.actor();
             let started = Instant::now();
             let mut answer = actor.call(delivery);
@@ -351,12 +401,15 @@ impl Runner {
             self.shared.metrics.duration.record(started.elapsed().as_secs_f64());
             let Some(failure) = self.failure(result) else {
                 self.shared.metrics.delivered_ok.increment(1);
+                traced_outcome(&span, None, None);
                 return Outcome::Ok { attempts: attempt };
             };
             if failure.broken {
                 self.broke();
             }
-            if let Some(outcome) = self.failed(job, attempt, failure.error).await {
+            let last = self.failed(job, attempt, failure.error.clone()).await;
+            traced_outcome(&span, Some(&failure), last.as_ref());
+            if let Some(outcome) = last {
                 return outcome;
             }
             attempt += 1;
@@ -409,12 +462,13 @@ impl Runner {
                     since = Instant::now();
                 }
                 let delivery = self.delivery(&job, 1);
+                let span = delivery.span.clone();
                 let answer = self.actor().call(delivery);
-                sent.push_back(Sent { job, answer });
+                sent.push_back(Sent { job, answer, span });
             }
             let Some(head) = sent.front_mut() else { break };
             let result = Self::answer(&mut self.watchdog, self.policy.call_timeout, since, &mut head.answer).await;
-            let Some(Sent { job, .. }) = sent.pop_front() else {
+            let Some(Sent { job, span, .. }) = sent.pop_front() else {
                 break;
             };
             let answered = Instant::now();
@@ -426,18 +480,22 @@ impl Runner {
             let timed_out = result.is_none();
             if dead && matches!(result, Some(Err(MailboxError::Closed))) {
                 // The actor died at an earlier failure: this one never ran.
+                span.record("herald.outcome", "not-run");
                 self.again.push_back((job, 1));
                 continue;
             }
             match self.failure(result) {
                 None => {
                     self.shared.metrics.delivered_ok.increment(1);
+                    traced_outcome(&span, None, None);
                     self.finish(job, Outcome::Ok { attempts: 1 });
                 }
                 Some(failure) => {
                     stopped = true;
                     dead |= failure.broken;
-                    match self.failed(&job, 1, failure.error).await {
+                    let last = self.failed(&job, 1, failure.error.clone()).await;
+                    traced_outcome(&span, Some(&failure), last.as_ref());
+                    match last {
                         Some(outcome) => self.finish(job, outcome),
                         None => self.again.push_back((job, 2)),
                     }

@@ -10,7 +10,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::{authorize, media_type, read_body, ApiError, Caller, State};
 use crate::config::Role;
-use crate::event::{self, Event};
+use crate::event::{self, Event, TraceContext};
 use crate::ingress::{AckMode, Published};
 
 const CE_JSON: &str = "application/cloudevents+json";
@@ -154,13 +154,25 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
     }
 }
 
-/// Applies `Idempotency-Key` and `X-Herald-Key` (they win over body attributes).
+/// The W3C `traceparent`/`tracestate` headers, if the `traceparent` is valid (an invalid one is
+/// ignored: the publish starts a new trace, and the publisher gets no error).
+fn trace_headers(headers: &HeaderMap) -> Option<TraceContext> {
+    let parent = header(headers, "traceparent")?;
+    TraceContext::parse(parent, header(headers, "tracestate"))
+}
+
+/// Applies `Idempotency-Key` and `X-Herald-Key` (they win over body attributes), and a valid
+/// `traceparent` header (it wins over the CloudEvents distributed-tracing extension: the publish
+/// span continues the caller's trace).
 fn apply_headers(mut e: Event, headers: &HeaderMap) -> Result<Event, ApiError> {
     if let Some(id) = idempotency_key(headers)? {
         e.id = id.to_string();
     }
     if let Some(key) = ascii_header(headers, HERALD_KEY)? {
         e.key = Some(key.to_string());
+    }
+    if let Some(trace) = trace_headers(headers) {
+        e.trace = Some(trace);
     }
     Ok(e)
 }
@@ -352,10 +364,17 @@ pub(crate) async fn publish_batch(
         Some(CE_BATCH) => {
             check_json(&body, "invalid_cloudevent")?;
             let batch: Vec<cloudevents::Event> = serde_json::from_slice(&body).map_err(invalid_ce)?;
+            let trace = trace_headers(req.headers());
             batch
                 .into_iter()
-                .map(|ce| Event::from_cloudevent(&topic, ce).map_err(invalid_ce))
-                .collect::<Result<_, _>>()?
+                .map(|ce| {
+                    let e = Event::from_cloudevent(&topic, ce).map_err(invalid_ce)?;
+                    Ok(match &trace {
+                        Some(t) => e.with_trace(Some(t.clone())),
+                        None => e,
+                    })
+                })
+                .collect::<Result<_, ApiError>>()?
         }
         None => json_batch(&topic, &body, &req)?,
         Some(m) if m != CE_JSON && event::is_json(m) => json_batch(&topic, &body, &req)?,
@@ -432,6 +451,7 @@ fn json_batch(topic: &str, body: &web::Bytes, req: &HttpRequest) -> Result<Vec<E
         }
     }
     let key = ascii_header(headers, HERALD_KEY)?;
+    let trace = trace_headers(headers);
     let template = Event::new(topic, web::Bytes::new(), event::JSON);
     let mut ulid = ulid::Ulid::new();
     Ok(items
@@ -459,6 +479,7 @@ fn json_batch(topic: &str, body: &web::Bytes, req: &HttpRequest) -> Result<Vec<E
                 source: template.source.clone(),
                 event_type: template.event_type.clone(),
                 headers: Default::default(),
+                trace: trace.clone(),
             }
         })
         .collect())

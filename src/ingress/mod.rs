@@ -374,6 +374,8 @@ pub struct Ingress {
     /// This node's place in the committed membership table, as [`Ingress::follow_membership`]
     /// learns it: [`NOT_YET`], [`MEMBER`], or [`REMOVED`] (for good: it accepts nothing more).
     membership: std::sync::atomic::AtomicU8,
+    /// Which publishes without a trace context start a trace (`telemetry.sample_ratio`).
+    sampler: crate::telemetry::Sampler,
 }
 
 /// [`Ingress::membership`]: not a member yet (starting, joining).
@@ -444,6 +446,36 @@ enum PublishedCount<'a> {
     Other(String),
 }
 
+/// The `ack` attribute of a publish span.
+fn ack_name(ack: AckMode) -> &'static str {
+    match ack {
+        AckMode::None => "none",
+        AckMode::Accepted => "accepted",
+        AckMode::Processed => "processed",
+    }
+}
+
+/// A replayed event (`from`: `wal` or `dead_letter`) whose original trace was sampled gets a
+/// `replay` span, the root of a new trace linked to the original one; its deliveries are the
+/// span's children. Others keep their context.
+fn replay_traced(mut event: Event, from: &'static str) -> Event {
+    use crate::telemetry;
+    let Some(original) = event.trace.as_ref().filter(|_| telemetry::traced(event.trace.as_ref())) else {
+        return event;
+    };
+    let span = tracing::info_span!(
+        target: "herald::trace",
+        parent: None,
+        "replay",
+        herald.replay = from,
+        herald.event_id = %event.id,
+        herald.topic = %event.topic,
+    );
+    telemetry::link(&span, original);
+    event.trace = telemetry::context_or(&span, event.trace.as_ref());
+    event
+}
+
 /// WAL records read per chunk during start-up replay.
 const REPLAY_CHUNK: usize = 1024;
 
@@ -454,7 +486,13 @@ fn charge(e: &Event) -> usize {
 }
 
 impl Ingress {
-    pub(crate) fn new(router: Arc<Router>, relay: Arc<Relay>, store: Store, max_inflight_bytes: usize) -> Self {
+    pub(crate) fn new(
+        router: Arc<Router>,
+        relay: Arc<Relay>,
+        store: Store,
+        max_inflight_bytes: usize,
+        sampler: crate::telemetry::Sampler,
+    ) -> Self {
         Ingress {
             router,
             relay,
@@ -474,7 +512,43 @@ impl Ingress {
             ),
             ready: tokio::sync::watch::Sender::new(false),
             membership: std::sync::atomic::AtomicU8::new(NOT_YET),
+            sampler,
         }
+    }
+
+    /// The `publish` span of each traced event (sampled, or starting a trace by the sampler),
+    /// and the event's context set to it: the WAL keeps it, local deliveries and forward spans
+    /// are its children. Events that are not traced keep their context as given (passed on). No
+    /// span, no id drawn, when nothing records the spans.
+    fn trace_publish(&self, events: &mut [Event], ack: AckMode) -> Vec<tracing::Span> {
+        use crate::telemetry;
+        let mut spans = Vec::new();
+        for e in events.iter_mut() {
+            let start = match &e.trace {
+                Some(t) => t.sampled() && telemetry::enabled(),
+                None => self.sampler.start(),
+            };
+            if !start {
+                continue;
+            }
+            let span = tracing::info_span!(
+                target: "herald::trace",
+                parent: None,
+                "publish",
+                otel.kind = "server",
+                herald.event_id = %e.id,
+                herald.topic = %e.topic,
+                herald.ack = ack_name(ack),
+                herald.error = tracing::field::Empty,
+                otel.status_code = tracing::field::Empty,
+            );
+            if let Some(parent) = &e.trace {
+                telemetry::continue_trace(&span, parent);
+            }
+            e.trace = telemetry::context_or(&span, e.trace.as_ref());
+            spans.push(span);
+        }
+        spans
     }
 
     /// Follows whether the committed membership table lists this node. A node that was a member
@@ -570,7 +644,26 @@ impl Ingress {
         ack: AckMode,
         timeout: Duration,
     ) -> Result<Vec<Published>, PublishError> {
+        let mut events = events;
         self.admit(&events)?;
+        let spans = self.trace_publish(&mut events, ack);
+        let result = self.publish_traced(events, ack, timeout).await;
+        if let Err(e) = &result {
+            for span in &spans {
+                span.record("herald.error", tracing::field::display(e));
+                span.record("otel.status_code", "ERROR");
+            }
+        }
+        result
+    }
+
+    /// [`Ingress::publish_batch`] once the events are admitted and their publish spans made.
+    async fn publish_traced(
+        &self,
+        events: Vec<Event>,
+        ack: AckMode,
+        timeout: Duration,
+    ) -> Result<Vec<Published>, PublishError> {
         let table = self.router.table();
         let mut reserved = self.reserve(&table, &events)?;
         let seqs = self.log(&events, &reserved.events, ack).await?;
@@ -836,7 +929,7 @@ impl Ingress {
                 }
                 let permit = self.bytes.take(charge(&event)).await;
                 let (tracker, _) = self.tracker(owed.len(), Some(seq), permit, false);
-                let event = Arc::new(event);
+                let event = Arc::new(replay_traced(event, "wal"));
                 for key in owed {
                     self.relay.park(Arc::new(key), event.clone(), tracker.clone());
                 }
@@ -938,7 +1031,10 @@ impl Ingress {
             .replay_dead_letter(id.to_string())
             .await?
             .ok_or_else(|| ReplayError::NotFound(id.to_string()))?;
-        let event = Arc::new(Event::from(record.event.unwrap_or_default()));
+        let event = Arc::new(replay_traced(
+            Event::from(record.event.unwrap_or_default()),
+            "dead_letter",
+        ));
         // Replayed on purpose: it runs again, even within the dedup window of its first run.
         self.relay.forget_seen(&key, &event.id);
         let permit = self.bytes.take(charge(&event)).await;

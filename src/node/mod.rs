@@ -228,6 +228,7 @@ impl NodeBuilder {
             relay.clone(),
             store.clone(),
             h.max_inflight_bytes,
+            crate::telemetry::Sampler::new(config.telemetry.sample_ratio),
         ));
         let core = Arc::new(NodeCore {
             config: config.clone(),

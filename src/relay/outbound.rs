@@ -19,13 +19,37 @@ use tokio::sync::{mpsc, Notify};
 use super::lanes::{Credited, Lanes};
 use super::pending::{self, may_answer, Answer, Destination, NodeState, Once, Pending};
 use super::{IdMap, Outgoing, Queues, RelayConfig};
-use crate::event::Event;
+use crate::event::{Event, TraceContext};
 use crate::handler::supervisor::{Completion, Job, Origin, Outcome};
 use crate::monitor::Health;
 use crate::proto::{encode_delivery, encode_delivery_on, peer_message_events, AckBatch, AckCode, EventsBuffer};
 use crate::router::{NoRoom, Route, Router, Slot, Target};
 use crate::transport::{Envelope, Transport};
 use crate::types::SubscriptionKey;
+
+/// The `forward` span of one hop of a traced event to `node` (a child of the event's context,
+/// the publish or replay span), with the context the frame carries instead of the event's: the
+/// remote deliver span is its child. `None` (no span, the event's own context travels) when the
+/// event is not traced.
+fn hop(node: u64, key: &SubscriptionKey, e: &Event) -> Option<(tracing::Span, Option<TraceContext>)> {
+    if !crate::telemetry::traced(e.trace.as_ref()) {
+        return None;
+    }
+    let span = tracing::info_span!(
+        target: "herald::trace",
+        parent: None,
+        "forward",
+        otel.kind = "producer",
+        herald.peer = node,
+        herald.subscription = %key,
+        herald.event_id = %e.id,
+    );
+    if let Some(parent) = &e.trace {
+        crate::telemetry::continue_trace(&span, parent);
+    }
+    let trace = crate::telemetry::context_or(&span, e.trace.as_ref());
+    Some((span, trace))
+}
 
 /// An envelope of forwarded events stops growing past this many bytes.
 const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
@@ -142,14 +166,16 @@ impl Outbound {
                 chunks.push(std::mem::replace(&mut chunk, Chunk::with_capacity(0)));
             }
             let out = chunk.bytes.deliveries_mut();
+            let hop = hop(node, &o.key, &o.event);
+            let trace = hop.as_ref().map_or(o.event.trace.as_ref(), |(_, t)| t.as_ref());
             if o.completion.is_some() {
-                encode_delivery(next_id, &o.key.group, o.epoch, &o.event, out);
+                encode_delivery(next_id, &o.key.group, o.epoch, &o.event, trace, out);
                 ids.push(next_id);
                 next_id += 1;
             } else {
                 // `assign` gave one lane per at-most-once item.
                 let lane = lanes.next().unwrap_or_default();
-                encode_delivery_on(0, &o.key.group, o.epoch, lane, &o.event, out);
+                encode_delivery_on(0, &o.key.group, o.epoch, lane, &o.event, trace, out);
             }
             chunk.n += 1;
             if chunk.n == 1 {
@@ -398,7 +424,16 @@ impl Outbound {
                             }
                         };
                         let chunk = &mut resend[i].1;
-                        encode_delivery(id, &p.key.group, route.epoch, &p.event, chunk.bytes.deliveries_mut());
+                        let hop = hop(node, &p.key, &p.event);
+                        let trace = hop.as_ref().map_or(p.event.trace.as_ref(), |(_, t)| t.as_ref());
+                        encode_delivery(
+                            id,
+                            &p.key.group,
+                            route.epoch,
+                            &p.event,
+                            trace,
+                            chunk.bytes.deliveries_mut(),
+                        );
                         chunk.n += 1;
                         resent += 1;
                     }

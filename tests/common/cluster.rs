@@ -31,6 +31,11 @@ impl Cluster {
     /// No nodes yet, in a temporary directory; the nodes log at `info`, and only their flags
     /// count (no settings inherited from the environment).
     pub fn new() -> Cluster {
+        Cluster::with_env(&[])
+    }
+
+    /// [`Cluster::new`] with `env` set for every node (`HERALD_OTLP_ENDPOINT`, …).
+    pub fn with_env(env: &[(&str, &str)]) -> Cluster {
         let mut h = Harness::temporary(BIN, "herald-test")
             .expect("harness directory")
             .env("RUST_LOG", "info")
@@ -43,8 +48,14 @@ impl Cluster {
             "HERALD_CLUSTER_SECRET_FILE",
             "HERALD_TOKEN",
             "HERALD_LOG_FORMAT",
+            "HERALD_OTLP_ENDPOINT",
+            "HERALD_TRACE_SAMPLE_RATIO",
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
         ] {
             h = h.env_remove(var);
+        }
+        for (k, v) in env {
+            h = h.env(k, v);
         }
         Cluster { h }
     }
@@ -127,7 +138,12 @@ impl Drop for Cluster {
 /// Starts node 1 as a new cluster and nodes 2..=n joining it, one after the other (each once the
 /// one before is ready, so they join in id order: the first three are the voters).
 pub async fn start_cluster(n: u64) -> Cluster {
-    let mut c = Cluster::new();
+    start_cluster_with(n, &[]).await
+}
+
+/// [`start_cluster`] with `env` set for every node.
+pub async fn start_cluster_with(n: u64, env: &[(&str, &str)]) -> Cluster {
+    let mut c = Cluster::with_env(env);
     let mut seed = Vec::new();
     for id in 1..=n {
         let (_, peer) = Ports::Free.of(id).unwrap_or_else(|e| panic!("ports of node {id}: {e}"));

@@ -461,7 +461,7 @@ impl Receiver {
 /// An HTTP server for the test on `addr` (port 0: a free one) with `workers` threads, answering
 /// every request with `answer`, run on the test's runtime: its address and handle. The one server
 /// behind [`Receiver`] and [`EventRecorder`].
-fn serve<F, Fut>(addr: &str, workers: usize, answer: F) -> (std::net::SocketAddr, actix_web::dev::ServerHandle)
+pub fn serve<F, Fut>(addr: &str, workers: usize, answer: F) -> (std::net::SocketAddr, actix_web::dev::ServerHandle)
 where
     F: Fn(HttpRequest, web::Bytes) -> Fut + Clone + Send + 'static,
     Fut: Future<Output = HttpResponse> + 'static,

@@ -1,0 +1,425 @@
+//! Traces: the spans of an event's path and their export over OTLP/HTTP.
+//!
+//! **Spans.** The event path makes `tracing` spans of the [`TARGET`] target (`herald::trace`),
+//! bridged to OpenTelemetry by `tracing-opentelemetry`: `publish` (ingress), `forward` (each hop
+//! to a peer), `deliver` (each handler attempt), `webhook` (the POST), `replay` (WAL and
+//! dead-letter replays, linked to the event's original trace). Their parents come from the
+//! event's [`TraceContext`] (set with [`continue_trace`]), not from whatever span is current, so
+//! one event is one trace across nodes. A span is made only for an event whose context is
+//! *sampled* and only if the subscriber wants the target ([`enabled`]); otherwise the event path
+//! pays one flag test and passes the context on unchanged. A publish without a context starts a
+//! trace with the probability `telemetry.sample_ratio` ([`Sampler`]); the ids are then the
+//! OpenTelemetry SDK's.
+//!
+//! **Export.** [`install`] builds the OTLP/HTTP (protobuf) exporter and returns the
+//! `tracing-opentelemetry` layer to add to the process's subscriber. It is process-wide state:
+//! only the process layer (`cli`) calls it; an embedded node installs nothing, and its spans go
+//! to the embedding application's subscriber. Finished spans go through a bounded queue
+//! (`OTEL_BSP_MAX_QUEUE_SIZE`, 2048) to one exporter thread that sends batches
+//! (`OTEL_BSP_MAX_EXPORT_BATCH_SIZE`, 512) at least every `OTEL_BSP_SCHEDULE_DELAY` ms (1000);
+//! a full queue drops the span and counts it in `herald_trace_spans_dropped_total`, so export
+//! never blocks the event path. The HTTP client is a small blocking HTTP/1.1 POST on that
+//! thread (`http://` only: no TLS stack is linked for it).
+
+use std::io::{Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState, TracerProvider};
+use opentelemetry::KeyValue;
+use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter, SpanProcessor};
+use opentelemetry_sdk::Resource;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+use crate::config::TelemetryConfig;
+use crate::event::TraceContext;
+
+/// The target of every span Herald makes for an event (and only of those): a subscriber filters
+/// them in or out by it; the `herald node` log filters them out.
+pub const TARGET: &str = "herald::trace";
+
+/// Whether the subscriber records Herald's trace spans at all. Checked before a span is made,
+/// so that without an exporter the event path makes none (a cached callsite check).
+#[inline]
+pub fn enabled() -> bool {
+    tracing::enabled!(target: TARGET, tracing::Level::INFO)
+}
+
+/// Whether an event with this context gets spans: sampled, and wanted by the subscriber.
+#[inline]
+pub fn traced(trace: Option<&TraceContext>) -> bool {
+    trace.is_some_and(TraceContext::sampled) && enabled()
+}
+
+/// Decides which publishes without a context start a trace (`telemetry.sample_ratio`).
+#[derive(Debug, Clone, Copy)]
+pub struct Sampler {
+    ratio: f64,
+}
+
+impl Sampler {
+    /// Starts a trace for a share `ratio` (0 to 1) of the publishes without a context.
+    pub fn new(ratio: f64) -> Self {
+        Sampler {
+            ratio: ratio.clamp(0.0, 1.0),
+        }
+    }
+
+    /// Whether this publish starts a trace: never when no subscriber wants the spans.
+    pub fn start(&self) -> bool {
+        self.ratio > 0.0 && enabled() && (self.ratio >= 1.0 || rand::random::<f64>() < self.ratio)
+    }
+}
+
+impl Default for Sampler {
+    fn default() -> Self {
+        Sampler::new(TelemetryConfig::default().sample_ratio)
+    }
+}
+
+/// The OpenTelemetry form of a W3C context (a remote parent).
+fn span_context(t: &TraceContext) -> SpanContext {
+    let state = t
+        .state
+        .as_deref()
+        .and_then(|s| s.parse::<TraceState>().ok())
+        .unwrap_or_default();
+    SpanContext::new(
+        TraceId::from_bytes(t.trace_id),
+        SpanId::from_bytes(t.span_id),
+        TraceFlags::new(t.flags),
+        true,
+        state,
+    )
+}
+
+/// Makes `span` a child of the remote context `parent` (before the span is first used).
+pub fn continue_trace(span: &tracing::Span, parent: &TraceContext) {
+    let cx = opentelemetry::Context::new().with_remote_span_context(span_context(parent));
+    let _ = span.set_parent(cx);
+}
+
+/// Links `span` to `other` (a replay to the event's original trace).
+pub fn link(span: &tracing::Span, other: &TraceContext) {
+    span.add_link(span_context(other));
+}
+
+/// The W3C context naming `span` as parent, if it is recorded by OpenTelemetry.
+pub fn context_of(span: &tracing::Span) -> Option<TraceContext> {
+    if span.is_disabled() {
+        return None;
+    }
+    let cx = span.context();
+    let sc = cx.span().span_context().clone();
+    if !sc.is_valid() {
+        return None;
+    }
+    let state = sc.trace_state().header();
+    let mut t = TraceContext::new(
+        sc.trace_id().to_bytes(),
+        sc.span_id().to_bytes(),
+        sc.trace_flags().to_u8(),
+    )?;
+    t.state = (!state.is_empty()).then_some(state);
+    Some(t)
+}
+
+/// `span`'s context, or `fallback` when it has none (not recorded: the context passes on).
+pub fn context_or(span: &tracing::Span, fallback: Option<&TraceContext>) -> Option<TraceContext> {
+    context_of(span).or_else(|| fallback.cloned())
+}
+
+// ---- export ---------------------------------------------------------------------------------
+
+/// The installed exporter; [`Telemetry::shutdown`] (or drop) flushes what is queued.
+pub struct Telemetry {
+    provider: SdkTracerProvider,
+}
+
+impl Telemetry {
+    /// Exports what is queued and stops the exporter thread (waits at most a few seconds).
+    pub fn shutdown(self) {
+        drop(self);
+    }
+}
+
+impl Drop for Telemetry {
+    fn drop(&mut self) {
+        let _ = self.provider.shutdown_with_timeout(Duration::from_secs(5));
+    }
+}
+
+/// Builds the OTLP/HTTP exporter for `config` (`otlp_endpoint` must be set) with the resource
+/// attributes `service.name`, `herald.node_id` (also `service.instance.id`) and `herald.cluster`,
+/// and returns the layer to add to the subscriber (filtered to [`TARGET`] by the caller) with the
+/// handle that flushes it at exit. Called once, by the process layer.
+pub fn install<S>(
+    config: &TelemetryConfig,
+    node_id: u64,
+    cluster: &str,
+) -> Result<(impl tracing_subscriber::Layer<S> + Send + Sync + 'static, Telemetry), String>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a> + Send + Sync + 'static,
+{
+    use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
+    let base = config
+        .otlp_endpoint
+        .as_deref()
+        .ok_or("telemetry.otlp_endpoint is not set")?;
+    let endpoint = format!("{}/v1/traces", base.trim_end_matches('/'));
+    let timeout = Duration::from_millis(env_ms("OTEL_EXPORTER_OTLP_TIMEOUT", 10_000));
+    let mut exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_http_client(PlainHttp { timeout })
+        .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+        .with_endpoint(endpoint)
+        .with_timeout(timeout)
+        .build()
+        .map_err(|e| format!("cannot build the OTLP exporter: {e}"))?;
+    let resource = Resource::builder_empty()
+        .with_attributes([
+            KeyValue::new("service.name", config.service_name.clone()),
+            KeyValue::new("service.instance.id", node_id.to_string()),
+            KeyValue::new("herald.node_id", node_id as i64),
+            KeyValue::new("herald.cluster", cluster.to_string()),
+        ])
+        .build();
+    exporter.set_resource(&resource);
+    let processor = Batcher::start(
+        exporter,
+        env_ms("OTEL_BSP_MAX_QUEUE_SIZE", 2048) as usize,
+        env_ms("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512).max(1) as usize,
+        Duration::from_millis(env_ms("OTEL_BSP_SCHEDULE_DELAY", 1000).max(1)),
+    );
+    let provider = SdkTracerProvider::builder()
+        .with_resource(resource)
+        // Herald decides which traces start (`Sampler`) and follows the sampled flag of the
+        // contexts it is given: every span it makes is recorded.
+        .with_sampler(opentelemetry_sdk::trace::Sampler::ParentBased(Box::new(
+            opentelemetry_sdk::trace::Sampler::AlwaysOn,
+        )))
+        .with_span_processor(processor)
+        .build();
+    let tracer = provider.tracer("herald");
+    metrics::counter!(crate::metrics::TRACE_SPANS_DROPPED).absolute(0);
+    let layer = tracing_opentelemetry::layer()
+        .with_tracer(tracer)
+        .with_tracked_inactivity(false)
+        .with_location(false)
+        .with_threads(false)
+        .with_level(false);
+    Ok((layer, Telemetry { provider }))
+}
+
+/// A non-negative integer environment variable (an `OTEL_*` setting), or `default`.
+fn env_ms(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(default)
+}
+
+enum Batch {
+    Span(Box<SpanData>),
+    Flush(SyncSender<()>),
+    Shutdown(SyncSender<()>),
+}
+
+/// The span processor: a bounded queue (drops counted, never waits) to one exporter thread.
+#[derive(Debug)]
+struct Batcher {
+    queue: SyncSender<Batch>,
+    dropped: metrics::Counter,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Batcher {
+    fn start<E: SpanExporter + 'static>(exporter: E, queue: usize, batch: usize, delay: Duration) -> Batcher {
+        let (tx, rx) = mpsc::sync_channel(queue.max(1));
+        let thread = std::thread::Builder::new()
+            .name("herald-otlp".into())
+            .spawn(move || export_loop(exporter, rx, batch, delay))
+            .ok();
+        Batcher {
+            queue: tx,
+            dropped: metrics::counter!(crate::metrics::TRACE_SPANS_DROPPED),
+            thread: Mutex::new(thread),
+        }
+    }
+
+    fn ask(&self, make: impl FnOnce(SyncSender<()>) -> Batch, timeout: Duration) {
+        let (tx, rx) = mpsc::sync_channel(1);
+        // Control messages wait for room (they come from shutdown, not from the event path).
+        if self.queue.send(make(tx)).is_ok() {
+            let _ = rx.recv_timeout(timeout);
+        }
+    }
+}
+
+impl SpanProcessor for Batcher {
+    fn on_start(&self, _: &mut opentelemetry_sdk::trace::Span, _: &opentelemetry::Context) {}
+
+    fn on_end(&self, span: SpanData) {
+        if !span.span_context.is_sampled() {
+            return;
+        }
+        match self.queue.try_send(Batch::Span(Box::new(span))) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => self.dropped.increment(1),
+        }
+    }
+
+    fn force_flush(&self) -> opentelemetry_sdk::error::OTelSdkResult {
+        self.ask(Batch::Flush, Duration::from_secs(5));
+        Ok(())
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> opentelemetry_sdk::error::OTelSdkResult {
+        self.ask(Batch::Shutdown, timeout);
+        if let Some(t) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            if t.is_finished() {
+                let _ = t.join();
+            }
+        }
+        Ok(())
+    }
+}
+
+fn export_loop<E: SpanExporter>(exporter: E, rx: Receiver<Batch>, max_batch: usize, delay: Duration) {
+    let mut batch: Vec<SpanData> = Vec::with_capacity(max_batch);
+    let mut due = Instant::now() + delay;
+    let mut last_warning: Option<Instant> = None;
+    let mut export = |batch: &mut Vec<SpanData>| {
+        if batch.is_empty() {
+            return;
+        }
+        let spans = std::mem::replace(batch, Vec::with_capacity(max_batch));
+        let n = spans.len();
+        if let Err(e) = futures_executor::block_on(exporter.export(spans)) {
+            if last_warning.is_none_or(|t| t.elapsed() >= crate::metrics::LogLimit::EVERY) {
+                last_warning = Some(Instant::now());
+                tracing::warn!(spans = n, error = %e, "cannot export trace spans to the OTLP endpoint (dropped)");
+            }
+        }
+    };
+    loop {
+        let wait = due.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(wait) {
+            Ok(Batch::Span(span)) => {
+                batch.push(*span);
+                if batch.len() >= max_batch {
+                    export(&mut batch);
+                }
+            }
+            Ok(Batch::Flush(done)) => {
+                export(&mut batch);
+                let _ = done.send(());
+            }
+            Ok(Batch::Shutdown(done)) => {
+                export(&mut batch);
+                let _ = done.send(());
+                return;
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                export(&mut batch);
+                due = Instant::now() + delay;
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                export(&mut batch);
+                return;
+            }
+        }
+    }
+}
+
+/// A blocking HTTP/1.1 client for the exporter thread: one `Connection: close` POST per batch,
+/// `http://` only. The answer's status is read; its body (at most 64 KiB) is kept.
+#[derive(Debug)]
+struct PlainHttp {
+    timeout: Duration,
+}
+
+#[async_trait::async_trait]
+impl opentelemetry_http::HttpClient for PlainHttp {
+    async fn send_bytes(
+        &self,
+        request: http::Request<Bytes>,
+    ) -> Result<http::Response<Bytes>, opentelemetry_http::HttpError> {
+        post(request, self.timeout)
+    }
+}
+
+fn post(
+    request: http::Request<Bytes>,
+    timeout: Duration,
+) -> Result<http::Response<Bytes>, opentelemetry_http::HttpError> {
+    let uri = request.uri();
+    if uri.scheme_str() != Some("http") {
+        return Err(format!("{uri}: only http:// OTLP endpoints are supported").into());
+    }
+    let host = uri.host().ok_or("the OTLP endpoint has no host")?;
+    let port = uri.port_u16().unwrap_or(80);
+    let addr = (host, port)
+        .to_socket_addrs()?
+        .next()
+        .ok_or_else(|| format!("{host} resolves to no address"))?;
+    let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    let path = uri.path_and_query().map_or("/", |p| p.as_str());
+    let mut head = format!(
+        "POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        request.body().len()
+    );
+    for (name, value) in request.headers() {
+        if let Ok(v) = value.to_str() {
+            if !matches!(name.as_str(), "host" | "connection" | "content-length") {
+                head.push_str(&format!("{name}: {v}\r\n"));
+            }
+        }
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes())?;
+    stream.write_all(request.body())?;
+    let mut answer = Vec::new();
+    stream.take(64 * 1024).read_to_end(&mut answer)?;
+    let status_line = answer.split(|&b| b == b'\n').next().unwrap_or_default();
+    let status = std::str::from_utf8(status_line)
+        .ok()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse::<u16>().ok())
+        .ok_or("the OTLP endpoint's answer is not HTTP")?;
+    let body = answer
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(Bytes::new(), |at| Bytes::copy_from_slice(&answer[at + 4..]));
+    Ok(http::Response::builder().status(status).body(body)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sampler_without_a_subscriber_starts_nothing() {
+        // No subscriber wants the target in a unit test: never a trace, whatever the ratio.
+        assert!(!Sampler::new(1.0).start());
+        assert!(!Sampler::new(0.0).start());
+        assert!(!traced(
+            TraceContext::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", None).as_ref()
+        ));
+    }
+
+    #[test]
+    fn the_otel_form_keeps_ids_flags_and_state() {
+        let t = TraceContext::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", Some("a=b")).unwrap();
+        let sc = span_context(&t);
+        assert_eq!(sc.trace_id().to_bytes(), t.trace_id);
+        assert_eq!(sc.span_id().to_bytes(), t.span_id);
+        assert!(sc.is_sampled() && sc.is_remote());
+        assert_eq!(sc.trace_state().header(), "a=b");
+    }
+}
