@@ -252,6 +252,16 @@ impl Drop for BudgetShare {
 }
 
 impl Budget {
+    /// A budget of `max` bytes, none taken.
+    fn new(max: usize) -> Arc<Budget> {
+        Arc::new(Budget {
+            used: AtomicUsize::new(0),
+            max,
+            waiting: AtomicUsize::new(0),
+            freed: Notify::new(),
+        })
+    }
+
     fn try_take(self: &Arc<Self>, bytes: usize) -> Option<BudgetShare> {
         // An event larger than the whole budget is still admitted when nothing else is in flight.
         let bytes = bytes.min(self.max);
@@ -312,6 +322,36 @@ impl Completion for Tracker {
 }
 
 impl Tracker {
+    /// The tracker of an event owed to `n` subscriptions, at WAL sequence `seq` (none for
+    /// `ack=none`), holding its `bytes` of the budget; with `wait` (`ack=processed`), the receiver
+    /// of its outcomes once all `n` are in. Counts it in the in-flight gauge until it finishes.
+    fn new(
+        n: usize,
+        seq: Option<u64>,
+        store: Store,
+        bytes: BudgetShare,
+        inflight: Gauge,
+        wait: bool,
+    ) -> (Arc<Tracker>, Option<oneshot::Receiver<Vec<SubscriptionOutcome>>>) {
+        let (waiter, rx) = if wait {
+            let (tx, rx) = oneshot::channel();
+            (Some(Mutex::new((Vec::with_capacity(n), Some(tx)))), Some(rx))
+        } else {
+            (None, None)
+        };
+        inflight.increment(1.0);
+        let t = Tracker {
+            remaining: AtomicUsize::new(n),
+            seq,
+            store,
+            keep: AtomicBool::new(false),
+            waiter,
+            inflight,
+            _bytes: bytes,
+        };
+        (Arc::new(t), rx)
+    }
+
     fn finish(&self) {
         if let (Some(seq), false) = (self.seq, self.keep.load(Ordering::Relaxed)) {
             self.store.ack(seq);
@@ -372,18 +412,46 @@ pub struct Ingress {
     /// Set once the WAL has been replayed.
     ready: tokio::sync::watch::Sender<bool>,
     /// This node's place in the committed membership table, as [`Ingress::follow_membership`]
-    /// learns it: [`NOT_YET`], [`MEMBER`], or [`REMOVED`] (for good: it accepts nothing more).
-    membership: std::sync::atomic::AtomicU8,
+    /// learns it.
+    membership: Membership,
     /// Which publishes without a trace context start a trace (`telemetry.sample_ratio`).
     sampler: crate::telemetry::Sampler,
 }
 
-/// [`Ingress::membership`]: not a member yet (starting, joining).
+/// [`Membership`]: not a member yet (starting, joining).
 const NOT_YET: u8 = 0;
-/// [`Ingress::membership`]: a member of the committed table.
+/// [`Membership`]: a member of the committed table.
 const MEMBER: u8 = 1;
-/// [`Ingress::membership`]: was a member, and the committed table no longer lists it.
+/// [`Membership`]: was a member, and the committed table no longer lists it.
 const REMOVED: u8 = 2;
+
+/// This node's place in the committed membership table: [`NOT_YET`], [`MEMBER`], or [`REMOVED`]
+/// (for good: it accepts nothing more).
+struct Membership(std::sync::atomic::AtomicU8);
+
+impl Membership {
+    fn new() -> Membership {
+        Membership(std::sync::atomic::AtomicU8::new(NOT_YET))
+    }
+
+    /// See [`Ingress::follow_membership`].
+    fn follow(&self, listed: bool) -> bool {
+        if listed {
+            // A removed node stays removed (a new membership needs a restart and a new Join).
+            let _ = self
+                .0
+                .compare_exchange(NOT_YET, MEMBER, Ordering::AcqRel, Ordering::Acquire);
+            return false;
+        }
+        self.0
+            .compare_exchange(MEMBER, REMOVED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    fn is_removed(&self) -> bool {
+        self.0.load(Ordering::Acquire) == REMOVED
+    }
+}
 
 /// One event after [`Ingress::reserve`]: its share of the byte budget and, per subscription of
 /// its topic, the route and the room reserved on it.
@@ -476,6 +544,25 @@ fn replay_traced(mut event: Event, from: &'static str) -> Event {
     event
 }
 
+/// [`Ingress::admit`]: every event is valid (checked first: a bad request is the caller's to fix
+/// whatever the node's state), then the node was not removed (for good), then it is ready.
+fn admission(
+    events: &[Event],
+    removed: impl FnOnce() -> bool,
+    ready: impl FnOnce() -> bool,
+) -> Result<(), PublishError> {
+    for e in events {
+        e.validate()?;
+    }
+    if removed() {
+        return Err(PublishError::Removed);
+    }
+    if !ready() {
+        return Err(PublishError::NotReady);
+    }
+    Ok(())
+}
+
 /// WAL records read per chunk during start-up replay.
 const REPLAY_CHUNK: usize = 1024;
 
@@ -497,12 +584,7 @@ impl Ingress {
             router,
             relay,
             store,
-            bytes: Arc::new(Budget {
-                used: AtomicUsize::new(0),
-                max: max_inflight_bytes,
-                waiting: AtomicUsize::new(0),
-                freed: Notify::new(),
-            }),
+            bytes: Budget::new(max_inflight_bytes),
             inflight: metrics::gauge!(crate::metrics::INFLIGHT_EVENTS),
             rejected: metrics::counter!(crate::metrics::EVENTS_REJECTED),
             published_other: metrics::counter!(crate::metrics::EVENTS_PUBLISHED, "topic" => crate::metrics::OTHER_TOPIC),
@@ -511,7 +593,7 @@ impl Ingress {
                 crate::metrics::UNROUTED_TOPICS,
             ),
             ready: tokio::sync::watch::Sender::new(false),
-            membership: std::sync::atomic::AtomicU8::new(NOT_YET),
+            membership: Membership::new(),
             sampler,
         }
     }
@@ -556,22 +638,13 @@ impl Ingress {
     /// refuses every publish ([`PublishError::Removed`]) and is not ready. Returns true on the
     /// change that removes it (once), for the caller to say so.
     pub(crate) fn follow_membership(&self, listed: bool) -> bool {
-        if listed {
-            // A removed node stays removed (a new membership needs a restart and a new Join).
-            let _ = self
-                .membership
-                .compare_exchange(NOT_YET, MEMBER, Ordering::AcqRel, Ordering::Acquire);
-            return false;
-        }
-        self.membership
-            .compare_exchange(MEMBER, REMOVED, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
+        self.membership.follow(listed)
     }
 
     /// Whether this node was removed from its cluster while it ran (see
     /// `Ingress::follow_membership`).
     pub fn is_removed(&self) -> bool {
-        self.membership.load(Ordering::Acquire) == REMOVED
+        self.membership.is_removed()
     }
 
     /// The first topic of `events` that has no subscription anywhere in the cluster (its events
@@ -608,23 +681,7 @@ impl Ingress {
         bytes: BudgetShare,
         wait: bool,
     ) -> (Arc<Tracker>, Option<oneshot::Receiver<Vec<SubscriptionOutcome>>>) {
-        let (waiter, rx) = if wait {
-            let (tx, rx) = oneshot::channel();
-            (Some(Mutex::new((Vec::with_capacity(n), Some(tx)))), Some(rx))
-        } else {
-            (None, None)
-        };
-        self.inflight.increment(1.0);
-        let t = Tracker {
-            remaining: AtomicUsize::new(n),
-            seq,
-            store: self.store.clone(),
-            keep: AtomicBool::new(false),
-            waiter,
-            inflight: self.inflight.clone(),
-            _bytes: bytes,
-        };
-        (Arc::new(t), rx)
+        Tracker::new(n, seq, self.store.clone(), bytes, self.inflight.clone(), wait)
     }
 
     /// Publishes one event. `timeout` bounds `ack=processed` (the 504 case: the event is still
@@ -690,16 +747,7 @@ impl Ingress {
 
     /// Stage 0: every event is valid and the node knows where events go.
     fn admit(&self, events: &[Event]) -> Result<(), PublishError> {
-        for e in events {
-            e.validate()?;
-        }
-        if self.is_removed() {
-            return Err(PublishError::Removed);
-        }
-        if !self.is_ready() {
-            return Err(PublishError::NotReady);
-        }
-        Ok(())
+        admission(events, || self.is_removed(), || self.is_ready())
     }
 
     /// Stage 1: takes each event's bytes from the budget and reserves room for one instance per
@@ -1050,5 +1098,269 @@ impl Ingress {
 
     pub(crate) fn store(&self) -> &Store {
         &self.store
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::WalConfig;
+    use store::Retention;
+
+    fn open_store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), &WalConfig::default(), Retention::default()).unwrap();
+        (dir, store)
+    }
+
+    /// The WAL's sequence numbers once everything sent to the store is committed.
+    async fn wal(store: &Store) -> Vec<u64> {
+        store.flush().await.unwrap();
+        let chunk = store.wal_chunk(None, u64::MAX, 1000).unwrap();
+        chunk.into_iter().map(|(seq, _)| seq).collect()
+    }
+
+    fn record(e: &Event, groups: &[&str]) -> Vec<u8> {
+        let mut buf = Vec::new();
+        crate::proto::encode_wal_record(e, groups.iter().copied(), &mut buf);
+        buf
+    }
+
+    fn key(group: &str) -> SubscriptionKey {
+        SubscriptionKey {
+            topic: "orders".into(),
+            group: group.into(),
+        }
+    }
+
+    fn used(b: &Budget) -> usize {
+        b.used.load(Ordering::Acquire)
+    }
+
+    #[test]
+    fn an_event_costs_its_payload_and_a_fixed_overhead() {
+        assert_eq!(charge(&Event::new("orders", "", "application/json")), 256);
+        assert_eq!(charge(&Event::new("orders", vec![0u8; 1000], "text/plain")), 1256);
+    }
+
+    #[test]
+    fn the_budget_refuses_what_does_not_fit_and_gets_bytes_back_when_they_are_dropped() {
+        let budget = Budget::new(1000);
+        let a = budget.try_take(600).expect("fits");
+        assert!(budget.try_take(401).is_none(), "600 + 401 > 1000");
+        assert_eq!(used(&budget), 600, "a refusal holds nothing");
+        let b = budget.try_take(400).expect("exactly full fits");
+        assert!(budget.try_take(1).is_none());
+        drop(a);
+        assert_eq!(used(&budget), 400);
+        let c = budget.try_take(600).expect("freed bytes are taken again");
+        drop((b, c));
+        assert_eq!(used(&budget), 0);
+    }
+
+    #[test]
+    fn an_event_larger_than_the_whole_budget_is_admitted_only_alone() {
+        let budget = Budget::new(100);
+        let big = budget.try_take(5000).expect("alone, it is admitted");
+        assert_eq!(used(&budget), 100, "charged as the whole budget");
+        assert!(budget.try_take(1).is_none());
+        drop(big);
+        assert_eq!(used(&budget), 0);
+        let small = budget.try_take(1).unwrap();
+        assert!(budget.try_take(5000).is_none(), "not next to another event");
+        drop(small);
+    }
+
+    #[tokio::test]
+    async fn a_replay_waits_for_room_and_takes_it_once_bytes_are_freed() {
+        let budget = Budget::new(100);
+        let held = budget.try_take(80).unwrap();
+        let waiting = {
+            let budget = budget.clone();
+            tokio::spawn(async move { budget.take(50).await })
+        };
+        tokio::pin!(waiting);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), &mut waiting)
+                .await
+                .is_err(),
+            "50 bytes do not fit next to 80"
+        );
+        assert_eq!(budget.waiting.load(Ordering::Acquire), 1);
+        drop(held);
+        let share = tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("freeing bytes wakes the replay")
+            .unwrap();
+        assert_eq!((used(&budget), share.bytes), (50, 50));
+        assert_eq!(budget.waiting.load(Ordering::Acquire), 0);
+    }
+
+    #[test]
+    fn a_removed_node_stays_removed() {
+        let m = Membership::new();
+        // Starting: not listed yet is not removed.
+        assert!(!m.follow(false));
+        assert!(!m.is_removed());
+        assert!(!m.follow(true));
+        assert!(!m.is_removed());
+        // Unlisted once a member: removed, said once.
+        assert!(m.follow(false), "the change that removes it");
+        assert!(m.is_removed());
+        assert!(!m.follow(false));
+        // Listed again (a stale view, or a new Join): still removed.
+        assert!(!m.follow(true));
+        assert!(m.is_removed());
+    }
+
+    #[test]
+    fn admission_checks_the_events_then_removal_then_readiness() {
+        let good = [Event::new("orders", "{}", "application/json")];
+        let bad = [
+            Event::new("orders", "{}", "application/json"),
+            Event::new("a b", "{}", "application/json"),
+        ];
+        let never = || -> bool { panic!("the events are checked first") };
+        assert!(matches!(admission(&bad, never, never), Err(PublishError::Invalid(_))));
+        assert!(matches!(
+            admission(&good, || true, || false),
+            Err(PublishError::Removed)
+        ));
+        assert!(matches!(admission(&good, || true, || true), Err(PublishError::Removed)));
+        assert!(matches!(
+            admission(&good, || false, || false),
+            Err(PublishError::NotReady)
+        ));
+        assert!(admission(&good, || false, || true).is_ok());
+        assert!(admission(&[], || false, || true).is_ok());
+    }
+
+    #[tokio::test]
+    async fn the_last_subscription_done_takes_the_event_out_of_the_wal_and_frees_its_bytes() {
+        let (_dir, store) = open_store();
+        let e = Event::new("orders", "{}", "application/json");
+        let seqs = store
+            .append(vec![record(&e, &["billing", "audit"]), record(&e, &["billing"])])
+            .await
+            .unwrap();
+        let budget = Budget::new(10_000);
+        let share = budget.try_take(charge(&e)).unwrap();
+        let (tracker, rx) = Tracker::new(2, Some(seqs[0]), store.clone(), share, Gauge::noop(), false);
+        assert!(rx.is_none(), "only ack=processed waits");
+        tracker.complete(&key("billing"), Outcome::Ok { attempts: 1 });
+        assert_eq!(wal(&store).await, seqs, "one subscription is still owed the event");
+        tracker.complete(
+            &key("audit"),
+            Outcome::DeadLettered {
+                attempts: 3,
+                error: "boom".into(),
+            },
+        );
+        assert_eq!(wal(&store).await, seqs[1..], "a dead-lettered subscription is done too");
+        assert_eq!(used(&budget), charge(&e), "held while the tracker lives");
+        drop(tracker);
+        assert_eq!(used(&budget), 0);
+    }
+
+    #[tokio::test]
+    async fn a_subscription_that_could_not_finish_keeps_the_event_in_the_wal() {
+        let (_dir, store) = open_store();
+        let e = Event::new("orders", "{}", "application/json");
+        let seqs = store.append(vec![record(&e, &["a", "b"])]).await.unwrap();
+        let share = Budget::new(10_000).try_take(charge(&e)).unwrap();
+        let (tracker, _) = Tracker::new(2, Some(seqs[0]), store.clone(), share, Gauge::noop(), false);
+        tracker.complete(
+            &key("a"),
+            Outcome::Failed {
+                attempts: 3,
+                error: "the dead letter could not be stored".into(),
+            },
+        );
+        tracker.complete(&key("b"), Outcome::Ok { attempts: 1 });
+        assert_eq!(wal(&store).await, seqs, "delivered again on the next start");
+    }
+
+    #[tokio::test]
+    async fn ack_processed_is_answered_with_every_subscription_s_outcome_once_all_are_in() {
+        let (_dir, store) = open_store();
+        let share = Budget::new(10_000).try_take(256).unwrap();
+        let (tracker, rx) = Tracker::new(3, None, store.clone(), share, Gauge::noop(), true);
+        let mut rx = rx.expect("ack=processed waits");
+        tracker.complete(&key("a"), Outcome::Ok { attempts: 1 });
+        tracker.complete(
+            &key("b"),
+            Outcome::DeadLettered {
+                attempts: 4,
+                error: "boom".into(),
+            },
+        );
+        assert!(rx.try_recv().is_err(), "one subscription is still running");
+        tracker.complete(
+            &key("c"),
+            Outcome::Failed {
+                attempts: 2,
+                error: "disk".into(),
+            },
+        );
+        let outcomes: Vec<_> = rx
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|o| (o.topic, o.group, o.outcome, o.attempts, o.error))
+            .collect();
+        let s = |v: &str| v.to_string();
+        assert_eq!(
+            outcomes,
+            vec![
+                (s("orders"), s("a"), s("ok"), 1, None),
+                (s("orders"), s("b"), s("dead_lettered"), 4, Some(s("boom"))),
+                (s("orders"), s("c"), s("failed"), 2, Some(s("disk"))),
+            ]
+        );
+    }
+
+    #[test]
+    fn ack_modes_are_named_in_lowercase_and_default_to_accepted() {
+        assert_eq!(AckMode::default(), AckMode::Accepted);
+        for (name, mode) in [
+            ("none", AckMode::None),
+            ("accepted", AckMode::Accepted),
+            ("processed", AckMode::Processed),
+        ] {
+            let quoted = format!("\"{name}\"");
+            assert_eq!(serde_json::from_str::<AckMode>(&quoted).unwrap(), mode);
+            assert_eq!(serde_json::to_string(&mode).unwrap(), quoted);
+            assert_eq!(ack_name(mode), name);
+        }
+        assert!(serde_json::from_str::<AckMode>("\"all\"").is_err());
+    }
+
+    #[test]
+    fn a_dead_letter_shows_json_as_is_and_other_payloads_as_text() {
+        let dead = |e: Event| DeadLetterRecord {
+            event: Some(EventRecord::from(&e)),
+            group: "billing".into(),
+            attempts: 5,
+            error: "boom".into(),
+            failed_at_unix_ms: 1_700_000_000_000,
+        };
+        let json = DeadLetter::from_record(
+            "d1".into(),
+            dead(Event::new("orders", r#"{"n":1}"#, "application/json")),
+        )
+        .unwrap();
+        assert_eq!(json.data, serde_json::json!({"n": 1}));
+        assert_eq!(
+            (json.id.as_str(), json.group.as_str(), json.attempts),
+            ("d1", "billing", 5)
+        );
+        assert_eq!(json.failed_at, "2023-11-14T22:13:20+00:00");
+        let text = DeadLetter::from_record("d2".into(), dead(Event::new("orders", "hi", "text/plain"))).unwrap();
+        assert_eq!(text.data, serde_json::json!("hi"));
+        let no_event = DeadLetterRecord {
+            event: None,
+            ..dead(Event::new("orders", "", "text/plain"))
+        };
+        assert!(DeadLetter::from_record("d3".into(), no_event).is_none());
     }
 }

@@ -937,3 +937,225 @@ pub(crate) fn inspect(dir: &Path, repair: bool) -> Result<Inspection, StoreError
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::EventRecord;
+
+    fn open(dir: &Path, retention: Retention) -> Store {
+        Store::open(dir, &WalConfig::default(), retention).unwrap()
+    }
+
+    fn wal_record(id: &str, groups: &[&str]) -> Vec<u8> {
+        WalRecord {
+            event: Some(EventRecord {
+                id: id.into(),
+                topic: "orders".into(),
+                ..Default::default()
+            }),
+            groups: groups.iter().map(|g| g.to_string()).collect(),
+        }
+        .encode_to_vec()
+    }
+
+    fn dead_letter(group: &str, failed_at_unix_ms: i64) -> DeadLetterRecord {
+        DeadLetterRecord {
+            event: Some(EventRecord {
+                id: "e".into(),
+                topic: "orders".into(),
+                ..Default::default()
+            }),
+            group: group.into(),
+            attempts: 3,
+            error: "boom".into(),
+            failed_at_unix_ms,
+        }
+    }
+
+    fn seqs(chunk: &WalChunk) -> Vec<u64> {
+        chunk.iter().map(|(seq, _)| *seq).collect()
+    }
+
+    /// Runs the writer's tick work now (the ticker thread would, within 500 ms) and waits for it.
+    async fn tick(store: &Store) {
+        store.ops.send(Op::Tick(false)).unwrap();
+        store.flush().await.unwrap();
+    }
+
+    async fn dead_letter_ids(store: &Store) -> Vec<String> {
+        store.flush().await.unwrap();
+        store
+            .dead_letters(None, 100)
+            .unwrap()
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn replay_reads_the_wal_in_chunks_up_to_where_it_started() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), Retention::default());
+        assert_eq!(store.wal_last().unwrap(), None);
+        let records = (0..5).map(|i| wal_record(&format!("e{i}"), &["g"])).collect();
+        let appended = store.append(records).await.unwrap();
+        assert_eq!(appended, vec![1, 2, 3, 4, 5]);
+        let upto = store.wal_last().unwrap().unwrap();
+        // Appended after replay started: not replayed (it is being delivered already).
+        store.append(vec![wal_record("late", &["g"])]).await.unwrap();
+        let first = store.wal_chunk(None, upto, 2).unwrap();
+        assert_eq!(seqs(&first), vec![1, 2]);
+        let second = store.wal_chunk(Some(2), upto, 2).unwrap();
+        assert_eq!(seqs(&second), vec![3, 4]);
+        let last = store.wal_chunk(Some(4), upto, 2).unwrap();
+        assert_eq!(seqs(&last), vec![5]);
+        assert!(store.wal_chunk(Some(5), upto, 2).unwrap().is_empty());
+        let ids: Vec<String> = first.into_iter().map(|(_, r)| r.unwrap().event.unwrap().id).collect();
+        assert_eq!(ids, vec!["e0", "e1"]);
+        // Finished events leave the WAL; a chunk skips the holes.
+        store.ack_all(vec![2, 3]);
+        store.flush().await.unwrap();
+        assert_eq!(seqs(&store.wal_chunk(None, upto, 10).unwrap()), vec![1, 4, 5]);
+    }
+
+    #[tokio::test]
+    async fn undecodable_records_are_read_as_errors_quarantined_and_their_numbers_never_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), Retention::default());
+        let seqs_in = store
+            .append(vec![
+                wal_record("a", &["g"]),
+                vec![0xff, 0xff, 0xff],
+                wal_record("b", &["g"]),
+            ])
+            .await
+            .unwrap();
+        let chunk = store.wal_chunk(None, 3, 10).unwrap();
+        let decoded: Vec<bool> = chunk.iter().map(|(_, r)| r.is_ok()).collect();
+        assert_eq!(decoded, vec![true, false, true]);
+        assert_eq!(store.quarantine(vec![seqs_in[1], 99]).await.unwrap(), 1);
+        assert_eq!(seqs(&store.wal_chunk(None, 3, 10).unwrap()), vec![1, 3]);
+        // A quarantined record that was the last one: a reopened store does not reuse its number.
+        assert_eq!(store.append(vec![vec![0xff]]).await.unwrap(), vec![4]);
+        assert_eq!(store.quarantine(vec![4]).await.unwrap(), 1);
+        store.ack_all(vec![1, 3]);
+        store.flush().await.unwrap();
+        let closed = store.closed();
+        drop(store);
+        closed.await;
+        let store = open(dir.path(), Retention::default());
+        assert_eq!(store.wal_last().unwrap(), None);
+        assert_eq!(store.append(vec![wal_record("c", &["g"])]).await.unwrap(), vec![5]);
+    }
+
+    #[tokio::test]
+    async fn a_replayed_dead_letter_moves_to_the_wal_owed_to_its_group_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), Retention::default());
+        store
+            .put_dead_letter("d1".into(), dead_letter("billing", 0))
+            .await
+            .unwrap();
+        let (seq, record) = store.replay_dead_letter("d1".into()).await.unwrap().unwrap();
+        assert_eq!(record.group, "billing");
+        assert!(store.dead_letter("d1").unwrap().is_none(), "moved, not copied");
+        let chunk = store.wal_chunk(None, seq, 10).unwrap();
+        let [(got, Ok(wal))] = chunk.as_slice() else {
+            panic!("one decodable record: {chunk:?}");
+        };
+        assert_eq!((*got, wal.groups.as_slice()), (seq, &["billing".to_string()][..]));
+        assert!(store.replay_dead_letter("d1".into()).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn retention_by_count_deletes_the_oldest_dead_letters_beyond_the_maximum() {
+        let dir = tempfile::tempdir().unwrap();
+        let retention = Retention {
+            max_age: None,
+            max_count: Some(2),
+        };
+        let store = open(dir.path(), retention);
+        let now = chrono::Utc::now().timestamp_millis();
+        for id in ["01", "02", "03", "04", "05"] {
+            store.put_dead_letter(id.into(), dead_letter("g", now)).await.unwrap();
+        }
+        tick(&store).await;
+        assert_eq!(dead_letter_ids(&store).await, vec!["04", "05"]);
+        tick(&store).await;
+        assert_eq!(dead_letter_ids(&store).await, vec!["04", "05"], "nothing more");
+    }
+
+    #[tokio::test]
+    async fn retention_by_age_deletes_old_dead_letters_from_the_oldest_and_stops_at_a_recent_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let retention = Retention {
+            max_age: Some(Duration::from_secs(3600)),
+            max_count: None,
+        };
+        let store = open(dir.path(), retention);
+        let now = chrono::Utc::now().timestamp_millis();
+        let old = now - 2 * 3600 * 1000;
+        // Ids are time-ordered in real use; "03" out of order shows where deletion stops.
+        for (id, at) in [("01", old), ("02", old), ("03", now), ("04", old)] {
+            store.put_dead_letter(id.into(), dead_letter("g", at)).await.unwrap();
+        }
+        tick(&store).await;
+        assert_eq!(dead_letter_ids(&store).await, vec!["03", "04"]);
+    }
+
+    #[tokio::test]
+    async fn retention_by_count_and_age_deletes_the_excess_then_the_old_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let retention = Retention {
+            max_age: Some(Duration::from_secs(3600)),
+            max_count: Some(3),
+        };
+        let store = open(dir.path(), retention);
+        let now = chrono::Utc::now().timestamp_millis();
+        let old = now - 2 * 3600 * 1000;
+        for (id, at) in [("01", now), ("02", old), ("03", old), ("04", now), ("05", now)] {
+            store.put_dead_letter(id.into(), dead_letter("g", at)).await.unwrap();
+        }
+        // Two beyond the count ("01", recent, and "02"), then "03" for its age.
+        tick(&store).await;
+        assert_eq!(dead_letter_ids(&store).await, vec!["04", "05"]);
+    }
+
+    #[test]
+    fn a_zero_retention_setting_means_keep_forever() {
+        let mut h = HandlerConfig {
+            dead_letter_max_age_s: 0,
+            dead_letter_max_count: 0,
+            ..HandlerConfig::default()
+        };
+        let r = Retention::of(&h);
+        assert_eq!((r.max_age, r.max_count), (None, None));
+        h.dead_letter_max_age_s = 60;
+        h.dead_letter_max_count = 10;
+        let r = Retention::of(&h);
+        assert_eq!((r.max_age, r.max_count), (Some(Duration::from_secs(60)), Some(10)));
+    }
+
+    #[test]
+    fn a_full_disk_is_told_apart_from_other_storage_faults() {
+        let io = |e: std::io::Error| StoreError::Database(Arc::new(redb::Error::Io(e)));
+        for code in [28, 122] {
+            let e = io(std::io::Error::from_raw_os_error(code)).classify();
+            assert!(matches!(e, StoreError::Full(_)), "errno {code}: {e}");
+            assert!(e.is_storage_fault());
+        }
+        let other = io(std::io::Error::other("bad sector")).classify();
+        assert!(matches!(other, StoreError::Database(_)));
+        assert!(other.is_storage_fault(), "an I/O error closes the database too");
+        let closed = StoreError::Database(Arc::new(redb::Error::DatabaseClosed));
+        assert!(closed.is_storage_fault());
+        assert!(!StoreError::Stopped.is_storage_fault());
+        let corrupt = StoreError::Corrupt {
+            what: "WAL record",
+            key: "1".into(),
+            source: WalRecord::decode(&[0xff][..]).unwrap_err(),
+        };
+        assert!(!corrupt.classify().is_storage_fault(), "a bad record is not a bad disk");
+    }
+}

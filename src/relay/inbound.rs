@@ -531,13 +531,20 @@ impl Inbound {
         if !waiting.iter().any(|w| matches!(w, Waiter::Peer { .. })) {
             self.ack(from, refusal.ack(delivery));
         }
-        for w in waiting {
-            match w {
-                Waiter::Peer { delivery, acks, .. } => {
-                    let _ = acks.send(AckItem::Ack(refusal.ack(delivery)));
-                }
-                other => other.release(&self.repark),
+        refuse_waiting(waiting, &refusal, &self.repark);
+    }
+}
+
+/// Answers the copies that waited for a delivery handed back ([`Inbound::retired`]): each peer's
+/// copy is refused with `refusal` through its origin's ack queue (the origin routes it again),
+/// and a copy published here is routed anew (see [`Waiter::release`]).
+fn refuse_waiting(waiting: Vec<Waiter>, refusal: &Refusal, repark: &mpsc::UnboundedSender<Repark>) {
+    for w in waiting {
+        match w {
+            Waiter::Peer { delivery, acks, .. } => {
+                let _ = acks.send(AckItem::Ack(refusal.ack(delivery)));
             }
+            other => other.release(repark),
         }
     }
 }
@@ -959,5 +966,126 @@ mod tests {
             .code,
             AckCode::Failed
         );
+    }
+
+    #[test]
+    fn a_handed_back_delivery_refuses_every_peer_copy_and_routes_local_ones_anew() {
+        let (to_a, mut a) = mpsc::unbounded_channel();
+        let (to_b, mut b) = mpsc::unbounded_channel();
+        let (repark, mut reparked) = mpsc::unbounded_channel();
+        let sub = Arc::new(SubscriptionKey {
+            topic: "orders".into(),
+            group: "billing".into(),
+        });
+        let told = Arc::new(Told::default());
+        let here = Waiter::Here(LocalCopy {
+            key: sub.clone(),
+            event: Arc::new(Event::new("orders", "{}", "application/json")),
+            completion: told.clone(),
+        });
+        let refusal = Refusal::Moved((*sub).clone());
+        let waiting = vec![
+            waiter(1, 10, &to_a),
+            waiter(2, 20, &to_b),
+            waiter(1, 11, &to_a),
+            here,
+            Waiter::Running,
+        ];
+        refuse_waiting(waiting, &refusal, &repark);
+        let acks = |rx: &mut mpsc::UnboundedReceiver<AckItem>| {
+            std::iter::from_fn(|| rx.try_recv().ok())
+                .map(|item| match item {
+                    AckItem::Ack(a) => (a.id, a.code),
+                    _ => panic!("only acks"),
+                })
+                .collect::<Vec<_>>()
+        };
+        let not_placed = AckCode::NotPlaced as i32;
+        assert_eq!(acks(&mut a), vec![(10, not_placed), (11, not_placed)]);
+        assert_eq!(acks(&mut b), vec![(20, not_placed)]);
+        let (k, _, _) = reparked.try_recv().expect("the local copy is routed anew");
+        assert_eq!(k, sub);
+        assert!(reparked.try_recv().is_err(), "the running copy is not");
+        assert!(told.0.lock().unwrap().is_empty(), "nothing is told yet");
+    }
+
+    #[test]
+    fn every_refusal_is_a_not_placed_ack_that_says_why() {
+        let key = SubscriptionKey {
+            topic: "orders".into(),
+            group: "billing".into(),
+        };
+        for (refusal, why) in [
+            (Refusal::NoEvent, "without an event"),
+            (Refusal::Stopped(key.clone()), "stopped on this node"),
+            (Refusal::Moved(key.clone()), "moved away from this node"),
+        ] {
+            let ack = refusal.ack(7);
+            assert_eq!((ack.id, ack.code, ack.attempts), (7, AckCode::NotPlaced as i32, 0));
+            assert!(ack.error.contains(why), "{}", ack.error);
+        }
+    }
+
+    #[test]
+    fn later_copies_are_answered_with_the_outcome_of_the_one_that_ran() {
+        let outcomes = [
+            Outcome::Ok { attempts: 1 },
+            Outcome::DeadLettered {
+                attempts: 5,
+                error: "boom".into(),
+            },
+            Outcome::Failed {
+                attempts: 2,
+                error: "disk".into(),
+            },
+        ];
+        for o in outcomes {
+            assert_eq!(outcome(&finished(o.clone())), o);
+        }
+        // A refusal recorded as a finish would be a failure for a copy published here: it stays
+        // in the WAL.
+        let refused = Finished {
+            code: AckCode::NotPlaced,
+            attempts: 0,
+            error: "moved".into(),
+        };
+        assert_eq!(
+            outcome(&refused),
+            Outcome::Failed {
+                attempts: 0,
+                error: "moved".into()
+            }
+        );
+    }
+
+    #[test]
+    fn a_lane_is_queued_for_credit_once_until_its_count_is_taken() {
+        let (acks, mut rx) = mpsc::unbounded_channel();
+        let lane = LaneDone {
+            acks,
+            lane: 4,
+            done: Arc::new(AtomicU64::new(0)),
+        };
+        let sub = SubscriptionKey {
+            topic: "orders".into(),
+            group: "billing".into(),
+        };
+        lane.complete(&sub, Outcome::Ok { attempts: 1 });
+        lane.credit_one();
+        lane.complete(
+            &sub,
+            Outcome::Failed {
+                attempts: 1,
+                error: "x".into(),
+            },
+        );
+        let queued: Vec<AckItem> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
+        assert_eq!(queued.len(), 1, "one queue item for three deliveries");
+        let window = Mutex::new(Dedup::new(8));
+        let batch = ack_batch(1, queued.into_iter(), &window);
+        assert_eq!(batch.credits, vec![LaneCredit { lane: 4, n: 3 }]);
+        // Counted from zero again: the next delivery queues the lane again.
+        lane.credit_one();
+        assert!(matches!(rx.try_recv(), Ok(AckItem::Credit { lane: 4, .. })));
     }
 }

@@ -146,7 +146,7 @@ impl Outbound {
             return;
         }
         let acked = items.iter().filter(|o| o.completion.is_some()).count();
-        let mut next_id = self.next_id.fetch_add(acked as u64, Ordering::Relaxed);
+        let next_id = self.next_id.fetch_add(acked as u64, Ordering::Relaxed);
         // At-most-once items: their lanes, in order.
         let lanes = if acked < items.len() {
             let loads = items.iter().filter(|o| o.completion.is_none()).map(|o| &o.load);
@@ -157,36 +157,7 @@ impl Outbound {
         } else {
             Vec::new()
         };
-        let mut lanes = lanes.into_iter();
-        let mut chunks = Vec::new();
-        let mut chunk = Chunk::with_capacity(0);
-        let mut ids = Vec::with_capacity(acked);
-        for (i, o) in items.iter().enumerate() {
-            if chunk.n > 0 && chunk.len() >= MAX_BATCH_BYTES {
-                chunks.push(std::mem::replace(&mut chunk, Chunk::with_capacity(0)));
-            }
-            let out = chunk.bytes.deliveries_mut();
-            let hop = hop(node, &o.key, &o.event);
-            let trace = hop.as_ref().map_or(o.event.trace.as_ref(), |(_, t)| t.as_ref());
-            if o.completion.is_some() {
-                encode_delivery(next_id, &o.key.group, o.epoch, &o.event, trace, out);
-                ids.push(next_id);
-                next_id += 1;
-            } else {
-                // `assign` gave one lane per at-most-once item.
-                let lane = lanes.next().unwrap_or_default();
-                encode_delivery_on(0, &o.key.group, o.epoch, lane, &o.event, trace, out);
-            }
-            chunk.n += 1;
-            if chunk.n == 1 {
-                // Events of one call are alike: size the buffer from the first, so it is not
-                // regrown (and copied) a dozen times.
-                let one = chunk.len();
-                let rest = (items.len() - i - 1).min(MAX_BATCH_BYTES / one.max(1));
-                chunk.bytes.deliveries_mut().reserve(rest * (one + one / 8));
-            }
-        }
-        chunks.push(chunk);
+        let (chunks, ids) = encode_chunks(node, &items, next_id, lanes);
         if acked > 0 {
             let now = Instant::now();
             let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
@@ -269,42 +240,28 @@ impl Outbound {
         {
             let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
             for ack in batch.acks {
-                // An unknown code (a newer peer) counts as a failure: the event stays in the WAL.
-                let code = AckCode::try_from(ack.code).unwrap_or(AckCode::Failed);
-                match may_answer(pending.get(&ack.id), from) {
-                    Answer::Yes => {}
-                    Answer::Earlier if code != AckCode::NotPlaced => {}
-                    Answer::Unknown | Answer::Earlier => continue,
-                    Answer::NotSentToPeer => {
+                let code = ack_code(ack.code);
+                match ack_action(may_answer(pending.get(&ack.id), from), code) {
+                    AckAction::Ignore => {}
+                    AckAction::Forged => {
                         if code == AckCode::NotPlaced {
                             refused_not_placed += 1;
                         } else {
                             refused_acks += 1;
                         }
-                        continue;
                     }
-                }
-                if code == AckCode::NotPlaced {
-                    if let Some(p) = pending.get_mut(&ack.id) {
-                        tracing::debug!(peer = from, subscription = %p.key, reason = %ack.error, "delivery refused; routing it again");
-                        refused |= p.refuse(from);
+                    AckAction::Refuse => {
+                        if let Some(p) = pending.get_mut(&ack.id) {
+                            tracing::debug!(peer = from, subscription = %p.key, reason = %ack.error, "delivery refused; routing it again");
+                            refused |= p.refuse(from);
+                        }
                     }
-                    continue;
-                }
-                if let Some(mut p) = pending.remove(&ack.id) {
-                    p.release();
-                    let outcome = match code {
-                        AckCode::Ok => Outcome::Ok { attempts: ack.attempts },
-                        AckCode::DeadLettered => Outcome::DeadLettered {
-                            attempts: ack.attempts,
-                            error: ack.error,
-                        },
-                        _ => Outcome::Failed {
-                            attempts: ack.attempts,
-                            error: ack.error,
-                        },
-                    };
-                    finished.push((p, outcome));
+                    AckAction::Finish => {
+                        if let Some(mut p) = pending.remove(&ack.id) {
+                            p.release();
+                            finished.push((p, ack_outcome(code, ack.attempts, ack.error)));
+                        }
+                    }
                 }
             }
             self.pending_gauge.set(pending.len() as f64);
@@ -376,19 +333,9 @@ impl Outbound {
                     continue;
                 };
                 let state = |node| {
-                    *states.entry((ptr, node)).or_insert_with(|| {
-                        if !self.health.peer(node).routable() {
-                            NodeState::Unhealthy
-                        } else if route
-                            .slots
-                            .iter()
-                            .any(|s| matches!(s, Slot::Remote { node: n, .. } if *n == node))
-                        {
-                            NodeState::Placed
-                        } else {
-                            NodeState::Moved
-                        }
-                    })
+                    *states
+                        .entry((ptr, node))
+                        .or_insert_with(|| node_state(self.health.peer(node).routable(), &route.slots, node))
                 };
                 if pending::reroute(&p.to, now, self.config.redeliver_after, state).is_some() {
                     due.push((id, route));
@@ -464,6 +411,99 @@ impl Outbound {
     }
 }
 
+/// The deliveries of one `forward` call to `node`, encoded into chunks (a new chunk is started
+/// once one holds [`MAX_BATCH_BYTES`]): the ones kept until acked (with a completion) get
+/// delivery ids from `next_id` on, in order; the at-most-once ones take `lanes` in order (one
+/// each, from [`Lanes::assign`]) and no id. Returns the chunks and the ids given, in order.
+fn encode_chunks(node: u64, items: &[Outgoing], mut next_id: u64, lanes: Vec<u64>) -> (Vec<Chunk>, Vec<u64>) {
+    let mut lanes = lanes.into_iter();
+    let mut chunks = Vec::new();
+    let mut chunk = Chunk::with_capacity(0);
+    let mut ids = Vec::with_capacity(items.iter().filter(|o| o.completion.is_some()).count());
+    for (i, o) in items.iter().enumerate() {
+        if chunk.n > 0 && chunk.len() >= MAX_BATCH_BYTES {
+            chunks.push(std::mem::replace(&mut chunk, Chunk::with_capacity(0)));
+        }
+        let out = chunk.bytes.deliveries_mut();
+        let hop = hop(node, &o.key, &o.event);
+        let trace = hop.as_ref().map_or(o.event.trace.as_ref(), |(_, t)| t.as_ref());
+        if o.completion.is_some() {
+            encode_delivery(next_id, &o.key.group, o.epoch, &o.event, trace, out);
+            ids.push(next_id);
+            next_id += 1;
+        } else {
+            // `assign` gave one lane per at-most-once item.
+            let lane = lanes.next().unwrap_or_default();
+            encode_delivery_on(0, &o.key.group, o.epoch, lane, &o.event, trace, out);
+        }
+        chunk.n += 1;
+        if chunk.n == 1 {
+            // Events of one call are alike: size the buffer from the first, so it is not
+            // regrown (and copied) a dozen times.
+            let one = chunk.len();
+            let rest = (items.len() - i - 1).min(MAX_BATCH_BYTES / one.max(1));
+            chunk.bytes.deliveries_mut().reserve(rest * (one + one / 8));
+        }
+    }
+    chunks.push(chunk);
+    (chunks, ids)
+}
+
+/// What an ack does to its pending delivery ([`Outbound::on_acks`]), from who may answer for it
+/// ([`may_answer`]) and its code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AckAction {
+    /// Completes the delivery with the ack's outcome (an outcome from the node the delivery was
+    /// routed away from still counts).
+    Finish,
+    /// The node refuses it (fencing): route it again.
+    Refuse,
+    /// Nothing to do: the delivery is done already, or a refusal from a node it was routed away
+    /// from.
+    Ignore,
+    /// An answer for a delivery not sent to the peer: refused, counted.
+    Forged,
+}
+
+fn ack_action(answer: Answer, code: AckCode) -> AckAction {
+    match answer {
+        Answer::NotSentToPeer => AckAction::Forged,
+        Answer::Unknown => AckAction::Ignore,
+        Answer::Earlier if code == AckCode::NotPlaced => AckAction::Ignore,
+        Answer::Yes if code == AckCode::NotPlaced => AckAction::Refuse,
+        Answer::Yes | Answer::Earlier => AckAction::Finish,
+    }
+}
+
+/// An ack's code; an unknown one (a newer peer) counts as a failure: the event stays in the WAL.
+fn ack_code(code: i32) -> AckCode {
+    AckCode::try_from(code).unwrap_or(AckCode::Failed)
+}
+
+/// The outcome a finishing ack reports to the delivery's completion.
+fn ack_outcome(code: AckCode, attempts: u32, error: String) -> Outcome {
+    match code {
+        AckCode::Ok => Outcome::Ok { attempts },
+        AckCode::DeadLettered => Outcome::DeadLettered { attempts, error },
+        _ => Outcome::Failed { attempts, error },
+    }
+}
+
+/// Where a pending delivery's `node` stands for re-routing: unhealthy, or still one of the
+/// subscription's placed remote `slots`, or moved away from.
+fn node_state(routable: bool, slots: &[Slot], node: u64) -> NodeState {
+    if !routable {
+        NodeState::Unhealthy
+    } else if slots
+        .iter()
+        .any(|s| matches!(s, Slot::Remote { node: n, .. } if *n == node))
+    {
+        NodeState::Placed
+    } else {
+        NodeState::Moved
+    }
+}
+
 /// Re-routes pending deliveries every sweep, and at once when a peer's health changes or a
 /// delivery was refused or parked. Runs until the relay's runtime stops (the node's shutdown).
 pub(super) async fn reroute_loop(out: Arc<Outbound>, mut health: tokio::sync::watch::Receiver<u64>) {
@@ -502,12 +542,13 @@ async fn send_events(transport: Transport, node: u64, mut rx: mpsc::UnboundedRec
     while rx.recv_many(&mut buf, MAX_BATCH).await > 0 {
         for chunk in buf.drain(..) {
             let len = chunk.len();
-            if !small.is_empty() && (len >= OWN_ENVELOPE_BYTES || small_bytes + len > MAX_BATCH_BYTES) {
+            let next = next_chunk(!small.is_empty(), small_bytes, len);
+            if next.flush_small {
                 let (payload, n) = small_message(&mut small);
                 small_bytes = 0;
                 send(payload, n).await;
             }
-            if len < OWN_ENVELOPE_BYTES {
+            if !next.own {
                 small_bytes += len;
                 small.push(chunk);
             } else {
@@ -523,6 +564,26 @@ async fn send_events(transport: Transport, node: u64, mut rx: mpsc::UnboundedRec
     }
 }
 
+/// Where the next chunk of an outbox goes in [`send_events`] (`len` bytes; `small_bytes` bytes of
+/// small chunks gathered so far, `has_small` when there are any).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct NextChunk {
+    /// Send the small chunks gathered so far first: this one goes alone, or would take their
+    /// envelope past [`MAX_BATCH_BYTES`].
+    flush_small: bool,
+    /// This chunk is large ([`OWN_ENVELOPE_BYTES`]): it goes as its own envelope, from its own
+    /// buffer; otherwise it joins the small ones.
+    own: bool,
+}
+
+fn next_chunk(has_small: bool, small_bytes: usize, len: usize) -> NextChunk {
+    let own = len >= OWN_ENVELOPE_BYTES;
+    NextChunk {
+        flush_small: has_small && (own || small_bytes + len > MAX_BATCH_BYTES),
+        own,
+    }
+}
+
 /// One `PeerMessage` holding the deliveries of `chunks` (emptied), and how many there are.
 fn small_message(chunks: &mut Vec<Chunk>) -> (Bytes, usize) {
     let n = chunks.iter().map(|c| c.n).sum();
@@ -533,4 +594,227 @@ fn small_message(chunks: &mut Vec<Chunk>) -> (Bytes, usize) {
     };
     chunks.clear();
     (payload, n)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+    use crate::monitor::Health;
+    use crate::proto::{decode_peer_message, Deliveries, Forwarded, PeerBody};
+
+    /// A completion that is never told anything in these tests.
+    struct Untold;
+
+    impl Completion for Untold {
+        fn complete(&self, _: &SubscriptionKey, _: Outcome) {
+            panic!("nothing completes a delivery while it is encoded");
+        }
+    }
+
+    fn item(group: &str, epoch: u64, data: impl Into<Bytes>, acked: bool) -> Outgoing {
+        Outgoing {
+            key: Arc::new(SubscriptionKey {
+                topic: "orders".into(),
+                group: group.into(),
+            }),
+            epoch,
+            load: Arc::new(AtomicUsize::new(1)),
+            event: Arc::new(Event::new("orders", data, "application/json")),
+            completion: acked.then(|| Arc::new(Untold) as Arc<dyn Completion>),
+        }
+    }
+
+    fn decode(body: &[u8]) -> Vec<Forwarded> {
+        Deliveries(Bytes::copy_from_slice(body))
+            .collect::<Result<_, _>>()
+            .expect("the chunk decodes")
+    }
+
+    #[test]
+    fn acked_deliveries_get_ids_in_order_and_at_most_once_ones_their_lanes() {
+        let items = vec![
+            item("billing", 3, "{}", true),
+            item("audit", 3, "{}", false),
+            item("billing", 4, "{}", true),
+            item("audit", 4, "{}", false),
+        ];
+        let (chunks, ids) = encode_chunks(2, &items, 100, vec![7, 9]);
+        assert_eq!(ids, vec![100, 101]);
+        assert_eq!(chunks.len(), 1);
+        assert_eq!(chunks[0].n, 4);
+        let got: Vec<_> = decode(chunks[0].bytes.body())
+            .into_iter()
+            .map(|d| (d.id, d.lane, d.group, d.epoch, d.event.map(|e| e.id)))
+            .collect();
+        let want: Vec<_> = items
+            .iter()
+            .zip([(100, 0), (0, 7), (101, 0), (0, 9)])
+            .map(|(o, (id, lane))| (id, lane, o.key.group.clone(), o.epoch, Some(o.event.id.clone())))
+            .collect();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn a_call_past_max_batch_bytes_is_cut_into_chunks_in_order() {
+        let mb = vec![b'x'; 1024 * 1024];
+        let items: Vec<_> = (0..9).map(|_| item("billing", 1, mb.clone(), true)).collect();
+        let (chunks, ids) = encode_chunks(2, &items, 1, Vec::new());
+        assert_eq!(ids, (1..=9).collect::<Vec<_>>());
+        // A chunk is closed once it holds MAX_BATCH_BYTES: four events of 1 MiB and their heads.
+        assert_eq!(chunks.iter().map(|c| c.n).collect::<Vec<_>>(), vec![4, 4, 1]);
+        let mut seen = Vec::new();
+        for c in &chunks {
+            let d = decode(c.bytes.body());
+            assert_eq!(d.len(), c.n, "a chunk's count is what it holds");
+            assert!(c.len() < MAX_BATCH_BYTES + mb.len() + 1024, "{} bytes", c.len());
+            seen.extend(d.into_iter().map(|d| d.id));
+        }
+        assert_eq!(seen, ids, "the chunks keep publish order");
+    }
+
+    #[test]
+    fn small_chunks_share_an_envelope_and_large_ones_go_alone() {
+        let small = OWN_ENVELOPE_BYTES - 1;
+        // The first small chunk: nothing to flush, it waits for company.
+        assert_eq!(
+            next_chunk(false, 0, small),
+            NextChunk {
+                flush_small: false,
+                own: false
+            }
+        );
+        assert_eq!(
+            next_chunk(true, small, small),
+            NextChunk {
+                flush_small: false,
+                own: false
+            }
+        );
+        // A large one sends the small ones gathered so far first, then goes as its own envelope.
+        assert_eq!(
+            next_chunk(true, small, OWN_ENVELOPE_BYTES),
+            NextChunk {
+                flush_small: true,
+                own: true
+            }
+        );
+        assert_eq!(
+            next_chunk(false, 0, OWN_ENVELOPE_BYTES),
+            NextChunk {
+                flush_small: false,
+                own: true
+            }
+        );
+    }
+
+    #[test]
+    fn small_chunks_never_make_an_envelope_larger_than_max_batch_bytes() {
+        let len = OWN_ENVELOPE_BYTES - 1;
+        let fits = MAX_BATCH_BYTES - len;
+        assert!(!next_chunk(true, fits, len).flush_small, "exactly MAX_BATCH_BYTES fits");
+        assert!(next_chunk(true, fits + 1, len).flush_small);
+        // Gathering small chunks by the rule never passes the bound.
+        let (mut gathered, mut largest) = (0, 0);
+        for _ in 0..1000 {
+            let next = next_chunk(gathered > 0, gathered, len);
+            if next.flush_small {
+                largest = largest.max(gathered);
+                gathered = 0;
+            }
+            gathered += len;
+        }
+        assert!(largest > 0 && largest <= MAX_BATCH_BYTES, "{largest}");
+    }
+
+    #[test]
+    fn small_chunks_are_copied_into_one_peer_message_in_order() {
+        let items = [item("billing", 1, "{}", true), item("billing", 1, "{}", true)];
+        let mut chunks: Vec<Chunk> = items
+            .iter()
+            .zip([5, 6])
+            .map(|(o, id)| encode_chunks(2, std::slice::from_ref(o), id, Vec::new()).0.remove(0))
+            .collect();
+        chunks.push(encode_chunks(2, &items, 7, Vec::new()).0.remove(0));
+        let (payload, n) = small_message(&mut chunks);
+        assert!(chunks.is_empty(), "the chunks are taken");
+        assert_eq!(n, 4);
+        let Ok(Some(PeerBody::Events(body))) = decode_peer_message(payload) else {
+            panic!("an event batch");
+        };
+        let ids: Vec<u64> = decode(&body).into_iter().map(|d| d.id).collect();
+        assert_eq!(ids, vec![5, 6, 7, 8]);
+        // One chunk goes as it was encoded.
+        let mut one = vec![encode_chunks(2, &items[..1], 9, Vec::new()).0.remove(0)];
+        let (payload, n) = small_message(&mut one);
+        let Ok(Some(PeerBody::Events(body))) = decode_peer_message(payload) else {
+            panic!("an event batch");
+        };
+        assert_eq!((n, decode(&body)[0].id), (1, 9));
+    }
+
+    #[test]
+    fn acks_finish_refuse_or_are_refused_by_who_may_answer() {
+        use AckAction::*;
+        use AckCode::*;
+        let cases = [
+            (Answer::Yes, Ok, Finish),
+            (Answer::Yes, DeadLettered, Finish),
+            (Answer::Yes, Failed, Finish),
+            (Answer::Yes, NotPlaced, Refuse),
+            // A late outcome from a node the delivery was routed away from still counts; its
+            // refusal says nothing about where the delivery is now.
+            (Answer::Earlier, Ok, Finish),
+            (Answer::Earlier, Failed, Finish),
+            (Answer::Earlier, NotPlaced, Ignore),
+            (Answer::Unknown, Ok, Ignore),
+            (Answer::Unknown, NotPlaced, Ignore),
+            (Answer::NotSentToPeer, Ok, Forged),
+            (Answer::NotSentToPeer, NotPlaced, Forged),
+        ];
+        for (answer, code, action) in cases {
+            assert_eq!(ack_action(answer, code), action, "{answer:?} {code:?}");
+        }
+    }
+
+    #[test]
+    fn an_ack_reports_its_outcome_and_an_unknown_code_is_a_failure() {
+        assert_eq!(ack_code(AckCode::Ok as i32), AckCode::Ok);
+        assert_eq!(ack_code(AckCode::NotPlaced as i32), AckCode::NotPlaced);
+        // A code from a newer peer: the event stays in the WAL.
+        assert_eq!(ack_code(99), AckCode::Failed);
+        assert_eq!(ack_outcome(AckCode::Ok, 2, String::new()), Outcome::Ok { attempts: 2 });
+        assert_eq!(
+            ack_outcome(AckCode::DeadLettered, 5, "boom".into()),
+            Outcome::DeadLettered {
+                attempts: 5,
+                error: "boom".into()
+            }
+        );
+        assert_eq!(
+            ack_outcome(AckCode::Failed, 1, "disk".into()),
+            Outcome::Failed {
+                attempts: 1,
+                error: "disk".into()
+            }
+        );
+    }
+
+    #[test]
+    fn a_pending_delivery_s_node_is_placed_moved_or_unhealthy() {
+        let health = Health::default();
+        let remote = |node| Slot::Remote {
+            node,
+            health: health.peer(node),
+            load: Arc::new(AtomicUsize::new(0)),
+        };
+        let slots = [Slot::Local, remote(2), remote(3)];
+        assert_eq!(node_state(true, &slots, 2), NodeState::Placed);
+        assert_eq!(node_state(true, &slots, 3), NodeState::Placed);
+        assert_eq!(node_state(true, &slots, 4), NodeState::Moved);
+        // This node's own slot is not the remote node the delivery went to.
+        assert_eq!(node_state(true, &[Slot::Local], 1), NodeState::Moved);
+        assert_eq!(node_state(false, &slots, 2), NodeState::Unhealthy);
+    }
 }
