@@ -563,6 +563,41 @@ fn admission(
     Ok(())
 }
 
+/// [`Ingress::dead_letter_records`]: the stored dead letters in id order after `after`, at most
+/// `limit`, of `topic` and `group` when given; records without an event are skipped.
+fn dead_letter_records(
+    store: &Store,
+    after: Option<&str>,
+    limit: usize,
+    topic: Option<&str>,
+    group: Option<&str>,
+) -> Result<Vec<(String, DeadLetterRecord)>, StoreError> {
+    let mut out = Vec::new();
+    let mut cursor = after.map(str::to_string);
+    // Filtering happens after reading, so read pages until `limit` matches or the end.
+    loop {
+        let page = store.dead_letters(cursor.as_deref(), DEAD_LETTER_PAGE)?;
+        let done = page.len() < DEAD_LETTER_PAGE;
+        for (id, r) in page {
+            cursor = Some(id.clone());
+            let Some(e) = &r.event else { continue };
+            if topic.is_some_and(|t| t != e.topic) || group.is_some_and(|g| g != r.group) {
+                continue;
+            }
+            out.push((id, r));
+            if out.len() >= limit {
+                return Ok(out);
+            }
+        }
+        if done {
+            return Ok(out);
+        }
+    }
+}
+
+/// Dead letters read from the store per page while listing them.
+const DEAD_LETTER_PAGE: usize = 512;
+
 /// WAL records read per chunk during start-up replay.
 const REPLAY_CHUNK: usize = 1024;
 
@@ -1036,27 +1071,7 @@ impl Ingress {
         topic: Option<&str>,
         group: Option<&str>,
     ) -> Result<Vec<(String, DeadLetterRecord)>, StoreError> {
-        let mut out = Vec::new();
-        let mut cursor = after.map(str::to_string);
-        // Filtering happens after reading, so read pages until `limit` matches or the end.
-        loop {
-            let page = self.store.dead_letters(cursor.as_deref(), 512)?;
-            let done = page.len() < 512;
-            for (id, r) in page {
-                cursor = Some(id.clone());
-                let Some(e) = &r.event else { continue };
-                if topic.is_some_and(|t| t != e.topic) || group.is_some_and(|g| g != r.group) {
-                    continue;
-                }
-                out.push((id, r));
-                if out.len() >= limit {
-                    return Ok(out);
-                }
-            }
-            if done {
-                return Ok(out);
-            }
-        }
+        dead_letter_records(&self.store, after, limit, topic, group)
     }
 
     /// Sends a dead letter back to its subscription (it is moved to the WAL first, so a crash
@@ -1362,5 +1377,61 @@ mod tests {
             ..dead(Event::new("orders", "", "text/plain"))
         };
         assert!(DeadLetter::from_record("d3".into(), no_event).is_none());
+    }
+
+    #[tokio::test]
+    async fn dead_letters_are_listed_in_id_order_filtered_and_paged_across_store_pages() {
+        let (_dir, store) = open_store();
+        let dead = |topic: &str, group: &str| DeadLetterRecord {
+            event: Some(EventRecord::from(&Event::new(topic, "{}", "application/json"))),
+            group: group.into(),
+            attempts: 1,
+            error: "boom".into(),
+            failed_at_unix_ms: 0,
+        };
+        // More than a store page, with the matches spread across pages.
+        let n = DEAD_LETTER_PAGE * 2 + 10;
+        for i in 0..n {
+            let (topic, group) = match i % 3 {
+                0 => ("orders", "billing"),
+                1 => ("orders", "audit"),
+                _ => ("payments", "billing"),
+            };
+            store
+                .put_dead_letter(format!("{i:05}"), dead(topic, group))
+                .await
+                .unwrap();
+        }
+        store
+            .put_dead_letter(
+                "99999".into(),
+                DeadLetterRecord {
+                    event: None,
+                    ..dead("orders", "billing")
+                },
+            )
+            .await
+            .unwrap();
+        let ids = |v: Vec<(String, DeadLetterRecord)>| v.into_iter().map(|(id, _)| id).collect::<Vec<_>>();
+        let all = ids(dead_letter_records(&store, None, usize::MAX, None, None).unwrap());
+        assert_eq!(all.len(), n, "every dead letter with an event");
+        assert!(all.windows(2).all(|w| w[0] < w[1]), "in id order");
+        let billing = ids(dead_letter_records(&store, None, usize::MAX, Some("orders"), Some("billing")).unwrap());
+        let want: Vec<String> = (0..n).filter(|i| i % 3 == 0).map(|i| format!("{i:05}")).collect();
+        assert_eq!(billing, want);
+        let by_group = ids(dead_letter_records(&store, None, usize::MAX, None, Some("billing")).unwrap());
+        assert_eq!(by_group.len(), (0..n).filter(|i| i % 3 != 1).count());
+        // A limit, and the next page after the last id given.
+        let first = ids(dead_letter_records(&store, None, 200, Some("orders"), Some("billing")).unwrap());
+        assert_eq!(first, want[..200]);
+        let rest = ids(dead_letter_records(
+            &store,
+            first.last().map(String::as_str),
+            400,
+            Some("orders"),
+            Some("billing"),
+        )
+        .unwrap());
+        assert_eq!(rest, want[200..]);
     }
 }
