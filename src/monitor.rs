@@ -793,17 +793,13 @@ impl Suspicions {
         );
     }
 
-    /// Forgets a node that left the table, as a target and as a watcher.
-    pub fn forget(&mut self, id: u64) {
-        self.reports.remove(&id);
-        for r in self.reports.values_mut() {
-            r.remove(&id);
-        }
-    }
-
-    /// Forgets every report (a node that just became leader starts from what it hears).
-    pub fn clear(&mut self) {
-        self.reports.clear();
+    /// Keeps only the reports by and about the nodes `keep` accepts (the leader drops those of
+    /// nodes that left the table, so the record stays as small as the table).
+    pub fn retain(&mut self, keep: impl Fn(u64) -> bool) {
+        self.reports.retain(|target, by| {
+            by.retain(|watcher, _| keep(*watcher));
+            keep(*target) && !by.is_empty()
+        });
     }
 
     /// The verdict on `target` (up in the table or not) given its current `watchers`, at `now`.
@@ -1084,10 +1080,15 @@ mod tests {
         );
         // Up reports say nothing against a node the table has up.
         assert_eq!(s.verdict(9, true, &watchers, t0 + 800 * MS, DOWN_AFTER, STALE), None);
-        s.forget(2);
+        s.retain(|id| id != 2);
         assert_eq!(s.verdict(9, false, &watchers, t0 + 800 * MS, DOWN_AFTER, STALE), None);
-        s.clear();
+        assert_eq!(
+            s.verdict(9, false, &[1], t0 + 800 * MS, DOWN_AFTER, STALE),
+            Some(Verdict::Up)
+        );
+        s.retain(|id| id != 1);
         assert_eq!(s.verdict(9, false, &[1], t0 + 800 * MS, DOWN_AFTER, STALE), None);
+        assert!(s.reports.is_empty(), "nothing left about node 9");
     }
 
     #[test]

@@ -957,7 +957,8 @@ impl Ctx {
         }
         let ring = Ring::new(state.members().values().map(|m| (m.id, m.status != NodeStatus::Down)));
         let now = std::time::Instant::now();
-        let suspicions = self.suspicions.lock().unwrap_or_else(|p| p.into_inner());
+        let mut suspicions = self.suspicions.lock().unwrap_or_else(|p| p.into_inner());
+        suspicions.retain(|id| state.member(id).is_some());
         state.members().values().filter(|m| m.id != self.id).find_map(|m| {
             let committed_up = match m.status {
                 NodeStatus::Up => true,
