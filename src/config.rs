@@ -73,6 +73,12 @@ pub struct ClusterConfig {
     /// The leader marks a member down after it was suspect or degraded this long (its
     /// subscriptions move), and up again after it was healthy this long.
     pub down_after_ms: u64,
+    /// How many peers each node watches (pings and judges), 1 to 64. Each member is watched by
+    /// this many others, chosen from the member list alike on every node (`monitor::Ring`), and
+    /// the leader marks it down when most of them report it suspect, degraded or gone: idle
+    /// monitoring traffic is O(monitors) per node, not O(nodes). A cluster of up to
+    /// `monitors + 1` nodes is watched by everyone, as before this key existed.
+    pub monitors: usize,
     /// A peer that reports a backlog while one of its handler worker threads has been wedged
     /// (blocked by a handler) this long is degraded: routers avoid it, the leader marks it down.
     pub degraded_after_ms: u64,
@@ -112,6 +118,7 @@ impl Default for ClusterConfig {
             phi_threshold: 8.0,
             min_std_deviation_ms: 50,
             down_after_ms: 1000,
+            monitors: crate::types::DEFAULT_MONITORS,
             degraded_after_ms: 3000,
             redeliver_after_ms: 5000,
             dedup_window: 100_000,
@@ -1063,6 +1070,12 @@ impl Config {
                 return Err(Error::config(key, "must be positive"));
             }
         }
+        if !(1..=64).contains(&c.monitors) {
+            return Err(Error::config(
+                "cluster.monitors",
+                "must be between 1 and 64 (5 is a good start; 3 or more lets the others outvote one wrong watcher)",
+            ));
+        }
         if !(c.phi_threshold > 0.0 && c.phi_threshold <= crate::types::MAX_PHI) {
             return Err(Error::config(
                 "cluster.phi_threshold",
@@ -1320,6 +1333,22 @@ mod tests {
         let mut c = Config::default();
         c.auth.tokens.push(TokenConfig::new("short", Role::Admin));
         assert!(c.validate().unwrap_err().to_string().contains("auth.tokens[0].token"));
+    }
+
+    #[test]
+    fn monitors_must_be_between_1_and_64() {
+        assert_eq!(Config::default().cluster.monitors, 5);
+        for (n, ok) in [(0, false), (1, true), (5, true), (64, true), (65, false)] {
+            let mut c = Config::default();
+            c.cluster.monitors = n;
+            match c.validate() {
+                Ok(()) => assert!(ok, "{n} accepted"),
+                Err(e) => {
+                    assert!(!ok, "{n} refused: {e}");
+                    assert!(e.to_string().contains("cluster.monitors"), "{e}");
+                }
+            }
+        }
     }
 
     #[test]

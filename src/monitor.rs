@@ -13,7 +13,44 @@
 //!   A peer whose connection broke and whose process refuses new ones is marked down without
 //!   waiting: that is a failure, not a suspicion.
 //! * `run` is the monitor task (on the membership thread, away from handler load): every
-//!   `cluster.ping_interval_ms` it pings each member and re-evaluates each peer.
+//!   `cluster.ping_interval_ms` it pings the peers this node watches and re-evaluates each, and
+//!   tells the leader what is news.
+//!
+//! # Bounded monitoring
+//!
+//! Pinging every member costs O(n) messages per node and O(n²) in all. Instead each node watches
+//! at most `cluster.monitors` peers (5 by default), so idle monitoring costs O(monitors) per node
+//! whatever the cluster's size:
+//!
+//! * **Who watches whom** ([`Ring`]): the members ordered by a fixed hash of their id form a
+//!   ring; each up member watches the next `monitors` up members (and the down ones between,
+//!   whose return someone must see). Every node computes it from the committed table alone, so
+//!   all agree without talking, and every member is watched by exactly `monitors` up members. A
+//!   cluster of at most `monitors + 1` nodes is watched by everyone, as before.
+//! * **Gossip to the leader** ([`Suspicion`], the `Suspicions` peer message): a watcher tells
+//!   the Raft leader when its view of a peer changes, and repeats at every ping while its view is
+//!   news ([`is_news`]: it disagrees with the committed table), so a lost message or a new leader
+//!   costs one ping interval, and an idle cluster sends no reports at all. The leader accepts a
+//!   report only from a member (the peer the transport authenticated), about another member.
+//! * **The verdict** ([`Suspicions::verdict`]): the leader commits `MarkDown` when a strict
+//!   majority of the member's watchers report it suspect or degraded for `cluster.down_after_ms`,
+//!   or its process gone (then at once); `MarkUp` when a majority saw it up again for as long. One
+//!   lying or cut-off watcher never outvotes the others (with 5 watchers it takes 3). With a
+//!   single watcher (two nodes) that watcher decides.
+//! * **The leader watches only its own share.** It could ping every member (O(n) on one node
+//!   would be affordable), but its view would be one more vote, which the majority rule must not
+//!   let decide alone (a leader cut off from a healthy node would otherwise mark it down), and
+//!   the watch set would then change with every election. So the leader is a watcher like any
+//!   other and learns the rest from the reports.
+//! * **Voters also watch one another** (at most `raft.voters` − 1 more peers), so that when the
+//!   leader's process dies the voters see it at once and one starts the election without waiting
+//!   out the election timeout, however large the cluster. These extra views are reported too, but
+//!   count only where the ring makes their sender a watcher.
+//!
+//! [`Health`] holds only the peers this node watches; for the others it says `up`, and routers
+//! skip them once the table has them down. Peers a node sends events to are still judged by their
+//! connections by the relay, as before. `tests/monitoring_scale.rs` runs this core (with the real
+//! [`PhiDetector`]) for 100 nodes in virtual time: its traffic, failover times and the liar case.
 //!
 //! A peer is **suspect** when its phi exceeds `cluster.phi_threshold`, or when the connection to it
 //! broke and cannot be re-established (a killed process on a live host refuses connections at
@@ -29,10 +66,12 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch, Notify};
 
-use crate::transport::wire::Pong;
+use crate::transport::wire::{PeerView, Pong, Suspicions as WireSuspicions, MAX_PEER_VIEWS};
 use crate::transport::{Envelope, Transport};
 // Shared with the configuration, which refuses a `cluster.phi_threshold` above it; its public path.
 pub use crate::types::MAX_PHI;
+// The default of `cluster.monitors`, shared with the configuration; its public path.
+pub use crate::types::DEFAULT_MONITORS;
 
 /// How many heartbeat intervals the detector remembers.
 const WINDOW: usize = 100;
@@ -341,6 +380,16 @@ pub struct MonitorConfig {
     pub min_std_deviation: Duration,
     /// A peer with a backlog whose worker threads made no progress for this long is degraded.
     pub degraded_after: Duration,
+    /// How many peers this node watches (`cluster.monitors`; see [`Ring`]).
+    pub monitors: usize,
+}
+
+impl MonitorConfig {
+    /// How long the leader keeps a watcher's report that was not repeated: news is repeated every
+    /// ping interval, so five intervals lose a report only when its watcher stopped sending.
+    pub fn stale_after(&self) -> Duration {
+        self.ping_interval * 5
+    }
 }
 
 /// Answers a ping with this node's progress.
@@ -351,6 +400,46 @@ pub fn pong(seq: u64, sent_unix_nanos: i64, progress: &Progress) -> Envelope {
         handled: progress.handled(),
         backlog: progress.backlog.load(Ordering::Relaxed),
     }))
+}
+
+/// A watcher's news as the envelope sent to the leader ([`MAX_PEER_VIEWS`] views at most; the
+/// receiver reads no more).
+pub fn suspicions_envelope(views: &[Suspicion]) -> Envelope {
+    Envelope::new(crate::transport::Body::Suspicions(WireSuspicions {
+        views: views
+            .iter()
+            .take(MAX_PEER_VIEWS)
+            .map(|s| PeerView {
+                node: s.node,
+                state: s.state as u32,
+                unreachable: s.unreachable,
+                age_ms: s.age.as_millis().min(u128::from(u64::MAX)) as u64,
+            })
+            .collect(),
+    }))
+}
+
+/// The views of a received [`WireSuspicions`]: the first [`MAX_PEER_VIEWS`], without those whose
+/// state this build does not know. Whether the sender may report them is the receiver's call.
+pub fn read_suspicions(wire: &WireSuspicions) -> Vec<Suspicion> {
+    wire.views
+        .iter()
+        .take(MAX_PEER_VIEWS)
+        .filter_map(|v| {
+            let state = match v.state {
+                0 => PeerState::Up,
+                1 => PeerState::Suspect,
+                2 => PeerState::Degraded,
+                _ => return None,
+            };
+            Some(Suspicion {
+                node: v.node,
+                state,
+                unreachable: v.unreachable,
+                age: Duration::from_millis(v.age_ms),
+            })
+        })
+        .collect()
 }
 
 fn unix_nanos() -> i64 {
@@ -367,6 +456,8 @@ struct Watched {
     backlog: u64,
     progressed: Instant,
     ever_connected: bool,
+    /// The `(state, unreachable)` last sent to the leader.
+    reported: (PeerState, bool),
     phi_gauge: metrics::Gauge,
     rtt_gauge: metrics::Gauge,
     rtt_histogram: metrics::Histogram,
@@ -378,14 +469,17 @@ struct Watched {
 /// below membership (membership's service runs it, and the leader's duties read its [`Health`]),
 /// so it reads the table through this rather than naming the membership state.
 pub(crate) trait Members {
-    /// Whether `id` is a member.
-    fn is_member(&self, id: u64) -> bool;
-    /// Every member's id, in ascending order.
-    fn member_ids(&self) -> impl Iterator<Item = u64> + '_;
+    /// Every member's id with whether the table has it up (any status but `down`): the
+    /// [`Ring`]'s input.
+    fn member_statuses(&self) -> impl Iterator<Item = (u64, bool)> + '_;
 }
 
-/// The monitor task: pings every member, feeds pongs to the detectors, and publishes each peer's
-/// state in `health`. Wakes `changed` (the leader's duties) when a state changes.
+/// The monitor task: pings the peers this node watches ([`Ring::watched_by`]), feeds pongs to
+/// the detectors, publishes each watched peer's state in `health`, and sends its news to
+/// `reports` (the membership service hands them to the leader). It also watches the members in
+/// `also` (a voter watches the other voters, so that a dead leader is noticed by the voters that
+/// must replace it). Wakes `changed` (the leader's duties) when a state changes.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn run<M: Members>(
     me: u64,
     config: MonitorConfig,
@@ -394,6 +488,8 @@ pub(crate) async fn run<M: Members>(
     state: watch::Receiver<Arc<M>>,
     mut pongs: mpsc::UnboundedReceiver<(u64, Pong)>,
     changed: Arc<Notify>,
+    reports: mpsc::UnboundedSender<Vec<Suspicion>>,
+    also: watch::Receiver<Vec<u64>>,
 ) {
     let mut watched: HashMap<u64, Watched> = HashMap::new();
     let mut tick = tokio::time::interval(config.ping_interval);
@@ -431,15 +527,25 @@ pub(crate) async fn run<M: Members>(
         };
         let now = Instant::now();
         let members = state.borrow().clone();
+        let statuses: HashMap<u64, bool> = members.member_statuses().collect();
+        let mut targets = Ring::new(statuses.iter().map(|(&id, &up)| (id, up))).watched_by(me, config.monitors);
+        for &id in also.borrow().iter() {
+            if id != me && statuses.contains_key(&id) && !targets.contains(&id) {
+                targets.push(id);
+            }
+        }
+        // A peer this node no longer watches is judged by its own watchers: forget what this
+        // node thought of it, so that a stale `suspect` does not keep routers away from it.
         watched.retain(|id, _| {
-            let keep = members.is_member(*id);
+            let keep = targets.contains(id);
             if !keep {
                 health.forget(*id);
             }
             keep
         });
         seq += 1;
-        for id in members.member_ids().filter(|id| *id != me) {
+        let mut news = Vec::new();
+        for id in targets {
             let w = watched.entry(id).or_insert_with(|| {
                 if let Some(mut link) = transport.link(id) {
                     let poke = links_changed.clone();
@@ -456,6 +562,8 @@ pub(crate) async fn run<M: Members>(
                     backlog: 0,
                     progressed: now,
                     ever_connected: false,
+                    // A peer never judged is up (as `Health` has it): nothing to report yet.
+                    reported: (PeerState::Up, false),
                     phi_gauge: metrics::gauge!(crate::metrics::PEER_PHI, "peer" => id.to_string()),
                     rtt_gauge: metrics::gauge!(crate::metrics::PEER_RTT, "peer" => id.to_string()),
                     rtt_histogram: metrics::histogram!(crate::metrics::PEER_PING_RTT, "peer" => id.to_string()),
@@ -496,7 +604,233 @@ pub(crate) async fn run<M: Members>(
                 }
                 changed.notify_one();
             }
+            // Tell the leader what changed and, at each ping, what is still news to it.
+            let view = (next, unreachable);
+            let committed_up = statuses.get(&id).copied().unwrap_or(false);
+            if view != w.reported || (ping && is_news(next, committed_up)) {
+                w.reported = view;
+                news.push(Suspicion {
+                    node: id,
+                    state: next,
+                    unreachable,
+                    age: health.state_for(id).1,
+                });
+            }
         }
+        if !news.is_empty() && reports.send(news).is_err() {
+            return;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bounded monitoring: who watches whom, and how the leader combines what the watchers report.
+// Pure: no clock, no socket, no membership state — plain ids, statuses and instants in, answers
+// out — so the unit tests below and `tests/monitoring_scale.rs` (100 nodes in virtual time) run
+// the very code a node runs.
+
+/// Where `id` sits on the monitoring ring: a fixed mix of the id (splitmix64's finaliser), so that
+/// nodes that joined together (consecutive ids, often on one host or rack) do not watch only one
+/// another, and every node computes the same ring from the same member list.
+fn ring_position(id: u64) -> u64 {
+    let mut z = id.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The monitoring ring of one membership table: the members ordered by [`ring_position`] (then
+/// id), each with whether the table says it is up.
+///
+/// Each **up** member watches the members that follow it on the ring up to and including the
+/// `k`-th up one; the down members it passes on the way are watched too (someone must see them come
+/// back). So when more than `k` members are up, every member is watched by exactly `k` up members
+/// (its [`Ring::watchers_of`]) and an up node pings `k` peers plus the down ones between them;
+/// with `k` or fewer other members, everyone watches everyone, as a small cluster always did.
+/// A member the table has down watches nobody (its reports would not count).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ring {
+    /// `(id, up)` in ring order.
+    order: Vec<(u64, bool)>,
+}
+
+impl Ring {
+    /// The ring of `members` (`(id, up in the committed table)`, any order, no duplicates).
+    pub fn new(members: impl IntoIterator<Item = (u64, bool)>) -> Ring {
+        let mut order: Vec<(u64, bool)> = members.into_iter().collect();
+        order.sort_by_key(|&(id, _)| (ring_position(id), id));
+        order.dedup_by_key(|(id, _)| *id);
+        Ring { order }
+    }
+
+    fn position(&self, id: u64) -> Option<usize> {
+        self.order.iter().position(|&(m, _)| m == id)
+    }
+
+    /// The peers `me` pings (empty when `me` is not an up member).
+    pub fn watched_by(&self, me: u64, k: usize) -> Vec<u64> {
+        let n = self.order.len();
+        let Some(p) = self.position(me).filter(|&p| self.order[p].1) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        let mut up = 0;
+        for i in 1..n {
+            if up >= k {
+                break;
+            }
+            let (id, is_up) = self.order[(p + i) % n];
+            out.push(id);
+            up += usize::from(is_up);
+        }
+        out
+    }
+
+    /// The up members that watch `target`: the `k` up members before it on the ring (fewer when
+    /// fewer are up). Only their reports count towards a verdict on `target`.
+    pub fn watchers_of(&self, target: u64, k: usize) -> Vec<u64> {
+        let n = self.order.len();
+        let Some(q) = self.position(target) else {
+            return Vec::new();
+        };
+        let mut out = Vec::with_capacity(k);
+        for i in 1..n {
+            if out.len() >= k {
+                break;
+            }
+            let (id, is_up) = self.order[(q + n - i) % n];
+            if is_up {
+                out.push(id);
+            }
+        }
+        out
+    }
+}
+
+/// One watcher's view of one watched peer, as it reports it to the leader.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Suspicion {
+    /// The watched peer.
+    pub node: u64,
+    /// Its state as the watcher's detector sees it.
+    pub state: PeerState,
+    /// Its connection broke and it refuses new ones: its process is gone.
+    pub unreachable: bool,
+    /// How long the watcher has seen it in `state` (relative, so the clocks need not agree).
+    pub age: Duration,
+}
+
+/// Whether a watcher's view of a peer is news to the leader, who must then hear it (again, every
+/// ping interval, while it stays news: a lost report or a new leader costs one interval): the view
+/// disagrees with the committed table (a peer the table has up that is not up here, or one it has
+/// down that is up here). A view that agrees with the table is sent once when it changes and never
+/// repeated, so an idle cluster sends no reports at all.
+pub fn is_news(state: PeerState, committed_up: bool) -> bool {
+    (state == PeerState::Up) != committed_up
+}
+
+/// What the leader should commit about a member.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// `MarkDown`: a majority of its watchers saw it suspect or degraded for `down_after`, or gone.
+    Down,
+    /// `MarkUp`: a majority of its watchers saw it up for `down_after`.
+    Up,
+}
+
+/// One report, as the leader keeps it.
+#[derive(Debug, Clone, Copy)]
+struct Report {
+    state: PeerState,
+    unreachable: bool,
+    /// When the watcher started seeing `state` (on the leader's clock).
+    since: Instant,
+    /// When the leader last heard it.
+    heard: Instant,
+}
+
+/// The leader's record of its watchers' reports, and the rule that turns them into verdicts.
+///
+/// **The rule.** A member the table has up is marked down when a strict majority of its current
+/// watchers ([`Ring::watchers_of`], up members only) each report it suspect or degraded for at
+/// least `down_after`, or report its process gone (then without waiting); a member the table has
+/// down is marked up when a strict majority report it up for `down_after`. Reports that are not
+/// refreshed within `stale` are forgotten (news is repeated every ping interval, so only a watcher
+/// that stopped reporting goes stale). The denominator is every watcher, not only the ones that
+/// spoke: one lying or cut-off watcher can never outvote the others — with `k` = 5 it takes 3 —
+/// and silence is never agreement. With a single watcher (a two-node cluster) that watcher decides,
+/// as there is nobody to contradict it. The cost: a node whose watchers mostly died with it waits
+/// until those are marked down and the ring gives it new watchers, whose detectors then need their
+/// own `down_after`.
+#[derive(Debug, Default)]
+pub struct Suspicions {
+    /// target → watcher → its latest report.
+    reports: HashMap<u64, HashMap<u64, Report>>,
+}
+
+impl Suspicions {
+    /// Records `watcher`'s report heard at `now`. A report about the watcher itself is ignored;
+    /// the caller checks that `watcher` is the authenticated sender and a member.
+    pub fn record(&mut self, watcher: u64, s: &Suspicion, now: Instant) {
+        if watcher == s.node {
+            return;
+        }
+        let since = now.checked_sub(s.age).unwrap_or(now);
+        let entry = self.reports.entry(s.node).or_default();
+        let since = match entry.get(&watcher) {
+            // The same view repeated: keep the earlier start (a delayed repeat must not reset it).
+            Some(r) if r.state == s.state => r.since.min(since),
+            _ => since,
+        };
+        entry.insert(
+            watcher,
+            Report {
+                state: s.state,
+                unreachable: s.unreachable,
+                since,
+                heard: now,
+            },
+        );
+    }
+
+    /// Keeps only the reports by and about the nodes `keep` accepts (the leader drops those of
+    /// nodes that left the table, so the record stays as small as the table).
+    pub fn retain(&mut self, keep: impl Fn(u64) -> bool) {
+        self.reports.retain(|target, by| {
+            by.retain(|watcher, _| keep(*watcher));
+            keep(*target) && !by.is_empty()
+        });
+    }
+
+    /// The verdict on `target` (up in the table or not) given its current `watchers`, at `now`.
+    pub fn verdict(
+        &self,
+        target: u64,
+        committed_up: bool,
+        watchers: &[u64],
+        now: Instant,
+        down_after: Duration,
+        stale: Duration,
+    ) -> Option<Verdict> {
+        if watchers.is_empty() {
+            return None;
+        }
+        let reports = self.reports.get(&target)?;
+        let votes = watchers
+            .iter()
+            .filter(|w| **w != target)
+            .filter_map(|w| reports.get(w))
+            .filter(|r| now.saturating_duration_since(r.heard) <= stale)
+            .filter(|r| {
+                let held = now.saturating_duration_since(r.since) >= down_after;
+                if committed_up {
+                    r.state != PeerState::Up && (held || (r.state == PeerState::Suspect && r.unreachable))
+                } else {
+                    r.state == PeerState::Up && held
+                }
+            })
+            .count();
+        (votes > watchers.len() / 2).then_some(if committed_up { Verdict::Down } else { Verdict::Up })
     }
 }
 
@@ -572,5 +906,218 @@ mod tests {
         assert_eq!(h.peer(2).phi(), 10.0);
         h.forget(2);
         assert!(h.peer(2).routable());
+    }
+
+    fn ring(ids: impl IntoIterator<Item = u64>) -> Ring {
+        Ring::new(ids.into_iter().map(|id| (id, true)))
+    }
+
+    #[test]
+    fn small_clusters_watch_everyone() {
+        for n in 1..=6u64 {
+            let r = ring(1..=n);
+            for me in 1..=n {
+                let mut w = r.watched_by(me, DEFAULT_MONITORS);
+                w.sort_unstable();
+                let others: Vec<u64> = (1..=n).filter(|&i| i != me).collect();
+                assert_eq!(w, others, "n={n}: node {me} watches every other member");
+                assert_eq!(r.watchers_of(me, DEFAULT_MONITORS).len(), others.len());
+            }
+        }
+    }
+
+    #[test]
+    fn every_node_is_watched_by_exactly_k_and_watches_k() {
+        for (n, k) in [(7u64, 5usize), (100, 5), (100, 3), (40, 1)] {
+            let r = ring(1..=n);
+            let mut watched_by_count: HashMap<u64, usize> = HashMap::new();
+            for me in 1..=n {
+                let w = r.watched_by(me, k);
+                assert_eq!(w.len(), k, "n={n}: node {me} watches k peers");
+                assert!(!w.contains(&me));
+                for t in w {
+                    *watched_by_count.entry(t).or_default() += 1;
+                    assert!(r.watchers_of(t, k).contains(&me), "watchers_of agrees with watched_by");
+                }
+            }
+            for t in 1..=n {
+                assert_eq!(watched_by_count[&t], k, "n={n}: node {t} is watched k times");
+                assert_eq!(r.watchers_of(t, k).len(), k);
+            }
+        }
+    }
+
+    #[test]
+    fn the_ring_is_the_same_whatever_order_members_come_in() {
+        let mut ids: Vec<u64> = (1..=50).collect();
+        let a = ring(ids.clone());
+        ids.reverse();
+        assert_eq!(a, ring(ids));
+        // Consecutive ids do not all watch each other.
+        let w = a.watched_by(10, 5);
+        assert!(w.iter().any(|&t| t.abs_diff(10) > 5), "{w:?}");
+    }
+
+    #[test]
+    fn down_members_are_watched_and_watch_nobody() {
+        let n = 30u64;
+        let r = Ring::new((1..=n).map(|id| (id, id % 4 != 0)));
+        let mut watched: HashMap<u64, Vec<u64>> = HashMap::new();
+        for me in 1..=n {
+            let w = r.watched_by(me, 5);
+            if me % 4 == 0 {
+                assert!(w.is_empty(), "a down member watches nobody");
+            }
+            assert_eq!(
+                w.iter().filter(|t| **t % 4 != 0).count(),
+                if me % 4 == 0 { 0 } else { 5 }
+            );
+            for t in w {
+                watched.entry(t).or_default().push(me);
+            }
+        }
+        for t in 1..=n {
+            let mut by = watched.remove(&t).unwrap_or_default();
+            by.sort_unstable();
+            let mut of = r.watchers_of(t, 5);
+            of.sort_unstable();
+            assert_eq!(by, of, "node {t}: its watchers are the up members that ping it");
+            assert_eq!(of.len(), 5);
+            assert!(of.iter().all(|w| w % 4 != 0));
+        }
+        assert!(
+            r.watched_by(99, 5).is_empty() && r.watchers_of(99, 5).is_empty(),
+            "not a member"
+        );
+    }
+
+    fn suspicion(node: u64, state: PeerState, age_ms: u64) -> Suspicion {
+        Suspicion {
+            node,
+            state,
+            unreachable: false,
+            age: Duration::from_millis(age_ms),
+        }
+    }
+
+    const DOWN_AFTER: Duration = Duration::from_millis(1000);
+    const STALE: Duration = Duration::from_millis(1000);
+
+    #[test]
+    fn a_majority_of_watchers_held_for_down_after_marks_down() {
+        let t0 = Instant::now() + Duration::from_secs(10);
+        let watchers = [1, 2, 3, 4, 5];
+        let mut s = Suspicions::default();
+        let verdict = |s: &Suspicions, now| s.verdict(9, true, &watchers, now, DOWN_AFTER, STALE);
+        s.record(1, &suspicion(9, PeerState::Suspect, 0), t0);
+        s.record(2, &suspicion(9, PeerState::Suspect, 0), t0);
+        assert_eq!(verdict(&s, t0 + DOWN_AFTER), None, "2 of 5 is no majority");
+        s.record(3, &suspicion(9, PeerState::Degraded, 500), t0 + 600 * MS);
+        assert_eq!(verdict(&s, t0 + 900 * MS), None, "not held for down_after yet");
+        // Repeats keep the reports fresh.
+        for w in [1, 2, 3] {
+            s.record(w, &suspicion(9, PeerState::Suspect, 0), t0 + 1000 * MS);
+        }
+        // The third changed from degraded to suspect: its clock restarts.
+        assert_eq!(verdict(&s, t0 + 1500 * MS), None);
+        s.record(3, &suspicion(9, PeerState::Suspect, 1000), t0 + 1500 * MS);
+        assert_eq!(verdict(&s, t0 + 1500 * MS), Some(Verdict::Down));
+        assert_eq!(
+            s.verdict(9, true, &watchers, t0 + 1500 * MS + STALE + MS, DOWN_AFTER, STALE),
+            None,
+            "reports not repeated go stale"
+        );
+    }
+
+    #[test]
+    fn one_lying_watcher_cannot_mark_a_node_down() {
+        let t0 = Instant::now() + Duration::from_secs(10);
+        let mut s = Suspicions::default();
+        let gone = Suspicion {
+            unreachable: true,
+            ..suspicion(9, PeerState::Suspect, 60_000)
+        };
+        s.record(1, &gone, t0);
+        for watchers in [&[1u64, 2, 3, 4, 5][..], &[1, 2, 3], &[1, 2]] {
+            assert_eq!(
+                s.verdict(9, true, watchers, t0, DOWN_AFTER, STALE),
+                None,
+                "{watchers:?}"
+            );
+        }
+        // Alone, it decides (nobody can contradict it).
+        assert_eq!(s.verdict(9, true, &[1], t0, DOWN_AFTER, STALE), Some(Verdict::Down));
+        // Only watchers count: reports from others, or about the reporter itself, do not.
+        s.record(7, &gone, t0);
+        s.record(8, &gone, t0);
+        s.record(9, &Suspicion { node: 9, ..gone }, t0);
+        assert_eq!(s.verdict(9, true, &[1, 2, 3, 4, 5], t0, DOWN_AFTER, STALE), None);
+        // Two more watchers see the process gone: down at once, without waiting down_after.
+        let fresh = Suspicion {
+            age: Duration::ZERO,
+            ..gone
+        };
+        s.record(2, &fresh, t0);
+        s.record(3, &fresh, t0);
+        assert_eq!(
+            s.verdict(9, true, &[1, 2, 3, 4, 5], t0, DOWN_AFTER, STALE),
+            Some(Verdict::Down)
+        );
+    }
+
+    #[test]
+    fn a_majority_seeing_a_down_node_up_marks_it_up() {
+        let t0 = Instant::now() + Duration::from_secs(10);
+        let mut s = Suspicions::default();
+        let watchers = [1, 2, 3];
+        s.record(1, &suspicion(9, PeerState::Up, 1200), t0);
+        assert_eq!(s.verdict(9, false, &watchers, t0, DOWN_AFTER, STALE), None);
+        s.record(2, &suspicion(9, PeerState::Up, 200), t0);
+        assert_eq!(s.verdict(9, false, &watchers, t0, DOWN_AFTER, STALE), None);
+        assert_eq!(
+            s.verdict(9, false, &watchers, t0 + 800 * MS, DOWN_AFTER, STALE),
+            Some(Verdict::Up)
+        );
+        // Up reports say nothing against a node the table has up.
+        assert_eq!(s.verdict(9, true, &watchers, t0 + 800 * MS, DOWN_AFTER, STALE), None);
+        s.retain(|id| id != 2);
+        assert_eq!(s.verdict(9, false, &watchers, t0 + 800 * MS, DOWN_AFTER, STALE), None);
+        assert_eq!(
+            s.verdict(9, false, &[1], t0 + 800 * MS, DOWN_AFTER, STALE),
+            Some(Verdict::Up)
+        );
+        s.retain(|id| id != 1);
+        assert_eq!(s.verdict(9, false, &[1], t0 + 800 * MS, DOWN_AFTER, STALE), None);
+        assert!(s.reports.is_empty(), "nothing left about node 9");
+    }
+
+    #[test]
+    fn received_views_are_bounded_and_unknown_states_dropped() {
+        let view = |node, state| PeerView {
+            node,
+            state,
+            unreachable: false,
+            age_ms: 7,
+        };
+        let mut views: Vec<PeerView> = (0..MAX_PEER_VIEWS as u64 + 10).map(|n| view(n, 1)).collect();
+        views[0].state = 9;
+        let read = read_suspicions(&WireSuspicions { views });
+        assert_eq!(
+            read.len(),
+            MAX_PEER_VIEWS - 1,
+            "the unknown state and everything past the bound are dropped"
+        );
+        assert_eq!(read[0].node, 1);
+        assert_eq!(read[0].state, PeerState::Suspect);
+        assert_eq!(read[0].age, 7 * MS);
+    }
+
+    #[test]
+    fn news_is_disagreement_with_the_table() {
+        assert!(!is_news(PeerState::Up, true));
+        assert!(is_news(PeerState::Suspect, true));
+        assert!(is_news(PeerState::Degraded, true));
+        assert!(is_news(PeerState::Up, false));
+        assert!(!is_news(PeerState::Suspect, false));
     }
 }

@@ -114,6 +114,10 @@ pub const DEFAULT_LOAD_FACTOR: f64 = 1.25;
 /// a threshold no phi can reach would never suspect anyone.
 pub const MAX_PHI: f64 = 1000.0;
 
+/// How many peers each node watches by default (`cluster.monitors`), like Akka's "monitored by
+/// 5". Here rather than in `monitor` because the configuration's default is taken from it.
+pub const DEFAULT_MONITORS: usize = 5;
+
 /// The FNV-1a offset basis: the seed of a hash that starts from nothing.
 pub(crate) const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 

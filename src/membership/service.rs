@@ -38,7 +38,7 @@ use super::raft_node::{self, Apply, DriverConfig, Inbound, Outbound, ProposeErro
 use super::state::{Command, ConfStep, MembershipState};
 use super::storage::RedbStorage;
 use crate::error::{Error, Result};
-use crate::monitor::{Health, PeerState, Progress};
+use crate::monitor::{Health, PeerState, Progress, Ring, Suspicion, Suspicions, Verdict};
 use crate::transport::{self, Body, Bus, Envelope, PeerTls, Transport, TransportConfig};
 use crate::types::NodeStatus;
 
@@ -469,13 +469,22 @@ async fn run(config: MembershipConfig, advertise: String) -> Result<Handles> {
 
     tokio::spawn(send_to_peers(out_rx, bus.clone(), driver_tx.clone()));
     let (pong_tx, pong_rx) = mpsc::unbounded_channel();
+    let suspicions = Arc::new(Mutex::new(Suspicions::default()));
     tokio::spawn(dispatch_control(
         inbound_rx,
         transport.clone(),
         driver_tx.clone(),
         pong_tx,
         config.progress.clone(),
+        Reports {
+            state: state_rx.clone(),
+            suspicions: suspicions.clone(),
+            changed: changed.clone(),
+        },
     ));
+    let (news_tx, news_rx) = mpsc::unbounded_channel();
+    let (voters_tx, voters_rx) = watch::channel(Vec::new());
+    tokio::spawn(other_voters(id, status_rx.clone(), voters_tx));
     tokio::spawn(crate::monitor::run(
         id,
         config.monitor,
@@ -484,6 +493,8 @@ async fn run(config: MembershipConfig, advertise: String) -> Result<Handles> {
         state_rx.clone(),
         pong_rx,
         changed.clone(),
+        news_tx,
+        voters_rx,
     ));
 
     let ctx = Arc::new(Ctx {
@@ -497,8 +508,12 @@ async fn run(config: MembershipConfig, advertise: String) -> Result<Handles> {
         changed,
         health: config.health.clone(),
         down_after: config.down_after,
+        suspicions,
+        monitors: config.monitor.monitors,
+        stale_after: config.monitor.stale_after(),
     });
     tokio::spawn(ctx.clone().leader_duties());
+    tokio::spawn(ctx.clone().send_news(news_rx));
     tokio::spawn(ctx.clone().expedite_elections());
     let join = Command::join(id, config.http.clone(), advertise.clone(), config.handlers.clone());
     let (joined_tx, joined_rx) = watch::channel(false);
@@ -553,6 +568,7 @@ async fn dispatch_control(
     driver: mpsc::UnboundedSender<Inbound>,
     pongs: mpsc::UnboundedSender<(u64, transport::wire::Pong)>,
     progress: Arc<Progress>,
+    reports: Reports,
 ) {
     // A refusal of this node's join request (sent with id 0 while it is not a member yet).
     let mut join_refused = crate::metrics::LogLimit::default();
@@ -597,11 +613,68 @@ async fn dispatch_control(
                 let _ = pongs.send((from, p));
                 continue;
             }
+            Some(Body::Suspicions(wire)) => {
+                reports.hear(from, &crate::monitor::read_suspicions(&wire));
+                continue;
+            }
             _ => continue,
         };
         if driver.send(m).is_err() {
             break;
         }
+    }
+}
+
+/// Keeps `out` set to the other voters while this node is a voter (empty otherwise): the monitor
+/// watches them beyond its share of the ring, so that when the leader's process dies the voters
+/// see it at once and one of them starts the election (`Ctx::expedite_elections`), whatever the
+/// cluster's size.
+async fn other_voters(id: u64, mut status: watch::Receiver<RaftStatus>, out: watch::Sender<Vec<u64>>) {
+    loop {
+        let raft = status.borrow_and_update().clone();
+        let voters: Vec<u64> = if raft.voters.contains(&id) {
+            raft.voters.iter().copied().filter(|&v| v != id).collect()
+        } else {
+            Vec::new()
+        };
+        out.send_if_modified(|v| {
+            let changed = *v != voters;
+            *v = voters;
+            changed
+        });
+        if status.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Where the watchers' reports go on the node that receives them (the leader; a node that is
+/// not the leader any more keeps them too, harmlessly: they go stale).
+struct Reports {
+    state: watch::Receiver<Arc<MembershipState>>,
+    suspicions: Arc<Mutex<Suspicions>>,
+    changed: Arc<Notify>,
+}
+
+impl Reports {
+    /// Records the views `from` (the peer the transport authenticated) sent: only a member may
+    /// report, and only about other members; anything else is dropped.
+    fn hear(&self, from: u64, views: &[Suspicion]) {
+        let state = self.state.borrow().clone();
+        if state.member(from).is_none() {
+            tracing::debug!(peer = from, "dropped suspicions from a node that is not a member");
+            return;
+        }
+        let now = std::time::Instant::now();
+        let mut suspicions = self.suspicions.lock().unwrap_or_else(|p| p.into_inner());
+        for v in views
+            .iter()
+            .filter(|v| v.node != from && state.member(v.node).is_some())
+        {
+            suspicions.record(from, v, now);
+        }
+        drop(suspicions);
+        self.changed.notify_one();
     }
 }
 
@@ -624,6 +697,12 @@ struct Ctx {
     changed: Arc<Notify>,
     health: Arc<Health>,
     down_after: Duration,
+    /// The watchers' reports, and this node's own, as the leader combines them.
+    suspicions: Arc<Mutex<Suspicions>>,
+    /// `cluster.monitors`: how many up members watch each member.
+    monitors: usize,
+    /// How long an unrepeated report counts.
+    stale_after: Duration,
 }
 
 impl Ctx {
@@ -867,29 +946,53 @@ impl Retry {
 }
 
 impl Ctx {
-    /// `MarkDown` for a member this node's detector has seen suspect or degraded for
-    /// `down_after` (or at once when its process is gone); `MarkUp` for a down member it has seen
-    /// healthy for `down_after`.
+    /// `MarkDown` for a member a majority of its watchers saw suspect or degraded for
+    /// `down_after` (or gone), `MarkUp` for a down member a majority saw up for `down_after`: the
+    /// rule of [`Suspicions`](crate::monitor::Suspicions).
     fn next_status_change(&self, state: &MembershipState) -> Option<Command> {
         // The leader is alive by definition: if others marked it down while it was frozen, it
         // marks itself up again.
         if state.member(self.id).is_some_and(|m| m.status == NodeStatus::Down) {
             return Some(Command::mark_up(self.id));
         }
+        let ring = Ring::new(state.members().values().map(|m| (m.id, m.status != NodeStatus::Down)));
+        let now = std::time::Instant::now();
+        let mut suspicions = self.suspicions.lock().unwrap_or_else(|p| p.into_inner());
+        suspicions.retain(|id| state.member(id).is_some());
         state.members().values().filter(|m| m.id != self.id).find_map(|m| {
-            let (health, since) = self.health.state_for(m.id);
-            // A process that is gone (its connection broke and it refuses new ones) is not a
-            // suspicion to confirm: mark it down at once.
-            let gone = health == PeerState::Suspect && self.health.peer(m.id).unreachable();
-            if since < self.down_after && !gone {
-                return None;
-            }
-            match (m.status, health) {
-                (NodeStatus::Up, PeerState::Suspect | PeerState::Degraded) => Some(Command::mark_down(m.id)),
-                (NodeStatus::Down, PeerState::Up) => Some(Command::mark_up(m.id)),
-                _ => None,
+            let committed_up = match m.status {
+                NodeStatus::Up => true,
+                NodeStatus::Down => false,
+                _ => return None,
+            };
+            let watchers = ring.watchers_of(m.id, self.monitors);
+            match suspicions.verdict(m.id, committed_up, &watchers, now, self.down_after, self.stale_after)? {
+                Verdict::Down => Some(Command::mark_down(m.id)),
+                Verdict::Up => Some(Command::mark_up(m.id)),
             }
         })
+    }
+
+    /// This node's monitor's news: recorded here when this node leads, sent to the leader
+    /// otherwise (dropped when there is none: news is repeated every ping interval).
+    async fn send_news(self: Arc<Self>, mut news: mpsc::UnboundedReceiver<Vec<Suspicion>>) {
+        while let Some(views) = news.recv().await {
+            let status = self.status.borrow().clone();
+            if status.is_leader {
+                let now = std::time::Instant::now();
+                let mut suspicions = self.suspicions.lock().unwrap_or_else(|p| p.into_inner());
+                for v in &views {
+                    suspicions.record(self.id, v, now);
+                }
+                drop(suspicions);
+                self.changed.notify_one();
+            } else if status.leader != 0 && status.leader != self.id {
+                let _ = self
+                    .bus
+                    .control()
+                    .send(status.leader, crate::monitor::suspicions_envelope(&views));
+            }
+        }
     }
 }
 
@@ -1040,12 +1143,8 @@ async fn probe(addr: &str, tc: &TransportConfig) -> std::result::Result<u64, Pro
 /// The monitor watches the committed members; it sits below membership, so it reads them through
 /// this trait instead of naming the state.
 impl crate::monitor::Members for MembershipState {
-    fn is_member(&self, id: u64) -> bool {
-        self.member(id).is_some()
-    }
-
-    fn member_ids(&self) -> impl Iterator<Item = u64> + '_ {
-        self.members().keys().copied()
+    fn member_statuses(&self) -> impl Iterator<Item = (u64, bool)> + '_ {
+        self.members().values().map(|m| (m.id, m.status != NodeStatus::Down))
     }
 }
 
@@ -1060,6 +1159,49 @@ mod tests {
             s.apply(i as u64 + 2, cmd).unwrap();
         }
         s
+    }
+
+    #[test]
+    fn suspicions_are_taken_only_from_members_about_other_members() {
+        let (_tx, state) = watch::channel(Arc::new(joined(&[1, 2, 3])));
+        let reports = Reports {
+            state,
+            suspicions: Arc::new(Mutex::new(Suspicions::default())),
+            changed: Arc::new(Notify::new()),
+        };
+        let gone = |node| Suspicion {
+            node,
+            state: PeerState::Suspect,
+            unreachable: true,
+            age: Duration::from_secs(5),
+        };
+        // The authenticated sender 9 is not a member; 2 reports about itself and a non-member.
+        reports.hear(9, &[gone(3)]);
+        reports.hear(2, &[gone(2), gone(7)]);
+        let verdict = |target, watchers: &[u64]| {
+            let s = reports.suspicions.lock().unwrap();
+            s.verdict(
+                target,
+                true,
+                watchers,
+                std::time::Instant::now(),
+                Duration::from_secs(1),
+                Duration::from_secs(1),
+            )
+        };
+        assert_eq!(verdict(3, &[9]), None, "a non-member's report is dropped");
+        assert_eq!(verdict(2, &[2]), None, "a report about the sender itself is dropped");
+        assert_eq!(verdict(7, &[2]), None, "a report about a non-member is dropped");
+        // A member about another member counts.
+        reports.hear(2, &[gone(3)]);
+        assert_eq!(verdict(3, &[2]), Some(Verdict::Down));
+        assert_eq!(verdict(3, &[1, 2]), None, "one of two watchers is no majority");
+        // Over the wire and back.
+        let env = crate::monitor::suspicions_envelope(&[gone(3)]);
+        let Some(Body::Suspicions(wire)) = env.body else {
+            panic!("not a Suspicions envelope")
+        };
+        assert_eq!(crate::monitor::read_suspicions(&wire), vec![gone(3)]);
     }
 
     fn raft(id: u64, voters: &[u64], learners: &[u64]) -> RaftStatus {

@@ -198,6 +198,7 @@ impl NodeBuilder {
                 phi_threshold: c.phi_threshold,
                 min_std_deviation: Duration::from_millis(c.min_std_deviation_ms),
                 degraded_after: Duration::from_millis(c.degraded_after_ms),
+                monitors: c.monitors,
             },
             down_after: Duration::from_millis(c.down_after_ms),
             health: health.clone(),

@@ -516,6 +516,7 @@ fn body_name(body: &Body) -> &'static str {
         Body::Propose(_) => "proposal",
         Body::ProposeResult(_) => "proposal result",
         Body::App(_) => "app",
+        Body::Suspicions(_) => "suspicions",
     }
 }
 

@@ -19,13 +19,17 @@
 //!     Proposal       propose        = 4;   // a follower forwarding a proposal to the leader
 //!     ProposalResult propose_result = 5;
 //!     bytes          app            = 6;   // opaque payload for later users (event batches, acks)
-//!   }                                      // 7.. free; never reuse a retired tag
+//!     Suspicions     suspicions     = 7;   // a watcher's news about the peers it watches, to the leader
+//!   }                                      // 8.. free; never reuse a retired tag
 //! }
 //! message Ping           { uint64 seq = 1; int64 sent_unix_nanos = 2; }
 //! message Pong           { uint64 seq = 1; int64 sent_unix_nanos = 2;   // echoes the Ping
 //!                          uint64 handled = 3; uint64 backlog = 4; }  // the answerer's progress
 //! message Proposal       { uint64 id = 1; bytes command = 2; uint64 origin = 3; }  // origin 0 = sender
 //! message ProposalResult { uint64 id = 1; string error = 2; }           // "" = accepted
+//! message Suspicions     { repeated PeerView views = 1; }     // at most MAX_PEER_VIEWS are read
+//! message PeerView       { uint64 node = 1; uint32 state = 2;   // 0 up, 1 suspect, 2 degraded
+//!                          bool unreachable = 3; uint64 age_ms = 4; }
 //!
 //! message Handshake {
 //!   oneof step { Hello hello = 1; Refusal refusal = 3; Accepted accepted = 4; }  // 2 retired
@@ -53,7 +57,7 @@ pub const PROTOCOL_VERSION: u32 = 3;
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Envelope {
     /// What the frame carries; `None` for keepalives and for variants this node does not know.
-    #[prost(oneof = "envelope::Body", tags = "1, 2, 3, 4, 5, 6")]
+    #[prost(oneof = "envelope::Body", tags = "1, 2, 3, 4, 5, 6, 7")]
     pub body: Option<envelope::Body>,
 }
 
@@ -109,7 +113,39 @@ pub mod envelope {
         /// An opaque payload for users above the transport (event batches, acks).
         #[prost(bytes = "bytes", tag = "6")]
         App(Bytes),
+        /// A watcher's news about the peers it watches, sent to the Raft leader.
+        #[prost(message, tag = "7")]
+        Suspicions(super::Suspicions),
     }
+}
+
+/// The most [`PeerView`]s a receiver reads from one [`Suspicions`] (a watcher watches
+/// `cluster.monitors` peers plus the down members between them; the rest are ignored).
+pub const MAX_PEER_VIEWS: usize = 256;
+
+/// A watcher's news about the peers it watches (the monitor's "Bounded monitoring").
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Suspicions {
+    /// One view per peer; only the first [`MAX_PEER_VIEWS`] are read.
+    #[prost(message, repeated, tag = "1")]
+    pub views: Vec<PeerView>,
+}
+
+/// How a watcher sees one peer it watches.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PeerView {
+    /// The watched peer.
+    #[prost(uint64, tag = "1")]
+    pub node: u64,
+    /// 0 up, 1 suspect, 2 degraded (`monitor::PeerState`); unknown values are ignored.
+    #[prost(uint32, tag = "2")]
+    pub state: u32,
+    /// Its connection broke and it refuses new ones: its process is gone.
+    #[prost(bool, tag = "3")]
+    pub unreachable: bool,
+    /// For how long the watcher has seen it in `state`, in milliseconds.
+    #[prost(uint64, tag = "4")]
+    pub age_ms: u64,
 }
 
 /// A liveness probe, used by the failure detector to measure round trips.
