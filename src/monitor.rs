@@ -639,7 +639,7 @@ fn ring_position(id: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// The monitoring ring of one membership table: the members ordered by [`ring_position`] (then
+/// The monitoring ring of one membership table: the members ordered by a fixed hash of their id (splitmix64; then
 /// id), each with whether the table says it is up.
 ///
 /// Each **up** member watches the members that follow it on the ring up to and including the
