@@ -194,10 +194,16 @@ impl PeerState {
     }
 
     fn from_u8(v: u8) -> Self {
+        Self::decode(u32::from(v)).unwrap_or(PeerState::Up)
+    }
+
+    /// The state numbered `v` (its `repr`, as the `Suspicions` peer message carries it), if any.
+    fn decode(v: u32) -> Option<Self> {
         match v {
-            1 => PeerState::Suspect,
-            2 => PeerState::Degraded,
-            _ => PeerState::Up,
+            0 => Some(PeerState::Up),
+            1 => Some(PeerState::Suspect),
+            2 => Some(PeerState::Degraded),
+            _ => None,
         }
     }
 }
@@ -426,12 +432,7 @@ pub fn read_suspicions(wire: &WireSuspicions) -> Vec<Suspicion> {
         .iter()
         .take(MAX_PEER_VIEWS)
         .filter_map(|v| {
-            let state = match v.state {
-                0 => PeerState::Up,
-                1 => PeerState::Suspect,
-                2 => PeerState::Degraded,
-                _ => return None,
-            };
+            let state = PeerState::decode(v.state)?;
             Some(Suspicion {
                 node: v.node,
                 state,

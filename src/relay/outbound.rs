@@ -157,7 +157,7 @@ impl Outbound {
         } else {
             Vec::new()
         };
-        let (chunks, ids) = encode_chunks(node, &items, next_id, lanes);
+        let chunks = encode_chunks(node, &items, next_id, lanes);
         if acked > 0 {
             let now = Instant::now();
             let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
@@ -165,7 +165,8 @@ impl Outbound {
             let acked_items = items
                 .into_iter()
                 .filter_map(|o| o.completion.map(|c| (o.key, o.event, o.load, c)));
-            for (id, (key, event, load, completion)) in ids.into_iter().zip(acked_items) {
+            // `encode_chunks` gave the acked items the ids `next_id..`, in order.
+            for (id, (key, event, load, completion)) in (next_id..).zip(acked_items) {
                 pending.insert(
                     id,
                     Pending {
@@ -414,12 +415,11 @@ impl Outbound {
 /// The deliveries of one `forward` call to `node`, encoded into chunks (a new chunk is started
 /// once one holds [`MAX_BATCH_BYTES`]): the ones kept until acked (with a completion) get
 /// delivery ids from `next_id` on, in order; the at-most-once ones take `lanes` in order (one
-/// each, from [`Lanes::assign`]) and no id. Returns the chunks and the ids given, in order.
-fn encode_chunks(node: u64, items: &[Outgoing], mut next_id: u64, lanes: Vec<u64>) -> (Vec<Chunk>, Vec<u64>) {
+/// each, from [`Lanes::assign`]) and no id.
+fn encode_chunks(node: u64, items: &[Outgoing], mut next_id: u64, lanes: Vec<u64>) -> Vec<Chunk> {
     let mut lanes = lanes.into_iter();
     let mut chunks = Vec::new();
     let mut chunk = Chunk::with_capacity(0);
-    let mut ids = Vec::with_capacity(items.iter().filter(|o| o.completion.is_some()).count());
     for (i, o) in items.iter().enumerate() {
         if chunk.n > 0 && chunk.len() >= MAX_BATCH_BYTES {
             chunks.push(std::mem::replace(&mut chunk, Chunk::with_capacity(0)));
@@ -429,7 +429,6 @@ fn encode_chunks(node: u64, items: &[Outgoing], mut next_id: u64, lanes: Vec<u64
         let trace = hop.as_ref().map_or(o.event.trace.as_ref(), |(_, t)| t.as_ref());
         if o.completion.is_some() {
             encode_delivery(next_id, &o.key.group, o.epoch, &o.event, trace, out);
-            ids.push(next_id);
             next_id += 1;
         } else {
             // `assign` gave one lane per at-most-once item.
@@ -446,7 +445,7 @@ fn encode_chunks(node: u64, items: &[Outgoing], mut next_id: u64, lanes: Vec<u64
         }
     }
     chunks.push(chunk);
-    (chunks, ids)
+    chunks
 }
 
 /// What an ack does to its pending delivery ([`Outbound::on_acks`]), from who may answer for it
@@ -640,8 +639,7 @@ mod tests {
             item("billing", 4, "{}", true),
             item("audit", 4, "{}", false),
         ];
-        let (chunks, ids) = encode_chunks(2, &items, 100, vec![7, 9]);
-        assert_eq!(ids, vec![100, 101]);
+        let chunks = encode_chunks(2, &items, 100, vec![7, 9]);
         assert_eq!(chunks.len(), 1);
         assert_eq!(chunks[0].n, 4);
         let got: Vec<_> = decode(chunks[0].bytes.body())
@@ -660,8 +658,7 @@ mod tests {
     fn a_call_past_max_batch_bytes_is_cut_into_chunks_in_order() {
         let mb = vec![b'x'; 1024 * 1024];
         let items: Vec<_> = (0..9).map(|_| item("billing", 1, mb.clone(), true)).collect();
-        let (chunks, ids) = encode_chunks(2, &items, 1, Vec::new());
-        assert_eq!(ids, (1..=9).collect::<Vec<_>>());
+        let chunks = encode_chunks(2, &items, 1, Vec::new());
         // A chunk is closed once it holds MAX_BATCH_BYTES: four events of 1 MiB and their heads.
         assert_eq!(chunks.iter().map(|c| c.n).collect::<Vec<_>>(), vec![4, 4, 1]);
         let mut seen = Vec::new();
@@ -671,7 +668,11 @@ mod tests {
             assert!(c.len() < MAX_BATCH_BYTES + mb.len() + 1024, "{} bytes", c.len());
             seen.extend(d.into_iter().map(|d| d.id));
         }
-        assert_eq!(seen, ids, "the chunks keep publish order");
+        assert_eq!(
+            seen,
+            (1..=9).collect::<Vec<u64>>(),
+            "ids in publish order, across the chunks"
+        );
     }
 
     #[test]
@@ -734,9 +735,9 @@ mod tests {
         let mut chunks: Vec<Chunk> = items
             .iter()
             .zip([5, 6])
-            .map(|(o, id)| encode_chunks(2, std::slice::from_ref(o), id, Vec::new()).0.remove(0))
+            .map(|(o, id)| encode_chunks(2, std::slice::from_ref(o), id, Vec::new()).remove(0))
             .collect();
-        chunks.push(encode_chunks(2, &items, 7, Vec::new()).0.remove(0));
+        chunks.push(encode_chunks(2, &items, 7, Vec::new()).remove(0));
         let (payload, n) = small_message(&mut chunks);
         assert!(chunks.is_empty(), "the chunks are taken");
         assert_eq!(n, 4);
@@ -746,7 +747,7 @@ mod tests {
         let ids: Vec<u64> = decode(&body).into_iter().map(|d| d.id).collect();
         assert_eq!(ids, vec![5, 6, 7, 8]);
         // One chunk goes as it was encoded.
-        let mut one = vec![encode_chunks(2, &items[..1], 9, Vec::new()).0.remove(0)];
+        let mut one = vec![encode_chunks(2, &items[..1], 9, Vec::new()).remove(0)];
         let (payload, n) = small_message(&mut one);
         let Ok(Some(PeerBody::Events(body))) = decode_peer_message(payload) else {
             panic!("an event batch");
