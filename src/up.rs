@@ -28,8 +28,8 @@ use crate::harness::{Harness, HarnessError, Node, Ports};
 /// `herald up`.
 #[derive(Args, Debug)]
 pub struct UpArgs {
-    /// How many nodes (1 to 9).
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=9))]
+    /// How many nodes (1 to 64; 20 run on a 2-core machine, see BENCHMARKS.md `scale`).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub nodes: u16,
     /// HTTP port of node 1; node i listens on base-port + i - 1, and its peer port is 100 higher.
     #[arg(long, default_value_t = 7070)]

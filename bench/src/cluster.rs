@@ -362,7 +362,7 @@ pub(super) async fn get_text(client: &awc::Client, url: &str) -> Result<String, 
     String::from_utf8(get(client, url).await?).map_err(|e| format!("GET {url}: {e}"))
 }
 
-async fn get_json(client: &awc::Client, url: &str) -> Result<Value, String> {
+pub(super) async fn get_json(client: &awc::Client, url: &str) -> Result<Value, String> {
     serde_json::from_slice(&get(client, url).await?).map_err(|e| format!("GET {url}: {e}"))
 }
 
@@ -1439,7 +1439,7 @@ async fn scenario(c: &mut Cluster, mut plain: Option<&mut Cluster>, a: &ClusterA
     }
     println!();
 
-    let rounds = failover(c, &t.client, &t.poll, a).await?;
+    let rounds = failover(c, &t.client, &t.poll, a.failovers, a.failover_rate, a.batch).await?;
     let row = |name: &str, mut ms: Vec<f64>| {
         ms.sort_by(|x, y| x.total_cmp(y));
         let p99 = percentile(&ms, 0.99);
@@ -1560,15 +1560,17 @@ async fn scenario(c: &mut Cluster, mut plain: Option<&mut Cluster>, a: &ClusterA
 
 /// The failover rounds; returns kill → first handled on a survivor, in ms, and whether the
 /// killed node was the Raft leader (then an election comes first), per round.
-async fn failover(
+pub(super) async fn failover(
     c: &mut Cluster,
     client: &awc::Client,
     poll: &awc::Client,
-    a: &ClusterArgs,
+    rounds: usize,
+    rate: u64,
+    batch: usize,
 ) -> Result<Vec<(f64, bool)>, String> {
     subscribe(c, client, FAILOVER_TOPIC, 1).await?;
     let mut times = Vec::new();
-    for round in 1..=a.failovers {
+    for round in 1..=rounds {
         let r = round as u64;
         let placed = settled(
             c,
@@ -1593,8 +1595,8 @@ async fn failover(
         let publisher = actix_rt::spawn(paced(
             client.clone(),
             url,
-            a.failover_rate,
-            a.batch,
+            rate,
+            batch,
             Body {
                 round: Some(r),
                 size: None,
@@ -1647,7 +1649,7 @@ async fn failover(
         let (ms, on, clock) = outcome?;
         println!(
             "failover round {round}/{}: killed node {host}{} at {clock} UTC, publishing to node {ingress}: first event handled on node {on} {} ms after the kill ({} events accepted, {} refused, {} failed)",
-            a.failovers,
+            rounds,
             if leader == Some(host) { " (the Raft leader)" } else { "" },
             fmt_ms(ms),
             sent.accepted,
@@ -1655,7 +1657,7 @@ async fn failover(
             sent.failed
         );
         times.push((ms, leader == Some(host)));
-        if round < a.failovers {
+        if round < rounds {
             c.restart(host)?;
             c.wait_ready(Duration::from_secs(60)).await?;
         }

@@ -30,6 +30,13 @@
 //! fds, threads, store file, backlog and p99 latency; fails when a resource grows past its warm-up
 //! level plus a margin; see `soak.rs`.
 //!
+//! `scale`: many node processes on this machine (default 20): the last node's join → placed, idle
+//! CPU, write syscalls and RSS per node, leader kill → agreement, and the `cluster` scenario's
+//! failover rounds over all of them; see `scale.rs`.
+//!
+//! `memory`: heap bytes per idle subscription instance and per in-flight event in one in-process
+//! node, counted by this binary's allocator; see `memory.rs`.
+//!
 //! `report`: runs every scenario as a child process and writes `BENCHMARKS.md` (appending the last
 //! soak's section, `benchmarks/soak.md`); see `report.rs`.
 //!
@@ -39,7 +46,7 @@
 //! publish → handle latency, the wall-clock time of the last handled event, and per failover round
 //! the wall-clock time of the first handled event of that round. The `cluster` scenario reads those
 //! from every node, so it needs no side channel and measures where the events are handled. The
-//! scenarios that start node processes (`cluster`, `membership`, `nats`, `jetstream`, `http`) run
+//! scenarios that start node processes (`cluster`, `membership`, `scale`, `nats`, `jetstream`, `http`) run
 //! this binary's `node`, so its nodes are the `herald` binary's nodes plus `bench-sink`.
 
 use std::process::ExitCode;
@@ -59,9 +66,10 @@ use herald::ingress::{AckMode, Ingress, PublishError};
 use herald::node::Node;
 use herald::subscription::SubscriptionSpec;
 
-// The `herald` binary's allocator: the `node` processes must be the nodes users run.
+// The `herald` binary's allocator (the `node` processes must be the nodes users run), counting
+// the bytes it hands out only for the `memory` scenario (off: one relaxed load per call).
 #[global_allocator]
-static ALLOCATOR: herald::Allocator = herald::Allocator;
+static ALLOCATOR: memory::Counting = memory::Counting;
 
 /// Herald's benchmark scenarios: each prints figures next to a peer measured in the same run.
 #[derive(Parser, Debug)]
@@ -97,6 +105,11 @@ enum Scenario {
     /// fds, threads, store size and p99 latency per node; fails when a resource grows past its
     /// warm-up level plus a margin.
     Soak(soak::SoakArgs),
+    /// Many node processes on this machine (default 20): join -> placed for the last node, idle CPU,
+    /// writes and RSS per node, leader kill -> agreement, and failover over 10 kills.
+    Scale(scale::ScaleArgs),
+    /// Heap bytes per idle subscription instance and per in-flight event, in one in-process node.
+    Memory(memory::MemoryArgs),
     /// Runs every scenario and writes BENCHMARKS.md with the figures, the machine, the commands and
     /// SVG plots (needs nats-server).
     Report(report::ReportArgs),
@@ -332,6 +345,8 @@ fn main() -> ExitCode {
         Scenario::Http(a) => http::run(a),
         Scenario::BareHttp(a) => http::bare_http(a),
         Scenario::Soak(a) => soak::run(a),
+        Scenario::Scale(a) => scale::run(a),
+        Scenario::Memory(a) => memory::run(a),
         Scenario::Report(a) => report::run(a),
         // The built-in handler kinds, as in the `herald` binary; `node` adds `bench-sink`.
         Scenario::Node(a) => cluster::node(a, Node::builder()),
@@ -688,7 +703,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 fn latency_row(name: &str, mut ms: Vec<f64>) -> String {
     ms.sort_by(|a, b| a.total_cmp(b));
     format!(
-        "{name:<28} {:>6} {:>10.1} {:>10.1} {:>10.1}",
+        "{name:<40} {:>6} {:>10.1} {:>10.1} {:>10.1}",
         ms.len(),
         percentile(&ms, 0.5),
         percentile(&ms, 0.99),
@@ -804,7 +819,7 @@ fn membership(a: MembershipArgs) -> Result<(), String> {
             h.restart(leader)?;
             h.wait_ready(Duration::from_secs(60)).await?;
         }
-        println!("\n{:<28} {:>6} {:>10} {:>10} {:>10}", "scenario", "n", "p50 ms", "p99 ms", "max ms");
+        println!("\n{:<40} {:>6} {:>10} {:>10} {:>10}", "scenario", "n", "p50 ms", "p99 ms", "max ms");
         let (subscribe_ms, joins_ms) = (subscribe.clone(), joins.clone());
         println!("{}", latency_row("subscribe -> placed (HTTP)", subscribe));
         println!("{}", latency_row("join -> placed", joins));
@@ -837,9 +852,11 @@ fn membership(a: MembershipArgs) -> Result<(), String> {
 mod cluster;
 mod compare;
 mod http;
+mod memory;
 mod nats;
 mod plot;
 mod record;
 mod report;
+mod scale;
 mod soak;
 mod tls;
