@@ -491,3 +491,67 @@ async fn every_metric_of_the_readme_is_served_by_a_working_cluster() {
         }
     }
 }
+
+/// README, "Delivery guarantees": `ack=accepted` answers once the event is in the ingress node's
+/// WAL, and nothing acknowledged is lost when that node crashes — here with every event still
+/// forwarded and unacked (the hosting node's webhook does not answer yet, and the hosting node
+/// acks a forwarded event only once it is handled). After SIGKILL and a restart the ingress node
+/// still holds every one of them in its WAL, every one is delivered, and their acks then empty it.
+#[actix_rt::test]
+async fn an_ingress_node_killed_with_unacked_forwarded_events_has_them_all_delivered_after_its_restart() {
+    const N: usize = 50;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("herald.toml");
+    std::fs::write(&config, "[handlers]\nbackoff_initial_ms = 50\nbackoff_max_ms = 200\n").unwrap();
+    let mut c = common::cluster::start_cluster_with(2, &[("HERALD_CONFIG", p(&config))]).await;
+    let urls = common::cluster::urls(&c);
+    let closed = free_port();
+    subscribe(
+        &urls[0],
+        &json!({ "topic": "forwarded", "group": "hook", "instances": 1, "max_attempts": 1000,
+                 "handler": { "kind": "webhook", "url": format!("http://127.0.0.1:{closed}/hook") } }),
+    )
+    .await;
+    let (_, hosts) = common::views::wait_placed(&urls, "forwarded", "hook", 1).await;
+    let ingress = if hosts[0] == 1 { 2 } else { 1 };
+    let url = &urls[ingress as usize - 1];
+    let mut accepted = BTreeSet::new();
+    for i in 0..N {
+        let a = post_json(
+            &format!("{url}/v1/topics/forwarded/events?ack=accepted"),
+            &json!({ "i": i }),
+        )
+        .await;
+        assert_eq!(a.status, 202, "{}", a.body);
+        accepted.insert(a.body["id"].as_str().unwrap().to_string());
+    }
+    assert_eq!(accepted.len(), N);
+    wait_metric(url, "herald_forward_pending", &[], N as f64).await;
+
+    c.kill9(ingress);
+    c.restart(ingress);
+    c.ready().await;
+    // Restarted on HTTP port 0: a new address.
+    let url = c[ingress as usize - 1].url().to_string();
+    assert_eq!(
+        metric_of(&url, "herald_wal_events", &[]).await,
+        N as f64,
+        "the restarted ingress node holds every unfinished event in its WAL"
+    );
+
+    let receiver = Receiver::start_on(&format!("127.0.0.1:{closed}")).await;
+    within(
+        "every event acknowledged before the kill is delivered",
+        DEADLINE,
+        || async {
+            let got: BTreeSet<String> = receiver.ids().into_iter().collect();
+            accepted.is_subset(&got).then_some(())
+        },
+    )
+    .await;
+    eventually("the handled events' acks empty the ingress node's WAL", || async {
+        (metric_of(&url, "herald_wal_events", &[]).await == 0.0).then_some(())
+    })
+    .await;
+    receiver.stop().await;
+}
