@@ -735,12 +735,14 @@ impl NodeBuilder {
     /// with [`NodeBuilder::metrics`], the Prometheus recorder. To embed a node in a process that
     /// already has its own, use [`NodeBuilder::start`].
     pub fn run(mut self) -> Result<()> {
-        // Flushes the spans still queued when it drops, after the node has shut down.
-        let _telemetry = init_logging_and_traces(&self.config);
-        warn_unknown_env();
+        // The recorder before the trace exporter, which takes its counter of dropped spans when
+        // it is installed (a handle taken earlier counts into no recorder).
         if self.metrics.is_none() {
             self.metrics = Some(crate::metrics::install_prometheus());
         }
+        // Flushes the spans still queued when it drops, after the node has shut down.
+        let _telemetry = init_logging_and_traces(&self.config);
+        warn_unknown_env();
         actix_rt::System::new().block_on(async move {
             let node = self.start().await?;
             // Catch SIGTERM/SIGINT before announcing the address: a signal sent as soon as the

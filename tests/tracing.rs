@@ -397,3 +397,76 @@ async fn one_event_across_two_nodes_is_one_trace_with_a_deliver_span_per_attempt
         "{requests:?}"
     );
 }
+
+/// Publishes one event (no subscription needed: the publish span is made on the ingress) to the
+/// node at `url`; its id.
+async fn publish_one(url: &str, n: u32) -> String {
+    let answer = post_json(&format!("{url}/v1/topics/traced.fallback/events"), &json!({ "n": n })).await;
+    assert_eq!(answer.status, 202, "{:?}", answer.body);
+    answer.body["id"].as_str().unwrap().to_string()
+}
+
+/// The publish span of event `id` that `collector` got, if any.
+fn publish_span(collector: &Collector, id: &str) -> Option<Got> {
+    collector
+        .all()
+        .into_iter()
+        .find(|s| s.name == "publish" && s.attr("herald.event_id") == id)
+}
+
+/// README, "Configuration": `telemetry.otlp_endpoint` is `--otlp-endpoint` /
+/// `HERALD_OTLP_ENDPOINT`, else the standard `OTEL_EXPORTER_OTLP_ENDPOINT` (as in the README's
+/// Jaeger example): with only the standard variable the spans go there; with both, Herald's own
+/// variable wins and the standard one gets nothing.
+#[actix_rt::test]
+async fn otel_exporter_otlp_endpoint_is_the_fallback_and_herald_otlp_endpoint_wins() {
+    let standard = Collector::start();
+    let own = Collector::start();
+
+    let only_standard = start_cluster_with(
+        1,
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", standard.base.as_str()),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ],
+    )
+    .await;
+    let first = publish_one(only_standard[0].url(), 1).await;
+    let span = eventually("the publish span reaches the standard variable's collector", || async {
+        publish_span(&standard, &first)
+    })
+    .await;
+    assert_eq!(span.attr("herald.topic"), "traced.fallback");
+    drop(only_standard);
+
+    let both = start_cluster_with(
+        1,
+        &[
+            ("HERALD_OTLP_ENDPOINT", own.base.as_str()),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", standard.base.as_str()),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ],
+    )
+    .await;
+    let second = publish_one(both[0].url(), 2).await;
+    eventually("the publish span reaches HERALD_OTLP_ENDPOINT's collector", || async {
+        publish_span(&own, &second)
+    })
+    .await;
+    // A later event reached `own` too: had the standard collector been sent the first one, it
+    // would have been by then (the exporter sends its batches in order).
+    let third = publish_one(both[0].url(), 3).await;
+    eventually(
+        "a later publish span reaches HERALD_OTLP_ENDPOINT's collector",
+        || async { publish_span(&own, &third) },
+    )
+    .await;
+    assert!(
+        publish_span(&standard, &second).is_none() && publish_span(&standard, &third).is_none(),
+        "HERALD_OTLP_ENDPOINT wins over OTEL_EXPORTER_OTLP_ENDPOINT"
+    );
+    assert!(
+        own.all().iter().all(|s| s.attr("herald.event_id") != first),
+        "nothing of the first node went to HERALD_OTLP_ENDPOINT's collector"
+    );
+}
