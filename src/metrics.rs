@@ -315,31 +315,6 @@ pub fn describe() {
     );
 }
 
-/// Serves at 0, from the start, the counters of rare events whose series are known in advance
-/// (no labels, or labels from a closed set). A counter that appears only at its first increment
-/// loses that increment in `rate()` and `increase()` (the first sample is their baseline), so an
-/// alert on a first quarantined WAL record or a first refused connection would never fire.
-pub fn zero_counters() {
-    use crate::transport::{CONNECTIONS_REFUSED_TOTAL, TLS_RELOADS_TOTAL, WRONG_CHANNEL_TOTAL};
-    for name in [
-        STORE_COMPACTIONS,
-        WAL_QUARANTINED,
-        crate::control::PEER_REQUESTS_REFUSED,
-    ] {
-        metrics::counter!(name).increment(0);
-    }
-    for (name, label, values) in [
-        (DEAD_LETTERS_EXPIRED, "reason", ["age", "count"]),
-        (TLS_RELOADS_TOTAL, "outcome", ["ok", "refused"]),
-        (CONNECTIONS_REFUSED_TOTAL, "reason", ["too_many_pending", "handshake"]),
-        (WRONG_CHANNEL_TOTAL, "channel", ["control", "events"]),
-    ] {
-        for value in values {
-            metrics::counter!(name, label => value).increment(0);
-        }
-    }
-}
-
 /// The rate limit of repeated log lines (defined with the vocabulary so that every layer, the
 /// transport included, can use it).
 pub use crate::types::LogLimit;
@@ -398,7 +373,6 @@ pub fn install_prometheus() -> PrometheusHandle {
                 tracing::warn!("a metrics recorder was already installed; /metrics shows only Herald's own handle");
             }
             describe();
-            zero_counters();
             // Histograms buffer raw samples until they are drained into buckets; without a
             // scrape they would grow without bound, so drain them on a timer.
             let upkeep = handle.clone();

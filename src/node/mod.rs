@@ -119,6 +119,8 @@ impl NodeBuilder {
             );
         }
         config.validate()?;
+        // Into whatever recorder is installed (none: no-ops).
+        zero_counters();
         let h = &config.handlers;
         claim_data_dir(&config)?;
         let store = Store::open(
@@ -629,6 +631,33 @@ fn peer_tls(config: &Config) -> Result<Option<Arc<crate::transport::PeerTls>>> {
                  local process can act as a node; for development only — give nodes certificates with `herald cert`"
             );
             Ok(None)
+        }
+    }
+}
+
+/// Serves at 0, from the start, the counters of rare events whose series are known in advance
+/// (no labels, or labels from a closed set). A counter that appears only at its first increment
+/// loses that increment in `rate()` and `increase()` (the first sample is their baseline), so an
+/// alert on a first quarantined WAL record or a first refused connection would never fire.
+/// Here, not in `metrics`, which every layer uses: the names belong to the layers above it.
+fn zero_counters() {
+    use crate::metrics::{DEAD_LETTERS_EXPIRED, STORE_COMPACTIONS, WAL_QUARANTINED};
+    use crate::transport::{CONNECTIONS_REFUSED_TOTAL, TLS_RELOADS_TOTAL, WRONG_CHANNEL_TOTAL};
+    for name in [
+        STORE_COMPACTIONS,
+        WAL_QUARANTINED,
+        crate::control::PEER_REQUESTS_REFUSED,
+    ] {
+        metrics::counter!(name).increment(0);
+    }
+    for (name, label, values) in [
+        (DEAD_LETTERS_EXPIRED, "reason", ["age", "count"]),
+        (TLS_RELOADS_TOTAL, "outcome", ["ok", "refused"]),
+        (CONNECTIONS_REFUSED_TOTAL, "reason", ["too_many_pending", "handshake"]),
+        (WRONG_CHANNEL_TOTAL, "channel", ["control", "events"]),
+    ] {
+        for value in values {
+            metrics::counter!(name, label => value).increment(0);
         }
     }
 }
