@@ -120,7 +120,77 @@ pub use error::{Error, Result};
 /// static ALLOCATOR: herald::Allocator = herald::Allocator;
 /// # fn main() {}
 /// ```
-pub use mimalloc::MiMalloc as Allocator;
+///
+/// It is mimalloc with one option changed before its first allocation: arena memory is committed
+/// as it is used, not whole arenas up front (mimalloc's default where the OS overcommits, as
+/// Linux does), unless `MIMALLOC_ARENA_EAGER_COMMIT` is set. Measured with idle nodes on one
+/// machine (`herald-bench scale`, BENCHMARKS.md): eager commit costs each node about 20 MiB of RSS.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Allocator;
+
+/// mimalloc's `arena_eager_commit` option in mimalloc v3 (`mi_option_e` in its `mimalloc.h`, as
+/// bundled by libmimalloc-sys 0.1.49, whose Rust bindings name no constant for it).
+const MI_OPTION_ARENA_EAGER_COMMIT: std::ffi::c_int = 4;
+
+/// Whether [`Allocator`] has set its options.
+static ALLOCATOR_READY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+impl Allocator {
+    /// Sets the options once, before the first allocation (mimalloc reserves its first arena
+    /// then; an option set later applies only to later arenas).
+    #[inline]
+    fn ready() {
+        if !ALLOCATOR_READY.load(std::sync::atomic::Ordering::Relaxed) {
+            Self::set_options();
+        }
+    }
+
+    #[cold]
+    fn set_options() {
+        // Nothing here may allocate (it would come back here): the environment is read with
+        // libc's `getenv`, not `std::env`. Two threads racing here both set the same value.
+        // SAFETY: `getenv` reads the environment with a NUL-terminated name; `mi_option_set`
+        // sets one integer option of the allocator. No memory is touched.
+        unsafe {
+            if libc::getenv(c"MIMALLOC_ARENA_EAGER_COMMIT".as_ptr()).is_null() {
+                libmimalloc_sys::mi_option_set(MI_OPTION_ARENA_EAGER_COMMIT, 0);
+            }
+        }
+        ALLOCATOR_READY.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether mimalloc commits whole arenas up front (for the tests).
+    #[doc(hidden)]
+    pub fn eager_commit() -> bool {
+        // SAFETY: reads one integer option.
+        unsafe { libmimalloc_sys::mi_option_is_enabled(MI_OPTION_ARENA_EAGER_COMMIT) }
+    }
+}
+
+// SAFETY: every call is mimalloc's, unchanged; `ready` only sets an option first.
+unsafe impl std::alloc::GlobalAlloc for Allocator {
+    #[inline]
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        Self::ready();
+        mimalloc::MiMalloc.alloc(layout)
+    }
+
+    #[inline]
+    unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
+        Self::ready();
+        mimalloc::MiMalloc.alloc_zeroed(layout)
+    }
+
+    #[inline]
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        mimalloc::MiMalloc.dealloc(ptr, layout)
+    }
+
+    #[inline]
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
+        mimalloc::MiMalloc.realloc(ptr, layout, new_size)
+    }
+}
 
 /// What handler code needs, listed item by item: the actix items a handler actor is written
 /// with, and Herald's handler and node API. Anything else from actix is `herald::actix` (or the

@@ -7,6 +7,7 @@
 //! step leaves allocated, divided by what it made; the allocator's own overhead and fragmentation
 //! are not in them (RSS is in the `scale` scenario).
 //!
+//! 0. **a node**: from before `Node::builder()` to the node ready with no subscription;
 //! 1. **idle instances**: `--subscriptions` one-instance subscriptions of a no-op Rust handler,
 //!    created over HTTP, and one event published to each (an instance starts its actor for its
 //!    first delivery); counted once every instance has handled its event and the heap is quiet;
@@ -192,6 +193,8 @@ async fn measure(a: MemoryArgs) -> Result<(), String> {
     // One node, in this process: no peers to protect.
     config.peer_tls.insecure = true;
     let (m, h) = (made.clone(), handled.clone());
+    // The node itself, from before it starts to ready and quiet.
+    count();
     let node = Node::builder()
         .config(config)
         .handler("idle", move || Idle(m.clone()))
@@ -203,7 +206,12 @@ async fn measure(a: MemoryArgs) -> Result<(), String> {
         .await
         .map_err(|e| e.to_string())?;
     node.ready().await;
-    let outcome = steps(&a, &node, &made, &handled, &release).await;
+    let base = quiet().await as f64;
+    println!(
+        "a node, started and ready with no subscription: {:.0} KiB (net heap)",
+        base / 1024.0
+    );
+    let outcome = steps(&a, &node, base, &made, &handled, &release).await;
     let _ = release.send(true);
     node.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
@@ -213,6 +221,7 @@ async fn measure(a: MemoryArgs) -> Result<(), String> {
 async fn steps(
     a: &MemoryArgs,
     node: &herald::node::RunningNode,
+    base: f64,
     made: &AtomicU64,
     handled: &AtomicU64,
     release: &watch::Sender<bool>,
@@ -305,6 +314,15 @@ async fn steps(
         drained.push((name, left_over));
     }
     COUNTING.store(false, Ordering::SeqCst);
+    rows.push(record::row(
+        "memory",
+        "",
+        "a node, started and ready, no subscription (KiB)",
+        "kib",
+        false,
+        &[base / 1024.0],
+        None,
+    ));
     rows.push(record::row(
         "memory",
         "",

@@ -529,7 +529,10 @@ fn metric_label(metric: &str) -> &str {
         "cpu_percent" => "% of a core",
         "writes_per_second" => "write syscalls/s",
         "rss_mib" => "RSS MiB",
+        "pss_mib" => "PSS MiB",
+        "anon_mib" => "anonymous MiB",
         "bytes" => "heap bytes",
+        "kib" => "heap KiB",
         other => other,
     }
 }
@@ -575,7 +578,7 @@ fn describe(name: &str) -> &'static str {
         }
         "memory" => {
             "One in-process node, its heap counted by this binary's allocator (net bytes requested, without the \
-             allocator's overhead): per idle subscription instance (one-instance subscriptions of a no-op Rust \
+             allocator's overhead): the node itself, started and ready with no subscription; per idle subscription instance (one-instance subscriptions of a no-op Rust \
              handler, each having handled one event, so its actor runs), and per in-flight event (events held \
              behind a handler that has not answered its first delivery, with `ack=accepted`, WAL included, and \
              `ack=none`), then what each left once all were handled."
@@ -584,7 +587,8 @@ fn describe(name: &str) -> &'static str {
             "Many node processes on this one machine (mutual TLS between them): the last node's start → ready \
              and → its first placed instance, once the others have placed one-instance subscriptions; then, \
              with the cluster idle and agreed, each node's CPU (% of one core), write syscalls/s (its peer \
-             messages and log lines) and RSS; leader kill → every survivor names the same new leader, and the \
+             messages and log lines), RSS, PSS (the program's code, shared by the nodes, divided among them) and \
+             anonymous memory; leader kill → every survivor names the same new leader, and the \
              restarted node's start → all agree again; and the `cluster` scenario's failover rounds over all \
              the nodes. The per-node rows give the median (min–max) over the nodes."
         }

@@ -8,7 +8,8 @@
 //!    instance the leader places on it;
 //! 2. **idle**: once every node agrees on the table (the same leader and placement epoch, every
 //!    member up), each node's CPU time (`/proc/<pid>/stat`), write syscalls (`/proc/<pid>/io`: the
-//!    peer messages and log lines it sends) and RSS (`/proc/<pid>/status`) over `--idle-seconds`;
+//!    peer messages and log lines it sends) over `--idle-seconds`, then its RSS, and its PSS and
+//!    anonymous memory (`/proc/<pid>/smaps_rollup`: the program's code is shared by the nodes);
 //! 3. **leader kills**: SIGKILL the Raft leader; timed until every survivor names the same new
 //!    leader in a later term, then until the restarted node agrees with them too;
 //! 4. **failover**: the `cluster` scenario's failover rounds over all N nodes — SIGKILL the node
@@ -63,6 +64,8 @@ pub(super) struct ScaleArgs {
     json: Option<PathBuf>,
 }
 
+const MIB: f64 = 1024.0 * 1024.0;
+
 /// How long the whole cluster gets to become ready, and each wait for agreement.
 const READY_WITHIN: Duration = Duration::from_secs(180);
 
@@ -102,6 +105,11 @@ struct Idle {
     writes_per_s: f64,
     /// Resident set at the end, MiB.
     rss_mib: f64,
+    /// Proportional set at the end, MiB: the pages shared with the other nodes (the program's
+    /// code) divided among them.
+    pss_mib: f64,
+    /// Anonymous memory at the end, MiB (heap, stacks: what is the node's alone).
+    anon_mib: f64,
 }
 
 /// CPU seconds (user + system) of a `/proc/<pid>/stat` text, with `ticks` clock ticks a second.
@@ -120,6 +128,19 @@ fn write_syscalls(io: &str) -> Option<f64> {
     io.lines()
         .find_map(|l| l.strip_prefix("syscw:"))
         .and_then(|v| v.trim().parse().ok())
+}
+
+/// The `Pss:` and `Anonymous:` lines of a `/proc/<pid>/smaps_rollup` text, in bytes.
+fn pss_and_anon(rollup: &str) -> Option<(f64, f64)> {
+    let field = |name: &str| {
+        rollup
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .map(|kib| kib * 1024.0)
+    };
+    Some((field("Pss:")?, field("Anonymous:")?))
 }
 
 /// (CPU seconds, write syscalls) of process `pid` so far.
@@ -273,12 +294,17 @@ async fn scenario(c: &mut Cluster, a: &ScaleArgs, started: Instant) -> Result<()
         let status =
             std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(|e| format!("process {pid}: {e}"))?;
         let (rss, _threads) = super::soak::parse_status(&status).ok_or_else(|| format!("process {pid}: no VmRSS"))?;
+        let rollup =
+            std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).map_err(|e| format!("process {pid}: {e}"))?;
+        let (pss, anon) = pss_and_anon(&rollup).ok_or_else(|| format!("process {pid}: no Pss/Anonymous"))?;
         idle.push((
             *id,
             Idle {
                 cpu_percent: (cpu1 - cpu0) / wall * 100.0,
                 writes_per_s: (writes1 - writes0) / wall,
-                rss_mib: rss / (1024.0 * 1024.0),
+                rss_mib: rss / MIB,
+                pss_mib: pss / MIB,
+                anon_mib: anon / MIB,
             },
         ));
     }
@@ -341,17 +367,21 @@ async fn scenario(c: &mut Cluster, a: &ScaleArgs, started: Instant) -> Result<()
         println!("{}", latency_row(case, v.clone()));
     }
     let column = |f: fn(&Idle) -> f64| idle.iter().map(|(_, i)| f(i)).collect::<Vec<f64>>();
-    let (cpu, writes, rss) = (
+    let (cpu, writes, rss, pss, anon) = (
         column(|i| i.cpu_percent),
         column(|i| i.writes_per_s),
         column(|i| i.rss_mib),
+        column(|i| i.pss_mib),
+        column(|i| i.anon_mib),
     );
     let max = |v: &[f64]| v.iter().copied().fold(f64::NAN, f64::max);
     println!(
-        "idle per node (max over {n}): CPU {:.2} % of a core, {:.0} write syscalls/s, RSS {:.1} MiB",
+        "idle per node (max over {n}): CPU {:.2} % of a core, {:.0} write syscalls/s, RSS {:.1} MiB, PSS {:.1} MiB, anonymous {:.1} MiB",
         max(&cpu),
         max(&writes),
-        max(&rss)
+        max(&rss),
+        max(&pss),
+        max(&anon)
     );
     if let Some(path) = &a.json {
         let row = |case: &str, metric: &str, v: &[f64]| record::row("scale", "", case, metric, false, v, None);
@@ -359,6 +389,12 @@ async fn scenario(c: &mut Cluster, a: &ScaleArgs, started: Instant) -> Result<()
         rows.push(row("idle CPU per node", "cpu_percent", &cpu));
         rows.push(row("idle write syscalls per node", "writes_per_second", &writes));
         rows.push(row("idle RSS per node", "rss_mib", &rss));
+        rows.push(row(
+            "idle PSS per node (shared code divided among the nodes)",
+            "pss_mib",
+            &pss,
+        ));
+        rows.push(row("idle anonymous memory per node", "anon_mib", &anon));
         let meta = serde_json::json!({
             "command": "herald-bench scale",
             "time": chrono::Utc::now().to_rfc3339(),
@@ -383,6 +419,13 @@ mod tests {
         let stat = "4242 (herald bench) S 1 4242 4242 0 -1 4194560 900 0 0 0 250 50 0 0 20 0 12 0";
         assert_eq!(cpu_seconds(stat, 100.0), Some(3.0));
         assert_eq!(cpu_seconds("4242 (x) S 1", 100.0), None);
+    }
+
+    #[test]
+    fn smaps_rollup_gives_pss_and_anonymous_bytes() {
+        let rollup = "5555-7777 ---p 00000000 00:00 0 [rollup]\nRss: 41524 kB\nPss: 30233 kB\nPss_Anon: 27748 kB\nAnonymous: 27748 kB\n";
+        assert_eq!(pss_and_anon(rollup), Some((30233.0 * 1024.0, 27748.0 * 1024.0)));
+        assert_eq!(pss_and_anon("Rss: 1 kB\n"), None);
     }
 
     #[test]
