@@ -311,11 +311,14 @@ async fn scenario(c: &mut Cluster, a: &ScaleArgs, started: Instant) -> Result<()
     // The cluster must have stayed idle and whole: a churning table would not be an idle figure.
     wait_agreed(c, &poll, Some(n as usize), 0, "after the idle sample").await?;
     println!("\nidle over {wall:.1} s, per node:");
-    println!("{:>5} {:>12} {:>10} {:>9}", "node", "CPU % core", "writes/s", "RSS MiB");
+    println!(
+        "{:>5} {:>12} {:>10} {:>9} {:>9} {:>10}",
+        "node", "CPU % core", "writes/s", "RSS MiB", "PSS MiB", "anon MiB"
+    );
     for (id, i) in &idle {
         println!(
-            "{id:>5} {:>12.2} {:>10.1} {:>9.1}",
-            i.cpu_percent, i.writes_per_s, i.rss_mib
+            "{id:>5} {:>12.2} {:>10.1} {:>9.1} {:>9.1} {:>10.1}",
+            i.cpu_percent, i.writes_per_s, i.rss_mib, i.pss_mib, i.anon_mib
         );
     }
 

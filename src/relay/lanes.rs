@@ -159,6 +159,11 @@ impl Lanes {
         lost
     }
 
+    /// Whether any lane holds window units (deliveries not credited back yet).
+    pub(super) fn outstanding(&self) -> bool {
+        self.lanes.values().any(|l| l.outstanding > 0)
+    }
+
     #[cfg(test)]
     fn len(&self) -> usize {
         self.lanes.len()
@@ -197,6 +202,21 @@ mod tests {
         // The same counter keeps its lane on later calls.
         assert_eq!(lanes.assign(7, [&a].into_iter(), now), vec![got[0]]);
         assert_eq!(lanes.len(), 2);
+    }
+
+    #[test]
+    fn lanes_hold_units_until_every_credit_is_back() {
+        let a = reserved(2);
+        let mut lanes = Lanes::default();
+        assert!(!lanes.outstanding());
+        let now = Instant::now();
+        let lane = lanes.assign(7, [&a, &a].into_iter(), now)[0];
+        assert!(lanes.outstanding());
+        lanes.credit(7, lane, 1, now);
+        assert!(lanes.outstanding(), "one unit is still held");
+        lanes.credit(7, lane, 1, now);
+        assert!(!lanes.outstanding(), "the lane is kept, empty");
+        assert_eq!(lanes.len(), 1);
     }
 
     #[test]

@@ -138,7 +138,9 @@ pub struct TransportConfig {
     /// The writer stops draining the queue into one write once the batch holds this many bytes
     /// (default 1 MiB): large enough to amortise the syscall, small enough to bound latency.
     pub write_batch_bytes: usize,
-    /// A keepalive is sent after this long without outbound traffic (default 1 s).
+    /// A keepalive is sent after this long without outbound traffic (default 3 s: a third of
+    /// `idle_timeout`, so two may be lost or late before a connection is dropped; every
+    /// connection of an idle node sends them, so this sets most of its idle wakeups).
     pub keepalive_interval: Duration,
     /// A connection with no inbound frame, keepalives included, for this long is dropped (default
     /// 10 s): it catches frozen peers and silent partitions that TCP alone reports after minutes.
@@ -175,7 +177,7 @@ impl TransportConfig {
             connect_timeout: Duration::from_secs(3),
             send_queue: 8192,
             write_batch_bytes: 1024 * 1024,
-            keepalive_interval: Duration::from_secs(1),
+            keepalive_interval: Duration::from_secs(3),
             idle_timeout: Duration::from_secs(10),
             backoff_min: Duration::from_millis(50),
             backoff_max: Duration::from_secs(5),
