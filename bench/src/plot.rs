@@ -128,6 +128,15 @@ pub(super) fn draw(scenario: &str, figs: &[Fig], dir: &Path) -> Result<Vec<(Stri
 
     // Timings: p50 and p99 of the samples; failover next to the peers' documented defaults.
     let samples: Vec<&Fig> = figs.iter().filter(|f| f.metric == "samples_ms").collect();
+    // `scale` at several cluster sizes (one mode per size): charted against the size below.
+    let mut sizes: Vec<String> = Vec::new();
+    if scenario == "scale" {
+        for f in figs {
+            if !sizes.contains(&f.mode) {
+                sizes.push(f.mode.clone());
+            }
+        }
+    }
     if let Some(first) = samples.first().filter(|_| scenario == "cluster") {
         let mut groups = vec!["herald p50".to_string(), "herald p99".to_string()];
         let mut values = vec![pct_bar(&first.herald, 0.5), pct_bar(&first.herald, 0.99)];
@@ -153,6 +162,55 @@ pub(super) fn draw(scenario: &str, figs: &[Fig], dir: &Path) -> Result<Vec<(Stri
                 },
             ],
             true,
+        )?;
+    } else if sizes.len() > 1 {
+        let at = |mode: &str, case: &str| figs.iter().find(|f| f.mode == mode && f.case == case);
+        let timing = |case: &str, name: &str, p: f64| Series {
+            name: name.into(),
+            bars: sizes
+                .iter()
+                .map(|m| at(m, case).and_then(|f| pct_bar(&f.herald, p)))
+                .collect(),
+        };
+        chart(
+            "nodes-timings",
+            "scale: timings by cluster size, ms (lower is better)".into(),
+            "ms",
+            sizes.clone(),
+            vec![
+                timing("kill -> first event handled elsewhere", "failover p99", 0.99),
+                timing("join -> placed (the last node)", "join -> placed", 0.5),
+                timing(
+                    "leader kill -> survivors agree",
+                    "leader kill -> survivors agree, p99",
+                    0.99,
+                ),
+            ],
+            false,
+        )?;
+        // Per node: the median over the nodes, whiskers their min–max.
+        let per_node = |case: &str, name: &str| Series {
+            name: name.into(),
+            bars: sizes.iter().map(|m| at(m, case).and_then(|f| bar(&f.herald))).collect(),
+        };
+        chart(
+            "nodes-traffic",
+            "scale: idle write syscalls/s per node (its peer messages), by cluster size".into(),
+            "writes/s",
+            sizes.clone(),
+            vec![per_node(
+                "idle write syscalls per node",
+                "median (min-max) over the nodes",
+            )],
+            false,
+        )?;
+        chart(
+            "nodes-cpu",
+            "scale: idle CPU per node, % of a core, by cluster size".into(),
+            "% of a core",
+            sizes.clone(),
+            vec![per_node("idle CPU per node", "median (min-max) over the nodes")],
+            false,
         )?;
     } else if !samples.is_empty() {
         chart(

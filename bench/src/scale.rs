@@ -34,9 +34,9 @@ use herald::harness::NodeSpec;
 #[derive(Args, Debug)]
 pub(super) struct ScaleArgs {
     /// Node processes; the last one joins after the others have placed the subscriptions, and is
-    /// timed.
-    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(3..=64))]
-    nodes: u64,
+    /// timed. Several sizes (`5,10,20`) run one after another, each on a new cluster.
+    #[arg(long, value_delimiter = ',', default_values_t = [20u64], value_parser = clap::value_parser!(u64).range(3..=64))]
+    nodes: Vec<u64>,
     /// One-instance `bench-sink` subscriptions spread over the nodes before the last one joins.
     #[arg(long, default_value_t = 100)]
     subscriptions: usize,
@@ -53,7 +53,8 @@ pub(super) struct ScaleArgs {
     /// Events/s published (ack=accepted) to a surviving node during a failover round.
     #[arg(long, default_value_t = 500)]
     failover_rate: u64,
-    /// A smoke run: 5 nodes, 10 subscriptions, 3 s idle, 1 leader kill, 2 failover rounds.
+    /// A smoke run: one cluster of at most 5 nodes, 10 subscriptions, 3 s idle, 1 leader kill, 2
+    /// failover rounds.
     #[arg(long)]
     smoke: bool,
     /// Keep the nodes' data directories and logs (the path is printed) instead of removing them.
@@ -72,7 +73,7 @@ const READY_WITHIN: Duration = Duration::from_secs(180);
 /// `herald-bench scale`.
 pub(super) fn run(mut a: ScaleArgs) -> Result<(), String> {
     if a.smoke {
-        a.nodes = a.nodes.min(5);
+        a.nodes = vec![a.nodes.iter().copied().min().unwrap_or(5).min(5)];
         a.subscriptions = a.subscriptions.min(10);
         a.idle_seconds = a.idle_seconds.min(3);
         a.leader_kills = a.leader_kills.min(1);
@@ -81,19 +82,39 @@ pub(super) fn run(mut a: ScaleArgs) -> Result<(), String> {
     if a.idle_seconds == 0 || a.failover_rate == 0 {
         return Err("--idle-seconds and --failover-rate must be positive".into());
     }
-    let started = Instant::now();
-    let mut c = cluster::start_on_free_ports("herald-bench-scale", (a.nodes - 1) as usize, None, false, a.keep)?;
-    let outcome = actix_rt::System::new().block_on(async {
-        let signal = herald::node::shutdown_signal();
-        tokio::select! {
-            r = scenario(&mut c, &a, started) => r,
-            _ = signal => Err("interrupted".to_string()),
+    a.nodes.sort_unstable();
+    a.nodes.dedup();
+    let mut rows = Vec::new();
+    for &n in &a.nodes {
+        let started = Instant::now();
+        let mut c = cluster::start_on_free_ports("herald-bench-scale", (n - 1) as usize, None, false, a.keep)?;
+        let outcome = actix_rt::System::new().block_on(async {
+            let signal = herald::node::shutdown_signal();
+            tokio::select! {
+                r = scenario(&mut c, &a, n, started) => r,
+                _ = signal => Err("interrupted".to_string()),
+            }
+        });
+        match outcome {
+            Ok(r) => rows.extend(r),
+            Err(e) => {
+                c.print_logs(LOG_TAIL);
+                return Err(format!("{n} nodes: {e}"));
+            }
         }
-    });
-    if outcome.is_err() {
-        c.print_logs(LOG_TAIL);
     }
-    outcome
+    if let Some(path) = &a.json {
+        let meta = serde_json::json!({
+            "command": "herald-bench scale",
+            "time": chrono::Utc::now().to_rfc3339(),
+            "cores": std::thread::available_parallelism().map_or(0, |n| n.get()),
+            "nodes": a.nodes,
+            "subscriptions": a.subscriptions,
+            "idle_seconds": a.idle_seconds,
+        });
+        record::write(path, meta, rows)?;
+    }
+    Ok(())
 }
 
 /// What one node used while the cluster was idle.
@@ -210,8 +231,8 @@ async fn placements(c: &Cluster, poll: &awc::Client, id: u64) -> Result<Vec<Vec<
         .collect())
 }
 
-async fn scenario(c: &mut Cluster, a: &ScaleArgs, started: Instant) -> Result<(), String> {
-    let n = a.nodes;
+/// One cluster of `n` nodes; returns its rows, each with the mode `<n> nodes`.
+async fn scenario(c: &mut Cluster, a: &ScaleArgs, n: u64, started: Instant) -> Result<Vec<Value>, String> {
     let client = awc::Client::builder()
         .timeout(Duration::from_secs(30))
         .connector(awc::Connector::new().limit(64))
@@ -358,13 +379,13 @@ async fn scenario(c: &mut Cluster, a: &ScaleArgs, started: Instant) -> Result<()
         "\n{:<40} {:>6} {:>10} {:>10} {:>10}",
         "timing", "n", "p50 ms", "p99 ms", "max ms"
     );
-    let join_case = format!("join -> placed (node {n})");
     let timings = [
-        (format!("join -> ready (node {n})"), vec![ms(join_ready)]),
-        (join_case, vec![ms(join_placed)]),
-        ("leader kill -> survivors agree".to_string(), survivors_agree),
-        (format!("leader restart -> all {n} agree"), all_agree),
-        ("kill -> first event handled elsewhere".to_string(), failover_ms),
+        ("start -> ready (all but the last node)", vec![ms(formed)]),
+        ("join -> ready (the last node)", vec![ms(join_ready)]),
+        ("join -> placed (the last node)", vec![ms(join_placed)]),
+        ("leader kill -> survivors agree", survivors_agree),
+        ("leader restart -> all agree", all_agree),
+        ("kill -> first event handled elsewhere", failover_ms),
     ];
     for (case, v) in &timings {
         println!("{}", latency_row(case, v.clone()));
@@ -386,30 +407,19 @@ async fn scenario(c: &mut Cluster, a: &ScaleArgs, started: Instant) -> Result<()
         max(&pss),
         max(&anon)
     );
-    if let Some(path) = &a.json {
-        let row = |case: &str, metric: &str, v: &[f64]| record::row("scale", "", case, metric, false, v, None);
-        let mut rows: Vec<Value> = timings.iter().map(|(case, v)| row(case, "samples_ms", v)).collect();
-        rows.push(row("idle CPU per node", "cpu_percent", &cpu));
-        rows.push(row("idle write syscalls per node", "writes_per_second", &writes));
-        rows.push(row("idle RSS per node", "rss_mib", &rss));
-        rows.push(row(
-            "idle PSS per node (shared code divided among the nodes)",
-            "pss_mib",
-            &pss,
-        ));
-        rows.push(row("idle anonymous memory per node", "anon_mib", &anon));
-        let meta = serde_json::json!({
-            "command": "herald-bench scale",
-            "time": chrono::Utc::now().to_rfc3339(),
-            "cores": cores,
-            "nodes": n,
-            "subscriptions": a.subscriptions,
-            "idle_seconds": a.idle_seconds,
-            "formed_seconds": formed.as_secs_f64(),
-        });
-        record::write(path, meta, rows)?;
-    }
-    Ok(())
+    let mode = format!("{n} nodes");
+    let row = |case: &str, metric: &str, v: &[f64]| record::row("scale", &mode, case, metric, false, v, None);
+    let mut rows: Vec<Value> = timings.iter().map(|(case, v)| row(case, "samples_ms", v)).collect();
+    rows.push(row("idle CPU per node", "cpu_percent", &cpu));
+    rows.push(row("idle write syscalls per node", "writes_per_second", &writes));
+    rows.push(row("idle RSS per node", "rss_mib", &rss));
+    rows.push(row(
+        "idle PSS per node (shared code divided among the nodes)",
+        "pss_mib",
+        &pss,
+    ));
+    rows.push(row("idle anonymous memory per node", "anon_mib", &anon));
+    Ok(rows)
 }
 
 #[cfg(test)]
