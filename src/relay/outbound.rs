@@ -292,13 +292,15 @@ impl Outbound {
         }
     }
 
-    /// Gives back the window units of lanes whose deliveries are presumed lost.
-    fn sweep_lanes(&self) {
-        let lost = self.lanes.lock().unwrap_or_else(|p| p.into_inner()).sweep(
-            Instant::now(),
-            self.config.redeliver_after,
-            |node| self.health.peer(node).routable(),
-        );
+    /// Gives back the window units of lanes whose deliveries are presumed lost; returns whether
+    /// lanes still hold units.
+    fn sweep_lanes(&self) -> bool {
+        let mut lanes = self.lanes.lock().unwrap_or_else(|p| p.into_inner());
+        let lost = lanes.sweep(Instant::now(), self.config.redeliver_after, |node| {
+            self.health.peer(node).routable()
+        });
+        let outstanding = lanes.outstanding();
+        drop(lanes);
         for l in lost {
             tracing::debug!(
                 peer = l.node,
@@ -306,22 +308,26 @@ impl Outbound {
                 "at-most-once deliveries not credited; their window units are given back"
             );
         }
+        outstanding
     }
 
     /// Routes again every pending delivery that needs it.
-    fn reroute(&self) {
-        self.sweep_lanes();
+    /// Returns whether anything is still in flight (pending deliveries, lanes holding units),
+    /// which sets the next sweep's period ([`sweep_period`]).
+    fn reroute(&self) -> bool {
+        let outstanding = self.sweep_lanes();
         let table = self.router.table();
         if !table.is_live() {
             // Starting (no placement yet) or stopping (the table was cleared): nothing can be
-            // routed, and a missing route does not mean a deleted subscription.
-            return;
+            // routed, and a missing route does not mean a deleted subscription. Swept as busy.
+            return true;
         }
         let now = Instant::now();
         let mut local = Vec::new();
         let mut resend: Vec<(u64, Chunk)> = Vec::new();
         let mut resent = 0;
         let mut gone = Vec::new();
+        let in_flight;
         // One route lookup (and one health check per node) per subscription per sweep, not one
         // per pending delivery: pending entries of one subscription share its key's `Arc`.
         let mut routes: HashMap<*const SubscriptionKey, Option<&Arc<Route>>> = HashMap::new();
@@ -409,11 +415,13 @@ impl Outbound {
                 }
             }
             self.pending_gauge.set(pending.len() as f64);
+            in_flight = outstanding || !pending.is_empty();
         }
         self.redelivered.increment((local.len() + resent) as u64);
         for (node, chunk) in resend {
             self.send_to(node, chunk);
         }
+        in_flight
     }
 }
 
@@ -508,11 +516,11 @@ fn node_state(routable: bool, slots: &[Slot], node: u64) -> NodeState {
     }
 }
 
-/// How long the sweep waits after one that left `pending` deliveries and lanes holding
-/// `outstanding` units: [`SWEEP`] while anything is in flight, else [`IDLE_SWEEP`] (never longer
-/// than half of `redeliver_after`, nor shorter than [`SWEEP`]).
-fn sweep_period(pending: bool, outstanding: bool, redeliver_after: Duration) -> Duration {
-    if pending || outstanding {
+/// How long the sweep waits after one that left deliveries `in_flight` (pending, or lanes holding
+/// units): [`SWEEP`], else [`IDLE_SWEEP`] (never longer than half of `redeliver_after`, nor shorter
+/// than [`SWEEP`]).
+fn sweep_period(in_flight: bool, redeliver_after: Duration) -> Duration {
+    if in_flight {
         SWEEP
     } else {
         IDLE_SWEEP.min(redeliver_after / 2).max(SWEEP)
@@ -526,12 +534,7 @@ pub(super) async fn reroute_loop(out: Arc<Outbound>, mut health: tokio::sync::wa
         let kicked = out.kick.notified();
         tokio::pin!(kicked);
         kicked.as_mut().enable();
-        out.reroute();
-        let period = sweep_period(
-            !out.pending.lock().unwrap_or_else(|p| p.into_inner()).is_empty(),
-            out.lanes.lock().unwrap_or_else(|p| p.into_inner()).outstanding(),
-            out.config.redeliver_after,
-        );
+        let period = sweep_period(out.reroute(), out.config.redeliver_after);
         tokio::select! {
             _ = tokio::time::sleep(period) => {}
             _ = kicked => {}
@@ -627,15 +630,14 @@ mod tests {
     #[test]
     fn the_sweep_slows_down_only_while_nothing_is_in_flight() {
         let after = Duration::from_secs(5);
-        assert_eq!(sweep_period(true, false, after), SWEEP);
-        assert_eq!(sweep_period(false, true, after), SWEEP);
-        assert_eq!(sweep_period(false, false, after), IDLE_SWEEP);
+        assert_eq!(sweep_period(true, after), SWEEP);
+        assert_eq!(sweep_period(false, after), IDLE_SWEEP);
         // A short redelivery deadline keeps an idle sweep well within it, never below SWEEP.
         assert_eq!(
-            sweep_period(false, false, Duration::from_millis(600)),
+            sweep_period(false, Duration::from_millis(600)),
             Duration::from_millis(300)
         );
-        assert_eq!(sweep_period(false, false, Duration::from_millis(20)), SWEEP);
+        assert_eq!(sweep_period(false, Duration::from_millis(20)), SWEEP);
     }
 
     /// A completion that is never told anything in these tests.
