@@ -168,3 +168,34 @@ impl LogLimit {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn a_log_limit_logs_the_first_hit_then_once_per_period_with_the_count_it_held_back() {
+        let mut limit = LogLimit::default();
+        let t0 = Instant::now();
+        assert_eq!(limit.hit(t0), Some(0), "the first one is logged");
+        for s in 1..30 {
+            assert_eq!(
+                limit.hit(t0 + Duration::from_secs(s)),
+                None,
+                "within the period: held back"
+            );
+        }
+        assert_eq!(
+            limit.hit(t0 + LogLimit::EVERY),
+            Some(29),
+            "a period later, with the 29 held back"
+        );
+        assert_eq!(limit.hit(t0 + LogLimit::EVERY), None);
+        assert_eq!(
+            limit.hit(t0 + 3 * LogLimit::EVERY),
+            Some(1),
+            "a quiet spell: the next one is logged"
+        );
+    }
+}

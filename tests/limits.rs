@@ -1,6 +1,7 @@
 //! Resource limits a client cannot get around (issue 14, "Bounded everything" and "Input"): the
 //! HTTP connection cap, the request head and body deadlines (slowloris), one metric series for
-//! all topics without subscriptions, and the refusal to remove a cluster's only member.
+//! all topics without subscriptions, the refusal to remove a cluster's only member, and the one
+//! WARN line a flood of refused peer connections leaves in the log.
 //!
 //! Raw TCP clients play the slow and the greedy ones. Waits poll against deadlines; the one check
 //! that something does *not* happen (a connection over the cap is not served while the cap is
@@ -214,4 +215,52 @@ async fn removing_the_only_member_is_refused_with_409() {
     })
     .await;
     n.node.shutdown().await;
+}
+
+/// A flood of refused peer connections (an HTTP request where a handshake belongs) is counted
+/// whole in `herald_transport_connections_refused_total{reason="handshake"}` but logged once: the
+/// WARN is rate-limited to one line per reason per 30 s (the lines of a whole run are read after
+/// the node exits, so none can be missed), and the node stays ready.
+#[actix_rt::test]
+async fn a_flood_of_refused_peer_connections_is_counted_whole_and_logged_once() {
+    use std::io::{Read, Write};
+    const FLOOD: usize = 200;
+    const LINE: &str = "refused an inbound peer connection";
+    let dir = tempfile::tempdir().expect("tempdir");
+    let peer = format!("127.0.0.1:{}", common::free_port());
+    let (node, rx) = common::spawn_herald_stderr(&["--data-dir", common::p(dir.path()), "--peer", &peer], &[]);
+    common::wait_ready(&node.url);
+    let flood = peer.clone();
+    tokio::task::spawn_blocking(move || {
+        for _ in 0..FLOOD {
+            let mut s = std::net::TcpStream::connect(&flood).expect("connect");
+            s.set_read_timeout(Some(DEADLINE)).expect("timeout");
+            let _ = s.write_all(b"GET / HTTP/1.1\r\nHost: herald\r\n\r\n");
+            // Until the node closes it (EOF or a reset): one refusal at a time.
+            let _ = s.read_to_end(&mut Vec::new());
+        }
+    })
+    .await
+    .expect("flood");
+    let refused = |m: &str| {
+        metric(
+            m,
+            "herald_transport_connections_refused_total",
+            &[("reason", "handshake")],
+        )
+    };
+    eventually("every refusal counted", || async {
+        let n = refused(&common::metrics_of(&node.url).await);
+        (n == Some(FLOOD as f64)).then_some(())
+    })
+    .await;
+    assert_eq!(get(&format!("{}/readyz", node.url)).await.0, 200, "still ready");
+    assert!(common::terminate(node).await.success());
+    let warned: Vec<String> = rx.iter().filter(|l| l.contains(LINE)).collect();
+    assert_eq!(warned.len(), 1, "{FLOOD} refusals, one WARN line: {warned:#?}");
+    assert!(
+        warned[0].contains("WARN") && warned[0].contains(r#"reason="handshake""#),
+        "{}",
+        warned[0]
+    );
 }

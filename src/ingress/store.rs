@@ -42,10 +42,24 @@ const PROBE: TableDefinition<u64, u64> = TableDefinition::new("probe");
 const CACHE_BYTES: usize = 32 * 1024 * 1024;
 /// Dead letters deleted per tick at most (retention catches up over several ticks).
 const RETAIN_PER_TICK: u64 = 10_000;
-/// The store file is compacted after this many records were removed since the last compaction…
-const COMPACT_AFTER_REMOVED: u64 = 100_000;
-/// …and at most this often.
-const COMPACT_EVERY: Duration = Duration::from_secs(600);
+/// When the store file is compacted (redb hands the pages freed by removed WAL records and dead
+/// letters back to the file system): after [`Compaction::after_removed`] records were removed since
+/// the last compaction, and at most once per [`Compaction::every`]. Never with `wal.fsync =
+/// "never"` (a compaction commits durably, and `never` promises nothing durable).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Compaction {
+    pub after_removed: u64,
+    pub every: Duration,
+}
+
+impl Default for Compaction {
+    fn default() -> Compaction {
+        Compaction {
+            after_removed: 100_000,
+            every: Duration::from_secs(600),
+        }
+    }
+}
 
 /// Dead-letter retention (`handlers.dead_letter_max_age_s`, `handlers.dead_letter_max_count`).
 #[derive(Debug, Clone, Copy, Default)]
@@ -239,6 +253,16 @@ fn open_db(path: &Path) -> Result<(Database, u64, u64), StoreError> {
 impl Store {
     /// Opens (or creates) `herald.redb` in `dir` and starts the writer thread.
     pub(crate) fn open(dir: &Path, wal: &WalConfig, retention: Retention) -> Result<Store> {
+        Store::open_with(dir, wal, retention, Compaction::default())
+    }
+
+    /// [`Store::open`] with the compaction thresholds given.
+    pub(crate) fn open_with(
+        dir: &Path,
+        wal: &WalConfig,
+        retention: Retention,
+        compaction: Compaction,
+    ) -> Result<Store> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("cannot create data dir {}", dir.display()), e))?;
         let path = dir.join("herald.redb");
         let (db, next_seq, len) = open_db(&path).map_err(|e| Error::Store {
@@ -266,6 +290,7 @@ impl Store {
             retention,
             removed: 0,
             last_compaction: Instant::now(),
+            compaction,
         };
         std::thread::Builder::new()
             .name("herald-wal".into())
@@ -451,6 +476,7 @@ struct Writer {
     /// Records removed since the last compaction.
     removed: u64,
     last_compaction: Instant,
+    compaction: Compaction,
 }
 
 /// A reply to send once the transaction's fate is known (`None`: committed).
@@ -654,8 +680,8 @@ impl Writer {
         }
         // Not with `never`: a compaction commits durably, and `never` promises nothing durable.
         if self.fsync != FsyncPolicy::Never
-            && self.removed >= COMPACT_AFTER_REMOVED
-            && self.last_compaction.elapsed() >= COMPACT_EVERY
+            && self.removed >= self.compaction.after_removed
+            && self.last_compaction.elapsed() >= self.compaction.every
         {
             self.compact();
         }
@@ -1120,6 +1146,106 @@ mod tests {
         // Two beyond the count ("01", recent, and "02"), then "03" for its age.
         tick(&store).await;
         assert_eq!(dead_letter_ids(&store).await, vec!["04", "05"]);
+    }
+
+    /// A store that compacts as soon as `after_removed` records were removed.
+    fn open_compacting(dir: &Path, wal: &WalConfig, retention: Retention, after_removed: u64) -> Store {
+        let compaction = Compaction {
+            after_removed,
+            every: Duration::ZERO,
+        };
+        Store::open_with(dir, wal, retention, compaction).unwrap()
+    }
+
+    fn file_size(dir: &Path) -> u64 {
+        std::fs::metadata(dir.join("herald.redb")).unwrap().len()
+    }
+
+    /// A WAL record of about 4 KiB.
+    fn big_record(i: usize) -> Vec<u8> {
+        WalRecord {
+            event: Some(EventRecord {
+                id: format!("e{i}"),
+                topic: "orders".into(),
+                data: vec![i as u8; 4096].into(),
+                ..Default::default()
+            }),
+            groups: vec!["g".into()],
+        }
+        .encode_to_vec()
+    }
+
+    fn big_dead_letter(at: i64) -> DeadLetterRecord {
+        let mut d = dead_letter("g", at);
+        d.event.as_mut().unwrap().data = vec![7u8; 4096].into();
+        d
+    }
+
+    #[tokio::test]
+    async fn the_file_shrinks_once_enough_wal_records_and_dead_letters_are_removed_and_keeps_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let retention = Retention {
+            max_age: None,
+            max_count: Some(10),
+        };
+        let store = open_compacting(dir.path(), &WalConfig::default(), retention, 2_000);
+        // 8 MiB of WAL records, all finished but the last 10.
+        let mut done = Vec::new();
+        for chunk in 0..20 {
+            let records = (0..100).map(|i| big_record(chunk * 100 + i)).collect();
+            done.extend(store.append(records).await.unwrap());
+        }
+        let keep = done.split_off(done.len() - 10);
+        store.ack_all(done);
+        store.flush().await.unwrap();
+        let full = file_size(dir.path());
+        assert!(full > 8 << 20, "2,000 records of 4 KiB make a file of {full} bytes");
+        // 1,990 removals: below the threshold, so the file keeps its size (the store's own ticker
+        // may tick meanwhile too: the same).
+        tick(&store).await;
+        assert_eq!(file_size(dir.path()), full, "no compaction before 2,000 removals");
+        // 1,000 dead letters, of which retention keeps 10: the removals pass 2,000 (on this tick or
+        // an earlier one of the store's own ticker).
+        let now = chrono::Utc::now().timestamp_millis();
+        for i in 0..1_000 {
+            store
+                .put_dead_letter(format!("{i:04}"), big_dead_letter(now))
+                .await
+                .unwrap();
+        }
+        tick(&store).await;
+        let compacted = file_size(dir.path());
+        assert!(
+            compacted * 4 < full,
+            "the file shrinks to less than a quarter: {full} -> {compacted} bytes"
+        );
+        // What was kept is intact, and the sequence goes on.
+        let upto = store.wal_last().unwrap().unwrap();
+        let chunk = store.wal_chunk(None, upto, 100).unwrap();
+        assert_eq!(seqs(&chunk), keep);
+        let first = chunk[0].1.as_ref().unwrap().event.as_ref().unwrap();
+        assert_eq!((first.id.as_str(), first.data.len()), ("e1990", 4096));
+        let kept: Vec<String> = (990..1_000).map(|i| format!("{i:04}")).collect();
+        assert_eq!(dead_letter_ids(&store).await, kept);
+        assert_eq!(store.append(vec![big_record(0)]).await.unwrap(), vec![upto + 1]);
+    }
+
+    #[tokio::test]
+    async fn with_fsync_never_the_file_is_never_compacted() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = WalConfig {
+            fsync: FsyncPolicy::Never,
+            ..WalConfig::default()
+        };
+        let store = open_compacting(dir.path(), &wal, Retention::default(), 100);
+        let seqs = store.append((0..500).map(big_record).collect()).await.unwrap();
+        store.ack_all(seqs);
+        store.flush().await.unwrap();
+        let size = file_size(dir.path());
+        tick(&store).await;
+        tick(&store).await;
+        assert_eq!(file_size(dir.path()), size, "a compaction would commit durably");
+        assert_eq!(store.wal_last().unwrap(), None);
     }
 
     #[test]

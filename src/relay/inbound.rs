@@ -251,7 +251,7 @@ pub(super) struct Inbound {
     lanes: Mutex<LanesIn>,
     acks: Queues<AckItem>,
     /// Each origin's inbox (bounded, [`INBOX`] batches), drained by its own task.
-    inboxes: std::sync::RwLock<IdMap<u64, mpsc::Sender<Bytes>>>,
+    inboxes: Inboxes,
     dedup: Window,
     deduplicated: metrics::Counter,
     /// Outcomes of copies published here, for the local outcomes task.
@@ -277,7 +277,7 @@ impl Inbound {
             runtime,
             lanes: Mutex::new(LanesIn::default()),
             acks: Queues::new(),
-            inboxes: std::sync::RwLock::new(IdMap::default()),
+            inboxes: Inboxes::default(),
             dedup,
             deduplicated: metrics::counter!(crate::metrics::EVENTS_DEDUPLICATED),
             local_done,
@@ -355,35 +355,10 @@ impl Inbound {
     /// and dead-letter requests arriving meanwhile wait behind it too (one sink per node): the
     /// price of bounding what a peer can make this node hold.
     pub(super) async fn on_events(self: &Arc<Self>, from: u64, batch: Bytes) {
-        let tx = self
-            .inboxes
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&from)
-            .filter(|tx| !tx.is_closed())
-            .cloned();
-        let tx = match tx {
-            Some(tx) => tx,
-            None => {
-                let mut inboxes = self.inboxes.write().unwrap_or_else(|p| p.into_inner());
-                match inboxes.get(&from).filter(|tx| !tx.is_closed()) {
-                    Some(tx) => tx.clone(),
-                    None => {
-                        let (tx, rx) = mpsc::channel(INBOX);
-                        self.runtime.spawn(receive_events(self.clone(), from, rx));
-                        inboxes.insert(from, tx.clone());
-                        tx
-                    }
-                }
-            }
+        let start = |rx| {
+            self.runtime.spawn(receive_events(self.clone(), from, rx));
         };
-        let batch = match tx.try_send(batch) {
-            Ok(()) => return,
-            Err(mpsc::error::TrySendError::Full(batch)) => batch,
-            // Only once the relay's runtime stopped; the origin re-sends.
-            Err(mpsc::error::TrySendError::Closed(_)) => return,
-        };
-        let _ = tx.send(batch).await;
+        self.inboxes.push(from, batch, start).await;
     }
 
     /// The sender of `origin`'s ack queue (its task started on first use).
@@ -737,9 +712,81 @@ async fn record_local(mut rx: mpsc::UnboundedReceiver<(DedupKey, Outcome)>, dedu
     }
 }
 
+/// Each origin's inbox of delivery batches: bounded ([`INBOX`] batches), drained in order by a
+/// task that `start` is given the receiver for when the origin's first batch arrives (or the
+/// first after its task ended).
+#[derive(Default)]
+struct Inboxes(std::sync::RwLock<IdMap<u64, mpsc::Sender<Bytes>>>);
+
+impl Inboxes {
+    /// Queues `batch` in `from`'s inbox, waiting while it is full: backpressure, never a drop
+    /// (unless the draining task is gone, when the runtime stopped; the origin re-sends).
+    async fn push(&self, from: u64, batch: Bytes, start: impl FnOnce(mpsc::Receiver<Bytes>)) {
+        let tx = self.sender(from, start);
+        let batch = match tx.try_send(batch) {
+            Ok(()) => return,
+            Err(mpsc::error::TrySendError::Full(batch)) => batch,
+            Err(mpsc::error::TrySendError::Closed(_)) => return,
+        };
+        let _ = tx.send(batch).await;
+    }
+
+    fn sender(&self, from: u64, start: impl FnOnce(mpsc::Receiver<Bytes>)) -> mpsc::Sender<Bytes> {
+        let open = |map: &IdMap<u64, mpsc::Sender<Bytes>>| map.get(&from).filter(|tx| !tx.is_closed()).cloned();
+        if let Some(tx) = open(&self.0.read().unwrap_or_else(|p| p.into_inner())) {
+            return tx;
+        }
+        let mut map = self.0.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(tx) = open(&map) {
+            return tx;
+        }
+        let (tx, rx) = mpsc::channel(INBOX);
+        start(rx);
+        map.insert(from, tx.clone());
+        tx
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn an_origins_inbox_holds_inbox_batches_then_the_sender_waits_and_nothing_is_dropped() {
+        use futures_util::FutureExt;
+        let inboxes = Inboxes::default();
+        let mut started = Vec::new();
+        let batch = |i: usize| Bytes::from(i.to_be_bytes().to_vec());
+        for i in 0..INBOX {
+            let pushed = inboxes.push(7, batch(i), |rx| started.push(rx)).now_or_never();
+            assert!(pushed.is_some(), "batch {i} of {INBOX} is queued at once");
+        }
+        assert_eq!(started.len(), 1, "one task per origin");
+        let mut rx = started.pop().unwrap();
+        // Full: the next one waits (its caller stops reading from the peer) …
+        let mut waiting = Box::pin(inboxes.push(7, batch(INBOX), |_| panic!("no second task")));
+        assert!(
+            (&mut waiting).now_or_never().is_none(),
+            "a full inbox makes the sender wait"
+        );
+        // … another origin has an inbox of its own …
+        let mut other = Vec::new();
+        assert!(inboxes.push(8, batch(0), |rx| other.push(rx)).now_or_never().is_some());
+        assert_eq!(other.len(), 1);
+        // … and once the task takes one, the waiting batch gets in, after the others.
+        assert_eq!(rx.recv().await, Some(batch(0)));
+        waiting.await;
+        let mut got = vec![0];
+        while let Ok(b) = rx.try_recv() {
+            got.push(usize::from_be_bytes(b[..].try_into().unwrap()));
+        }
+        assert_eq!(got, (0..=INBOX).collect::<Vec<_>>(), "every batch, in order");
+        // A task that ended (its receiver dropped) is started again by the next batch.
+        drop(rx);
+        let mut again = Vec::new();
+        assert!(inboxes.push(7, batch(0), |rx| again.push(rx)).now_or_never().is_some());
+        assert_eq!(again.len(), 1, "a fresh inbox and task");
+    }
 
     #[test]
     fn a_delivery_for_a_subscription_not_run_here_is_refused_as_not_placed() {
