@@ -2115,6 +2115,73 @@ async fn https_is_served_and_refused_without_the_ca() {
     n.node.shutdown().await;
 }
 
+/// The HTTPS API speaks HTTP/1.1 only (h2 0.3 has a known denial of service, RUSTSEC-2026-0258):
+/// a client offering h2 and http/1.1 by ALPN gets http/1.1 and is served; one offering only h2 is
+/// refused in the handshake; and the HTTP/2 preface without ALPN is not answered as HTTP/2.
+#[actix_rt::test]
+async fn https_speaks_http1_only_and_never_h2() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pki = Pki::new();
+    let n = start_tls_node(Node::builder(), &pki, false).await;
+    let addr = n.url.trim_start_matches("https://").to_string();
+    let connect = |alpn: &[&[u8]]| {
+        let mut roots = rustls::RootCertStore::empty();
+        use rustls::pki_types::pem::PemObject;
+        for cert in rustls::pki_types::CertificateDer::pem_file_iter(pki.path("ca.pem")).unwrap() {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        let mut config =
+            rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let addr = addr.clone();
+        async move {
+            let tcp = tokio::net::TcpStream::connect(&addr).await.expect("connect");
+            let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+            connector.connect(name, tcp).await
+        }
+    };
+    async fn answer(tls: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>, request: &[u8]) -> Vec<u8> {
+        tls.write_all(request).await.expect("write");
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut got)).await;
+        got
+    }
+
+    let mut tls = connect(&[b"h2", b"http/1.1"])
+        .await
+        .expect("h2 and http/1.1 offered: a handshake");
+    assert_eq!(
+        tls.get_ref().1.alpn_protocol(),
+        Some(&b"http/1.1"[..]),
+        "http/1.1 chosen"
+    );
+    let got = answer(
+        &mut tls,
+        b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+
+    let refused = connect(&[b"h2"]).await;
+    assert!(refused.is_err(), "a client offering only h2 was accepted");
+
+    let mut tls = connect(&[]).await.expect("no ALPN: a handshake");
+    let got = answer(&mut tls, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await;
+    // An HTTP/2 server would answer with a SETTINGS frame (type 4 at byte 3); an HTTP/1 one
+    // answers 400 or closes.
+    assert!(
+        got.is_empty() || got.starts_with(b"HTTP/1.1 4"),
+        "the HTTP/2 preface got an answer that is not HTTP/1: {got:?}"
+    );
+    n.node.shutdown().await;
+}
+
 #[actix_rt::test]
 async fn mtls_clients_need_a_certificate_of_the_client_ca() {
     let pki = Pki::new();

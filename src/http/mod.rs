@@ -100,7 +100,7 @@ pub(crate) fn server(
         tokens,
         history,
     });
-    let server = HttpServer::new(move || {
+    let app = move || {
         App::new()
             .app_data(state.clone())
             .app_data(
@@ -124,19 +124,49 @@ pub(crate) fn server(
                 })
             })
             .configure(routes)
-    })
-    .disable_signals()
-    .shutdown_timeout(5)
-    .workers(workers)
-    .max_connections(per_worker)
-    .client_request_timeout(Duration::from_millis(limits.request_timeout_ms))
-    .client_disconnect_timeout(CLIENT_DISCONNECT_TIMEOUT);
+    };
+    let request_timeout = Duration::from_millis(limits.request_timeout_ms);
+    let cannot_listen = |e| Error::io(format!("cannot listen on {http_addr}"), e);
     let server = match tls {
-        Some(config) => server.listen_rustls_0_23(listener, config),
-        None => server.listen(listener),
-    }
-    .map_err(|e| Error::io(format!("cannot listen on {http_addr}"), e))?
-    .run();
+        // HTTPS: HTTP/1.1 only. actix-web's own TLS listener offers h2 by ALPN ahead of whatever
+        // the config says, and h2 0.3 has a known denial of service (RUSTSEC-2026-0258), so the
+        // listener is assembled here from the same parts with an HTTP/1 service: the config's
+        // ALPN (`http/1.1`, see [`tls`]) is the only protocol offered, and a client offering
+        // only h2 is refused in the handshake.
+        Some(config) => {
+            let host = http_addr.to_string();
+            actix_server::Server::build()
+                .workers(workers)
+                .max_concurrent_connections(per_worker)
+                .disable_signals()
+                .shutdown_timeout(5)
+                .listen("herald-https", listener, move || {
+                    let host = host.clone();
+                    actix_http::HttpService::build()
+                        .client_request_timeout(request_timeout)
+                        .client_disconnect_timeout(CLIENT_DISCONNECT_TIMEOUT)
+                        .h1(actix_service::map_config(app(), move |_| {
+                            // What `HttpServer` gives an HTTPS app (secure, its host and address);
+                            // actix-web keeps the constructor semver-exempt, so a version bump
+                            // that changes it fails to compile here rather than misbehave.
+                            actix_web::dev::AppConfig::__priv_test_new(true, host.clone(), http_addr)
+                        }))
+                        .rustls_0_23(config.clone())
+                })
+                .map_err(cannot_listen)?
+                .run()
+        }
+        None => HttpServer::new(app)
+            .disable_signals()
+            .shutdown_timeout(5)
+            .workers(workers)
+            .max_connections(per_worker)
+            .client_request_timeout(request_timeout)
+            .client_disconnect_timeout(CLIENT_DISCONNECT_TIMEOUT)
+            .listen(listener)
+            .map_err(cannot_listen)?
+            .run(),
+    };
     Ok(server)
 }
 

@@ -1,5 +1,6 @@
 //! TLS for the HTTP API: the server's rustls configuration from `http.tls_cert`, `http.tls_key`
-//! and `http.tls_client_ca`, and the client configuration the CLI uses to trust a private CA.
+//! and `http.tls_client_ca` (ALPN `http/1.1` only: the API does not speak HTTP/2), and the client
+//! configuration the CLI uses to trust a private CA.
 //!
 //! Both use the ring provider explicitly (never the process-wide default), so no other crypto
 //! provider is ever pulled in or chosen by accident.
@@ -75,12 +76,15 @@ pub(crate) fn server_config(http: &HttpConfig) -> Result<Option<rustls::ServerCo
             builder.with_client_cert_verifier(verifier)
         }
     };
-    let config = builder.with_single_cert(chain, private).map_err(|e| {
+    let mut config = builder.with_single_cert(chain, private).map_err(|e| {
         Error::config(
             "http.tls_key",
             format!("{} does not fit {}: {e}", key.display(), cert.display()),
         )
     })?;
+    // HTTP/1.1 only (the listener serves nothing else; see `http::server`): a client offering
+    // only h2 is refused in the handshake rather than misunderstood after it.
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Some(config))
 }
 
