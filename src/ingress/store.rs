@@ -414,12 +414,12 @@ impl Store {
                     break;
                 }
                 let (k, v) = row.map_err(store_err)?;
-                let record = DeadLetterRecord::decode(v.value()).map_err(|source| StoreError::Corrupt {
-                    what: "dead letter",
-                    key: k.value().to_string(),
-                    source,
-                })?;
-                out.push((k.value().to_string(), record));
+                match DeadLetterRecord::decode(v.value()) {
+                    Ok(record) => out.push((k.value().to_string(), record)),
+                    // Skipped, not fatal: one bad record must not hide all the others. It cannot
+                    // be replayed; retention deletes it by the age of its id.
+                    Err(error) => tracing::warn!(id = k.value(), %error, "skipped a dead letter that does not decode"),
+                }
             }
             Ok(out)
         })
@@ -695,8 +695,13 @@ impl Writer {
             return Ok(());
         }
         let cutoff = max_age.map(|a| chrono::Utc::now().timestamp_millis() - a.as_millis() as i64);
-        let expired =
-            |v: &[u8]| cutoff.is_some_and(|c| DeadLetterRecord::decode(v).is_ok_and(|r| r.failed_at_unix_ms < c));
+        // A record that does not decode is aged by its id (a ULID made when it was stored), so
+        // one corrupt dead letter cannot keep everything newer than it forever.
+        let failed_at = |id: &str, v: &[u8]| match DeadLetterRecord::decode(v) {
+            Ok(r) => Some(r.failed_at_unix_ms),
+            Err(_) => ulid::Ulid::from_string(id).ok().map(|u| u.timestamp_ms() as i64),
+        };
+        let expired = |id: &str, v: &[u8]| cutoff.is_some_and(|c| failed_at(id, v).is_some_and(|at| at < c));
         let shared = self.db.clone();
         let guard = shared.db.read().unwrap_or_else(|p| p.into_inner());
         let db = guard.as_ref().ok_or(StoreError::Stopped)?;
@@ -708,7 +713,7 @@ impl Writer {
             let oldest_expired = table
                 .first()
                 .map_err(store_err)?
-                .is_some_and(|(_, v)| expired(v.value()));
+                .is_some_and(|(k, v)| expired(k.value(), v.value()));
             if excess == 0 && !oldest_expired {
                 return Ok(());
             }
@@ -729,7 +734,7 @@ impl Writer {
                 let Some((id, old)) = table
                     .first()
                     .map_err(store_err)?
-                    .map(|(k, v)| (k.value().to_string(), expired(v.value())))
+                    .map(|(k, v)| (k.value().to_string(), expired(k.value(), v.value())))
                 else {
                     break;
                 };
@@ -1128,6 +1133,53 @@ mod tests {
         }
         tick(&store).await;
         assert_eq!(dead_letter_ids(&store).await, vec!["03", "04"]);
+    }
+
+    #[tokio::test]
+    async fn a_dead_letter_that_does_not_decode_is_aged_by_its_ulid_and_does_not_block_retention() {
+        let dir = tempfile::tempdir().unwrap();
+        let retention = Retention {
+            max_age: Some(Duration::from_secs(3600)),
+            max_count: None,
+        };
+        let store = open(dir.path(), retention);
+        let now = chrono::Utc::now().timestamp_millis();
+        let old = now - 2 * 3600 * 1000;
+        let ulid_at = |ms: i64| ulid::Ulid::from_parts(ms as u64, 1).to_string();
+        let (first, corrupt, after, recent) = (ulid_at(old - 2), ulid_at(old - 1), ulid_at(old), ulid_at(now));
+        store
+            .put_dead_letter(first.clone(), dead_letter("g", old))
+            .await
+            .unwrap();
+        store
+            .put_dead_letter(after.clone(), dead_letter("g", old))
+            .await
+            .unwrap();
+        store
+            .put_dead_letter(recent.clone(), dead_letter("g", now))
+            .await
+            .unwrap();
+        store.flush().await.unwrap();
+        {
+            let guard = store.db.db.read().unwrap();
+            let txn = guard.as_ref().unwrap().begin_write().unwrap();
+            txn.open_table(DEAD_LETTERS)
+                .unwrap()
+                .insert(corrupt.as_str(), &[0xffu8, 0xff, 0xff][..])
+                .unwrap();
+            txn.commit().unwrap();
+        }
+        let stored = || {
+            let guard = store.db.db.read().unwrap();
+            let txn = guard.as_ref().unwrap().begin_read().unwrap();
+            txn.open_table(DEAD_LETTERS).unwrap().len().unwrap()
+        };
+        assert_eq!(stored(), 4);
+        let listed = vec![first, after, recent.clone()];
+        assert_eq!(dead_letter_ids(&store).await, listed, "listed without the corrupt one");
+        tick(&store).await;
+        assert_eq!(dead_letter_ids(&store).await, vec![recent], "the old ones are deleted");
+        assert_eq!(stored(), 1, "the corrupt one too");
     }
 
     #[tokio::test]
