@@ -341,8 +341,10 @@ pub struct Progress {
     workers: Vec<Arc<AtomicU64>>,
 }
 
-/// How often each worker thread ticks its progress counter.
-pub const WORKER_TICK: Duration = Duration::from_millis(100);
+/// How often each worker thread ticks its progress counter: well inside `degraded_after_ms`
+/// (3 s by default; a worker is judged stuck only after several missed ticks), and seldom enough
+/// that an idle node's workers wake 4 times a second each.
+pub const WORKER_TICK: Duration = Duration::from_millis(250);
 
 impl Progress {
     /// Progress for `workers` worker threads; each must run [`Progress::tick_worker`].

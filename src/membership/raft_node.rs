@@ -95,14 +95,14 @@ pub struct DriverConfig {
 
 impl DriverConfig {
     /// Defaults for node `id`: 100 ms ticks, election after 1–2 s of silence, heartbeats every
-    /// 200 ms.
+    /// 300 ms.
     pub fn new(id: u64) -> Self {
         DriverConfig {
             id,
             tick: Duration::from_millis(100),
             election_ticks: 10,
             max_election_ticks: 0,
-            heartbeat_ticks: 2,
+            heartbeat_ticks: 3,
             propose_timeout: Duration::from_secs(5),
             snapshot_every: 1000,
         }
@@ -294,6 +294,8 @@ struct Driver<S: RaftLogStore + Clone, A: Apply> {
     fatal: Option<String>,
     /// How often raft-rs panicked on a message and the node was rebuilt from storage.
     recovered: u64,
+    /// Leader heartbeat rounds sent (see [`LEARNER_HEARTBEAT_EVERY`]).
+    heartbeat_rounds: u64,
 }
 
 /// Starts the driver on the current tokio runtime. `bootstrap` makes this node the sole voter of a
@@ -386,6 +388,7 @@ where
         snapshot_due: false,
         fatal: None,
         recovered: 0,
+        heartbeat_rounds: 0,
     };
     // A node that is the only voter need not wait an election timeout to lead.
     let conf = driver.node.raft.prs().conf().to_conf_state();
@@ -395,17 +398,35 @@ where
     Ok((driver, status_rx))
 }
 
+/// Raft ticks a learner takes at once (see `Driver::run`).
+const LEARNER_TICKS: u32 = 5;
+
+/// A learner gets one leader heartbeat round in this many (about one a second): it never
+/// campaigns, so it needs no heartbeat to keep it from an election; it learns commits from the
+/// appends that carry them (raft-rs broadcasts a commit at once), and a lagging one is probed
+/// after its next heartbeat answer. Voters get every round. At 20 nodes (3 voters) this takes
+/// two thirds of an idle leader's heartbeats away.
+const LEARNER_HEARTBEAT_EVERY: u64 = 3;
+
 impl<S: RaftLogStore + Clone, A: Apply> Driver<S, A> {
     async fn run(&mut self, mut inbound: mpsc::UnboundedReceiver<Inbound>) {
-        let mut ticker = tokio::time::interval(self.config.tick);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Ticks due at the next wake-up: one for a voter; a learner never campaigns, so its
+        // election clock times nothing and it takes `LEARNER_TICKS` at a time, waking that much
+        // less often (most members of a large cluster are learners). Chosen after each wake-up, so
+        // a promoted learner is back to single ticks within one such period.
+        let mut due = 1;
+        let mut next_tick = tokio::time::Instant::now() + self.config.tick;
         loop {
             tokio::select! {
                 // A fixed order, not tokio's random one: with the same inputs, the same run.
                 biased;
-                _ = ticker.tick() => {
-                    self.node.tick();
+                _ = tokio::time::sleep_until(next_tick) => {
+                    for _ in 0..due {
+                        self.node.tick();
+                    }
                     self.expire_pending();
+                    due = if self.node.raft.promotable() { 1 } else { LEARNER_TICKS };
+                    next_tick = tokio::time::Instant::now() + self.config.tick * due;
                 }
                 msg = inbound.recv() => match msg {
                     Some(m) => {
@@ -690,7 +711,21 @@ impl<S: RaftLogStore + Clone, A: Apply> Driver<S, A> {
     }
 
     fn send(&mut self, msgs: Vec<Message>) {
+        let heartbeat = |m: &Message| m.get_msg_type() == MessageType::MsgHeartbeat && m.context.is_empty();
+        let learners = if msgs.iter().any(heartbeat) {
+            self.heartbeat_rounds += 1;
+            if self.heartbeat_rounds % LEARNER_HEARTBEAT_EVERY == 0 {
+                Vec::new()
+            } else {
+                self.node.raft.prs().conf().to_conf_state().learners
+            }
+        } else {
+            Vec::new()
+        };
         for m in msgs {
+            if heartbeat(&m) && learners.contains(&m.to) {
+                continue;
+            }
             let _ = self.out.send(Outbound::Raft {
                 to: m.to,
                 bytes: m.encode_to_vec(),
@@ -1023,6 +1058,14 @@ mod tests {
     /// Starts `n` drivers wired by an in-memory router that drops traffic to and from nodes in
     /// `down`.
     fn cluster(n: u64, down: Arc<Mutex<Vec<u64>>>) -> HashMap<u64, TestNode> {
+        cluster_counting(n, down, Arc::default())
+    }
+
+    /// Leader heartbeats routed, by receiver.
+    type Heartbeats = Arc<Mutex<HashMap<u64, u64>>>;
+
+    /// [`cluster`], counting the heartbeats routed to each node in `heartbeats`.
+    fn cluster_counting(n: u64, down: Arc<Mutex<Vec<u64>>>, heartbeats: Heartbeats) -> HashMap<u64, TestNode> {
         let mut nodes = HashMap::new();
         let mut outs = Vec::new();
         for id in 1..=n {
@@ -1042,11 +1085,18 @@ mod tests {
         for (from, mut out_rx) in outs {
             let txs = txs.clone();
             let down = down.clone();
+            let heartbeats = heartbeats.clone();
             tokio::spawn(async move {
                 while let Some(m) = out_rx.recv().await {
                     let d = down.lock().unwrap().clone();
                     let (to, msg) = match m {
-                        Outbound::Raft { to, bytes } => (to, Inbound::Raft { from, bytes }),
+                        Outbound::Raft { to, bytes } => {
+                            let kind = Message::decode(&bytes[..]).unwrap().get_msg_type();
+                            if kind == MessageType::MsgHeartbeat {
+                                *heartbeats.lock().unwrap().entry(to).or_default() += 1;
+                            }
+                            (to, Inbound::Raft { from, bytes })
+                        }
                         Outbound::Forward { to, origin, seq, data } => {
                             assert_eq!(origin, from, "a direct forward carries its sender as origin");
                             (
@@ -1152,6 +1202,38 @@ mod tests {
         })
         .await;
         assert!(!nodes[&1].log.0.lock().unwrap().contains(&b"lost".to_vec()));
+        for n in nodes.values() {
+            n.task.abort();
+        }
+    }
+
+    /// A learner gets one heartbeat round in [`LEARNER_HEARTBEAT_EVERY`], a voter every one; the
+    /// learner still learns every commit at once (from the appends).
+    #[tokio::test]
+    async fn learners_get_a_third_of_the_heartbeats_and_still_apply_every_commit() {
+        let heartbeats = Heartbeats::default();
+        let nodes = cluster_counting(3, Arc::default(), heartbeats.clone());
+        until("node 1 leads", || nodes[&1].status.borrow().is_leader.then_some(())).await;
+        add(&nodes[&1], 2, ConfChangeType::AddNode).await;
+        add(&nodes[&1], 3, ConfChangeType::AddLearnerNode).await;
+        until("node 3 knows the leader", || {
+            (nodes[&3].status.borrow().leader == 1).then_some(())
+        })
+        .await;
+        heartbeats.lock().unwrap().clear();
+        let count = |id: u64| heartbeats.lock().unwrap().get(&id).copied().unwrap_or(0);
+        until("60 heartbeats to the voter", || (count(2) >= 60).then_some(())).await;
+        let (voter, learner) = (count(2), count(3));
+        assert!(
+            learner * 2 <= voter && learner * 5 >= voter,
+            "about a third: {learner} to the learner, {voter} to the voter"
+        );
+        // Commits still reach it (raft-rs broadcasts them in appends).
+        propose(&nodes[&1], b"x").await.unwrap();
+        until("the learner applied it", || {
+            (nodes[&3].log.0.lock().unwrap().as_slice() == [b"x".to_vec()]).then_some(())
+        })
+        .await;
         for n in nodes.values() {
             n.task.abort();
         }

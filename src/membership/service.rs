@@ -844,12 +844,25 @@ impl Ctx {
     /// that can never commit neither spins nor floods the log.
     async fn leader_duties(self: Arc<Self>) {
         let mut retry = Retry::default();
+        // The last state whose placement was found current: the placement is a function of the
+        // state alone, so it is computed again only once a command applied (a new state), not on
+        // every 100 ms wake-up (at idle, with many subscriptions, that was most of a leader's CPU).
+        let mut placed: Option<Arc<MembershipState>> = None;
+        let mut raft = self.status.clone();
         loop {
+            if !raft.borrow_and_update().is_leader {
+                // A follower has no duties: it sleeps until it becomes the leader, rather than
+                // waking every 100 ms to find that out (an idle follower's most frequent wake-up).
+                retry = Retry::default();
+                if raft.changed().await.is_err() {
+                    return;
+                }
+                continue;
+            }
             // Short enough to mark a member down soon after `down_after` elapsed.
             let _ = tokio::time::timeout(Duration::from_millis(100), self.changed.notified()).await;
             let status = self.status.borrow().clone();
             if !status.is_leader {
-                retry = Retry::default();
                 continue;
             }
             let state = self.state.borrow().clone();
@@ -884,6 +897,8 @@ impl Ctx {
                     tracing::warn!(change = command.name(), "member status change committed");
                 }
                 (format!("member status change {}", command.name()), r)
+            } else if placed.as_ref().is_some_and(|p| Arc::ptr_eq(p, &state)) {
+                continue;
             } else if let Some(p) = state.proposed_placement(self.load_factor) {
                 if !p.unplaced.is_empty() {
                     tracing::warn!(unplaced = ?p.unplaced, "subscriptions no up member can run: start a node with their handler");
@@ -894,6 +909,7 @@ impl Ctx {
                 }
                 (format!("placement epoch {}", p.epoch), r)
             } else {
+                placed = Some(state);
                 continue;
             };
             match outcome {
