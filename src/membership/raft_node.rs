@@ -533,7 +533,10 @@ impl<S: RaftLogStore + Clone, A: Apply> Driver<S, A> {
                 }
             }
             Inbound::Campaign { gone } => {
-                if self.node.raft.leader_id != gone || self.node.raft.state == StateRole::Leader {
+                // Only while the gone leader is still the one known, or none is (a losing
+                // candidate's term cleared it).
+                let leader = self.node.raft.leader_id;
+                if (leader != gone && leader != raft::INVALID_ID) || self.node.raft.state == StateRole::Leader {
                     return;
                 }
                 // A local MsgTimeoutNow (term 0) makes a follower campaign with the transfer

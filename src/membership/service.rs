@@ -558,6 +558,10 @@ async fn send_to_peers(mut out: mpsc::UnboundedReceiver<Outbound>, bus: Bus, dri
     }
 }
 
+/// How long each voter waits for the ones before it to win an early election (see
+/// `Ctx::expedite_elections`): a few election round trips on a LAN.
+const EXPEDITE_STAGGER: Duration = Duration::from_millis(150);
+
 /// The control channel's inbound messages to their rooms: Raft messages and forwarded proposals
 /// to the driver, pings answered at once (with this node's handler progress), pongs to the
 /// monitor. Event-plane payloads come in on the events channel, straight to the relay; the bus
@@ -804,36 +808,72 @@ impl Ctx {
 
     /// When the leader's process is gone (its connection broke and it refuses new ones), the
     /// lowest-id voter that is still up starts an election at once instead of waiting out the
-    /// election timeout (1–2 s): the rest of a failover (MarkDown, placement) needs a leader.
+    /// election timeout (1–2 s): the rest of a failover (MarkDown, placement) needs a leader. The
+    /// next voters follow, one [`EXPEDITE_STAGGER`] apart, while the gone leader is still the one
+    /// they know: the first may lose (its log behind theirs, just restarted), and then the others
+    /// would otherwise wait the whole election timeout.
     async fn expedite_elections(self: Arc<Self>) {
         let mut health = self.health.subscribe();
         let mut status = self.status.clone();
         let mut tried = (0, 0);
+        // The last leader seen gone: a losing candidate's vote request clears the leader that
+        // the others know (a new term), and it is still gone.
+        let mut gone = 0;
         loop {
             tokio::select! {
                 r = health.changed() => if r.is_err() { return },
                 r = status.changed() => if r.is_err() { return },
             }
             let raft = status.borrow_and_update().clone();
-            let leader = raft.leader;
-            if raft.is_leader || leader == 0 || !raft.voters.contains(&self.id) || tried == (raft.term, leader) {
+            if raft.leader != 0 {
+                gone = 0;
+            }
+            let Some((term, leader, rank)) = self.campaign_rank(&raft, gone) else {
+                continue;
+            };
+            gone = leader;
+            if tried == (term, leader) {
                 continue;
             }
-            let peer = self.health.peer(leader);
-            if peer.state() != PeerState::Suspect || !peer.unreachable() {
-                continue;
+            if rank > 0 {
+                // Give the voters before this one their turn; a new leader ends the wait.
+                let _ = tokio::time::timeout(EXPEDITE_STAGGER * rank, async {
+                    while status.changed().await.is_ok() {
+                        if status.borrow_and_update().leader != 0 {
+                            return;
+                        }
+                    }
+                })
+                .await;
+                let now = self.campaign_rank(&status.borrow(), gone);
+                if now.is_none_or(|(_, l, _)| l != leader) {
+                    continue;
+                }
             }
-            let first = raft
-                .voters
-                .iter()
-                .copied()
-                .filter(|&v| v != leader && (v == self.id || self.health.peer(v).routable()))
-                .min();
-            if first == Some(self.id) {
-                tried = (raft.term, leader);
-                let _ = self.driver.send(Inbound::Campaign { gone: leader });
-            }
+            tried = (status.borrow().term, leader);
+            let _ = self.driver.send(Inbound::Campaign { gone: leader });
         }
+    }
+
+    /// When this voter should start an early election: `(term, gone leader, rank)`, rank 0 for
+    /// the lowest-id voter still routable, 1 for the next… `None` while no leader is gone
+    /// (suspect and unreachable: the one this node knows, or `gone` while it knows none), or
+    /// this node leads or does not vote.
+    fn campaign_rank(&self, raft: &RaftStatus, gone: u64) -> Option<(u64, u64, u32)> {
+        let leader = if raft.leader == 0 { gone } else { raft.leader };
+        if raft.is_leader || leader == 0 || !raft.voters.contains(&self.id) {
+            return None;
+        }
+        let peer = self.health.peer(leader);
+        if peer.state() != PeerState::Suspect || !peer.unreachable() {
+            return None;
+        }
+        let rank = raft
+            .voters
+            .iter()
+            .filter(|&&v| v != leader && v < self.id && self.health.peer(v).routable())
+            .count();
+        Some((raft.term, leader, rank as u32))
     }
 
     /// On the leader: keep the Raft configuration and the placement in line with the table.
