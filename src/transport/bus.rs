@@ -69,6 +69,14 @@ const INBOUND: usize = 4096;
 /// when it is full, the events channel stops reading until the relay takes some.
 pub const APP_QUEUE: usize = 1024;
 
+/// The events connections' keepalive interval and idle timeout are the control ones times this
+/// (9 s and 30 s by default). A node keeps an events connection to every member, mostly idle, so
+/// their keepalives were a large part of an idle node's wake-ups; and a peer that dies or freezes
+/// is found by the monitor over the control connection within about a second (the relay then
+/// reroutes), so the events idle timeout only has to catch a connection that died silently while
+/// its peer stayed healthy.
+pub(super) const EVENTS_KEEPALIVE_FACTOR: u32 = 3;
+
 /// A node's two peer transports and the thread the events channel runs on. Cheap to clone.
 #[derive(Clone)]
 pub struct Bus {
@@ -113,6 +121,8 @@ impl Bus {
         let thread = EventsThread::start().map_err(|e| Error::io("cannot start the herald-events thread", e))?;
         let mut events_config = config;
         events_config.channel = Channel::Events;
+        events_config.keepalive_interval *= EVENTS_KEEPALIVE_FACTOR;
+        events_config.idle_timeout *= EVENTS_KEEPALIVE_FACTOR;
         let (events_tx, events_rx) = mpsc::channel(INBOUND);
         let events = {
             let _runtime = thread.handle.enter();
