@@ -805,6 +805,15 @@ impl Suspicions {
         });
     }
 
+    /// Whether any report was heard within `stale` of `now`: only then can time passing change a
+    /// [`verdict`](Self::verdict) (one from stale reports is always `None`).
+    pub fn any_fresh(&self, now: Instant, stale: Duration) -> bool {
+        self.reports
+            .values()
+            .flat_map(|by| by.values())
+            .any(|r| now.saturating_duration_since(r.heard) <= stale)
+    }
+
     /// The verdict on `target` (up in the table or not) given its current `watchers`, at `now`.
     pub fn verdict(
         &self,
@@ -1030,6 +1039,25 @@ mod tests {
             None,
             "reports not repeated go stale"
         );
+    }
+
+    /// The leader sleeps until something changes when no report is fresh: a verdict from stale
+    /// reports is always `None`, so only fresh ones can fall due with time.
+    #[test]
+    fn only_fresh_reports_can_fall_due_and_stale_ones_never_give_a_verdict() {
+        let t0 = Instant::now() + Duration::from_secs(10);
+        let watchers = [1, 2, 3];
+        let mut s = Suspicions::default();
+        assert!(!s.any_fresh(t0, STALE), "no report");
+        for w in watchers {
+            s.record(w, &suspicion(9, PeerState::Suspect, 0), t0);
+        }
+        assert!(s.any_fresh(t0 + STALE, STALE));
+        let after = t0 + STALE + MS;
+        assert!(!s.any_fresh(after, STALE));
+        for later in [after, after + DOWN_AFTER, after + 100 * DOWN_AFTER] {
+            assert_eq!(s.verdict(9, true, &watchers, later, DOWN_AFTER, STALE), None);
+        }
     }
 
     #[test]

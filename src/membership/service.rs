@@ -889,6 +889,8 @@ impl Ctx {
         // every 100 ms wake-up (at idle, with many subscriptions, that was most of a leader's CPU).
         let mut placed: Option<Arc<MembershipState>> = None;
         let mut raft = self.status.clone();
+        // Just became the leader: its duties are looked at once, without waiting.
+        let mut new_leader = true;
         loop {
             if !raft.borrow_and_update().is_leader {
                 // A follower has no duties: it sleeps until it becomes the leader, rather than
@@ -897,10 +899,27 @@ impl Ctx {
                 if raft.changed().await.is_err() {
                     return;
                 }
+                new_leader = true;
                 continue;
             }
-            // Short enough to mark a member down soon after `down_after` elapsed.
-            let _ = tokio::time::timeout(Duration::from_millis(100), self.changed.notified()).await;
+            if !std::mem::take(&mut new_leader) {
+                let fresh = self
+                    .suspicions
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .any_fresh(std::time::Instant::now(), self.stale_after);
+                if fresh {
+                    // Short enough to mark a member down soon after `down_after` elapsed.
+                    let _ = tokio::time::timeout(Duration::from_millis(100), self.changed.notified()).await;
+                } else {
+                    // No fresh report: no verdict can fall due with time, so only a change (a
+                    // command applied, a report heard, leadership) is worth waking for.
+                    tokio::select! {
+                        () = self.changed.notified() => {}
+                        _ = raft.changed() => {}
+                    }
+                }
+            }
             let status = self.status.borrow().clone();
             if !status.is_leader {
                 continue;
