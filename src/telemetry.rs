@@ -403,6 +403,98 @@ fn post(
 mod tests {
     use super::*;
 
+    /// An exporter that holds its first batch until told, then takes the rest at once.
+    #[derive(Debug)]
+    struct Stuck {
+        release: Mutex<Receiver<()>>,
+        exported: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl SpanExporter for Stuck {
+        fn export(
+            &self,
+            batch: Vec<SpanData>,
+        ) -> impl std::future::Future<Output = opentelemetry_sdk::error::OTelSdkResult> + Send {
+            let _ = self.release.lock().unwrap().recv_timeout(Duration::from_secs(20));
+            self.exported
+                .fetch_add(batch.len(), std::sync::atomic::Ordering::SeqCst);
+            std::future::ready(Ok(()))
+        }
+    }
+
+    fn span(n: u8, sampled: bool) -> SpanData {
+        let flags = if sampled {
+            TraceFlags::SAMPLED
+        } else {
+            TraceFlags::default()
+        };
+        SpanData {
+            span_context: SpanContext::new(
+                TraceId::from_bytes([n.max(1); 16]),
+                SpanId::from_bytes([n.max(1); 8]),
+                flags,
+                false,
+                TraceState::default(),
+            ),
+            parent_span_id: SpanId::INVALID,
+            parent_span_is_remote: false,
+            span_kind: opentelemetry::trace::SpanKind::Internal,
+            name: "deliver".into(),
+            start_time: std::time::SystemTime::now(),
+            end_time: std::time::SystemTime::now(),
+            attributes: Vec::new(),
+            dropped_attributes_count: 0,
+            events: Default::default(),
+            links: Default::default(),
+            status: opentelemetry::trace::Status::Unset,
+            instrumentation_scope: Default::default(),
+        }
+    }
+
+    /// A stuck exporter never makes the event path wait: spans beyond the queue are dropped at
+    /// once and counted in `herald_trace_spans_dropped_total`; unsampled ones are not queued.
+    #[test]
+    fn a_full_export_queue_drops_spans_without_waiting_and_counts_them() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let (release, stuck) = mpsc::channel();
+        let exported = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let exporter = Stuck {
+            release: Mutex::new(stuck),
+            exported: exported.clone(),
+        };
+        // Queue of 4, batches of 1: the thread takes one span and is stuck exporting it.
+        let batcher =
+            metrics::with_local_recorder(&recorder, || Batcher::start(exporter, 4, 1, Duration::from_secs(60)));
+        batcher.on_end(span(1, true));
+        let dropped = || {
+            crate::metrics::parse_exposition(&handle.render())
+                .get(crate::metrics::TRACE_SPANS_DROPPED)
+                .and_then(|series| series.first().map(|(_, v)| *v))
+                .unwrap_or(0.0)
+        };
+        // The queue holds 4: 3 more with the first span still in it, 4 once the stuck thread took
+        // it. Of 100 more offered, every one that found no room is counted, and none waited.
+        let started = Instant::now();
+        for n in 2..=101 {
+            batcher.on_end(span(n, true));
+            batcher.on_end(span(n, false));
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "on_end never waits");
+        let d = dropped();
+        assert!(
+            (96.0..=97.0).contains(&d),
+            "100 offered behind a stuck exporter, 96 or 97 dropped: {d}"
+        );
+        // Released, it exports what was queued, and nothing more is dropped.
+        for _ in 0..10 {
+            let _ = release.send(());
+        }
+        batcher.force_flush().unwrap();
+        assert_eq!(exported.load(std::sync::atomic::Ordering::SeqCst) as f64, 101.0 - d);
+        assert_eq!(dropped(), d);
+    }
+
     #[test]
     fn a_sampler_without_a_subscriber_starts_nothing() {
         // No subscriber wants the target in a unit test: never a trace, whatever the ratio.
