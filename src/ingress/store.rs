@@ -1121,16 +1121,20 @@ mod tests {
         assert_eq!(dead_letter_ids(&store).await, vec!["04", "05"], "nothing more");
     }
 
-    #[tokio::test]
-    async fn retention_by_age_deletes_old_dead_letters_from_the_oldest_and_stops_at_a_recent_one() {
-        let dir = tempfile::tempdir().unwrap();
+    /// A store keeping dead letters for an hour, now and two hours ago (Unix ms).
+    fn keeping_an_hour(dir: &Path) -> (Store, i64, i64) {
         let retention = Retention {
             max_age: Some(Duration::from_secs(3600)),
             max_count: None,
         };
-        let store = open(dir.path(), retention);
         let now = chrono::Utc::now().timestamp_millis();
-        let old = now - 2 * 3600 * 1000;
+        (open(dir, retention), now, now - 2 * 3600 * 1000)
+    }
+
+    #[tokio::test]
+    async fn retention_by_age_deletes_old_dead_letters_from_the_oldest_and_stops_at_a_recent_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, now, old) = keeping_an_hour(dir.path());
         // Ids are time-ordered in real use; "03" out of order shows where deletion stops.
         for (id, at) in [("01", old), ("02", old), ("03", now), ("04", old)] {
             store.put_dead_letter(id.into(), dead_letter("g", at)).await.unwrap();
@@ -1142,13 +1146,7 @@ mod tests {
     #[tokio::test]
     async fn a_dead_letter_that_does_not_decode_is_aged_by_its_ulid_and_does_not_block_retention() {
         let dir = tempfile::tempdir().unwrap();
-        let retention = Retention {
-            max_age: Some(Duration::from_secs(3600)),
-            max_count: None,
-        };
-        let store = open(dir.path(), retention);
-        let now = chrono::Utc::now().timestamp_millis();
-        let old = now - 2 * 3600 * 1000;
+        let (store, now, old) = keeping_an_hour(dir.path());
         let ulid_at = |ms: i64| ulid::Ulid::from_parts(ms as u64, 1).to_string();
         let (first, corrupt, after, recent) = (ulid_at(old - 2), ulid_at(old - 1), ulid_at(old), ulid_at(now));
         store
