@@ -257,7 +257,15 @@ fn bars(path: &Path, title: &str, y_desc: &str, groups: &[String], series: &[Ser
         .iter()
         .flat_map(|s| s.bars.iter().flatten().map(|b| b.2))
         .fold(0.0f64, f64::max);
-    let y_max = if log { scale(top).ceil() + 0.3 } else { top * 1.15 }.max(1e-9);
+    // Room above the tallest bar for its label and, with several series, for the legend (upper
+    // right, a line per series), so that the legend never covers a bar.
+    let legend = if series.len() > 1 { series.len() as f64 } else { 0.0 };
+    let y_max = if log {
+        scale(top).ceil() + 0.3 + 0.25 * legend
+    } else {
+        top * (1.15 + 0.07 * legend)
+    }
+    .max(1e-9);
     // The series with a bar in each group: a group's bars sit side by side, centred.
     let present: Vec<Vec<usize>> = (0..groups.len())
         .map(|i| {
