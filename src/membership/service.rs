@@ -836,10 +836,12 @@ impl Ctx {
                 continue;
             }
             if rank > 0 {
-                // Give the voters before this one their turn; a new leader ends the wait.
+                // Give the voters before this one their turn; a new leader ends the wait (other
+                // changes, the gone leader still known or none, do not).
                 let _ = tokio::time::timeout(EXPEDITE_STAGGER * rank, async {
                     while status.changed().await.is_ok() {
-                        if status.borrow_and_update().leader != 0 {
+                        let now = status.borrow_and_update().leader;
+                        if now != 0 && now != leader {
                             return;
                         }
                     }
