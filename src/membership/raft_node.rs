@@ -547,8 +547,18 @@ impl<S: RaftLogStore + Clone, A: Apply> Driver<S, A> {
                 m.from = gone;
                 if let Err(e) = self.node.step(m) {
                     tracing::debug!(error = %e, "could not start an early election");
-                } else {
+                } else if self.node.raft.state == StateRole::Candidate {
                     tracing::info!(leader = gone, "the leader's process is gone; starting an election now");
+                } else {
+                    // raft-rs declines while committed configuration changes are not applied
+                    // yet; the election timeout, or the next voter's turn, starts one instead.
+                    tracing::info!(
+                        leader = gone,
+                        state = ?self.node.raft.state,
+                        applied = self.node.raft.raft_log.applied,
+                        committed = self.node.raft.raft_log.committed,
+                        "the leader's process is gone, but Raft declined an early election"
+                    );
                 }
             }
         }

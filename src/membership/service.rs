@@ -816,9 +816,10 @@ impl Ctx {
         let mut health = self.health.subscribe();
         let mut status = self.status.clone();
         let mut tried = (0, 0);
-        // The last leader seen gone: a losing candidate's vote request clears the leader that
-        // the others know (a new term), and it is still gone.
-        let mut gone = 0;
+        // The last leader this node knew: a candidate's vote request clears the leader that the
+        // others know (a new term), and that may happen before this node saw the leader's
+        // process gone (the candidate detected it a few milliseconds sooner, then lost).
+        let mut last_leader = 0;
         loop {
             tokio::select! {
                 r = health.changed() => if r.is_err() { return },
@@ -826,12 +827,11 @@ impl Ctx {
             }
             let raft = status.borrow_and_update().clone();
             if raft.leader != 0 {
-                gone = 0;
+                last_leader = raft.leader;
             }
-            let Some((term, leader, rank)) = self.campaign_rank(&raft, gone) else {
+            let Some((term, leader, rank)) = self.campaign_rank(&raft, last_leader) else {
                 continue;
             };
-            gone = leader;
             if tried == (term, leader) {
                 continue;
             }
@@ -847,22 +847,24 @@ impl Ctx {
                     }
                 })
                 .await;
-                let now = self.campaign_rank(&status.borrow(), gone);
+                let now = self.campaign_rank(&status.borrow(), last_leader);
                 if now.is_none_or(|(_, l, _)| l != leader) {
                     continue;
                 }
             }
-            tried = (status.borrow().term, leader);
+            // The campaign raises this node's term by one: that status change is not a reason to
+            // campaign again (a second campaign would restart the election it is winning).
+            tried = (status.borrow().term + 1, leader);
             let _ = self.driver.send(Inbound::Campaign { gone: leader });
         }
     }
 
     /// When this voter should start an early election: `(term, gone leader, rank)`, rank 0 for
     /// the lowest-id voter still routable, 1 for the next… `None` while no leader is gone
-    /// (suspect and unreachable: the one this node knows, or `gone` while it knows none), or
-    /// this node leads or does not vote.
-    fn campaign_rank(&self, raft: &RaftStatus, gone: u64) -> Option<(u64, u64, u32)> {
-        let leader = if raft.leader == 0 { gone } else { raft.leader };
+    /// (suspect and unreachable: the one this node knows, or `last_leader`, the last one it
+    /// knew, while it knows none), or this node leads or does not vote.
+    fn campaign_rank(&self, raft: &RaftStatus, last_leader: u64) -> Option<(u64, u64, u32)> {
+        let leader = if raft.leader == 0 { last_leader } else { raft.leader };
         if raft.is_leader || leader == 0 || !raft.voters.contains(&self.id) {
             return None;
         }
