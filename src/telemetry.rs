@@ -18,13 +18,14 @@
 //! (`OTEL_BSP_MAX_QUEUE_SIZE`, 2048) to one exporter thread that sends batches
 //! (`OTEL_BSP_MAX_EXPORT_BATCH_SIZE`, 512) at least every `OTEL_BSP_SCHEDULE_DELAY` ms (1000);
 //! a full queue drops the span and counts it in `herald_trace_spans_dropped_total`, so export
-//! never blocks the event path. The HTTP client is a small blocking HTTP/1.1 POST on that
+//! never blocks the event path. The thread is woken by a whole batch, not by each span. The HTTP client is a small blocking HTTP/1.1 POST on that
 //! thread (`http://` only: no TLS stack is linked for it).
 
+use std::fmt;
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
-use std::sync::Mutex;
+use std::sync::mpsc::{self, SyncSender};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -222,40 +223,97 @@ fn env_ms(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-enum Batch {
-    Span(Box<SpanData>),
-    Flush(SyncSender<()>),
-    Shutdown(SyncSender<()>),
+/// The spans waiting for the exporter thread, and what was asked of it.
+#[derive(Default)]
+struct Queue {
+    spans: Vec<SpanData>,
+    /// Flushes asked for: each is answered once what was queued before it is exported.
+    flushes: Vec<SyncSender<()>>,
+    /// Shutdown asked for (answered once everything queued is exported), or the batcher dropped.
+    closing: Option<Option<SyncSender<()>>>,
+}
+
+/// The queue and the exporter thread's wake-up, shared by the batcher and its thread.
+#[derive(Default)]
+struct Shared {
+    queue: Mutex<Queue>,
+    wake: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 /// The span processor: a bounded queue (drops counted, never waits) to one exporter thread.
-#[derive(Debug)]
+///
+/// A span is queued under a short lock, and the thread is woken only when a whole batch is
+/// waiting (or a flush or shutdown is asked): otherwise it sleeps until the schedule delay. A
+/// wake-up per span (a channel) cost a futex wake and a context switch per span, which on a busy
+/// node was most of what traces cost at a low sampling ratio.
 struct Batcher {
-    queue: SyncSender<Batch>,
+    shared: Arc<Shared>,
+    capacity: usize,
+    max_batch: usize,
     dropped: metrics::Counter,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
+impl fmt::Debug for Batcher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Batcher")
+            .field("capacity", &self.capacity)
+            .field("max_batch", &self.max_batch)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Batcher {
     fn start<E: SpanExporter + 'static>(exporter: E, queue: usize, batch: usize, delay: Duration) -> Batcher {
-        let (tx, rx) = mpsc::sync_channel(queue.max(1));
-        let thread = std::thread::Builder::new()
-            .name("herald-otlp".into())
-            .spawn(move || export_loop(exporter, rx, batch, delay))
-            .ok();
+        let shared = Arc::new(Shared::default());
+        let max_batch = batch.max(1);
+        let thread = {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name("herald-otlp".into())
+                .spawn(move || export_loop(exporter, &shared, max_batch, delay))
+                .ok()
+        };
         Batcher {
-            queue: tx,
+            shared,
+            capacity: queue.max(1),
+            max_batch,
             dropped: metrics::counter!(crate::metrics::TRACE_SPANS_DROPPED),
             thread: Mutex::new(thread),
         }
     }
 
-    fn ask(&self, make: impl FnOnce(SyncSender<()>) -> Batch, timeout: Duration) {
+    /// Asks the thread for a flush (`shutdown`: and to stop) and waits for the answer, at most
+    /// `timeout` (these come from shutdown, not from the event path).
+    fn ask(&self, shutdown: bool, timeout: Duration) {
         let (tx, rx) = mpsc::sync_channel(1);
-        // Control messages wait for room (they come from shutdown, not from the event path).
-        if self.queue.send(make(tx)).is_ok() {
-            let _ = rx.recv_timeout(timeout);
+        {
+            let mut q = self.shared.lock();
+            if q.closing.is_some() {
+                return;
+            }
+            if shutdown {
+                q.closing = Some(Some(tx));
+            } else {
+                q.flushes.push(tx);
+            }
         }
+        self.shared.wake.notify_one();
+        let _ = rx.recv_timeout(timeout);
+    }
+}
+
+impl Drop for Batcher {
+    fn drop(&mut self) {
+        // The thread exports what is queued and ends.
+        self.shared.lock().closing.get_or_insert(None);
+        self.shared.wake.notify_one();
     }
 }
 
@@ -266,20 +324,30 @@ impl SpanProcessor for Batcher {
         if !span.span_context.is_sampled() {
             return;
         }
-        match self.queue.try_send(Batch::Span(Box::new(span))) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => self.dropped.increment(1),
+        let queued = {
+            let mut q = self.shared.lock();
+            if q.spans.len() >= self.capacity || q.closing.is_some() {
+                None
+            } else {
+                q.spans.push(span);
+                Some(q.spans.len())
+            }
+        };
+        match queued {
+            Some(n) if n == self.max_batch => self.shared.wake.notify_one(),
+            Some(_) => {}
+            None => self.dropped.increment(1),
         }
     }
 
     fn force_flush(&self) -> opentelemetry_sdk::error::OTelSdkResult {
-        self.ask(Batch::Flush, Duration::from_secs(5));
+        self.ask(false, Duration::from_secs(5));
         Ok(())
     }
 
     fn shutdown_with_timeout(&self, timeout: Duration) -> opentelemetry_sdk::error::OTelSdkResult {
-        self.ask(Batch::Shutdown, timeout);
-        if let Some(t) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        self.ask(true, timeout);
+        if let Some(t) = self.thread.lock().unwrap_or_else(PoisonError::into_inner).take() {
             if t.is_finished() {
                 let _ = t.join();
             }
@@ -288,49 +356,60 @@ impl SpanProcessor for Batcher {
     }
 }
 
-fn export_loop<E: SpanExporter>(exporter: E, rx: Receiver<Batch>, max_batch: usize, delay: Duration) {
-    let mut batch: Vec<SpanData> = Vec::with_capacity(max_batch);
+/// The exporter thread: sleeps until a batch is waiting, a flush or shutdown is asked, or the
+/// schedule delay passed; then takes a batch (everything, for a flush or shutdown) and exports it.
+fn export_loop<E: SpanExporter>(exporter: E, shared: &Shared, max_batch: usize, delay: Duration) {
     let mut due = Instant::now() + delay;
     let mut last_warning: Option<Instant> = None;
-    let mut export = |batch: &mut Vec<SpanData>| {
-        if batch.is_empty() {
-            return;
-        }
-        let spans = std::mem::replace(batch, Vec::with_capacity(max_batch));
-        let n = spans.len();
-        if let Err(e) = futures_executor::block_on(exporter.export(spans)) {
-            if last_warning.is_none_or(|t| t.elapsed() >= crate::metrics::LogLimit::EVERY) {
-                last_warning = Some(Instant::now());
-                tracing::warn!(spans = n, error = %e, "cannot export trace spans to the OTLP endpoint (dropped)");
-            }
-        }
-    };
     loop {
-        let wait = due.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(wait) {
-            Ok(Batch::Span(span)) => {
-                batch.push(*span);
-                if batch.len() >= max_batch {
-                    export(&mut batch);
+        let (spans, flushes, closing) = {
+            let mut q = shared.lock();
+            loop {
+                if q.spans.len() >= max_batch || !q.flushes.is_empty() || q.closing.is_some() {
+                    break;
+                }
+                let now = Instant::now();
+                if now >= due {
+                    break;
+                }
+                q = shared
+                    .wake
+                    .wait_timeout(q, due - now)
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .0;
+            }
+            let closing = q.closing.as_mut().map(Option::take);
+            // One batch at a time (the queue's bound holds: at most a batch is out of it), all of
+            // it for a flush or shutdown.
+            let spans = if q.flushes.is_empty() && closing.is_none() && q.spans.len() > max_batch {
+                q.spans.drain(..max_batch).collect()
+            } else {
+                std::mem::take(&mut q.spans)
+            };
+            (spans, std::mem::take(&mut q.flushes), closing)
+        };
+        if Instant::now() >= due {
+            due = Instant::now() + delay;
+        }
+        let mut spans = spans.into_iter().peekable();
+        while spans.peek().is_some() {
+            let batch: Vec<SpanData> = spans.by_ref().take(max_batch).collect();
+            let n = batch.len();
+            if let Err(e) = futures_executor::block_on(exporter.export(batch)) {
+                if last_warning.is_none_or(|t| t.elapsed() >= crate::metrics::LogLimit::EVERY) {
+                    last_warning = Some(Instant::now());
+                    tracing::warn!(spans = n, error = %e, "cannot export trace spans to the OTLP endpoint (dropped)");
                 }
             }
-            Ok(Batch::Flush(done)) => {
-                export(&mut batch);
+        }
+        for done in flushes {
+            let _ = done.send(());
+        }
+        if let Some(done) = closing {
+            if let Some(done) = done {
                 let _ = done.send(());
             }
-            Ok(Batch::Shutdown(done)) => {
-                export(&mut batch);
-                let _ = done.send(());
-                return;
-            }
-            Err(RecvTimeoutError::Timeout) => {
-                export(&mut batch);
-                due = Instant::now() + delay;
-            }
-            Err(RecvTimeoutError::Disconnected) => {
-                export(&mut batch);
-                return;
-            }
+            return;
         }
     }
 }
@@ -406,7 +485,7 @@ mod tests {
     /// An exporter that holds its first batch until told, then takes the rest at once.
     #[derive(Debug)]
     struct Stuck {
-        release: Mutex<Receiver<()>>,
+        release: Mutex<mpsc::Receiver<()>>,
         exported: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     }
 
@@ -493,6 +572,55 @@ mod tests {
         batcher.force_flush().unwrap();
         assert_eq!(exported.load(std::sync::atomic::Ordering::SeqCst) as f64, 101.0 - d);
         assert_eq!(dropped(), d);
+    }
+
+    /// Sends each exported batch's size.
+    #[derive(Debug)]
+    struct Sizes(Mutex<mpsc::Sender<usize>>);
+
+    impl SpanExporter for Sizes {
+        fn export(
+            &self,
+            batch: Vec<SpanData>,
+        ) -> impl std::future::Future<Output = opentelemetry_sdk::error::OTelSdkResult> + Send {
+            let _ = self.0.lock().unwrap().send(batch.len());
+            std::future::ready(Ok(()))
+        }
+    }
+
+    /// The exporter thread is woken by a whole batch, not by each span: fewer spans wait in the
+    /// queue (until the schedule delay, here a minute, or a flush), a whole batch goes at once.
+    #[test]
+    fn spans_wait_in_the_queue_until_a_whole_batch_is_there() {
+        let (tx, sizes) = mpsc::channel();
+        let batcher = Batcher::start(Sizes(Mutex::new(tx)), 100, 10, Duration::from_secs(60));
+        for n in 1..=9 {
+            batcher.on_end(span(n, true));
+        }
+        // The thread takes spans only for a whole batch, a flush, a shutdown or the delay.
+        assert_eq!(
+            batcher.shared.lock().spans.len(),
+            9,
+            "the thread took spans before a batch was whole"
+        );
+        batcher.on_end(span(10, true));
+        assert_eq!(
+            sizes.recv_timeout(Duration::from_secs(20)),
+            Ok(10),
+            "a whole batch is exported at once"
+        );
+        for n in 11..=13 {
+            batcher.on_end(span(n, true));
+        }
+        batcher.force_flush().unwrap();
+        assert_eq!(
+            sizes.try_recv(),
+            Ok(3),
+            "a flush exports what is queued before it answers"
+        );
+        batcher.shutdown_with_timeout(Duration::from_secs(5)).unwrap();
+        batcher.on_end(span(14, true));
+        assert!(sizes.try_recv().is_err(), "nothing is exported after shutdown");
     }
 
     #[test]
