@@ -780,10 +780,30 @@ pub fn init_logging_and_traces(config: &Config) -> Option<crate::telemetry::Tele
     install_subscriber(config.log_format, Some(config))
 }
 
-fn install_subscriber(format: LogFormat, traces: Option<&Config>) -> Option<crate::telemetry::Telemetry> {
+/// The log layer of the process's subscriber: text or JSON on stderr, filtered by `RUST_LOG`
+/// (default `info`), never showing the trace spans (nor their fields on log lines).
+type LogLayer = tracing_subscriber::filter::Filtered<
+    Box<dyn tracing_subscriber::Layer<tracing_subscriber::Registry> + Send + Sync>,
+    tracing_subscriber::filter::EnvFilter,
+    tracing_subscriber::Registry,
+>;
+
+/// The registry with the log layer: what the trace layer is stacked on.
+type LogStack = tracing_subscriber::layer::Layered<LogLayer, tracing_subscriber::Registry>;
+
+/// The process's subscriber, not installed: the log, then the trace layer `otel` (OpenTelemetry)
+/// when given, filtered to the trace target.
+///
+/// Without one, the trace layer's filter wants nothing, so no layer wants the trace target and
+/// the event path makes no span ([`crate::telemetry::enabled`] is false). An absent layer
+/// (`Option::None`) alone would want every span, and the log's per-layer filter would not stop
+/// the registry from making (and dropping) a span per published event.
+fn subscriber<L>(format: LogFormat, otel: Option<L>) -> impl tracing::Subscriber + Send + Sync
+where
+    L: tracing_subscriber::Layer<LogStack> + Send + Sync + 'static,
+{
     use tracing_subscriber::filter::{EnvFilter, Targets};
     use tracing_subscriber::prelude::*;
-    // The log never shows the trace spans (nor their fields on log lines): they are the exporter's.
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info"))
         .add_directive(
@@ -795,18 +815,24 @@ fn install_subscriber(format: LogFormat, traces: Option<&Config>) -> Option<crat
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(ansi);
-    let fmt = match format {
+    let fmt: LogLayer = match format {
         LogFormat::Text => fmt.boxed(),
         LogFormat::Json => fmt.json().flatten_event(true).boxed(),
     }
     .with_filter(filter);
+    let wanted = match otel {
+        Some(_) => Targets::new().with_target(crate::telemetry::TARGET, tracing::Level::INFO),
+        None => Targets::new(),
+    };
+    tracing_subscriber::registry().with(fmt).with(otel.with_filter(wanted))
+}
+
+fn install_subscriber(format: LogFormat, traces: Option<&Config>) -> Option<crate::telemetry::Telemetry> {
+    use tracing_subscriber::util::SubscriberInitExt;
     let mut problem = None;
     let (otel, handle) = match traces.filter(|c| c.telemetry.otlp_endpoint.is_some()) {
-        Some(c) => match crate::telemetry::install(&c.telemetry, c.node_id, &c.cluster_id) {
-            Ok((layer, handle)) => {
-                let only_traces = Targets::new().with_target(crate::telemetry::TARGET, tracing::Level::INFO);
-                (Some(layer.with_filter(only_traces)), Some(handle))
-            }
+        Some(c) => match crate::telemetry::install::<LogStack>(&c.telemetry, c.node_id, &c.cluster_id) {
+            Ok((layer, handle)) => (Some(layer), Some(handle)),
             Err(e) => {
                 problem = Some(e);
                 (None, None)
@@ -814,7 +840,7 @@ fn install_subscriber(format: LogFormat, traces: Option<&Config>) -> Option<crat
         },
         None => (None, None),
     };
-    if tracing_subscriber::registry().with(fmt).with(otel).try_init().is_err() {
+    if subscriber(format, otel).try_init().is_err() {
         // A subscriber was installed before: it keeps the process, and no exporter runs.
         return None;
     }
@@ -1117,6 +1143,34 @@ async fn status(c: ClientArgs) -> ClientResult {
 
 #[cfg(test)]
 mod tests {
+    /// Without an exporter the node's own subscriber wants no trace span, so the event path makes
+    /// none (it once made a `publish` span per event, sampled at the default ratio of 1, that no
+    /// layer recorded: an absent trace layer wanted every span); with one, it wants them.
+    #[test]
+    fn without_an_exporter_the_process_subscriber_wants_no_trace_span() {
+        use super::{subscriber, LogFormat};
+        use tracing_subscriber::layer::Identity;
+        for format in [LogFormat::Text, LogFormat::Json] {
+            let none = subscriber::<Identity>(format, None);
+            tracing::subscriber::with_default(none, || {
+                assert!(
+                    !crate::telemetry::enabled(),
+                    "no exporter: the trace target is not wanted"
+                );
+                assert!(
+                    !crate::telemetry::Sampler::new(1.0).start(),
+                    "no exporter: no trace starts"
+                );
+                assert!(tracing::enabled!(tracing::Level::INFO), "the log still wants info");
+            });
+            let some = subscriber(format, Some(Identity::new()));
+            tracing::subscriber::with_default(some, || {
+                assert!(crate::telemetry::enabled(), "an exporter: the trace target is wanted");
+                assert!(crate::telemetry::Sampler::new(1.0).start());
+            });
+        }
+    }
+
     #[test]
     fn url_accepts_a_bare_host_and_port_and_says_what_it_expects() {
         assert_eq!(super::node_url("127.0.0.1:24270").unwrap(), "http://127.0.0.1:24270");
