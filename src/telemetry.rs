@@ -69,9 +69,10 @@ impl Sampler {
         }
     }
 
-    /// Whether this publish starts a trace: never when no subscriber wants the spans.
+    /// Whether this publish starts a trace: never when no subscriber wants the spans. The draw
+    /// comes first: asking the subscriber costs more (its filters are evaluated on each call).
     pub fn start(&self) -> bool {
-        self.ratio > 0.0 && enabled() && (self.ratio >= 1.0 || rand::random::<f64>() < self.ratio)
+        self.ratio > 0.0 && (self.ratio >= 1.0 || rand::random::<f64>() < self.ratio) && enabled()
     }
 }
 
