@@ -291,7 +291,8 @@ where
 {
     let (stream, certified) = match &local.tls {
         Some(tls) => {
-            let tls = secure(tls, stream, channel.is_some(), remote_addr, step_timeout).await?;
+            let socket = super::read_ahead::ReadAhead::new(stream);
+            let tls = secure(tls, socket, channel.is_some(), remote_addr, step_timeout).await?;
             let (_, conn) = tls.get_ref();
             let certified = identity_of(conn.peer_certificates());
             (PeerStream::Tls(Box::new(tls)), certified)

@@ -17,6 +17,8 @@
 //!   codec and the frame limit. Framing is documented there and only there.
 //! * [`tls`] — mutual TLS 1.3: the node's certificate material (`PeerTls`), its reload, the
 //!   peer certificate check, and [`PeerStream`].
+//! * `read_ahead` — [`ReadAhead`], the socket under a TLS session: once a connection is busy it
+//!   reads 64 KiB at a time instead of rustls's 4 KiB requests (quiet connections keep no buffer).
 //! * [`handshake`](mod@handshake) — TLS, then Hello/Accepted with the cluster id, node ids and
 //!   channel, each node id checked against the peer's certificate; its refusals and their messages.
 //! * `conn` — the driver of one established connection: the coalescing writer (one `write_all`
@@ -57,6 +59,7 @@ mod conn;
 pub mod frame;
 pub mod handshake;
 mod peers;
+mod read_ahead;
 pub mod tls;
 pub mod wire;
 
@@ -67,6 +70,7 @@ pub use conn::{ConnectionEnd, ConnectionError};
 pub use frame::{FrameError, DEFAULT_MAX_FRAME_LEN};
 pub use handshake::{handshake_on, Established, HandshakeError, Identity, PeerInfo, Side};
 pub use peers::{Connector, InboundConnection, PeerLink, SendError, TcpConnector, Transport};
+pub use read_ahead::ReadAhead;
 pub use tls::{PeerStream, PeerTls, TlsError, TlsFiles};
 pub use wire::{envelope::Body, Channel, Envelope};
 

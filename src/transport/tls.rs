@@ -37,6 +37,7 @@ use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use super::read_ahead::ReadAhead;
 use crate::pki::{self, NodeIdentity};
 
 /// The server name a dialer sends. Nodes are not identified by DNS names (the identity is the
@@ -387,8 +388,8 @@ impl ServerCertVerifier for PeerServerVerifier {
 pub enum PeerStream<S> {
     /// Plaintext (insecure peers, loopback only).
     Plain(S),
-    /// Mutual TLS.
-    Tls(Box<tokio_rustls::TlsStream<S>>),
+    /// Mutual TLS, over a socket that reads ahead once busy ([`ReadAhead`]).
+    Tls(Box<tokio_rustls::TlsStream<ReadAhead<S>>>),
 }
 
 impl<S> fmt::Debug for PeerStream<S> {
@@ -405,7 +406,7 @@ impl<S> PeerStream<S> {
     pub fn io_mut(&mut self) -> &mut S {
         match self {
             PeerStream::Plain(s) => s,
-            PeerStream::Tls(t) => t.get_mut().0,
+            PeerStream::Tls(t) => t.get_mut().0.get_mut(),
         }
     }
 
