@@ -547,7 +547,7 @@ impl<S: RaftLogStore + Clone, A: Apply> Driver<S, A> {
                 m.from = gone;
                 if let Err(e) = self.node.step(m) {
                     tracing::debug!(error = %e, "could not start an early election");
-                } else if self.node.raft.state == StateRole::Candidate {
+                } else if matches!(self.node.raft.state, StateRole::Candidate | StateRole::Leader) {
                     tracing::info!(leader = gone, "the leader's process is gone; starting an election now");
                 } else {
                     // raft-rs declines while committed configuration changes are not applied
