@@ -177,6 +177,49 @@ fn herald_up_starts_a_cluster_and_ctrl_c_stops_it() {
     }
 }
 
+/// The README's first command, `cargo run --release --example user_login -- up`, then its `curl`:
+/// the example binary (built by `cargo test` with the other examples) starts a 3-node cluster with
+/// its `audit-logins` handler, and the README's login event is handled (`ack=processed`: the
+/// answer waits for the handler). Then Ctrl-C stops it.
+#[test]
+fn the_readme_first_command_runs_the_example_cluster_and_handles_the_readme_event() {
+    // target/<profile>/deps/up-<hash> → target/<profile>/examples/user_login
+    let example = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .and_then(|deps| deps.parent())
+        .map(|profile| profile.join("examples").join("user_login"))
+        .unwrap();
+    assert!(
+        example.is_file(),
+        "{} is missing: `cargo test` builds the examples; run the suite with `cargo test --workspace`",
+        example.display()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let base = free_port_base(3);
+    let mut up = spawn_up(&example, &dir.path().join("up"), 3, base, &[]);
+    let text = up.summary();
+    assert!(text.contains("Herald cluster of 3 nodes is up"), "{text}");
+    let url = format!("http://127.0.0.1:{base}");
+    // The README's event, as its curl sends it.
+    let (status, body) = post_json_blocking(
+        &url,
+        "/v1/topics/user.login/events?ack=processed",
+        r#"{"user_id":42,"username":"ada","login_time":"2026-11-26T10:00:00Z"}"#,
+    );
+    assert_eq!(status, 200, "{body}");
+    let answer: serde_json::Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+    let outcomes = answer["outcomes"].as_array().cloned().unwrap_or_default();
+    assert!(
+        outcomes
+            .iter()
+            .any(|o| o["topic"] == "user.login" && o["group"] == "audit" && o["outcome"] == "ok"),
+        "the example's audit handler did not handle the README's event: {answer}"
+    );
+    let status = up.interrupt();
+    assert!(status.success(), "the example's up exited with {status}");
+}
+
 /// A user's node binary (here `herald` under another name) runs `up`: the summary shows its own
 /// name in its commands. A second `up` on the same directory is refused before it touches the
 /// running cluster's files, naming the running one's pid. Ctrl-C then stops the whole cluster

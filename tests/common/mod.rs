@@ -548,6 +548,31 @@ pub fn get_blocking(url: &str, path: &str) -> Option<(u16, String)> {
     Some((status, body))
 }
 
+/// `POST {url}{path}` of a JSON body with HTTP/1.0 from sync code: the status and body.
+pub fn post_json_blocking(url: &str, path: &str, body: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let addr = url.trim_start_matches("http://");
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let request = format!(
+        "POST {path} HTTP/1.0\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(request.as_bytes()).expect("send");
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).expect("read the answer");
+    let status = answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
 /// A `herald` command with no inherited `HERALD_*` settings that could change its meaning.
 pub fn herald_cmd(args: &[String]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_herald"));
