@@ -174,7 +174,11 @@ impl NodeCore {
 
     /// The Prometheus text exposition, if a recorder handle was given.
     pub fn render_metrics(&self) -> Option<String> {
-        self.metrics.as_ref().map(PrometheusHandle::render)
+        self.metrics.as_ref().map(|handle| {
+            let mut text = handle.render();
+            crate::metrics::render_durations(&mut text);
+            text
+        })
     }
 
     /// Checks a subscription: names, counts, and that this binary or some member runs its handler.

@@ -5,9 +5,12 @@
 //! instead of looking a metric up by name and labels for every event.
 
 use std::collections::BTreeMap;
-use std::sync::OnceLock;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 
-use metrics::{describe_counter, describe_gauge, describe_histogram, Counter, Gauge, Histogram, Unit};
+use metrics::{describe_counter, describe_gauge, describe_histogram, Counter, Gauge, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::types::SubscriptionKey;
@@ -230,7 +233,6 @@ pub fn describe() {
         DEAD_LETTERS,
         "Events stored as dead letters after max_attempts failures."
     );
-    describe_histogram!(HANDLER_DURATION, Unit::Seconds, "Duration of handler calls.");
     describe_counter!(
         HANDLER_RESTARTS,
         "Handler instance restarts after an error, panic or timeout."
@@ -358,11 +360,6 @@ pub fn install_prometheus() -> PrometheusHandle {
     HANDLE
         .get_or_init(|| {
             let recorder = PrometheusBuilder::new()
-                .set_buckets_for_metric(
-                    Matcher::Full(HANDLER_DURATION.to_string()),
-                    &[0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0],
-                )
-                .expect("bucket list is not empty")
                 .set_buckets_for_metric(Matcher::Full(PEER_PING_RTT.to_string()), &ping_rtt_buckets())
                 .expect("bucket list is not empty")
                 .build_recorder();
@@ -404,7 +401,7 @@ pub(crate) struct SubMetrics {
     pub(crate) dead_letters: Counter,
     pub(crate) restarts: Counter,
     pub(crate) redelivered: Counter,
-    pub(crate) duration: Histogram,
+    pub(crate) duration: Arc<DurationHistogram>,
     pub(crate) mailbox_depth: Gauge,
 }
 
@@ -419,9 +416,121 @@ impl SubMetrics {
             dead_letters: metrics::counter!(DEAD_LETTERS, &labels),
             restarts: metrics::counter!(HANDLER_RESTARTS, &labels),
             redelivered: metrics::counter!(EVENTS_REDELIVERED),
-            duration: metrics::histogram!(HANDLER_DURATION, &labels),
+            duration: DurationHistogram::of(key),
             mailbox_depth: metrics::gauge!(MAILBOX_DEPTH, &labels),
         }
+    }
+}
+
+/// Upper bounds (seconds) of the [`HANDLER_DURATION`] buckets; `+Inf` follows.
+pub const HANDLER_DURATION_BUCKETS: [f64; 11] = [0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0];
+
+/// [`HANDLER_DURATION`] of one subscription: a fixed-bucket histogram of plain atomic counters.
+///
+/// Handler durations are recorded once per delivered event, on every node that runs handlers.
+/// Through the `metrics` facade each sample was pushed into the exporter's sample buffer (an
+/// epoch-pinned lock-free append) and later drained into buckets: about 9 % of a receiving
+/// node's CPU at 16-byte events. Here a sample is three relaxed additions, and the exposition
+/// is written from the counters when `/metrics` renders ([`render_durations`]). One histogram per
+/// `(topic, group)` lives for the process, as the exporter's series did: a subscription deleted
+/// and made again continues its series.
+pub(crate) struct DurationHistogram {
+    /// `topic="…",group="…"`, escaped.
+    labels: String,
+    /// Per bucket (not cumulative), the last one `+Inf`.
+    counts: [AtomicU64; HANDLER_DURATION_BUCKETS.len() + 1],
+    sum_ns: AtomicU64,
+}
+
+/// [`DurationHistogram`]s by `(topic, group)`.
+type Durations = Mutex<BTreeMap<(String, String), Arc<DurationHistogram>>>;
+
+/// Every [`DurationHistogram`] of the process.
+fn durations() -> &'static Durations {
+    static DURATIONS: OnceLock<Durations> = OnceLock::new();
+    DURATIONS.get_or_init(Default::default)
+}
+
+/// A label value as the text exposition wants it (`\`, `"` and newlines escaped).
+fn escape_label(value: &str, out: &mut String) {
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+}
+
+impl DurationHistogram {
+    /// The histogram of subscription `key` (made on first use).
+    pub(crate) fn of(key: &SubscriptionKey) -> Arc<DurationHistogram> {
+        let mut all = durations().lock().unwrap_or_else(|p| p.into_inner());
+        all.entry((key.topic.clone(), key.group.clone()))
+            .or_insert_with(|| {
+                let mut labels = String::from("topic=\"");
+                escape_label(&key.topic, &mut labels);
+                labels.push_str("\",group=\"");
+                escape_label(&key.group, &mut labels);
+                labels.push('"');
+                Arc::new(DurationHistogram {
+                    labels,
+                    counts: Default::default(),
+                    sum_ns: AtomicU64::new(0),
+                })
+            })
+            .clone()
+    }
+
+    /// Counts one handler call that took `took`.
+    pub(crate) fn record(&self, took: Duration) {
+        let secs = took.as_secs_f64();
+        let bucket = HANDLER_DURATION_BUCKETS
+            .iter()
+            .position(|&le| secs <= le)
+            .unwrap_or(HANDLER_DURATION_BUCKETS.len());
+        self.counts[bucket].fetch_add(1, Ordering::Relaxed);
+        let ns = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+        self.sum_ns.fetch_add(ns, Ordering::Relaxed);
+    }
+
+    /// Appends this histogram's `_bucket`, `_sum` and `_count` lines.
+    fn render(&self, out: &mut String) {
+        let mut cumulative = 0u64;
+        let les = HANDLER_DURATION_BUCKETS
+            .iter()
+            .map(|le| le.to_string())
+            .chain(["+Inf".to_string()]);
+        for (count, le) in self.counts.iter().zip(les) {
+            cumulative += count.load(Ordering::Relaxed);
+            let _ = writeln!(
+                out,
+                "{HANDLER_DURATION}_bucket{{{},le=\"{le}\"}} {cumulative}",
+                self.labels
+            );
+        }
+        let sum = self.sum_ns.load(Ordering::Relaxed) as f64 / 1e9;
+        let _ = writeln!(out, "{HANDLER_DURATION}_sum{{{}}} {sum}", self.labels);
+        let _ = writeln!(out, "{HANDLER_DURATION}_count{{{}}} {cumulative}", self.labels);
+    }
+}
+
+/// Appends [`HANDLER_DURATION`] of every subscription this process has run handlers for, as a
+/// Prometheus text-format histogram (nothing before the first one). `/metrics` is the recorder's
+/// rendering followed by this.
+pub fn render_durations(out: &mut String) {
+    let all = durations().lock().unwrap_or_else(|p| p.into_inner());
+    if all.is_empty() {
+        return;
+    }
+    if !out.is_empty() && !out.ends_with('\n') {
+        out.push('\n');
+    }
+    let _ = writeln!(out, "# HELP {HANDLER_DURATION} Duration of handler calls.");
+    let _ = writeln!(out, "# TYPE {HANDLER_DURATION} histogram");
+    for histogram in all.values() {
+        histogram.render(out);
     }
 }
 
@@ -508,6 +617,54 @@ mod tests {
         );
         assert_eq!(counter_rate(10.0, 4.0, 1.0), 0.0, "a reset is not negative");
         assert_eq!(counter_rate(10.0, 14.0, 2.0), 2.0);
+    }
+
+    #[test]
+    fn handler_durations_render_as_a_cumulative_histogram_the_parser_reads_back() {
+        let key = SubscriptionKey {
+            topic: "metrics.test.durations".into(),
+            group: "g\"1".into(),
+        };
+        let h = DurationHistogram::of(&key);
+        assert!(
+            Arc::ptr_eq(&h, &DurationHistogram::of(&key)),
+            "one histogram per subscription"
+        );
+        for us in [50, 100, 700, 2_000, 40_000_000] {
+            h.record(Duration::from_micros(us));
+        }
+        let mut text = String::from("herald_other 1");
+        render_durations(&mut text);
+        assert!(
+            text.starts_with("herald_other 1\n# HELP herald_handler_duration_seconds "),
+            "{text}"
+        );
+        assert_eq!(
+            text.matches("# TYPE herald_handler_duration_seconds histogram").count(),
+            1
+        );
+        let m = parse_exposition(&text);
+        let ours = |name: &str| -> Vec<(String, f64)> {
+            m[name]
+                .iter()
+                .filter(|(labels, _)| labels["topic"] == "metrics.test.durations" && labels["group"] == "g\"1")
+                .map(|(labels, v)| (labels.get("le").cloned().unwrap_or_default(), *v))
+                .collect()
+        };
+        let buckets = ours("herald_handler_duration_seconds_bucket");
+        // 50 µs and 100 µs fall in le=0.0001 (bounds are inclusive), 700 µs in 0.001, 2 ms in
+        // 0.005, 40 s only in +Inf.
+        let at = |le: &str| buckets.iter().find(|(l, _)| l == le).map(|(_, v)| *v);
+        assert_eq!(buckets.len(), HANDLER_DURATION_BUCKETS.len() + 1);
+        assert_eq!(at("0.0001"), Some(2.0));
+        assert_eq!(at("0.0005"), Some(2.0));
+        assert_eq!(at("0.001"), Some(3.0));
+        assert_eq!(at("0.005"), Some(4.0));
+        assert_eq!(at("30"), Some(4.0));
+        assert_eq!(at("+Inf"), Some(5.0));
+        assert_eq!(ours("herald_handler_duration_seconds_count"), [(String::new(), 5.0)]);
+        let sum = ours("herald_handler_duration_seconds_sum")[0].1;
+        assert!((sum - 40.00285).abs() < 1e-9, "{sum}");
     }
 
     #[test]

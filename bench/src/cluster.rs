@@ -7,7 +7,7 @@ use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use actix::prelude::*;
-use metrics::{Counter, Gauge, Histogram, Unit};
+use metrics::{Counter, Gauge, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use serde_json::Value;
 
@@ -20,8 +20,11 @@ use herald::node::NodeBuilder;
 
 /// Events handled by `bench-sink`.
 const SINK_EVENTS: &str = "herald_bench_sink_events_total";
-/// Publish → handle latency seen by `bench-sink` (from the `t` field of the event).
-const SINK_LATENCY: &str = "herald_bench_sink_latency_seconds";
+/// Publish → handle latency seen by `bench-sink` (from the `t` field of the event): events per
+/// bucket of [`latency_buckets`], label `le` the bucket's upper bound, counts *not* cumulative.
+/// One counter per bucket, so the sink pays one atomic addition per event, as the NATS
+/// receivers' buckets do (`nats.rs`), instead of the exporter's buffered histogram samples.
+const SINK_LATENCY: &str = "herald_bench_sink_latency_events_total";
 /// Wall-clock time of the last event `bench-sink` handled on this node.
 const SINK_LAST: &str = "herald_bench_sink_last_handled_unix_seconds";
 /// Wall-clock time of the first event of each failover round (`r` field) handled on this node.
@@ -55,7 +58,9 @@ pub(super) fn unix_seconds() -> f64 {
 
 struct SinkMetrics {
     events: Counter,
-    latency: Histogram,
+    /// Upper bounds of the latency buckets (the last counter is `+Inf`).
+    bounds: Vec<f64>,
+    latency: Vec<Counter>,
     last: Gauge,
     rounds: Mutex<HashSet<u64>>,
 }
@@ -64,7 +69,13 @@ fn sink_metrics() -> &'static SinkMetrics {
     static M: OnceLock<SinkMetrics> = OnceLock::new();
     M.get_or_init(|| SinkMetrics {
         events: metrics::counter!(SINK_EVENTS),
-        latency: metrics::histogram!(SINK_LATENCY),
+        bounds: latency_buckets(),
+        latency: latency_buckets()
+            .iter()
+            .map(|b| b.to_string())
+            .chain(["+Inf".to_string()])
+            .map(|le| metrics::counter!(SINK_LATENCY, "le" => le))
+            .collect(),
         last: metrics::gauge!(SINK_LAST),
         rounds: Mutex::new(HashSet::new()),
     })
@@ -81,14 +92,17 @@ pub(super) struct Stamp {
 
 /// The stamp of an event's data: `{"t": unix_ns, …}`, or a bare integer of unix microseconds
 /// (the 16-byte payload, which has no room for an object).
+/// Every receiver (Herald's handlers and the NATS subscribers) calls it once per event, so it
+/// is cheap in both shapes: a bare integer is read without building a JSON error first.
 pub(super) fn stamp_of(data: &[u8]) -> Option<Stamp> {
-    match serde_json::from_slice::<Stamp>(data) {
-        Ok(s) => Some(s),
-        Err(_) => serde_json::from_slice::<u64>(data).ok().map(|us| Stamp {
+    if data.first().is_some_and(u8::is_ascii_digit) {
+        let us: u64 = std::str::from_utf8(data).ok()?.parse().ok()?;
+        return Some(Stamp {
             t: us.saturating_mul(1000),
             r: None,
-        }),
+        });
     }
+    serde_json::from_slice::<Stamp>(data).ok()
 }
 
 /// Smallest payload that holds an object stamp `{"t":<19 digits>,"p":""}`.
@@ -129,7 +143,8 @@ impl Handler<Delivery> for BenchSink {
         m.events.increment(1);
         m.last.set(now as f64 / 1e9);
         if let Some(stamp) = stamp_of(&d.event.data) {
-            m.latency.record(now.saturating_sub(stamp.t) as f64 / 1e9);
+            let seconds = now.saturating_sub(stamp.t) as f64 / 1e9;
+            m.latency[m.bounds.partition_point(|b| *b < seconds)].increment(1);
             if let Some(r) = stamp.r {
                 if m.rounds.lock().unwrap_or_else(|p| p.into_inner()).insert(r) {
                     metrics::gauge!(SINK_FIRST, "round" => r.to_string()).set(now as f64 / 1e9);
@@ -179,28 +194,21 @@ impl Handler<Delivery> for BenchFlaky {
 /// subtracted between runs).
 fn install_recorder() -> Result<PrometheusHandle, String> {
     let recorder = PrometheusBuilder::new()
-        // The same buckets as herald::metrics::install_prometheus.
+        // The same buckets as herald::metrics::install_prometheus (handler durations are
+        // Herald's own histogram, rendered by the node).
         .set_buckets_for_metric(
-            Matcher::Full(herald::metrics::HANDLER_DURATION.to_string()),
-            &[0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0],
+            Matcher::Full(herald::metrics::PEER_PING_RTT.to_string()),
+            &herald::metrics::ping_rtt_buckets(),
         )
-        .and_then(|b| b.set_buckets_for_metric(Matcher::Full(SINK_LATENCY.to_string()), &latency_buckets()))
-        .and_then(|b| {
-            b.set_buckets_for_metric(
-                Matcher::Full(herald::metrics::PEER_PING_RTT.to_string()),
-                &herald::metrics::ping_rtt_buckets(),
-            )
-        })
         .map_err(|e| e.to_string())?
         .build_recorder();
     let handle = recorder.handle();
     metrics::set_global_recorder(recorder).map_err(|_| "a metrics recorder is already installed".to_string())?;
     herald::metrics::describe();
     metrics::describe_counter!(SINK_EVENTS, "Events handled by the bench-sink handler.");
-    metrics::describe_histogram!(
+    metrics::describe_counter!(
         SINK_LATENCY,
-        Unit::Seconds,
-        "Publish to bench-sink handling latency, from the event's publish timestamp."
+        "Events bench-sink handled by publish-to-handling latency bucket (le: upper bound in seconds; not cumulative)."
     );
     metrics::describe_gauge!(
         SINK_LAST,
@@ -419,7 +427,7 @@ fn parse_metrics(text: &str) -> Sink {
             s.last = v;
         } else if let Some(le) = name
             .strip_prefix(SINK_LATENCY)
-            .and_then(|r| r.strip_prefix("_bucket{le=\""))
+            .and_then(|r| r.strip_prefix("{le=\""))
             .and_then(|r| r.strip_suffix("\"}"))
         {
             let le = if le.contains("Inf") {
@@ -428,7 +436,7 @@ fn parse_metrics(text: &str) -> Sink {
                 le.parse().unwrap_or(f64::NAN)
             };
             if le >= 0.0 {
-                s.buckets.insert(le.to_bits(), v);
+                *s.buckets.entry(le.to_bits()).or_default() += v;
             }
         } else if let Some(r) = name
             .strip_prefix(SINK_FIRST)
@@ -439,6 +447,12 @@ fn parse_metrics(text: &str) -> Sink {
                 s.first.insert(r, v);
             }
         }
+    }
+    // Per-bucket counts to cumulative ones (bounds in order: `to_bits` orders non-negative floats).
+    let mut cumulative = 0.0;
+    for count in s.buckets.values_mut() {
+        cumulative += *count;
+        *count = cumulative;
     }
     s
 }
@@ -1703,9 +1717,9 @@ mod tests {
         let text = "# TYPE x counter\n\
             herald_bench_sink_events_total 30\n\
             herald_bench_sink_last_handled_unix_seconds 1700000000.25\n\
-            herald_bench_sink_latency_seconds_bucket{le=\"0.001\"} 10\n\
-            herald_bench_sink_latency_seconds_bucket{le=\"0.002\"} 20\n\
-            herald_bench_sink_latency_seconds_bucket{le=\"+Inf\"} 30\n\
+            herald_bench_sink_latency_events_total{le=\"0.002\"} 10\n\
+            herald_bench_sink_latency_events_total{le=\"+Inf\"} 10\n\
+            herald_bench_sink_latency_events_total{le=\"0.001\"} 10\n\
             herald_bench_sink_first_handled_unix_seconds{round=\"3\"} 1700000000.5\n";
         let s = parse_metrics(text);
         assert_eq!(s.events, 30.0);

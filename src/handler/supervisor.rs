@@ -398,7 +398,7 @@ impl Runner {
             let started = Instant::now();
             let mut answer = actor.call(delivery);
             let result = Self::answer(&mut self.watchdog, self.policy.call_timeout, started, &mut answer).await;
-            self.shared.metrics.duration.record(started.elapsed().as_secs_f64());
+            self.shared.metrics.duration.record(started.elapsed());
             let Some(failure) = self.failure(result) else {
                 self.shared.metrics.delivered_ok.increment(1);
                 traced_outcome(&span, None, None);
@@ -475,7 +475,7 @@ impl Runner {
             self.shared
                 .metrics
                 .duration
-                .record(answered.saturating_duration_since(since).as_secs_f64());
+                .record(answered.saturating_duration_since(since));
             since = answered;
             let timed_out = result.is_none();
             if dead && matches!(result, Some(Err(MailboxError::Closed))) {

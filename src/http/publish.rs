@@ -11,7 +11,7 @@ use utoipa::{IntoParams, ToSchema};
 use super::{authorize, media_type, read_body, ApiError, Caller, State};
 use crate::config::Role;
 use crate::event::{self, Event, TraceContext};
-use crate::ingress::{AckMode, Published};
+use crate::ingress::{AckMode, Answer, Published};
 
 const CE_JSON: &str = "application/cloudevents+json";
 const CE_BATCH: &str = "application/cloudevents-batch+json";
@@ -405,24 +405,40 @@ pub(crate) async fn publish_batch(
     }
     query.check_subscribed(&events, &state)?;
     let ack = query.ack.unwrap_or_default();
-    let published = state.core.ingress().publish_batch(events, ack, timeout).await?;
-    let subscriptions = published.first().map_or(0, |p| p.subscriptions);
-    let (ids, events) = if ack == AckMode::Processed {
-        (published.iter().map(|p| p.id.clone()).collect(), Some(published))
-    } else {
-        (published.into_iter().map(|p| p.id).collect(), None)
-    };
-    let answer = BatchAnswer {
-        topic,
-        ids,
+    let answers = state.core.ingress().publish_answers(events, ack, timeout).await?;
+    let subscriptions = answers.first().map_or(0, |a| a.subscriptions);
+    if ack == AckMode::Processed {
+        let published: Vec<Published> = answers.into_iter().map(Answer::into_published).collect();
+        return Ok(HttpResponse::Ok().json(BatchAnswer {
+            topic,
+            ids: published.iter().map(|p| p.id.clone()).collect(),
+            subscriptions,
+            events: Some(published),
+        }));
+    }
+    // The ids are written from the accepted events themselves (no copy per event).
+    Ok(HttpResponse::Accepted().json(AcceptedBatch {
+        topic: &topic,
+        ids: Ids(&answers),
         subscriptions,
-        events,
-    };
-    Ok(if ack == AckMode::Processed {
-        HttpResponse::Ok().json(answer)
-    } else {
-        HttpResponse::Accepted().json(answer)
-    })
+    }))
+}
+
+/// [`BatchAnswer`] without `events`, borrowing the ids from the answers (same JSON).
+#[derive(Serialize)]
+struct AcceptedBatch<'a> {
+    topic: &'a str,
+    ids: Ids<'a>,
+    subscriptions: usize,
+}
+
+/// The ids of accepted events, as a JSON array of strings.
+struct Ids<'a>(&'a [Answer]);
+
+impl Serialize for Ids<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.0.iter().map(|a| a.event.id.as_str()))
+    }
 }
 
 /// A JSON array: each element becomes one event's data. `Idempotency-Key: K` gives ids `K-0`, `K-1` …
@@ -466,7 +482,7 @@ fn json_batch(topic: &str, body: &web::Bytes, req: &HttpRequest) -> Result<Vec<E
                     ulid = ulid
                         .increment()
                         .unwrap_or_else(|| ulid::Ulid::from_datetime(std::time::SystemTime::now()));
-                    ulid.to_string()
+                    event::ulid_string(ulid)
                 }
             };
             Event {

@@ -28,6 +28,7 @@ use std::time::Duration;
 use futures_util::future::{join_all, BoxFuture};
 use metrics::{Counter, Gauge};
 use serde::Serialize;
+use smallvec::SmallVec;
 use tokio::sync::{oneshot, Notify};
 use utoipa::ToSchema;
 
@@ -106,6 +107,27 @@ pub struct SubscriptionOutcome {
     /// The last error, if it failed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+}
+
+/// One accepted event as [`Ingress::publish_answers`] gives it: [`Published`] without copies.
+pub(crate) struct Answer {
+    /// The event, as delivered.
+    pub(crate) event: Arc<Event>,
+    /// How many subscriptions will receive it.
+    pub(crate) subscriptions: usize,
+    /// Each subscription's outcome (`ack=processed` only).
+    pub(crate) outcomes: Option<Vec<SubscriptionOutcome>>,
+}
+
+impl Answer {
+    pub(crate) fn into_published(self) -> Published {
+        Published {
+            id: self.event.id.clone(),
+            topic: self.event.topic.clone(),
+            subscriptions: self.subscriptions,
+            outcomes: self.outcomes,
+        }
+    }
 }
 
 /// The answer for one accepted event.
@@ -455,7 +477,9 @@ impl Membership {
 
 /// One event after [`Ingress::reserve`]: its share of the byte budget and, per subscription of
 /// its topic, the route and the room reserved on it.
-type ReservedEvent<'t> = (BudgetShare, Vec<(&'t Route, Target<'t>)>);
+/// An event's budget share and its reservations: one per subscription of its topic, held inline
+/// for the usual one or two (no allocation per event).
+type ReservedEvent<'t> = (BudgetShare, SmallVec<[(&'t Route, Target<'t>); 2]>);
 
 /// An `ack=processed` answer still to fill in: its index among the answers, and the receiver of
 /// its subscriptions' outcomes.
@@ -551,8 +575,10 @@ fn admission(
     removed: impl FnOnce() -> bool,
     ready: impl FnOnce() -> bool,
 ) -> Result<(), PublishError> {
+    let mut previous = None;
     for e in events {
-        e.validate()?;
+        e.validate_after(previous)?;
+        previous = Some(e);
     }
     if removed() {
         return Err(PublishError::Removed);
@@ -736,6 +762,19 @@ impl Ingress {
         ack: AckMode,
         timeout: Duration,
     ) -> Result<Vec<Published>, PublishError> {
+        let answers = self.publish_answers(events, ack, timeout).await?;
+        Ok(answers.into_iter().map(Answer::into_published).collect())
+    }
+
+    /// [`Ingress::publish_batch`], answering with the accepted events themselves (shared with
+    /// the deliveries) instead of a copy of each one's id and topic: the HTTP batch route
+    /// writes its answer's ids straight from them.
+    pub(crate) async fn publish_answers(
+        &self,
+        events: Vec<Event>,
+        ack: AckMode,
+        timeout: Duration,
+    ) -> Result<Vec<Answer>, PublishError> {
         let mut events = events;
         self.admit(&events)?;
         let spans = self.trace_publish(&mut events, ack);
@@ -755,7 +794,7 @@ impl Ingress {
         events: Vec<Event>,
         ack: AckMode,
         timeout: Duration,
-    ) -> Result<Vec<Published>, PublishError> {
+    ) -> Result<Vec<Answer>, PublishError> {
         let table = self.router.table();
         let mut reserved = self.reserve(&table, &events)?;
         let seqs = self.log(&events, &reserved.events, ack).await?;
@@ -769,7 +808,7 @@ impl Ingress {
                 Err(_) => {
                     return Err(PublishError::Timeout {
                         after: timeout,
-                        ids: answers.into_iter().map(|a| a.id).collect(),
+                        ids: answers.iter().map(|a| a.event.id.clone()).collect(),
                     })
                 }
             };
@@ -802,7 +841,7 @@ impl Ingress {
             let entry = table.topic(&e.topic);
             reserved.count(i, events, entry);
             let routes = entry.map_or(&[][..], |t| t.routes.as_slice());
-            let mut slots = Vec::with_capacity(routes.len());
+            let mut slots = SmallVec::with_capacity(routes.len());
             for route in routes {
                 let target = route.reserve(e.key.as_deref()).map_err(|why| match why {
                     NoRoom::Full => self.overloaded(&format!("the instances of subscription {} are full", route.key)),
@@ -857,7 +896,7 @@ impl Ingress {
         reserved: Vec<ReservedEvent<'_>>,
         mut seqs: std::vec::IntoIter<u64>,
         ack: AckMode,
-    ) -> (Vec<Published>, Vec<OutcomeWait>) {
+    ) -> (Vec<Answer>, Vec<OutcomeWait>) {
         let mut answers = Vec::with_capacity(events.len());
         let mut waits = Vec::new();
         let mut remote: Vec<(u64, Vec<Outgoing>)> = Vec::new();
@@ -868,9 +907,9 @@ impl Ingress {
         let mut held = Vec::new();
         for (event, (permit, slots)) in events.into_iter().zip(reserved) {
             let n = slots.len();
-            answers.push(Published {
-                id: event.id.clone(),
-                topic: event.topic.clone(),
+            let event = Arc::new(event);
+            answers.push(Answer {
+                event: event.clone(),
                 subscriptions: n,
                 outcomes: (ack == AckMode::Processed).then(Vec::new),
             });
@@ -894,7 +933,6 @@ impl Ingress {
                 Some(tracker)
             };
             let tracker = || -> Arc<Tracker> { tracker.clone().expect("a tracked target has a tracker") };
-            let event = Arc::new(event);
             for (route, target) in slots {
                 let once = at_most_once(&target);
                 match target {

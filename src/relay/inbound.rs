@@ -34,7 +34,7 @@ use super::dedup::{Check, Dedup, DedupKey, Finished};
 use super::{IdMap, Queues};
 use crate::event::Event;
 use crate::handler::supervisor::{Completion, Job, Origin, Outcome};
-use crate::proto::{peer_message, AckBatch, AckCode, AckRecord, Deliveries, Forwarded, LaneCredit, PeerMessage};
+use crate::proto::{peer_message, AckBatch, AckCode, AckRecord, Incoming, Incomings, LaneCredit, PeerMessage};
 use crate::router::{Router, RoutingTable, SubRuntime};
 use crate::transport::{Envelope, Transport};
 use crate::types::SubscriptionKey;
@@ -413,17 +413,17 @@ impl Inbound {
 
     /// An at-most-once delivery: no dedup window (the origin never re-sends it) and no ack; its
     /// lane is credited once it is handled, or at once when it cannot be (it is then dropped).
-    async fn accept_once(&self, from: u64, d: Forwarded, cache: &mut Lookup, lane: &mut Option<Arc<LaneDone>>) {
+    async fn accept_once(&self, from: u64, mut d: Incoming, cache: &mut Lookup, lane: &mut Option<Arc<LaneDone>>) {
         let done = self.lane(from, d.lane, lane);
-        let Some(record) = d.event else {
+        let Some(event) = d.event.take() else {
             return done.credit_one();
         };
-        let Some(sub) = self.lookup(cache, &record.topic, &d.group) else {
-            tracing::debug!(peer = from, topic = %record.topic, group = %d.group, epoch = d.epoch, "at-most-once delivery for a subscription this node does not run; dropped");
+        let Some(sub) = self.lookup(cache, &event.topic, d.group()) else {
+            tracing::debug!(peer = from, topic = %event.topic, group = %d.group(), epoch = d.epoch, "at-most-once delivery for a subscription this node does not run; dropped");
             return done.credit_one();
         };
         let job = Job {
-            event: Arc::new(Event::from(record)),
+            event: Arc::new(event),
             completion: done,
             origin: Origin::AtMostOnce { from, lane: d.lane },
         };
@@ -438,12 +438,12 @@ impl Inbound {
 
     /// A delivery the origin keeps until acked: fenced, deduplicated, then handed to the
     /// instance.
-    async fn accept(&self, from: u64, d: Forwarded, cache: &mut Lookup) {
-        let Some(record) = d.event else {
+    async fn accept(&self, from: u64, mut d: Incoming, cache: &mut Lookup) {
+        let Some(event) = d.event.take() else {
             return self.ack(from, Refusal::NoEvent.ack(d.id));
         };
-        let sub = self.lookup(cache, &record.topic, &d.group);
-        let sub = match fence(sub, &record.topic, &d.group, d.epoch, |key| {
+        let sub = self.lookup(cache, &event.topic, d.group());
+        let sub = match fence(sub, &event.topic, d.group(), d.epoch, |key| {
             self.router.table().route(key).map(|r| r.epoch)
         }) {
             Ok(sub) => sub,
@@ -454,7 +454,7 @@ impl Inbound {
         let dedup_key;
         {
             let mut dedup = self.dedup.lock().unwrap_or_else(|p| p.into_inner());
-            dedup_key = dedup.key(key, &record.id);
+            dedup_key = dedup.key(key, &event.id);
             let waiter = Waiter::Peer {
                 origin: from,
                 delivery: d.id,
@@ -476,7 +476,7 @@ impl Inbound {
             }
         }
         let job = Job {
-            event: Arc::new(Event::from(record)),
+            event: Arc::new(event),
             completion: Arc::new(Handled { acks, dedup: dedup_key }),
             origin: Origin::Forwarded { from, delivery: d.id },
         };
@@ -623,7 +623,7 @@ async fn receive_events(inbound: Arc<Inbound>, from: u64, mut rx: mpsc::Receiver
     let mut cache = None;
     let mut lane = None;
     while let Some(batch) = rx.recv().await {
-        for d in Deliveries(batch) {
+        for d in Incomings(batch) {
             match d {
                 Ok(d) if d.lane != 0 => inbound.accept_once(from, d, &mut cache, &mut lane).await,
                 Ok(d) => inbound.accept(from, d, &mut cache).await,
