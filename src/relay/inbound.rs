@@ -623,7 +623,7 @@ async fn receive_events(inbound: Arc<Inbound>, from: u64, mut rx: mpsc::Receiver
     let mut cache = None;
     let mut lane = None;
     while let Some(batch) = rx.recv().await {
-        for d in Incomings(batch) {
+        for d in Incomings::new(batch) {
             match d {
                 Ok(d) if d.lane != 0 => inbound.accept_once(from, d, &mut cache, &mut lane).await,
                 Ok(d) => inbound.accept(from, d, &mut cache).await,
