@@ -805,12 +805,23 @@ fn send_signal(pid: u32, sig: &str) -> std::io::Result<()> {
 
 /// `n` distinct free TCP ports on 127.0.0.1, below the ephemeral range (probed together, then
 /// released: start the process that binds them right after).
+///
+/// A port is handed out once per process: a cluster started just before may not have bound the
+/// ports it was given yet, and a second probe would find them free (seen in `bench nats`, whose
+/// NATS servers got ports of a Herald cluster starting next to them, and failed to bind).
 pub fn free_ports(n: usize) -> Result<Vec<u16>> {
     // Below the kernel's ephemeral range (32768 and up by default): the ports that outgoing
     // connections take are drawn from there, so one of them could take a port between this probe
     // and the server's bind. Probing binds each port and keeps it until all are found.
     const LOW: u16 = 20_000;
     const SPAN: u16 = 12_000;
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+    if given.len() + n > usize::from(SPAN / 2) {
+        // Long since bound (or abandoned): the range is reused rather than exhausted.
+        given.clear();
+    }
     let mut held = Vec::with_capacity(n);
     let first = rand::random_range(0..SPAN);
     for offset in 0..SPAN {
@@ -818,6 +829,9 @@ pub fn free_ports(n: usize) -> Result<Vec<u16>> {
             break;
         }
         let port = LOW + (first + offset) % SPAN;
+        if given.contains(&port) {
+            continue;
+        }
         if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) {
             held.push(l);
         }
@@ -829,6 +843,7 @@ pub fn free_ports(n: usize) -> Result<Vec<u16>> {
     if ports.len() < n {
         return Err(HarnessError::NoFreePorts(n));
     }
+    given.extend(&ports);
     Ok(ports)
 }
 
@@ -846,6 +861,18 @@ mod tests {
         let f = Ports::Fixed(vec![(1, 2)]);
         assert_eq!(f.of(1).unwrap(), ("127.0.0.1:1".into(), "127.0.0.1:2".into()));
         assert!(f.of(2).is_err());
+    }
+
+    #[test]
+    fn a_port_is_handed_out_once_even_after_its_probe_released_it() {
+        // 60 windows of 20 ports from random starts in a range of 12,000 overlap with near
+        // certainty (about 6 overlapping pairs expected) unless handed-out ports are skipped.
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..60 {
+            for p in free_ports(20).unwrap() {
+                assert!(seen.insert(p), "port {p} handed out twice");
+            }
+        }
     }
 
     #[test]
