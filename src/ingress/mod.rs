@@ -476,9 +476,8 @@ impl Membership {
 }
 
 /// One event after [`Ingress::reserve`]: its share of the byte budget and, per subscription of
-/// its topic, the route and the room reserved on it.
-/// An event's budget share and its reservations: one per subscription of its topic, held inline
-/// for the usual one or two (no allocation per event).
+/// its topic, the route and the room reserved on it (inline for the usual one or two: no
+/// allocation per event).
 type ReservedEvent<'t> = (BudgetShare, SmallVec<[(&'t Route, Target<'t>); 2]>);
 
 /// An `ack=processed` answer still to fill in: its index among the answers, and the receiver of
