@@ -57,14 +57,14 @@ enum Command {
 /// `herald wal …` (the node must be stopped: its store is locked while it runs).
 #[derive(Subcommand)]
 enum WalCommand {
-    /// Count the WAL records and dead letters and list the undecodable ones; exits 1 if there
-    /// are any, 2 if the store cannot be read.
+    /// Count the WAL records and dead letters and list the damaged ones (checksum failed,
+    /// undecodable); exits 1 if there are any, 2 if the store cannot be read.
     Check {
         /// The node's data directory.
         #[arg(long)]
         data_dir: PathBuf,
     },
-    /// Move the undecodable records to the quarantine tables (what a node does at start).
+    /// Move the damaged records to the quarantine tables (what a node does at start).
     Repair {
         /// The node's data directory.
         #[arg(long)]

@@ -86,6 +86,8 @@ pub mod config;
 mod control;
 mod error;
 pub mod event;
+#[cfg(test)]
+mod event_sim;
 pub mod handler;
 // Public only for `herald-bench` and the process tests, which start, wait for, kill and stop node
 // processes with the same harness as `herald up`; not part of the API.

@@ -67,11 +67,18 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch, Notify};
 
 use crate::transport::wire::{PeerView, Pong, Suspicions as WireSuspicions, MAX_PEER_VIEWS};
-use crate::transport::{Envelope, Transport};
+use crate::transport::{Envelope, PeerNet};
 // Shared with the configuration, which refuses a `cluster.phi_threshold` above it; its public path.
 pub use crate::types::MAX_PHI;
 // The default of `cluster.monitors`, shared with the configuration; its public path.
 pub use crate::types::DEFAULT_MONITORS;
+
+/// Now on the clock of the tokio runtime this runs on: the wall clock's monotonic time in a node,
+/// virtual time under a paused runtime (the deterministic simulation), so that phi, `down_after`
+/// and report ages follow the same time as the runtime's timers. Outside a runtime, `Instant::now`.
+pub(crate) fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
+}
 
 /// How many heartbeat intervals the detector remembers.
 const WINDOW: usize = 100;
@@ -264,7 +271,7 @@ impl Default for Health {
     fn default() -> Self {
         Health {
             peers: RwLock::new(HashMap::new()),
-            origin: Instant::now(),
+            origin: now(),
             changed: watch::Sender::new(0),
         }
     }
@@ -281,7 +288,11 @@ impl Health {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .entry(id)
-            .or_insert_with(|| Arc::new(PeerHealth::new(self.origin.elapsed().as_millis() as u64)))
+            .or_insert_with(|| {
+                Arc::new(PeerHealth::new(
+                    now().saturating_duration_since(self.origin).as_millis() as u64,
+                ))
+            })
             .clone()
     }
 
@@ -289,7 +300,10 @@ impl Health {
     pub fn state_for(&self, id: u64) -> (PeerState, Duration) {
         let p = self.peer(id);
         let since = Duration::from_millis(p.since_ms.load(Ordering::Acquire));
-        (p.state(), self.origin.elapsed().saturating_sub(since))
+        (
+            p.state(),
+            now().saturating_duration_since(self.origin).saturating_sub(since),
+        )
     }
 
     /// Notified on every state change.
@@ -297,14 +311,16 @@ impl Health {
         self.changed.subscribe()
     }
 
-    fn set(&self, id: u64, state: PeerState, phi: f64) -> bool {
+    pub(crate) fn set(&self, id: u64, state: PeerState, phi: f64) -> bool {
         let p = self.peer(id);
         p.phi.store(phi.to_bits(), Ordering::Relaxed);
         if p.state() == state {
             return false;
         }
-        p.since_ms
-            .store(self.origin.elapsed().as_millis() as u64, Ordering::Release);
+        p.since_ms.store(
+            now().saturating_duration_since(self.origin).as_millis() as u64,
+            Ordering::Release,
+        );
         p.state.store(state as u8, Ordering::Release);
         self.changed.send_modify(|v| *v += 1);
         true
@@ -393,6 +409,17 @@ pub struct MonitorConfig {
 }
 
 impl MonitorConfig {
+    /// The settings of a node's `[cluster]` section.
+    pub fn from_cluster(c: &crate::config::ClusterConfig) -> Self {
+        MonitorConfig {
+            ping_interval: Duration::from_millis(c.ping_interval_ms),
+            phi_threshold: c.phi_threshold,
+            min_std_deviation: Duration::from_millis(c.min_std_deviation_ms),
+            degraded_after: Duration::from_millis(c.degraded_after_ms),
+            monitors: c.monitors,
+        }
+    }
+
     /// How long the leader keeps a watcher's report that was not repeated: news is repeated every
     /// ping interval, so five intervals lose a report only when its watcher stopped sending.
     pub fn stale_after(&self) -> Duration {
@@ -445,11 +472,18 @@ pub fn read_suspicions(wire: &WireSuspicions) -> Vec<Suspicion> {
         .collect()
 }
 
-fn unix_nanos() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as i64)
-        .unwrap_or(0)
+/// The timestamp a ping carries and its pong echoes: nanoseconds on [`now`]'s monotonic clock since
+/// `origin` (when this monitor started), so a round trip is measured on one clock that a step of
+/// the wall clock (NTP, a VM resumed, an operator) cannot move. Counted from the monitor's own
+/// start, not the process's: the simulation's nodes start at the same virtual times in every run
+/// of a seed, so their pings encode the same bytes.
+fn ping_nanos(origin: Instant) -> i64 {
+    now().saturating_duration_since(origin).as_nanos() as i64
+}
+
+/// The round trip of a pong echoing `sent` ([`ping_nanos`] from the same `origin`), in seconds.
+fn rtt_since(origin: Instant, sent: i64) -> f64 {
+    (ping_nanos(origin) - sent).max(0) as f64 / 1e9
 }
 
 /// What the monitor knows of one peer.
@@ -487,7 +521,7 @@ pub(crate) async fn run<M: Members>(
     me: u64,
     config: MonitorConfig,
     health: Arc<Health>,
-    transport: Transport,
+    net: Arc<dyn PeerNet>,
     state: watch::Receiver<Arc<M>>,
     mut pongs: mpsc::UnboundedReceiver<(u64, Pong)>,
     changed: Arc<Notify>,
@@ -498,6 +532,7 @@ pub(crate) async fn run<M: Members>(
     let mut tick = tokio::time::interval(config.ping_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut seq = 0u64;
+    let origin = now();
     // A heartbeat after a silence this long restarts the detector's history.
     let gap = config.ping_interval * 10;
     // Poked when a peer's connection comes up or breaks (or a redial fails), so that a killed
@@ -505,18 +540,20 @@ pub(crate) async fn run<M: Members>(
     let links_changed = Arc::new(Notify::new());
     loop {
         let ping = tokio::select! {
+            // A fixed order (not tokio's random one), so the simulation replays a seed.
+            biased;
             _ = tick.tick() => true,
             _ = links_changed.notified() => false,
             pong = pongs.recv() => {
                 let Some((from, pong)) = pong else { return };
                 if let Some(w) = watched.get_mut(&from) {
-                    let now = Instant::now();
+                    let now = now();
                     if now.saturating_duration_since(w.detector.last()) > gap {
                         w.detector.reset(now, config.ping_interval);
                     } else {
                         w.detector.heartbeat(now);
                     }
-                    let rtt = (unix_nanos() - pong.sent_unix_nanos).max(0) as f64 / 1e9;
+                    let rtt = rtt_since(origin, pong.sent_unix_nanos);
                     w.rtt_gauge.set(rtt);
                     w.rtt_histogram.record(rtt);
                     if pong.handled != w.handled || pong.backlog == 0 {
@@ -528,7 +565,7 @@ pub(crate) async fn run<M: Members>(
                 continue;
             }
         };
-        let now = Instant::now();
+        let now = now();
         let members = state.borrow().clone();
         let statuses: HashMap<u64, bool> = members.member_statuses().collect();
         let mut targets = Ring::new(statuses.iter().map(|(&id, &up)| (id, up))).watched_by(me, config.monitors);
@@ -550,7 +587,7 @@ pub(crate) async fn run<M: Members>(
         let mut news = Vec::new();
         for id in targets {
             let w = watched.entry(id).or_insert_with(|| {
-                if let Some(mut link) = transport.link(id) {
+                if let Some(mut link) = net.link(id) {
                     let poke = links_changed.clone();
                     // Ends when the peer is removed from the transport (its link sender drops).
                     tokio::spawn(async move {
@@ -573,9 +610,9 @@ pub(crate) async fn run<M: Members>(
                 }
             });
             if ping {
-                let _ = transport.send(id, Envelope::ping(seq, unix_nanos()));
+                let _ = net.send(id, Envelope::ping(seq, ping_nanos(origin)));
             }
-            let link = transport.link(id).map(|l| l.borrow().clone()).unwrap_or_default();
+            let link = net.link(id).map(|l| l.borrow().clone()).unwrap_or_default();
             let connected = link.connected;
             w.ever_connected |= connected;
             let unreachable = w.ever_connected && !connected && link.failed_dials > 0;
@@ -849,6 +886,21 @@ impl Suspicions {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_round_trip_is_measured_on_the_monotonic_clock_of_the_runtime() {
+        let origin = now();
+        let sent = ping_nanos(origin);
+        tokio::time::advance(Duration::from_millis(1500)).await;
+        // Virtual time moved 1.5 s and the wall clock almost nothing: the RTT follows the former.
+        let rtt = rtt_since(origin, sent);
+        assert!((1.5..1.6).contains(&rtt), "rtt {rtt}");
+        assert_eq!(
+            rtt_since(origin, ping_nanos(origin) + 1_000_000_000),
+            0.0,
+            "an echo from the future is no RTT"
+        );
+    }
 
     const MS: Duration = Duration::from_millis(1);
 

@@ -150,22 +150,11 @@ impl SubRuntime {
 
 /// Two distinct random indices below `n` (at least 2), for the power-of-two choice.
 ///
-/// A per-thread xorshift generator: the choice needs spread, not unpredictability, and `rand`'s
-/// thread RNG (a ChaCha block cipher) cost more than the rest of the choice, twice per event.
+/// From the per-thread xorshift generator (`types::random_u64`): the choice needs spread, not
+/// unpredictability, and `rand`'s thread RNG (a ChaCha block cipher) cost more than the rest of
+/// the choice, twice per event.
 fn two_distinct(n: usize) -> (usize, usize) {
-    use std::cell::Cell;
-    thread_local! {
-        static STATE: Cell<u64> = Cell::new(rand::random::<u64>() | 1);
-    }
-    let r = STATE.with(|s| {
-        // xorshift64* (Vigna): full period over non-zero states.
-        let mut x = s.get();
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        s.set(x);
-        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    });
+    let r = types::random_u64();
     // Two 32-bit halves mapped onto [0, n) and [0, n - 1) by multiply-shift (no division).
     let pick = |bits: u64, m: usize| (((bits & 0xffff_ffff) * m as u64) >> 32) as usize;
     let a = pick(r >> 32, n);
@@ -430,10 +419,20 @@ pub(crate) struct Placement {
     pub(crate) subscriptions: BTreeMap<SubscriptionKey, Vec<u64>>,
 }
 
+/// Where a node's handler instances run.
+pub(crate) enum Workers {
+    /// The node's actix worker threads; a subscription's instances are spread over them.
+    Arbiters(Vec<ArbiterHandle>),
+    /// The current thread's `LocalSet` (the event-plane simulation runs every node's instances
+    /// on its one thread, in virtual time).
+    #[cfg(test)]
+    Here,
+}
+
 /// What the router needs to start instances.
 pub(crate) struct RouterParts {
     pub(crate) registry: HandlerRegistry,
-    pub(crate) workers: Vec<ArbiterHandle>,
+    pub(crate) workers: Workers,
     pub(crate) policy: Policy,
     pub(crate) dead_letters: Arc<dyn DeadLetterSink>,
     pub(crate) mailbox_capacity: usize,
@@ -612,7 +611,6 @@ impl Router {
             retired: std::sync::atomic::AtomicBool::new(false),
             returns: self.parts.returns.clone(),
         });
-        let workers = &self.parts.workers;
         // Spread instances over the worker threads, starting at a per-subscription offset so that
         // many one-instance subscriptions do not all land on the first worker.
         let offset = fnv1a(shared.key.to_string().as_bytes()) as usize;
@@ -628,18 +626,21 @@ impl Router {
                     rx,
                     load.clone(),
                 );
-                let worker = &workers[(offset + i) % workers.len()];
-                worker.spawn_fn(move || {
+                let run = move || {
                     let (shared, spawner, policy, dead_letters, rx, load) = task;
-                    actix_rt::spawn(supervisor::run_instance(
-                        shared,
-                        spawner,
-                        policy,
-                        dead_letters,
-                        rx,
-                        load,
-                    ));
-                });
+                    supervisor::run_instance(shared, spawner, policy, dead_letters, rx, load)
+                };
+                match &self.parts.workers {
+                    Workers::Arbiters(workers) => {
+                        workers[(offset + i) % workers.len()].spawn_fn(move || {
+                            actix_rt::spawn(run());
+                        });
+                    }
+                    #[cfg(test)]
+                    Workers::Here => {
+                        tokio::task::spawn_local(run());
+                    }
+                }
                 Instance { tx, load }
             })
             .collect();

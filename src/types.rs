@@ -138,6 +138,32 @@ pub(crate) fn mix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+thread_local! {
+    /// This thread's state of [`random_u64`].
+    static RANDOM: std::cell::Cell<u64> = std::cell::Cell::new(rand::random::<u64>() | 1);
+}
+
+/// A fast random `u64` from a per-thread xorshift64* generator (Vigna) seeded once from the OS:
+/// for choices that need spread, not unpredictability (the router's two random choices, delivery
+/// ids and lanes, which only need to differ from a previous run's). The event-plane simulation
+/// seeds it ([`seed_random`]) so that a seed replays exactly.
+pub(crate) fn random_u64() -> u64 {
+    RANDOM.with(|s| {
+        let mut x = s.get();
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        s.set(x);
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    })
+}
+
+/// Seeds this thread's [`random_u64`] (the simulation).
+#[cfg(test)]
+pub(crate) fn seed_random(seed: u64) {
+    RANDOM.with(|s| s.set(mix(seed) | 1));
+}
+
 /// Says when to log something that may repeat often (a failing duty, refused peer messages): the
 /// first time, then at most once per [`LogLimit::EVERY`], with how many were not logged since.
 /// Pure: the clock is an argument.
@@ -167,6 +193,32 @@ impl LogLimit {
             }
         }
     }
+}
+
+/// Test only: a disk that changed one bit of a closed database file. For each of `n` offsets
+/// spread over the file at `path`, flips one bit there, runs `open` on the damaged file, and puts
+/// the file back; answers how many opens panicked, and the errors the others returned.
+#[cfg(test)]
+pub(crate) fn damage_each_of(
+    path: &std::path::Path,
+    n: u64,
+    open: impl Fn() -> Result<(), String> + std::panic::RefUnwindSafe,
+) -> (usize, Vec<String>) {
+    let good = std::fs::read(path).expect("read the file");
+    let (mut panicked, mut errors) = (0, Vec::new());
+    for i in 0..n {
+        let mut bytes = good.clone();
+        let at = (i * 245_489) as usize % bytes.len();
+        bytes[at] ^= 0x10;
+        std::fs::write(path, &bytes).expect("damage the file");
+        match std::panic::catch_unwind(&open) {
+            Err(_) => panicked += 1,
+            Ok(Err(e)) => errors.push(e),
+            Ok(Ok(())) => {}
+        }
+    }
+    std::fs::write(path, &good).expect("put the file back");
+    (panicked, errors)
 }
 
 #[cfg(test)]

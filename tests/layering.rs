@@ -9,6 +9,9 @@
 //! (the binaries) are not modules of the library's graph.
 //!
 //! A new top-level module must be given a layer in `LAYERS` (and in ARCHITECTURE.md, "Layers") before this passes.
+//!
+//! Also here, as it reads the same files: the modules that decide (failure detection, elections,
+//! placement, redelivery, retries, timeouts) read no wall clock (ARCHITECTURE.md, "Time").
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::{Path, PathBuf};
@@ -19,9 +22,30 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("vocabulary", &["types", "error", "event", "subscription", "proto"]),
     ("foundations", &["config", "metrics", "telemetry", "pki", "transport"]),
     ("cluster", &["placement", "monitor", "membership"]),
-    ("events", &["handler", "router", "relay", "ingress"]),
+    ("events", &["handler", "router", "relay", "ingress", "event_sim"]),
     ("node", &["control", "http", "node"]),
     ("process", &["text", "top", "harness", "up", "cli"]),
+];
+
+/// The modules whose decisions run on the monotonic clock only, so that a step of the wall clock
+/// (NTP, a VM resumed, an operator) cannot change them. Keep in step with ARCHITECTURE.md, "Time".
+const MONOTONIC_ONLY: &[&str] = &[
+    "transport",
+    "placement",
+    "monitor",
+    "membership",
+    "handler",
+    "router",
+    "relay",
+];
+
+/// Reads of the wall clock (a ULID is made from it too).
+const WALL_CLOCK: &[&str] = &[
+    "SystemTime::now",
+    "Utc::now",
+    "Local::now",
+    "OffsetDateTime::now_utc",
+    "Ulid::new",
 ];
 
 /// Top-level modules the check skips, each with the reason; an entry may name a module that is
@@ -107,17 +131,39 @@ fn crate_paths(src: &str) -> Vec<(String, usize)> {
     found
 }
 
+/// A file without the unit tests at its end, which may use anything (as module_cycles.py assumes)
+/// and read any clock.
+fn code_of(src: &str) -> &str {
+    match src.find("#[cfg(test)]\nmod tests") {
+        Some(cut) => &src[..cut],
+        None => src,
+    }
+}
+
+/// Every read of the wall clock in the code of `modules`, as `file:line: what`.
+fn wall_clock_reads(files: &[(PathBuf, String)], modules: &[&str]) -> Vec<String> {
+    let mut out = Vec::new();
+    for (rel, src) in files {
+        if !module_of(rel).is_some_and(|m| modules.contains(&m.as_str())) {
+            continue;
+        }
+        for (n, line) in code_of(src).lines().enumerate() {
+            let code = line.split("//").next().unwrap_or("");
+            for what in WALL_CLOCK.iter().filter(|w| code.contains(*w)) {
+                out.push(format!("src/{}:{}: {what}", rel.display(), n + 1));
+            }
+        }
+    }
+    out
+}
+
 /// Every use of another top-level module in `files` (path relative to `src/`, contents).
 fn uses(files: &[(PathBuf, String)]) -> (BTreeSet<String>, Vec<Use>) {
     let modules: BTreeSet<String> = files.iter().filter_map(|(rel, _)| module_of(rel)).collect();
     let mut out = Vec::new();
     for (rel, src) in files {
         let Some(me) = module_of(rel) else { continue };
-        // The unit tests at the end of a file may use anything (as module_cycles.py assumes).
-        let code = match src.find("#[cfg(test)]\nmod tests") {
-            Some(cut) => &src[..cut],
-            None => src.as_str(),
-        };
+        let code = code_of(src);
         for (to, at) in crate_paths(code) {
             if to != me && modules.contains(&to) {
                 out.push(Use {
@@ -241,12 +287,18 @@ fn read_tree(root: &Path, dir: &Path, out: &mut Vec<(PathBuf, String)>) {
     }
 }
 
-#[test]
-fn top_level_modules_keep_their_layers_and_have_no_cycles() {
+/// Every `.rs` file under `src/`, by path relative to it, in order.
+fn source_files() -> Vec<(PathBuf, String)> {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
     let mut files = Vec::new();
     read_tree(&src, &src, &mut files);
     files.sort();
+    files
+}
+
+#[test]
+fn top_level_modules_keep_their_layers_and_have_no_cycles() {
+    let files = source_files();
     let exempt: Vec<&str> = EXEMPT.iter().map(|(m, _)| *m).collect();
     let problems = problems(&files, LAYERS, &exempt);
     assert!(
@@ -294,5 +346,33 @@ fn the_check_reports_an_upward_use_and_a_cycle() {
     assert!(
         problems(&files, layers, &["low"]).is_empty(),
         "exempt modules are skipped"
+    );
+}
+
+#[test]
+fn the_modules_that_decide_read_no_wall_clock() {
+    let files = source_files();
+    let reads = wall_clock_reads(&files, MONOTONIC_ONLY);
+    assert!(
+        reads.is_empty(),
+        "the wall clock is read where decisions are made (use monitor::now; ARCHITECTURE.md, \"Time\"):\n{}",
+        reads.join("\n")
+    );
+}
+
+/// The clock check itself: it sees a read in code, and not in a comment or the unit tests.
+#[test]
+fn the_clock_check_reports_a_wall_clock_read_in_code_only() {
+    let file = |path: &str, text: &str| (PathBuf::from(path), text.to_string());
+    let files = vec![
+        file(
+            "relay/outbound.rs",
+            "fn a() {\n    let t = std::time::SystemTime::now();\n}\n// Utc::now is not read here\n#[cfg(test)]\nmod tests {\n    fn b() { chrono::Utc::now(); }\n}\n",
+        ),
+        file("http/mod.rs", "fn c() { chrono::Utc::now(); }\n"),
+    ];
+    assert_eq!(
+        wall_clock_reads(&files, &["relay"]),
+        vec!["src/relay/outbound.rs:2: SystemTime::now".to_string()]
     );
 }

@@ -492,6 +492,17 @@ async fn every_metric_of_the_readme_is_served_by_a_working_cluster() {
     }
 }
 
+/// In a 2-node cluster, the node that does not host the one instance of `topic`/`group` (once it
+/// is placed): publishing there forwards every event.
+async fn the_other_node(urls: &[String], topic: &str, group: &str) -> u64 {
+    let (_, hosts) = common::views::wait_placed(urls, topic, group, 1).await;
+    if hosts[0] == 1 {
+        2
+    } else {
+        1
+    }
+}
+
 /// README, "Delivery guarantees": `ack=accepted` answers once the event is in the ingress node's
 /// WAL, and nothing acknowledged is lost when that node crashes — here with every event still
 /// forwarded and unacked (the hosting node's webhook does not answer yet, and the hosting node
@@ -512,8 +523,7 @@ async fn an_ingress_node_killed_with_unacked_forwarded_events_has_them_all_deliv
                  "handler": { "kind": "webhook", "url": format!("http://127.0.0.1:{closed}/hook") } }),
     )
     .await;
-    let (_, hosts) = common::views::wait_placed(&urls, "forwarded", "hook", 1).await;
-    let ingress = if hosts[0] == 1 { 2 } else { 1 };
+    let ingress = the_other_node(&urls, "forwarded", "hook").await;
     let url = &urls[ingress as usize - 1];
     let mut accepted = BTreeSet::new();
     for i in 0..N {
@@ -554,4 +564,83 @@ async fn an_ingress_node_killed_with_unacked_forwarded_events_has_them_all_deliv
     })
     .await;
     receiver.stop().await;
+}
+
+/// README, "Delivery guarantees": a forwarded event the handler node has not acked within
+/// `cluster.redeliver_after_ms` is sent again, and the handler node runs it once all the same (its
+/// dedup window knows the copy is running or done). The webhook takes `SLOW` per call, longer than
+/// the 300 ms setting, so every event is re-sent at least once while it waits its turn; with the
+/// setting at a minute, none is. Either way the webhook sees each event exactly once (checked once a
+/// marker published after them has run) and the ingress node's WAL empties.
+#[actix_rt::test]
+async fn a_forwarded_event_unacked_past_redeliver_after_ms_is_sent_again_and_runs_once() {
+    const N: usize = 4;
+    const SLOW: Duration = Duration::from_millis(1000);
+    for (redeliver_after_ms, resent) in [(300, true), (60_000, false)] {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("herald.toml");
+        std::fs::write(
+            &config,
+            format!("[cluster]\nredeliver_after_ms = {redeliver_after_ms}\n[handlers]\nwebhook_timeout_ms = 60000\ncall_timeout_ms = 60000\n"),
+        )
+        .unwrap();
+        let c = common::cluster::start_cluster_with(2, &[("HERALD_CONFIG", p(&config))]).await;
+        let urls = common::cluster::urls(&c);
+        let slow = Receiver::start_with("127.0.0.1:0", 0, SLOW).await;
+        subscribe(
+            &urls[0],
+            &json!({ "topic": "redeliver", "group": "hook", "instances": 1,
+                     "handler": { "kind": "webhook", "url": slow.url } }),
+        )
+        .await;
+        let ingress = the_other_node(&urls, "redeliver", "hook").await;
+        let url = &urls[ingress as usize - 1];
+        let mut accepted = BTreeSet::new();
+        for i in 0..N {
+            let a = post_json(&format!("{url}/v1/topics/redeliver/events"), &json!({ "i": i })).await;
+            assert_eq!(a.status, 202, "{}", a.body);
+            accepted.insert(a.body["id"].as_str().unwrap().to_string());
+        }
+        within(
+            "every event reaches the slow webhook",
+            DEADLINE + SLOW * N as u32,
+            || async { accepted.iter().all(|id| slow.ids().contains(id)).then_some(()) },
+        )
+        .await;
+        eventually("the handled events' acks empty the ingress node's WAL", || async {
+            (metric_of(url, "herald_wal_events", &[]).await == 0.0).then_some(())
+        })
+        .await;
+        // A marker behind them: the handler node's mailbox is first in, first out, and copies sent
+        // again were sent before the acks came back, on the same connection, so once the marker
+        // ran every copy has had its turn.
+        let m = post_json(&format!("{url}/v1/topics/redeliver/events"), &json!({ "marker": true })).await;
+        assert_eq!(m.status, 202, "{}", m.body);
+        let marker = m.body["id"].as_str().unwrap().to_string();
+        within(
+            "the marker reaches the slow webhook",
+            DEADLINE + SLOW * 2 * N as u32,
+            || async { slow.ids().contains(&marker).then_some(()) },
+        )
+        .await;
+        let ids: Vec<String> = slow.ids().into_iter().filter(|id| *id != marker).collect();
+        assert_eq!(
+            ids.len(),
+            N,
+            "redeliver_after_ms = {redeliver_after_ms}: the webhook ran each event once (the handler node's dedup window), got {ids:?}"
+        );
+        let redelivered = metric_of(url, "herald_events_redelivered_total", &[]).await;
+        if resent {
+            assert!(
+                redelivered >= N as f64,
+                "redeliver_after_ms = {redeliver_after_ms}: each event waited longer than that for its ack and was sent again: {redelivered} redeliveries"
+            );
+        } else {
+            assert_eq!(
+                redelivered, 0.0,
+                "redeliver_after_ms = {redeliver_after_ms}: nothing waited that long, nothing was sent again"
+            );
+        }
+        slow.stop().await;
+    }
 }

@@ -72,6 +72,9 @@ pub(crate) type DeadLetterError = Box<dyn std::error::Error + Send + Sync>;
 pub(crate) enum Origin {
     /// Accepted on this node (published here, replayed, or routed again here).
     Local,
+    /// Published here with `ack=none` (at-most-once): if its instance leaves before running it,
+    /// it is routed once more at most, never kept for a re-send.
+    LocalAtMostOnce,
     /// Forwarded by node `from` as delivery `delivery`, which `from` keeps until acked.
     Forwarded { from: u64, delivery: u64 },
     /// Forwarded by node `from` at most once (`ack=none`) on its lane `lane`: neither acked nor

@@ -19,7 +19,7 @@
 
 pub(crate) mod store;
 
-pub use store::StoreError;
+pub use store::{RecordError, StoreError};
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -798,8 +798,17 @@ impl Ingress {
         let mut reserved = self.reserve(&table, &events)?;
         let seqs = self.log(&events, &reserved.events, ack).await?;
         reserved.count_published(self);
-        let (mut answers, waits) = self.send(events, reserved.events, seqs, ack);
-        // 4. Wait for the handlers if asked to.
+        let (answers, waits) = self.send(events, reserved.events, seqs, ack);
+        Self::wait_outcomes(answers, waits, timeout).await
+    }
+
+    /// Stage 4: waits up to `timeout` for the outcomes of the answers that wait for them
+    /// (`ack=processed`).
+    async fn wait_outcomes(
+        mut answers: Vec<Answer>,
+        waits: Vec<OutcomeWait>,
+        timeout: Duration,
+    ) -> Result<Vec<Answer>, PublishError> {
         if !waits.is_empty() {
             let (indexes, receivers): (Vec<usize>, Vec<_>) = waits.into_iter().unzip();
             let results = match tokio::time::timeout(timeout, join_all(receivers)).await {
@@ -873,9 +882,9 @@ impl Ingress {
             .zip(reserved)
             .filter(|(_, (_, slots))| !slots.is_empty())
             .map(|(e, (_, slots))| {
-                let mut buf = Vec::new();
-                crate::proto::encode_wal_record(e, slots.iter().map(|(route, _)| route.key.group.as_str()), &mut buf);
-                buf
+                store::wal_value(|buf| {
+                    crate::proto::encode_wal_record(e, slots.iter().map(|(route, _)| route.key.group.as_str()), buf)
+                })
             })
             .collect();
         if records.is_empty() {
@@ -939,7 +948,7 @@ impl Ingress {
                     Target::Local(slot) if ack == AckMode::None => slot.send(Job {
                         event: event.clone(),
                         completion: tracker(),
-                        origin: Origin::Local,
+                        origin: Origin::LocalAtMostOnce,
                     }),
                     Target::Local(slot) => local.push((
                         slot,
@@ -967,7 +976,11 @@ impl Ingress {
                             None => remote.push((node, vec![outgoing])),
                         }
                     }
-                    Target::Parked => self.relay.park(route.key.clone(), event.clone(), tracker()),
+                    Target::Parked => {
+                        // `ack=none` stays at-most-once while parked: routed once, never re-sent.
+                        self.relay
+                            .park(route.key.clone(), event.clone(), tracker(), ack == AckMode::None)
+                    }
                 }
             }
         }
@@ -1024,7 +1037,7 @@ impl Ingress {
                 let record = match record {
                     Ok(r) => r,
                     Err(e) => {
-                        tracing::debug!(seq, error = %e, "undecodable WAL record");
+                        tracing::debug!(seq, error = %e, "damaged WAL record (checksum failed or undecodable)");
                         bad.push(seq);
                         continue;
                     }
@@ -1051,7 +1064,7 @@ impl Ingress {
                 let (tracker, _) = self.tracker(owed.len(), Some(seq), permit, false);
                 let event = Arc::new(replay_traced(event, "wal"));
                 for key in owed {
-                    self.relay.park(Arc::new(key), event.clone(), tracker.clone());
+                    self.relay.park(Arc::new(key), event.clone(), tracker.clone(), false);
                 }
             }
             self.store.ack_all(dropped);
@@ -1072,7 +1085,7 @@ impl Ingress {
             tracing::error!(
                 records = quarantined.len(),
                 seqs = ?&quarantined[..quarantined.len().min(SHOWN)],
-                "undecodable WAL records moved to the wal_quarantine table (first {SHOWN} sequence numbers shown; \
+                "damaged WAL records (checksum failed or undecodable) moved to the wal_quarantine table (first {SHOWN} sequence numbers shown; \
                  `herald wal check` lists them all)"
             );
         }
@@ -1139,7 +1152,7 @@ impl Ingress {
         self.relay.forget_seen(&key, &event.id);
         let permit = self.bytes.take(charge(&event)).await;
         let (tracker, _) = self.tracker(1, Some(seq), permit, false);
-        self.relay.park(Arc::new(key), event.clone(), tracker);
+        self.relay.park(Arc::new(key), event.clone(), tracker, false);
         Ok(event.id.clone())
     }
 
@@ -1173,9 +1186,7 @@ mod tests {
     }
 
     fn record(e: &Event, groups: &[&str]) -> Vec<u8> {
-        let mut buf = Vec::new();
-        crate::proto::encode_wal_record(e, groups.iter().copied(), &mut buf);
-        buf
+        store::wal_value(|buf| crate::proto::encode_wal_record(e, groups.iter().copied(), buf))
     }
 
     fn key(group: &str) -> SubscriptionKey {

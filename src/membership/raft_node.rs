@@ -91,6 +91,9 @@ pub struct DriverConfig {
     pub propose_timeout: Duration,
     /// Applied entries between snapshots (then the log is compacted).
     pub snapshot_every: u64,
+    /// Where this run numbers its proposals from; `None` (a node): at random (see `first_seq`).
+    /// A deterministic simulation draws it from its seed.
+    pub first_seq: Option<u64>,
 }
 
 impl DriverConfig {
@@ -105,6 +108,17 @@ impl DriverConfig {
             heartbeat_ticks: 3,
             propose_timeout: Duration::from_secs(5),
             snapshot_every: 1000,
+            first_seq: None,
+        }
+    }
+
+    /// The driver settings of a node's `[raft]` section (the rest are the defaults).
+    pub fn from_raft(id: u64, raft: &crate::config::RaftConfig) -> Self {
+        DriverConfig {
+            tick: Duration::from_millis(raft.tick_ms),
+            election_ticks: raft.election_ticks,
+            heartbeat_ticks: raft.heartbeat_ticks,
+            ..DriverConfig::new(id)
         }
     }
 }
@@ -374,6 +388,7 @@ where
         id: config.id,
         ..Default::default()
     });
+    let next_seq = config.first_seq.map_or_else(first_seq, |s| (s >> 1) | 1);
     let mut driver = Driver {
         node,
         raft_config,
@@ -383,7 +398,7 @@ where
         out,
         status: status_tx,
         pending: HashMap::new(),
-        next_seq: first_seq(),
+        next_seq,
         snapshot_index: applied,
         snapshot_due: false,
         fatal: None,

@@ -868,10 +868,13 @@ impl RedbStorage {
     /// Errors: [`LogStoreError::AlreadyOpen`] if the file is open already,
     /// [`LogStoreError::Corrupt`] if stored state does not decode or is inconsistent (entries not
     /// contiguous from the compaction point, a commit index past the last entry, …),
-    /// [`LogStoreError::Db`] for other redb failures.
+    /// [`LogStoreError::Db`] for other redb failures, among them a file whose pages fail redb's
+    /// checksums (changed outside redb).
     pub fn open(path: impl AsRef<Path>) -> Result<RedbStorage, LogStoreError> {
         let path = path.as_ref().to_path_buf();
-        let db = match Database::create(&path) {
+        // A file damaged outside redb fails to open with an error rather than a panic (the
+        // check reads the file once; the log is compacted, so it stays small).
+        let db = match Database::builder().set_check_integrity_on_open(true).create(&path) {
             Ok(db) => db,
             Err(redb::DatabaseError::DatabaseAlreadyOpen) => return Err(LogStoreError::AlreadyOpen { path }),
             Err(e) => return Err(db_error(&path, "open", e)),
@@ -1904,6 +1907,23 @@ mod tests {
     }
 
     /// Writes `value` under `key` straight into the redb file, behind the storage's back.
+    /// A file damaged outside redb fails to open with an error, never a panic (redb checks its
+    /// page checksums at every open).
+    #[test]
+    fn a_log_file_damaged_outside_redb_fails_to_open_with_an_error_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("raft.redb");
+        let s = RedbStorage::open(&path).unwrap();
+        let many: Vec<(u64, u64)> = (1..=200).map(|i| (i, 1)).collect();
+        s.append(&ents(&many)).unwrap();
+        drop(s);
+        let (panicked, errors) = crate::types::damage_each_of(&path, 60, || {
+            RedbStorage::open(&path).map(drop).map_err(|e| e.to_string())
+        });
+        assert_eq!(panicked, 0, "an open of a damaged file panicked");
+        assert!(!errors.is_empty(), "some damage must be found");
+    }
+
     fn tamper<K: redb::Key + 'static>(
         path: &Path,
         table: TableDefinition<K, &[u8]>,

@@ -27,12 +27,13 @@ use crate::handler::supervisor::Policy;
 use crate::handler::{HandlerActor, HandlerRegistry};
 use crate::ingress::store::Store;
 use crate::ingress::{AckMode, Ingress, PublishError, Published, StoreDeadLetters};
+use crate::membership::raft_node::DriverConfig;
 use crate::membership::raft_node::RaftStatus;
-use crate::membership::service::{Membership, MembershipConfig};
+use crate::membership::service::{CoreConfig, Membership, MembershipConfig};
 use crate::membership::state::MembershipState;
 use crate::monitor::{Health, MonitorConfig, Progress};
 use crate::relay::{Relay, RelayConfig, RelayRuntime};
-use crate::router::{Router, RouterParts};
+use crate::router::{Router, RouterParts, Workers};
 use crate::subscription::SubscriptionSpec;
 use crate::types::SubscriptionKey;
 // The control operations and their views live in `control`, below both `http` (which calls them)
@@ -138,7 +139,7 @@ impl NodeBuilder {
         let (returns, returned) = crate::relay::returns();
         let router = Arc::new(Router::new(RouterParts {
             registry,
-            workers: workers.iter().map(Arbiter::handle).collect(),
+            workers: Workers::Arbiters(workers.iter().map(Arbiter::handle).collect()),
             policy: Policy {
                 backoff_initial: Duration::from_millis(h.backoff_initial_ms),
                 backoff_max: Duration::from_millis(h.backoff_max_ms),
@@ -184,29 +185,27 @@ impl NodeBuilder {
         let (app_tx, app_rx) = tokio::sync::mpsc::channel(crate::transport::APP_QUEUE);
         let c = &config.cluster;
         let membership = Arc::new(Membership::start(MembershipConfig {
-            node_id: config.node_id,
-            cluster_id: config.cluster_id.clone(),
+            core: CoreConfig {
+                node_id: config.node_id,
+                cluster_id: config.cluster_id.clone(),
+                http: config.http_advertise(http_addr),
+                advertise: config.cluster.advertise.clone(),
+                join: config.cluster.join.clone(),
+                handlers: router.registry().kinds(),
+                driver: DriverConfig::from_raft(config.node_id, &config.raft),
+                voters: config.raft.voters,
+                load_factor: config.raft.load_factor,
+                monitor: MonitorConfig::from_cluster(c),
+                down_after: Duration::from_millis(c.down_after_ms),
+                health: health.clone(),
+                progress,
+                join_approval: c.join_approval,
+            },
             data_dir: config.data_dir.clone(),
-            http: config.http_advertise(http_addr),
             peer_listener,
-            advertise: config.cluster.advertise.clone(),
-            join: config.cluster.join.clone(),
             tls,
             tls_reload: Duration::from_millis(config.peer_tls.reload_interval_ms),
-            handlers: router.registry().kinds(),
-            raft: config.raft.clone(),
-            monitor: MonitorConfig {
-                ping_interval: Duration::from_millis(c.ping_interval_ms),
-                phi_threshold: c.phi_threshold,
-                min_std_deviation: Duration::from_millis(c.min_std_deviation_ms),
-                degraded_after: Duration::from_millis(c.degraded_after_ms),
-                monitors: c.monitors,
-            },
-            down_after: Duration::from_millis(c.down_after_ms),
-            health: health.clone(),
-            progress,
             app: app_tx,
-            join_approval: c.join_approval,
             max_pending_handshakes: c.max_pending_handshakes,
         })?);
         // Dead-letter requests from other members: the relay receives them, the control layer
@@ -214,7 +213,7 @@ impl NodeBuilder {
         let (asks_tx, asks_rx) = tokio::sync::mpsc::channel(crate::relay::ASK_QUEUE);
         let relay_runtime = RelayRuntime::start().map_err(|e| Error::io("cannot start the event relay thread", e))?;
         let relay = Relay::start(
-            membership.bus().events().clone(),
+            Arc::new(membership.bus().events().clone()),
             router.clone(),
             health.clone(),
             RelayConfig {

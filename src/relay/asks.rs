@@ -23,11 +23,12 @@ use bytes::Bytes;
 use prost::Message;
 use tokio::sync::{mpsc, oneshot};
 
+use super::Net;
 use crate::proto::{
     dead_letter_request::Kind, peer_message, DeadLetterRecord, DeadLetterRequest, DeadLetterResponse, DeadLetterStatus,
     PeerMessage, StoredDeadLetter,
 };
-use crate::transport::{Envelope, Transport};
+use crate::transport::Envelope;
 
 /// Requests this node may have waiting for answers at once; more are refused (`AskError::Busy`).
 pub(crate) const MAX_OUTSTANDING: usize = 256;
@@ -64,7 +65,7 @@ pub(crate) struct PeerAsk {
 
 /// The way back to the peer that asked.
 pub(crate) struct Reply {
-    transport: Transport,
+    transport: Net,
     peer: u64,
     id: u64,
 }
@@ -104,7 +105,7 @@ impl Reply {
     /// Answers a listing with `entries` (in id order), as many as fit one transport frame; the
     /// answer says `truncated` when some were left out.
     pub(crate) fn page(self, entries: Vec<(String, DeadLetterRecord)>) {
-        let budget = self.transport.config().max_frame_len.saturating_sub(FRAME_SLACK);
+        let budget = self.transport.max_frame_len().saturating_sub(FRAME_SLACK);
         let (entries, truncated) = fit(entries, budget);
         self.send(DeadLetterResponse {
             status: DeadLetterStatus::Ok as i32,
@@ -137,7 +138,7 @@ fn fit(entries: Vec<(String, DeadLetterRecord)>, budget: usize) -> (Vec<StoredDe
 
 /// This node's side of the requests: outstanding ones waiting for answers.
 pub(crate) struct Asks {
-    transport: Transport,
+    transport: Net,
     next: AtomicU64,
     /// Request id → the peer asked and the waiting requester.
     waiting: Mutex<HashMap<u64, (u64, oneshot::Sender<DeadLetterResponse>)>>,
@@ -146,7 +147,7 @@ pub(crate) struct Asks {
 }
 
 impl Asks {
-    pub(crate) fn new(transport: Transport, incoming: mpsc::Sender<PeerAsk>) -> Asks {
+    pub(crate) fn new(transport: Net, incoming: mpsc::Sender<PeerAsk>) -> Asks {
         Asks {
             transport,
             next: AtomicU64::new(1),
@@ -247,7 +248,7 @@ impl Drop for Forget<'_> {
 mod tests {
     use super::*;
     use crate::proto::{EventRecord, ListDeadLetters};
-    use crate::transport::TransportConfig;
+    use crate::transport::{Transport, TransportConfig};
 
     fn record(bytes: usize) -> DeadLetterRecord {
         DeadLetterRecord {
@@ -291,7 +292,7 @@ mod tests {
         transport.add_peer(2, "127.0.0.1:1");
         transport.add_peer(3, "127.0.0.1:1");
         let (incoming, rx) = mpsc::channel(1);
-        (Asks::new(transport, incoming), rx)
+        (Asks::new(std::sync::Arc::new(transport), incoming), rx)
     }
 
     fn list() -> Kind {

@@ -31,12 +31,13 @@ use prost::Message;
 use tokio::sync::mpsc;
 
 use super::dedup::{Check, Dedup, DedupKey, Finished};
+use super::Net;
 use super::{IdMap, Queues};
 use crate::event::Event;
 use crate::handler::supervisor::{Completion, Job, Origin, Outcome};
 use crate::proto::{peer_message, AckBatch, AckCode, AckRecord, Incoming, Incomings, LaneCredit, PeerMessage};
 use crate::router::{Router, RoutingTable, SubRuntime};
-use crate::transport::{Envelope, Transport};
+use crate::transport::Envelope;
 use crate::types::SubscriptionKey;
 
 /// At most this many acks are taken from an ack queue per batch (times eight).
@@ -243,7 +244,7 @@ type Window = Arc<Mutex<Dedup<Waiter>>>;
 
 /// The receiving side of one node.
 pub(super) struct Inbound {
-    transport: Transport,
+    transport: Net,
     router: Arc<Router>,
     /// Where the inbox and ack tasks run (the relay's thread).
     runtime: tokio::runtime::Handle,
@@ -262,7 +263,7 @@ pub(super) struct Inbound {
 
 impl Inbound {
     pub(super) fn new(
-        transport: Transport,
+        transport: Net,
         router: Arc<Router>,
         dedup_window: usize,
         runtime: tokio::runtime::Handle,
@@ -423,7 +424,7 @@ impl Inbound {
             return done.credit_one();
         };
         let job = Job {
-            event: Arc::new(event),
+            event,
             completion: done,
             origin: Origin::AtMostOnce { from, lane: d.lane },
         };
@@ -476,7 +477,7 @@ impl Inbound {
             }
         }
         let job = Job {
-            event: Arc::new(event),
+            event,
             completion: Arc::new(Handled { acks, dedup: dedup_key }),
             origin: Origin::Forwarded { from, delivery: d.id },
         };
@@ -639,7 +640,7 @@ async fn receive_events(inbound: Arc<Inbound>, from: u64, mut rx: mpsc::Receiver
 }
 
 /// Drains the acks, outcomes and lane credits owed to one origin into ack batches.
-async fn send_acks(transport: Transport, origin: u64, mut rx: mpsc::UnboundedReceiver<AckItem>, dedup: Window) {
+async fn send_acks(transport: Net, origin: u64, mut rx: mpsc::UnboundedReceiver<AckItem>, dedup: Window) {
     let mut buf = Vec::with_capacity(MAX_BATCH);
     while rx.recv_many(&mut buf, MAX_BATCH * 8).await > 0 {
         let batch = ack_batch(origin, buf.drain(..), &dedup);

@@ -85,7 +85,7 @@ impl Lanes {
                     let lane = *self.by_load.entry(at).or_insert_with(|| {
                         // Random, like delivery ids: credits meant for this node's previous
                         // process cannot match. Odd, so never 0 (which means "no lane").
-                        let lane = rand::random::<u64>() | 1;
+                        let lane = crate::types::random_u64() | 1;
                         lanes.insert(
                             lane,
                             Lane {

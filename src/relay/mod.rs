@@ -42,7 +42,11 @@
 //! its deliveries are presumed lost. A handler node that does not run the subscription (any
 //! more) drops the event and credits it. This is what `ack=none` promises (DESIGN §7:
 //! at-most-once), and it takes the per-event ack, pending entry, dedup entry and the two
-//! per-event allocations off the fastest mode's path.
+//! per-event allocations off the fastest mode's path. An `ack=none` event that waits here
+//! (parked: every instance is on an unhealthy node; or handed back by a local instance that left
+//! before running it, `Origin::LocalAtMostOnce`) is routed once when a node can take it — on a
+//! lane, or to a local instance — and forgotten: never kept for a re-send (the event-plane
+//! simulation, `event_sim`, found it being tracked and run twice).
 //!
 //! **Handler side** (`inbound`). Batches from one origin are handled in order by one task per origin (so a
 //! key's order survives the hop). A delivery for a subscription this node runs no instance of is
@@ -80,7 +84,7 @@ use crate::handler::supervisor::{Completion, Job, Origin, Outcome, Retired};
 use crate::monitor::Health;
 use crate::proto::{dead_letter_request, decode_peer_message, DeadLetterResponse, PeerBody};
 use crate::router::Router;
-use crate::transport::Transport;
+use crate::transport::EventNet;
 use crate::types::SubscriptionKey;
 
 mod asks;
@@ -119,6 +123,10 @@ impl Hasher for IdHasher {
 }
 
 type IdMap<K, V> = HashMap<K, V, BuildHasherDefault<IdHasher>>;
+
+/// The events channel to the other nodes (the bus's events transport in a node; an in-process
+/// network in the simulation).
+type Net = Arc<dyn EventNet>;
 
 /// One-way queues to one peer, each drained by its own task. Pushing to a peer whose queue
 /// exists takes only a read lock (handler threads ack concurrently).
@@ -291,7 +299,7 @@ impl Relay {
     /// `asks` (bounded, see [`ASK_QUEUE`]), which the node layer serves.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn start(
-        transport: Transport,
+        transport: Net,
         router: Arc<Router>,
         health: Arc<Health>,
         config: RelayConfig,
@@ -339,9 +347,10 @@ impl Relay {
         runtime.spawn(async move {
             while let Some((key, job)) = returned.recv().await {
                 match job.origin {
-                    Origin::Local => {
+                    Origin::Local | Origin::LocalAtMostOnce => {
                         tracing::debug!(subscription = %key, id = %job.event.id, "placement moved: routing a queued event anew");
-                        outbound.park(key, job.event, job.completion);
+                        let once = job.origin == Origin::LocalAtMostOnce;
+                        outbound.park(key, job.event, job.completion, once);
                     }
                     Origin::AtMostOnce { .. } => {
                         // Dropped (at-most-once); its lane is credited.
@@ -355,7 +364,7 @@ impl Relay {
         let outbound = relay.outbound.clone();
         runtime.spawn(async move {
             while let Some((key, event, completion)) = repark.recv().await {
-                outbound.park(key, event, completion);
+                outbound.park(key, event, completion, false);
             }
         });
         runtime.spawn(outbound::reroute_loop(relay.outbound.clone(), health.subscribe()));
@@ -401,9 +410,16 @@ impl Relay {
     }
 
     /// Holds `event` for `key`'s subscription until a node can take it (every instance is on an
-    /// unhealthy node, or a replay hands it over to be routed).
-    pub(crate) fn park(&self, key: Arc<SubscriptionKey>, event: Arc<Event>, completion: Arc<dyn Completion>) {
-        self.outbound.park(key, event, completion);
+    /// unhealthy node, or a replay hands it over to be routed). An `at_most_once` event (`ack=none`)
+    /// is routed once and forgotten: on a lane to another node, or to a local instance.
+    pub(crate) fn park(
+        &self,
+        key: Arc<SubscriptionKey>,
+        event: Arc<Event>,
+        completion: Arc<dyn Completion>,
+        at_most_once: bool,
+    ) {
+        self.outbound.park(key, event, completion, at_most_once);
     }
 }
 

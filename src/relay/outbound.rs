@@ -11,20 +11,21 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::{mpsc, Notify};
 
 use super::lanes::{Credited, Lanes};
 use super::pending::{self, may_answer, Answer, Destination, NodeState, Once, Pending};
+use super::Net;
 use super::{IdMap, Outgoing, Queues, RelayConfig};
 use crate::event::{Event, TraceContext};
 use crate::handler::supervisor::{Completion, Job, Origin, Outcome};
 use crate::monitor::Health;
 use crate::proto::{encode_delivery, encode_delivery_on, peer_message_events, AckBatch, AckCode, EventsBuffer};
 use crate::router::{NoRoom, Route, Router, Slot, Target};
-use crate::transport::{Envelope, Transport};
+use crate::transport::Envelope;
 use crate::types::SubscriptionKey;
 
 /// The `forward` span of one hop of a traced event to `node` (a child of the event's context,
@@ -90,7 +91,7 @@ impl Chunk {
 
 /// The sending side of one node.
 pub(super) struct Outbound {
-    transport: Transport,
+    transport: Net,
     router: Arc<Router>,
     health: Arc<Health>,
     config: RelayConfig,
@@ -110,7 +111,7 @@ pub(super) struct Outbound {
 
 impl Outbound {
     pub(super) fn new(
-        transport: Transport,
+        transport: Net,
         router: Arc<Router>,
         health: Arc<Health>,
         config: RelayConfig,
@@ -124,7 +125,7 @@ impl Outbound {
             runtime,
             // Random, so that acks a peer still owes to this node's previous process (same node
             // id, before a restart) cannot complete this process's deliveries.
-            next_id: AtomicU64::new(rand::random::<u64>() >> 1),
+            next_id: AtomicU64::new(crate::types::random_u64() >> 1),
             pending: Mutex::new(IdMap::default()),
             lanes: Mutex::new(Lanes::default()),
             outboxes: Queues::new(),
@@ -158,13 +159,13 @@ impl Outbound {
             self.lanes
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .assign(node, loads, Instant::now())
+                .assign(node, loads, crate::monitor::now())
         } else {
             Vec::new()
         };
         let chunks = encode_chunks(node, &items, next_id, lanes);
         if acked > 0 {
-            let now = Instant::now();
+            let now = crate::monitor::now();
             let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
             pending.reserve(acked);
             let acked_items = items
@@ -185,6 +186,7 @@ impl Outbound {
                             refused: false,
                         },
                         earlier: Vec::new(),
+                        at_most_once: false,
                     },
                 );
             }
@@ -196,7 +198,13 @@ impl Outbound {
     }
 
     /// See [`super::Relay::park`].
-    pub(super) fn park(&self, key: Arc<SubscriptionKey>, event: Arc<Event>, completion: Arc<dyn Completion>) {
+    pub(super) fn park(
+        &self,
+        key: Arc<SubscriptionKey>,
+        event: Arc<Event>,
+        completion: Arc<dyn Completion>,
+        at_most_once: bool,
+    ) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         {
             let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
@@ -208,6 +216,7 @@ impl Outbound {
                     done: Once::new(completion),
                     to: Destination::Parked,
                     earlier: Vec::new(),
+                    at_most_once,
                 },
             );
             self.pending_gauge.set(pending.len() as f64);
@@ -232,7 +241,7 @@ impl Outbound {
     pub(super) fn on_acks(&self, from: u64, batch: AckBatch) {
         let mut refused_credits = 0;
         if !batch.credits.is_empty() {
-            let now = Instant::now();
+            let now = crate::monitor::now();
             let mut lanes = self.lanes.lock().unwrap_or_else(|p| p.into_inner());
             for c in &batch.credits {
                 if lanes.credit(from, c.lane, c.n, now) == Credited::NotSentToPeer {
@@ -296,7 +305,7 @@ impl Outbound {
     /// lanes still hold units.
     fn sweep_lanes(&self) -> bool {
         let mut lanes = self.lanes.lock().unwrap_or_else(|p| p.into_inner());
-        let lost = lanes.sweep(Instant::now(), self.config.redeliver_after, |node| {
+        let lost = lanes.sweep(crate::monitor::now(), self.config.redeliver_after, |node| {
             self.health.peer(node).routable()
         });
         let outstanding = lanes.outstanding();
@@ -322,11 +331,14 @@ impl Outbound {
             // routed, and a missing route does not mean a deleted subscription. Swept as busy.
             return true;
         }
-        let now = Instant::now();
+        let now = crate::monitor::now();
         let mut local = Vec::new();
         let mut resend: Vec<(u64, Chunk)> = Vec::new();
         let mut resent = 0;
         let mut gone = Vec::new();
+        // At-most-once events routed to a node: sent on a lane once the lock is released.
+        let mut once: Vec<(u64, Outgoing)> = Vec::new();
+        let mut sent_once = Vec::new();
         let in_flight;
         // One route lookup (and one health check per node) per subscription per sweep, not one
         // per pending delivery: pending entries of one subscription share its key's `Arc`.
@@ -357,18 +369,38 @@ impl Outbound {
             gone.sort_unstable();
             for (id, route) in due {
                 let Some(p) = pending.get_mut(&id) else { continue };
+                // Its own unit of the window first: a window full of lost deliveries must not
+                // keep every one of them from being sent again.
+                p.release();
                 match route.reserve(p.event.key.as_deref()) {
                     Ok(Target::Local(slot)) => {
                         slot.send(Job {
                             event: p.event.clone(),
                             completion: p.done.clone(),
-                            origin: Origin::Local,
+                            origin: if p.at_most_once {
+                                Origin::LocalAtMostOnce
+                            } else {
+                                Origin::Local
+                            },
                         });
                         local.push(id);
                     }
+                    Ok(Target::Remote(slot)) if p.at_most_once => {
+                        let (node, load) = slot.take();
+                        once.push((
+                            node,
+                            Outgoing {
+                                key: p.key.clone(),
+                                epoch: route.epoch,
+                                load,
+                                event: p.event.clone(),
+                                completion: None,
+                            },
+                        ));
+                        sent_once.push(id);
+                    }
                     Ok(Target::Remote(slot)) => {
                         let (node, load) = slot.take();
-                        p.release();
                         p.to = Destination::Sent {
                             node,
                             load,
@@ -396,14 +428,19 @@ impl Outbound {
                         chunk.n += 1;
                         resent += 1;
                     }
-                    Ok(Target::Parked) | Err(NoRoom::Unplaced) => p.release(),
-                    // No room now: the next sweep tries again.
-                    Err(NoRoom::Full) => {}
+                    // Held here (parked, its unit given back); the next sweep tries again.
+                    Ok(Target::Parked) | Err(NoRoom::Unplaced | NoRoom::Full) => {}
                 }
             }
             for id in &local {
                 if let Some(mut p) = pending.remove(id) {
                     p.release();
+                }
+            }
+            for id in &sent_once {
+                if let Some(p) = pending.remove(id) {
+                    // Handed to a lane: nothing tracks it any more (its budget share is freed).
+                    p.done.complete(&p.key, Outcome::Ok { attempts: 0 });
                 }
             }
             for id in &gone {
@@ -417,9 +454,19 @@ impl Outbound {
             self.pending_gauge.set(pending.len() as f64);
             in_flight = outstanding || !pending.is_empty();
         }
-        self.redelivered.increment((local.len() + resent) as u64);
+        self.redelivered.increment((local.len() + resent + once.len()) as u64);
         for (node, chunk) in resend {
             self.send_to(node, chunk);
+        }
+        let mut by_node: Vec<(u64, Vec<Outgoing>)> = Vec::new();
+        for (node, o) in once {
+            match by_node.iter_mut().find(|(n, _)| *n == node) {
+                Some((_, items)) => items.push(o),
+                None => by_node.push((node, vec![o])),
+            }
+        }
+        for (node, items) in by_node {
+            self.forward(node, items);
         }
         in_flight
     }
@@ -546,7 +593,7 @@ pub(super) async fn reroute_loop(out: Arc<Outbound>, mut health: tokio::sync::wa
 /// Drains one peer's outbox into event batches: a large chunk (one publish call's events) is
 /// sent as its own envelope, straight from the buffer it was encoded into; runs of small ones are
 /// copied together into one envelope of up to [`MAX_BATCH_BYTES`].
-async fn send_events(transport: Transport, node: u64, mut rx: mpsc::UnboundedReceiver<Chunk>) {
+async fn send_events(transport: Net, node: u64, mut rx: mpsc::UnboundedReceiver<Chunk>) {
     let counter = metrics::counter!(crate::metrics::EVENTS_FORWARDED, "peer" => node.to_string());
     let send = |payload: Bytes, n: usize| {
         let transport = &transport;

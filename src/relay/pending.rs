@@ -56,6 +56,9 @@ pub(super) struct Pending {
     /// Nodes it was sent to before (it was routed away from them): their late answers are not
     /// forged, and an ack from one of them still completes it (the event was handled there).
     pub(super) earlier: Vec<u64>,
+    /// An `ack=none` event held here (parked, or handed back by an instance that left): routed
+    /// once and forgotten, on a lane or to a local instance, never re-sent (at-most-once).
+    pub(super) at_most_once: bool,
 }
 
 impl Pending {
@@ -277,6 +280,7 @@ mod tests {
             done: Once::new(Arc::new(Nothing)),
             to,
             earlier: Vec::new(),
+            at_most_once: false,
         }
     }
 

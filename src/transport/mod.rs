@@ -30,6 +30,8 @@
 //! * `bus` — the [`Bus`]: the control and events transports of a node, the `herald-events`
 //!   thread, the shared accept loop that hands each connection to its channel's transport, and
 //!   the authorisation of inbound messages by channel.
+//! * `net` — [`PeerNet`], what the control plane (membership, monitor) asks of the network, and
+//!   the bus's implementation of it; a deterministic simulator implements it in-process.
 //!
 //! ```no_run
 //! # async fn demo() -> herald::Result<()> {
@@ -58,6 +60,7 @@ mod bus;
 mod conn;
 pub mod frame;
 pub mod handshake;
+mod net;
 mod peers;
 mod read_ahead;
 pub mod tls;
@@ -69,6 +72,10 @@ pub use bus::{channel_name, wrong_channel, Bus, APP_QUEUE};
 pub use conn::{ConnectionEnd, ConnectionError};
 pub use frame::{FrameError, DEFAULT_MAX_FRAME_LEN};
 pub use handshake::{handshake_on, Established, HandshakeError, Identity, PeerInfo, Side};
+pub(crate) use net::EventNet;
+#[cfg(test)]
+pub(crate) use net::Sending;
+pub use net::{PeerNet, Probe, ProbeError};
 pub use peers::{Connector, InboundConnection, PeerLink, SendError, TcpConnector, Transport};
 pub use read_ahead::ReadAhead;
 pub use tls::{PeerStream, PeerTls, TlsError, TlsFiles};

@@ -154,7 +154,10 @@ pub struct Ping {
     /// Sequence number, so the answer can be matched to its probe.
     #[prost(uint64, tag = "1")]
     pub seq: u64,
-    /// Sender's clock when the ping left, nanoseconds since the Unix epoch (for the RTT).
+    /// Sender's clock when the ping left, in nanoseconds (for the RTT; only the sender reads it,
+    /// from the echo). Herald sends its monotonic clock (since its monitor started), so a step of
+    /// the wall clock cannot make a round trip look negative or hours long; the name is the
+    /// field's first meaning, kept so the API and wire stay as they were.
     #[prost(int64, tag = "2")]
     pub sent_unix_nanos: i64,
 }

@@ -530,14 +530,28 @@ pub fn wait_ready(url: &str) {
     }
 }
 
-/// `GET {url}{path}` with HTTP/1.0 from sync code: the status and body, or `None` if the node
-/// cannot be reached.
-pub fn get_blocking(url: &str, path: &str) -> Option<(u16, String)> {
+/// One HTTP/1.0 request from sync code: `method {url}{path}` with an optional JSON body, waiting
+/// at most `timeout` for the answer. The status and body, or `None` if the node cannot be reached
+/// or its answer is not HTTP.
+pub fn request_blocking(
+    method: &str,
+    url: &str,
+    path: &str,
+    json: Option<&str>,
+    timeout: Duration,
+) -> Option<(u16, String)> {
     use std::io::{Read, Write};
     let addr = url.trim_start_matches("http://");
     let mut s = std::net::TcpStream::connect(addr).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes()).ok()?;
+    s.set_read_timeout(Some(timeout)).ok()?;
+    let request = match json {
+        Some(body) => format!(
+            "{method} {path} HTTP/1.0\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        ),
+        None => format!("{method} {path} HTTP/1.0\r\n\r\n"),
+    };
+    s.write_all(request.as_bytes()).ok()?;
     let mut answer = String::new();
     s.read_to_string(&mut answer).ok()?;
     let status = answer.split_whitespace().nth(1)?.parse().ok()?;
@@ -548,29 +562,16 @@ pub fn get_blocking(url: &str, path: &str) -> Option<(u16, String)> {
     Some((status, body))
 }
 
-/// `POST {url}{path}` of a JSON body with HTTP/1.0 from sync code: the status and body.
+/// `GET {url}{path}` (see [`request_blocking`]): `None` if the node cannot be reached.
+pub fn get_blocking(url: &str, path: &str) -> Option<(u16, String)> {
+    request_blocking("GET", url, path, None, Duration::from_secs(2))
+}
+
+/// `POST {url}{path}` of a JSON body (see [`request_blocking`]); fails the test if the node does
+/// not answer within 30 s.
 pub fn post_json_blocking(url: &str, path: &str, body: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let addr = url.trim_start_matches("http://");
-    let mut s = std::net::TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let request = format!(
-        "POST {path} HTTP/1.0\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(request.as_bytes()).expect("send");
-    let mut answer = String::new();
-    s.read_to_string(&mut answer).expect("read the answer");
-    let status = answer
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = answer
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
+    request_blocking("POST", url, path, Some(body), Duration::from_secs(30))
+        .unwrap_or_else(|| panic!("POST {url}{path}: no HTTP answer"))
 }
 
 /// A `herald` command with no inherited `HERALD_*` settings that could change its meaning.
