@@ -119,6 +119,9 @@ struct MemNet {
     listeners: Arc<Mutex<HashMap<String, mpsc::UnboundedSender<DuplexStream>>>>,
     /// Writes made by dialers' streams.
     writes: Arc<AtomicUsize>,
+    /// When set, dialing a name nobody listens under is never answered (like a SYN sent to an
+    /// address no host holds) instead of refused; counts such dials.
+    silent_when_absent: Option<Arc<tokio::sync::watch::Sender<usize>>>,
 }
 
 impl MemNet {
@@ -177,6 +180,10 @@ impl Connector for MemConnector {
 
     async fn connect(&self, _peer: u64, addr: &str) -> io::Result<(Counting, SocketAddr)> {
         let tx = self.net.listeners.lock().expect("lock").get(addr).cloned();
+        if let (None, Some(silent)) = (&tx, &self.net.silent_when_absent) {
+            silent.send_modify(|n| *n += 1);
+            std::future::pending::<()>().await;
+        }
         let tx = tx.ok_or_else(|| io::Error::from(io::ErrorKind::ConnectionRefused))?;
         let (a, b) = duplex(64 * 1024);
         tx.send(b)
@@ -743,6 +750,50 @@ async fn a_restarted_peer_is_redialed_as_soon_as_it_connects_not_after_the_backo
     }
     a.send(2, app("welcome back")).expect("queued");
     assert_eq!(recv_n(&mut b2_rx, 1).await, vec![(1, app("welcome back"))]);
+}
+
+/// A peer restarting on an address nobody held while it was down: this node's dial towards it
+/// waits on a connection that does not come (a SYN to such an address is answered only by the
+/// kernel's retransmission, a second or more later). When the peer connects to this node, that
+/// dial starts again at once instead of waiting out `connect_timeout`. CI saw a restarted
+/// container's peer reach it only 0.8 s after it came up, long enough for the restarted node to
+/// suspect that healthy peer (no answers to its pings came back) and send again deliveries the
+/// peer had handled.
+#[tokio::test(start_paused = true)]
+async fn a_dial_waiting_on_a_peer_that_was_down_starts_again_when_the_peer_connects() {
+    const CONNECT_TIMEOUT: Duration = Duration::from_secs(600);
+    let silent = Arc::new(tokio::sync::watch::Sender::new(0));
+    let net = MemNet {
+        silent_when_absent: Some(silent.clone()),
+        ..MemNet::default()
+    };
+    let mut a_config = config(1, "mem:1", None);
+    a_config.connect_timeout = CONNECT_TIMEOUT;
+    let (a, _a_rx, mut a_accepts) = net.node(a_config);
+    // Node 2 is down: node 1's dial towards it hangs.
+    a.add_peer(2, "mem:2");
+    within("a dial that hangs", silent.subscribe().wait_for(|n| *n == 1))
+        .await
+        .expect("sender alive");
+
+    // Node 2 comes up and dials node 1.
+    let up = tokio::time::Instant::now();
+    let (b, mut b_rx, _) = net.node(config(2, "mem:2", None));
+    b.add_peer(1, "mem:1");
+    assert_eq!(next_accept(&mut a_accepts).await.expect("a admits b").node_id, 2);
+    let mut link = a.link(2).expect("peer");
+    let redialed = tokio::time::timeout(CONNECT_TIMEOUT / 2, link.wait_for(|l| l.connected))
+        .await
+        .is_ok();
+    assert!(
+        redialed,
+        "node 1 was still waiting on its dial to node 2 after {:?} (connect_timeout {CONNECT_TIMEOUT:?}): {:?}",
+        up.elapsed(),
+        *link.borrow()
+    );
+    assert_eq!(*silent.borrow(), 1, "one dial hung, the next one connected");
+    a.send(2, app("hello")).expect("queued");
+    assert_eq!(recv_n(&mut b_rx, 1).await, vec![(1, app("hello"))]);
 }
 
 /// A peer connecting while this node's dialer towards it is connected leaves no wake-up behind:

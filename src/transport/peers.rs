@@ -24,7 +24,11 @@
 //! Reconnects: a dialer whose peer is unreachable backs off (jittered, exponential, up to
 //! `backoff_max`). When a node accepts an inbound connection from a peer whose dialer is waiting
 //! in that backoff, the peer is evidently up again (typically it just restarted), so the dialer is
-//! woken to redial at once, from the shortest delay. A connected dialer is never disturbed.
+//! woken to redial at once, from the shortest delay. A dialer still waiting for its TCP connection
+//! then gives that attempt up and dials again: it may be waiting on a SYN sent while the peer was
+//! down, to an address nobody held, which only the kernel's retransmission a second or more later
+//! would answer (a container restarted on a compose network). A connected dialer is never
+//! disturbed.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -198,8 +202,8 @@ struct Wake {
 }
 
 impl Wake {
-    /// Wakes the dialer unless it is connected; a dialer that is dialing keeps the wake-up for its
-    /// next backoff. Returns whether it was woken.
+    /// Wakes the dialer unless it is connected: one waiting for its TCP connection dials again,
+    /// one in its handshake keeps the wake-up for its next backoff. Returns whether it was woken.
     fn poke(&self) -> bool {
         let connected = lock(&self.connected);
         if !*connected {
@@ -713,6 +717,9 @@ enum DialError {
     Connect(io::Error),
     #[error("connecting did not finish within {0:?}")]
     ConnectTimeout(Duration),
+    /// The peer connected to this node while this attempt was still connecting.
+    #[error("the peer connected to this node while this dial was connecting; dialing again")]
+    Superseded,
     #[error(transparent)]
     Handshake(HandshakeError),
 }
@@ -781,6 +788,11 @@ impl<C: Connector> Dialer<C> {
                         backoff.reset();
                     }
                 }
+                Err(DialError::Superseded) => {
+                    tracing::debug!(peer, %addr, "the peer connected to this node while a dial was still connecting; dialing again");
+                    backoff.reset();
+                    continue;
+                }
                 Err(error) => {
                     failures += 1;
                     if failures == 1 || failures % 20 == 0 {
@@ -810,10 +822,14 @@ impl<C: Connector> Dialer<C> {
 
     async fn dial(&self, addr: &str) -> Result<Established<C::Stream>, DialError> {
         let cfg = &self.shared.config;
-        let (stream, remote) = tokio::time::timeout(cfg.connect_timeout, self.connector.connect(self.peer, addr))
-            .await
-            .map_err(|_| DialError::ConnectTimeout(cfg.connect_timeout))?
-            .map_err(DialError::Connect)?;
+        let connect = tokio::time::timeout(cfg.connect_timeout, self.connector.connect(self.peer, addr));
+        let (stream, remote) = tokio::select! {
+            connected = connect => connected
+                .map_err(|_| DialError::ConnectTimeout(cfg.connect_timeout))?
+                .map_err(DialError::Connect)?,
+            // The peer is up: this attempt may wait on a SYN it can no longer answer.
+            () = self.wake.notify.notified() => return Err(DialError::Superseded),
+        };
         handshake_on(
             stream,
             &cfg.identity,
