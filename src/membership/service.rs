@@ -901,8 +901,16 @@ impl Ctx {
             } else if !seeds.is_empty() {
                 // Not in the group yet: ask a seed to forward the Join to its leader.
                 for seed in &seeds {
-                    let seed_id = match seed_ids.get(seed.as_str()) {
-                        Some(&id) => Ok(id),
+                    // A restarted member knows its seeds from its table: no probe, which would be
+                    // refused as a duplicate of the connection its bus has just opened to them.
+                    let known = state
+                        .borrow()
+                        .members()
+                        .values()
+                        .find(|m| m.peer == *seed && m.id != self.id)
+                        .map(|m| m.id);
+                    let seed_id = match seed_ids.get(seed.as_str()).copied().or(known) {
+                        Some(id) => Ok(id),
                         None => self.net.probe(seed).await,
                     };
                     match seed_id {
