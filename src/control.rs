@@ -193,7 +193,7 @@ impl NodeCore {
         )
     }
 
-    /// Runs locally exactly the instances the placement gives this node.
+    /// Runs locally exactly the instances the placement gives this node (`Router::follow`).
     pub(crate) fn reconcile(&self, state: &MembershipState) {
         let me = self.config.node_id;
         if self.ingress.follow_membership(state.member(me).is_some()) {
@@ -208,37 +208,27 @@ impl NodeCore {
                  write-ahead log and are delivered if it joins again (restart it with --join <member>); stop it"
             );
         }
-        for (key, spec) in state.subscriptions() {
-            let local = state.placement_of(key).iter().filter(|n| **n == me).count() as u32;
-            if local == 0 {
-                self.router.remove(key);
-            } else {
-                let mut spec = spec.clone();
-                spec.instances = local;
-                self.router.apply(spec);
-            }
-        }
-        for running in self.router.table().iter() {
-            if !state.subscriptions().contains_key(&running.shared.key) {
-                self.router.remove(&running.shared.key);
-            }
-        }
-        self.router.set_placement(Placement {
-            epoch: state.epoch(),
-            subscriptions: state
-                .subscriptions()
-                .keys()
-                .map(|k| {
-                    let nodes = state
-                        .placement_of(k)
-                        .iter()
-                        .copied()
-                        .filter(|n| state.member(*n).is_some())
-                        .collect();
-                    (k.clone(), nodes)
-                })
-                .collect(),
-        });
+        let placed_here = |key: &SubscriptionKey| state.placement_of(key).iter().filter(|n| **n == me).count() as u32;
+        self.router.follow(
+            state.subscriptions().values(),
+            placed_here,
+            Placement {
+                epoch: state.epoch(),
+                subscriptions: state
+                    .subscriptions()
+                    .keys()
+                    .map(|k| {
+                        let nodes = state
+                            .placement_of(k)
+                            .iter()
+                            .copied()
+                            .filter(|n| state.member(*n).is_some())
+                            .collect();
+                        (k.clone(), nodes)
+                    })
+                    .collect(),
+            },
+        );
     }
 
     /// On shutdown: when another member is up to take over, drains this node (its subscriptions

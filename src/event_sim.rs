@@ -606,30 +606,21 @@ fn place(rng: &mut Rng, subs: &[SubscriptionSpec], up: &[u64]) -> BTreeMap<Subsc
         .collect()
 }
 
-/// What `Control::reconcile` does with a committed placement: run exactly the instances placed
-/// here, then route by the placement.
+/// What `Control::reconcile` does with a committed placement (`Router::follow`); one older than
+/// the placement the node follows is ignored (moves are learnt at different times).
 fn reconcile(node: &Node, subs: &[SubscriptionSpec], epoch: u64, placed: &BTreeMap<SubscriptionKey, Vec<u64>>) {
     if node.epoch.fetch_max(epoch, Ordering::Relaxed) >= epoch {
         return;
     }
-    for spec in subs {
-        let key = SubscriptionKey {
-            topic: spec.topic.clone(),
-            group: spec.group.clone(),
-        };
-        let local = placed[&key].iter().filter(|n| **n == node.id).count() as u32;
-        if local == 0 {
-            node.router.remove(&key);
-        } else {
-            let mut spec = spec.clone();
-            spec.instances = local;
-            node.router.apply(spec);
-        }
-    }
-    node.router.set_placement(Placement {
-        epoch,
-        subscriptions: placed.clone(),
-    });
+    let here = |key: &SubscriptionKey| placed[key].iter().filter(|n| **n == node.id).count() as u32;
+    node.router.follow(
+        subs,
+        here,
+        Placement {
+            epoch,
+            subscriptions: placed.clone(),
+        },
+    );
 }
 
 /// How a publish ended.

@@ -538,6 +538,40 @@ impl Router {
         self.rebuild(&mut inputs);
     }
 
+    /// Follows a committed placement: runs here exactly `here(key)` instances of each of
+    /// `subscriptions` (none: it stops here), stops every running subscription not among them,
+    /// then routes by `placement`. The node layer calls it with each applied membership state
+    /// (`Control::reconcile`), the event-plane simulation with each placement it makes.
+    pub(crate) fn follow<'a>(
+        &self,
+        subscriptions: impl IntoIterator<Item = &'a SubscriptionSpec>,
+        here: impl Fn(&SubscriptionKey) -> u32,
+        placement: Placement,
+    ) {
+        let mut listed = std::collections::HashSet::new();
+        for spec in subscriptions {
+            let key = SubscriptionKey {
+                topic: spec.topic.clone(),
+                group: spec.group.clone(),
+            };
+            let local = here(&key);
+            if local == 0 {
+                self.remove(&key);
+            } else {
+                let mut spec = spec.clone();
+                spec.instances = local;
+                self.apply(spec);
+            }
+            listed.insert(key);
+        }
+        for running in self.table().iter() {
+            if !listed.contains(&running.shared.key) {
+                self.remove(&running.shared.key);
+            }
+        }
+        self.set_placement(placement);
+    }
+
     /// Drops every subscription so the instances drain and stop (shutdown).
     pub(crate) fn clear(&self) {
         let mut inputs = self.write.lock().unwrap_or_else(|p| p.into_inner());
