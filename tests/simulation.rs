@@ -20,7 +20,9 @@
 //! 1. **Formation.** The five nodes start at random times in a random order with one shared
 //!    `--join` list: the first seed (node 1) bootstraps, the others probe the seeds and send their
 //!    `Join` through them — node 1's own `Join` may commit after others' (the formation race of
-//!    issue 18). Subscriptions are proposed on random nodes; the cluster must settle.
+//!    issue 18). A probe of a seed the prober's bus is already connected to is refused, as the
+//!    real handshake refuses it (a duplicate of that connection), and fails the seed: nodes take
+//!    the ids of seeds they know from their table or their bus. Subscriptions are proposed on random nodes; the cluster must settle.
 //! 2. **Partition** 3/2 (the 3 holding a quorum of voters): proposals on the 2 fail without
 //!    changing their state; proposals on the 3 commit.
 //! 3. **Crash and restart** of a random node on its storage, sometimes with a proposal in flight.
@@ -56,7 +58,7 @@ use herald::membership::storage::{LogStoreError, MemStorage, RaftLogStore};
 use herald::monitor::{Health, MonitorConfig, Progress};
 use herald::placement::NodeStatus;
 use herald::subscription::{HandlerSpec, SubscriptionSpec};
-use herald::transport::{Envelope, PeerLink, PeerNet, Probe, ProbeError, SendError};
+use herald::transport::{Envelope, HandshakeError, PeerLink, PeerNet, Probe, ProbeError, SendError, Side};
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
 use raft::{GetEntriesContext, RaftState};
 use tokio::sync::{mpsc, watch};
@@ -239,6 +241,8 @@ struct Net {
     dup_p: f64,
     max_delay_ms: u64,
     state: Mutex<NetState>,
+    /// Probes refused because the prober's bus was already connected to the seed: (prober, seed).
+    refused_probes: Mutex<Vec<(u64, u64)>>,
 }
 
 impl Net {
@@ -415,21 +419,46 @@ impl PeerNet for NodeNet {
         false
     }
 
+    fn peer_at(&self, address: &str) -> Option<u64> {
+        let st = self.net.state.lock().unwrap();
+        st.peers.get(&self.id)?.keys().copied().find(|&id| addr(id) == address)
+    }
+
     fn probe<'a>(&'a self, address: &'a str) -> Probe<'a> {
         Box::pin(async move {
-            let delay = self.net.rng.lock().unwrap().range(1, 5);
-            sleep(Duration::from_millis(delay)).await;
             let Some(id) = node_at(address) else {
                 return Err(ProbeError::Connect(
                     address.into(),
                     std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a simulated address"),
                 ));
             };
+            // Whether the bus had a connection to the seed when the probe began (one it opens
+            // meanwhile races the probe's, in either order).
+            let had_connection = {
+                let st = self.net.state.lock().unwrap();
+                st.peers.get(&self.id).is_some_and(|p| p.contains_key(&id)) && st.connected(self.id, id)
+            };
+            let delay = self.net.rng.lock().unwrap().range(1, 5);
+            sleep(Duration::from_millis(delay)).await;
             let (up, connected) = {
                 let st = self.net.state.lock().unwrap();
                 (st.up.contains_key(&id), st.connected(self.id, id))
             };
-            if connected {
+            if had_connection && connected {
+                // The seed already has this node's control connection (its bus dials the seed):
+                // the real handshake refuses the probe's as a duplicate.
+                self.net.refused_probes.lock().unwrap().push((self.id, id));
+                self.net
+                    .world
+                    .event(format!("node {} probes seed {id}: refused, already connected", self.id));
+                Err(ProbeError::Handshake(
+                    address.into(),
+                    HandshakeError::DuplicateNodeId {
+                        by: Side::Peer,
+                        message: format!("node {} is already connected to node {id}", self.id),
+                    },
+                ))
+            } else if connected {
                 Ok(id)
             } else if !up {
                 Err(ProbeError::Connect(
@@ -1297,6 +1326,7 @@ async fn simulate(seed: u64, world: Arc<World>) -> Option<String> {
             rng.range(1, 40)
         },
         state: Mutex::new(NetState::default()),
+        refused_probes: Mutex::new(Vec::new()),
     });
     let voters = if rng.chance(0.5) { 3 } else { 5 };
     let handlers = (1..=NODES)
@@ -1326,6 +1356,13 @@ async fn simulate(seed: u64, world: Arc<World>) -> Option<String> {
     let mut error = scenario(&mut sim).await.err();
     if error.is_none() {
         error = sim.check().err();
+    }
+    let refused = net.refused_probes.lock().unwrap().clone();
+    if error.is_none() && !refused.is_empty() {
+        error = Some(format!(
+            "a node probed a seed its bus was already connected to (prober, seed): {refused:?}; the \
+             real handshake refuses such a probe with a warning about a duplicate node id"
+        ));
     }
     let ids: Vec<u64> = sim.nodes.keys().copied().collect();
     for id in ids {

@@ -901,17 +901,24 @@ impl Ctx {
             } else if !seeds.is_empty() {
                 // Not in the group yet: ask a seed to forward the Join to its leader.
                 for seed in &seeds {
-                    // A restarted member knows its seeds from its table: no probe, which would be
-                    // refused as a duplicate of the connection its bus has just opened to them.
+                    // A seed this node already knows (a restarted member's table names it, or
+                    // it dialed this node first) is not probed: the probe's control connection
+                    // would be refused as a duplicate of the one the bus opened to it, with a
+                    // warning about another process using this node id.
                     let known = state
                         .borrow()
                         .members()
                         .values()
                         .find(|m| m.peer == *seed && m.id != self.id)
-                        .map(|m| m.id);
+                        .map(|m| m.id)
+                        .or_else(|| self.net.peer_at(seed));
                     let seed_id = match seed_ids.get(seed.as_str()).copied().or(known) {
                         Some(id) => Ok(id),
-                        None => self.net.probe(seed).await,
+                        None => match self.net.probe(seed).await {
+                            // The bus connected to the seed while the probe was under way.
+                            Err(e) if e.is_duplicate() => self.net.peer_at(seed).ok_or(e),
+                            probed => probed,
+                        },
                     };
                     match seed_id {
                         Ok(seed_id) => {

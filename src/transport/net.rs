@@ -38,6 +38,9 @@ pub trait PeerNet: Send + Sync + 'static {
     fn dial_back(&self, id: u64) -> bool;
     /// Whether fault injection cut this node off from `id` (its messages are then ignored).
     fn is_cut_off(&self, id: u64) -> bool;
+    /// The peer this node dials at `addr` on the control channel, if any: a seed it already
+    /// knows needs no probe (which the seed would refuse as a duplicate of that connection).
+    fn peer_at(&self, addr: &str) -> Option<u64>;
     /// Learns the node id behind the peer address `addr` (a `--join` seed) with a handshake.
     fn probe<'a>(&'a self, addr: &'a str) -> Probe<'a>;
 }
@@ -84,6 +87,13 @@ pub enum ProbeError {
     Handshake(String, #[source] HandshakeError),
 }
 
+impl ProbeError {
+    /// The seed refused the probe as a duplicate of a connection this node already has to it.
+    pub fn is_duplicate(&self) -> bool {
+        matches!(self, ProbeError::Handshake(_, HandshakeError::DuplicateNodeId { .. }))
+    }
+}
+
 impl PeerNet for Bus {
     fn add_peer(&self, id: u64, addr: &str) {
         Bus::add_peer(self, id, addr);
@@ -114,6 +124,10 @@ impl PeerNet for Bus {
 
     fn is_cut_off(&self, id: u64) -> bool {
         self.control().is_cut_off(id)
+    }
+
+    fn peer_at(&self, addr: &str) -> Option<u64> {
+        self.control().peer_at(addr)
     }
 
     /// A TCP connection and a control-channel handshake, then the connection is closed.

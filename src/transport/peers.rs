@@ -415,6 +415,16 @@ impl<C: Connector> Transport<C> {
         true
     }
 
+    /// The peer this transport dials at `addr`, if any (the lowest id when several share it).
+    pub fn peer_at(&self, addr: &str) -> Option<u64> {
+        let peers = self.inner.peers.read().unwrap_or_else(PoisonError::into_inner);
+        peers
+            .iter()
+            .filter(|(_, p)| *p.addr.borrow() == addr)
+            .map(|(&id, _)| id)
+            .min()
+    }
+
     /// Forgets peer `id`: stops its dialer, closes its outbound and inbound connections and drops
     /// its queue. Returns whether anything was known about it. The peer may connect again (it is
     /// still authenticated by the cluster secret); the layers above decide who is a member.
