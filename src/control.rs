@@ -29,7 +29,7 @@ use crate::membership::state::{Command, MembershipState};
 use crate::monitor::{Health, PeerState};
 use crate::proto::{dead_letter_request, DeadLetterResponse, DeadLetterStatus, ListDeadLetters, ReplayDeadLetter};
 use crate::relay::{AskError, PeerAsk, Relay};
-use crate::router::{Placement, Router};
+use crate::router::Router;
 use crate::subscription::{SpecError, SubscriptionSpec};
 use crate::types::{NodeStatus, SubscriptionKey};
 
@@ -193,7 +193,7 @@ impl NodeCore {
         )
     }
 
-    /// Runs locally exactly the instances the placement gives this node (`Router::follow`).
+    /// Runs locally exactly the instances the placement gives this node (`Router::follow_state`).
     pub(crate) fn reconcile(&self, state: &MembershipState) {
         let me = self.config.node_id;
         if self.ingress.follow_membership(state.member(me).is_some()) {
@@ -208,27 +208,7 @@ impl NodeCore {
                  write-ahead log and are delivered if it joins again (restart it with --join <member>); stop it"
             );
         }
-        let placed_here = |key: &SubscriptionKey| state.placement_of(key).iter().filter(|n| **n == me).count() as u32;
-        self.router.follow(
-            state.subscriptions().values(),
-            placed_here,
-            Placement {
-                epoch: state.epoch(),
-                subscriptions: state
-                    .subscriptions()
-                    .keys()
-                    .map(|k| {
-                        let nodes = state
-                            .placement_of(k)
-                            .iter()
-                            .copied()
-                            .filter(|n| state.member(*n).is_some())
-                            .collect();
-                        (k.clone(), nodes)
-                    })
-                    .collect(),
-            },
-        );
+        self.router.follow_state(state);
     }
 
     /// On shutdown: when another member is up to take over, drains this node (its subscriptions

@@ -1,4 +1,5 @@
-//! A seeded, deterministic simulation of the event plane of three nodes (issue 17, point 4).
+//! A seeded, deterministic simulation of the event plane of three nodes, and of three whole
+//! nodes (issue 17, point 4).
 //!
 //! Each node is the real router (routing table, slot choice, window reservations), the real relay
 //! (outbound: pending table, lanes, parking, re-routing, redelivery; inbound: fencing, the dedup
@@ -50,9 +51,19 @@
 //!   (every event finished, so every record was acked away);
 //! - a seed run twice gives the same trace.
 //!
-//! Not simulated: the membership service and monitor themselves (`tests/simulation.rs` runs
-//! those), damage to redb's own pages, and wall-clock steps (no decision reads the wall clock:
-//! ARCHITECTURE.md, "Time").
+//! **Whole-node seeds** (`whole_nodes_deliver_every_acknowledged_event_under_faults`): each
+//! node also runs the real membership service ([`Core`]: Raft on memory storage that survives
+//! its crashes, the join path, the monitor, the leader's duties) over an in-process control
+//! channel ([`ControlNet`]) that shares the event plane's cuts, and follows its table as a node
+//! does (`node::cluster_sync`: once joined, [`Router::follow_state`] on each applied table, the
+//! WAL replayed once every subscription is placed). The scenario then only cuts links, isolates
+//! a node, resets connections, crashes nodes and fails disks: suspicions, MarkDown/MarkUp and
+//! placement moves are the real monitor's and leader's. Also checked there: one leader per
+//! term, and at the end every member up in every node's table, every subscription placed, at
+//! one epoch.
+//!
+//! Not simulated: damage to redb's own pages, and wall-clock steps (no decision reads the wall
+//! clock: ARCHITECTURE.md, "Time").
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -73,12 +84,18 @@ use crate::handler::supervisor::{DeadLetterError, DeadLetterSink, Policy};
 use crate::handler::{Delivery, HandlerError, HandlerRegistry, HandlerResult};
 use crate::ingress::store::{flip_a_bit, Disk, FailingDisk, Store};
 use crate::ingress::{AckMode, Ingress, PublishError};
+use crate::membership::raft_node::DriverConfig;
+use crate::membership::service::{Core, CoreConfig};
+use crate::membership::state::{Command, MembershipState, NodeStatus};
+use crate::membership::storage::MemStorage;
+use crate::monitor::MonitorConfig;
 use crate::monitor::{Health, PeerState, Progress};
 use crate::relay::{returns, PeerAsk, Relay, RelayConfig, ASK_QUEUE};
 use crate::router::{Placement, Router, RouterParts, Workers};
 use crate::subscription::{HandlerSpec, SubscriptionSpec};
-use crate::transport::{Body, Envelope, EventNet, SendError, Sending};
+use crate::transport::{Body, Envelope, EventNet, PeerLink, PeerNet, Probe, ProbeError, SendError, Sending};
 use crate::types::{fnv1a, mix, SubscriptionKey, FNV_OFFSET};
+use tokio::sync::watch;
 
 const NODES: u64 = 3;
 /// Events published during the faulty phase.
@@ -130,6 +147,13 @@ struct World {
     reset_per_mille: u64,
     trace: Vec<String>,
     start: Instant,
+    /// The control channel of whole-node seeds ([`ControlNet`]): each running node's inbox
+    /// with its run, the links of the peers each node dials, and who reached each node (a
+    /// joining node dials back the leader that reached it).
+    control: BTreeMap<u64, (u64, mpsc::Sender<(u64, Envelope)>)>,
+    dialed: BTreeMap<u64, BTreeMap<u64, watch::Sender<PeerLink>>>,
+    reached_by: BTreeMap<u64, BTreeSet<u64>>,
+    runs: u64,
 }
 
 impl World {
@@ -141,6 +165,57 @@ impl World {
     fn reset(&mut self, from: u64, to: u64) {
         if let Some(link) = self.links.get(&(from, to)) {
             link.generation.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether a control connection between `a` and `b` can be up: both run, no cut between.
+    fn linked(&self, a: u64, b: u64) -> bool {
+        self.control.contains_key(&a)
+            && self.control.contains_key(&b)
+            && !self.cut.contains(&(a, b))
+            && !self.cut.contains(&(b, a))
+    }
+
+    /// Node `id` runs (again) with control inbox `inbox`: returns its run number.
+    fn attach(&mut self, id: u64, inbox: mpsc::Sender<(u64, Envelope)>) -> u64 {
+        self.runs += 1;
+        self.control.insert(id, (self.runs, inbox));
+        self.dialed.insert(id, BTreeMap::new());
+        self.reached_by.insert(id, BTreeSet::new());
+        self.refresh_links();
+        self.runs
+    }
+
+    /// Node `id` crashed: its control connections break.
+    fn detach(&mut self, id: u64) {
+        self.control.remove(&id);
+        self.dialed.remove(&id);
+        self.reached_by.remove(&id);
+        for by in self.reached_by.values_mut() {
+            by.remove(&id);
+        }
+        self.refresh_links();
+    }
+
+    /// Brings every control link's state in line with the running nodes and the cuts (a cut
+    /// breaks the connections across it: neither side can dial the other back).
+    fn refresh_links(&mut self) {
+        let cut = self.cut.clone();
+        for (id, by) in self.reached_by.iter_mut() {
+            by.retain(|from| !cut.contains(&(*from, *id)) && !cut.contains(&(*id, *from)));
+        }
+        for (&a, peers) in &self.dialed {
+            for (&b, link) in peers {
+                let up = self.linked(a, b);
+                link.send_if_modified(|l| {
+                    if l.connected == up {
+                        return false;
+                    }
+                    l.connected = up;
+                    l.connects += u64::from(up);
+                    true
+                });
+            }
         }
     }
 }
@@ -225,6 +300,124 @@ impl EventNet for SimNet {
     }
 }
 
+/// The peer address of node `id` in whole-node seeds.
+fn sim_addr(id: u64) -> String {
+    format!("sim-{id}:7170")
+}
+
+/// A node's control channel in whole-node seeds: the membership service's [`PeerNet`]. Messages
+/// take 0–8 ms, cross no cut and reach only the run of the node they were sent to; a crashed run
+/// sends nothing.
+struct ControlNet {
+    me: u64,
+    run: u64,
+    world: Shared,
+}
+
+impl ControlNet {
+    fn current(&self, w: &World) -> bool {
+        w.control.get(&self.me).is_some_and(|(run, _)| *run == self.run)
+    }
+}
+
+impl PeerNet for ControlNet {
+    fn add_peer(&self, id: u64, _addr: &str) {
+        let mut w = self.world.lock().unwrap();
+        if id == self.me || !self.current(&w) {
+            return;
+        }
+        let up = w.linked(self.me, id);
+        w.dialed.entry(self.me).or_default().entry(id).or_insert_with(|| {
+            watch::Sender::new(PeerLink {
+                connected: up,
+                connects: u64::from(up),
+                ..PeerLink::default()
+            })
+        });
+    }
+
+    fn remove_peer(&self, id: u64) {
+        let mut w = self.world.lock().unwrap();
+        if self.current(&w) {
+            if let Some(peers) = w.dialed.get_mut(&self.me) {
+                peers.remove(&id);
+            }
+        }
+    }
+
+    fn send(&self, id: u64, envelope: Envelope) -> Result<(), SendError> {
+        let mut w = self.world.lock().unwrap();
+        if !self.current(&w) {
+            return Ok(());
+        }
+        if !w.dialed.get(&self.me).is_some_and(|p| p.contains_key(&id)) {
+            return Err(SendError::UnknownPeer(id));
+        }
+        let Some(&(run, _)) = w.control.get(&id).filter(|_| w.linked(self.me, id)) else {
+            // The connection is down: what was queued on it is lost.
+            return Ok(());
+        };
+        let delay = w.rng.millis(0, 8);
+        let (world, from) = (self.world.clone(), self.me);
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let inbox = {
+                let mut w = world.lock().unwrap();
+                match w.control.get(&id) {
+                    Some((r, inbox)) if *r == run && w.linked(from, id) => {
+                        let inbox = inbox.clone();
+                        w.reached_by.entry(id).or_default().insert(from);
+                        inbox
+                    }
+                    _ => return,
+                }
+            };
+            let _ = inbox.try_send((from, envelope));
+        });
+        Ok(())
+    }
+
+    fn link(&self, id: u64) -> Option<watch::Receiver<PeerLink>> {
+        let w = self.world.lock().unwrap();
+        w.dialed.get(&self.me)?.get(&id).map(watch::Sender::subscribe)
+    }
+
+    fn dial_back(&self, id: u64) -> bool {
+        let dial = {
+            let w = self.world.lock().unwrap();
+            let known = w.dialed.get(&self.me).is_some_and(|p| p.contains_key(&id));
+            !known && w.reached_by.get(&self.me).is_some_and(|r| r.contains(&id))
+        };
+        if dial {
+            self.add_peer(id, &sim_addr(id));
+        }
+        dial
+    }
+
+    fn is_cut_off(&self, _id: u64) -> bool {
+        false
+    }
+
+    fn peer_at(&self, addr: &str) -> Option<u64> {
+        let w = self.world.lock().unwrap();
+        w.dialed.get(&self.me)?.keys().copied().find(|&id| sim_addr(id) == addr)
+    }
+
+    fn probe<'a>(&'a self, addr: &'a str) -> Probe<'a> {
+        Box::pin(async move {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            let w = self.world.lock().unwrap();
+            match (1..=NODES).find(|&id| sim_addr(id) == addr) {
+                Some(id) if w.linked(self.me, id) => Ok(id),
+                _ => Err(ProbeError::Connect(
+                    addr.to_string(),
+                    std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
+                )),
+            }
+        })
+    }
+}
+
 /// One call of a handler.
 #[derive(Debug, Clone)]
 struct Run {
@@ -255,6 +448,12 @@ struct History {
     /// Events whose WAL record a disk changed: the replay quarantines it, so what was not
     /// delivered before the crash is lost.
     corrupted: BTreeSet<String>,
+    /// Whole-node seeds: the placement epoch the cluster formed with (0 before).
+    formed_epoch: u64,
+    /// Whole-node seeds: the leader of each term, as the nodes' Raft statuses said.
+    leaders: BTreeMap<u64, u64>,
+    /// Whole-node seeds: terms with two leaders.
+    two_leaders: Vec<String>,
 }
 
 impl History {
@@ -429,6 +628,11 @@ struct Node {
     /// The disk its WAL is on (a restarted run gets a repaired one).
     disk: Arc<FailingDisk>,
     _asks: mpsc::Receiver<PeerAsk>,
+    /// Whole-node seeds: this run's membership service, and the task that makes its router
+    /// follow the service's table.
+    core: RefCell<Option<Core>>,
+    follower: RefCell<Option<tokio::task::JoinHandle<()>>>,
+    watchers: RefCell<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 impl Node {
@@ -442,12 +646,130 @@ impl Node {
             let flushed = h.flushed.get(&(self.id, self.life)).copied().unwrap_or(0);
             h.crashed.insert((self.id, self.life), flushed);
         }
+        drop(self.core.borrow_mut().take());
+        if let Some(follower) = self.follower.borrow_mut().take() {
+            follower.abort();
+        }
+        for watcher in self.watchers.borrow_mut().drain(..) {
+            watcher.abort();
+        }
         let mut w = world.lock().unwrap();
         w.inboxes.remove(&self.id);
+        w.detach(self.id);
         for other in 1..=NODES {
             w.reset(self.id, other);
             w.reset(other, self.id);
         }
+    }
+
+    /// Whole-node seeds: starts this run's membership service on `raft` (the node's Raft log,
+    /// which survives its crashes) and makes the router follow the table it applies, as
+    /// `Control::reconcile` does. Its monitor writes the health the relay reads.
+    fn start_core(&self, raft: MemStorage, world: &Shared, record: &Record, rng: &mut Rng, subs: &[SubscriptionSpec]) {
+        let id = self.id;
+        let (tx, rx) = mpsc::channel(crate::transport::APP_QUEUE);
+        let run = world.lock().unwrap().attach(id, tx);
+        let mut driver = DriverConfig::new(id);
+        // Skewed clocks and distinct election timeouts, all from the seed (raft-rs would draw
+        // the timeout from its own, unseeded RNG).
+        driver.tick = rng.millis(90, 110);
+        driver.election_ticks = 10 + rng.below(9) as usize;
+        driver.max_election_ticks = driver.election_ticks + 1;
+        driver.first_seq = Some(rng.next());
+        let defaults = crate::config::Config::default();
+        let handlers: BTreeSet<String> = subs.iter().map(|s| s.handler.label()).collect();
+        let config = CoreConfig {
+            node_id: id,
+            cluster_id: "sim".into(),
+            http: format!("10.0.0.{id}:8080"),
+            advertise: sim_addr(id),
+            join: (1..=NODES).map(sim_addr).collect(),
+            handlers: handlers.into_iter().collect(),
+            driver,
+            voters: 3,
+            load_factor: defaults.raft.load_factor,
+            monitor: MonitorConfig::from_cluster(&defaults.cluster),
+            down_after: Duration::from_millis(defaults.cluster.down_after_ms),
+            health: self.health.clone(),
+            progress: Arc::new(Progress::new(0)),
+            join_approval: crate::config::JoinApproval::Auto,
+        };
+        let net = Arc::new(ControlNet {
+            me: id,
+            run,
+            world: world.clone(),
+        });
+        let core = Core::start(config, net, rx, raft).expect("the membership service starts");
+        let handle = core.handle().clone();
+        let (mut status, leaders) = (handle.status(), record.clone());
+        let watch_leaders = tokio::task::spawn_local(async move {
+            loop {
+                let st = status.borrow_and_update().clone();
+                if st.is_leader {
+                    let mut h = leaders.lock().unwrap();
+                    let first = *h.leaders.entry(st.term).or_insert(id);
+                    if first != id {
+                        h.two_leaders.push(format!("term {}: nodes {first} and {id}", st.term));
+                    }
+                }
+                if status.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        let mut state = handle.state();
+        let (router, ingress) = (self.router.clone(), self.ingress.clone());
+        let (world, record, life) = (world.clone(), record.clone(), self.life);
+        // What `cluster_sync` does in a node: once joined, follow each applied table, and replay
+        // the WAL once every subscription has a placement.
+        let follower = tokio::task::spawn_local(async move {
+            handle.wait_joined().await;
+            let mut epoch = 0;
+            let mut replayed = false;
+            loop {
+                let s = state.borrow_and_update().clone();
+                router.follow_state(&s);
+                if !replayed && s.subscriptions().keys().all(|k| s.placement().contains_key(k)) {
+                    replayed = true;
+                    let (ingress, world, table) = (ingress.clone(), world.clone(), s.clone());
+                    tokio::task::spawn_local(async move {
+                        let exists = |topic: &str, group: &str| {
+                            table.subscriptions().contains_key(&SubscriptionKey {
+                                topic: topic.into(),
+                                group: group.into(),
+                            })
+                        };
+                        let replayed = ingress.replay_wal(exists).await.expect("WAL replay");
+                        world
+                            .lock()
+                            .unwrap()
+                            .log(format!("node {id} (run {life}) replayed {replayed} events"));
+                    });
+                }
+                if s.epoch() != epoch {
+                    epoch = s.epoch();
+                    world.lock().unwrap().log(format!(
+                        "node {id} (run {life}) follows placement epoch {epoch}: {:?}",
+                        s.placement()
+                    ));
+                    let formed = record.lock().unwrap().formed_epoch;
+                    if formed > 0 && epoch > formed {
+                        saw(&record, "placement moved by the leader");
+                    }
+                }
+                if state.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        *self.core.borrow_mut() = Some(core);
+        *self.follower.borrow_mut() = Some(follower);
+        self.watchers.borrow_mut().push(watch_leaders);
+    }
+
+    /// Whole-node seeds: this run's applied membership table.
+    fn table(&self) -> Option<Arc<MembershipState>> {
+        self.core.borrow().as_ref().map(|c| c.handle().state().borrow().clone())
     }
 }
 
@@ -565,6 +887,9 @@ fn node(id: u64, life: u64, interval: bool, dir: &Path, world: &Shared, record: 
         store,
         disk,
         _asks: asks,
+        core: RefCell::new(None),
+        follower: RefCell::new(None),
+        watchers: RefCell::new(Vec::new()),
     })
 }
 
@@ -727,6 +1052,9 @@ struct Outcome {
     ordered: Vec<(String, String)>,
     /// Each node's store once everything was delivered.
     stores: Vec<StoreAtEnd>,
+    /// Whole-node seeds: what was not settled at the end (a member not up again, a subscription
+    /// without a placement, nodes at different epochs).
+    cluster: Option<String>,
 }
 
 struct StoreAtEnd {
@@ -735,10 +1063,6 @@ struct StoreAtEnd {
     problem: Option<String>,
     /// The records its WAL still holds (every event is finished by then), as `seq: event id`.
     wal: Vec<String>,
-}
-
-fn run_seed(seed: u64) -> Outcome {
-    simulate(seed, scenario(seed))
 }
 
 /// Runs `body` on a paused-time runtime of one thread with the crate's randomness seeded.
@@ -763,6 +1087,10 @@ fn world(seed: u64) -> Shared {
         reset_per_mille: 0,
         trace: Vec::new(),
         start: Instant::now(),
+        control: BTreeMap::new(),
+        dialed: BTreeMap::new(),
+        reached_by: BTreeMap::new(),
+        runs: 0,
     }))
 }
 
@@ -787,6 +1115,21 @@ struct Plan {
     lives: Vec<u64>,
     /// This seed's nodes run with `wal.fsync = "interval"` (else `always`).
     interval: bool,
+    /// Whole-node seeds: each node's Raft log (it survives the node's crashes); empty otherwise,
+    /// when the scenario plays membership and the monitor.
+    rafts: Vec<MemStorage>,
+    /// Each node's WAL directory.
+    dirs: Vec<tempfile::TempDir>,
+}
+
+impl Plan {
+    fn whole(&self) -> bool {
+        !self.rafts.is_empty()
+    }
+
+    fn dir(&self, id: u64) -> &Path {
+        self.dirs[id as usize - 1].path()
+    }
 }
 
 impl Plan {
@@ -814,10 +1157,9 @@ impl Plan {
     }
 }
 
-async fn scenario(seed: u64) -> Outcome {
+async fn scenario(seed: u64, whole: bool) -> Outcome {
     let world = world(seed);
     let record: Record = Arc::default();
-    let dirs: Vec<tempfile::TempDir> = (1..=NODES).map(|_| wal_dir()).collect();
     let subs = subscriptions();
     let mut rng = Rng(seed);
     let mut plan = Plan {
@@ -826,6 +1168,12 @@ async fn scenario(seed: u64) -> Outcome {
         down: BTreeSet::new(),
         lives: vec![0; NODES as usize],
         interval: false,
+        dirs: (1..=NODES).map(|_| wal_dir()).collect(),
+        rafts: if whole {
+            (1..=NODES).map(|_| MemStorage::new()).collect()
+        } else {
+            Vec::new()
+        },
     };
     plan.interval = rng.chance(30);
     if plan.interval {
@@ -834,12 +1182,19 @@ async fn scenario(seed: u64) -> Outcome {
     plan.placed = place(&mut rng, &subs, &plan.up());
     let mut started = Vec::new();
     for id in 1..=NODES {
-        let n = node(id, 0, plan.interval, dirs[id as usize - 1].path(), &world, &record);
-        reconcile(&n, &subs, plan.epoch, &plan.placed);
-        replay(&n, &world).await;
+        let n = node(id, 0, plan.interval, plan.dir(id), &world, &record);
+        if whole {
+            n.start_core(plan.rafts[id as usize - 1].clone(), &world, &record, &mut rng, &subs);
+        } else {
+            reconcile(&n, &subs, plan.epoch, &plan.placed);
+            replay(&n, &world).await;
+        }
         started.push(n);
     }
     let nodes: Nodes = Rc::new(RefCell::new(started));
+    if whole {
+        form(&nodes, &subs, &world, &record).await;
+    }
 
     // The faulty phase: publishes from every running node while the scenario injects faults.
     world.lock().unwrap().reset_per_mille = 5 + rng.below(30);
@@ -860,7 +1215,7 @@ async fn scenario(seed: u64) -> Outcome {
         }
         if let Some((_, id)) = restart.filter(|(at, _)| *at <= now) {
             restart = None;
-            start_again(id, &dirs, &nodes, &world, &record, &subs, &mut plan).await;
+            start_again(id, &nodes, &world, &record, &subs, &mut plan, &mut rng).await;
         }
         if now >= next_fault {
             next_fault = now + rng.millis(50, 400);
@@ -868,7 +1223,41 @@ async fn scenario(seed: u64) -> Outcome {
             let (a, b) = (1 + rng.below(NODES), 1 + rng.below(NODES - 1));
             let b = if b >= a { b + 1 } else { b };
             let lasts = rng.millis(50, 2500);
-            match rng.below(6) {
+            // Whole-node seeds leave suspicions and placement moves to the real monitor and
+            // leader: the scenario cuts, resets, crashes and fails disks.
+            let kind = if whole {
+                [0, 0, 3, 4, 5, 6][rng.below(6) as usize]
+            } else {
+                rng.below(6)
+            };
+            match kind {
+                6 => {
+                    // A partition: node a alone on its side, long enough, often, for the others
+                    // to mark it down and move its instances while it keeps taking events.
+                    let lasts = rng.millis(500, 4000);
+                    let mut w = world.lock().unwrap();
+                    w.log(format!("fault: node {a} is cut off from the others"));
+                    saw(&record, "partition");
+                    for other in (1..=NODES).filter(|o| *o != a) {
+                        w.cut.insert((a, other));
+                        w.cut.insert((other, a));
+                        w.reset(a, other);
+                        w.reset(other, a);
+                    }
+                    w.refresh_links();
+                    heal.push((
+                        now + lasts,
+                        Box::new(move |_, world| {
+                            let mut w = world.lock().unwrap();
+                            w.log(format!("heal: node {a} rejoins the others"));
+                            for other in (1..=NODES).filter(|o| *o != a) {
+                                w.cut.remove(&(a, other));
+                                w.cut.remove(&(other, a));
+                            }
+                            w.refresh_links();
+                        }),
+                    ));
+                }
                 0 => {
                     let both = rng.chance(50);
                     let mut w = world.lock().unwrap();
@@ -879,6 +1268,7 @@ async fn scenario(seed: u64) -> Outcome {
                         w.cut.insert((b, a));
                         w.reset(b, a);
                     }
+                    w.refresh_links();
                     heal.push((
                         now + lasts,
                         Box::new(move |_, world| {
@@ -886,6 +1276,7 @@ async fn scenario(seed: u64) -> Outcome {
                             w.log(format!("heal: {a}<->{b}"));
                             w.cut.remove(&(a, b));
                             w.cut.remove(&(b, a));
+                            w.refresh_links();
                         }),
                     ));
                 }
@@ -914,7 +1305,7 @@ async fn scenario(seed: u64) -> Outcome {
                         // Its disk changed a bit of a record while it was down: the checksum
                         // must catch it at the replay (quarantined, never run with other bytes).
                         let (pick, bit) = (rng.below(1 << 20), rng.below(1 << 20));
-                        if let Some((seq, id)) = flip_a_bit(dirs[a as usize - 1].path(), pick, bit) {
+                        if let Some((seq, id)) = flip_a_bit(plan.dir(a), pick, bit) {
                             world
                                 .lock()
                                 .unwrap()
@@ -924,12 +1315,14 @@ async fn scenario(seed: u64) -> Outcome {
                         }
                     }
                     plan.down.insert(a);
-                    for other in (1..=NODES).filter(|o| *o != a) {
-                        nodes.borrow()[other as usize - 1]
-                            .health
-                            .set(a, PeerState::Suspect, 9.0);
+                    if !whole {
+                        for other in (1..=NODES).filter(|o| *o != a) {
+                            nodes.borrow()[other as usize - 1]
+                                .health
+                                .set(a, PeerState::Suspect, 9.0);
+                        }
+                        plan.move_all(&mut rng, &subs, &world, &mut heal);
                     }
-                    plan.move_all(&mut rng, &subs, &world, &mut heal);
                     restart = Some((now + rng.millis(500, 4000), a));
                 }
                 4 if !plan.down.contains(&a) => {
@@ -997,21 +1390,24 @@ async fn scenario(seed: u64) -> Outcome {
     // Heal: a crashed node restarts, every cut and suspicion ends, every node learns the last
     // placement.
     if let Some((_, id)) = restart.take() {
-        start_again(id, &dirs, &nodes, &world, &record, &subs, &mut plan).await;
+        start_again(id, &nodes, &world, &record, &subs, &mut plan, &mut rng).await;
     }
     heal.sort_by_key(|(at, _)| *at);
     for (_, undo) in heal.drain(..) {
         undo(&nodes, &world);
     }
-    for n in nodes.borrow().iter() {
-        for other in (1..=NODES).filter(|o| *o != n.id) {
-            n.health.set(other, PeerState::Up, 0.0);
+    if !whole {
+        for n in nodes.borrow().iter() {
+            for other in (1..=NODES).filter(|o| *o != n.id) {
+                n.health.set(other, PeerState::Up, 0.0);
+            }
         }
     }
     {
         let mut w = world.lock().unwrap();
         w.log("healed".into());
         w.cut.clear();
+        w.refresh_links();
         w.reset_per_mille = 0;
     }
     let mut sent = Vec::new();
@@ -1047,7 +1443,9 @@ async fn scenario(seed: u64) -> Outcome {
 
     // Everything acknowledged must arrive: wait (bounded, virtual time) until it has.
     let deadline = Instant::now() + Duration::from_secs(120);
-    while Instant::now() < deadline && !missing(&sent, &subs, &record.lock().unwrap(), false).is_empty() {
+    while Instant::now() < deadline
+        && (!missing(&sent, &subs, &record.lock().unwrap(), false).is_empty() || (whole && !settled(&nodes, &subs)))
+    {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // A little longer, for any duplicate still on its way (and a few store ticks).
@@ -1071,16 +1469,24 @@ async fn scenario(seed: u64) -> Outcome {
                 .collect(),
         })
         .collect();
+    let cluster = if whole { unsettled(&nodes, &subs) } else { None };
     let history = std::mem::take(&mut *record.lock().unwrap());
     let trace = std::mem::take(&mut world.lock().unwrap().trace);
+    if whole {
+        // Stops the membership services (their tasks are not the LocalSet's).
+        for n in nodes.borrow().iter() {
+            n.crash(&world, &Record::default());
+        }
+    }
     drop(nodes);
-    drop(dirs);
+    drop(plan);
     Outcome {
         trace,
         sent,
         history,
         ordered,
         stores,
+        cluster,
     }
 }
 
@@ -1088,24 +1494,97 @@ async fn scenario(seed: u64) -> Outcome {
 /// replays, and the others see it up again (it takes instances at the next placement move).
 async fn start_again(
     id: u64,
-    dirs: &[tempfile::TempDir],
     nodes: &Nodes,
     world: &Shared,
     record: &Record,
     subs: &[SubscriptionSpec],
     plan: &mut Plan,
+    rng: &mut Rng,
 ) {
     world.lock().unwrap().log(format!("node {id} restarts"));
     plan.lives[id as usize - 1] += 1;
     let life = plan.lives[id as usize - 1];
-    let n = node(id, life, plan.interval, dirs[id as usize - 1].path(), world, record);
-    reconcile(&n, subs, plan.epoch, &plan.placed);
+    let n = node(id, life, plan.interval, plan.dir(id), world, record);
     nodes.borrow_mut()[id as usize - 1] = n.clone();
-    replay(&n, world).await;
     plan.down.remove(&id);
+    if plan.whole() {
+        // Its membership service replays the WAL once it rejoined and follows a placement.
+        n.start_core(plan.rafts[id as usize - 1].clone(), world, record, rng, subs);
+        return;
+    }
+    reconcile(&n, subs, plan.epoch, &plan.placed);
+    replay(&n, world).await;
     for other in (1..=NODES).filter(|o| *o != id) {
         nodes.borrow()[other as usize - 1].health.set(id, PeerState::Up, 0.0);
     }
+}
+
+/// Whole-node seeds: proposes the subscriptions (on one node after another, as a client retrying
+/// would, until each commits) and waits until every node applied a table with every node up and
+/// every subscription placed, at one epoch.
+async fn form(nodes: &Nodes, subs: &[SubscriptionSpec], world: &Shared, record: &Record) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut next = 0;
+    for spec in subs {
+        loop {
+            assert!(
+                Instant::now() < deadline,
+                "the subscriptions did not commit within 60 s"
+            );
+            let handle = nodes.borrow()[next % NODES as usize]
+                .core
+                .borrow()
+                .as_ref()
+                .map(|c| c.handle().clone());
+            next += 1;
+            if let Some(h) = handle {
+                if let Ok(Ok(_)) =
+                    tokio::time::timeout(Duration::from_secs(2), h.propose(&Command::subscribe(spec))).await
+                {
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    while !settled(nodes, subs) {
+        assert!(Instant::now() < deadline, "the cluster did not form within 60 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let epoch = nodes.borrow()[0].table().map_or(0, |t| t.epoch());
+    record.lock().unwrap().formed_epoch = epoch;
+    world.lock().unwrap().log(format!("formed at placement epoch {epoch}"));
+}
+
+/// Whole-node seeds: every node applied a table with every node up and every subscription
+/// placed, at one epoch. Else what is not so.
+fn unsettled(nodes: &Nodes, subs: &[SubscriptionSpec]) -> Option<String> {
+    let mut epochs = BTreeSet::new();
+    for n in nodes.borrow().iter() {
+        let Some(t) = n.table() else {
+            return Some(format!("node {} does not run", n.id));
+        };
+        for id in 1..=NODES {
+            if t.member(id).is_none_or(|m| m.status != NodeStatus::Up) {
+                return Some(format!(
+                    "node {} sees node {id} as {:?}",
+                    n.id,
+                    t.member(id).map(|m| m.status)
+                ));
+            }
+        }
+        for key in keys_of(subs, "orders").into_iter().chain(keys_of(subs, "users")) {
+            if t.placement_of(&key).is_empty() {
+                return Some(format!("node {} has no placement for {key}", n.id));
+            }
+        }
+        epochs.insert(t.epoch());
+    }
+    (epochs.len() > 1).then(|| format!("the nodes follow different placement epochs {epochs:?}"))
+}
+
+fn settled(nodes: &Nodes, subs: &[SubscriptionSpec]) -> bool {
+    unsettled(nodes, subs).is_none()
 }
 
 fn keys_of(subs: &[SubscriptionSpec], topic: &str) -> Vec<SubscriptionKey> {
@@ -1148,6 +1627,12 @@ fn check(o: &Outcome) -> Vec<String> {
     let subs = subscriptions();
     let h = &o.history;
     let mut broken = Vec::new();
+    if let Some(what) = &o.cluster {
+        broken.push(format!("the cluster did not settle after the faults: {what}"));
+    }
+    for two in &h.two_leaders {
+        broken.push(format!("two leaders in one term: {two}"));
+    }
     for (key, id) in missing(&o.sent, &subs, h, false) {
         broken.push(format!("acknowledged event {id} never reached {key}"));
     }
@@ -1270,13 +1755,14 @@ fn seeds() -> Vec<u64> {
     (1..=n).collect()
 }
 
-#[test]
-fn acknowledged_events_reach_every_subscription_under_faults() {
+/// Runs `seeds` (whole-node ones with `whole`), prints what they did and fails on a broken
+/// promise; returns how often each kind of thing the scenario means to exercise happened.
+fn judge(seeds: &[u64], whole: bool) -> BTreeMap<&'static str, u64> {
     let mut failed = Vec::new();
     let (mut runs, mut dup_nodes) = (0, 0);
     let mut seen: BTreeMap<&str, u64> = BTreeMap::new();
-    for seed in seeds() {
-        let o = run_seed(seed);
+    for &seed in seeds {
+        let o = simulate(seed, scenario(seed, whole));
         let broken = check(&o);
         runs += o.history.runs.len();
         for (what, n) in &o.history.seen {
@@ -1321,16 +1807,24 @@ fn acknowledged_events_reach_every_subscription_under_faults() {
             for b in broken.iter().take(10) {
                 eprintln!("  {b}");
             }
-            eprintln!("  replay: HERALD_EVENT_SIM_SEED={seed} HERALD_EVENT_SIM_TRACE=1 cargo test --lib event_sim -- --nocapture");
+            let test = if whole { "whole_nodes" } else { "acknowledged" };
+            eprintln!("  replay: HERALD_EVENT_SIM_SEED={seed} HERALD_EVENT_SIM_TRACE=1 cargo test --lib event_sim::{test} -- --nocapture");
             failed.push(seed);
         }
     }
     println!(
-        "event-plane simulation: {} seeds, {runs} handler calls, {dup_nodes} events run on two nodes or runs of \
+        "{} simulation: {} seeds, {runs} handler calls, {dup_nodes} events run on two nodes or runs of \
          one (after a re-route or crash), {seen:?}; failed seeds: {failed:?}",
-        seeds().len()
+        if whole { "whole-node" } else { "event-plane" },
+        seeds.len()
     );
     assert!(failed.is_empty(), "seeds {failed:?} broke promises (see above)");
+    seen
+}
+
+#[test]
+fn acknowledged_events_reach_every_subscription_under_faults() {
+    let seen = judge(&seeds(), false);
     // One seed replayed (`HERALD_EVENT_SIM_SEED`) need not exercise everything.
     let replay = std::env::var_os("HERALD_EVENT_SIM_SEED").is_some();
     for what in EXERCISED.iter().filter(|_| !replay) {
@@ -1338,6 +1832,35 @@ fn acknowledged_events_reach_every_subscription_under_faults() {
             seen.get(what).is_some_and(|n| *n > 0),
             "no {what} in any seed: the scenario misses it"
         );
+    }
+}
+
+/// The whole node (issue 17): each node also runs the real membership service (Raft driver,
+/// join path, monitor, leader duties) over an in-process control channel that shares the
+/// event plane's cuts, and its router follows the table the service applies
+/// (`Router::follow_state`, as `Control::reconcile` does). The scenario only cuts links, resets
+/// connections, crashes nodes and fails disks: suspicions, MarkDown/MarkUp and placement moves
+/// come from the real monitor and leader. The promises checked are the event-plane
+/// simulation's, and at the end every member is up again in every node's table, with every
+/// subscription placed at one epoch. Fewer seeds by default (each runs three Raft nodes):
+/// `HERALD_EVENT_SIM_SEEDS` sets how many.
+#[test]
+fn whole_nodes_deliver_every_acknowledged_event_under_faults() {
+    let seeds: Vec<u64> = if std::env::var_os("HERALD_EVENT_SIM_SEED").is_some()
+        || std::env::var_os("HERALD_EVENT_SIM_SEEDS").is_some()
+    {
+        seeds()
+    } else {
+        (1..=10).collect()
+    };
+    let seen = judge(&seeds, true);
+    if std::env::var_os("HERALD_EVENT_SIM_SEED").is_none() {
+        for what in ["crash", "partition", "placement moved by the leader", "disk fault"] {
+            assert!(
+                seen.get(what).is_some_and(|n| *n > 0),
+                "no {what} in any whole-node seed: the scenario misses it"
+            );
+        }
     }
 }
 
@@ -1417,14 +1940,17 @@ fn a_window_full_of_lost_deliveries_is_sent_again_once_the_link_carries() {
 
 #[test]
 fn a_seed_replays_exactly() {
-    let a = run_seed(7);
-    let b = run_seed(7);
-    assert!(a.trace.len() > 100, "the trace records the run");
-    let first_difference = a.trace.iter().zip(&b.trace).position(|(x, y)| x != y);
-    assert!(
-        a.trace == b.trace,
-        "seed 7 ran differently twice: first difference at line {first_difference:?} ({:?} vs {:?})",
-        first_difference.map(|i| &a.trace[i]),
-        first_difference.map(|i| &b.trace[i]),
-    );
+    for whole in [false, true] {
+        let run = || simulate(7, scenario(7, whole));
+        let (a, b) = (run(), run());
+        assert!(a.trace.len() > 100, "the trace records the run");
+        let first_difference = a.trace.iter().zip(&b.trace).position(|(x, y)| x != y);
+        assert!(
+            a.trace == b.trace,
+            "seed 7 (whole nodes: {whole}) ran differently twice: first difference at line {first_difference:?} \
+             ({:?} vs {:?})",
+            first_difference.map(|i| &a.trace[i]),
+            first_difference.map(|i| &b.trace[i]),
+        );
+    }
 }

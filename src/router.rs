@@ -31,6 +31,7 @@ use tokio::sync::mpsc;
 
 use crate::handler::supervisor::{self, DeadLetterSink, Job, Policy, SubShared};
 use crate::handler::{HandlerRegistry, Spawner};
+use crate::membership::state::MembershipState;
 use crate::metrics::SubMetrics;
 use crate::monitor::{Health, PeerHealth, Progress};
 use crate::subscription::SubscriptionSpec;
@@ -570,6 +571,30 @@ impl Router {
             }
         }
         self.set_placement(placement);
+    }
+
+    /// [`Router::follow`] with an applied membership state: the instances its placement gives
+    /// this node, routing by its placement among its members.
+    pub(crate) fn follow_state(&self, state: &MembershipState) {
+        let me = self.parts.me;
+        let here = |key: &SubscriptionKey| state.placement_of(key).iter().filter(|n| **n == me).count() as u32;
+        let placement = Placement {
+            epoch: state.epoch(),
+            subscriptions: state
+                .subscriptions()
+                .keys()
+                .map(|k| {
+                    let nodes = state
+                        .placement_of(k)
+                        .iter()
+                        .copied()
+                        .filter(|n| state.member(*n).is_some())
+                        .collect();
+                    (k.clone(), nodes)
+                })
+                .collect(),
+        };
+        self.follow(state.subscriptions().values(), here, placement);
     }
 
     /// Drops every subscription so the instances drain and stop (shutdown).
