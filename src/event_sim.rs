@@ -57,7 +57,8 @@
 //! channel ([`ControlNet`]) that shares the event plane's cuts, and follows its table as a node
 //! does (`node::cluster_sync`: once joined, [`Router::follow_state`] on each applied table, the
 //! WAL replayed once every subscription is placed). The scenario then only cuts links, isolates
-//! a node, resets connections, crashes nodes and fails disks: suspicions, MarkDown/MarkUp and
+//! a node, freezes one (its connections stay up, its messages wait until it resumes: only phi
+//! finds it), resets connections, crashes nodes and fails disks: suspicions, MarkDown/MarkUp and
 //! placement moves are the real monitor's and leader's. Also checked there: one leader per
 //! term, and at the end every member up in every node's table, every subscription placed, at
 //! one epoch.
@@ -154,6 +155,9 @@ struct World {
     dialed: BTreeMap<u64, BTreeMap<u64, watch::Sender<PeerLink>>>,
     reached_by: BTreeMap<u64, BTreeSet<u64>>,
     runs: u64,
+    /// Whole-node seeds: a frozen node (a stopped process: its connections stay up, nothing it
+    /// sends or is sent moves until it resumes), until when, and whether it held instances then.
+    frozen: Option<(u64, Instant, bool)>,
 }
 
 impl World {
@@ -166,6 +170,19 @@ impl World {
         if let Some(link) = self.links.get(&(from, to)) {
             link.generation.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// When a message between `from` and `to` sent now may arrive at the earliest: after the
+    /// freeze of either.
+    fn thawed(&self, from: u64, to: u64) -> Option<Instant> {
+        self.frozen
+            .filter(|(id, until, _)| (*id == from || *id == to) && *until > Instant::now())
+            .map(|(_, until, _)| until)
+    }
+
+    fn is_frozen(&self, id: u64) -> bool {
+        self.frozen
+            .is_some_and(|(f, until, _)| f == id && until > Instant::now())
     }
 
     /// Whether a control connection between `a` and `b` can be up: both run, no cut between.
@@ -256,6 +273,7 @@ impl SimNet {
             return Ok(());
         }
         let delay = w.rng.millis(0, 8);
+        let thawed = w.thawed(from, to);
         let world = self.world.clone();
         let link = w.links.entry((from, to)).or_insert_with(|| {
             let (tx, mut rx) = mpsc::unbounded_channel::<(u64, Instant, Bytes)>();
@@ -278,6 +296,7 @@ impl SimNet {
             }
         });
         let at = (Instant::now() + delay).max(link.last);
+        let at = thawed.map_or(at, |thaw| at.max(thaw + delay));
         link.last = at;
         let g = link.generation.load(Ordering::Relaxed);
         let _ = link.tx.send((g, at, bytes));
@@ -358,9 +377,11 @@ impl PeerNet for ControlNet {
             return Ok(());
         };
         let delay = w.rng.millis(0, 8);
+        let at = Instant::now() + delay;
+        let at = w.thawed(self.me, id).map_or(at, |thaw| at.max(thaw + delay));
         let (world, from) = (self.world.clone(), self.me);
         tokio::spawn(async move {
-            tokio::time::sleep(delay).await;
+            tokio::time::sleep_until(at).await;
             let inbox = {
                 let mut w = world.lock().unwrap();
                 match w.control.get(&id) {
@@ -756,6 +777,16 @@ impl Node {
                     if formed > 0 && epoch > formed {
                         saw(&record, "placement moved by the leader");
                     }
+                    let frozen = world.lock().unwrap().frozen;
+                    if let Some((f, until, true)) = frozen.filter(|(f, until, _)| *f != id && *until > Instant::now()) {
+                        if s.placement().values().all(|on| !on.contains(&f)) {
+                            world.lock().unwrap().log(format!(
+                                "node {id} sees frozen node {f}'s instances moved ({:?} before it resumes)",
+                                until - Instant::now()
+                            ));
+                            saw(&record, "placement moved off a frozen node");
+                        }
+                    }
                 }
                 if state.changed().await.is_err() {
                     return;
@@ -1091,6 +1122,7 @@ fn world(seed: u64) -> Shared {
         dialed: BTreeMap::new(),
         reached_by: BTreeMap::new(),
         runs: 0,
+        frozen: None,
     }))
 }
 
@@ -1206,7 +1238,9 @@ async fn scenario(seed: u64, whole: bool) -> Outcome {
     let mut n = 0;
     let mut call = 0;
     while n < EVENTS {
-        tokio::time::sleep(rng.millis(0, 12)).await;
+        // Whole-node seeds publish slower, so the faulty phase (about 6 s) outlasts detection
+        // and MarkDown (about 1.5 s).
+        tokio::time::sleep(rng.millis(0, if whole { 30 } else { 12 })).await;
         let now = Instant::now();
         heal.sort_by_key(|(at, _)| *at);
         while heal.first().is_some_and(|(at, _)| *at <= now) {
@@ -1226,11 +1260,31 @@ async fn scenario(seed: u64, whole: bool) -> Outcome {
             // Whole-node seeds leave suspicions and placement moves to the real monitor and
             // leader: the scenario cuts, resets, crashes and fails disks.
             let kind = if whole {
-                [0, 0, 3, 4, 5, 6][rng.below(6) as usize]
+                [0, 0, 3, 4, 5, 6, 7][rng.below(7) as usize]
             } else {
                 rng.below(6)
             };
             match kind {
+                7 if !plan.down.contains(&a) && world.lock().unwrap().frozen.is_none() => {
+                    // A freeze (SIGSTOP): its connections stay up, so only the peers' phi
+                    // detectors can find it; long enough, often, for its instances to move.
+                    let lasts = rng.millis(1000, 5000);
+                    let held = nodes.borrow()[a as usize - 1]
+                        .table()
+                        .is_some_and(|t| t.placement().values().any(|on| on.contains(&a)));
+                    let mut w = world.lock().unwrap();
+                    w.log(format!("fault: node {a} freezes"));
+                    saw(&record, "freeze");
+                    w.frozen = Some((a, now + lasts, held));
+                    heal.push((
+                        now + lasts,
+                        Box::new(move |_, world| {
+                            let mut w = world.lock().unwrap();
+                            w.log(format!("heal: node {a} resumes"));
+                            w.frozen = None;
+                        }),
+                    ));
+                }
                 6 => {
                     // A partition: node a alone on its side, long enough, often, for the others
                     // to mark it down and move its instances while it keeps taking events.
@@ -1351,7 +1405,12 @@ async fn scenario(seed: u64, whole: bool) -> Outcome {
                 }
             }
         }
-        let up = plan.up();
+        // A frozen node takes no publishes (its HTTP server is stopped too).
+        let up: Vec<u64> = plan
+            .up()
+            .into_iter()
+            .filter(|n| !world.lock().unwrap().is_frozen(*n))
+            .collect();
         let origin = up[rng.below(up.len() as u64) as usize];
         let topic = if rng.chance(60) { "orders" } else { "users" };
         let ack = match rng.below(20) {
@@ -1855,7 +1914,14 @@ fn whole_nodes_deliver_every_acknowledged_event_under_faults() {
     };
     let seen = judge(&seeds, true);
     if std::env::var_os("HERALD_EVENT_SIM_SEED").is_none() {
-        for what in ["crash", "partition", "placement moved by the leader", "disk fault"] {
+        for what in [
+            "crash",
+            "partition",
+            "freeze",
+            "placement moved by the leader",
+            "placement moved off a frozen node",
+            "disk fault",
+        ] {
             assert!(
                 seen.get(what).is_some_and(|n| *n > 0),
                 "no {what} in any whole-node seed: the scenario misses it"
