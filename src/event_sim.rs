@@ -750,17 +750,11 @@ impl Node {
             loop {
                 let s = state.borrow_and_update().clone();
                 router.follow_state(&s);
-                if !replayed && s.subscriptions().keys().all(|k| s.placement().contains_key(k)) {
+                if !replayed && Ingress::may_replay(&s) {
                     replayed = true;
                     let (ingress, world, table) = (ingress.clone(), world.clone(), s.clone());
                     tokio::task::spawn_local(async move {
-                        let exists = |topic: &str, group: &str| {
-                            table.subscriptions().contains_key(&SubscriptionKey {
-                                topic: topic.into(),
-                                group: group.into(),
-                            })
-                        };
-                        let replayed = ingress.replay_wal(exists).await.expect("WAL replay");
+                        let replayed = ingress.replay_for(&table).await.expect("WAL replay");
                         world
                             .lock()
                             .unwrap()

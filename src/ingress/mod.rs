@@ -34,6 +34,7 @@ use utoipa::ToSchema;
 
 use crate::event::{Event, EventError};
 use crate::handler::supervisor::{Completion, DeadLetterError, DeadLetterSink, Job, Origin, Outcome};
+use crate::membership::state::MembershipState;
 use crate::proto::{DeadLetterRecord, EventRecord};
 use crate::relay::{LocalCopy, Outgoing, Relay};
 use crate::router::{NoRoom, Reservation, Route, Router, RoutingTable, Target, TopicRoutes};
@@ -1004,6 +1005,25 @@ impl Ingress {
         }
         drop(held);
         (answers, waits)
+    }
+
+    /// Whether a node following `state` replays its WAL now: every subscription the table has is
+    /// placed, so WAL events find their instances (a router that follows no placement yet would
+    /// find none). `node::cluster_sync` asks it of each applied table until it replays.
+    pub(crate) fn may_replay(state: &MembershipState) -> bool {
+        state.subscriptions().keys().all(|k| state.placement().contains_key(k))
+    }
+
+    /// [`Ingress::replay_wal`] for the subscriptions `state` has: an event owed only to others
+    /// (deleted) is dropped.
+    pub(crate) async fn replay_for(&self, state: &MembershipState) -> Result<usize, StoreError> {
+        self.replay_wal(|topic, group| {
+            state.subscriptions().contains_key(&SubscriptionKey {
+                topic: topic.to_string(),
+                group: group.to_string(),
+            })
+        })
+        .await
     }
 
     /// Delivers every event left in the WAL (start-up), then marks the node ready. `exists` says

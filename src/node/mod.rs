@@ -35,7 +35,6 @@ use crate::monitor::{Health, MonitorConfig, Progress};
 use crate::relay::{Relay, RelayConfig, RelayRuntime};
 use crate::router::{Router, RouterParts, Workers};
 use crate::subscription::SubscriptionSpec;
-use crate::types::SubscriptionKey;
 // The control operations and their views live in `control`, below both `http` (which calls them)
 // and this module (which starts the HTTP server); this is their public path.
 pub use crate::control::{
@@ -325,24 +324,12 @@ async fn cluster_sync(core: Arc<NodeCore>, reconciled: watch::Sender<u64>) {
         reconciled.send_replace(current.applied_index());
         let raft = status.borrow_and_update().clone();
         update_cluster_metrics(&current, &raft);
-        // Replay once every subscription has a placement, so WAL events find their instances.
-        if !replayed
-            && current
-                .subscriptions()
-                .keys()
-                .all(|k| current.placement().contains_key(k))
-        {
+        if !replayed && Ingress::may_replay(&current) {
             replayed = true;
             let ingress = core.ingress.clone();
             let state_for_replay = current.clone();
             actix_rt::spawn(async move {
-                let exists = |topic: &str, group: &str| {
-                    state_for_replay.subscriptions().contains_key(&SubscriptionKey {
-                        topic: topic.to_string(),
-                        group: group.to_string(),
-                    })
-                };
-                match ingress.replay_wal(exists).await {
+                match ingress.replay_for(&state_for_replay).await {
                     Ok(n) => tracing::info!(events = n, "write-ahead log replayed; node ready"),
                     Err(e) => tracing::error!(error = %e, "cannot replay the write-ahead log; the node stays unready"),
                 }
