@@ -185,6 +185,24 @@ impl World {
             .is_some_and(|(f, until, _)| f == id && until > Instant::now())
     }
 
+    /// Cuts the directions `pairs` (from, to): what was in flight on them is lost, and the
+    /// control connections across them break.
+    fn cut(&mut self, pairs: &[(u64, u64)]) {
+        for &(from, to) in pairs {
+            self.cut.insert((from, to));
+            self.reset(from, to);
+        }
+        self.refresh_links();
+    }
+
+    /// Ends the cuts of `pairs`.
+    fn heal(&mut self, pairs: &[(u64, u64)]) {
+        for pair in pairs {
+            self.cut.remove(pair);
+        }
+        self.refresh_links();
+    }
+
     /// Whether a control connection between `a` and `b` can be up: both run, no cut between.
     fn linked(&self, a: u64, b: u64) -> bool {
         self.control.contains_key(&a)
@@ -652,8 +670,8 @@ struct Node {
     /// Whole-node seeds: this run's membership service, and the task that makes its router
     /// follow the service's table.
     core: RefCell<Option<Core>>,
-    follower: RefCell<Option<tokio::task::JoinHandle<()>>>,
-    watchers: RefCell<Vec<tokio::task::JoinHandle<()>>>,
+    /// Its follower and its leader watcher: they stop with the run.
+    tasks: RefCell<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 impl Node {
@@ -668,11 +686,8 @@ impl Node {
             h.crashed.insert((self.id, self.life), flushed);
         }
         drop(self.core.borrow_mut().take());
-        if let Some(follower) = self.follower.borrow_mut().take() {
-            follower.abort();
-        }
-        for watcher in self.watchers.borrow_mut().drain(..) {
-            watcher.abort();
+        for task in self.tasks.borrow_mut().drain(..) {
+            task.abort();
         }
         let mut w = world.lock().unwrap();
         w.inboxes.remove(&self.id);
@@ -788,8 +803,7 @@ impl Node {
             }
         });
         *self.core.borrow_mut() = Some(core);
-        *self.follower.borrow_mut() = Some(follower);
-        self.watchers.borrow_mut().push(watch_leaders);
+        self.tasks.borrow_mut().extend([follower, watch_leaders]);
     }
 
     /// Whole-node seeds: this run's applied membership table.
@@ -913,8 +927,7 @@ fn node(id: u64, life: u64, interval: bool, dir: &Path, world: &Shared, record: 
         disk,
         _asks: asks,
         core: RefCell::new(None),
-        follower: RefCell::new(None),
-        watchers: RefCell::new(Vec::new()),
+        tasks: RefCell::new(Vec::new()),
     })
 }
 
@@ -1286,23 +1299,15 @@ async fn scenario(seed: u64, whole: bool) -> Outcome {
                     let mut w = world.lock().unwrap();
                     w.log(format!("fault: node {a} is cut off from the others"));
                     saw(&record, "partition");
-                    for other in (1..=NODES).filter(|o| *o != a) {
-                        w.cut.insert((a, other));
-                        w.cut.insert((other, a));
-                        w.reset(a, other);
-                        w.reset(other, a);
-                    }
-                    w.refresh_links();
+                    let pairs: Vec<(u64, u64)> =
+                        (1..=NODES).filter(|o| *o != a).flat_map(|o| [(a, o), (o, a)]).collect();
+                    w.cut(&pairs);
                     heal.push((
                         now + lasts,
                         Box::new(move |_, world| {
                             let mut w = world.lock().unwrap();
                             w.log(format!("heal: node {a} rejoins the others"));
-                            for other in (1..=NODES).filter(|o| *o != a) {
-                                w.cut.remove(&(a, other));
-                                w.cut.remove(&(other, a));
-                            }
-                            w.refresh_links();
+                            w.heal(&pairs);
                         }),
                     ));
                 }
@@ -1310,21 +1315,14 @@ async fn scenario(seed: u64, whole: bool) -> Outcome {
                     let both = rng.chance(50);
                     let mut w = world.lock().unwrap();
                     w.log(format!("fault: cut {a}->{b}{}", if both { " both ways" } else { "" }));
-                    w.cut.insert((a, b));
-                    w.reset(a, b);
-                    if both {
-                        w.cut.insert((b, a));
-                        w.reset(b, a);
-                    }
-                    w.refresh_links();
+                    let pairs = [(a, b), (b, a)];
+                    w.cut(if both { &pairs } else { &pairs[..1] });
                     heal.push((
                         now + lasts,
                         Box::new(move |_, world| {
                             let mut w = world.lock().unwrap();
                             w.log(format!("heal: {a}<->{b}"));
-                            w.cut.remove(&(a, b));
-                            w.cut.remove(&(b, a));
-                            w.refresh_links();
+                            w.heal(&[(a, b), (b, a)]);
                         }),
                     ));
                 }
