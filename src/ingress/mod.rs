@@ -237,9 +237,9 @@ type Waiter = (
 /// Tracks one accepted event until every subscription finished it.
 struct Tracker {
     remaining: AtomicUsize,
-    /// The WAL record to drop when done (none for `ack=none`).
-    seq: Option<u64>,
-    store: Store,
+    /// The WAL record to drop when done, and its store (none for `ack=none`: no store handle is
+    /// cloned for an event that has no record).
+    record: Option<(u64, Store)>,
     /// Set when a subscription could not finish (dead letter not stored): keep the WAL record.
     keep: AtomicBool,
     /// `ack=processed`: the outcomes so far and who waits for them.
@@ -351,7 +351,7 @@ impl Tracker {
     fn new(
         n: usize,
         seq: Option<u64>,
-        store: Store,
+        store: &Store,
         bytes: BudgetShare,
         inflight: Gauge,
         wait: bool,
@@ -365,8 +365,7 @@ impl Tracker {
         inflight.increment(1.0);
         let t = Tracker {
             remaining: AtomicUsize::new(n),
-            seq,
-            store,
+            record: seq.map(|seq| (seq, store.clone())),
             keep: AtomicBool::new(false),
             waiter,
             inflight,
@@ -376,8 +375,8 @@ impl Tracker {
     }
 
     fn finish(&self) {
-        if let (Some(seq), false) = (self.seq, self.keep.load(Ordering::Relaxed)) {
-            self.store.ack(seq);
+        if let (Some((seq, store)), false) = (&self.record, self.keep.load(Ordering::Relaxed)) {
+            store.ack(*seq);
         }
         self.inflight.decrement(1.0);
         if let Some(waiter) = &self.waiter {
@@ -742,7 +741,7 @@ impl Ingress {
         bytes: BudgetShare,
         wait: bool,
     ) -> (Arc<Tracker>, Option<oneshot::Receiver<Vec<SubscriptionOutcome>>>) {
-        Tracker::new(n, seq, self.store.clone(), bytes, self.inflight.clone(), wait)
+        Tracker::new(n, seq, &self.store, bytes, self.inflight.clone(), wait)
     }
 
     /// Publishes one event. `timeout` bounds `ack=processed` (the 504 case: the event is still
@@ -780,10 +779,7 @@ impl Ingress {
         let spans = self.trace_publish(&mut events, ack);
         let result = self.publish_traced(events, ack, timeout).await;
         if let Err(e) = &result {
-            for span in &spans {
-                span.record("herald.error", tracing::field::display(e));
-                span.record("otel.status_code", "ERROR");
-            }
+            Self::record_error(&spans, e);
         }
         result
     }
@@ -799,8 +795,39 @@ impl Ingress {
         let mut reserved = self.reserve(&table, &events)?;
         let seqs = self.log(&events, &reserved.events, ack).await?;
         reserved.count_published(self);
-        let (answers, waits) = self.send(events, reserved.events, seqs, ack);
+        let mut answers = Vec::with_capacity(events.len());
+        let waits = self.send(events, reserved.events, seqs, ack, Some(&mut answers));
         Self::wait_outcomes(answers, waits, timeout).await
+    }
+
+    /// Publishes one event with `ack=none` and answers only whether it was accepted: Herald's
+    /// `do_send`. The same checks, routing, limits and refusals as [`Ingress::publish`] with
+    /// [`AckMode::None`] (at most once, never written to the WAL), without waiting and without
+    /// building a [`Published`] answer (the caller has the event's id already), so it can be
+    /// called from inside a synchronous actor handler.
+    pub fn emit(&self, event: Event) -> Result<(), PublishError> {
+        let mut event = [event];
+        self.admit(&event)?;
+        let spans = self.trace_publish(&mut event, AckMode::None);
+        let result = (|| {
+            let table = self.router.table();
+            let mut reserved = self.reserve(&table, &event)?;
+            reserved.count_published(self);
+            self.send(event, reserved.events, Vec::new().into_iter(), AckMode::None, None);
+            Ok(())
+        })();
+        if let Err(e) = &result {
+            Self::record_error(&spans, e);
+        }
+        result
+    }
+
+    /// Marks the publish spans of a refused call with its error.
+    fn record_error(spans: &[tracing::Span], e: &PublishError) {
+        for span in spans {
+            span.record("herald.error", tracing::field::display(e));
+            span.record("otel.status_code", "ERROR");
+        }
     }
 
     /// Stage 4: waits up to `timeout` for the outcomes of the answers that wait for them
@@ -897,16 +924,17 @@ impl Ingress {
 
     /// Stage 3: sends each event through its reservations — local jobs to their mailboxes,
     /// remote ones to the relay (once per peer for the whole call), parked ones to the relay's
-    /// parking — with one completion tracker per event. Returns the answers, and for
-    /// `ack=processed` the receivers of the outcomes to wait for (with the answer's index).
+    /// parking — with one completion tracker per event. Pushes each event's answer to `answers`
+    /// (when given: `ack=processed` needs them) and returns, for `ack=processed`, the receivers of
+    /// the outcomes to wait for (with the answer's index).
     fn send(
         &self,
-        events: Vec<Event>,
+        events: impl IntoIterator<Item = Event>,
         reserved: Vec<ReservedEvent<'_>>,
         mut seqs: std::vec::IntoIter<u64>,
         ack: AckMode,
-    ) -> (Vec<Answer>, Vec<OutcomeWait>) {
-        let mut answers = Vec::with_capacity(events.len());
+        mut answers: Option<&mut Vec<Answer>>,
+    ) -> Vec<OutcomeWait> {
         let mut waits = Vec::new();
         let mut remote: Vec<(u64, Vec<Outgoing>)> = Vec::new();
         // Copies for this node's instances (not `ack=none`), checked against the dedup window
@@ -917,11 +945,13 @@ impl Ingress {
         for (event, (permit, slots)) in events.into_iter().zip(reserved) {
             let n = slots.len();
             let event = Arc::new(event);
-            answers.push(Answer {
-                event: event.clone(),
-                subscriptions: n,
-                outcomes: (ack == AckMode::Processed).then(Vec::new),
-            });
+            if let Some(answers) = answers.as_deref_mut() {
+                answers.push(Answer {
+                    event: event.clone(),
+                    subscriptions: n,
+                    outcomes: (ack == AckMode::Processed).then(Vec::new),
+                });
+            }
             if n == 0 {
                 continue;
             }
@@ -936,7 +966,7 @@ impl Ingress {
                 None
             } else {
                 let (tracker, rx) = self.tracker(tracked, seq, permit, ack == AckMode::Processed);
-                if let Some(rx) = rx {
+                if let (Some(rx), Some(answers)) = (rx, answers.as_deref()) {
                     waits.push((answers.len() - 1, rx));
                 }
                 Some(tracker)
@@ -1004,7 +1034,7 @@ impl Ingress {
             self.relay.forward(node, items);
         }
         drop(held);
-        (answers, waits)
+        waits
     }
 
     /// Whether a node following `state` replays its WAL now: every subscription the table has is
@@ -1328,7 +1358,7 @@ mod tests {
             .unwrap();
         let budget = Budget::new(10_000);
         let share = budget.try_take(charge(&e)).unwrap();
-        let (tracker, rx) = Tracker::new(2, Some(seqs[0]), store.clone(), share, Gauge::noop(), false);
+        let (tracker, rx) = Tracker::new(2, Some(seqs[0]), &store, share, Gauge::noop(), false);
         assert!(rx.is_none(), "only ack=processed waits");
         tracker.complete(&key("billing"), Outcome::Ok { attempts: 1 });
         assert_eq!(wal(&store).await, seqs, "one subscription is still owed the event");
@@ -1351,7 +1381,7 @@ mod tests {
         let e = Event::new("orders", "{}", "application/json");
         let seqs = store.append(vec![record(&e, &["a", "b"])]).await.unwrap();
         let share = Budget::new(10_000).try_take(charge(&e)).unwrap();
-        let (tracker, _) = Tracker::new(2, Some(seqs[0]), store.clone(), share, Gauge::noop(), false);
+        let (tracker, _) = Tracker::new(2, Some(seqs[0]), &store, share, Gauge::noop(), false);
         tracker.complete(
             &key("a"),
             Outcome::Failed {
@@ -1367,7 +1397,7 @@ mod tests {
     async fn ack_processed_is_answered_with_every_subscription_s_outcome_once_all_are_in() {
         let (_dir, store) = open_store();
         let share = Budget::new(10_000).try_take(256).unwrap();
-        let (tracker, rx) = Tracker::new(3, None, store.clone(), share, Gauge::noop(), true);
+        let (tracker, rx) = Tracker::new(3, None, &store, share, Gauge::noop(), true);
         let mut rx = rx.expect("ack=processed waits");
         tracker.complete(&key("a"), Outcome::Ok { attempts: 1 });
         tracker.complete(

@@ -457,7 +457,7 @@ impl RunningNode {
     /// of the actix-web application the node is embedded in (keep it in `web::Data`).
     pub fn publisher(&self) -> Publisher {
         Publisher {
-            ingress: self.core.ingress.clone(),
+            ingress: Arc::downgrade(&self.core.ingress),
             timeout: Publisher::DEFAULT_TIMEOUT,
         }
     }
@@ -564,11 +564,13 @@ async fn nobody_stays(core: &NodeCore) {
 }
 
 /// Publishes into a running node from Rust, without HTTP: the same checks, ack modes and
-/// answers as the HTTP publish routes. Cheap to clone; it keeps the node's ingress alive, not the
-/// node (after [`RunningNode::shutdown`] publishes are refused).
+/// answers as the HTTP publish routes. Cheap to clone, and it keeps nothing of the node alive: a
+/// handle held after [`RunningNode::shutdown`] (in an application's state, or by a handler that
+/// publishes what follows from its events) neither delays the shutdown nor holds the node's WAL
+/// open; its publishes are then refused with [`PublishError::Unavailable`].
 #[derive(Clone)]
 pub struct Publisher {
-    ingress: Arc<Ingress>,
+    ingress: std::sync::Weak<Ingress>,
     /// How long `ack=processed` waits before answering [`PublishError::Timeout`].
     timeout: Duration,
 }
@@ -583,9 +585,22 @@ impl Publisher {
         self
     }
 
+    /// The node's ingress while the node runs.
+    fn ingress(&self) -> std::result::Result<Arc<Ingress>, PublishError> {
+        self.ingress
+            .upgrade()
+            .ok_or(PublishError::Unavailable(crate::ingress::StoreError::Stopped))
+    }
+
     /// Publishes one event: its answer, or why it was refused.
     pub async fn publish(&self, event: Event, ack: AckMode) -> std::result::Result<Published, PublishError> {
-        self.ingress.publish(event, ack, self.timeout).await
+        self.ingress()?.publish(event, ack, self.timeout).await
+    }
+
+    /// Publishes one event with `ack=none`, answering only whether it was accepted, without
+    /// waiting (callable from a synchronous actor handler): see [`Ingress::emit`].
+    pub fn emit(&self, event: Event) -> std::result::Result<(), PublishError> {
+        self.ingress()?.emit(event)
     }
 
     /// Publishes events all or none, answering each in order.
@@ -594,7 +609,7 @@ impl Publisher {
         events: Vec<Event>,
         ack: AckMode,
     ) -> std::result::Result<Vec<Published>, PublishError> {
-        self.ingress.publish_batch(events, ack, self.timeout).await
+        self.ingress()?.publish_batch(events, ack, self.timeout).await
     }
 }
 
