@@ -8,7 +8,10 @@
 //! `local`: events/s from publish to a no-op Rust handler in one node (in-process publish, no
 //! HTTP), with `ack=none` and `ack=accepted`, next to raw actix `do_send` to a no-op actor (the
 //! "vs raw" column), and two more raw rows that carry what Herald's rows carry: `do_send` of a
-//! clone of the same event, and `send` of it with each answer awaited (request/response).
+//! clone of the same event, and `send` of it with each answer awaited (request/response). Then
+//! what a Rust user would pick instead of Herald for in-process publish/subscribe on actix:
+//! `actix-broker`'s system broker, to one subscriber and fanned out to three, next to Herald
+//! publishing to one subscription and to three subscriptions of one topic.
 //!
 //! `membership`: a 3-node loopback cluster; subscribe → placed, join → placed, leader failover.
 //!
@@ -55,6 +58,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
+use actix_broker::{Broker, BrokerSubscribe, SystemBroker};
 use clap::{Args, Parser, Subcommand};
 use tokio::sync::Notify;
 
@@ -62,8 +66,8 @@ use herald::cli::NodeArgs;
 use herald::config::{Config, FsyncPolicy, LogFormat};
 use herald::event::Event;
 use herald::handler::{Delivery, HandlerResult};
-use herald::ingress::{AckMode, Ingress, PublishError};
-use herald::node::Node;
+use herald::ingress::{AckMode, PublishError};
+use herald::node::{Node, Publisher};
 use herald::subscription::SubscriptionSpec;
 
 // The `herald` binary's allocator (the `node` processes must be the nodes users run), counting
@@ -308,9 +312,12 @@ struct LocalArgs {
     #[arg(long)]
     prometheus: bool,
     /// Only these rows (for profiling one path, e.g. `--only none` under callgrind).
-    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [LocalRow::Raw, LocalRow::RawEvent, LocalRow::RawSend, LocalRow::None, LocalRow::Accepted, LocalRow::Batch])]
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [LocalRow::Raw, LocalRow::RawEvent, LocalRow::RawSend, LocalRow::None, LocalRow::Emit, LocalRow::Accepted, LocalRow::Batch, LocalRow::Broker, LocalRow::EmitFanout, LocalRow::BrokerFanout])]
     only: Vec<LocalRow>,
 }
+
+/// The topic of `local`'s fan-out rows (three subscriptions).
+const FANOUT_TOPIC: &str = "bench.fanout";
 
 /// A row of `herald-bench local`.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -324,10 +331,19 @@ enum LocalRow {
     RawSend,
     /// `ack=none`, one event per publish call.
     None,
+    /// `Publisher::emit`: `ack=none` answering only accepted or refused, one event per call.
+    Emit,
     /// `ack=accepted`, one event per call, concurrent publishers.
     Accepted,
     /// `ack=accepted`, batched calls.
     Batch,
+    /// `actix-broker`: one subscriber actor of the system broker.
+    Broker,
+    /// `Publisher::emit` (`ack=none`, no answer), one event per call to a topic of three
+    /// subscriptions.
+    EmitFanout,
+    /// `actix-broker`: three subscriber actors of one message type.
+    BrokerFanout,
 }
 
 fn main() -> ExitCode {
@@ -425,6 +441,73 @@ impl Handler<Carry> for RawNoOp {
     }
 }
 
+/// The benchmark event as an `actix-broker` message; `N` tells the one-subscriber run from the
+/// fan-out run (the broker keeps its subscribers per message type).
+#[derive(Clone)]
+struct Issued<const N: usize>(#[allow(dead_code)] Event);
+
+impl<const N: usize> Message for Issued<N> {
+    type Result = ();
+}
+
+/// A no-op subscriber of the system broker, subscribed to `Issued<N>` before it handles any
+/// message (so a `Ready` answered means its subscription is in the broker's mailbox, ahead of
+/// anything issued after).
+struct BrokerSub<const N: usize>(Arc<Tally>);
+
+impl<const N: usize> Actor for BrokerSub<N> {
+    type Context = Context<Self>;
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        self.subscribe_system_async::<Issued<N>>(ctx);
+    }
+}
+
+impl<const N: usize> Handler<Issued<N>> for BrokerSub<N> {
+    type Result = ();
+    fn handle(&mut self, _: Issued<N>, _: &mut Context<Self>) {
+        self.0.hit();
+    }
+}
+
+impl<const N: usize> Handler<Ping> for BrokerSub<N> {
+    type Result = ();
+    fn handle(&mut self, _: Ping, _: &mut Context<Self>) {}
+}
+
+/// Runs of `actix-broker` to `N` subscribers on `arbiter`: each issues `events` clones of
+/// `payload` through the system broker (`Broker::issue_async`, as code outside an actor does) and
+/// lasts until every subscriber has handled every event.
+async fn broker_runs<const N: usize>(
+    tally: &Arc<Tally>,
+    arbiter: &ArbiterHandle,
+    payload: &Event,
+    events: u64,
+    runs: usize,
+    max: Duration,
+) -> Result<Vec<f64>, String> {
+    let mut out = Vec::new();
+    if runs == 0 {
+        return Ok(out);
+    }
+    for _ in 0..N {
+        let t = tally.clone();
+        let sub = BrokerSub::<N>::start_in_arbiter(arbiter, move |_| BrokerSub(t));
+        sub.send(Ping).await.map_err(|e| e.to_string())?;
+    }
+    for _ in 0..runs {
+        let started = Instant::now();
+        tally
+            .reset_and_wait(events * N as u64, max, || {
+                for _ in 0..events {
+                    Broker::<SystemBroker>::issue_async(Issued::<N>(payload.clone()));
+                }
+            })
+            .await?;
+        out.push(events as f64 / started.elapsed().as_secs_f64());
+    }
+    Ok(out)
+}
+
 impl Handler<Ping> for RawNoOp {
     type Result = ();
     fn handle(&mut self, _: Ping, _: &mut Context<Self>) {
@@ -440,11 +523,27 @@ fn median(mut v: Vec<f64>) -> (f64, f64, f64) {
 /// Publishes the events `make` builds, again (freshly built) while the node answers Overloaded.
 /// `make` runs once per attempt: the publisher owns each event it hands over, as a caller that
 /// builds its events would, and keeps no spare copy for a retry that is usually not needed.
-async fn publish_until_accepted(ingress: &Ingress, make: impl Fn() -> Vec<Event>, ack: AckMode) -> Result<(), String> {
+async fn publish_until_accepted(
+    publisher: &Publisher,
+    make: impl Fn() -> Vec<Event>,
+    ack: AckMode,
+) -> Result<(), String> {
     loop {
-        match ingress.publish_batch(make(), ack, Duration::from_secs(30)).await {
+        match publisher.publish_batch(make(), ack).await {
             Ok(_) => return Ok(()),
             // Full mailboxes: the handlers are behind; let them run and retry (closed loop).
+            Err(PublishError::Overloaded(_)) => tokio::task::yield_now().await,
+            Err(other) => return Err(other.to_string()),
+        }
+    }
+}
+
+/// Emits a clone of `event` (a fresh copy per attempt, as `publish_until_accepted` builds one),
+/// again while the node answers Overloaded.
+async fn emit_until_accepted(publisher: &Publisher, event: &Event) -> Result<(), String> {
+    loop {
+        match publisher.emit(event.clone()) {
+            Ok(()) => return Ok(()),
             Err(PublishError::Overloaded(_)) => tokio::task::yield_now().await,
             Err(other) => return Err(other.to_string()),
         }
@@ -454,7 +553,7 @@ async fn publish_until_accepted(ingress: &Ingress, make: impl Fn() -> Vec<Event>
 /// `publishers` concurrent tasks publish `events` in calls of `batch` with `ack=accepted`; events/s
 /// until the handler has seen them all.
 async fn publish_concurrently(
-    ingress: &Arc<Ingress>,
+    publisher: &Publisher,
     tally: &Tally,
     payload: &Event,
     events: u64,
@@ -467,7 +566,7 @@ async fn publish_concurrently(
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..publishers {
-        let ing = ingress.clone();
+        let ing = publisher.clone();
         let payload = payload.clone();
         tasks.push(actix_rt::spawn(async move {
             // A fresh id per event, as every real publish has: the hosting node de-duplicates
@@ -525,13 +624,19 @@ async fn local(mut a: LocalArgs) -> Result<(), String> {
         .config(config)
         .handler("noop", move || NoOp(t.clone()))
         .subscription(SubscriptionSpec::rust("bench", "noop", "noop").instances(a.instances))
+        // The fan-out rows' topic: three subscriptions (groups), each handling every event.
+        .subscription(SubscriptionSpec::rust(FANOUT_TOPIC, "fan-a", "noop").instances(a.instances))
+        .subscription(SubscriptionSpec::rust(FANOUT_TOPIC, "fan-b", "noop").instances(a.instances))
+        .subscription(SubscriptionSpec::rust(FANOUT_TOPIC, "fan-c", "noop").instances(a.instances))
         .start()
         .await
         .map_err(|e| e.to_string())?;
     node.ready().await;
-    let ingress = node.ingress().clone();
-    let payload =
-        Event::json("bench", &serde_json::json!({"user_id": 1, "username": "bench"})).map_err(|e| e.to_string())?;
+    // What an application publishes through (it holds nothing of the node alive).
+    let publisher = node.publisher();
+    let body = serde_json::json!({"user_id": 1, "username": "bench"});
+    let payload = Event::json("bench", &body).map_err(|e| e.to_string())?;
+    let fanout = Event::json(FANOUT_TOPIC, &body).map_err(|e| e.to_string())?;
     println!(
         "herald-bench local: {} events per run, {} runs, {} instances, wal.fsync={:?}, metrics {}",
         a.events,
@@ -588,33 +693,77 @@ async fn local(mut a: LocalArgs) -> Result<(), String> {
         sender.await.map_err(|e| e.to_string())??;
         raw_send.push(a.events as f64 / started.elapsed().as_secs_f64());
     }
+    // actix-broker: the subscribers on the raw rows' arbiter, the broker on the system arbiter
+    // (where `SystemBroker` runs), as the publisher.
+    let broker = broker_runs::<1>(
+        &tally,
+        &arbiter.handle(),
+        &payload,
+        a.events,
+        runs(LocalRow::Broker),
+        max,
+    )
+    .await?;
+    let broker_fanout = broker_runs::<3>(
+        &tally,
+        &arbiter.handle(),
+        &payload,
+        a.events,
+        runs(LocalRow::BrokerFanout),
+        max,
+    )
+    .await?;
     arbiter.stop();
 
-    let mut none = Vec::new();
-    for _ in 0..runs(LocalRow::None) {
-        let started = Instant::now();
-        let ing = ingress.clone();
-        let ev = payload.clone();
-        let events = a.events;
-        let publisher = actix_rt::spawn(async move {
-            for _ in 0..events {
-                publish_until_accepted(&ing, || vec![ev.clone()], AckMode::None).await?;
+    // Herald `ack=none`, one event per call from one task (`publish`, whose answer is the
+    // event's id, topic and subscription count; or `emit`, accepted or refused only);
+    // `subscriptions` is how many subscriptions the event's topic has (each handles every event).
+    let events = a.events;
+    let publish_runs = |event: &Event, subscriptions: u64, emit: bool, runs: usize| {
+        let (publisher, tally, event) = (publisher.clone(), tally.clone(), event.clone());
+        async move {
+            let mut out = Vec::new();
+            for _ in 0..runs {
+                let started = Instant::now();
+                let (ing, ev) = (publisher.clone(), event.clone());
+                let publisher = actix_rt::spawn(async move {
+                    for _ in 0..events {
+                        if emit {
+                            emit_until_accepted(&ing, &ev).await?;
+                        } else {
+                            publish_until_accepted(&ing, || vec![ev.clone()], AckMode::None).await?;
+                        }
+                    }
+                    Ok::<(), String>(())
+                });
+                tally.reset_and_wait(events * subscriptions, max, || {}).await?;
+                publisher.await.map_err(|e| e.to_string())??;
+                out.push(events as f64 / started.elapsed().as_secs_f64());
             }
-            Ok::<(), String>(())
-        });
-        tally.reset_and_wait(a.events, max, || {}).await?;
-        publisher.await.map_err(|e| e.to_string())??;
-        none.push(a.events as f64 / started.elapsed().as_secs_f64());
-    }
+            Ok::<_, String>(out)
+        }
+    };
+    let none = publish_runs(&payload, 1, false, runs(LocalRow::None)).await?;
+    let emitted = publish_runs(&payload, 1, true, runs(LocalRow::Emit)).await?;
+    let emitted_fanout = publish_runs(&fanout, 3, true, runs(LocalRow::EmitFanout)).await?;
 
     let mut accepted = Vec::new();
     for _ in 0..runs(LocalRow::Accepted) {
-        accepted.push(publish_concurrently(&ingress, &tally, &payload, a.events, a.publishers, 1, max).await?);
+        accepted.push(publish_concurrently(&publisher, &tally, &payload, a.events, a.publishers, 1, max).await?);
     }
     let mut batched = Vec::new();
     for _ in 0..runs(LocalRow::Batch) {
         batched.push(
-            publish_concurrently(&ingress, &tally, &payload, a.events, a.publishers.min(16), a.batch, max).await?,
+            publish_concurrently(
+                &publisher,
+                &tally,
+                &payload,
+                a.events,
+                a.publishers.min(16),
+                a.batch,
+                max,
+            )
+            .await?,
         );
     }
     node.shutdown().await;
@@ -634,12 +783,25 @@ async fn local(mut a: LocalArgs) -> Result<(), String> {
                 &none,
                 &raw,
             ),
+            row("ack=none", "1 event per emit vs do_send(Event)", &emitted, &raw_event),
             row("ack=none", "1 event per publish vs do_send(Event)", &none, &raw_event),
             row(
                 "ack=none",
                 "1 event per publish vs send(Event), each answer awaited",
                 &none,
                 &raw_send,
+            ),
+            row(
+                "ack=none",
+                "1 event per emit vs actix-broker, 1 subscriber",
+                &emitted,
+                &broker,
+            ),
+            row(
+                "ack=none",
+                "1 event per emit to 3 subscriptions vs actix-broker, 3 subscribers",
+                &emitted_fanout,
+                &broker_fanout,
             ),
             row(
                 "ack=accepted",
@@ -663,7 +825,11 @@ async fn local(mut a: LocalArgs) -> Result<(), String> {
         ("raw actix do_send".to_string(), raw),
         ("raw actix do_send(Event)".to_string(), raw_event),
         ("raw actix send(Event), awaited".to_string(), raw_send),
+        ("actix-broker, 1 subscriber".to_string(), broker),
+        ("actix-broker, 3 subscribers".to_string(), broker_fanout),
         ("herald ack=none".to_string(), none),
+        ("herald emit".to_string(), emitted),
+        ("herald emit, 3 subs".to_string(), emitted_fanout),
         (format!("herald ack=accepted x{}", a.publishers), accepted),
         (format!("herald ack=accepted batch {}", a.batch), batched),
     ];

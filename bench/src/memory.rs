@@ -256,12 +256,12 @@ async fn steps(
     for i in 0..a.subscriptions {
         subscribe(format!("memory.idle.{i}"), "idle").await?;
     }
-    let ingress = node.ingress().clone();
+    let publisher = node.publisher();
     let payload = serde_json::json!({"user_id": 1, "username": "bench"});
     for i in 0..a.subscriptions {
         let topic = format!("memory.idle.{i}");
         publish_until_accepted(
-            &ingress,
+            &publisher,
             || Event::json(topic.as_str(), &payload).into_iter().collect(),
             AckMode::None,
         )
@@ -288,7 +288,7 @@ async fn steps(
         while left > 0 {
             let k = left.min(100);
             publish_until_accepted(
-                &ingress,
+                &publisher,
                 || {
                     (0..k)
                         .filter_map(|_| Event::json("memory.hold", &payload).ok())
