@@ -541,8 +541,9 @@ impl Router {
 
     /// Follows a committed placement: runs here exactly `here(key)` instances of each of
     /// `subscriptions` (none: it stops here), stops every running subscription not among them,
-    /// then routes by `placement`. The node layer calls it with each applied membership state
-    /// (`Control::reconcile`), the event-plane simulation with each placement it makes.
+    /// then routes by `placement`. The node layer reaches it through [`Router::follow_state`]
+    /// with each applied membership state (`Control::reconcile`); the event-plane simulation
+    /// calls it with each placement it makes.
     pub(crate) fn follow<'a>(
         &self,
         subscriptions: impl IntoIterator<Item = &'a SubscriptionSpec>,

@@ -467,6 +467,11 @@ impl RunningNode {
         self.publisher().publish(event, ack).await
     }
 
+    /// Publishes one event with `ack=none` without waiting or an answer ([`Publisher::emit`]).
+    pub fn emit(&self, event: Event) -> std::result::Result<(), PublishError> {
+        self.core.ingress.emit(event)
+    }
+
     /// The node's control operations.
     pub fn core(&self) -> &Arc<NodeCore> {
         &self.core
