@@ -195,3 +195,57 @@ async fn emit_refuses_with_overloaded_when_the_mailbox_is_full_and_handles_every
     );
     node.node.shutdown().await;
 }
+
+#[actix_rt::test]
+async fn emitted_events_give_their_bytes_back_to_the_in_flight_budget_once_handled() {
+    let seen: Seen = Arc::default();
+    let gate = Arc::new(Gate::default());
+    let (s, g) = (seen.clone(), gate.clone());
+    let mut builder = Node::builder()
+        .handler("record", move || Record {
+            seen: s.clone(),
+            gate: g.clone(),
+        })
+        .subscription(SubscriptionSpec::rust("orders", "billing", "record"));
+    let c = builder.config_mut();
+    // Room for three events in flight (each costs its data plus 256 bytes).
+    c.http.max_body_bytes = 1024;
+    c.handlers.max_inflight_bytes = 1024;
+    let node = start_node(builder).await;
+    let publisher = node.node.publisher();
+    let event = |i: u32| Event::json("orders", &serde_json::json!({ "n": i })).unwrap();
+
+    // Held by a closed gate, the fourth event no longer fits: the budget counts what is in flight.
+    gate.set(true);
+    let mut refused = None;
+    for i in 0..10 {
+        if let Err(e) = publisher.emit(event(i)) {
+            refused = Some((i, e));
+            break;
+        }
+    }
+    match refused {
+        Some((3, PublishError::Overloaded(_))) => {}
+        other => panic!("the fourth event must be refused for the in-flight budget, got {other:?}"),
+    }
+    gate.set(false);
+
+    // One at a time, each handled before the next: 100 events through a budget of three, so every
+    // handled event gave its bytes back (a job that held on to them would stop this at the fourth:
+    // each emit is retried until accepted, which then never happens). A share comes back just
+    // after its handler returned, so an emit may briefly find the budget full and is retried.
+    for i in 0..100 {
+        let want = 3 + i as usize + 1;
+        eventually(&format!("event {i} after the gate opened accepted"), || {
+            let accepted = publisher.emit(event(100 + i)).is_ok();
+            async move { accepted.then_some(()) }
+        })
+        .await;
+        eventually("the event handled", || {
+            let n = handled(&seen, "billing").len();
+            async move { (n >= want).then_some(()) }
+        })
+        .await;
+    }
+    node.node.shutdown().await;
+}

@@ -87,6 +87,70 @@ pub(crate) struct Job {
     pub(crate) event: Arc<Event>,
     pub(crate) completion: Arc<dyn Completion>,
     pub(crate) origin: Origin,
+    /// What the job itself holds of its node's budgets until it is dropped, when no per-event
+    /// completion holds it (an `ack=none` event published here to one local instance: its
+    /// completion is shared, so the event costs no tracker of its own).
+    pub(crate) share: Option<Share>,
+}
+
+/// Takes back what a [`Share`] held (the ingress's in-flight byte budget).
+pub(crate) trait Release: Send + Sync {
+    fn release(&self, units: usize);
+}
+
+/// `units` of a budget, given back to it when dropped.
+pub(crate) struct Share {
+    to: Arc<dyn Release>,
+    units: usize,
+}
+
+impl Share {
+    /// Holds `units` already taken from `to`.
+    pub(crate) fn new(to: Arc<dyn Release>, units: usize) -> Share {
+        Share { to, units }
+    }
+
+    /// How many units it holds.
+    #[cfg(test)]
+    pub(crate) fn units(&self) -> usize {
+        self.units
+    }
+}
+
+impl Drop for Share {
+    fn drop(&mut self) {
+        self.to.release(self.units);
+    }
+}
+
+/// A job's completion together with the [`Share`] the job held, for a job that leaves its
+/// mailbox without running (retired, then parked): the share is given back when the parked
+/// event is done, as it would have been by the job.
+pub(crate) struct Holding {
+    inner: Arc<dyn Completion>,
+    _share: Share,
+}
+
+impl Holding {
+    /// `job`'s completion, holding its share if it has one.
+    pub(crate) fn completion_of(job: Job) -> (Arc<Event>, Arc<dyn Completion>) {
+        match job.share {
+            Some(share) => (
+                job.event,
+                Arc::new(Holding {
+                    inner: job.completion,
+                    _share: share,
+                }),
+            ),
+            None => (job.event, job.completion),
+        }
+    }
+}
+
+impl Completion for Holding {
+    fn complete(&self, sub: &SubscriptionKey, outcome: Outcome) {
+        self.inner.complete(sub, outcome);
+    }
 }
 
 /// Takes the jobs an instance will not run because its subscription's placement left this node
@@ -707,6 +771,7 @@ mod tests {
                     data: data.to_string(),
                 }),
                 origin: Origin::Local,
+                share: None,
             };
             tx.try_send(job).unwrap_or_else(|_| panic!("room for {data}"));
         }

@@ -33,7 +33,7 @@ use tokio::sync::{oneshot, Notify};
 use utoipa::ToSchema;
 
 use crate::event::{Event, EventError};
-use crate::handler::supervisor::{Completion, DeadLetterError, DeadLetterSink, Job, Origin, Outcome};
+use crate::handler::supervisor::{Completion, DeadLetterError, DeadLetterSink, Job, Origin, Outcome, Release, Share};
 use crate::membership::state::MembershipState;
 use crate::proto::{DeadLetterRecord, EventRecord};
 use crate::relay::{LocalCopy, Outgoing, Relay};
@@ -259,18 +259,28 @@ struct Budget {
     freed: Notify,
 }
 
-/// Bytes taken from the budget; given back on drop.
-struct BudgetShare {
-    budget: Arc<Budget>,
-    bytes: usize,
+/// Bytes taken from the budget; given back on drop (a [`Share`], so that a job can hold them).
+type BudgetShare = Share;
+
+impl Release for Budget {
+    fn release(&self, bytes: usize) {
+        self.used.fetch_sub(bytes, Ordering::AcqRel);
+        if self.waiting.load(Ordering::Acquire) > 0 {
+            self.freed.notify_waiters();
+        }
+    }
 }
 
-impl Drop for BudgetShare {
-    fn drop(&mut self) {
-        self.budget.used.fetch_sub(self.bytes, Ordering::AcqRel);
-        if self.budget.waiting.load(Ordering::Acquire) > 0 {
-            self.budget.freed.notify_waiters();
-        }
+/// The completion of every `ack=none` event published here to one local instance and nowhere
+/// else that is tracked: nothing to acknowledge or answer, so one shared object serves them all
+/// (the job holds the event's budget share); it counts the event out of the in-flight gauge.
+struct AtMostOnceHere {
+    inflight: Gauge,
+}
+
+impl Completion for AtMostOnceHere {
+    fn complete(&self, _: &SubscriptionKey, _: Outcome) {
+        self.inflight.decrement(1.0);
     }
 }
 
@@ -293,10 +303,7 @@ impl Budget {
             self.used.fetch_sub(bytes, Ordering::AcqRel);
             return None;
         }
-        Some(BudgetShare {
-            budget: self.clone(),
-            bytes,
-        })
+        Some(Share::new(self.clone(), bytes))
     }
 
     /// Waits until `bytes` fit (replays, which must not be refused).
@@ -425,6 +432,8 @@ pub struct Ingress {
     /// In-flight byte budget (`handlers.max_inflight_bytes`).
     bytes: Arc<Budget>,
     inflight: Gauge,
+    /// The shared completion of untracked `ack=none` jobs ([`AtMostOnceHere`]).
+    at_most_once_here: Arc<dyn Completion>,
     rejected: Counter,
     /// `events_published_total{topic="(other)"}`: events of topics without subscriptions share
     /// one series, so publishing to ever new topics cannot add series without bound.
@@ -646,6 +655,9 @@ impl Ingress {
             store,
             bytes: Budget::new(max_inflight_bytes),
             inflight: metrics::gauge!(crate::metrics::INFLIGHT_EVENTS),
+            at_most_once_here: Arc::new(AtMostOnceHere {
+                inflight: metrics::gauge!(crate::metrics::INFLIGHT_EVENTS),
+            }),
             rejected: metrics::counter!(crate::metrics::EVENTS_REJECTED),
             published_other: metrics::counter!(crate::metrics::EVENTS_PUBLISHED, "topic" => crate::metrics::OTHER_TOPIC),
             unrouted: crate::metrics::TopicCounters::new(
@@ -961,8 +973,16 @@ impl Ingress {
             // subscriptions gets no tracker; its bytes stay charged until the relay encoded it.
             let at_most_once = |t: &Target| ack == AckMode::None && matches!(t, Target::Remote(_));
             let tracked = slots.iter().filter(|(_, t)| !at_most_once(t)).count();
+            // `ack=none` with one local instance the only tracked target (the common in-process
+            // case): the job itself holds the budget share and shares one completion, so the
+            // event makes no tracker (an allocation and its cross-thread free per event).
+            let mut untracked = None;
             let tracker = if tracked == 0 {
                 held.push(permit);
+                None
+            } else if ack == AckMode::None && tracked == 1 && slots.iter().any(|(_, t)| matches!(t, Target::Local(_))) {
+                self.inflight.increment(1.0);
+                untracked = Some(permit);
                 None
             } else {
                 let (tracker, rx) = self.tracker(tracked, seq, permit, ack == AckMode::Processed);
@@ -976,10 +996,19 @@ impl Ingress {
                 let once = at_most_once(&target);
                 match target {
                     // At most once: not de-duplicated (as on a lane to another node).
-                    Target::Local(slot) if ack == AckMode::None => slot.send(Job {
-                        event: event.clone(),
-                        completion: tracker(),
-                        origin: Origin::LocalAtMostOnce,
+                    Target::Local(slot) if ack == AckMode::None => slot.send(match untracked.take() {
+                        Some(share) => Job {
+                            event: event.clone(),
+                            completion: self.at_most_once_here.clone(),
+                            origin: Origin::LocalAtMostOnce,
+                            share: Some(share),
+                        },
+                        None => Job {
+                            event: event.clone(),
+                            completion: tracker(),
+                            origin: Origin::LocalAtMostOnce,
+                            share: None,
+                        },
                     }),
                     Target::Local(slot) => local.push((
                         slot,
@@ -1026,6 +1055,7 @@ impl Ingress {
                         event,
                         completion,
                         origin: Origin::Local,
+                        share: None,
                     });
                 }
             }
@@ -1305,7 +1335,7 @@ mod tests {
             .await
             .expect("freeing bytes wakes the replay")
             .unwrap();
-        assert_eq!((used(&budget), share.bytes), (50, 50));
+        assert_eq!((used(&budget), share.units()), (50, 50));
         assert_eq!(budget.waiting.load(Ordering::Acquire), 0);
     }
 

@@ -427,6 +427,7 @@ impl Inbound {
             event,
             completion: done,
             origin: Origin::AtMostOnce { from, lane: d.lane },
+            share: None,
         };
         let job = match sub.try_send(job) {
             Ok(()) => return,
@@ -480,6 +481,7 @@ impl Inbound {
             event,
             completion: Arc::new(Handled { acks, dedup: dedup_key }),
             origin: Origin::Forwarded { from, delivery: d.id },
+            share: None,
         };
         // Straight into the mailbox when it has room; wait (in order) only when it is full.
         let job = match sub.try_send(job) {

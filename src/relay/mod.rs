@@ -80,7 +80,7 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use crate::event::Event;
-use crate::handler::supervisor::{Completion, Job, Origin, Outcome, Retired};
+use crate::handler::supervisor::{Completion, Holding, Job, Origin, Outcome, Retired};
 use crate::monitor::Health;
 use crate::proto::{dead_letter_request, decode_peer_message, DeadLetterResponse, PeerBody};
 use crate::router::Router;
@@ -350,7 +350,8 @@ impl Relay {
                     Origin::Local | Origin::LocalAtMostOnce => {
                         tracing::debug!(subscription = %key, id = %job.event.id, "placement moved: routing a queued event anew");
                         let once = job.origin == Origin::LocalAtMostOnce;
-                        outbound.park(key, job.event, job.completion, once);
+                        let (event, completion) = Holding::completion_of(job);
+                        outbound.park(key, event, completion, once);
                     }
                     Origin::AtMostOnce { .. } => {
                         // Dropped (at-most-once); its lane is credited.
@@ -448,6 +449,7 @@ mod tests {
             event: Arc::new(Event::new("orders", "{}", "application/json")),
             completion: told.clone(),
             origin,
+            share: None,
         };
         (key, job)
     }

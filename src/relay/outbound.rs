@@ -382,6 +382,7 @@ impl Outbound {
                             } else {
                                 Origin::Local
                             },
+                            share: None,
                         });
                         local.push(id);
                     }
