@@ -13,7 +13,7 @@ use std::sync::{Arc, Condvar, Mutex};
 
 use herald::prelude::*;
 
-use common::{eventually, start_node};
+use common::{eventually, start_node, TestNode};
 
 /// What the handlers saw: (group, event id), in handling order.
 type Seen = Arc<Mutex<Vec<(String, String)>>>;
@@ -61,6 +61,20 @@ impl Handler<Delivery> for Record {
             .push((d.subscription.group.clone(), d.event.id.clone()));
         Ok(())
     }
+}
+
+/// A node whose handler `record` runs the one subscription `orders`/`billing`, with `configure`
+/// applied to its config.
+async fn billing_node(seen: &Seen, gate: &Arc<Gate>, configure: impl FnOnce(&mut herald::config::Config)) -> TestNode {
+    let (s, g) = (seen.clone(), gate.clone());
+    let mut builder = Node::builder()
+        .handler("record", move || Record {
+            seen: s.clone(),
+            gate: g.clone(),
+        })
+        .subscription(SubscriptionSpec::rust("orders", "billing", "record"));
+    configure(builder.config_mut());
+    start_node(builder).await
 }
 
 fn handled(seen: &Seen, group: &str) -> Vec<String> {
@@ -135,17 +149,11 @@ async fn emitted_events_reach_every_subscription_once_in_order_and_invalid_ones_
 async fn emit_refuses_with_overloaded_when_the_mailbox_is_full_and_handles_every_accepted_event() {
     let seen: Seen = Arc::default();
     let gate = Arc::new(Gate::default());
-    let (s, g) = (seen.clone(), gate.clone());
-    let mut builder = Node::builder()
-        .handler("record", move || Record {
-            seen: s.clone(),
-            gate: g.clone(),
-        })
-        .subscription(SubscriptionSpec::rust("orders", "billing", "record"));
-    let c = builder.config_mut();
-    c.handlers.mailbox_capacity = 8;
-    c.http.max_batch_events = 8;
-    let node = start_node(builder).await;
+    let node = billing_node(&seen, &gate, |c| {
+        c.handlers.mailbox_capacity = 8;
+        c.http.max_batch_events = 8;
+    })
+    .await;
     let publisher = node.node.publisher();
 
     // The handler blocks on the gate: the supervisor hands it a pipeline of events, then its
@@ -200,18 +208,12 @@ async fn emit_refuses_with_overloaded_when_the_mailbox_is_full_and_handles_every
 async fn emitted_events_give_their_bytes_back_to_the_in_flight_budget_once_handled() {
     let seen: Seen = Arc::default();
     let gate = Arc::new(Gate::default());
-    let (s, g) = (seen.clone(), gate.clone());
-    let mut builder = Node::builder()
-        .handler("record", move || Record {
-            seen: s.clone(),
-            gate: g.clone(),
-        })
-        .subscription(SubscriptionSpec::rust("orders", "billing", "record"));
-    let c = builder.config_mut();
     // Room for three events in flight (each costs its data plus 256 bytes).
-    c.http.max_body_bytes = 1024;
-    c.handlers.max_inflight_bytes = 1024;
-    let node = start_node(builder).await;
+    let node = billing_node(&seen, &gate, |c| {
+        c.http.max_body_bytes = 1024;
+        c.handlers.max_inflight_bytes = 1024;
+    })
+    .await;
     let publisher = node.node.publisher();
     let event = |i: u32| Event::json("orders", &serde_json::json!({ "n": i })).unwrap();
 
