@@ -649,15 +649,16 @@ impl Ingress {
         max_inflight_bytes: usize,
         sampler: crate::telemetry::Sampler,
     ) -> Self {
+        let inflight = metrics::gauge!(crate::metrics::INFLIGHT_EVENTS);
         Ingress {
             router,
             relay,
             store,
             bytes: Budget::new(max_inflight_bytes),
-            inflight: metrics::gauge!(crate::metrics::INFLIGHT_EVENTS),
             at_most_once_here: Arc::new(AtMostOnceHere {
-                inflight: metrics::gauge!(crate::metrics::INFLIGHT_EVENTS),
+                inflight: inflight.clone(),
             }),
+            inflight,
             rejected: metrics::counter!(crate::metrics::EVENTS_REJECTED),
             published_other: metrics::counter!(crate::metrics::EVENTS_PUBLISHED, "topic" => crate::metrics::OTHER_TOPIC),
             unrouted: crate::metrics::TopicCounters::new(
@@ -821,17 +822,21 @@ impl Ingress {
         let mut event = [event];
         self.admit(&event)?;
         let spans = self.trace_publish(&mut event, AckMode::None);
-        let result = (|| {
-            let table = self.router.table();
-            let mut reserved = self.reserve(&table, &event)?;
-            reserved.count_published(self);
-            self.send(event, reserved.events, Vec::new().into_iter(), AckMode::None, None);
-            Ok(())
-        })();
+        let result = self.emit_traced(event);
         if let Err(e) = &result {
             Self::record_error(&spans, e);
         }
         result
+    }
+
+    /// [`Ingress::emit`] once the event is admitted and its publish span made (stages 1 and 3 of
+    /// [`Ingress::publish_traced`]: `ack=none` logs nothing and waits for nothing).
+    fn emit_traced(&self, event: [Event; 1]) -> Result<(), PublishError> {
+        let table = self.router.table();
+        let mut reserved = self.reserve(&table, &event)?;
+        reserved.count_published(self);
+        self.send(event, reserved.events, Vec::new().into_iter(), AckMode::None, None);
+        Ok(())
     }
 
     /// Marks the publish spans of a refused call with its error.
