@@ -831,6 +831,7 @@ fn node(id: u64, life: u64, interval: bool, dir: &Path, world: &Shared, record: 
     registry.register("slow", move || SlowHandler(slow()));
     let health = Arc::new(Health::default());
     let (returns, returned) = returns();
+    let in_flight = crate::ingress::InFlight::new(64 << 20);
     let router = Arc::new(Router::new(RouterParts {
         registry,
         workers: Workers::Here,
@@ -849,6 +850,7 @@ fn node(id: u64, life: u64, interval: bool, dir: &Path, world: &Shared, record: 
         progress: Arc::new(Progress::new(1)),
         window: 64,
         returns: Arc::new(returns),
+        untracked: in_flight.clone(),
     }));
     let (asks_tx, asks) = mpsc::channel(ASK_QUEUE);
     let relay = Relay::start(
@@ -887,7 +889,7 @@ fn node(id: u64, life: u64, interval: bool, dir: &Path, world: &Shared, record: 
         router.clone(),
         relay,
         store.clone(),
-        64 << 20,
+        &in_flight,
         crate::telemetry::Sampler::new(0.0),
     ));
     {

@@ -60,8 +60,8 @@
 //! alone never catch.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch, Notify};
@@ -352,8 +352,11 @@ impl Health {
 /// after the other as its subscription moves.
 #[derive(Debug, Default)]
 pub struct Progress {
-    /// Events queued or in progress at this node's handlers.
-    pub backlog: AtomicU64,
+    /// The load counter of each handler instance of this node (events queued or in progress
+    /// there), registered by [`Progress::track`]; the node's backlog is their sum, added up when
+    /// a pong asks for it rather than counted again on every event (one contended counter less
+    /// per event between the publisher and the handler threads).
+    instances: Mutex<Vec<Weak<AtomicUsize>>>,
     workers: Vec<Arc<AtomicU64>>,
 }
 
@@ -366,9 +369,31 @@ impl Progress {
     /// Progress for `workers` worker threads; each must run [`Progress::tick_worker`].
     pub fn new(workers: usize) -> Self {
         Progress {
-            backlog: AtomicU64::new(0),
+            instances: Mutex::default(),
             workers: (0..workers).map(|_| Arc::default()).collect(),
         }
+    }
+
+    /// Counts `load` (one handler instance's events queued or in progress) in the backlog for
+    /// as long as the instance holds it.
+    pub fn track(&self, load: &Arc<AtomicUsize>) {
+        let mut instances = self.instances.lock().unwrap_or_else(|p| p.into_inner());
+        instances.retain(|w| w.strong_count() > 0);
+        instances.push(Arc::downgrade(load));
+    }
+
+    /// Events queued or in progress at this node's handler instances (those still running).
+    pub fn backlog(&self) -> u64 {
+        let mut instances = self.instances.lock().unwrap_or_else(|p| p.into_inner());
+        let mut sum = 0u64;
+        instances.retain(|w| match w.upgrade() {
+            Some(load) => {
+                sum += load.load(Ordering::Relaxed) as u64;
+                true
+            }
+            None => false,
+        });
+        sum
     }
 
     /// The ticking task of worker `i` (runs until its runtime stops).
@@ -433,7 +458,7 @@ pub fn pong(seq: u64, sent_unix_nanos: i64, progress: &Progress) -> Envelope {
         seq,
         sent_unix_nanos,
         handled: progress.handled(),
-        backlog: progress.backlog.load(Ordering::Relaxed),
+        backlog: progress.backlog(),
     }))
 }
 
@@ -886,6 +911,24 @@ impl Suspicions {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_backlog_in_a_pong_is_the_sum_of_the_running_instances_loads() {
+        let progress = Progress::new(1);
+        let (a, b) = (Arc::new(AtomicUsize::new(3)), Arc::new(AtomicUsize::new(4)));
+        progress.track(&a);
+        progress.track(&b);
+        let backlog = |p: &Progress| match pong(1, 0, p).body {
+            Some(crate::transport::Body::Pong(pong)) => pong.backlog,
+            other => panic!("a pong, not {other:?}"),
+        };
+        assert_eq!(backlog(&progress), 7);
+        a.fetch_sub(3, Ordering::Relaxed);
+        assert_eq!(backlog(&progress), 4, "loads are read when the pong is made");
+        drop(b);
+        assert_eq!(progress.backlog(), 0, "a stopped instance no longer counts");
+        assert_eq!(progress.instances.lock().unwrap().len(), 1, "and is forgotten");
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_round_trip_is_measured_on_the_monotonic_clock_of_the_runtime() {

@@ -40,7 +40,10 @@ use crate::types::{self, mix, SubscriptionKey, FNV_OFFSET};
 /// One running handler instance, as the router sees it.
 pub(crate) struct Instance {
     tx: mpsc::Sender<Job>,
-    /// Events queued or being handled by this instance (for least-loaded choice).
+    /// Events queued or being handled by this instance (for least-loaded choice, and the node's
+    /// backlog). The instance takes finished events off it a pipeline run at a time (see
+    /// `supervisor::Runner::settle`), so it may count up to [`supervisor::PIPELINE`] finished
+    /// ones until the instance next waits for its mailbox.
     load: Arc<AtomicUsize>,
 }
 
@@ -61,7 +64,6 @@ pub(crate) struct Reservation<'a> {
 impl Reservation<'_> {
     pub(crate) fn send(self, job: Job) {
         self.load.fetch_add(1, Ordering::Relaxed);
-        self.sub.shared.progress.backlog.fetch_add(1, Ordering::Relaxed);
         self.sub.shared.metrics.mailbox_depth.increment(1.0);
         self.permit.send(job);
     }
@@ -451,6 +453,8 @@ pub(crate) struct RouterParts {
     pub(crate) window: usize,
     /// Takes the queued jobs of subscriptions that left this node.
     pub(crate) returns: Arc<dyn supervisor::Retired>,
+    /// Where instances give back what untracked jobs held (the node's in-flight budget).
+    pub(crate) untracked: Arc<dyn supervisor::Untracked>,
 }
 
 /// Owns the routing table and starts/stops instances as subscriptions change.
@@ -667,9 +671,9 @@ impl Router {
             metrics: SubMetrics::new(&key),
             key: Arc::new(key),
             max_attempts: spec.max_attempts.unwrap_or(self.parts.default_max_attempts),
-            progress: self.parts.progress.clone(),
             retired: std::sync::atomic::AtomicBool::new(false),
             returns: self.parts.returns.clone(),
+            untracked: self.parts.untracked.clone(),
         });
         // Spread instances over the worker threads, starting at a per-subscription offset so that
         // many one-instance subscriptions do not all land on the first worker.
@@ -678,6 +682,7 @@ impl Router {
             .map(|i| {
                 let (tx, rx) = mpsc::channel(self.parts.mailbox_capacity);
                 let load = Arc::new(AtomicUsize::new(0));
+                self.parts.progress.track(&load);
                 let task = (
                     shared.clone(),
                     spawner.clone(),

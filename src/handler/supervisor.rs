@@ -85,78 +85,58 @@ pub(crate) enum Origin {
 /// An event waiting in an instance's mailbox.
 pub(crate) struct Job {
     pub(crate) event: Arc<Event>,
-    pub(crate) completion: Arc<dyn Completion>,
+    /// What is owed once the subscription is done with it.
+    pub(crate) done: Done,
     pub(crate) origin: Origin,
-    /// What the job itself holds of its node's budgets until it is dropped, when no per-event
-    /// completion holds it (an `ack=none` event published here to one local instance: its
-    /// completion is shared, so the event costs no tracker of its own).
-    pub(crate) share: Option<Share>,
 }
 
-/// Takes back what a [`Share`] held (the ingress's in-flight byte budget).
-pub(crate) trait Release: Send + Sync {
-    fn release(&self, units: usize);
+/// What a [`Job`] owes when its subscription is done with the event.
+pub(crate) enum Done {
+    /// Tell this completion the outcome (the publisher's tracker, the origin's ack, …).
+    Tell(Arc<dyn Completion>),
+    /// Nothing to tell (an `ack=none` event published here to one local instance, its only
+    /// tracked copy): the event holds `bytes` of its node's in-flight budget, which its instance
+    /// gives back through the subscription's [`Untracked`] sink. The event costs no tracker, and
+    /// no reference count that the publisher and the handler threads would both touch.
+    Untracked { bytes: usize },
 }
 
-/// `units` of a budget, given back to it when dropped.
-pub(crate) struct Share {
-    to: Arc<dyn Release>,
-    units: usize,
+/// Where instances give back what their untracked jobs ([`Done::Untracked`]) held: the node's
+/// in-flight budget and gauge. An instance adds up its finished jobs and gives them back
+/// together (at the latest before it waits for its mailbox), not one contended update per event.
+pub(crate) trait Untracked: Send + Sync {
+    /// `events` untracked events, which held `bytes` of the budget, are done.
+    fn done(&self, events: usize, bytes: usize);
 }
 
-impl Share {
-    /// Holds `units` already taken from `to`.
-    pub(crate) fn new(to: Arc<dyn Release>, units: usize) -> Share {
-        Share { to, units }
-    }
-
-    /// How many units it holds.
-    #[cfg(test)]
-    pub(crate) fn units(&self) -> usize {
-        self.units
-    }
-}
-
-impl Drop for Share {
-    fn drop(&mut self) {
-        self.to.release(self.units);
-    }
-}
-
-/// A job's completion together with the [`Share`] the job held, for a job that leaves its
-/// mailbox without running (retired, then parked): the share is given back when the parked
-/// event is done, as it would have been by the job.
-pub(crate) struct Holding {
-    inner: Arc<dyn Completion>,
-    _share: Share,
-}
-
-impl Holding {
-    /// `job`'s completion, holding its share if it has one.
-    pub(crate) fn completion_of(job: Job) -> (Arc<Event>, Arc<dyn Completion>) {
-        match job.share {
-            Some(share) => (
-                job.event,
-                Arc::new(Holding {
-                    inner: job.completion,
-                    _share: share,
-                }),
-            ),
-            None => (job.event, job.completion),
-        }
-    }
+/// The completion of an untracked job that leaves its mailbox without running (retired, then
+/// parked): told nothing, it gives the job's bytes back once the parked event is done (dropped).
+struct Holding {
+    to: Arc<dyn Untracked>,
+    bytes: usize,
 }
 
 impl Completion for Holding {
-    fn complete(&self, sub: &SubscriptionKey, outcome: Outcome) {
-        self.inner.complete(sub, outcome);
+    fn complete(&self, _: &SubscriptionKey, _: Outcome) {}
+}
+
+impl Drop for Holding {
+    fn drop(&mut self) {
+        self.to.done(1, self.bytes);
     }
+}
+
+/// A job an instance gives back without running it, with the completion of what it owes.
+pub(crate) struct RetiredJob {
+    pub(crate) event: Arc<Event>,
+    pub(crate) origin: Origin,
+    pub(crate) completion: Arc<dyn Completion>,
 }
 
 /// Takes the jobs an instance will not run because its subscription's placement left this node
 /// (they were queued before it moved; the new placement's nodes handle them).
 pub(crate) trait Retired: Send + Sync {
-    fn retired(&self, sub: &Arc<SubscriptionKey>, job: Job);
+    fn retired(&self, sub: &Arc<SubscriptionKey>, job: RetiredJob);
 }
 
 /// What every instance of one subscription shares.
@@ -164,13 +144,13 @@ pub(crate) struct SubShared {
     pub(crate) key: Arc<SubscriptionKey>,
     pub(crate) max_attempts: u32,
     pub(crate) metrics: SubMetrics,
-    /// The node's handler backlog, for gray-failure detection.
-    pub(crate) progress: Arc<crate::monitor::Progress>,
     /// Set when the placement no longer gives this node the subscription: queued jobs are handed
     /// to `returns` instead of being run (fencing at dequeue), so a node that was frozen while its
     /// work moved does not run a mailbox of events that were already sent elsewhere.
     pub(crate) retired: std::sync::atomic::AtomicBool,
     pub(crate) returns: Arc<dyn Retired>,
+    /// Where untracked jobs give back what they held ([`Done::Untracked`]).
+    pub(crate) untracked: Arc<dyn Untracked>,
 }
 
 /// Restart and call policy, from `HandlerConfig`.
@@ -210,19 +190,6 @@ pub(crate) const ACTOR_MAILBOX: usize = 2 * PIPELINE;
 /// a job: an idle instance sleeps at once and costs nothing.
 const YIELDS_BEFORE_SLEEP: u32 = 4;
 
-/// The next job of `mailbox` (`None` once it is closed and drained), yielding up to
-/// [`YIELDS_BEFORE_SLEEP`] times before sleeping on it.
-async fn next_job(mailbox: &mut mpsc::Receiver<Job>) -> Option<Job> {
-    for _ in 0..YIELDS_BEFORE_SLEEP {
-        match mailbox.try_recv() {
-            Ok(job) => return Some(job),
-            Err(mpsc::error::TryRecvError::Disconnected) => return None,
-            Err(mpsc::error::TryRecvError::Empty) => tokio::task::yield_now().await,
-        }
-    }
-    mailbox.recv().await
-}
-
 /// Runs one instance until its mailbox is closed and drained. Must run on a worker arbiter.
 pub(crate) async fn run_instance(
     shared: Arc<SubShared>,
@@ -248,6 +215,7 @@ pub(crate) async fn run_instance(
         watchdog,
         replacing: false,
         again: VecDeque::new(),
+        owed: Owed::default(),
     };
     loop {
         let (job, attempt) = match runner.again.pop_front() {
@@ -256,7 +224,7 @@ pub(crate) async fn run_instance(
                 None => continue,
             },
             Some(retry) => retry,
-            None => match next_job(&mut mailbox).await {
+            None => match runner.next_job(&mut mailbox).await {
                 Some(job) => {
                     runner.shared.metrics.mailbox_depth.decrement(1.0);
                     match runner.dequeued(job) {
@@ -272,8 +240,21 @@ pub(crate) async fn run_instance(
         } else {
             let outcome = runner.one(&job, attempt).await;
             runner.finish(job, outcome);
+            // One at a time: nothing to add up.
+            runner.settle();
         }
     }
+    runner.settle();
+}
+
+/// What an instance's finished jobs owe and it has not given back yet (see [`Runner::settle`]).
+#[derive(Default)]
+struct Owed {
+    /// Jobs finished: to take off the instance's load.
+    jobs: usize,
+    /// Untracked jobs finished, and the bytes they held (see [`Done::Untracked`]).
+    untracked: usize,
+    bytes: usize,
 }
 
 /// A delivery handed to a pipelined actor, waiting for its answer.
@@ -328,24 +309,78 @@ struct Runner {
     /// failed an attempt, and ones the actor never ran because an earlier one failed (attempt 1).
     /// They run one at a time, before the mailbox.
     again: VecDeque<(Job, u32)>,
+    /// What finished jobs owe, given back together.
+    owed: Owed,
 }
 
 impl Runner {
+    /// The next job of `mailbox` (`None` once it is closed and drained). When the mailbox is
+    /// empty it first gives back what finished jobs owe ([`Runner::settle`]), then yields up to
+    /// [`YIELDS_BEFORE_SLEEP`] times before sleeping on it.
+    async fn next_job(&mut self, mailbox: &mut mpsc::Receiver<Job>) -> Option<Job> {
+        for _ in 0..YIELDS_BEFORE_SLEEP {
+            match mailbox.try_recv() {
+                Ok(job) => return Some(job),
+                Err(mpsc::error::TryRecvError::Disconnected) => return None,
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    self.settle();
+                    tokio::task::yield_now().await
+                }
+            }
+        }
+        mailbox.recv().await
+    }
+
     /// Fencing at dequeue: a job of a subscription that left this node goes to `returns`.
     fn dequeued(&self, job: Job) -> Option<Job> {
         if self.shared.retired.load(Ordering::Acquire) {
             self.load.fetch_sub(1, Ordering::Relaxed);
-            self.shared.progress.backlog.fetch_sub(1, Ordering::Relaxed);
-            self.shared.returns.retired(&self.shared.key, job);
+            let completion = match job.done {
+                Done::Tell(completion) => completion,
+                Done::Untracked { bytes } => Arc::new(Holding {
+                    to: self.shared.untracked.clone(),
+                    bytes,
+                }),
+            };
+            let retired = RetiredJob {
+                event: job.event,
+                origin: job.origin,
+                completion,
+            };
+            self.shared.returns.retired(&self.shared.key, retired);
             return None;
         }
         Some(job)
     }
 
-    fn finish(&self, job: Job, outcome: Outcome) {
-        job.completion.complete(&self.shared.key, outcome);
-        self.load.fetch_sub(1, Ordering::Relaxed);
-        self.shared.progress.backlog.fetch_sub(1, Ordering::Relaxed);
+    /// A job is done: its completion is told at once; what it held of the instance's load and
+    /// of the node's budget is added up, and given back with [`PIPELINE`] jobs' worth at most
+    /// (a pipeline run), or before the instance waits for its mailbox.
+    fn finish(&mut self, job: Job, outcome: Outcome) {
+        match job.done {
+            Done::Tell(completion) => completion.complete(&self.shared.key, outcome),
+            Done::Untracked { bytes } => {
+                self.owed.untracked += 1;
+                self.owed.bytes += bytes;
+            }
+        }
+        self.owed.jobs += 1;
+        if self.owed.jobs >= PIPELINE {
+            self.settle();
+        }
+    }
+
+    /// Gives back what finished jobs owe: one update of the instance's load and one of the
+    /// node's in-flight budget for all of them, instead of two cache lines the publisher also
+    /// writes passed back and forth for every event.
+    fn settle(&mut self) {
+        let owed = std::mem::take(&mut self.owed);
+        if owed.jobs > 0 {
+            self.load.fetch_sub(owed.jobs, Ordering::Relaxed);
+        }
+        if owed.untracked > 0 {
+            self.shared.untracked.done(owed.untracked, owed.bytes);
+        }
     }
 
     /// The running actor, started if needed (a restart, when it replaces a broken one).
@@ -695,12 +730,12 @@ mod tests {
     }
 
     /// Records each event's outcome with its data (one completion per job).
-    struct Done {
+    struct Told {
         script: Arc<Script>,
         data: String,
     }
 
-    impl Completion for Done {
+    impl Completion for Told {
         fn complete(&self, _: &SubscriptionKey, outcome: Outcome) {
             let at = self.script.begun.elapsed();
             self.script
@@ -728,8 +763,18 @@ mod tests {
     struct NoReturns;
 
     impl Retired for NoReturns {
-        fn retired(&self, _: &Arc<SubscriptionKey>, _: Job) {
+        fn retired(&self, _: &Arc<SubscriptionKey>, _: RetiredJob) {
             panic!("no job is retired in these tests");
+        }
+    }
+
+    /// Records what instances give back for untracked jobs, call by call.
+    #[derive(Default)]
+    struct Given(Mutex<Vec<(usize, usize)>>);
+
+    impl Untracked for Given {
+        fn done(&self, events: usize, bytes: usize) {
+            self.0.lock().unwrap().push((events, bytes));
         }
     }
 
@@ -738,6 +783,23 @@ mod tests {
     /// Runs one instance over `events` (all queued before it starts, then the mailbox closes)
     /// with 3 attempts and a 100 ms initial backoff capped at 5 s; returns what happened.
     async fn run(events: &[&str], pipelined: bool) -> Arc<Script> {
+        let (script, load) = run_jobs(events, pipelined, None, Arc::new(Given::default())).await;
+        assert_eq!(
+            load.load(Ordering::SeqCst),
+            0,
+            "every finished job left the instance's load"
+        );
+        script
+    }
+
+    /// [`run`], the jobs untracked (holding `untracked` bytes each) when given, giving back to
+    /// `given`; returns what happened and the instance's load counter.
+    async fn run_jobs(
+        events: &[&str],
+        pipelined: bool,
+        untracked: Option<usize>,
+        given: Arc<Given>,
+    ) -> (Arc<Script>, Arc<AtomicUsize>) {
         let script = Arc::new(Script {
             begun: Instant::now(),
             starts: AtomicUsize::new(0),
@@ -753,9 +815,9 @@ mod tests {
             metrics: SubMetrics::new(&key),
             key: Arc::new(key),
             max_attempts: 3,
-            progress: Arc::new(crate::monitor::Progress::new(1)),
             retired: std::sync::atomic::AtomicBool::new(false),
             returns: Arc::new(NoReturns),
+            untracked: given,
         });
         let policy = Policy {
             backoff_initial: INITIAL,
@@ -766,19 +828,52 @@ mod tests {
         for data in events {
             let job = Job {
                 event: Arc::new(Event::new("t", data.to_string(), "text/plain").with_id(format!("id-{data}"))),
-                completion: Arc::new(Done {
-                    script: script.clone(),
-                    data: data.to_string(),
-                }),
+                done: match untracked {
+                    Some(bytes) => Done::Untracked { bytes },
+                    None => Done::Tell(Arc::new(Told {
+                        script: script.clone(),
+                        data: data.to_string(),
+                    })),
+                },
                 origin: Origin::Local,
-                share: None,
             };
             tx.try_send(job).unwrap_or_else(|_| panic!("room for {data}"));
         }
         drop(tx);
         let load = Arc::new(AtomicUsize::new(events.len()));
-        run_instance(shared, Arc::new(Fake(script.clone())), policy, Arc::new(Sink), rx, load).await;
-        script
+        run_instance(
+            shared,
+            Arc::new(Fake(script.clone())),
+            policy,
+            Arc::new(Sink),
+            rx,
+            load.clone(),
+        )
+        .await;
+        (script, load)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn untracked_jobs_give_back_their_load_and_bytes_together_once_handled() {
+        let events: Vec<String> = (0..70).map(|i| format!("ok{i}")).collect();
+        let events: Vec<&str> = events.iter().map(String::as_str).collect();
+        for pipelined in [true, false] {
+            let given = Arc::new(Given::default());
+            let (script, load) = run_jobs(&events, pipelined, Some(10), given.clone()).await;
+            assert_eq!(script.calls.lock().unwrap().len(), 70, "every job ran once");
+            assert_eq!(load.load(Ordering::SeqCst), 0, "every job left the instance's load");
+            let given = given.0.lock().unwrap().clone();
+            let total = given.iter().fold((0, 0), |(e, b), (de, db)| (e + de, b + db));
+            assert_eq!(total, (70, 700), "every job's bytes given back once: {given:?}");
+            if pipelined {
+                // A run of queued events is given back in a few updates, not one per event.
+                assert!(
+                    given.len() <= 3,
+                    "given back in pipeline runs, not per event: {given:?}"
+                );
+                assert!(given.iter().all(|(e, _)| *e <= PIPELINE), "{given:?}");
+            }
+        }
     }
 
     fn outcome(script: &Script, data: &str) -> (Outcome, Duration) {

@@ -33,7 +33,7 @@ use tokio::sync::{oneshot, Notify};
 use utoipa::ToSchema;
 
 use crate::event::{Event, EventError};
-use crate::handler::supervisor::{Completion, DeadLetterError, DeadLetterSink, Job, Origin, Outcome, Release, Share};
+use crate::handler::supervisor::{Completion, DeadLetterError, DeadLetterSink, Done, Job, Origin, Outcome, Untracked};
 use crate::membership::state::MembershipState;
 use crate::proto::{DeadLetterRecord, EventRecord};
 use crate::relay::{LocalCopy, Outgoing, Relay};
@@ -259,32 +259,69 @@ struct Budget {
     freed: Notify,
 }
 
-/// Bytes taken from the budget; given back on drop (a [`Share`], so that a job can hold them).
-type BudgetShare = Share;
+/// Bytes taken from the budget; given back on drop, unless handed to a job
+/// ([`BudgetShare::untracked`]).
+struct BudgetShare {
+    budget: Arc<Budget>,
+    bytes: usize,
+}
 
-impl Release for Budget {
+impl BudgetShare {
+    /// The bytes, for a job that owes them as [`Done::Untracked`]: given back through the
+    /// node's [`InFlight`] instead of by this share.
+    fn untracked(mut self) -> usize {
+        std::mem::take(&mut self.bytes)
+    }
+
+    /// How many bytes it holds.
+    #[cfg(test)]
+    fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+impl Drop for BudgetShare {
+    fn drop(&mut self) {
+        if self.bytes > 0 {
+            self.budget.release(self.bytes);
+        }
+    }
+}
+
+/// What the events in flight on this node hold: the byte budget (`handlers.max_inflight_bytes`)
+/// and the in-flight gauge. Built before the router, whose instances give back what untracked
+/// jobs held here ([`Done::Untracked`]: an `ack=none` event published here to one local instance,
+/// which no tracker follows).
+pub(crate) struct InFlight {
+    bytes: Arc<Budget>,
+    events: Gauge,
+}
+
+impl InFlight {
+    pub(crate) fn new(max_bytes: usize) -> Arc<InFlight> {
+        Arc::new(InFlight {
+            bytes: Budget::new(max_bytes),
+            events: metrics::gauge!(crate::metrics::INFLIGHT_EVENTS),
+        })
+    }
+}
+
+impl Untracked for InFlight {
+    fn done(&self, events: usize, bytes: usize) {
+        self.bytes.release(bytes);
+        self.events.decrement(events as f64);
+    }
+}
+
+impl Budget {
+    /// Gives `bytes` back, waking the waiters of [`Budget::take`] if there are any.
     fn release(&self, bytes: usize) {
         self.used.fetch_sub(bytes, Ordering::AcqRel);
         if self.waiting.load(Ordering::Acquire) > 0 {
             self.freed.notify_waiters();
         }
     }
-}
 
-/// The completion of every `ack=none` event published here to one local instance and nowhere
-/// else that is tracked: nothing to acknowledge or answer, so one shared object serves them all
-/// (the job holds the event's budget share); it counts the event out of the in-flight gauge.
-struct AtMostOnceHere {
-    inflight: Gauge,
-}
-
-impl Completion for AtMostOnceHere {
-    fn complete(&self, _: &SubscriptionKey, _: Outcome) {
-        self.inflight.decrement(1.0);
-    }
-}
-
-impl Budget {
     /// A budget of `max` bytes, none taken.
     fn new(max: usize) -> Arc<Budget> {
         Arc::new(Budget {
@@ -303,7 +340,10 @@ impl Budget {
             self.used.fetch_sub(bytes, Ordering::AcqRel);
             return None;
         }
-        Some(Share::new(self.clone(), bytes))
+        Some(BudgetShare {
+            budget: self.clone(),
+            bytes,
+        })
     }
 
     /// Waits until `bytes` fit (replays, which must not be refused).
@@ -432,8 +472,6 @@ pub struct Ingress {
     /// In-flight byte budget (`handlers.max_inflight_bytes`).
     bytes: Arc<Budget>,
     inflight: Gauge,
-    /// The shared completion of untracked `ack=none` jobs ([`AtMostOnceHere`]).
-    at_most_once_here: Arc<dyn Completion>,
     rejected: Counter,
     /// `events_published_total{topic="(other)"}`: events of topics without subscriptions share
     /// one series, so publishing to ever new topics cannot add series without bound.
@@ -496,7 +534,8 @@ type OutcomeWait = (usize, oneshot::Receiver<Vec<SubscriptionOutcome>>);
 /// What [`Ingress::reserve`] holds for a call: the reserved events, and how many events of each
 /// run of one topic to count as published once the call is accepted.
 struct Reserved<'t> {
-    events: Vec<ReservedEvent<'t>>,
+    /// Inline for one event (`emit`, a single publish): no allocation per call.
+    events: SmallVec<[ReservedEvent<'t>; 1]>,
     /// Finished runs of one topic, with their counts.
     runs: Vec<(PublishedCount<'t>, u64)>,
     /// The run under way: its first event's index, its counter and its count.
@@ -646,19 +685,15 @@ impl Ingress {
         router: Arc<Router>,
         relay: Arc<Relay>,
         store: Store,
-        max_inflight_bytes: usize,
+        in_flight: &InFlight,
         sampler: crate::telemetry::Sampler,
     ) -> Self {
-        let inflight = metrics::gauge!(crate::metrics::INFLIGHT_EVENTS);
         Ingress {
             router,
             relay,
             store,
-            bytes: Budget::new(max_inflight_bytes),
-            at_most_once_here: Arc::new(AtMostOnceHere {
-                inflight: inflight.clone(),
-            }),
-            inflight,
+            bytes: in_flight.bytes.clone(),
+            inflight: in_flight.events.clone(),
             rejected: metrics::counter!(crate::metrics::EVENTS_REJECTED),
             published_other: metrics::counter!(crate::metrics::EVENTS_PUBLISHED, "topic" => crate::metrics::OTHER_TOPIC),
             unrouted: crate::metrics::TopicCounters::new(
@@ -881,7 +916,7 @@ impl Ingress {
     /// subscription of its topic. Any refusal gives everything back (the reservations drop).
     fn reserve<'t>(&self, table: &'t RoutingTable, events: &[Event]) -> Result<Reserved<'t>, PublishError> {
         let mut reserved = Reserved {
-            events: Vec::with_capacity(events.len()),
+            events: SmallVec::with_capacity(events.len()),
             runs: Vec::new(),
             run: None,
         };
@@ -947,7 +982,7 @@ impl Ingress {
     fn send(
         &self,
         events: impl IntoIterator<Item = Event>,
-        reserved: Vec<ReservedEvent<'_>>,
+        reserved: SmallVec<[ReservedEvent<'_>; 1]>,
         mut seqs: std::vec::IntoIter<u64>,
         ack: AckMode,
         mut answers: Option<&mut Vec<Answer>>,
@@ -979,8 +1014,9 @@ impl Ingress {
             let at_most_once = |t: &Target| ack == AckMode::None && matches!(t, Target::Remote(_));
             let tracked = slots.iter().filter(|(_, t)| !at_most_once(t)).count();
             // `ack=none` with one local instance the only tracked target (the common in-process
-            // case): the job itself holds the budget share and shares one completion, so the
-            // event makes no tracker (an allocation and its cross-thread free per event).
+            // case): the job owes only its bytes (`Done::Untracked`), which its instance gives
+            // back to the node's `InFlight`, so the event makes no tracker (an allocation and its
+            // cross-thread free per event) and touches no shared reference count.
             let mut untracked = None;
             let tracker = if tracked == 0 {
                 held.push(permit);
@@ -1001,19 +1037,15 @@ impl Ingress {
                 let once = at_most_once(&target);
                 match target {
                     // At most once: not de-duplicated (as on a lane to another node).
-                    Target::Local(slot) if ack == AckMode::None => slot.send(match untracked.take() {
-                        Some(share) => Job {
-                            event: event.clone(),
-                            completion: self.at_most_once_here.clone(),
-                            origin: Origin::LocalAtMostOnce,
-                            share: Some(share),
+                    Target::Local(slot) if ack == AckMode::None => slot.send(Job {
+                        event: event.clone(),
+                        done: match untracked.take() {
+                            Some(share) => Done::Untracked {
+                                bytes: share.untracked(),
+                            },
+                            None => Done::Tell(tracker()),
                         },
-                        None => Job {
-                            event: event.clone(),
-                            completion: tracker(),
-                            origin: Origin::LocalAtMostOnce,
-                            share: None,
-                        },
+                        origin: Origin::LocalAtMostOnce,
                     }),
                     Target::Local(slot) => local.push((
                         slot,
@@ -1058,9 +1090,8 @@ impl Ingress {
                 if let Some(completion) = run {
                     slot.send(Job {
                         event,
-                        completion,
+                        done: Done::Tell(completion),
                         origin: Origin::Local,
-                        share: None,
                     });
                 }
             }
@@ -1340,7 +1371,7 @@ mod tests {
             .await
             .expect("freeing bytes wakes the replay")
             .unwrap();
-        assert_eq!((used(&budget), share.units()), (50, 50));
+        assert_eq!((used(&budget), share.bytes()), (50, 50));
         assert_eq!(budget.waiting.load(Ordering::Acquire), 0);
     }
 

@@ -136,6 +136,7 @@ impl NodeBuilder {
             w.spawn(tick);
         }
         let (returns, returned) = crate::relay::returns();
+        let in_flight = crate::ingress::InFlight::new(h.max_inflight_bytes);
         let router = Arc::new(Router::new(RouterParts {
             registry,
             workers: Workers::Arbiters(workers.iter().map(Arbiter::handle).collect()),
@@ -154,6 +155,7 @@ impl NodeBuilder {
             progress: progress.clone(),
             window: h.mailbox_capacity,
             returns: Arc::new(returns),
+            untracked: in_flight.clone(),
         }));
         // Declared subscriptions must be valid for this binary before anything starts.
         let egress = config.webhook_policy()?;
@@ -228,7 +230,7 @@ impl NodeBuilder {
             router.clone(),
             relay.clone(),
             store.clone(),
-            h.max_inflight_bytes,
+            &in_flight,
             crate::telemetry::Sampler::new(config.telemetry.sample_ratio),
         ));
         let core = Arc::new(NodeCore {

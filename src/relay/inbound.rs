@@ -34,7 +34,7 @@ use super::dedup::{Check, Dedup, DedupKey, Finished};
 use super::Net;
 use super::{IdMap, Queues};
 use crate::event::Event;
-use crate::handler::supervisor::{Completion, Job, Origin, Outcome};
+use crate::handler::supervisor::{Completion, Done, Job, Origin, Outcome};
 use crate::proto::{peer_message, AckBatch, AckCode, AckRecord, Incoming, Incomings, LaneCredit, PeerMessage};
 use crate::router::{Router, RoutingTable, SubRuntime};
 use crate::transport::Envelope;
@@ -425,16 +425,19 @@ impl Inbound {
         };
         let job = Job {
             event,
-            completion: done,
+            done: Done::Tell(done),
             origin: Origin::AtMostOnce { from, lane: d.lane },
-            share: None,
         };
         let job = match sub.try_send(job) {
             Ok(()) => return,
             Err(job) => job,
         };
-        if let Err(job) = sub.send_waiting(job.event.key.clone().as_deref(), job).await {
-            job.completion.complete(&sub.shared.key, Outcome::Ok { attempts: 0 });
+        if let Err(Job {
+            done: Done::Tell(done), ..
+        }) = sub.send_waiting(job.event.key.clone().as_deref(), job).await
+        {
+            // The instance stopped: dropped (at-most-once), its lane credited.
+            done.complete(&sub.shared.key, Outcome::Ok { attempts: 0 });
         }
     }
 
@@ -479,9 +482,8 @@ impl Inbound {
         }
         let job = Job {
             event,
-            completion: Arc::new(Handled { acks, dedup: dedup_key }),
+            done: Done::Tell(Arc::new(Handled { acks, dedup: dedup_key })),
             origin: Origin::Forwarded { from, delivery: d.id },
-            share: None,
         };
         // Straight into the mailbox when it has room; wait (in order) only when it is full.
         let job = match sub.try_send(job) {

@@ -80,7 +80,7 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use crate::event::Event;
-use crate::handler::supervisor::{Completion, Holding, Job, Origin, Outcome, Retired};
+use crate::handler::supervisor::{Completion, Origin, Outcome, Retired, RetiredJob};
 use crate::monitor::Health;
 use crate::proto::{dead_letter_request, decode_peer_message, DeadLetterResponse, PeerBody};
 use crate::router::Router;
@@ -252,7 +252,7 @@ pub(crate) struct RelayConfig {
 }
 
 /// A job of a subscription that left this node, on its way back to the relay.
-type Returned = (Arc<SubscriptionKey>, Job);
+type Returned = (Arc<SubscriptionKey>, RetiredJob);
 
 /// Hands the jobs of subscriptions that left this node (see [`Retired`]) to the relay over a
 /// channel: the router needs it before the relay exists, and a channel needs no pointer filled in
@@ -270,7 +270,7 @@ pub(crate) fn returns() -> (Returns, ReturnedJobs) {
 }
 
 impl Retired for Returns {
-    fn retired(&self, sub: &Arc<SubscriptionKey>, job: Job) {
+    fn retired(&self, sub: &Arc<SubscriptionKey>, job: RetiredJob) {
         if let Err(mpsc::error::SendError((sub, job))) = self.0.send((sub.clone(), job)) {
             // Only once the relay's runtime stopped (the node is stopping): the event stays in its
             // origin's WAL.
@@ -350,8 +350,7 @@ impl Relay {
                     Origin::Local | Origin::LocalAtMostOnce => {
                         tracing::debug!(subscription = %key, id = %job.event.id, "placement moved: routing a queued event anew");
                         let once = job.origin == Origin::LocalAtMostOnce;
-                        let (event, completion) = Holding::completion_of(job);
-                        outbound.park(key, event, completion, once);
+                        outbound.park(key, job.event, job.completion, once);
                     }
                     Origin::AtMostOnce { .. } => {
                         // Dropped (at-most-once); its lane is credited.
@@ -440,16 +439,15 @@ mod tests {
         }
     }
 
-    fn job(told: &Arc<Told>, origin: Origin) -> (Arc<SubscriptionKey>, Job) {
+    fn job(told: &Arc<Told>, origin: Origin) -> (Arc<SubscriptionKey>, RetiredJob) {
         let key = Arc::new(SubscriptionKey {
             topic: "orders".into(),
             group: "billing".into(),
         });
-        let job = Job {
+        let job = RetiredJob {
             event: Arc::new(Event::new("orders", "{}", "application/json")),
-            completion: told.clone(),
             origin,
-            share: None,
+            completion: told.clone(),
         };
         (key, job)
     }

@@ -21,7 +21,7 @@ use super::pending::{self, may_answer, Answer, Destination, NodeState, Once, Pen
 use super::Net;
 use super::{IdMap, Outgoing, Queues, RelayConfig};
 use crate::event::{Event, TraceContext};
-use crate::handler::supervisor::{Completion, Job, Origin, Outcome};
+use crate::handler::supervisor::{Completion, Done, Job, Origin, Outcome};
 use crate::monitor::Health;
 use crate::proto::{encode_delivery, encode_delivery_on, peer_message_events, AckBatch, AckCode, EventsBuffer};
 use crate::router::{NoRoom, Route, Router, Slot, Target};
@@ -376,13 +376,12 @@ impl Outbound {
                     Ok(Target::Local(slot)) => {
                         slot.send(Job {
                             event: p.event.clone(),
-                            completion: p.done.clone(),
+                            done: Done::Tell(p.done.clone()),
                             origin: if p.at_most_once {
                                 Origin::LocalAtMostOnce
                             } else {
                                 Origin::Local
                             },
-                            share: None,
                         });
                         local.push(id);
                     }
