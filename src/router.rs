@@ -490,6 +490,12 @@ impl Router {
         self.table.load_full()
     }
 
+    /// The current snapshot, borrowed for a moment (a publish call): no reference count
+    /// updated. Hold it briefly: a held guard keeps that snapshot alive.
+    pub(crate) fn table_guard(&self) -> arc_swap::Guard<Arc<RoutingTable>> {
+        self.table.load()
+    }
+
     pub(crate) fn registry(&self) -> &HandlerRegistry {
         &self.parts.registry
     }

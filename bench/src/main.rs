@@ -11,7 +11,9 @@
 //! clone of the same event, and `send` of it with each answer awaited (request/response). Then
 //! what a Rust user would pick instead of Herald for in-process publish/subscribe on actix:
 //! `actix-broker`'s system broker, to one subscriber and fanned out to three, next to Herald
-//! publishing to one subscription and to three subscriptions of one topic.
+//! publishing to one subscription and to three subscriptions of one topic. The rows alternate run
+//! by run (each round runs every selected row once), so a drift of the machine's speed during an
+//! invocation moves Herald and its peers alike.
 //!
 //! `membership`: a 3-node loopback cluster; subscribe → placed, join → placed, leader failover.
 //!
@@ -320,7 +322,7 @@ struct LocalArgs {
 const FANOUT_TOPIC: &str = "bench.fanout";
 
 /// A row of `herald-bench local`.
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Hash)]
 enum LocalRow {
     /// Raw actix `do_send` of an empty message.
     Raw,
@@ -474,38 +476,30 @@ impl<const N: usize> Handler<Ping> for BrokerSub<N> {
     fn handle(&mut self, _: Ping, _: &mut Context<Self>) {}
 }
 
-/// Runs of `actix-broker` to `N` subscribers on `arbiter`: each issues `events` clones of
-/// `payload` through the system broker (`Broker::issue_async`, as code outside an actor does) and
-/// lasts until every subscriber has handled every event.
-async fn broker_runs<const N: usize>(
-    tally: &Arc<Tally>,
-    arbiter: &ArbiterHandle,
-    payload: &Event,
-    events: u64,
-    runs: usize,
-    max: Duration,
-) -> Result<Vec<f64>, String> {
-    let mut out = Vec::new();
-    if runs == 0 {
-        return Ok(out);
-    }
+/// Starts `N` no-op subscribers of the system broker on `arbiter`, each subscribed before this
+/// returns.
+async fn broker_subscribers<const N: usize>(tally: &Arc<Tally>, arbiter: &ArbiterHandle) -> Result<(), String> {
     for _ in 0..N {
         let t = tally.clone();
         let sub = BrokerSub::<N>::start_in_arbiter(arbiter, move |_| BrokerSub(t));
         sub.send(Ping).await.map_err(|e| e.to_string())?;
     }
-    for _ in 0..runs {
-        let started = Instant::now();
-        tally
-            .reset_and_wait(events * N as u64, max, || {
-                for _ in 0..events {
-                    Broker::<SystemBroker>::issue_async(Issued::<N>(payload.clone()));
-                }
-            })
-            .await?;
-        out.push(events as f64 / started.elapsed().as_secs_f64());
-    }
-    Ok(out)
+    Ok(())
+}
+
+/// One run of `actix-broker` to its `N` subscribers: issues `events` clones of `payload` through
+/// the system broker (`Broker::issue_async`, as code outside an actor does) and lasts until every
+/// subscriber has handled every event; events/s.
+async fn broker_run<const N: usize>(tally: &Tally, payload: &Event, events: u64, max: Duration) -> Result<f64, String> {
+    let started = Instant::now();
+    tally
+        .reset_and_wait(events * N as u64, max, || {
+            for _ in 0..events {
+                Broker::<SystemBroker>::issue_async(Issued::<N>(payload.clone()));
+            }
+        })
+        .await?;
+    Ok(events as f64 / started.elapsed().as_secs_f64())
 }
 
 impl Handler<Ping> for RawNoOp {
@@ -650,122 +644,128 @@ async fn local(mut a: LocalArgs) -> Result<(), String> {
         }
     );
 
-    let runs = |row: LocalRow| if a.only.contains(&row) { a.runs } else { 0 };
-    // Raw actix: do_send from one task to one no-op actor on another thread.
-    let mut raw = Vec::new();
+    // The rows alternate run by run (each round runs every row once, in this order), so a drift
+    // of the machine's speed during the invocation moves Herald and its peers alike: run `i` of
+    // a row and run `i` of its peer are neighbours.
+    let order = [
+        LocalRow::Raw,
+        LocalRow::RawEvent,
+        LocalRow::RawSend,
+        LocalRow::Broker,
+        LocalRow::BrokerFanout,
+        LocalRow::None,
+        LocalRow::Emit,
+        LocalRow::EmitFanout,
+        LocalRow::Accepted,
+        LocalRow::Batch,
+    ];
+    let selected: Vec<LocalRow> = order.into_iter().filter(|r| a.only.contains(r)).collect();
+    // Raw actix: do_send from one task to one no-op actor on another thread; actix-broker's
+    // subscribers on the same arbiter, the broker on the system arbiter (where `SystemBroker`
+    // runs), as the publisher.
     let arbiter = Arbiter::new();
     let t = tally.clone();
     let addr = RawNoOp::start_in_arbiter(&arbiter.handle(), move |_| RawNoOp(t));
-    for _ in 0..runs(LocalRow::Raw) {
-        let started = Instant::now();
-        tally
-            .reset_and_wait(a.events, max, || {
-                for _ in 0..a.events {
-                    addr.do_send(Ping);
-                }
-            })
-            .await?;
-        raw.push(a.events as f64 / started.elapsed().as_secs_f64());
+    if selected.contains(&LocalRow::Broker) {
+        broker_subscribers::<1>(&tally, &arbiter.handle()).await?;
     }
-    let mut raw_event = Vec::new();
-    for _ in 0..runs(LocalRow::RawEvent) {
-        let started = Instant::now();
-        tally
-            .reset_and_wait(a.events, max, || {
-                for _ in 0..a.events {
-                    addr.do_send(Carry(payload.clone()));
-                }
-            })
-            .await?;
-        raw_event.push(a.events as f64 / started.elapsed().as_secs_f64());
+    if selected.contains(&LocalRow::BrokerFanout) {
+        broker_subscribers::<3>(&tally, &arbiter.handle()).await?;
     }
-    let mut raw_send = Vec::new();
-    for _ in 0..runs(LocalRow::RawSend) {
-        let started = Instant::now();
-        let (to, ev, events) = (addr.clone(), payload.clone(), a.events);
-        let sender = actix_rt::spawn(async move {
-            for _ in 0..events {
-                to.send(Carry(ev.clone())).await.map_err(|e| e.to_string())?;
-            }
-            Ok::<(), String>(())
-        });
-        tally.reset_and_wait(a.events, max, || {}).await?;
-        sender.await.map_err(|e| e.to_string())??;
-        raw_send.push(a.events as f64 / started.elapsed().as_secs_f64());
-    }
-    // actix-broker: the subscribers on the raw rows' arbiter, the broker on the system arbiter
-    // (where `SystemBroker` runs), as the publisher.
-    let broker = broker_runs::<1>(
-        &tally,
-        &arbiter.handle(),
-        &payload,
-        a.events,
-        runs(LocalRow::Broker),
-        max,
-    )
-    .await?;
-    let broker_fanout = broker_runs::<3>(
-        &tally,
-        &arbiter.handle(),
-        &payload,
-        a.events,
-        runs(LocalRow::BrokerFanout),
-        max,
-    )
-    .await?;
-    arbiter.stop();
-
+    let events = a.events;
     // Herald `ack=none`, one event per call from one task (`publish`, whose answer is the
     // event's id, topic and subscription count; or `emit`, accepted or refused only);
     // `subscriptions` is how many subscriptions the event's topic has (each handles every event).
-    let events = a.events;
-    let publish_runs = |event: &Event, subscriptions: u64, emit: bool, runs: usize| {
-        let (publisher, tally, event) = (publisher.clone(), tally.clone(), event.clone());
+    let publish_run = |event: &Event, subscriptions: u64, emit: bool| {
+        let (ing, ev, tally) = (publisher.clone(), event.clone(), tally.clone());
         async move {
-            let mut out = Vec::new();
-            for _ in 0..runs {
-                let started = Instant::now();
-                let (ing, ev) = (publisher.clone(), event.clone());
-                let publisher = actix_rt::spawn(async move {
-                    for _ in 0..events {
-                        if emit {
-                            emit_until_accepted(&ing, &ev).await?;
-                        } else {
-                            publish_until_accepted(&ing, || vec![ev.clone()], AckMode::None).await?;
-                        }
+            let started = Instant::now();
+            let publisher = actix_rt::spawn(async move {
+                for _ in 0..events {
+                    if emit {
+                        emit_until_accepted(&ing, &ev).await?;
+                    } else {
+                        publish_until_accepted(&ing, || vec![ev.clone()], AckMode::None).await?;
                     }
-                    Ok::<(), String>(())
-                });
-                tally.reset_and_wait(events * subscriptions, max, || {}).await?;
-                publisher.await.map_err(|e| e.to_string())??;
-                out.push(events as f64 / started.elapsed().as_secs_f64());
-            }
-            Ok::<_, String>(out)
+                }
+                Ok::<(), String>(())
+            });
+            tally.reset_and_wait(events * subscriptions, max, || {}).await?;
+            publisher.await.map_err(|e| e.to_string())??;
+            Ok::<f64, String>(events as f64 / started.elapsed().as_secs_f64())
         }
     };
-    let none = publish_runs(&payload, 1, false, runs(LocalRow::None)).await?;
-    let emitted = publish_runs(&payload, 1, true, runs(LocalRow::Emit)).await?;
-    let emitted_fanout = publish_runs(&fanout, 3, true, runs(LocalRow::EmitFanout)).await?;
-
-    let mut accepted = Vec::new();
-    for _ in 0..runs(LocalRow::Accepted) {
-        accepted.push(publish_concurrently(&publisher, &tally, &payload, a.events, a.publishers, 1, max).await?);
+    let mut figures: std::collections::HashMap<LocalRow, Vec<f64>> = Default::default();
+    for _ in 0..a.runs {
+        for &row in &selected {
+            let per_second = match row {
+                LocalRow::Raw => {
+                    let started = Instant::now();
+                    tally
+                        .reset_and_wait(events, max, || {
+                            for _ in 0..events {
+                                addr.do_send(Ping);
+                            }
+                        })
+                        .await?;
+                    events as f64 / started.elapsed().as_secs_f64()
+                }
+                LocalRow::RawEvent => {
+                    let started = Instant::now();
+                    tally
+                        .reset_and_wait(events, max, || {
+                            for _ in 0..events {
+                                addr.do_send(Carry(payload.clone()));
+                            }
+                        })
+                        .await?;
+                    events as f64 / started.elapsed().as_secs_f64()
+                }
+                LocalRow::RawSend => {
+                    let started = Instant::now();
+                    let (to, ev) = (addr.clone(), payload.clone());
+                    let sender = actix_rt::spawn(async move {
+                        for _ in 0..events {
+                            to.send(Carry(ev.clone())).await.map_err(|e| e.to_string())?;
+                        }
+                        Ok::<(), String>(())
+                    });
+                    tally.reset_and_wait(events, max, || {}).await?;
+                    sender.await.map_err(|e| e.to_string())??;
+                    events as f64 / started.elapsed().as_secs_f64()
+                }
+                LocalRow::Broker => broker_run::<1>(&tally, &payload, events, max).await?,
+                LocalRow::BrokerFanout => broker_run::<3>(&tally, &payload, events, max).await?,
+                LocalRow::None => publish_run(&payload, 1, false).await?,
+                LocalRow::Emit => publish_run(&payload, 1, true).await?,
+                LocalRow::EmitFanout => publish_run(&fanout, 3, true).await?,
+                LocalRow::Accepted => {
+                    publish_concurrently(&publisher, &tally, &payload, events, a.publishers, 1, max).await?
+                }
+                LocalRow::Batch => {
+                    publish_concurrently(&publisher, &tally, &payload, events, a.publishers.min(16), a.batch, max)
+                        .await?
+                }
+            };
+            figures.entry(row).or_default().push(per_second);
+        }
     }
-    let mut batched = Vec::new();
-    for _ in 0..runs(LocalRow::Batch) {
-        batched.push(
-            publish_concurrently(
-                &publisher,
-                &tally,
-                &payload,
-                a.events,
-                a.publishers.min(16),
-                a.batch,
-                max,
-            )
-            .await?,
-        );
-    }
+    arbiter.stop();
+    let mut take = |row: LocalRow| figures.remove(&row).unwrap_or_default();
+    let (raw, raw_event, raw_send, broker, broker_fanout) = (
+        take(LocalRow::Raw),
+        take(LocalRow::RawEvent),
+        take(LocalRow::RawSend),
+        take(LocalRow::Broker),
+        take(LocalRow::BrokerFanout),
+    );
+    let (none, emitted, emitted_fanout, accepted, batched) = (
+        take(LocalRow::None),
+        take(LocalRow::Emit),
+        take(LocalRow::EmitFanout),
+        take(LocalRow::Accepted),
+        take(LocalRow::Batch),
+    );
     node.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
 

@@ -580,7 +580,9 @@ fn describe(name: &str) -> &'static str {
              `do_send` of the same event, like for like). Then `actix-broker`'s system broker (what a Rust user \
              would pick for in-process publish/subscribe on actix: `Broker::issue_async` of the same event) to \
              one subscriber actor, and to three, next to Herald emitting to one subscription and to a topic of \
-             three subscriptions (events/s counts published events; each of the three handles every one)."
+             three subscriptions (events/s counts published events; each of the three handles every one). The \
+             rows alternate run by run: each round runs every row once, so Herald's run `i` and its peer's run `i` \
+             are neighbours."
         }
         "nats" => {
             "Cross-node at-most-once: Herald `ack=none` (HTTP batches to node 1, handlers on nodes 2 and 3) next to \
