@@ -513,6 +513,9 @@ impl Runner {
     async fn one(&mut self, job: &Job, mut attempt: u32) -> Outcome {
         loop {
             if attempt > 1 {
+                // What earlier jobs owe (a pipeline run that this failure ended) is not kept
+                // through the backoff.
+                self.settle();
                 tokio::time::sleep(self.policy.backoff(attempt - 1)).await;
             }
             let delivery = self.delivery(job, attempt);
@@ -768,13 +771,15 @@ mod tests {
         }
     }
 
-    /// Records what instances give back for untracked jobs, call by call.
+    /// Records what instances give back for untracked jobs, call by call (and when, in the
+    /// test's virtual time, in `at`).
     #[derive(Default)]
-    struct Given(Mutex<Vec<(usize, usize)>>);
+    struct Given(Mutex<Vec<(usize, usize)>>, Mutex<Vec<Instant>>);
 
     impl Untracked for Given {
         fn done(&self, events: usize, bytes: usize) {
             self.0.lock().unwrap().push((events, bytes));
+            self.1.lock().unwrap().push(Instant::now());
         }
     }
 
@@ -874,6 +879,33 @@ mod tests {
                 assert!(given.iter().all(|(e, _)| *e <= PIPELINE), "{given:?}");
             }
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failure_in_a_pipeline_run_gives_back_what_the_run_finished_before_the_retry_waits() {
+        // `err5` fails every attempt (backoffs 100 ms and 200 ms); the 31 others of its pipeline
+        // run finish around it.
+        let events: Vec<String> = (0..32)
+            .map(|i| if i == 5 { "err5".into() } else { format!("ok{i}") })
+            .collect();
+        let events: Vec<&str> = events.iter().map(String::as_str).collect();
+        let given = Arc::new(Given::default());
+        let begun = Instant::now();
+        let (_, load) = run_jobs(&events, true, Some(10), given.clone()).await;
+        assert_eq!(load.load(Ordering::SeqCst), 0);
+        let calls = given.0.lock().unwrap().clone();
+        let at = given.1.lock().unwrap().clone();
+        assert_eq!(
+            calls.first(),
+            Some(&(31, 310)),
+            "the run's 31 finished jobs first: {calls:?}"
+        );
+        assert_eq!(
+            at[0].duration_since(begun),
+            Duration::ZERO,
+            "given back before the retry's backoff, not after it"
+        );
+        assert_eq!(calls.iter().map(|(e, _)| e).sum::<usize>(), 32, "{calls:?}");
     }
 
     fn outcome(script: &Script, data: &str) -> (Outcome, Duration) {
