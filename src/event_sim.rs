@@ -889,7 +889,7 @@ fn node(id: u64, life: u64, interval: bool, dir: &Path, world: &Shared, record: 
         router.clone(),
         relay,
         store.clone(),
-        &in_flight,
+        in_flight,
         crate::telemetry::Sampler::new(0.0),
     ));
     {

@@ -487,6 +487,19 @@ async fn broker_subscribers<const N: usize>(tally: &Arc<Tally>, arbiter: &Arbite
     Ok(())
 }
 
+/// Raw actix `do_send`, `events` times from this task: events handled per second.
+async fn do_send_run(tally: &Tally, events: u64, max: Duration, send: impl Fn()) -> Result<f64, String> {
+    let started = Instant::now();
+    tally
+        .reset_and_wait(events, max, || {
+            for _ in 0..events {
+                send();
+            }
+        })
+        .await?;
+    Ok(events as f64 / started.elapsed().as_secs_f64())
+}
+
 /// One run of `actix-broker` to its `N` subscribers: issues `events` clones of `payload` through
 /// the system broker (`Broker::issue_async`, as code outside an actor does) and lasts until every
 /// subscriber has handled every event; events/s.
@@ -699,28 +712,8 @@ async fn local(mut a: LocalArgs) -> Result<(), String> {
     for _ in 0..a.runs {
         for &row in &selected {
             let per_second = match row {
-                LocalRow::Raw => {
-                    let started = Instant::now();
-                    tally
-                        .reset_and_wait(events, max, || {
-                            for _ in 0..events {
-                                addr.do_send(Ping);
-                            }
-                        })
-                        .await?;
-                    events as f64 / started.elapsed().as_secs_f64()
-                }
-                LocalRow::RawEvent => {
-                    let started = Instant::now();
-                    tally
-                        .reset_and_wait(events, max, || {
-                            for _ in 0..events {
-                                addr.do_send(Carry(payload.clone()));
-                            }
-                        })
-                        .await?;
-                    events as f64 / started.elapsed().as_secs_f64()
-                }
+                LocalRow::Raw => do_send_run(&tally, events, max, || addr.do_send(Ping)).await?,
+                LocalRow::RawEvent => do_send_run(&tally, events, max, || addr.do_send(Carry(payload.clone()))).await?,
                 LocalRow::RawSend => {
                     let started = Instant::now();
                     let (to, ev) = (addr.clone(), payload.clone());

@@ -318,12 +318,15 @@ impl Runner {
     /// empty it first gives back what finished jobs owe ([`Runner::settle`]), then yields up to
     /// [`YIELDS_BEFORE_SLEEP`] times before sleeping on it.
     async fn next_job(&mut self, mailbox: &mut mpsc::Receiver<Job>) -> Option<Job> {
-        for _ in 0..YIELDS_BEFORE_SLEEP {
+        for round in 0..YIELDS_BEFORE_SLEEP {
             match mailbox.try_recv() {
                 Ok(job) => return Some(job),
                 Err(mpsc::error::TryRecvError::Disconnected) => return None,
                 Err(mpsc::error::TryRecvError::Empty) => {
-                    self.settle();
+                    if round == 0 {
+                        // Nothing queued: what finished jobs owe is given back before waiting.
+                        self.settle();
+                    }
                     tokio::task::yield_now().await
                 }
             }

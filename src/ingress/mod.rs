@@ -469,9 +469,9 @@ pub struct Ingress {
     router: Arc<Router>,
     relay: Arc<Relay>,
     store: Store,
-    /// In-flight byte budget (`handlers.max_inflight_bytes`).
-    bytes: Arc<Budget>,
-    inflight: Gauge,
+    /// The in-flight byte budget (`handlers.max_inflight_bytes`) and gauge, shared with the
+    /// instances that give back what untracked jobs held.
+    in_flight: Arc<InFlight>,
     rejected: Counter,
     /// `events_published_total{topic="(other)"}`: events of topics without subscriptions share
     /// one series, so publishing to ever new topics cannot add series without bound.
@@ -687,15 +687,14 @@ impl Ingress {
         router: Arc<Router>,
         relay: Arc<Relay>,
         store: Store,
-        in_flight: &InFlight,
+        in_flight: Arc<InFlight>,
         sampler: crate::telemetry::Sampler,
     ) -> Self {
         Ingress {
             router,
             relay,
             store,
-            bytes: in_flight.bytes.clone(),
-            inflight: in_flight.events.clone(),
+            in_flight,
             rejected: metrics::counter!(crate::metrics::EVENTS_REJECTED),
             published_other: metrics::counter!(crate::metrics::EVENTS_PUBLISHED, "topic" => crate::metrics::OTHER_TOPIC),
             unrouted: crate::metrics::TopicCounters::new(
@@ -798,7 +797,7 @@ impl Ingress {
         bytes: BudgetShare,
         wait: bool,
     ) -> (Arc<Tracker>, Option<oneshot::Receiver<Vec<SubscriptionOutcome>>>) {
-        Tracker::new(n, seq, &self.store, bytes, self.inflight.clone(), wait)
+        Tracker::new(n, seq, &self.store, bytes, self.in_flight.events.clone(), wait)
     }
 
     /// Publishes one event. `timeout` bounds `ack=processed` (the 504 case: the event is still
@@ -939,6 +938,7 @@ impl Ingress {
         for (i, e) in events.iter().enumerate() {
             let cost = charge(e);
             let permit = self
+                .in_flight
                 .bytes
                 .try_take(cost)
                 .ok_or_else(|| self.overloaded("the node holds its maximum of in-flight event bytes"))?;
@@ -1037,7 +1037,7 @@ impl Ingress {
                 held.push(permit);
                 None
             } else if ack == AckMode::None && tracked == 1 && slots.iter().any(|(_, t)| matches!(t, Target::Local(_))) {
-                self.inflight.increment(1.0);
+                self.in_flight.events.increment(1.0);
                 untracked = Some(permit);
                 None
             } else {
@@ -1051,7 +1051,7 @@ impl Ingress {
             // The event's `Arc` for each slot: a clone for all but the last, which takes it (two
             // reference-count updates fewer per event than a clone each and a drop).
             let (mut event, mut left) = (Some(event), n);
-            let mut share = || {
+            let mut next_event = || {
                 left -= 1;
                 if left == 0 { event.take() } else { event.clone() }.expect("one per slot")
             };
@@ -1060,7 +1060,7 @@ impl Ingress {
                 match target {
                     // At most once: not de-duplicated (as on a lane to another node).
                     Target::Local(slot) if ack == AckMode::None => slot.send(Job {
-                        event: share(),
+                        event: next_event(),
                         done: match untracked.take() {
                             Some(share) => Done::Untracked {
                                 bytes: share.untracked(),
@@ -1073,7 +1073,7 @@ impl Ingress {
                         slot,
                         LocalCopy {
                             key: route.key.clone(),
-                            event: share(),
+                            event: next_event(),
                             completion: tracker(),
                         },
                     )),
@@ -1083,7 +1083,7 @@ impl Ingress {
                             key: route.key.clone(),
                             epoch: route.epoch,
                             load,
-                            event: share(),
+                            event: next_event(),
                             completion: if once {
                                 None
                             } else {
@@ -1098,7 +1098,7 @@ impl Ingress {
                     Target::Parked => {
                         // `ack=none` stays at-most-once while parked: routed once, never re-sent.
                         self.relay
-                            .park(route.key.clone(), share(), tracker(), ack == AckMode::None)
+                            .park(route.key.clone(), next_event(), tracker(), ack == AckMode::None)
                     }
                 }
             }
@@ -1198,7 +1198,7 @@ impl Ingress {
                     dropped.push(seq);
                     continue;
                 }
-                let permit = self.bytes.take(charge(&event)).await;
+                let permit = self.in_flight.bytes.take(charge(&event)).await;
                 let (tracker, _) = self.tracker(owed.len(), Some(seq), permit, false);
                 let event = Arc::new(replay_traced(event, "wal"));
                 for key in owed {
@@ -1288,7 +1288,7 @@ impl Ingress {
         ));
         // Replayed on purpose: it runs again, even within the dedup window of its first run.
         self.relay.forget_seen(&key, &event.id);
-        let permit = self.bytes.take(charge(&event)).await;
+        let permit = self.in_flight.bytes.take(charge(&event)).await;
         let (tracker, _) = self.tracker(1, Some(seq), permit, false);
         self.relay.park(Arc::new(key), event.clone(), tracker, false);
         Ok(event.id.clone())

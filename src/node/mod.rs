@@ -230,7 +230,7 @@ impl NodeBuilder {
             router.clone(),
             relay.clone(),
             store.clone(),
-            &in_flight,
+            in_flight,
             crate::telemetry::Sampler::new(config.telemetry.sample_ratio),
         ));
         let core = Arc::new(NodeCore {
