@@ -609,8 +609,8 @@ fn replay_traced(mut event: Event, from: &'static str) -> Event {
         parent: None,
         "replay",
         herald.replay = from,
-        herald.event_id = %event.id,
-        herald.topic = %event.topic,
+        herald.event_id = event.id.as_str(),
+        herald.topic = event.topic.as_str(),
     );
     telemetry::link(&span, original);
     event.trace = telemetry::context_or(&span, event.trace.as_ref());
@@ -728,8 +728,8 @@ impl Ingress {
                 parent: None,
                 "publish",
                 otel.kind = "server",
-                herald.event_id = %e.id,
-                herald.topic = %e.topic,
+                herald.event_id = e.id.as_str(),
+                herald.topic = e.topic.as_str(),
                 herald.ack = ack_name(ack),
                 herald.error = tracing::field::Empty,
                 otel.status_code = tracing::field::Empty,

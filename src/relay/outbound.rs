@@ -43,7 +43,7 @@ fn hop(node: u64, key: &SubscriptionKey, e: &Event) -> Option<(tracing::Span, Op
         otel.kind = "producer",
         herald.peer = node,
         herald.subscription = %key,
-        herald.event_id = %e.id,
+        herald.event_id = e.id.as_str(),
     );
     if let Some(parent) = &e.trace {
         crate::telemetry::continue_trace(&span, parent);
