@@ -97,9 +97,20 @@ pub type Series = Vec<(BTreeMap<String, String>, f64)>;
 /// Parses a Prometheus text exposition into name → series; lines it cannot read are skipped
 /// (the input may come from the network: `herald top` reads other nodes' `/metrics`).
 pub fn parse_exposition(text: &str) -> BTreeMap<String, Series> {
+    parse_exposition_of(text, |_| true)
+}
+
+/// [`parse_exposition`] of the metrics whose name `wanted` accepts: the other lines are skipped
+/// before anything is read or allocated for them (the dashboard's sampler wants three metrics of
+/// a node's whole exposition, every second).
+pub fn parse_exposition_of(text: &str, wanted: impl Fn(&str) -> bool) -> BTreeMap<String, Series> {
     let mut out: BTreeMap<String, Series> = BTreeMap::new();
     for line in text.lines() {
         if line.starts_with('#') || line.trim().is_empty() {
+            continue;
+        }
+        let name_end = line.find(['{', ' ']).unwrap_or(line.len());
+        if !wanted(&line[..name_end]) {
             continue;
         }
         let (head, value) = match line.rsplit_once(' ') {
@@ -577,6 +588,22 @@ impl TopicCounters {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_parse_of_some_metrics_gives_exactly_their_series_as_the_whole_parse_does() {
+        let text = "# TYPE herald_a counter\nherald_a{topic=\"t\"} 3\nherald_ab 7\nherald_b{x=\"{ \"} 4.5\n\
+                    herald_c 1\nherald_a{topic=\"u\"} 2\n";
+        let all = parse_exposition(text);
+        let some = parse_exposition_of(text, |name| name == "herald_a" || name == "herald_b");
+        assert_eq!(
+            some.keys().collect::<Vec<_>>(),
+            ["herald_a", "herald_b"],
+            "a prefix is not a name"
+        );
+        assert_eq!(some["herald_a"], all["herald_a"]);
+        assert_eq!(some["herald_b"], all["herald_b"]);
+        assert_eq!(some["herald_a"].len(), 2);
+    }
 
     #[test]
     fn labels_and_values_are_parsed_with_escapes_and_junk_skipped() {

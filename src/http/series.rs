@@ -17,7 +17,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use crate::control::NodeCore;
-use crate::metrics::{self, parse_exposition};
+use crate::metrics::{self, parse_exposition_of};
 
 /// Samples kept: 10 minutes at one per second.
 pub(crate) const KEEP: usize = 600;
@@ -93,10 +93,12 @@ fn now_ms() -> u64 {
 
 /// The counters the charts use, read from an exposition.
 fn point(text: &str, at_ms: u64) -> Point {
-    let m = parse_exposition(text);
+    let durations = format!("{}_bucket", metrics::HANDLER_DURATION);
+    let m = parse_exposition_of(text, |name| {
+        name == metrics::EVENTS_PUBLISHED || name == metrics::EVENTS_DELIVERED || name == durations
+    });
     let published = metrics::sum_by(&m, metrics::EVENTS_PUBLISHED, &["topic"], &[]);
     let delivered = metrics::sum_by(&m, metrics::EVENTS_DELIVERED, &["topic", "group", "outcome"], &[]);
-    let durations = format!("{}_bucket", metrics::HANDLER_DURATION);
     let buckets = metrics::buckets(&metrics::sum_by(&m, &durations, &["topic", "group", "le"], &[]));
     let sub = |k: &[String]| format!("{}/{}", k[0], k[1]);
     let mut p = Point {
