@@ -751,21 +751,9 @@ async fn local(mut a: LocalArgs) -> Result<(), String> {
         }
     }
     arbiter.stop();
-    let mut take = |row: LocalRow| figures.remove(&row).unwrap_or_default();
-    let (raw, raw_event, raw_send, broker, broker_fanout) = (
-        take(LocalRow::Raw),
-        take(LocalRow::RawEvent),
-        take(LocalRow::RawSend),
-        take(LocalRow::Broker),
-        take(LocalRow::BrokerFanout),
-    );
-    let (none, emitted, emitted_fanout, accepted, batched) = (
-        take(LocalRow::None),
-        take(LocalRow::Emit),
-        take(LocalRow::EmitFanout),
-        take(LocalRow::Accepted),
-        take(LocalRow::Batch),
-    );
+    // Each row's runs, in `order`'s order (empty for a row not selected).
+    let [raw, raw_event, raw_send, broker, broker_fanout, none, emitted, emitted_fanout, accepted, batched] =
+        order.map(|row| figures.remove(&row).unwrap_or_default());
     node.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
 
