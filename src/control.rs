@@ -172,8 +172,11 @@ impl NodeCore {
         &self.membership
     }
 
-    /// The Prometheus text exposition, if a recorder handle was given.
+    /// The Prometheus text exposition, if a recorder handle was given. Gauges sampled rather
+    /// than counted (`herald_mailbox_depth`) are set first, also without a handle (an embedding
+    /// application that installs its own recorder sees them as of the last call of this).
     pub fn render_metrics(&self) -> Option<String> {
+        self.router.sample_mailbox_depths();
         self.metrics.as_ref().map(|handle| {
             let mut text = handle.render();
             crate::metrics::render_durations(&mut text);

@@ -57,14 +57,12 @@ pub(crate) struct SubRuntime {
 /// A slot reserved in one instance's mailbox; sending cannot fail or block.
 pub(crate) struct Reservation<'a> {
     permit: mpsc::Permit<'a, Job>,
-    sub: &'a SubRuntime,
     load: &'a AtomicUsize,
 }
 
 impl Reservation<'_> {
     pub(crate) fn send(self, job: Job) {
         self.load.fetch_add(1, Ordering::Relaxed);
-        self.sub.shared.metrics.mailbox_depth.increment(1.0);
         self.permit.send(job);
     }
 }
@@ -77,7 +75,6 @@ impl SubRuntime {
             let inst = &self.instances[i];
             inst.tx.try_reserve().ok().map(|permit| Reservation {
                 permit,
-                sub: self,
                 load: &inst.load,
             })
         };
@@ -138,7 +135,6 @@ impl SubRuntime {
         };
         Reservation {
             permit,
-            sub: self,
             load: &inst.load,
         }
         .send(job);
@@ -148,6 +144,22 @@ impl SubRuntime {
     /// Events queued or in progress across all instances.
     pub(crate) fn load(&self) -> usize {
         self.instances.iter().map(|i| i.load.load(Ordering::Relaxed)).sum()
+    }
+
+    /// Events waiting in the instances' mailboxes (and slots reserved for events being sent to
+    /// them): what each channel's capacity lacks. Not the jobs an instance already took.
+    fn queued(&self) -> usize {
+        self.instances
+            .iter()
+            .map(|i| i.tx.max_capacity() - i.tx.capacity())
+            .sum()
+    }
+}
+
+impl Drop for SubRuntime {
+    /// A subscription that no longer runs here has nothing waiting here.
+    fn drop(&mut self) {
+        self.shared.metrics.mailbox_depth.set(0.0);
     }
 }
 
@@ -494,6 +506,16 @@ impl Router {
     /// updated. Hold it briefly: a held guard keeps that snapshot alive.
     pub(crate) fn table_guard(&self) -> arc_swap::Guard<Arc<RoutingTable>> {
         self.table.load()
+    }
+
+    /// Sets `herald_mailbox_depth` of each subscription running here from its mailboxes
+    /// ([`SubRuntime::queued`]). Sampled when the metrics are rendered, not counted per event: a
+    /// gauge updated on each send and each receive was two compare-and-swap loops per event on a
+    /// cache line that the publishing thread and the instance's worker took from each other.
+    pub(crate) fn sample_mailbox_depths(&self) {
+        for running in self.table().iter() {
+            running.shared.metrics.mailbox_depth.set(running.queued() as f64);
+        }
     }
 
     pub(crate) fn registry(&self) -> &HandlerRegistry {

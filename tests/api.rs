@@ -919,6 +919,10 @@ async fn full_mailboxes_refuse_with_429_and_lose_nothing_accepted() {
     // 4 in the mailbox, plus the one the blocked handler holds once the instance took it.
     assert!((4..=5).contains(&accepted.len()), "accepted {accepted:?}");
     assert_eq!(accepted.len() + refused.len(), 20);
+    // The mailbox is full (4), less the one the instance may have taken since.
+    let depth = || metric_now(&n.url, "herald_mailbox_depth", &[("topic", "api.bp"), ("group", "g")]);
+    let queued = depth().await.expect("herald_mailbox_depth of the subscription");
+    assert!((3.0..=4.0).contains(&queued), "mailbox depth {queued} with 4 queued");
 
     open(&gate);
     let want: BTreeSet<String> = accepted.iter().cloned().collect();
@@ -939,6 +943,8 @@ async fn full_mailboxes_refuse_with_429_and_lose_nothing_accepted() {
         expected,
         "refused events must never arrive"
     );
+    // The marker was handled after everything queued before it: nothing waits.
+    assert_eq!(depth().await, Some(0.0), "mailbox depth once everything is handled");
     n.node.shutdown().await;
 }
 

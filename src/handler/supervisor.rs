@@ -225,13 +225,10 @@ pub(crate) async fn run_instance(
             },
             Some(retry) => retry,
             None => match runner.next_job(&mut mailbox).await {
-                Some(job) => {
-                    runner.shared.metrics.mailbox_depth.decrement(1.0);
-                    match runner.dequeued(job) {
-                        Some(job) => (job, 1),
-                        None => continue,
-                    }
-                }
+                Some(job) => match runner.dequeued(job) {
+                    Some(job) => (job, 1),
+                    None => continue,
+                },
                 None => break,
             },
         };
@@ -573,13 +570,10 @@ impl Runner {
                 let job = match next.take() {
                     Some(job) => job,
                     None => match mailbox.try_recv() {
-                        Ok(job) => {
-                            self.shared.metrics.mailbox_depth.decrement(1.0);
-                            match self.dequeued(job) {
-                                Some(job) => job,
-                                None => continue,
-                            }
-                        }
+                        Ok(job) => match self.dequeued(job) {
+                            Some(job) => job,
+                            None => continue,
+                        },
                         Err(_) => break,
                     },
                 };
