@@ -168,7 +168,7 @@ async fn a_slow_subscription_on_another_node_pushes_back_with_429_and_loses_noth
 
 #[actix_rt::test]
 async fn ack_none_events_reach_a_remote_node_and_their_window_comes_back() {
-    // A window of 4 towards the remote instance: 40 at-most-once events only get through if the
+    // A window of 4 towards the remote instance: 40 at-most-once events (and 20 emitted) only get through if the
     // handler node credits their window units back (they are never acked one by one; the lane's
     // give-back after `redeliver_after` is pushed out of the test's reach).
     let receiver = Receiver::start(0).await;
@@ -206,6 +206,28 @@ async fn ack_none_events_reach_a_remote_node_and_their_window_comes_back() {
                 }
             },
         )
+        .await;
+        accepted.insert(id);
+    }
+    // The same through `emit` (the Rust API's `do_send`): its one subscription is placed on
+    // another node, so the event takes the window towards it, and a full window refuses.
+    let publisher = ingress.node.publisher();
+    for i in 40..60 {
+        let id = within("emit: the window opens again", Duration::from_secs(30), || {
+            let event = herald::event::Event::json("rt.none", &json!({"i": i})).unwrap();
+            let id = event.id.clone();
+            let emitted = publisher.emit(event);
+            async move {
+                match emitted {
+                    Ok(()) => Some(id),
+                    Err(herald::ingress::PublishError::Overloaded(_)) => {
+                        actix_rt::time::sleep(Duration::from_millis(20)).await;
+                        None
+                    }
+                    Err(e) => panic!("emit refused: {e}"),
+                }
+            }
+        })
         .await;
         accepted.insert(id);
     }
