@@ -59,20 +59,28 @@ pub fn traced(trace: Option<&TraceContext>) -> bool {
 #[derive(Debug, Clone, Copy)]
 pub struct Sampler {
     ratio: f64,
+    /// A draw of [`crate::types::random_u64`] below this starts a trace: `ratio` of 2^64.
+    below: u64,
 }
 
 impl Sampler {
     /// Starts a trace for a share `ratio` (0 to 1) of the publishes without a context.
     pub fn new(ratio: f64) -> Self {
+        let ratio = ratio.clamp(0.0, 1.0);
         Sampler {
-            ratio: ratio.clamp(0.0, 1.0),
+            ratio,
+            // `as` saturates: 1.0 gives u64::MAX (not used: a ratio of 1 draws nothing).
+            below: (ratio * 2f64.powi(64)) as u64,
         }
     }
 
     /// Whether this publish starts a trace: never when no subscriber wants the spans. The draw
     /// comes first: asking the subscriber costs more (its filters are evaluated on each call).
+    /// The draw is the per-thread xorshift generator's, not `rand`'s thread RNG (a ChaCha block
+    /// cipher): it runs for every publish without a context, and a sample needs spread, not
+    /// unpredictability.
     pub fn start(&self) -> bool {
-        self.ratio > 0.0 && (self.ratio >= 1.0 || rand::random::<f64>() < self.ratio) && enabled()
+        self.ratio > 0.0 && (self.ratio >= 1.0 || crate::types::random_u64() < self.below) && enabled()
     }
 }
 
@@ -632,6 +640,20 @@ mod tests {
         assert!(!traced(
             TraceContext::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", None).as_ref()
         ));
+    }
+
+    #[test]
+    fn a_sampler_starts_its_ratio_of_traces_when_the_spans_are_wanted() {
+        // A bare registry wants every span, so `enabled()` holds and only the draw decides.
+        tracing::subscriber::with_default(tracing_subscriber::registry(), || {
+            let started = |ratio: f64| (0..100_000).filter(|_| Sampler::new(ratio).start()).count();
+            assert_eq!(started(1.0), 100_000);
+            assert_eq!(started(0.0), 0);
+            for (ratio, lo, hi) in [(0.01, 800, 1_200), (0.25, 24_000, 26_000), (0.9, 89_000, 91_000)] {
+                let n = started(ratio);
+                assert!((lo..=hi).contains(&n), "ratio {ratio}: {n} of 100000 started");
+            }
+        });
     }
 
     #[test]
