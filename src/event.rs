@@ -11,6 +11,7 @@ pub use trace::TraceContext;
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
+pub use bytestring::ByteString;
 use chrono::{DateTime, Utc};
 use cloudevents::{AttributesReader, Data, EventBuilder, EventBuilderV10};
 use serde::de::DeserializeOwned;
@@ -36,20 +37,22 @@ pub struct Event {
     /// Idempotency key chosen by the publisher (CloudEvents `id`, `Idempotency-Key` header), or a
     /// generated ULID. Handler-side duplicate detection keys on it.
     pub id: String,
-    /// The topic it was published to; every subscription of the topic receives it.
-    pub topic: String,
+    /// The topic it was published to; every subscription of the topic receives it. Text shared
+    /// by reference count ([`ByteString`]: reads as a `&str`) with the other events of its
+    /// batch or frame.
+    pub topic: ByteString,
     /// Partition key: events with the same key go to the same handler instance, in order.
     pub key: Option<String>,
     /// The payload, exactly as published.
     pub data: Bytes,
     /// MIME type of `data` (`application/json` for plain JSON publishes).
-    pub content_type: String,
+    pub content_type: ByteString,
     /// When the event happened (CloudEvents `time`), or when Herald accepted it.
     pub time: DateTime<Utc>,
     /// Who produced it (CloudEvents `source`).
-    pub source: String,
+    pub source: ByteString,
     /// CloudEvents `type`; defaults to the topic.
-    pub event_type: String,
+    pub event_type: ByteString,
     /// CloudEvents extensions and `subject`, as strings.
     pub headers: BTreeMap<String, String>,
     /// The W3C trace context the event continues (`traceparent`/`tracestate` of the publish, or
@@ -123,12 +126,12 @@ pub(crate) fn ulid_string(ulid: ulid::Ulid) -> String {
 
 impl Event {
     /// A JSON event on `topic` with a generated id, the current time and the default source.
-    pub fn json(topic: impl Into<String>, value: &impl serde::Serialize) -> serde_json::Result<Self> {
+    pub fn json(topic: impl Into<ByteString>, value: &impl serde::Serialize) -> serde_json::Result<Self> {
         Ok(Self::new(topic, serde_json::to_vec(value)?, JSON))
     }
 
     /// An event on `topic` carrying `data` of `content_type`, with a generated id.
-    pub fn new(topic: impl Into<String>, data: impl Into<Bytes>, content_type: &str) -> Self {
+    pub fn new(topic: impl Into<ByteString>, data: impl Into<Bytes>, content_type: &str) -> Self {
         let topic = topic.into();
         Event {
             id: new_id(),
@@ -136,9 +139,13 @@ impl Event {
             topic,
             key: None,
             data: data.into(),
-            content_type: content_type.to_string(),
+            content_type: if content_type == JSON {
+                ByteString::from_static(JSON)
+            } else {
+                content_type.into()
+            },
             time: Utc::now(),
-            source: DEFAULT_SOURCE.to_string(),
+            source: ByteString::from_static(DEFAULT_SOURCE),
             headers: BTreeMap::new(),
             trace: None,
         }
@@ -219,31 +226,31 @@ impl Event {
         if let Some(subject) = ce.subject() {
             headers.insert("subject".to_string(), subject.to_string());
         }
-        let declared = ce.datacontenttype().map(str::to_string);
+        let declared = ce.datacontenttype().map(ByteString::from);
         let (content_type, data) = match ce.data() {
-            None => (declared.unwrap_or_else(|| JSON.to_string()), Bytes::new()),
+            None => (declared.unwrap_or(ByteString::from_static(JSON)), Bytes::new()),
             Some(Data::Json(v)) => (
-                declared.unwrap_or_else(|| JSON.to_string()),
+                declared.unwrap_or(ByteString::from_static(JSON)),
                 Bytes::from(serde_json::to_vec(v).map_err(|e| EventError::CloudEvent(e.to_string()))?),
             ),
             Some(Data::String(s)) => (
-                declared.unwrap_or_else(|| "text/plain".to_string()),
+                declared.unwrap_or(ByteString::from_static("text/plain")),
                 Bytes::from(s.clone().into_bytes()),
             ),
             Some(Data::Binary(b)) => (
-                declared.unwrap_or_else(|| "application/octet-stream".to_string()),
+                declared.unwrap_or(ByteString::from_static("application/octet-stream")),
                 Bytes::from(b.clone()),
             ),
         };
         let event = Event {
             id: ce.id().to_string(),
-            topic: topic.to_string(),
+            topic: topic.into(),
             key,
             data,
             content_type,
             time: ce.time().copied().unwrap_or_else(Utc::now),
-            source: ce.source().to_string(),
-            event_type: ce.ty().to_string(),
+            source: ce.source().as_str().into(),
+            event_type: ce.ty().into(),
             headers,
             trace: traceparent.and_then(|tp| TraceContext::parse(&tp, tracestate.as_deref())),
         };
@@ -272,12 +279,12 @@ impl Event {
         };
         let mut builder = EventBuilderV10::new()
             .id(self.id.clone())
-            .source(self.source.clone())
-            .ty(self.event_type.clone())
+            .source(&*self.source)
+            .ty(&*self.event_type)
             .time(self.time)
-            .extension("heraldtopic", self.topic.clone());
+            .extension("heraldtopic", &*self.topic);
         if !self.data.is_empty() {
-            builder = builder.data(self.content_type.clone(), data);
+            builder = builder.data(&*self.content_type, data);
         }
         if let Some(key) = &self.key {
             builder = builder.extension("partitionkey", key.clone());

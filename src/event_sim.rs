@@ -1036,7 +1036,7 @@ async fn publish(
     let appended = record.lock().unwrap().tick();
     let sent: Vec<(String, String, Bytes)> = events
         .iter()
-        .map(|e| (e.id.clone(), e.topic.clone(), e.data.clone()))
+        .map(|e| (e.id.clone(), e.topic.to_string(), e.data.clone()))
         .collect();
     let results: Vec<Published> = match ingress.publish_answers(events, ack, PUBLISH_TIMEOUT).await {
         Ok(answers) => answers

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 
-use crate::event::{Event, TraceContext};
+use crate::event::{ByteString, Event, TraceContext};
 use prost::Message;
 
 /// An event (the `event::Event` fields).
@@ -326,13 +326,13 @@ impl From<&Event> for EventRecord {
     fn from(e: &Event) -> Self {
         EventRecord {
             id: e.id.clone(),
-            topic: e.topic.clone(),
+            topic: e.topic.to_string(),
             key: e.key.clone(),
             data: e.data.clone(),
-            content_type: e.content_type.clone(),
+            content_type: e.content_type.to_string(),
             time_unix_nanos: e.time.timestamp_nanos_opt().unwrap_or(0),
-            source: e.source.clone(),
-            event_type: e.event_type.clone(),
+            source: e.source.to_string(),
+            event_type: e.event_type.to_string(),
             headers: e.headers.clone(),
             traceparent: e.trace.as_ref().map(TraceContext::traceparent),
             tracestate: e.trace.as_ref().and_then(|t| t.state.clone()),
@@ -344,13 +344,13 @@ impl From<EventRecord> for Event {
     fn from(r: EventRecord) -> Self {
         Event {
             id: r.id,
-            topic: r.topic,
+            topic: r.topic.into(),
             key: r.key,
             data: r.data,
-            content_type: r.content_type,
+            content_type: r.content_type.into(),
             time: DateTime::<Utc>::from_timestamp_nanos(r.time_unix_nanos),
-            source: r.source,
-            event_type: r.event_type,
+            source: r.source.into(),
+            event_type: r.event_type.into(),
             headers: r.headers,
             // Untrusted (a peer, the disk): bounded by the parser, or no context.
             trace: r
@@ -796,6 +796,21 @@ fn utf8(field: &[u8]) -> Result<&str, prost::DecodeError> {
     })
 }
 
+/// A string field as text that shares `origin` (`field` is a slice of it); prost's error when it
+/// is not UTF-8.
+fn text_of(origin: &Bytes, field: &[u8]) -> Result<ByteString, prost::DecodeError> {
+    // The usual content type and source are static text: sharing them costs no reference count.
+    for known in [crate::event::JSON, crate::event::DEFAULT_SOURCE] {
+        if field == known.as_bytes() {
+            return Ok(ByteString::from_static(known));
+        }
+    }
+    ByteString::try_from(origin.slice_ref(field)).map_err(|_| match utf8(field) {
+        Err(e) => e,
+        Ok(_) => unreachable!("the same bytes are UTF-8 for one check and not the other"),
+    })
+}
+
 /// One delivery, `buf` a slice of `origin` (the payload and the group are kept as slices of it).
 fn decode_incoming(origin: &Bytes, mut buf: &[u8]) -> Result<Incoming, prost::DecodeError> {
     use prost::encoding::{decode_key, skip_field, DecodeContext};
@@ -850,13 +865,13 @@ impl From<Option<Event>> for DecodedEvent {
             None => DecodedEvent {
                 event: Event {
                     id: String::new(),
-                    topic: String::new(),
+                    topic: ByteString::new(),
                     key: None,
                     data: Bytes::new(),
-                    content_type: String::new(),
+                    content_type: ByteString::new(),
                     time: DateTime::<Utc>::from_timestamp_nanos(0),
-                    source: String::new(),
-                    event_type: String::new(),
+                    source: ByteString::new(),
+                    event_type: ByteString::new(),
                     headers: BTreeMap::new(),
                     trace: None,
                 },
@@ -900,15 +915,22 @@ impl DecodedEvent {
                     let (k, v) = map_entry(field)?;
                     e.headers.insert(k, v);
                 }
+                // Text the events of a frame share (one topic, source, type and content type for a
+                // batch): slices of the received buffer, as the payload is, not a copy each.
+                2 | 5 | 7 | 8 => {
+                    let text = text_of(origin, field)?;
+                    match tag {
+                        2 => e.topic = text,
+                        5 => e.content_type = text,
+                        7 => e.source = text,
+                        _ => e.event_type = text,
+                    }
+                }
                 _ => {
                     let text = utf8(field)?.to_owned();
                     match tag {
                         1 => e.id = text,
-                        2 => e.topic = text,
                         3 => e.key = Some(text),
-                        5 => e.content_type = text,
-                        7 => e.source = text,
-                        8 => e.event_type = text,
                         10 => self.traceparent = Some(text),
                         _ => self.tracestate = Some(text),
                     }
@@ -981,8 +1003,8 @@ mod tests {
         );
         e.id = s(rng, 40);
         e.key = rng.random_bool(0.5).then(|| s(rng, 10));
-        e.source = s(rng, 10);
-        e.event_type = s(rng, 10);
+        e.source = s(rng, 10).into();
+        e.event_type = s(rng, 10).into();
         e.time = match rng.random_range(0..4) {
             0 => DateTime::<Utc>::from_timestamp_nanos(0),
             1 => DateTime::<Utc>::from_timestamp_nanos(-rng.random_range(1..i64::MAX / 2)),
@@ -1143,6 +1165,37 @@ mod tests {
         }
     }
 
+    #[test]
+    fn received_events_share_their_text_with_the_frame_and_known_values_are_not_slices() {
+        let e = Event::json("orders.eu", &serde_json::json!({"n": 1})).unwrap();
+        let mut body = Vec::new();
+        encode_delivery(1, "g", 1, &e, None, &mut body);
+        encode_delivery(2, "g", 1, &e.clone().with_id("second"), None, &mut body);
+        let body = Bytes::from(body);
+        let frame = body.as_ptr_range();
+        let inside = |t: &str| frame.contains(&t.as_ptr());
+        let events: Vec<Arc<Event>> = Incomings::new(body.clone())
+            .map(|d| d.unwrap().event.expect("an event"))
+            .collect();
+        assert_eq!(events.len(), 2);
+        for got in &events {
+            assert_eq!((&*got.topic, &*got.event_type), ("orders.eu", "orders.eu"));
+            assert!(
+                inside(&got.topic) && inside(&got.event_type),
+                "topic and type are slices of the frame"
+            );
+            assert_eq!(
+                (&*got.content_type, &*got.source),
+                (crate::event::JSON, crate::event::DEFAULT_SOURCE)
+            );
+            assert!(
+                !inside(&got.content_type) && !inside(&got.source),
+                "the usual content type and the default source are static text, not slices"
+            );
+            assert!(!inside(&got.id), "the id is the event's own");
+        }
+    }
+
     /// The relay's direct decoding of a batch body gives what prost's does.
     fn same_decoding(body: &Bytes, context: &str) {
         let reference: Vec<_> = Deliveries(body.clone()).collect();
@@ -1187,8 +1240,8 @@ mod tests {
                     e.id = id;
                     e.key = key;
                     e.time = DateTime::<Utc>::from_timestamp_nanos(nanos);
-                    e.source = source;
-                    e.event_type = event_type;
+                    e.source = source.into();
+                    e.event_type = event_type.into();
                     e.headers = headers;
                     e.trace = trace
                         .and_then(|(t, s, f, state)| TraceContext::new(t, s, f).map(|c| TraceContext { state, ..c }));

@@ -61,9 +61,9 @@ impl Got {
             data: e.json_data().unwrap_or(Value::Null),
             instance,
             attempt: d.attempt,
-            source: e.source.clone(),
-            event_type: e.event_type.clone(),
-            content_type: e.content_type.clone(),
+            source: e.source.to_string(),
+            event_type: e.event_type.to_string(),
+            content_type: e.content_type.to_string(),
             headers: e.headers.clone(),
             traceparent: d.trace().map(|t| t.traceparent()),
         }

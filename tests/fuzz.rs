@@ -318,8 +318,8 @@ fn event() -> impl Strategy<Value = Event> {
                 e.id = id;
                 e.key = key;
                 e.time = chrono::DateTime::from_timestamp_nanos(nanos);
-                e.source = source;
-                e.event_type = event_type;
+                e.source = source.into();
+                e.event_type = event_type.into();
                 e.headers = headers.into_iter().collect();
                 e
             },

@@ -266,7 +266,7 @@ fn binary_cloudevent(
     }
     let ce = builder.build().map_err(invalid_ce)?;
     let mut e = Event::from_cloudevent(topic, ce).map_err(invalid_ce)?;
-    e.content_type = content_type;
+    e.content_type = content_type.into();
     apply_headers(e, headers)
 }
 

@@ -124,7 +124,7 @@ impl Answer {
     pub(crate) fn into_published(self) -> Published {
         Published {
             id: self.event.id.clone(),
-            topic: self.event.topic.clone(),
+            topic: self.event.topic.to_string(),
             subscriptions: self.subscriptions,
             outcomes: self.outcomes,
         }
@@ -554,7 +554,7 @@ impl<'t> Reserved<'t> {
             _ => {
                 let counter = match entry {
                     Some(t) => PublishedCount::Handle(&t.published),
-                    None => PublishedCount::Other(events[i].topic.clone()),
+                    None => PublishedCount::Other(events[i].topic.to_string()),
                 };
                 if let Some((_, counter, n)) = self.run.replace((i, counter, 1)) {
                     self.runs.push((counter, n));
@@ -610,7 +610,7 @@ fn replay_traced(mut event: Event, from: &'static str) -> Event {
         "replay",
         herald.replay = from,
         herald.event_id = event.id.as_str(),
-        herald.topic = event.topic.as_str(),
+        herald.topic = &*event.topic,
     );
     telemetry::link(&span, original);
     event.trace = telemetry::context_or(&span, event.trace.as_ref());
@@ -729,7 +729,7 @@ impl Ingress {
                 "publish",
                 otel.kind = "server",
                 herald.event_id = e.id.as_str(),
-                herald.topic = e.topic.as_str(),
+                herald.topic = &*e.topic,
                 herald.ack = ack_name(ack),
                 herald.error = tracing::field::Empty,
                 otel.status_code = tracing::field::Empty,
@@ -762,10 +762,7 @@ impl Ingress {
     /// (`require_subscription`).
     pub fn unsubscribed_topic<'e>(&self, events: &'e [Event]) -> Option<&'e str> {
         let table = self.router.table();
-        events
-            .iter()
-            .map(|e| e.topic.as_str())
-            .find(|t| table.topic(t).is_none())
+        events.iter().map(|e| &*e.topic).find(|t| table.topic(t).is_none())
     }
 
     /// Whether the WAL has been replayed.
@@ -1224,7 +1221,7 @@ impl Ingress {
                     .iter()
                     .filter(|g| exists(&event.topic, g))
                     .map(|g| SubscriptionKey {
-                        topic: event.topic.clone(),
+                        topic: event.topic.to_string(),
                         group: g.clone(),
                     })
                     .collect();
