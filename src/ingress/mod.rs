@@ -457,7 +457,7 @@ impl DeadLetterSink for StoreDeadLetters {
         let store = self.0.clone();
         Box::pin(async move {
             store
-                .put_dead_letter(crate::event::new_id(), record)
+                .put_dead_letter(crate::event::new_ordered_id(), record)
                 .await
                 .map_err(DeadLetterError::from)
         })
