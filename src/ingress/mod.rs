@@ -889,17 +889,7 @@ impl Ingress {
                 let target = self.reserve_on(route, &event)?;
                 topic.published.increment(1);
                 match target {
-                    Target::Local(slot) => {
-                        // As `send` does for one local instance with `ack=none`: untracked.
-                        self.in_flight.events.increment(1.0);
-                        slot.send(Job {
-                            event,
-                            done: Done::Untracked {
-                                bytes: share.untracked(),
-                            },
-                            origin: Origin::LocalAtMostOnce,
-                        });
-                    }
+                    Target::Local(slot) => slot.send(self.untracked_job(event, share)),
                     target => {
                         let reserved = smallvec::smallvec![(share, smallvec::smallvec![(route.as_ref(), target)])];
                         self.send([event], reserved, Vec::new().into_iter(), AckMode::None, None);
@@ -972,6 +962,20 @@ impl Ingress {
             reserved.events.push((permit, slots));
         }
         Ok(reserved)
+    }
+
+    /// The job of an `ack=none` event whose one tracked target is a local instance: it owes only
+    /// its bytes (`Done::Untracked`), which the instance gives back to the node's `InFlight`, and
+    /// counts in the in-flight gauge until then.
+    fn untracked_job(&self, event: Arc<Event>, share: BudgetShare) -> Job {
+        self.in_flight.events.increment(1.0);
+        Job {
+            event,
+            done: Done::Untracked {
+                bytes: share.untracked(),
+            },
+            origin: Origin::LocalAtMostOnce,
+        }
     }
 
     /// Takes `e`'s bytes from the node's in-flight budget (stage 1).
@@ -1069,7 +1073,6 @@ impl Ingress {
                 held.push(permit);
                 None
             } else if ack == AckMode::None && tracked == 1 && slots.iter().any(|(_, t)| matches!(t, Target::Local(_))) {
-                self.in_flight.events.increment(1.0);
                 untracked = Some(permit);
                 None
             } else {
@@ -1091,15 +1094,13 @@ impl Ingress {
                 let once = at_most_once(&target);
                 match target {
                     // At most once: not de-duplicated (as on a lane to another node).
-                    Target::Local(slot) if ack == AckMode::None => slot.send(Job {
-                        event: next_event(),
-                        done: match untracked.take() {
-                            Some(share) => Done::Untracked {
-                                bytes: share.untracked(),
-                            },
-                            None => Done::Tell(tracker()),
+                    Target::Local(slot) if ack == AckMode::None => slot.send(match untracked.take() {
+                        Some(share) => self.untracked_job(next_event(), share),
+                        None => Job {
+                            event: next_event(),
+                            done: Done::Tell(tracker()),
+                            origin: Origin::LocalAtMostOnce,
                         },
-                        origin: Origin::LocalAtMostOnce,
                     }),
                     Target::Local(slot) => local.push((
                         slot,
