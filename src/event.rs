@@ -35,14 +35,17 @@ pub const MAX_JSON_DEPTH: usize = 128;
 #[non_exhaustive]
 pub struct Event {
     /// Idempotency key chosen by the publisher (CloudEvents `id`, `Idempotency-Key` header), or a
-    /// generated ULID. Handler-side duplicate detection keys on it.
-    pub id: String,
+    /// generated ULID. Handler-side duplicate detection keys on it. Shared text ([`ByteString`]):
+    /// a received event's id is a slice of the received frame, and the generated ids of an HTTP
+    /// batch are slices of one buffer.
+    pub id: ByteString,
     /// The topic it was published to; every subscription of the topic receives it. Text shared
     /// by reference count ([`ByteString`]: reads as a `&str`) with the other events of its
     /// batch or frame.
     pub topic: ByteString,
     /// Partition key: events with the same key go to the same handler instance, in order.
-    pub key: Option<String>,
+    /// Shared text, as `id`.
+    pub key: Option<ByteString>,
     /// The payload, exactly as published.
     pub data: Bytes,
     /// MIME type of `data` (`application/json` for plain JSON publishes).
@@ -145,7 +148,7 @@ impl Event {
     pub fn new(topic: impl Into<ByteString>, data: impl Into<Bytes>, content_type: &str) -> Self {
         let topic = topic.into();
         Event {
-            id: new_id(),
+            id: new_id().into(),
             event_type: topic.clone(),
             topic,
             key: None,
@@ -169,13 +172,13 @@ impl Event {
     }
 
     /// Sets the partition key.
-    pub fn with_key(mut self, key: impl Into<String>) -> Self {
+    pub fn with_key(mut self, key: impl Into<ByteString>) -> Self {
         self.key = Some(key.into());
         self
     }
 
     /// Sets the id (the publisher's idempotency key).
-    pub fn with_id(mut self, id: impl Into<String>) -> Self {
+    pub fn with_id(mut self, id: impl Into<ByteString>) -> Self {
         self.id = id.into();
         self
     }
@@ -225,7 +228,7 @@ impl Event {
         let (mut traceparent, mut tracestate) = (None, None);
         for (name, value) in ce.iter_extensions() {
             if name == "partitionkey" {
-                key = Some(value.to_string());
+                key = Some(ByteString::from(value.to_string()));
             } else if name == "traceparent" {
                 traceparent = Some(value.to_string());
             } else if name == "tracestate" {
@@ -254,7 +257,7 @@ impl Event {
             ),
         };
         let event = Event {
-            id: ce.id().to_string(),
+            id: ce.id().into(),
             topic: topic.into(),
             key,
             data,
@@ -298,7 +301,7 @@ impl Event {
             builder = builder.data(&*self.content_type, data);
         }
         if let Some(key) = &self.key {
-            builder = builder.extension("partitionkey", key.clone());
+            builder = builder.extension("partitionkey", &**key);
         }
         if let Some(trace) = &self.trace {
             builder = builder.extension("traceparent", trace.traceparent());
@@ -409,7 +412,7 @@ mod tests {
         c.time = DateTime::<Utc>::MAX_UTC;
         assert!(matches!(c.validate_after(Some(&a)), Err(EventError::TimeOutOfRange(_))));
         let mut d = a.clone();
-        d.id = String::new();
+        d.id = ByteString::new();
         assert!(
             d.validate_after(Some(&a)).is_err(),
             "fields other than topic and time are always checked"

@@ -574,7 +574,7 @@ impl SimHandler {
             node: self.node,
             life: self.life,
             sub: (*d.subscription).clone(),
-            id: d.event.id.clone(),
+            id: d.event.id.to_string(),
             attempt: d.attempt,
             ok,
             data: d.event.data.clone(),
@@ -645,7 +645,7 @@ impl DeadLetterSink for SimDeadLetters {
             // A crashed run stores nothing: the event stays in its origin's WAL.
             return Box::pin(async { Err("crashed".into()) });
         }
-        self.0.lock().unwrap().dead.push((sub.clone(), event.id.clone()));
+        self.0.lock().unwrap().dead.push((sub.clone(), event.id.to_string()));
         saw(&self.0, "dead letter");
         Box::pin(async { Ok(()) })
     }
@@ -1017,8 +1017,8 @@ struct Sent {
 
 fn event(n: u64, topic: &str, key: Option<String>) -> Event {
     let mut e = Event::new(topic, format!("payload {n} of {topic}"), "text/plain");
-    e.id = format!("e{n:05}");
-    e.key = key;
+    e.id = format!("e{n:05}").into();
+    e.key = key.map(Into::into);
     e
 }
 
@@ -1036,7 +1036,7 @@ async fn publish(
     let appended = record.lock().unwrap().tick();
     let sent: Vec<(String, String, Bytes)> = events
         .iter()
-        .map(|e| (e.id.clone(), e.topic.to_string(), e.data.clone()))
+        .map(|e| (e.id.to_string(), e.topic.to_string(), e.data.clone()))
         .collect();
     let results: Vec<Published> = match ingress.publish_answers(events, ack, PUBLISH_TIMEOUT).await {
         Ok(answers) => answers
@@ -1476,7 +1476,7 @@ async fn scenario(seed: u64, whole: bool) -> Outcome {
     for n in 0..ORDERED {
         let key = format!("o{}", rng.below(4));
         let e = event(EVENTS * 2 + n, "orders", Some(key.clone()));
-        let id = e.id.clone();
+        let id = e.id.to_string();
         call += 1;
         let sent = publish(
             world.clone(),

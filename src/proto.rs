@@ -325,9 +325,9 @@ pub enum AckCode {
 impl From<&Event> for EventRecord {
     fn from(e: &Event) -> Self {
         EventRecord {
-            id: e.id.clone(),
+            id: e.id.to_string(),
             topic: e.topic.to_string(),
-            key: e.key.clone(),
+            key: e.key.as_ref().map(ByteString::to_string),
             data: e.data.clone(),
             content_type: e.content_type.to_string(),
             time_unix_nanos: e.time.timestamp_nanos_opt().unwrap_or(0),
@@ -343,9 +343,9 @@ impl From<&Event> for EventRecord {
 impl From<EventRecord> for Event {
     fn from(r: EventRecord) -> Self {
         Event {
-            id: r.id,
+            id: r.id.into(),
             topic: r.topic.into(),
-            key: r.key,
+            key: r.key.map(ByteString::from),
             data: r.data,
             content_type: r.content_type.into(),
             time: DateTime::<Utc>::from_timestamp_nanos(r.time_unix_nanos),
@@ -864,7 +864,7 @@ impl From<Option<Event>> for DecodedEvent {
         match event {
             None => DecodedEvent {
                 event: Event {
-                    id: String::new(),
+                    id: ByteString::new(),
                     topic: ByteString::new(),
                     key: None,
                     data: Bytes::new(),
@@ -915,12 +915,14 @@ impl DecodedEvent {
                     let (k, v) = map_entry(field)?;
                     e.headers.insert(k, v);
                 }
-                // Text the events of a frame share (one topic, source, type and content type for a
-                // batch): slices of the received buffer, as the payload is, not a copy each.
-                2 | 5 | 7 | 8 => {
+                // The event's text: slices of the received buffer, as the payload is, not a copy
+                // each (and the events of a batch share one topic, source, type and content type).
+                1 | 2 | 3 | 5 | 7 | 8 => {
                     let text = text_of(origin, field)?;
                     match tag {
+                        1 => e.id = text,
                         2 => e.topic = text,
+                        3 => e.key = Some(text),
                         5 => e.content_type = text,
                         7 => e.source = text,
                         _ => e.event_type = text,
@@ -929,8 +931,6 @@ impl DecodedEvent {
                 _ => {
                     let text = utf8(field)?.to_owned();
                     match tag {
-                        1 => e.id = text,
-                        3 => e.key = Some(text),
                         10 => self.traceparent = Some(text),
                         _ => self.tracestate = Some(text),
                     }
@@ -1001,8 +1001,8 @@ mod tests {
             ),
             &s(rng, 20),
         );
-        e.id = s(rng, 40);
-        e.key = rng.random_bool(0.5).then(|| s(rng, 10));
+        e.id = s(rng, 40).into();
+        e.key = rng.random_bool(0.5).then(|| s(rng, 10).into());
         e.source = s(rng, 10).into();
         e.event_type = s(rng, 10).into();
         e.time = match rng.random_range(0..4) {
@@ -1170,7 +1170,14 @@ mod tests {
         let e = Event::json("orders.eu", &serde_json::json!({"n": 1})).unwrap();
         let mut body = Vec::new();
         encode_delivery(1, "g", 1, &e, None, &mut body);
-        encode_delivery(2, "g", 1, &e.clone().with_id("second"), None, &mut body);
+        encode_delivery(
+            2,
+            "g",
+            1,
+            &e.clone().with_id("second").with_key("user-7"),
+            None,
+            &mut body,
+        );
         let body = Bytes::from(body);
         let frame = body.as_ptr_range();
         let inside = |t: &str| frame.contains(&t.as_ptr());
@@ -1192,8 +1199,11 @@ mod tests {
                 !inside(&got.content_type) && !inside(&got.source),
                 "the usual content type and the default source are static text, not slices"
             );
-            assert!(!inside(&got.id), "the id is the event's own");
+            assert!(inside(&got.id), "the id is a slice of the frame");
         }
+        assert_eq!((&*events[0].id, &*events[1].id), (&*e.id, "second"));
+        let key = events[1].key.as_ref().expect("the second event's key");
+        assert!(key == "user-7" && inside(key), "the key is a slice of the frame");
     }
 
     /// The relay's direct decoding of a batch body gives what prost's does.
@@ -1237,8 +1247,8 @@ mod tests {
             .prop_map(
                 |((id, topic, key), data, (content_type, nanos, source, event_type), headers, trace)| {
                     let mut e = Event::new(topic, data, &content_type);
-                    e.id = id;
-                    e.key = key;
+                    e.id = id.into();
+                    e.key = key.map(Into::into);
                     e.time = DateTime::<Utc>::from_timestamp_nanos(nanos);
                     e.source = source.into();
                     e.event_type = event_type.into();

@@ -55,9 +55,9 @@ impl Got {
     fn new(d: &Delivery, instance: usize) -> Got {
         let e = &d.event;
         Got {
-            id: e.id.clone(),
+            id: e.id.to_string(),
             group: d.subscription.group.clone(),
-            key: e.key.clone(),
+            key: e.key.as_ref().map(ToString::to_string),
             data: e.json_data().unwrap_or(Value::Null),
             instance,
             attempt: d.attempt,
@@ -749,7 +749,7 @@ async fn failures_inside_a_pipelined_run_retry_only_the_failed_events() {
     let events: Vec<Event> = (0..300)
         .map(|i| Event::json("api.pipeline", &json!({ "i": i })).unwrap())
         .collect();
-    let ids: Vec<String> = events.iter().map(|e| e.id.clone()).collect();
+    let ids: Vec<String> = events.iter().map(|e| e.id.to_string()).collect();
     let answers = n
         .node
         .ingress()

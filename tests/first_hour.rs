@@ -59,7 +59,7 @@ impl Handler<Delivery> for Recorder {
             if let Some(gate) = gate {
                 let _pass = gate.acquire().await?;
             }
-            seen.0.lock().unwrap().push((node, d.event.id.clone()));
+            seen.0.lock().unwrap().push((node, d.event.id.to_string()));
             Ok(())
         })
     }

@@ -315,8 +315,8 @@ fn event() -> impl Strategy<Value = Event> {
         .prop_map(
             |((id, topic, key, data, content_type), (nanos, source, event_type, headers))| {
                 let mut e = Event::new(topic, data, &content_type);
-                e.id = id;
-                e.key = key;
+                e.id = id.into();
+                e.key = key.map(Into::into);
                 e.time = chrono::DateTime::from_timestamp_nanos(nanos);
                 e.source = source.into();
                 e.event_type = event_type.into();

@@ -58,7 +58,7 @@ impl Handler<Delivery> for Record {
         self.seen
             .lock()
             .unwrap()
-            .push((d.subscription.group.clone(), d.event.id.clone()));
+            .push((d.subscription.group.clone(), d.event.id.to_string()));
         Ok(())
     }
 }
@@ -106,7 +106,7 @@ async fn emitted_events_reach_every_subscription_once_in_order_and_invalid_ones_
     let mut ids = Vec::new();
     for i in 0..500u32 {
         let e = Event::json("orders", &serde_json::json!({ "n": i })).unwrap();
-        ids.push(e.id.clone());
+        ids.push(e.id.to_string());
         publisher.emit(e).expect("an emitted event is accepted");
     }
     for group in ["billing", "audit"] {
@@ -163,7 +163,7 @@ async fn emit_refuses_with_overloaded_when_the_mailbox_is_full_and_handles_every
     let mut overloaded = 0;
     for i in 0..1000u32 {
         let e = Event::json("orders", &serde_json::json!({ "n": i })).unwrap();
-        let id = e.id.clone();
+        let id = e.id.to_string();
         match publisher.emit(e) {
             Ok(()) => accepted.push(id),
             Err(PublishError::Overloaded(_)) => {

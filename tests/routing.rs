@@ -215,7 +215,7 @@ async fn ack_none_events_reach_a_remote_node_and_their_window_comes_back() {
     for i in 40..60 {
         let id = within("emit: the window opens again", Duration::from_secs(30), || {
             let event = herald::event::Event::json("rt.none", &json!({"i": i})).unwrap();
-            let id = event.id.clone();
+            let id = event.id.to_string();
             let emitted = publisher.emit(event);
             async move {
                 match emitted {
@@ -249,7 +249,7 @@ impl Actor for Recorder {
 impl Handler<Delivery> for Recorder {
     type Result = HandlerResult;
     fn handle(&mut self, d: Delivery, _: &mut Context<Self>) -> HandlerResult {
-        self.seen.lock().unwrap().push((self.node, d.event.id.clone()));
+        self.seen.lock().unwrap().push((self.node, d.event.id.to_string()));
         Ok(())
     }
 }

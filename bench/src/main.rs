@@ -585,7 +585,7 @@ async fn publish_concurrently(
                 (0..batch)
                     .map(|_| {
                         let mut e = payload.clone();
-                        e.id = herald::event::new_id();
+                        e.id = herald::event::new_id().into();
                         e
                     })
                     .collect()

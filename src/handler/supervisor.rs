@@ -414,7 +414,7 @@ impl Runner {
                     "deliver",
                     otel.kind = "consumer",
                     herald.subscription = %self.shared.key,
-                    herald.event_id = job.event.id.as_str(),
+                    herald.event_id = &*job.event.id,
                     herald.attempt = attempt,
                     herald.outcome = tracing::field::Empty,
                     herald.error = tracing::field::Empty,

@@ -10,7 +10,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::{authorize, media_type, read_body, ApiError, Caller, State};
 use crate::config::Role;
-use crate::event::{self, Event, TraceContext};
+use crate::event::{self, ByteString, Event, TraceContext};
 use crate::ingress::{AckMode, Answer, Published};
 
 const CE_JSON: &str = "application/cloudevents+json";
@@ -166,10 +166,10 @@ fn trace_headers(headers: &HeaderMap) -> Option<TraceContext> {
 /// span continues the caller's trace).
 fn apply_headers(mut e: Event, headers: &HeaderMap) -> Result<Event, ApiError> {
     if let Some(id) = idempotency_key(headers)? {
-        e.id = id.to_string();
+        e.id = id.into();
     }
     if let Some(key) = ascii_header(headers, HERALD_KEY)? {
-        e.key = Some(key.to_string());
+        e.key = Some(key.into());
     }
     if let Some(trace) = trace_headers(headers) {
         e.trace = Some(trace);
@@ -437,14 +437,13 @@ struct Ids<'a>(&'a [Answer]);
 
 impl Serialize for Ids<'_> {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_seq(self.0.iter().map(|a| a.event.id.as_str()))
+        serializer.collect_seq(self.0.iter().map(|a| &*a.event.id))
     }
 }
 
 /// A JSON array: each element becomes one event's data. `Idempotency-Key: K` gives ids `K-0`, `K-1` …
 /// Each event's data is a slice of the body (no copy per event). The events of one batch share
-/// one accept time, and their generated ids are consecutive ULIDs from one clock read and one
-/// random draw (unique and ordered like the events) instead of a clock read and a draw each.
+/// one accept time, and their ids come from [`batch_ids`].
 fn json_batch(topic: &str, body: &web::Bytes, req: &HttpRequest) -> Result<Vec<Event>, ApiError> {
     check_json(body, "invalid_json")?;
     let items: Vec<&serde_json::value::RawValue> = serde_json::from_slice(body)
@@ -466,37 +465,86 @@ fn json_batch(topic: &str, body: &web::Bytes, req: &HttpRequest) -> Result<Vec<E
             ));
         }
     }
-    let key = ascii_header(headers, HERALD_KEY)?;
+    let key = ascii_header(headers, HERALD_KEY)?.map(ByteString::from);
     let trace = trace_headers(headers);
     let template = Event::new(topic, web::Bytes::new(), event::JSON);
-    let mut ulid = ulid::Ulid::new();
+    let ids = batch_ids(idem, items.len());
     Ok(items
         .into_iter()
-        .enumerate()
-        .map(|(i, raw)| {
-            let id = match idem {
-                Some(k) => format!("{k}-{i}"),
-                None => {
-                    // The random part has 80 bits: it practically never overflows within a
-                    // batch, and a fresh ULID (not a nil one) takes over if it does.
-                    ulid = ulid
-                        .increment()
-                        .unwrap_or_else(|| ulid::Ulid::from_datetime(std::time::SystemTime::now()));
-                    event::ulid_string(ulid)
-                }
-            };
-            Event {
-                id,
-                topic: template.topic.clone(),
-                key: key.map(str::to_string),
-                data: body.slice_ref(raw.get().as_bytes()),
-                content_type: template.content_type.clone(),
-                time: template.time,
-                source: template.source.clone(),
-                event_type: template.event_type.clone(),
-                headers: Default::default(),
-                trace: trace.clone(),
-            }
+        .zip(ids)
+        .map(|(raw, id)| Event {
+            id,
+            topic: template.topic.clone(),
+            key: key.clone(),
+            data: body.slice_ref(raw.get().as_bytes()),
+            content_type: template.content_type.clone(),
+            time: template.time,
+            source: template.source.clone(),
+            event_type: template.event_type.clone(),
+            headers: Default::default(),
+            trace: trace.clone(),
         })
         .collect())
+}
+
+/// The ids of a batch of `n` events, as slices of one buffer (one allocation for the batch, not
+/// one per event): `K-0`, `K-1` … for `Idempotency-Key: K`, else consecutive ULIDs from one clock
+/// read and one random draw (unique and ordered like the events) instead of a clock read and a
+/// draw each.
+fn batch_ids(idempotency_key: Option<&str>, n: usize) -> impl Iterator<Item = ByteString> {
+    use std::fmt::Write;
+    let mut text = String::with_capacity(n * idempotency_key.map_or(ulid::ULID_LEN, |k| k.len() + 6));
+    let mut ends = Vec::with_capacity(n);
+    let mut ulid = ulid::Ulid::new();
+    for i in 0..n {
+        match idempotency_key {
+            Some(k) => {
+                let _ = write!(text, "{k}-{i}");
+            }
+            None => {
+                // The random part has 80 bits: it practically never overflows within a batch,
+                // and a fresh ULID (not a nil one) takes over if it does.
+                ulid = ulid
+                    .increment()
+                    .unwrap_or_else(|| ulid::Ulid::from_datetime(std::time::SystemTime::now()));
+                let mut buf = [0u8; ulid::ULID_LEN];
+                text.push_str(ulid.array_to_str(&mut buf));
+            }
+        }
+        ends.push(text.len());
+    }
+    let text = ByteString::from(text);
+    let mut start = 0;
+    ends.into_iter().map(move |end| {
+        let id = text.slice_ref(&text[start..end]);
+        start = end;
+        id
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_s_ids_are_ordered_ulids_or_key_and_index_in_one_buffer() {
+        let ids: Vec<ByteString> = batch_ids(None, 1000).collect();
+        assert_eq!(ids.len(), 1000);
+        for pair in ids.windows(2) {
+            assert!(
+                pair[0] < pair[1],
+                "consecutive ids increase: {} then {}",
+                pair[0],
+                pair[1]
+            );
+            assert_eq!(pair[1].len(), ulid::ULID_LEN);
+            assert!(ulid::Ulid::from_string(&pair[1]).is_ok(), "{} is a ULID", pair[1]);
+            // One buffer for the batch: each id follows the one before in memory.
+            assert_eq!(pair[1].as_ptr(), pair[0].as_ptr().wrapping_add(pair[0].len()));
+        }
+        let keyed: Vec<ByteString> = batch_ids(Some("order-9"), 12).collect();
+        let want: Vec<String> = (0..12).map(|i| format!("order-9-{i}")).collect();
+        assert_eq!(keyed, want);
+        assert_eq!(batch_ids(None, 0).count(), 0);
+    }
 }

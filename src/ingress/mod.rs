@@ -123,7 +123,7 @@ pub(crate) struct Answer {
 impl Answer {
     pub(crate) fn into_published(self) -> Published {
         Published {
-            id: self.event.id.clone(),
+            id: self.event.id.to_string(),
             topic: self.event.topic.to_string(),
             subscriptions: self.subscriptions,
             outcomes: self.outcomes,
@@ -609,7 +609,7 @@ fn replay_traced(mut event: Event, from: &'static str) -> Event {
         parent: None,
         "replay",
         herald.replay = from,
-        herald.event_id = event.id.as_str(),
+        herald.event_id = &*event.id,
         herald.topic = &*event.topic,
     );
     telemetry::link(&span, original);
@@ -728,7 +728,7 @@ impl Ingress {
                 parent: None,
                 "publish",
                 otel.kind = "server",
-                herald.event_id = e.id.as_str(),
+                herald.event_id = &*e.id,
                 herald.topic = &*e.topic,
                 herald.ack = ack_name(ack),
                 herald.error = tracing::field::Empty,
@@ -926,7 +926,7 @@ impl Ingress {
                 Err(_) => {
                     return Err(PublishError::Timeout {
                         after: timeout,
-                        ids: answers.iter().map(|a| a.event.id.clone()).collect(),
+                        ids: answers.iter().map(|a| a.event.id.to_string()).collect(),
                     })
                 }
             };
@@ -1324,7 +1324,7 @@ impl Ingress {
         let permit = self.in_flight.bytes.take(charge(&event)).await;
         let (tracker, _) = self.tracker(1, Some(seq), permit, false);
         self.relay.park(Arc::new(key), event.clone(), tracker, false);
-        Ok(event.id.clone())
+        Ok(event.id.to_string())
     }
 
     /// Events queued or in progress at this node's instances.

@@ -43,7 +43,7 @@ fn hop(node: u64, key: &SubscriptionKey, e: &Event) -> Option<(tracing::Span, Op
         otel.kind = "producer",
         herald.peer = node,
         herald.subscription = %key,
-        herald.event_id = e.id.as_str(),
+        herald.event_id = &*e.id,
     );
     if let Some(parent) = &e.trace {
         crate::telemetry::continue_trace(&span, parent);
@@ -728,12 +728,12 @@ mod tests {
         assert_eq!(chunks[0].n, 4);
         let got: Vec<_> = decode(chunks[0].bytes.body())
             .into_iter()
-            .map(|d| (d.id, d.lane, d.group, d.epoch, d.event.map(|e| e.id)))
+            .map(|d| (d.id, d.lane, d.group, d.epoch, d.event.map(|e| e.id.to_string())))
             .collect();
         let want: Vec<_> = items
             .iter()
             .zip([(100, 0), (0, 7), (101, 0), (0, 9)])
-            .map(|(o, (id, lane))| (id, lane, o.key.group.clone(), o.epoch, Some(o.event.id.clone())))
+            .map(|(o, (id, lane))| (id, lane, o.key.group.clone(), o.epoch, Some(o.event.id.to_string())))
             .collect();
         assert_eq!(got, want);
     }
