@@ -283,8 +283,9 @@ struct MembershipArgs {
 #[derive(Args, Debug)]
 struct LocalArgs {
     /// Events per run (the `send` row, which awaits each answer and runs some 50× slower, runs
-    /// at most 200,000). Runs of the fast rows last about a second: at 200,000 events they
-    /// lasted 0.1 to 0.3 s, and one invocation's runs of `do_send(Event)` spread over 5×.
+    /// at most 200,000), published in 10 slices that take turns with the other rows' slices.
+    /// Runs of the fast rows last about a second: at 200,000 events they lasted 0.1 to 0.3 s,
+    /// and one invocation's runs of `do_send(Event)` spread over 5×.
     #[arg(long, default_value_t = 1_000_000)]
     events: u64,
     /// Runs per figure (the median is reported).
@@ -296,8 +297,11 @@ struct LocalArgs {
     /// Events per publish call in the batched ack=accepted run (like one HTTP batch request).
     #[arg(long, default_value_t = 100)]
     batch: usize,
-    /// Handler instances of the benchmark subscription.
-    #[arg(long, default_value_t = 2)]
+    /// Handler instances of each benchmark subscription. One, like for like with the raw actix
+    /// rows (one actor) and actix-broker's (its subscribers on one arbiter); with two, Herald's
+    /// handlers run on two worker threads beside the publisher's, three busy threads on a 2-core
+    /// machine.
+    #[arg(long, default_value_t = 1)]
     instances: u32,
     /// WAL fsync policy for ack=accepted.
     #[arg(long, value_enum, default_value = "always")]
@@ -559,6 +563,12 @@ async fn emit_until_accepted(publisher: &Publisher, event: &Event) -> Result<(),
     }
 }
 
+/// The events [`publish_concurrently`] publishes for `events`: whole calls of `batch` by each of
+/// `publishers`, at least one each.
+fn concurrent_total(events: u64, publishers: usize, batch: usize) -> u64 {
+    (events / (publishers * batch) as u64).max(1) * (publishers * batch) as u64
+}
+
 /// `publishers` concurrent tasks publish `events` in calls of `batch` with `ack=accepted`; events/s
 /// until the handler has seen them all.
 async fn publish_concurrently(
@@ -570,8 +580,8 @@ async fn publish_concurrently(
     batch: usize,
     max: Duration,
 ) -> Result<f64, String> {
-    let calls = (events / (publishers * batch) as u64).max(1);
-    let total = calls * (publishers * batch) as u64;
+    let total = concurrent_total(events, publishers, batch);
+    let calls = total / (publishers * batch) as u64;
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..publishers {
@@ -602,6 +612,9 @@ async fn publish_concurrently(
     }
     Ok(total as f64 / started.elapsed().as_secs_f64())
 }
+
+/// Slices of each `local` run (see the loop in [`local`]).
+const SLICES: u64 = 10;
 
 /// Most events of one run of the `send` row (each answer awaited: some 20,000 a second).
 const ANSWERED_EVENTS: u64 = 200_000;
@@ -691,11 +704,10 @@ async fn local(mut a: LocalArgs) -> Result<(), String> {
     if selected.contains(&LocalRow::BrokerFanout) {
         broker_subscribers::<3>(&tally, &arbiter.handle()).await?;
     }
-    let events = a.events;
     // Herald `ack=none`, one event per call from one task (`publish`, whose answer is the
     // event's id, topic and subscription count; or `emit`, accepted or refused only);
     // `subscriptions` is how many subscriptions the event's topic has (each handles every event).
-    let publish_run = |event: &Event, subscriptions: u64, emit: bool| {
+    let publish_run = |event: &Event, subscriptions: u64, emit: bool, events: u64| {
         let (ing, ev, tally) = (publisher.clone(), event.clone(), tally.clone());
         async move {
             let started = Instant::now();
@@ -715,39 +727,75 @@ async fn local(mut a: LocalArgs) -> Result<(), String> {
         }
     };
     let mut figures: std::collections::HashMap<LocalRow, Vec<f64>> = Default::default();
+    // Each run is made of `SLICES` slices, and the rows take turns slice by slice: this machine
+    // flips between a fast and a slow mode for seconds at a time (the publisher and the handler
+    // on two cores, or sharing one), so whole runs in turn still paired a fast run of one row
+    // with a slow run of its peer (ratios of 0.2 and 2.6 in one invocation); slices in turn give
+    // both rows the same mix of modes.
+    let slices = if a.smoke { 1 } else { SLICES.min(a.events) };
     for _ in 0..a.runs {
+        let mut seconds: std::collections::HashMap<LocalRow, f64> = Default::default();
+        let mut counted: std::collections::HashMap<LocalRow, u64> = Default::default();
+        for slice in 0..slices {
+            for &row in &selected {
+                // This slice's share of the run's events (the last slice takes the remainder).
+                let share = |total: u64| {
+                    let per = total / slices;
+                    if slice + 1 == slices {
+                        total - per * (slices - 1)
+                    } else {
+                        per
+                    }
+                };
+                let events = share(a.events);
+                let per_second = match row {
+                    LocalRow::Raw => do_send_run(&tally, events, max, || addr.do_send(Ping)).await?,
+                    LocalRow::RawEvent => {
+                        do_send_run(&tally, events, max, || addr.do_send(Carry(payload.clone()))).await?
+                    }
+                    LocalRow::RawSend => {
+                        let events = share(a.events.min(ANSWERED_EVENTS));
+                        let started = Instant::now();
+                        let (to, ev) = (addr.clone(), payload.clone());
+                        let sender = actix_rt::spawn(async move {
+                            for _ in 0..events {
+                                to.send(Carry(ev.clone())).await.map_err(|e| e.to_string())?;
+                            }
+                            Ok::<(), String>(())
+                        });
+                        tally.reset_and_wait(events, max, || {}).await?;
+                        sender.await.map_err(|e| e.to_string())??;
+                        events as f64 / started.elapsed().as_secs_f64()
+                    }
+                    LocalRow::Broker => broker_run::<1>(&tally, &payload, events, max).await?,
+                    LocalRow::BrokerFanout => broker_run::<3>(&tally, &payload, events, max).await?,
+                    LocalRow::None => publish_run(&payload, 1, false, events).await?,
+                    LocalRow::Emit => publish_run(&payload, 1, true, events).await?,
+                    LocalRow::EmitFanout => publish_run(&fanout, 3, true, events).await?,
+                    LocalRow::Accepted => {
+                        publish_concurrently(&publisher, &tally, &payload, events, a.publishers, 1, max).await?
+                    }
+                    LocalRow::Batch => {
+                        publish_concurrently(&publisher, &tally, &payload, events, a.publishers.min(16), a.batch, max)
+                            .await?
+                    }
+                };
+                // Events this slice counted (the ack=accepted rows publish whole calls).
+                let n = match row {
+                    LocalRow::RawSend => share(a.events.min(ANSWERED_EVENTS)),
+                    LocalRow::Accepted => concurrent_total(events, a.publishers, 1),
+                    LocalRow::Batch => concurrent_total(events, a.publishers.min(16), a.batch),
+                    _ => events,
+                };
+                *seconds.entry(row).or_default() += n as f64 / per_second;
+                *counted.entry(row).or_default() += n;
+            }
+        }
         for &row in &selected {
-            let per_second = match row {
-                LocalRow::Raw => do_send_run(&tally, events, max, || addr.do_send(Ping)).await?,
-                LocalRow::RawEvent => do_send_run(&tally, events, max, || addr.do_send(Carry(payload.clone()))).await?,
-                LocalRow::RawSend => {
-                    let events = events.min(ANSWERED_EVENTS);
-                    let started = Instant::now();
-                    let (to, ev) = (addr.clone(), payload.clone());
-                    let sender = actix_rt::spawn(async move {
-                        for _ in 0..events {
-                            to.send(Carry(ev.clone())).await.map_err(|e| e.to_string())?;
-                        }
-                        Ok::<(), String>(())
-                    });
-                    tally.reset_and_wait(events, max, || {}).await?;
-                    sender.await.map_err(|e| e.to_string())??;
-                    events as f64 / started.elapsed().as_secs_f64()
-                }
-                LocalRow::Broker => broker_run::<1>(&tally, &payload, events, max).await?,
-                LocalRow::BrokerFanout => broker_run::<3>(&tally, &payload, events, max).await?,
-                LocalRow::None => publish_run(&payload, 1, false).await?,
-                LocalRow::Emit => publish_run(&payload, 1, true).await?,
-                LocalRow::EmitFanout => publish_run(&fanout, 3, true).await?,
-                LocalRow::Accepted => {
-                    publish_concurrently(&publisher, &tally, &payload, events, a.publishers, 1, max).await?
-                }
-                LocalRow::Batch => {
-                    publish_concurrently(&publisher, &tally, &payload, events, a.publishers.min(16), a.batch, max)
-                        .await?
-                }
-            };
-            figures.entry(row).or_default().push(per_second);
+            figures
+                .entry(row)
+                .or_default()
+                .push(counted[&row] as f64 / seconds[&row]);
         }
     }
     arbiter.stop();
