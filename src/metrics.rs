@@ -506,6 +506,13 @@ impl DurationHistogram {
         self.sum_ns.fetch_add(ns, Ordering::Relaxed);
     }
 
+    /// Samples so far and their sum.
+    #[cfg(test)]
+    pub(crate) fn totals(&self) -> (u64, Duration) {
+        let count = self.counts.iter().map(|c| c.load(Ordering::Relaxed)).sum();
+        (count, Duration::from_nanos(self.sum_ns.load(Ordering::Relaxed)))
+    }
+
     /// Appends this histogram's `_bucket`, `_sum` and `_count` lines.
     fn render(&self, out: &mut String) {
         let mut cumulative = 0u64;

@@ -676,9 +676,9 @@ async fn local(mut a: LocalArgs) -> Result<(), String> {
         }
     );
 
-    // The rows alternate run by run (each round runs every row once, in this order), so a drift
+    // The rows take turns (each slice of a round runs every row once, in this order), so a drift
     // of the machine's speed during the invocation moves Herald and its peers alike: run `i` of
-    // a row and run `i` of its peer are neighbours.
+    // a row and run `i` of its peer are interleaved.
     let order = [
         LocalRow::Raw,
         LocalRow::RawEvent,

@@ -580,9 +580,11 @@ fn describe(name: &str) -> &'static str {
              `do_send` of the same event, like for like). Then `actix-broker`'s system broker (what a Rust user \
              would pick for in-process publish/subscribe on actix: `Broker::issue_async` of the same event) to \
              one subscriber actor, and to three, next to Herald emitting to one subscription and to a topic of \
-             three subscriptions (events/s counts published events; each of the three handles every one). The \
-             rows alternate run by run: each round runs every row once, so Herald's run `i` and its peer's run `i` \
-             are neighbours."
+             three subscriptions (events/s counts published events; each of the three handles every one). Each \
+             subscription has one handler instance, like for like with the one raw actor and actix-broker's \
+             subscribers on one arbiter. The rows take turns slice by slice: each run is ten slices, each round \
+             runs a slice of every row in turn, so Herald's run `i` and its peer's run `i` met the same moments \
+             of the machine (which flips between a fast and a slow mode for seconds at a time)."
         }
         "nats" => {
             "Cross-node at-most-once: Herald `ack=none` (HTTP batches to node 1, handlers on nodes 2 and 3) next to \
