@@ -356,6 +356,24 @@ pub(super) fn http(c: &Cluster, id: u64) -> String {
     c.node(id).map(|n| n.http().to_string()).unwrap_or_default()
 }
 
+/// An HTTP client for the nodes, with at most `limit` connections: pooled connections are dropped
+/// after 1 s idle, well before the nodes' 5 s keep-alive, so that none a node closed is reused
+/// (awc's own default keeps them 15 s, and a request on one that the node had closed failed with
+/// "connector has been disconnected" after a quiet phase of a scenario).
+pub(super) fn node_client(timeout: Duration, limit: usize) -> awc::Client {
+    awc::Client::builder()
+        .timeout(timeout)
+        .connector(
+            awc::Connector::new()
+                .limit(limit)
+                .conn_keep_alive(Duration::from_secs(1)),
+        )
+        .finish()
+}
+
+/// awc's default connection limit, for [`node_client`].
+pub(super) const CONNECTIONS: usize = 100;
+
 async fn get(client: &awc::Client, url: &str) -> Result<Vec<u8>, String> {
     let mut r = client.get(url).send().await.map_err(|e| format!("GET {url}: {e}"))?;
     let body = r.body().limit(64 << 20).await.map_err(|e| format!("GET {url}: {e}"))?;
@@ -1126,7 +1144,7 @@ fn tracing_cost(a: &ClusterArgs) -> Result<(), String> {
                 (1.0 - medians[i] / medians[0]) * 100.0
             );
         }
-        let client = awc::Client::builder().timeout(Duration::from_secs(5)).finish();
+        let client = node_client(Duration::from_secs(5), CONNECTIONS);
         for (name, c) in clusters.iter().skip(1) {
             let mut dropped = 0.0;
             for n in c.nodes() {
@@ -1169,11 +1187,8 @@ pub(super) struct Target {
 /// Waits for the nodes, subscribes `bench-sink` x`instances` to the throughput topic, waits for
 /// the placement to settle and picks an ingress node that runs no instance.
 pub(super) async fn prepare(c: &mut Cluster, connections: usize, instances: u32) -> Result<Target, String> {
-    let client = awc::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .connector(awc::Connector::new().limit(connections + MAX_INFLIGHT + 8))
-        .finish();
-    let poll = awc::Client::builder().timeout(Duration::from_secs(2)).finish();
+    let client = node_client(Duration::from_secs(30), connections + MAX_INFLIGHT + 8);
+    let poll = node_client(Duration::from_secs(2), CONNECTIONS);
     c.wait_ready(Duration::from_secs(60)).await?;
     subscribe(c, &client, TOPIC, instances).await?;
     let hosts = settled(c, &poll, TOPIC, Duration::from_millis(500), Duration::from_secs(60)).await?;
@@ -1312,7 +1327,7 @@ async fn scenario(c: &mut Cluster, mut plain: Option<&mut Cluster>, a: &ClusterA
     // Control-plane latency: ping round trips over a quiet window, then during the ack=none
     // max-rate run (pings travel on the peer bus's control connections, events on its events
     // connections).
-    let client = awc::Client::builder().timeout(Duration::from_secs(10)).finish();
+    let client = node_client(Duration::from_secs(10), CONNECTIONS);
     let quiet = Duration::from_secs(a.seconds.clamp(2, 10));
     let before = ping_rtt(c, &client).await?;
     tokio::time::sleep(quiet).await;

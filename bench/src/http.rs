@@ -874,7 +874,7 @@ impl Bench<'_> {
 }
 
 async fn scenario(c: &mut Cluster, bare: &mut BareProc, a: &HttpArgs) -> Result<(), String> {
-    let poll = awc::Client::builder().timeout(Duration::from_secs(5)).finish();
+    let poll = crate::cluster::node_client(Duration::from_secs(5), crate::cluster::CONNECTIONS);
     c.wait_ready(Duration::from_secs(60)).await?;
     subscribe(c, &poll, TOPIC, a.instances).await?;
     settled(c, &poll, TOPIC, Duration::from_millis(300), Duration::from_secs(60)).await?;

@@ -226,7 +226,7 @@ async fn steps(
     handled: &AtomicU64,
     release: &watch::Sender<bool>,
 ) -> Result<(), String> {
-    let client = awc::Client::builder().timeout(Duration::from_secs(30)).finish();
+    let client = crate::cluster::node_client(Duration::from_secs(30), crate::cluster::CONNECTIONS);
     let url = format!("http://{}/v1/subscriptions", node.http_addr());
     let subscribe = |topic: String, handler: &'static str| {
         let (client, url) = (client.clone(), url.clone());

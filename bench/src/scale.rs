@@ -233,11 +233,8 @@ async fn placements(c: &Cluster, poll: &awc::Client, id: u64) -> Result<Vec<Vec<
 
 /// One cluster of `n` nodes; returns its rows, each with the mode `<n> nodes`.
 async fn scenario(c: &mut Cluster, a: &ScaleArgs, n: u64, started: Instant) -> Result<Vec<Value>, String> {
-    let client = awc::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .connector(awc::Connector::new().limit(64))
-        .finish();
-    let poll = awc::Client::builder().timeout(Duration::from_secs(5)).finish();
+    let client = crate::cluster::node_client(Duration::from_secs(30), 64);
+    let poll = crate::cluster::node_client(Duration::from_secs(5), crate::cluster::CONNECTIONS);
     c.wait_ready(READY_WITHIN).await?;
     let formed = started.elapsed();
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());

@@ -323,11 +323,8 @@ fn request(c: &Cluster, i: u64, flaky_n: &mut u64) -> (u64, String, String, Opti
 }
 
 async fn soak(c: &mut Cluster, a: &SoakArgs) -> Result<(), String> {
-    let client = awc::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .connector(awc::Connector::new().limit(MAX_INFLIGHT + 8))
-        .finish();
-    let poll = awc::Client::builder().timeout(Duration::from_secs(2)).finish();
+    let client = super::cluster::node_client(Duration::from_secs(30), MAX_INFLIGHT + 8);
+    let poll = super::cluster::node_client(Duration::from_secs(2), super::cluster::CONNECTIONS);
     c.wait_ready(Duration::from_secs(60)).await?;
     subscribe(c, &client).await?;
     for (topic, ..) in TOPICS {
