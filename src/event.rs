@@ -343,23 +343,30 @@ pub enum JsonError {
 /// Checks what a JSON syntax check that skips values does not: the whole body is UTF-8 (string
 /// contents included; serde_json does not check them when it only skips a value) and arrays and
 /// objects nest at most [`MAX_JSON_DEPTH`] deep (skipping a value has no depth limit). One pass,
-/// no allocation; the syntax itself is left to the parser.
+/// no allocation; the syntax itself is left to the parser. A string is skipped with `memchr`
+/// (to its next quote or backslash, many bytes at a time): scanned a byte at a time, this check
+/// was 23 % of the nodes' CPU at 1 KiB events (`herald-bench nats`), more than the encryption.
 pub fn check_json(body: &[u8]) -> Result<(), JsonError> {
     std::str::from_utf8(body).map_err(|e| JsonError::NotUtf8(e.valid_up_to()))?;
-    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
-    for (i, &b) in body.iter().enumerate() {
-        if in_string {
-            if escaped {
-                escaped = false;
-            } else if b == b'\\' {
-                escaped = true;
-            } else if b == b'"' {
-                in_string = false;
+    let mut depth = 0usize;
+    let mut i = 0;
+    while i < body.len() {
+        match body[i] {
+            b'"' => {
+                // Past the closing quote (or to the end of an unterminated string: the parser's
+                // to refuse), a backslash escaping the byte after it.
+                i += 1;
+                loop {
+                    match memchr::memchr2(b'"', b'\\', body.get(i..).unwrap_or_default()) {
+                        None => return Ok(()),
+                        Some(at) if body[i + at] == b'\\' => i += at + 2,
+                        Some(at) => {
+                            i += at;
+                            break;
+                        }
+                    }
+                }
             }
-            continue;
-        }
-        match b {
-            b'"' => in_string = true,
             b'[' | b'{' => {
                 depth += 1;
                 if depth > MAX_JSON_DEPTH {
@@ -369,6 +376,7 @@ pub fn check_json(body: &[u8]) -> Result<(), JsonError> {
             b']' | b'}' => depth = depth.saturating_sub(1),
             _ => {}
         }
+        i += 1;
     }
     Ok(())
 }
@@ -515,6 +523,55 @@ mod tests {
         // Brackets inside strings do not count.
         let quoted = format!("[\"{}\"]", "[".repeat(1000));
         assert_eq!(check_json(quoted.as_bytes()), Ok(()));
+    }
+
+    /// [`check_json`] a byte at a time, as it was before it skipped strings with `memchr`.
+    fn check_json_bytewise(body: &[u8]) -> Result<(), JsonError> {
+        std::str::from_utf8(body).map_err(|e| JsonError::NotUtf8(e.valid_up_to()))?;
+        let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+        for (i, &b) in body.iter().enumerate() {
+            if in_string {
+                if escaped {
+                    escaped = false;
+                } else if b == b'\\' {
+                    escaped = true;
+                } else if b == b'"' {
+                    in_string = false;
+                }
+                continue;
+            }
+            match b {
+                b'"' => in_string = true,
+                b'[' | b'{' => {
+                    depth += 1;
+                    if depth > MAX_JSON_DEPTH {
+                        return Err(JsonError::TooDeep(i));
+                    }
+                }
+                b']' | b'}' => depth = depth.saturating_sub(1),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    proptest::proptest! {
+        /// Bodies made of JSON's structural bytes, quotes, backslashes and letters (escapes at
+        /// the end, unterminated strings, brackets in strings, depth past the limit): the string
+        /// skipping agrees with the byte-at-a-time scan on every one.
+        #[test]
+        fn skipping_strings_agrees_with_scanning_every_byte(
+            body in proptest::collection::vec(
+                proptest::sample::select(vec![b'"', b'\\', b'[', b']', b'{', b'}', b'a', b':', b',']),
+                0..400,
+            ),
+            deep in 0usize..3,
+        ) {
+            // Sometimes a prefix deep enough to reach the limit inside `body`.
+            let mut input = b"[".repeat(deep * (MAX_JSON_DEPTH / 2));
+            input.extend_from_slice(&body);
+            proptest::prop_assert_eq!(check_json(&input), check_json_bytewise(&input));
+        }
     }
 
     #[test]
