@@ -20,12 +20,20 @@
 //! a full queue drops the span and counts it in `herald_trace_spans_dropped_total`, so export
 //! never blocks the event path. The thread is woken by a whole batch, not by each span. The HTTP client is a small blocking HTTP/1.1 POST on that
 //! thread (`http://` only: no TLS stack is linked for it).
+//!
+//! **Cost bounds.** The exporter thread spends at most a share of one core ([`EXPORT_CPU_ENV`],
+//! a tenth by default: it rests after each batch in proportion to the CPU time the batch took).
+//! While the queue is full the event path makes no span ([`admit`], checked by [`traced`] and
+//! before a publish span): a span costs microseconds to make, and one made then would be dropped
+//! when it ends. Sampling every event of a saturated node therefore costs a bounded share of it,
+//! and the spans it cannot afford are counted, not made.
 
 use std::fmt;
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, SyncSender};
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -49,10 +57,42 @@ pub fn enabled() -> bool {
     tracing::enabled!(target: TARGET, tracing::Level::INFO)
 }
 
-/// Whether an event with this context gets spans: sampled, and wanted by the subscriber.
+/// Whether an event with this context gets spans: sampled, wanted by the subscriber, and the
+/// exporter has room for them ([`admit`]).
 #[inline]
 pub fn traced(trace: Option<&TraceContext>) -> bool {
-    trace.is_some_and(TraceContext::sampled) && enabled()
+    trace.is_some_and(TraceContext::sampled) && enabled() && admit()
+}
+
+/// The installed exporter's queue, as the event path sees it (set once, by [`install`]).
+static SHEDDING: OnceLock<Shedding> = OnceLock::new();
+
+/// Whether the exporter's queue is full, and the counter of the spans it drops.
+struct Shedding {
+    shared: Arc<Shared>,
+    dropped: metrics::Counter,
+}
+
+/// Whether a span may be made now. While the installed exporter's queue is full, no: the span
+/// would be dropped when it ends, after it cost its whole making (some microseconds: the
+/// `tracing` registry, the OpenTelemetry bridge and the SDK span), so it is not made, and it is
+/// counted as dropped (`herald_trace_spans_dropped_total`) right away. The event's context passes
+/// on unchanged, so the spans made after it name the last span made before it as their parent:
+/// the trace has a hop fewer, not a broken link. Without an installed exporter (an embedded node),
+/// always yes.
+#[inline]
+pub fn admit() -> bool {
+    admit_with(SHEDDING.get())
+}
+
+fn admit_with(shedding: Option<&Shedding>) -> bool {
+    match shedding {
+        Some(s) if s.shared.full.load(Ordering::Relaxed) => {
+            s.dropped.increment(1);
+            false
+        }
+        _ => true,
+    }
 }
 
 /// Decides which publishes without a context start a trace (`telemetry.sample_ratio`).
@@ -203,7 +243,12 @@ where
         env_ms("OTEL_BSP_MAX_QUEUE_SIZE", 2048) as usize,
         env_ms("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512).max(1) as usize,
         Duration::from_millis(env_ms("OTEL_BSP_SCHEDULE_DELAY", 1000).max(1)),
+        Pace::from_env()?,
     );
+    let _ = SHEDDING.set(Shedding {
+        shared: processor.shared.clone(),
+        dropped: processor.dropped.clone(),
+    });
     let provider = SdkTracerProvider::builder()
         .with_resource(resource)
         // Herald decides which traces start (`Sampler`) and follows the sampled flag of the
@@ -232,6 +277,70 @@ fn env_ms(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
+/// The environment variable that sets the exporter thread's share of one core (from 0 to 1;
+/// a tenth by default): see the module's cost bounds.
+pub const EXPORT_CPU_ENV: &str = "HERALD_OTLP_EXPORT_CPU";
+
+/// How much of one core the exporter thread may spend converting, encoding and sending spans.
+///
+/// After exporting, the thread rests in proportion to the CPU time the export took (its own
+/// thread's clock, not the wall clock: waiting for the collector costs nothing), so that it uses
+/// at most `share` of a core; spans that arrive meanwhile wait in the bounded queue, and a full
+/// queue drops them (counted). Without this, sampling every event of a busy node kept the thread
+/// encoding flat out: a quarter of a 2-core machine taken from the event path. A flush or
+/// shutdown does not wait.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Pace {
+    share: f64,
+}
+
+impl Pace {
+    /// A tenth of a core: some 50,000 spans a second at the ~2 µs a span costs to export on the
+    /// benchmark machine, several times what 1 % sampling of a saturated node makes there.
+    const DEFAULT_SHARE: f64 = 0.1;
+
+    /// `share` of a core, more than 0 and at most 1 (1: no rest).
+    fn new(share: f64) -> Result<Pace, String> {
+        if share.is_finite() && share > 0.0 && share <= 1.0 {
+            Ok(Pace { share })
+        } else {
+            Err(format!(
+                "{EXPORT_CPU_ENV} must be a share of one core, more than 0 and at most 1 (like 0.1), not {share}"
+            ))
+        }
+    }
+
+    /// From [`EXPORT_CPU_ENV`], or [`Pace::DEFAULT_SHARE`].
+    fn from_env() -> Result<Pace, String> {
+        match std::env::var(EXPORT_CPU_ENV) {
+            Err(_) => Pace::new(Pace::DEFAULT_SHARE),
+            Ok(v) => match v.trim().parse::<f64>() {
+                Ok(share) => Pace::new(share),
+                Err(_) => Err(format!(
+                    "{EXPORT_CPU_ENV}={v:?} is not a number (a share of one core, like 0.1)"
+                )),
+            },
+        }
+    }
+
+    /// How long to rest after an export that took `cpu` of the thread's time.
+    fn rest_after(&self, cpu: Duration) -> Duration {
+        cpu.mul_f64((1.0 - self.share) / self.share)
+    }
+}
+
+/// The CPU time the calling thread has used.
+fn thread_cpu_time() -> Duration {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid timespec for the call to write; the clock id is a constant.
+    let ok = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) } == 0;
+    if ok {
+        Duration::new(ts.tv_sec.max(0) as u64, ts.tv_nsec.clamp(0, 999_999_999) as u32)
+    } else {
+        Duration::ZERO
+    }
+}
+
 /// The spans waiting for the exporter thread, and what was asked of it.
 #[derive(Default)]
 struct Queue {
@@ -247,6 +356,9 @@ struct Queue {
 struct Shared {
     queue: Mutex<Queue>,
     wake: Condvar,
+    /// Set when a span found the queue full, cleared when the thread takes spans out of it: read
+    /// by the event path ([`admit`]) without the lock.
+    full: AtomicBool,
 }
 
 impl Shared {
@@ -279,14 +391,20 @@ impl fmt::Debug for Batcher {
 }
 
 impl Batcher {
-    fn start<E: SpanExporter + 'static>(exporter: E, queue: usize, batch: usize, delay: Duration) -> Batcher {
+    fn start<E: SpanExporter + 'static>(
+        exporter: E,
+        queue: usize,
+        batch: usize,
+        delay: Duration,
+        pace: Pace,
+    ) -> Batcher {
         let shared = Arc::new(Shared::default());
         let max_batch = batch.max(1);
         let thread = {
             let shared = shared.clone();
             std::thread::Builder::new()
                 .name("herald-otlp".into())
-                .spawn(move || export_loop(exporter, &shared, max_batch, delay))
+                .spawn(move || export_loop(exporter, &shared, max_batch, delay, pace))
                 .ok()
         };
         Batcher {
@@ -345,7 +463,10 @@ impl SpanProcessor for Batcher {
         match queued {
             Some(n) if n == self.max_batch => self.shared.wake.notify_one(),
             Some(_) => {}
-            None => self.dropped.increment(1),
+            None => {
+                self.dropped.increment(1);
+                self.shared.full.store(true, Ordering::Relaxed);
+            }
         }
     }
 
@@ -366,24 +487,30 @@ impl SpanProcessor for Batcher {
 }
 
 /// The exporter thread: sleeps until a batch is waiting, a flush or shutdown is asked, or the
-/// schedule delay passed; then takes a batch (everything, for a flush or shutdown) and exports it.
-fn export_loop<E: SpanExporter>(exporter: E, shared: &Shared, max_batch: usize, delay: Duration) {
+/// schedule delay passed; then takes a batch (everything, for a flush or shutdown) and exports it,
+/// and rests as its [`Pace`] says before the next (a flush or shutdown cuts the rest short).
+fn export_loop<E: SpanExporter>(exporter: E, shared: &Shared, max_batch: usize, delay: Duration, pace: Pace) {
     let mut due = Instant::now() + delay;
+    let mut rested = Instant::now();
     let mut last_warning: Option<Instant> = None;
     loop {
         let (spans, flushes, closing) = {
             let mut q = shared.lock();
             loop {
-                if q.spans.len() >= max_batch || !q.flushes.is_empty() || q.closing.is_some() {
+                if !q.flushes.is_empty() || q.closing.is_some() {
                     break;
                 }
                 let now = Instant::now();
-                if now >= due {
+                let until = if now < rested {
+                    rested
+                } else if q.spans.len() >= max_batch || now >= due {
                     break;
-                }
+                } else {
+                    due
+                };
                 q = shared
                     .wake
-                    .wait_timeout(q, due - now)
+                    .wait_timeout(q, until - now)
                     .unwrap_or_else(PoisonError::into_inner)
                     .0;
             }
@@ -395,11 +522,13 @@ fn export_loop<E: SpanExporter>(exporter: E, shared: &Shared, max_batch: usize, 
             } else {
                 std::mem::take(&mut q.spans)
             };
+            shared.full.store(false, Ordering::Relaxed);
             (spans, std::mem::take(&mut q.flushes), closing)
         };
         if Instant::now() >= due {
             due = Instant::now() + delay;
         }
+        let cpu = thread_cpu_time();
         let mut spans = spans.into_iter().peekable();
         while spans.peek().is_some() {
             let batch: Vec<SpanData> = spans.by_ref().take(max_batch).collect();
@@ -411,6 +540,7 @@ fn export_loop<E: SpanExporter>(exporter: E, shared: &Shared, max_batch: usize, 
                 }
             }
         }
+        rested = Instant::now() + pace.rest_after(thread_cpu_time().saturating_sub(cpu));
         for done in flushes {
             let _ = done.send(());
         }
@@ -552,8 +682,9 @@ mod tests {
             exported: exported.clone(),
         };
         // Queue of 4, batches of 1: the thread takes one span and is stuck exporting it.
-        let batcher =
-            metrics::with_local_recorder(&recorder, || Batcher::start(exporter, 4, 1, Duration::from_secs(60)));
+        let batcher = metrics::with_local_recorder(&recorder, || {
+            Batcher::start(exporter, 4, 1, Duration::from_secs(60), Pace::new(1.0).unwrap())
+        });
         batcher.on_end(span(1, true));
         let dropped = || {
             crate::metrics::parse_exposition(&handle.render())
@@ -583,6 +714,64 @@ mod tests {
         assert_eq!(dropped(), d);
     }
 
+    /// Once a span found the export queue full, no span is made until the exporter thread takes
+    /// spans out of the queue: [`admit`] says no and counts the span as dropped at once (making
+    /// it would cost its microseconds for nothing). Then spans are made again.
+    #[test]
+    fn while_the_export_queue_is_full_no_span_is_made_and_each_is_counted_as_dropped() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let (release, stuck) = mpsc::channel();
+        let exporter = Stuck {
+            release: Mutex::new(stuck),
+            exported: Default::default(),
+        };
+        // Queue of 2, batches of 1: the thread takes the first span and is stuck exporting it.
+        let batcher = metrics::with_local_recorder(&recorder, || {
+            Batcher::start(exporter, 2, 1, Duration::from_secs(60), Pace::new(1.0).unwrap())
+        });
+        let shedding = Shedding {
+            shared: batcher.shared.clone(),
+            dropped: batcher.dropped.clone(),
+        };
+        let dropped = || {
+            crate::metrics::parse_exposition(&handle.render())
+                .get(crate::metrics::TRACE_SPANS_DROPPED)
+                .and_then(|series| series.first().map(|(_, v)| *v))
+                .unwrap_or(0.0)
+        };
+        assert!(admit_with(Some(&shedding)), "an empty queue admits spans");
+        assert!(admit_with(None), "no installed exporter: always admitted");
+        batcher.on_end(span(1, true));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !batcher.shared.lock().spans.is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "the exporter thread never took the first span"
+            );
+            std::thread::yield_now();
+        }
+        // Two more fill the queue, the fourth finds it full.
+        for n in 2..=4 {
+            batcher.on_end(span(n, true));
+        }
+        assert_eq!(dropped(), 1.0);
+        for _ in 0..3 {
+            assert!(!admit_with(Some(&shedding)), "a full queue admits no span");
+        }
+        assert_eq!(dropped(), 4.0, "each span not made is counted as dropped");
+        // Released, the thread takes the queued spans: spans are made again.
+        for _ in 0..3 {
+            let _ = release.send(());
+        }
+        batcher.force_flush().unwrap();
+        assert!(
+            admit_with(Some(&shedding)),
+            "the thread took the queue's spans: spans are admitted again"
+        );
+        assert_eq!(dropped(), 4.0);
+    }
+
     /// Sends each exported batch's size.
     #[derive(Debug)]
     struct Sizes(Mutex<mpsc::Sender<usize>>);
@@ -602,7 +791,13 @@ mod tests {
     #[test]
     fn spans_wait_in_the_queue_until_a_whole_batch_is_there() {
         let (tx, sizes) = mpsc::channel();
-        let batcher = Batcher::start(Sizes(Mutex::new(tx)), 100, 10, Duration::from_secs(60));
+        let batcher = Batcher::start(
+            Sizes(Mutex::new(tx)),
+            100,
+            10,
+            Duration::from_secs(60),
+            Pace::new(1.0).unwrap(),
+        );
         for n in 1..=9 {
             batcher.on_end(span(n, true));
         }
@@ -630,6 +825,85 @@ mod tests {
         batcher.shutdown_with_timeout(Duration::from_secs(5)).unwrap();
         batcher.on_end(span(14, true));
         assert!(sizes.try_recv().is_err(), "nothing is exported after shutdown");
+    }
+
+    /// An exporter that spends `burn` of its thread's CPU on each batch and reports when each
+    /// export started and ended, and the CPU time it took.
+    #[derive(Debug)]
+    struct Burner {
+        burn: Duration,
+        exports: Mutex<mpsc::Sender<(Instant, Instant, Duration)>>,
+    }
+
+    impl SpanExporter for Burner {
+        fn export(
+            &self,
+            _: Vec<SpanData>,
+        ) -> impl std::future::Future<Output = opentelemetry_sdk::error::OTelSdkResult> + Send {
+            let (started, cpu) = (Instant::now(), thread_cpu_time());
+            while thread_cpu_time().saturating_sub(cpu) < self.burn {
+                std::hint::spin_loop();
+            }
+            let took = thread_cpu_time().saturating_sub(cpu);
+            let _ = self.exports.lock().unwrap().send((started, Instant::now(), took));
+            std::future::ready(Ok(()))
+        }
+    }
+
+    /// With a fifth of a core, the exporter thread rests four times the CPU time of each export
+    /// before the next one, though whole batches are waiting: it takes no more than its share
+    /// from the event path. A flush does not wait for the rest.
+    #[test]
+    fn the_exporter_rests_in_proportion_to_the_cpu_its_exports_take() {
+        let (tx, exports) = mpsc::channel();
+        let pace = Pace::new(0.2).unwrap();
+        let exporter = Burner {
+            burn: Duration::from_millis(2),
+            exports: Mutex::new(tx),
+        };
+        let batcher = Batcher::start(exporter, 1000, 10, Duration::from_secs(60), pace);
+        // Eight whole batches wait from the start.
+        for n in 1..=80 {
+            batcher.on_end(span(n, true));
+        }
+        let mut seen = Vec::new();
+        for _ in 0..5 {
+            seen.push(exports.recv_timeout(Duration::from_secs(20)).expect("an export"));
+        }
+        for pair in seen.windows(2) {
+            let ((_, ended, took), (next, _, _)) = (pair[0], pair[1]);
+            let rest = next.duration_since(ended);
+            assert!(
+                rest >= pace.rest_after(took),
+                "an export of {took:?} CPU was followed by a rest of {rest:?}, less than {:?}",
+                pace.rest_after(took)
+            );
+        }
+        // The three batches left go at once for a flush.
+        batcher.force_flush().unwrap();
+        assert_eq!(
+            exports.try_iter().count(),
+            3,
+            "a flush exports everything queued before it answers"
+        );
+    }
+
+    #[test]
+    fn a_pace_is_a_share_of_one_core() {
+        let tenth = Pace::new(0.1).unwrap();
+        let rest = tenth.rest_after(Duration::from_millis(1));
+        assert!(
+            (rest.as_secs_f64() - 0.009).abs() < 1e-9,
+            "a tenth of a core: 9 ms of rest after 1 ms of work, not {rest:?}"
+        );
+        assert_eq!(
+            Pace::new(1.0).unwrap().rest_after(Duration::from_millis(5)),
+            Duration::ZERO
+        );
+        for bad in [0.0, -0.5, 1.5, f64::NAN, f64::INFINITY] {
+            let err = Pace::new(bad).expect_err("out of range");
+            assert!(err.contains(EXPORT_CPU_ENV), "the error names the setting: {err}");
+        }
     }
 
     #[test]

@@ -85,7 +85,7 @@ impl Handler<Delivery> for Webhook {
             .insert_header(("x-herald-attempt", d.attempt.to_string()));
         // The `webhook` span (a child of this attempt's deliver span) is the receiver's parent;
         // an event that is not traced passes its own context on, if any.
-        let span = if d.span.is_disabled() {
+        let span = if d.span.is_disabled() || !crate::telemetry::admit() {
             tracing::Span::none()
         } else {
             tracing::info_span!(

@@ -720,7 +720,7 @@ impl Ingress {
                 Some(t) => t.sampled() && telemetry::enabled(),
                 None => self.sampler.start(),
             };
-            if !start {
+            if !start || !telemetry::admit() {
                 continue;
             }
             let span = tracing::info_span!(
