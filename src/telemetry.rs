@@ -491,7 +491,7 @@ impl SpanProcessor for Batcher {
 /// and rests as its [`Pace`] says before the next (a flush or shutdown cuts the rest short).
 fn export_loop<E: SpanExporter>(exporter: E, shared: &Shared, max_batch: usize, delay: Duration, pace: Pace) {
     let mut due = Instant::now() + delay;
-    let mut rested = Instant::now();
+    let mut rest_until = Instant::now();
     let mut last_warning: Option<Instant> = None;
     loop {
         let (spans, flushes, closing) = {
@@ -501,8 +501,8 @@ fn export_loop<E: SpanExporter>(exporter: E, shared: &Shared, max_batch: usize, 
                     break;
                 }
                 let now = Instant::now();
-                let until = if now < rested {
-                    rested
+                let until = if now < rest_until {
+                    rest_until
                 } else if q.spans.len() >= max_batch || now >= due {
                     break;
                 } else {
@@ -540,7 +540,7 @@ fn export_loop<E: SpanExporter>(exporter: E, shared: &Shared, max_batch: usize, 
                 }
             }
         }
-        rested = Instant::now() + pace.rest_after(thread_cpu_time().saturating_sub(cpu));
+        rest_until = Instant::now() + pace.rest_after(thread_cpu_time().saturating_sub(cpu));
         for done in flushes {
             let _ = done.send(());
         }
