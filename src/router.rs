@@ -305,6 +305,30 @@ impl Route {
         }
     }
 
+    /// Reserves a slot for a delivery sent again. One sent again because its answer is late
+    /// (`late_from`: the node it was sent to) goes back to that node while the subscription is
+    /// still placed there, the node is healthy and its window has room: that node's dedup window
+    /// knows the copy (running or done), so a slow handler does not run the event a second time on
+    /// another instance's node, however idle that one is. Otherwise, as [`Route::reserve`].
+    pub(crate) fn reserve_again(&self, late_from: Option<u64>, key: Option<&str>) -> Result<Target<'_>, NoRoom> {
+        match late_from.and_then(|node| self.reserve_at_node(node, key)) {
+            Some(target) => Ok(target),
+            None => self.reserve(key),
+        }
+    }
+
+    /// Reserves the slot on `node`, if it is placed, healthy and has room.
+    fn reserve_at_node(&self, node: u64, key: Option<&str>) -> Option<Target<'_>> {
+        let i = self
+            .slots
+            .iter()
+            .position(|s| matches!(s, Slot::Remote { node: n, .. } if *n == node))?;
+        if !self.healthy(i) {
+            return None;
+        }
+        self.try_slot(i, key)
+    }
+
     /// Picks and reserves a healthy slot for an event with `key` (see the module docs).
     pub(crate) fn reserve(&self, key: Option<&str>) -> Result<Target<'_>, NoRoom> {
         if self.slots.is_empty() {
@@ -778,6 +802,51 @@ mod tests {
                 "n={n}: {counts:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_late_delivery_goes_back_to_its_node_while_it_can_take_it_whatever_the_balance() {
+        let health = crate::monitor::Health::default();
+        let slot = |node, load| Slot::Remote {
+            node,
+            health: health.peer(node),
+            load: Arc::new(AtomicUsize::new(load)),
+        };
+        // Node 2 is busy (6 of its 8 in flight), node 3 idle.
+        let route = Route {
+            key: Arc::new(SubscriptionKey {
+                topic: "t".into(),
+                group: "g".into(),
+            }),
+            epoch: 1,
+            local: None,
+            slots: vec![slot(2, 6), slot(3, 0)],
+            window: 8,
+            all_local: false,
+        };
+        let node = |target: Result<Target<'_>, NoRoom>| match target {
+            Ok(Target::Remote(r)) => r.take().0,
+            _ => panic!("a remote slot has room"),
+        };
+        assert_eq!(node(route.reserve(None)), 3, "balance picks the idle node");
+        assert_eq!(node(route.reserve_again(None, None)), 3, "not late: as balance says");
+        assert_eq!(
+            node(route.reserve_again(Some(2), None)),
+            2,
+            "late: back to the node it was sent to"
+        );
+        assert_eq!(
+            node(route.reserve_again(Some(4), None)),
+            3,
+            "that node no longer runs it: balance"
+        );
+        // `take` kept each reservation's unit: node 2 now has 7 in flight, one more fills it.
+        assert_eq!(node(route.reserve_again(Some(2), None)), 2);
+        assert_eq!(
+            node(route.reserve_again(Some(2), None)),
+            3,
+            "its window is full: balance"
+        );
     }
 
     #[test]

@@ -26,7 +26,8 @@
 //!
 //! A pending entry is routed again (by the same rules as a new event) when its node turns suspect
 //! or degraded, when the placement moves its subscription elsewhere, when the handler node refuses
-//! it (fencing), or when no ack came within `cluster.redeliver_after_ms`. Events whose every
+//! it (fencing), or when no ack came within `cluster.redeliver_after_ms` (then back to the node it
+//! went to while that node can take it: its dedup window knows the copy). Events whose every
 //! instance is on an unhealthy node are *parked* here and routed as soon as one can take them; WAL
 //! and dead-letter replays park events too and let this loop place them. The delivery id stays the
 //! same across re-sends, and the completion fires once (`pending::Once`), however many acks arrive.

@@ -361,18 +361,24 @@ impl Outbound {
                         .entry((ptr, node))
                         .or_insert_with(|| node_state(self.health.peer(node).routable(), &route.slots, node))
                 };
-                if pending::reroute(&p.to, now, self.config.redeliver_after, state).is_some() {
-                    due.push((id, route));
+                if let Some(why) = pending::reroute(&p.to, now, self.config.redeliver_after, state) {
+                    // Late, not lost: back to the node it went to if it can take it (its dedup
+                    // window knows the copy: `Route::reserve_again`).
+                    let late_from = match (why, &p.to) {
+                        (pending::Reroute::Timeout, Destination::Sent { node, .. }) => Some(*node),
+                        _ => None,
+                    };
+                    due.push((id, route, late_from));
                 }
             }
-            due.sort_unstable_by_key(|&(id, _)| id);
+            due.sort_unstable_by_key(|&(id, _, _)| id);
             gone.sort_unstable();
-            for (id, route) in due {
+            for (id, route, late_from) in due {
                 let Some(p) = pending.get_mut(&id) else { continue };
                 // Its own unit of the window first: a window full of lost deliveries must not
                 // keep every one of them from being sent again.
                 p.release();
-                match route.reserve(p.event.key.as_deref()) {
+                match route.reserve_again(late_from, p.event.key.as_deref()) {
                     Ok(Target::Local(slot)) => {
                         slot.send(Job {
                             event: p.event.clone(),
