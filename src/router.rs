@@ -813,17 +813,7 @@ mod tests {
             load: Arc::new(AtomicUsize::new(load)),
         };
         // Node 2 is busy (6 of its 8 in flight), node 3 idle.
-        let route = Route {
-            key: Arc::new(SubscriptionKey {
-                topic: "t".into(),
-                group: "g".into(),
-            }),
-            epoch: 1,
-            local: None,
-            slots: vec![slot(2, 6), slot(3, 0)],
-            window: 8,
-            all_local: false,
-        };
+        let route = route_of(vec![slot(2, 6), slot(3, 0)]);
         let node = |target: Result<Target<'_>, NoRoom>| match target {
             Ok(Target::Remote(r)) => r.take().0,
             _ => panic!("a remote slot has room"),
@@ -849,19 +839,24 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_placement_here_whose_instances_have_not_started_parks_events() {
-        let route = Route {
+    /// A route of `t`/`g` over `slots` with no local runtime and a window of 8.
+    fn route_of(slots: Vec<Slot>) -> Route {
+        Route {
             key: Arc::new(SubscriptionKey {
                 topic: "t".into(),
                 group: "g".into(),
             }),
             epoch: 1,
             local: None,
-            slots: vec![Slot::Local],
+            all_local: slots.iter().all(|s| matches!(s, Slot::Local)),
+            slots,
             window: 8,
-            all_local: true,
-        };
+        }
+    }
+
+    #[test]
+    fn a_placement_here_whose_instances_have_not_started_parks_events() {
+        let route = route_of(vec![Slot::Local]);
         assert!(matches!(route.reserve(None), Ok(Target::Parked)));
         assert!(matches!(route.reserve(Some("k")), Ok(Target::Parked)));
         let nowhere = Route { slots: vec![], ..route };
