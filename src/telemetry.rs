@@ -46,6 +46,8 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 use crate::config::TelemetryConfig;
 use crate::event::TraceContext;
 
+mod otlp;
+
 /// The target of every span Herald makes for an event (and only of those): a subscriber filters
 /// them in or out by it; the `herald node` log filters them out.
 pub const TARGET: &str = "herald::trace";
@@ -65,13 +67,7 @@ pub fn traced(trace: Option<&TraceContext>) -> bool {
 }
 
 /// The installed exporter's queue, as the event path sees it (set once, by [`install`]).
-static SHEDDING: OnceLock<Shedding> = OnceLock::new();
-
-/// Whether the exporter's queue is full, and the counter of the spans it drops.
-struct Shedding {
-    shared: Arc<Shared>,
-    dropped: metrics::Counter,
-}
+static SHEDDING: OnceLock<Arc<Intake>> = OnceLock::new();
 
 /// Whether a span may be made now. While the installed exporter's queue is full, no: the span
 /// would be dropped when it ends, after it cost its whole making (some microseconds: the
@@ -82,10 +78,10 @@ struct Shedding {
 /// always yes.
 #[inline]
 pub fn admit() -> bool {
-    admit_with(SHEDDING.get())
+    admit_with(SHEDDING.get().map(|i| &**i))
 }
 
-fn admit_with(shedding: Option<&Shedding>) -> bool {
+fn admit_with(shedding: Option<&Intake>) -> bool {
     match shedding {
         Some(s) if s.shared.full.load(Ordering::Relaxed) => {
             s.dropped.increment(1);
@@ -148,8 +144,10 @@ fn span_context(t: &TraceContext) -> SpanContext {
 
 /// Makes `span` a child of the remote context `parent` (before the span is first used).
 pub fn continue_trace(span: &tracing::Span, parent: &TraceContext) {
-    let cx = opentelemetry::Context::new().with_remote_span_context(span_context(parent));
-    let _ = span.set_parent(cx);
+    metered(Call::Parent, || {
+        let cx = opentelemetry::Context::new().with_remote_span_context(span_context(parent));
+        let _ = span.set_parent(cx);
+    })
 }
 
 /// Links `span` to `other` (a replay to the event's original trace).
@@ -162,8 +160,7 @@ pub fn context_of(span: &tracing::Span) -> Option<TraceContext> {
     if span.is_disabled() {
         return None;
     }
-    let cx = span.context();
-    let sc = cx.span().span_context().clone();
+    let sc = metered(Call::Context, || span.context().span().span_context().clone());
     if !sc.is_valid() {
         return None;
     }
@@ -180,6 +177,345 @@ pub fn context_of(span: &tracing::Span) -> Option<TraceContext> {
 /// `span`'s context, or `fallback` when it has none (not recorded: the context passes on).
 pub fn context_or(span: &tracing::Span, fallback: Option<&TraceContext>) -> Option<TraceContext> {
     context_of(span).or_else(|| fallback.cloned())
+}
+
+// ---- direct spans ---------------------------------------------------------------------------
+
+/// A span Herald makes straight as OpenTelemetry span data, without a `tracing` span: the
+/// `publish` and `forward` spans, when this process's exporter is installed ([`install`]).
+///
+/// Through the `tracing` → OpenTelemetry bridge a span cost the event path some microseconds
+/// (more on a node where spans are rare and its caches are cold): the registry's slot, the
+/// bridge's span builder and its lock, the SDK's span and its data. These two spans are never
+/// entered and have no children of their own on the node that makes them (their context travels
+/// in the event), so nothing needs them to be `tracing` spans: they are made here with the same
+/// names, kinds, attributes and parent links, and queued to the same exporter when they end
+/// (drop). An embedded node, which installs no exporter, makes `tracing` spans instead
+/// ([`EventSpan`]), for its application's subscriber.
+pub struct DirectSpan {
+    intake: &'static Intake,
+    context: SpanContext,
+    /// The context's `tracestate` as given (passed on in the event's context).
+    state: Option<String>,
+    parent: SpanId,
+    name: &'static str,
+    kind: opentelemetry::trace::SpanKind,
+    start: std::time::SystemTime,
+    attributes: Vec<KeyValue>,
+    status: opentelemetry::trace::Status,
+}
+
+impl DirectSpan {
+    /// Starts a span named `name`, a child of `parent` (a remote parent) or the root of a new
+    /// sampled trace; `None` when no exporter of this process takes direct spans.
+    fn start(
+        name: &'static str,
+        kind: opentelemetry::trace::SpanKind,
+        parent: Option<&TraceContext>,
+        attributes: impl FnOnce() -> Vec<KeyValue>,
+    ) -> Option<DirectSpan> {
+        let intake: &'static Intake = SHEDDING.get()?;
+        Some(metered(Call::New, || {
+            let span_id = nonzero_id();
+            let (trace_id, flags, state, parent_id) = match parent {
+                Some(p) => (p.trace_id, p.flags, p.state.clone(), SpanId::from_bytes(p.span_id)),
+                None => {
+                    let mut id = [0u8; 16];
+                    id[..8].copy_from_slice(&nonzero_id());
+                    id[8..].copy_from_slice(&crate::types::random_u64().to_be_bytes());
+                    (id, TraceFlags::SAMPLED.to_u8(), None, SpanId::INVALID)
+                }
+            };
+            let trace_state = state
+                .as_deref()
+                .and_then(|s| s.parse::<TraceState>().ok())
+                .unwrap_or_default();
+            DirectSpan {
+                intake,
+                context: SpanContext::new(
+                    TraceId::from_bytes(trace_id),
+                    SpanId::from_bytes(span_id),
+                    TraceFlags::new(flags),
+                    false,
+                    trace_state,
+                ),
+                state,
+                parent: parent_id,
+                name,
+                kind,
+                start: std::time::SystemTime::now(),
+                attributes: attributes(),
+                status: opentelemetry::trace::Status::Unset,
+            }
+        }))
+    }
+
+    /// The W3C context naming this span as parent.
+    fn trace_context(&self) -> TraceContext {
+        TraceContext {
+            trace_id: self.context.trace_id().to_bytes(),
+            span_id: self.context.span_id().to_bytes(),
+            flags: self.context.trace_flags().to_u8(),
+            state: self.state.clone(),
+        }
+    }
+}
+
+impl Drop for DirectSpan {
+    fn drop(&mut self) {
+        metered(Call::Close, || {
+            self.intake.offer(SpanData {
+                span_context: self.context.clone(),
+                parent_span_id: self.parent,
+                parent_span_is_remote: self.parent != SpanId::INVALID,
+                span_kind: self.kind.clone(),
+                name: std::borrow::Cow::Borrowed(self.name),
+                start_time: self.start,
+                end_time: std::time::SystemTime::now(),
+                attributes: std::mem::take(&mut self.attributes),
+                dropped_attributes_count: 0,
+                events: Default::default(),
+                links: Default::default(),
+                status: std::mem::replace(&mut self.status, opentelemetry::trace::Status::Unset),
+                instrumentation_scope: self.intake.scope.clone(),
+            });
+        });
+    }
+}
+
+/// A random span id (never all zeros).
+fn nonzero_id() -> [u8; 8] {
+    (crate::types::random_u64() | 1).to_be_bytes()
+}
+
+/// A span of an event's path: made directly ([`DirectSpan`]) where this process exports its
+/// own spans, else a `tracing` span (an embedded node: the application's subscriber gets it).
+pub enum EventSpan {
+    /// Made and queued by Herald.
+    Direct(DirectSpan),
+    /// A `tracing` span of the [`TARGET`] target.
+    Bridged(tracing::Span),
+}
+
+impl EventSpan {
+    /// Starts the span: direct when this process exports them, else `bridged()` (a `tracing`
+    /// span) made a child of `parent`.
+    pub fn start(
+        name: &'static str,
+        kind: opentelemetry::trace::SpanKind,
+        parent: Option<&TraceContext>,
+        attributes: impl FnOnce() -> Vec<KeyValue>,
+        bridged: impl FnOnce() -> tracing::Span,
+    ) -> EventSpan {
+        match DirectSpan::start(name, kind, parent, attributes) {
+            Some(d) => EventSpan::Direct(d),
+            None => {
+                let span = bridged();
+                if let Some(parent) = parent {
+                    continue_trace(&span, parent);
+                }
+                EventSpan::Bridged(span)
+            }
+        }
+    }
+
+    /// The W3C context naming this span as parent, or `fallback` when it has none.
+    pub fn context_or(&self, fallback: Option<&TraceContext>) -> Option<TraceContext> {
+        match self {
+            EventSpan::Direct(d) => Some(d.trace_context()),
+            EventSpan::Bridged(span) => context_or(span, fallback),
+        }
+    }
+
+    /// Marks the span failed with `error` (`herald.error`, status error).
+    pub fn fail(&mut self, error: &dyn fmt::Display) {
+        match self {
+            EventSpan::Direct(d) => {
+                d.attributes.push(KeyValue::new("herald.error", error.to_string()));
+                d.status = opentelemetry::trace::Status::error("");
+            }
+            EventSpan::Bridged(span) => {
+                span.record("herald.error", tracing::field::display(error));
+                span.record("otel.status_code", "ERROR");
+            }
+        }
+    }
+}
+
+// ---- what making spans costs ----------------------------------------------------------------
+
+/// The calls that make a span, each measured on a sample of its own.
+#[derive(Clone, Copy)]
+enum Call {
+    /// The OpenTelemetry layer sees a new span (`tracing-opentelemetry`'s span builder).
+    New,
+    /// [`continue_trace`]: the span's remote parent is set.
+    Parent,
+    /// [`context_of`]: the span's context is read (and the SDK span started).
+    Context,
+    /// The OpenTelemetry layer sees the span close (the SDK's span data, the batcher's queue).
+    Close,
+}
+
+/// One call of each kind in this many is measured (its thread's CPU clock read before and after:
+/// a system call each, some hundreds of nanoseconds), and counts for this many.
+const MEASURE_EVERY: u32 = 32;
+
+thread_local! {
+    /// Calls of each [`Call`] kind on this thread, to measure one in [`MEASURE_EVERY`].
+    static CALLS: std::cell::Cell<[u32; 4]> = const { std::cell::Cell::new([0; 4]) };
+}
+
+/// The CPU time (ns) the event path's threads spent making spans, estimated from the measured
+/// sample, not yet charged to the exporter thread's [`Pace`]: the thread rests for it too, so
+/// that what traces cost a node, making spans and exporting them, stays within its share.
+static MADE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Runs `f` (a part of making a span) and, while an exporter is installed, measures one call of
+/// each `kind` in [`MEASURE_EVERY`] on this thread's CPU clock, adding what it took (times
+/// [`MEASURE_EVERY`]) to [`MADE`].
+#[inline]
+fn metered<R>(kind: Call, f: impl FnOnce() -> R) -> R {
+    if SHEDDING.get().is_none() {
+        return f();
+    }
+    let measure = CALLS.with(|c| {
+        let mut n = c.get();
+        let i = kind as usize;
+        n[i] = n[i].wrapping_add(1);
+        c.set(n);
+        n[i] % MEASURE_EVERY == 0
+    });
+    if !measure {
+        return f();
+    }
+    let before = thread_cpu_time();
+    let r = f();
+    let took = thread_cpu_time().saturating_sub(before).saturating_sub(clock_cost());
+    MADE.fetch_add(
+        u64::try_from(took.as_nanos()).unwrap_or(u64::MAX / 2) * u64::from(MEASURE_EVERY),
+        Ordering::Relaxed,
+    );
+    r
+}
+
+/// What reading the thread's CPU clock twice costs (the least of a few tries, measured once):
+/// taken off each measurement, which would otherwise count the clock's own system call.
+fn clock_cost() -> Duration {
+    static COST: OnceLock<Duration> = OnceLock::new();
+    *COST.get_or_init(|| {
+        (0..64)
+            .map(|_| {
+                let before = thread_cpu_time();
+                thread_cpu_time().saturating_sub(before)
+            })
+            .min()
+            .unwrap_or_default()
+    })
+}
+
+/// The making of spans charged to `made` since the last call ([`MADE`], as measured by
+/// [`metered`]).
+fn take_made(made: &std::sync::atomic::AtomicU64) -> Duration {
+    Duration::from_nanos(made.swap(0, Ordering::Relaxed))
+}
+
+/// The OpenTelemetry layer, with its span callbacks measured ([`metered`]): what it costs to
+/// turn a `tracing` span into an OpenTelemetry one and to end it is most of what a span costs
+/// the event path.
+struct Metered<L>(L);
+
+impl<S, L> tracing_subscriber::Layer<S> for Metered<L>
+where
+    S: tracing::Subscriber,
+    L: tracing_subscriber::Layer<S>,
+{
+    fn on_register_dispatch(&self, subscriber: &tracing::Dispatch) {
+        self.0.on_register_dispatch(subscriber);
+    }
+
+    fn on_layer(&mut self, subscriber: &mut S) {
+        self.0.on_layer(subscriber);
+    }
+
+    fn register_callsite(&self, metadata: &'static tracing::Metadata<'static>) -> tracing::subscriber::Interest {
+        self.0.register_callsite(metadata)
+    }
+
+    fn enabled(&self, metadata: &tracing::Metadata<'_>, ctx: tracing_subscriber::layer::Context<'_, S>) -> bool {
+        self.0.enabled(metadata, ctx)
+    }
+
+    fn on_new_span(
+        &self,
+        attrs: &tracing::span::Attributes<'_>,
+        id: &tracing::span::Id,
+        ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        metered(Call::New, || self.0.on_new_span(attrs, id, ctx));
+    }
+
+    fn max_level_hint(&self) -> Option<tracing::level_filters::LevelFilter> {
+        self.0.max_level_hint()
+    }
+
+    fn on_record(
+        &self,
+        span: &tracing::span::Id,
+        values: &tracing::span::Record<'_>,
+        ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        self.0.on_record(span, values, ctx);
+    }
+
+    fn on_follows_from(
+        &self,
+        span: &tracing::span::Id,
+        follows: &tracing::span::Id,
+        ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        self.0.on_follows_from(span, follows, ctx);
+    }
+
+    fn event_enabled(&self, event: &tracing::Event<'_>, ctx: tracing_subscriber::layer::Context<'_, S>) -> bool {
+        self.0.event_enabled(event, ctx)
+    }
+
+    fn on_event(&self, event: &tracing::Event<'_>, ctx: tracing_subscriber::layer::Context<'_, S>) {
+        self.0.on_event(event, ctx);
+    }
+
+    fn on_enter(&self, id: &tracing::span::Id, ctx: tracing_subscriber::layer::Context<'_, S>) {
+        self.0.on_enter(id, ctx);
+    }
+
+    fn on_exit(&self, id: &tracing::span::Id, ctx: tracing_subscriber::layer::Context<'_, S>) {
+        self.0.on_exit(id, ctx);
+    }
+
+    fn on_close(&self, id: tracing::span::Id, ctx: tracing_subscriber::layer::Context<'_, S>) {
+        metered(Call::Close, || self.0.on_close(id, ctx));
+    }
+
+    fn on_id_change(
+        &self,
+        old: &tracing::span::Id,
+        new: &tracing::span::Id,
+        ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        self.0.on_id_change(old, new, ctx);
+    }
+
+    // `OpenTelemetrySpanExt` finds the OpenTelemetry layer by downcasting the subscriber: the
+    // wrapper answers for itself and passes every other type on to the layer it wraps.
+    unsafe fn downcast_raw(&self, id: std::any::TypeId) -> Option<*const ()> {
+        if id == std::any::TypeId::of::<Self>() {
+            Some(self as *const Self as *const ())
+        } else {
+            // SAFETY: the caller's contract is passed on unchanged to the wrapped layer.
+            unsafe { self.0.downcast_raw(id) }
+        }
+    }
 }
 
 // ---- export ---------------------------------------------------------------------------------
@@ -214,21 +550,13 @@ pub fn install<S>(
 where
     S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a> + Send + Sync + 'static,
 {
-    use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
     let base = config
         .otlp_endpoint
         .as_deref()
         .ok_or("telemetry.otlp_endpoint is not set")?;
     let endpoint = format!("{}/v1/traces", base.trim_end_matches('/'));
     let timeout = Duration::from_millis(env_ms("OTEL_EXPORTER_OTLP_TIMEOUT", 10_000));
-    let mut exporter = opentelemetry_otlp::SpanExporter::builder()
-        .with_http()
-        .with_http_client(PlainHttp { timeout })
-        .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
-        .with_endpoint(endpoint)
-        .with_timeout(timeout)
-        .build()
-        .map_err(|e| format!("cannot build the OTLP exporter: {e}"))?;
+    let mut exporter = otlp::OtlpHttp::new(&endpoint, timeout)?;
     let resource = Resource::builder_empty()
         .with_attributes([
             KeyValue::new("service.name", config.service_name.clone()),
@@ -245,10 +573,7 @@ where
         Duration::from_millis(env_ms("OTEL_BSP_SCHEDULE_DELAY", 1000).max(1)),
         Pace::from_env()?,
     );
-    let _ = SHEDDING.set(Shedding {
-        shared: processor.shared.clone(),
-        dropped: processor.dropped.clone(),
-    });
+    let _ = SHEDDING.set(processor.intake.clone());
     let provider = SdkTracerProvider::builder()
         .with_resource(resource)
         // Herald decides which traces start (`Sampler`) and follows the sampled flag of the
@@ -265,8 +590,9 @@ where
         .with_tracked_inactivity(false)
         .with_location(false)
         .with_threads(false)
+        .with_target(false)
         .with_level(false);
-    Ok((layer, Telemetry { provider }))
+    Ok((Metered(layer), Telemetry { provider }))
 }
 
 /// A non-negative integer environment variable (an `OTEL_*` setting), or `default`.
@@ -289,9 +615,11 @@ pub const EXPORT_CPU_ENV: &str = "HERALD_OTLP_EXPORT_CPU";
 /// queue drops them (counted). Without this, sampling every event of a busy node kept the thread
 /// encoding flat out: a quarter of a 2-core machine taken from the event path. A flush or
 /// shutdown does not wait.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug)]
 struct Pace {
     share: f64,
+    /// Where the event path's making of spans is charged ([`MADE`]; a test's own counter).
+    made: &'static std::sync::atomic::AtomicU64,
 }
 
 impl Pace {
@@ -302,7 +630,7 @@ impl Pace {
     /// `share` of a core, more than 0 and at most 1 (1: no rest).
     fn new(share: f64) -> Result<Pace, String> {
         if share.is_finite() && share > 0.0 && share <= 1.0 {
-            Ok(Pace { share })
+            Ok(Pace { share, made: &MADE })
         } else {
             Err(format!(
                 "{EXPORT_CPU_ENV} must be a share of one core, more than 0 and at most 1 (like 0.1), not {share}"
@@ -374,19 +702,51 @@ impl Shared {
 /// wake-up per span (a channel) cost a futex wake and a context switch per span, which on a busy
 /// node was most of what traces cost at a low sampling ratio.
 struct Batcher {
-    shared: Arc<Shared>,
-    capacity: usize,
-    max_batch: usize,
-    dropped: metrics::Counter,
+    intake: Arc<Intake>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 impl fmt::Debug for Batcher {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Batcher")
-            .field("capacity", &self.capacity)
-            .field("max_batch", &self.max_batch)
+            .field("capacity", &self.intake.capacity)
+            .field("max_batch", &self.intake.max_batch)
             .finish_non_exhaustive()
+    }
+}
+
+/// Where finished spans enter the exporter's queue: the SDK's (through [`Batcher`]'s `on_end`)
+/// and Herald's direct ones ([`DirectSpan`]).
+struct Intake {
+    shared: Arc<Shared>,
+    capacity: usize,
+    max_batch: usize,
+    dropped: metrics::Counter,
+    /// The scope of Herald's spans (`herald`, as the tracer the bridge uses).
+    scope: opentelemetry::InstrumentationScope,
+}
+
+impl Intake {
+    /// Queues a finished span, or drops it (counted) when the queue is full; never waits. Wakes
+    /// the exporter thread when a whole batch is waiting.
+    fn offer(&self, span: SpanData) {
+        let queued = {
+            let mut q = self.shared.lock();
+            if q.spans.len() >= self.capacity || q.closing.is_some() {
+                None
+            } else {
+                q.spans.push(span);
+                Some(q.spans.len())
+            }
+        };
+        match queued {
+            Some(n) if n == self.max_batch => self.shared.wake.notify_one(),
+            Some(_) => {}
+            None => {
+                self.dropped.increment(1);
+                self.shared.full.store(true, Ordering::Relaxed);
+            }
+        }
     }
 }
 
@@ -408,10 +768,13 @@ impl Batcher {
                 .ok()
         };
         Batcher {
-            shared,
-            capacity: queue.max(1),
-            max_batch,
-            dropped: metrics::counter!(crate::metrics::TRACE_SPANS_DROPPED),
+            intake: Arc::new(Intake {
+                shared,
+                capacity: queue.max(1),
+                max_batch,
+                dropped: metrics::counter!(crate::metrics::TRACE_SPANS_DROPPED),
+                scope: opentelemetry::InstrumentationScope::builder("herald").build(),
+            }),
             thread: Mutex::new(thread),
         }
     }
@@ -421,7 +784,7 @@ impl Batcher {
     fn ask(&self, shutdown: bool, timeout: Duration) {
         let (tx, rx) = mpsc::sync_channel(1);
         {
-            let mut q = self.shared.lock();
+            let mut q = self.intake.shared.lock();
             if q.closing.is_some() {
                 return;
             }
@@ -431,7 +794,7 @@ impl Batcher {
                 q.flushes.push(tx);
             }
         }
-        self.shared.wake.notify_one();
+        self.intake.shared.wake.notify_one();
         let _ = rx.recv_timeout(timeout);
     }
 }
@@ -439,8 +802,8 @@ impl Batcher {
 impl Drop for Batcher {
     fn drop(&mut self) {
         // The thread exports what is queued and ends.
-        self.shared.lock().closing.get_or_insert(None);
-        self.shared.wake.notify_one();
+        self.intake.shared.lock().closing.get_or_insert(None);
+        self.intake.shared.wake.notify_one();
     }
 }
 
@@ -448,25 +811,8 @@ impl SpanProcessor for Batcher {
     fn on_start(&self, _: &mut opentelemetry_sdk::trace::Span, _: &opentelemetry::Context) {}
 
     fn on_end(&self, span: SpanData) {
-        if !span.span_context.is_sampled() {
-            return;
-        }
-        let queued = {
-            let mut q = self.shared.lock();
-            if q.spans.len() >= self.capacity || q.closing.is_some() {
-                None
-            } else {
-                q.spans.push(span);
-                Some(q.spans.len())
-            }
-        };
-        match queued {
-            Some(n) if n == self.max_batch => self.shared.wake.notify_one(),
-            Some(_) => {}
-            None => {
-                self.dropped.increment(1);
-                self.shared.full.store(true, Ordering::Relaxed);
-            }
+        if span.span_context.is_sampled() {
+            self.intake.offer(span);
         }
     }
 
@@ -540,7 +886,9 @@ fn export_loop<E: SpanExporter>(exporter: E, shared: &Shared, max_batch: usize, 
                 }
             }
         }
-        rest_until = Instant::now() + pace.rest_after(thread_cpu_time().saturating_sub(cpu));
+        // The rest pays for this export and for the making of the spans since the last one.
+        let spent = thread_cpu_time().saturating_sub(cpu) + take_made(pace.made);
+        rest_until = Instant::now() + pace.rest_after(spent);
         for done in flushes {
             let _ = done.send(());
         }
@@ -553,27 +901,12 @@ fn export_loop<E: SpanExporter>(exporter: E, shared: &Shared, max_batch: usize, 
     }
 }
 
-/// A blocking HTTP/1.1 client for the exporter thread: one `Connection: close` POST per batch,
+/// The exporter thread's HTTP/1.1 client: one blocking `Connection: close` POST per batch,
 /// `http://` only. The answer's status is read; its body (at most 64 KiB) is kept.
-#[derive(Debug)]
-struct PlainHttp {
-    timeout: Duration,
-}
-
-#[async_trait::async_trait]
-impl opentelemetry_http::HttpClient for PlainHttp {
-    async fn send_bytes(
-        &self,
-        request: http::Request<Bytes>,
-    ) -> Result<http::Response<Bytes>, opentelemetry_http::HttpError> {
-        post(request, self.timeout)
-    }
-}
-
 fn post(
     request: http::Request<Bytes>,
     timeout: Duration,
-) -> Result<http::Response<Bytes>, opentelemetry_http::HttpError> {
+) -> Result<http::Response<Bytes>, Box<dyn std::error::Error + Send + Sync>> {
     let uri = request.uri();
     if uri.scheme_str() != Some("http") {
         return Err(format!("{uri}: only http:// OTLP endpoints are supported").into());
@@ -730,10 +1063,7 @@ mod tests {
         let batcher = metrics::with_local_recorder(&recorder, || {
             Batcher::start(exporter, 2, 1, Duration::from_secs(60), Pace::new(1.0).unwrap())
         });
-        let shedding = Shedding {
-            shared: batcher.shared.clone(),
-            dropped: batcher.dropped.clone(),
-        };
+        let shedding = batcher.intake.clone();
         let dropped = || {
             crate::metrics::parse_exposition(&handle.render())
                 .get(crate::metrics::TRACE_SPANS_DROPPED)
@@ -744,7 +1074,7 @@ mod tests {
         assert!(admit_with(None), "no installed exporter: always admitted");
         batcher.on_end(span(1, true));
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !batcher.shared.lock().spans.is_empty() {
+        while !batcher.intake.shared.lock().spans.is_empty() {
             assert!(
                 Instant::now() < deadline,
                 "the exporter thread never took the first span"
@@ -803,7 +1133,7 @@ mod tests {
         }
         // The thread takes spans only for a whole batch, a flush, a shutdown or the delay.
         assert_eq!(
-            batcher.shared.lock().spans.len(),
+            batcher.intake.shared.lock().spans.len(),
             9,
             "the thread took spans before a batch was whole"
         );
@@ -886,6 +1216,39 @@ mod tests {
             3,
             "a flush exports everything queued before it answers"
         );
+    }
+
+    /// The rest after an export pays for the making of spans on the event path too (what
+    /// [`metered`] charged since the last export), not only for the export's own CPU time: what
+    /// traces cost a node in all stays within its share.
+    #[test]
+    fn the_making_of_spans_is_charged_to_the_exporters_rest() {
+        static MADE_HERE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let (tx, exports) = mpsc::channel();
+        let pace = Pace {
+            share: 0.5,
+            made: &MADE_HERE,
+        };
+        let exporter = Burner {
+            burn: Duration::from_millis(1),
+            exports: Mutex::new(tx),
+        };
+        // 40 ms of span making charged before the first export: with half a core, the rest
+        // after it is at least as long as that export's CPU time plus those 40 ms.
+        let charged = Duration::from_millis(40);
+        MADE_HERE.store(charged.as_nanos() as u64, Ordering::Relaxed);
+        let batcher = Batcher::start(exporter, 100, 10, Duration::from_secs(60), pace);
+        for n in 1..=20 {
+            batcher.on_end(span(n, true));
+        }
+        let (_, ended, took) = exports.recv_timeout(Duration::from_secs(20)).expect("an export");
+        let (next, _, _) = exports.recv_timeout(Duration::from_secs(20)).expect("a second export");
+        let rest = next.duration_since(ended);
+        assert!(
+            rest >= pace.rest_after(took + charged),
+            "an export of {took:?} CPU after {charged:?} of span making was followed by a rest of {rest:?}"
+        );
+        assert_eq!(MADE_HERE.load(Ordering::Relaxed), 0, "the charge is taken once");
     }
 
     #[test]

@@ -38,6 +38,7 @@ use crate::membership::state::MembershipState;
 use crate::proto::{DeadLetterRecord, EventRecord};
 use crate::relay::{LocalCopy, Outgoing, Relay};
 use crate::router::{NoRoom, Reservation, Route, Router, RoutingTable, Target, TopicRoutes};
+use crate::telemetry;
 use crate::types::SubscriptionKey;
 use store::Store;
 
@@ -600,7 +601,6 @@ fn ack_name(ack: AckMode) -> &'static str {
 /// `replay` span, the root of a new trace linked to the original one; its deliveries are the
 /// span's children. Others keep their context.
 fn replay_traced(mut event: Event, from: &'static str) -> Event {
-    use crate::telemetry;
     let Some(original) = event.trace.as_ref().filter(|_| telemetry::traced(event.trace.as_ref())) else {
         return event;
     };
@@ -712,8 +712,8 @@ impl Ingress {
     /// and the event's context set to it: the WAL keeps it, local deliveries and forward spans
     /// are its children. Events that are not traced keep their context as given (passed on). No
     /// span, no id drawn, when nothing records the spans.
-    fn trace_publish(&self, events: &mut [Event], ack: AckMode) -> Vec<tracing::Span> {
-        use crate::telemetry;
+    fn trace_publish(&self, events: &mut [Event], ack: AckMode) -> Vec<telemetry::EventSpan> {
+        use opentelemetry::KeyValue;
         let mut spans = Vec::new();
         for e in events.iter_mut() {
             let start = match &e.trace {
@@ -723,21 +723,32 @@ impl Ingress {
             if !start || !telemetry::admit() {
                 continue;
             }
-            let span = tracing::info_span!(
-                target: "herald::trace",
-                parent: None,
+            let span = telemetry::EventSpan::start(
                 "publish",
-                otel.kind = "server",
-                herald.event_id = &*e.id,
-                herald.topic = &*e.topic,
-                herald.ack = ack_name(ack),
-                herald.error = tracing::field::Empty,
-                otel.status_code = tracing::field::Empty,
+                opentelemetry::trace::SpanKind::Server,
+                e.trace.as_ref(),
+                || {
+                    vec![
+                        KeyValue::new("herald.event_id", e.id.to_string()),
+                        KeyValue::new("herald.topic", e.topic.to_string()),
+                        KeyValue::new("herald.ack", ack_name(ack)),
+                    ]
+                },
+                || {
+                    tracing::info_span!(
+                        target: "herald::trace",
+                        parent: None,
+                        "publish",
+                        otel.kind = "server",
+                        herald.event_id = &*e.id,
+                        herald.topic = &*e.topic,
+                        herald.ack = ack_name(ack),
+                        herald.error = tracing::field::Empty,
+                        otel.status_code = tracing::field::Empty,
+                    )
+                },
             );
-            if let Some(parent) = &e.trace {
-                telemetry::continue_trace(&span, parent);
-            }
-            e.trace = telemetry::context_or(&span, e.trace.as_ref());
+            e.trace = span.context_or(e.trace.as_ref());
             spans.push(span);
         }
         spans
@@ -829,10 +840,10 @@ impl Ingress {
     ) -> Result<Vec<Answer>, PublishError> {
         let mut events = events;
         self.admit(&events)?;
-        let spans = self.trace_publish(&mut events, ack);
+        let mut spans = self.trace_publish(&mut events, ack);
         let result = self.publish_traced(events, ack, timeout).await;
         if let Err(e) = &result {
-            Self::record_error(&spans, e);
+            Self::record_error(&mut spans, e);
         }
         result
     }
@@ -866,11 +877,11 @@ impl Ingress {
     /// called from inside a synchronous actor handler.
     pub fn emit(&self, mut event: Event) -> Result<(), PublishError> {
         self.admit(std::slice::from_ref(&event))?;
-        let spans = self.trace_publish(std::slice::from_mut(&mut event), AckMode::None);
+        let mut spans = self.trace_publish(std::slice::from_mut(&mut event), AckMode::None);
         // Into its `Arc` once, here: the event (some 300 bytes) is not moved again on its way.
         let result = self.emit_traced(Arc::new(event));
         if let Err(e) = &result {
-            Self::record_error(&spans, e);
+            Self::record_error(&mut spans, e);
         }
         result
     }
@@ -905,10 +916,9 @@ impl Ingress {
     }
 
     /// Marks the publish spans of a refused call with its error.
-    fn record_error(spans: &[tracing::Span], e: &PublishError) {
+    fn record_error(spans: &mut [telemetry::EventSpan], e: &PublishError) {
         for span in spans {
-            span.record("herald.error", tracing::field::display(e));
-            span.record("otel.status_code", "ERROR");
+            span.fail(e);
         }
     }
 

@@ -25,6 +25,7 @@ use crate::handler::supervisor::{Completion, Done, Job, Origin, Outcome};
 use crate::monitor::Health;
 use crate::proto::{encode_delivery, encode_delivery_on, peer_message_events, AckBatch, AckCode, EventsBuffer};
 use crate::router::{NoRoom, Route, Router, Slot, Target};
+use crate::telemetry::EventSpan;
 use crate::transport::Envelope;
 use crate::types::SubscriptionKey;
 
@@ -32,23 +33,36 @@ use crate::types::SubscriptionKey;
 /// the publish or replay span), with the context the frame carries instead of the event's: the
 /// remote deliver span is its child. `None` (no span, the event's own context travels) when the
 /// event is not traced.
-fn hop(node: u64, key: &SubscriptionKey, e: &Event) -> Option<(tracing::Span, Option<TraceContext>)> {
+fn hop(node: u64, key: &SubscriptionKey, e: &Event) -> Option<(EventSpan, Option<TraceContext>)> {
+    use opentelemetry::KeyValue;
     if !crate::telemetry::traced(e.trace.as_ref()) {
         return None;
     }
-    let span = tracing::info_span!(
-        target: "herald::trace",
-        parent: None,
+    let span = EventSpan::start(
         "forward",
-        otel.kind = "producer",
-        herald.peer = node,
-        herald.subscription = %key,
-        herald.event_id = &*e.id,
+        opentelemetry::trace::SpanKind::Producer,
+        e.trace.as_ref(),
+        || {
+            vec![
+                // As the bridge records a `u64` that fits: an integer.
+                KeyValue::new("herald.peer", i64::try_from(node).unwrap_or(i64::MAX)),
+                KeyValue::new("herald.subscription", key.to_string()),
+                KeyValue::new("herald.event_id", e.id.to_string()),
+            ]
+        },
+        || {
+            tracing::info_span!(
+                target: "herald::trace",
+                parent: None,
+                "forward",
+                otel.kind = "producer",
+                herald.peer = node,
+                herald.subscription = %key,
+                herald.event_id = &*e.id,
+            )
+        },
     );
-    if let Some(parent) = &e.trace {
-        crate::telemetry::continue_trace(&span, parent);
-    }
-    let trace = crate::telemetry::context_or(&span, e.trace.as_ref());
+    let trace = span.context_or(e.trace.as_ref());
     Some((span, trace))
 }
 
