@@ -21,9 +21,10 @@
 //! never blocks the event path. The thread is woken by a whole batch, not by each span. The HTTP client is a small blocking HTTP/1.1 POST on that
 //! thread (`http://` only: no TLS stack is linked for it).
 //!
-//! **Cost bounds.** The exporter thread spends at most a share of one core ([`EXPORT_CPU_ENV`],
-//! a tenth by default: it rests after each batch in proportion to the CPU time the batch took).
-//! While the queue is full the event path makes no span ([`admit`], checked by [`traced`] and
+//! **Cost bounds.** What traces cost the node — the exporter thread's CPU time and the event
+//! path's making of spans, measured on a sample ([`metered`]) — stays within a share of one core
+//! ([`EXPORT_CPU_ENV`], 0.04 by default): the thread rests after each batch in proportion to the
+//! CPU time the batch took plus the span making charged since the last one. While the queue is full the event path makes no span ([`admit`], checked by [`traced`] and
 //! before a publish span): a span costs microseconds to make, and one made then would be dropped
 //! when it ends. Sampling every event of a saturated node therefore costs a bounded share of it,
 //! and the spans it cannot afford are counted, not made.
@@ -357,23 +358,25 @@ enum Call {
     Close,
 }
 
-/// One call of each kind in this many is measured (its thread's CPU clock read before and after:
-/// a system call each, some hundreds of nanoseconds), and counts for this many.
-const MEASURE_EVERY: u32 = 32;
+/// One call of each kind in this many is measured (the monotonic clock read before and after,
+/// some tens of nanoseconds each), and counts for this many. The thread's CPU clock, a system
+/// call, measured its own cold cost more than the span's: at 1 % sampling it charged 2.5 µs for
+/// a direct span the monotonic clock times at 0.7 µs.
+const MEASURE_EVERY: u32 = 8;
 
 thread_local! {
     /// Calls of each [`Call`] kind on this thread, to measure one in [`MEASURE_EVERY`].
     static CALLS: std::cell::Cell<[u32; 4]> = const { std::cell::Cell::new([0; 4]) };
 }
 
-/// The CPU time (ns) the event path's threads spent making spans, estimated from the measured
+/// The time (ns) the event path's threads spent making spans, estimated from the measured
 /// sample, not yet charged to the exporter thread's [`Pace`]: the thread rests for it too, so
 /// that what traces cost a node, making spans and exporting them, stays within its share.
 static MADE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// Runs `f` (a part of making a span) and, while an exporter is installed, measures one call of
-/// each `kind` in [`MEASURE_EVERY`] on this thread's CPU clock, adding what it took (times
-/// [`MEASURE_EVERY`]) to [`MADE`].
+/// each `kind` in [`MEASURE_EVERY`] on the monotonic clock, adding what it took (the clock's own
+/// cost taken off, at most [`LONGEST_SECTION`]; times [`MEASURE_EVERY`]) to [`MADE`].
 #[inline]
 fn metered<R>(kind: Call, f: impl FnOnce() -> R) -> R {
     if SHEDDING.get().is_none() {
@@ -389,30 +392,31 @@ fn metered<R>(kind: Call, f: impl FnOnce() -> R) -> R {
     if !measure {
         return f();
     }
-    let before = thread_cpu_time();
+    let before = Instant::now();
     let r = f();
-    let took = thread_cpu_time().saturating_sub(before).saturating_sub(clock_cost());
-    MADE.fetch_add(
-        u64::try_from(took.as_nanos()).unwrap_or(u64::MAX / 2) * u64::from(MEASURE_EVERY),
-        Ordering::Relaxed,
-    );
+    MADE.fetch_add(charge(before.elapsed(), clock_cost()), Ordering::Relaxed);
     r
 }
 
-/// What reading the thread's CPU clock twice costs (the least of a few tries, measured once):
-/// taken off each measurement, which would otherwise count the clock's own system call.
+/// What one measured call is charged (ns): what it took less the clock's own cost, at most
+/// [`LONGEST_SECTION`], for the [`MEASURE_EVERY`] calls it stands for.
+fn charge(took: Duration, clock: Duration) -> u64 {
+    let took = took.saturating_sub(clock).min(LONGEST_SECTION);
+    // At most 20 µs: the cast cannot truncate.
+    took.as_nanos() as u64 * u64::from(MEASURE_EVERY)
+}
+
+/// What reading the clock twice costs (the least of a few tries, measured once): taken off
+/// each measurement, which would otherwise count the clock's own reads.
 fn clock_cost() -> Duration {
     static COST: OnceLock<Duration> = OnceLock::new();
-    *COST.get_or_init(|| {
-        (0..64)
-            .map(|_| {
-                let before = thread_cpu_time();
-                thread_cpu_time().saturating_sub(before)
-            })
-            .min()
-            .unwrap_or_default()
-    })
+    *COST.get_or_init(|| (0..64).map(|_| Instant::now().elapsed()).min().unwrap_or_default())
 }
+
+/// A measured part of making a span counts for at most this long: one that took longer had its
+/// thread switched out in the middle (the parts take microseconds), and the time it waited was
+/// not spent on the span.
+const LONGEST_SECTION: Duration = Duration::from_micros(20);
 
 /// The making of spans charged to `made` since the last call ([`MADE`], as measured by
 /// [`metered`]).
@@ -603,18 +607,20 @@ fn env_ms(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-/// The environment variable that sets the exporter thread's share of one core (from 0 to 1;
-/// a tenth by default): see the module's cost bounds.
+/// The environment variable that sets the share of one core traces may cost a node, making
+/// spans and exporting them (from 0 to 1; 0.04 by default): see the module's cost bounds.
 pub const EXPORT_CPU_ENV: &str = "HERALD_OTLP_EXPORT_CPU";
 
-/// How much of one core the exporter thread may spend converting, encoding and sending spans.
+/// How much of one core traces may cost the node: the exporter thread encoding and sending spans,
+/// and the event path making them.
 ///
 /// After exporting, the thread rests in proportion to the CPU time the export took (its own
-/// thread's clock, not the wall clock: waiting for the collector costs nothing), so that it uses
-/// at most `share` of a core; spans that arrive meanwhile wait in the bounded queue, and a full
-/// queue drops them (counted). Without this, sampling every event of a busy node kept the thread
-/// encoding flat out: a quarter of a 2-core machine taken from the event path. A flush or
-/// shutdown does not wait.
+/// thread's clock, not the wall clock: waiting for the collector costs nothing) plus the span
+/// making charged to `made` since the last export, so that traces use at most `share` of a core;
+/// spans that arrive meanwhile wait in the bounded queue, and a full queue drops them (counted)
+/// and stops the making of more ([`admit`]). Without this, sampling every event of a busy node
+/// kept the thread encoding flat out and the event path making spans for it: a third of a 2-core
+/// machine taken from the event path. A flush or shutdown does not wait.
 #[derive(Clone, Copy, Debug)]
 struct Pace {
     share: f64,
@@ -623,9 +629,10 @@ struct Pace {
 }
 
 impl Pace {
-    /// A tenth of a core: some 50,000 spans a second at the ~2 µs a span costs to export on the
-    /// benchmark machine, several times what 1 % sampling of a saturated node makes there.
-    const DEFAULT_SHARE: f64 = 0.1;
+    /// 4 % of a core: some 30,000 spans a second at the ~1.3 µs a direct span costs to make and
+    /// export on the benchmark machine, half again what 1 % sampling of a node saturated by a
+    /// million events a second makes there (20,000: its publish and forward spans).
+    const DEFAULT_SHARE: f64 = 0.04;
 
     /// `share` of a core, more than 0 and at most 1 (1: no rest).
     fn new(share: f64) -> Result<Pace, String> {
@@ -633,7 +640,7 @@ impl Pace {
             Ok(Pace { share, made: &MADE })
         } else {
             Err(format!(
-                "{EXPORT_CPU_ENV} must be a share of one core, more than 0 and at most 1 (like 0.1), not {share}"
+                "{EXPORT_CPU_ENV} must be a share of one core, more than 0 and at most 1 (like 0.04), not {share}"
             ))
         }
     }
@@ -645,7 +652,7 @@ impl Pace {
             Ok(v) => match v.trim().parse::<f64>() {
                 Ok(share) => Pace::new(share),
                 Err(_) => Err(format!(
-                    "{EXPORT_CPU_ENV}={v:?} is not a number (a share of one core, like 0.1)"
+                    "{EXPORT_CPU_ENV}={v:?} is not a number (a share of one core, like 0.04)"
                 )),
             },
         }
@@ -1249,6 +1256,22 @@ mod tests {
             "an export of {took:?} CPU after {charged:?} of span making was followed by a rest of {rest:?}"
         );
         assert_eq!(MADE_HERE.load(Ordering::Relaxed), 0, "the charge is taken once");
+    }
+
+    /// A measured call stands for the calls not measured; the clock's own cost is not charged,
+    /// nor the time a thread switched out in the middle of a call waited.
+    #[test]
+    fn a_measured_call_is_charged_for_the_calls_it_stands_for() {
+        let us = Duration::from_micros;
+        let every = u64::from(MEASURE_EVERY);
+        assert_eq!(charge(us(2), Duration::ZERO), 2_000 * every);
+        assert_eq!(charge(us(2), Duration::from_nanos(40)), 1_960 * every);
+        assert_eq!(charge(Duration::from_nanos(30), Duration::from_nanos(40)), 0);
+        assert_eq!(
+            charge(Duration::from_millis(4), Duration::ZERO),
+            LONGEST_SECTION.as_nanos() as u64 * every,
+            "a call its thread was switched out in counts as the longest a call takes"
+        );
     }
 
     #[test]
