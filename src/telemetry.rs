@@ -22,7 +22,7 @@
 //! thread (`http://` only: no TLS stack is linked for it).
 //!
 //! **Cost bounds.** What traces cost the node — the exporter thread's CPU time and the event
-//! path's making of spans, measured on a sample ([`metered`]) — stays within a share of one core
+//! path's making of spans, measured on a sample (`metered`) — stays within a share of one core
 //! ([`EXPORT_CPU_ENV`], 0.04 by default): the thread rests after each batch in proportion to the
 //! CPU time the batch took plus the span making charged since the last one. While the queue is full the event path makes no span ([`admit`], checked by [`traced`] and
 //! before a publish span): a span costs microseconds to make, and one made then would be dropped
