@@ -844,6 +844,9 @@ fn install_subscriber(format: LogFormat, traces: Option<&Config>) -> Option<crat
         // A subscriber was installed before: it keeps the process, and no exporter runs.
         return None;
     }
+    if let Some(h) = &handle {
+        h.activate();
+    }
     if let Some(e) = problem {
         tracing::error!(error = %e, "traces are not exported");
     } else if let (Some(c), Some(_)) = (traces, &handle) {

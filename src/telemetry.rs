@@ -67,7 +67,7 @@ pub fn traced(trace: Option<&TraceContext>) -> bool {
     trace.is_some_and(TraceContext::sampled) && enabled() && admit()
 }
 
-/// The installed exporter's queue, as the event path sees it (set once, by [`install`]).
+/// The installed exporter's queue, as the event path sees it (set once, by [`Telemetry::activate`]).
 static SHEDDING: OnceLock<Arc<Intake>> = OnceLock::new();
 
 /// Whether a span may be made now. While the installed exporter's queue is full, no: the span
@@ -183,7 +183,7 @@ pub fn context_or(span: &tracing::Span, fallback: Option<&TraceContext>) -> Opti
 // ---- direct spans ---------------------------------------------------------------------------
 
 /// A span Herald makes straight as OpenTelemetry span data, without a `tracing` span: the
-/// `publish` and `forward` spans, when this process's exporter is installed ([`install`]).
+/// `publish` and `forward` spans, when this process's exporter is installed and active ([`Telemetry::activate`]).
 ///
 /// Through the `tracing` → OpenTelemetry bridge a span cost the event path some microseconds
 /// (more on a node where spans are rare and its caches are cold): the registry's slot, the
@@ -216,7 +216,18 @@ impl DirectSpan {
         attributes: impl FnOnce() -> Vec<KeyValue>,
     ) -> Option<DirectSpan> {
         let intake: &'static Intake = SHEDDING.get()?;
-        Some(metered(Call::New, || {
+        Some(DirectSpan::start_on(intake, name, kind, parent, attributes))
+    }
+
+    /// [`DirectSpan::start`], queued to `intake` when it ends.
+    fn start_on(
+        intake: &'static Intake,
+        name: &'static str,
+        kind: opentelemetry::trace::SpanKind,
+        parent: Option<&TraceContext>,
+        attributes: impl FnOnce() -> Vec<KeyValue>,
+    ) -> DirectSpan {
+        metered(Call::New, || {
             let span_id = nonzero_id();
             let (trace_id, flags, state, parent_id) = match parent {
                 Some(p) => (p.trace_id, p.flags, p.state.clone(), SpanId::from_bytes(p.span_id)),
@@ -248,7 +259,7 @@ impl DirectSpan {
                 attributes: attributes(),
                 status: opentelemetry::trace::Status::Unset,
             }
-        }))
+        })
     }
 
     /// The W3C context naming this span as parent.
@@ -527,12 +538,22 @@ where
 /// The installed exporter; [`Telemetry::shutdown`] (or drop) flushes what is queued.
 pub struct Telemetry {
     provider: SdkTracerProvider,
+    intake: Arc<Intake>,
 }
 
 impl Telemetry {
     /// Exports what is queued and stops the exporter thread (waits at most a few seconds).
     pub fn shutdown(self) {
         drop(self);
+    }
+
+    /// Makes this exporter the process's, as the event path sees it: its full queue stops the
+    /// making of spans ([`admit`]), the making is measured and charged to it, and the publish and
+    /// forward spans are made directly for it ([`EventSpan`]). Called once its layer is in the
+    /// process's subscriber (not when another subscriber was there first); only the first call
+    /// in a process counts.
+    pub fn activate(&self) {
+        let _ = SHEDDING.set(self.intake.clone());
     }
 }
 
@@ -545,7 +566,8 @@ impl Drop for Telemetry {
 /// Builds the OTLP/HTTP exporter for `config` (`otlp_endpoint` must be set) with the resource
 /// attributes `service.name`, `herald.node_id` (also `service.instance.id`) and `herald.cluster`,
 /// and returns the layer to add to the subscriber (filtered to [`TARGET`] by the caller) with the
-/// handle that flushes it at exit. Called once, by the process layer.
+/// handle that flushes it at exit; once the layer is in the process's subscriber, the caller
+/// makes it the event path's with [`Telemetry::activate`]. Called once, by the process layer.
 pub fn install<S>(
     config: &TelemetryConfig,
     node_id: u64,
@@ -577,7 +599,7 @@ where
         Duration::from_millis(env_ms("OTEL_BSP_SCHEDULE_DELAY", 1000).max(1)),
         Pace::from_env()?,
     );
-    let _ = SHEDDING.set(processor.intake.clone());
+    let intake = processor.intake.clone();
     let provider = SdkTracerProvider::builder()
         .with_resource(resource)
         // Herald decides which traces start (`Sampler`) and follows the sampled flag of the
@@ -596,7 +618,7 @@ where
         .with_threads(false)
         .with_target(false)
         .with_level(false);
-    Ok((Metered(layer), Telemetry { provider }))
+    Ok((Metered(layer), Telemetry { provider, intake }))
 }
 
 /// A non-negative integer environment variable (an `OTEL_*` setting), or `default`.
@@ -1272,6 +1294,85 @@ mod tests {
             LONGEST_SECTION.as_nanos() as u64 * every,
             "a call its thread was switched out in counts as the longest a call takes"
         );
+    }
+
+    /// A direct span is queued when it ends, with its name, kind, attributes and ids; a child of
+    /// a given context keeps its trace, flags and state and names it as its remote parent, and
+    /// its own context names it; a failed span says so; a span without a parent starts a
+    /// sampled trace of its own.
+    #[test]
+    fn a_direct_span_is_queued_when_it_ends_with_its_parent_and_what_it_recorded() {
+        use opentelemetry::trace::{SpanKind, Status};
+        let (tx, sizes) = mpsc::channel();
+        let batcher = Batcher::start(
+            Sizes(Mutex::new(tx)),
+            100,
+            100,
+            Duration::from_secs(60),
+            Pace::new(1.0).unwrap(),
+        );
+        let intake: &'static Intake = Box::leak(Box::new(Intake {
+            shared: batcher.intake.shared.clone(),
+            capacity: 100,
+            max_batch: 100,
+            dropped: metrics::Counter::noop(),
+            scope: opentelemetry::InstrumentationScope::builder("herald").build(),
+        }));
+        let parent =
+            TraceContext::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", Some("a=b")).unwrap();
+        let mut child = EventSpan::Direct(DirectSpan::start_on(
+            intake,
+            "publish",
+            SpanKind::Server,
+            Some(&parent),
+            || vec![KeyValue::new("herald.topic", "orders")],
+        ));
+        let cx = child.context_or(None).expect("a direct span has a context");
+        assert_eq!(
+            (cx.trace_id, cx.flags, cx.state.as_deref()),
+            (parent.trace_id, 1, Some("a=b"))
+        );
+        assert_ne!(cx.span_id, parent.span_id, "the span's own id");
+        child.fail(&"no route");
+        let root = DirectSpan::start_on(intake, "forward", SpanKind::Producer, None, Vec::new);
+        let root_cx = root.trace_context();
+        assert!(root_cx.sampled() && root_cx.trace_id != parent.trace_id);
+        assert!(
+            batcher.intake.shared.lock().spans.is_empty(),
+            "queued when they end, not before"
+        );
+        drop(child);
+        drop(root);
+        let spans = std::mem::take(&mut batcher.intake.shared.lock().spans);
+        assert_eq!(spans.len(), 2);
+        let (c, r) = (&spans[0], &spans[1]);
+        assert_eq!((&*c.name, c.span_kind.clone()), ("publish", SpanKind::Server));
+        assert_eq!(c.span_context.span_id().to_bytes(), cx.span_id);
+        assert_eq!(c.span_context.trace_id().to_bytes(), parent.trace_id);
+        assert_eq!(c.parent_span_id.to_bytes(), parent.span_id);
+        assert!(c.parent_span_is_remote && c.span_context.is_sampled());
+        assert_eq!(c.span_context.trace_state().header(), "a=b");
+        assert_eq!(c.status, Status::error(""));
+        let attrs: Vec<(String, String)> = c
+            .attributes
+            .iter()
+            .map(|kv| (kv.key.to_string(), kv.value.to_string()))
+            .collect();
+        assert_eq!(
+            attrs,
+            [
+                ("herald.topic".into(), "orders".into()),
+                ("herald.error".into(), "no route".into())
+            ]
+        );
+        assert!(c.end_time >= c.start_time);
+        assert_eq!(
+            (&*r.name, r.parent_span_id, r.parent_span_is_remote),
+            ("forward", SpanId::INVALID, false)
+        );
+        assert_eq!(r.span_context.span_id().to_bytes(), root_cx.span_id);
+        assert_eq!(c.instrumentation_scope.name(), "herald");
+        drop(sizes);
     }
 
     #[test]
