@@ -8,8 +8,10 @@
 //! one event is one trace across nodes. A span is made only for an event whose context is
 //! *sampled* and only if the subscriber wants the target ([`enabled`]); otherwise the event path
 //! pays one flag test and passes the context on unchanged. A publish without a context starts a
-//! trace with the probability `telemetry.sample_ratio` ([`Sampler`]); the ids are then the
-//! OpenTelemetry SDK's.
+//! trace with the probability `telemetry.sample_ratio` ([`Sampler`]). In a process whose own
+//! exporter is active ([`Telemetry::activate`]), `publish` and `forward` are made directly as
+//! OpenTelemetry span data instead ([`EventSpan`], [`DirectSpan`]: the same names, attributes
+//! and links, without the bridge's cost); the others stay `tracing` spans.
 //!
 //! **Export.** [`install`] builds the OTLP/HTTP (protobuf) exporter and returns the
 //! `tracing-opentelemetry` layer to add to the process's subscriber. It is process-wide state:
