@@ -258,11 +258,7 @@ fn attributes<'a>(out: &mut Vec<u8>, field: u32, kvs: impl IntoIterator<Item = &
 /// An `AnyValue`: its one field is written even when it holds the default (a `oneof`).
 fn encode_value(out: &mut Vec<u8>, v: &Value) {
     match v {
-        Value::String(s) => {
-            key(out, 1, LEN);
-            varint(out, s.as_str().len() as u64);
-            out.extend_from_slice(s.as_str().as_bytes());
-        }
+        Value::String(s) => string_value(out, s.as_str()),
         Value::Bool(b) => {
             key(out, 2, VARINT);
             varint(out, u64::from(*b));
@@ -285,24 +281,20 @@ fn encode_value(out: &mut Vec<u8>, v: &Value) {
             Array::F64(v) => v
                 .iter()
                 .for_each(|x| message(out, 1, |o| encode_value(o, &Value::F64(*x)))),
-            Array::String(v) => v.iter().for_each(|x| {
-                message(out, 1, |o| {
-                    key(o, 1, LEN);
-                    varint(o, x.as_str().len() as u64);
-                    o.extend_from_slice(x.as_str().as_bytes());
-                })
-            }),
+            Array::String(v) => v.iter().for_each(|x| message(out, 1, |o| string_value(o, x.as_str()))),
             // A kind of array added to `opentelemetry` later: an empty array.
             _ => {}
         }),
         // A kind of value added to `opentelemetry` later: its text.
-        other => {
-            let text = other.to_string();
-            key(out, 1, LEN);
-            varint(out, text.len() as u64);
-            out.extend_from_slice(text.as_bytes());
-        }
+        other => string_value(out, &other.to_string()),
     }
+}
+
+/// An `AnyValue`'s `string_value`, written even when empty (a `oneof` member).
+fn string_value(out: &mut Vec<u8>, s: &str) {
+    key(out, 1, LEN);
+    varint(out, s.len() as u64);
+    out.extend_from_slice(s.as_bytes());
 }
 
 fn varint(out: &mut Vec<u8>, mut v: u64) {
