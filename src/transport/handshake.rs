@@ -291,10 +291,8 @@ where
 {
     let (stream, certified) = match &local.tls {
         Some(tls) => {
-            let socket = super::read_ahead::ReadAhead::new(stream);
-            let tls = secure(tls, socket, channel.is_some(), remote_addr, step_timeout).await?;
-            let (_, conn) = tls.get_ref();
-            let certified = identity_of(conn.peer_certificates());
+            let tls = secure(tls, stream, channel.is_some(), remote_addr, step_timeout).await?;
+            let certified = identity_of(tls.peer_certificates());
             (PeerStream::Tls(Box::new(tls)), certified)
         }
         None => (PeerStream::Plain(stream), None),
@@ -375,15 +373,15 @@ async fn secure<S>(
     dialing: bool,
     remote_addr: SocketAddr,
     step_timeout: Duration,
-) -> Result<tokio_rustls::TlsStream<S>, HandshakeError>
+) -> Result<super::Sealed<S>, HandshakeError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let done = async {
         if dialing {
-            tls.connect(stream).await.map(tokio_rustls::TlsStream::Client)
+            tls.connect(stream).await
         } else {
-            tls.accept(stream).await.map(tokio_rustls::TlsStream::Server)
+            tls.accept(stream).await
         }
     };
     match tokio::time::timeout(step_timeout, done).await {

@@ -17,8 +17,8 @@
 //!   codec and the frame limit. Framing is documented there and only there.
 //! * [`tls`] — mutual TLS 1.3: the node's certificate material (`PeerTls`), its reload, the
 //!   peer certificate check, and [`PeerStream`].
-//! * `read_ahead` — [`ReadAhead`], the socket under a TLS session: once a connection is busy it
-//!   reads 64 KiB at a time instead of rustls's 4 KiB requests (quiet connections keep no buffer).
+//! * `record` — [`Sealed`], the TLS 1.3 record layer after rustls's handshake: records sealed and
+//!   opened in place with ring, key updates, `close_notify`; reads 64 KiB at a time once busy.
 //! * [`handshake`](mod@handshake) — TLS, then Hello/Accepted with the cluster id, node ids and
 //!   channel, each node id checked against the peer's certificate; its refusals and their messages.
 //! * `conn` — the driver of one established connection: the coalescing writer (one `write_all`
@@ -62,7 +62,7 @@ pub mod frame;
 pub mod handshake;
 mod net;
 mod peers;
-mod read_ahead;
+mod record;
 pub mod tls;
 pub mod wire;
 
@@ -77,7 +77,7 @@ pub(crate) use net::EventNet;
 pub(crate) use net::Sending;
 pub use net::{PeerNet, Probe, ProbeError};
 pub use peers::{Connector, InboundConnection, PeerLink, SendError, TcpConnector, Transport};
-pub use read_ahead::ReadAhead;
+pub use record::Sealed;
 pub use tls::{PeerStream, PeerTls, TlsError, TlsFiles};
 pub use wire::{envelope::Body, Channel, Envelope};
 

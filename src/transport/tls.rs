@@ -40,7 +40,7 @@ use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::read_ahead::ReadAhead;
+use super::record::{self, Sealed};
 use crate::pki::{self, NodeIdentity};
 
 /// The server name a dialer sends. Nodes are not identified by DNS names (the identity is the
@@ -173,6 +173,13 @@ impl PeerTls {
         Ok(true)
     }
 
+    /// The node's current client and server configurations (tests that drive rustls directly).
+    #[cfg(test)]
+    pub(crate) fn configs(&self) -> (Arc<ClientConfig>, Arc<ServerConfig>) {
+        let c = self.current.load();
+        (c.client.clone(), c.server.clone())
+    }
+
     /// A client configuration that trusts the cluster CA like a node but presents no certificate
     /// (for tests of that refusal).
     #[cfg(test)]
@@ -188,22 +195,22 @@ impl PeerTls {
     }
 
     /// Runs the client side of the TLS handshake on `stream`.
-    pub(crate) async fn connect<S>(&self, stream: S) -> io::Result<tokio_rustls::client::TlsStream<S>>
+    pub(crate) async fn connect<S>(&self, stream: S) -> io::Result<Sealed<S>>
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
         let config = self.current.load().client.clone();
         let name = ServerName::try_from(SERVER_NAME).expect("a valid constant server name");
-        tokio_rustls::TlsConnector::from(config).connect(name, stream).await
+        record::connect(config, name, stream).await
     }
 
     /// Runs the server side of the TLS handshake on `stream`.
-    pub(crate) async fn accept<S>(&self, stream: S) -> io::Result<tokio_rustls::server::TlsStream<S>>
+    pub(crate) async fn accept<S>(&self, stream: S) -> io::Result<Sealed<S>>
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
         let config = self.current.load().server.clone();
-        tokio_rustls::TlsAcceptor::from(config).accept(stream).await
+        record::accept(config, stream).await
     }
 }
 
@@ -310,21 +317,26 @@ fn build(
     let client_verifier = WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
         .build()
         .map_err(|e| TlsError::new(format!("{ca_name}: {e}")))?;
-    let server = ServerConfig::builder_with_provider(provider.clone())
+    let mut server = ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| TlsError::new(e.to_string()))?
         .with_client_cert_verifier(client_verifier)
         .with_single_cert(chain.clone(), key.clone_key())
         .map_err(|e| TlsError::new(format!("{key_name} does not fit {cert_name}: {e}")))?;
+    // After the handshake `record` seals the records itself; peers never resume a session.
+    server.enable_secret_extraction = true;
+    server.send_tls13_tickets = 0;
     let not_after = pki::not_after(leaf);
     let verifier = Arc::new(verifier);
-    let client = ClientConfig::builder_with_provider(provider)
+    let mut client = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| TlsError::new(e.to_string()))?
         .dangerous()
         .with_custom_certificate_verifier(verifier.clone())
         .with_client_auth_cert(chain, key)
         .map_err(|e| TlsError::new(format!("{key_name} does not fit {cert_name}: {e}")))?;
+    client.enable_secret_extraction = true;
+    client.resumption = rustls::client::Resumption::disabled();
     Ok(Configs {
         not_after,
         client: Arc::new(client),
@@ -401,8 +413,8 @@ impl ServerCertVerifier for PeerServerVerifier {
 pub enum PeerStream<S> {
     /// Plaintext (insecure peers, loopback only).
     Plain(S),
-    /// Mutual TLS, over a socket that reads ahead once busy ([`ReadAhead`]).
-    Tls(Box<tokio_rustls::TlsStream<ReadAhead<S>>>),
+    /// Mutual TLS 1.3, its records sealed and opened by [`Sealed`].
+    Tls(Box<Sealed<S>>),
 }
 
 impl<S> fmt::Debug for PeerStream<S> {
@@ -419,7 +431,7 @@ impl<S> PeerStream<S> {
     pub fn io_mut(&mut self) -> &mut S {
         match self {
             PeerStream::Plain(s) => s,
-            PeerStream::Tls(t) => t.get_mut().0.get_mut(),
+            PeerStream::Tls(t) => t.get_mut(),
         }
     }
 
@@ -522,17 +534,13 @@ mod tests {
         let (a, b) = tokio::io::duplex(64 * 1024);
         let (client, server) = tokio::join!(dialer.connect(a), acceptor.accept(b));
         let (client, server) = (client.expect("client side"), server.expect("server side"));
-        let (c, s): (&rustls::CommonState, &rustls::CommonState) = (client.get_ref().1, server.get_ref().1);
-        for conn in [c, s] {
-            assert_eq!(conn.protocol_version(), Some(rustls::ProtocolVersion::TLSv1_3));
-            assert_eq!(
-                conn.negotiated_cipher_suite().map(|s| s.suite()),
-                Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256)
-            );
+        for conn in [&client, &server] {
+            // Sealed is TLS 1.3 only (the handshake fails otherwise).
+            assert_eq!(conn.cipher_suite(), rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
         }
-        let id = |c: &rustls::CommonState| identity_of(c.peer_certificates()).map(|i| i.node);
-        assert_eq!(id(c), Some(2));
-        assert_eq!(id(s), Some(1));
+        let id = |c: &Sealed<_>| identity_of(c.peer_certificates()).map(|i| i.node);
+        assert_eq!(id(&client), Some(2));
+        assert_eq!(id(&server), Some(1));
     }
 
     #[test]
