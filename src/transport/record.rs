@@ -231,6 +231,9 @@ where
     handshake(conn, io).await
 }
 
+/// Drives rustls's handshake on `io` until the peer is authenticated, then takes over its secrets:
+/// bytes read past the handshake stay in the new connection's buffer, and application data rustls
+/// opened with the handshake is handed out first.
 async fn handshake<C, S>(mut conn: C, mut io: S) -> io::Result<Sealed<S>>
 where
     C: Handshaking,
