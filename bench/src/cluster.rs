@@ -145,6 +145,14 @@ impl Handler<Delivery> for BenchSink {
         if let Some(stamp) = stamp_of(&d.event.data) {
             let seconds = now.saturating_sub(stamp.t) as f64 / 1e9;
             m.latency[m.bounds.partition_point(|b| *b < seconds)].increment(1);
+            if slow_limit().is_some_and(|limit| seconds > limit) {
+                // On the node's log (the cluster directory's node-<id>.log, kept with --keep).
+                eprintln!(
+                    "bench-sink slow event: published at {} us (unix), handled {:.3} ms later",
+                    stamp.t / 1000,
+                    seconds * 1e3
+                );
+            }
             if let Some(r) = stamp.r {
                 if m.rounds.lock().unwrap_or_else(|p| p.into_inner()).insert(r) {
                     metrics::gauge!(SINK_FIRST, "round" => r.to_string()).set(now as f64 / 1e9);
@@ -153,6 +161,16 @@ impl Handler<Delivery> for BenchSink {
         }
         Ok(())
     }
+}
+
+/// `HERALD_BENCH_SLOW_MS`: the sink logs every event handled later than this after it was
+/// published (to find where a latency tail comes from: when its slow events were published).
+fn slow_limit() -> Option<f64> {
+    static LIMIT: OnceLock<Option<f64>> = OnceLock::new();
+    *LIMIT.get_or_init(|| {
+        let ms: f64 = std::env::var("HERALD_BENCH_SLOW_MS").ok()?.parse().ok()?;
+        Some(ms / 1e3)
+    })
 }
 
 /// A handler that fails some events, for the soak (`soak.rs`): `{"f":1}` fails on every attempt
