@@ -393,6 +393,8 @@ impl<S> Sealed<S> {
     }
 
     fn seal_record(&mut self, content_type: u8, fill: impl FnOnce(&mut Vec<u8>)) -> io::Result<()> {
+        // The nonce first: plaintext goes into `out` only once it can be sealed.
+        let nonce = self.tx.next_nonce()?;
         let at = self.out.len();
         self.out
             .extend_from_slice(&[APPLICATION_DATA, LEGACY_VERSION[0], LEGACY_VERSION[1], 0, 0]);
@@ -402,14 +404,21 @@ impl<S> Sealed<S> {
         debug_assert!(len <= MAX_CIPHERTEXT);
         self.out[at + 3..at + 5].copy_from_slice(&(len as u16).to_be_bytes());
         let header: [u8; HEADER_LEN] = self.out[at..at + HEADER_LEN].try_into().expect("five bytes");
-        let nonce = self.tx.next_nonce()?;
-        let tag = self
+        let sealed = self
             .tx
             .key
-            .seal_in_place_separate_tag(nonce, Aad::from(header), &mut self.out[at + HEADER_LEN..])
-            .map_err(|_| invalid("a record could not be sealed"))?;
-        self.out.extend_from_slice(tag.as_ref());
-        Ok(())
+            .seal_in_place_separate_tag(nonce, Aad::from(header), &mut self.out[at + HEADER_LEN..]);
+        match sealed {
+            Ok(tag) => {
+                self.out.extend_from_slice(tag.as_ref());
+                Ok(())
+            }
+            Err(_) => {
+                // Never left where a drain would write it.
+                self.out.truncate(at);
+                Err(invalid("a record could not be sealed"))
+            }
+        }
     }
 
     /// Sends a KeyUpdate under the current key, then seals with the next one.
@@ -1014,6 +1023,22 @@ mod tests {
                 proptest::prop_assert!(got.starts_with(&expected) && sent.starts_with(&got));
             }
         }
+    }
+
+    #[tokio::test]
+    async fn an_exhausted_sequence_number_refuses_to_write_and_leaks_no_plaintext() {
+        let (mut a, mut b) = pair_of_ours().await;
+        a.rekey_at = u64::MAX;
+        a.tx.seq = u64::MAX;
+        let secret = b"never in the clear";
+        let e = a.write_all(secret).await.expect_err("no nonce left");
+        assert!(e.to_string().contains("exhausted"), "{e}");
+        assert!(a.out.is_empty(), "nothing left to drain");
+        let _ = a.shutdown().await;
+        drop(a);
+        let mut raw = Vec::new();
+        let _ = b.get_mut().read_to_end(&mut raw).await;
+        assert!(!raw.windows(secret.len()).any(|w| w == secret), "plaintext on the wire");
     }
 
     #[tokio::test]
