@@ -32,7 +32,7 @@ use crate::membership::raft_node::RaftStatus;
 use crate::membership::service::{CoreConfig, Membership, MembershipConfig};
 use crate::membership::state::MembershipState;
 use crate::monitor::{Health, MonitorConfig, Progress};
-use crate::relay::{Relay, RelayConfig, RelayRuntime};
+use crate::relay::{Relay, RelayConfig};
 use crate::router::{Router, RouterParts, Workers};
 use crate::subscription::SubscriptionSpec;
 // The control operations and their views live in `control`, below both `http` (which calls them)
@@ -212,7 +212,9 @@ impl NodeBuilder {
         // Dead-letter requests from other members: the relay receives them, the control layer
         // answers them from the ingress's store (`serve_peer_asks`, started once the core exists).
         let (asks_tx, asks_rx) = tokio::sync::mpsc::channel(crate::relay::ASK_QUEUE);
-        let relay_runtime = RelayRuntime::start().map_err(|e| Error::io("cannot start the event relay thread", e))?;
+        // The relay runs on the bus's `herald-events` thread, next to the events connections it
+        // feeds and drains: an event changes threads once per node on its way, not twice
+        // (ARCHITECTURE.md, "Threads and runtimes").
         let relay = Relay::start(
             Arc::new(membership.bus().events().clone()),
             router.clone(),
@@ -221,7 +223,7 @@ impl NodeBuilder {
                 redeliver_after: Duration::from_millis(c.redeliver_after_ms),
                 dedup_window: c.dedup_window,
             },
-            relay_runtime.handle(),
+            membership.bus().events().runtime().clone(),
             app_rx,
             returned,
             asks_tx,
@@ -262,7 +264,6 @@ impl NodeBuilder {
             http_addr,
             server: server_handle,
             workers,
-            relay_runtime,
             sync,
         })
     }
@@ -433,7 +434,6 @@ pub struct RunningNode {
     http_addr: SocketAddr,
     server: actix_web::dev::ServerHandle,
     workers: Vec<Arbiter>,
-    relay_runtime: RelayRuntime,
     /// The task that follows the membership table (`cluster_sync`); it ends when the membership
     /// service stops, and shutdown waits for it, so nothing of the node runs after `shutdown`.
     sync: actix_rt::task::JoinHandle<()>,
@@ -523,22 +523,18 @@ impl RunningNode {
         let closed = self.core.ingress.store().closed();
         // The node stays a member (a restart resumes it); `DELETE /v1/cluster/nodes/{id}` removes
         // a node for good.
+        // Stopping it stops the bus and joins `herald-events`, which ends the relay's tasks: its
+        // pending deliveries hold WAL trackers (and so the store), so this comes before waiting
+        // for the store to close.
         let membership = self.core.membership.clone();
         let _ = actix_rt::task::spawn_blocking(move || membership.stop()).await;
         let RunningNode {
-            core,
-            relay_runtime,
-            workers,
-            sync,
-            ..
+            core, workers, sync, ..
         } = self;
         // It sees the membership service's status close and ends (as a normal stop, not a fault).
         let _ = sync.await;
-        // The relay's pending deliveries hold WAL trackers (and so the store): stop its runtime
-        // before waiting for the store to close.
         drop(core);
         drop(workers);
-        let _ = actix_rt::task::spawn_blocking(move || drop(relay_runtime)).await;
         if tokio::time::timeout(STORE_CLOSE_TIMEOUT, closed).await.is_err() {
             tracing::warn!("the store is still open: a handler may be blocking its worker thread");
         }

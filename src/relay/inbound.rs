@@ -246,7 +246,7 @@ type Window = Arc<Mutex<Dedup<Waiter>>>;
 pub(super) struct Inbound {
     transport: Net,
     router: Arc<Router>,
-    /// Where the inbox and ack tasks run (the relay's thread).
+    /// Where the inbox and ack tasks run (the relay's runtime: `herald-events` in a node).
     runtime: tokio::runtime::Handle,
     /// The lanes of the origins, by (origin, lane).
     lanes: Mutex<LanesIn>,

@@ -11,6 +11,15 @@
 //! their own files: `pending` (where a delivery is, when it is routed again), `lanes` (the
 //! at-most-once window bookkeeping), `dedup` (the window of recent deliveries).
 //!
+//! **Which thread.** A node runs the relay's tasks on the bus's `herald-events` thread (the
+//! runtime given to [`Relay::start`]), next to the events connections they feed and drain: a
+//! batch goes from the outbox task to its connection's writer, and from a connection's reader to
+//! its origin's inbox, without waking another thread. Event-plane work still never waits behind
+//! HTTP workers or handlers, and never delays the control channel (Raft, pings), which has its
+//! own thread. The relay had a thread of its own before; that was one more wake-up and core
+//! change per event on each node, and measured no faster at any size on 2 cores (BENCHMARKS.md,
+//! `nats`, "The relay on the events thread").
+//!
 //! **Ingress side** (`outbound`). When the router picks a remote slot, the ingress hands the event to
 //! [`Relay::forward`]: it gets a delivery id, goes into the *pending* table with its completion
 //! (the ingress's per-event tracker), and into the peer's outbox. One task per peer drains the
@@ -201,48 +210,6 @@ pub(crate) struct Outgoing {
     pub(crate) completion: Option<Arc<dyn Completion>>,
 }
 
-/// The relay's own thread and runtime, so event-plane work neither waits behind HTTP workers nor
-/// delays the membership thread's heartbeats. Dropping it stops the runtime and joins the thread,
-/// which also ends every task of the relay (and drops what they hold).
-pub(crate) struct RelayRuntime {
-    handle: tokio::runtime::Handle,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl RelayRuntime {
-    pub(crate) fn start() -> std::io::Result<RelayRuntime> {
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        let handle = runtime.handle().clone();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::Builder::new().name("herald-relay".into()).spawn(move || {
-            runtime.block_on(async move {
-                let _ = stopped.await;
-            });
-        })?;
-        Ok(RelayRuntime {
-            handle,
-            stop: Some(stop),
-            thread: Some(thread),
-        })
-    }
-
-    pub(crate) fn handle(&self) -> tokio::runtime::Handle {
-        self.handle.clone()
-    }
-}
-
-impl Drop for RelayRuntime {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
 /// The relay's settings.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct RelayConfig {
@@ -295,7 +262,8 @@ pub(crate) struct Relay {
 }
 
 impl Relay {
-    /// Starts the relay's tasks on `runtime`; `inbound` carries the `app` payloads peers send,
+    /// Starts the relay's tasks on `runtime` (in a node, the bus's `herald-events` thread);
+    /// `inbound` carries the `app` payloads peers send,
     /// `returned` the jobs the router's instances give back; dead-letter requests from peers go to
     /// `asks` (bounded, see [`ASK_QUEUE`]), which the node layer serves.
     #[allow(clippy::too_many_arguments)]

@@ -109,7 +109,7 @@ pub(super) struct Outbound {
     router: Arc<Router>,
     health: Arc<Health>,
     config: RelayConfig,
-    /// Where the outboxes' batching tasks run (the relay's thread).
+    /// Where the outboxes' batching tasks run (the relay's runtime: `herald-events` in a node).
     runtime: tokio::runtime::Handle,
     next_id: AtomicU64,
     pending: Mutex<IdMap<u64, Pending>>,

@@ -9,7 +9,9 @@
 //!   and proposals to the Raft driver and pongs to the monitor, and answers pings.
 //! * **events** — the event plane's `App` payloads (event batches, acks, lane credits). Its
 //!   connections, queues and tasks run on the bus's own thread, `herald-events`; what it receives
-//!   goes straight to the relay's sink.
+//!   goes straight to the relay's sink. A node runs the relay's tasks on that thread too (on
+//!   `events().runtime()`), so event batches pass between the relay and the connections without
+//!   waking another thread.
 //!
 //! Each node therefore dials two connections to every peer, one per channel, each with its own
 //! bounded send queue and writer. The channel is named by the dialer in its handshake Hello, inside
