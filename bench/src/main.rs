@@ -116,6 +116,9 @@ enum Scenario {
     Scale(scale::ScaleArgs),
     /// Heap bytes per idle subscription instance and per in-flight event, in one in-process node.
     Memory(memory::MemoryArgs),
+    /// How long this machine stops a running thread (a pinned thread per core spinning on the
+    /// clock): the floor under every latency tail measured here (`nats` and `jetstream` print it).
+    Stalls(stalls::StallsArgs),
     /// Runs every scenario and writes BENCHMARKS.md with the figures, the machine, the commands and
     /// SVG plots (needs nats-server).
     Report(report::ReportArgs),
@@ -371,6 +374,7 @@ fn main() -> ExitCode {
         Scenario::Soak(a) => soak::run(a),
         Scenario::Scale(a) => scale::run(a),
         Scenario::Memory(a) => memory::run(a),
+        Scenario::Stalls(a) => stalls::run(a),
         Scenario::Report(a) => report::run(a),
         // The built-in handler kinds, as in the `herald` binary; `node` adds `bench-sink`.
         Scenario::Node(a) => cluster::node(a, Node::builder()),
@@ -1068,4 +1072,5 @@ mod record;
 mod report;
 mod scale;
 mod soak;
+mod stalls;
 mod tls;

@@ -109,6 +109,7 @@ mod imp {
         Body, Cluster, Run, Sent, Sink, Sinks, Target, LOG_TAIL,
     };
     use super::super::compare::{self, fmt_size, Metric, Row};
+    use super::super::stalls;
     use super::super::tls::{self, nats_tls_block, TlsFiles};
     use super::super::{JsStorage, PeerArgs};
     use super::Mode;
@@ -933,6 +934,18 @@ mod imp {
         let pubs = publisher.max_rate(&receivers, size, warm, a.batch, a.connections, a.window, a.seconds);
         measure_with(&receivers, None, "warm-up".into(), pubs).await?;
 
+        // What the machine itself stops threads for, with every system idle: a latency tail
+        // within these gaps is the machine's, not a system's (see `stalls`).
+        let spin = if a.smoke {
+            Duration::from_millis(500)
+        } else {
+            Duration::from_secs(3)
+        };
+        let stalls = stalls::measure(spin);
+        if let Some(st) = &stalls {
+            println!("  {}\n", stalls::describe(st, spin));
+        }
+
         // Systems 0.. are the Herald clusters (the first is `herald` in the rows, a second one
         // `plain`), the last is NATS.
         let systems = heralds.len() + 1;
@@ -1133,6 +1146,7 @@ mod imp {
                 "peer_description": peer_what,
                 "smoke": a.smoke,
                 "warnings": warnings,
+                "stalls": stalls.as_ref().map(|st| stalls::json(st, spin)),
             });
             let doc = compare::json_rows(mode.command(), &format!("ack={ack}"), peer, &meta, &rows);
             let text = serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())?;

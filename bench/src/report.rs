@@ -790,6 +790,9 @@ fn markdown(
         if let Some(p) = doc["meta"]["peer_description"].as_str() {
             notes.insert(0, format!("peer: {p}"));
         }
+        if let Some(line) = doc["meta"]["stalls"]["line"].as_str() {
+            notes.push(line.to_string());
+        }
         for n in notes {
             let _ = writeln!(s, "- {n}");
         }
