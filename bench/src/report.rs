@@ -825,7 +825,7 @@ mod tests {
     use serde_json::json;
 
     fn doc(rows: Vec<Value>) -> Value {
-        json!({"meta": {"warnings": ["one warning"]}, "rows": rows})
+        json!({"meta": {"warnings": ["one warning"], "stalls": {"line": "machine stalls: cpu 0 …"}}, "rows": rows})
     }
 
     fn outcome(name: &'static str, doc: Result<Value, String>) -> Outcome {
@@ -1005,6 +1005,7 @@ mod tests {
             "{md}"
         );
         assert!(md.contains("- one warning"), "{md}");
+        assert!(md.contains("- machine stalls: cpu 0 …"), "{md}");
     }
 
     #[test]
