@@ -54,32 +54,38 @@ pub(super) struct CoreStalls {
 /// `None` where the cores cannot be listed or pinned to (not Linux, or refused).
 pub(super) fn measure(spin: Duration) -> Option<Vec<CoreStalls>> {
     let cpus = allowed_cpus()?;
-    let out = std::thread::scope(|s| {
+    std::thread::scope(|s| {
         let spinners: Vec<_> = cpus.iter().map(|&cpu| s.spawn(move || spin_on(cpu, spin))).collect();
-        spinners
-            .into_iter()
-            .map(|h| h.join().ok().flatten())
-            .collect::<Option<Vec<_>>>()
-    });
-    out
+        spinners.into_iter().map(|h| h.join().ok().flatten()).collect()
+    })
 }
 
-/// One line for a report: each core's gaps over 1 ms and its longest gap.
+/// Milliseconds, for the line and the JSON.
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Milliseconds of `d` per second of `spin`.
+fn per_second(d: Duration, spin: Duration) -> f64 {
+    ms(d) / spin.as_secs_f64()
+}
+
+/// One line for a report: per core, its gaps over 1 ms, the longest and the time lost per second,
+/// all gaps and then their host parts.
 pub(super) fn describe(stalls: &[CoreStalls], spin: Duration) -> String {
     let cores: Vec<String> = stalls
         .iter()
         .map(|c| {
-            let per_second = |d: Duration| d.as_secs_f64() * 1e3 / spin.as_secs_f64();
             format!(
                 "cpu {}: {} gaps > 1 ms, longest {:.2} ms, {:.2} ms lost per second; of which the host's (no other \
                  thread ran): {} > 1 ms, longest {:.2} ms, {:.2} ms per second",
                 c.cpu,
                 c.over_1ms,
-                c.longest.as_secs_f64() * 1e3,
-                per_second(c.lost),
+                ms(c.longest),
+                per_second(c.lost, spin),
                 c.host_over_1ms,
-                c.longest_host.as_secs_f64() * 1e3,
-                per_second(c.lost_host)
+                ms(c.longest_host),
+                per_second(c.lost_host, spin)
             )
         })
         .collect();
@@ -100,11 +106,11 @@ pub(super) fn json(stalls: &[CoreStalls], spin: Duration) -> serde_json::Value {
         "cores": stalls.iter().map(|c| serde_json::json!({
             "cpu": c.cpu,
             "gaps_over_1ms": c.over_1ms,
-            "longest_ms": c.longest.as_secs_f64() * 1e3,
-            "lost_ms_per_second": c.lost.as_secs_f64() * 1e3 / spin.as_secs_f64(),
+            "longest_ms": ms(c.longest),
+            "lost_ms_per_second": per_second(c.lost, spin),
             "host_gaps_over_1ms": c.host_over_1ms,
-            "host_longest_ms": c.longest_host.as_secs_f64() * 1e3,
-            "host_lost_ms_per_second": c.lost_host.as_secs_f64() * 1e3 / spin.as_secs_f64(),
+            "host_longest_ms": ms(c.longest_host),
+            "host_lost_ms_per_second": per_second(c.lost_host, spin),
         })).collect::<Vec<_>>(),
     })
 }
